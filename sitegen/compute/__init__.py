@@ -1,0 +1,1 @@
+"""The compute layer: the only code that imports torch, transformers or transformer-lens."""

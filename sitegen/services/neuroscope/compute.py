@@ -1,0 +1,138 @@
+"""Streaming accumulators for the neuroscope service (torch; the compute half).
+
+Per layer, for every neuron at once, one forward pass updates:
+- the top-k sequences by max activation and the bottom-k by min activation (Neuroscope's rule:
+  rank sequences, one entry per sequence; ties by lower sequence id), each with its whole trace;
+- a fixed random sample of sequences (smallest random_key) with their traces;
+- exact fixed-point sums, the positive count, min, max and the fine histogram (see stats.py).
+Positions before `first_valid` (the BOS token) and padding are excluded from ranking and stats.
+
+The k slots are unordered while streaming: a new sequence overwrites the slot it evicts, so an
+update moves only the traces that change, not k x d_mlp x seq_len floats per batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sitegen.services.neuroscope import stats
+
+_LO_CODE = stats._LO_CODE
+
+
+class Extremes:
+    """k best sequences per neuron under `score` (higher is better), with their traces."""
+
+    def __init__(self, k: int, n: int, seq_len: int, device: str):
+        self.k = k
+        self.score = torch.full((k, n), -torch.inf, device=device)
+        self.seq_id = torch.full((k, n), -1, dtype=torch.int64, device=device)
+        self.trace = torch.zeros((k, n, seq_len), device=device)
+
+    def update(self, score: torch.Tensor, seq_ids: torch.Tensor, trace_of) -> None:
+        """score (B, n) for the batch's sequences; seq_ids (B,) with -1 for padding rows;
+        trace_of(rows, cols) -> (m, T) traces, called only for the sequences that get in."""
+        k = self.k
+        # Cheap pre-filter: only columns where some real row reaches the current worst kept score.
+        reach = (score >= self.score.amin(0)) & (seq_ids >= 0)[:, None]
+        cols = torch.nonzero(reach.any(0)).squeeze(1)
+        if cols.numel() == 0:
+            return
+        b, m = score.shape[0], cols.numel()
+        cand_score = torch.cat([self.score[:, cols], score[:, cols]])
+        cand_id = torch.cat([self.seq_id[:, cols], seq_ids[:, None].expand(b, m)])
+        cand_score[k:][~reach[:, cols]] = -torch.inf  # rows that cannot get in (padding, too low)
+        # Order: score descending, ties by lower sequence id (two stable sorts).
+        by_id = torch.argsort(cand_id, dim=0, stable=True)
+        by_score = torch.argsort(cand_score.gather(0, by_id), dim=0, descending=True, stable=True)
+        chosen = by_id.gather(0, by_score[:k])
+        kept = torch.zeros_like(cand_score, dtype=torch.bool).scatter_(0, chosen, True)
+        entering = kept[k:] & reach[:, cols]
+        if not bool(entering.any()):
+            return
+        evicted = ~kept[:k]
+        ev_c, ev_slot = torch.nonzero(evicted.T, as_tuple=True)  # sorted by column, then slot
+        en_c, en_b = torch.nonzero(entering.T, as_tuple=True)  # same count per column
+        col = cols[en_c]
+        self.score[ev_slot, col] = score[en_b, col]
+        self.seq_id[ev_slot, col] = seq_ids[en_b]
+        self.trace[ev_slot, col] = trace_of(en_b, col)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"score": self.score.cpu().numpy(), "seq_id": self.seq_id.cpu().numpy(), "trace": self.trace.cpu().numpy()}
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        self.score.copy_(torch.from_numpy(state["score"]))
+        self.seq_id.copy_(torch.from_numpy(state["seq_id"]))
+        self.trace.copy_(torch.from_numpy(state["trace"]))
+
+
+class LayerAccumulator:
+    """Everything the neuroscope service keeps for one layer while streaming."""
+
+    def __init__(self, n: int, seq_len: int, top_k: int, n_random: int, first_valid: int, device: str):
+        self.n, self.seq_len, self.first_valid = n, seq_len, first_valid
+        self.top = Extremes(top_k, n, seq_len, device)
+        self.bottom = Extremes(top_k, n, seq_len, device)  # score = -min
+        self.random = Extremes(n_random, 1, seq_len * n, device)  # score = -random_key, shared by all neurons
+        self.count = 0
+        self.sum_fx = torch.zeros(n, dtype=torch.int64, device=device)
+        self.sumsq_fx = torch.zeros(n, dtype=torch.int64, device=device)
+        self.n_pos = torch.zeros(n, dtype=torch.int64, device=device)
+        self.vmin = torch.full((n,), torch.inf, device=device)
+        self.vmax = torch.full((n,), -torch.inf, device=device)
+        self.hist = torch.zeros(n * stats.N_FINE_BINS, dtype=torch.int64, device=device)
+        self._hist_offset = torch.arange(n, device=device, dtype=torch.int32) * stats.N_FINE_BINS
+
+    def update(self, acts: torch.Tensor, seq_ids: torch.Tensor, valid: torch.Tensor, rand_score: torch.Tensor) -> None:
+        """acts (B, T, n) float32; seq_ids (B,); valid (B, T) bool; rand_score (B,) = -random_key."""
+        acts = acts.float()
+        vmask = valid[:, :, None]
+        seq_max = acts.masked_fill(~vmask, -torch.inf).amax(dim=1)
+        seq_min = acts.masked_fill(~vmask, torch.inf).amin(dim=1)
+        per_neuron = lambda rows, cols: acts[rows, :, cols]  # noqa: E731
+        self.top.update(seq_max, seq_ids, per_neuron)
+        self.bottom.update(-seq_min, seq_ids, per_neuron)
+        # The random sample is one column shared by all neurons; its 'trace' is every neuron's trace.
+        self.random.update(rand_score[:, None], seq_ids, lambda rows, cols: acts[rows].transpose(1, 2).reshape(len(rows), -1))
+
+        av = acts[valid]  # (V, n): every counted token
+        if av.shape[0] == 0:
+            return
+        self.count += av.shape[0]
+        # Fixed point, exactly: values on the 2^-24 grid (squares on 2^-16) sum without rounding in
+        # float64 within one batch (partial sums stay far below 2^53 units), then accumulate in int64.
+        self.sum_fx += torch.round(av * (2.0**stats.SUM_SHIFT)).sum(0, dtype=torch.float64).to(torch.int64)
+        self.sumsq_fx += torch.round((av * av) * (2.0**stats.SQ_SHIFT)).sum(0, dtype=torch.float64).to(torch.int64)
+        self.n_pos += (av > 0).sum(0)
+        torch.minimum(self.vmin, av.amin(0), out=self.vmin)
+        torch.maximum(self.vmax, av.amax(0), out=self.vmax)
+        bits = av.view(torch.int32)
+        fine = ((bits & 0x7FFFFFFF) >> 19).sub_(_LO_CODE).clamp_(-1, stats.HALF_BINS - 1).add_(1)
+        fine.mul_((bits >> 31) | 1).add_(stats.ZERO_BIN)  # sign: bins below the zero bin for negatives
+        self.hist += torch.bincount((fine + self._hist_offset).view(-1), minlength=self.hist.numel())
+
+    # -- checkpointing and hand-off (numpy, so merge and the store need no torch) --
+    def state(self) -> dict:
+        return {
+            "top": self.top.state(),
+            "bottom": self.bottom.state(),
+            "random": self.random.state(),
+            "count": self.count,
+            "sum_fx": self.sum_fx.cpu().numpy(),
+            "sumsq_fx": self.sumsq_fx.cpu().numpy(),
+            "n_pos": self.n_pos.cpu().numpy(),
+            "vmin": self.vmin.cpu().numpy(),
+            "vmax": self.vmax.cpu().numpy(),
+            "hist": self.hist.cpu().numpy().reshape(self.n, stats.N_FINE_BINS),
+        }
+
+    def load(self, state: dict) -> None:
+        self.top.load(state["top"])
+        self.bottom.load(state["bottom"])
+        self.random.load(state["random"])
+        self.count = int(state["count"])
+        for name in ("sum_fx", "sumsq_fx", "n_pos", "vmin", "vmax"):
+            getattr(self, name).copy_(torch.from_numpy(state[name]))
+        self.hist.copy_(torch.from_numpy(state["hist"].reshape(-1)))

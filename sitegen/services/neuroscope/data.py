@@ -1,0 +1,155 @@
+"""The neuroscope service's stored form: accumulator state <-> one Arrow row per neuron, and the
+exact merge of states (numpy only, so `sitegen merge` needs no torch).
+
+A state is the dict LayerAccumulator.state() returns: three 'extremes' (top, bottom, random)
+with score/seq_id/trace arrays of shape (k, n[, T]), plus raw stats. Rows keep the raw stats next
+to the derived ones, so stores merge exactly and never need recomputing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from sitegen.services.neuroscope import stats
+
+SERVICE = "neuroscope"
+
+
+def _nested(values: np.ndarray, inner_len: np.ndarray, outer_len: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    inner_off = np.concatenate([[0], np.cumsum(inner_len)]).astype(np.int32)
+    outer_off = np.concatenate([[0], np.cumsum(outer_len)]).astype(np.int32)
+    inner = pa.ListArray.from_arrays(pa.array(inner_off), pa.array(values, dtype))
+    return pa.ListArray.from_arrays(pa.array(outer_off), inner)
+
+
+def _flat_list(values: np.ndarray, lens: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(off), pa.array(values, dtype))
+
+
+def _ordered(ext: dict, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sort an extremes state best-first; returns score, seq_id (k, n) and trace (k, n, T)."""
+    order = stats.select_extremes(ext["score"], ext["seq_id"], k)
+    score = np.take_along_axis(ext["score"], order, 0)
+    seq_id = np.take_along_axis(ext["seq_id"], order, 0)
+    trace = np.take_along_axis(ext["trace"], order[:, :, None], 0)
+    return score, seq_id, trace
+
+
+def _extreme_columns(ext: dict, k: int, seq_length: dict[int, int], n: int, sign: float) -> tuple[pa.Array, pa.Array, pa.Array]:
+    score, seq_id, trace = _ordered(ext, k)
+    score, seq_id, trace = score.T, seq_id.T, trace.transpose(1, 0, 2)  # neuron-major
+    present = seq_id >= 0
+    lengths = np.where(present, np.vectorize(lambda s: seq_length.get(int(s), 0))(seq_id), 0)
+    t_idx = np.arange(trace.shape[2])
+    keep = t_idx[None, None, :] < lengths[:, :, None]
+    per_neuron = present.sum(1)
+    acts = _nested(trace[keep].astype(np.float32), lengths[present], per_neuron, pa.float32())
+    ids = _flat_list(seq_id[present], per_neuron, pa.int64())
+    vals = _flat_list((sign * score[present]).astype(np.float32), per_neuron, pa.float32())
+    return ids, vals, acts
+
+
+def state_to_table(state: dict, top_k: int, n_random: int, seq_length: dict[int, int]) -> pa.Table:
+    """One row per neuron: ordered extremes with traces trimmed to each sequence's length, raw and derived stats."""
+    n = state["sum_fx"].shape[0]
+    top_ids, top_max, top_acts = _extreme_columns(state["top"], top_k, seq_length, n, 1.0)
+    bot_ids, bot_min, bot_acts = _extreme_columns(state["bottom"], top_k, seq_length, n, -1.0)
+    rnd = state["random"]
+    r_score, r_id, r_trace = _ordered(rnd, n_random)  # (R, 1), (R, 1), (R, 1, n*T)
+    r_trace = r_trace[:, 0, :].reshape(len(r_id), n, -1).transpose(1, 0, 2)  # (n, R, T)
+    rnd_state = {"score": np.repeat(r_score, n, 1), "seq_id": np.repeat(r_id, n, 1), "trace": r_trace.transpose(1, 0, 2)}
+    rnd_ids, _, rnd_acts = _extreme_columns(rnd_state, n_random, seq_length, n, 1.0)
+    count = int(state["count"])
+    derived = stats.finalise(count, state["sum_fx"], state["sumsq_fx"], state["hist"], state["vmin"], state["vmax"])
+    nb = stats.N_FINE_BINS
+    return pa.table({
+        "neuron": pa.array(np.arange(n), pa.int32()),
+        "top_seq": top_ids, "top_max": top_max, "top_acts": top_acts,
+        "bottom_seq": bot_ids, "bottom_min": bot_min, "bottom_acts": bot_acts,
+        "random_seq": rnd_ids, "random_acts": rnd_acts,
+        "count": pa.array(np.full(n, count), pa.int64()),
+        "sum_fx": pa.array(state["sum_fx"], pa.int64()),
+        "sumsq_fx": pa.array(state["sumsq_fx"], pa.int64()),
+        "n_pos": pa.array(state["n_pos"], pa.int64()),
+        "min": pa.array(state["vmin"], pa.float32()),
+        "max": pa.array(state["vmax"], pa.float32()),
+        "hist_fine": _flat_list(state["hist"].reshape(-1), np.full(n, nb), pa.int64()),
+        "mean": pa.array(derived["mean"], pa.float64()),
+        "std": pa.array(derived["std"], pa.float64()),
+        "frac_pos": pa.array(state["n_pos"] / max(count, 1), pa.float64()),
+        "quantiles": _flat_list(derived["quantiles"].reshape(-1), np.full(n, len(stats.QUANTILE_LEVELS)), pa.float32()),
+        "hist_counts": _flat_list(derived["hist_counts"].reshape(-1), np.full(n, stats.DISPLAY_BINS), pa.int64()),
+    })
+
+
+def _extremes_from_columns(ids: list, vals: list, acts: list, k: int, seq_len: int, sign: float) -> dict:
+    n = len(ids)
+    score = np.full((k, n), -np.inf, dtype=np.float32)
+    seq_id = np.full((k, n), -1, dtype=np.int64)
+    trace = np.zeros((k, n, seq_len), dtype=np.float32)
+    for j in range(n):
+        for i, (s, v, a) in enumerate(zip(ids[j], vals[j], acts[j])):
+            score[i, j] = sign * v
+            seq_id[i, j] = s
+            trace[i, j, : len(a)] = a
+    return {"score": score, "seq_id": seq_id, "trace": trace}
+
+
+def table_to_state(table: pa.Table, top_k: int, n_random: int, seq_len: int) -> dict:
+    """Inverse of state_to_table (traces zero-padded to seq_len), for merging stores."""
+    col = {name: table.column(name).to_pylist() for name in ("top_seq", "top_max", "top_acts", "bottom_seq", "bottom_min", "bottom_acts", "random_seq", "random_acts")}
+    n = table.num_rows
+    top = _extremes_from_columns(col["top_seq"], col["top_max"], col["top_acts"], top_k, seq_len, 1.0)
+    bottom = _extremes_from_columns(col["bottom_seq"], col["bottom_min"], col["bottom_acts"], top_k, seq_len, -1.0)
+    r_ids = col["random_seq"][0] if n else []
+    r_trace = np.zeros((n_random, 1, n * seq_len), dtype=np.float32)
+    r_seq = np.full((n_random, 1), -1, dtype=np.int64)
+    r_score = np.full((n_random, 1), -np.inf, dtype=np.float32)
+    for i, s in enumerate(r_ids):
+        r_seq[i, 0] = s
+        # The score only orders the sample; recompute it from the sequence id when merging.
+        r_score[i, 0] = 0.0
+        block = np.zeros((n, seq_len), dtype=np.float32)
+        for j in range(n):
+            a = col["random_acts"][j][i]
+            block[j, : len(a)] = a
+        r_trace[i, 0] = block.reshape(-1)
+    hist = np.asarray(table.column("hist_fine").combine_chunks().flatten(), dtype=np.int64).reshape(n, stats.N_FINE_BINS)
+    return {
+        "top": top, "bottom": bottom, "random": {"score": r_score, "seq_id": r_seq, "trace": r_trace},
+        "count": int(table.column("count")[0].as_py()) if n else 0,
+        "sum_fx": table.column("sum_fx").to_numpy(), "sumsq_fx": table.column("sumsq_fx").to_numpy(),
+        "n_pos": table.column("n_pos").to_numpy(), "vmin": table.column("min").to_numpy(), "vmax": table.column("max").to_numpy(),
+        "hist": hist,
+    }
+
+
+def _merge_extremes(parts: list[dict], k: int) -> dict:
+    score = np.concatenate([p["score"] for p in parts])
+    seq_id = np.concatenate([p["seq_id"] for p in parts])
+    trace = np.concatenate([p["trace"] for p in parts])
+    order = stats.select_extremes(score, seq_id, k)
+    return {"score": np.take_along_axis(score, order, 0), "seq_id": np.take_along_axis(seq_id, order, 0),
+            "trace": np.take_along_axis(trace, order[:, :, None], 0)}
+
+
+def merge_states(parts: list[dict], top_k: int, n_random: int, random_score: "callable") -> dict:
+    """Exact merge of layer states from disjoint sets of sequences. random_score(seq_id) gives the
+    sample's ordering key (the random sample is 'smallest key first', key from the sequence id)."""
+    for p in parts:
+        rs = p["random"]
+        rs["score"] = np.where(rs["seq_id"] >= 0, np.vectorize(random_score, otypes=[np.float32])(rs["seq_id"]), -np.inf).astype(np.float32)
+    return {
+        "top": _merge_extremes([p["top"] for p in parts], top_k),
+        "bottom": _merge_extremes([p["bottom"] for p in parts], top_k),
+        "random": _merge_extremes([p["random"] for p in parts], n_random),
+        "count": sum(int(p["count"]) for p in parts),
+        "sum_fx": np.sum([p["sum_fx"] for p in parts], axis=0),
+        "sumsq_fx": np.sum([p["sumsq_fx"] for p in parts], axis=0),
+        "n_pos": np.sum([p["n_pos"] for p in parts], axis=0),
+        "vmin": np.min([p["vmin"] for p in parts], axis=0),
+        "vmax": np.max([p["vmax"] for p in parts], axis=0),
+        "hist": np.sum([p["hist"] for p in parts], axis=0),
+    }
