@@ -1,0 +1,107 @@
+"""Brute-force reference implementations (numpy only) and a synthetic store writer.
+
+`brute_force_state` computes, from a full activation tensor, the state the streaming
+accumulators must reach: it is the oracle of the exactness tests, and it also writes synthetic
+stores for the site tests (no torch needed there).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from sitegen.corpus_keys import random_key
+from sitegen.services.neuroscope import data as ns_data
+from sitegen.services.neuroscope import stats
+from sitegen.store import SEQUENCES_SCHEMA, Store
+
+
+def brute_force_state(acts: np.ndarray, lengths: np.ndarray, seq_ids: np.ndarray, first_valid: int, top_k: int, n_random: int, seed: int) -> dict:
+    """acts (S, T, n) float32 with each sequence's activations in [:length]; everything else ignored."""
+    S, T, n = acts.shape
+    valid = (np.arange(T)[None, :] >= first_valid) & (np.arange(T)[None, :] < lengths[:, None])
+    seq_max = np.where(valid[:, :, None], acts, -np.inf).max(1)  # (S, n)
+    seq_min = np.where(valid[:, :, None], acts, np.inf).min(1)
+
+    def extremes(score: np.ndarray, k: int) -> dict:
+        order = np.lexsort((np.broadcast_to(seq_ids[:, None], score.shape), -score), axis=0)[:k]  # score desc, id asc
+        kk = order.shape[0]
+        out_score = np.full((k, score.shape[1]), -np.inf, np.float32)
+        out_id = np.full((k, score.shape[1]), -1, np.int64)
+        out_trace = np.zeros((k, score.shape[1], T), np.float32)
+        out_score[:kk] = np.take_along_axis(score, order, 0)
+        out_id[:kk] = seq_ids[order]
+        out_trace[:kk] = np.take_along_axis(acts, order[:, None, :], 0).transpose(0, 2, 1) if score.shape[1] == n else 0
+        return {"score": out_score, "seq_id": out_id, "trace": out_trace}
+
+    rkeys = np.array([-np.float32(random_key(seed, int(s))) for s in seq_ids], np.float32)[:, None]
+    rnd = extremes(rkeys, n_random)
+    rtrace = np.zeros((n_random, 1, n * T), np.float32)
+    for i, s in enumerate(rnd["seq_id"][:, 0]):
+        if s >= 0:
+            rtrace[i, 0] = acts[list(seq_ids).index(s)].T.reshape(-1)
+    rnd["trace"] = rtrace
+    flat = acts[valid]  # (V, n)
+    sums = np.array([stats.fixed_sums(flat[:, j]) for j in range(n)], dtype=np.int64).reshape(n, 2)
+    hist = np.stack([np.bincount(stats.fine_bins(flat[:, j]), minlength=stats.N_FINE_BINS) for j in range(n)])
+    return {
+        "top": extremes(seq_max.astype(np.float32), top_k),
+        "bottom": extremes((-seq_min).astype(np.float32), top_k),
+        "random": rnd,
+        "count": int(flat.shape[0]),
+        "sum_fx": sums[:, 0], "sumsq_fx": sums[:, 1],
+        "n_pos": (flat > 0).sum(0).astype(np.int64),
+        "vmin": flat.min(0).astype(np.float32), "vmax": flat.max(0).astype(np.float32),
+        "hist": hist.astype(np.int64),
+    }
+
+
+def write_synthetic_store(root: Path, *, name: str = "toy-model", n_layers: int = 2, n_neurons: int = 4, n_seqs: int = 12,
+                          seq_len: int = 8, vocab: list[str] | None = None, seed: int = 0, top_k: int = 3, n_random: int = 2,
+                          with_logits: bool = True, doc_texts: list[str] | None = None) -> Store:
+    """A small, deterministic store written through the real store API (no model)."""
+    rng = np.random.default_rng(seed)
+    vocab = vocab or ["<bos>"] + [f" w{i}" for i in range(30)] + ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "</textarea>", "\n"]
+    lengths = np.full(n_seqs, seq_len)
+    lengths[-1] = seq_len - 3  # one short document tail
+    token_ids = rng.integers(1, len(vocab), size=(n_seqs, seq_len)).astype(np.int32)
+    token_ids[:, 0] = 0
+    token_ids[1, 3] = vocab.index("<script>alert(1)</script>")
+    seq_ids = np.arange(n_seqs, dtype=np.int64)
+    store = Store(root)
+    for layer in range(n_layers):
+        acts = rng.normal(0, 1, size=(n_seqs, seq_len, n_neurons)).astype(np.float32)
+        acts[1, 3, :] = 5.0 + layer  # the <script> token is every neuron's top activation
+        st = brute_force_state(acts, lengths, seq_ids, 1, top_k, n_random, seed)
+        store.write_layer("neuroscope", layer, ns_data.state_to_table(st, top_k, n_random, dict(zip(seq_ids.tolist(), lengths.tolist()))))
+        if with_logits:
+            ids = rng.integers(0, len(vocab), size=(n_neurons, 3))
+            vals = rng.normal(size=(n_neurons, 3)).astype(np.float32)
+            lst = lambda a, t: pa.ListArray.from_arrays(pa.array(np.arange(0, a.size + 1, a.shape[1], dtype=np.int32)), pa.array(a.reshape(-1), t))  # noqa: E731
+            store.write_layer("logits", layer, pa.table({
+                "neuron": pa.array(np.arange(n_neurons), pa.int32()),
+                "promoted_ids": lst(ids, pa.int32()), "promoted_vals": lst(np.sort(vals)[:, ::-1].copy(), pa.float32()),
+                "suppressed_ids": lst(ids, pa.int32()), "suppressed_vals": lst(np.sort(vals), pa.float32()),
+                "input_ids": lst(ids, pa.int32()), "input_vals": lst(vals, pa.float32()),
+            }))
+    docs = doc_texts or [f"doc-{i}" for i in range(n_seqs)]
+    store.write_sequences(pa.table({
+        "seq_id": pa.array(seq_ids), "doc_id": pa.array([docs[i % len(docs)] for i in range(n_seqs)]),
+        "char_start": pa.array(np.arange(n_seqs) * 100), "char_end": pa.array(np.arange(n_seqs) * 100 + 90),
+        "token_ids": pa.array([t[:length].tolist() for t, length in zip(token_ids, lengths)], pa.list_(pa.int32())),
+    }, schema=SEQUENCES_SCHEMA))
+    store.write_vocab(vocab)
+    store.write_manifest({
+        "model": {"name": name, "num_layers": n_layers, "layer_size": n_neurons, "activation_function": "silu",
+                  "num_total_neurons": n_layers * n_neurons, "num_total_parameters": 1234, "d_model": 8, "vocab_size": len(vocab)},
+        "corpus": {"name": "toy-corpus", "content_hash": "sha256:0", "sequences_total": n_seqs, "tokens_total": int(lengths.sum())},
+        "processed": {"sequences": n_seqs, "tokens": int(lengths.sum())},
+        "config": {"seq_len": seq_len, "seed": seed, "tokens": int(lengths.sum()), "top_k": top_k, "n_random": n_random,
+                   "bos_token_id": 0, "first_valid_position": 1},
+        "stats": {"quantile_levels": list(stats.QUANTILE_LEVELS), "display_bins": stats.DISPLAY_BINS},
+        "run_hash": "synthetic", "shard": None,
+        "services": ["neuroscope", "logits"] if with_logits else ["neuroscope"],
+    })
+    return Store.open(root)

@@ -1,0 +1,219 @@
+"""Compute on a tiny random-init model (no download): exactness against brute force, merge,
+resume after kill -9, and weight-based logit tables against an independent computation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import HAS_TORCH
+from tests.reference import brute_force_state
+
+pytestmark = [pytest.mark.model, pytest.mark.skipif(not HAS_TORCH, reason="needs the compute extra")]
+
+SEQ_LEN, TOKENS, BATCH, TOP_K, N_RANDOM, SEED = 16, 1500, 4, 5, 3, 3
+
+
+def _config(model_dir, corpus, out, **kw):
+    from sitegen.compute.runner import ComputeConfig
+
+    base = dict(model=str(model_dir), corpus=str(corpus), out=out, tokens=TOKENS, seq_len=SEQ_LEN, seed=SEED, top_k=TOP_K,
+                n_random=N_RANDOM, batch_size=BATCH, device="cpu", progress=False)
+    base.update(kw)
+    return ComputeConfig(**base)
+
+
+def _tables(store_root: Path) -> dict[str, object]:
+    from sitegen.store import Store
+
+    st = Store.open(store_root)
+    out = {"sequences": st.sequences(), "vocab": st.vocab()}
+    for service in st.manifest["services"]:
+        for layer in range(st.manifest["model"]["num_layers"]):
+            out[f"{service}/{layer}"] = st.read_layer(service, layer)
+    return out
+
+
+def _assert_same(a: Path, b: Path) -> None:
+    ta, tb = _tables(a), _tables(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        if key == "vocab":
+            assert ta[key] == tb[key]
+        else:
+            assert ta[key].equals(tb[key]), f"{key} differs"
+
+
+@pytest.fixture(scope="module")
+def whole_run(tiny_model_dir, tiny_corpus, tmp_path_factory):
+    from sitegen.compute.runner import run_compute
+
+    out = tmp_path_factory.mktemp("whole") / "store"
+    run_compute(_config(tiny_model_dir, tiny_corpus, out), log=lambda m: None)
+    return out
+
+
+def test_store_equals_brute_force(whole_run, tiny_model_dir, tiny_corpus):
+    """Top-k, bottom-k, random sample, sums, histograms: the stored tables equal those derived from
+    the full activation tensor (collected with the same batches, so bit-identical activations)."""
+    import torch
+
+    from sitegen.compute.models import load_model
+    from sitegen.compute.packing import pack_sequences
+    from sitegen.compute.runner import _batch_tensors
+    from sitegen.corpus import load_corpus
+    from sitegen.corpus_keys import random_key
+    from sitegen.services.neuroscope import data as ns_data
+    from sitegen.store import Store
+
+    model = load_model(str(tiny_model_dir))
+    seqs = list(pack_sequences(load_corpus(str(tiny_corpus)), model.tokenizer, SEQ_LEN, TOKENS, SEED))
+    n_layers, n = model.n_layers, model.d_mlp
+    acts = np.zeros((n_layers, len(seqs), SEQ_LEN, n), np.float32)
+    for start in range(0, len(seqs), BATCH):
+        batch = seqs[start:start + BATCH]
+        tokens, *_ = _batch_tensors(batch, BATCH, SEQ_LEN, model.tokenizer.pad_token_id, 1, SEED, random_key, "cpu")
+        captured = {}
+        hooks = [(model.hook_name(layer), (lambda layer: lambda x, hook: captured.__setitem__(layer, x.detach().clone()))(layer)) for layer in range(n_layers)]
+        with torch.inference_mode():
+            model.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
+        for layer in range(n_layers):
+            acts[layer, start:start + len(batch)] = captured[layer][: len(batch)].numpy()
+    lengths = np.array([len(s.token_ids) for s in seqs])
+    seq_ids = np.array([s.seq_id for s in seqs])
+    store = Store.open(whole_run)
+    assert store.manifest["processed"]["sequences"] == len(seqs)
+    for layer in range(n_layers):
+        expected = ns_data.state_to_table(brute_force_state(acts[layer], lengths, seq_ids, 1, TOP_K, N_RANDOM, SEED), TOP_K, N_RANDOM,
+                                          dict(zip(seq_ids.tolist(), lengths.tolist())))
+        got = store.read_layer("neuroscope", layer)
+        for col in expected.column_names:
+            assert got.column(col).equals(expected.column(col)), f"layer {layer} column {col}"
+        # and the statistics mean what they say
+        valid = acts[layer][:, 1:, :][np.arange(1, SEQ_LEN)[None, :] < lengths[:, None]]
+        np.testing.assert_allclose(got.column("mean").to_numpy(), valid.mean(0), atol=1e-6)
+        np.testing.assert_allclose(got.column("std").to_numpy(), valid.std(0), atol=1e-5)
+        np.testing.assert_array_equal(got.column("max").to_numpy(), valid.max(0))
+        assert got.column("top_max")[0].as_py()[0] == pytest.approx(float(valid[:, 0].max()))
+    # stored token ids are the model input: sequences table holds them with BOS first
+    first = store.sequences().column("token_ids")[0].as_py()
+    assert first[0] == model.tokenizer.bos_token_id
+
+
+def test_three_shards_merge_to_whole_run(whole_run, tiny_model_dir, tiny_corpus, tmp_path):
+    from sitegen.compute.runner import run_compute
+    from sitegen.merge import merge_stores
+    from sitegen.store import Store
+
+    parts = []
+    for i in range(3):
+        out = tmp_path / f"shard{i}"
+        run_compute(_config(tiny_model_dir, tiny_corpus, out, shard=(i, 3)), log=lambda m: None)
+        parts.append(out)
+    merged = merge_stores(parts, tmp_path / "merged")
+    _assert_same(merged, whole_run)
+    a, b = Store.open(merged).manifest, Store.open(whole_run).manifest
+    for key in ("processed", "run_hash", "corpus", "config", "services", "shard"):
+        assert a[key] == b[key], key
+
+
+def test_merge_refuses_incomplete_or_foreign_shards(whole_run, tiny_model_dir, tiny_corpus, tmp_path):
+    from sitegen.compute.runner import run_compute
+    from sitegen.errors import StoreError
+    from sitegen.merge import merge_stores
+
+    s0 = tmp_path / "s0"
+    run_compute(_config(tiny_model_dir, tiny_corpus, s0, shard=(0, 2)), log=lambda m: None)
+    with pytest.raises(StoreError, match="missing: \\[1\\]"):
+        merge_stores([s0], tmp_path / "m1")
+    with pytest.raises(StoreError, match="whole store, not a shard"):
+        merge_stores([s0, whole_run], tmp_path / "m2")
+    other = tmp_path / "other"
+    run_compute(_config(tiny_model_dir, tiny_corpus, other, shard=(1, 2), seed=SEED + 1), log=lambda m: None)
+    with pytest.raises(StoreError, match="other arguments"):
+        merge_stores([s0, other], tmp_path / "m3")
+    assert not (tmp_path / "m3").exists() or not any((tmp_path / "m3").iterdir())
+
+
+def test_resume_after_kill_equals_uninterrupted(whole_run, tiny_model_dir, tiny_corpus, tmp_path):
+    """kill -9 a running compute once it has checkpointed; the rerun finishes and equals the whole run."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "sitegen", "compute", "--model", str(tiny_model_dir), "--corpus", str(tiny_corpus), "--out", str(out),
+           "--tokens", str(TOKENS), "--seq-len", str(SEQ_LEN), "--seed", str(SEED), "--top-k", str(TOP_K), "--random", str(N_RANDOM),
+           "--batch-size", "1", "--device", "cpu", "--checkpoint-seconds", "0", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = out / ".work" / "checkpoint-0of1.npz"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # let it get further, maybe mid-write of the next checkpoint
+    assert proc.poll() is None, "compute finished before it could be killed; raise TOKENS"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    _assert_same(out, whole_run)
+    assert not (out / ".work").exists()
+
+
+def test_resume_refuses_other_arguments(tiny_model_dir, tiny_corpus, tmp_path):
+    from sitegen.compute.runner import run_compute
+    from sitegen.errors import StoreError
+
+    out = tmp_path / "partial"
+    with pytest.raises(StoreError, match="max_batches"):
+        run_compute(_config(tiny_model_dir, tiny_corpus, out, max_batches=2), log=lambda m: None)
+    before = (out / ".work" / "checkpoint-0of1.npz").read_bytes()
+    with pytest.raises(StoreError, match="other arguments"):
+        run_compute(_config(tiny_model_dir, tiny_corpus, out, seed=SEED + 1), log=lambda m: None)
+    assert (out / ".work" / "checkpoint-0of1.npz").read_bytes() == before  # nothing lost
+
+
+def test_logit_tables_match_independent_computation(whole_run, tiny_model_dir):
+    """W_out . W_U with ln_final's weight folded in, and the input-token activations, recomputed from
+    the Hugging Face weights directly (not through transformer-lens)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sitegen.store import Store
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    store = Store.open(whole_run)
+    with torch.no_grad():
+        for layer, block in enumerate(hf.model.layers):
+            t = store.read_layer("logits", layer)
+            w_out = block.mlp.down_proj.weight.T  # (d_mlp, d_model)
+            logits = (w_out * hf.model.norm.weight) @ hf.lm_head.weight.T  # (d_mlp, vocab)
+            emb = hf.model.embed_tokens.weight
+            e = emb / torch.sqrt((emb * emb).mean(-1, keepdim=True) + hf.config.rms_norm_eps) * block.post_attention_layernorm.weight
+            act = torch.nn.functional.silu(e @ block.mlp.gate_proj.weight.T) * (e @ block.mlp.up_proj.weight.T)  # (vocab, d_mlp)
+            for n in range(w_out.shape[0]):
+                top = torch.topk(logits[n], 10)
+                assert t.column("promoted_ids")[n].as_py() == top.indices.tolist()
+                np.testing.assert_allclose(t.column("promoted_vals")[n].as_py(), top.values.numpy(), rtol=1e-4, atol=1e-5)
+                bottom = torch.topk(-logits[n], 10)
+                assert t.column("suppressed_ids")[n].as_py() == bottom.indices.tolist()
+                inp = torch.topk(act[:, n], 10)
+                assert t.column("input_ids")[n].as_py() == inp.indices.tolist()
+                np.testing.assert_allclose(t.column("input_vals")[n].as_py(), inp.values.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_existing_store_is_never_overwritten(whole_run, tiny_model_dir, tiny_corpus):
+    from sitegen.compute.runner import run_compute
+    from sitegen.errors import StoreError
+
+    manifest = (whole_run / "manifest.json").read_bytes()
+    messages = []
+    run_compute(_config(tiny_model_dir, tiny_corpus, whole_run), log=messages.append)  # same arguments: nothing to do
+    assert any("already complete" in m for m in messages)
+    with pytest.raises(StoreError, match="use a new --out"):
+        run_compute(_config(tiny_model_dir, tiny_corpus, whole_run, seed=99), log=lambda m: None)
+    assert (whole_run / "manifest.json").read_bytes() == manifest

@@ -1,0 +1,165 @@
+"""Site build on a synthetic store (no torch): targeted assertions on pages and JSON, escaping,
+determinism, incremental rebuilds, and the no-torch import contract."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sitegen.site.build import build_site
+from tests.reference import write_synthetic_store
+
+MODEL = "toy-model"
+
+
+def _json(site: Path, rel: str) -> dict:
+    return orjson.loads((site / rel).read_bytes())
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_one_folder_per_model_and_layer(built_site):
+    for layer in range(2):
+        for n in range(4):
+            assert (built_site / MODEL / str(layer) / f"{n}.html").is_file()
+            for service in ("neuroscope", "logits"):
+                assert (built_site / "api" / MODEL / service / str(layer) / f"{n}.json").is_file()
+            assert (built_site / "api" / MODEL / "all" / str(layer) / f"{n}.json").is_file()
+        assert (built_site / MODEL / str(layer) / "index.html").is_file()
+    for rel in ("index.html", f"{MODEL}/index.html", "api/index.json", f"api/{MODEL}.json", "api/openapi.json", "404.html", "about.html", "api.html"):
+        assert (built_site / rel).is_file(), rel
+
+
+def test_neuroscope_json_matches_store(built_site, synthetic_store):
+    d = _json(built_site, f"api/{MODEL}/neuroscope/1/2.json")
+    assert set(d) == {"data", "metadata"}
+    data = d["data"]
+    assert data["neuron_index"] == {"layer": 1, "neuron": 2}
+    row = synthetic_store.read_layer("neuroscope", 1).slice(2, 1).to_pylist()[0]
+    assert [t["data_index"] for t in data["texts"]] == row["top_seq"]
+    assert [t["data_index"] for t in data["bottom_texts"]] == row["bottom_seq"]
+    top = data["texts"][0]
+    # the planted token (sequence 1, position 3) is every neuron's top activation: 5 + layer
+    assert top["data_index"] == 1 and top["max_activating_token_index"] == 3 and top["max_activation"] == 6.0
+    assert top["tokens"][3] == "<script>alert(1)</script>"
+    assert len(top["tokens"]) == len(top["activations"]) == len(top["token_ids"])
+    vocab = synthetic_store.vocab()
+    assert top["tokens"] == [vocab[i] for i in top["token_ids"]]
+    assert top["activations"] == [round(a, 4) for a in row["top_acts"][0]]
+    for t in data["bottom_texts"]:
+        assert t["activations"][t["max_activating_token_index"]] == t["min_activation"]
+    stats = data["stats"]
+    assert stats["max"] == pytest.approx(row["max"], abs=1e-4) and stats["frac_positive"] == pytest.approx(row["frac_pos"])
+    assert sum(stats["histogram"]["counts"]) == stats["count"] == row["count"]
+    meta = d["metadata"]
+    assert meta["name"] == MODEL and meta["num_layers"] == 2 and meta["layer_size"] == 4 and meta["available_services"] == ["neuroscope", "logits"]
+
+
+def test_layer_and_model_level_api(built_site):
+    layer = _json(built_site, f"api/{MODEL}/neuroscope/0.json")["data"]
+    assert layer["num_neurons"] == 4
+    scores = [s for _, s in layer["important_neurons"]]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 4
+    model = _json(built_site, f"api/{MODEL}/neuroscope.json")["data"]["important_neurons"]
+    assert len(model) == 8
+    assert _json(built_site, "api/index.json")["models"][0]["name"] == MODEL
+    all_ = _json(built_site, f"api/{MODEL}/all/0/1.json")
+    assert set(all_) == {"neuroscope", "logits"} and all_["neuroscope"]["data"]["neuron_index"] == {"layer": 0, "neuron": 1}
+
+
+def test_neuron_page_content(built_site):
+    html = (built_site / MODEL / "1" / "2.html").read_text()
+    assert "<title>toy-model 1:2 · sitegen</title>" in html and "<h1>toy-model 1:2</h1>" in html
+    assert f'href="/{MODEL}/1/1.html"' in html and f'href="/{MODEL}/1/3.html"' in html  # prev / next
+    assert html.count('class="seq"') == 6  # 3 top + 3 bottom
+    assert 'class="hist"' in html and "Direct logit effects" in html
+    assert f'href="/api/{MODEL}/neuroscope/1/2.json"' in html
+
+
+def test_prev_next_wrap_across_layers(built_site):
+    first = (built_site / MODEL / "0" / "0.html").read_text()
+    assert f'id="prev" href="/{MODEL}/1/3.html"' in first  # wraps to the last neuron of the last layer
+    last_of_layer0 = (built_site / MODEL / "0" / "3.html").read_text()
+    assert f'id="next" href="/{MODEL}/1/0.html"' in last_of_layer0
+
+
+def test_every_corpus_string_is_escaped(built_site):
+    for path in [built_site / MODEL / "0" / "1.html", built_site / MODEL / "0" / "index.html"]:
+        html = path.read_text()
+        assert "<script>alert(1)" not in html
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+        assert "<img src=x" not in html and "</textarea>" not in html
+
+
+def test_missing_service_box_and_envelope(tmp_path):
+    store = write_synthetic_store(tmp_path / "store", name="no-logits", with_logits=False)
+    out = tmp_path / "site"
+    build_site([store.root], out)
+    html = (out / "no-logits" / "0" / "0.html").read_text()
+    assert 'class="missing"' in html and "Not available" in html
+    d = _json(out, "api/no-logits/logits/0/0.json")
+    assert d["missing_data_types"] == ["logits"] and d["metadata"]["available_services"] == ["neuroscope"]
+    assert _json(out, "api/no-logits/all/0/0.json")["logits"] == {"missing_data_types": ["logits"]}
+
+
+def test_layer_table_lists_every_neuron(built_site):
+    html = (built_site / MODEL / "0" / "index.html").read_text()
+    assert html.count("<tr><td data-v=") == 4
+    assert 'id="layer-table"' in html
+
+
+def test_build_is_deterministic_and_incremental(tmp_path, synthetic_store):
+    a, b = tmp_path / "a", tmp_path / "b"
+    build_site([synthetic_store.root], a)
+    build_site([synthetic_store.root], b)
+    assert _tree(a) == _tree(b)
+    mtimes = {p: p.stat().st_mtime_ns for p in a.rglob("*") if p.is_file()}
+    report = build_site([synthetic_store.root], a)
+    assert report.written == 0 and report.unchanged == len(mtimes)
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+
+
+def test_rebuild_rewrites_only_what_changed(tmp_path):
+    store = write_synthetic_store(tmp_path / "store")
+    out = tmp_path / "site"
+    build_site([store.root], out)
+    manifest = orjson.loads((store.root / "manifest.json").read_bytes())
+    manifest["corpus"]["name"] = "renamed-corpus"  # appears in metadata: JSON and model-level pages change, neuron pages do not
+    (store.root / "manifest.json").write_bytes(orjson.dumps(manifest))
+    before = (out / MODEL / "0" / "0.html").stat().st_mtime_ns
+    report = build_site([store.root], out)
+    assert 0 < report.written < report.written + report.unchanged
+    assert (out / MODEL / "0" / "0.html").stat().st_mtime_ns == before
+
+
+def test_build_does_not_import_torch(synthetic_store, tmp_path):
+    """Runs `sitegen build` in a fresh interpreter where importing torch fails."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformer_lens'] = None; sys.modules['transformers'] = None\n"
+            "from sitegen.cli import main\n"
+            f"sys.argv = ['sitegen', 'build', {str(synthetic_store.root)!r}, '--out', {str(tmp_path / 'out')!r}]\n"
+            "main()")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "out" / MODEL / "0" / "0.html").is_file()
+
+
+def test_import_contract():
+    """import-linter: the site side (and merge, store) never imports torch or sitegen.compute, even indirectly."""
+    res = subprocess.run(["lint-imports"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env={**os.environ})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "KEPT" in res.stdout
+
+
+def test_build_errors_are_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "sitegen", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert res.returncode != 0
+    assert res.stderr.strip().count("\n") == 0 and "not a sitegen store" in res.stderr and "Traceback" not in res.stderr
