@@ -59,7 +59,7 @@ def brute_force_state(acts: np.ndarray, lengths: np.ndarray, seq_ids: np.ndarray
 
 
 def write_synthetic_store(root: Path, *, name: str = "toy-model", n_layers: int = 2, n_neurons: int = 4, n_seqs: int = 12,
-                          seq_len: int = 8, vocab: list[str] | None = None, seed: int = 0, top_k: int = 3, n_random: int = 2,
+                          seq_len: int = 24, vocab: list[str] | None = None, seed: int = 0, top_k: int = 3, n_random: int = 2,
                           with_logits: bool = True, doc_texts: list[str] | None = None) -> Store:
     """A small, deterministic store written through the real store API (no model)."""
     rng = np.random.default_rng(seed)

@@ -1,0 +1,105 @@
+"""The JSON API through `sitegen serve` (the same rules netlify.toml declares)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import orjson
+import pytest
+import requests
+
+MODEL = "toy-model"
+
+
+def test_paper_client_snippet(served_site):
+    base = served_site
+    r = requests.get(base + f"/api/{MODEL}/neuroscope/1/2")
+    tokens = r.json()["data"]["texts"][0]["tokens"]
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
+    assert tokens[3] == "<script>alert(1)</script>"
+
+
+@pytest.mark.parametrize("path", ["/api", "/api/index.json", f"/api/{MODEL}", f"/api/{MODEL}.json", f"/api/{MODEL}/neuroscope/0",
+                                  f"/api/{MODEL}/neuroscope/0/3", f"/api/{MODEL}/neuroscope/0/3.json", f"/api/{MODEL}/all/1/0",
+                                  f"/api/{MODEL}/logits/1/1", f"/api/{MODEL}/neuroscope"])
+def test_extensionless_and_json_urls_answer_with_cors(served_site, path):
+    r = requests.get(served_site + path)
+    assert r.status_code == 200, path
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    assert r.headers["Content-Type"] == "application/json"
+    orjson.loads(r.content)
+
+
+def test_same_bytes_with_and_without_suffix(served_site):
+    a = requests.get(served_site + f"/api/{MODEL}/neuroscope/1/1").content
+    b = requests.get(served_site + f"/api/{MODEL}/neuroscope/1/1.json").content
+    assert a == b
+
+
+def test_unknown_neuron_is_404(served_site):
+    r = requests.get(served_site + f"/api/{MODEL}/neuroscope/0/99")
+    assert r.status_code == 404
+    assert requests.get(served_site + "/no/such/page").status_code == 404
+
+
+def test_headers_match_netlify_toml(served_site):
+    doc = tomllib.loads((Path(__file__).resolve().parents[1] / "netlify.toml").read_text())
+    site_headers = next(h["values"] for h in doc["headers"] if h["for"] == "/*")
+    r = requests.get(served_site + f"/{MODEL}/0/0.html")
+    assert r.headers["Content-Type"] == "text/html; charset=utf-8"
+    for name, value in site_headers.items():
+        assert r.headers[name] == value
+    assert "Access-Control-Allow-Origin" not in r.headers  # CORS only on /api
+    css = requests.get(served_site + "/")
+    href = css.text.split('rel="stylesheet" href="')[1].split('"')[0]
+    r = requests.get(served_site + href)
+    assert "immutable" in r.headers["Cache-Control"] and r.headers["Content-Type"].startswith("text/css")
+
+
+def test_pretty_neuron_url_and_nojs_chooser(served_site):
+    assert requests.get(served_site + f"/{MODEL}/1/2").text == requests.get(served_site + f"/{MODEL}/1/2.html").text
+    r = requests.get(served_site + f"/{MODEL}/go?layer=1&neuron=3", allow_redirects=False)
+    assert r.status_code == 302 and r.headers["Location"] == f"/{MODEL}/1/3.html"
+
+
+def test_built_api_conforms_to_openapi(built_site, served_site):
+    from jsonschema import Draft202012Validator
+    from openapi_spec_validator import validate
+
+    spec = orjson.loads((built_site / "api" / "openapi.json").read_bytes())
+    validate(spec)
+    schemas = spec["components"]["schemas"]
+
+    def validator(path: str) -> Draft202012Validator:
+        schema = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        return Draft202012Validator({**schema, "components": {"schemas": schemas}})
+
+    checks = {
+        "/api": ["/api"],
+        "/api/{model}": [f"/api/{MODEL}"],
+        "/api/{model}/neuroscope/{layer}/{neuron}": [f"/api/{MODEL}/neuroscope/{l}/{n}" for l in range(2) for n in range(4)],
+        "/api/{model}/logits/{layer}/{neuron}": [f"/api/{MODEL}/logits/{l}/{n}" for l in range(2) for n in range(4)],
+        "/api/{model}/neuroscope/{layer}": [f"/api/{MODEL}/neuroscope/{l}" for l in range(2)],
+        "/api/{model}/all/{layer}/{neuron}": [f"/api/{MODEL}/all/0/0"],
+    }
+    for template, urls in checks.items():
+        v = validator(template)
+        for url in urls:
+            errors = list(v.iter_errors(requests.get(served_site + url).json()))
+            assert not errors, f"{url}: {errors[0].message}"
+
+
+def test_rules_match_netlify_semantics():
+    from sitegen.site.rules import load_rules
+
+    rules = load_rules()
+    files = {"/api/m/neuroscope/0/1.json", "/m/0/1.html", "/404.html", "/api/index.json"}
+    exists = files.__contains__
+    assert rules.resolve("/api/m/neuroscope/0/1", "", exists).target == "/api/m/neuroscope/0/1.json"
+    assert rules.resolve("/api/m/neuroscope/0/1.json", "", exists).target == "/api/m/neuroscope/0/1.json"  # files shadow rules
+    assert rules.resolve("/api", "", exists).target == "/api/index.json"
+    go = rules.resolve("/m/go", "layer=0&neuron=1", exists)
+    assert (go.status, go.target) == (302, "/m/0/1.html")
+    assert rules.resolve("/m/go", "layer=0", exists).status == 404  # query condition not met
+    assert rules.resolve("/nothing/here", "", exists).status == 404

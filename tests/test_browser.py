@@ -1,0 +1,124 @@
+"""Browser tests: Playwright drives Debian's Chromium against `sitegen serve` on the synthetic site."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from urllib.parse import urlsplit
+
+import pytest
+
+pytestmark = pytest.mark.browser
+MODEL = "toy-model"
+CHROMIUM = os.environ.get("SITEGEN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install chromium (or set SITEGEN_CHROMIUM)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, served_site):
+    """A page that records console errors and every request that leaves the site's origin."""
+    ctx = browser.new_context()
+    pg = ctx.new_page()
+    origin = urlsplit(served_site).netloc
+    pg.errors, pg.foreign = [], []
+    pg.on("console", lambda m: pg.errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    pg.on("request", lambda r: pg.foreign.append(r.url) if urlsplit(r.url).netloc not in (origin, "") and not r.url.startswith("data:") else None)
+    yield pg
+    assert pg.errors == [], pg.errors
+    assert pg.foreign == [], pg.foreign
+    ctx.close()
+
+
+def test_neuron_page_shows_sequences_and_hover_value(page, served_site):
+    page.goto(f"{served_site}/{MODEL}/1/2.html")
+    assert page.title() == "toy-model 1:2 · sitegen"
+    seqs = page.locator(".seq")
+    assert seqs.count() == 6
+    assert "<script>alert(1)</script>" in seqs.first.inner_text()  # shown as text, not run
+    token = seqs.first.locator("i").nth(3 - int(seqs.first.get_attribute("data-start")))
+    token.hover()
+    tip = page.locator("#tip")
+    tip.wait_for(state="visible")
+    assert "activation 6.000" in tip.inner_text() and "percentile" in tip.inner_text()
+
+
+def test_keyboard_focus_shows_activation(page, served_site):
+    page.goto(f"{served_site}/{MODEL}/0/0.html")
+    page.locator(".seq").first.focus()
+    tip = page.locator("#tip")
+    tip.wait_for(state="visible")
+    first = tip.inner_text()
+    page.keyboard.press("ArrowLeft")
+    assert tip.inner_text() != first and "activation" in tip.inner_text()
+
+
+def test_whole_sequence_toggle(page, served_site):
+    page.goto(f"{served_site}/{MODEL}/0/1.html")
+    li = page.locator(".seqs li").first  # the planted peak at token 3 of a 24-token sequence: the page shows a cut
+    before = li.locator(".seq i").count()
+    assert before < 24
+    li.locator("summary").click()
+    li.locator("button.whole").click()
+    page.wait_for_function("document.querySelector('.seqs li .seq').querySelectorAll('i').length === 24")
+    assert li.locator("button.whole").count() == 0
+
+
+def test_prev_next_random_navigate(page, served_site):
+    page.goto(f"{served_site}/{MODEL}/0/3.html")
+    page.click("#next")
+    page.wait_for_url(f"{served_site}/{MODEL}/1/0.html")
+    page.click("#prev")
+    page.wait_for_url(f"{served_site}/{MODEL}/0/3.html")
+    page.click("#random")
+    page.wait_for_url(f"{served_site}/{MODEL}/*/*.html")
+    assert page.locator("h1").inner_text().startswith("toy-model ")
+
+
+def test_layer_table_sorts(page, served_site):
+    page.goto(f"{served_site}/{MODEL}/0/")
+    rows = page.locator("#layer-table tbody tr")
+    assert rows.count() == 4
+    page.click("#layer-table th button[data-key='1']")
+    values = [float(rows.nth(i).locator("td").nth(1).get_attribute("data-v")) for i in range(4)]
+    assert values == sorted(values)
+    page.click("#layer-table th button[data-key='1']")
+    values = [float(rows.nth(i).locator("td").nth(1).get_attribute("data-v")) for i in range(4)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_model_chooser_and_dark_mode(page, served_site):
+    page.goto(f"{served_site}/{MODEL}/")
+    page.fill("input[name=layer]", "1")
+    page.fill("input[name=neuron]", "2")
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{served_site}/{MODEL}/1/2.html")
+    page.click("#theme")
+    assert page.evaluate("document.documentElement.getAttribute('data-theme')") in ("dark", "light")
+
+
+def test_pages_read_without_javascript(browser, served_site):
+    ctx = browser.new_context(java_script_enabled=False)
+    pg = ctx.new_page()
+    pg.goto(f"{served_site}/{MODEL}/0/")
+    assert pg.locator("#layer-table tbody tr").count() == 4
+    pg.goto(f"{served_site}/{MODEL}/")
+    pg.fill("input[name=layer]", "1")
+    pg.fill("input[name=neuron]", "1")
+    pg.click("button[type=submit]")  # the rewrite rule answers the GET form
+    pg.wait_for_url(f"{served_site}/{MODEL}/1/1.html")
+    assert pg.locator(".seq").count() == 6
+    ctx.close()
