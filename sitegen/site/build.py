@@ -215,18 +215,21 @@ def _render_model(pub: Publisher, env: Environment, model: SiteModel) -> int:
     api = f"api/{model.name}"
     model_level: dict[str, list] = {s.name: [] for s in model.services}
     layer_summaries = []
+    meta_json = dumps(meta)
+    missing_json = {s.name: dumps({"missing_data_types": [s.name], "metadata": meta}) for s in model.missing}
     for layer in range(model.num_layers):
         views = {s.name: s.open_layer(model.store, layer, model) for s in model.services}
         ns = views.get("neuroscope")
         rows = []
         for n in range(model.layer_size):
-            payloads = {}
+            payloads, encoded = {}, {}
             for name, view in views.items():
                 payloads[name] = view.payload(n)
-                pub.publish(f"{api}/{name}/{layer}/{n}.json", dumps({"data": payloads[name], "metadata": meta}))
+                encoded[name] = dumps(payloads[name])  # serialised once, spliced into the envelopes below
+                pub.publish(f"{api}/{name}/{layer}/{n}.json", b'{"data":' + encoded[name] + b',"metadata":' + meta_json + b"}")
             for s in model.missing:
-                pub.publish(f"{api}/{s.name}/{layer}/{n}.json", dumps({"missing_data_types": [s.name], "metadata": meta}))
-            pub.publish(f"{api}/all/{layer}/{n}.json", dumps(_all(model, payloads)))
+                pub.publish(f"{api}/{s.name}/{layer}/{n}.json", missing_json[s.name])
+            pub.publish(f"{api}/all/{layer}/{n}.json", _all(model, encoded))
             pages = {name: view.page(n) for name, view in views.items()}
             pub.publish(f"{model.name}/{layer}/{n}.html", neuron_tpl.render(
                 model=model, meta=meta, layer=layer, neuron=n, nav=_neighbours(model, layer, n), services=pages,
@@ -257,11 +260,12 @@ def _render_model(pub: Publisher, env: Environment, model: SiteModel) -> int:
     return model.num_layers * model.layer_size
 
 
-def _all(model: SiteModel, payloads: dict) -> dict:
-    out = {name: {"data": p} for name, p in payloads.items()}
+def _all(model: SiteModel, encoded: dict[str, bytes]) -> bytes:
+    """DeepDecipher's `all` object from already-serialised payloads, keys sorted like dumps() sorts them."""
+    parts = {name: b'{"data":' + data + b"}" for name, data in encoded.items()}
     for s in model.missing:
-        out[s.name] = {"missing_data_types": [s.name]}
-    return out
+        parts[s.name] = dumps({"missing_data_types": [s.name]})
+    return b"{" + b",".join(dumps(k) + b":" + parts[k] for k in sorted(parts)) + b"}"
 
 
 def _layer_summary(layer: int, rows: list[dict]) -> dict:

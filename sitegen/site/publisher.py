@@ -32,12 +32,21 @@ class Publisher:
             parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(parent)
         try:
-            if path.exists() and path.stat().st_size == len(data) and path.read_bytes() == data:
+            try:
+                same_size = os.stat(path).st_size == len(data)
+            except FileNotFoundError:
+                same_size = False
+            if same_size and path.read_bytes() == data:
                 self.unchanged += 1
                 return
             tmp = parent / f".{path.name}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except OSError as e:
             if e.errno == errno.ENOSPC:

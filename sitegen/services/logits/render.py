@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from markupsafe import Markup
+
 
 class LogitsLayer:
     def __init__(self, store, layer: int, site):
@@ -24,7 +26,14 @@ class LogitsLayer:
         }
 
     def page(self, n: int) -> dict:
-        return self.payload(n)
+        """Table rows pre-rendered (escaped here) per list: thousands of pages, few template loops."""
+        rows = {}
+        for kind in ("promoted", "suppressed", "input"):
+            ids, vals = self.cols.get(f"{kind}_ids"), self.cols.get(f"{kind}_vals")
+            if ids is None:
+                continue
+            rows[kind] = Markup("".join(f"<tr><td><code>{self.site.esc_vocab[i]}</code></td><td>{v:.3g}</td></tr>" for i, v in zip(ids[n], vals[n])))
+        return rows
 
     def layer_payload(self) -> dict:
         return {"num_neurons": len(self.cols["neuron"])}

@@ -23,14 +23,18 @@ def _r(x: float) -> float:
     return round(float(x), 4)
 
 
-def _ragged(column) -> tuple[np.ndarray, np.ndarray, list[float], list[float]]:
-    """A list<list<float>> column as (texts-per-neuron offsets, values-per-text offsets, exact values, 4-decimal values)."""
+def _ragged(column, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float], list[float], list[int]]:
+    """A list<list<float>> column as (texts-per-neuron offsets, values-per-text offsets, exact values,
+    4-decimal values, colour bucket -9..9 of each value on its neuron's page scale)."""
     arr = column.combine_chunks()
     outer = np.asarray(arr.offsets)
     inner_arr = arr.values
     inner = np.asarray(inner_arr.offsets)
     values = np.asarray(inner_arr.values.to_numpy(zero_copy_only=False), dtype=np.float64)
-    return outer, inner, values.tolist(), np.round(values, 4).tolist()
+    neuron_of_text = np.repeat(np.arange(len(outer) - 1), np.diff(outer))
+    neuron_of_value = np.repeat(neuron_of_text, np.diff(inner))
+    buckets = np.clip(np.rint(values * (BUCKETS / scale[neuron_of_value])), -BUCKETS, BUCKETS).astype(np.int64) + BUCKETS
+    return outer, inner, values.tolist(), np.round(values, 4).tolist(), buckets.tolist()
 
 
 class NeuroscopeLayer:
@@ -40,8 +44,10 @@ class NeuroscopeLayer:
         self.n = t.num_rows
         col = lambda name: t.column(name).to_pylist()  # noqa: E731
         self.seq = {k: col(f"{k}_seq") for k in KINDS}
-        self.traces = {k: _ragged(t.column(f"{k}_acts")) for k in KINDS}
         self.mean, self.std, self.vmin, self.vmax = col("mean"), col("std"), col("min"), col("max")
+        # One colour scale per page, centred on zero: the neuron's largest absolute activation.
+        self.scale = np.maximum(np.maximum(np.abs(t.column("max").to_numpy()), np.abs(t.column("min").to_numpy())), 1e-9).astype(np.float64)
+        self.traces = {k: _ragged(t.column(f"{k}_acts"), self.scale) for k in KINDS}
         self.frac_pos, self.count = col("frac_pos"), col("count")
         self.quantiles, self.hist = col("quantiles"), col("hist_counts")
         self.fv = site.first_valid
@@ -55,7 +61,7 @@ class NeuroscopeLayer:
         vmin, vmax, fv = _r(self.vmin[n]), _r(self.vmax[n]), self.fv
         out = {}
         for kind in KINDS:
-            outer, inner, exact, rounded = self.traces[kind]
+            outer, inner, exact, rounded, _ = self.traces[kind]
             texts = []
             for j, seq_id in zip(range(outer[n], outer[n + 1]), self.seq[kind][n]):
                 s, e = inner[j], inner[j + 1]
@@ -89,7 +95,7 @@ class NeuroscopeLayer:
 
     def score(self, n: int) -> float:
         """DeepDecipher's importance: max - min activation of the neuron's top text."""
-        outer, inner, exact, _ = self.traces["top"]
+        outer, inner, exact, _, _ = self.traces["top"]
         if outer[n] == outer[n + 1]:
             return 0.0
         s, e = inner[outer[n]], inner[outer[n] + 1]
@@ -106,21 +112,22 @@ class NeuroscopeLayer:
         return texts[0]["tokens"][texts[0]["max_activating_token_index"]] if texts else ""
 
     # -- page --
-    def _sequence_items(self, kind: str, texts: list[dict], scale: float) -> Markup:
+    def _sequence_items(self, n: int, kind: str, texts: list[dict]) -> Markup:
         esc = self.site.esc_vocab
+        outer, inner, _, _, buckets = self.traces[kind]
         items = []
         for i, t in enumerate(texts):
             ids, acts, peak = t["token_ids"], t["activations"], t["max_activating_token_index"]
             lo, hi = max(0, peak - WINDOW_BEFORE), min(len(ids), peak + WINDOW_AFTER + 1)
-            k = 9 / scale
-            spans = "".join(
-                (("<i class=bos>" if p < self.fv else _OPEN[BUCKETS + max(-BUCKETS, min(BUCKETS, int(round(acts[p] * k))))]) + esc[ids[p]] + "</i>")
-                for p in range(lo, hi)
-            )
+            base = inner[outer[n] + i]
+            opens = [_OPEN[b] for b in buckets[base + lo:base + hi]]
+            if lo < self.fv:
+                opens[: self.fv - lo] = ["<i class=bos>"] * (self.fv - lo)
+            spans = "</i>".join([o + esc[tok] for o, tok in zip(opens, ids[lo:hi])]) + "</i>"
             cut = hi < len(ids)
             items.append(
                 f'<li><div class="seq" tabindex="0" data-kind="{kind}" data-i="{i}" data-start="{lo}" data-a="'
-                + ",".join(f"{a:.4g}" for a in acts[lo:hi]) + '">'
+                + ",".join(map(repr, acts[lo:hi])) + '">'
                 + ('<span class="ell">…</span>' if lo else "") + spans + ('<span class="ell">…</span>' if cut else "")
                 + f'</div><details><summary>{acts[peak]:.4g} at token {peak}</summary><p class="src">document <code>{escape(t["doc_id"])}</code>, '
                 f'characters {t["char_start"]}–{t["char_end"]} · sequence {t["data_index"]} · {len(ids)} tokens · range {t["min_activation"]:.4g} to {t["max_activation"]:.4g}'
@@ -131,10 +138,9 @@ class NeuroscopeLayer:
 
     def page(self, n: int) -> dict:
         texts = self._texts_of(n)
-        scale = max(abs(self.vmax[n]), abs(self.vmin[n]), 1e-9)  # one scale per page, centred on zero
         return {
-            "top": self._sequence_items("top", texts["top"], scale),
-            "bottom": self._sequence_items("bottom", texts["bottom"], scale),
+            "top": self._sequence_items(n, "top", texts["top"]),
+            "bottom": self._sequence_items(n, "bottom", texts["bottom"]),
             "stats": self.stats(n),
             "histogram_svg": Markup(histogram_svg(self.hist[n], self.vmin[n], self.vmax[n])),
             "quantiles_csv": ",".join(f"{v:.4g}" for v in self.quantiles[n]),
