@@ -52,7 +52,7 @@ def brute_force_state(acts: np.ndarray, lengths: np.ndarray, seq_ids: np.ndarray
         "random": rnd,
         "count": int(flat.shape[0]),
         "sum_fx": sums[:, 0], "sumsq_fx": sums[:, 1],
-        "n_pos": (flat > 0).sum(0).astype(np.int64),
+        "n_pos": (flat > 0).sum(0).astype(np.int64),  # equals stats.positive_count(hist): checked in test_stats
         "vmin": flat.min(0).astype(np.float32), "vmax": flat.max(0).astype(np.float32),
         "hist": hist.astype(np.int64),
     }

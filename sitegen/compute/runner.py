@@ -190,7 +190,8 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
                     raise StoreError(f"stopped after {cfg.max_batches} batches (max_batches); rerun to resume")
                 batch = mine[position:position + batch_size]
                 tokens, seq_ids, valid, rand_score = _batch_tensors(batch, batch_size, cfg.seq_len, pad_id, first_valid, cfg.seed, random_key, device)
-                _forward(model, tokens, accs, seq_ids, valid, rand_score)
+                all_full = len(batch) == batch_size and all(len(s.token_ids) == cfg.seq_len for s in batch)
+                _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full)
                 position += len(batch)
                 done = sum(len(s.token_ids) for s in batch)
                 tokens_done += done
@@ -282,14 +283,14 @@ def _batch_tensors(batch, batch_size, seq_len, pad_id, first_valid, seed, random
     return as_t(tokens), as_t(seq_ids), as_t(valid), as_t(rand_score)
 
 
-def _forward(model, tokens, accs, seq_ids, valid, rand_score) -> None:
+def _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full: bool = False) -> None:
     import torch
 
     last = len(accs) - 1
 
     def hook_for(layer: int):
         def hook(acts, hook):  # noqa: ARG001 - transformer-lens passes the HookPoint
-            accs[layer].update(acts.detach(), seq_ids, valid, rand_score)
+            accs[layer].update(acts.detach(), seq_ids, valid, rand_score, all_full)
             if layer == last:
                 raise _StopForward
             return acts

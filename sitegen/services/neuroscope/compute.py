@@ -18,7 +18,6 @@ import torch
 
 from sitegen.services.neuroscope import stats
 
-_LO_CODE = stats._LO_CODE
 
 
 class Extremes:
@@ -79,39 +78,48 @@ class LayerAccumulator:
         self.count = 0
         self.sum_fx = torch.zeros(n, dtype=torch.int64, device=device)
         self.sumsq_fx = torch.zeros(n, dtype=torch.int64, device=device)
-        self.n_pos = torch.zeros(n, dtype=torch.int64, device=device)
         self.vmin = torch.full((n,), torch.inf, device=device)
         self.vmax = torch.full((n,), -torch.inf, device=device)
-        self.hist = torch.zeros(n * stats.N_FINE_BINS, dtype=torch.int64, device=device)
-        self._hist_offset = torch.arange(n, device=device, dtype=torch.int32) * stats.N_FINE_BINS
+        self.hist = torch.zeros((stats.N_FINE_BINS, n), dtype=torch.int64, device=device)  # (bin, neuron)
+        self._one = torch.ones((1, 1), dtype=torch.int64, device=device)
+        self._code_table = torch.from_numpy(stats.CODE_TABLE.astype(np.int64)).to(device)
 
-    def update(self, acts: torch.Tensor, seq_ids: torch.Tensor, valid: torch.Tensor, rand_score: torch.Tensor) -> None:
-        """acts (B, T, n) float32; seq_ids (B,); valid (B, T) bool; rand_score (B,) = -random_key."""
+    def update(self, acts: torch.Tensor, seq_ids: torch.Tensor, valid: torch.Tensor, rand_score: torch.Tensor, all_full: bool = False) -> None:
+        """acts (B, T, n) float32; seq_ids (B,); valid (B, T) bool; rand_score (B,) = -random_key.
+        all_full: every row is a real sequence of full length, so `valid` is just 'position >= first_valid'
+        and strided views replace masked copies (the common case)."""
         acts = acts.float()
-        vmask = valid[:, :, None]
-        seq_max = acts.masked_fill(~vmask, -torch.inf).amax(dim=1)
-        seq_min = acts.masked_fill(~vmask, torch.inf).amin(dim=1)
+        fv = self.first_valid
+        if all_full:
+            counted = acts[:, fv:, :]  # (B, T - fv, n) view: every counted token
+            seq_min, seq_max = torch.aminmax(counted, dim=1)
+        else:
+            vmask = valid[:, :, None]
+            seq_max = acts.masked_fill(~vmask, -torch.inf).amax(dim=1)
+            seq_min = acts.masked_fill(~vmask, torch.inf).amin(dim=1)
+            counted = acts[valid]  # (V, n)
         per_neuron = lambda rows, cols: acts[rows, :, cols]  # noqa: E731
         self.top.update(seq_max, seq_ids, per_neuron)
         self.bottom.update(-seq_min, seq_ids, per_neuron)
         # The random sample is one column shared by all neurons; its 'trace' is every neuron's trace.
         self.random.update(rand_score[:, None], seq_ids, lambda rows, cols: acts[rows].transpose(1, 2).reshape(len(rows), -1))
 
-        av = acts[valid]  # (V, n): every counted token
-        if av.shape[0] == 0:
+        if counted.numel() == 0:
             return
-        self.count += av.shape[0]
+        dims = tuple(range(counted.dim() - 1))
+        self.count += counted.numel() // self.n
         # Fixed point, exactly: values on the 2^-24 grid (squares on 2^-16) sum without rounding in
         # float64 within one batch (partial sums stay far below 2^53 units), then accumulate in int64.
-        self.sum_fx += torch.round(av * (2.0**stats.SUM_SHIFT)).sum(0, dtype=torch.float64).to(torch.int64)
-        self.sumsq_fx += torch.round((av * av) * (2.0**stats.SQ_SHIFT)).sum(0, dtype=torch.float64).to(torch.int64)
-        self.n_pos += (av > 0).sum(0)
-        torch.minimum(self.vmin, av.amin(0), out=self.vmin)
-        torch.maximum(self.vmax, av.amax(0), out=self.vmax)
-        bits = av.view(torch.int32)
-        fine = ((bits & 0x7FFFFFFF) >> 19).sub_(_LO_CODE).clamp_(-1, stats.HALF_BINS - 1).add_(1)
-        fine.mul_((bits >> 31) | 1).add_(stats.ZERO_BIN)  # sign: bins below the zero bin for negatives
-        self.hist += torch.bincount((fine + self._hist_offset).view(-1), minlength=self.hist.numel())
+        self.sum_fx += torch.round(counted * (2.0**stats.SUM_SHIFT)).sum(dims, dtype=torch.float64).to(torch.int64)
+        self.sumsq_fx += torch.round(counted.square() * (2.0**stats.SQ_SHIFT)).sum(dims, dtype=torch.float64).to(torch.int64)
+        # In the fast path every row counts, so the per-sequence extremes already hold the layer's.
+        lo, hi = (seq_min.amin(0), seq_max.amax(0)) if all_full else torch.aminmax(counted, dim=0)
+        torch.minimum(self.vmin, lo, out=self.vmin)
+        torch.maximum(self.vmax, hi, out=self.vmax)
+        # Histogram: sign, exponent and 4 mantissa bits of each float32 index a lookup table of bins.
+        codes = (counted.view(torch.int32) >> 19).long().add_(4096)
+        fine = torch.take(self._code_table, codes).reshape(-1, self.n)
+        self.hist.scatter_add_(0, fine, self._one.expand(fine.shape))
 
     # -- checkpointing and hand-off (numpy, so merge and the store need no torch) --
     def state(self) -> dict:
@@ -122,10 +130,10 @@ class LayerAccumulator:
             "count": self.count,
             "sum_fx": self.sum_fx.cpu().numpy(),
             "sumsq_fx": self.sumsq_fx.cpu().numpy(),
-            "n_pos": self.n_pos.cpu().numpy(),
+            "n_pos": stats.positive_count(self.hist.T.cpu().numpy()),
             "vmin": self.vmin.cpu().numpy(),
             "vmax": self.vmax.cpu().numpy(),
-            "hist": self.hist.cpu().numpy().reshape(self.n, stats.N_FINE_BINS),
+            "hist": np.ascontiguousarray(self.hist.T.cpu().numpy()),  # (neuron, bin)
         }
 
     def load(self, state: dict) -> None:
@@ -133,6 +141,6 @@ class LayerAccumulator:
         self.bottom.load(state["bottom"])
         self.random.load(state["random"])
         self.count = int(state["count"])
-        for name in ("sum_fx", "sumsq_fx", "n_pos", "vmin", "vmax"):
+        for name in ("sum_fx", "sumsq_fx", "vmin", "vmax"):
             getattr(self, name).copy_(torch.from_numpy(state[name]))
-        self.hist.copy_(torch.from_numpy(state["hist"].reshape(-1)))
+        self.hist.copy_(torch.from_numpy(state["hist"]).T)

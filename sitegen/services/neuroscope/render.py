@@ -14,9 +14,14 @@ from sitegen.services.tokens import BUCKETS
 
 WINDOW_BEFORE = 12  # tokens shown before the peak token on the page (the JSON has every token)
 WINDOW_AFTER = 4
-KINDS = ("top", "bottom", "random")
 # Opening tag per colour bucket -9..9 (index + BUCKETS); unquoted class values are valid HTML.
 _OPEN = [f"<i class=n{-b}>" for b in range(-BUCKETS, 0)] + ["<i>"] + [f"<i class=p{b}>" for b in range(1, BUCKETS + 1)]
+
+
+def _short(x: float) -> str:
+    """A rounded activation for a data attribute, without the leading zero ('-.1234')."""
+    text = repr(x)
+    return text.replace("0.", ".", 1) if text.startswith(("0.", "-0.")) else text
 
 
 def _r(x: float) -> float:
@@ -43,11 +48,11 @@ class NeuroscopeLayer:
         t = store.read_layer("neuroscope", layer)
         self.n = t.num_rows
         col = lambda name: t.column(name).to_pylist()  # noqa: E731
-        self.seq = {k: col(f"{k}_seq") for k in KINDS}
+        self.seq = {k: col(f"{k}_seq") for k in ("top", "bottom")}
         self.mean, self.std, self.vmin, self.vmax = col("mean"), col("std"), col("min"), col("max")
         # One colour scale per page, centred on zero: the neuron's largest absolute activation.
         self.scale = np.maximum(np.maximum(np.abs(t.column("max").to_numpy()), np.abs(t.column("min").to_numpy())), 1e-9).astype(np.float64)
-        self.traces = {k: _ragged(t.column(f"{k}_acts"), self.scale) for k in KINDS}
+        self.traces = {k: _ragged(t.column(f"{k}_acts"), self.scale) for k in ("top", "bottom")}
         self.frac_pos, self.count = col("frac_pos"), col("count")
         self.quantiles, self.hist = col("quantiles"), col("hist_counts")
         self.fv = site.first_valid
@@ -60,7 +65,7 @@ class NeuroscopeLayer:
             return self._texts
         vmin, vmax, fv = _r(self.vmin[n]), _r(self.vmax[n]), self.fv
         out = {}
-        for kind in KINDS:
+        for kind in ("top", "bottom"):
             outer, inner, exact, rounded, _ = self.traces[kind]
             texts = []
             for j, seq_id in zip(range(outer[n], outer[n + 1]), self.seq[kind][n]):
@@ -90,8 +95,10 @@ class NeuroscopeLayer:
     # -- API --
     def payload(self, n: int) -> dict:
         texts = self._texts_of(n)
+        # The random sample stays in the store (explanation scoring reads it there): the per-neuron
+        # JSON carries what the page shows, to keep one neuron's files small.
         return {"neuron_index": {"layer": self.layer, "neuron": n}, "texts": texts["top"], "bottom_texts": texts["bottom"],
-                "random_texts": texts["random"], "stats": self.stats(n)}
+                "stats": self.stats(n)}
 
     def score(self, n: int) -> float:
         """DeepDecipher's importance: max - min activation of the neuron's top text."""
@@ -113,6 +120,8 @@ class NeuroscopeLayer:
 
     # -- page --
     def _sequence_items(self, n: int, kind: str, texts: list[dict]) -> Markup:
+        """One <li> per text: the window around the peak as coloured spans, the window's activations
+        (data-a, for hover), and its source. JavaScript adds the whole-sequence toggle to cut ones."""
         esc = self.site.esc_vocab
         outer, inner, _, _, buckets = self.traces[kind]
         items = []
@@ -126,13 +135,10 @@ class NeuroscopeLayer:
             spans = "</i>".join([o + esc[tok] for o, tok in zip(opens, ids[lo:hi])]) + "</i>"
             cut = hi < len(ids)
             items.append(
-                f'<li><div class="seq" tabindex="0" data-kind="{kind}" data-i="{i}" data-start="{lo}" data-a="'
-                + ",".join(map(repr, acts[lo:hi])) + '">'
+                f'<li><div class="seq" tabindex="0" data-start="{lo}" data-a="' + ",".join(map(_short, acts[lo:hi])) + '">'
                 + ('<span class="ell">…</span>' if lo else "") + spans + ('<span class="ell">…</span>' if cut else "")
-                + f'</div><details><summary>{acts[peak]:.4g} at token {peak}</summary><p class="src">document <code>{escape(t["doc_id"])}</code>, '
-                f'characters {t["char_start"]}–{t["char_end"]} · sequence {t["data_index"]} · {len(ids)} tokens · range {t["min_activation"]:.4g} to {t["max_activation"]:.4g}'
-                + (' · <button type="button" class="whole">Show whole sequence</button>' if lo or cut else "")
-                + "</p></details></li>"
+                + f'</div><details><summary>{acts[peak]:.4g} at {peak}</summary><code>{escape(t["doc_id"])}</code> '
+                f'chars {t["char_start"]}–{t["char_end"]}, sequence {t["data_index"]}, {len(ids)} tokens, {t["min_activation"]:.4g} to {t["max_activation"]:.4g}</details></li>'
             )
         return Markup("\n".join(items))
 

@@ -19,13 +19,14 @@ import numpy as np
 
 SUM_SHIFT = 24  # activations summed in units of 2^-24
 SQ_SHIFT = 16  # squares summed in units of 2^-16
-LO_EXP = -10  # |x| < 2^-10 counts as zero
+LO_EXP = -10  # 0 < |x| < 2^-10 lands in a 'tiny' bin of its sign
 OCTAVES = 18  # up to 2^8; larger values land in the overflow bin
 BINS_PER_OCTAVE = 16  # from the top 4 mantissa bits
-HALF_BINS = OCTAVES * BINS_PER_OCTAVE  # bins per sign
-N_FINE_BINS = 2 * HALF_BINS + 1  # negative bins, zero bin, positive bins; index order = value order
-ZERO_BIN = HALF_BINS
-_LO_CODE = (127 + LO_EXP) << 4  # float32 exponent+4 mantissa bits of 2^LO_EXP
+HALF_BINS = OCTAVES * BINS_PER_OCTAVE  # regular bins per sign
+# Index order = value order: negative bins (most negative first), negative tiny, zero, positive tiny, positive bins.
+NEG_TINY, ZERO_BIN, POS_TINY = HALF_BINS, HALF_BINS + 1, HALF_BINS + 2
+N_FINE_BINS = 2 * HALF_BINS + 3
+_LO_CODE = (127 + LO_EXP) << 4  # float32 exponent + top 4 mantissa bits of 2^LO_EXP
 DISPLAY_BINS = 50
 QUANTILE_LEVELS = (
     0.0001, 0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95,
@@ -33,19 +34,39 @@ QUANTILE_LEVELS = (
 )
 
 
+def _code_table() -> np.ndarray:
+    """Fine bin for every value of (float32 bits >> 19) + 4096, i.e. sign, exponent and 4 mantissa bits.
+    Magnitude code 0 (zero and values below ~1e-38) counts as zero."""
+    code = np.arange(-4096, 4096)
+    negative = code < 0
+    mag = np.where(negative, code + 4096, code)
+    j = np.minimum(mag - _LO_CODE, HALF_BINS - 1)
+    regular = np.where(negative, HALF_BINS - 1 - j, POS_TINY + 1 + j)
+    tiny = np.where(negative, NEG_TINY, POS_TINY)
+    return np.where(mag == 0, ZERO_BIN, np.where(mag < _LO_CODE, tiny, regular)).astype(np.int32)
+
+
+CODE_TABLE = _code_table()
+
+
 def fine_bins(x: np.ndarray) -> np.ndarray:
     """Fine-histogram bin of each float32 value (the reference for the torch version)."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
-    j = np.clip(((bits & 0x7FFFFFFF) >> 19) - _LO_CODE, -1, HALF_BINS - 1) + 1
-    return np.where(bits < 0, ZERO_BIN - j, ZERO_BIN + j).astype(np.int64)
+    return CODE_TABLE[(bits >> 19) + 4096].astype(np.int64)
 
 
 def fine_bin_edges() -> np.ndarray:
-    """Edges of the fine bins as float64, length N_FINE_BINS + 1 (outermost are +-inf)."""
+    """Edges of the fine bins as float64, length N_FINE_BINS + 1 (outermost are +-inf; the zero bin is [0, 0])."""
     j = np.arange(HALF_BINS)
     lower = np.ldexp(1.0 + (j % BINS_PER_OCTAVE) / BINS_PER_OCTAVE, LO_EXP + j // BINS_PER_OCTAVE)
-    pos_edges = np.concatenate([lower, [np.inf]])  # edges of positive bins 1..HALF_BINS
-    return np.concatenate([-pos_edges[::-1], pos_edges])
+    pos_edges = np.concatenate([lower, [np.inf]])  # lower_0 .. lower_{P-1}, inf
+    tiny = 2.0**LO_EXP
+    return np.concatenate([-pos_edges[::-1], [0.0, 0.0], pos_edges])
+
+
+def positive_count(hist: np.ndarray) -> np.ndarray:
+    """Tokens > 0 per neuron, read off the histogram (bins above the zero bin)."""
+    return hist[..., POS_TINY:].sum(-1)
 
 
 def fixed_sums(x: np.ndarray) -> tuple[int, int]:

@@ -79,6 +79,8 @@
   }
   function fmtPct(p) { return p === null ? "" : p >= 0.9999 ? ">99.99th" : (100 * p).toFixed(p > 0.99 ? 2 : 1) + "th"; }
 
+  // Positions before this (the BOS token) are greyed and not counted; the page says how many.
+  function firstValid() { return +(document.body.getAttribute("data-fv") || 0); }
   function setupTokens(jsonUrl) {
     var tip = document.getElementById("tip");
     if (!tip) return;
@@ -89,7 +91,7 @@
       var toks = seq.querySelectorAll("i");
       var idx = Array.prototype.indexOf.call(toks, tok);
       var acts = seq.getAttribute("data-a").split(",");
-      var q = seq.closest(".seqs").getAttribute("data-q").split(",").map(Number);
+      var q = seq.closest(".seqs").getAttribute("data-q").split(",").map(Number);  // quantile values
       var v = +acts[idx];
       toks.forEach(function (t) { t.classList.remove("cur"); });
       tok.classList.add("cur");
@@ -119,30 +121,33 @@
         show(seq, toks[next]);
       });
     });
-    document.querySelectorAll("button.whole").forEach(function (btn) {
-      btn.addEventListener("click", function () {
-        var li = btn.closest("li"), seq = li.querySelector(".seq");
-        var kind = seq.getAttribute("data-kind"), i = +seq.getAttribute("data-i");
-        data().then(function (d) {
-          var text = d.data[kind === "top" ? "texts" : "bottom_texts"][i];
-          var proto = seq.querySelectorAll("i"), scale = 0;
-          var q = seq.closest(".seqs");
-          d.data.texts.concat(d.data.bottom_texts).forEach(function (t) { t.activations.forEach(function (a) { scale = Math.max(scale, Math.abs(a)); }); });
-          seq.textContent = "";
-          text.tokens.forEach(function (tok, j) {
-            var el = document.createElement("i"), a = text.activations[j];
-            var b = Math.max(-9, Math.min(9, Math.round(9 * a / (scale || 1))));
-            if (j === 0 && proto.length && proto[0].classList.contains("bos") && +seq.getAttribute("data-start") === 0) el.className = "bos";
-            else if (b > 0) el.className = "p" + b; else if (b < 0) el.className = "n" + (-b);
-            el.textContent = tok.replace(/\n/g, "\u21b5");
-            seq.appendChild(el);
-          });
-          seq.setAttribute("data-a", text.activations.join(","));
-          seq.setAttribute("data-start", "0");
-          btn.remove();
-          void q;
-        });
+    // A cut sequence gets a button that swaps in every token of it, from the neuron's JSON.
+    document.querySelectorAll(".seqs").forEach(function (section) {
+      var kind = section.getAttribute("data-kind");
+      section.querySelectorAll(".seq").forEach(function (seq, i) {
+        if (!seq.querySelector(".ell")) return;
+        var btn = document.createElement("button");
+        btn.type = "button"; btn.className = "whole"; btn.textContent = "Show whole sequence";
+        seq.parentNode.querySelector("details").appendChild(btn);
+        btn.addEventListener("click", function () { showWhole(seq, kind, i, btn); });
       });
     });
+    function showWhole(seq, kind, i, btn) {
+      data().then(function (d) {
+        var text = d.data[kind === "top" ? "texts" : "bottom_texts"][i];
+        var scale = Math.max(Math.abs(d.data.stats.max), Math.abs(d.data.stats.min)) || 1;
+        seq.textContent = "";
+        text.tokens.forEach(function (tok, j) {
+          var el = document.createElement("i"), a = text.activations[j];
+          var b = Math.max(-9, Math.min(9, Math.round(9 * a / scale)));
+          if (j < firstValid()) el.className = "bos"; else if (b > 0) el.className = "p" + b; else if (b < 0) el.className = "n" + (-b);
+          el.textContent = tok.replace(/\n/g, "\u21b5");
+          seq.appendChild(el);
+        });
+        seq.setAttribute("data-a", text.activations.join(","));
+        seq.setAttribute("data-start", "0");
+        btn.remove();
+      });
+    }
   }
 })();

