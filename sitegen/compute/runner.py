@@ -133,6 +133,10 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
 
     out = store_mod.Store(cfg.out)
     shard_i, shard_n = cfg.shard
+    if out.exists:  # fail fast, before loading anything, when --out holds another model's store
+        held = store_mod.Store.open(cfg.out).manifest.get("model", {})
+        if held.get("source") != cfg.model:
+            raise StoreError(f"--out {cfg.out} already holds a store for model {held.get('name')!r}; use a new --out folder (nothing was changed)")
     device = resolve_device(cfg.device)
     corpus = load_corpus(cfg.corpus)
     model = load_model(cfg.model, device=device, name=cfg.name)
