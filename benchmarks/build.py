@@ -35,7 +35,6 @@ def synthetic_store(root: Path, n_layers: int, n: int, seq_len: int = 32, n_seqs
     rng = np.random.default_rng(seed)
     letters = np.array(list("etaoinshrdlucmfwypvbgkjqxz"))
     vocab = ["<|endoftext|>"] + [(" " if i % 3 else "") + "".join(rng.choice(letters, rng.integers(1, 8))) for i in range(1, vocab_size)]
-    lengths = np.full(n_seqs, seq_len)
     token_ids = rng.integers(1, vocab_size, size=(n_seqs, seq_len)).astype(np.int32)
     token_ids[:, 0] = 0
     store = Store(root)

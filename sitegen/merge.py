@@ -50,12 +50,12 @@ def merge_stores(parts: list[Path], out: Path) -> Path:
     cfg = first["config"]
     top_k, n_random, seq_len, seed = cfg["top_k"], cfg["n_random"], cfg["seq_len"], cfg["seed"]
     score = _random_score(seed)
+    seqs = pa.concat_tables([s.sequences() for s in stores])
+    lengths = dict(zip(seqs.column("seq_id").to_pylist(), pc.list_value_length(seqs.column("token_ids")).to_pylist()))
     referenced: set[int] = set()
     for layer in range(first["model"]["num_layers"]):
         states = [neuroscope_data.table_to_state(s.read_layer(neuroscope_data.SERVICE, layer), top_k, n_random, seq_len) for s in stores]
         merged = neuroscope_data.merge_states(states, top_k, n_random, score)
-        seqs = pa.concat_tables([s.sequences() for s in stores])
-        lengths = dict(zip(seqs.column("seq_id").to_pylist(), pc.list_value_length(seqs.column("token_ids")).to_pylist()))
         table = neuroscope_data.state_to_table(merged, top_k, n_random, lengths)
         for col in ("top_seq", "bottom_seq", "random_seq"):
             referenced.update(table.column(col).combine_chunks().flatten().to_pylist())
@@ -65,7 +65,6 @@ def merge_stores(parts: list[Path], out: Path) -> Path:
         for layer in range(first["model"]["num_layers"]):
             target.write_layer(_LOGITS, layer, stores[0].read_layer(_LOGITS, layer))
         services.append(_LOGITS)
-    seqs = pa.concat_tables([s.sequences() for s in stores])
     keep = pc.is_in(seqs.column("seq_id"), value_set=pa.array(sorted(referenced), pa.int64()))
     seqs = seqs.filter(keep)
     seqs = seqs.take(pc.sort_indices(seqs, sort_keys=[("seq_id", "ascending")]))

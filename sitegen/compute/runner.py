@@ -12,7 +12,7 @@ import hashlib
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -125,8 +125,6 @@ def auto_batch_size(device: str, seq_len: int) -> int:
 
 def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
     cfg.validate()
-    import torch
-
     from sitegen.compute.models import load_model, resolve_device
     from sitegen.compute.packing import bos_id, pack_sequences, random_key
     from sitegen.services.neuroscope.compute import LayerAccumulator

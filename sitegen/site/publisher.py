@@ -55,10 +55,6 @@ class Publisher:
         self.written += 1
         self.bytes_written += len(data)
 
-    @property
-    def paths(self) -> set:
-        return self._seen
-
     def remove_stale(self) -> int:
         """Delete files under root that this build did not publish (a neuron or model that went away)."""
         removed = 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import mimetypes
 import sys
-from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -68,7 +67,7 @@ def make_server(root: Path, host: str = "127.0.0.1", port: int = 8000) -> Thread
         raise BuildError(f"{root} has no index.html; build the site first: sitegen build STORE --out {root}")
     handler = type("SiteHandler", (Handler,), {"rules": load_rules(), "root": root})
     try:
-        return ThreadingHTTPServer((host, port), partial(handler))
+        return ThreadingHTTPServer((host, port), handler)
     except OSError as e:
         raise BuildError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port") from None
 

@@ -60,7 +60,6 @@ def fine_bin_edges() -> np.ndarray:
     j = np.arange(HALF_BINS)
     lower = np.ldexp(1.0 + (j % BINS_PER_OCTAVE) / BINS_PER_OCTAVE, LO_EXP + j // BINS_PER_OCTAVE)
     pos_edges = np.concatenate([lower, [np.inf]])  # lower_0 .. lower_{P-1}, inf
-    tiny = 2.0**LO_EXP
     return np.concatenate([-pos_edges[::-1], [0.0, 0.0], pos_edges])
 
 
