@@ -58,6 +58,10 @@ def test_stored_token_ids_reproduce_stored_activations(real_store):
     seqs = st.sequences()
     by_id = dict(zip(seqs.column("seq_id").to_pylist(), seqs.column("token_ids").to_pylist()))
     model = load_model("smollm2")
+    # a local .gguf file takes the same path (converted once, cached): the same weights, the same fingerprint
+    from sitegen.compute.models import default_gguf_path
+
+    assert load_model(str(default_gguf_path())).fingerprint == model.fingerprint
     for layer, neuron in ((0, 7), (17, 1000), (29, 1535)):
         row = st.read_layer("neuroscope", layer).slice(neuron, 1).to_pylist()[0]
         for seq_id, stored in list(zip(row["top_seq"], row["top_acts"]))[:3] + list(zip(row["bottom_seq"], row["bottom_acts"]))[:1]:
