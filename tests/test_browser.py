@@ -53,7 +53,7 @@ def test_neuron_page_shows_sequences_and_hover_value(page, served_site):
     token.hover()
     tip = page.locator("#tip")
     tip.wait_for(state="visible")
-    assert "activation 6.000" in tip.inner_text() and "percentile" in tip.inner_text()
+    assert "activation 6 " in tip.inner_text() and "percentile" in tip.inner_text()
 
 
 def test_keyboard_focus_shows_activation(page, served_site):

@@ -96,7 +96,7 @@
       toks.forEach(function (t) { t.classList.remove("cur"); });
       tok.classList.add("cur");
       seq.setAttribute("data-cur", idx);
-      tip.textContent = JSON.stringify(tok.textContent) + "  activation " + v.toPrecision(4) + "  · " + fmtPct(percentile(v, q)) + " percentile";
+      tip.textContent = JSON.stringify(tok.textContent) + "  activation " + String(Number(v.toPrecision(4))) + "  · " + fmtPct(percentile(v, q)) + " percentile";
       tip.hidden = false;
       var r = tok.getBoundingClientRect();
       tip.style.left = Math.max(4, Math.min(window.innerWidth - tip.offsetWidth - 4, r.left)) + "px";
