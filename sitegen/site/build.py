@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
+from markupsafe import escape
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from sitegen import __version__
@@ -69,6 +70,8 @@ class SiteModel:
         self._esc: list[str] | None = None
         self._seqs: dict | None = None
         self._tokens: dict[int, list[str]] = {}
+        self._docs: dict[int, str] = {}
+        self._esc_closed: list[str] | None = None
 
     @property
     def vocab(self) -> list[str]:
@@ -81,6 +84,19 @@ class SiteModel:
         if self._esc is None:
             self._esc = escaped_vocab(self.vocab)
         return self._esc
+
+    @property
+    def esc_vocab_closed(self) -> list[str]:
+        """Escaped tokens with their closing tag, for joining token spans without a Python loop."""
+        if self._esc_closed is None:
+            self._esc_closed = [t + "</i>" for t in self.esc_vocab]
+        return self._esc_closed
+
+    def escaped_doc(self, seq_id: int) -> str:
+        cached = self._docs.get(seq_id)
+        if cached is None:
+            cached = self._docs[seq_id] = str(escape(self.sequence(seq_id)["doc_id"]))
+        return cached
 
     def tokens(self, seq_id: int) -> list[str]:
         """The sequence's token strings (cached: many neurons share a sequence)."""

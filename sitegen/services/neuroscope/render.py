@@ -18,28 +18,39 @@ WINDOW_AFTER = 4
 _OPEN = [f"<i class=n{-b}>" for b in range(-BUCKETS, 0)] + ["<i>"] + [f"<i class=p{b}>" for b in range(1, BUCKETS + 1)]
 
 
-def _short(x: float) -> str:
-    """A rounded activation for a data attribute, without the leading zero ('-.1234')."""
-    text = repr(x)
-    return text.replace("0.", ".", 1) if text.startswith(("0.", "-0.")) else text
-
-
 def _r(x: float) -> float:
     return round(float(x), 4)
 
 
-def _ragged(column, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[float], list[float], list[int]]:
-    """A list<list<float>> column as (texts-per-neuron offsets, values-per-text offsets, exact values,
-    4-decimal values, colour bucket -9..9 of each value on its neuron's page scale)."""
-    arr = column.combine_chunks()
-    outer = np.asarray(arr.offsets)
-    inner_arr = arr.values
-    inner = np.asarray(inner_arr.offsets)
-    values = np.asarray(inner_arr.values.to_numpy(zero_copy_only=False), dtype=np.float64)
-    neuron_of_text = np.repeat(np.arange(len(outer) - 1), np.diff(outer))
-    neuron_of_value = np.repeat(neuron_of_text, np.diff(inner))
-    buckets = np.clip(np.rint(values * (BUCKETS / scale[neuron_of_value])), -BUCKETS, BUCKETS).astype(np.int64) + BUCKETS
-    return outer, inner, values.tolist(), np.round(values, 4).tolist(), buckets.tolist()
+class Traces:
+    """One kind of text (top or bottom) for a whole layer, flattened: offsets, values rounded for
+    JSON, colour buckets, and each text's min, max and peak over its counted positions, all
+    computed with numpy once per layer rather than per text."""
+
+    def __init__(self, column, scale: np.ndarray, first_valid: int, lowest: bool):
+        arr = column.combine_chunks()
+        self.outer = np.asarray(arr.offsets)  # texts of neuron n: outer[n]:outer[n+1]
+        inner_arr = arr.values
+        self.inner = np.asarray(inner_arr.offsets)  # values of text j: inner[j]:inner[j+1]
+        values = np.asarray(inner_arr.values.to_numpy(zero_copy_only=False), dtype=np.float64)
+        n_texts = len(self.inner) - 1
+        lengths = np.diff(self.inner)
+        text_of_value = np.repeat(np.arange(n_texts), lengths)
+        neuron_of_value = np.repeat(np.repeat(np.arange(len(self.outer) - 1), np.diff(self.outer)), lengths)
+        self.rounded = np.round(values, 4).tolist()
+        self.buckets = (np.clip(np.rint(values * (BUCKETS / scale[neuron_of_value])), -BUCKETS, BUCKETS).astype(np.int64) + BUCKETS).tolist()
+        if n_texts == 0:
+            self.lo = self.hi = self.peak = []
+            return
+        position = np.arange(len(values)) - self.inner[:-1][text_of_value]
+        counted = (position >= first_valid) | (lengths[text_of_value] <= first_valid)
+        starts = self.inner[:-1]
+        hi = np.maximum.reduceat(np.where(counted, values, -np.inf), starts)
+        lo = np.minimum.reduceat(np.where(counted, values, np.inf), starts)
+        target = (lo if lowest else hi)[text_of_value]
+        first_hit = np.where(counted & (values == target), position, np.iinfo(np.int64).max)
+        self.peak = np.minimum.reduceat(first_hit, starts).tolist()
+        self.lo, self.hi = np.round(lo, 4).tolist(), np.round(hi, 4).tolist()
 
 
 class NeuroscopeLayer:
@@ -52,7 +63,7 @@ class NeuroscopeLayer:
         self.mean, self.std, self.vmin, self.vmax = col("mean"), col("std"), col("min"), col("max")
         # One colour scale per page, centred on zero: the neuron's largest absolute activation.
         self.scale = np.maximum(np.maximum(np.abs(t.column("max").to_numpy()), np.abs(t.column("min").to_numpy())), 1e-9).astype(np.float64)
-        self.traces = {k: _ragged(t.column(f"{k}_acts"), self.scale) for k in ("top", "bottom")}
+        self.traces = {k: Traces(t.column(f"{k}_acts"), self.scale, site.first_valid, lowest=(k == "bottom")) for k in ("top", "bottom")}
         self.frac_pos, self.count = col("frac_pos"), col("count")
         self.quantiles, self.hist = col("quantiles"), col("hist_counts")
         self.fv = site.first_valid
@@ -63,21 +74,17 @@ class NeuroscopeLayer:
     def _texts_of(self, n: int) -> dict[str, list[dict]]:
         if self._texts_for == n:
             return self._texts
-        vmin, vmax, fv = _r(self.vmin[n]), _r(self.vmax[n]), self.fv
+        vmin, vmax = _r(self.vmin[n]), _r(self.vmax[n])
         out = {}
         for kind in ("top", "bottom"):
-            outer, inner, exact, rounded, _ = self.traces[kind]
+            tr = self.traces[kind]
             texts = []
-            for j, seq_id in zip(range(outer[n], outer[n + 1]), self.seq[kind][n]):
-                s, e = inner[j], inner[j + 1]
-                body = exact[s + fv:e] or exact[s:e]
-                lo, hi = min(body), max(body)
-                peak = body.index(lo if kind == "bottom" else hi) + (fv if e - s > fv else 0)
+            for j, seq_id in zip(range(tr.outer[n], tr.outer[n + 1]), self.seq[kind][n]):
                 seq = self.site.sequence(seq_id)
                 texts.append({
-                    "data_index": seq_id, "max_activating_token_index": peak,
-                    "min_activation": _r(lo), "max_activation": _r(hi), "min_range": vmin, "max_range": vmax,
-                    "tokens": self.site.tokens(seq_id), "activations": rounded[s:e], "token_ids": seq["token_ids"],
+                    "data_index": seq_id, "max_activating_token_index": tr.peak[j],
+                    "min_activation": tr.lo[j], "max_activation": tr.hi[j], "min_range": vmin, "max_range": vmax,
+                    "tokens": self.site.tokens(seq_id), "activations": tr.rounded[tr.inner[j]:tr.inner[j + 1]], "token_ids": seq["token_ids"],
                     "doc_id": seq["doc_id"], "char_start": seq["char_start"], "char_end": seq["char_end"],
                 })
             out[kind] = texts
@@ -102,12 +109,11 @@ class NeuroscopeLayer:
 
     def score(self, n: int) -> float:
         """DeepDecipher's importance: max - min activation of the neuron's top text."""
-        outer, inner, exact, _, _ = self.traces["top"]
-        if outer[n] == outer[n + 1]:
+        tr = self.traces["top"]
+        if tr.outer[n] == tr.outer[n + 1]:
             return 0.0
-        s, e = inner[outer[n]], inner[outer[n] + 1]
-        body = exact[s + self.fv:e] or exact[s:e]
-        return _r(max(body) - min(body))
+        j = tr.outer[n]
+        return _r(tr.hi[j] - tr.lo[j])
 
     def layer_payload(self) -> dict:
         scores = [self.score(i) for i in range(self.n)]
@@ -120,25 +126,26 @@ class NeuroscopeLayer:
 
     # -- page --
     def _sequence_items(self, n: int, kind: str, texts: list[dict]) -> Markup:
-        """One <li> per text: the window around the peak as coloured spans, the window's activations
-        (data-a, for hover), and its source. JavaScript adds the whole-sequence toggle to cut ones."""
-        esc = self.site.esc_vocab
-        outer, inner, _, _, buckets = self.traces[kind]
+        """One <li> per text: the window around the peak as coloured spans and the text's source.
+        JavaScript reads exact values from the neuron's JSON and adds the whole-sequence toggle."""
+        closed = self.site.esc_vocab_closed
+        tr = self.traces[kind]
+        outer, inner, buckets = tr.outer, tr.inner, tr.buckets
+        fv = self.fv
         items = []
         for i, t in enumerate(texts):
             ids, acts, peak = t["token_ids"], t["activations"], t["max_activating_token_index"]
             lo, hi = max(0, peak - WINDOW_BEFORE), min(len(ids), peak + WINDOW_AFTER + 1)
             base = inner[outer[n] + i]
-            opens = [_OPEN[b] for b in buckets[base + lo:base + hi]]
-            if lo < self.fv:
-                opens[: self.fv - lo] = ["<i class=bos>"] * (self.fv - lo)
-            spans = "</i>".join([o + esc[tok] for o, tok in zip(opens, ids[lo:hi])]) + "</i>"
-            cut = hi < len(ids)
+            opens = list(map(_OPEN.__getitem__, buckets[base + lo:base + hi]))
+            if lo < fv:
+                opens[: fv - lo] = ["<i class=bos>"] * (fv - lo)
+            spans = "".join(map(str.__add__, opens, map(closed.__getitem__, ids[lo:hi])))
             items.append(
-                f'<li><div class="seq" tabindex="0" data-start="{lo}" data-a="' + ",".join(map(_short, acts[lo:hi])) + '">'
-                + ('<span class="ell">…</span>' if lo else "") + spans + ('<span class="ell">…</span>' if cut else "")
-                + f'</div><details><summary>{acts[peak]:.4g} at {peak}</summary><code>{escape(t["doc_id"])}</code> '
-                f'chars {t["char_start"]}–{t["char_end"]}, sequence {t["data_index"]}, {len(ids)} tokens, {t["min_activation"]:.4g} to {t["max_activation"]:.4g}</details></li>'
+                f'<li><div class="seq" tabindex="0" data-start="{lo}">' + ('<span class="ell">…</span>' if lo else "") + spans
+                + ('<span class="ell">…</span>' if hi < len(ids) else "")
+                + f'</div><details><summary>{acts[peak]} at {peak}</summary><code>{self.site.escaped_doc(t["data_index"])}</code> '
+                f'chars {t["char_start"]}–{t["char_end"]}, sequence {t["data_index"]}, {len(ids)} tokens, {t["min_activation"]} to {t["max_activation"]}</details></li>'
             )
         return Markup("\n".join(items))
 
@@ -153,22 +160,20 @@ class NeuroscopeLayer:
         }
 
 
-def histogram_svg(counts: list[int], lo: float, hi: float, width: int = 300, height: int = 64) -> str:
-    """50 bars on a log count axis, negative values blue and positive red (two paths, few bytes)."""
+def histogram_svg(counts: list[int], lo: float, hi: float) -> str:
+    """50 bars on a log count axis, negative values blue and positive red: two paths with integer
+    coordinates (a 500 x 64 box), so the SVG is small and cheap to write."""
     if not counts or max(counts) == 0:
         return ""
     n = len(counts)
-    bar = width / n
-    top = np.log1p(max(counts))
-    base = height - 12
+    width, base, bar = 500, 52, 500 // n
+    heights = np.maximum(1, np.rint(base * np.log1p(counts) / np.log1p(max(counts)))).astype(int).tolist()
+    centre_positive = (lo + (np.arange(n) + 0.5) * (hi - lo) / n >= 0).tolist()
     paths: dict[str, list[str]] = {"neg": [], "pos": []}
-    for i, c in enumerate(counts):
-        if c == 0:
-            continue
-        h = max(1.0, base * float(np.log1p(c)) / top)
-        centre = lo + (i + 0.5) * (hi - lo) / n
-        paths["pos" if centre >= 0 else "neg"].append(f"M{i * bar:.1f} {base}v-{h:.1f}h{bar - 0.5:.1f}v{h:.1f}z")
-    zero = f'<path class="zero" d="M{(0 - lo) / (hi - lo) * width:.1f} 0V{base}"/>' if lo < 0 < hi else ""
+    for i, (c, h, positive) in enumerate(zip(counts, heights, centre_positive)):
+        if c:
+            paths["pos" if positive else "neg"].append(f"M{i * bar} {base}v-{h}h{bar - 1}v{h}z")
+    zero = f'<path class="zero" d="M{round((0 - lo) / (hi - lo) * width)} 0V{base}"/>' if lo < 0 < hi else ""
     parts = "".join(f'<path class="{k}" d="{"".join(v)}"/>' for k, v in paths.items() if v)
-    return (f'<svg class="hist" viewBox="0 0 {width} {height}" role="img" aria-label="activation histogram, log counts">{parts}{zero}'
-            f'<text x="0" y="{height - 1}">{lo:.3g}</text><text x="{width}" y="{height - 1}" text-anchor="end">{hi:.3g}</text></svg>')
+    return (f'<svg class="hist" viewBox="0 0 {width} 64" role="img" aria-label="activation histogram, log counts">{parts}{zero}'
+            f'<text x="0" y="63">{lo:.3g}</text><text x="{width}" y="63" text-anchor="end">{hi:.3g}</text></svg>')

@@ -87,20 +87,30 @@
     var dataPromise = null;
     function data() { if (!dataPromise) dataPromise = fetch(jsonUrl).then(function (r) { return r.json(); }); return dataPromise; }
 
+    // Exact values come from the neuron's JSON (fetched once, on the first hover or focus).
+    function activationAt(seq, idx) {
+      var section = seq.closest(".seqs"), kind = section.getAttribute("data-kind");
+      var i = Array.prototype.indexOf.call(section.querySelectorAll(".seq"), seq);
+      return data().then(function (d) {
+        var text = d.data[kind === "top" ? "texts" : "bottom_texts"][i];
+        return text.activations[+seq.getAttribute("data-start") + idx];
+      });
+    }
     function show(seq, tok) {
       var toks = seq.querySelectorAll("i");
       var idx = Array.prototype.indexOf.call(toks, tok);
-      var acts = seq.getAttribute("data-a").split(",");
       var q = seq.closest(".seqs").getAttribute("data-q").split(",").map(Number);  // quantile values
-      var v = +acts[idx];
       toks.forEach(function (t) { t.classList.remove("cur"); });
       tok.classList.add("cur");
       seq.setAttribute("data-cur", idx);
-      tip.textContent = JSON.stringify(tok.textContent) + "  activation " + String(Number(v.toPrecision(4))) + "  · " + fmtPct(percentile(v, q)) + " percentile";
-      tip.hidden = false;
-      var r = tok.getBoundingClientRect();
-      tip.style.left = Math.max(4, Math.min(window.innerWidth - tip.offsetWidth - 4, r.left)) + "px";
-      tip.style.top = (r.bottom + 6 + tip.offsetHeight > window.innerHeight ? r.top - tip.offsetHeight - 6 : r.bottom + 6) + "px";
+      activationAt(seq, idx).then(function (v) {
+        if (!tok.classList.contains("cur")) return;  // the pointer moved on meanwhile
+        tip.textContent = JSON.stringify(tok.textContent) + "  activation " + String(Number(v.toPrecision(4))) + "  · " + fmtPct(percentile(v, q)) + " percentile";
+        tip.hidden = false;
+        var r = tok.getBoundingClientRect();
+        tip.style.left = Math.max(4, Math.min(window.innerWidth - tip.offsetWidth - 4, r.left)) + "px";
+        tip.style.top = (r.bottom + 6 + tip.offsetHeight > window.innerHeight ? r.top - tip.offsetHeight - 6 : r.bottom + 6) + "px";
+      });
     }
     function hide(seq) { tip.hidden = true; if (seq) seq.querySelectorAll("i.cur").forEach(function (t) { t.classList.remove("cur"); }); }
 
@@ -108,8 +118,9 @@
       seq.addEventListener("mouseover", function (ev) { if (ev.target.tagName === "I") show(seq, ev.target); });
       seq.addEventListener("mouseleave", function () { hide(seq); });
       seq.addEventListener("focus", function () {
-        var toks = seq.querySelectorAll("i"), acts = seq.getAttribute("data-a").split(",").map(Number);
-        var best = 0; acts.forEach(function (a, i) { if (Math.abs(a) > Math.abs(acts[best])) best = i; });
+        // start at the peak token: the one whose colour class is strongest
+        var toks = seq.querySelectorAll("i"), best = 0, bestLevel = -1;
+        toks.forEach(function (t, i) { var m = /[pn](\d)/.exec(t.className || ""); var lvl = m ? +m[1] : 0; if (lvl > bestLevel) { bestLevel = lvl; best = i; } });
         if (toks[best]) show(seq, toks[best]);
       });
       seq.addEventListener("blur", function () { hide(seq); });
@@ -144,7 +155,6 @@
           el.textContent = tok.replace(/\n/g, "\u21b5");
           seq.appendChild(el);
         });
-        seq.setAttribute("data-a", text.activations.join(","));
         seq.setAttribute("data-start", "0");
         btn.remove();
       });
