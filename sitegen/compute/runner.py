@@ -102,19 +102,24 @@ def _save_checkpoint(path: Path, states: list[dict], position: int, tokens_done:
             else:
                 arrays[f"{layer}/{key}"] = np.asarray(value)
     arrays["run_hash"] = np.array(run_hash)
-    store_mod.atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **arrays))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: given a path, numpy would append ".npz" to the temporary name
+            np.savez(f, **arrays)
+
+    store_mod.atomic_write(path, write)
 
 
 def _load_checkpoint(path: Path, n_layers: int) -> tuple[list[dict], int, int, str]:
-    z = np.load(path)
     states: list[dict] = [{} for _ in range(n_layers)]
-    for key in z.files:
-        parts = key.split("/")
-        if len(parts) == 2:
-            states[int(parts[0])][parts[1]] = z[key]
-        elif len(parts) == 3:
-            states[int(parts[0])].setdefault(parts[1], {})[parts[2]] = z[key]
-    return states, int(z["position"]), int(z["tokens_done"]), str(z["run_hash"])
+    with np.load(path) as z:
+        for key in z.files:
+            parts = key.split("/")
+            if len(parts) == 2:
+                states[int(parts[0])][parts[1]] = z[key]
+            elif len(parts) == 3:
+                states[int(parts[0])].setdefault(parts[1], {})[parts[2]] = z[key]
+        return states, int(z["position"]), int(z["tokens_done"]), str(z["run_hash"])
 
 
 def auto_batch_size(device: str, seq_len: int) -> int:

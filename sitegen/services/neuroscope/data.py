@@ -37,7 +37,7 @@ def _ordered(ext: dict, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return score, seq_id, trace
 
 
-def _extreme_columns(ext: dict, k: int, seq_length: dict[int, int], n: int, sign: float) -> tuple[pa.Array, pa.Array, pa.Array]:
+def _extreme_columns(ext: dict, k: int, seq_length: dict[int, int], sign: float) -> tuple[pa.Array, pa.Array, pa.Array]:
     score, seq_id, trace = _ordered(ext, k)
     score, seq_id, trace = score.T, seq_id.T, trace.transpose(1, 0, 2)  # neuron-major
     present = seq_id >= 0
@@ -54,13 +54,13 @@ def _extreme_columns(ext: dict, k: int, seq_length: dict[int, int], n: int, sign
 def state_to_table(state: dict, top_k: int, n_random: int, seq_length: dict[int, int]) -> pa.Table:
     """One row per neuron: ordered extremes with traces trimmed to each sequence's length, raw and derived stats."""
     n = state["sum_fx"].shape[0]
-    top_ids, top_max, top_acts = _extreme_columns(state["top"], top_k, seq_length, n, 1.0)
-    bot_ids, bot_min, bot_acts = _extreme_columns(state["bottom"], top_k, seq_length, n, -1.0)
+    top_ids, top_max, top_acts = _extreme_columns(state["top"], top_k, seq_length, 1.0)
+    bot_ids, bot_min, bot_acts = _extreme_columns(state["bottom"], top_k, seq_length, -1.0)
     rnd = state["random"]
     r_score, r_id, r_trace = _ordered(rnd, n_random)  # (R, 1), (R, 1), (R, 1, n*T)
     r_trace = r_trace[:, 0, :].reshape(len(r_id), n, -1).transpose(1, 0, 2)  # (n, R, T)
     rnd_state = {"score": np.repeat(r_score, n, 1), "seq_id": np.repeat(r_id, n, 1), "trace": r_trace.transpose(1, 0, 2)}
-    rnd_ids, _, rnd_acts = _extreme_columns(rnd_state, n_random, seq_length, n, 1.0)
+    rnd_ids, _, rnd_acts = _extreme_columns(rnd_state, n_random, seq_length, 1.0)
     count = int(state["count"])
     derived = stats.finalise(count, state["sum_fx"], state["sumsq_fx"], state["hist"], state["vmin"], state["vmax"])
     nb = stats.N_FINE_BINS
