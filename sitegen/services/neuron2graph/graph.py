@@ -1,0 +1,129 @@
+"""Neuron2Graph's graph core (Foote et al. 2023), written from ../shared/reference/neuron2graph.md:
+token normalisation, the trie built from activation 'lines' with IGNORE merging, prediction by
+walking backwards without backtracking, and the held-out evaluation. Pure Python (no torch):
+the model-dependent steps (prune, saliency, augment) produce the lines this module consumes.
+
+A line starts at the activating token and walks backwards through its context:
+    [(token_i, activation_i), (token_{i-1} | IGNORE, importance), ...]  ending with END = activation_i
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+IGNORE = "<IGNORE>"
+FIRING = 0.5  # normalised activation at which a neuron counts as firing
+
+
+def normalise(token: str) -> str:
+    """N2G's token key: lower-case a Title-case token longer than one character; strip
+    whitespace from a token longer than one character that contains a letter."""
+    if len(token) > 1 and token.istitle():
+        token = token.lower()
+    if len(token) > 1 and any(c.isalpha() for c in token):
+        token = token.strip()
+    return token
+
+
+@dataclass
+class Node:
+    token: str
+    depth: int
+    value: float  # activation for the activating token (depth 0), importance for context tokens
+    end: float | None = None  # activation recorded by a line ending here (N2G's END child)
+    children: dict[str, "Node"] = field(default_factory=dict)
+
+    @property
+    def activating(self) -> bool:
+        return self.depth == 0
+
+
+def _copy_into(target: Node, source: Node) -> None:
+    """Merge source's sub-paths under target; existing nodes keep their (first) values."""
+    for key, child in source.children.items():
+        mine = target.children.get(key)
+        if mine is None:
+            mine = target.children[key] = Node(child.token, target.depth + 1, child.value, child.end)
+        elif mine.end is None and child.end is not None:
+            mine.end = child.end
+        _copy_into(mine, child)
+
+
+class Trie:
+    def __init__(self) -> None:
+        self.root = Node("", -1, 0.0)
+
+    def insert(self, line: Sequence[tuple[str, float]], activation: float) -> None:
+        """Add one line (activating token first, then context walking backwards; IGNORE allowed)."""
+        node = self.root
+        for token, value in line:
+            key = token if token == IGNORE else normalise(token)
+            child = node.children.get(key)
+            if child is None:  # the first insertion's values are kept
+                child = node.children[key] = Node(key, node.depth + 1, value)
+            node = child
+        if node.end is None:
+            node.end = activation
+
+    def merge_ignore(self) -> None:
+        """Breadth first: where a node has an IGNORE child, copy every sibling's sub-paths under it
+        (IGNORE also matches the sibling's token) and drop siblings that do not end a line."""
+        queue = deque([self.root])
+        while queue:
+            node = queue.popleft()
+            ignore = node.children.get(IGNORE)
+            if ignore is not None and node is not self.root:
+                for key in [k for k in node.children if k != IGNORE]:
+                    sibling = node.children[key]
+                    _copy_into(ignore, sibling)
+                    if sibling.end is None:
+                        del node.children[key]
+            queue.extend(node.children.values())
+
+    def predict(self, tokens: Sequence[str]) -> list[float]:
+        """Predicted (normalised) activation at every position: walk back from each token, exact
+        child first, else IGNORE, else stop (no backtracking); the last END passed wins."""
+        keys = [normalise(t) for t in tokens]
+        out = []
+        for j in range(len(keys)):
+            node = self.root.children.get(keys[j])
+            found = 0.0
+            if node is not None and node.activating:
+                if node.end is not None:
+                    found = node.end
+                for k in range(j - 1, -1, -1):
+                    node = node.children.get(keys[k]) or node.children.get(IGNORE)
+                    if node is None:
+                        break
+                    if node.end is not None:
+                        found = node.end
+            out.append(found)
+        return out
+
+    def nodes(self) -> Iterable[Node]:
+        queue = deque(self.root.children.values())
+        while queue:
+            node = queue.popleft()
+            yield node
+            queue.extend(node.children.values())
+
+
+def evaluate(predicted: Sequence[float], true: Sequence[float], firing: float = FIRING) -> dict[str, float]:
+    """Token-level precision, recall and F1 of the firing class, pooled over all tokens, and the
+    variance explained 1 - MSE / Var(true). Precision is 1 when nothing is predicted to fire
+    (N2G's convention); recall is 1 when nothing truly fires."""
+    if len(predicted) != len(true):
+        raise ValueError("predicted and true activations differ in length")
+    tp = sum(1 for p, t in zip(predicted, true) if p >= firing and t >= firing)
+    pred_pos = sum(1 for p in predicted if p >= firing)
+    true_pos = sum(1 for t in true if t >= firing)
+    precision = tp / pred_pos if pred_pos else 1.0
+    recall = tp / true_pos if true_pos else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    n = len(true)
+    mean = sum(true) / n if n else 0.0
+    var = sum((t - mean) ** 2 for t in true) / n if n else 0.0
+    mse = sum((p - t) ** 2 for p, t in zip(predicted, true)) / n if n else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "variance_explained": 1 - mse / var if var > 0 else 0.0}
