@@ -28,7 +28,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from sitegen.compute.models import load_model
-    from sitegen.compute.packing import pack_sequences, random_key
+    from sitegen.compute.packing import pack_sequences
+    from sitegen.corpus_keys import random_key
     from sitegen.compute.runner import _batch_tensors, _forward, _StopForward, auto_batch_size
     from sitegen.corpus import load_corpus
     from sitegen.services.neuroscope.compute import LayerAccumulator

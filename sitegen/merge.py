@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sitegen.corpus_keys import random_key
 from sitegen.errors import StoreError
 from sitegen.services.neuroscope import data as neuroscope_data
 from sitegen.store import Store
@@ -21,8 +22,6 @@ _LOGITS = "logits"
 
 
 def _random_score(seed: int):
-    from sitegen.corpus_keys import random_key
-
     return lambda seq_id: -np.float32(random_key(seed, int(seq_id)))
 
 

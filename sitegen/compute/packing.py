@@ -14,7 +14,6 @@ from typing import Any, Iterator
 import numpy as np
 
 from sitegen.corpus import Corpus
-from sitegen.corpus_keys import random_key  # noqa: F401 - re-exported for the runner
 from sitegen.errors import CorpusError
 
 MIN_SEQUENCE_TOKENS = 4  # shorter document tails carry too little context to be worth a row

@@ -131,7 +131,8 @@ def auto_batch_size(device: str, seq_len: int) -> int:
 def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
     cfg.validate()
     from sitegen.compute.models import load_model, resolve_device
-    from sitegen.compute.packing import bos_id, pack_sequences, random_key
+    from sitegen.compute.packing import bos_id, pack_sequences
+    from sitegen.corpus_keys import random_key
     from sitegen.services.neuroscope.compute import LayerAccumulator
 
     out = store_mod.Store(cfg.out)

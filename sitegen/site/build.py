@@ -169,7 +169,7 @@ def _publish_assets(pub: Publisher) -> dict[str, str]:
     return assets
 
 
-def _content_pages(pub: Publisher, env: Environment, models: list[SiteModel], base_url: str) -> list[dict]:
+def _content_pages(pub: Publisher, env: Environment, models: list[SiteModel], base_url: str) -> None:
     from markdown_it import MarkdownIt
 
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
@@ -184,7 +184,6 @@ def _content_pages(pub: Publisher, env: Environment, models: list[SiteModel], ba
     env.globals["content_pages"] = pages  # the header links to every content page
     for page in pages:
         pub.publish(f"{page['slug']}.html", env.get_template("page.html").render(title=page["title"], body=md.render(texts[page["slug"]])))
-    return pages
 
 
 def build_site(store_paths: list[Path], out: Path, base_url: str = "") -> BuildReport:

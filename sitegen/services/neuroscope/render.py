@@ -8,7 +8,7 @@ each sequence's token spans are joined in Python rather than looped over in the 
 from __future__ import annotations
 
 import numpy as np
-from markupsafe import Markup, escape
+from markupsafe import Markup
 
 from sitegen.services.tokens import BUCKETS
 
@@ -69,6 +69,8 @@ class NeuroscopeLayer:
         self.fv = site.first_valid
         self._texts: dict | None = None
         self._texts_for = -1
+        self._stats: dict = {}
+        self._stats_for = -1
 
     # -- per neuron, computed once and shared by payload() and page() --
     def _texts_of(self, n: int) -> dict[str, list[dict]]:
@@ -91,6 +93,12 @@ class NeuroscopeLayer:
         self._texts, self._texts_for = out, n
         return out
 
+    def _stats_of(self, n: int) -> dict:
+        """stats(n), computed once per neuron for both the JSON and the page."""
+        if self._stats_for != n:
+            self._stats, self._stats_for = self.stats(n), n
+        return self._stats
+
     def stats(self, n: int) -> dict:
         return {
             "count": self.count[n], "mean": _r(self.mean[n]), "std": _r(self.std[n]), "min": _r(self.vmin[n]), "max": _r(self.vmax[n]),
@@ -105,7 +113,7 @@ class NeuroscopeLayer:
         # The random sample stays in the store (explanation scoring reads it there): the per-neuron
         # JSON carries what the page shows, to keep one neuron's files small.
         return {"neuron_index": {"layer": self.layer, "neuron": n}, "texts": texts["top"], "bottom_texts": texts["bottom"],
-                "stats": self.stats(n)}
+                "stats": self._stats_of(n)}
 
     def score(self, n: int) -> float:
         """DeepDecipher's importance: max - min activation of the neuron's top text."""
@@ -154,7 +162,7 @@ class NeuroscopeLayer:
         return {
             "top": self._sequence_items(n, "top", texts["top"]),
             "bottom": self._sequence_items(n, "bottom", texts["bottom"]),
-            "stats": self.stats(n),
+            "stats": self._stats_of(n),
             "histogram_svg": Markup(histogram_svg(self.hist[n], self.vmin[n], self.vmax[n])),
             "quantiles_csv": ",".join(f"{v:.4g}" for v in self.quantiles[n]),
         }
