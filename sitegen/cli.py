@@ -44,16 +44,19 @@ def main() -> None:
 @click.option("--shard", default="0/1", show_default=True, help="I/N: process only every N-th sequence starting at I; combine the N stores with 'sitegen merge'.")
 @click.option("--name", default=None, help="Model name used in URLs and pages [default: from the model].")
 @click.option("--no-weights", is_flag=True, help="Skip the weight-based logit tables.")
+@click.option("--n2g", default="0", show_default=True,
+              help="Neuron2Graph graphs to compute: 'all', 'layers:0,5', or N (the N most active neurons per layer). "
+                   "Rerun on a finished store to add graphs.")
 @click.option("--checkpoint-seconds", type=float, default=300.0, show_default=True, help="Save resumable progress this often.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_size, device, shard, name, no_weights, checkpoint_seconds, quiet):
+def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_size, device, shard, name, no_weights, n2g, checkpoint_seconds, quiet):
     """Run a model over a corpus and store per-neuron activation data (top/bottom/random sequences,
     statistics, histograms) and weight-based logit tables, for every neuron of every layer."""
     from sitegen.compute.runner import ComputeConfig, parse_shard, run_compute
 
     cfg = ComputeConfig(model=model, corpus=corpus, out=out, tokens=tokens, seq_len=seq_len, seed=seed, top_k=top_k,
                         n_random=n_random, batch_size=batch_size, device=device, shard=parse_shard(shard), name=name,
-                        weights=not no_weights, checkpoint_seconds=checkpoint_seconds, progress=not quiet)
+                        weights=not no_weights, n2g=n2g, checkpoint_seconds=checkpoint_seconds, progress=not quiet)
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     run_compute(cfg, log=log)
 

@@ -8,11 +8,13 @@ stores for the site tests (no torch needed there).
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 
 from sitegen.corpus_keys import random_key
+from sitegen.services.neuron2graph.graph import IGNORE, Trie
 from sitegen.services.neuroscope import data as ns_data
 from sitegen.services.neuroscope import stats
 from sitegen.store import SEQUENCES_SCHEMA, Store
@@ -60,7 +62,7 @@ def brute_force_state(acts: np.ndarray, lengths: np.ndarray, seq_ids: np.ndarray
 
 def write_synthetic_store(root: Path, *, name: str = "toy-model", n_layers: int = 2, n_neurons: int = 4, n_seqs: int = 12,
                           seq_len: int = 24, vocab: list[str] | None = None, seed: int = 0, top_k: int = 3, n_random: int = 2,
-                          with_logits: bool = True, doc_texts: list[str] | None = None) -> Store:
+                          with_logits: bool = True, doc_texts: list[str] | None = None, with_graphs: bool = True) -> Store:
     """A small, deterministic store written through the real store API (no model)."""
     rng = np.random.default_rng(seed)
     vocab = vocab or ["<bos>"] + [f" w{i}" for i in range(30)] + ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "</textarea>", "\n"]
@@ -104,4 +106,61 @@ def write_synthetic_store(root: Path, *, name: str = "toy-model", n_layers: int 
         "run_hash": "synthetic", "shard": None,
         "services": ["neuroscope", "logits"] if with_logits else ["neuroscope"],
     })
+    if with_graphs:
+        write_synthetic_graphs(store, {(0, 1): SYNTHETIC_LINES})
     return Store.open(root)
+
+
+# Lines (activating token first, then context walking back) of a hand-made graph: it fires on
+# the <script> token after ' w3', and on ' w5' two tokens after ' w6'.
+SYNTHETIC_LINES = [
+    ([("<script>alert(1)</script>", 0.9), (" w3", 0.8)], 0.9),
+    ([(" w5", 0.7), (IGNORE, 0.0), (" w6", 0.95)], 0.7),
+]
+
+
+def write_synthetic_graphs(store: Store, graphs: dict[tuple[int, int], list]) -> None:
+    """neuron2graph tables for hand-made graphs, through the service's own table writer."""
+    from sitegen.services.neuron2graph.compute import SERVICE, graphs_table
+
+    by_layer: dict[int, list] = {}
+    for (layer, neuron), lines in sorted(graphs.items()):
+        trie = Trie()
+        for line, act in lines:
+            trie.insert(line, act)
+        trie.merge_ignore()
+        work = SimpleNamespace(neuron=neuron, base_max=1.0, train=[None] * 3, test=[None] * 2, lines=lines)
+        ev = {"precision": 0.75, "recall": 0.5, "f1": 0.6, "variance_explained": 0.25}
+        by_layer.setdefault(layer, []).append((work, trie, ev))
+    for layer, rows in by_layer.items():
+        store.write_layer(SERVICE, layer, graphs_table(rows))
+    manifest = {k: v for k, v in store.manifest.items() if k not in ("schema_version", "sitegen_version")} if store.exists else None
+    if manifest is not None and SERVICE not in manifest["services"]:
+        manifest["services"] = manifest["services"] + [SERVICE]
+        store.write_manifest(manifest)
+
+
+def static_search(site: Path, model: str, query: str) -> list[int]:
+    """What the browser's search computes, done in Python from the published files only: the
+    meta file, one shard per term, and a term's "more" file when its lists were capped."""
+    import orjson
+
+    from sitegen.services.neuron2graph.tokenstore import parse_query
+    from sitegen.site.search import fnv1a
+
+    base = site / "search" / model
+    meta = orjson.loads((base / "meta.json").read_bytes())
+    result: set[int] | None = None
+    for kind, key in parse_query(query):
+        shard = fnv1a(key) % meta["shards"]
+        entry = orjson.loads((base / "tokens" / f"{shard}.json").read_bytes()).get(key)
+        if entry is None:
+            ids: set[int] = set()
+        else:
+            lists = entry
+            if "m" in entry:
+                lists = orjson.loads((base / "more" / f"{shard}-{entry['m']}.json").read_bytes())
+            a, i = np.cumsum(lists["a"]).tolist(), np.cumsum(lists["i"]).tolist()
+            ids = set(a) if kind == "activating" else set(i) if kind == "important" else set(a) | set(i)
+        result = ids if result is None else result & ids
+    return sorted(result or ())

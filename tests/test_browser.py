@@ -122,3 +122,47 @@ def test_pages_read_without_javascript(browser, served_site):
     pg.wait_for_url(f"{served_site}/{MODEL}/1/1.html")
     assert pg.locator(".seq").count() == 6
     ctx.close()
+
+
+def test_token_search_leads_to_a_neuron_whose_graph_has_the_token(page, served_site):
+    page.goto(f"{served_site}/{MODEL}/")
+    page.fill("#search input[name=q]", "activating:w5")
+    page.click("#search button[type=submit]")
+    page.wait_for_selector("#search-results li")
+    assert "1 neuron with activating:\"w5\"" in page.inner_text("#search-status")
+    page.wait_for_selector("#search-results li .preview:not(:empty)")
+    assert "graph F1 0.6" in page.inner_text("#search-results li")
+    page.click("#search-results li a")
+    page.wait_for_url(f"**/{MODEL}/0/1.html")
+    node = page.locator('svg.n2g g.act[data-token="w5"]')
+    assert node.count() == 1
+    assert "activation 0.700" in node.locator("title").text_content()
+    assert not page.errors and not page.foreign
+
+
+def test_clicking_a_graph_node_searches_for_its_token(page, served_site):
+    page.goto(f"{served_site}/{MODEL}/0/1.html")
+    page.locator('svg.n2g g.ctx[data-token="w3"]').click()
+    page.wait_for_url("**/search.html?**")
+    assert page.input_value("#search-q") == "any:w3"
+    page.wait_for_selector("#search-results li")
+    links = page.locator("#search-results li a").all_inner_texts()
+    assert "0:1" in links
+    assert not page.errors
+
+
+def test_search_explains_malformed_queries_and_empty_results(page, served_site):
+    page.goto(f"{served_site}/search.html?model={MODEL}&q=colour:w5")
+    page.wait_for_selector("#search-error:not([hidden])")
+    assert "Unknown type" in page.inner_text("#search-error")
+    assert page.locator("#search-results li").count() == 0
+    page.fill("#search-q", "any:zzz-nothing")
+    page.click("#search-form button[type=submit]")
+    page.wait_for_function("document.getElementById('search-status').textContent.startsWith('No neuron')")
+    assert page.locator("#search-error").is_hidden()
+    # a token made of markup comes back as text, not as markup
+    page.fill("#search-q", "any:<script>alert(1)</script>")
+    page.click("#search-form button[type=submit]")
+    page.wait_for_selector("#search-results li")
+    assert page.locator("#search-results script").count() == 0
+    assert not page.errors

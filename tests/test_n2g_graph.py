@@ -76,3 +76,24 @@ def test_evaluate_nothing_fires():
     m = evaluate([0.1, 0.0], [0.2, 0.3])
     assert m["precision"] == 1.0 and m["recall"] == 1.0
     assert evaluate([0.9, 0.0], [0.2, 0.3])["precision"] == 0.0
+
+
+def test_lines_keep_important_context_and_wildcard_the_rest():
+    """Step 4 on a hand-made prompt: the token at 3 fires (0.9); masking 1 matters for it (0.8),
+    masking 2 does not (0.1): the line is ' c' <- IGNORE <- ' a', ended with 0.9. Position 2
+    fires too (0.6) with no important context: a one-token line."""
+    import numpy as np
+
+    from sitegen.services.neuron2graph.compute import make_lines
+
+    vocab = ["<bos>", " a", " b", " c"]
+    tokens = (0, 1, 2, 3)
+    norm = np.array([0.0, 0.1, 0.6, 0.9])
+    imp = np.zeros((4, 4))
+    imp[1, 3], imp[2, 3], imp[3, 3] = 0.8, 0.1, 1.0
+    sets = [set(np.nonzero(imp[:, i] > 0.75)[0].tolist()) for i in range(4)]
+    lines = make_lines(vocab, tokens, norm, imp, sets, first=1)
+    assert lines == [([(" b", 0.6)], 0.6), ([(" c", 0.9), (IGNORE, 0.0), (" a", 0.8)], 0.9)]
+    # a variant keeps context that was important in the original (the set) even if not in itself
+    imp_variant = np.zeros((4, 4))
+    assert make_lines(vocab, tokens, norm, imp_variant, sets, first=1)[1] == ([(" c", 0.9), (IGNORE, 0.0), (" a", 0.0)], 0.9)

@@ -60,7 +60,7 @@ def test_neuroscope_json_matches_store(built_site, synthetic_store):
     assert stats["max"] == pytest.approx(row["max"], abs=1e-4) and stats["frac_positive"] == pytest.approx(row["frac_pos"])
     assert sum(stats["histogram"]["counts"]) == stats["count"] == row["count"]
     meta = d["metadata"]
-    assert meta["name"] == MODEL and meta["num_layers"] == 2 and meta["layer_size"] == 4 and meta["available_services"] == ["neuroscope", "logits"]
+    assert meta["name"] == MODEL and meta["num_layers"] == 2 and meta["layer_size"] == 4 and meta["available_services"] == ["neuroscope", "neuron2graph", "logits"]
 
 
 def test_layer_and_model_level_api(built_site):
@@ -72,7 +72,7 @@ def test_layer_and_model_level_api(built_site):
     assert len(model) == 8
     assert _json(built_site, "api/index.json")["models"][0]["name"] == MODEL
     all_ = _json(built_site, f"api/{MODEL}/all/0/1.json")
-    assert set(all_) == {"neuroscope", "logits"} and all_["neuroscope"]["data"]["neuron_index"] == {"layer": 0, "neuron": 1}
+    assert set(all_) == {"neuroscope", "neuron2graph", "logits"} and all_["neuroscope"]["data"]["neuron_index"] == {"layer": 0, "neuron": 1}
 
 
 def test_neuron_page_content(built_site):
@@ -106,7 +106,7 @@ def test_missing_service_box_and_envelope(tmp_path):
     html = (out / "no-logits" / "0" / "0.html").read_text()
     assert 'class="missing"' in html and "Not available" in html
     d = _json(out, "api/no-logits/logits/0/0.json")
-    assert d["missing_data_types"] == ["logits"] and d["metadata"]["available_services"] == ["neuroscope"]
+    assert d["missing_data_types"] == ["logits"] and d["metadata"]["available_services"] == ["neuroscope", "neuron2graph"]
     assert _json(out, "api/no-logits/all/0/0.json")["logits"] == {"missing_data_types": ["logits"]}
 
 

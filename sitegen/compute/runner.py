@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import fcntl
+import re
 import hashlib
 import shutil
 import time
@@ -46,6 +47,7 @@ class ComputeConfig:
     checkpoint_seconds: float = 300.0
     name: str | None = None
     weights: bool = True  # compute the weight-based 'logits' service
+    n2g: str = "0"  # neuron2graph selection: 'all', 'layers:0,5' or N per layer (0: none)
     progress: bool = True
     max_batches: int | None = field(default=None, repr=False)  # tests: stop early, as a kill would
 
@@ -60,7 +62,12 @@ class ComputeConfig:
             raise ConfigError(f"--random {self.n_random}: must be 0 or more")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1 (or leave it out for automatic)")
+        if not re.fullmatch(r"all|layers:[0-9, ]+|[0-9]+", self.n2g.strip()):
+            raise ConfigError(f"--n2g {self.n2g}: use 'all', 'layers:0,5' or a number of neurons per layer, e.g. --n2g 10")
         i, n = self.shard
+        if self.n2g.strip() != "0" and n > 1:
+            raise ConfigError("--n2g cannot run on a --shard: merge the shards first, then run 'sitegen compute' with the same "
+                              "arguments and --out MERGED --n2g ...")
         if not (n >= 1 and 0 <= i < n):
             raise ConfigError(f"--shard {i}/{n}: must be I/N with 0 <= I < N, e.g. --shard 0/3")
 
@@ -156,7 +163,12 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
     if out.exists:
         existing = store_mod.Store.open(cfg.out).manifest
         if existing.get("run_hash") == run_hash and existing.get("shard") == _shard_record(cfg.shard):
-            log(f"{cfg.out} is already complete for these arguments; nothing to do")
+            if cfg.n2g.strip() == "0":
+                log(f"{cfg.out} is already complete for these arguments; nothing to do")
+            else:  # a complete store: add (or finish) the requested graphs
+                with _lock(out.work_dir):
+                    _run_n2g_stage(model, store_mod.Store.open(cfg.out), cfg, log)
+                shutil.rmtree(out.work_dir, ignore_errors=True)
             return cfg.out
         raise StoreError(
             f"--out {cfg.out} already holds a store for model {existing.get('model', {}).get('name')!r} with other arguments; "
@@ -249,9 +261,21 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
             "services": services,
             "versions": _versions(),
         })
+        if cfg.n2g.strip() != "0":
+            _run_n2g_stage(model, out, cfg, log)
     shutil.rmtree(out.work_dir, ignore_errors=True)
     log(f"done: {cfg.out} ({len(mine)} sequences, {tokens_done} tokens, {n_layers} layers x {d_mlp} neurons)")
     return cfg.out
+
+
+def _run_n2g_stage(model, store, cfg: ComputeConfig, log: Callable[[str], None]) -> None:
+    from sitegen.services.neuron2graph.compute import N2GConfig, run_n2g
+
+    log(f"neuron2graph: {cfg.n2g} (resumes per layer; each layer's graphs are saved as it finishes)")
+    totals = run_n2g(model, store, cfg.n2g, N2GConfig(seed=cfg.seed), log)
+    if totals["graphs"]:
+        log(f"neuron2graph: {totals['graphs']} graphs in {totals['seconds']:.0f} s "
+            f"({60 * totals['graphs'] / max(totals['seconds'], 1e-9):.1f} graphs/min, {totals['tokens_run'] // totals['graphs']} tokens run per graph)")
 
 
 def _shard_record(shard: tuple[int, int]) -> dict | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from sitegen.services.logits.render import LogitsLayer
+from sitegen.services.neuron2graph.render import Neuron2GraphLayer
 from sitegen.services.neuroscope.render import NeuroscopeLayer
 
 
@@ -28,10 +29,18 @@ class Service:
     title: str
     description: str
     open_layer: Callable[..., LayerView]  # (store, layer, site_context) -> LayerView
+    needs: tuple[str, ...] = ()  # store services it renders from; default: its own name
+
+    def available(self, store) -> bool:
+        return any(store.has_service(name) for name in (self.needs or (self.name,)))
 
 
 SERVICES: tuple[Service, ...] = (
     Service("neuroscope", "Max-activating examples", "Top, bottom and random sequences with per-token activations; activation statistics.", NeuroscopeLayer),
+    # Every neuron gets token sets and similar neurons (from its graph, else from its top
+    # sequences), so the service is there whenever neuroscope data is; graphs where computed.
+    Service("neuron2graph", "Neuron2Graph", "A graph of the token patterns that make the neuron fire, with held-out precision/recall; "
+            "its activating and important tokens; similar neurons.", Neuron2GraphLayer, needs=("neuroscope", "neuron2graph")),
     Service("logits", "Weight-based logit effects", "Tokens the neuron's output promotes and suppresses (W_out . W_U) and the input tokens that drive it (W_E . W_in).", LogitsLayer),
 )
 

@@ -62,8 +62,8 @@ class SiteModel:
             raise BuildError(f"{store.root}: model name {self.name!r} is not URL-safe; recompute with --name using letters, digits, '.', '_' or '-'")
         self.num_layers = int(m["model"]["num_layers"])
         self.layer_size = int(m["model"]["layer_size"])
-        self.services = [s for s in SERVICES if store.has_service(s.name)]
-        self.missing = [s for s in SERVICES if not store.has_service(s.name)]
+        self.services = [s for s in SERVICES if s.available(store)]
+        self.missing = [s for s in SERVICES if not s.available(store)]
         self.first_valid = int(m["config"]["first_valid_position"])
         self.quantile_levels = list(m["stats"]["quantile_levels"])
         self._vocab: list[str] | None = None
@@ -72,6 +72,26 @@ class SiteModel:
         self._tokens: dict[int, list[str]] = {}
         self._docs: dict[int, str] = {}
         self._esc_closed: list[str] | None = None
+        self._token_store = None
+        self._similar: list | None = None
+        self.search_figures: dict = {}
+
+    @property
+    def token_store(self):
+        """Every neuron's activating/important tokens (search and similarity read it)."""
+        if self._token_store is None:
+            from sitegen.services.neuron2graph.tokenstore import build_token_store
+
+            self._token_store = build_token_store(self.store, self.first_valid)
+        return self._token_store
+
+    @property
+    def similar(self) -> list:
+        if self._similar is None:
+            from sitegen.services.neuron2graph.tokenstore import similar_neurons
+
+            self._similar = similar_neurons(self.token_store)
+        return self._similar
 
     @property
     def vocab(self) -> list[str]:
@@ -215,6 +235,7 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "") -> BuildR
 
         pub.publish("api/openapi.json", dumps(openapi_document(models, [s.name for s in SERVICES])))
         pub.publish("404.html", env.get_template("404.html").render())
+        pub.publish("search.html", env.get_template("search.html").render(models=models))
         removed = pub.remove_stale()
     except SitegenError:
         raise
@@ -269,6 +290,10 @@ def _render_model(pub: Publisher, env: Environment, model: SiteModel) -> int:
         pub.publish(f"{api}/{s.name}.json", dumps({"data": data, "metadata": meta}))
     for s in model.missing:
         pub.publish(f"{api}/{s.name}.json", dumps({"missing_data_types": [s.name], "metadata": meta}))
+    if any(s.name == "neuron2graph" for s in model.services):
+        from sitegen.site.search import publish_search
+
+        model.search_figures = publish_search(pub, model)
     pub.publish(f"{api}.json", dumps({"data": meta, "metadata": meta}))
     pub.publish(f"{api}/all.json", dumps({"metadata": meta, "services": [s.name for s in model.services]}))
     pub.publish(f"{model.name}/index.html", env.get_template("model.html").render(model=model, meta=meta, layers=layer_summaries, api=f"/{api}"))

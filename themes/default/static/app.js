@@ -40,6 +40,7 @@
     }
     setupTable(document.getElementById("layer-table"));
     setupTokens(body.getAttribute("data-json"));
+    if (body.getAttribute("data-page") === "search") setupSearch();
   });
 
   function setupTable(table) {
@@ -157,6 +158,128 @@
         });
         seq.setAttribute("data-start", "0");
         btn.remove();
+      });
+    }
+  }
+
+  // ---- token search over the static shards (sitegen/site/search.py writes them) ----
+  // Neuron2Graph's normalisation, as sitegen.services.neuron2graph.graph.normalise.
+  function isCased(c) { return c.toLowerCase() !== c.toUpperCase(); }
+  function isTitle(t) {  // Python's str.istitle()
+    var prevCased = false, any = false;
+    for (var ch of t) {
+      if (isCased(ch)) {
+        var upper = ch === ch.toUpperCase();
+        if (upper === prevCased) return false;  // upper after cased, or lower after uncased
+        prevCased = true; any = true;
+      } else prevCased = false;
+    }
+    return any;
+  }
+  function normalise(t) {
+    var n = Array.from(t).length;
+    if (n > 1 && isTitle(t)) t = t.toLowerCase();
+    if (n > 1 && /\p{L}/u.test(t)) t = t.trim();
+    return t;
+  }
+  function parseQuery(q) {
+    var terms = [];
+    var parts = q.split(",");
+    for (var i = 0; i < parts.length; i++) {
+      var raw = parts[i];
+      if (!raw.trim()) throw new Error("Empty term in “" + q + "”: write type:token, e.g. any:the");
+      var at = raw.indexOf(":"), kind = "any", token = raw;
+      if (at >= 0) { kind = raw.slice(0, at).trim().toLowerCase(); token = raw.slice(at + 1); }
+      if (["any", "activating", "important"].indexOf(kind) < 0) throw new Error("Unknown type “" + kind + "” in “" + raw + "”: use any, activating or important, e.g. any:the");
+      if (token === "") throw new Error("No token after “" + kind + ":”: write " + kind + ":token");
+      terms.push([kind, normalise(token)]);
+    }
+    return terms;
+  }
+  function fnv1a(text) {
+    var h = 0x811c9dc5, bytes = new TextEncoder().encode(text);
+    for (var i = 0; i < bytes.length; i++) { h ^= bytes[i]; h = Math.imul(h, 0x01000193) >>> 0; }
+    return h >>> 0;
+  }
+  function undelta(d) { var out = [], x = 0; for (var i = 0; i < d.length; i++) { x += d[i]; out.push(x); } return out; }
+  function getJSON(url) { return fetch(url).then(function (r) { if (!r.ok) throw new Error(url + ": HTTP " + r.status); return r.json(); }); }
+  function union(a, b) { var s = new Set(a); b.forEach(function (x) { s.add(x); }); return Array.from(s).sort(function (x, y) { return x - y; }); }
+
+  function setupSearch() {
+    var params = new URLSearchParams(location.search);
+    var form = document.getElementById("search-form"), sel = document.getElementById("search-model"), input = document.getElementById("search-q");
+    var errorEl = document.getElementById("search-error"), status = document.getElementById("search-status");
+    var list = document.getElementById("search-results"), moreBtn = document.getElementById("search-more");
+    if (params.get("model")) sel.value = params.get("model");
+    if (params.get("q") !== null) input.value = params.get("q");
+    form.addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      history.replaceState(null, "", "/search.html?model=" + encodeURIComponent(sel.value) + "&q=" + encodeURIComponent(input.value));
+      run(sel.value, input.value);
+    });
+    if (input.value) run(sel.value, input.value);
+
+    function run(model, q) {
+      errorEl.hidden = true; list.textContent = ""; moreBtn.hidden = true; status.textContent = "";
+      var terms;
+      try { terms = parseQuery(q); } catch (e) { errorEl.textContent = e.message; errorEl.hidden = false; return; }
+      var base = "/search/" + model + "/";
+      status.textContent = "Searching…";
+      getJSON(base + "meta.json").then(function (meta) {
+        return Promise.all(terms.map(function (t) {
+          var shard = fnv1a(t[1]) % meta.shards;
+          return getJSON(base + "tokens/" + shard + ".json").then(function (body) {
+            return {kind: t[0], token: t[1], shard: shard, entry: Object.prototype.hasOwnProperty.call(body, t[1]) ? body[t[1]] : null};
+          });
+        })).then(function (found) {
+          // AND needs every list whole; a single term shows its first lists at once, the rest on demand
+          var needFull = found.length > 1;
+          return Promise.all(found.map(function (f) { return lists(base, f, needFull); })).then(function (sets) {
+            var capped = sets.some(function (s) { return s.capped; });
+            var ids = sets.reduce(function (acc, s) { if (acc === null) return s.ids; var keep = new Set(s.ids); return acc.filter(function (x) { return keep.has(x); }); }, null);
+            show(model, meta, ids, terms, capped ? sets[0].total : ids.length);
+            if (capped) {
+              moreBtn.hidden = false;
+              moreBtn.onclick = function () { lists(base, found[0], true).then(function (s) { show(model, meta, s.ids, terms, s.ids.length); moreBtn.hidden = true; }); };
+            }
+          });
+        });
+      }).catch(function (e) { status.textContent = ""; errorEl.textContent = "Search failed: " + e.message; errorEl.hidden = false; });
+    }
+    function pick(kind, a, i) { return kind === "activating" ? a : kind === "important" ? i : union(a, i); }
+    function lists(base, f, full) {
+      if (!f.entry) return Promise.resolve({ids: [], capped: false, total: 0});
+      var e = f.entry, a = undelta(e.a), i = undelta(e.i);
+      var total = f.kind === "activating" ? e.na : f.kind === "important" ? e.ni : null;
+      var capped = (f.kind !== "important" && e.na > a.length) || (f.kind !== "activating" && e.ni > i.length);
+      if (!capped) return Promise.resolve({ids: pick(f.kind, a, i), capped: false, total: pick(f.kind, a, i).length});
+      if (!full) return Promise.resolve({ids: pick(f.kind, a, i), capped: true, total: total === null ? e.na + e.ni : total, approx: total === null});
+      return getJSON(base + "more/" + f.shard + "-" + e.m + ".json").then(function (m) {
+        var ids = pick(f.kind, undelta(m.a), undelta(m.i));
+        return {ids: ids, capped: false, total: ids.length};
+      });
+    }
+    function show(model, meta, ids, terms, total) {
+      list.textContent = "";
+      var what = terms.map(function (t) { return t[0] + ":" + JSON.stringify(t[1]); }).join(" AND ");
+      if (!ids.length) { status.textContent = "No neuron has " + what + "."; return; }
+      status.textContent = (total > ids.length ? "Showing " + ids.length + " of " + (terms.length === 1 && terms[0][0] === "any" ? "about " : "") + total : ids.length) + " neuron" + (ids.length === 1 ? "" : "s") + " with " + what + ", by layer and neuron.";
+      var chunks = {};
+      ids.forEach(function (id, k) {
+        var layer = Math.floor(id / meta.layer_size), n = id % meta.layer_size;
+        var li = document.createElement("li"), a = document.createElement("a");
+        a.href = "/" + model + "/" + layer + "/" + n + ".html"; a.textContent = layer + ":" + n;
+        li.appendChild(a);
+        var prev = document.createElement("span"); prev.className = "preview"; li.appendChild(prev);
+        list.appendChild(li);
+        if (k < 50) {  // previews for the first results: one small file per 128 neurons
+          var key = layer + "/" + Math.floor(n / meta.preview_chunk);
+          if (!chunks[key]) chunks[key] = getJSON("/search/" + model + "/preview/" + key + ".json");
+          chunks[key].then(function (rows) {
+            var r = rows[n % meta.preview_chunk];
+            prev.textContent = "  max " + r[1] + (r[2] !== null ? " · graph F1 " + r[2] : "") + " · " + r[0].map(function (t) { return JSON.stringify(t); }).join(" ");
+          });
+        }
       });
     }
   }

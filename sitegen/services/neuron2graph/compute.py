@@ -1,0 +1,465 @@
+"""Neuron2Graph's model-dependent half (torch), batched per layer: prune, saliency, augmentation,
+then lines -> trie -> held-out evaluation (graph.py). Written from ../shared/reference/neuron2graph.md.
+
+Batching: every prompt of every selected neuron of a layer is collected per stage, identical
+prompts are run once (one pass gives every neuron of the layer), prompts are packed by length into
+right-padded batches (causal: padding after a prompt cannot change its positions), and each
+forward pass stops right after the layer's MLP hook.
+
+    stage 1  prune       candidates [BOS] + tokens[p-k..p] for k = 5, 10, ..., 30 (and the whole prefix)
+    stage 2  saliency    each pruned prompt plus one copy per position with that token masked
+    stage 3  augment     variants replacing each important token by its embedding neighbours,
+                         each with its own masked copies (saliency of the variant)
+    then     lines, trie with IGNORE merging, evaluation on the held-out texts (CPU)
+
+Replacement tokens (the reference uses DistilBERT, which cannot be downloaded here) are the token's
+nearest neighbours by cosine similarity in the studied model's own input embedding matrix: offline,
+deterministic, in the model's own vocabulary, and free (no extra forward pass). Neighbours that
+normalise to the same trie key (' The' for 'the') are skipped, since they would add nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from sitegen.services.neuron2graph import graph as g
+
+SERVICE = "neuron2graph"
+
+PRUNE_STEPS = (5, 10, 15, 20, 25, 30)
+PRUNE_DROP = -0.5  # accept a truncation when (trunc_max - m) / m > PRUNE_DROP
+APPEND_TOKENS = 5  # tokens kept after the max token, within its sentence
+IMPORTANT_FOR_AUGMENT = 0.8
+IMPORTANT_FOR_LINE = 0.75
+ACTIVATING_FOR_LINE = 0.5
+SENTENCE_END = (".", "!", "\n")
+
+
+@dataclass
+class N2GConfig:
+    texts: int = 20  # top texts per neuron, split 50/50 into train and held-out test
+    replacements: int = 5  # variants per important token
+    max_augmented: int = 3  # important tokens augmented per prompt (the strongest first); bounds CPU cost
+    seed: int = 0
+    token_budget: int = 4096  # padded tokens per forward batch
+
+
+@dataclass
+class Prompt:
+    """A model input and where its interesting positions are."""
+    tokens: tuple[int, ...]
+    max_pos: int  # position of the text's max token inside the prompt
+
+
+@dataclass
+class NeuronWork:
+    neuron: int
+    base_max: float
+    train: list[tuple[np.ndarray, np.ndarray]]  # (token ids, activations) with BOS at 0
+    test: list[tuple[np.ndarray, np.ndarray]]
+    pruned: list[tuple[Prompt, float]] = field(default_factory=list)  # (prompt, scale)
+    lines: list[tuple[list[tuple[str, float]], float]] = field(default_factory=list)
+
+
+class LayerForward:
+    """Runs prompts through the model up to one layer's MLP hook; identical prompts run once."""
+
+    def __init__(self, model, layer: int, token_budget: int, pad_id: int):
+        self.model, self.layer, self.token_budget, self.pad_id = model, layer, token_budget, pad_id
+        self.tokens_run = 0  # model-input tokens actually run (padding included)
+
+    def run(self, requests: list[tuple[tuple[int, ...], int]]) -> list[np.ndarray]:
+        """requests: (prompt tokens, neuron) -> that neuron's activation at every prompt position."""
+        import torch
+
+        from sitegen.compute.runner import _StopForward
+
+        wanted: dict[tuple[int, ...], set[int]] = {}
+        for tokens, neuron in requests:
+            wanted.setdefault(tokens, set()).add(neuron)
+        unique = sorted(wanted, key=lambda t: (len(t), t))  # similar lengths share a batch: little padding
+        found: dict[tuple[tuple[int, ...], int], np.ndarray] = {}
+        hook_name = self.model.hook_name(self.layer)
+        start = 0
+        while start < len(unique):
+            longest = len(unique[start])
+            stop = start
+            while stop < len(unique) and (stop - start + 1) * len(unique[stop]) <= max(self.token_budget, len(unique[stop])):
+                longest = len(unique[stop])
+                stop += 1
+            batch = unique[start:stop]
+            ids = np.full((len(batch), longest), self.pad_id, dtype=np.int64)
+            for row, tokens in enumerate(batch):
+                ids[row, :len(tokens)] = tokens
+            captured: list = []
+
+            def hook(acts, hook, captured=captured):  # noqa: ARG001
+                captured.append(acts.detach())
+                raise _StopForward
+
+            with torch.inference_mode():
+                try:
+                    self.model.bridge.run_with_hooks(torch.from_numpy(ids).to(self.model.bridge.cfg.device), fwd_hooks=[(hook_name, hook)], return_type=None)
+                except _StopForward:
+                    pass
+            self.tokens_run += ids.size
+            acts = captured[0]
+            for row, tokens in enumerate(batch):
+                cols = sorted(wanted[tokens])
+                values = acts[row, :len(tokens), cols].float().cpu().numpy()
+                for j, neuron in enumerate(cols):
+                    found[(tokens, neuron)] = values[:, j]
+            start = stop
+        return [found[(tokens, neuron)] for tokens, neuron in requests]
+
+
+def masked_copies(tokens: tuple[int, ...], upto: int, neutral: int) -> list[tuple[int, ...]]:
+    """One copy per non-BOS position k <= upto with token k replaced by the neutral token, cut after
+    position upto: in a causal model masking k changes nothing before k, and nothing after upto is read."""
+    head = tokens[:upto + 1]
+    return [head[:k] + (neutral,) + head[k + 1:] for k in range(1, upto + 1)]
+
+
+def importance(base: np.ndarray, masked: list[np.ndarray]) -> np.ndarray:
+    """I[k, j] = 1 - A_k[j] / A[j]: how much masking position k lowers the activation at j (base =
+    the unmasked prompt, masked[k-1] = masked_copies' row for k). Row and column 0 (BOS) stay 0,
+    as do pairs past the masked rows' length. 0 where A[j] <= 0: only firing positions are read."""
+    t = len(base)
+    imp = np.zeros((t, t), dtype=np.float64)
+    for k, row in enumerate(masked, start=1):
+        b = base[:len(row)]
+        imp[k, :len(row)] = np.where(b > 0, 1.0 - row / np.where(b > 0, b, 1.0), 0.0)
+    return imp
+
+
+def _last_firing(norm: np.ndarray, first: int) -> int:
+    """Last position whose normalised activation makes a line (-1 when none)."""
+    hits = np.nonzero(norm[first:] > ACTIVATING_FOR_LINE)[0]
+    return first + int(hits[-1]) if len(hits) else -1
+
+
+def prune_candidates(tokens: np.ndarray, p: int, bos: int | None) -> list[tuple[int, ...]]:
+    first = 1 if bos is not None else 0
+    head = (bos,) if bos is not None else ()
+    out = []
+    for k in PRUNE_STEPS:
+        start = p - k
+        if start <= first:
+            out.append(head + tuple(int(x) for x in tokens[first:p + 1]))
+            break
+        out.append(head + tuple(int(x) for x in tokens[start:p + 1]))
+    return out
+
+
+def sentence_tail(tokens: np.ndarray, p: int, vocab: list[str]) -> tuple[int, ...]:
+    """Up to APPEND_TOKENS tokens after p in the same sentence (a sentence ends after a token
+    containing '.', '!' or a newline)."""
+    out: list[int] = []
+    q = p + 1
+    while q < len(tokens) and len(out) < APPEND_TOKENS:
+        if any(c in vocab[int(tokens[q - 1])] for c in SENTENCE_END):
+            break
+        out.append(int(tokens[q]))
+        q += 1
+    return tuple(out)
+
+
+class Neighbours:
+    """Replacement tokens: nearest neighbours in the input embedding matrix (cosine), cached."""
+
+    def __init__(self, embed: np.ndarray, vocab: list[str], special: set[int]):
+        norms = np.linalg.norm(embed, axis=1, keepdims=True)
+        self.unit = embed / np.where(norms > 0, norms, 1.0)
+        self.vocab, self.special, self.cache = vocab, special, {}
+
+    def of(self, token: int, n: int) -> list[int]:
+        if token not in self.cache:
+            sims = self.unit @ self.unit[token]
+            order = np.argsort(-sims, kind="stable")
+            key = g.normalise(self.vocab[token])
+            picked: list[int] = []
+            for cand in order[:64 + n]:
+                cand = int(cand)
+                if cand == token or cand in self.special or g.normalise(self.vocab[cand]) == key or not self.vocab[cand].strip():
+                    continue
+                picked.append(cand)
+                if len(picked) == n:
+                    break
+            self.cache[token] = picked
+        return self.cache[token]
+
+
+def make_lines(vocab: list[str], tokens: tuple[int, ...], norm_acts: np.ndarray, imp: np.ndarray, orig_sets: list[set[int]], first: int) -> list[tuple[list[tuple[str, float]], float]]:
+    """Step 4: one line per firing position of a prompt (original or variant)."""
+    lines = []
+    for i in range(first, len(tokens)):
+        act = float(norm_acts[i])
+        if act <= ACTIVATING_FOR_LINE:
+            continue
+        allowed = orig_sets[i] if i < len(orig_sets) else set()
+        line: list[tuple[str, float]] = []
+        last_kept = 0
+        for k in range(i, first - 1, -1):
+            if k == i:
+                line.append((vocab[tokens[k]], act))
+                last_kept = len(line)
+            elif imp[k, i] > IMPORTANT_FOR_LINE or k in allowed:
+                line.append((vocab[tokens[k]], round(float(imp[k, i]), 3)))
+                last_kept = len(line)
+            else:
+                line.append((g.IGNORE, 0.0))
+        lines.append((line[:last_kept], act))
+    return lines
+
+
+def _split(n: int, seed: int, layer: int, neuron: int) -> tuple[list[int], list[int]]:
+    order = np.random.default_rng([seed, layer, neuron]).permutation(n)
+    half = (n + 1) // 2
+    return sorted(order[:half].tolist()), sorted(order[half:].tolist())
+
+
+def build_layer(model, store, layer: int, neurons: Iterable[int], cfg: N2GConfig, vocab: list[str], bos: int | None,
+                neutral: int, neighbours: Neighbours, special: set[int], log: Callable[[str], None] = lambda s: None) -> tuple[pa.Table, int]:
+    """Graphs for the given neurons of one layer, as the service's table, plus tokens run."""
+    first = 1 if bos is not None else 0
+    neurons = sorted({int(n) for n in neurons})
+    table = store.read_layer("neuroscope", layer, columns=["neuron", "top_seq", "top_acts"]).to_pydict()
+    seq_tokens = _sequence_tokens(store)
+    work: list[NeuronWork] = []
+    for n in neurons:
+        seqs = table["top_seq"][n][:cfg.texts]
+        acts = [np.asarray(a, dtype=np.float32) for a in table["top_acts"][n][:cfg.texts]]
+        texts = [(seq_tokens[s], a) for s, a in zip(seqs, acts) if len(a) > first]
+        base = max((float(a[first:].max()) for _, a in texts), default=0.0)
+        if base <= 0 or len(texts) < 2:
+            continue  # never positive on its top texts: nothing to normalise by, no graph
+        train_i, test_i = _split(len(texts), cfg.seed, layer, n)
+        work.append(NeuronWork(n, base, [texts[i] for i in train_i], [texts[i] for i in test_i]))
+    fwd = LayerForward(model, layer, cfg.token_budget, pad_id=neutral)
+
+    # stage 1: prune, shortest candidates first: each round runs the next candidate only for the
+    # texts whose shorter candidates all failed (most texts settle early)
+    pending = []  # (w, tokens, p, m, candidates)
+    for w in work:
+        for tokens, acts in w.train:
+            p = first + int(np.argmax(acts[first:]))
+            pending.append((w, tokens, p, float(acts[p]), prune_candidates(tokens, p, bos)))
+    chosen: dict[int, tuple[tuple[int, ...], float]] = {}
+    for step in range(len(PRUNE_STEPS)):
+        live = [(i, x) for i, x in enumerate(pending) if i not in chosen and step < len(x[4])]
+        if not live:
+            break
+        results = fwd.run([(x[4][step], x[0].neuron) for _, x in live])
+        for (i, (w, tokens, p, m, cands)), acts in zip(live, results):
+            body = acts[first:]
+            passed = len(body) and int(np.argmax(body)) == len(body) - 1 and (float(body[-1]) - m) / m > PRUNE_DROP
+            if passed or step == len(cands) - 1:  # else the longest candidate
+                chosen[i] = (cands[step], float(body[-1]) if passed else float(body.max()) if len(body) else m)
+    for i, (w, tokens, p, m, _) in enumerate(pending):
+        cand, trunc_max = chosen[i]
+        scale = m / trunc_max if trunc_max > 0 else 1.0
+        w.pruned.append((Prompt(cand + sentence_tail(tokens, p, vocab), len(cand) - 1), scale))
+
+    # stage 2: the pruned prompts themselves (which positions fire)
+    pruned = [(w, prompt, scale) for w in work for prompt, scale in w.pruned]
+    results = fwd.run([(prompt.tokens, w.neuron) for w, prompt, _ in pruned])
+    originals = []
+    for (w, prompt, scale), acts in zip(pruned, results):
+        norm = np.round(acts * scale / w.base_max, 3)
+        originals.append((w, prompt, scale, acts, norm, max(prompt.max_pos, _last_firing(norm, first))))
+
+    # stage 3: saliency of the pruned prompts: masked copies up to the max token or the last firing position
+    requests, spans = [], []
+    for w, prompt, scale, acts, norm, upto in originals:
+        rows = masked_copies(prompt.tokens, upto, neutral)
+        spans.append((len(requests), len(rows)))
+        requests.extend((r, w.neuron) for r in rows)
+    results = fwd.run(requests)
+    variants = []  # (w, variant tokens, scale, the original's importance sets)
+    for (w, prompt, scale, acts, norm, upto), (at, count) in zip(originals, spans):
+        imp = importance(acts, results[at:at + count])
+        orig_sets = [set(np.nonzero(imp[:, i] > IMPORTANT_FOR_LINE)[0].tolist()) for i in range(len(prompt.tokens))]
+        w.lines.extend(make_lines(vocab, prompt.tokens, norm, imp, orig_sets, first))
+        p = prompt.max_pos
+        important = [k for k in range(first, p + 1) if imp[k, p] >= IMPORTANT_FOR_AUGMENT and prompt.tokens[k] not in special]
+        important.sort(key=lambda k: (-imp[k, p], k))
+        for k in important[:cfg.max_augmented]:
+            for rep in neighbours.of(prompt.tokens[k], cfg.replacements):
+                variants.append((w, prompt.tokens[:k] + (rep,) + prompt.tokens[k + 1:], scale, orig_sets))
+
+    # stage 4: augmentation: the variants; those where nothing fires any more (the informative
+    # negatives) add no line, so only the others need stage 5
+    results = fwd.run([(v, w.neuron) for w, v, _, _ in variants])
+    firing = []
+    for (w, v, scale, orig_sets), acts in zip(variants, results):
+        norm = np.round(acts * scale / w.base_max, 3)
+        upto = _last_firing(norm, first)
+        if upto >= 0:
+            firing.append((w, v, orig_sets, acts, norm, upto))
+
+    # stage 5: saliency of the variants that still fire
+    requests, spans = [], []
+    for w, v, orig_sets, acts, norm, upto in firing:
+        rows = masked_copies(v, upto, neutral)
+        spans.append((len(requests), len(rows)))
+        requests.extend((r, w.neuron) for r in rows)
+    results = fwd.run(requests)
+    for (w, v, orig_sets, acts, norm, upto), (at, count) in zip(firing, spans):
+        w.lines.extend(make_lines(vocab, v, norm, importance(acts, results[at:at + count]), orig_sets, first))
+
+    # trie and held-out evaluation
+    rows = []
+    for w in work:
+        trie = g.Trie()
+        for line, act in w.lines:
+            trie.insert(line, act)
+        trie.merge_ignore()
+        predicted: list[float] = []
+        true: list[float] = []
+        for tokens, acts in w.test:
+            predicted.extend(trie.predict([vocab[int(t)] for t in tokens[first:]]))
+            true.extend((acts[first:] / w.base_max).tolist())
+        rows.append((w, trie, g.evaluate(predicted, true) if true else None))
+    log(f"layer {layer}: {len(rows)} graphs, {fwd.tokens_run} tokens run")
+    return graphs_table(rows), fwd.tokens_run
+
+
+def _sequence_tokens(store) -> dict[int, np.ndarray]:
+    seqs = store.sequences()
+    ids = seqs.column("seq_id").to_numpy()
+    col = seqs.column("token_ids").combine_chunks()
+    offsets = col.offsets.to_numpy()
+    values = col.values.to_numpy()
+    return {int(s): values[offsets[i]:offsets[i + 1]] for i, s in enumerate(ids)}
+
+
+GRAPH_SCHEMA = pa.schema([
+    ("neuron", pa.int32()),
+    ("base_max_act", pa.float32()),
+    ("nodes", pa.list_(pa.struct([("token", pa.string()), ("depth", pa.int16()), ("value", pa.float32()),
+                                  ("end", pa.float32()), ("parent", pa.int32())]))),
+    ("activating", pa.list_(pa.string())),
+    ("important", pa.list_(pa.string())),
+    ("precision", pa.float64()), ("recall", pa.float64()), ("f1", pa.float64()), ("variance_explained", pa.float64()),
+    ("n_train", pa.int16()), ("n_test", pa.int16()), ("n_lines", pa.int32()),
+])
+
+
+def graphs_table(rows) -> pa.Table:
+    """One row per graph: its nodes breadth-first with parent indices (-1 for activating tokens),
+    its token sets (for search and similarity) and its held-out evaluation."""
+    out: dict[str, list] = {name: [] for name in GRAPH_SCHEMA.names}
+    for w, trie, ev in rows:
+        nodes, index = [], {}
+        for parent, node in _walk(trie):
+            index[id(node)] = len(nodes)
+            nodes.append({"token": node.token, "depth": node.depth, "value": float(node.value),
+                          "end": None if node.end is None else float(node.end), "parent": -1 if parent is None else index[id(parent)]})
+        out["neuron"].append(w.neuron)
+        out["base_max_act"].append(w.base_max)
+        out["nodes"].append(nodes)
+        out["activating"].append(sorted({n["token"] for n in nodes if n["depth"] == 0}))
+        out["important"].append(sorted({n["token"] for n in nodes if n["depth"] > 0 and n["token"] != g.IGNORE}))
+        for key in ("precision", "recall", "f1", "variance_explained"):
+            out[key].append(None if ev is None else ev[key])
+        out["n_train"].append(len(w.train))
+        out["n_test"].append(len(w.test))
+        out["n_lines"].append(len(w.lines))
+    return pa.table(out, schema=GRAPH_SCHEMA)
+
+
+def _walk(trie: g.Trie):
+    """Breadth first from the activating tokens, children in key order (deterministic)."""
+    queue = [(None, trie.root.children[k]) for k in sorted(trie.root.children)]
+    while queue:
+        nxt = []
+        for parent, node in queue:
+            yield parent, node
+            nxt.extend((node, node.children[k]) for k in sorted(node.children))
+        queue = nxt
+
+
+def select_neurons(spec: str, n_layers: int, d_mlp: int, store) -> dict[int, list[int]]:
+    """--n2g: 'all', 'layers:0,3,5' (every neuron of those layers), or N (the N neurons per layer
+    with the largest top activation: the ones a researcher opens first)."""
+    from sitegen.errors import ConfigError
+
+    spec = spec.strip()
+    if spec == "all":
+        return {layer: list(range(d_mlp)) for layer in range(n_layers)}
+    if spec.startswith("layers:"):
+        try:
+            layers = sorted({int(x) for x in spec[len("layers:"):].split(",") if x.strip()})
+        except ValueError:
+            layers = [-1]
+        if not layers or any(not 0 <= x < n_layers for x in layers):
+            raise ConfigError(f"--n2g {spec}: layers must be comma-separated numbers from 0 to {n_layers - 1}, e.g. --n2g layers:0,5")
+        return {layer: list(range(d_mlp)) for layer in layers}
+    try:
+        per_layer = int(spec)
+    except ValueError:
+        raise ConfigError(f"--n2g {spec}: use 'all', 'layers:0,5' or a number of neurons per layer, e.g. --n2g 10") from None
+    if per_layer < 0:
+        raise ConfigError(f"--n2g {spec}: must be 0 or more neurons per layer")
+    out = {}
+    for layer in range(n_layers):
+        top = np.asarray(store.read_layer("neuroscope", layer, columns=["max"]).column("max").to_numpy(), dtype=np.float64)
+        order = np.lexsort((np.arange(len(top)), -top))  # largest first, ties by index
+        out[layer] = sorted(order[:per_layer].tolist())
+    return {k: v for k, v in out.items() if v}
+
+
+def neutral_token(tokenizer) -> int:
+    """The masking token for saliency: the single-space token when there is one (neutral text),
+    else id 0. The reference uses id 1, which for many tokenizers (SmolLM2's included) is a special token."""
+    ids = tokenizer.encode(" ", add_special_tokens=False)
+    return int(ids[0]) if len(ids) == 1 else 0
+
+
+def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] = print) -> dict:
+    """Compute the selected graphs layer by layer into store/neuron2graph/, skipping neurons whose
+    graph is already there (so an interrupted run resumes per layer). Returns cost figures."""
+    import torch
+
+    from sitegen.compute.packing import bos_id
+
+    manifest = store.manifest
+    n_layers, d_mlp = manifest["model"]["num_layers"], manifest["model"]["layer_size"]
+    selection = select_neurons(spec, n_layers, d_mlp, store)
+    vocab = store.vocab()
+    tokenizer = model.tokenizer
+    bos = bos_id(tokenizer)
+    special = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
+    embed = model.bridge.W_E.detach().float().cpu().numpy() if hasattr(model.bridge, "W_E") else model.bridge.original_model.get_input_embeddings().weight.detach().float().cpu().numpy()
+    neighbours = Neighbours(embed[:len(vocab)], vocab, special)
+    neutral = neutral_token(tokenizer)
+    totals = {"graphs": 0, "tokens_run": 0, "seconds": 0.0}
+    torch.manual_seed(cfg.seed)
+    for layer, neurons in selection.items():
+        path = store.layer_path(SERVICE, layer)
+        old = store.read_layer(SERVICE, layer) if path.exists() else None
+        have = set(old.column("neuron").to_pylist()) if old is not None else set()
+        todo = [n for n in neurons if n not in have]
+        if not todo:
+            continue
+        start = time.perf_counter()
+        table, tokens_run = build_layer(model, store, layer, todo, cfg, vocab, bos, neutral, neighbours, special, log)
+        if old is not None:
+            table = pa.concat_tables([old, table]).sort_by("neuron")
+        store.write_layer(SERVICE, layer, table)
+        totals["graphs"] += table.num_rows - len(have)
+        totals["tokens_run"] += tokens_run
+        totals["seconds"] += time.perf_counter() - start
+    services = list(manifest.get("services", []))
+    if SERVICE not in services and any(store.layer_path(SERVICE, layer).exists() for layer in range(n_layers)):
+        services.append(SERVICE)
+    n2g_record = {"texts": cfg.texts, "replacements": cfg.replacements, "max_augmented": cfg.max_augmented, "seed": cfg.seed,
+                  "replacement_source": "input-embedding nearest neighbours", "neutral_token_id": neutral}
+    store.write_manifest({k: v for k, v in {**manifest, "services": services, "neuron2graph": n2g_record}.items()
+                          if k not in ("schema_version", "sitegen_version")})
+    return totals

@@ -1,0 +1,182 @@
+"""A model's token store and similar neurons (numpy, no torch), read by the build.
+
+Token store: for every neuron, its 'activating' and 'important' token keys (N2G-normalised). A
+neuron with a graph takes them from its graph nodes; a neuron without one takes the activating
+tokens of its top sequences (positions at or above half its largest activation there; the
+strongest FALLBACK_CAP kept) and no important tokens, marked source 'top-sequences'. So search and
+similarity cover every neuron of every layer.
+
+Similarity (DeepDecipher's intended, symmetric measure) between neurons i and j:
+    (|A_i & A_j| + |I_i & I_j|) / (min(|A_i|, |A_j|) + min(|I_i|, |I_j|))
+computed through an inverted index: for each neuron, the posting lists of its tokens are
+concatenated and counted, so only pairs that share a token are ever looked at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sitegen.services.neuron2graph import graph as g
+
+FALLBACK_THRESHOLD = 0.5  # of the neuron's largest activation on its top sequences (N2G's firing level)
+FALLBACK_CAP = 20
+SIMILARITY_THRESHOLD = 0.4
+SIMILAR_TOP = 10
+SOURCE_GRAPH, SOURCE_TOP = "graph", "top-sequences"
+
+
+@dataclass
+class TokenStore:
+    keys: list[str]  # key id -> normalised token
+    layer_size: int
+    activating: list[np.ndarray]  # global neuron id -> key ids (int32), strongest first
+    important: list[np.ndarray]
+    source: list[str]
+    f1: list[float | None]  # held-out F1 of the neuron's graph (None: no graph)
+    max_act: list[float]  # largest activation seen (neuroscope), for result previews
+
+    @property
+    def n_neurons(self) -> int:
+        return len(self.activating)
+
+    def postings(self, kind: str) -> dict[int, np.ndarray]:
+        """key id -> sorted global neuron ids whose `kind` set holds it."""
+        sets = self.activating if kind == "activating" else self.important
+        owners = np.repeat(np.arange(len(sets), dtype=np.int64), [len(s) for s in sets])
+        keys = np.concatenate(sets) if sets else np.zeros(0, np.int64)
+        order = np.lexsort((owners, keys))
+        keys, owners = keys[order], owners[order]
+        bounds = np.flatnonzero(np.diff(keys)) + 1
+        return {int(k[0]): o for k, o in zip(np.split(keys, bounds), np.split(owners, bounds)) if len(k)}
+
+
+class _Keys:
+    def __init__(self):
+        self.ids: dict[str, int] = {}
+        self.keys: list[str] = []
+
+    def __call__(self, key: str) -> int:
+        i = self.ids.get(key)
+        if i is None:
+            i = self.ids[key] = len(self.keys)
+            self.keys.append(key)
+        return i
+
+
+def build_token_store(store, first_valid: int) -> TokenStore:
+    manifest = store.manifest
+    n_layers, size = int(manifest["model"]["num_layers"]), int(manifest["model"]["layer_size"])
+    vocab = store.vocab()
+    intern = _Keys()
+    vocab_key = np.array([intern(g.normalise(t)) for t in vocab], dtype=np.int64)
+    seqs = store.sequences()
+    seq_index = {int(s): i for i, s in enumerate(seqs.column("seq_id").to_numpy())}
+    tok_col = seqs.column("token_ids").combine_chunks()
+    tok_off, tok_val = np.asarray(tok_col.offsets), np.asarray(tok_col.values)
+    activating: list[np.ndarray] = []
+    important: list[np.ndarray] = []
+    source: list[str] = []
+    f1: list[float | None] = []
+    max_act: list[float] = []
+    has_graphs = store.has_service("neuron2graph")
+    for layer in range(n_layers):
+        graphs = {}
+        if has_graphs and store.layer_path("neuron2graph", layer).exists():
+            t = store.read_layer("neuron2graph", layer, columns=["neuron", "activating", "important", "f1"]).to_pydict()
+            graphs = {n: (a, i, f) for n, a, i, f in zip(t["neuron"], t["activating"], t["important"], t["f1"])}
+        max_act.extend(round(float(x), 4) for x in store.read_layer("neuroscope", layer, columns=["max"]).column("max").to_numpy())
+        fallback = _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val, vocab_key)
+        for n in range(size):
+            if n in graphs:
+                a, i, f = graphs[n]
+                activating.append(np.array([intern(k) for k in a], dtype=np.int64))
+                important.append(np.array([intern(k) for k in i], dtype=np.int64))
+                source.append(SOURCE_GRAPH)
+                f1.append(None if f is None else round(f, 3))
+            else:
+                activating.append(fallback[n])
+                important.append(np.zeros(0, np.int64))
+                source.append(SOURCE_TOP)
+                f1.append(None)
+    return TokenStore(intern.keys, size, activating, important, source, f1, max_act)
+
+
+def _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val, vocab_key) -> list[np.ndarray]:
+    """Per neuron: the distinct token keys where it reaches FALLBACK_THRESHOLD of its largest
+    activation on its top sequences, strongest first, at most FALLBACK_CAP (vectorised per layer)."""
+    t = store.read_layer("neuroscope", layer, columns=["top_seq", "top_acts"])
+    seq_col = t.column("top_seq").combine_chunks()
+    acts_col = t.column("top_acts").combine_chunks()
+    outer = np.asarray(acts_col.offsets)
+    inner = np.asarray(acts_col.values.offsets)
+    values = np.asarray(acts_col.values.values.to_numpy(zero_copy_only=False), dtype=np.float64)
+    seq_ids = np.asarray(seq_col.values.to_numpy())
+    lengths = np.diff(inner)
+    n_texts = len(lengths)
+    text_neuron = np.repeat(np.arange(len(outer) - 1), np.diff(outer))
+    value_text = np.repeat(np.arange(n_texts), lengths)
+    position = np.arange(len(values)) - inner[:-1][value_text]
+    rows = np.array([seq_index[int(s)] for s in seq_ids], dtype=np.int64)
+    token = tok_val[tok_off[rows][value_text] + position] if len(values) else np.zeros(0, np.int64)
+    neuron = text_neuron[value_text]
+    counted = position >= first_valid
+    peak = np.full(size, -np.inf)
+    np.maximum.at(peak, neuron[counted], values[counted])
+    keep = counted & (peak[neuron] > 0) & (values >= FALLBACK_THRESHOLD * peak[neuron])
+    neuron, key, value = neuron[keep], vocab_key[token[keep]], values[keep]
+    order = np.lexsort((key, -value, neuron))  # per neuron: strongest first, ties by key id
+    neuron, key = neuron[order], key[order]
+    out: list[np.ndarray] = [np.zeros(0, np.int64)] * size
+    bounds = np.flatnonzero(np.diff(neuron)) + 1
+    for part_n, part_k in zip(np.split(neuron, bounds), np.split(key, bounds)):
+        if len(part_n):
+            _, first = np.unique(part_k, return_index=True)  # distinct keys, each at its strongest
+            out[int(part_n[0])] = part_k[np.sort(first)][:FALLBACK_CAP]
+    return out
+
+
+def similar_neurons(ts: TokenStore, threshold: float = SIMILARITY_THRESHOLD, top: int = SIMILAR_TOP) -> list[list[tuple[int, float]]]:
+    """Per global neuron id: up to `top` (other neuron, similarity) with similarity >= threshold,
+    most similar first (ties: larger overlap first, then neuron order)."""
+    post_a, post_i = ts.postings("activating"), ts.postings("important")
+    size_a = np.array([len(s) for s in ts.activating], dtype=np.int64)
+    size_i = np.array([len(s) for s in ts.important], dtype=np.int64)
+    empty = np.zeros(0, np.int64)
+    out: list[list[tuple[int, float]]] = []
+    for i in range(ts.n_neurons):
+        cand_a = np.concatenate([post_a[int(k)] for k in ts.activating[i]]) if size_a[i] else empty
+        cand_i = np.concatenate([post_i[int(k)] for k in ts.important[i]]) if size_i[i] else empty
+        if not len(cand_a) and not len(cand_i):
+            out.append([])
+            continue
+        others, inverse = np.unique(np.concatenate([cand_a, cand_i]), return_inverse=True)
+        shared = np.bincount(inverse, minlength=len(others))  # |A&A'| + |I&I'| (a key sits in a set once)
+        denom = np.minimum(size_a[i], size_a[others]) + np.minimum(size_i[i], size_i[others])
+        sim = np.where(denom > 0, shared / np.maximum(denom, 1), 0.0)
+        ok = (sim >= threshold - 1e-12) & (others != i)
+        others, sim, shared = others[ok], sim[ok], shared[ok]
+        order = np.lexsort((others, -shared, -sim))[:top]
+        out.append([(int(others[j]), round(float(sim[j]), 4)) for j in order])
+    return out
+
+
+def parse_query(query: str) -> list[tuple[str, str]]:
+    """DeepDecipher's search syntax: type:token[,type:token...] with type any, activating or
+    important (a bare token means any:token); each token is N2G-normalised. Raises ValueError
+    with a message for the user."""
+    terms = []
+    for raw in query.split(","):
+        if not raw.strip():
+            raise ValueError(f"empty term in {query!r}: write type:token, e.g. any:the")
+        kind, sep, token = raw.partition(":")
+        if not sep:
+            kind, token = "any", raw
+        kind = kind.strip().lower()
+        if kind not in ("any", "activating", "important"):
+            raise ValueError(f"unknown type {kind!r} in {raw!r}: use any, activating or important, e.g. any:the")
+        if token == "":
+            raise ValueError(f"no token after {kind!r}: write {kind}:token")
+        terms.append((kind, g.normalise(token)))
+    return terms

@@ -1,0 +1,125 @@
+"""Token search as static files (written by the build; answered in the browser by app.js).
+
+    search/<model>/meta.json                 shard count, cap, layer size, preview chunk size
+    search/<model>/tokens/<shard>.json       {token: {"a": ids, "i": ids, "na": n, "ni": n[, "m": k]}}
+    search/<model>/more/<shard>-<k>.json     the full lists of a token whose lists were capped
+    search/<model>/preview/<layer>/<chunk>.json   per neuron: [top tokens, max activation, graph F1 or null]
+    api/<model>/neuron2graph-search/<type>:<token>.json   DeepDecipher's single-term answer
+
+A token's shard is FNV-1a (32-bit, over its UTF-8 bytes) modulo the shard count (a power of two),
+so the client fetches exactly one small file per term. Ids are global neuron ids (layer *
+layer_size + neuron), sorted and delta-encoded; each list keeps its first CAP ids and counts the
+rest, which sit in the token's "more" file. netlify.toml rewrites DeepDecipher's
+/api/<model>/neuron2graph-search?query=type:token to the single-term file.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from sitegen.services.neuron2graph.tokenstore import SOURCE_GRAPH, TokenStore, parse_query
+
+CAP = 200  # ids per list in a shard file
+KEYS_PER_SHARD = 8  # target; the shard count is the next power of two, at most MAX_SHARDS
+MAX_SHARDS = 4096
+PREVIEW_CHUNK = 128
+PREVIEW_TOKENS = 5
+NETLIFY_DIR_LIMIT = 54_000
+
+
+def fnv1a(text: str) -> int:
+    h = 0x811C9DC5
+    for byte in text.encode("utf-8"):
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def shard_count(n_keys: int) -> int:
+    s = 1
+    while s < MAX_SHARDS and s * KEYS_PER_SHARD < n_keys:
+        s *= 2
+    return s
+
+
+def _delta(ids) -> list[int]:
+    out, prev = [], 0
+    for x in ids:
+        out.append(int(x) - prev)
+        prev = int(x)
+    return out
+
+
+def api_filename(kind: str, key: str) -> str | None:
+    """The single-term answer's file name, or None for a token that cannot be one (path separators,
+    control characters): such tokens are searchable on the site's search page only."""
+    if not key or any(c in key for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return None
+    return f"{kind}:{key}.json"
+
+
+def postings(ts: TokenStore) -> dict[str, tuple[list[int], list[int]]]:
+    """token -> (activating ids, important ids), each sorted."""
+    a, i = ts.postings("activating"), ts.postings("important")
+    out = {}
+    for k in sorted(set(a) | set(i)):
+        out[ts.keys[k]] = (a[k].tolist() if k in a else [], i[k].tolist() if k in i else [])
+    return out
+
+
+def answer(lists: dict[str, tuple[list[int], list[int]]], query: str) -> list[int]:
+    """Sorted global ids matching a query, straight from the postings (the reference the static
+    files are checked against, and the source of the single-term API files)."""
+    result: set[int] | None = None
+    for kind, key in parse_query(query):
+        a, i = lists.get(key, ([], []))
+        ids = set(a) if kind == "activating" else set(i) if kind == "important" else set(a) | set(i)
+        result = ids if result is None else result & ids
+    return sorted(result or ())
+
+
+def publish_search(pub, model) -> dict:
+    """Write the model's search files; returns figures for the build report."""
+    ts = model.token_store
+    lists = postings(ts)
+    base = f"search/{model.name}"
+    shards = shard_count(len(lists))
+    grouped: dict[int, dict[str, dict]] = {s: {} for s in range(shards)}
+    for key, (a, i) in lists.items():
+        grouped[fnv1a(key) % shards][key] = (a, i)
+    more_files = 0
+    for s, entries in grouped.items():
+        body = {}
+        for k, key in enumerate(sorted(entries)):
+            a, i = entries[key]
+            entry = {"a": _delta(a[:CAP]), "i": _delta(i[:CAP]), "na": len(a), "ni": len(i)}
+            if len(a) > CAP or len(i) > CAP:
+                entry["m"] = k
+                pub.publish(f"{base}/more/{s}-{k}.json", orjson.dumps({"a": _delta(a), "i": _delta(i)}))
+                more_files += 1
+            body[key] = entry
+        pub.publish(f"{base}/tokens/{s}.json", orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    size = model.layer_size
+    for layer in range(model.num_layers):
+        for start in range(0, size, PREVIEW_CHUNK):
+            rows = []
+            for n in range(start, min(start + PREVIEW_CHUNK, size)):
+                g = layer * size + n
+                rows.append([[ts.keys[k] for k in ts.activating[g][:PREVIEW_TOKENS]], ts.max_act[g], ts.f1[g] if ts.source[g] == SOURCE_GRAPH else None])
+            pub.publish(f"{base}/preview/{layer}/{start // PREVIEW_CHUNK}.json", orjson.dumps(rows))
+    pub.publish(f"{base}/meta.json", orjson.dumps({"shards": shards, "cap": CAP, "layer_size": size, "num_layers": model.num_layers,
+                                                   "preview_chunk": PREVIEW_CHUNK, "hash": "fnv1a-32"}, option=orjson.OPT_SORT_KEYS))
+    # DeepDecipher's API: one file per single-term query
+    api = f"api/{model.name}/neuron2graph-search"
+    api_files = 0
+    for key, (a, i) in lists.items():
+        for kind, ids in (("any", sorted(set(a) | set(i))), ("activating", a), ("important", i)):
+            name = api_filename(kind, key)
+            if name is None or not ids:
+                continue
+            pub.publish(f"{api}/{name}", orjson.dumps([{"layer": x // size, "neuron": x % size} for x in ids]))
+            api_files += 1
+    pub.publish(f"{api}/no-match.json", b"[]")
+    pub.publish(f"{api}/usage.json", orjson.dumps({"error": "missing ?query=: ask for type:token with type any, activating or important, "
+                                                            "e.g. ?query=any:the (one term per request; AND queries run on the site's search page)"}))
+    return {"tokens": len(lists), "shards": shards, "more_files": more_files, "api_files": api_files,
+            "api_dir_over_limit": api_files + 2 > NETLIFY_DIR_LIMIT}
