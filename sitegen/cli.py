@@ -45,7 +45,7 @@ def main() -> None:
 @click.option("--name", default=None, help="Model name used in URLs and pages [default: from the model].")
 @click.option("--no-weights", is_flag=True, help="Skip the weight-based logit tables.")
 @click.option("--n2g", default="0", show_default=True,
-              help="Neuron2Graph graphs to compute: 'all', 'layers:0,5', or N (the N most active neurons per layer). "
+              help="Neuron2Graph graphs to compute: 'all', 'layers:0,5', N (the N most active neurons per layer) or N@0,5 (in those layers). "
                    "Rerun on a finished store to add graphs.")
 @click.option("--checkpoint-seconds", type=float, default=300.0, show_default=True, help="Save resumable progress this often.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

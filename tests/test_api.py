@@ -81,6 +81,8 @@ def test_built_api_conforms_to_openapi(built_site, served_site):
         "/api/{model}/neuroscope/{layer}/{neuron}": [f"/api/{MODEL}/neuroscope/{l}/{n}" for l in range(2) for n in range(4)],
         "/api/{model}/logits/{layer}/{neuron}": [f"/api/{MODEL}/logits/{l}/{n}" for l in range(2) for n in range(4)],
         "/api/{model}/neuroscope/{layer}": [f"/api/{MODEL}/neuroscope/{l}" for l in range(2)],
+        "/api/{model}/neuron2graph/{layer}/{neuron}": [f"/api/{MODEL}/neuron2graph/{l}/{n}" for l in range(2) for n in range(4)],
+        "/api/{model}/neuron2graph-search": [f"/api/{MODEL}/neuron2graph-search?query=any:w3", f"/api/{MODEL}/neuron2graph-search?query=any:nothing"],
         "/api/{model}/all/{layer}/{neuron}": [f"/api/{MODEL}/all/0/0"],
     }
     for template, urls in checks.items():

@@ -158,7 +158,7 @@ def test_search_explains_malformed_queries_and_empty_results(page, served_site):
     assert page.locator("#search-results li").count() == 0
     page.fill("#search-q", "any:zzz-nothing")
     page.click("#search-form button[type=submit]")
-    page.wait_for_function("document.getElementById('search-status').textContent.startsWith('No neuron')")
+    page.locator("#search-status", has_text="No neuron has").wait_for()
     assert page.locator("#search-error").is_hidden()
     # a token made of markup comes back as text, not as markup
     page.fill("#search-q", "any:<script>alert(1)</script>")

@@ -23,7 +23,7 @@ def real_store(tmp_path_factory):
         if importlib.util.find_spec(pkg) is None:
             pytest.fail(f"the real-model test needs {pkg}; run `make install` first")
     out = tmp_path_factory.mktemp("real") / "store"
-    res = subprocess.run([sys.executable, "-m", "sitegen", "compute", "--out", str(out), "--tokens", str(TOKENS), "--quiet"],
+    res = subprocess.run([sys.executable, "-m", "sitegen", "compute", "--out", str(out), "--tokens", str(TOKENS), "--n2g", "2@3,20", "--quiet"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     return out
@@ -37,7 +37,7 @@ def test_every_neuron_of_every_layer_is_stored(real_store):
     assert (m["model"]["num_layers"], m["model"]["layer_size"]) == (30, 1536)
     assert m["model"]["activation_function"] == "silu" and m["model"]["gated_mlp"]
     assert m["corpus"]["name"] == "sotu" and m["processed"]["tokens"] >= TOKENS
-    assert m["services"] == ["neuroscope", "logits"]
+    assert m["services"] == ["neuroscope", "logits", "neuron2graph"]
     for layer in (0, 29):
         t = st.read_layer("neuroscope", layer)
         assert t.num_rows == 1536
@@ -80,6 +80,11 @@ def test_real_site_builds_and_shows_in_a_browser(real_store, tmp_path_factory):
     from tests.conftest import free_port
     from tests.test_browser import ARGS, CHROMIUM
 
+    from urllib.parse import quote
+
+    from sitegen.store import Store
+
+    st = Store.open(real_store)
     out = tmp_path_factory.mktemp("real-site") / "build"
     report = build_site([real_store], out)
     assert report.neurons == 30 * 1536
@@ -89,6 +94,8 @@ def test_real_site_builds_and_shows_in_a_browser(real_store, tmp_path_factory):
     try:
         data = requests.get(base + f"/api/{MODEL}/neuroscope/12/345").json()["data"]
         assert len(data["texts"]) == 20 and all(t["tokens"][0] == "<|im_start|>" for t in data["texts"])
+        search = requests.get(base + f"/api/{MODEL}/neuron2graph-search", params={"query": "any:the"}).json()
+        assert isinstance(search, list) and search == sorted(search, key=lambda x: (x["layer"], x["neuron"]))
         from playwright.sync_api import sync_playwright
 
         with sync_playwright() as p:
@@ -102,6 +109,19 @@ def test_real_site_builds_and_shows_in_a_browser(real_store, tmp_path_factory):
             page.locator(".seq").first.focus()
             page.locator("#tip").wait_for(state="visible")
             assert "activation" in page.locator("#tip").inner_text()
+            # a computed graph: its page draws it, and searching one of its tokens finds the neuron
+            graphs = st.read_layer("neuron2graph", 20).to_pylist()
+            graph = next((g for g in graphs if g["activating"]), None)
+            assert graph is not None, "both layer-20 graphs came out empty"
+            page.goto(base + f"/{MODEL}/20/{graph['neuron']}.html")
+            assert page.locator("svg.n2g g.act").count() >= 1
+            token = graph["activating"][0]
+            page.goto(base + f"/search.html?model={MODEL}&q=" + quote("activating:" + token, safe=""))
+            page.wait_for_selector("#search-results li")
+            if page.locator("#search-more").is_visible():  # a common token: the first 200 ids, the rest on demand
+                page.click("#search-more")
+                page.locator("#search-more").wait_for(state="hidden")
+            assert f"20:{graph['neuron']}" in page.locator("#search-results li a").all_inner_texts()
             browser.close()
         assert errors == []
     finally:

@@ -210,3 +210,12 @@ def test_deepdecipher_search_url_answers_from_static_files(wide_site):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_build_warns_when_a_search_folder_would_break_netlifys_limit(tmp_path, monkeypatch):
+    store = write_synthetic_store(tmp_path / "store", name="tiny")
+    report = build_site([store.root], tmp_path / "site")
+    assert report.warnings == ()
+    monkeypatch.setattr(search, "NETLIFY_DIR_LIMIT", 5)
+    report = build_site([store.root], tmp_path / "site2")
+    assert len(report.warnings) == 1 and "54,000 per folder" in report.summary()

@@ -47,7 +47,7 @@ class ComputeConfig:
     checkpoint_seconds: float = 300.0
     name: str | None = None
     weights: bool = True  # compute the weight-based 'logits' service
-    n2g: str = "0"  # neuron2graph selection: 'all', 'layers:0,5' or N per layer (0: none)
+    n2g: str = "0"  # neuron2graph selection: 'all', 'layers:0,5', N per layer or N@0,5 (0: none)
     progress: bool = True
     max_batches: int | None = field(default=None, repr=False)  # tests: stop early, as a kill would
 
@@ -62,8 +62,8 @@ class ComputeConfig:
             raise ConfigError(f"--random {self.n_random}: must be 0 or more")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1 (or leave it out for automatic)")
-        if not re.fullmatch(r"all|layers:[0-9, ]+|[0-9]+", self.n2g.strip()):
-            raise ConfigError(f"--n2g {self.n2g}: use 'all', 'layers:0,5' or a number of neurons per layer, e.g. --n2g 10")
+        if not re.fullmatch(r"all|layers:[0-9, ]+|[0-9]+(@[0-9, ]+)?", self.n2g.strip()):
+            raise ConfigError(f"--n2g {self.n2g}: use 'all', 'layers:0,5', N or N@0,5 (N neurons per layer), e.g. --n2g 10")
         i, n = self.shard
         if self.n2g.strip() != "0" and n > 1:
             raise ConfigError("--n2g cannot run on a --shard: merge the shards first, then run 'sitegen compute' with the same "

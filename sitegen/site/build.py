@@ -45,10 +45,12 @@ class BuildReport:
     removed: int
     seconds: float
     out: Path
+    warnings: tuple[str, ...] = ()
 
     def summary(self) -> str:
-        return (f"built {self.out}: {self.models} model(s), {self.neurons} neurons, {self.written} files written, "
+        line = (f"built {self.out}: {self.models} model(s), {self.neurons} neurons, {self.written} files written, "
                 f"{self.unchanged} unchanged, {self.removed} removed, {self.seconds:.1f}s")
+        return "\n".join([line, *(f"warning: {w}" for w in self.warnings)])
 
 
 class SiteModel:
@@ -241,7 +243,11 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "") -> BuildR
         raise
     except OSError as e:
         raise BuildError(f"build failed at stage '{stage}': {e}") from None
-    return BuildReport(len(models), neurons, pub.written, pub.unchanged, removed, time.monotonic() - started, out)
+    warnings = tuple(
+        f"api/{m.name}/neuron2graph-search/ holds {m.search_figures['api_files']:,} files, over Netlify's 54,000 per folder: "
+        "the deploy would fail there (other hosts are fine); see README, 'DeepDecipher's search URL'"
+        for m in models if m.search_figures.get("api_dir_over_limit"))
+    return BuildReport(len(models), neurons, pub.written, pub.unchanged, removed, time.monotonic() - started, out, warnings)
 
 
 def _render_model(pub: Publisher, env: Environment, model: SiteModel) -> int:

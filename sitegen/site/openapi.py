@@ -45,6 +45,25 @@ _LOGITS = {
                    "promoted": {"type": "array", "items": _TOKEN_VALUE}, "suppressed": {"type": "array", "items": _TOKEN_VALUE},
                    "input_tokens": {"type": "array", "items": _TOKEN_VALUE}},
 }
+_N2G_NODE = {"type": "object", "required": ["token", "required", "importance"],
+             "properties": {"token": {"type": "string"}, "required": {"type": "array", "items": {"type": "integer"}},
+                            "importance": {"type": "number"}, "depth": {"type": "integer"}, "activating": {"type": "boolean"},
+                            "end": {"type": ["number", "null"]}}}
+_NEURON2GRAPH = {
+    "type": "object", "required": ["neuron_index", "graph", "graphviz", "similar", "tokens"],
+    "properties": {
+        "neuron_index": {"$ref": "#/components/schemas/NeuronIndex"},
+        "graph": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["subgraph_indices", "graph"], "properties": {
+            "subgraph_indices": {"type": "array", "items": {"type": "integer"}}, "graph": {"type": "array", "items": _N2G_NODE}}}]},
+        "graphviz": {"type": ["string", "null"]},
+        "similar": {"type": "array", "items": {"type": "object", "required": ["layer", "neuron", "similarity"],
+                                               "properties": {"layer": {"type": "integer"}, "neuron": {"type": "integer"}, "similarity": {"type": "number"}}}},
+        "tokens": {"type": "object", "required": ["activating", "important", "source"],
+                   "properties": {"activating": {"type": "array", "items": {"type": "string"}}, "important": {"type": "array", "items": {"type": "string"}},
+                                  "source": {"enum": ["graph", "top-sequences"]}}},
+        "evaluation": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["precision", "recall", "f1", "variance_explained"]}]},
+    },
+}
 _MISSING = {"type": "object", "required": ["missing_data_types", "metadata"],
             "properties": {"missing_data_types": {"type": "array", "items": {"type": "string"}}, "metadata": {"$ref": "#/components/schemas/Metadata"}}}
 
@@ -65,6 +84,15 @@ def _get(summary: str, schema: dict, params: list[str]) -> dict:
     }}
 
 
+def _search() -> dict:
+    op = _get("Neurons whose token store holds a token (DeepDecipher's search), sorted by layer and neuron",
+              {"type": "array", "items": {"$ref": "#/components/schemas/NeuronIndex"}}, ["model"])
+    op["get"]["parameters"].append({"name": "query", "in": "query", "required": True, "schema": {"type": "string"},
+                                    "description": "one term type:token, type any, activating or important; a token no neuron has gives []"})
+    op["get"]["responses"]["404"] = {"description": "no query parameter: a JSON usage message"}
+    return op
+
+
 def openapi_document(models, services: list[str]) -> dict:
     layer_neuron = ["model", "layer", "neuron"]
     return {
@@ -78,10 +106,13 @@ def openapi_document(models, services: list[str]) -> dict:
             "/api/{model}/neuroscope/{layer}/{neuron}": _get("Top, bottom and random texts of a neuron", _envelope("#/components/schemas/Neuroscope"), layer_neuron),
             "/api/{model}/logits/{layer}/{neuron}": _get("Weight-based logit effects of a neuron", _envelope("#/components/schemas/Logits"), layer_neuron),
             "/api/{model}/neuroscope/{layer}": _get("A layer's neurons ranked by importance", _envelope("#/components/schemas/LayerImportance"), ["model", "layer"]),
+            "/api/{model}/neuron2graph/{layer}/{neuron}": _get("A neuron's Neuron2Graph graph (null when not computed), tokens and similar neurons",
+                                                                _envelope("#/components/schemas/Neuron2Graph"), layer_neuron),
+            "/api/{model}/neuron2graph-search": _search(),
             "/api/{model}/all/{layer}/{neuron}": _get("Every service for a neuron", {"type": "object", "additionalProperties": {"type": "object"}}, layer_neuron),
         },
         "components": {"schemas": {
-            "Metadata": _META, "NeuronIndex": _NEURON_INDEX, "Text": _TEXT, "Neuroscope": _NEUROSCOPE, "Logits": _LOGITS, "Missing": _MISSING,
+            "Metadata": _META, "NeuronIndex": _NEURON_INDEX, "Text": _TEXT, "Neuroscope": _NEUROSCOPE, "Logits": _LOGITS, "Missing": _MISSING, "Neuron2Graph": _NEURON2GRAPH,
             "LayerImportance": {"type": "object", "required": ["num_neurons", "important_neurons"],
                                 "properties": {"num_neurons": {"type": "integer"}, "important_neurons": {"type": "array"}}},
         }},

@@ -22,7 +22,7 @@ from sitegen.services.neuron2graph.tokenstore import SOURCE_GRAPH, TokenStore, p
 CAP = 200  # ids per list in a shard file
 KEYS_PER_SHARD = 8  # target; the shard count is the next power of two, at most MAX_SHARDS
 MAX_SHARDS = 4096
-PREVIEW_CHUNK = 128
+PREVIEW_CHUNK = 32  # neurons per preview file: results spread over layers, so small files waste least
 PREVIEW_TOKENS = 5
 NETLIFY_DIR_LIMIT = 54_000
 

@@ -384,30 +384,37 @@ def _walk(trie: g.Trie):
         queue = nxt
 
 
+def _layers(text: str, n_layers: int, spec: str) -> list[int]:
+    from sitegen.errors import ConfigError
+
+    try:
+        layers = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        layers = [-1]
+    if not layers or any(not 0 <= x < n_layers for x in layers):
+        raise ConfigError(f"--n2g {spec}: layers must be comma-separated numbers from 0 to {n_layers - 1}, e.g. --n2g layers:0,5")
+    return layers
+
+
 def select_neurons(spec: str, n_layers: int, d_mlp: int, store) -> dict[int, list[int]]:
-    """--n2g: 'all', 'layers:0,3,5' (every neuron of those layers), or N (the N neurons per layer
-    with the largest top activation: the ones a researcher opens first)."""
+    """--n2g: 'all'; 'layers:0,5' (every neuron of those layers); N (the N neurons per layer with
+    the largest activation: the ones a researcher opens first); N@0,5 (those, in layers 0 and 5)."""
     from sitegen.errors import ConfigError
 
     spec = spec.strip()
     if spec == "all":
         return {layer: list(range(d_mlp)) for layer in range(n_layers)}
     if spec.startswith("layers:"):
-        try:
-            layers = sorted({int(x) for x in spec[len("layers:"):].split(",") if x.strip()})
-        except ValueError:
-            layers = [-1]
-        if not layers or any(not 0 <= x < n_layers for x in layers):
-            raise ConfigError(f"--n2g {spec}: layers must be comma-separated numbers from 0 to {n_layers - 1}, e.g. --n2g layers:0,5")
-        return {layer: list(range(d_mlp)) for layer in layers}
+        return {layer: list(range(d_mlp)) for layer in _layers(spec[len("layers:"):], n_layers, spec)}
+    count, _, where = spec.partition("@")
     try:
-        per_layer = int(spec)
+        per_layer = int(count)
     except ValueError:
-        raise ConfigError(f"--n2g {spec}: use 'all', 'layers:0,5' or a number of neurons per layer, e.g. --n2g 10") from None
+        raise ConfigError(f"--n2g {spec}: use 'all', 'layers:0,5', N or N@0,5 (N neurons per layer), e.g. --n2g 10") from None
     if per_layer < 0:
         raise ConfigError(f"--n2g {spec}: must be 0 or more neurons per layer")
     out = {}
-    for layer in range(n_layers):
+    for layer in (_layers(where, n_layers, spec) if where else range(n_layers)):
         top = np.asarray(store.read_layer("neuroscope", layer, columns=["max"]).column("max").to_numpy(), dtype=np.float64)
         order = np.lexsort((np.arange(len(top)), -top))  # largest first, ties by index
         out[layer] = sorted(order[:per_layer].tolist())

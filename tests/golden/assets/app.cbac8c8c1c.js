@@ -272,7 +272,7 @@
         li.appendChild(a);
         var prev = document.createElement("span"); prev.className = "preview"; li.appendChild(prev);
         list.appendChild(li);
-        if (k < 50) {  // previews for the first results: one small file per 128 neurons
+        if (k < 50) {  // previews for the first results: one small file per 32 neurons
           var key = layer + "/" + Math.floor(n / meta.preview_chunk);
           if (!chunks[key]) chunks[key] = getJSON("/search/" + model + "/preview/" + key + ".json");
           chunks[key].then(function (rows) {

@@ -1,0 +1,142 @@
+"""Static token search at GPT-2 XL scale: a synthetic token store of 48 x 6400 = 307,200 neurons
+over a 50,257-token vocabulary (Zipf-distributed token use, 1-20 activating tokens per neuron,
+a fifth of the neurons with a graph's 3-8 important tokens), written by the real search writer.
+
+    python benchmarks/search.py [--queries 60] [--seed 0] [--keep DIR]
+
+Prints: the files written; bytes a query downloads (gzip, as a CDN serves JSON), median / p95 /
+max over queries drawn by token frequency and over every distinct token; and time to results
+in headless Chromium against `sitegen serve` on loopback (so network time is ~0; the figure is
+fetch + parse + intersect + render).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import orjson
+
+LAYERS, SIZE, VOCAB = 48, 6400, 50_257
+
+
+def synthetic_token_store(seed: int):
+    from sitegen.services.neuron2graph.tokenstore import SOURCE_GRAPH, SOURCE_TOP, TokenStore
+
+    rng = np.random.default_rng(seed)
+    n = LAYERS * SIZE
+    weights = 1.0 / np.arange(1, VOCAB + 1) ** 1.1
+    weights /= weights.sum()
+    n_act = rng.integers(1, 21, size=n)
+    draws = rng.choice(VOCAB, size=int(n_act.sum()), p=weights)
+    splits = np.split(draws, np.cumsum(n_act)[:-1])
+    activating = [np.unique(s) for s in splits]
+    graph = rng.random(n) < 0.2
+    important = [np.unique(rng.choice(VOCAB, size=rng.integers(3, 9), p=weights)) if g else np.zeros(0, np.int64) for g in graph]
+    keys = [f"tok{i}" for i in range(VOCAB)]
+    return TokenStore(keys, SIZE, activating, important, [SOURCE_GRAPH if g else SOURCE_TOP for g in graph],
+                      [round(float(x), 3) if g else None for g, x in zip(graph, rng.random(n))], np.round(rng.random(n) * 5, 4).tolist()), weights
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--queries", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", type=Path, default=None, help="write the site here and keep it")
+    args = ap.parse_args()
+
+    from sitegen.site.build import _environment, _publish_assets
+    from sitegen.site.publisher import Publisher
+    from sitegen.site.search import fnv1a, publish_search
+
+    t = time.perf_counter()
+    ts, weights = synthetic_token_store(args.seed)
+    print(f"synthetic token store: {ts.n_neurons:,} neurons, {sum(len(a) for a in ts.activating):,} activating and "
+          f"{sum(len(i) for i in ts.important):,} important entries ({time.perf_counter() - t:.0f} s)")
+    out = args.keep or Path(tempfile.mkdtemp(prefix="search-bench-"))
+    try:
+        pub = Publisher(out)
+        env = _environment(_publish_assets(pub))
+        env.globals["content_pages"] = []
+        model = SimpleNamespace(name="synthetic-xl", layer_size=SIZE, num_layers=LAYERS, token_store=ts)
+        t = time.perf_counter()
+        figures = publish_search(pub, model)
+        pub.publish("search.html", env.get_template("search.html").render(models=[model]))
+        pub.publish("index.html", b"<!doctype html><title>bench</title>")
+        print(f"search files written in {time.perf_counter() - t:.0f} s: {figures}")
+        base = out / "search" / model.name
+        shard_gz = {int(p.stem): len(gzip.compress(p.read_bytes(), 6)) for p in (base / "tokens").iterdir()}
+        meta_gz = len(gzip.compress((base / "meta.json").read_bytes(), 6))
+        more = [p.stat().st_size for p in (base / "more").iterdir()] if (base / "more").exists() else [0]
+        total = sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
+        print(f"index: {len(shard_gz)} shards, {total / 1e6:.1f} MB on disk under search/ (previews included); "
+              f"{len(more)} 'more' files, largest {max(more) / 1e3:.0f} KB raw")
+        present = np.unique(np.concatenate(ts.activating + ts.important)).tolist()
+
+        def query_bytes(token_ids) -> list[int]:
+            return [shard_gz[fnv1a(ts.keys[i]) % len(shard_gz)] for i in token_ids]
+
+        def describe(label, sizes):
+            sizes = sorted(sizes)
+            p95 = sizes[int(0.95 * (len(sizes) - 1))]
+            print(f"  {label}: median {statistics.median(sizes) / 1e3:.2f} KB, p95 {p95 / 1e3:.2f} KB, max {sizes[-1] / 1e3:.2f} KB (gzip)")
+
+        rng = np.random.default_rng(args.seed + 1)
+        by_freq = rng.choice(VOCAB, size=2000, p=weights)
+        print(f"bytes per one-token query (the shard; plus {meta_gz} B of meta.json once per page):")
+        describe("queries drawn by token frequency", query_bytes(by_freq))
+        describe("every distinct token", query_bytes(present))
+        _browser_timing(out, model.name, [ts.keys[i] for i in rng.choice(VOCAB, size=args.queries, p=weights)])
+    finally:
+        if args.keep is None:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _browser_timing(site: Path, model: str, tokens: list[str]) -> None:
+    import os
+
+    from playwright.sync_api import sync_playwright
+
+    from sitegen.site.serve import make_server
+
+    server = make_server(site, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/search.html?model={model}"
+    chromium = os.environ.get("SITEGEN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    times, transferred = [], []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(bypass_csp=True)  # Playwright's wait_for_function evaluates strings
+            page.goto(url)
+            sizes: list[int] = []
+            page.on("response", lambda r: sizes.append(int(r.headers.get("content-length", 0))) if "/search/" in r.url else None)
+            for token in tokens:
+                sizes.clear()
+                page.fill("#search-q", f"any:{token}")
+                start = time.perf_counter()
+                page.click("#search-form button[type=submit]")
+                page.wait_for_function("!document.getElementById('search-status').textContent.startsWith('Searching')"
+                                       " && document.getElementById('search-status').textContent !== ''")
+                times.append(time.perf_counter() - start)
+                transferred.append(sum(sizes))
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    times.sort()
+    print(f"time to results in headless Chromium, {len(times)} one-token queries (cache warm after the first meta.json): "
+          f"median {1000 * statistics.median(times):.0f} ms, p95 {1000 * times[int(0.95 * (len(times) - 1))]:.0f} ms, max {1000 * times[-1]:.0f} ms; "
+          f"uncompressed bytes fetched per query (shard, and preview files of the first 50 results): median {statistics.median(transferred) / 1e3:.1f} KB")
+
+
+if __name__ == "__main__":
+    main()
