@@ -103,3 +103,33 @@ def test_n2g_options_are_checked_before_any_work(tmp_path):
         ComputeConfig(n2g="some").validate()
     with pytest.raises(ConfigError, match="merge the shards first"):
         ComputeConfig(n2g="2", shard=(0, 2)).validate()
+
+
+def test_interrupted_n2g_keeps_finished_layers(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    from sitegen.compute.runner import ComputeConfig, run_compute
+    from sitegen.errors import StoreError
+    from sitegen.services.neuron2graph import compute as n2g
+    from sitegen.store import Store
+
+    cfg = dict(model=str(tiny_model_dir), corpus=str(tiny_corpus), out=tmp_path / "store", tokens=800, seq_len=16, seed=2, top_k=4,
+               n_random=1, batch_size=8, device="cpu", progress=False, weights=False)
+    run_compute(ComputeConfig(**cfg), log=lambda m: None)
+    real = n2g.build_layer
+
+    def interrupted(model, store, layer, *args, **kw):
+        if layer == 1:
+            raise KeyboardInterrupt
+        return real(model, store, layer, *args, **kw)
+
+    monkeypatch.setattr(n2g, "build_layer", interrupted)
+    with pytest.raises(StoreError, match="keeps every finished layer"):
+        run_compute(ComputeConfig(**cfg, n2g="1"), log=lambda m: None)
+    store = Store.open(tmp_path / "store")
+    assert "neuron2graph" in store.manifest["services"]
+    assert store.layer_path("neuron2graph", 0).exists() and not store.layer_path("neuron2graph", 1).exists()
+    layer0 = store.layer_path("neuron2graph", 0).read_bytes()
+    monkeypatch.setattr(n2g, "build_layer", real)
+    run_compute(ComputeConfig(**cfg, n2g="1"), log=lambda m: None)
+    store = Store.open(tmp_path / "store")
+    assert all(store.layer_path("neuron2graph", layer).exists() for layer in range(3))
+    assert store.layer_path("neuron2graph", 0).read_bytes() == layer0  # finished work not redone

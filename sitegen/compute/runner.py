@@ -272,7 +272,10 @@ def _run_n2g_stage(model, store, cfg: ComputeConfig, log: Callable[[str], None])
     from sitegen.services.neuron2graph.compute import N2GConfig, run_n2g
 
     log(f"neuron2graph: {cfg.n2g} (resumes per layer; each layer's graphs are saved as it finishes)")
-    totals = run_n2g(model, store, cfg.n2g, N2GConfig(seed=cfg.seed), log)
+    try:
+        totals = run_n2g(model, store, cfg.n2g, N2GConfig(seed=cfg.seed), log)
+    except KeyboardInterrupt:
+        raise StoreError(f"interrupted during neuron2graph; {cfg.out} keeps every finished layer: rerun the same command to go on") from None
     if totals["graphs"]:
         log(f"neuron2graph: {totals['graphs']} graphs in {totals['seconds']:.0f} s "
             f"({60 * totals['graphs'] / max(totals['seconds'], 1e-9):.1f} graphs/min, {totals['tokens_run'] // totals['graphs']} tokens run per graph)")

@@ -447,6 +447,8 @@ def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] 
     neutral = neutral_token(tokenizer)
     totals = {"graphs": 0, "tokens_run": 0, "seconds": 0.0}
     torch.manual_seed(cfg.seed)
+    n2g_record = {"texts": cfg.texts, "replacements": cfg.replacements, "max_augmented": cfg.max_augmented, "seed": cfg.seed,
+                  "replacement_source": "input-embedding nearest neighbours", "neutral_token_id": neutral}
     for layer, neurons in selection.items():
         path = store.layer_path(SERVICE, layer)
         old = store.read_layer(SERVICE, layer) if path.exists() else None
@@ -459,14 +461,16 @@ def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] 
         if old is not None:
             table = pa.concat_tables([old, table]).sort_by("neuron")
         store.write_layer(SERVICE, layer, table)
+        _record(store, n2g_record)  # after every layer: an interrupted run's finished layers are part of the store
         totals["graphs"] += table.num_rows - len(have)
         totals["tokens_run"] += tokens_run
         totals["seconds"] += time.perf_counter() - start
-    services = list(manifest.get("services", []))
-    if SERVICE not in services and any(store.layer_path(SERVICE, layer).exists() for layer in range(n_layers)):
-        services.append(SERVICE)
-    n2g_record = {"texts": cfg.texts, "replacements": cfg.replacements, "max_augmented": cfg.max_augmented, "seed": cfg.seed,
-                  "replacement_source": "input-embedding nearest neighbours", "neutral_token_id": neutral}
-    store.write_manifest({k: v for k, v in {**manifest, "services": services, "neuron2graph": n2g_record}.items()
-                          if k not in ("schema_version", "sitegen_version")})
     return totals
+
+
+def _record(store, n2g_record: dict) -> None:
+    manifest = {k: v for k, v in store.manifest.items() if k not in ("schema_version", "sitegen_version")}
+    if SERVICE not in manifest.get("services", []):
+        manifest["services"] = [*manifest.get("services", []), SERVICE]
+    manifest[SERVICE] = n2g_record
+    store.write_manifest(manifest)
