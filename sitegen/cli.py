@@ -61,6 +61,16 @@ def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_si
     run_compute(cfg, log=log)
 
 
+@main.command("import-explanations")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--store", "store_root", type=click.Path(path_type=Path), required=True, help="The store of the model the explanations were written for.")
+def import_explanations_cmd(folder, store_root):
+    """Import OpenAI's published per-neuron explanation files (.json/.jsonl under FOLDER) into a store."""
+    from sitegen.services.neuron_explainer.published import import_explanations
+
+    import_explanations(folder, store_root, log=lambda m: click.echo(m, err=True))
+
+
 @main.command()
 @click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the merged store.")

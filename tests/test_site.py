@@ -72,7 +72,8 @@ def test_layer_and_model_level_api(built_site):
     assert len(model) == 8
     assert _json(built_site, "api/index.json")["models"][0]["name"] == MODEL
     all_ = _json(built_site, f"api/{MODEL}/all/0/1.json")
-    assert set(all_) == {"neuroscope", "neuron2graph", "logits"} and all_["neuroscope"]["data"]["neuron_index"] == {"layer": 0, "neuron": 1}
+    assert all_["neuron_explainer"] == {"missing_data_types": ["neuron_explainer"]}
+    assert set(all_) == {"neuroscope", "neuron2graph", "logits", "neuron_explainer"} and all_["neuroscope"]["data"]["neuron_index"] == {"layer": 0, "neuron": 1}
 
 
 def test_neuron_page_content(built_site):

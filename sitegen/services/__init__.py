@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 
 from sitegen.services.logits.render import LogitsLayer
 from sitegen.services.neuron2graph.render import Neuron2GraphLayer
+from sitegen.services.neuron_explainer.render import ExplainerLayer
 from sitegen.services.neuroscope.render import NeuroscopeLayer
 
 
@@ -36,6 +37,7 @@ class Service:
 
 
 SERVICES: tuple[Service, ...] = (
+    Service("neuron_explainer", "Explanation", "A one-sentence explanation written by a language model, with its simulation score.", ExplainerLayer),
     Service("neuroscope", "Max-activating examples", "Top, bottom and random sequences with per-token activations; activation statistics.", NeuroscopeLayer),
     # Every neuron gets token sets and similar neurons (from its graph, else from its top
     # sequences), so the service is there whenever neuroscope data is; graphs where computed.
