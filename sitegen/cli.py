@@ -61,6 +61,25 @@ def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_si
     run_compute(cfg, log=log)
 
 
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--endpoint", required=True, help="Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1 or http://127.0.0.1:8080/v1.")
+@click.option("--model", required=True, help="The model name the endpoint serves (the explainer and simulator).")
+@click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True, help="Environment variable holding the API key (never written anywhere).")
+@click.option("--neurons", default="5", show_default=True, help="Which neurons: 3:17,5:2, or as --n2g: all, layers:0,5, N (most active per layer), N@0,5.")
+@click.option("--concurrency", type=int, default=4, show_default=True, help="Requests in flight at once.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per request.")
+@click.option("--retries", type=int, default=4, show_default=True, help="Retries (with backoff) on 429, 5xx and dropped connections.")
+@click.option("--dry-run", is_flag=True, help="Print the first explanation prompt and the number of requests; send nothing.")
+def explain(store, endpoint, model, api_key_env, neurons, concurrency, timeout, retries, dry_run):
+    """Write and score explanations of neurons with an OpenAI-compatible model (resumable)."""
+    from sitegen.services.neuron_explainer.explain import ExplainConfig, run_explain
+
+    cfg = ExplainConfig(store=store, endpoint=endpoint, model=model, api_key_env=api_key_env, neurons=neurons, concurrency=concurrency,
+                        timeout=timeout, retries=retries, dry_run=dry_run)
+    run_explain(cfg, log=lambda m: click.echo(m, err=not dry_run))
+
+
 @main.command("import-explanations")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--store", "store_root", type=click.Path(path_type=Path), required=True, help="The store of the model the explanations were written for.")

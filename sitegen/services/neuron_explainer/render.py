@@ -3,7 +3,10 @@ plus who wrote it and how it was scored, and the page context (the template esca
 
 from __future__ import annotations
 
+import orjson
+
 from sitegen.services.neuron_explainer.published import SERVICE
+from sitegen.services.neuron_explainer.scoring import discretise
 
 
 class ExplainerLayer:
@@ -18,10 +21,25 @@ class ExplainerLayer:
         if r is None:
             return {"explanation": None, "score": None, "explainer": None, "source": None, "method": None}
         score = None if r["score"] is None else round(r["score"], 4)
-        return {"explanation": r["explanation"], "score": score, "explainer": r["explainer"], "source": r["source"], "method": r["method"]}
+        out = {"explanation": r["explanation"], "score": score, "explainer": r["explainer"], "source": r["source"], "method": r["method"]}
+        if r.get("usage"):
+            out["usage"] = orjson.loads(r["usage"])
+            out["prompt_hash"] = r.get("prompt_hash")
+        return out
 
     def page(self, n: int) -> dict:
-        return self.payload(n)
+        """The payload plus, for explanations sitegen scored, the scored sequences: real and
+        simulated activations side by side (both on the 0-10 scale of the prompts)."""
+        out = self.payload(n)
+        r = self.rows.get(n)
+        details = orjson.loads(r["details"]) if r is not None and r.get("details") else []
+        rows = []
+        for d in details:
+            top = max((a for a in d["true"]), default=0.0)
+            real = discretise(d["true"], top) if top > 0 else [0] * len(d["true"])
+            rows.append([(tok, lv, None if s is None else round(s, 1)) for tok, lv, s in zip(d["tokens"], real, d["simulated"])])
+        out["scored"] = rows
+        return out
 
     def layer_payload(self) -> dict:
         return {"num_neurons": self.size, "explained": len(self.rows)}

@@ -1,0 +1,191 @@
+"""`sitegen explain` against OpenAI-compatible servers: a scripted stub on loopback for every
+error path (the client's real code), and a real llama.cpp server running SmolLM2 for the whole
+explain -> simulate -> score -> build path."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from sitegen.services.neuron_explainer.explain import ExplainConfig, run_explain
+from sitegen.site.build import build_site
+from tests.conftest import free_port
+from tests.reference import write_synthetic_store
+
+WORDS = ["<bos>", " the", " tax", " cut", " peace", " war", " and", " law", " is", " fair", " we", " people", " trade", " year", " nation",
+         "<script>alert(1)</script>"]
+
+
+class Stub:
+    """An OpenAI-compatible stub: `behaviour` picks how it answers."""
+
+    def __init__(self, behaviour: str):
+        self.behaviour, self.calls, self.failures_left = behaviour, [], 2
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.calls.append((self.path, body, self.headers.get("Authorization")))
+                status, answer = stub.answer(self.path, body, self.headers.get("Authorization"))
+                data = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def answer(self, path, body, auth):
+        b = self.behaviour
+        if b == "auth" and auth != "Bearer right-key":
+            return 401, {"error": {"message": "Incorrect API key"}}
+        if b == "unknown-model":
+            return 404, {"error": {"message": f"The model `{body['model']}` does not exist"}}
+        if b == "flaky" and self.failures_left > 0:
+            self.failures_left -= 1
+            return 429, {"error": {"message": "rate limited"}}
+        if b == "empty" and path.endswith("/chat/completions") and "Neuron B" in json.dumps(body):
+            return 200, {"choices": [{"message": {"content": "   "}}]}
+        if path.endswith("/chat/completions"):
+            text = body["messages"][-1]["content"]
+            if "Neuron B" in text:
+                return 200, {"choices": [{"message": {"content": 'the word "tax".'}}], "usage": {"prompt_tokens": 50, "completion_tokens": 5}}
+            # the logprob-free simulation: rewrite the lines, 10 on ' tax'
+            lines = [ln for ln in text.split("<start>\n", 1)[1].split("<end>")[0].splitlines() if ln.endswith("\t?")]
+            out = "\n".join(ln[:-1] + ("10" if ln.split("\t")[0].strip() == "tax" else "0") for ln in lines)
+            return 200, {"choices": [{"message": {"content": out}}], "usage": {"prompt_tokens": 80, "completion_tokens": 30}}
+        if path.endswith("/completions"):
+            if b == "no-logprobs":
+                return 200, {"choices": [{"text": "", "logprobs": None}]}
+            prompt = body["prompt"]
+            tokens, offsets, tops, at = [], [], [], 0
+            for piece in re.split(r"(\t)", prompt):
+                for part in re.split(r"(\n)", piece):
+                    if not part:
+                        continue
+                    tokens.append(part)
+                    offsets.append(at)
+                    prev = prompt[:at].rsplit("\n", 1)[-1]
+                    level = "10" if prev.strip().startswith("tax") else "0"
+                    tops.append({level: math.log(0.9), "5": math.log(0.1)} if part.startswith("unknown") else {})
+                    at += len(part)
+            return 200, {"choices": [{"text": prompt, "logprobs": {"tokens": tokens, "text_offset": offsets, "top_logprobs": tops}}]}
+        return 404, {"error": "no such path"}
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    # 8 top texts: train 0 and 4, test 3 and 7 (round-robin by 4), plus 2 random: 4 simulations per neuron
+    return write_synthetic_store(tmp_path / "store", name="toy", vocab=WORDS, with_graphs=False, top_k=8, n_random=2)
+
+
+def _cfg(store, url, **kw):
+    return ExplainConfig(store=store.root, endpoint=url, model="stub-model", neurons="0:1,1:2", concurrency=2, timeout=5, retries=3, **kw)
+
+
+def test_logprob_path_scores_and_the_site_shows_it(store, tmp_path):
+    stub = Stub("ok")
+    try:
+        result = run_explain(_cfg(store, stub.url), log=lambda m: None)
+    finally:
+        stub.close()
+    assert result == {"done": 2, "failed": 0}
+    from sitegen.store import Store
+
+    rows = Store.open(store.root).read_layer("neuron_explainer", 1).to_pylist()
+    assert rows[0]["explanation"] == 'the word "tax".' and rows[0]["method"] == "logprobs" and rows[0]["explainer"] == "stub-model"
+    assert json.loads(rows[0]["usage"])["requests"] == 1 + 2 + 2  # the explanation, 2 test top texts, 2 random texts
+    assert rows[0]["score"] is not None and -1 <= rows[0]["score"] <= 1
+    out = tmp_path / "site"
+    build_site([store.root], out)
+    data = json.loads((out / "api/toy/neuron_explainer/1/2.json").read_text())["data"]
+    assert data["explanation"] == 'the word "tax".' and data["method"] == "logprobs"
+    page = (out / "toy/1/2.html").read_text()
+    assert "the word &#34;tax&#34;." in page and "Scoring details" in page
+
+
+def test_endpoint_without_logprobs_falls_back_and_records_it(store):
+    stub = Stub("no-logprobs")
+    try:
+        run_explain(_cfg(store, stub.url), log=lambda m: None)
+    finally:
+        stub.close()
+    from sitegen.store import Store
+
+    row = Store.open(store.root).read_layer("neuron_explainer", 0).to_pylist()[0]
+    assert row["method"] == "no-logprobs"
+    assert any(p.endswith("/chat/completions") and "Rewrite the lines" in json.dumps(b) for p, b, _ in stub.calls)
+
+
+def test_retries_on_429_then_succeeds(store):
+    stub = Stub("flaky")
+    try:
+        assert run_explain(_cfg(store, stub.url), log=lambda m: None)["done"] == 2
+    finally:
+        stub.close()
+
+
+def test_finished_neurons_are_not_asked_again(store):
+    stub = Stub("ok")
+    try:
+        run_explain(_cfg(store, stub.url), log=lambda m: None)
+        before = len(stub.calls)
+        run_explain(_cfg(store, stub.url), log=lambda m: None)
+        assert len(stub.calls) == before
+    finally:
+        stub.close()
+
+
+def test_empty_answer_is_reported_and_the_run_goes_on(store):
+    stub = Stub("empty")
+    logs: list[str] = []
+    try:
+        result = run_explain(_cfg(store, stub.url), log=logs.append)
+    finally:
+        stub.close()
+    assert result == {"done": 0, "failed": 2}
+    assert any("empty or malformed" in m for m in logs)
+
+
+@pytest.mark.parametrize("behaviour, message", [("auth", "refused the API key"), ("unknown-model", "unknown model 'stub-model'")])
+def test_endpoint_errors_are_one_line_and_lose_nothing(store, behaviour, message, monkeypatch):
+    stub = Stub(behaviour)
+    monkeypatch.setenv("OPENAI_API_KEY", "wrong-key")
+    try:
+        res = subprocess.run([sys.executable, "-m", "sitegen", "explain", str(store.root), "--endpoint", stub.url, "--model", "stub-model",
+                              "--neurons", "0:1"], capture_output=True, text=True, check=False)
+    finally:
+        stub.close()
+    assert res.returncode != 0 and message in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "wrong-key" not in res.stderr and not (store.root / "neuron_explainer").exists()
+
+
+def test_unreachable_endpoint_and_dry_run(store):
+    port = free_port()
+    res = subprocess.run([sys.executable, "-m", "sitegen", "explain", str(store.root), "--endpoint", f"http://127.0.0.1:{port}/v1",
+                          "--model", "m", "--neurons", "0:1"], capture_output=True, text=True, check=False)
+    assert res.returncode != 0 and "unreachable" in res.stderr and res.stderr.strip().count("\n") == 0
+    res = subprocess.run([sys.executable, "-m", "sitegen", "explain", str(store.root), "--endpoint", f"http://127.0.0.1:{port}/v1",
+                          "--model", "m", "--neurons", "2@0,1", "--dry-run"], capture_output=True, text=True, check=False)
+    assert res.returncode == 0 and "Neuron B" in res.stdout and "4 neurons to explain" in res.stdout and "44 requests" in res.stdout
