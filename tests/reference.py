@@ -164,3 +164,20 @@ def static_search(site: Path, model: str, query: str) -> list[int]:
             ids = set(a) if kind == "activating" else set(i) if kind == "important" else set(a) | set(i)
         result = ids if result is None else result & ids
     return sorted(result or ())
+
+
+def static_text_search(site: Path, model: str, query: str) -> list[int]:
+    """The explanation search as the page runs it (same analysis, AND, shards only), ids sorted."""
+    import orjson
+
+    from sitegen.services.neuron_explainer.textindex import analyse
+    from sitegen.site.search import fnv1a
+
+    base = site / "search" / model
+    meta = orjson.loads((base / "meta.json").read_bytes())["text"]
+    result: set[int] | None = None
+    for term in analyse(query):
+        entry = orjson.loads((base / "words" / f"{fnv1a(term) % meta['shards']}.json").read_bytes()).get(term, [[], []])
+        ids = set(np.cumsum(entry[0]).tolist())
+        result = ids if result is None else result & ids
+    return sorted(result or ())

@@ -166,3 +166,59 @@ def test_search_explains_malformed_queries_and_empty_results(page, served_site):
     page.wait_for_selector("#search-results li")
     assert page.locator("#search-results script").count() == 0
     assert not page.errors
+
+
+@pytest.fixture(scope="module")
+def explained_site(tmp_path_factory):
+    from sitegen.site.build import build_site
+    from sitegen.site.serve import make_server
+    from tests.conftest import free_port
+    from tests.test_explainer import explained_store
+    import threading
+
+    root = tmp_path_factory.mktemp("explained")
+    store = explained_store(root)
+    build_site([store.root], root / "site")
+    server = make_server(root / "site", "127.0.0.1", free_port())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_explanation_is_shown_and_found_by_search(browser, explained_site):
+    page = browser.new_page()
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(f"{explained_site}/explained/0/3.html")
+    assert page.inner_text("blockquote.explain") == "numbers, especially amounts of money"
+    assert "Score 0.8" in page.inner_text("section.explanation")
+    page.goto(f"{explained_site}/explained/")
+    page.fill("#explain-search input[name=q]", "money")
+    page.click("#explain-search button[type=submit]")
+    page.wait_for_selector("#search-results li")
+    assert page.locator("#search-results li a").all_inner_texts() == ["0:3"]
+    page.locator("#search-results q.expl").first.wait_for()
+    assert page.inner_text("#search-results q.expl") == "numbers, especially amounts of money"
+    page.goto(f"{explained_site}/search.html?model=explained&in=explanations&q=taxes")
+    page.wait_for_selector("#search-results li")
+    assert sorted(page.locator("#search-results li a").all_inner_texts()) == ["0:1", "1:2"]
+    page.close()
+    assert errors == []
+
+
+def test_browser_analysis_equals_lunrs_python_pipeline(browser, explained_site):
+    from sitegen.services.neuron_explainer.textindex import analyse, stop_words
+
+    words = ("caresses ponies ties caress cats feed agreed plastered bled motoring sing conflated troubled sized hopping tanned falling "
+             "hissing fizzed failing filing happy sky relational conditional rational valenci hesitanci digitizer conformabli radicalli "
+             "differentli vileli analogousli vietnamization predication operator feudalism decisiveness hopefulness callousness formaliti "
+             "sensitiviti sensibiliti triplicate formative formalize electriciti electrical hopeful goodness revival allowance inference "
+             "airliner gyroscopic adjustable defensible irritant replacement adjustment dependent adoption homologou communism activate "
+             "angulariti homologous effective bowdlerize probate rate cease controll roll yelling yes you're Don't \"quoted\" (brackets) "
+             "state-of-the-union The a an of generalizations numbers especially amounts money percentages taxation")
+    page = browser.new_page()
+    page.goto(f"{explained_site}/search.html")
+    got = page.evaluate("([t, s]) => window.sitegenAnalyse(t, s)", [words, stop_words()])
+    assert got == analyse(words)
+    page.close()

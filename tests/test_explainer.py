@@ -124,3 +124,41 @@ def test_importer_errors_are_one_line(tmp_path, records, message):
                          capture_output=True, text=True, check=False)
     assert res.returncode != 0 and message in res.stderr and res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
     assert not (store.root / "neuron_explainer").exists()  # nothing half-imported
+
+
+EXPLAINED = {(0, 1): "mentions of taxes and tax cuts", (0, 3): "numbers, especially amounts of money", (1, 2): "the word tax in legal texts",
+             (1, 0): "generalizations about nations"}
+
+
+def explained_store(root, name="explained"):
+    """A synthetic store with a few published-format explanations imported."""
+    from sitegen.services.neuron_explainer.published import import_explanations
+
+    store = write_synthetic_store(root / "store", name=name)
+    folder = root / "published"
+    folder.mkdir()
+    (folder / "all.jsonl").write_bytes(b"".join(orjson.dumps({
+        "neuron_id": {"layer_index": layer, "neuron_index": n},
+        "scored_explanations": [{"explanation": text, "scored_simulation": {"ev_correlation_score": 0.5 + 0.1 * n}}]}) + b"\n"
+        for (layer, n), text in EXPLAINED.items()))
+    import_explanations(folder, store.root, log=lambda m: None)
+    return store
+
+
+def test_explanation_search_equals_brute_force(tmp_path):
+    from sitegen.services.neuron_explainer.textindex import analyse
+    from tests.reference import static_text_search
+
+    store = explained_store(tmp_path)
+    out = tmp_path / "site"
+    build_site([store.root], out)
+    stems = {layer * 4 + n: set(analyse(text)) for (layer, n), text in EXPLAINED.items()}
+    for query in ("tax", "taxes", "Taxation cuts", "numbers money", "nation", "the tax", "nothing here", "legal tax"):
+        terms = set(analyse(query))
+        want = sorted(g for g, s in stems.items() if terms and terms <= s)
+        assert static_text_search(out, "explained", query) == want, query
+    assert static_text_search(out, "explained", "taxes") == [1, 6]  # stemming: 'taxes' finds 'tax' and 'taxes'
+    layer_page = (out / "explained/0/index.html").read_text()
+    assert "<td>mentions of taxes and tax cuts</td>" in layer_page and "Explanation score" in layer_page
+    preview = json.loads((out / "search/explained/preview/0/0.json").read_text())
+    assert preview[1][3] == "mentions of taxes and tax cuts" and preview[0][3] is None

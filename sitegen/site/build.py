@@ -76,6 +76,7 @@ class SiteModel:
         self._esc_closed: list[str] | None = None
         self._token_store = None
         self._similar: list | None = None
+        self._explanations: dict[int, str] | None = None
         self.search_figures: dict = {}
 
     @property
@@ -86,6 +87,20 @@ class SiteModel:
 
             self._token_store = build_token_store(self.store, self.first_valid)
         return self._token_store
+
+    @property
+    def explanations(self) -> dict[int, str]:
+        """Global neuron id -> explanation, for search and result previews."""
+        if self._explanations is None:
+            self._explanations = {}
+            if self.store.has_service("neuron_explainer"):
+                for layer in range(self.num_layers):
+                    if self.store.layer_path("neuron_explainer", layer).exists():
+                        t = self.store.read_layer("neuron_explainer", layer, columns=["neuron", "explanation"]).to_pydict()
+                        for n, text in zip(t["neuron"], t["explanation"]):
+                            if text:
+                                self._explanations[layer * self.layer_size + n] = text
+        return self._explanations
 
     @property
     def similar(self) -> list:
@@ -278,8 +293,10 @@ def _render_model(pub: Publisher, env: Environment, model: SiteModel) -> int:
                 missing=model.missing, api=f"/{api}"))
             if ns is not None:
                 st = payloads["neuroscope"]["stats"]
-                rows.append({"neuron": n, "max": st["max"], "min": st["min"], "mean": st["mean"], "frac": st["frac_positive"],
-                             "top_token": ns.top_token(n)})
+                row = {"neuron": n, "max": st["max"], "min": st["min"], "mean": st["mean"], "frac": st["frac_positive"], "top_token": ns.top_token(n)}
+                if "neuron_explainer" in payloads:
+                    row["explanation"], row["ex_score"] = payloads["neuron_explainer"]["explanation"], payloads["neuron_explainer"]["score"]
+                rows.append(row)
         for name, view in views.items():
             lp = view.layer_payload()
             pub.publish(f"{api}/{name}/{layer}.json", dumps({"data": lp, "metadata": meta}))
@@ -289,7 +306,8 @@ def _render_model(pub: Publisher, env: Environment, model: SiteModel) -> int:
             pub.publish(f"{api}/{s.name}/{layer}.json", dumps({"missing_data_types": [s.name], "metadata": meta}))
         pub.publish(f"{api}/all/{layer}.json", dumps({s.name: {"missing_data_types": [s.name]} for s in model.missing}
                                                       | {name: {"data": v.layer_payload()} for name, v in views.items()}))
-        pub.publish(f"{model.name}/{layer}/index.html", layer_tpl.render(model=model, meta=meta, layer=layer, rows=rows, api=f"/{api}"))
+        pub.publish(f"{model.name}/{layer}/index.html", layer_tpl.render(model=model, meta=meta, layer=layer, rows=rows, api=f"/{api}",
+                                                                                explained="neuron_explainer" in views))
         layer_summaries.append(_layer_summary(layer, rows))
     for s in model.services:
         data = {"important_neurons": sorted(model_level[s.name], key=lambda x: (-x[1], x[0]["layer"], x[0]["neuron"]))} if model_level[s.name] else {"num_layers": model.num_layers}

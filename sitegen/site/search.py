@@ -3,7 +3,8 @@
     search/<model>/meta.json                 shard count, cap, layer size, preview chunk size
     search/<model>/tokens/<shard>.json       {token: {"a": ids, "i": ids, "na": n, "ni": n[, "m": k]}}
     search/<model>/more/<shard>-<k>.json     the full lists of a token whose lists were capped
-    search/<model>/preview/<layer>/<chunk>.json   per neuron: [top tokens, max activation, graph F1 or null]
+    search/<model>/preview/<layer>/<chunk>.json   per neuron: [top tokens, max activation, graph F1 or null, explanation or null]
+    search/<model>/words/<shard>.json        explanation search: {stem: [ids, term counts]} (lunr's analysis)
     api/<model>/neuron2graph-search/<type>:<token>.json   DeepDecipher's single-term answer
 
 A token's shard is FNV-1a (32-bit, over its UTF-8 bytes) modulo the shard count (a power of two),
@@ -77,9 +78,27 @@ def answer(lists: dict[str, tuple[list[int], list[int]]], query: str) -> list[in
     return sorted(result or ())
 
 
+def publish_text_search(pub, base: str, explanations: dict[int, str]) -> dict:
+    """Explanation search: each stem's postings (ids delta-encoded, with the stem's count in each
+    explanation) in the shard FNV-1a picks; returns what the client needs to know (shard count,
+    number of explanations for idf, lunr's stop words)."""
+    from sitegen.services.neuron_explainer.textindex import stop_words, term_frequencies
+
+    terms = term_frequencies(explanations)
+    shards = shard_count(len(terms))
+    grouped: dict[int, dict[str, list]] = {s: {} for s in range(shards)}
+    for term, docs in terms.items():
+        ids = sorted(docs)
+        grouped[fnv1a(term) % shards][term] = [_delta(ids), [docs[i] for i in ids]]
+    for s, body in grouped.items():
+        pub.publish(f"{base}/words/{s}.json", orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    return {"shards": shards, "documents": len(explanations), "stop_words": stop_words()}
+
+
 def publish_search(pub, model) -> dict:
     """Write the model's search files; returns figures for the build report."""
     ts = model.token_store
+    explanations = getattr(model, "explanations", None) or {}
     lists = postings(ts)
     base = f"search/{model.name}"
     shards = shard_count(len(lists))
@@ -104,10 +123,13 @@ def publish_search(pub, model) -> dict:
             rows = []
             for n in range(start, min(start + PREVIEW_CHUNK, size)):
                 g = layer * size + n
-                rows.append([[ts.keys[k] for k in ts.activating[g][:PREVIEW_TOKENS]], ts.max_act[g], ts.f1[g] if ts.source[g] == SOURCE_GRAPH else None])
+                rows.append([[ts.keys[k] for k in ts.activating[g][:PREVIEW_TOKENS]], ts.max_act[g], ts.f1[g] if ts.source[g] == SOURCE_GRAPH else None,
+                             explanations.get(g)])
             pub.publish(f"{base}/preview/{layer}/{start // PREVIEW_CHUNK}.json", orjson.dumps(rows))
-    pub.publish(f"{base}/meta.json", orjson.dumps({"shards": shards, "cap": CAP, "layer_size": size, "num_layers": model.num_layers,
-                                                   "preview_chunk": PREVIEW_CHUNK, "hash": "fnv1a-32"}, option=orjson.OPT_SORT_KEYS))
+    meta = {"shards": shards, "cap": CAP, "layer_size": size, "num_layers": model.num_layers, "preview_chunk": PREVIEW_CHUNK, "hash": "fnv1a-32"}
+    if explanations:
+        meta["text"] = publish_text_search(pub, base, explanations)
+    pub.publish(f"{base}/meta.json", orjson.dumps(meta, option=orjson.OPT_SORT_KEYS))
     # DeepDecipher's API: one file per single-term query
     api = f"api/{model.name}/neuron2graph-search"
     api_files = 0

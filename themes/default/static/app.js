@@ -212,12 +212,45 @@
     var list = document.getElementById("search-results"), moreBtn = document.getElementById("search-more");
     if (params.get("model")) sel.value = params.get("model");
     if (params.get("q") !== null) input.value = params.get("q");
+    var within = document.getElementById("search-in");
+    if (params.get("in") && within) within.value = params.get("in");
     form.addEventListener("submit", function (ev) {
       ev.preventDefault();
-      history.replaceState(null, "", "/search.html?model=" + encodeURIComponent(sel.value) + "&q=" + encodeURIComponent(input.value));
-      run(sel.value, input.value);
+      history.replaceState(null, "", "/search.html?model=" + encodeURIComponent(sel.value) + "&q=" + encodeURIComponent(input.value) +
+        (within && within.value === "explanations" ? "&in=explanations" : ""));
+      go();
     });
-    if (input.value) run(sel.value, input.value);
+    if (input.value) go();
+    function go() { if (within && within.value === "explanations") runText(sel.value, input.value); else run(sel.value, input.value); }
+
+    // Explanation search: lunr's analysis of the query, one shard per term, AND, ranked by tf-idf.
+    function runText(model, q) {
+      errorEl.hidden = true; list.textContent = ""; moreBtn.hidden = true; status.textContent = "Searching\u2026";
+      var base = "/search/" + model + "/";
+      getJSON(base + "meta.json").then(function (meta) {
+        if (!meta.text) { status.textContent = "This model has no explanations to search."; return; }
+        var terms = analyse(q, meta.text.stop_words);
+        if (!terms.length) { status.textContent = ""; errorEl.textContent = "Nothing to search for: every word of \u201c" + q + "\u201d is a stop word."; errorEl.hidden = false; return; }
+        return Promise.all(terms.map(function (t) {
+          return getJSON(base + "words/" + (fnv1a(t) % meta.text.shards) + ".json").then(function (body) {
+            return Object.prototype.hasOwnProperty.call(body, t) ? body[t] : [[], []];
+          });
+        })).then(function (found) {
+          var scores = null;
+          found.forEach(function (entry) {
+            var ids = undelta(entry[0]), idf = Math.log(1 + meta.text.documents / Math.max(ids.length, 1)), here = {};
+            ids.forEach(function (id, k) { here[id] = idf * (1 + Math.log(entry[1][k])); });
+            if (scores === null) scores = here;
+            else { var next = {}; Object.keys(scores).forEach(function (id) { if (id in here) next[id] = scores[id] + here[id]; }); scores = next; }
+          });
+          var ids = Object.keys(scores).map(Number).sort(function (a, b) { return scores[b] - scores[a] || a - b; });
+          var what = "explanations with " + terms.map(function (t) { return JSON.stringify(t); }).join(" AND ");
+          if (!ids.length) { status.textContent = "No " + what + "."; return; }
+          status.textContent = ids.length + " neuron" + (ids.length === 1 ? "" : "s") + " whose " + what + " (stems), best match first.";
+          render(model, meta, ids, function (id) { return scores[id].toFixed(2); });
+        });
+      }).catch(function (e) { status.textContent = ""; errorEl.textContent = "Search failed: " + e.message; errorEl.hidden = false; });
+    }
 
     function run(model, q) {
       errorEl.hidden = true; list.textContent = ""; moreBtn.hidden = true; status.textContent = "";
@@ -264,12 +297,17 @@
       var what = terms.map(function (t) { return t[0] + ":" + JSON.stringify(t[1]); }).join(" AND ");
       if (!ids.length) { status.textContent = "No neuron has " + what + "."; return; }
       status.textContent = (total > ids.length ? "Showing " + ids.length + " of " + (terms.length === 1 && terms[0][0] === "any" ? "about " : "") + total : ids.length) + " neuron" + (ids.length === 1 ? "" : "s") + " with " + what + ", by layer and neuron.";
+      render(model, meta, ids, null);
+    }
+    function render(model, meta, ids, scoreOf) {
+      list.textContent = "";
       var chunks = {};
       ids.forEach(function (id, k) {
         var layer = Math.floor(id / meta.layer_size), n = id % meta.layer_size;
         var li = document.createElement("li"), a = document.createElement("a");
         a.href = "/" + model + "/" + layer + "/" + n + ".html"; a.textContent = layer + ":" + n;
         li.appendChild(a);
+        if (scoreOf) { var sc = document.createElement("span"); sc.className = "score"; sc.textContent = " score " + scoreOf(id); li.appendChild(sc); }
         var prev = document.createElement("span"); prev.className = "preview"; li.appendChild(prev);
         list.appendChild(li);
         if (k < 50) {  // previews for the first results: one small file per 32 neurons
@@ -278,9 +316,66 @@
           chunks[key].then(function (rows) {
             var r = rows[n % meta.preview_chunk];
             prev.textContent = "  max " + r[1] + (r[2] !== null ? " · graph F1 " + r[2] : "") + " · " + r[0].map(function (t) { return JSON.stringify(t); }).join(" ");
+            if (r[3]) { var ex = document.createElement("q"); ex.className = "expl"; ex.textContent = r[3]; prev.appendChild(ex); }
           });
         }
       });
     }
   }
+
+  // ---- lunr's analysis (tokeniser, trimmer, stop words, Porter stemmer), as the build runs it
+  // through the lunr package (sitegen/services/neuron_explainer/textindex.py); a test compares both.
+  function analyse(text, stopWords) {
+    var stop = new Set(stopWords), out = [];
+    text.toLowerCase().split(/[\s\-]+/).forEach(function (tok) {
+      if (!tok) return;
+      var m = /^[^\p{L}\p{N}_]*?([\p{L}\p{N}_]+)[^\p{L}\p{N}_]*?$/u.exec(tok);
+      if (m) tok = m[1];
+      if (!tok || stop.has(tok)) return;
+      out.push(porter(tok));
+    });
+    return out;
+  }
+  var STEP2 = {ational: "ate", tional: "tion", enci: "ence", anci: "ance", izer: "ize", bli: "ble", alli: "al", entli: "ent", eli: "e", ousli: "ous",
+    ization: "ize", ation: "ate", ator: "ate", alism: "al", iveness: "ive", fulness: "ful", ousness: "ous", aliti: "al", iviti: "ive", biliti: "ble", logi: "log"};
+  var STEP3 = {icate: "ic", ative: "", alize: "al", iciti: "ic", ical: "ic", ful: "", ness: ""};
+  var C = "[^aeiou][^aeiouy]*", V = "[aeiouy][aeiou]*";
+  var MGR0 = new RegExp("^(" + C + ")?" + V + C), MEQ1 = new RegExp("^(" + C + ")?" + V + C + "(" + V + ")?$");
+  var MGR1 = new RegExp("^(" + C + ")?" + V + C + V + C), SV = new RegExp("^(" + C + ")?[aeiouy]");
+  var CVC = /^[^aeiou][^aeiouy]*[aeiouy][^aeiouwxy]$/;
+  function porter(w) {
+    if (w.length < 3) return w;
+    var m, stem, first = w.charAt(0);
+    if (first === "y") w = "Y" + w.slice(1);
+    if ((m = /^(.+?)(ss|i)es$/.exec(w))) w = m[1] + m[2];
+    else if ((m = /^(.+?)([^s])s$/.exec(w))) w = m[1] + m[2];
+    if ((m = /^(.+?)eed$/.exec(w))) {
+      if (MGR0.test(m[1])) w = w.slice(0, -1);
+    } else if ((m = /^(.+?)(ed|ing)$/.exec(w))) {
+      stem = m[1];
+      if (SV.test(stem)) {
+        w = stem;
+        if (/(at|bl|iz)$/.test(w)) w += "e";
+        else if (/([^aeiouylsz])\1$/.test(w)) w = w.slice(0, -1);
+        else if (CVC.test(w)) w += "e";
+      }
+    }
+    if ((m = /^(.+?)y$/.exec(w)) && SV.test(m[1])) w = m[1] + "i";
+    if ((m = /^(.+?)(ational|tional|enci|anci|izer|bli|alli|entli|eli|ousli|ization|ation|ator|alism|iveness|fulness|ousness|aliti|iviti|biliti|logi)$/.exec(w)) && MGR0.test(m[1])) w = m[1] + STEP2[m[2]];
+    if ((m = /^(.+?)(icate|ative|alize|iciti|ical|ful|ness)$/.exec(w)) && MGR0.test(m[1])) w = m[1] + STEP3[m[2]];
+    if ((m = /^(.+?)(al|ance|ence|er|ic|able|ible|ant|ement|ment|ent|ou|ism|ate|iti|ous|ive|ize)$/.exec(w))) {
+      if (MGR1.test(m[1])) w = m[1];
+    } else if ((m = /^(.+?)(s|t)(ion)$/.exec(w))) {
+      stem = m[1] + m[2];
+      if (MGR1.test(stem)) w = stem;
+    }
+    if ((m = /^(.+?)e$/.exec(w))) {
+      stem = m[1];
+      if (MGR1.test(stem) || (MEQ1.test(stem) && !CVC.test(stem))) w = stem;
+    }
+    if (/ll$/.test(w) && MGR1.test(w)) w = w.slice(0, -1);
+    if (first === "y") w = "y" + w.slice(1);
+    return w;
+  }
+  window.sitegenAnalyse = analyse;  // for the test that compares it with the Python pipeline
 })();
