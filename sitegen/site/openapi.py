@@ -64,6 +64,11 @@ _NEURON2GRAPH = {
         "evaluation": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["precision", "recall", "f1", "variance_explained"]}]},
     },
 }
+_EXPLAINER = {
+    "type": "object", "required": ["explanation", "score"],
+    "properties": {"explanation": {"type": ["string", "null"]}, "score": {"type": ["number", "null"]}, "explainer": {"type": ["string", "null"]},
+                   "source": {"type": ["string", "null"]}, "method": {"type": ["string", "null"]}},
+}
 _MISSING = {"type": "object", "required": ["missing_data_types", "metadata"],
             "properties": {"missing_data_types": {"type": "array", "items": {"type": "string"}}, "metadata": {"$ref": "#/components/schemas/Metadata"}}}
 
@@ -109,10 +114,12 @@ def openapi_document(models, services: list[str]) -> dict:
             "/api/{model}/neuron2graph/{layer}/{neuron}": _get("A neuron's Neuron2Graph graph (null when not computed), tokens and similar neurons",
                                                                 _envelope("#/components/schemas/Neuron2Graph"), layer_neuron),
             "/api/{model}/neuron2graph-search": _search(),
+            "/api/{model}/neuron_explainer/{layer}/{neuron}": _get("A neuron's explanation and its simulation score (nulls when it has none)",
+                                                                    _envelope("#/components/schemas/NeuronExplainer"), layer_neuron),
             "/api/{model}/all/{layer}/{neuron}": _get("Every service for a neuron", {"type": "object", "additionalProperties": {"type": "object"}}, layer_neuron),
         },
         "components": {"schemas": {
-            "Metadata": _META, "NeuronIndex": _NEURON_INDEX, "Text": _TEXT, "Neuroscope": _NEUROSCOPE, "Logits": _LOGITS, "Missing": _MISSING, "Neuron2Graph": _NEURON2GRAPH,
+            "Metadata": _META, "NeuronIndex": _NEURON_INDEX, "Text": _TEXT, "Neuroscope": _NEUROSCOPE, "Logits": _LOGITS, "Missing": _MISSING, "Neuron2Graph": _NEURON2GRAPH, "NeuronExplainer": _EXPLAINER,
             "LayerImportance": {"type": "object", "required": ["num_neurons", "important_neurons"],
                                 "properties": {"num_neurons": {"type": "integer"}, "important_neurons": {"type": "array"}}},
         }},

@@ -190,7 +190,7 @@ def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int) -> dict:
     messages = explanation_messages(train)
     prompt_hash = "sha256:" + hashlib.sha256(orjson.dumps(messages)).hexdigest()
     raw, usage = [], [0, 0]
-    resp = ep.post("/chat/completions", {"messages": messages, "temperature": 1.0, "max_tokens": 60})
+    resp = ep.post("/chat/completions", {"messages": messages, "temperature": 1.0, "max_tokens": 60, "seed": 0})
     raw.append(resp)
     p, c = _usage(resp)
     usage = [usage[0] + p, usage[1] + c]
