@@ -178,7 +178,7 @@ def simulate(ep: Endpoint, explanation: str, tokens: list[str], state: dict) -> 
         state["logprobs"] = False  # no usable logprobs here: the fallback from now on
     ask = prompt.replace(f"\t{scoring.PLACEHOLDER}\n", "\t?\n")
     resp = ep.post("/chat/completions", {"temperature": 0, "max_tokens": 12 * len(tokens) + 40, "messages": [
-        {"role": "user", "content": ask + "\nRewrite the lines between <start> and <end>, replacing each ? with the activation "
+        {"role": "user", "content": ask + "\nRewrite the lines of the last excerpt (the one with ?), replacing each ? with the activation "
                                           "(an integer from 0 to 10) you predict. Reply with the lines only."}]})
     levels = scoring.parse_rewrite(_chat_text(resp).replace("<start>", "").replace("<end>", ""), len(tokens))
     return levels, "no-logprobs", resp
