@@ -23,7 +23,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import orjson
 
 LAYERS, SIZE, VOCAB = 48, 6400, 50_257
 

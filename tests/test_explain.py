@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import threading

@@ -7,7 +7,6 @@ import json
 import urllib.error
 import urllib.request
 
-import numpy as np
 import orjson
 import pytest
 
