@@ -64,7 +64,8 @@ class Stub:
         if path.endswith("/chat/completions"):
             text = body["messages"][-1]["content"]
             if "Neuron B" in text:
-                return 200, {"choices": [{"message": {"content": 'the word "tax".'}}], "usage": {"prompt_tokens": 50, "completion_tokens": 5}}
+                word = ["tax", "peace", "war"][body.get("seed", 0) % 3] if b == "samples" else "tax"
+                return 200, {"choices": [{"message": {"content": f'the word "{word}".'}}], "usage": {"prompt_tokens": 50, "completion_tokens": 5}}
             # the logprob-free simulation: rewrite the lines, 10 on ' tax'
             lines = [ln for ln in text.rsplit("<start>\n", 1)[1].split("<end>")[0].splitlines() if ln.endswith("\t?")]
             out = "\n".join(ln[:-1] + ("10" if ln.split("\t")[0].strip() == "tax" else "0") for ln in lines)
@@ -134,6 +135,20 @@ def test_endpoint_without_logprobs_falls_back_and_records_it(store):
     row = Store.open(store.root).read_layer("neuron_explainer", 0).to_pylist()[0]
     assert row["method"] == "no-logprobs"
     assert any(p.endswith("/chat/completions") and "Rewrite the lines" in json.dumps(b) for p, b, _ in stub.calls)
+
+
+def test_several_samples_are_scored_and_the_best_kept(store):
+    stub = Stub("samples")
+    try:
+        run_explain(_cfg(store, stub.url, samples=3), log=lambda m: None)
+    finally:
+        stub.close()
+    work = [json.loads(line) for line in (store.root / ".work/explain.jsonl").read_text().splitlines()]
+    for r in work:
+        assert [x["explanation"] for x in r["samples"]] == ['the word "tax".', 'the word "peace".', 'the word "war".']
+        best = max(x["score"] if x["score"] is not None else -2 for x in r["samples"])
+        assert r["score"] == best or (r["score"] is None and best == -2)
+        assert r["usage"]["requests"] == 3 * (1 + 2 + 2)
 
 
 def test_retries_on_429_then_succeeds(store):

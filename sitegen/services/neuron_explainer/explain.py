@@ -59,6 +59,7 @@ class ExplainConfig:
     timeout: float = 60.0
     retries: int = 4
     explainer_excerpts: int = 5
+    samples: int = 1  # explanations sampled per neuron; each is scored, the best kept
     dry_run: bool = False
 
 
@@ -184,41 +185,56 @@ def simulate(ep: Endpoint, explanation: str, tokens: list[str], state: dict) -> 
     return levels, "no-logprobs", resp
 
 
-def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int) -> dict:
-    """texts: {"top": [(tokens, acts)], "random": [(tokens, acts)]} -> one result record."""
+def _score_one(ep: Endpoint, explanation: str, scored: list, state: dict, raw: list, usage: list) -> dict:
+    """Simulate and score one explanation on the scored sequences."""
+    simulated, true, details, methods = [], [], [], set()
+    for tokens, acts in scored:
+        pred, method, r = simulate(ep, explanation, tokens, state)
+        raw.append(r)
+        p, c = _usage(r)
+        usage[0] += p
+        usage[1] += c
+        methods.add(method)
+        if pred is None:
+            continue
+        simulated.append(pred)
+        true.append(acts)
+        details.append({"tokens": tokens, "true": [round(float(a), 4) for a in acts], "simulated": [None if x is None else round(x, 3) for x in pred]})
+    return {"explanation": explanation, "score": scoring.score_simulation(simulated, true) if simulated else None,
+            "method": "+".join(sorted(methods)), "details": details, "read": bool(simulated)}
+
+
+def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int, samples: int = 1) -> dict:
+    """texts: {"top": [(tokens, acts)], "random": [(tokens, acts)]} -> one result record. With
+    several samples (temperature 1), each explanation is scored and the best one kept."""
     train_i, test_i = _split(len(texts["top"]))
     train = [texts["top"][i] for i in train_i][:n_excerpts]
     messages = explanation_messages(train)
     prompt_hash = "sha256:" + hashlib.sha256(orjson.dumps(messages)).hexdigest()
-    raw, usage = [], [0, 0]
-    resp = ep.post("/chat/completions", {"messages": messages, "temperature": 1.0, "max_tokens": 60, "seed": 0})
-    raw.append(resp)
-    p, c = _usage(resp)
-    usage = [usage[0] + p, usage[1] + c]
-    explanation = clean_explanation(_chat_text(resp))
-    record = {"explanation": explanation or None, "score": None, "method": None, "prompt_hash": prompt_hash, "error": None}
-    if not explanation:
+    raw: list = []
+    usage = [0, 0]
+    scored = [texts["top"][i] for i in test_i] + list(texts["random"])
+    state: dict = {}
+    candidates = []
+    for sample in range(samples):
+        resp = ep.post("/chat/completions", {"messages": messages, "temperature": 1.0, "max_tokens": 60, "seed": sample})
+        raw.append(resp)
+        p, c = _usage(resp)
+        usage[0] += p
+        usage[1] += c
+        explanation = clean_explanation(_chat_text(resp))
+        if explanation and explanation not in {x["explanation"] for x in candidates}:
+            candidates.append(_score_one(ep, explanation, scored, state, raw, usage))
+    record = {"explanation": None, "score": None, "method": None, "prompt_hash": prompt_hash, "error": None,
+              "samples": [{"explanation": x["explanation"], "score": x["score"]} for x in candidates]}
+    readable = [x for x in candidates if x["read"]]
+    if not candidates:
         record["error"] = "the explainer's answer was empty or malformed"
+    elif not readable:
+        record["error"] = "no simulation answer could be read"
     else:
-        state: dict = {}
-        scored = [texts["top"][i] for i in test_i] + list(texts["random"])
-        simulated, true, details, methods = [], [], [], set()
-        for tokens, acts in scored:
-            pred, method, r = simulate(ep, explanation, tokens, state)
-            raw.append(r)
-            p, c = _usage(r)
-            usage = [usage[0] + p, usage[1] + c]
-            methods.add(method)
-            if pred is None:
-                continue
-            simulated.append(pred)
-            true.append(acts)
-            details.append({"tokens": tokens, "true": [round(float(a), 4) for a in acts], "simulated": [None if x is None else round(x, 3) for x in pred]})
-        record["score"] = scoring.score_simulation(simulated, true) if simulated else None
-        record["method"] = "+".join(sorted(methods))
-        record["details"] = details
-        if not simulated:
-            record["error"] = "no simulation answer could be read"
+        best = max(readable, key=lambda x: -2.0 if x["score"] is None else x["score"])  # first on ties
+        record.update({k: best[k] for k in ("explanation", "score", "method", "details")})
     record["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "requests": len(raw)}
     record["raw"] = raw
     return record
@@ -241,6 +257,8 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
 
     if cfg.concurrency < 1:
         raise ConfigError(f"--concurrency {cfg.concurrency}: must be at least 1")
+    if cfg.samples < 1:
+        raise ConfigError(f"--samples {cfg.samples}: must be at least 1")
     store = Store.open(cfg.store)
     m = store.manifest["model"]
     selection = _parse_neurons(cfg.neurons, int(m["num_layers"]), int(m["layer_size"]), store, select_neurons)
@@ -261,7 +279,7 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
     for layer in sorted({layer for layer, _ in todo}):
         for n, tx in _texts(store, layer, [n for lay, n in todo if lay == layer], vocab, seq_tokens).items():
             texts[(layer, n)] = tx
-    per_neuron = 1 + 5 + 5
+    per_neuron = cfg.samples * (1 + 5 + 5)
     if cfg.dry_run:
         if todo:
             first = todo[0]
@@ -270,13 +288,13 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
             for msg in messages:
                 log(f"--- {msg['role']}\n{msg['content']}")
         log(f"dry run: {len(todo)} neurons to explain ({len(done)} already done), about {len(todo) * per_neuron} requests "
-            f"(1 explanation + up to 10 simulations each) to {cfg.endpoint} as model {cfg.model!r}")
+            f"({cfg.samples} x (1 explanation + up to 10 simulations) each) to {cfg.endpoint} as model {cfg.model!r}")
         return {"todo": len(todo), "requests": len(todo) * per_neuron}
     ep = Endpoint(cfg.endpoint, cfg.model, os.environ.get(cfg.api_key_env), cfg.timeout, cfg.retries, cfg.api_key_env)
     store.work_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
     with open(work, "ab") as out, ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
-        futures = {pool.submit(explain_neuron, ep, texts[key], cfg.explainer_excerpts): key for key in todo}
+        futures = {pool.submit(explain_neuron, ep, texts[key], cfg.explainer_excerpts, cfg.samples): key for key in todo}
         try:
             for fut in as_completed(futures):
                 layer, n = futures[fut]
