@@ -59,6 +59,9 @@ class Stub:
         if b == "flaky" and self.failures_left > 0:
             self.failures_left -= 1
             return 429, {"error": {"message": "rate limited"}}
+        if b == "slow" and path.endswith("/chat/completions") and "Neuron B" in json.dumps(body) and self.failures_left == 2:
+            self.failures_left = 0
+            time.sleep(2.5)  # longer than the client's timeout: this one neuron fails
         if b == "empty" and path.endswith("/chat/completions") and "Neuron B" in json.dumps(body):
             return 200, {"choices": [{"message": {"content": "   "}}]}
         if path.endswith("/chat/completions"):
@@ -157,6 +160,18 @@ def test_retries_on_429_then_succeeds(store):
         assert run_explain(_cfg(store, stub.url), log=lambda m: None)["done"] == 2
     finally:
         stub.close()
+
+
+def test_a_slow_answer_fails_that_neuron_only(store):
+    stub = Stub("slow")
+    logs: list[str] = []
+    try:
+        cfg = _cfg(store, stub.url)
+        cfg.timeout, cfg.retries, cfg.concurrency = 1.0, 0, 1
+        assert run_explain(cfg, log=logs.append) == {"done": 1, "failed": 1}
+    finally:
+        stub.close()
+    assert any("raise --timeout" in m for m in logs)
 
 
 def test_finished_neurons_are_not_asked_again(store):

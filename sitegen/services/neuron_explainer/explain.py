@@ -100,6 +100,9 @@ class Endpoint:
                     time.sleep(delay)
                     delay *= 2
                     continue
+                if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
+                    # a slow answer fails this neuron only (asked again on the next run)
+                    raise EndpointError(f"{self.base}{path}: no answer within {self.timeout:g} s, {self.retries + 1} tries; raise --timeout") from None
                 raise EndpointError(f"{self.base}: unreachable ({getattr(e, 'reason', e)}); check --endpoint and that the server runs") from None
             except orjson.JSONDecodeError:
                 raise EndpointError(f"{self.base}{path}: the answer is not JSON; is --endpoint an OpenAI-compatible API?") from None
