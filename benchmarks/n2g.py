@@ -28,9 +28,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from sitegen.compute.models import load_model, resolve_device
-    from sitegen.compute.packing import bos_id
     from sitegen.compute.runner import ComputeConfig, run_compute
-    from sitegen.services.neuron2graph.compute import N2GConfig, Neighbours, build_layer, neutral_token, select_neurons
+    from sitegen.services.neuron2graph.compute import ModelTokens, N2GConfig, build_layer
+    from sitegen.services.selection import select_neurons
     from sitegen.store import Store
 
     tmp = None
@@ -44,19 +44,14 @@ def main() -> None:
         device = resolve_device(args.device)
         store = Store.open(args.store)
         model = load_model(store.manifest["model"]["source"], device=device)
-        tok = model.tokenizer
-        vocab = store.vocab()
-        special = {int(i) for i in tok.all_special_ids}
-        embed = model.bridge.original_model.get_input_embeddings().weight.detach().float().cpu().numpy()
-        neighbours = Neighbours(embed[:len(vocab)], vocab, special)
-        neutral, bos = neutral_token(tok), bos_id(tok)
+        mt = ModelTokens.prepare(model, store)
         cfg = N2GConfig()
         m = store.manifest["model"]
         selection = select_neurons(f"{args.per_layer}@{args.layers}", m["num_layers"], m["layer_size"], store)
 
         def run(layer, neurons):
             t = time.perf_counter()
-            table, tokens = build_layer(model, store, layer, neurons, cfg, vocab, bos, neutral, neighbours, special)
+            table, tokens = build_layer(model, store, layer, neurons, cfg, mt)
             return time.perf_counter() - t, tokens, table
 
         print(f"model {m['name']} on {device}; {args.per_layer} neurons in each of layers {args.layers}")

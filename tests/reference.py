@@ -134,10 +134,8 @@ def write_synthetic_graphs(store: Store, graphs: dict[tuple[int, int], list]) ->
         by_layer.setdefault(layer, []).append((work, trie, ev))
     for layer, rows in by_layer.items():
         store.write_layer(SERVICE, layer, graphs_table(rows))
-    manifest = {k: v for k, v in store.manifest.items() if k not in ("schema_version", "sitegen_version")} if store.exists else None
-    if manifest is not None and SERVICE not in manifest["services"]:
-        manifest["services"] = manifest["services"] + [SERVICE]
-        store.write_manifest(manifest)
+    if store.exists:
+        Store.open(store.root).add_service(SERVICE)
 
 
 def static_search(site: Path, model: str, query: str) -> list[int]:

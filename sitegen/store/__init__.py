@@ -64,6 +64,7 @@ class Store:
     def __init__(self, root: Path | str):
         self.root = Path(root)
         self._manifest: dict | None = None
+        self._sequence_tokens: dict | None = None
 
     # -- opening --
     @classmethod
@@ -123,6 +124,15 @@ class Store:
     def sequences(self) -> pa.Table:
         return self._read(self.root / "sequences.parquet")
 
+    def sequence_tokens(self) -> dict[int, Any]:
+        """seq_id -> its token ids (a numpy int32 array), read once per Store object."""
+        if self._sequence_tokens is None:
+            seqs = self.sequences()
+            col = seqs.column("token_ids").combine_chunks()
+            offsets, values = col.offsets.to_numpy(), col.values.to_numpy()
+            self._sequence_tokens = {int(s): values[offsets[i]:offsets[i + 1]] for i, s in enumerate(seqs.column("seq_id").to_numpy())}
+        return self._sequence_tokens
+
     # -- writing (compute and merge) --
     def write_layer(self, service: str, layer: int, table: pa.Table) -> None:
         write_table(self.layer_path(service, layer), table)
@@ -132,6 +142,19 @@ class Store:
 
     def write_sequences(self, table: pa.Table) -> None:
         write_table(self.root / "sequences.parquet", table)
+
+    def add_service(self, service: str, record: dict | None = None) -> None:
+        """List a service in the manifest of an existing store (and keep `record` under its name);
+        written only when something changes."""
+        manifest = {k: v for k, v in self.manifest.items() if k not in ("schema_version", "sitegen_version")}
+        changed = service not in manifest.get("services", [])
+        if changed:
+            manifest["services"] = [*manifest.get("services", []), service]
+        if record is not None and manifest.get(service) != record:
+            manifest[service] = record
+            changed = True
+        if changed:
+            self.write_manifest(manifest)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         manifest = {**manifest, "schema_version": SCHEMA_VERSION, "sitegen_version": __version__}

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from sitegen.services.neuron2graph import graph as g
+from sitegen.services.selection import select_neurons
 
 SERVICE = "neuron2graph"
 
@@ -223,13 +224,34 @@ def _split(n: int, seed: int, layer: int, neuron: int) -> tuple[list[int], list[
     return sorted(order[:half].tolist()), sorted(order[half:].tolist())
 
 
-def build_layer(model, store, layer: int, neurons: Iterable[int], cfg: N2GConfig, vocab: list[str], bos: int | None,
-                neutral: int, neighbours: Neighbours, special: set[int], log: Callable[[str], None] = lambda s: None) -> tuple[pa.Table, int]:
+@dataclass
+class ModelTokens:
+    """What every layer's graphs need from the model's vocabulary, prepared once per run."""
+    vocab: list[str]
+    bos: int | None
+    neutral: int  # the masking token
+    special: set[int]
+    neighbours: Neighbours
+
+    @classmethod
+    def prepare(cls, model, store) -> "ModelTokens":
+        from sitegen.compute.packing import bos_id
+
+        vocab = store.vocab()
+        tokenizer = model.tokenizer
+        special = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
+        embed = model.bridge.original_model.get_input_embeddings().weight.detach().float().cpu().numpy()
+        return cls(vocab, bos_id(tokenizer), neutral_token(tokenizer), special, Neighbours(embed[:len(vocab)], vocab, special))
+
+
+def build_layer(model, store, layer: int, neurons: Iterable[int], cfg: N2GConfig, mt: ModelTokens,
+                log: Callable[[str], None] = lambda s: None) -> tuple[pa.Table, int]:
     """Graphs for the given neurons of one layer, as the service's table, plus tokens run."""
+    vocab, bos, neutral, special, neighbours = mt.vocab, mt.bos, mt.neutral, mt.special, mt.neighbours
     first = 1 if bos is not None else 0
     neurons = sorted({int(n) for n in neurons})
     table = store.read_layer("neuroscope", layer, columns=["neuron", "top_seq", "top_acts"]).to_pydict()
-    seq_tokens = _sequence_tokens(store)
+    seq_tokens = store.sequence_tokens()
     work: list[NeuronWork] = []
     for n in neurons:
         seqs = table["top_seq"][n][:cfg.texts]
@@ -329,15 +351,6 @@ def build_layer(model, store, layer: int, neurons: Iterable[int], cfg: N2GConfig
     return graphs_table(rows), fwd.tokens_run
 
 
-def _sequence_tokens(store) -> dict[int, np.ndarray]:
-    seqs = store.sequences()
-    ids = seqs.column("seq_id").to_numpy()
-    col = seqs.column("token_ids").combine_chunks()
-    offsets = col.offsets.to_numpy()
-    values = col.values.to_numpy()
-    return {int(s): values[offsets[i]:offsets[i + 1]] for i, s in enumerate(ids)}
-
-
 GRAPH_SCHEMA = pa.schema([
     ("neuron", pa.int32()),
     ("base_max_act", pa.float32()),
@@ -384,43 +397,6 @@ def _walk(trie: g.Trie):
         queue = nxt
 
 
-def _layers(text: str, n_layers: int, spec: str) -> list[int]:
-    from sitegen.errors import ConfigError
-
-    try:
-        layers = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        layers = [-1]
-    if not layers or any(not 0 <= x < n_layers for x in layers):
-        raise ConfigError(f"--n2g {spec}: layers must be comma-separated numbers from 0 to {n_layers - 1}, e.g. --n2g layers:0,5")
-    return layers
-
-
-def select_neurons(spec: str, n_layers: int, d_mlp: int, store) -> dict[int, list[int]]:
-    """--n2g: 'all'; 'layers:0,5' (every neuron of those layers); N (the N neurons per layer with
-    the largest activation: the ones a researcher opens first); N@0,5 (those, in layers 0 and 5)."""
-    from sitegen.errors import ConfigError
-
-    spec = spec.strip()
-    if spec == "all":
-        return {layer: list(range(d_mlp)) for layer in range(n_layers)}
-    if spec.startswith("layers:"):
-        return {layer: list(range(d_mlp)) for layer in _layers(spec[len("layers:"):], n_layers, spec)}
-    count, _, where = spec.partition("@")
-    try:
-        per_layer = int(count)
-    except ValueError:
-        raise ConfigError(f"--n2g {spec}: use 'all', 'layers:0,5', N or N@0,5 (N neurons per layer), e.g. --n2g 10") from None
-    if per_layer < 0:
-        raise ConfigError(f"--n2g {spec}: must be 0 or more neurons per layer")
-    out = {}
-    for layer in (_layers(where, n_layers, spec) if where else range(n_layers)):
-        top = np.asarray(store.read_layer("neuroscope", layer, columns=["max"]).column("max").to_numpy(), dtype=np.float64)
-        order = np.lexsort((np.arange(len(top)), -top))  # largest first, ties by index
-        out[layer] = sorted(order[:per_layer].tolist())
-    return {k: v for k, v in out.items() if v}
-
-
 def neutral_token(tokenizer) -> int:
     """The masking token for saliency: the single-space token when there is one (neutral text),
     else id 0. The reference uses id 1, which for many tokenizers (SmolLM2's included) is a special token."""
@@ -433,22 +409,14 @@ def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] 
     graph is already there (so an interrupted run resumes per layer). Returns cost figures."""
     import torch
 
-    from sitegen.compute.packing import bos_id
-
     manifest = store.manifest
     n_layers, d_mlp = manifest["model"]["num_layers"], manifest["model"]["layer_size"]
     selection = select_neurons(spec, n_layers, d_mlp, store)
-    vocab = store.vocab()
-    tokenizer = model.tokenizer
-    bos = bos_id(tokenizer)
-    special = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
-    embed = model.bridge.W_E.detach().float().cpu().numpy() if hasattr(model.bridge, "W_E") else model.bridge.original_model.get_input_embeddings().weight.detach().float().cpu().numpy()
-    neighbours = Neighbours(embed[:len(vocab)], vocab, special)
-    neutral = neutral_token(tokenizer)
+    mt = ModelTokens.prepare(model, store)
     totals = {"graphs": 0, "tokens_run": 0, "seconds": 0.0}
     torch.manual_seed(cfg.seed)
     n2g_record = {"texts": cfg.texts, "replacements": cfg.replacements, "max_augmented": cfg.max_augmented, "seed": cfg.seed,
-                  "replacement_source": "input-embedding nearest neighbours", "neutral_token_id": neutral}
+                  "replacement_source": "input-embedding nearest neighbours", "neutral_token_id": mt.neutral}
     for layer, neurons in selection.items():
         path = store.layer_path(SERVICE, layer)
         old = store.read_layer(SERVICE, layer) if path.exists() else None
@@ -457,20 +425,12 @@ def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] 
         if not todo:
             continue
         start = time.perf_counter()
-        table, tokens_run = build_layer(model, store, layer, todo, cfg, vocab, bos, neutral, neighbours, special, log)
+        table, tokens_run = build_layer(model, store, layer, todo, cfg, mt, log)
         if old is not None:
             table = pa.concat_tables([old, table]).sort_by("neuron")
         store.write_layer(SERVICE, layer, table)
-        _record(store, n2g_record)  # after every layer: an interrupted run's finished layers are part of the store
+        store.add_service(SERVICE, n2g_record)  # after every layer: an interrupted run's finished layers are part of the store
         totals["graphs"] += table.num_rows - len(have)
         totals["tokens_run"] += tokens_run
         totals["seconds"] += time.perf_counter() - start
     return totals
-
-
-def _record(store, n2g_record: dict) -> None:
-    manifest = {k: v for k, v in store.manifest.items() if k not in ("schema_version", "sitegen_version")}
-    if SERVICE not in manifest.get("services", []):
-        manifest["services"] = [*manifest.get("services", []), SERVICE]
-    manifest[SERVICE] = n2g_record
-    store.write_manifest(manifest)

@@ -32,6 +32,7 @@ import pyarrow as pa
 from sitegen.errors import ConfigError, SitegenError
 from sitegen.services.neuron_explainer import scoring
 from sitegen.services.neuron_explainer.published import SERVICE, TABLE_SCHEMA
+from sitegen.services.selection import select_neurons
 
 SOURCE_EXPLAIN = "sitegen explain"
 PRIMER = "the main thing this neuron does is find"
@@ -255,7 +256,6 @@ def _texts(store, layer: int, neurons: list[int], vocab: list[str], seq_tokens: 
 
 
 def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
-    from sitegen.services.neuron2graph.compute import _sequence_tokens, select_neurons
     from sitegen.store import Store, atomic_write_bytes
 
     if cfg.concurrency < 1:
@@ -264,9 +264,9 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
         raise ConfigError(f"--samples {cfg.samples}: must be at least 1")
     store = Store.open(cfg.store)
     m = store.manifest["model"]
-    selection = _parse_neurons(cfg.neurons, int(m["num_layers"]), int(m["layer_size"]), store, select_neurons)
+    selection = _parse_neurons(cfg.neurons, int(m["num_layers"]), int(m["layer_size"]), store)
     vocab = store.vocab()
-    seq_tokens = {k: v.tolist() for k, v in _sequence_tokens(store).items()}
+    seq_tokens = store.sequence_tokens()
     work = store.work_dir / "explain.jsonl"
     done: dict[tuple[int, int], dict] = {}
     if work.exists():
@@ -326,7 +326,7 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
     return {"done": len(done), "failed": failures}
 
 
-def _parse_neurons(spec: str, n_layers: int, size: int, store, select_neurons) -> dict[int, list[int]]:
+def _parse_neurons(spec: str, n_layers: int, size: int, store) -> dict[int, list[int]]:
     """--neurons: '3:17,5:2' (those), or the --n2g forms ('all', 'layers:0,5', N, N@0,5)."""
     if ":" in spec and not spec.startswith("layers:"):
         out: dict[int, list[int]] = {}
@@ -339,10 +339,7 @@ def _parse_neurons(spec: str, n_layers: int, size: int, store, select_neurons) -
                 raise ConfigError(f"--neurons {spec}: {layer}:{n} is not a neuron of this model ({n_layers} layers x {size})")
             out.setdefault(layer, []).append(n)
         return {k: sorted(set(v)) for k, v in out.items()}
-    try:
-        return select_neurons(spec, n_layers, size, store)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("--n2g", "--neurons")) from None
+    return select_neurons(spec, n_layers, size, store, option="--neurons")
 
 
 def _write_tables(store, done: dict[tuple[int, int], dict], model: str) -> None:
@@ -363,8 +360,5 @@ def _write_tables(store, done: dict[tuple[int, int], dict], model: str) -> None:
         schema = pa.schema([*TABLE_SCHEMA, ("prompt_hash", pa.string()), ("usage", pa.string()), ("details", pa.string()), ("raw", pa.string())])
         ordered = [rows[n] for n in sorted(rows)]
         store.write_layer(SERVICE, layer, pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in ordered], schema=schema))
-    manifest = {k: v for k, v in store.manifest.items() if k not in ("schema_version", "sitegen_version")}
-    if SERVICE not in manifest.get("services", []):
-        manifest["services"] = [*manifest.get("services", []), SERVICE]
-        store.write_manifest(manifest)
+    store.add_service(SERVICE)
 

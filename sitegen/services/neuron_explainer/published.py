@@ -108,10 +108,7 @@ def import_explanations(folder: Path, store_root: Path, log=print) -> int:
     found = read_published(folder, int(m["num_layers"]), int(m["layer_size"]))
     for layer, table in tables(found).items():
         store.write_layer(SERVICE, layer, table)
-    manifest = {k: v for k, v in store.manifest.items() if k not in ("schema_version", "sitegen_version")}
-    if SERVICE not in manifest.get("services", []):
-        manifest["services"] = [*manifest.get("services", []), SERVICE]
-        store.write_manifest(manifest)
+    store.add_service(SERVICE)
     count = sum(len(v) for v in found.values())
     log(f"imported {count} explanations into {store_root} ({len(found)} layers)")
     return count
