@@ -106,11 +106,13 @@ def merge(parts, out):
 @click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("build"), show_default=True, help="Output folder for the site.")
 @click.option("--base-url", default="", help="Absolute URL the site will live at (for links in the API docs).")
-def build(stores, out, base_url):
+@click.option("--theme", type=click.Path(path_type=Path), default=None,
+              help="A theme folder (templates/, static/) whose files replace the default theme's files of the same name.")
+def build(stores, out, base_url, theme):
     """Render stores into a static site and a JSON API (no torch needed)."""
     from sitegen.site.build import build_site
 
-    report = build_site(list(stores), out, base_url=base_url)
+    report = build_site(list(stores), out, base_url=base_url, theme=theme)
     click.echo(report.summary(), err=True)
 
 

@@ -17,17 +17,16 @@ from pathlib import Path
 
 import orjson
 from markupsafe import escape
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from sitegen import __version__
-from sitegen.errors import BuildError, SitegenError
+from sitegen.errors import BuildError, ConfigError, SitegenError
+from sitegen.resources import default_theme, resource
 from sitegen.services import SERVICES
 from sitegen.services.tokens import escaped_vocab
 from sitegen.site.publisher import Publisher
 from sitegen.store import Store
 
-THEME = Path(__file__).resolve().parents[2] / "themes" / "default"
-CONTENT = Path(__file__).resolve().parents[2] / "content"
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _JSON_OPTS = orjson.OPT_SORT_KEYS
 
@@ -185,8 +184,19 @@ def _neighbours(model: SiteModel, layer: int, neuron: int) -> dict:
     return {"prev": divmod(prev_, model.layer_size), "next": divmod(next_, model.layer_size), "random": model.random_neuron(layer, neuron)}
 
 
-def _environment(assets: dict[str, str]) -> Environment:
-    env = Environment(loader=FileSystemLoader(str(THEME / "templates")), autoescape=select_autoescape(["html"]),
+def theme_layers(theme: Path | None = None) -> list[Path]:
+    """The theme folders to read, first match wins: a user's theme (--theme) over the default one.
+    A user's theme holds any subset of the default's templates/ and static/ files."""
+    if theme is None:
+        return [default_theme()]
+    if not theme.is_dir() or not ((theme / "templates").is_dir() or (theme / "static").is_dir()):
+        raise ConfigError(f"--theme {theme}: not a theme folder (it needs templates/ or static/, laid out like sitegen's default theme)")
+    return [theme, default_theme()]
+
+
+def _environment(assets: dict[str, str], themes: list[Path] | None = None) -> Environment:
+    loader = ChoiceLoader([FileSystemLoader(str(t / "templates")) for t in (themes or theme_layers())])
+    env = Environment(loader=loader, autoescape=select_autoescape(["html"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.globals.update(assets=assets, version=__version__)
     env.filters["num"] = lambda v, p=4: f"{v:.{p}g}" if isinstance(v, float) else v
@@ -194,10 +204,17 @@ def _environment(assets: dict[str, str]) -> Environment:
     return env
 
 
-def _publish_assets(pub: Publisher) -> dict[str, str]:
-    """Static files with a content hash in their names (immutable caching); returns name -> URL."""
+def _publish_assets(pub: Publisher, themes: list[Path] | None = None) -> dict[str, str]:
+    """Static files with a content hash in their names (immutable caching); returns name -> URL.
+    A file of a user's theme replaces the default theme's file of the same name."""
+    files: dict[str, Path] = {}
+    for theme in reversed(themes or theme_layers()):
+        static = theme / "static"
+        if static.is_dir():
+            files.update({p.name: p for p in static.iterdir() if p.is_file()})
     assets = {}
-    for path in sorted((THEME / "static").iterdir()):
+    for name in sorted(files):
+        path = files[name]
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()[:10]
         rel = f"assets/{path.stem}.{digest}{path.suffix}"
@@ -212,7 +229,7 @@ def _content_pages(pub: Publisher, env: Environment, models: list[SiteModel], ba
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
     example = models[0] if models else None
     texts = {}
-    for path in sorted(CONTENT.glob("*.md")):
+    for path in sorted(resource("content").glob("*.md")):
         text = path.read_text()
         if example:  # API examples name a real model of this site
             text = text.replace("{{model}}", example.name).replace("{{base_url}}", base_url or "http://127.0.0.1:8000")
@@ -223,9 +240,10 @@ def _content_pages(pub: Publisher, env: Environment, models: list[SiteModel], ba
         pub.publish(f"{page['slug']}.html", env.get_template("page.html").render(title=page["title"], body=md.render(texts[page["slug"]])))
 
 
-def build_site(store_paths: list[Path], out: Path, base_url: str = "") -> BuildReport:
+def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Path | None = None) -> BuildReport:
     started = time.monotonic()
     stage = "collect"
+    themes = theme_layers(theme)
     try:
         models = [SiteModel(Store.open(p)) for p in store_paths]
         names = [m.name for m in models]
@@ -236,8 +254,8 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "") -> BuildR
         out.mkdir(parents=True, exist_ok=True)
         pub = Publisher(out)
         stage = "assets"
-        assets = _publish_assets(pub)
-        env = _environment(assets)
+        assets = _publish_assets(pub, themes)
+        env = _environment(assets, themes)
         stage = "content"
         _content_pages(pub, env, models, base_url)
         neurons = 0

@@ -17,8 +17,8 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 from sitegen.errors import BuildError
+from sitegen.resources import resource
 
-NETLIFY_TOML = Path(__file__).with_name("netlify.toml")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,9 @@ class Rules:
 
 
 @lru_cache(maxsize=4)
-def load_rules(path: Path = NETLIFY_TOML) -> Rules:
+def load_rules(path: Path | None = None) -> Rules:
+    """The rules of `path`, by default the netlify.toml that ships with sitegen (the repository's own)."""
+    path = path or resource("netlify.toml")
     try:
         doc = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
