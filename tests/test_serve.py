@@ -189,6 +189,7 @@ def small_rules():
     ("/forced/real.html", "", (200, "/forced.html", None)),  # force = true wins over the file
     ("/b", "", (404, "/404.html", None)),  # rewritten once to /c, which is no file; /c's rule is not applied
     ("/c", "", (200, "/d.html", None)),
+    ("/c/", "", (200, "/d.html", None)),  # one trailing slash does not matter for matching
     ("/q", "layer=3", (200, "/q/3.html", None)),
     ("/q", "layer=4", (404, "/404.html", None)),  # first match stops even though the next rule also matches /q
     ("/q", "layer=x", (404, "/404.html", None)),  # a rewrite with a non-integer :layer: the 404 page

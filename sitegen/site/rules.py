@@ -2,7 +2,8 @@
 Netlify's documented semantics, so `sitegen serve` and the CDN answer alike:
 
 - [[redirects]] are read in order until one matches (its `from` path, with :placeholders and a
-  trailing * splat, and every parameter its `query` names); then processing stops.
+  trailing * splat, and every parameter its `query` names); then processing stops. One trailing
+  slash on the requested path is ignored for matching.
 - Shadowing: if that rule is not `force = true` and a file exists at the requested path, the file
   is served. A path no rule matches is served if it is a file, else the 404 page.
 - A rule's status: 301/302/303/307/308 redirect to `to`; any other status (200 = rewrite, 404, ...)
@@ -136,8 +137,12 @@ class Rules:
     headers: tuple[tuple[re.Pattern, tuple[tuple[str, str], ...]], ...]
 
     def match(self, path: str, query: str) -> Match | None:
-        """The first rule whose `from` and `query` conditions PATH?QUERY meets (no file checks)."""
+        """The first rule whose `from` and `query` conditions PATH?QUERY meets (no file checks).
+        As on Netlify, whose CDN normalises the URL before rules apply, one trailing slash does
+        not matter: "/a/" matches a rule for "/a"."""
         params = query_params(query)
+        if len(path) > 1 and path.endswith("/"):
+            path = path[:-1]
         for rule in self.redirects:
             values = rule.bind(path, params)
             if values is not None:
