@@ -214,12 +214,6 @@ def test_match_is_the_pure_first_rule_lookup(small_rules):
     assert small_rules.match("/s/x/\\y", "").target() == "/x/%5Cy"  # a splat keeps its slashes, not backslashes
 
 
-def test_unknown_api_path_gets_the_404_page_through_serve(served_site):
-    status, headers, body = get(served_site, "/api/toy-model/neuroscope/0/99")
-    assert status == 404 and b"<html" in body.lower()
-    assert_safe_answer(served_site, "/api/x", status, headers)
-
-
 # ---- connections --------------------------------------------------------------------------------
 
 def test_idle_connections_time_out(built_site):
