@@ -60,7 +60,9 @@ def test_headers_match_netlify_toml(served_site):
 def test_pretty_neuron_url_and_nojs_chooser(served_site):
     assert requests.get(served_site + f"/{MODEL}/1/2").text == requests.get(served_site + f"/{MODEL}/1/2.html").text
     r = requests.get(served_site + f"/{MODEL}/go?layer=1&neuron=3", allow_redirects=False)
-    assert r.status_code == 302 and r.headers["Location"] == f"/{MODEL}/1/3.html"
+    assert r.status_code == 302 and r.headers["Location"] == f"/./{MODEL}/1/3.html"  # "/./": see netlify.toml
+    r = requests.get(served_site + f"/{MODEL}/go?layer=1&neuron=3")
+    assert r.status_code == 200 and r.url == served_site + f"/{MODEL}/1/3.html"
 
 
 def test_built_api_conforms_to_openapi(built_site, served_site):
@@ -99,10 +101,10 @@ def test_rules_match_netlify_semantics():
     rules = load_rules()
     files = {"/api/m/neuroscope/0/1.json", "/m/0/1.html", "/404.html", "/api/index.json"}
     exists = files.__contains__
-    assert rules.resolve("/api/m/neuroscope/0/1", "", exists).target == "/api/m/neuroscope/0/1.json"
-    assert rules.resolve("/api/m/neuroscope/0/1.json", "", exists).target == "/api/m/neuroscope/0/1.json"  # files shadow rules
-    assert rules.resolve("/api", "", exists).target == "/api/index.json"
-    go = rules.resolve("/m/go", "layer=0&neuron=1", exists)
-    assert (go.status, go.target) == (302, "/m/0/1.html")
-    assert rules.resolve("/m/go", "layer=0", exists).status == 404  # query condition not met
-    assert rules.resolve("/nothing/here", "", exists).status == 404
+    assert rules.decide("/api/m/neuroscope/0/1", "", exists).file == "/api/m/neuroscope/0/1.json"
+    assert rules.decide("/api/m/neuroscope/0/1.json", "", exists).file == "/api/m/neuroscope/0/1.json"  # files shadow rules
+    assert rules.decide("/api", "", exists).file == "/api/index.json"
+    go = rules.decide("/m/go", "layer=0&neuron=1", exists)
+    assert (go.status, go.location) == (302, "/./m/0/1.html")
+    assert rules.decide("/m/go", "layer=0", exists).status == 404  # query condition not met
+    assert rules.decide("/nothing/here", "", exists).status == 404

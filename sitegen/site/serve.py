@@ -1,73 +1,166 @@
-"""`sitegen serve`: a local static server that applies netlify.toml's rules and headers (rules.py)."""
+"""`sitegen serve`: a local static server that applies netlify.toml's rules and headers (rules.py).
+
+Every request gets an HTTP answer carrying netlify.toml's headers (security headers included):
+malformed requests, unsupported methods and internal errors too. One thread per connection
+(daemon threads, so Ctrl-C never waits), HTTP/1.1 keep-alive, a listen backlog sized for many
+concurrent clients, and a connection idle for IDLE_TIMEOUT seconds is closed.
+"""
 
 from __future__ import annotations
 
 import mimetypes
+import re
 import sys
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+import traceback
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote_to_bytes
 
 from sitegen.errors import BuildError
-from sitegen.site.rules import Rules, load_rules
+from sitegen.site.rules import Decision, Rules, load_rules
 
+IDLE_TIMEOUT = 15.0  # seconds a connection may wait for (the rest of) a request
+LISTEN_BACKLOG = 128  # socketserver's default of 5 refuses bursts of new connections
 _TYPES = {".json": "application/json", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
           ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8"}
+# What may go into a header value we build from a request: printable ASCII without backslash.
+_HEADER_SAFE = re.compile(r"[\x21-\x5b\x5d-\x7e]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-class Handler(SimpleHTTPRequestHandler):
+class Handler(BaseHTTPRequestHandler):
     rules: Rules
     root: Path
+    protocol_version = "HTTP/1.1"  # keep-alive; every answer carries Content-Length
+    default_request_version = "HTTP/1.0"  # a version-less request line still gets a status line and headers
+    server_version = "sitegen"
+    sys_version = ""
+    timeout = IDLE_TIMEOUT
 
-    def log_message(self, fmt, *args):  # quiet by default; errors still reach stderr
+    def log_message(self, fmt, *args):  # quiet: a preview server, not an access log
         pass
 
-    def _file(self, site_path: str) -> Path | None:
-        rel = site_path.lstrip("/")
-        path = (self.root / rel).resolve()
-        if self.root not in path.parents and path != self.root:
-            return None
-        if path.is_dir():
-            path = path / "index.html"
-        return path if path.is_file() else None
+    # ---- answers -------------------------------------------------------------------------
 
-    def _respond(self, head_only: bool) -> None:
-        url = urlsplit(self.path)
-        path = unquote(url.path)
-        res = self.rules.resolve(path, url.query, lambda p: self._file(p) is not None)
-        if 300 <= res.status < 400:
-            self.send_response(res.status)
-            self.send_header("Location", res.target)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        file = self._file(res.target)
-        body = file.read_bytes() if file else b"Not Found"
-        status = res.status if file else 404
+    def _send(self, status: int, headers: list[tuple[str, str]], body: bytes, head_only: bool, path: str = "/") -> None:
+        """Status line, HEADERS, netlify.toml's headers for PATH, Content-Length, then BODY."""
         self.send_response(status)
-        ctype = _TYPES.get(file.suffix, mimetypes.guess_type(file.name)[0] or "application/octet-stream") if file else "text/plain"
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            self.send_header(name, value)
         for name, value in self.rules.headers_for(path):
             self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
-        if not head_only:
+        if not head_only and body:
             self.wfile.write(body)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Every error answer, including http.server's own (400 malformed, 414 too long, 501
+        method): a short plain-text body and the security headers. The status line carries only
+        the standard reason phrase, never text from the request. A method other than GET/HEAD
+        (http.server's 501) is a client error on a static site: 405 with Allow."""
+        if code == 501:
+            self._plain(405, "", [("Allow", "GET, HEAD")])
+        else:
+            self._plain(code, "")
+
+    def _plain(self, code: int, detail: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        """A plain-text error answer that closes the connection; DETAIL is our own text."""
+        self.close_connection = True
+        reason = self.responses.get(code, ("Error",))[0]
+        body = f"{code} {reason}" + (f": {detail}" if detail else "") + "\n"
+        head_only = getattr(self, "command", None) == "HEAD"
+        self._send(code, [("Content-Type", "text/plain; charset=utf-8"), *headers], body.encode("ascii", "backslashreplace"), head_only)
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        super().send_response(code, None)  # the standard reason phrase only
+
+    def _file(self, site_path: str) -> Path | None:
+        """The file a site path names (a folder names its index.html), or None: outside the
+        root, a control character, a name too long, or nothing there."""
+        if _CONTROL.search(site_path):
+            return None
+        try:
+            path = (self.root / site_path.lstrip("/")).resolve()
+            if self.root not in path.parents and path != self.root:
+                return None
+            if path.is_dir():
+                path = path / "index.html"
+            return path if path.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    def _answer(self, head_only: bool) -> None:
+        raw = self.path
+        if not raw.startswith("/"):  # absolute-form (a proxy request) or garbage
+            self._plain(400, "the request target must be a path")
+            return
+        if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
+            self.close_connection = True  # a body we do not read must not be taken for the next request
+        raw_path, _, query = raw.partition("?")
+        query = query.partition("#")[0]
+        # Percent-decode as bytes, then UTF-8 (undecodable bytes become U+FFFD: no file has such
+        # a name, so the rules answer 404, as Netlify does).
+        path = unquote_to_bytes(raw_path.partition("#")[0].encode("latin-1")).decode("utf-8", "replace")
+        decision = self.rules.decide(path, query, lambda p: self._file(p) is not None)
+        self._deliver(decision, path, head_only)
+
+    def _deliver(self, d: Decision, path: str, head_only: bool) -> None:
+        if d.status == 400:
+            self._plain(400, d.reason)
+            return
+        if d.location is not None:
+            if not _HEADER_SAFE.fullmatch(d.location):  # rules.py encodes values; this is the last guard
+                self._plain(400, "the redirect target would not be a safe URL")
+                return
+            self._send(d.status, [("Location", d.location), ("Content-Type", "text/plain; charset=utf-8")], b"", head_only, path)
+            return
+        file = self._file(d.file) if d.file else None
+        if file is None:  # only the 404 page itself can be missing here
+            self._send(404, [("Content-Type", "text/plain; charset=utf-8")], b"404 Not Found\n", head_only, path)
+            return
+        body = file.read_bytes()
+        ctype = _TYPES.get(file.suffix) or mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+        self._send(d.status, [("Content-Type", ctype)], body, head_only, path)
+
+    def _guarded(self, head_only: bool) -> None:
+        try:
+            self._answer(head_only)
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except Exception:  # a bug in the server: still an HTTP answer, and the traceback on stderr
+            traceback.print_exc(file=sys.stderr)
+            try:
+                self.send_error(500)
+            except OSError:
+                self.close_connection = True
+
     def do_GET(self):
-        self._respond(False)
+        self._guarded(False)
 
     def do_HEAD(self):
-        self._respond(True)
+        self._guarded(True)
 
 
-def make_server(root: Path, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+class SiteServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # the client went away; nothing to report
+        super().handle_error(request, client_address)
+
+
+def make_server(root: Path, host: str = "127.0.0.1", port: int = 8000, *, idle_timeout: float = IDLE_TIMEOUT) -> SiteServer:
     root = Path(root).resolve()
     if not (root / "index.html").is_file():
         raise BuildError(f"{root} has no index.html; build the site first: sitegen build STORE --out {root}")
-    handler = type("SiteHandler", (Handler,), {"rules": load_rules(), "root": root})
+    handler = type("SiteHandler", (Handler,), {"rules": load_rules(), "root": root, "timeout": idle_timeout})
     try:
-        return ThreadingHTTPServer((host, port), handler)
+        return SiteServer((host, port), handler)
     except OSError as e:
         raise BuildError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port") from None
 
