@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from sitegen import __version__
 from sitegen.errors import StoreError
+from sitegen.store.manifest import validate_store
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -79,9 +80,10 @@ class Store:
             manifest = orjson.loads(path.read_bytes())
         except (OSError, orjson.JSONDecodeError) as e:
             raise StoreError(f"{path}: unreadable manifest ({e}); recompute the store") from None
-        version = manifest.get("schema_version")
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         if version != SCHEMA_VERSION:
             raise StoreError(f"{store.root} has store schema {version}, this sitegen reads {SCHEMA_VERSION}; recompute it with this version")
+        validate_store(store.root, manifest)  # the manifest's fields and the files' footers, one line on the first fault
         store._manifest = manifest
         return store
 
