@@ -188,6 +188,10 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
             raise StoreError(f"--out {cfg.out} already holds a store for model {held.get('name')!r}; use a new --out folder (nothing was changed)")
     device = resolve_device(cfg.device)
     corpus = load_corpus(cfg.corpus)
+    if not cfg.progress:  # --quiet silences transformers' own bars too, so an error is the only line on stderr
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model = load_model(cfg.model, device=device, name=cfg.name)
     if cfg.name is None and (problem := model_name_problem(model.name)):  # the name --model gives, checked before any work
         raise ConfigError(f"--model {cfg.model}: its name {problem}; pass --name NAME")

@@ -56,7 +56,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def write_table(path: Path, table: pa.Table) -> None:
     # Fixed writer options keep the bytes identical for identical data.
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_statistics=False, use_dictionary=False))
+    # Page checksums: a flipped byte in a data page is then an error on read (see _read), not a wrong number on the site.
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_statistics=False, use_dictionary=False,
+                                                  write_page_checksum=True))
 
 
 class Store:
@@ -111,7 +113,7 @@ class Store:
     # -- reading --
     def _read(self, path: Path, columns: list[str] | None = None) -> pa.Table:
         try:
-            return pq.read_table(path, columns=columns)
+            return pq.read_table(path, columns=columns, page_checksum_verification=True)
         except FileNotFoundError:
             raise StoreError(f"{path} is missing from the store; recompute it") from None
         except (OSError, pa.ArrowException) as e:

@@ -45,7 +45,6 @@ class ModelInfo(_Strict):
     layer_size: int = Field(ge=1)
     activation_function: str
     num_total_parameters: int = Field(ge=0)
-    num_total_neurons: Optional[int] = None
     vocab_size: Optional[int] = Field(default=None, ge=1)
     source: Optional[str] = None
 
@@ -57,13 +56,6 @@ class ModelInfo(_Strict):
         if problem:
             raise ValueError(problem)
         return name
-
-    @model_validator(mode="after")
-    def _total(self) -> "ModelInfo":
-        if self.num_total_neurons is not None and self.num_total_neurons != self.num_layers * self.layer_size:
-            raise ValueError(f"num_total_neurons is {self.num_total_neurons} but num_layers x layer_size is "
-                             f"{self.num_layers} x {self.layer_size}; one of the three was edited")
-        return self
 
 
 class CorpusInfo(_Strict):
@@ -182,7 +174,7 @@ def _footer(path: Path, columns: tuple[str, ...]) -> pq.FileMetaData:
         names = set(meta.schema.to_arrow_schema().names)
     except FileNotFoundError:
         raise StoreError(f"{path} is missing from the store; {_RECOMPUTE}") from None
-    except (OSError, pa.ArrowException) as e:
+    except (OSError, ValueError, pa.ArrowException) as e:  # ValueError: a damaged footer's strings are not UTF-8
         raise StoreError(f"{path}: damaged Parquet file ({' '.join(str(e).split())[:120]}); {_RECOMPUTE}") from None
     missing = [c for c in columns if c not in names]
     if missing:
