@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,10 +22,27 @@ DEFAULT_CORPUS = "sotu"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(s: str) -> str:
+    """s with lone surrogates (from JSON escapes, non-UTF-8 file names, datasets) replaced by U+FFFD,
+    one for one so character offsets still hold: they cannot be written as UTF-8 (Parquet, HTML)."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", s)
+
+
 @dataclass(frozen=True)
 class Document:
     doc_id: str
     text: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "doc_id", _valid_text(self.doc_id))
+        object.__setattr__(self, "text", _valid_text(self.text))
 
 
 @dataclass
@@ -94,7 +113,10 @@ def _file_documents(path: Path, label: str) -> list[Document]:
                     try:
                         row = orjson.loads(line)
                     except orjson.JSONDecodeError as e:
-                        raise CorpusError(f"{path}:{line_no}: not valid JSON ({e}); fix or remove that line") from None
+                        try:  # the standard library also reads lone surrogate escapes ("\ud800"), which orjson refuses
+                            row = json.loads(line)
+                        except ValueError:
+                            raise CorpusError(f"{path}:{line_no}: not valid JSON ({e}); fix or remove that line") from None
                     text = row.get("text") if isinstance(row, dict) else None
                     if not isinstance(text, str):
                         raise CorpusError(f'{path}:{line_no}: no string "text" field; each line must be {{"text": "..."}}')
@@ -163,7 +185,7 @@ def load_corpus(spec: str) -> Corpus:
             docs = _file_documents(path, path.name)
         if not docs:
             raise CorpusError(f"--corpus {spec}: no text found (every document is empty); point it at files with text")
-        return Corpus(name=path.name, documents=docs, content_hash=_hash_documents(docs))
+        return Corpus(name=_valid_text(path.name), documents=docs, content_hash=_hash_documents(docs))
     if spec.startswith((".", "/", "~")) or spec.endswith(LOCAL_SUFFIXES):
         raise CorpusError(f"--corpus {spec}: no such file or folder; check the path")
     return _hub_corpus(spec)

@@ -6,7 +6,6 @@ No torch: a laptop can merge what several GPU machines computed.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +67,7 @@ def merge_stores(parts: list[Path], out: Path) -> Path:
     seqs = seqs.filter(keep)
     seqs = seqs.take(pc.sort_indices(seqs, sort_keys=[("seq_id", "ascending")]))
     target.write_sequences(seqs)
-    shutil.copyfile(stores[0].root / "vocab.parquet", out / "vocab.parquet")
+    target.write_vocab(stores[0].vocab())  # read (checksums verified) rather than copied: a damaged file is not passed on
     manifest = {k: v for k, v in first.items() if k not in ("schema_version", "sitegen_version")}
     manifest["shard"] = None
     manifest["services"] = services

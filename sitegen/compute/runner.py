@@ -12,6 +12,8 @@ import re
 import hashlib
 import shutil
 import time
+import zipfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from sitegen.corpus import load_corpus
 from sitegen.errors import ConfigError, CorpusError, StoreError
 from sitegen.services.neuroscope import data as neuroscope_data
 from sitegen.services.neuroscope import stats as neuroscope_stats
+from sitegen.site.names import model_name_problem
 
 DEFAULT_SEQ_LEN = 32  # see README: "Why 32-token sequences"
 MAX_SEQ_LEN = 128
@@ -70,6 +73,8 @@ class ComputeConfig:
                               "arguments and --out MERGED --n2g ...")
         if not (n >= 1 and 0 <= i < n):
             raise ConfigError(f"--shard {i}/{n}: must be I/N with 0 <= I < N, e.g. --shard 0/3")
+        if self.name is not None and (problem := model_name_problem(self.name)):
+            raise ConfigError(f"--name: {problem}")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -117,16 +122,49 @@ def _save_checkpoint(path: Path, states: list[dict], position: int, tokens_done:
     store_mod.atomic_write(path, write)
 
 
-def _load_checkpoint(path: Path, n_layers: int) -> tuple[list[dict], int, int, str]:
-    states: list[dict] = [{} for _ in range(n_layers)]
-    with np.load(path) as z:
-        for key in z.files:
-            parts = key.split("/")
-            if len(parts) == 2:
-                states[int(parts[0])][parts[1]] = z[key]
-            elif len(parts) == 3:
-                states[int(parts[0])].setdefault(parts[1], {})[parts[2]] = z[key]
-        return states, int(z["position"]), int(z["tokens_done"]), str(z["run_hash"])
+def _damaged_checkpoint(path: Path, why: str) -> StoreError:
+    return StoreError(f"{path}: damaged checkpoint ({why}); delete it to start this run over (its progress is lost), "
+                      "or put back an intact copy and rerun")
+
+
+def _read_checkpoint(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a checkpoint, read in full, so a truncated or corrupted file (zip CRCs) fails
+    here as one StoreError rather than as whatever numpy or zipfile raise."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {key: z[key] for key in z.files}
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise _damaged_checkpoint(path, f"{type(e).__name__}: {e}") from None
+    for key in ("position", "tokens_done", "run_hash"):
+        if key not in arrays or arrays[key].shape != ():
+            raise _damaged_checkpoint(path, f"no scalar {key!r}")
+    return arrays
+
+
+def _load_checkpoint(path: Path, arrays: dict[str, np.ndarray], template: list[dict]) -> tuple[list[dict], int, int]:
+    """Per-layer states from a checkpoint of THIS run (check run_hash first), each array checked
+    against the shape a fresh accumulator state has (`template`), so a bad file cannot crash later."""
+    states: list[dict] = [{} for _ in template]
+    for key, value in arrays.items():
+        parts = key.split("/")
+        if len(parts) == 1:
+            continue  # position, tokens_done, run_hash
+        if not parts[0].isdigit() or int(parts[0]) >= len(template) or len(parts) > 3:
+            raise _damaged_checkpoint(path, f"unexpected entry {key!r}")
+        layer = states[int(parts[0])]
+        if len(parts) == 2:
+            layer[parts[1]] = value
+        else:
+            layer.setdefault(parts[1], {})[parts[2]] = value
+    for layer, (st, want) in enumerate(zip(states, template)):
+        for key, ref in want.items():
+            subs = ref.items() if isinstance(ref, dict) else [(None, ref)]
+            for sub, ref_arr in subs:
+                got = st.get(key) if sub is None else (st.get(key) or {}).get(sub)
+                name = f"{layer}/{key}" + (f"/{sub}" if sub else "")
+                if not isinstance(got, np.ndarray) or got.shape != np.shape(ref_arr) or got.dtype.kind != np.asarray(ref_arr).dtype.kind:
+                    raise _damaged_checkpoint(path, f"entry {name!r} is missing or has the wrong shape")
+    return states, int(arrays["position"]), int(arrays["tokens_done"])
 
 
 def auto_batch_size(device: str, seq_len: int) -> int:
@@ -150,7 +188,13 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
             raise StoreError(f"--out {cfg.out} already holds a store for model {held.get('name')!r}; use a new --out folder (nothing was changed)")
     device = resolve_device(cfg.device)
     corpus = load_corpus(cfg.corpus)
+    if not cfg.progress:  # --quiet silences transformers' own bars too, so an error is the only line on stderr
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model = load_model(cfg.model, device=device, name=cfg.name)
+    if cfg.name is None and (problem := model_name_problem(model.name)):  # the name --model gives, checked before any work
+        raise ConfigError(f"--model {cfg.model}: its name {problem}; pass --name NAME")
     tokenizer = model.tokenizer
     bos = bos_id(tokenizer)
     first_valid = 1 if bos is not None else 0
@@ -187,12 +231,15 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
         accs = [LayerAccumulator(d_mlp, cfg.seq_len, cfg.top_k, cfg.n_random, first_valid, device) for _ in range(n_layers)]
         position = tokens_done = 0
         if checkpoint.exists():
-            states, position, tokens_done, saved_hash = _load_checkpoint(checkpoint, n_layers)
-            if saved_hash != run_hash:
+            arrays = _read_checkpoint(checkpoint)
+            if str(arrays["run_hash"]) != run_hash:  # before anything else: another model's checkpoint has other shapes
                 raise StoreError(
                     f"{out.work_dir} holds an unfinished run started with other arguments; rerun that command, "
                     f"or delete {out.work_dir} to start over"
                 )
+            states, position, tokens_done = _load_checkpoint(checkpoint, arrays, [a.state() for a in accs])
+            if not (0 <= position <= len(mine) and 0 <= tokens_done):
+                raise _damaged_checkpoint(checkpoint, f"position {position} is outside this run's {len(mine)} sequences")
             for acc, st in zip(accs, states):
                 acc.load(st)
             log(f"resuming {cfg.out}: {position} of {len(mine)} sequences already done")

@@ -10,7 +10,6 @@ Never imports torch (an import-linter contract and a test check it).
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,10 @@ from sitegen.errors import BuildError, ConfigError, SitegenError
 from sitegen.resources import default_theme, resource
 from sitegen.services import SERVICES
 from sitegen.services.tokens import escaped_vocab
+from sitegen.site.names import model_name_problem
 from sitegen.site.publisher import Publisher
 from sitegen.store import Store
 
-_SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _JSON_OPTS = orjson.OPT_SORT_KEYS
 
 
@@ -59,8 +58,8 @@ class SiteModel:
         self.store = store
         m = store.manifest
         self.name = m["model"]["name"]
-        if not _SLUG.match(self.name):
-            raise BuildError(f"{store.root}: model name {self.name!r} is not URL-safe; recompute with --name using letters, digits, '.', '_' or '-'")
+        if problem := model_name_problem(self.name):
+            raise BuildError(f"{store.root}: model name {problem}; recompute with another --name (or edit model.name in its manifest.json)")
         self.num_layers = int(m["model"]["num_layers"])
         self.layer_size = int(m["model"]["layer_size"])
         self.services = [s for s in SERVICES if s.available(store)]

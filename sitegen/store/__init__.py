@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from sitegen import __version__
 from sitegen.errors import StoreError
+from sitegen.store.manifest import validate_store
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -55,7 +56,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def write_table(path: Path, table: pa.Table) -> None:
     # Fixed writer options keep the bytes identical for identical data.
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_statistics=False, use_dictionary=False))
+    # Page checksums: a flipped byte in a data page is then an error on read (see _read), not a wrong number on the site.
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_statistics=False, use_dictionary=False,
+                                                  write_page_checksum=True))
 
 
 class Store:
@@ -79,9 +82,10 @@ class Store:
             manifest = orjson.loads(path.read_bytes())
         except (OSError, orjson.JSONDecodeError) as e:
             raise StoreError(f"{path}: unreadable manifest ({e}); recompute the store") from None
-        version = manifest.get("schema_version")
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         if version != SCHEMA_VERSION:
             raise StoreError(f"{store.root} has store schema {version}, this sitegen reads {SCHEMA_VERSION}; recompute it with this version")
+        validate_store(store.root, manifest)  # the manifest's fields and the files' footers, one line on the first fault
         store._manifest = manifest
         return store
 
@@ -109,7 +113,7 @@ class Store:
     # -- reading --
     def _read(self, path: Path, columns: list[str] | None = None) -> pa.Table:
         try:
-            return pq.read_table(path, columns=columns)
+            return pq.read_table(path, columns=columns, page_checksum_verification=True)
         except FileNotFoundError:
             raise StoreError(f"{path} is missing from the store; recompute it") from None
         except (OSError, pa.ArrowException) as e:
