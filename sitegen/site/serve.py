@@ -1,4 +1,5 @@
-"""`sitegen serve`: a local static server that applies netlify.toml's rules and headers (rules.py)."""
+"""`sitegen serve`: a local static server that applies netlify.toml's rules and headers (rules.py)
+and answers its edge functions' paths with their Python ports (edge.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from sitegen.errors import BuildError
-from sitegen.site.rules import Rules, load_rules
+from sitegen.site import edge as edge_functions
+from sitegen.site.rules import NETLIFY_TOML, Rules, load_rules
 
 _TYPES = {".json": "application/json", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
           ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8"}
@@ -31,8 +33,21 @@ class Handler(SimpleHTTPRequestHandler):
             path = path / "index.html"
         return path if path.is_file() else None
 
+    def _read(self, site_path: str) -> bytes | None:
+        file = self._file(unquote(site_path))
+        return file.read_bytes() if file else None
+
     def _respond(self, head_only: bool) -> None:
         url = urlsplit(self.path)
+        edge = edge_functions.handle(NETLIFY_TOML, url.path, url.query, self._read)  # before the rules, as on Netlify
+        if edge is not None:
+            self.send_response(edge.status)
+            for name, value in edge.headers + (("Content-Length", str(len(edge.body))),):
+                self.send_header(name, value)
+            self.end_headers()
+            if not head_only:
+                self.wfile.write(edge.body)
+            return
         path = unquote(url.path)
         res = self.rules.resolve(path, url.query, lambda p: self._file(p) is not None)
         if 300 <= res.status < 400:
