@@ -303,7 +303,8 @@ def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_ser
 @pytest.mark.deno
 @needs_deno
 def test_edge_function_type_checks_under_deno():
-    done = subprocess.run([_deno(), "check", "--quiet", "netlify/edge-functions/neuron2graph-search.ts", "tests/edge_harness.ts"],
+    done = subprocess.run([_deno(), "check", "--quiet", "netlify/edge-functions/neuron2graph-search.ts", "tests/edge_harness.ts",
+                           "benchmarks/search_edge.ts"],
                           capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
                           env={**os.environ, "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1"})
     assert done.returncode == 0, done.stderr + done.stdout
