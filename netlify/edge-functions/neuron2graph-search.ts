@@ -184,11 +184,11 @@ export async function answer(pathname: string, query: string | null, get: Get): 
       if (!shards.has(shard)) shards.set(shard, getJSON(get, `${base}tokens/${shard}.json`));
       const body = await shards.get(shard)!;
       if (!Object.prototype.hasOwnProperty.call(body, token)) return EMPTY;
-      let entry: { a: number[]; i: number[] } = body[token];
       const e = body[token];
+      // a list capped in the shard is read whole from the token's "more" file
       const capped = (kind !== "important" && e.na > e.a.length) || (kind !== "activating" && e.ni > e.i.length);
-      if (capped) entry = await getJSON(get, `${base}more/${shard}-${e.m}.json`);
-      const a = kind === "important" ? EMPTY : undelta(entry.a), i = kind === "activating" ? EMPTY : undelta(entry.i);
+      const whole: { a: number[]; i: number[] } = capped ? await getJSON(get, `${base}more/${shard}-${e.m}.json`) : e;
+      const a = kind === "important" ? EMPTY : undelta(whole.a), i = kind === "activating" ? EMPTY : undelta(whole.i);
       return kind === "activating" ? a : kind === "important" ? i : union(a, i);
     }));
     return reply(200, neuronsJSON(lists.reduce(intersect), meta.layer_size));
