@@ -62,7 +62,7 @@ def postings(ts: TokenStore) -> dict[str, tuple[list[int], list[int]]]:
 
 def answer(lists: dict[str, tuple[list[int], list[int]]], query: str) -> list[int]:
     """Sorted global ids matching a query, straight from the postings (the reference the static
-    files are checked against, and the source of the single-term API files)."""
+    files are checked against)."""
     result: set[int] | None = None
     for kind, key in parse_query(query):
         a, i = lists.get(key, ([], []))
