@@ -13,7 +13,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-SHIPPED = ("themes", "content", "netlify.toml")  # the same names as sitegen.resources.SHIPPED
+SHIPPED = ("themes", "content", "netlify.toml", "netlify")  # the same names as sitegen.resources.SHIPPED
 
 
 class build_py_with_data(build_py):

@@ -2,12 +2,14 @@
 over a 50,257-token vocabulary (Zipf-distributed token use, 1-20 activating tokens per neuron,
 a fifth of the neurons with a graph's 3-8 important tokens), written by the real search writer.
 
-    python benchmarks/search.py [--queries 60] [--seed 0] [--keep DIR]
+    python benchmarks/search.py [--queries 60] [--seed 0] [--keep DIR] [--no-browser]
 
-Prints: the files written; bytes a query downloads (gzip, as a CDN serves JSON), median / p95 /
-max over queries drawn by token frequency and over every distinct token; and time to results
-in headless Chromium against `sitegen serve` on loopback (so network time is ~0; the figure is
-fetch + parse + intersect + render).
+Prints: the files written and the largest folder (Netlify refuses more than 54,000 files in one);
+bytes a query downloads (gzip, as a CDN serves JSON), median / p95 / max over queries drawn by
+token frequency and over every distinct token; for DeepDecipher's search URL, the bytes its edge
+function reads per query and its time per query under Deno (when the deno package is installed);
+and time to results in headless Chromium against `sitegen serve` on loopback (so network time is
+~0; the figure is fetch + parse + intersect + render).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, default=None, help="write the site here and keep it")
+    ap.add_argument("--no-browser", action="store_true", help="skip the Chromium timing")
     args = ap.parse_args()
 
     from sitegen.site.build import _environment, _publish_assets
@@ -93,10 +96,74 @@ def main() -> None:
         print(f"bytes per one-token query (the shard; plus {meta_gz} B of meta.json once per page):")
         describe("queries drawn by token frequency", query_bytes(by_freq))
         describe("every distinct token", query_bytes(present))
-        _browser_timing(out, model.name, [ts.keys[i] for i in rng.choice(VOCAB, size=args.queries, p=weights)])
+        folders: dict[str, int] = {}
+        for p in out.rglob("*"):
+            if p.is_file():
+                folders[str(p.parent.relative_to(out))] = folders.get(str(p.parent.relative_to(out)), 0) + 1
+        top = sorted(folders.items(), key=lambda kv: -kv[1])[:3]
+        print(f"files per folder: largest {', '.join(f'{f}/ {n:,}' for f, n in top)} (Netlify's limit: 54,000)")
+        _api_figures(out, model.name, ts, weights, rng)
+        if not args.no_browser:
+            _browser_timing(out, model.name, [ts.keys[i] for i in rng.choice(VOCAB, size=args.queries, p=weights)])
     finally:
         if args.keep is None:
             shutil.rmtree(out, ignore_errors=True)
+
+
+def _api_figures(site: Path, model: str, ts, weights, rng) -> None:
+    """DeepDecipher's search URL: what its edge function reads per query (the Python port, which
+    reads the same files), and its time per query under Deno."""
+    import json
+    import os
+    import subprocess
+
+    from sitegen.site import edge
+
+    def files_read(query: str) -> tuple[int, int]:
+        sizes = []
+
+        def read(path: str):
+            f = site / edge.unquote(path).lstrip("/")
+            data = f.read_bytes() if f.is_file() else None
+            if data is not None:
+                sizes.append((len(data), len(gzip.compress(data, 6))))
+            return data
+
+        r = edge.neuron2graph_search(f"/api/{model}/neuron2graph-search", "query=" + edge.quote(query, safe=""), read)
+        assert r.status == 200, r.body
+        return sum(s for s, _ in sizes), sum(z for _, z in sizes)
+
+    singles = [f"any:{ts.keys[i]}" for i in rng.choice(VOCAB, size=300, p=weights)]
+    pairs = [f"any:{ts.keys[a]},any:{ts.keys[b]}" for a, b in rng.choice(VOCAB, size=(100, 2), p=weights)]
+    for label, queries in (("one term", singles), ("two terms (AND)", pairs)):
+        got = sorted(files_read(q) for q in queries)
+        raw, gz = sorted(r for r, _ in got), sorted(z for _, z in got)
+        print(f"search URL, files the edge function reads per query, {label}, queries drawn by token frequency: "
+              f"median {statistics.median(raw) / 1e3:.1f} KB ({statistics.median(gz) / 1e3:.1f} KB gzip), "
+              f"p95 {raw[int(0.95 * (len(raw) - 1))] / 1e3:.1f} KB, max {raw[-1] / 1e3:.1f} KB ({gz[-1] / 1e3:.1f} KB gzip)")
+    try:
+        import deno
+
+        deno_bin = deno.find_deno_bin()
+    except (ImportError, FileNotFoundError):
+        print("search URL under Deno: not measured (pip install deno)")
+        return
+    common = [ts.keys[0], ts.keys[1], ts.keys[2]]  # the most frequent tokens: the longest lists
+    worst = [f"any:{common[0]}", f"activating:{common[0]}", f"any:{common[1]}", f"any:{common[0]},any:{common[1]}",
+             f"any:{common[0]},any:{common[1]},any:{common[2]}"]
+    done = subprocess.run([deno_bin, "run", "--quiet", "--no-prompt", f"--allow-read={site}", "--allow-env", "benchmarks/search_edge.ts"],
+                          input=json.dumps({"site": str(site), "model": model, "queries": singles[:200] + pairs[:50] + worst}),
+                          capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
+                          env={**os.environ, "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1"})
+    timed = json.loads(done.stdout)
+    print(f"search URL under Deno, files in memory, best of 3 (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
+    for label, part in (("one term", timed[:200]), ("two terms", timed[200:250])):
+        for what in ("cpu", "ms"):
+            v = sorted(t[what] for t in part)
+            print(f"  {label}, {'CPU time' if what == 'cpu' else 'wall time'}: median {statistics.median(v):.2f} ms, "
+                  f"p95 {v[int(0.95 * (len(v) - 1))]:.2f} ms, max {v[-1]:.2f} ms")
+    for t in timed[250:]:
+        print(f"  {t['query']}: CPU {t['cpu']:.1f} ms, wall {t['ms']:.1f} ms, answer {t['bytes'] / 1e6:.2f} MB, {t['neurons']:,} neurons")
 
 
 def _browser_timing(site: Path, model: str, tokens: list[str]) -> None:

@@ -15,11 +15,12 @@ from sitegen.errors import BuildError
 _PACKAGE = Path(__file__).resolve().parent
 _PACKAGED = _PACKAGE / "_data"  # filled by setup.py when a wheel or sdist is built
 _CHECKOUT = _PACKAGE.parent  # the repository root of an editable checkout
-SHIPPED = ("themes", "content", "netlify.toml")
+SHIPPED = ("themes", "content", "netlify.toml", "netlify")
 
 
 def resource(name: str) -> Path:
-    """The path of a shipped top-level file or folder ('themes', 'content', 'netlify.toml')."""
+    """The path of a shipped top-level file or folder ('themes', 'content', 'netlify.toml', and
+    'netlify', whose edge-functions/ Netlify bundles from beside netlify.toml)."""
     if name not in SHIPPED:
         raise ValueError(f"not a shipped resource: {name}")
     for base in (_PACKAGED, _CHECKOUT):

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import shutil
+import subprocess
+import threading
+import unicodedata
 import urllib.error
+import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import orjson
 import pytest
+import requests
 
 from sitegen.services.neuron2graph import graph as g
 from sitegen.services.neuron2graph.tokenstore import (FALLBACK_CAP, SOURCE_GRAPH, SOURCE_TOP, build_token_store, parse_query,
@@ -187,34 +195,156 @@ def _get(url: str):
         return e.code, e.read()
 
 
-def test_deepdecipher_search_url_answers_from_static_files(wide_site):
+def _neurons(ids, size: int = 24) -> list[dict]:
+    return [{"layer": x // size, "neuron": x % size} for x in sorted(ids)]
+
+
+@pytest.fixture(scope="module")
+def wide_server(wide_site):
     from sitegen.site.serve import make_server
-    import threading
     from tests.conftest import free_port
 
-    store, site = wide_site
+    _, site = wide_site
     server = make_server(site, "127.0.0.1", free_port())
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}/api/wide/neuron2graph-search"
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_sitegen_serve_answers_lists_empty_and_intersections(wide_site, wide_server):
+    store, _ = wide_site
+    base = f"{wide_server}/api/wide/neuron2graph-search"
+    ts = build_token_store(store, first_valid=1)
+    for query in ("any:the", "activating:t1", "important:w3"):
+        kind, key = query.split(":")
+        status, body = _get(f"{base}?query={urllib.parse.quote(query)}")
+        assert (status, json.loads(body)) == (200, _neurons(_brute_answer(ts, kind, key))) and json.loads(body)
+    for a, b in (("t3", "t7"), ("<script>alert(1)</script>", "t3")):  # the second's lists are capped: "more" files
+        both = _brute_answer(ts, "any", a) & _brute_answer(ts, "activating", b)
+        assert both and both != _brute_answer(ts, "any", a), "the AND check needs a proper, non-empty intersection"
+        status, body = _get(f"{base}?query={urllib.parse.quote(f'any:{a},activating:{b}')}")
+        assert (status, json.loads(body)) == (200, _neurons(both))
+    assert _get(f"{base}?query=any:nothing-has-this") == (200, b"[]")
+    assert _get(f"{base}?query=any:the,any:nothing-has-this") == (200, b"[]")
+    status, body = _get(f"{base}?query=foo:the")
+    assert status == 400 and "unknown type" in json.loads(body)["error"]
+    status, body = _get(base)
+    assert status == 404 and "query" in json.loads(body)["error"]
+    r = urllib.request.urlopen(f"{base}?query=any:the")
+    assert r.headers["Access-Control-Allow-Origin"] == "*" and r.headers["Content-Type"] == "application/json"
+
+
+def _deno() -> str | None:
     try:
-        ts = build_token_store(store, first_valid=1)
-        for query in ("any:the", "activating:t1", "important:w3"):
-            status, body = _get(f"{base}?query={urllib.parse.quote(query)}")
-            kind, key = query.split(":")
-            assert status == 200 and json.loads(body) == [{"layer": x // 24, "neuron": x % 24} for x in sorted(_brute_answer(ts, kind, key))]
-            assert json.loads(body)
-        assert _get(f"{base}?query=any:nothing-has-this") == (200, b"[]")
-        status, body = _get(base)
-        assert status == 404 and "query" in json.loads(body)["error"]
-    finally:
-        server.shutdown()
-        server.server_close()
+        import deno
+
+        return deno.find_deno_bin()
+    except (ImportError, FileNotFoundError):
+        return shutil.which("deno")
+
+
+# Strings where JavaScript's and Python's string functions differ (istitle, isalpha, strip, lower).
+NORMALISE_CASES = ["The", "THE", "the", " The ", "\u00a0the\u00a0", "\x1cthe\x1f", "\ufeffthe", "\x85the", "Ǆemo", "ǅemo",
+                   "Σας", "ΣΑΣ", "İstanbul", "Straße", " ", "  ", "T", " 1 ", "ⅷ", "Ⅷx", "Hello World", "hello World", "A1b",
+                   "ß", "ﬁle", "Ǉ", "\u2003x\u2003", "\u200bX\u200b", "Ωmega", "ᾼx", "x\u0301"]
+
+
+needs_deno = pytest.mark.skipif(_deno() is None, reason="needs Deno: pip install deno (in the test extra, so `make test` has it)")
+
+
+@pytest.mark.deno
+@needs_deno
+def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_server, tmp_path):
+    """The deployed edge function (Deno) and its Python port in `sitegen serve` give the same
+    status, headers and bytes for every query of a small site, and the lists are right."""
+    from sitegen.site.edge import HEADERS
+
+    store, _ = wide_site
+    ts = build_token_store(store, first_valid=1)
+    q = lambda text: "?query=" + urllib.parse.quote(text, safe="")  # noqa: E731
+    api = "/api/wide/neuron2graph-search"
+    urls = [f"{api}{q(f'{kind}:{key}')}" for key in ts.keys for kind in ("any", "activating", "important")]
+    present = [k for k in ts.keys if _brute_answer(ts, "any", k)][:6]
+    urls += [f"{api}{q(f'any:{a},activating:{b}')}" for a, b in itertools.permutations(present, 2)]
+    urls += [f"{api}{q(t)}" for t in ("any:nothing-has-this", "important:t1", "t1", "any:The", "ANY:the", " any : the", "any:the,any:zzz",
+                                      "foo:the", "any:", "any:the,", ",", "", "any:\x01\t\"x\"", "Ünknown:ß", "any:日本", "any:\u00a0the")]
+    urls += [api, api + "/", api + "?query", api + "?query=", api + "?q=any:the", api + "?query=any:t1&query=any:the",
+             api + "?query=any%3At1", api + "?query=any:+t1", api + "?query=any:%E2%82", api + "?query=any:%zz",
+             "/api/nomodel/neuron2graph-search?query=any:the", "/api/no%2Fmodel/neuron2graph-search?query=any:the",
+             "/api/%E2%82/neuron2graph-search?query=any:the", "/api/a/b/neuron2graph-search?query=any:the"]
+    done = subprocess.run([_deno(), "run", "--quiet", "--no-prompt", "--allow-net=127.0.0.1", "tests/edge_harness.ts"],
+                          input=json.dumps({"base": wide_server, "urls": urls, "normalise": NORMALISE_CASES}), capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "DENO_DIR": str(tmp_path / "deno"), "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1"},
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["normalised"] == [g.normalise(t) for t in NORMALISE_CASES]
+    names = {name.lower() for name, _ in HEADERS}
+    statuses = set()
+    for url, deno_response in zip(urls, out["responses"], strict=True):
+        r = requests.get(wide_server + url)
+        assert (deno_response["status"], bytes.fromhex(deno_response["body"])) == (r.status_code, r.content), url
+        assert {k: v for k, v in deno_response["headers"]} == {k.lower(): v for k, v in r.headers.items() if k.lower() in names}, url
+        statuses.add(r.status_code)
+    assert statuses == {200, 400, 404}
+    for key in ts.keys:  # and the lists are the right ones
+        for kind in ("any", "activating", "important"):
+            body = bytes.fromhex(out["responses"][urls.index(f"{api}{q(f'{kind}:{key}')}")]["body"])
+            assert json.loads(body) == _neurons(_brute_answer(ts, kind, key)), (kind, key)
+    checked = 0
+    for a, b in itertools.permutations(present, 2):
+        want = _brute_answer(ts, "any", a) & _brute_answer(ts, "activating", b)
+        assert json.loads(bytes.fromhex(out["responses"][urls.index(f"{api}{q(f'any:{a},activating:{b}')}")]["body"])) == _neurons(want)
+        checked += bool(want)
+    assert checked
+
+
+@pytest.mark.deno
+@needs_deno
+def test_edge_function_type_checks_under_deno():
+    done = subprocess.run([_deno(), "check", "--quiet", "netlify/edge-functions/neuron2graph-search.ts", "tests/edge_harness.ts",
+                           "benchmarks/search_edge.ts"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
+                          env={**os.environ, "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1"})
+    assert done.returncode == 0, done.stderr + done.stdout
 
 
 def test_build_warns_when_a_search_folder_would_break_netlifys_limit(tmp_path, monkeypatch):
     store = write_synthetic_store(tmp_path / "store", name="tiny")
     report = build_site([store.root], tmp_path / "site")
     assert report.warnings == ()
-    monkeypatch.setattr(search, "NETLIFY_DIR_LIMIT", 5)
+    monkeypatch.setattr(search, "NETLIFY_DIR_LIMIT", 0)  # the tiny site has one file per folder
     report = build_site([store.root], tmp_path / "site2")
     assert len(report.warnings) == 1 and "54,000 per folder" in report.summary()
+
+
+class _CountingPublisher:
+    """Counts files per folder without writing them."""
+
+    def __init__(self):
+        self.folders: dict[str, int] = {}
+
+    def publish(self, rel: str, data) -> None:
+        folder = rel.rsplit("/", 1)[0]
+        self.folders[folder] = self.folders.get(folder, 0) + 1
+
+
+def test_search_folders_stay_under_netlifys_limit_for_a_large_vocabulary():
+    """30,000 distinct tokens over 2,048 neurons: one file per (type, token) put 60,000 files in one
+    folder (Netlify refuses more than 54,000); the sharded layout stays far below at any vocabulary."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from sitegen.services.neuron2graph.tokenstore import TokenStore
+
+    vocab, layers, size = 30_000, 2, 1024
+    n = layers * size
+    activating = [np.array(sorted({(g * 20 + j) % vocab for j in range(20)}), dtype=np.int64) for g in range(n)]
+    ts = TokenStore([f"tok{i}" for i in range(vocab)], size, activating, [np.zeros(0, np.int64)] * n, [SOURCE_TOP] * n, [None] * n, [1.0] * n)
+    assert 2 * len(search.postings(ts)) > search.NETLIFY_DIR_LIMIT  # any: and activating: files per token, in the old layout
+    pub = _CountingPublisher()
+    search.publish_search(pub, SimpleNamespace(name="wide-vocab", layer_size=size, num_layers=layers, token_store=ts))
+    folder, count = max(pub.folders.items(), key=lambda kv: kv[1])
+    assert count < search.NETLIFY_DIR_LIMIT, (folder, count)

@@ -275,10 +275,12 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
         raise
     except OSError as e:
         raise BuildError(f"build failed at stage '{stage}': {e}") from None
+    from sitegen.site.search import NETLIFY_DIR_LIMIT
+
     warnings = tuple(
-        f"api/{m.name}/neuron2graph-search/ holds {m.search_figures['api_files']:,} files, over Netlify's 54,000 per folder: "
-        "the deploy would fail there (other hosts are fine); see README, 'DeepDecipher's search URL'"
-        for m in models if m.search_figures.get("api_dir_over_limit"))
+        f"{m.search_figures['largest_folder'][0]}/ holds {m.search_figures['largest_folder'][1]:,} files, over Netlify's 54,000 per folder: "
+        "the deploy would fail there (other hosts are fine)"
+        for m in models if m.search_figures.get("largest_folder", ("", 0))[1] > NETLIFY_DIR_LIMIT)
     return BuildReport(len(models), neurons, pub.written, pub.unchanged, removed, time.monotonic() - started, out, warnings)
 
 

@@ -90,11 +90,13 @@ def _get(summary: str, schema: dict, params: list[str]) -> dict:
 
 
 def _search() -> dict:
-    op = _get("Neurons whose token store holds a token (DeepDecipher's search), sorted by layer and neuron",
+    op = _get("Neurons whose token store holds every term's token (DeepDecipher's search), sorted by layer and neuron",
               {"type": "array", "items": {"$ref": "#/components/schemas/NeuronIndex"}}, ["model"])
     op["get"]["parameters"].append({"name": "query", "in": "query", "required": True, "schema": {"type": "string"},
-                                    "description": "one term type:token, type any, activating or important; a token no neuron has gives []"})
-    op["get"]["responses"]["404"] = {"description": "no query parameter: a JSON usage message"}
+                                    "description": "type:token[,type:token...] with type any, activating or important; terms combine by AND; "
+                                                   "a token no neuron has gives []"})
+    op["get"]["responses"]["400"] = {"description": "a malformed query: {\"error\": message}"}
+    op["get"]["responses"]["404"] = {"description": "no query parameter, or no such model: {\"error\": message}"}
     return op
 
 

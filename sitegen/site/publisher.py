@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ class Publisher:
     bytes_written: int = 0
     _seen: set = field(default_factory=set)
     _dirs: set = field(default_factory=set)
+    _caseless: dict = field(default_factory=dict)  # caseless key of every path and folder -> the path
+    _caseless_dirs: set = field(default_factory=set)  # folders already in _caseless
 
     def publish(self, rel: str, data: bytes | str) -> None:
         if isinstance(data, str):
@@ -26,6 +29,7 @@ class Publisher:
         if rel in self._seen:
             raise BuildError(f"two outputs want the same path {rel}; rename one of the models or pages")
         self._seen.add(rel)
+        self._check_portable(rel)
         path = self.root / rel
         parent = path.parent
         if parent not in self._dirs:
@@ -54,6 +58,23 @@ class Publisher:
             raise BuildError(f"cannot write {path}: {e.strerror or e}") from None
         self.written += 1
         self.bytes_written += len(data)
+
+    def _check_portable(self, rel: str) -> None:
+        """Refuse two outputs that are one file on macOS or Windows: paths (or folders on the way)
+        equal under Unicode's canonical caseless match, NFD(casefold(NFD(x))). Such file systems,
+        and hosts built on them, would keep one and silently drop the other."""
+        parts = rel.split("/")
+        for depth in range(len(parts), 0, -1):
+            prefix = "/".join(parts[:depth])
+            if depth < len(parts) and prefix in self._caseless_dirs:
+                break  # this folder and those above it were checked for an earlier file
+            key = unicodedata.normalize("NFD", unicodedata.normalize("NFD", prefix).casefold())
+            other = self._caseless.setdefault(key, prefix)
+            if other != prefix:
+                raise BuildError(f"two outputs differ only in letter case or Unicode normalisation, {other!r} and {prefix!r}: "
+                                 "macOS and Windows would store them as one; rename one of the models or pages")
+            if depth < len(parts):
+                self._caseless_dirs.add(prefix)
 
     def remove_stale(self) -> int:
         """Delete files under root that this build did not publish (a neuron or model that went away)."""

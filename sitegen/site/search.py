@@ -5,13 +5,14 @@
     search/<model>/more/<shard>-<k>.json     the full lists of a token whose lists were capped
     search/<model>/preview/<layer>/<chunk>.json   per neuron: [top tokens, max activation, graph F1 or null, explanation or null]
     search/<model>/words/<shard>.json        explanation search: {stem: [ids, term counts]} (lunr's analysis)
-    api/<model>/neuron2graph-search/<type>:<token>.json   DeepDecipher's single-term answer
 
 A token's shard is FNV-1a (32-bit, over its UTF-8 bytes) modulo the shard count (a power of two),
 so the client fetches exactly one small file per term. Ids are global neuron ids (layer *
 layer_size + neuron), sorted and delta-encoded; each list keeps its first CAP ids and counts the
-rest, which sit in the token's "more" file. netlify.toml rewrites DeepDecipher's
-/api/<model>/neuron2graph-search?query=type:token to the single-term file.
+rest, which sit in the token's "more" file. DeepDecipher's search URL,
+/api/<model>/neuron2graph-search?query=..., is answered from these same files by an edge function
+(netlify/edge-functions/neuron2graph-search.ts; sitegen/site/edge.py in `sitegen serve`), so no
+file name ever derives from a token and no folder grows with the vocabulary beyond MAX_SHARDS.
 """
 
 from __future__ import annotations
@@ -50,14 +51,6 @@ def _delta(ids) -> list[int]:
     return out
 
 
-def api_filename(kind: str, key: str) -> str | None:
-    """The single-term answer's file name, or None for a token that cannot be one (path separators,
-    control characters): such tokens are searchable on the site's search page only."""
-    if not key or any(c in key for c in "/\\") or any(ord(c) < 32 or ord(c) == 127 for c in key):
-        return None
-    return f"{kind}:{key}.json"
-
-
 def postings(ts: TokenStore) -> dict[str, tuple[list[int], list[int]]]:
     """token -> (activating ids, important ids), each sorted."""
     a, i = ts.postings("activating"), ts.postings("important")
@@ -69,7 +62,7 @@ def postings(ts: TokenStore) -> dict[str, tuple[list[int], list[int]]]:
 
 def answer(lists: dict[str, tuple[list[int], list[int]]], query: str) -> list[int]:
     """Sorted global ids matching a query, straight from the postings (the reference the static
-    files are checked against, and the source of the single-term API files)."""
+    files are checked against)."""
     result: set[int] | None = None
     for kind, key in parse_query(query):
         a, i = lists.get(key, ([], []))
@@ -97,6 +90,7 @@ def publish_text_search(pub, base: str, explanations: dict[int, str]) -> dict:
 
 def publish_search(pub, model) -> dict:
     """Write the model's search files; returns figures for the build report."""
+    pub = _FolderCount(pub)
     ts = model.token_store
     explanations = getattr(model, "explanations", None) or {}
     lists = postings(ts)
@@ -130,18 +124,20 @@ def publish_search(pub, model) -> dict:
     if explanations:
         meta["text"] = publish_text_search(pub, base, explanations)
     pub.publish(f"{base}/meta.json", orjson.dumps(meta, option=orjson.OPT_SORT_KEYS))
-    # DeepDecipher's API: one file per single-term query
-    api = f"api/{model.name}/neuron2graph-search"
-    api_files = 0
-    for key, (a, i) in lists.items():
-        for kind, ids in (("any", sorted(set(a) | set(i))), ("activating", a), ("important", i)):
-            name = api_filename(kind, key)
-            if name is None or not ids:
-                continue
-            pub.publish(f"{api}/{name}", orjson.dumps([{"layer": x // size, "neuron": x % size} for x in ids]))
-            api_files += 1
-    pub.publish(f"{api}/no-match.json", b"[]")
-    pub.publish(f"{api}/usage.json", orjson.dumps({"error": "missing ?query=: ask for type:token with type any, activating or important, "
-                                                            "e.g. ?query=any:the (one term per request; AND queries run on the site's search page)"}))
-    return {"tokens": len(lists), "shards": shards, "more_files": more_files, "api_files": api_files,
-            "api_dir_over_limit": api_files + 2 > NETLIFY_DIR_LIMIT}
+    return {"tokens": len(lists), "shards": shards, "more_files": more_files, "largest_folder": pub.largest()}
+
+
+class _FolderCount:
+    """Passes files on to the Publisher, counting them per folder (Netlify refuses a deploy with
+    more than NETLIFY_DIR_LIMIT files in one folder)."""
+
+    def __init__(self, pub):
+        self.pub, self.counts = pub, {}
+
+    def publish(self, rel: str, data) -> None:
+        self.pub.publish(rel, data)
+        folder = rel.rsplit("/", 1)[0]
+        self.counts[folder] = self.counts.get(folder, 0) + 1
+
+    def largest(self) -> tuple[str, int]:
+        return max(self.counts.items(), key=lambda kv: (kv[1], kv[0]))

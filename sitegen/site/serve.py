@@ -3,7 +3,9 @@
 Every request gets an HTTP answer carrying netlify.toml's headers (security headers included):
 malformed requests, unsupported methods and internal errors too. One thread per connection
 (daemon threads, so Ctrl-C never waits), HTTP/1.1 keep-alive, a listen backlog sized for many
-concurrent clients, and a connection idle for IDLE_TIMEOUT seconds is closed.
+concurrent clients, and a connection idle for IDLE_TIMEOUT seconds is closed. Paths declared for
+netlify.toml's edge functions are answered first, by their Python ports (edge.py), with only the
+headers the function sets (as on Netlify).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
 from sitegen.errors import BuildError
+from sitegen.resources import resource
+from sitegen.site import edge as edge_functions
 from sitegen.site.rules import Decision, Rules, load_rules
 
 IDLE_TIMEOUT = 15.0  # seconds a connection may wait for (the rest of) a request
@@ -42,12 +46,13 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- answers -------------------------------------------------------------------------
 
-    def _send(self, status: int, headers: list[tuple[str, str]], body: bytes, head_only: bool, path: str = "/") -> None:
-        """Status line, HEADERS, netlify.toml's headers for PATH, Content-Length, then BODY."""
+    def _send(self, status: int, headers: list[tuple[str, str]], body: bytes, head_only: bool, path: str | None = "/") -> None:
+        """Status line, HEADERS, netlify.toml's headers for PATH (none when PATH is None: an edge
+        function's answer), Content-Length, then BODY."""
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)
-        for name, value in self.rules.headers_for(path):
+        for name, value in (self.rules.headers_for(path) if path is not None else ()):
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
@@ -92,6 +97,11 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return None
 
+    def _read(self, site_path: str) -> bytes | None:
+        """An edge function's read of a static file of the site (a decoded site path)."""
+        file = self._file(site_path)
+        return file.read_bytes() if file else None
+
     def _answer(self, head_only: bool) -> None:
         raw = self.path
         if not raw.startswith("/"):  # absolute-form (a proxy request) or garbage
@@ -104,6 +114,10 @@ class Handler(BaseHTTPRequestHandler):
         # Percent-decode as bytes, then UTF-8 (undecodable bytes become U+FFFD: no file has such
         # a name, so the rules answer 404, as Netlify does).
         path = unquote_to_bytes(raw_path.partition("#")[0].encode("latin-1")).decode("utf-8", "replace")
+        edge = edge_functions.handle(resource("netlify.toml"), raw_path.partition("#")[0], query, self._read)
+        if edge is not None:  # before the rules, as on Netlify
+            self._send(edge.status, list(edge.headers), edge.body, head_only, None)
+            return
         decision = self.rules.decide(path, query, lambda p: self._file(p) is not None)
         self._deliver(decision, path, head_only)
 

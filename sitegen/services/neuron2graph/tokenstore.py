@@ -14,6 +14,7 @@ concatenated and counted, so only pairs that share a token are ever looked at.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,21 +178,26 @@ def similar_neurons(ts: TokenStore, threshold: float = SIMILARITY_THRESHOLD, top
     return out
 
 
+def _quoted(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
 def parse_query(query: str) -> list[tuple[str, str]]:
     """DeepDecipher's search syntax: type:token[,type:token...] with type any, activating or
     important (a bare token means any:token); each token is N2G-normalised. Raises ValueError
-    with a message for the user."""
+    with a message for the user (the search URL's edge function writes the same messages, so
+    strings are quoted as JSON, as JavaScript's JSON.stringify quotes them)."""
     terms = []
     for raw in query.split(","):
         if not raw.strip():
-            raise ValueError(f"empty term in {query!r}: write type:token, e.g. any:the")
+            raise ValueError(f"empty term in {_quoted(query)}: write type:token, e.g. any:the")
         kind, sep, token = raw.partition(":")
         if not sep:
             kind, token = "any", raw
         kind = kind.strip().lower()
         if kind not in ("any", "activating", "important"):
-            raise ValueError(f"unknown type {kind!r} in {raw!r}: use any, activating or important, e.g. any:the")
+            raise ValueError(f"unknown type {_quoted(kind)} in {_quoted(raw)}: use any, activating or important, e.g. any:the")
         if token == "":
-            raise ValueError(f"no token after {kind!r}: write {kind}:token")
+            raise ValueError(f"no token after {_quoted(kind)}: write {kind}:token")
         terms.append((kind, g.normalise(token)))
     return terms
