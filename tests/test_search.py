@@ -253,6 +253,18 @@ NORMALISE_CASES = ["The", "THE", "the", " The ", "\u00a0the\u00a0", "\x1cthe\x1f
 needs_deno = pytest.mark.skipif(_deno() is None, reason="needs Deno: pip install deno (in the test extra, so `make test` has it)")
 
 
+def test_edge_function_carries_the_site_security_headers():
+    """Netlify adds no [[headers]] to an edge function's own response, so the function sets
+    netlify.toml's site-wide security headers itself (the Deno test checks both ports agree)."""
+    import tomllib
+
+    from sitegen.site.edge import HEADERS
+
+    doc = tomllib.loads((Path(__file__).resolve().parents[1] / "netlify.toml").read_text())
+    site = next(h["values"] for h in doc["headers"] if h["for"] == "/*")
+    assert site and set(site.items()) <= set(HEADERS)
+
+
 @pytest.mark.deno
 @needs_deno
 def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_server, tmp_path):

@@ -18,6 +18,12 @@ const HEADERS = {
   // Netlify's CDN keeps the answer until the next deploy purges it, keyed on ?query= only.
   "Netlify-CDN-Cache-Control": "public, max-age=31536000, must-revalidate",
   "Netlify-Vary": "query=query",
+  // netlify.toml's site-wide security headers: Netlify does not add them to this response.
+  "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+  "X-Content-Type-Options": "nosniff",
+  "X-Frame-Options": "DENY",
+  "Referrer-Policy": "no-referrer",
+  "Permissions-Policy": "interest-cohort=()",
 };
 const KINDS = ["any", "activating", "important"];
 const USAGE = "missing ?query=: ask for type:token[,type:token...] with type any, activating or important, " +

@@ -39,6 +39,13 @@ HEADERS = (
     ("Cache-Control", "public, max-age=300"),
     ("Netlify-CDN-Cache-Control", "public, max-age=31536000, must-revalidate"),
     ("Netlify-Vary", "query=query"),
+    # netlify.toml's site-wide security headers, which Netlify does not add to an edge function's
+    # own response (tests/test_search.py checks these equal netlify.toml's "/*" block).
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Permissions-Policy", "interest-cohort=()"),
 )
 USAGE = ("missing ?query=: ask for type:token[,type:token...] with type any, activating or important, "
          "e.g. ?query=any:the or ?query=any:the,activating:of (terms combine by AND)")
