@@ -193,7 +193,7 @@ def relu_model_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def test_relu_model_with_exact_zero_texts(relu_model_dir, tiny_corpus, tmp_path):
+def test_relu_model_with_exact_zero_texts(relu_model_dir, tiny_corpus, tmp_path, monkeypatch):
     """Train texts whose maximum is exactly 0.0 (a ReLU neuron that never fires there) are dropped
     as DeepDecipher's fork does, instead of dividing by zero; every neuron of a layer gets its
     graph (or none when it never fires at all); undefined figures are stored as null."""
@@ -224,3 +224,16 @@ def test_relu_model_with_exact_zero_texts(relu_model_dir, tiny_corpus, tmp_path)
             assert r[key] is None or 0 <= r[key] <= 1
         assert r["variance_explained"] is None or -1e6 < r["variance_explained"] <= 1
     assert zero_texts > 0 and dropped > 0, "no text with an exact-zero maximum: the case was not exercised"
+
+    # saliency cut after the last position read: recomputing with full masked copies (every
+    # position masked, the whole prompt kept) changes no stored value
+    from sitegen.compute.models import load_model
+    from sitegen.services.neuron2graph import compute as n2g
+
+    model = load_model(str(relu_model_dir), device="cpu")
+    real = n2g.masked_copies
+    monkeypatch.setattr(n2g, "masked_copies", lambda tokens, upto, neutral, first=1: real(tokens, len(tokens) - 1, neutral, first))
+    some = sorted(graphs)[::4]
+    full, _ = n2g.build_layer(model, store, 0, some, n2g.N2GConfig(seed=1), n2g.ModelTokens.prepare(model, store))
+    assert full.to_pylist() == [graphs[n] for n in some]
+    assert sum(r["n_lines"] for r in full.to_pylist()) > 0

@@ -242,3 +242,43 @@ def test_saliency_cut_after_the_last_firing_position_changes_nothing():
         assert full == trimmed, f"seed {seed}"
         differ += not np.array_equal(original[2], cut(original[1], original[2], 1))
     assert differ > 100  # the cut did remove values
+
+
+def test_undefined_metrics_are_null_in_the_api_page_and_search_previews(tmp_path):
+    """A graph whose held-out texts never fire is 'not evaluated': null F1 / recall in the store,
+    the API's evaluation object and the search preview, a sentence on the page (never 'None' or a
+    score); a graph that predicts nothing on texts that fire has a null precision and F1 0."""
+    import json
+    from types import SimpleNamespace
+
+    from sitegen.services.neuron2graph.compute import SERVICE, graphs_table
+    from sitegen.site.build import build_site
+    from sitegen.store import Store
+    from tests.reference import SYNTHETIC_LINES, write_synthetic_store
+
+    store = write_synthetic_store(tmp_path / "store", name="nulls", n_layers=1, n_neurons=3, with_graphs=False)
+    never_fires = evaluate([0.0, 0.9, 0.0], [0.1, 0.2, 0.3])
+    predicts_nothing = evaluate(Trie().predict(["a", "b"]), [0.9, 0.1])
+    rows = []
+    for neuron, ev in ((0, never_fires), (1, predicts_nothing)):
+        trie = Trie()
+        for line, act in SYNTHETIC_LINES:
+            trie.insert(line, act)
+        trie.merge_ignore()
+        rows.append((SimpleNamespace(neuron=neuron, base_max=1.0, train=[None] * 3, test=[None] * 2, lines=SYNTHETIC_LINES), trie, ev))
+    store.write_layer(SERVICE, 0, graphs_table(rows))
+    Store.open(store.root).add_service(SERVICE)
+    table = Store.open(store.root).read_layer(SERVICE, 0).to_pylist()
+    assert [(r["precision"], r["recall"], r["f1"]) for r in table] == [(0.0, None, None), (None, 0.0, 0.0)]
+    assert table[0]["variance_explained"] is not None and table[1]["variance_explained"] is not None
+
+    out = tmp_path / "site"
+    build_site([store.root], out)
+    api = [json.loads((out / f"api/nulls/neuron2graph/0/{n}.json").read_text())["data"]["evaluation"] for n in (0, 1)]
+    assert api[0]["f1"] is None and api[0]["recall"] is None and api[0]["precision"] == 0.0 and api[0]["test_texts"] == 2
+    assert api[1]["precision"] is None and api[1]["recall"] == 0.0 and api[1]["f1"] == 0.0
+    page0, page1 = ((out / f"nulls/0/{n}.html").read_text() for n in (0, 1))
+    assert "not evaluated" in page0 and "F1 <b>" not in page0 and "None" not in page0
+    assert "precision <b>undefined</b>" in page1 and "F1 <b>0</b>" in page1 and "None" not in page1
+    preview = json.loads((out / "search/nulls/preview/0/0.json").read_text())
+    assert preview[0][2] is None and preview[1][2] == 0.0
