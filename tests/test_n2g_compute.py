@@ -96,6 +96,18 @@ def test_n2g_stage_selects_resumes_and_evaluates(tiny_model_dir, tiny_corpus, tm
         t = store.read_layer("neuron2graph", layer).to_pylist()
         assert len(t) == 3
         assert [r for r in t if r["neuron"] in {x["neuron"] for x in first[layer]}] == first[layer]
+    # a layer written by an older sitegen (nodes without their own activation) is recomputed, not mixed in
+    import pyarrow as pa
+
+    current = store.read_layer("neuron2graph", 1)
+    old_node = pa.struct([(k, current.schema.field("nodes").type.value_type.field(k).type) for k in ("token", "depth", "value", "end", "parent")])
+    stale = current.set_column(current.schema.get_field_index("nodes"), pa.field("nodes", pa.list_(old_node)),
+                               pa.array([[{k: n[k] for k in old_node.names} for n in r] for r in current.column("nodes").to_pylist()], pa.list_(old_node)))
+    store.write_layer("neuron2graph", 1, stale)
+    logs.clear()
+    run_compute(ComputeConfig(**cfg, n2g="3"), log=logs.append)
+    assert Store.open(tmp_path / "store").read_layer("neuron2graph", 1).to_pylist() == current.to_pylist()
+    assert any("recomputing 3 graphs written by an older sitegen" in m for m in logs)
 
 
 def test_n2g_options_are_checked_before_any_work(tmp_path):

@@ -470,6 +470,12 @@ def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] 
     for layer, neurons in selection.items():
         path = store.layer_path(SERVICE, layer)
         old = store.read_layer(SERVICE, layer) if path.exists() else None
+        if old is not None and not old.schema.equals(GRAPH_SCHEMA):
+            # graphs from an older sitegen (nodes without their own activation) were filed and
+            # evaluated differently: recomputed with this layer's selection rather than mixed in
+            log(f"layer {layer}: recomputing {old.num_rows} graphs written by an older sitegen")
+            neurons = sorted(set(neurons) | set(old.column("neuron").to_pylist()))
+            old = None
         have = set(old.column("neuron").to_pylist()) if old is not None else set()
         todo = [n for n in neurons if n not in have]
         if not todo:
