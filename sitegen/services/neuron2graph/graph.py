@@ -41,8 +41,8 @@ class Node:
     @property
     def activating(self) -> bool:
         """N2G files a node by its own activation, whatever its depth: a context token that itself
-        fires is 'activating' too (the reference's `activator` flag)."""
-        return self.activation > ACTIVATING
+        fires is 'activating' too (the reference's `activator` flag). The wildcard is neither."""
+        return self.token != IGNORE and self.activation > ACTIVATING
 
 
 def _copy_into(target: Node, source: Node) -> None:

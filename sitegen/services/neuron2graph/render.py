@@ -84,7 +84,7 @@ class Neuron2GraphLayer:
 def _activating(node: dict) -> bool:
     """Filed by the node's own activation (stores written before that was kept: by depth)."""
     flag = node.get("activating")
-    return node["depth"] == 0 if flag is None else bool(flag)
+    return node["token"] != g.IGNORE and (node["depth"] == 0 if flag is None else bool(flag))
 
 
 def _evaluation(row: dict) -> dict:
@@ -103,8 +103,9 @@ def dot_source(nodes: list[dict]) -> str:
     edges from each token back to its context."""
     lines = ["digraph neuron {", "  rankdir=RL;", '  node [shape=box, style="rounded,filled", fontname="Helvetica"];']
     for i, node in enumerate(nodes):
-        value = max(0.0, min(1.0, node["value"]))
-        colour = f"#ff0000{int(255 * value):02x}" if _activating(node) else f"#0000ff{int(255 * value):02x}"
+        activating = _activating(node)
+        value = max(0.0, min(1.0, node.get("activation", node["value"]) if activating else node["value"]))
+        colour = f"#ff0000{int(255 * value):02x}" if activating else f"#0000ff{int(255 * value):02x}"
         label = "*" if node["token"] == g.IGNORE else node["token"]
         extra = ", penwidth=3" if node["end"] is not None else ""
         lines.append(f'  n{i} [label="{_dot_escape(label)}", fillcolor="{colour}"{extra}];')
@@ -155,7 +156,7 @@ def graph_svg(nodes: list[dict], search_url: str) -> Markup:
         out.append(f'<line x1="{bx + width_of[b]}" y1="{by + 10}" x2="{ax}" y2="{ay + 10}"/>')
     for k, node in drawn.items():
         px, py = pos[k]
-        activating = node["activating"] and node["token"] != g.IGNORE
+        activating = node["activating"]
         value = max(0.0, min(1.0, node["activation"] if activating else node["value"]))  # red by activation, blue by importance
         ignore = node["token"] == g.IGNORE
         fill = "#888" if ignore else ("#e0301e" if activating else "#2a6fdb")
