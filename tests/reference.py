@@ -111,11 +111,12 @@ def write_synthetic_store(root: Path, *, name: str = "toy-model", n_layers: int 
     return Store.open(root)
 
 
-# Lines (activating token first, then context walking back) of a hand-made graph: it fires on
-# the <script> token after ' w3', and on ' w5' two tokens after ' w6'.
+# Lines (activating token first, then context walking back; each element (token, importance or
+# activation, its own activation)) of a hand-made graph: it fires on the <script> token after
+# ' w3', and on ' w5' two tokens after ' w6'.
 SYNTHETIC_LINES = [
-    ([("<script>alert(1)</script>", 0.9), (" w3", 0.8)], 0.9),
-    ([(" w5", 0.7), (IGNORE, 0.0), (" w6", 0.95)], 0.7),
+    ([("<script>alert(1)</script>", 0.9, 0.9), (" w3", 0.8, 0.1)], 0.9),
+    ([(" w5", 0.7, 0.7), (IGNORE, 0.0, 0.0), (" w6", 0.95, 0.2)], 0.7),
 ]
 
 

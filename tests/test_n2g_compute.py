@@ -60,7 +60,7 @@ def test_batched_saliency_equals_direct_masked_computation(tiny):
 
 def test_n2g_stage_selects_resumes_and_evaluates(tiny_model_dir, tiny_corpus, tmp_path):
     from sitegen.compute.runner import ComputeConfig, run_compute
-    from sitegen.services.neuron2graph.graph import normalise
+    from sitegen.services.neuron2graph.graph import IGNORE, normalise
     from sitegen.store import Store
 
     cfg = dict(model=str(tiny_model_dir), corpus=str(tiny_corpus), out=tmp_path / "store", tokens=1500, seq_len=16, seed=1, top_k=6,
@@ -77,11 +77,14 @@ def test_n2g_stage_selects_resumes_and_evaluates(tiny_model_dir, tiny_corpus, tm
         assert [r["neuron"] for r in t] == sorted(np.lexsort((np.arange(len(maxes)), -maxes))[:2].tolist())
         for r in t:
             assert r["n_train"] + r["n_test"] == 6 and r["n_train"] == 3
-            assert all(0 <= r[k] <= 1 for k in ("precision", "recall", "f1"))
-            assert r["variance_explained"] <= 1
+            assert all(r[k] is None or 0 <= r[k] <= 1 for k in ("precision", "recall", "f1"))  # None: undefined
+            assert r["variance_explained"] is None or r["variance_explained"] <= 1
             assert all(normalise(x) == x for x in r["activating"] + r["important"])
-            depth0 = {n["token"] for n in r["nodes"] if n["depth"] == 0}
-            assert set(r["activating"]) == depth0
+            # filed by each node's own activation; a line's first token always fires
+            assert all(n["activating"] == (n["activation"] > 0.5 and n["token"] != IGNORE) for n in r["nodes"])
+            assert all(n["activating"] for n in r["nodes"] if n["depth"] == 0)
+            assert set(r["activating"]) == {n["token"] for n in r["nodes"] if n["activating"] and n["token"] != IGNORE}
+            assert set(r["important"]) == {n["token"] for n in r["nodes"] if not n["activating"] and n["token"] != IGNORE}
             assert all(n["parent"] < i for i, n in enumerate(r["nodes"]))  # breadth first: parents come first
         first[layer] = t
     assert sum(len(r["nodes"]) for t in first.values() for r in t) > 0, "every graph empty: nothing was exercised"
@@ -93,6 +96,18 @@ def test_n2g_stage_selects_resumes_and_evaluates(tiny_model_dir, tiny_corpus, tm
         t = store.read_layer("neuron2graph", layer).to_pylist()
         assert len(t) == 3
         assert [r for r in t if r["neuron"] in {x["neuron"] for x in first[layer]}] == first[layer]
+    # a layer written by an older sitegen (nodes without their own activation) is recomputed, not mixed in
+    import pyarrow as pa
+
+    current = store.read_layer("neuron2graph", 1)
+    old_node = pa.struct([(k, current.schema.field("nodes").type.value_type.field(k).type) for k in ("token", "depth", "value", "end", "parent")])
+    stale = current.set_column(current.schema.get_field_index("nodes"), pa.field("nodes", pa.list_(old_node)),
+                               pa.array([[{k: n[k] for k in old_node.names} for n in r] for r in current.column("nodes").to_pylist()], pa.list_(old_node)))
+    store.write_layer("neuron2graph", 1, stale)
+    logs.clear()
+    run_compute(ComputeConfig(**cfg, n2g="3"), log=logs.append)
+    assert Store.open(tmp_path / "store").read_layer("neuron2graph", 1).to_pylist() == current.to_pylist()
+    assert any("recomputing 3 graphs written by an older sitegen" in m for m in logs)
 
 
 def test_n2g_options_are_checked_before_any_work(tmp_path):
@@ -133,3 +148,104 @@ def test_interrupted_n2g_keeps_finished_layers(tiny_model_dir, tiny_corpus, tmp_
     store = Store.open(tmp_path / "store")
     assert all(store.layer_path("neuron2graph", layer).exists() for layer in range(3))
     assert store.layer_path("neuron2graph", 0).read_bytes() == layer0  # finished work not redone
+
+
+def test_prune_windows_are_k_tokens_including_the_peak():
+    """The reference's candidates are the last k tokens up to and including the peak, k = 5, 10,
+    ..., 30, then the whole prefix when shorter: for a peak at 20 after a BOS, 5, 10, 15 and 20
+    tokens (the last is the whole prefix, tokens 1..20), each with the BOS prepended."""
+    from sitegen.services.neuron2graph.compute import prune_candidates
+
+    tokens = np.arange(100, 140)
+    cands = prune_candidates(tokens, 20, bos=7)
+    assert [len(c) - 1 for c in cands] == [5, 10, 15, 20]
+    assert all(c[0] == 7 and c[-1] == 120 for c in cands)  # BOS first, the peak last
+    assert cands[0][1:] == (116, 117, 118, 119, 120)
+    assert cands[-1][1:] == tuple(range(101, 121))  # the whole prefix after the BOS
+    # no BOS: position 0 is a real token, so the whole prefix (21 tokens) comes after k = 20
+    assert [len(c) for c in prune_candidates(tokens, 20, bos=None)] == [5, 10, 15, 20, 21]
+    # a late peak: six windows, the longest 30 tokens
+    assert [len(c) - 1 for c in prune_candidates(tokens, 35, bos=7)] == [5, 10, 15, 20, 25, 30]
+
+
+def test_without_bos_position_0_is_masked_too():
+    """A model with no BOS token has a real token at position 0: saliency masks it as well, and its
+    importance row is computed (with a BOS, position 0 is never masked)."""
+    from sitegen.services.neuron2graph.compute import importance, masked_copies
+
+    tokens = (5, 6, 7)
+    assert masked_copies(tokens, 2, 9, first=0) == [(9, 6, 7), (5, 9, 7), (5, 6, 9)]
+    assert masked_copies(tokens, 2, 9, first=1) == [(5, 9, 7), (5, 6, 9)]
+    base = np.array([1.0, 2.0, 4.0])
+    masked = [np.array([0.5, 1.0, 1.0]), np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 2.0])]
+    imp = importance(base, masked, first=0)
+    np.testing.assert_allclose(imp, [[0.5, 0.5, 0.75], [0, 0, 0.25], [0, 0, 0.5]])
+    np.testing.assert_allclose(importance(base, masked[1:], first=1), [[0, 0, 0], [0, 0, 0.25], [0, 0, 0.5]])
+
+
+@pytest.fixture(scope="module")
+def relu_model_dir(tiny_model_dir, tmp_path_factory):
+    """A tiny random-init GPT-2-style model with a plain ReLU MLP (activations exactly 0.0 where a
+    neuron does not fire) and negative first-layer biases on most neurons, so that many neurons'
+    top texts include texts where they never fire; the tiny model's tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_inner=48, n_layer=2, n_head=4, n_positions=128, activation_function="relu",
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.c_fc.bias.copy_(torch.linspace(-0.45, 0.0, 48))  # pre-activations have std ~0.1: from rarely to often firing
+    out = tmp_path_factory.mktemp("relu-model") / "tiny-relu-gpt2"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_relu_model_with_exact_zero_texts(relu_model_dir, tiny_corpus, tmp_path, monkeypatch):
+    """Train texts whose maximum is exactly 0.0 (a ReLU neuron that never fires there) are dropped
+    as DeepDecipher's fork does, instead of dividing by zero; every neuron of a layer gets its
+    graph (or none when it never fires at all); undefined figures are stored as null."""
+    from sitegen.compute.runner import ComputeConfig, run_compute
+    from sitegen.services.neuron2graph.compute import _split
+    from sitegen.store import Store
+
+    cfg = dict(model=str(relu_model_dir), corpus=str(tiny_corpus), out=tmp_path / "store", tokens=1200, seq_len=16, seed=1, top_k=6,
+               n_random=1, batch_size=8, device="cpu", progress=False, weights=False)
+    run_compute(ComputeConfig(**cfg, n2g="layers:0"), log=lambda m: None)
+    store = Store.open(tmp_path / "store")
+    scope = store.read_layer("neuroscope", 0, columns=["neuron", "top_acts"]).to_pylist()
+    graphs = {r["neuron"]: r for r in store.read_layer("neuron2graph", 0).to_pylist()}
+    first = store.manifest["config"]["first_valid_position"]
+    zero_texts = dropped = 0
+    for row in scope:
+        maxes = [max(a[first:]) for a in row["top_acts"]]
+        zero_texts += sum(m == 0.0 for m in maxes)
+        if max(maxes) <= 0:
+            assert row["neuron"] not in graphs  # never fires: no graph
+            continue
+        r = graphs[row["neuron"]]
+        train, _ = _split(len(maxes), 0, 0, row["neuron"])
+        kept = sum(maxes[i] > 0 for i in train)
+        dropped += len(train) - kept
+        assert r["n_train"] == kept
+        for key in ("precision", "recall", "f1"):
+            assert r[key] is None or 0 <= r[key] <= 1
+        assert r["variance_explained"] is None or -1e6 < r["variance_explained"] <= 1
+    assert zero_texts > 0 and dropped > 0, "no text with an exact-zero maximum: the case was not exercised"
+
+    # saliency cut after the last position read: recomputing with full masked copies (every
+    # position masked, the whole prompt kept) changes no stored value
+    from sitegen.compute.models import load_model
+    from sitegen.services.neuron2graph import compute as n2g
+
+    model = load_model(str(relu_model_dir), device="cpu")
+    real = n2g.masked_copies
+    monkeypatch.setattr(n2g, "masked_copies", lambda tokens, upto, neutral, first=1: real(tokens, len(tokens) - 1, neutral, first))
+    some = sorted(graphs)[::4]
+    full, _ = n2g.build_layer(model, store, 0, some, n2g.N2GConfig(seed=1), n2g.ModelTokens.prepare(model, store))
+    assert full.to_pylist() == [graphs[n] for n in some]
+    assert sum(r["n_lines"] for r in full.to_pylist()) > 0

@@ -34,7 +34,7 @@ def wide_site(tmp_path_factory):
     vocab = ["<bos>"] + [f" t{i}" for i in range(8)] + ["The", " the", "<script>alert(1)</script>"]
     store = write_synthetic_store(root / "store", name="wide", n_layers=3, n_neurons=24, n_seqs=30, seq_len=10, vocab=vocab,
                                   top_k=4, n_random=1, with_logits=False, with_graphs=False)
-    write_synthetic_graphs(store, {(0, 2): SYNTHETIC_LINES, (2, 5): [([(" t1", 0.9), (" the", 0.9)], 0.9)]})
+    write_synthetic_graphs(store, {(0, 2): SYNTHETIC_LINES, (2, 5): [([(" t1", 0.9, 0.9), (" the", 0.9, 0.2)], 0.9)]})
     from sitegen.store import Store
 
     store = Store.open(store.root)

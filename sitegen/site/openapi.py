@@ -61,7 +61,9 @@ _NEURON2GRAPH = {
         "tokens": {"type": "object", "required": ["activating", "important", "source"],
                    "properties": {"activating": {"type": "array", "items": {"type": "string"}}, "important": {"type": "array", "items": {"type": "string"}},
                                   "source": {"enum": ["graph", "top-sequences"]}}},
-        "evaluation": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["precision", "recall", "f1", "variance_explained"]}]},
+        # each figure null where undefined (f1 null: the held-out texts never fire, not evaluated)
+        "evaluation": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["precision", "recall", "f1", "variance_explained"],
+                                                    "properties": {k: {"type": ["number", "null"]} for k in ("precision", "recall", "f1", "variance_explained")}}]},
     },
 }
 _EXPLAINER = {

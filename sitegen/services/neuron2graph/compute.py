@@ -6,7 +6,8 @@ prompts are run once (one pass gives every neuron of the layer), prompts are pac
 right-padded batches (causal: padding after a prompt cannot change its positions), and each
 forward pass stops right after the layer's MLP hook.
 
-    stage 1  prune       candidates [BOS] + tokens[p-k..p] for k = 5, 10, ..., 30 (and the whole prefix)
+    stage 1  prune       candidates [BOS] + tokens[p-k+1..p] (k tokens, the peak included) for
+                         k = 5, 10, ..., 30 (and the whole prefix when shorter)
     stage 2  saliency    each pruned prompt plus one copy per position with that token masked
     stage 3  augment     variants replacing each important token by its embedding neighbours,
                          each with its own masked copies (saliency of the variant)
@@ -64,7 +65,7 @@ class NeuronWork:
     train: list[tuple[np.ndarray, np.ndarray]]  # (token ids, activations) with BOS at 0
     test: list[tuple[np.ndarray, np.ndarray]]
     pruned: list[tuple[Prompt, float]] = field(default_factory=list)  # (prompt, scale)
-    lines: list[tuple[list[tuple[str, float]], float]] = field(default_factory=list)
+    lines: list[tuple[list[tuple[str, float, float]], float]] = field(default_factory=list)
 
 
 class LayerForward:
@@ -119,20 +120,24 @@ class LayerForward:
         return [found[(tokens, neuron)] for tokens, neuron in requests]
 
 
-def masked_copies(tokens: tuple[int, ...], upto: int, neutral: int) -> list[tuple[int, ...]]:
-    """One copy per non-BOS position k <= upto with token k replaced by the neutral token, cut after
-    position upto: in a causal model masking k changes nothing before k, and nothing after upto is read."""
+def masked_copies(tokens: tuple[int, ...], upto: int, neutral: int, first: int = 1) -> list[tuple[int, ...]]:
+    """One copy per position first <= k <= upto with token k replaced by the neutral token (first =
+    1 skips the BOS; a model without BOS has a real token at 0, masked too), cut after position
+    upto: in a causal model masking k changes nothing before k. upto is at least the last position
+    whose line is made (and the max token), so no value read afterwards lies past the cut (see
+    `group_lines`: only firing positions are read)."""
     head = tokens[:upto + 1]
-    return [head[:k] + (neutral,) + head[k + 1:] for k in range(1, upto + 1)]
+    return [head[:k] + (neutral,) + head[k + 1:] for k in range(first, upto + 1)]
 
 
-def importance(base: np.ndarray, masked: list[np.ndarray]) -> np.ndarray:
+def importance(base: np.ndarray, masked: list[np.ndarray], first: int = 1) -> np.ndarray:
     """I[k, j] = 1 - A_k[j] / A[j]: how much masking position k lowers the activation at j (base =
-    the unmasked prompt, masked[k-1] = masked_copies' row for k). Row and column 0 (BOS) stay 0,
-    as do pairs past the masked rows' length. 0 where A[j] <= 0: only firing positions are read."""
+    the unmasked prompt, masked[k - first] = masked_copies' row for k). Rows before `first` (the
+    BOS) stay 0, as do pairs past the masked rows' length. 0 where A[j] <= 0: only firing
+    positions are read."""
     t = len(base)
     imp = np.zeros((t, t), dtype=np.float64)
-    for k, row in enumerate(masked, start=1):
+    for k, row in enumerate(masked, start=first):
         b = base[:len(row)]
         imp[k, :len(row)] = np.where(b > 0, 1.0 - row / np.where(b > 0, b, 1.0), 0.0)
     return imp
@@ -145,11 +150,13 @@ def _last_firing(norm: np.ndarray, first: int) -> int:
 
 
 def prune_candidates(tokens: np.ndarray, p: int, bos: int | None) -> list[tuple[int, ...]]:
+    """The last k tokens up to and including the peak p, tokens[p-k+1 .. p], for k in PRUNE_STEPS,
+    shortest first, each with BOS prepended; the whole prefix (and no longer k) once k reaches it."""
     first = 1 if bos is not None else 0
     head = (bos,) if bos is not None else ()
     out = []
     for k in PRUNE_STEPS:
-        start = p - k
+        start = p - k + 1
         if start <= first:
             out.append(head + tuple(int(x) for x in tokens[first:p + 1]))
             break
@@ -195,26 +202,55 @@ class Neighbours:
         return self.cache[token]
 
 
-def make_lines(vocab: list[str], tokens: tuple[int, ...], norm_acts: np.ndarray, imp: np.ndarray, orig_sets: list[set[int]], first: int) -> list[tuple[list[tuple[str, float]], float]]:
-    """Step 4: one line per firing position of a prompt (original or variant)."""
+def important_sets(norm_acts: np.ndarray, imp: np.ndarray, first: int) -> list[set[int]]:
+    """The original prompt's important_index_sets: for each firing position i (normalised
+    activation > 0.5), the context positions k with I[k, i] > 0.75 (i itself included when so);
+    empty for positions that do not fire (the reference builds them while making lines)."""
+    sets: list[set[int]] = []
+    for i in range(len(norm_acts)):
+        if i >= first and norm_acts[i] > ACTIVATING_FOR_LINE:
+            sets.append({k for k in range(first, i + 1) if imp[k, i] > IMPORTANT_FOR_LINE})
+        else:
+            sets.append(set())
+    return sets
+
+
+def make_lines(vocab: list[str], tokens: tuple[int, ...], norm_acts: np.ndarray, imp: np.ndarray, orig_sets: list[set[int]] | None,
+               first: int) -> list[tuple[list[tuple[str, float, float]], float]]:
+    """Step 4: one line per firing position of a prompt, each element (token or IGNORE, importance
+    for i, the token's own normalised activation). orig_sets: the original prompt's important
+    sets (None for the original itself); a variant longer than the original uses the last set."""
     lines = []
     for i in range(first, len(tokens)):
         act = float(norm_acts[i])
         if act <= ACTIVATING_FOR_LINE:
             continue
-        allowed = orig_sets[i] if i < len(orig_sets) else set()
-        line: list[tuple[str, float]] = []
+        allowed = set() if not orig_sets else orig_sets[i] if i < len(orig_sets) else orig_sets[-1]
+        line: list[tuple[str, float, float]] = []
         last_kept = 0
         for k in range(i, first - 1, -1):
+            value, own = round(float(imp[k, i]), 3), float(norm_acts[k])
             if k == i:
-                line.append((vocab[tokens[k]], act))
+                line.append((vocab[tokens[k]], act, own))
                 last_kept = len(line)
             elif imp[k, i] > IMPORTANT_FOR_LINE or k in allowed:
-                line.append((vocab[tokens[k]], round(float(imp[k, i]), 3)))
+                line.append((vocab[tokens[k]], value, own))
                 last_kept = len(line)
             else:
-                line.append((g.IGNORE, 0.0))
+                line.append((g.IGNORE, value, own))
         lines.append((line[:last_kept], act))
+    return lines
+
+
+def group_lines(vocab: list[str], original: tuple, variants: list[tuple], first: int) -> list[tuple[list[tuple[str, float, float]], float]]:
+    """The lines of one pruned prompt's group in the reference's order: the original's, then each
+    variant's (which keep context that was important in the original). original and each variant:
+    (tokens, normalised activations, importance matrix)."""
+    tokens, norm, imp = original
+    sets = important_sets(norm, imp, first)
+    lines = make_lines(vocab, tokens, norm, imp, None, first)
+    for v_tokens, v_norm, v_imp in variants:
+        lines.extend(make_lines(vocab, v_tokens, v_norm, v_imp, sets, first))
     return lines
 
 
@@ -261,7 +297,10 @@ def build_layer(model, store, layer: int, neurons: Iterable[int], cfg: N2GConfig
         if base <= 0 or len(texts) < 2:
             continue  # never positive on its top texts: nothing to normalise by, no graph
         train_i, test_i = _split(len(texts), cfg.seed, layer, n)
-        work.append(NeuronWork(n, base, [texts[i] for i in train_i], [texts[i] for i in test_i]))
+        # a train text whose maximum is <= 0 has no peak to prune to (and would divide by it, or flip
+        # the scale's sign): dropped, as DeepDecipher's fork does; held-out texts all stay
+        train = [texts[i] for i in train_i if float(texts[i][1][first:].max()) > 0]
+        work.append(NeuronWork(n, base, train, [texts[i] for i in test_i]))
     fwd = LayerForward(model, layer, cfg.token_budget, pad_id=neutral)
 
     # stage 1: prune, shortest candidates first: each round runs the next candidate only for the
@@ -295,44 +334,50 @@ def build_layer(model, store, layer: int, neurons: Iterable[int], cfg: N2GConfig
         norm = np.round(acts * scale / w.base_max, 3)
         originals.append((w, prompt, scale, acts, norm, max(prompt.max_pos, _last_firing(norm, first))))
 
-    # stage 3: saliency of the pruned prompts: masked copies up to the max token or the last firing position
+    # stage 3: saliency of the pruned prompts: masked copies up to the max token or the last firing
+    # position (group_lines reads no importance past it)
     requests, spans = [], []
     for w, prompt, scale, acts, norm, upto in originals:
-        rows = masked_copies(prompt.tokens, upto, neutral)
+        rows = masked_copies(prompt.tokens, upto, neutral, first)
         spans.append((len(requests), len(rows)))
         requests.extend((r, w.neuron) for r in rows)
     results = fwd.run(requests)
-    variants = []  # (w, variant tokens, scale, the original's importance sets)
+    groups = []  # per pruned prompt, in train order: (w, (tokens, norm, importance), variants' saliency)
+    variants = []  # (group index, variant tokens, scale)
     for (w, prompt, scale, acts, norm, upto), (at, count) in zip(originals, spans):
-        imp = importance(acts, results[at:at + count])
-        orig_sets = [set(np.nonzero(imp[:, i] > IMPORTANT_FOR_LINE)[0].tolist()) for i in range(len(prompt.tokens))]
-        w.lines.extend(make_lines(vocab, prompt.tokens, norm, imp, orig_sets, first))
+        imp = importance(acts, results[at:at + count], first)
+        groups.append((w, (prompt.tokens, norm, imp), []))
         p = prompt.max_pos
         important = [k for k in range(first, p + 1) if imp[k, p] >= IMPORTANT_FOR_AUGMENT and prompt.tokens[k] not in special]
         important.sort(key=lambda k: (-imp[k, p], k))
         for k in important[:cfg.max_augmented]:
             for rep in neighbours.of(prompt.tokens[k], cfg.replacements):
-                variants.append((w, prompt.tokens[:k] + (rep,) + prompt.tokens[k + 1:], scale, orig_sets))
+                variants.append((len(groups) - 1, prompt.tokens[:k] + (rep,) + prompt.tokens[k + 1:], scale))
 
     # stage 4: augmentation: the variants; those where nothing fires any more (the informative
     # negatives) add no line, so only the others need stage 5
-    results = fwd.run([(v, w.neuron) for w, v, _, _ in variants])
+    results = fwd.run([(v, groups[gi][0].neuron) for gi, v, _ in variants])
     firing = []
-    for (w, v, scale, orig_sets), acts in zip(variants, results):
-        norm = np.round(acts * scale / w.base_max, 3)
+    for (gi, v, scale), acts in zip(variants, results):
+        norm = np.round(acts * scale / groups[gi][0].base_max, 3)
         upto = _last_firing(norm, first)
         if upto >= 0:
-            firing.append((w, v, orig_sets, acts, norm, upto))
+            firing.append((gi, v, acts, norm, upto))
 
     # stage 5: saliency of the variants that still fire
     requests, spans = [], []
-    for w, v, orig_sets, acts, norm, upto in firing:
-        rows = masked_copies(v, upto, neutral)
+    for gi, v, acts, norm, upto in firing:
+        rows = masked_copies(v, upto, neutral, first)
         spans.append((len(requests), len(rows)))
-        requests.extend((r, w.neuron) for r in rows)
+        requests.extend((r, groups[gi][0].neuron) for r in rows)
     results = fwd.run(requests)
-    for (w, v, orig_sets, acts, norm, upto), (at, count) in zip(firing, spans):
-        w.lines.extend(make_lines(vocab, v, norm, importance(acts, results[at:at + count]), orig_sets, first))
+    for (gi, v, acts, norm, upto), (at, count) in zip(firing, spans):
+        groups[gi][2].append((v, norm, importance(acts, results[at:at + count], first)))
+
+    # lines in the reference's insertion order (each prompt, then its variants): the trie keeps
+    # the first insertion's values, so the order decides END values
+    for w, original, saliency in groups:
+        w.lines.extend(group_lines(vocab, original, saliency, first))
 
     # trie and held-out evaluation
     rows = []
@@ -355,29 +400,34 @@ GRAPH_SCHEMA = pa.schema([
     ("neuron", pa.int32()),
     ("base_max_act", pa.float32()),
     ("nodes", pa.list_(pa.struct([("token", pa.string()), ("depth", pa.int16()), ("value", pa.float32()),
-                                  ("end", pa.float32()), ("parent", pa.int32())]))),
+                                  ("end", pa.float32()), ("parent", pa.int32()),
+                                  ("activation", pa.float32()), ("activating", pa.bool_())]))),
     ("activating", pa.list_(pa.string())),
     ("important", pa.list_(pa.string())),
+    # null where undefined (graph.evaluate): never a vacuous 1.0 or a 1 - x/1e-32
     ("precision", pa.float64()), ("recall", pa.float64()), ("f1", pa.float64()), ("variance_explained", pa.float64()),
     ("n_train", pa.int16()), ("n_test", pa.int16()), ("n_lines", pa.int32()),
 ])
 
 
 def graphs_table(rows) -> pa.Table:
-    """One row per graph: its nodes breadth-first with parent indices (-1 for activating tokens),
-    its token sets (for search and similarity) and its held-out evaluation."""
+    """One row per graph: its nodes breadth-first with parent indices (-1 for the trie's first
+    tokens), each filed activating or not by its own activation, its token sets (for search and
+    similarity, as the reference files them) and its held-out evaluation."""
     out: dict[str, list] = {name: [] for name in GRAPH_SCHEMA.names}
     for w, trie, ev in rows:
         nodes, index = [], {}
         for parent, node in _walk(trie):
             index[id(node)] = len(nodes)
             nodes.append({"token": node.token, "depth": node.depth, "value": float(node.value),
-                          "end": None if node.end is None else float(node.end), "parent": -1 if parent is None else index[id(parent)]})
+                          "end": None if node.end is None else float(node.end), "parent": -1 if parent is None else index[id(parent)],
+                          "activation": float(node.activation), "activating": node.activating})
         out["neuron"].append(w.neuron)
         out["base_max_act"].append(w.base_max)
         out["nodes"].append(nodes)
-        out["activating"].append(sorted({n["token"] for n in nodes if n["depth"] == 0}))
-        out["important"].append(sorted({n["token"] for n in nodes if n["depth"] > 0 and n["token"] != g.IGNORE}))
+        activating, important = trie.token_sets()
+        out["activating"].append(sorted(activating))
+        out["important"].append(sorted(important))
         for key in ("precision", "recall", "f1", "variance_explained"):
             out[key].append(None if ev is None else ev[key])
         out["n_train"].append(len(w.train))
@@ -420,6 +470,12 @@ def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] 
     for layer, neurons in selection.items():
         path = store.layer_path(SERVICE, layer)
         old = store.read_layer(SERVICE, layer) if path.exists() else None
+        if old is not None and not old.schema.equals(GRAPH_SCHEMA):
+            # graphs from an older sitegen (nodes without their own activation) were filed and
+            # evaluated differently: recomputed with this layer's selection rather than mixed in
+            log(f"layer {layer}: recomputing {old.num_rows} graphs written by an older sitegen")
+            neurons = sorted(set(neurons) | set(old.column("neuron").to_pylist()))
+            old = None
         have = set(old.column("neuron").to_pylist()) if old is not None else set()
         todo = [n for n in neurons if n not in have]
         if not todo:

@@ -3,8 +3,9 @@ token normalisation, the trie built from activation 'lines' with IGNORE merging,
 walking backwards without backtracking, and the held-out evaluation. Pure Python (no torch):
 the model-dependent steps (prune, saliency, augment) produce the lines this module consumes.
 
-A line starts at the activating token and walks backwards through its context:
-    [(token_i, activation_i), (token_{i-1} | IGNORE, importance), ...]  ending with END = activation_i
+A line starts at the activating token and walks backwards through its context; every element
+carries the token, its importance for position i and its own normalised activation:
+    [(token_i, I[i, i], a_i), (token_{i-1} | IGNORE, I[i-1, i], a_{i-1}), ...]  ending with END = a_i
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 IGNORE = "<IGNORE>"
-FIRING = 0.5  # normalised activation at which a neuron counts as firing
+FIRING = 0.5  # normalised activation at which a neuron counts as firing (evaluation: >=)
+ACTIVATING = 0.5  # a node whose own normalised activation is above this is an 'activating' token
 
 
 def normalise(token: str) -> str:
@@ -32,12 +34,15 @@ class Node:
     token: str
     depth: int
     value: float  # activation for the activating token (depth 0), importance for context tokens
+    activation: float  # the token's own normalised activation where it was first inserted
     end: float | None = None  # activation recorded by a line ending here (N2G's END child)
     children: dict[str, "Node"] = field(default_factory=dict)
 
     @property
     def activating(self) -> bool:
-        return self.depth == 0
+        """N2G files a node by its own activation, whatever its depth: a context token that itself
+        fires is 'activating' too (the reference's `activator` flag). The wildcard is neither."""
+        return self.token != IGNORE and self.activation > ACTIVATING
 
 
 def _copy_into(target: Node, source: Node) -> None:
@@ -45,7 +50,7 @@ def _copy_into(target: Node, source: Node) -> None:
     for key, child in source.children.items():
         mine = target.children.get(key)
         if mine is None:
-            mine = target.children[key] = Node(child.token, target.depth + 1, child.value, child.end)
+            mine = target.children[key] = Node(child.token, target.depth + 1, child.value, child.activation, child.end)
         elif mine.end is None and child.end is not None:
             mine.end = child.end
         _copy_into(mine, child)
@@ -53,16 +58,17 @@ def _copy_into(target: Node, source: Node) -> None:
 
 class Trie:
     def __init__(self) -> None:
-        self.root = Node("", -1, 0.0)
+        self.root = Node("", -1, 0.0, 0.0)
 
-    def insert(self, line: Sequence[tuple[str, float]], activation: float) -> None:
-        """Add one line (activating token first, then context walking backwards; IGNORE allowed)."""
+    def insert(self, line: Sequence[tuple[str, float, float]], activation: float) -> None:
+        """Add one line of (token, value, own activation), activating token first, then context
+        walking backwards (IGNORE allowed); `activation` is the END value."""
         node = self.root
-        for token, value in line:
+        for token, value, own in line:
             key = token if token == IGNORE else normalise(token)
             child = node.children.get(key)
             if child is None:  # the first insertion's values are kept
-                child = node.children[key] = Node(key, node.depth + 1, value)
+                child = node.children[key] = Node(key, node.depth + 1, value, own)
             node = child
         if node.end is None:
             node.end = activation
@@ -109,21 +115,38 @@ class Trie:
             yield node
             queue.extend(node.children.values())
 
+    def token_sets(self) -> tuple[set[str], set[str]]:
+        """The token store's (activating, important) keys: every node but IGNORE, filed by its own
+        activation (a key can be in both sets when it appears in two roles)."""
+        activating: set[str] = set()
+        important: set[str] = set()
+        for node in self.nodes():
+            if node.token != IGNORE:
+                (activating if node.activating else important).add(node.token)
+        return activating, important
 
-def evaluate(predicted: Sequence[float], true: Sequence[float], firing: float = FIRING) -> dict[str, float]:
+
+def evaluate(predicted: Sequence[float], true: Sequence[float], firing: float = FIRING) -> dict[str, float | None]:
     """Token-level precision, recall and F1 of the firing class, pooled over all tokens, and the
-    variance explained 1 - MSE / Var(true). Precision is 1 when nothing is predicted to fire
-    (N2G's convention); recall is 1 when nothing truly fires."""
+    variance explained 1 - MSE / Var(true). A metric whose denominator is empty is undefined
+    (None), never perfect: precision when nothing is predicted to fire, recall and F1 when nothing
+    truly fires (the graph is 'not evaluated'), variance explained when the truth is constant.
+    F1 = 2 TP / (predicted + true firing), so an empty graph on texts that fire scores 0."""
     if len(predicted) != len(true):
         raise ValueError("predicted and true activations differ in length")
     tp = sum(1 for p, t in zip(predicted, true) if p >= firing and t >= firing)
     pred_pos = sum(1 for p in predicted if p >= firing)
     true_pos = sum(1 for t in true if t >= firing)
-    precision = tp / pred_pos if pred_pos else 1.0
-    recall = tp / true_pos if true_pos else 1.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    precision = tp / pred_pos if pred_pos else None
+    recall = tp / true_pos if true_pos else None
+    f1 = 2 * tp / (pred_pos + true_pos) if true_pos else None
     n = len(true)
-    mean = sum(true) / n if n else 0.0
-    var = sum((t - mean) ** 2 for t in true) / n if n else 0.0
-    mse = sum((p - t) ** 2 for p, t in zip(predicted, true)) / n if n else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "variance_explained": 1 - mse / var if var > 0 else 0.0}
+    explained = None
+    if n:
+        mean = sum(true) / n
+        var = sum((t - mean) ** 2 for t in true) / n
+        mse = sum((p - t) ** 2 for p, t in zip(predicted, true)) / n
+        # a truth constant up to float noise has no variance to explain (1 - mse/1e-32 is no figure)
+        if var > 1e-12 * max(1.0, mean * mean):
+            explained = 1 - mse / var
+    return {"precision": precision, "recall": recall, "f1": f1, "variance_explained": explained}

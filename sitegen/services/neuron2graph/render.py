@@ -55,7 +55,7 @@ class Neuron2GraphLayer:
             out["graph"] = {
                 "subgraph_indices": [i for i, node in enumerate(nodes) if node["parent"] < 0],
                 "graph": [{"token": node["token"], "required": children[i], "importance": round(node["value"], 4), "depth": node["depth"],
-                           "activating": node["depth"] == 0, "end": None if node["end"] is None else round(node["end"], 4)}
+                           "activating": _activating(node), "end": None if node["end"] is None else round(node["end"], 4)}
                           for i, node in enumerate(nodes)],
             }
             out["graphviz"] = dot_source(nodes)
@@ -81,10 +81,17 @@ class Neuron2GraphLayer:
         return {"num_neurons": self.site.layer_size, "graphs": sorted(self.rows)}
 
 
-def _evaluation(row: dict) -> dict | None:
-    if row["f1"] is None:
-        return None
-    return {k: round(row[k], 4) for k in ("precision", "recall", "f1", "variance_explained")} | {"test_texts": row["n_test"], "train_texts": row["n_train"]}
+def _activating(node: dict) -> bool:
+    """Filed by the node's own activation (stores written before that was kept: by depth)."""
+    flag = node.get("activating")
+    return node["token"] != g.IGNORE and (node["depth"] == 0 if flag is None else bool(flag))
+
+
+def _evaluation(row: dict) -> dict:
+    """The held-out figures; null where undefined (F1 null: nothing in the held-out texts reaches
+    half the maximum, so the graph is not evaluated)."""
+    return {k: None if row[k] is None else round(row[k], 4) for k in ("precision", "recall", "f1", "variance_explained")} | {
+        "test_texts": row["n_test"], "train_texts": row["n_train"]}
 
 
 def _dot_escape(text: str) -> str:
@@ -96,8 +103,9 @@ def dot_source(nodes: list[dict]) -> str:
     edges from each token back to its context."""
     lines = ["digraph neuron {", "  rankdir=RL;", '  node [shape=box, style="rounded,filled", fontname="Helvetica"];']
     for i, node in enumerate(nodes):
-        value = max(0.0, min(1.0, node["value"]))
-        colour = f"#ff0000{int(255 * value):02x}" if node["depth"] == 0 else f"#0000ff{int(255 * value):02x}"
+        activating = _activating(node)
+        value = max(0.0, min(1.0, node.get("activation", node["value"]) if activating else node["value"]))
+        colour = f"#ff0000{int(255 * value):02x}" if activating else f"#0000ff{int(255 * value):02x}"
         label = "*" if node["token"] == g.IGNORE else node["token"]
         extra = ", penwidth=3" if node["end"] is not None else ""
         lines.append(f'  n{i} [label="{_dot_escape(label)}", fillcolor="{colour}"{extra}];')
@@ -119,7 +127,8 @@ def graph_svg(nodes: list[dict], search_url: str) -> Markup:
         if key not in drawn:
             if len(drawn) >= MAX_DRAWN:
                 continue
-            drawn[key] = {"token": node["token"], "depth": node["depth"], "value": node["value"], "end": node["end"]}
+            drawn[key] = {"token": node["token"], "depth": node["depth"], "value": node["value"], "end": node["end"],
+                          "activating": _activating(node), "activation": node.get("activation", node["value"])}
         elif drawn[key]["end"] is None and node["end"] is not None:
             drawn[key]["end"] = node["end"]
         if node["parent"] >= 0 and keys[node["parent"]] in drawn:
@@ -147,12 +156,14 @@ def graph_svg(nodes: list[dict], search_url: str) -> Markup:
         out.append(f'<line x1="{bx + width_of[b]}" y1="{by + 10}" x2="{ax}" y2="{ay + 10}"/>')
     for k, node in drawn.items():
         px, py = pos[k]
-        value = max(0.0, min(1.0, node["value"]))
-        activating = node["depth"] == 0
+        activating = node["activating"]
+        value = max(0.0, min(1.0, node["activation"] if activating else node["value"]))  # red by activation, blue by importance
         ignore = node["token"] == g.IGNORE
         fill = "#888" if ignore else ("#e0301e" if activating else "#2a6fdb")
         label = "…" if ignore else display(node["token"])
-        what = "wildcard (any token)" if ignore else (f"activation {node['value']:.3f}" if activating else f"importance {node['value']:.3f}")
+        what = "wildcard (any token)" if ignore else f"importance {node['value']:.3f}"
+        if activating:
+            what = f"activation {node['activation']:.3f}" + (f", importance {node['value']:.3f}" if node["depth"] > 0 else "")
         end = f", line ends here ({node['end']:.3f})" if node["end"] is not None else ""
         title = escape(f"{'any token' if ignore else repr(node['token'])}: {what}{end}")
         rect = (f'<rect x="{px}" y="{py}" width="{width_of[k]}" height="20" rx="4" fill="{fill}" fill-opacity="{0.25 + 0.75 * value:.2f}"'
