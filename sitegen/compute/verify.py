@@ -44,10 +44,11 @@ from sitegen.corpus_keys import random_key
 from sitegen.errors import ConfigError, SitegenError, StoreError
 from sitegen.store import Store
 
-# Measured float32 CPU noise (README, "Verify a store"): recomputing in other batches moves
-# activations by up to ~1e-6 of a neuron's range on the tiny test model and on SmolLM2-135M.
-# 1e-4 leaves two orders of magnitude for other devices and thread counts, and still catches a
-# 0.1% change of a neuron's peak.
+# Measured on 2 CPU cores (README, "Verify a store"): rerunning in other batches (sizes 1, 3, 5 against
+# compute's 4 and 32) and thread counts (1 against 2) reproduced every stored activation bit for bit,
+# on the tiny test model and on SmolLM2-135M; the float64 statistics differ from the stored
+# fixed-point ones by at most 2.7e-6 of a neuron's range. 1e-4 leaves room for other CPUs and
+# kernels (not measured) and still catches a 0.1% change of a neuron's peak.
 DEFAULT_RTOL = 1e-4
 MIN_SCALE = 1e-6  # the smallest neuron range errors are measured against
 FULL_RUN_TOKENS = 50_000  # stores with at most this many stored tokens are rerun over every stored sequence
@@ -363,19 +364,6 @@ def run_verify(cfg: VerifyConfig, log: Callable[[str], None] = lambda m: None) -
     full = cfg.full if cfg.full is not None else stored_tokens <= FULL_RUN_TOKENS
     every_processed_stored = len(seq_tokens) == int(m["processed"]["sequences"])
     with_stats = full and every_processed_stored
-    notes = []
-    if not with_stats:
-        notes.append("statistics not checked: " + (
-            f"the store keeps {len(seq_tokens)} of the {m['processed']['sequences']} sequences it processed (only the top, bottom and "
-            "random ones), so mean, std and fraction > 0 cannot be recomputed without the corpus" if not every_processed_stored else
-            f"only the sampled neurons' sequences were run (rerun with --full to run all {len(seq_tokens)} stored sequences)"))
-    if not full:
-        notes.append(f"top/bottom-k: checked against the {{run}} sequences that were run (the sampled neurons' own); a sequence outside "
-                     f"the store could still beat the k-th without this check seeing it")
-    elif not every_processed_stored:
-        notes.append(f"top/bottom-k: checked against every stored sequence ({len(seq_tokens)}), not every processed one "
-                     f"({m['processed']['sequences']})")
-
     checks: dict[int, LayerCheck] = {}
     for layer, neurons in selection.items():
         table = store.read_layer("neuroscope", layer, columns=LayerCheck.COLUMNS)
@@ -384,7 +372,7 @@ def run_verify(cfg: VerifyConfig, log: Callable[[str], None] = lambda m: None) -
     wanted = sorted(seq_tokens) if full else sorted({s for c in checks.values() for s in c.needs})
     missing = [s for s in wanted if s not in seq_tokens]
     run_ids = [s for s in wanted if s in seq_tokens]
-    notes = [n.replace("{run}", str(len(run_ids))) for n in notes]
+    notes = _coverage_notes(len(seq_tokens), int(m["processed"]["sequences"]), len(run_ids), full, with_stats)
 
     from sitegen.compute.models import load_model, resolve_device, weights_fingerprint
     from sitegen.compute.runner import auto_batch_size
@@ -393,6 +381,9 @@ def run_verify(cfg: VerifyConfig, log: Callable[[str], None] = lambda m: None) -
     source = cfg.model or m["model"]["source"]
     log(f"loading model {source}")
     model = load_model(source, device=device, name=m["model"]["name"])
+    if (model.n_layers, model.d_mlp) != (n_layers, d_mlp):
+        raise ConfigError(f"--model {source}: {model.n_layers} layers x {model.d_mlp} neurons, but the store {cfg.store} holds "
+                          f"{n_layers} x {d_mlp}; pass the model the store was computed with")
     problems = []
     if model.fingerprint != m["model"].get("fingerprint"):
         problems.append(f"model fingerprint {model.fingerprint} differs from the store's {m['model'].get('fingerprint')}: "
@@ -402,7 +393,7 @@ def run_verify(cfg: VerifyConfig, log: Callable[[str], None] = lambda m: None) -
         notes.append("the store records no weights hash (computed before sitegen recorded one); the file fingerprint was compared")
     elif weights != m["model"]["weights_sha256"]:
         problems.append(f"weights hash {weights} differs from the store's {m['model']['weights_sha256']}")
-    if every_processed_stored:
+    if with_stats:
         problems += _check_random_sample(store, seq_tokens, int(m["config"]["seed"]), int(m["config"]["n_random"]))
     if missing:
         problems.append(f"{len(missing)} referenced sequences are missing from sequences.parquet (e.g. {missing[:3]})")
@@ -414,6 +405,23 @@ def run_verify(cfg: VerifyConfig, log: Callable[[str], None] = lambda m: None) -
     model_info = {"name": m["model"]["name"], "source": source, "fingerprint": model.fingerprint, "weights_sha256": weights}
     now = time.perf_counter()
     return VerifyReport(cfg.store, model_info, cfg.rtol, layers, notes, problems, now - started, now - loaded, tokens_run)
+
+
+def _coverage_notes(stored: int, processed: int, run: int, full: bool, with_stats: bool) -> list[str]:
+    """What this run could not check, in words for the report."""
+    notes = []
+    if not with_stats:
+        notes.append("statistics and the random sample not checked: " + (
+            f"the store keeps {stored} of the {processed} sequences it processed (only the top, bottom and random ones), so mean, "
+            "std and fraction > 0 cannot be recomputed without the corpus" if stored != processed else
+            f"only the sampled neurons' sequences were run (rerun with --full to run all {stored} stored sequences)"))
+    if not full:
+        notes.append(f"top/bottom-k: checked against the {run} sequences that were run (the sampled neurons' own); another stored "
+                     "or unstored sequence could still beat the k-th without this run seeing it")
+    elif stored != processed:
+        notes.append(f"top/bottom-k: checked against every stored sequence ({stored}), not every processed one ({processed}): "
+                     "an unstored sequence could still beat the k-th")
+    return notes
 
 
 def _check_random_sample(store: Store, seq_tokens: dict, seed: int, n_random: int) -> list[str]:
