@@ -64,7 +64,9 @@ def neuron_provenance(model_record: dict, layer: int, neuron: int, payloads: dic
     out: dict = {"graph": None, "explanation": None}
     n2g = payloads.get("neuron2graph")
     record = model_record.get("neuron2graph")
-    if n2g and n2g.get("graph") is not None and record:
+    if n2g and n2g.get("graph") is not None and not record:  # graphs from before the settings were recorded
+        out["graph"] = {"train": None, "test": None, "record": {}, "thresholds": None}
+    elif n2g and n2g.get("graph") is not None:
         top = [t["data_index"] for t in payloads.get("neuroscope", {}).get("texts", [])][:int(record.get("texts", 20))]
         train, test = n2g_split(len(top), int(record.get("seed", 0)), layer, neuron)
         out["graph"] = {"train": [top[i] for i in train], "test": [top[i] for i in test],
