@@ -45,7 +45,7 @@ from sitegen.errors import ConfigError, SitegenError, StoreError
 from sitegen.services.neuroscope import stats as ns_stats
 from sitegen.store import Store
 
-# Measured on 2 CPU cores (README, "Verify a store"): rerunning in other batches (sizes 1, 3, 5 against
+# Measured on 2 CPU cores (README, "Verify a store"): rerunning in other batches (sizes 1, 3, 5, 7 against
 # compute's 4 and 32) and thread counts (1 against 2) reproduced every stored activation bit for bit,
 # on the tiny test model and on SmolLM2-135M; the float64 statistics differ from the stored
 # fixed-point ones by at most 8.2e-6 of a neuron's range. 1e-4 leaves room for other CPUs and
