@@ -92,6 +92,43 @@ def import_explanations_cmd(folder, store_root):
 
 
 @main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--neurons", default="8", show_default=True,
+              help="Which neurons to check: N (a random sample of N per layer, seeded by --seed), 'all', or LAYER:NEURON pairs such as 3:17,5:2.")
+@click.option("--model", default=None, help="The model to rerun [default: the one recorded in the store's manifest]; its fingerprints must match the store's.")
+@click.option("--rtol", type=float, default=1e-4, show_default=True,
+              help="Tolerance, as a fraction of each neuron's largest |activation|, for stored activations, top/bottom-k maxima and order, and "
+                   "mean/std/min/max. Measured on CPU: activations reproduced bit for bit across batch sizes and thread counts, statistics "
+                   "within 1e-5 (README, 'Verify a store').")
+@click.option("--full/--sampled", default=None,
+              help="Rerun every stored sequence (needed for the statistics check), or only the sampled neurons' sequences "
+                   "[default: every stored sequence when the store holds at most 50,000 stored tokens].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the neuron sample.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="cpu", show_default=True,
+              help="Where the model runs (compare like with like: a store computed on a GPU may need a larger --rtol on a CPU).")
+@click.option("--batch-size", type=int, default=None, help="Sequences per forward pass [default: as compute chooses for the device].")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the full report (every neuron) as JSON here.")
+def verify(store, neurons, model, rtol, full, seed, device, batch_size, json_out):
+    """Rerun the model on the store's stored token ids and check its activations, top/bottom-k and
+    statistics. Prints one line per layer and per failing neuron (named LAYER NEURON); exits 1 when
+    anything differs beyond --rtol."""
+    import orjson
+
+    from sitegen.compute.verify import VerificationFailed, VerifyConfig, run_verify
+    from sitegen.store import atomic_write_bytes
+
+    cfg = VerifyConfig(store=store, model=model, neurons=neurons, rtol=rtol, seed=seed, device=device, batch_size=batch_size, full=full)
+    report = run_verify(cfg, log=lambda m: click.echo(m, err=True))
+    for line in report.lines():
+        click.echo(line)
+    if json_out is not None:
+        atomic_write_bytes(json_out, orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY, default=str))
+    if not report.ok:
+        raise VerificationFailed(f"{store}: {len(report.failed)} of {len(report.neurons)} neurons differ from the model beyond --rtol {rtol:g}"
+                                 + (f" and {len(report.problems)} store-level problems" if report.problems else "") + " (see the report above)")
+
+
+@main.command()
 @click.argument("parts", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the merged store.")
 def merge(parts, out):

@@ -133,7 +133,9 @@ def test_rebuild_rewrites_only_what_changed(tmp_path):
     out = tmp_path / "site"
     build_site([store.root], out)
     manifest = orjson.loads((store.root / "manifest.json").read_bytes())
-    manifest["corpus"]["name"] = "renamed-corpus"  # appears in metadata: JSON and model-level pages change, neuron pages do not
+    # appears in metadata: JSON and model-level pages change, neuron pages do not (the corpus name,
+    # used here before, is now in every neuron page's Provenance section)
+    manifest["model"]["num_total_parameters"] += 1
     (store.root / "manifest.json").write_bytes(orjson.dumps(manifest))
     before = (out / MODEL / "0" / "0.html").stat().st_mtime_ns
     report = build_site([store.root], out)

@@ -230,6 +230,20 @@ def load_model(spec: str, device: str = "cpu", name: str | None = None) -> Loade
     return LoadedModel(bridge=bridge, tokenizer=tokenizer, name=name, source=source, fingerprint=fingerprint, metadata=metadata)
 
 
+def weights_fingerprint(model: LoadedModel) -> str:
+    """sha256 over the loaded weights (every state-dict tensor: name, dtype, shape, bytes, in name
+    order): identifies what actually ran, whatever the checkpoint's file format or location.
+    Computed once by compute (stored as the manifest's model.weights_sha256) and again by verify."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.bridge.original_model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
 def resolve_device(device: str) -> str:
     import torch
 

@@ -23,6 +23,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
+from sitegen import __version__
 from sitegen import store as store_mod
 from sitegen.corpus import load_corpus
 from sitegen.errors import ConfigError, CorpusError, StoreError
@@ -293,8 +294,10 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
             services.append(LOGITS)
         out.write_sequences(_sequences_table([s for s in mine if s.seq_id in referenced]))
         out.write_vocab(display_tokens(tokenizer, int(model.bridge.cfg.d_vocab)))
+        from sitegen.compute.models import weights_fingerprint
+
         out.write_manifest({
-            "model": model.metadata,
+            "model": {**model.metadata, "weights_sha256": weights_fingerprint(model)},
             "corpus": {"name": corpus.name, "source": cfg.corpus, "content_hash": corpus.content_hash,
                        "sequences_total": len(sequences), "tokens_total": sum(len(s.token_ids) for s in sequences)},
             "processed": {"sequences": len(mine), "tokens": tokens_done},
@@ -337,7 +340,10 @@ def _versions() -> dict:
     import transformer_lens  # noqa: F401
     from importlib.metadata import version
 
-    return {"torch": torch.__version__, "transformer_lens": version("transformer-lens"), "transformers": version("transformers")}
+    # sitegen's own version as well: the manifest's top-level sitegen_version is rewritten by every
+    # later writer (explain, --n2g), this one stays the version that computed the activations.
+    return {"sitegen": __version__, "torch": torch.__version__, "transformer_lens": version("transformer-lens"),
+            "transformers": version("transformers")}
 
 
 def _progress(enabled: bool, total: int, initial: int):

@@ -24,6 +24,7 @@ from sitegen.resources import default_theme, resource
 from sitegen.services import SERVICES
 from sitegen.services.tokens import escaped_vocab
 from sitegen.site.names import model_name_problem
+from sitegen.site.provenance import model_provenance, neuron_provenance
 from sitegen.site.publisher import Publisher
 from sitegen.store import Store
 
@@ -66,6 +67,7 @@ class SiteModel:
         self.missing = [s for s in SERVICES if not s.available(store)]
         self.first_valid = int(m["config"]["first_valid_position"])
         self.quantile_levels = list(m["stats"]["quantile_levels"])
+        self.provenance = model_provenance(m)
         self._vocab: list[str] | None = None
         self._esc: list[str] | None = None
         self._seqs: dict | None = None
@@ -167,6 +169,7 @@ class SiteModel:
             "available_services": [s.name for s in self.services],
             "tokens_processed": m["processed"]["tokens"],
             "sequence_length": m["config"]["seq_len"],
+            "provenance": self.provenance,
         }
 
     def random_neuron(self, layer: int, neuron: int) -> tuple[int, int]:
@@ -309,7 +312,7 @@ def _render_model(pub: Publisher, env: Environment, model: SiteModel) -> int:
             pages = {name: view.page(n) for name, view in views.items()}
             pub.publish(f"{model.name}/{layer}/{n}.html", neuron_tpl.render(
                 model=model, meta=meta, layer=layer, neuron=n, nav=_neighbours(model, layer, n), services=pages,
-                missing=model.missing, api=f"/{api}"))
+                missing=model.missing, api=f"/{api}", provenance=neuron_provenance(model.provenance, layer, n, payloads)))
             if ns is not None:
                 st = payloads["neuroscope"]["stats"]
                 row = {"neuron": n, "max": st["max"], "min": st["min"], "mean": st["mean"], "frac": st["frac_positive"], "top_token": ns.top_token(n)}

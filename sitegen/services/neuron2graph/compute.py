@@ -466,7 +466,9 @@ def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] 
     totals = {"graphs": 0, "tokens_run": 0, "seconds": 0.0}
     torch.manual_seed(cfg.seed)
     n2g_record = {"texts": cfg.texts, "replacements": cfg.replacements, "max_augmented": cfg.max_augmented, "seed": cfg.seed,
-                  "replacement_source": "input-embedding nearest neighbours", "neutral_token_id": mt.neutral}
+                  "replacement_source": "input-embedding nearest neighbours", "neutral_token_id": mt.neutral,
+                  "thresholds": {"prune_drop": PRUNE_DROP, "append_tokens": APPEND_TOKENS, "important_for_augment": IMPORTANT_FOR_AUGMENT,
+                                 "important_for_line": IMPORTANT_FOR_LINE, "activating_for_line": ACTIVATING_FOR_LINE, "firing": g.FIRING}}
     for layer, neurons in selection.items():
         path = store.layer_path(SERVICE, layer)
         old = store.read_layer(SERVICE, layer) if path.exists() else None
