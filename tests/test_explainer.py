@@ -65,7 +65,7 @@ class FakeEndpoint:
             return {"choices": [{"message": {"content": f'the word "{self.words[body["seed"]]}".'}}]}
         word = text.split('"')[1]  # the explanation's quoted word (the made-up examples quote nothing)
         lines = [ln[:-2] for ln in text.rsplit("<start>\n", 1)[1].split("<end>")[0].splitlines() if ln.endswith("\t?")]
-        answer = self.garble([ln for ln in lines]) or "\n".join(f"{ln}\t{10 if ln.strip() == word else 0}" for ln in lines)
+        answer = self.garble(lines) or "\n".join(f"{ln}\t{10 if ln.strip() == word else 0}" for ln in lines)
         return {"choices": [{"message": {"content": answer}}]}
 
 
