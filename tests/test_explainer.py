@@ -23,27 +23,127 @@ def test_discretisation_matches_hand_computed_levels():
 
 
 def test_expected_value_and_correlation_match_hand_computed_values():
-    # P("0") = .5, P(" 10") = .25, the rest not an answer: (0 * .5 + 10 * .25) / .75
-    ev = scoring.expected_value({"0": math.log(0.5), " 10": math.log(0.25), "x": math.log(0.25)})
+    # P("0") = .5, P("10") = .25; " 10" and "x" are not answers: (0 * .5 + 10 * .25) / .75
+    ev = scoring.expected_value({"0": math.log(0.5), "10": math.log(0.25), " 10": math.log(0.2), "x": math.log(0.05)})
     assert ev == pytest.approx(10 / 3)
+    # only the exact tokens count, as the reference: (2 * .4 + 3 * .25) / .65, not 4.7 with " 9" merged in
+    assert scoring.expected_value({"2": math.log(0.4), " 9": math.log(0.35), "3": math.log(0.25)}) == pytest.approx(1.55 / 0.65)
     assert scoring.expected_value({"7": math.log(0.2), " 7": math.log(0.2)}) == pytest.approx(7.0)
-    assert scoring.expected_value({"cat": 0.0}) is None
+    assert scoring.expected_value({" 7": 0.0}) is None and scoring.expected_value({"cat": 0.0}) is None
     # [1, 2, 3] vs [2, 4, 7]: cov 5/3, var 2/3 and 38/9 -> r = 5 / sqrt(2 * 38 / 3)
     assert scoring.correlation([1, 2, 3], [2, 4, 7]) == pytest.approx(5 / math.sqrt(2 * 38 / 3))
     assert scoring.correlation([1, 1, 1], [2, 4, 7]) is None  # constant prediction: no score
     assert scoring.correlation([1, 2], [1, 2, 3]) is None
 
 
-def test_fallback_parser_reads_levels_or_refuses():
-    assert scoring.parse_rewrite(" the\t0\n tax\t10\n cut\t 3", 3) == [0.0, 10.0, 3.0]
-    assert scoring.parse_rewrite(" the\t0\n tax\tten", 2) is None  # malformed: not scored
-    assert scoring.parse_rewrite(" the\t0", 2) is None
+def test_fallback_parser_reads_levels_or_scores_zeros():
+    tokens = [" the", " tax", " cut"]
+    assert scoring.parse_rewrite(" the\t0\n tax\t10\n cut\t 3", tokens) == ([0.0, 10.0, 3.0], True)
+    # a chat server strips the answer's leading space; a preamble line before the first token's line
+    assert scoring.parse_rewrite("Here they are:\nthe\t0\n tax\t10\n cut\t3\n", tokens) == ([0.0, 10.0, 3.0], True)
+    assert scoring.parse_rewrite(" the\t0\n tax\tten\n cut\t3", tokens) == ([0.0, 0.0, 3.0], True)  # not a level: 0 there
+    # as the reference, all zeros (scored, not dropped) when a line is not its own token, or lines are missing
+    assert scoring.parse_rewrite(" the\t0\n war\t10\n cut\t3", tokens) == ([0.0, 0.0, 0.0], False)
+    assert scoring.parse_rewrite(" the\t0\n tax\t10", tokens) == ([0.0, 0.0, 0.0], False)
+    assert scoring.parse_rewrite("I cannot tell.", tokens) == ([0.0, 0.0, 0.0], False)
 
 
-def _echo_simulator(explanation: str, prompt: str) -> dict:
+class FakeEndpoint:
+    """Endpoint.post without HTTP: no logprobs (the logprob-free path), the explanation
+    'the word "<w>"' with w = words[seed], and a simulator that rewrites each line with 10 when its
+    token is the quoted word, else 0; `garble(tokens)` may return a malformed answer instead."""
+
+    def __init__(self, words, garble=lambda tokens: None):
+        self.words, self.garble, self.calls = words, garble, []
+
+    def post(self, path, body):
+        self.calls.append(path)
+        if path == "/completions":
+            return {"choices": [{"text": "", "logprobs": None}]}
+        text = body["messages"][-1]["content"]
+        if "Neuron B" in text:
+            return {"choices": [{"message": {"content": f'the word "{self.words[body["seed"]]}".'}}]}
+        word = text.split('"')[1]  # the explanation's quoted word (the made-up examples quote nothing)
+        lines = [ln[:-2] for ln in text.rsplit("<start>\n", 1)[1].split("<end>")[0].splitlines() if ln.endswith("\t?")]
+        answer = self.garble(lines) or "\n".join(f"{ln}\t{10 if ln.strip() == word else 0}" for ln in lines)
+        return {"choices": [{"message": {"content": answer}}]}
+
+
+def _seq(words_acts):
+    return [w for w, _ in words_acts], [float(a) for _, a in words_acts]
+
+
+ZERO = _seq([(" the", 0), (" and", 0), (" is", 0), (" we", 0)])
+
+
+def test_an_unreadable_simulation_scores_zeros_instead_of_being_dropped():
+    """Planted: the test split is top texts 3 and 7 (round-robin by 4); the simulator's answer
+    for text 7 lacks a line. Scored as zeros (the reference): pred [0,10,0,10, 0,0,0,0] against
+    true [0,1,0,.5, .8,0,.4,0]: cov .825, variances 1.5 and 1.13875 (sums) -> r = 0.6312.
+    Dropping text 7 would report 3 / sqrt(11) = 0.9045 from text 3 alone."""
+    from sitegen.services.neuron_explainer.explain import explain_neuron
+
+    top = [ZERO] * 8
+    top[3] = _seq([(" the", 0), (" tax", 1.0), (" cut", 0), (" tax", 0.5)])
+    top[7] = _seq([(" tax", 0.8), (" and", 0), (" peace", 0.4), (" law", 0)])
+    ep = FakeEndpoint(["tax"], garble=lambda lines: "\n".join(f"{ln}\t0" for ln in lines[:-1]) if lines[0] == " tax" else None)
+    record = explain_neuron(ep, {"top": top, "random": []}, 5)
+    assert record["method"] == "no-logprobs" and record["error"] is None
+    assert record["score"] == pytest.approx(0.825 / math.sqrt(1.5 * 1.13875)) and record["score"] == pytest.approx(0.6312, abs=1e-4)
+    assert [d["tokens"] for d in record["details"]] == [top[3][0], top[7][0]]
+    assert record["details"][1]["simulated"] == [0, 0, 0, 0] and record["details"][1].get("unread")
+
+
+def test_several_samples_are_chosen_on_valid_and_scored_on_test():
+    """Three explanations ("tax", "peace", "war"). On the valid split (top 2, 6; random 1, 4) only
+    "peace" fires, where it is predicted: valid score 1.0, the best. On the test split (top 3, 7;
+    random 2, 5) "tax" would score best (0.928), but choosing there biases the score upward: the
+    reported score is "peace"'s on test, pred 10 only at a true .5 among true [1,0,.5,0, 0,1,0,.2,
+    0 x 8]: cov .33125, variances .9375 and 1.834375 (sums) -> r = 0.2526."""
+    from sitegen.services.neuron_explainer.explain import explain_neuron
+
+    top = [ZERO] * 8
+    top[0] = _seq([(" tax", 1), (" cut", 0), (" peace", 0.5), (" war", 0)])  # train
+    top[4] = _seq([(" law", 0), (" tax", 1), (" is", 0), (" fair", 0)])  # train
+    top[2] = _seq([(" peace", 1), (" the", 0), (" tax", 0), (" and", 0)])  # valid
+    top[6] = _seq([(" war", 0), (" peace", 1), (" and", 0), (" the", 0)])  # valid
+    top[3] = _seq([(" tax", 1), (" the", 0), (" peace", 0.5), (" and", 0)])  # test
+    top[7] = _seq([(" the", 0), (" tax", 1), (" and", 0), (" war", 0.2)])  # test
+    random = [ZERO] * 6  # calibration 0, 3; valid 1, 4; test 2, 5
+    random[1] = _seq([(" we", 0), (" tax", 0), (" the", 0), (" law", 0)])
+    random[5] = _seq([(" nation", 0), (" year", 0), (" the", 0), (" trade", 0)])
+    ep = FakeEndpoint(["tax", "peace", "war"])
+    record = explain_neuron(ep, {"top": top, "random": random}, 5, samples=3)
+    assert record["explanation"] == 'the word "peace".' and record["selected_on"] == "valid"
+    assert record["valid_score"] == pytest.approx(1.0)
+    assert record["score"] == pytest.approx(0.33125 / math.sqrt(0.9375 * 1.834375)) and record["score"] == pytest.approx(0.2526, abs=1e-4)
+    by_word = {x["explanation"].split('"')[1]: x for x in record["samples"]}
+    assert by_word["tax"]["score"] == pytest.approx(0.9279, abs=1e-4) and by_word["tax"]["valid_score"] < 0
+    assert [d["tokens"] for d in record["details"]] == [top[3][0], top[7][0], random[2][0], random[5][0]]
+    assert record["usage"]["requests"] == 3 * (1 + 4 + 4)  # per sample: explanation, valid and test simulations
+
+
+def test_sparse_repeat_uses_the_proportion_pooled_over_all_excerpts():
+    from sitegen.services.neuron_explainer.explain import explanation_messages
+
+    def shown(excerpts):
+        text = explanation_messages([_seq(e) for e in excerpts])[-1]["content"]
+        return text.count("<start>"), text
+    dense = [(" tax", 1.0), (" cut", 0.5), (" rate", 0.5), (" the", 0)]  # 3 of 4 fire
+    one = [(" peace", 1.0)] + [(" the", 0)] * 9  # 1 of 10 fires: sparse on its own
+    # pooled 4 / 14 >= 20%: shown once each, though the second excerpt alone is sparse
+    assert shown([dense, one])[0] == 2
+    some = [(" tax", 1.0), (" cut", 0.5), (" the", 0), (" a", 0), (" b", 0)]  # 2 of 5: not sparse on its own
+    count, text = shown([some, [(" the", 0)] * 20])  # pooled 2 / 25 < 20%: every excerpt again, firing tokens alone
+    assert count == 4
+    assert text.split("zeros filtered out:\n")[1].split("\nComplete")[0] == "<start>\n tax\t10\n cut\t5\n<end>\n<start>\n\n<end>\n"
+
+
+def _echo_simulator(explanation: str, prompt: str, byte_offsets: bool = False) -> dict:
     """A deterministic stand-in for an OpenAI-compatible completions endpoint with echo=True and
     logprobs: it tokenises the prompt by line parts and, at every placeholder, answers 10 when the
-    line's token is a quoted word of the explanation, else 0, as top logprobs."""
+    line's token is a quoted word of the explanation, else 0, as top logprobs. text_offset counts
+    characters, or UTF-8 bytes as some servers do."""
     words = {w.lower() for w in explanation.split('"')[1::2]}
     tokens, offsets, tops = [], [], []
     at = 0
@@ -55,12 +155,12 @@ def _echo_simulator(explanation: str, prompt: str) -> dict:
                 offsets.append(at)
                 level = "10" if token.strip().lower() in words else "0"
                 tops.append({level: math.log(0.9), ("0" if level == "10" else "1"): math.log(0.1)} if piece is rest else {})
-                at += len(piece)
+                at += len(piece.encode("utf-8") if byte_offsets else piece)
         else:
             tokens.append(line)
             offsets.append(at)
             tops.append({})
-            at += len(line)
+            at += len(line.encode("utf-8") if byte_offsets else line)
     return {"tokens": tokens, "text_offset": offsets, "top_logprobs": tops}
 
 
@@ -74,12 +174,23 @@ def test_right_explanation_scores_high_and_wrong_one_low_on_planted_activations(
         simulated = []
         for ex in excerpts:
             prompt, offsets = scoring.simulation_prompt(explanation, ex)
-            simulated.append(scoring.predictions_from_echo(offsets, _echo_simulator(explanation, prompt)))
+            simulated.append(scoring.predictions_from_echo(prompt, offsets, _echo_simulator(explanation, prompt)))
         return scoring.score_simulation(simulated, true)
 
     right, wrong = score('the word "tax"'), score('the word "peace"')
     assert right > 0.95
     assert wrong is not None and wrong < 0.1
+
+
+def test_echo_alignment_with_offsets_in_characters_or_bytes():
+    """Non-ASCII tokens put character and UTF-8 byte offsets apart; both units must align every
+    placeholder (10 on ' tax', 0 elsewhere: 0.9 x 0 + 0.1 x 1 = 0.1 and 0.9 x 10 + 0.1 x 0 = 9)."""
+    excerpt = [" café", " tax", "—", " 日本", " tax", " naïve", "\n", " tax"]
+    prompt, offsets = scoring.simulation_prompt('the word "tax"', excerpt)
+    want = [9.0 if t == " tax" else 0.1 for t in excerpt]
+    for byte_offsets in (False, True):
+        got = scoring.predictions_from_echo(prompt, offsets, _echo_simulator('the word "tax"', prompt, byte_offsets))
+        assert got == pytest.approx(want), byte_offsets
 
 
 def _published(tmp_path, records: list[dict], name="0.jsonl"):

@@ -2,24 +2,30 @@
 vLLM, llama.cpp's server, Ollama). No torch: it reads the store's top and random sequences.
 
 Per neuron (../shared/reference/neuron-explainer.md):
-    top sequences dealt round-robin into train / calibration / valid / test; the explainer sees
-    train (5 with the default 20), discretised 0-10 -> one chat request for the explanation
-    -> simulation of the 5 test top + 5 random sequences from the explanation alone: all at once
-       per sequence with echo + logprobs on /v1/completions (expected value over "0".."10"), or,
-       when the endpoint gives no logprobs, the logprob-free fallback (the model rewrites the
-       lines with integers at temperature 0) -> pooled correlation = the score.
+    top sequences dealt round-robin into train / calibration / valid / test, random sequences
+    into calibration / valid / test (as the reference; calibration is kept aside, unused); the
+    explainer sees train (5 with the default 20), discretised 0-10 -> one chat request per
+    explanation -> simulation from the explanation alone: all at once per sequence with echo +
+    logprobs on /v1/completions (expected value over "0".."10"), or, when the endpoint gives no
+    logprobs, the logprob-free fallback (the model rewrites the lines with integers at
+    temperature 0) -> pooled correlation = the score. The reported score is on the test split;
+    with several samples the explanation is chosen on the valid split, so the test score carries
+    no selection bias.
 
 Results are appended to STORE/.work/explain.jsonl as each neuron finishes (a rerun skips them) and
-written into STORE/neuron_explainer/ at the end. The API key is read from an environment variable
-and never written anywhere.
+written into STORE/neuron_explainer/ at the end. The API key is read from an environment variable,
+sent only to the endpoint named (no redirects; https unless loopback or --allow-insecure-http) and
+never written anywhere.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -46,7 +52,23 @@ FEW_SHOT = [("<start>\n the\t0\n price\t0\n rose\t0\n to\t0\n $\t2\n40\t10\n mil
 
 
 class EndpointError(SitegenError):
+    """An endpoint failure. `kind` says what failed, and `fatal` whether every other neuron would
+    fail the same way (stop the run) rather than only this one (asked again on the next run)."""
+
     stage = "endpoint"
+    FATAL_KINDS = frozenset({"unreachable", "auth", "model", "redirect"})
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+    @property
+    def fatal(self) -> bool:
+        return self.kind in self.FATAL_KINDS
+
+
+OPENAI_HOST = "api.openai.com"
+OPENAI_KEY_ENV = "OPENAI_API_KEY"
 
 
 @dataclass
@@ -54,25 +76,69 @@ class ExplainConfig:
     store: Path
     endpoint: str
     model: str
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = None  # None: $OPENAI_API_KEY for api.openai.com, no key elsewhere
     neurons: str = "5"
     concurrency: int = 4
     timeout: float = 60.0
     retries: int = 4
     explainer_excerpts: int = 5
-    samples: int = 1  # explanations sampled per neuron; each is scored, the best kept
+    samples: int = 1  # explanations sampled per neuron; chosen on the valid split, reported on test
+    allow_insecure_http: bool = False  # send the key over plain http to a non-loopback host
     dry_run: bool = False
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: not resolved here (it could point anywhere)
+
+
+def endpoint_key(endpoint: str, api_key_env: str | None, allow_insecure_http: bool) -> tuple[str | None, str | None]:
+    """(the API key to send or None, the variable it came from), refusing before any request what
+    would send the key somewhere the user did not mean: $OPENAI_API_KEY goes only to
+    api.openai.com unless --api-key-env names a variable, and never over plain http to a host
+    other than loopback unless --allow-insecure-http."""
+    url = urllib.parse.urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(f"--endpoint {endpoint}: give an http(s) URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8080/v1")
+    host = url.hostname
+    if api_key_env:
+        key = os.environ.get(api_key_env)
+        if not key:
+            raise ConfigError(f"--api-key-env {api_key_env}: the environment variable ${api_key_env} is not set; export it or name another one")
+        env = api_key_env
+    elif host.lower() == OPENAI_HOST:
+        key, env = os.environ.get(OPENAI_KEY_ENV) or None, OPENAI_KEY_ENV
+    else:
+        return None, None  # another provider's key is never guessed
+    if key and url.scheme == "http" and not _is_loopback(host) and not allow_insecure_http:
+        raise ConfigError(f"--endpoint {endpoint}: the API key would travel unencrypted to {host}; use https, "
+                          "or pass --allow-insecure-http if that network is trusted")
+    return key, env
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are refused: urllib would follow one with the Authorization header to wherever it
+    points, turning the POST into a GET. The 3xx then surfaces as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
 
 
 class Endpoint:
     """A minimal OpenAI-compatible client (stdlib only): JSON POST with a timeout, retries with
-    exponential backoff on 429, 5xx and dropped connections, one-line errors for the rest."""
+    exponential backoff on 429, 5xx and dropped connections, one-line errors for the rest, no
+    redirects followed."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float, retries: int, api_key_env: str):
+    def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float, retries: int, api_key_env: str | None):
         self.base = base_url.rstrip("/")
         if not self.base.endswith("/v1"):
             self.base += "/v1"
         self.model, self.key, self.timeout, self.retries, self.key_env = model, api_key, timeout, retries, api_key_env
+        self._opener = urllib.request.build_opener(_NoRedirect)
 
     def post(self, path: str, body: dict) -> dict:
         data = orjson.dumps({"model": self.model, **body})
@@ -83,19 +149,25 @@ class Endpoint:
         for attempt in range(self.retries + 1):
             req = urllib.request.Request(self.base + path, data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                with self._opener.open(req, timeout=self.timeout) as r:
                     return orjson.loads(r.read())
             except urllib.error.HTTPError as e:
+                if 300 <= e.code < 400:
+                    where = " ".join(str(e.headers.get("Location") or "elsewhere").split())[:200]
+                    raise EndpointError(f"{self.base}{path}: the endpoint redirects (HTTP {e.code} to {where}); sitegen follows no "
+                                        "redirect (the API key would go along): pass the final URL as --endpoint", "redirect") from None
                 detail = e.read()[:300].decode("utf-8", "replace")
                 if e.code == 401 or e.code == 403:
-                    raise EndpointError(f"{self.base}: the endpoint refused the API key (HTTP {e.code}); set ${self.key_env} to a valid key") from None
+                    fix = f"set ${self.key_env} to a valid key" if self.key_env else "name the variable holding the key with --api-key-env"
+                    raise EndpointError(f"{self.base}: the endpoint refused the API key (HTTP {e.code}); {fix}", "auth") from None
                 if e.code == 404 and "model" in detail.lower():
-                    raise EndpointError(f"{self.base}: unknown model {self.model!r} (HTTP 404); pass a model the endpoint serves with --model") from None
+                    raise EndpointError(f"{self.base}: unknown model {self.model!r} (HTTP 404); pass a model the endpoint serves with --model",
+                                        "model") from None
                 if (e.code == 429 or e.code >= 500) and attempt < self.retries:
                     time.sleep(delay)
                     delay *= 2
                     continue
-                raise EndpointError(f"{self.base}{path}: HTTP {e.code}: {' '.join(detail.split())[:200]}") from None
+                raise EndpointError(f"{self.base}{path}: HTTP {e.code}: {' '.join(detail.split())[:200]}", "http") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 if attempt < self.retries and not isinstance(getattr(e, "reason", None), ConnectionRefusedError):
                     time.sleep(delay)
@@ -103,27 +175,34 @@ class Endpoint:
                     continue
                 if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
                     # a slow answer fails this neuron only (asked again on the next run)
-                    raise EndpointError(f"{self.base}{path}: no answer within {self.timeout:g} s, {self.retries + 1} tries; raise --timeout") from None
-                raise EndpointError(f"{self.base}: unreachable ({getattr(e, 'reason', e)}); check --endpoint and that the server runs") from None
+                    raise EndpointError(f"{self.base}{path}: no answer within {self.timeout:g} s, {self.retries + 1} tries; raise --timeout",
+                                        "timeout") from None
+                raise EndpointError(f"{self.base}: unreachable ({getattr(e, 'reason', e)}); check --endpoint and that the server runs",
+                                    "unreachable") from None
             except orjson.JSONDecodeError:
-                raise EndpointError(f"{self.base}{path}: the answer is not JSON; is --endpoint an OpenAI-compatible API?") from None
-        raise EndpointError(f"{self.base}{path}: no answer after {self.retries + 1} tries")
+                raise EndpointError(f"{self.base}{path}: the answer is not JSON; is --endpoint an OpenAI-compatible API?", "json") from None
+        raise EndpointError(f"{self.base}{path}: no answer after {self.retries + 1} tries", "http")
 
 
 def _excerpt(tokens: list[str], levels: list[int], nonzero_only: bool = False) -> str:
-    lines = [f"{t.replace(chr(9), ' ').replace(chr(10), chr(0x21B5))}\t{lv}" for t, lv in zip(tokens, levels) if lv or not nonzero_only]
+    lines = [f"{scoring._shown(t)}\t{lv}" for t, lv in zip(tokens, levels) if lv or not nonzero_only]
     return "<start>\n" + "\n".join(lines) + "\n<end>\n"
+
+
+SPARSE = 0.2  # below this proportion of non-zero levels, the excerpts are repeated with their firing tokens alone
 
 
 def explanation_messages(excerpts: list[tuple[list[str], list[float]]]) -> list[dict]:
     """Chat messages asking for the explanation of a neuron from its train excerpts."""
     max_act = max((max(a) for _, a in excerpts if a), default=0.0)
-    body = []
-    for tokens, acts in excerpts:
-        levels = scoring.discretise(acts, max_act)
-        body.append(_excerpt(tokens, levels))
-        if sum(1 for lv in levels if lv) < 0.2 * len(levels) and any(levels):  # sparse: repeat the firing tokens alone
-            body.append("Same text, only the non-zero activations:\n" + _excerpt(tokens, levels, nonzero_only=True))
+    levels = [scoring.discretise(acts, max_act) for _, acts in excerpts]
+    body = [_excerpt(tokens, lv) for (tokens, _), lv in zip(excerpts, levels)]
+    # One proportion pooled over every excerpt shown, as the reference: when few tokens fire,
+    # every excerpt is repeated listing only its non-zero tokens.
+    n_levels = sum(len(lv) for lv in levels)
+    if n_levels and sum(1 for lvs in levels for lv in lvs if lv) < SPARSE * n_levels:
+        body.append("Same activations, with all zeros filtered out:\n")
+        body.extend(_excerpt(tokens, lv, nonzero_only=True) for (tokens, _), lv in zip(excerpts, levels))
     messages = [{"role": "system", "content": SYSTEM}]
     for shown, answer in FEW_SHOT:
         messages.append({"role": "user", "content": f"Neuron A\n{shown}\nComplete the sentence: {PRIMER} ..."})
@@ -146,10 +225,25 @@ def clean_explanation(text: str) -> str:
     return text + "." if text else ""
 
 
-def _split(n_top: int) -> tuple[list[int], list[int]]:
-    """Round-robin: train gets texts 0, 4, 8, ...; test gets 3, 7, 11, ... (calibration and
-    valid, 1 and 2 mod 4, are kept aside as in the reference)."""
-    return list(range(0, n_top, 4)), list(range(3, n_top, 4))
+TOP_SPLITS = ("train", "calibration", "valid", "test")
+RANDOM_SPLITS = ("calibration", "valid", "test")
+
+
+def deal(n: int, splits: tuple[str, ...]) -> dict[str, list[int]]:
+    """The reference's round-robin dealing: item i goes to splits[i % len(splits)] (top sequences:
+    train 0, 4, 8, ..., calibration 1, 5, ..., valid 2, 6, ..., test 3, 7, ...). Unlike the
+    reference, which cuts every split to the size of the smallest, no item is left out."""
+    return {name: list(range(k, n, len(splits))) for k, name in enumerate(splits)}
+
+
+def splits(texts: dict, n_excerpts: int) -> dict[str, list]:
+    """train (top only, at most n_excerpts), valid and test (top then random) excerpts."""
+    top, rnd = deal(len(texts["top"]), TOP_SPLITS), deal(len(texts["random"]), RANDOM_SPLITS)
+    pick = lambda kind, idx: [texts[kind][i] for i in idx]  # noqa: E731
+    return {"train": pick("top", top["train"])[:n_excerpts],
+            "valid": pick("top", top["valid"]) + pick("random", rnd["valid"]),
+            "valid_top": pick("top", top["valid"]),
+            "test": pick("top", top["test"]) + pick("random", rnd["test"])}
 
 
 def _chat_text(resp: dict) -> str:
@@ -164,9 +258,10 @@ def _usage(resp: dict) -> tuple[int, int]:
     return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
 
 
-def simulate(ep: Endpoint, explanation: str, tokens: list[str], state: dict) -> tuple[list[float | None] | None, str, dict]:
-    """Predicted levels for one sequence; (None, method, raw) when the answer cannot be read.
-    state["logprobs"] remembers, per run, whether the endpoint gave usable logprobs."""
+def simulate(ep: Endpoint, explanation: str, tokens: list[str], state: dict) -> tuple[list[float | None], str, dict, bool]:
+    """(predicted levels, method, raw answer, whether the answer could be read) for one sequence.
+    An answer that cannot be read predicts 0 everywhere (scored, as the reference). state["logprobs"]
+    remembers, per run, whether the endpoint gave usable logprobs."""
     prompt, offsets = scoring.simulation_prompt(explanation, tokens)
     if state.get("logprobs", True):
         try:
@@ -176,48 +271,56 @@ def simulate(ep: Endpoint, explanation: str, tokens: list[str], state: dict) -> 
                 # A position whose top logprobs hold no level at all is a prediction of (near) no
                 # activation; it scores as 0 (score_simulation).
                 state["logprobs"] = True
-                return scoring.predictions_from_echo(offsets, lp), "logprobs", resp
+                pred = scoring.predictions_from_echo(prompt, offsets, lp)
+                return pred, "logprobs", resp, any(p is not None for p in pred)
         except EndpointError as e:
-            if "unreachable" in str(e) or "API key" in str(e) or "unknown model" in str(e):
+            # A refused or malformed completions request means no logprobs here. The model was
+            # accepted by the explanation request already, so a 404 naming it here means this
+            # endpoint has no completions for it (OpenAI's chat models), not an unknown model.
+            if e.kind not in ("http", "json", "model"):
                 raise
         state["logprobs"] = False  # no usable logprobs here: the fallback from now on
     ask = prompt.replace(f"\t{scoring.PLACEHOLDER}\n", "\t?\n")
     resp = ep.post("/chat/completions", {"temperature": 0, "max_tokens": 12 * len(tokens) + 40, "messages": [
         {"role": "user", "content": ask + "\nRewrite the lines of the last excerpt (the one with ?), replacing each ? with the activation "
                                           "(an integer from 0 to 10) you predict. Reply with the lines only."}]})
-    levels = scoring.parse_rewrite(_chat_text(resp).replace("<start>", "").replace("<end>", ""), len(tokens))
-    return levels, "no-logprobs", resp
+    levels, read = scoring.parse_rewrite(_chat_text(resp), tokens)
+    return list(levels), "no-logprobs", resp, read
 
 
 def _score_one(ep: Endpoint, explanation: str, scored: list, state: dict, raw: list, usage: list) -> dict:
-    """Simulate and score one explanation on the scored sequences."""
+    """Simulate and score one explanation on one split's sequences (every sequence counts; one
+    whose answer could not be read predicts 0 and is marked `unread` in the details)."""
     simulated, true, details, methods = [], [], [], set()
     for tokens, acts in scored:
-        pred, method, r = simulate(ep, explanation, tokens, state)
+        pred, method, r, read = simulate(ep, explanation, tokens, state)
         raw.append(r)
         p, c = _usage(r)
         usage[0] += p
         usage[1] += c
         methods.add(method)
-        if pred is None:
-            continue
         simulated.append(pred)
         true.append(acts)
-        details.append({"tokens": tokens, "true": [round(float(a), 4) for a in acts], "simulated": [None if x is None else round(x, 3) for x in pred]})
-    return {"explanation": explanation, "score": scoring.score_simulation(simulated, true) if simulated else None,
-            "method": "+".join(sorted(methods)), "details": details, "read": bool(simulated)}
+        detail = {"tokens": tokens, "true": [round(float(a), 4) for a in acts], "simulated": [None if x is None else round(x, 3) for x in pred]}
+        if not read:
+            detail["unread"] = True
+        details.append(detail)
+    return {"score": scoring.score_simulation(simulated, true) if simulated else None, "method": "+".join(sorted(methods)) or None,
+            "details": details, "read": any(not d.get("unread") for d in details)}
 
 
 def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int, samples: int = 1) -> dict:
     """texts: {"top": [(tokens, acts)], "random": [(tokens, acts)]} -> one result record. With
-    several samples (temperature 1), each explanation is scored and the best one kept."""
-    train_i, test_i = _split(len(texts["top"]))
-    train = [texts["top"][i] for i in train_i][:n_excerpts]
-    messages = explanation_messages(train)
+    several samples (temperature 1), each explanation is scored on the valid split, the best there
+    is kept (the first on ties) and its score on the test split is the one reported, free of the
+    choice's bias. Without a valid top sequence (fewer than 3 top sequences) nothing is chosen: the
+    first sample is kept."""
+    split = splits(texts, n_excerpts)
+    messages = explanation_messages(split["train"])
     prompt_hash = "sha256:" + hashlib.sha256(orjson.dumps(messages)).hexdigest()
     raw: list = []
     usage = [0, 0]
-    scored = [texts["top"][i] for i in test_i] + list(texts["random"])
+    choose = samples > 1 and bool(split["valid_top"])
     state: dict = {}
     candidates = []
     for sample in range(samples):
@@ -228,20 +331,29 @@ def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int, samples: int = 1)
         usage[1] += c
         explanation = clean_explanation(_chat_text(resp))
         if explanation and explanation not in {x["explanation"] for x in candidates}:
-            candidates.append(_score_one(ep, explanation, scored, state, raw, usage))
-    record = {"explanation": None, "score": None, "method": None, "prompt_hash": prompt_hash, "error": None,
-              "samples": [{"explanation": x["explanation"], "score": x["score"]} for x in candidates]}
-    readable = [x for x in candidates if x["read"]]
+            valid = _score_one(ep, explanation, split["valid"], state, raw, usage) if choose else None
+            test = _score_one(ep, explanation, split["test"], state, raw, usage)
+            candidates.append({"explanation": explanation, "valid_score": None if valid is None else valid["score"], **test})
+    record = {"explanation": None, "score": None, "valid_score": None, "method": None, "prompt_hash": prompt_hash, "error": None,
+              "selected_on": "valid" if choose else None,
+              "samples": [{"explanation": x["explanation"], "valid_score": x["valid_score"], "score": x["score"]} for x in candidates]}
     if not candidates:
         record["error"] = "the explainer's answer was empty or malformed"
-    elif not readable:
+    elif not any(x["read"] for x in candidates):  # all zeros everywhere: no score either way, so ask again next run
         record["error"] = "no simulation answer could be read"
     else:
-        best = max(readable, key=lambda x: -2.0 if x["score"] is None else x["score"])  # first on ties
-        record.update({k: best[k] for k in ("explanation", "score", "method", "details")})
+        best = max(candidates, key=lambda x: -2.0 if x["valid_score"] is None else x["valid_score"]) if choose else candidates[0]
+        record.update({k: best[k] for k in ("explanation", "score", "valid_score", "method", "details")})
     record["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "requests": len(raw)}
     record["raw"] = raw
     return record
+
+
+def requests_per_neuron(texts: dict, n_excerpts: int, samples: int) -> int:
+    """The most requests explain_neuron makes for one neuron (fewer when samples repeat)."""
+    split = splits(texts, n_excerpts)
+    valid = len(split["valid"]) if samples > 1 and split["valid_top"] else 0
+    return samples * (1 + valid + len(split["test"]))
 
 
 def _texts(store, layer: int, neurons: list[int], vocab: list[str], seq_tokens: dict) -> dict[int, dict]:
@@ -262,6 +374,7 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
         raise ConfigError(f"--concurrency {cfg.concurrency}: must be at least 1")
     if cfg.samples < 1:
         raise ConfigError(f"--samples {cfg.samples}: must be at least 1")
+    key, key_env = endpoint_key(cfg.endpoint, cfg.api_key_env, cfg.allow_insecure_http)  # before any request
     store = Store.open(cfg.store)
     m = store.manifest["model"]
     selection = _parse_neurons(cfg.neurons, int(m["num_layers"]), int(m["layer_size"]), store)
@@ -282,18 +395,22 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
     for layer in sorted({layer for layer, _ in todo}):
         for n, tx in _texts(store, layer, [n for lay, n in todo if lay == layer], vocab, seq_tokens).items():
             texts[(layer, n)] = tx
-    per_neuron = cfg.samples * (1 + 5 + 5)
+    if cfg.samples > 1:
+        short = next((k for k in todo if not splits(texts[k], cfg.explainer_excerpts)["valid_top"]), None)
+        if short is not None:
+            raise ConfigError(f"--samples {cfg.samples}: neuron {short[0]}:{short[1]} has {len(texts[short]['top'])} top sequences, too few for "
+                              "a valid split to choose the explanation on (the 3rd, 7th, ... top sequences); use --samples 1, or compute "
+                              "with --top-k 8 or more")
+    n_requests = sum(requests_per_neuron(texts[k], cfg.explainer_excerpts, cfg.samples) for k in todo)
     if cfg.dry_run:
         if todo:
-            first = todo[0]
-            train_i, _ = _split(len(texts[first]["top"]))
-            messages = explanation_messages([texts[first]["top"][i] for i in train_i][:cfg.explainer_excerpts])
-            for msg in messages:
+            for msg in explanation_messages(splits(texts[todo[0]], cfg.explainer_excerpts)["train"]):
                 log(f"--- {msg['role']}\n{msg['content']}")
-        log(f"dry run: {len(todo)} neurons to explain ({len(done)} already done), about {len(todo) * per_neuron} requests "
-            f"({cfg.samples} x (1 explanation + up to 10 simulations) each) to {cfg.endpoint} as model {cfg.model!r}")
-        return {"todo": len(todo), "requests": len(todo) * per_neuron}
-    ep = Endpoint(cfg.endpoint, cfg.model, os.environ.get(cfg.api_key_env), cfg.timeout, cfg.retries, cfg.api_key_env)
+        log(f"dry run: {len(todo)} neurons to explain ({len(done)} already done), at most {n_requests} requests "
+            f"({cfg.samples} x (1 explanation + {'valid and ' if cfg.samples > 1 else ''}test simulations) each) to {cfg.endpoint} "
+            f"as model {cfg.model!r}")
+        return {"todo": len(todo), "requests": n_requests}
+    ep = Endpoint(cfg.endpoint, cfg.model, key, cfg.timeout, cfg.retries, key_env)
     store.work_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
     with open(work, "ab") as out, ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
@@ -304,7 +421,7 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
                 try:
                     record = fut.result()
                 except EndpointError as e:
-                    if "unreachable" in str(e) or "API key" in str(e) or "unknown model" in str(e):
+                    if e.fatal:
                         for f in futures:
                             f.cancel()
                         raise  # every other neuron would fail the same way
@@ -354,10 +471,11 @@ def _write_tables(store, done: dict[tuple[int, int], dict], model: str) -> None:
         if path.exists():
             rows = {r["neuron"]: r for r in store.read_layer(SERVICE, layer).to_pylist()}
         for n, r in recs.items():
-            rows[n] = {"neuron": n, "explanation": r["explanation"], "score": r["score"], "explainer": model, "source": SOURCE_EXPLAIN,
+            rows[n] = {"neuron": n, "explanation": r["explanation"], "score": r["score"], "valid_score": r.get("valid_score"),
+                       "explainer": model, "source": SOURCE_EXPLAIN,
                        "method": r.get("method"), "prompt_hash": r.get("prompt_hash"), "usage": orjson.dumps(r.get("usage")).decode(),
                        "details": orjson.dumps(r.get("details") or []).decode(), "raw": orjson.dumps(r.get("raw") or []).decode()}
-        schema = pa.schema([*TABLE_SCHEMA, ("prompt_hash", pa.string()), ("usage", pa.string()), ("details", pa.string()), ("raw", pa.string())])
+        schema = pa.schema([*TABLE_SCHEMA, ("valid_score", pa.float64()), ("prompt_hash", pa.string()), ("usage", pa.string()), ("details", pa.string()), ("raw", pa.string())])
         ordered = [rows[n] for n in sorted(rows)]
         store.write_layer(SERVICE, layer, pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in ordered], schema=schema))
     store.add_service(SERVICE)

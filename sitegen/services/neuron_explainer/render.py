@@ -22,7 +22,8 @@ class ExplainerLayer:
             return {"explanation": None, "score": None, "explainer": None, "source": None, "method": None}
         score = None if r["score"] is None else round(r["score"], 4)
         out = {"explanation": r["explanation"], "score": score, "explainer": r["explainer"], "source": r["source"], "method": r["method"]}
-        if r.get("usage"):
+        if r.get("usage"):  # scored by `sitegen explain`: "score" is on the test split
+            out["valid_score"] = None if r.get("valid_score") is None else round(r["valid_score"], 4)  # the choice's, with --samples
             out["usage"] = orjson.loads(r["usage"])
             out["prompt_hash"] = r.get("prompt_hash")
         return out

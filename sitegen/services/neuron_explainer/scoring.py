@@ -5,7 +5,6 @@ logprob-free fallback's parser, and the correlation score. Pure Python + numpy."
 from __future__ import annotations
 
 import math
-import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -21,35 +20,49 @@ def discretise(acts: Sequence[float], max_act: float) -> list[int]:
 
 
 def expected_value(top_logprobs: Mapping[str, float]) -> float | None:
-    """The expected level over the probabilities of "0".."10" among a position's top logprobs,
-    renormalised over those answers; None when none of them is there. Tokens are compared after
-    stripping whitespace (" 7" and "7" are the same answer; their probabilities add)."""
-    probs = dict.fromkeys(range(11), 0.0)
-    found = False
-    for token, logprob in top_logprobs.items():
-        t = token.strip()
-        if t in LEVELS:
-            probs[int(t)] += math.exp(logprob)
-            found = True
+    """The expected level over the probabilities of the exact tokens "0".."10" among a position's
+    top logprobs, renormalised over those; None (scored as 0) when none of them is there. As the
+    reference, only exact tokens count: " 7" is another token than "7" (the prompt puts the level
+    right after a tab, so a level token with a space is a different, unlikely answer)."""
+    probs = {int(token): math.exp(logprob) for token, logprob in top_logprobs.items() if token in LEVELS}
     total = sum(probs.values())
-    if not found or total <= 0:
+    if not probs or total <= 0:
         return None
     return sum(level * p for level, p in probs.items()) / total
 
 
-_LINE = re.compile(r"^(.*)\t\s*(\d{1,2})\s*$")
+def _shown(token: str) -> str:
+    """A token as one prompt line shows it (a tab or newline inside it would break the format)."""
+    return token.replace("\t", " ").replace("\n", "\u21b5")
 
 
-def parse_rewrite(text: str, n_tokens: int) -> list[float] | None:
+def parse_rewrite(text: str, tokens: Sequence[str]) -> tuple[list[float], bool]:
     """The logprob-free fallback: the simulator rewrites the excerpt as `token<TAB>level` lines.
-    Returns one level per token, in order; None when the answer does not have exactly n_tokens
-    such lines (a malformed answer is not scored rather than scored wrongly)."""
+    Returns (one level per token, whether the answer could be read). As the reference, an answer
+    that cannot be read scores as all zeros (it is scored, not dropped, which would keep only the
+    answers that went well): the rewrite must start at the first token's line and have exactly one
+    line per token, each starting with its own token (compared without surrounding whitespace,
+    which chat servers often strip); a level other than "0".."10" counts as 0 for that token."""
+    zeros = [0.0] * len(tokens)
+    lines = [ln for ln in text.splitlines() if ln.strip() and ln.strip() not in ("<start>", "<end>")]
+    if not tokens:
+        return [], True
+
+    def split(line: str) -> tuple[str, str] | None:
+        head, tab, level = line.rpartition("\t")
+        return (head.strip(), level.strip()) if tab else None
+
+    first = _shown(tokens[0]).strip()
+    start = next((i for i, ln in enumerate(lines) if (part := split(ln)) is not None and part[0] == first), None)
+    if start is None or len(lines) - start != len(tokens):
+        return zeros, False
     levels = []
-    for line in text.splitlines():
-        m = _LINE.match(line)
-        if m:
-            levels.append(float(min(10, int(m.group(2)))))
-    return levels if len(levels) == n_tokens else None
+    for token, line in zip(tokens, lines[start:]):
+        part = split(line)
+        if part is None or part[0] != _shown(token).strip():
+            return zeros, False
+        levels.append(float(part[1]) if part[1] in LEVELS else 0.0)
+    return levels, True
 
 
 def correlation(predicted: Sequence[float], true: Sequence[float]) -> float | None:
@@ -81,7 +94,7 @@ def simulation_prompt(explanation: str, tokens: Sequence[str]) -> tuple[str, lis
             "Activations:\n<start>\n")
     parts, offsets, at = [head], [], len(head)
     for tok in tokens:
-        line_head = tok.replace("\t", " ").replace("\n", "\u21b5") + "\t"
+        line_head = _shown(tok) + "\t"
         offsets.append(at + len(line_head))
         parts.append(line_head + PLACEHOLDER + "\n")
         at += len(line_head) + len(PLACEHOLDER) + 1
@@ -89,9 +102,29 @@ def simulation_prompt(explanation: str, tokens: Sequence[str]) -> tuple[str, lis
     return "".join(parts), offsets
 
 
-def predictions_from_echo(offsets: Sequence[int], logprobs: Mapping) -> list[float | None]:
+def _offsets_in_bytes(prompt: str, logprobs: Mapping) -> bool:
+    """Whether the server's text_offset counts UTF-8 bytes rather than characters (the two differ
+    only after a non-ASCII character): the unit under which more echoed tokens sit at their
+    reported offset in the prompt wins; characters on a tie."""
+    if prompt.isascii():
+        return False
+    raw = prompt.encode("utf-8")
+    as_chars = as_bytes = 0
+    for token, off in zip(logprobs.get("tokens") or [], logprobs.get("text_offset") or []):
+        if not isinstance(token, str) or not isinstance(off, int) or not token or token.startswith("bytes:"):
+            continue  # a piece of a multi-byte character, written differently by each server
+        as_chars += prompt.startswith(token, off)
+        as_bytes += raw.startswith(token.encode("utf-8"), off)
+    return as_bytes > as_chars
+
+
+def predictions_from_echo(prompt: str, offsets: Sequence[int], logprobs: Mapping) -> list[float | None]:
     """Per placeholder: the expected level under the top logprobs of the echoed token that starts
-    at its offset (an OpenAI completions `logprobs` object: tokens, text_offset, top_logprobs)."""
+    at its character offset (an OpenAI completions `logprobs` object: tokens, text_offset,
+    top_logprobs). Servers that count text_offset in UTF-8 bytes are recognised and the
+    placeholders' offsets converted; a placeholder no echoed token starts at gets None (0)."""
+    if _offsets_in_bytes(prompt, logprobs):
+        offsets = [len(prompt[:off].encode("utf-8")) for off in offsets]
     index = {off: i for i, off in enumerate(logprobs.get("text_offset") or [])}
     tops = logprobs.get("top_logprobs") or []
     out: list[float | None] = []
