@@ -38,7 +38,7 @@ def main() -> None:
 @click.option("--seq-len", type=int, default=32, show_default=True, help="Tokens per packed sequence, BOS included (8-128).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the document order and the random sample.")
 @click.option("--top-k", type=int, default=20, show_default=True, help="Top and bottom sequences kept per neuron.")
-@click.option("--random", "n_random", type=int, default=5, show_default=True, help="Random sequences kept per neuron (for explanation scoring).")
+@click.option("--random", "n_random", type=int, default=15, show_default=True, help="Random sequences kept per neuron (explanation scoring deals them calibration/valid/test: 15 gives the reference's 5 on test).")
 @click.option("--batch-size", type=int, default=None, help="Sequences per forward pass [default: automatic from the device].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True, help="Where the model runs.")
 @click.option("--shard", default="0/1", show_default=True, help="I/N: process only every N-th sequence starting at I; combine the N stores with 'sitegen merge'.")
