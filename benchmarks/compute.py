@@ -2,6 +2,7 @@
 against a bare forward pass of the same model over the same tokens, measured in the same run.
 
     python benchmarks/compute.py [--model smollm2] [--tokens 8192] [--batch-size 32]
+    python benchmarks/compute.py --accumulators-only [--d-mlp 1536]   # no model: the accumulators alone
 
 Prints tokens/s for: the bare full forward (to logits); the bare forward cut after the last
 block (what compute needs); compute's pass (hooks + accumulators); and the ratios. The
@@ -25,7 +26,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-weights", action="store_true")
+    ap.add_argument("--accumulators-only", action="store_true", help="time LayerAccumulator.update on random activations (CPU time, one thread)")
+    ap.add_argument("--d-mlp", type=int, default=1536)
     args = ap.parse_args()
+    if args.accumulators_only:
+        return accumulators_only(args)
 
     from sitegen.compute.models import load_model
     from sitegen.compute.packing import pack_sequences
@@ -87,6 +92,29 @@ def main() -> None:
         for _ in weight_tables(model.bridge):
             pass
         print(f"  weight-based logit tables (one-off per model): {time.perf_counter() - t0:.1f} s")
+
+
+def accumulators_only(args) -> None:
+    """One layer's accumulator update per batch, in CPU time on one thread: steadier than wall time
+    on a shared machine, and what the streaming statistics add to each layer of the forward pass."""
+    from sitegen.services.neuroscope.compute import LayerAccumulator
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    bs, T, n = args.batch_size or 32, args.seq_len, args.d_mlp
+    acts = [torch.randn(bs, T, n) * 0.3 for _ in range(4)]
+    valid = torch.ones(bs, T, dtype=torch.bool)
+    valid[:, 0] = False
+    acc = LayerAccumulator(n, T, 20, 5, 1, "cpu")
+    times = []
+    for rep in range(5):
+        t0 = time.process_time()
+        for i, a in enumerate(acts):
+            acc.update(a, torch.arange(bs) + bs * (4 * rep + i), valid, torch.rand(bs), all_full=True)
+        times.append((time.process_time() - t0) / len(acts))
+    times.sort()
+    print(f"LayerAccumulator.update, batch {bs} x {T} tokens x {n} neurons, one thread: best {times[0] * 1e3:.1f} ms, "
+          f"median {times[2] * 1e3:.1f} ms CPU per layer per batch")
 
 
 if __name__ == "__main__":

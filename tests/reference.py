@@ -46,14 +46,14 @@ def brute_force_state(acts: np.ndarray, lengths: np.ndarray, seq_ids: np.ndarray
             rtrace[i, 0] = acts[list(seq_ids).index(s)].T.reshape(-1)
     rnd["trace"] = rtrace
     flat = acts[valid]  # (V, n)
-    sums = np.array([stats.fixed_sums(flat[:, j]) for j in range(n)], dtype=np.int64).reshape(n, 2)
+    sums = np.array([stats.fixed_sums(flat[:, j]) for j in range(n)], dtype=np.int64).reshape(n, 3)
     hist = np.stack([np.bincount(stats.fine_bins(flat[:, j]), minlength=stats.N_FINE_BINS) for j in range(n)])
     return {
         "top": extremes(seq_max.astype(np.float32), top_k),
         "bottom": extremes((-seq_min).astype(np.float32), top_k),
         "random": rnd,
         "count": int(flat.shape[0]),
-        "sum_fx": sums[:, 0], "sumsq_fx": sums[:, 1],
+        "sum_fx": sums[:, 0], "sumsq_fx": sums[:, 1], "sumsq_lo": sums[:, 2],
         "n_pos": (flat > 0).sum(0).astype(np.int64),  # equals stats.positive_count(hist): checked in test_stats
         "vmin": flat.min(0).astype(np.float32), "vmax": flat.max(0).astype(np.float32),
         "hist": hist.astype(np.int64),

@@ -49,7 +49,14 @@ _NEUROSCOPE = {
         "texts": {"type": "array", "items": {"$ref": "#/components/schemas/Text"}},
         "bottom_texts": {"type": "array", "items": {"$ref": "#/components/schemas/Text"}},
         "random_texts": {"type": "array", "items": {"$ref": "#/components/schemas/Text"}},
-        "stats": {"type": "object", "required": ["mean", "std", "min", "max", "frac_positive", "quantiles", "histogram"]},
+        "stats": {"type": "object", "required": ["mean", "std", "min", "max", "frac_positive", "quantiles", "histogram"],
+                  "properties": {"histogram": {
+                      "type": "object", "required": ["edges", "counts"],
+                      "description": "Exact counts in variable-width bins from min to max: counts[i] values lie between edges[i] "
+                                     "and edges[i + 1] (bins follow the float32 exponent, finer near zero; a zero-width bin [0, 0] "
+                                     "holds exact zeros). Draw as density, count / width.",
+                      "properties": {"edges": {"type": "array", "items": {"type": "number"}},
+                                     "counts": {"type": "array", "items": {"type": "integer"}}}}}},
     },
 }
 _TOKEN_VALUE = {"type": "object", "required": ["token", "token_id", "value"],

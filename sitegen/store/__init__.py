@@ -26,7 +26,7 @@ from sitegen import __version__
 from sitegen.errors import StoreError
 from sitegen.store.manifest import validate_store
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: squares as two limbs (sumsq_lo), variable-width display histogram (hist_edges)
 MANIFEST = "manifest.json"
 WORK_DIR = ".work"
 

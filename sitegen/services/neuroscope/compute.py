@@ -4,7 +4,8 @@ Per layer, for every neuron at once, one forward pass updates:
 - the top-k sequences by max activation and the bottom-k by min activation (Neuroscope's rule:
   rank sequences, one entry per sequence; ties by lower sequence id), each with its whole trace;
 - a fixed random sample of sequences (smallest random_key) with their traces;
-- exact fixed-point sums, the positive count, min, max and the fine histogram (see stats.py).
+- exact fixed-point sums (squares as two limbs), the positive count, min, max and the fine
+  histogram (see stats.py).
 Positions before `first_valid` (the BOS token) and padding are excluded from ranking and stats.
 
 The k slots are unordered while streaming: a new sequence overwrites the slot it evicts, so an
@@ -77,12 +78,15 @@ class LayerAccumulator:
         self.random = Extremes(n_random, 1, seq_len * n, device)  # score = -random_key, shared by all neurons
         self.count = 0
         self.sum_fx = torch.zeros(n, dtype=torch.int64, device=device)
-        self.sumsq_fx = torch.zeros(n, dtype=torch.int64, device=device)
+        self.sumsq_fx = torch.zeros(n, dtype=torch.int64, device=device)  # squares, high limb
+        self.sumsq_lo = torch.zeros(n, dtype=torch.int64, device=device)  # squares, low limb
         self.vmin = torch.full((n,), torch.inf, device=device)
         self.vmax = torch.full((n,), -torch.inf, device=device)
         self.hist = torch.zeros((stats.N_FINE_BINS, n), dtype=torch.int64, device=device)  # (bin, neuron)
         self._one = torch.ones((1, 1), dtype=torch.int64, device=device)
         self._code_table = torch.from_numpy(stats.CODE_TABLE.astype(np.int64)).to(device)
+        self._cell_table = self._code_table * n  # flat position of (bin, neuron 0) in self.hist
+        self._neuron = torch.arange(n, device=device)
 
     def update(self, acts: torch.Tensor, seq_ids: torch.Tensor, valid: torch.Tensor, rand_score: torch.Tensor, all_full: bool = False) -> None:
         """acts (B, T, n) float32; seq_ids (B,); valid (B, T) bool; rand_score (B,) = -random_key.
@@ -108,18 +112,29 @@ class LayerAccumulator:
             return
         dims = tuple(range(counted.dim() - 1))
         self.count += counted.numel() // self.n
-        # Fixed point, exactly: values on the 2^-24 grid (squares on 2^-16) sum without rounding in
-        # float64 within one batch (partial sums stay far below 2^53 units), then accumulate in int64.
-        self.sum_fx += torch.round(counted * (2.0**stats.SUM_SHIFT)).sum(dims, dtype=torch.float64).to(torch.int64)
-        self.sumsq_fx += torch.round(counted.square() * (2.0**stats.SQ_SHIFT)).sum(dims, dtype=torch.float64).to(torch.int64)
+        # Fixed point, exactly: values on the 2^-24 grid, squares as two limbs (2^-16 and 2^-46, the
+        # steps of stats.square_limbs), sum without rounding in float64 within one batch (partial
+        # sums stay below 2^53 units), then accumulate in int64. Two scratch tensors, reused in place
+        # (fresh large tensors cost page faults on CPU).
+        scratch = torch.mul(counted, 2.0**stats.SUM_SHIFT).round_()
+        self.sum_fx += scratch.sum(dims, dtype=torch.float64).to(torch.int64)
+        sq = torch.mul(counted, counted, out=scratch).mul_(2.0**stats.SQ_SHIFT)
+        sq_hi = torch.round(sq)
+        self.sumsq_fx += sq_hi.sum(dims, dtype=torch.float64).to(torch.int64)
+        sq_lo = sq.sub_(sq_hi).mul_(2.0**stats.SQ_LO_SHIFT).round_()  # sq - sq_hi is exact
+        self.sumsq_lo += sq_lo.sum(dims, dtype=torch.float64).to(torch.int64)
         # In the fast path every row counts, so the per-sequence extremes already hold the layer's.
         lo, hi = (seq_min.amin(0), seq_max.amax(0)) if all_full else torch.aminmax(counted, dim=0)
         torch.minimum(self.vmin, lo, out=self.vmin)
         torch.maximum(self.vmax, hi, out=self.vmax)
         # Histogram: sign, exponent and 4 mantissa bits of each float32 index a lookup table of bins.
         codes = (counted.view(torch.int32) >> 19).long().add_(4096)
-        fine = torch.take(self._code_table, codes).reshape(-1, self.n)
-        self.hist.scatter_add_(0, fine, self._one.expand(fine.shape))
+        if self.hist.is_cuda:  # scatter: bincount would sync the device to size its output
+            fine = torch.take(self._code_table, codes).reshape(-1, self.n)
+            self.hist.scatter_add_(0, fine, self._one.expand(fine.shape))
+        else:  # bincount over cells (bin * n + neuron of self.hist): ~1.5x faster than the scatter on CPU
+            cells = torch.take(self._cell_table, codes).add_(self._neuron).reshape(-1)
+            self.hist.view(-1).add_(torch.bincount(cells, minlength=self.hist.numel()))
 
     # -- checkpointing and hand-off (numpy, so merge and the store need no torch) --
     def state(self) -> dict:
@@ -130,6 +145,7 @@ class LayerAccumulator:
             "count": self.count,
             "sum_fx": self.sum_fx.cpu().numpy(),
             "sumsq_fx": self.sumsq_fx.cpu().numpy(),
+            "sumsq_lo": self.sumsq_lo.cpu().numpy(),
             "n_pos": stats.positive_count(self.hist.T.cpu().numpy()),
             "vmin": self.vmin.cpu().numpy(),
             "vmax": self.vmax.cpu().numpy(),
@@ -141,6 +157,6 @@ class LayerAccumulator:
         self.bottom.load(state["bottom"])
         self.random.load(state["random"])
         self.count = int(state["count"])
-        for name in ("sum_fx", "sumsq_fx", "vmin", "vmax"):
+        for name in ("sum_fx", "sumsq_fx", "sumsq_lo", "vmin", "vmax"):
             getattr(self, name).copy_(torch.from_numpy(state[name]))
         self.hist.copy_(torch.from_numpy(state["hist"]).T)

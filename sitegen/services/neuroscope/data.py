@@ -28,6 +28,10 @@ def _flat_list(values: np.ndarray, lens: np.ndarray, dtype: pa.DataType) -> pa.A
     return pa.ListArray.from_arrays(pa.array(off), pa.array(values, dtype))
 
 
+def _concat(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
+
+
 def _ordered(ext: dict, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sort an extremes state best-first; returns score, seq_id (k, n) and trace (k, n, T)."""
     order = stats.select_extremes(ext["score"], ext["seq_id"], k)
@@ -62,7 +66,7 @@ def state_to_table(state: dict, top_k: int, n_random: int, seq_length: dict[int,
     rnd_state = {"score": np.repeat(r_score, n, 1), "seq_id": np.repeat(r_id, n, 1), "trace": r_trace.transpose(1, 0, 2)}
     rnd_ids, _, rnd_acts = _extreme_columns(rnd_state, n_random, seq_length, 1.0)
     count = int(state["count"])
-    derived = stats.finalise(count, state["sum_fx"], state["sumsq_fx"], state["hist"], state["vmin"], state["vmax"])
+    derived = stats.finalise(count, state["sum_fx"], state["sumsq_fx"], state["sumsq_lo"], state["hist"], state["vmin"], state["vmax"])
     nb = stats.N_FINE_BINS
     return pa.table({
         "neuron": pa.array(np.arange(n), pa.int32()),
@@ -72,6 +76,7 @@ def state_to_table(state: dict, top_k: int, n_random: int, seq_length: dict[int,
         "count": pa.array(np.full(n, count), pa.int64()),
         "sum_fx": pa.array(state["sum_fx"], pa.int64()),
         "sumsq_fx": pa.array(state["sumsq_fx"], pa.int64()),
+        "sumsq_lo": pa.array(state["sumsq_lo"], pa.int64()),
         "n_pos": pa.array(state["n_pos"], pa.int64()),
         "min": pa.array(state["vmin"], pa.float32()),
         "max": pa.array(state["vmax"], pa.float32()),
@@ -80,7 +85,9 @@ def state_to_table(state: dict, top_k: int, n_random: int, seq_length: dict[int,
         "std": pa.array(derived["std"], pa.float64()),
         "frac_pos": pa.array(state["n_pos"] / max(count, 1), pa.float64()),
         "quantiles": _flat_list(derived["quantiles"].reshape(-1), np.full(n, len(stats.QUANTILE_LEVELS)), pa.float32()),
-        "hist_counts": _flat_list(derived["hist_counts"].reshape(-1), np.full(n, stats.DISPLAY_BINS), pa.int64()),
+        # Display histogram: variable-width bars (edges from min to max) with exact counts.
+        "hist_edges": _flat_list(_concat(derived["hist_edges"], np.float32), np.array([len(e) for e in derived["hist_edges"]]), pa.float32()),
+        "hist_counts": _flat_list(_concat(derived["hist_counts"], np.int64), np.array([len(c) for c in derived["hist_counts"]]), pa.int64()),
     })
 
 
@@ -121,6 +128,7 @@ def table_to_state(table: pa.Table, top_k: int, n_random: int, seq_len: int) -> 
         "top": top, "bottom": bottom, "random": {"score": r_score, "seq_id": r_seq, "trace": r_trace},
         "count": int(table.column("count")[0].as_py()) if n else 0,
         "sum_fx": table.column("sum_fx").to_numpy(), "sumsq_fx": table.column("sumsq_fx").to_numpy(),
+        "sumsq_lo": table.column("sumsq_lo").to_numpy(),
         "n_pos": table.column("n_pos").to_numpy(), "vmin": table.column("min").to_numpy(), "vmax": table.column("max").to_numpy(),
         "hist": hist,
     }
@@ -148,6 +156,7 @@ def merge_states(parts: list[dict], top_k: int, n_random: int, random_score: "ca
         "count": sum(int(p["count"]) for p in parts),
         "sum_fx": np.sum([p["sum_fx"] for p in parts], axis=0),
         "sumsq_fx": np.sum([p["sumsq_fx"] for p in parts], axis=0),
+        "sumsq_lo": np.sum([p["sumsq_lo"] for p in parts], axis=0),
         "n_pos": np.sum([p["n_pos"] for p in parts], axis=0),
         "vmin": np.min([p["vmin"] for p in parts], axis=0),
         "vmax": np.max([p["vmax"] for p in parts], axis=0),

@@ -65,7 +65,7 @@ class NeuroscopeLayer:
         self.scale = np.maximum(np.maximum(np.abs(t.column("max").to_numpy()), np.abs(t.column("min").to_numpy())), 1e-9).astype(np.float64)
         self.traces = {k: Traces(t.column(f"{k}_acts"), self.scale, site.first_valid, lowest=(k == "bottom")) for k in ("top", "bottom")}
         self.frac_pos, self.count = col("frac_pos"), col("count")
-        self.quantiles, self.hist = col("quantiles"), col("hist_counts")
+        self.quantiles, self.hist_edges, self.hist = col("quantiles"), col("hist_edges"), col("hist_counts")
         self.fv = site.first_valid
         self._texts: dict | None = None
         self._texts_for = -1
@@ -104,7 +104,8 @@ class NeuroscopeLayer:
             "count": self.count[n], "mean": _r(self.mean[n]), "std": _r(self.std[n]), "min": _r(self.vmin[n]), "max": _r(self.vmax[n]),
             "frac_positive": round(self.frac_pos[n], 6),
             "quantiles": {"levels": self.site.quantile_levels, "values": [_r(v) for v in self.quantiles[n]]},
-            "histogram": {"lo": _r(self.vmin[n]), "hi": _r(self.vmax[n]), "counts": self.hist[n]},
+            # Variable-width bars: counts[i] values lie in [edges[i], edges[i + 1]) (exact counts).
+            "histogram": {"edges": [float(f"{e:.6g}") for e in self.hist_edges[n]], "counts": self.hist[n]},
         }
 
     # -- API --
@@ -163,25 +164,31 @@ class NeuroscopeLayer:
             "top": self._sequence_items(n, "top", texts["top"]),
             "bottom": self._sequence_items(n, "bottom", texts["bottom"]),
             "stats": self._stats_of(n),
-            "histogram_svg": Markup(histogram_svg(self.hist[n], self.vmin[n], self.vmax[n])),
+            "histogram_svg": Markup(histogram_svg(self.hist[n], self.hist_edges[n])),
             "quantiles_csv": ",".join(f"{v:.4g}" for v in self.quantiles[n]),
         }
 
 
-def histogram_svg(counts: list[int], lo: float, hi: float) -> str:
-    """50 bars on a log count axis, negative values blue and positive red: two paths with integer
-    coordinates (a 500 x 64 box), so the SVG is small and cheap to write."""
+def histogram_svg(counts: list[int], edges: list[float]) -> str:
+    """The display histogram's variable-width bars on a linear value axis (a 500 x 64 box), height
+    from density (count per unit of width, a bar at least 1 unit wide) on a log1p scale; values
+    <= 0 blue, > 0 red. Bars touch: a gap is an interval that holds no value."""
     if not counts or max(counts) == 0:
         return ""
-    n = len(counts)
-    width, base, bar = 500, 52, 500 // n
-    heights = np.maximum(1, np.rint(base * np.log1p(counts) / np.log1p(max(counts)))).astype(int).tolist()
-    centre_positive = (lo + (np.arange(n) + 0.5) * (hi - lo) / n >= 0).tolist()
+    width, base = 500, 52
+    lo, hi = edges[0], edges[-1]
+    scale = width / (hi - lo) if hi > lo else 0.0
+    x = [round((e - lo) * scale, 1) for e in edges] if scale else [0.0, float(width)]
+    widths = [max(x[i + 1] - x[i], 1.0) for i in range(len(counts))]
+    density = [c / w for c, w in zip(counts, widths)]
+    top = np.log1p(max(density))
     paths: dict[str, list[str]] = {"neg": [], "pos": []}
-    for i, (c, h, positive) in enumerate(zip(counts, heights, centre_positive)):
+    for i, (c, d, w) in enumerate(zip(counts, density, widths)):
         if c:
-            paths["pos" if positive else "neg"].append(f"M{i * bar} {base}v-{h}h{bar - 1}v{h}z")
-    zero = f'<path class="zero" d="M{round((0 - lo) / (hi - lo) * width)} 0V{base}"/>' if lo < 0 < hi else ""
+            h = max(1, round(base * float(np.log1p(d) / top)))
+            paths["pos" if edges[i] >= 0 and edges[i + 1] > 0 else "neg"].append(f"M{x[i]:g} {base}v-{h}h{w:g}v{h}z")
+    zero = f'<path class="zero" d="M{round((0 - lo) * scale, 1):g} 0V{base}"/>' if lo < 0 < hi else ""
     parts = "".join(f'<path class="{k}" d="{"".join(v)}"/>' for k, v in paths.items() if v)
-    return (f'<svg class="hist" viewBox="0 0 {width} 64" role="img" aria-label="activation histogram, log counts">{parts}{zero}'
+    return (f'<svg class="hist" viewBox="0 0 {width} 64" role="img" aria-label="activation histogram: exact counts in variable-width bins, '
+            f'height log density"><title>Exact counts in variable-width bins (finer near zero); bar height: log density</title>{parts}{zero}'
             f'<text x="0" y="63">{lo:.3g}</text><text x="{width}" y="63" text-anchor="end">{hi:.3g}</text></svg>')
