@@ -1,0 +1,150 @@
+"""`sitegen compute --ray` on a local two-worker Ray cluster and the tiny random-init model: the
+store equals a single process's file for file, a worker that dies mid-shard is retried from its
+checkpoint, and a failed run resumes when rerun. Runs whenever ray is installed (the test extra)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import HAS_TORCH
+
+HAS_RAY = importlib.util.find_spec("ray") is not None
+
+
+def needs_ray(test):
+    for mark in (pytest.mark.model, pytest.mark.ray, pytest.mark.skipif(not (HAS_TORCH and HAS_RAY), reason="needs the compute and ray extras")):
+        test = mark(test)
+    return test
+
+
+SEQ_LEN, TOKENS, BATCH, TOP_K, N_RANDOM, SEED = 16, 600, 4, 5, 3, 3
+# The manifest is equal but for none: a --ray store records what a single run records.
+MANIFEST_FIELDS_THAT_DIFFER: set[str] = set()
+
+
+def _config(model_dir, corpus, out, **kw):
+    from sitegen.compute.runner import ComputeConfig
+
+    base = dict(model=str(model_dir), corpus=str(corpus), out=out, tokens=TOKENS, seq_len=SEQ_LEN, seed=SEED, top_k=TOP_K,
+                n_random=N_RANDOM, batch_size=BATCH, device="cpu", progress=False)
+    base.update(kw)
+    return ComputeConfig(**base)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb)
+    for name in fa:
+        if name == "manifest.json":
+            ma, mb = orjson.loads(fa[name]), orjson.loads(fb[name])
+            assert {k: v for k, v in ma.items() if k not in MANIFEST_FIELDS_THAT_DIFFER} == \
+                   {k: v for k, v in mb.items() if k not in MANIFEST_FIELDS_THAT_DIFFER}
+        else:
+            assert fa[name] == fb[name], f"{name} differs"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model_dir, tiny_corpus, tmp_path_factory):
+    """The reference: one process, no Ray, with the torch thread count of a shard task (one CPU each
+    here): float sums on CPU depend on how many threads split them; with and without graphs."""
+    import torch
+
+    from sitegen.compute.runner import run_compute
+
+    root = tmp_path_factory.mktemp("single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_compute(_config(tiny_model_dir, tiny_corpus, root / "plain"), log=lambda m: None)
+        run_compute(_config(tiny_model_dir, tiny_corpus, root / "n2g", n2g="2"), log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def _ray_opts(**kw):
+    from sitegen.compute.distributed import RayOptions
+
+    return RayOptions(**{"shards": 2, "cpus_per_shard": 1, "report_seconds": 1.0, **kw})
+
+
+@needs_ray
+@pytest.mark.parametrize("n2g", ["0", "2"])
+@pytest.mark.usefixtures("ray_cluster")
+def test_ray_store_equals_single_process(single, tiny_model_dir, tiny_corpus, tmp_path, n2g):
+    """Two shard tasks merged into --out (and, with --n2g, one graph task per layer) give the bytes of a single run."""
+    from sitegen.compute.distributed import run_compute_ray
+
+    out = tmp_path / "store"
+    logs: list[str] = []
+    run_compute_ray(_config(tiny_model_dir, tiny_corpus, out, n2g=n2g), _ray_opts(), log=logs.append)
+    _assert_identical(out, single / ("plain" if n2g == "0" else "n2g"))
+    assert any(line.startswith("ray summary: 2 shards") for line in logs), logs
+    if n2g != "0":
+        assert any("3 layer task(s)" in line for line in logs), logs
+
+
+@needs_ray
+@pytest.mark.usefixtures("ray_cluster")
+def test_worker_killed_mid_shard_is_retried_from_its_checkpoint(single, tiny_model_dir, tiny_corpus, tmp_path):
+    from sitegen.compute.distributed import run_compute_ray
+
+    out = tmp_path / "store"
+    logs: list[str] = []
+    cfg = _config(tiny_model_dir, tiny_corpus, out, checkpoint_seconds=0)  # a checkpoint after every batch
+    run_compute_ray(cfg, _ray_opts(die_after_checkpoint=1), log=logs.append)
+    _assert_identical(out, single / "plain")
+    shard1 = next(line for line in logs if line.strip().startswith("shard 1:"))
+    assert "2 attempt(s), resumed at" in shard1, logs  # the retry started from the dead attempt's checkpoint
+    assert not (out / ".work").exists()
+
+
+@needs_ray
+@pytest.mark.usefixtures("ray_cluster")
+def test_failed_run_resumes_when_rerun(single, tiny_model_dir, tiny_corpus, tmp_path):
+    """No retries left: the command fails with one line, keeps the finished shard and the checkpoint,
+    and the same command run again finishes from there."""
+    from sitegen.compute.distributed import run_compute_ray
+    from sitegen.errors import StoreError
+
+    out = tmp_path / "store"
+    cfg = _config(tiny_model_dir, tiny_corpus, out, checkpoint_seconds=0)
+    with pytest.raises(StoreError, match="rerun the same command"):
+        run_compute_ray(cfg, _ray_opts(die_after_checkpoint=0, max_retries=0), log=lambda m: None)
+    assert not (out / "manifest.json").exists()
+    assert list((out / ".work" / "ray").glob("shard-0of2/.work/checkpoint-*.npz"))
+    logs: list[str] = []
+    run_compute_ray(cfg, _ray_opts(shards=None), log=logs.append)  # the recorded shard count is reused
+    _assert_identical(out, single / "plain")
+    assert any("shard 0:" in line and "resumed at" in line for line in logs), logs
+
+
+def test_ray_option_without_ray_names_the_extra(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from sitegen.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as when it is not installed
+    res = CliRunner().invoke(main, ["compute", "--out", str(tmp_path / "s"), "--ray", "--tokens", "100"])
+    assert res.exit_code != 0
+    assert res.output.strip() == "error: --ray needs Ray, which is not installed: pip install 'sitegen[ray]'"
+    assert not (tmp_path / "s").exists()
+
