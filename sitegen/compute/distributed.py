@@ -86,7 +86,7 @@ def run_compute_ray(cfg: ComputeConfig, opts: RayOptions, log: Callable[[str], N
     if out.exists() and not out.is_dir():
         raise StoreError(f"--out {out} is a file; choose a new or empty folder")
     with _ray_session(ray, opts):
-        slot = _task_resources(ray, cfg, opts)
+        slot = task_slot(ray, cfg, opts)
         if not (out / store_mod.MANIFEST).exists():
             _shard_phase(ray, cfg, opts, slot, log)
         elif not _check_existing(ray, cfg, slot, log):
@@ -121,18 +121,19 @@ def _ray_session(ray, opts: RayOptions) -> Iterator[None]:
 
 
 @dataclass
-class _Slot:
+class TaskSlot:
     """What one task asks of the cluster."""
     num_cpus: int
     num_gpus: int
     shards: int  # the default shard count (one per slot)
 
 
-def _task_resources(ray, cfg: ComputeConfig, opts: RayOptions) -> _Slot:
+def task_slot(ray, cfg: ComputeConfig, opts: RayOptions) -> TaskSlot:
+    """One GPU per task when the cluster has GPUs (and --device allows), else a group of CPUs."""
     total = ray.cluster_resources()
     gpus = int(total.get("GPU", 0))
     if gpus and cfg.device in ("auto", "cuda"):
-        return _Slot(1, 1, gpus)
+        return TaskSlot(1, 1, gpus)
     if cfg.device == "cuda":
         raise ConfigError("--device cuda with --ray: the cluster has no GPU; use --device cpu or auto")
     node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
@@ -140,10 +141,10 @@ def _task_resources(ray, cfg: ComputeConfig, opts: RayOptions) -> _Slot:
     per = opts.cpus_per_shard or min(DEFAULT_CPUS_PER_SHARD, largest)
     if per > largest:
         raise ConfigError(f"--ray-cpus-per-shard {per}: the largest Ray node has {largest} CPUs; use at most {largest}")
-    return _Slot(per, 0, max(1, sum(c // per for c in node_cpus)))
+    return TaskSlot(per, 0, max(1, sum(c // per for c in node_cpus)))
 
 
-def _check_existing(ray, cfg: ComputeConfig, slot: _Slot, log) -> bool:
+def _check_existing(ray, cfg: ComputeConfig, slot: TaskSlot, log) -> bool:
     """OUT is a complete store: let run_compute (on a worker, where the model may live) say whether it
     was computed with these arguments. True when there is more to do (graphs)."""
     ref = _remote(ray, _check_task, slot, 0).remote(dataclasses.replace(cfg, n2g="0", progress=False), os.getcwd())
@@ -160,7 +161,7 @@ def _driver_lock(out: Path) -> Iterator[None]:
         yield
 
 
-def _shard_phase(ray, cfg: ComputeConfig, opts: RayOptions, slot: _Slot, log) -> None:
+def _shard_phase(ray, cfg: ComputeConfig, opts: RayOptions, slot: TaskSlot, log) -> None:
     out = Path(cfg.out)
     work = out / store_mod.WORK_DIR
     if out.exists() and any(p.name != store_mod.WORK_DIR for p in out.iterdir()) and not work.exists():
@@ -178,7 +179,7 @@ def _shard_phase(ray, cfg: ComputeConfig, opts: RayOptions, slot: _Slot, log) ->
             refs[task.remote(cfg, i, count, str(root), str(work / RAY_DIR / "plan.json"), plan["token"], os.getcwd(),
                              slot.num_cpus if not slot.num_gpus else None, progress, opts.die_after_checkpoint == i)] = i
         started = time.monotonic()
-        results = _await_all(ray, refs, "shard", log, opts.report_seconds, lambda: _progress_line(ray, progress, count, started))
+        results = _await_all(ray, refs, "shard", log, opts.report_seconds, lambda _done: _progress_line(ray, progress, count, started))
         board = ray.get(progress.snapshot.remote())
         compute_s = time.monotonic() - started
         log(f"ray: merging {count} shard stores into {out}")
@@ -226,7 +227,7 @@ def _merge_into(roots: list[Path], out: Path) -> None:
     os.replace(merged / store_mod.MANIFEST, out / store_mod.MANIFEST)
 
 
-def _n2g_phase(ray, cfg: ComputeConfig, opts: RayOptions, slot: _Slot, log) -> None:
+def _n2g_phase(ray, cfg: ComputeConfig, opts: RayOptions, slot: TaskSlot, log) -> None:
     from sitegen.services.neuron2graph.compute import SERVICE
     from sitegen.services.selection import select_neurons
 
@@ -262,8 +263,8 @@ def _n2g_phase(ray, cfg: ComputeConfig, opts: RayOptions, slot: _Slot, log) -> N
                          on_done=fold)
     graphs = sum(r["graphs"] for r in results.values())
     seconds = time.monotonic() - started
-    log(f"neuron2graph on ray: {graphs} graphs in {len(results)} layer tasks, {seconds:.0f} s wall "
-        f"({sum(r['seconds'] for r in results.values()):.0f} s in tasks)")
+    log(f"neuron2graph on ray: {graphs} graphs in {len(results)} layer tasks, {seconds:.1f} s wall "
+        f"({sum(r['seconds'] for r in results.values()):.1f} s of graph building in the tasks)")
 
 
 def _layer_spec(spec: str, layer: int) -> str:
@@ -292,7 +293,7 @@ def _layer_store(store, folder: Path, layer: int, service: str) -> Path:
     return root
 
 
-def map_layers(ray, fn: Callable[[int, Any], dict], payloads: dict[int, Any], slot: _Slot, opts: RayOptions,
+def map_layers(ray, fn: Callable[[int, Any], dict], payloads: dict[int, Any], slot: TaskSlot, opts: RayOptions,
                log: Callable[[str], None], on_done: Callable[[int, dict], None] | None = None) -> dict[int, dict]:
     """Run fn(layer, payload) -> dict as one Ray task per layer (a GPU each, or a CPU group), retried
     when a worker dies; on_done(layer, result) runs on the driver as each finishes, in finishing order.
@@ -302,19 +303,21 @@ def map_layers(ray, fn: Callable[[int, Any], dict], payloads: dict[int, Any], sl
     refs = {task.remote(fn, layer, payload, os.getcwd()): layer for layer, payload in sorted(payloads.items())}
     started = time.monotonic()
 
-    def line() -> str:
-        return f"ray: {len(refs)} layer tasks, {time.monotonic() - started:.0f} s"
+    def line(done: int) -> str:
+        return f"ray: {done}/{len(refs)} layer tasks done, {time.monotonic() - started:.0f} s"
 
     return _await_all(ray, refs, "layer", log, opts.report_seconds, line, on_done)
 
 
-def _remote(ray, fn, slot: _Slot, max_retries: int):
+def _remote(ray, fn, slot: TaskSlot, max_retries: int):
     return ray.remote(fn).options(num_cpus=slot.num_cpus, num_gpus=slot.num_gpus, max_retries=max_retries, retry_exceptions=False)
 
 
-def _await_all(ray, refs: dict, what: str, log, report_seconds: float, line: Callable[[], str],
+def _await_all(ray, refs: dict, what: str, log, report_seconds: float, line: Callable[[int], str],
                on_done: Callable[[int, dict], None] | None = None) -> dict[int, dict]:
-    """Wait for every task, printing a progress line every report_seconds; the first failure cancels the rest."""
+    """Wait for every task, printing line(tasks done) every report_seconds. On a failure or Ctrl-C
+    the other tasks are cancelled gently (a KeyboardInterrupt in the task: run_compute saves a
+    checkpoint) and given a little time to do so before the error is raised."""
     pending = list(refs)
     results: dict[int, dict] = {}
     last = time.monotonic()
@@ -328,11 +331,16 @@ def _await_all(ray, refs: dict, what: str, log, report_seconds: float, line: Cal
                 if on_done is not None:
                     on_done(key, results[key])
             if time.monotonic() - last >= report_seconds and pending:
-                log(line())
+                log(line(len(results)))
                 last = time.monotonic()
-    except BaseException:
+    except (Exception, KeyboardInterrupt) as e:
         for ref in pending:
-            ray.cancel(ref, force=True)
+            ray.cancel(ref)
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=30)
+        if isinstance(e, KeyboardInterrupt):
+            raise StoreError(f"interrupted with {len(refs) - len(results)} {what} task(s) unfinished; rerun the same command to resume "
+                             "(finished ones are kept, the others go on from their last checkpoint)") from None
         raise
     return results
 
