@@ -143,3 +143,17 @@ def test_ray_option_without_ray_names_the_extra(monkeypatch, tmp_path):
     assert res.output.strip() == "error: --ray needs Ray, which is not installed: pip install 'sitegen[ray]'"
     assert not (tmp_path / "s").exists()
 
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="needs the ray extra")
+def test_ray_address_nobody_answers_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from sitegen.cli import main
+    from tests.conftest import free_port
+
+    res = CliRunner().invoke(main, ["compute", "--out", str(tmp_path / "s"), "--ray", f"127.0.0.1:{free_port()}"])
+    assert res.exit_code == 2
+    assert res.output.startswith("error: --ray 127.0.0.1:") and "nothing answers there" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()

@@ -103,6 +103,8 @@ def _ray_session(ray, opts: RayOptions) -> Iterator[None]:
     import logging
 
     started = not ray.is_initialized()
+    if started and opts.address not in (None, "auto", "local"):
+        _check_reachable(opts.address)
     if started:
         try:
             if opts.address is None:  # a new local cluster, even when another one runs here
@@ -118,6 +120,18 @@ def _ray_session(ray, opts: RayOptions) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Ray waits minutes on an address nobody answers at; a plain connect says so in seconds."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except ValueError:
+        raise ConfigError(f"--ray {address}: use HOST:PORT (e.g. --ray 10.0.0.1:6379), ray://HOST:PORT, auto, or nothing for a local cluster") from None
+    except OSError as e:
+        raise ConfigError(f"--ray {address}: nothing answers there ({e.strerror or e}); start the head with 'ray start --head' "
+                          "and pass the address it prints") from None
 
 
 @dataclass
