@@ -115,8 +115,9 @@ def test_worker_killed_mid_shard_is_retried_from_its_checkpoint(single, tiny_mod
 @needs_ray
 @pytest.mark.usefixtures("ray_cluster")
 def test_failed_run_resumes_when_rerun(single, tiny_model_dir, tiny_corpus, tmp_path):
-    """No retries left: the command fails with one line, keeps the finished shard and the checkpoint,
-    and the same command run again finishes from there."""
+    """No retries left: the command fails with one line and keeps the dead shard's checkpoint; the same
+    command run again (here on a cluster that would now pick one shard) keeps the recorded two shards
+    and finishes from there."""
     from sitegen.compute.distributed import run_compute_ray
     from sitegen.errors import StoreError
 
@@ -127,8 +128,9 @@ def test_failed_run_resumes_when_rerun(single, tiny_model_dir, tiny_corpus, tmp_
     assert not (out / "manifest.json").exists()
     assert list((out / ".work" / "ray").glob("shard-0of2/.work/checkpoint-*.npz"))
     logs: list[str] = []
-    run_compute_ray(cfg, _ray_opts(shards=None), log=logs.append)  # the recorded shard count is reused
+    run_compute_ray(cfg, _ray_opts(shards=None, cpus_per_shard=2), log=logs.append)  # alone, 2 CPUs per shard would mean 1 shard
     _assert_identical(out, single / "plain")
+    assert "ray: 2 shard task(s), each 2 CPU(s)" in logs, logs
     assert any("shard 0:" in line and "resumed at" in line for line in logs), logs
 
 
