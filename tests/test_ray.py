@@ -54,6 +54,34 @@ def _assert_identical(a: Path, b: Path) -> None:
             assert fa[name] == fb[name], f"{name} differs"
 
 
+def test_ray_option_without_ray_names_the_extra(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from sitegen.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as when it is not installed
+    res = CliRunner().invoke(main, ["compute", "--out", str(tmp_path / "s"), "--ray", "--tokens", "100"])
+    assert res.exit_code != 0
+    assert res.output.strip() == "error: --ray needs Ray, which is not installed: pip install 'sitegen[ray]'"
+    assert not (tmp_path / "s").exists()
+
+
+
+# Before the tests that start a cluster: with Ray already running, --ray uses that cluster.
+@pytest.mark.skipif(not HAS_RAY, reason="needs the ray extra")
+def test_ray_address_nobody_answers_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from sitegen.cli import main
+    from tests.conftest import free_port
+
+    res = CliRunner().invoke(main, ["compute", "--out", str(tmp_path / "s"), "--ray", f"127.0.0.1:{free_port()}"])
+    assert res.exit_code == 2
+    assert res.output.startswith("error: --ray 127.0.0.1:") and "nothing answers there" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
@@ -132,30 +160,3 @@ def test_failed_run_resumes_when_rerun(single, tiny_model_dir, tiny_corpus, tmp_
     _assert_identical(out, single / "plain")
     assert "ray: 2 shard task(s), each 2 CPU(s)" in logs, logs
     assert any("shard 0:" in line and "resumed at" in line for line in logs), logs
-
-
-def test_ray_option_without_ray_names_the_extra(monkeypatch, tmp_path):
-    from click.testing import CliRunner
-
-    from sitegen.cli import main
-
-    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError, as when it is not installed
-    res = CliRunner().invoke(main, ["compute", "--out", str(tmp_path / "s"), "--ray", "--tokens", "100"])
-    assert res.exit_code != 0
-    assert res.output.strip() == "error: --ray needs Ray, which is not installed: pip install 'sitegen[ray]'"
-    assert not (tmp_path / "s").exists()
-
-
-
-@pytest.mark.skipif(not HAS_RAY, reason="needs the ray extra")
-def test_ray_address_nobody_answers_is_one_line(tmp_path):
-    from click.testing import CliRunner
-
-    from sitegen.cli import main
-    from tests.conftest import free_port
-
-    res = CliRunner().invoke(main, ["compute", "--out", str(tmp_path / "s"), "--ray", f"127.0.0.1:{free_port()}"])
-    assert res.exit_code == 2
-    assert res.output.startswith("error: --ray 127.0.0.1:") and "nothing answers there" in res.output
-    assert len(res.output.strip().splitlines()) == 1
-    assert not (tmp_path / "s").exists()

@@ -324,7 +324,10 @@ def map_layers(ray, fn: Callable[[int, Any], dict], payloads: dict[int, Any], sl
 
 
 def _remote(ray, fn, slot: TaskSlot, max_retries: int):
-    return ray.remote(fn).options(num_cpus=slot.num_cpus, num_gpus=slot.num_gpus, max_retries=max_retries, retry_exceptions=False)
+    # max_calls=1: a fresh worker process per task. A task is long (a model load, then a shard or a
+    # layer), so the start-up is cheap next to it, and no task inherits a process that a cancelled
+    # task (a KeyboardInterrupt at any point) or a swapped runner hook may have left in a bad state.
+    return ray.remote(max_calls=1)(fn).options(num_cpus=slot.num_cpus, num_gpus=slot.num_gpus, max_retries=max_retries, retry_exceptions=False)
 
 
 def _await_all(ray, refs: dict, what: str, log, report_seconds: float, line: Callable[[int], str],
