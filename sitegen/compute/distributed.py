@@ -53,7 +53,9 @@ DEFAULT_CPUS_PER_SHARD = 4
 
 @dataclass
 class RayOptions:
-    address: str | None = None  # None: start a local cluster; 'auto': the one `ray start` runs here; HOST:PORT or ray://HOST:PORT
+    # None: start a local cluster; 'auto': the one `ray start` runs here; HOST:PORT or ray://HOST:PORT.
+    # A caller that has already run ray.init() keeps its cluster (the address is then not used).
+    address: str | None = None
     shards: int | None = None  # None: one per GPU of the cluster, else one per CPU group
     cpus_per_shard: int | None = None  # CPU group size when there is no GPU [default: min(4, CPUs of the largest node)]
     num_cpus: int | None = None  # size of a local cluster (None: every core)
