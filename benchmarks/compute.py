@@ -3,10 +3,16 @@ against a bare forward pass of the same model over the same tokens, measured in 
 
     python benchmarks/compute.py [--model smollm2] [--tokens 8192] [--batch-size 32]
     python benchmarks/compute.py --accumulators-only [--d-mlp 1536]   # no model: the accumulators alone
+    python benchmarks/compute.py --ray [ADDRESS] [--ray-shards N] [--ray-cpus-per-shard C]
 
 Prints tokens/s for: the bare full forward (to logits); the bare forward cut after the last
 block (what compute needs); compute's pass (hooks + accumulators); and the ratios. The
 weight-based logit tables are a one-off cost per model, printed separately.
+
+--ray: whole `sitegen compute` runs (model load, pass, weight tables, store) timed end to end: a
+single process against `compute --ray` on the same machine (a local cluster, started before the
+clock starts; its start-up is printed separately), tokens/s each and the overhead (target <= 10%).
+The load average is printed with it: on a shared machine the figures move with it.
 """
 
 from __future__ import annotations
@@ -28,9 +34,15 @@ def main() -> None:
     ap.add_argument("--skip-weights", action="store_true")
     ap.add_argument("--accumulators-only", action="store_true", help="time LayerAccumulator.update on random activations (CPU time, one thread)")
     ap.add_argument("--d-mlp", type=int, default=1536)
+    ap.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", help="compare whole runs: single process vs --ray")
+    ap.add_argument("--ray-shards", type=int, default=None)
+    ap.add_argument("--ray-cpus-per-shard", type=int, default=None)
     args = ap.parse_args()
     if args.accumulators_only:
         return accumulators_only(args)
+    if args.ray is not None:
+        ray_benchmark(args)
+        return
 
     from sitegen.compute.models import load_model
     from sitegen.compute.packing import pack_sequences
@@ -115,6 +127,51 @@ def accumulators_only(args) -> None:
     times.sort()
     print(f"LayerAccumulator.update, batch {bs} x {T} tokens x {n} neurons, one thread: best {times[0] * 1e3:.1f} ms, "
           f"median {times[2] * 1e3:.1f} ms CPU per layer per batch")
+def ray_benchmark(args) -> None:
+    import logging
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import ray
+
+    from sitegen.compute.distributed import RayOptions, run_compute_ray
+    from sitegen.compute.runner import ComputeConfig, run_compute
+
+    tmp = Path(tempfile.mkdtemp(prefix="sitegen-bench-ray-"))
+    cfg = lambda out: ComputeConfig(model=args.model, corpus=args.corpus, out=tmp / out, tokens=args.tokens, seq_len=args.seq_len,  # noqa: E731
+                                    batch_size=args.batch_size, device="cpu", progress=False, weights=not args.skip_weights)
+    load = lambda: "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())  # noqa: E731
+    cores = os.cpu_count()
+    print(f"{args.tokens} tokens of {args.corpus} through {args.model}; {cores} cores; torch threads {torch.get_num_threads()}; {load()}")
+    try:
+        single, ray_runs = [], []
+        t0 = time.perf_counter()
+        if args.ray == "local":
+            ray.init(address="local", num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        else:
+            ray.init(address=args.ray, logging_level=logging.WARNING, log_to_driver=False)
+        print(f"  ray cluster start (not in the figures below): {time.perf_counter() - t0:.1f} s")
+        opts = RayOptions(address=None if args.ray == "local" else args.ray, shards=args.ray_shards,
+                          cpus_per_shard=args.ray_cpus_per_shard or (cores if args.ray == "local" else None), report_seconds=3600)
+        for r in range(args.repeats):  # alternate, so a change in the machine's load hits both alike
+            for name, runs, fn in (("single", single, lambda out: run_compute(cfg(out), log=lambda m: None)),
+                                   ("ray", ray_runs, lambda out: run_compute_ray(cfg(out), opts, log=lambda m: None))):
+                t0 = time.perf_counter()
+                fn(f"{name}{r}")
+                runs.append(time.perf_counter() - t0)
+                print(f"  run {r} {name:6s} {runs[-1]:7.1f} s  ({load()})")
+        import orjson
+
+        tokens = orjson.loads((tmp / "single0" / "manifest.json").read_bytes())["processed"]["tokens"]
+        a, b = tokens / min(single), tokens / min(ray_runs)
+        print(f"  single process          {a:8.1f} tokens/s (best of {args.repeats}, whole run)")
+        print(f"  --ray ({opts.shards or 'auto'} shards x {opts.cpus_per_shard} CPUs) {b:8.1f} tokens/s")
+        print(f"  ray overhead: {100 * (1 - b / a):.1f}%  (target <= 10%); {load()}")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from sitegen import __version__
-from sitegen.errors import SitegenError
+from sitegen.errors import ConfigError, SitegenError
 
 
 class _Group(click.Group):
@@ -49,7 +49,13 @@ def main() -> None:
                    "Rerun on a finished store to add graphs.")
 @click.option("--checkpoint-seconds", type=float, default=300.0, show_default=True, help="Save resumable progress this often.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_size, device, shard, name, no_weights, n2g, checkpoint_seconds, quiet):
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Run on a Ray cluster (needs sitegen[ray]): shard tasks, one per GPU or CPU group, merged into --out. "
+                   "No ADDRESS: a new local cluster; 'auto': the one 'ray start' runs here; or the head's HOST:PORT. --out must be shared by every node.")
+@click.option("--ray-shards", type=int, default=None, help="With --ray: number of shard tasks [default: one per GPU, else one per CPU group].")
+@click.option("--ray-cpus-per-shard", type=int, default=None, help="With --ray and no GPU: CPUs per shard task [default: 4, or the largest node's CPUs].")
+def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_size, device, shard, name, no_weights, n2g, checkpoint_seconds, quiet,
+            ray_address, ray_shards, ray_cpus_per_shard):
     """Run a model over a corpus and store per-neuron activation data (top/bottom/random sequences,
     statistics, histograms) and weight-based logit tables, for every neuron of every layer."""
     from sitegen.compute.runner import ComputeConfig, parse_shard, run_compute
@@ -58,7 +64,15 @@ def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_si
                         n_random=n_random, batch_size=batch_size, device=device, shard=parse_shard(shard), name=name,
                         weights=not no_weights, n2g=n2g, checkpoint_seconds=checkpoint_seconds, progress=not quiet)
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
-    run_compute(cfg, log=log)
+    if ray_address is None:
+        if ray_shards is not None or ray_cpus_per_shard is not None:
+            raise ConfigError("--ray-shards and --ray-cpus-per-shard go with --ray; add --ray [ADDRESS]")
+        run_compute(cfg, log=log)
+        return
+    from sitegen.compute.distributed import RayOptions, run_compute_ray
+
+    opts = RayOptions(address=None if ray_address == "local" else ray_address, shards=ray_shards, cpus_per_shard=ray_cpus_per_shard)
+    run_compute_ray(cfg, opts, log=log)
 
 
 @main.command()

@@ -6,6 +6,7 @@ No torch: a laptop can merge what several GPU machines computed.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pyarrow.compute as pc
 from sitegen.corpus_keys import random_key
 from sitegen.errors import StoreError
 from sitegen.services.neuroscope import data as neuroscope_data
-from sitegen.store import Store
+from sitegen.store import SEQUENCES_SCHEMA, Store
 
 _LOGITS = "logits"
 
@@ -59,14 +60,17 @@ def merge_stores(parts: list[Path], out: Path) -> Path:
             referenced.update(table.column(col).combine_chunks().flatten().to_pylist())
         target.write_layer(neuroscope_data.SERVICE, layer, table)
     services = [neuroscope_data.SERVICE]
-    if stores[0].has_service(_LOGITS):
+    if stores[0].has_service(_LOGITS):  # the files themselves: a table read back and rewritten would not keep the bytes
         for layer in range(first["model"]["num_layers"]):
-            target.write_layer(_LOGITS, layer, stores[0].read_layer(_LOGITS, layer))
+            target.layer_path(_LOGITS, layer).parent.mkdir(parents=True, exist_ok=True)
+            stores[0].read_layer(_LOGITS, layer)  # checksums verified: a damaged file is not passed on
+            shutil.copyfile(stores[0].layer_path(_LOGITS, layer), target.layer_path(_LOGITS, layer))
         services.append(_LOGITS)
     keep = pc.is_in(seqs.column("seq_id"), value_set=pa.array(sorted(referenced), pa.int64()))
     seqs = seqs.filter(keep)
     seqs = seqs.take(pc.sort_indices(seqs, sort_keys=[("seq_id", "ascending")]))
-    target.write_sequences(seqs)
+    # Parquet reads list items back as 'element'; the canonical schema ('item') keeps the bytes of a single run
+    target.write_sequences(seqs.cast(SEQUENCES_SCHEMA))
     target.write_vocab(stores[0].vocab())  # read (checksums verified) rather than copied: a damaged file is not passed on
     manifest = {k: v for k, v in first.items() if k not in ("schema_version", "sitegen_version")}
     manifest["shard"] = None
