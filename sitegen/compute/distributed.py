@@ -297,11 +297,10 @@ def _layer_store(store, folder: Path, layer: int, service: str) -> Path:
     root = folder / f"layer={layer}"
     root.mkdir(parents=True)
     shutil.copyfile(store.root / store_mod.MANIFEST, root / store_mod.MANIFEST)
-    for name in ("vocab.parquet", "sequences.parquet"):
+    # The other services' folders whole (opening a store checks every table its manifest lists).
+    shared = ["vocab.parquet", "sequences.parquet", *(s for s in store.manifest.get("services", []) if s != service)]
+    for name in shared:
         os.symlink(os.path.abspath(store.root / name), root / name)
-    ns = root / "neuroscope" / f"layer={layer}"
-    ns.mkdir(parents=True)
-    os.symlink(os.path.abspath(store.layer_path("neuroscope", layer)), ns / "data.parquet")
     old = store.layer_path(service, layer)
     if old.exists():
         (root / service / f"layer={layer}").mkdir(parents=True)
