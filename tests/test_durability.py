@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -218,3 +219,29 @@ def test_concurrent_add_service_keeps_both(tmp_path):
     assert set(wanted) <= set(manifest["services"]), sorted(set(wanted) - set(manifest["services"]))
     assert all(manifest[name] == {"by": name} for name in wanted)
     assert manifest["services"][:2] == ["neuroscope", "logits"]
+
+
+def test_store_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """Tables, manifest and checkpoints (all through store.atomic_write): the new file's data is
+    fsync'ed before it replaces the old one, and the folder after, so a power cut cannot leave an
+    empty file where a good one was."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", st.st_ino, stat.S_ISDIR(st.st_mode)))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    Store(tmp_path / "store").write_vocab(["a", "b"])
+    renames = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == "vocab.parquet"]
+    assert len(renames) == 1, events
+    i, ino = renames[0], events[renames[0]][1]
+    assert ("fsync", ino, False) in events[:i], "the file was renamed into place before its data reached the disk"
+    assert any(e[0] == "fsync" and e[2] for e in events[i + 1:]), "the folder holding the rename was not flushed"

@@ -162,9 +162,11 @@ def _refuse_foreign(root: Path, stores: list[Path], check_empty: bool) -> None:
         if child.is_dir() and _is_store(child):
             raise BuildError(f"--out {root} contains the sitegen store {child.name}/, which would be published with the site; {fix}")
     package = Path(sitegen.__file__).resolve().parent
+    if resolved == package or resolved in package.parents:
+        raise BuildError(f"--out {root} contains sitegen itself ({package}); {fix}")
     pyproject = root / "pyproject.toml"
-    if resolved == package or resolved in package.parents or (pyproject.is_file() and _NAMES_SITEGEN.search(_read_text(pyproject))):
-        raise BuildError(f"--out {root} contains sitegen's source tree; {fix}")
+    if pyproject.is_file() and _NAMES_SITEGEN.search(_read_text(pyproject)):
+        raise BuildError(f"--out {root} is sitegen's source tree (its pyproject.toml names sitegen); {fix}")
     if not check_empty or (root / RECORD).exists() or (root / JOURNAL).exists():
         return
     names = {p.name for p in _entries(root)}
