@@ -3,8 +3,9 @@
 
     python benchmarks/build.py [--layers 12] [--neurons 3072] [--keep DIR]
 
-Prints neuron pages per second (HTML + JSON files), peak memory of the build, and bytes per
-neuron on disk, raw and gzipped, for the page, the service JSON files and the `all` aggregate.
+Prints neuron pages per second (HTML + JSON files), peak memory of the build, bytes per neuron on
+disk, raw and gzipped, for the page, the service JSON files and the `all` aggregate, and what an
+fsync per file would cost (the reason the build does not do it; README, 'A killed build').
 """
 
 from __future__ import annotations
@@ -79,6 +80,27 @@ def synthetic_store(root: Path, n_layers: int, n: int, seq_len: int = 32, n_seqs
     return Store.open(root)
 
 
+def fsync_cost(where: Path, n: int = 300, size: int = 30_000) -> tuple[float, float]:
+    """Seconds per file to write a neuron-sized file to a temporary name and rename it, without and
+    with an fsync of the file before the rename (on the file system of `where`)."""
+    folder = Path(tempfile.mkdtemp(dir=where, prefix="fsync-probe-"))
+    data = os.urandom(size)
+    per_file = []
+    for sync in (False, True):
+        t0 = time.perf_counter()
+        for i in range(n):
+            tmp = folder / f".{i}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, data)
+            if sync:
+                os.fsync(fd)
+            os.close(fd)
+            os.replace(tmp, folder / f"{sync}-{i}.json")
+        per_file.append((time.perf_counter() - t0) / n)
+    shutil.rmtree(folder)
+    return per_file[0], per_file[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=12)
@@ -117,6 +139,10 @@ def main() -> None:
     print(f"  per neuron, page + service JSON: {raw_main / 1024:.1f} KB raw, {gz_main / 1024:.1f} KB gzip (target <= 40 KB raw)")
     du = subprocess.run(["du", "-sk", str(out)], capture_output=True, text=True).stdout.split()[0]
     print(f"  whole site on disk: {int(du) / 1024:.0f} MB ({int(du) / total:.1f} KB per neuron, 4 KiB blocks included)")
+    files = sum(len(f) for _, _, f in os.walk(out))
+    plain, synced = fsync_cost(work)
+    print(f"  fsync per file (not done by the build, see README): {synced * 1e3:.2f} ms a file against {plain * 1e3:.2f} ms for "
+          f"write + rename ({synced / plain:.0f}x); for this site's {files:,} files: +{files * (synced - plain):.0f} s")
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
 

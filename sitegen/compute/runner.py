@@ -120,7 +120,7 @@ def _save_checkpoint(path: Path, states: list[dict], position: int, tokens_done:
         with open(tmp, "wb") as f:  # a file object: given a path, numpy would append ".npz" to the temporary name
             np.savez(f, **arrays)
 
-    store_mod.atomic_write(path, write)
+    store_mod.atomic_write(path, write)  # fsync'ed before the rename: a crash keeps the previous checkpoint, never an empty one
 
 
 def _damaged_checkpoint(path: Path, why: str) -> StoreError:
@@ -219,7 +219,7 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
             f"--out {cfg.out} already holds a store for model {existing.get('model', {}).get('name')!r} with other arguments; "
             "use a new --out folder (nothing was changed)"
         )
-    if out.root.exists() and any(p.name != store_mod.WORK_DIR for p in out.root.iterdir()) and not out.work_dir.exists():
+    if out.root.exists() and any(p.name not in (store_mod.WORK_DIR, store_mod.LOCK) for p in out.root.iterdir()) and not out.work_dir.exists():
         raise StoreError(f"--out {cfg.out} is a non-empty folder that is not a sitegen store; choose a new or empty folder")
 
     with _lock(out.work_dir):

@@ -2,7 +2,8 @@
 
     load theme -> open stores (collect) -> per model: per layer, read each service's table once
     and render every neuron (HTML + JSON), gathering layer summaries -> layer, model and index
-    pages, API index and OpenAPI -> assets and content pages -> remove stale files, report.
+    pages, API index and OpenAPI -> assets and content pages -> remove stale files (only those an
+    earlier build recorded), record this build's files, report.
 
 Never imports torch (an import-linter contract and a test check it).
 """
@@ -25,7 +26,7 @@ from sitegen.services import SERVICES
 from sitegen.services.tokens import escaped_vocab
 from sitegen.site.names import model_name_problem
 from sitegen.site.provenance import model_provenance, neuron_provenance
-from sitegen.site.publisher import Publisher
+from sitegen.site.publisher import Publisher, open_output
 from sitegen.store import Store
 
 _JSON_OPTS = orjson.OPT_SORT_KEYS
@@ -253,27 +254,28 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
             if names.count(name) > 1:
                 raise BuildError(f"two stores hold a model named {name!r}; recompute one with --name to tell them apart")
         models.sort(key=lambda m: m.name)
-        out.mkdir(parents=True, exist_ok=True)
-        pub = Publisher(out)
-        stage = "assets"
-        assets = _publish_assets(pub, themes)
-        env = _environment(assets, themes)
-        stage = "content"
-        _content_pages(pub, env, models, base_url)
-        neurons = 0
-        for model in models:
-            stage = f"render {model.name}"
-            neurons += _render_model(pub, env, model)
-        stage = "index"
-        api_models = [m.metadata() for m in models]
-        pub.publish("index.html", env.get_template("index.html").render(models=models, metadata=api_models))
-        pub.publish("api/index.json", dumps({"models": api_models}))
-        from sitegen.site.openapi import openapi_document
+        stage = "output folder"
+        with open_output(out, store_paths) as pub:  # locked, checked; see publisher.py
+            stage = "assets"
+            assets = _publish_assets(pub, themes)
+            env = _environment(assets, themes)
+            stage = "content"
+            _content_pages(pub, env, models, base_url)
+            neurons = 0
+            for model in models:
+                stage = f"render {model.name}"
+                neurons += _render_model(pub, env, model)
+            stage = "index"
+            api_models = [m.metadata() for m in models]
+            pub.publish("index.html", env.get_template("index.html").render(models=models, metadata=api_models))
+            pub.publish("api/index.json", dumps({"models": api_models}))
+            from sitegen.site.openapi import openapi_document
 
-        pub.publish("api/openapi.json", dumps(openapi_document(models, [s.name for s in SERVICES])))
-        pub.publish("404.html", env.get_template("404.html").render())
-        pub.publish("search.html", env.get_template("search.html").render(models=models))
-        removed = pub.remove_stale()
+            pub.publish("api/openapi.json", dumps(openapi_document(models, [s.name for s in SERVICES])))
+            pub.publish("404.html", env.get_template("404.html").render())
+            pub.publish("search.html", env.get_template("search.html").render(models=models))
+            stage = "remove stale files"
+            removed = pub.finish()  # last: the record of this build's files
     except SitegenError:
         raise
     except OSError as e:

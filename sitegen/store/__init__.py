@@ -6,15 +6,22 @@
       sequences.parquet              seq_id, doc_id, char_start, char_end, token_ids
       <service>/layer=<L>/data.parquet   one row per neuron of layer L
       .work/                         checkpoints of an unfinished run (removed when it finishes)
+      .manifest.lock                 flock'ed by every manifest update (never deleted)
 
-Every file is written to a temporary name and renamed, so a reader never sees half a file.
+Every file is written to a unique temporary name, flushed to disk (fsync), renamed, and its folder
+flushed, so a reader never sees half a file and a crash or power cut leaves the old file or the new
+one, whole. Manifest updates re-read the manifest under a lock, so concurrent commands adding
+services to one store (`compute --n2g`, `explain`) never drop each other's entries.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,24 +36,52 @@ from sitegen.store.manifest import validate_store
 SCHEMA_VERSION = 2  # 2: squares as two limbs (sumsq_lo), variable-width display histogram (hist_edges)
 MANIFEST = "manifest.json"
 WORK_DIR = ".work"
+LOCK = ".manifest.lock"
+
+
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)  # on Linux this flushes the inode's data whichever descriptor wrote it
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(folder: Path) -> None:
+    """mkdir -p, flushing each new folder's entry in its parent (or a crash could lose the folder)."""
+    if folder.is_dir():
+        return
+    _make_dirs(folder.parent)
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        return
+    _fsync(folder.parent, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) and rename tmp over path. A full disk becomes a StoreError naming the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    """Call write(tmp), flush tmp to disk, rename it over path and flush the folder: after a crash
+    path holds the old bytes or the new ones, never an empty or partial file. A full disk becomes
+    a StoreError naming the path."""
+    tmp = None
     try:
+        _make_dirs(path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         if e.errno == errno.ENOSPC:
             raise StoreError(f"disk full while writing {path}; free space and rerun the same command (finished work is kept)") from None
         raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -78,16 +113,34 @@ class Store:
             if (store.root / WORK_DIR).exists():
                 raise StoreError(f"{store.root} is an unfinished compute run; rerun the same 'sitegen compute' command to finish it")
             raise StoreError(f"{store.root} is not a sitegen store (no {MANIFEST}); run 'sitegen compute --out {store.root}' first")
+        manifest = store._read_manifest()
+        validate_store(store.root, manifest)  # the manifest's fields and the files' footers, one line on the first fault
+        store._manifest = manifest
+        return store
+
+    def _read_manifest(self) -> dict:
+        path = self.root / MANIFEST
         try:
             manifest = orjson.loads(path.read_bytes())
         except (OSError, orjson.JSONDecodeError) as e:
             raise StoreError(f"{path}: unreadable manifest ({e}); recompute the store") from None
         version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         if version != SCHEMA_VERSION:
-            raise StoreError(f"{store.root} has store schema {version}, this sitegen reads {SCHEMA_VERSION}; recompute it with this version")
-        validate_store(store.root, manifest)  # the manifest's fields and the files' footers, one line on the first fault
-        store._manifest = manifest
-        return store
+            raise StoreError(f"{self.root} has store schema {version}, this sitegen reads {SCHEMA_VERSION}; recompute it with this version")
+        return manifest
+
+    @contextmanager
+    def _manifest_lock(self) -> Iterator[None]:
+        """Exclusive lock for a manifest update (blocking: an update takes milliseconds). The lock
+        file stays: deleting it would let a waiting process lock a file nobody else sees."""
+        try:
+            _make_dirs(self.root)
+            f = open(self.root / LOCK, "a")
+        except OSError as e:
+            raise StoreError(f"cannot lock {self.root / LOCK}: {e.strerror or e}") from None
+        with f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock (and a killed process's lock is released by the kernel)
 
     @property
     def manifest(self) -> dict:
@@ -149,18 +202,28 @@ class Store:
 
     def add_service(self, service: str, record: dict | None = None) -> None:
         """List a service in the manifest of an existing store (and keep `record` under its name);
-        written only when something changes."""
-        manifest = {k: v for k, v in self.manifest.items() if k not in ("schema_version", "sitegen_version")}
-        changed = service not in manifest.get("services", [])
-        if changed:
-            manifest["services"] = [*manifest.get("services", []), service]
-        if record is not None and manifest.get(service) != record:
-            manifest[service] = record
-            changed = True
-        if changed:
-            self.write_manifest(manifest)
+        written only when something changes. Reads the manifest afresh under the store's lock, so
+        another command's update since this Store was opened is kept, not overwritten."""
+        with self._manifest_lock():
+            current = self._read_manifest()
+            manifest = {k: v for k, v in current.items() if k not in ("schema_version", "sitegen_version")}
+            changed = service not in manifest.get("services", [])
+            if changed:
+                manifest["services"] = [*manifest.get("services", []), service]
+            if record is not None and manifest.get(service) != record:
+                manifest[service] = record
+                changed = True
+            if changed:
+                self._write_manifest(manifest)
+            else:
+                self._manifest = current
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Write a whole manifest (a new store: compute, merge); an existing one is replaced."""
+        with self._manifest_lock():
+            self._write_manifest(manifest)
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
         manifest = {**manifest, "schema_version": SCHEMA_VERSION, "sitegen_version": __version__}
         atomic_write_bytes(self.root / MANIFEST, orjson.dumps(manifest, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2))
         self._manifest = manifest
