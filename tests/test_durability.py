@@ -207,7 +207,7 @@ def test_concurrent_add_service_keeps_both(tmp_path):
     store = write_synthetic_store(tmp_path / "store", n_layers=1, n_neurons=2, with_graphs=False)
     ctx = multiprocessing.get_context("fork")
     barrier = ctx.Barrier(2)
-    groups = [[f"explain-{i}" for i in range(15)], [f"n2g-{i}" for i in range(15)]]
+    groups = [[f"explain_{i}" for i in range(15)], [f"n2g_{i}" for i in range(15)]]
     procs = [ctx.Process(target=_add_services, args=(str(store.root), names, barrier)) for names in groups]
     for p in procs:
         p.start()

@@ -59,10 +59,11 @@ def test_wheel_ships_theme_content_and_the_same_url_rules(wheel):
 
 def test_installed_wheel_builds_and_serves_outside_the_checkout(wheel, tmp_path):
     venv = tmp_path / "venv"
-    # The dependencies come from this interpreter's site-packages; sitegen itself only from the wheel.
+    # The dependencies come from this interpreter's site-packages; sitegen itself only from the wheel
+    # (--ignore-installed: an editable sitegen in those site-packages must not satisfy the install).
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     bindir = venv / "bin"
-    subprocess.run([bindir / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True, capture_output=True)
+    subprocess.run([bindir / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)], check=True, capture_output=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     work = tmp_path / "work"  # outside the checkout: nothing of the repository is reachable from here
     work.mkdir()

@@ -44,8 +44,9 @@ def test_vocabulary_of_long_and_case_or_normalisation_variants_builds(tmp_path):
     vocab = ["<bos>"] + [f" w{i}" for i in range(6)] + ["<script>alert(1)</script>"] + SPELLINGS
     store = write_synthetic_store(tmp_path / "store", name="spell", n_layers=2, n_neurons=8, n_seqs=12, seq_len=10, vocab=vocab,
                                   with_logits=False, with_graphs=False)
-    graphs = {(0, k): [([(tok, 0.9), (" w1", 0.5)], 0.9)] for k, tok in enumerate(SPELLINGS)}
-    graphs[(1, 0)] = [([(LONG_ACCENTED, 0.9), (NFD, 0.5)], 0.9)]
+    # (token, importance or activation, its own activation): the spelling fires, its context does not
+    graphs = {(0, k): [([(tok, 0.9, 0.9), (" w1", 0.5, 0.1)], 0.9)] for k, tok in enumerate(SPELLINGS)}
+    graphs[(1, 0)] = [([(LONG_ACCENTED, 0.9, 0.9), (NFD, 0.5, 0.1)], 0.9)]
     write_synthetic_graphs(store, graphs)
     site = tmp_path / "site"
     build_site([store.root], site)

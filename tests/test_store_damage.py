@@ -146,7 +146,10 @@ def stores(tmp_path_factory):
 
 
 def _files(store: Path) -> list[str]:
-    return sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file())
+    """The store's data files (not the manifest's lock file, which holds no data)."""
+    from sitegen.store import LOCK
+
+    return sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file() and p.name != LOCK)
 
 
 def _run_command(command: str, stores: dict, damaged: Path, work: Path):
