@@ -37,3 +37,6 @@ bench: install
 	$(PYTHON) benchmarks/build.py
 	$(PYTHON) benchmarks/n2g.py
 	$(PYTHON) benchmarks/search.py
+	$(PYTHON) benchmarks/serve_load.py
+	$(PYTHON) benchmarks/packing.py
+	$(PYTHON) benchmarks/verify.py
