@@ -77,16 +77,11 @@ class LayerForward:
 
     def run(self, requests: list[tuple[tuple[int, ...], int]]) -> list[np.ndarray]:
         """requests: (prompt tokens, neuron) -> that neuron's activation at every prompt position."""
-        import torch
-
-        from sitegen.compute.runner import _StopForward
-
         wanted: dict[tuple[int, ...], set[int]] = {}
         for tokens, neuron in requests:
             wanted.setdefault(tokens, set()).add(neuron)
         unique = sorted(wanted, key=lambda t: (len(t), t))  # similar lengths share a batch: little padding
         found: dict[tuple[tuple[int, ...], int], np.ndarray] = {}
-        hook_name = self.model.hook_name(self.layer)
         start = 0
         while start < len(unique):
             longest = len(unique[start])
@@ -99,16 +94,7 @@ class LayerForward:
             for row, tokens in enumerate(batch):
                 ids[row, :len(tokens)] = tokens
             captured: list = []
-
-            def hook(acts, hook, captured=captured):  # noqa: ARG001
-                captured.append(acts.detach())
-                raise _StopForward
-
-            with torch.inference_mode():
-                try:
-                    self.model.bridge.run_with_hooks(torch.from_numpy(ids).to(self.model.bridge.cfg.device), fwd_hooks=[(hook_name, hook)], return_type=None)
-                except _StopForward:
-                    pass
+            self.model.run_mlp_activations(ids, [self.layer], lambda layer, acts: captured.append(acts))
             self.tokens_run += ids.size
             acts = captured[0]
             for row, tokens in enumerate(batch):
@@ -271,13 +257,11 @@ class ModelTokens:
 
     @classmethod
     def prepare(cls, model, store) -> "ModelTokens":
-        from sitegen.compute.packing import bos_id
-
         vocab = store.vocab()
         tokenizer = model.tokenizer
         special = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
         embed = model.bridge.original_model.get_input_embeddings().weight.detach().float().cpu().numpy()
-        return cls(vocab, bos_id(tokenizer), neutral_token(tokenizer), special, Neighbours(embed[:len(vocab)], vocab, special))
+        return cls(vocab, model.bos, neutral_token(tokenizer), special, Neighbours(embed[:len(vocab)], vocab, special))
 
 
 def build_layer(model, store, layer: int, neurons: Iterable[int], cfg: N2GConfig, mt: ModelTokens,
