@@ -69,8 +69,8 @@ class LoadedModel:
         (a (batch, positions) int tensor or array) without gradients, hand each of `layers`' MLP
         activations (batch, positions, d_mlp) to on_acts(layer, acts) as the pass reaches it, and
         stop right after the last of them: later blocks and the unembedding never run, which is
-        most of the cost when only early layers are wanted. on_acts must not keep `acts` past the
-        call unless it copies or detaches what it keeps (it is the model's own tensor)."""
+        most of the cost when only early layers are wanted. `acts` is detached, on the model's
+        device; on_acts may keep it (nothing writes to it afterwards)."""
         import numpy as np
         import torch
 
@@ -99,8 +99,9 @@ class LoadedModel:
 
 
 class _StopForward(Exception):
-    """Raised from the last wanted layer's hook to end a forward pass there (transformer-lens
-    hooks cannot end a pass any other way); caught by LoadedModel.run_mlp_activations only."""
+    """Raised from the last wanted layer's hook to end the forward pass right there, before that
+    MLP's output projection (transformer-lens's own stop_at_layer ends a pass only between
+    blocks); caught by LoadedModel.run_mlp_activations only."""
 
 
 def _sha256_file(path: Path, h: "hashlib._Hash | None" = None) -> "hashlib._Hash":

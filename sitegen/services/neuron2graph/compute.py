@@ -6,12 +6,16 @@ prompts are run once (one pass gives every neuron of the layer), prompts are pac
 right-padded batches (causal: padding after a prompt cannot change its positions), and each
 forward pass stops right after the layer's MLP hook.
 
-    stage 1  prune       candidates [BOS] + tokens[p-k+1..p] (k tokens, the peak included) for
-                         k = 5, 10, ..., 30 (and the whole prefix when shorter)
-    stage 2  saliency    each pruned prompt plus one copy per position with that token masked
-    stage 3  augment     variants replacing each important token by its embedding neighbours,
-                         each with its own masked copies (saliency of the variant)
-    then     lines, trie with IGNORE merging, evaluation on the held-out texts (CPU)
+    stage 1    prune       candidates [BOS] + tokens[p-k+1..p] (k tokens, the peak included) for
+               (_prune)    k = 5, 10, ..., 30 (and the whole prefix when shorter)
+    stages 2-3 saliency    each pruned prompt, then one copy per position with that token masked
+               (_groups)
+    stages 4-5 augment     variants replacing each important token by its embedding neighbours,
+               (_groups)   then the masked copies of those that still fire (saliency of the variant)
+    then       lines, trie with IGNORE merging, evaluation on the held-out texts (CPU; _graph)
+
+build_layer runs the stages for one layer; the records between them (PruneCase, Run, Saliency,
+Group, Variant, Graph) are defined below.
 
 Replacement tokens (the reference uses DistilBERT, which cannot be downloaded here) are the token's
 nearest neighbours by cosine similarity in the studied model's own input embedding matrix: offline,
