@@ -47,7 +47,7 @@ def main() -> None:
     from sitegen.compute.models import load_model
     from sitegen.compute.packing import pack_sequences
     from sitegen.corpus_keys import random_key
-    from sitegen.compute.runner import _batch_tensors, _forward, _StopForward, auto_batch_size
+    from sitegen.compute.runner import _batch_tensors, _forward, auto_batch_size
     from sitegen.corpus import load_corpus
     from sitegen.services.neuroscope.compute import LayerAccumulator
 
@@ -58,23 +58,14 @@ def main() -> None:
     batches = [_batch_tensors(seqs[i:i + bs], bs, args.seq_len, pad, 1, 0, random_key, "cpu") for i in range(0, len(seqs), bs)]
     n_tokens = sum(len(s.token_ids) for s in seqs)
     full_flags = [len(seqs[i:i + bs]) == bs and all(len(s.token_ids) == args.seq_len for s in seqs[i:i + bs]) for i in range(0, len(seqs), bs)]
-    last = model.hook_name(model.n_layers - 1)
-
-    def stop(x, hook):
-        raise _StopForward
-
     def bare_full():
         with torch.inference_mode():
             for tokens, *_ in batches:
                 model.bridge(tokens, return_type="logits")
 
-    def bare_cut():
-        with torch.inference_mode():
-            for tokens, *_ in batches:
-                try:
-                    model.bridge.run_with_hooks(tokens, fwd_hooks=[(last, stop)], return_type=None)
-                except _StopForward:
-                    pass
+    def bare_cut():  # the same pass as compute's, cut after the last MLP's activations, with nothing done to them
+        for tokens, *_ in batches:
+            model.run_mlp_activations(tokens, [model.n_layers - 1], lambda layer, acts: None)
 
     def compute():
         accs = [LayerAccumulator(model.d_mlp, args.seq_len, 20, 5, 1, "cpu") for _ in range(model.n_layers)]

@@ -246,3 +246,41 @@ def test_existing_store_is_never_overwritten(whole_run, tiny_model_dir, tiny_cor
     with pytest.raises(StoreError, match="use a new --out"):
         run_compute(_config(tiny_model_dir, tiny_corpus, whole_run, seed=99), log=lambda m: None)
     assert (whole_run / "manifest.json").read_bytes() == manifest
+
+
+def test_model_forward_stops_after_the_last_wanted_layer(tiny_model_dir):
+    """LoadedModel.run_mlp_activations, the one forward pass of compute, verify and neuron2graph:
+    the wanted layers' MLP activations, in layer order, equal to a full run's; the pass ends right
+    after the last wanted layer's (no later block and no unembedding runs)."""
+    import torch
+
+    from sitegen.compute.models import load_model
+
+    model = load_model(str(tiny_model_dir))
+    tok = model.tokenizer
+    rows = [[tok.bos_token_id] + tok.encode(text, add_special_tokens=False)[:10] for text in ("The nation shall trade", "With the world in peace and")]
+    ids = np.full((len(rows), max(map(len, rows))), tok.pad_token_id, dtype=np.int64)
+    for r, row in enumerate(rows):
+        ids[r, :len(row)] = row
+    names = [model.hook_name(layer) for layer in range(model.n_layers)]
+    with torch.inference_mode():
+        _, cache = model.bridge.run_with_cache(torch.from_numpy(ids), names_filter=lambda n: n in names)
+    finished: list = []  # the blocks whose forward completed, then the unembedding
+    handles = [block.register_forward_hook(lambda m, i, o, layer=layer: finished.append(layer)) for layer, block in enumerate(model.bridge.blocks)]
+    handles.append(model.bridge.unembed.register_forward_hook(lambda m, i, o: finished.append("unembed")))
+    try:
+        for wanted in ([2, 0], [1], [0, 1, 2]):
+            got: list = []
+            finished.clear()
+            model.run_mlp_activations(ids, wanted, lambda layer, acts: got.append((layer, acts.clone())))
+            assert [layer for layer, _ in got] == sorted(wanted)
+            for layer, acts in got:
+                torch.testing.assert_close(acts, cache[names[layer]], rtol=0, atol=0)
+            assert finished == list(range(max(wanted))), "block L stops inside its MLP: nothing after it runs"
+        finished.clear()
+        with torch.inference_mode():
+            model.bridge(torch.from_numpy(ids))  # the hooks above do see a full pass
+        assert finished == [*range(model.n_layers), "unembed"]
+    finally:
+        for h in handles:
+            h.remove()

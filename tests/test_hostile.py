@@ -60,7 +60,7 @@ def test_build_refuses_a_store_named_like_a_site_path(name, tmp_path):
 def test_reserved_names_cover_every_top_level_entry_of_a_build(built_site, synthetic_store):
     """Derived from a real build: whatever the build writes at the top of the site (but the
     model's own folder) is a name no model may take, with or without its extension."""
-    from sitegen.site.names import model_name_problem
+    from sitegen.names import model_name_problem
 
     model = synthetic_store.manifest["model"]["name"]
     entries = [p.name for p in built_site.iterdir() if p.name != model]

@@ -155,11 +155,26 @@ def test_build_does_not_import_torch(synthetic_store, tmp_path):
 
 
 def test_import_contract():
-    """import-linter: the site side (and merge, store) never imports torch or sitegen.compute, even indirectly."""
+    """import-linter, every contract in pyproject.toml: the layers (cli, site | compute, merge,
+    services, store, leaves), independent services, no cycles, and the site side and the services'
+    render halves never importing torch or sitegen.compute, even indirectly."""
     res = subprocess.run(["lint-imports"],
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env={**os.environ})
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "KEPT" in res.stdout
+    assert "KEPT" in res.stdout and "BROKEN" not in res.stdout
+
+
+def test_no_import_cycles(tmp_path):
+    """No two sibling modules or packages anywhere in sitegen import each other, even through
+    others (e.g. compute.runner -> services.neuron2graph.compute -> compute.runner): checked with
+    this test's own import-linter contract, so it holds whatever pyproject.toml says."""
+    config = tmp_path / "cycles.toml"
+    config.write_text('[tool.importlinter]\nroot_package = "sitegen"\n\n'
+                      '[[tool.importlinter.contracts]]\nname = "no cycles"\ntype = "acyclic_siblings"\nancestors = ["sitegen"]\n')
+    res = subprocess.run(["lint-imports", "--config", str(config)],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env={**os.environ})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "no cycles KEPT" in res.stdout
 
 
 def test_build_errors_are_one_line(tmp_path):

@@ -19,8 +19,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
+from sitegen.compute.packing import bos_id
 from sitegen.errors import MissingDependency, ModelError
 
 DEFAULT_MODEL = "smollm2"
@@ -54,9 +55,53 @@ class LoadedModel:
     def d_mlp(self) -> int:
         return int(self.bridge.cfg.d_mlp)
 
+    @property
+    def bos(self) -> int | None:
+        """The token id every packed sequence starts with (None: the tokenizer has none)."""
+        return bos_id(self.tokenizer)
+
     def hook_name(self, layer: int) -> str:
         # For gated MLPs this is the tensor that feeds the output projection (act(gate) * up).
         return f"blocks.{layer}.mlp.hook_post"
+
+    def run_mlp_activations(self, tokens: Any, layers: Iterable[int], on_acts: Callable[[int, Any], None]) -> None:
+        """The one forward pass every caller uses (compute, verify, neuron2graph): run `tokens`
+        (a (batch, positions) int tensor or array) without gradients, hand each of `layers`' MLP
+        activations (batch, positions, d_mlp) to on_acts(layer, acts) as the pass reaches it, and
+        stop right after the last of them: later blocks and the unembedding never run, which is
+        most of the cost when only early layers are wanted. `acts` is detached, on the model's
+        device; on_acts may keep it (nothing writes to it afterwards)."""
+        import numpy as np
+        import torch
+
+        wanted = sorted(set(int(layer) for layer in layers))
+        if not wanted:
+            return
+        last = wanted[-1]
+
+        def hook_for(layer: int):
+            def hook(acts, hook):  # noqa: ARG001 - transformer-lens passes the HookPoint
+                on_acts(layer, acts.detach())
+                if layer == last:
+                    raise _StopForward
+                return acts
+            return hook
+
+        if isinstance(tokens, np.ndarray):
+            tokens = torch.from_numpy(tokens)
+        tokens = tokens.to(self.bridge.cfg.device)
+        hooks = [(self.hook_name(layer), hook_for(layer)) for layer in wanted]
+        with torch.inference_mode():
+            try:
+                self.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
+            except _StopForward:
+                pass
+
+
+class _StopForward(Exception):
+    """Raised from the last wanted layer's hook to end the forward pass right there, before that
+    MLP's output projection (transformer-lens's own stop_at_layer ends a pass only between
+    blocks); caught by LoadedModel.run_mlp_activations only."""
 
 
 def _sha256_file(path: Path, h: "hashlib._Hash | None" = None) -> "hashlib._Hash":

@@ -29,7 +29,7 @@ from sitegen.corpus import load_corpus
 from sitegen.errors import ConfigError, CorpusError, StoreError
 from sitegen.services.neuroscope import data as neuroscope_data
 from sitegen.services.neuroscope import stats as neuroscope_stats
-from sitegen.site.names import model_name_problem
+from sitegen.names import model_name_problem
 
 DEFAULT_SEQ_LEN = 32  # see README: "Why 32-token sequences"
 MAX_SEQ_LEN = 128
@@ -88,10 +88,6 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def _hash(obj: object) -> str:
     return "sha256:" + hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-class _StopForward(Exception):
-    """Raised from the last needed layer's hook: nothing after it (unembedding included) runs."""
 
 
 @contextmanager
@@ -372,24 +368,11 @@ def _batch_tensors(batch, batch_size, seq_len, pad_id, first_valid, seed, random
 
 
 def _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full: bool = False) -> None:
-    import torch
+    """One batch through every layer, each layer's activations into its accumulator."""
+    def update(layer: int, acts) -> None:
+        accs[layer].update(acts, seq_ids, valid, rand_score, all_full)
 
-    last = len(accs) - 1
-
-    def hook_for(layer: int):
-        def hook(acts, hook):  # noqa: ARG001 - transformer-lens passes the HookPoint
-            accs[layer].update(acts.detach(), seq_ids, valid, rand_score, all_full)
-            if layer == last:
-                raise _StopForward
-            return acts
-        return hook
-
-    hooks = [(model.hook_name(layer), hook_for(layer)) for layer in range(len(accs))]
-    with torch.inference_mode():
-        try:
-            model.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
-        except _StopForward:
-            pass
+    model.run_mlp_activations(tokens, range(len(accs)), update)
 
 
 def display_tokens(tokenizer, vocab_size: int) -> list[str]:

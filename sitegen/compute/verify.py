@@ -450,12 +450,8 @@ def recompute(model, sequences: list[tuple[int, np.ndarray]], checks: dict[int, 
     LayerCheck. Returns the model-input tokens run (padding included)."""
     import torch
 
-    from sitegen.compute.packing import bos_id
-    from sitegen.compute.runner import _StopForward
-
-    bos = bos_id(model.tokenizer)
+    bos = model.bos
     pad_id = int(getattr(model.tokenizer, "pad_token_id", None) or bos or 0)
-    last = max(checks)
     columns = {layer: torch.tensor(c.neurons, dtype=torch.long) for layer, c in checks.items()}
     tokens_run = 0
     for start in range(0, len(sequences), batch_size):
@@ -465,20 +461,10 @@ def recompute(model, sequences: list[tuple[int, np.ndarray]], checks: dict[int, 
             ids[row, :len(toks)] = toks
         seq_ids, lengths = [s for s, _ in batch], [len(t) for _, t in batch]
 
-        def hook_for(layer: int):
-            def hook(acts, hook):  # noqa: ARG001 - transformer-lens passes the HookPoint
-                chosen = acts[:len(batch)].index_select(2, columns[layer].to(acts.device)).float().cpu().numpy()
-                checks[layer].update(chosen, seq_ids, lengths)
-                if layer == last:
-                    raise _StopForward
-                return acts
-            return hook
+        def check(layer: int, acts) -> None:
+            chosen = acts[:len(batch)].index_select(2, columns[layer].to(acts.device)).float().cpu().numpy()
+            checks[layer].update(chosen, seq_ids, lengths)
 
-        hooks = [(model.hook_name(layer), hook_for(layer)) for layer in sorted(checks)]
-        with torch.inference_mode():
-            try:
-                model.bridge.run_with_hooks(torch.from_numpy(ids).to(model.bridge.cfg.device), fwd_hooks=hooks, return_type=None)
-            except _StopForward:
-                pass
+        model.run_mlp_activations(ids, checks, check)
         tokens_run += ids.size
     return tokens_run

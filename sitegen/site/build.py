@@ -24,7 +24,7 @@ from sitegen.errors import BuildError, ConfigError, SitegenError
 from sitegen.resources import default_theme, resource
 from sitegen.services import SERVICES
 from sitegen.services.tokens import escaped_vocab
-from sitegen.site.names import model_name_problem
+from sitegen.names import model_name_problem
 from sitegen.site.provenance import model_provenance, neuron_provenance
 from sitegen.site.publisher import Publisher, open_output
 from sitegen.store import Store

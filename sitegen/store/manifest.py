@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sitegen.errors import StoreError
-from sitegen.site.names import model_name_problem
+from sitegen.names import model_name_problem
 
 _RECOMPUTE = "recompute the store (or restore the file from a copy)"
 _SERVICE_NAME = re.compile(r"[a-z][a-z0-9_]*")

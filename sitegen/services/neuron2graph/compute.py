@@ -6,12 +6,16 @@ prompts are run once (one pass gives every neuron of the layer), prompts are pac
 right-padded batches (causal: padding after a prompt cannot change its positions), and each
 forward pass stops right after the layer's MLP hook.
 
-    stage 1  prune       candidates [BOS] + tokens[p-k+1..p] (k tokens, the peak included) for
-                         k = 5, 10, ..., 30 (and the whole prefix when shorter)
-    stage 2  saliency    each pruned prompt plus one copy per position with that token masked
-    stage 3  augment     variants replacing each important token by its embedding neighbours,
-                         each with its own masked copies (saliency of the variant)
-    then     lines, trie with IGNORE merging, evaluation on the held-out texts (CPU)
+    stage 1    prune       candidates [BOS] + tokens[p-k+1..p] (k tokens, the peak included) for
+               (_prune)    k = 5, 10, ..., 30 (and the whole prefix when shorter)
+    stages 2-3 saliency    each pruned prompt, then one copy per position with that token masked
+               (_groups)
+    stages 4-5 augment     variants replacing each important token by its embedding neighbours,
+               (_groups)   then the masked copies of those that still fire (saliency of the variant)
+    then       lines, trie with IGNORE merging, evaluation on the held-out texts (CPU; _graph)
+
+build_layer runs the stages for one layer; the records between them (PruneCase, Run, Saliency,
+Group, Variant, Graph) are defined below.
 
 Replacement tokens (the reference uses DistilBERT, which cannot be downloaded here) are the token's
 nearest neighbours by cosine similarity in the studied model's own input embedding matrix: offline,
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -68,6 +72,53 @@ class NeuronWork:
     lines: list[tuple[list[tuple[str, float, float]], float]] = field(default_factory=list)
 
 
+class PruneCase(NamedTuple):
+    """Stage 1: one train text being pruned to a short prompt around its peak."""
+    work: NeuronWork
+    tokens: np.ndarray  # the whole text
+    peak: int  # position of the text's max activation
+    peak_act: float
+    candidates: list[tuple[int, ...]]  # prune_candidates, shortest first
+
+
+class Run(NamedTuple):
+    """A prompt run for its neuron (stage 2: a pruned prompt, stage 4: a variant)."""
+    work: NeuronWork
+    tokens: tuple[int, ...]
+    acts: np.ndarray  # the neuron's raw activation at every position
+    norm: np.ndarray  # acts scaled to the unpruned text, over the neuron's base max, 3 places
+    upto: int  # the last position its saliency needs (masked copies are cut after it)
+
+
+class Saliency(NamedTuple):
+    """What a prompt's lines are made of (group_lines)."""
+    tokens: tuple[int, ...]
+    norm: np.ndarray
+    importance: np.ndarray  # importance[k, j]: how much masking position k lowers position j
+
+
+@dataclass
+class Group:
+    """One pruned prompt and its augmentation: its lines come first, then its variants' (stage 5)."""
+    work: NeuronWork
+    scale: float  # pruned prompt -> unpruned text activation scale, shared by the variants
+    original: Saliency
+    variants: list[Saliency] = field(default_factory=list)
+
+
+class Variant(NamedTuple):
+    """Stage 3: a pruned prompt with one important token replaced by an embedding neighbour."""
+    group: Group
+    tokens: tuple[int, ...]
+
+
+class Graph(NamedTuple):
+    """One neuron's finished graph: a row of the service's table (graphs_table)."""
+    work: NeuronWork
+    trie: g.Trie
+    evaluation: dict | None  # graph.evaluate on the held-out texts; None without any
+
+
 class LayerForward:
     """Runs prompts through the model up to one layer's MLP hook; identical prompts run once."""
 
@@ -77,16 +128,11 @@ class LayerForward:
 
     def run(self, requests: list[tuple[tuple[int, ...], int]]) -> list[np.ndarray]:
         """requests: (prompt tokens, neuron) -> that neuron's activation at every prompt position."""
-        import torch
-
-        from sitegen.compute.runner import _StopForward
-
         wanted: dict[tuple[int, ...], set[int]] = {}
         for tokens, neuron in requests:
             wanted.setdefault(tokens, set()).add(neuron)
         unique = sorted(wanted, key=lambda t: (len(t), t))  # similar lengths share a batch: little padding
         found: dict[tuple[tuple[int, ...], int], np.ndarray] = {}
-        hook_name = self.model.hook_name(self.layer)
         start = 0
         while start < len(unique):
             longest = len(unique[start])
@@ -99,16 +145,7 @@ class LayerForward:
             for row, tokens in enumerate(batch):
                 ids[row, :len(tokens)] = tokens
             captured: list = []
-
-            def hook(acts, hook, captured=captured):  # noqa: ARG001
-                captured.append(acts.detach())
-                raise _StopForward
-
-            with torch.inference_mode():
-                try:
-                    self.model.bridge.run_with_hooks(torch.from_numpy(ids).to(self.model.bridge.cfg.device), fwd_hooks=[(hook_name, hook)], return_type=None)
-                except _StopForward:
-                    pass
+            self.model.run_mlp_activations(ids, [self.layer], lambda layer, acts: captured.append(acts))
             self.tokens_run += ids.size
             acts = captured[0]
             for row, tokens in enumerate(batch):
@@ -242,10 +279,10 @@ def make_lines(vocab: list[str], tokens: tuple[int, ...], norm_acts: np.ndarray,
     return lines
 
 
-def group_lines(vocab: list[str], original: tuple, variants: list[tuple], first: int) -> list[tuple[list[tuple[str, float, float]], float]]:
+def group_lines(vocab: list[str], original: Saliency, variants: list[Saliency], first: int) -> list[tuple[list[tuple[str, float, float]], float]]:
     """The lines of one pruned prompt's group in the reference's order: the original's, then each
     variant's (which keep context that was important in the original). original and each variant:
-    (tokens, normalised activations, importance matrix)."""
+    a Saliency, or any (tokens, normalised activations, importance matrix) triple."""
     tokens, norm, imp = original
     sets = important_sets(norm, imp, first)
     lines = make_lines(vocab, tokens, norm, imp, None, first)
@@ -271,25 +308,23 @@ class ModelTokens:
 
     @classmethod
     def prepare(cls, model, store) -> "ModelTokens":
-        from sitegen.compute.packing import bos_id
-
         vocab = store.vocab()
         tokenizer = model.tokenizer
         special = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
         embed = model.bridge.original_model.get_input_embeddings().weight.detach().float().cpu().numpy()
-        return cls(vocab, bos_id(tokenizer), neutral_token(tokenizer), special, Neighbours(embed[:len(vocab)], vocab, special))
+        return cls(vocab, model.bos, neutral_token(tokenizer), special, Neighbours(embed[:len(vocab)], vocab, special))
 
 
-def build_layer(model, store, layer: int, neurons: Iterable[int], cfg: N2GConfig, mt: ModelTokens,
-                log: Callable[[str], None] = lambda s: None) -> tuple[pa.Table, int]:
-    """Graphs for the given neurons of one layer, as the service's table, plus tokens run."""
-    vocab, bos, neutral, special, neighbours = mt.vocab, mt.bos, mt.neutral, mt.special, mt.neighbours
-    first = 1 if bos is not None else 0
-    neurons = sorted({int(n) for n in neurons})
+def _normalised(work: NeuronWork, acts: np.ndarray, scale: float) -> np.ndarray:
+    return np.round(acts * scale / work.base_max, 3)
+
+
+def _neuron_work(store, layer: int, neurons: Iterable[int], cfg: N2GConfig, first: int) -> list[NeuronWork]:
+    """Each neuron's top texts split into train and held-out test; neurons that never fire on them have none."""
     table = store.read_layer("neuroscope", layer, columns=["neuron", "top_seq", "top_acts"]).to_pydict()
     seq_tokens = store.sequence_tokens()
     work: list[NeuronWork] = []
-    for n in neurons:
+    for n in sorted({int(n) for n in neurons}):
         seqs = table["top_seq"][n][:cfg.texts]
         acts = [np.asarray(a, dtype=np.float32) for a in table["top_acts"][n][:cfg.texts]]
         texts = [(seq_tokens[s], a) for s, a in zip(seqs, acts) if len(a) > first]
@@ -301,99 +336,113 @@ def build_layer(model, store, layer: int, neurons: Iterable[int], cfg: N2GConfig
         # the scale's sign): dropped, as DeepDecipher's fork does; held-out texts all stay
         train = [texts[i] for i in train_i if float(texts[i][1][first:].max()) > 0]
         work.append(NeuronWork(n, base, train, [texts[i] for i in test_i]))
-    fwd = LayerForward(model, layer, cfg.token_budget, pad_id=neutral)
+    return work
 
-    # stage 1: prune, shortest candidates first: each round runs the next candidate only for the
-    # texts whose shorter candidates all failed (most texts settle early)
-    pending = []  # (w, tokens, p, m, candidates)
+
+def _prune(fwd: LayerForward, work: list[NeuronWork], mt: ModelTokens, first: int) -> None:
+    """Stage 1: each train text's pruned prompt (with its scale) into its neuron's `pruned`. The
+    candidates run shortest first: each round runs the next candidate only for the texts whose
+    shorter candidates all failed (most texts settle early)."""
+    cases = []
     for w in work:
         for tokens, acts in w.train:
             p = first + int(np.argmax(acts[first:]))
-            pending.append((w, tokens, p, float(acts[p]), prune_candidates(tokens, p, bos)))
-    chosen: dict[int, tuple[tuple[int, ...], float]] = {}
+            cases.append(PruneCase(w, tokens, p, float(acts[p]), prune_candidates(tokens, p, mt.bos)))
+    chosen: dict[int, tuple[tuple[int, ...], float]] = {}  # case index -> (candidate, its max activation)
     for step in range(len(PRUNE_STEPS)):
-        live = [(i, x) for i, x in enumerate(pending) if i not in chosen and step < len(x[4])]
+        live = [(i, c) for i, c in enumerate(cases) if i not in chosen and step < len(c.candidates)]
         if not live:
             break
-        results = fwd.run([(x[4][step], x[0].neuron) for _, x in live])
-        for (i, (w, tokens, p, m, cands)), acts in zip(live, results):
-            body = acts[first:]
+        results = fwd.run([(c.candidates[step], c.work.neuron) for _, c in live])
+        for (i, c), acts in zip(live, results):
+            body, m = acts[first:], c.peak_act
             passed = len(body) and int(np.argmax(body)) == len(body) - 1 and (float(body[-1]) - m) / m > PRUNE_DROP
-            if passed or step == len(cands) - 1:  # else the longest candidate
-                chosen[i] = (cands[step], float(body[-1]) if passed else float(body.max()) if len(body) else m)
-    for i, (w, tokens, p, m, _) in enumerate(pending):
+            if passed or step == len(c.candidates) - 1:  # else the longest candidate
+                chosen[i] = (c.candidates[step], float(body[-1]) if passed else float(body.max()) if len(body) else m)
+    for i, c in enumerate(cases):
         cand, trunc_max = chosen[i]
-        scale = m / trunc_max if trunc_max > 0 else 1.0
-        w.pruned.append((Prompt(cand + sentence_tail(tokens, p, vocab), len(cand) - 1), scale))
+        scale = c.peak_act / trunc_max if trunc_max > 0 else 1.0
+        c.work.pruned.append((Prompt(cand + sentence_tail(c.tokens, c.peak, mt.vocab), len(cand) - 1), scale))
 
+
+def _importances(fwd: LayerForward, runs: list[Run], neutral: int, first: int) -> list[np.ndarray]:
+    """Stages 3 and 5: each run's importance matrix, from one batched pass over all their masked copies."""
+    requests, spans = [], []
+    for r in runs:
+        rows = masked_copies(r.tokens, r.upto, neutral, first)
+        spans.append((len(requests), len(rows)))
+        requests.extend((row, r.work.neuron) for row in rows)
+    results = fwd.run(requests)
+    return [importance(r.acts, results[at:at + count], first) for r, (at, count) in zip(runs, spans)]
+
+
+def _groups(fwd: LayerForward, work: list[NeuronWork], mt: ModelTokens, cfg: N2GConfig, first: int) -> list[Group]:
+    """Stages 2 to 5: every pruned prompt (in train order) with its saliency, and the saliency of
+    its augmented variants that still fire."""
     # stage 2: the pruned prompts themselves (which positions fire)
     pruned = [(w, prompt, scale) for w in work for prompt, scale in w.pruned]
-    results = fwd.run([(prompt.tokens, w.neuron) for w, prompt, _ in pruned])
-    originals = []
-    for (w, prompt, scale), acts in zip(pruned, results):
-        norm = np.round(acts * scale / w.base_max, 3)
-        originals.append((w, prompt, scale, acts, norm, max(prompt.max_pos, _last_firing(norm, first))))
+    runs = []
+    for (w, prompt, scale), acts in zip(pruned, fwd.run([(prompt.tokens, w.neuron) for w, prompt, _ in pruned])):
+        norm = _normalised(w, acts, scale)
+        runs.append(Run(w, prompt.tokens, acts, norm, max(prompt.max_pos, _last_firing(norm, first))))
 
-    # stage 3: saliency of the pruned prompts: masked copies up to the max token or the last firing
-    # position (group_lines reads no importance past it)
-    requests, spans = [], []
-    for w, prompt, scale, acts, norm, upto in originals:
-        rows = masked_copies(prompt.tokens, upto, neutral, first)
-        spans.append((len(requests), len(rows)))
-        requests.extend((r, w.neuron) for r in rows)
-    results = fwd.run(requests)
-    groups = []  # per pruned prompt, in train order: (w, (tokens, norm, importance), variants' saliency)
-    variants = []  # (group index, variant tokens, scale)
-    for (w, prompt, scale, acts, norm, upto), (at, count) in zip(originals, spans):
-        imp = importance(acts, results[at:at + count], first)
-        groups.append((w, (prompt.tokens, norm, imp), []))
+    # stage 3: saliency of the pruned prompts, masked up to the max token or the last firing
+    # position (group_lines reads no importance past it); variants of their important tokens
+    groups: list[Group] = []
+    variants: list[Variant] = []
+    for (w, prompt, scale), run, imp in zip(pruned, runs, _importances(fwd, runs, mt.neutral, first)):
+        group = Group(w, scale, Saliency(prompt.tokens, run.norm, imp))
+        groups.append(group)
         p = prompt.max_pos
-        important = [k for k in range(first, p + 1) if imp[k, p] >= IMPORTANT_FOR_AUGMENT and prompt.tokens[k] not in special]
+        important = [k for k in range(first, p + 1) if imp[k, p] >= IMPORTANT_FOR_AUGMENT and prompt.tokens[k] not in mt.special]
         important.sort(key=lambda k: (-imp[k, p], k))
         for k in important[:cfg.max_augmented]:
-            for rep in neighbours.of(prompt.tokens[k], cfg.replacements):
-                variants.append((len(groups) - 1, prompt.tokens[:k] + (rep,) + prompt.tokens[k + 1:], scale))
+            for rep in mt.neighbours.of(prompt.tokens[k], cfg.replacements):
+                variants.append(Variant(group, prompt.tokens[:k] + (rep,) + prompt.tokens[k + 1:]))
 
     # stage 4: augmentation: the variants; those where nothing fires any more (the informative
     # negatives) add no line, so only the others need stage 5
-    results = fwd.run([(v, groups[gi][0].neuron) for gi, v, _ in variants])
-    firing = []
-    for (gi, v, scale), acts in zip(variants, results):
-        norm = np.round(acts * scale / groups[gi][0].base_max, 3)
+    firing: list[tuple[Group, Run]] = []
+    for v, acts in zip(variants, fwd.run([(v.tokens, v.group.work.neuron) for v in variants])):
+        norm = _normalised(v.group.work, acts, v.group.scale)
         upto = _last_firing(norm, first)
         if upto >= 0:
-            firing.append((gi, v, acts, norm, upto))
+            firing.append((v.group, Run(v.group.work, v.tokens, acts, norm, upto)))
 
     # stage 5: saliency of the variants that still fire
-    requests, spans = [], []
-    for gi, v, acts, norm, upto in firing:
-        rows = masked_copies(v, upto, neutral, first)
-        spans.append((len(requests), len(rows)))
-        requests.extend((r, groups[gi][0].neuron) for r in rows)
-    results = fwd.run(requests)
-    for (gi, v, acts, norm, upto), (at, count) in zip(firing, spans):
-        groups[gi][2].append((v, norm, importance(acts, results[at:at + count], first)))
+    for (group, run), imp in zip(firing, _importances(fwd, [run for _, run in firing], mt.neutral, first)):
+        group.variants.append(Saliency(run.tokens, run.norm, imp))
+    return groups
 
+
+def _graph(w: NeuronWork, vocab: list[str], first: int) -> Graph:
+    """The neuron's trie from its lines, evaluated on its held-out texts."""
+    trie = g.Trie()
+    for line, act in w.lines:
+        trie.insert(line, act)
+    trie.merge_ignore()
+    predicted: list[float] = []
+    true: list[float] = []
+    for tokens, acts in w.test:
+        predicted.extend(trie.predict([vocab[int(t)] for t in tokens[first:]]))
+        true.extend((acts[first:] / w.base_max).tolist())
+    return Graph(w, trie, g.evaluate(predicted, true) if true else None)
+
+
+def build_layer(model, store, layer: int, neurons: Iterable[int], cfg: N2GConfig, mt: ModelTokens,
+                log: Callable[[str], None] = lambda s: None) -> tuple[pa.Table, int]:
+    """Graphs for the given neurons of one layer, as the service's table, plus tokens run."""
+    first = 1 if mt.bos is not None else 0
+    work = _neuron_work(store, layer, neurons, cfg, first)
+    fwd = LayerForward(model, layer, cfg.token_budget, pad_id=mt.neutral)
+    _prune(fwd, work, mt, first)
     # lines in the reference's insertion order (each prompt, then its variants): the trie keeps
     # the first insertion's values, so the order decides END values
-    for w, original, saliency in groups:
-        w.lines.extend(group_lines(vocab, original, saliency, first))
-
-    # trie and held-out evaluation
-    rows = []
-    for w in work:
-        trie = g.Trie()
-        for line, act in w.lines:
-            trie.insert(line, act)
-        trie.merge_ignore()
-        predicted: list[float] = []
-        true: list[float] = []
-        for tokens, acts in w.test:
-            predicted.extend(trie.predict([vocab[int(t)] for t in tokens[first:]]))
-            true.extend((acts[first:] / w.base_max).tolist())
-        rows.append((w, trie, g.evaluate(predicted, true) if true else None))
-    log(f"layer {layer}: {len(rows)} graphs, {fwd.tokens_run} tokens run")
-    return graphs_table(rows), fwd.tokens_run
+    for group in _groups(fwd, work, mt, cfg, first):
+        group.work.lines.extend(group_lines(mt.vocab, group.original, group.variants, first))
+    graphs = [_graph(w, mt.vocab, first) for w in work]
+    log(f"layer {layer}: {len(graphs)} graphs, {fwd.tokens_run} tokens run")
+    return graphs_table(graphs), fwd.tokens_run
 
 
 GRAPH_SCHEMA = pa.schema([
@@ -410,7 +459,7 @@ GRAPH_SCHEMA = pa.schema([
 ])
 
 
-def graphs_table(rows) -> pa.Table:
+def graphs_table(rows: Iterable[Graph]) -> pa.Table:
     """One row per graph: its nodes breadth-first with parent indices (-1 for the trie's first
     tokens), each filed activating or not by its own activation, its token sets (for search and
     similarity, as the reference files them) and its held-out evaluation."""

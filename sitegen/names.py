@@ -8,6 +8,8 @@ on macOS and Windows `API` and `api` are the same folder.
 
 No torch and nothing heavy: `sitegen compute` checks `--name` with this before loading a model,
 the build checks every store's name, and the store's manifest schema checks the name's shape.
+It sits at the bottom of the import layers (pyproject.toml), below the store and compute, which
+both use it: inside sitegen.site it made store -> site -> store a cycle.
 """
 
 from __future__ import annotations
