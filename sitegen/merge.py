@@ -15,6 +15,8 @@ import pyarrow.compute as pc
 
 from sitegen.corpus_keys import random_key
 from sitegen.errors import StoreError
+from sitegen.services import registry
+from sitegen.services.base import Service
 from sitegen.services.neuroscope import data as neuroscope_data
 from sitegen.store import SEQUENCES_SCHEMA, Store
 
@@ -66,6 +68,12 @@ def merge_stores(parts: list[Path], out: Path) -> Path:
             stores[0].read_layer(_LOGITS, layer)  # checksums verified: a damaged file is not passed on
             shutil.copyfile(stores[0].layer_path(_LOGITS, layer), target.layer_path(_LOGITS, layer))
         services.append(_LOGITS)
+    for svc in registry():  # the other services computed in the corpus pass merge their own tables
+        mergeable = type(svc).merge_tables is not Service.merge_tables
+        if mergeable and svc.name not in services and all(st.has_service(svc.name) for st in stores):
+            for layer in range(first["model"]["num_layers"]):
+                target.write_layer(svc.name, layer, svc.merge_tables([st.read_layer(svc.name, layer) for st in stores]))
+            services.append(svc.name)
     keep = pc.is_in(seqs.column("seq_id"), value_set=pa.array(sorted(referenced), pa.int64()))
     seqs = seqs.filter(keep)
     seqs = seqs.take(pc.sort_indices(seqs, sort_keys=[("seq_id", "ascending")]))

@@ -168,6 +168,40 @@ def _load_checkpoint(path: Path, arrays: dict[str, np.ndarray], template: list[d
     return states, int(arrays["position"]), int(arrays["tokens_done"])
 
 
+_EXTRA = "service:"  # checkpoint key prefix of a registered service's accumulator state
+
+
+class _LayerAccumulators:
+    """One layer's accumulators behind the single `update` the forward hook calls: neuroscope's
+    (top/bottom/random texts and statistics) and those of every registered service with an
+    `accumulator` hook. Their states share the layer's checkpoint entry, each service's under
+    "service:<name>"."""
+
+    def __init__(self, main, extra: dict):
+        self.main, self.extra = main, extra
+
+    def update(self, acts, seq_ids, valid, rand_score, all_full: bool = False) -> None:
+        self.main.update(acts, seq_ids, valid, rand_score, all_full)
+        for acc in self.extra.values():
+            acc.update(acts, valid)
+
+    def state(self) -> dict:
+        return {**self.main.state(), **{_EXTRA + name: acc.state() for name, acc in self.extra.items()}}
+
+    def load(self, state: dict) -> None:
+        self.main.load({k: v for k, v in state.items() if not k.startswith(_EXTRA)})
+        for name, acc in self.extra.items():
+            acc.load(state[_EXTRA + name])
+
+
+def _corpus_services() -> list:
+    """The registered services that compute something in the corpus pass (hook `accumulator`)."""
+    from sitegen.services import registry
+    from sitegen.services.base import Service
+
+    return [s for s in registry() if type(s).accumulator is not Service.accumulator]
+
+
 def auto_batch_size(device: str, seq_len: int) -> int:
     if device == "cuda":
         return max(8, 8192 // seq_len)
@@ -204,6 +238,9 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
         "seq_len": cfg.seq_len, "seed": cfg.seed, "tokens": cfg.tokens, "top_k": cfg.top_k, "n_random": cfg.n_random,
         "bos_token_id": bos, "weights": cfg.weights,
     }
+    extra_services = _corpus_services()
+    if extra_services:  # only then: stores computed without them keep their run hash
+        identity["services"] = [s.name for s in extra_services]
     run_hash = _hash(identity)
     if out.exists:
         existing = store_mod.Store.open(cfg.out).manifest
@@ -229,7 +266,9 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
             raise CorpusError(f"--corpus {cfg.corpus}: no document yields a sequence of at least 4 tokens")
         mine = [s for s in sequences if s.seq_id % shard_n == shard_i]
         n_layers, d_mlp = model.n_layers, model.d_mlp
-        accs = [LayerAccumulator(d_mlp, cfg.seq_len, cfg.top_k, cfg.n_random, first_valid, device) for _ in range(n_layers)]
+        accs = [_LayerAccumulators(LayerAccumulator(d_mlp, cfg.seq_len, cfg.top_k, cfg.n_random, first_valid, device),
+                                   {s.name: s.accumulator(layer, d_mlp, first_valid, device) for s in extra_services})
+                for layer in range(n_layers)]
         position = tokens_done = 0
         if checkpoint.exists():
             arrays = _read_checkpoint(checkpoint)
@@ -285,6 +324,10 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
                 referenced.update(table.column(col).combine_chunks().flatten().to_pylist())
             out.write_layer(neuroscope_data.SERVICE, layer, table)
         services = [neuroscope_data.SERVICE]
+        for svc in extra_services:
+            for layer, acc in enumerate(accs):
+                out.write_layer(svc.name, layer, acc.extra[svc.name].table())
+            services.append(svc.name)
         if cfg.weights and shard_i == 0:  # corpus-independent: the first shard computes it, merge copies it
             from sitegen.services.logits.compute import SERVICE as LOGITS, weight_tables
 

@@ -150,18 +150,17 @@ class Service:
 
     # --- compute half (may import torch, lazily, inside the hooks) --------------------------------
 
-    def accumulator(self, layer: int, layer_size: int, cfg):
-        """A per-layer accumulator for the corpus pass, or None. It gets `update(acts, seq_ids,
-        lengths)` per batch (acts: a float32 torch tensor [batch, seq, layer_size]; positions
-        before `cfg.first_valid` and past each length are not counted), `state()` -> a dict of
-        numpy arrays that `merge_states` adds, and `table(state)` -> a pyarrow table with a
-        `neuron` column, written as the service's layer file."""
+    def accumulator(self, layer: int, layer_size: int, first_valid: int, device: str):
+        """A per-layer accumulator for `sitegen compute`'s corpus pass, or None (the default: the
+        service computes nothing there). The accumulator gets `update(acts, valid)` per batch
+        (acts: float32 torch tensor [batch, seq, layer_size]; valid: bool [batch, seq], the
+        counted positions: BOS and padding excluded), `state()` -> dict of numpy arrays (saved in
+        checkpoints), `load(state)`, and `table()` -> a pyarrow table with a `neuron` column, one
+        row per neuron, written as the service's layer file."""
         return None
 
-    def merge_states(self, states: list[dict]) -> dict:
-        """Combine shard states (order-independent)."""
-        raise NotImplementedError(f"service {self.name!r} defines no merge_states")
-
-    def state_from_table(self, table) -> dict:
-        """A shard's stored table back to its state, for `sitegen merge`."""
-        raise NotImplementedError(f"service {self.name!r} defines no state_from_table")
+    def merge_tables(self, tables: list):
+        """`sitegen merge`: one layer's tables from every shard (in shard order) -> the merged
+        table. Must not depend on the order (adding counts is the usual way). Only called for
+        services whose shards hold the table."""
+        raise NotImplementedError(f"service {self.name!r} cannot merge shards: it defines no merge_tables")

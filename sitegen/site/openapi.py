@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sitegen.errors import BuildError
 from sitegen.services.base import LAYER_NEURON, api_envelope, api_get
+from sitegen.site.provenance import PROVENANCE_SCHEMA
 
 _META = {
     "type": "object",
@@ -14,21 +15,7 @@ _META = {
         "activation_function": {"type": "string"}, "num_total_neurons": {"type": "integer"},
         "num_total_parameters": {"type": "integer"}, "dataset": {"type": "string"},
         "available_services": {"type": "array", "items": {"type": "string"}},
-        "provenance": {
-            "type": "object", "description": "How the data was made: corpus and its content hash, tokens, sequence length, model fingerprints "
-                                             "(checkpoint files and weights), sitegen and library versions, Neuron2Graph settings. "
-                                             "`sitegen verify STORE` checks a store against its model.",
-            "required": ["corpus", "tokens_processed", "sequence_length", "model", "sitegen_version"],
-            "properties": {
-                "corpus": {"type": "object", "properties": {"name": {"type": ["string", "null"]}, "source": {"type": ["string", "null"]},
-                                                            "content_hash": {"type": ["string", "null"]}}},
-                "tokens_processed": {"type": ["integer", "null"]}, "sequence_length": {"type": ["integer", "null"]},
-                "model": {"type": "object", "properties": {"source": {"type": ["string", "null"]}, "fingerprint": {"type": ["string", "null"]},
-                                                           "weights_sha256": {"type": ["string", "null"]}, "hook": {"type": ["string", "null"]}}},
-                "sitegen_version": {"type": ["string", "null"]},
-                "neuron2graph": {"type": "object"},
-            },
-        },
+        "provenance": PROVENANCE_SCHEMA,
     },
 }
 _NEURON_INDEX = {"type": "object", "required": ["layer", "neuron"], "properties": {"layer": {"type": "integer"}, "neuron": {"type": "integer"}}}
