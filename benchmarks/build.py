@@ -52,7 +52,7 @@ def synthetic_store(root: Path, n_layers: int, n: int, seq_len: int = 32, n_seqs
             "top": extremes(k, 1.0), "bottom": extremes(k, 1.0),
             "random": {"score": -np.arange(r, dtype=np.float32)[:, None], "seq_id": rid[:, None].astype(np.int64),
                        "trace": (rng.normal(size=(r, 1, n * seq_len)) * 0.1).astype(np.float32)},
-            "count": int(hist[0].sum()), "sum_fx": rng.integers(-2**40, 2**40, n), "sumsq_fx": rng.integers(0, 2**44, n),
+            "count": int(hist[0].sum()), "sum_fx": rng.integers(-2**40, 2**40, n), "sumsq_fx": rng.integers(0, 2**44, n), "sumsq_lo": rng.integers(0, 2**30, n),
             "n_pos": rng.integers(0, 1000, n), "vmin": -rng.random(n).astype(np.float32) - 0.5, "vmax": rng.random(n).astype(np.float32) * 5 + 1,
             "hist": hist,
         }
