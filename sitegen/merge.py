@@ -19,6 +19,7 @@ from sitegen.services import registry
 from sitegen.services.base import Service
 from sitegen.services.neuroscope import data as neuroscope_data
 from sitegen.store import SEQUENCES_SCHEMA, Store
+from sitegen.store.manifest import merged_manifest
 
 _LOGITS = "logits"
 
@@ -80,12 +81,5 @@ def merge_stores(parts: list[Path], out: Path) -> Path:
     # Parquet reads list items back as 'element'; the canonical schema ('item') keeps the bytes of a single run
     target.write_sequences(seqs.cast(SEQUENCES_SCHEMA))
     target.write_vocab(stores[0].vocab())  # read (checksums verified) rather than copied: a damaged file is not passed on
-    manifest = {k: v for k, v in first.items() if k not in ("schema_version", "sitegen_version")}
-    manifest["shard"] = None
-    manifest["services"] = services
-    manifest["processed"] = {
-        "sequences": sum(m["processed"]["sequences"] for m in manifests),
-        "tokens": sum(m["processed"]["tokens"] for m in manifests),
-    }
-    target.write_manifest(manifest)
+    target.write_manifest(merged_manifest(manifests, services))
     return out

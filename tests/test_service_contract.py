@@ -112,3 +112,21 @@ def test_the_build_and_the_openapi_writer_name_no_service():
         text = (root / rel).read_text()
         for name in ("neuroscope", "neuron2graph", "neuron_explainer", "logits"):
             assert not re.search(rf"['\"/]{name}\b", text), f"{rel} names the service {name}"
+
+
+def test_a_manifest_sitegen_would_refuse_is_never_written(tmp_path, synthetic_store):
+    """The manifest is built and checked in one place (sitegen.store.manifest): a writer passing a
+    wrong field gets the same one-line error opening the store would give, and no file."""
+    from sitegen.errors import StoreError
+    from sitegen.store import Store
+    from sitegen.store.manifest import new_manifest
+
+    m = synthetic_store.manifest
+    fields = {k: m[k] for k in ("model", "corpus", "processed", "config", "stats", "run_hash", "shard", "services")}
+    target = Store(tmp_path / "store")
+    target.root.mkdir()
+    with pytest.raises(StoreError, match="field 'model.layer_size'"):
+        target.write_manifest(new_manifest(**{**fields, "model": {**m["model"], "layer_size": "4"}}))
+    assert not (target.root / "manifest.json").exists()
+    target.write_manifest(new_manifest(**fields))
+    assert {k: v for k, v in orjson.loads((target.root / "manifest.json").read_bytes()).items() if k in fields} == fields

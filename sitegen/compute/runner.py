@@ -30,6 +30,7 @@ from sitegen.errors import ConfigError, CorpusError, StoreError
 from sitegen.services.neuroscope import data as neuroscope_data
 from sitegen.services.neuroscope import stats as neuroscope_stats
 from sitegen.site.names import model_name_problem
+from sitegen.store.manifest import new_manifest
 
 DEFAULT_SEQ_LEN = 32  # see README: "Why 32-token sequences"
 MAX_SEQ_LEN = 128
@@ -339,21 +340,18 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
         out.write_vocab(display_tokens(tokenizer, int(model.bridge.cfg.d_vocab)))
         from sitegen.compute.models import weights_fingerprint
 
-        out.write_manifest({
-            "model": {**model.metadata, "weights_sha256": weights_fingerprint(model)},
-            "corpus": {"name": corpus.name, "source": cfg.corpus, "content_hash": corpus.content_hash,
-                       "sequences_total": len(sequences), "tokens_total": sum(len(s.token_ids) for s in sequences)},
-            "processed": {"sequences": len(mine), "tokens": tokens_done},
-            "config": {"seq_len": cfg.seq_len, "seed": cfg.seed, "tokens": cfg.tokens, "top_k": cfg.top_k, "n_random": cfg.n_random,
-                       "bos_token_id": bos, "first_valid_position": first_valid},
-            "stats": {"quantile_levels": list(neuroscope_stats.QUANTILE_LEVELS), "display_bins": neuroscope_stats.DISPLAY_BINS,
-                      "fine_bins": neuroscope_stats.N_FINE_BINS, "sum_shift": neuroscope_stats.SUM_SHIFT, "sq_shift": neuroscope_stats.SQ_SHIFT},
-            "identity": identity,
-            "run_hash": run_hash,
-            "shard": _shard_record(cfg.shard),
-            "services": services,
-            "versions": _versions(),
-        })
+        out.write_manifest(new_manifest(
+            model={**model.metadata, "weights_sha256": weights_fingerprint(model)},
+            corpus={"name": corpus.name, "source": cfg.corpus, "content_hash": corpus.content_hash,
+                    "sequences_total": len(sequences), "tokens_total": sum(len(s.token_ids) for s in sequences)},
+            processed={"sequences": len(mine), "tokens": tokens_done},
+            config={"seq_len": cfg.seq_len, "seed": cfg.seed, "tokens": cfg.tokens, "top_k": cfg.top_k, "n_random": cfg.n_random,
+                    "bos_token_id": bos, "first_valid_position": first_valid},
+            stats={"quantile_levels": list(neuroscope_stats.QUANTILE_LEVELS), "display_bins": neuroscope_stats.DISPLAY_BINS,
+                   "fine_bins": neuroscope_stats.N_FINE_BINS, "sum_shift": neuroscope_stats.SUM_SHIFT, "sq_shift": neuroscope_stats.SQ_SHIFT},
+            run_hash=run_hash, shard=_shard_record(cfg.shard), services=services,
+            identity=identity, versions=_versions(),
+        ))
         if cfg.n2g.strip() != "0":
             _run_n2g_stage(model, out, cfg, log)
     shutil.rmtree(out.work_dir, ignore_errors=True)
