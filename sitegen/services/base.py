@@ -90,6 +90,10 @@ class Service:
     index_blurb: str | None = None  # a row of the index page's "Data sources" table, if any
     needs: tuple[str, ...] = ()  # store folders it renders from (any one suffices); default: its own name
     column_order: int = 100  # where its layer-table columns go (lower first; ties in registry order)
+    # The service whose per-neuron JSON holds the texts and activations the page's script reads
+    # (data-json) and whose layer JSON ranks the layer's neurons (the layer page links it).
+    activations: bool = False
+    text_search: bool = False  # its data feeds the model page's explanation (free-text) search
 
     # --- render half (no torch) -------------------------------------------------------------------
 

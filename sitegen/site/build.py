@@ -68,6 +68,8 @@ class SiteModel:
         self.services = [s for s in registry() if s.available(store)]
         self.missing = [s for s in registry() if not s.available(store)]
         self.table_services = sorted(self.services, key=lambda s: s.column_order)  # stable: registry order on ties
+        self.activations = next((s.name for s in self.services if s.activations), None)  # the service the templates link for activations
+        self.text_search = any(s.text_search for s in self.services)
         self.first_valid = int(m["config"]["first_valid_position"])
         self.quantile_levels = list(m["stats"]["quantile_levels"])
         self.provenance = model_provenance(m)

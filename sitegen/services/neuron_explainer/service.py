@@ -34,6 +34,7 @@ class NeuronExplainer(Service):
     title = "Explanation"
     description = "A one-sentence explanation written by a language model, with its simulation score."
     column_order = 10
+    text_search = True
 
     def open_layer(self, store, layer, site):
         from sitegen.services.neuron_explainer.render import ExplainerLayer

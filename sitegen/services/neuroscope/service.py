@@ -46,6 +46,7 @@ class Neuroscope(Service):
     index_blurb = ("The 20 sequences with the highest and the lowest activation (one entry per sequence), a random sample, "
                    "per-token activations, statistics, histogram and quantiles.")
     column_order = 0  # the activation columns lead the layer table
+    activations = True
 
     def open_layer(self, store, layer, site):
         from sitegen.services.neuroscope.render import NeuroscopeLayer
