@@ -14,7 +14,9 @@ from functools import lru_cache
 from importlib import metadata
 
 from sitegen.errors import ConfigError
-from sitegen.services.base import LayerView, Service  # noqa: F401  (re-exported: the contract)
+from sitegen.services.base import LayerView, Service
+
+__all__ = ["GROUP", "LayerView", "Service", "by_name", "registry"]
 
 GROUP = "sitegen.services"
 
