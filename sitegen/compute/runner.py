@@ -379,17 +379,18 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
             referenced.update(table.column(col).combine_chunks().flatten().to_pylist())
         out.write_layer(neuroscope_data.SERVICE, layer, table)
     services = [neuroscope_data.SERVICE]
+    if cfg.weights and shard_i == 0:  # corpus-independent: the first shard computes them, merge copies them
+        from sitegen.services import registry
+
+        for svc in (s for s in registry() if s.from_weights):
+            log(f"computing {svc.name} from the weights")
+            for layer, table in svc.weight_tables(model):
+                out.write_layer(svc.name, layer, table)
+            services.append(svc.name)
     for svc in run.extra_services:
         for layer, acc in enumerate(accs):
             out.write_layer(svc.name, layer, acc.extra[svc.name].table())
         services.append(svc.name)
-    if cfg.weights and shard_i == 0:  # corpus-independent: the first shard computes it, merge copies it
-        from sitegen.services.logits.compute import SERVICE as LOGITS, weight_tables
-
-        log("computing weight-based logit tables")
-        for layer, table in weight_tables(model.bridge):
-            out.write_layer(LOGITS, layer, table)
-        services.append(LOGITS)
     out.write_sequences(_sequences_table([s for s in mine if s.seq_id in referenced]))
     out.write_vocab(display_tokens(tokenizer, int(model.bridge.cfg.d_vocab)))
     from sitegen.compute.models import weights_fingerprint

@@ -163,6 +163,14 @@ class Service:
         row per neuron, written as the service's layer file."""
         return None
 
+    from_weights: bool = False  # computed from the model's weights alone (hook weight_tables), not the corpus
+
+    def weight_tables(self, model):
+        """For a `from_weights` service: (layer, pyarrow table) for every layer, from the loaded
+        model (sitegen.compute.models.LoadedModel) alone. `sitegen compute` runs it once, in the
+        first shard (skipped by --no-weights); `sitegen merge` copies that shard's files as they are."""
+        raise NotImplementedError(f"service {self.name!r} is from_weights but defines no weight_tables")
+
     def merge_tables(self, tables: list):
         """`sitegen merge`: one layer's tables from every shard (in shard order) -> the merged
         table. Must not depend on the order (adding counts is the usual way). Only called for

@@ -19,6 +19,12 @@ class Logits(Service):
     title = "Weight-based logit effects"
     description = "Tokens the neuron's output promotes and suppresses (W_out . W_U) and the input tokens that drive it (W_E . W_in)."
     index_blurb = "Output tokens the neuron promotes and suppresses through the unembedding, and the input tokens that drive it directly."
+    from_weights = True
+
+    def weight_tables(self, model):
+        from sitegen.services.logits.compute import weight_tables
+
+        return weight_tables(model.bridge)
 
     def open_layer(self, store, layer, site):
         from sitegen.services.logits.render import LogitsLayer
