@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sitegen.services.neuroscope import data as ns_data  # noqa: E402
 from sitegen.services.neuroscope import stats  # noqa: E402
+from sitegen.store.manifest import new_manifest  # noqa: E402
 from sitegen.store import SEQUENCES_SCHEMA, Store  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def synthetic_store(root: Path, n_layers: int, n: int, seq_len: int = 32, n_seqs
             "top": extremes(k, 1.0), "bottom": extremes(k, 1.0),
             "random": {"score": -np.arange(r, dtype=np.float32)[:, None], "seq_id": rid[:, None].astype(np.int64),
                        "trace": (rng.normal(size=(r, 1, n * seq_len)) * 0.1).astype(np.float32)},
-            "count": int(hist[0].sum()), "sum_fx": rng.integers(-2**40, 2**40, n), "sumsq_fx": rng.integers(0, 2**44, n),
+            "count": int(hist[0].sum()), "sum_fx": rng.integers(-2**40, 2**40, n), "sumsq_fx": rng.integers(0, 2**44, n), "sumsq_lo": rng.integers(0, 2**30, n),
             "n_pos": rng.integers(0, 1000, n), "vmin": -rng.random(n).astype(np.float32) - 0.5, "vmax": rng.random(n).astype(np.float32) * 5 + 1,
             "hist": hist,
         }
@@ -68,15 +69,15 @@ def synthetic_store(root: Path, n_layers: int, n: int, seq_len: int = 32, n_seqs
                                     "char_start": pa.array(np.arange(n_seqs) * 150), "char_end": pa.array(np.arange(n_seqs) * 150 + 140),
                                     "token_ids": pa.array(list(token_ids), pa.list_(pa.int32()))}, schema=SEQUENCES_SCHEMA))
     store.write_vocab(vocab)
-    store.write_manifest({
-        "model": {"name": "gpt2-small-synthetic", "num_layers": n_layers, "layer_size": n, "activation_function": "gelu",
-                  "num_total_neurons": n_layers * n, "num_total_parameters": 124_000_000},
-        "corpus": {"name": "synthetic", "content_hash": "none", "sequences_total": n_seqs, "tokens_total": n_seqs * seq_len},
-        "processed": {"sequences": n_seqs, "tokens": n_seqs * seq_len},
-        "config": {"seq_len": seq_len, "seed": seed, "tokens": n_seqs * seq_len, "top_k": k, "n_random": r, "bos_token_id": 0, "first_valid_position": 1},
-        "stats": {"quantile_levels": list(stats.QUANTILE_LEVELS), "display_bins": stats.DISPLAY_BINS},
-        "run_hash": "benchmark", "shard": None, "services": ["neuroscope", "logits"],
-    })
+    store.write_manifest(new_manifest(
+        model={"name": "gpt2-small-synthetic", "num_layers": n_layers, "layer_size": n, "activation_function": "gelu",
+               "num_total_neurons": n_layers * n, "num_total_parameters": 124_000_000},
+        corpus={"name": "synthetic", "content_hash": "none", "sequences_total": n_seqs, "tokens_total": n_seqs * seq_len},
+        processed={"sequences": n_seqs, "tokens": n_seqs * seq_len},
+        config={"seq_len": seq_len, "seed": seed, "tokens": n_seqs * seq_len, "top_k": k, "n_random": r, "bos_token_id": 0, "first_valid_position": 1},
+        stats={"quantile_levels": list(stats.QUANTILE_LEVELS), "display_bins": stats.DISPLAY_BINS},
+        run_hash="benchmark", shard=None, services=["neuroscope", "logits"],
+    ))
     return Store.open(root)
 
 

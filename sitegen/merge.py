@@ -15,10 +15,12 @@ import pyarrow.compute as pc
 
 from sitegen.corpus_keys import random_key
 from sitegen.errors import StoreError
+from sitegen.services import registry
+from sitegen.services.base import Service
 from sitegen.services.neuroscope import data as neuroscope_data
 from sitegen.store import SEQUENCES_SCHEMA, Store
+from sitegen.store.manifest import merged_manifest
 
-_LOGITS = "logits"
 
 
 def _random_score(seed: int):
@@ -60,24 +62,24 @@ def merge_stores(parts: list[Path], out: Path) -> Path:
             referenced.update(table.column(col).combine_chunks().flatten().to_pylist())
         target.write_layer(neuroscope_data.SERVICE, layer, table)
     services = [neuroscope_data.SERVICE]
-    if stores[0].has_service(_LOGITS):  # the files themselves: a table read back and rewritten would not keep the bytes
-        for layer in range(first["model"]["num_layers"]):
-            target.layer_path(_LOGITS, layer).parent.mkdir(parents=True, exist_ok=True)
-            stores[0].read_layer(_LOGITS, layer)  # checksums verified: a damaged file is not passed on
-            shutil.copyfile(stores[0].layer_path(_LOGITS, layer), target.layer_path(_LOGITS, layer))
-        services.append(_LOGITS)
+    for svc in registry():  # computed from the weights by the first shard alone
+        if svc.from_weights and stores[0].has_service(svc.name):  # the files themselves: a table read back and rewritten would not keep the bytes
+            for layer in range(first["model"]["num_layers"]):
+                target.layer_path(svc.name, layer).parent.mkdir(parents=True, exist_ok=True)
+                stores[0].read_layer(svc.name, layer)  # checksums verified: a damaged file is not passed on
+                shutil.copyfile(stores[0].layer_path(svc.name, layer), target.layer_path(svc.name, layer))
+            services.append(svc.name)
+    for svc in registry():  # the other services computed in the corpus pass merge their own tables
+        mergeable = type(svc).merge_tables is not Service.merge_tables
+        if mergeable and svc.name not in services and all(st.has_service(svc.name) for st in stores):
+            for layer in range(first["model"]["num_layers"]):
+                target.write_layer(svc.name, layer, svc.merge_tables([st.read_layer(svc.name, layer) for st in stores]))
+            services.append(svc.name)
     keep = pc.is_in(seqs.column("seq_id"), value_set=pa.array(sorted(referenced), pa.int64()))
     seqs = seqs.filter(keep)
     seqs = seqs.take(pc.sort_indices(seqs, sort_keys=[("seq_id", "ascending")]))
     # Parquet reads list items back as 'element'; the canonical schema ('item') keeps the bytes of a single run
     target.write_sequences(seqs.cast(SEQUENCES_SCHEMA))
     target.write_vocab(stores[0].vocab())  # read (checksums verified) rather than copied: a damaged file is not passed on
-    manifest = {k: v for k, v in first.items() if k not in ("schema_version", "sitegen_version")}
-    manifest["shard"] = None
-    manifest["services"] = services
-    manifest["processed"] = {
-        "sequences": sum(m["processed"]["sequences"] for m in manifests),
-        "tokens": sum(m["processed"]["tokens"] for m in manifests),
-    }
-    target.write_manifest(manifest)
+    target.write_manifest(merged_manifest(manifests, services))
     return out

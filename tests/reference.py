@@ -18,6 +18,7 @@ from sitegen.services.neuron2graph.graph import IGNORE, Trie
 from sitegen.services.neuroscope import data as ns_data
 from sitegen.services.neuroscope import stats
 from sitegen.store import SEQUENCES_SCHEMA, Store
+from sitegen.store.manifest import new_manifest
 
 
 def brute_force_state(acts: np.ndarray, lengths: np.ndarray, seq_ids: np.ndarray, first_valid: int, top_k: int, n_random: int, seed: int) -> dict:
@@ -95,17 +96,17 @@ def write_synthetic_store(root: Path, *, name: str = "toy-model", n_layers: int 
         "token_ids": pa.array([t[:length].tolist() for t, length in zip(token_ids, lengths)], pa.list_(pa.int32())),
     }, schema=SEQUENCES_SCHEMA))
     store.write_vocab(vocab)
-    store.write_manifest({
-        "model": {"name": name, "num_layers": n_layers, "layer_size": n_neurons, "activation_function": "silu",
-                  "num_total_neurons": n_layers * n_neurons, "num_total_parameters": 1234, "d_model": 8, "vocab_size": len(vocab)},
-        "corpus": {"name": "toy-corpus", "content_hash": "sha256:0", "sequences_total": n_seqs, "tokens_total": int(lengths.sum())},
-        "processed": {"sequences": n_seqs, "tokens": int(lengths.sum())},
-        "config": {"seq_len": seq_len, "seed": seed, "tokens": int(lengths.sum()), "top_k": top_k, "n_random": n_random,
-                   "bos_token_id": 0, "first_valid_position": 1},
-        "stats": {"quantile_levels": list(stats.QUANTILE_LEVELS), "display_bins": stats.DISPLAY_BINS},
-        "run_hash": "synthetic", "shard": None,
-        "services": ["neuroscope", "logits"] if with_logits else ["neuroscope"],
-    })
+    store.write_manifest(new_manifest(
+        model={"name": name, "num_layers": n_layers, "layer_size": n_neurons, "activation_function": "silu",
+               "num_total_neurons": n_layers * n_neurons, "num_total_parameters": 1234, "d_model": 8, "vocab_size": len(vocab)},
+        corpus={"name": "toy-corpus", "content_hash": "sha256:0", "sequences_total": n_seqs, "tokens_total": int(lengths.sum())},
+        processed={"sequences": n_seqs, "tokens": int(lengths.sum())},
+        config={"seq_len": seq_len, "seed": seed, "tokens": int(lengths.sum()), "top_k": top_k, "n_random": n_random,
+                "bos_token_id": 0, "first_valid_position": 1},
+        stats={"quantile_levels": list(stats.QUANTILE_LEVELS), "display_bins": stats.DISPLAY_BINS},
+        run_hash="synthetic", shard=None,
+        services=["neuroscope", "logits"] if with_logits else ["neuroscope"],
+    ))
     if with_graphs:
         write_synthetic_graphs(store, {(0, 1): SYNTHETIC_LINES})
     return Store.open(root)

@@ -357,6 +357,7 @@ def test_search_folders_stay_under_netlifys_limit_for_a_large_vocabulary():
     ts = TokenStore([f"tok{i}" for i in range(vocab)], size, activating, [np.zeros(0, np.int64)] * n, [SOURCE_TOP] * n, [None] * n, [1.0] * n)
     assert 2 * len(search.postings(ts)) > search.NETLIFY_DIR_LIMIT  # any: and activating: files per token, in the old layout
     pub = _CountingPublisher()
-    search.publish_search(pub, SimpleNamespace(name="wide-vocab", layer_size=size, num_layers=layers, token_store=ts))
+    cached = {"neuron2graph.token_store": ts, "neuron_explainer.explanations": {}}  # what SiteModel.cached would hold
+    search.publish_search(pub, SimpleNamespace(name="wide-vocab", layer_size=size, num_layers=layers, cached=lambda key, make: cached[key]))
     folder, count = max(pub.folders.items(), key=lambda kv: kv[1])
     assert count < search.NETLIFY_DIR_LIMIT, (folder, count)

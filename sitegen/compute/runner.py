@@ -30,6 +30,7 @@ from sitegen.errors import ConfigError, CorpusError, StoreError
 from sitegen.services.neuroscope import data as neuroscope_data
 from sitegen.services.neuroscope import stats as neuroscope_stats
 from sitegen.names import model_name_problem
+from sitegen.store.manifest import new_manifest
 
 DEFAULT_SEQ_LEN = 32  # see README: "Why 32-token sequences"
 MAX_SEQ_LEN = 128
@@ -164,6 +165,40 @@ def _load_checkpoint(path: Path, arrays: dict[str, np.ndarray], template: list[d
     return states, int(arrays["position"]), int(arrays["tokens_done"])
 
 
+_EXTRA = "service:"  # checkpoint key prefix of a registered service's accumulator state
+
+
+class _LayerAccumulators:
+    """One layer's accumulators behind the single `update` the forward hook calls: neuroscope's
+    (top/bottom/random texts and statistics) and those of every registered service with an
+    `accumulator` hook. Their states share the layer's checkpoint entry, each service's under
+    "service:<name>"."""
+
+    def __init__(self, main, extra: dict):
+        self.main, self.extra = main, extra
+
+    def update(self, acts, seq_ids, valid, rand_score, all_full: bool = False) -> None:
+        self.main.update(acts, seq_ids, valid, rand_score, all_full)
+        for acc in self.extra.values():
+            acc.update(acts, valid)
+
+    def state(self) -> dict:
+        return {**self.main.state(), **{_EXTRA + name: acc.state() for name, acc in self.extra.items()}}
+
+    def load(self, state: dict) -> None:
+        self.main.load({k: v for k, v in state.items() if not k.startswith(_EXTRA)})
+        for name, acc in self.extra.items():
+            acc.load(state[_EXTRA + name])
+
+
+def _corpus_services() -> list:
+    """The registered services that compute something in the corpus pass (hook `accumulator`)."""
+    from sitegen.services import registry
+    from sitegen.services.base import Service
+
+    return [s for s in registry() if type(s).accumulator is not Service.accumulator]
+
+
 def auto_batch_size(device: str, seq_len: int) -> int:
     if device == "cuda":
         return max(8, 8192 // seq_len)
@@ -174,7 +209,6 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
     cfg.validate()
     from sitegen.compute.models import load_model, resolve_device
     from sitegen.compute.packing import bos_id, pack_sequences
-    from sitegen.corpus_keys import random_key
     from sitegen.services.neuroscope.compute import LayerAccumulator
 
     out = store_mod.Store(cfg.out)
@@ -200,6 +234,9 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
         "seq_len": cfg.seq_len, "seed": cfg.seed, "tokens": cfg.tokens, "top_k": cfg.top_k, "n_random": cfg.n_random,
         "bos_token_id": bos, "weights": cfg.weights,
     }
+    extra_services = _corpus_services()
+    if extra_services:  # only then: stores computed without them keep their run hash
+        identity["services"] = [s.name for s in extra_services]
     run_hash = _hash(identity)
     if out.exists:
         existing = store_mod.Store.open(cfg.out).manifest
@@ -225,93 +262,147 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
             raise CorpusError(f"--corpus {cfg.corpus}: no document yields a sequence of at least 4 tokens")
         mine = [s for s in sequences if s.seq_id % shard_n == shard_i]
         n_layers, d_mlp = model.n_layers, model.d_mlp
-        accs = [LayerAccumulator(d_mlp, cfg.seq_len, cfg.top_k, cfg.n_random, first_valid, device) for _ in range(n_layers)]
-        position = tokens_done = 0
-        if checkpoint.exists():
-            arrays = _read_checkpoint(checkpoint)
-            if str(arrays["run_hash"]) != run_hash:  # before anything else: another model's checkpoint has other shapes
-                raise StoreError(
-                    f"{out.work_dir} holds an unfinished run started with other arguments; rerun that command, "
-                    f"or delete {out.work_dir} to start over"
-                )
-            states, position, tokens_done = _load_checkpoint(checkpoint, arrays, [a.state() for a in accs])
-            if not (0 <= position <= len(mine) and 0 <= tokens_done):
-                raise _damaged_checkpoint(checkpoint, f"position {position} is outside this run's {len(mine)} sequences")
-            for acc, st in zip(accs, states):
-                acc.load(st)
-            log(f"resuming {cfg.out}: {position} of {len(mine)} sequences already done")
-
-        batch_size = cfg.batch_size or auto_batch_size(device, cfg.seq_len)
-        pad_id = int(getattr(tokenizer, "pad_token_id", None) or bos or 0)
-        total_tokens = sum(len(s.token_ids) for s in mine)
-        bar = _progress(cfg.progress, total_tokens, tokens_done)
-        last_save = time.monotonic()
-        batches = 0
-        try:
-            while position < len(mine):
-                if cfg.max_batches is not None and batches >= cfg.max_batches:
-                    _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
-                    raise StoreError(f"stopped after {cfg.max_batches} batches (max_batches); rerun to resume")
-                batch = mine[position:position + batch_size]
-                tokens, seq_ids, valid, rand_score = _batch_tensors(batch, batch_size, cfg.seq_len, pad_id, first_valid, cfg.seed, random_key, device)
-                all_full = len(batch) == batch_size and all(len(s.token_ids) == cfg.seq_len for s in batch)
-                _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full)
-                position += len(batch)
-                done = sum(len(s.token_ids) for s in batch)
-                tokens_done += done
-                batches += 1
-                bar.update(done)
-                if time.monotonic() - last_save > cfg.checkpoint_seconds and position < len(mine):
-                    _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
-                    last_save = time.monotonic()
-        except KeyboardInterrupt:
-            _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
-            raise StoreError(f"interrupted after {position} of {len(mine)} sequences; rerun the same command to resume") from None
-        finally:
-            bar.close()
-
-        states = [a.state() for a in accs]
-        _save_checkpoint(checkpoint, states, position, tokens_done, run_hash)  # the write stage can fail; keep the work
-        log(f"writing store {cfg.out}")
-        seq_length = {s.seq_id: len(s.token_ids) for s in mine}
-        referenced: set[int] = set()
-        for layer, st in enumerate(states):
-            table = neuroscope_data.state_to_table(st, cfg.top_k, cfg.n_random, seq_length)
-            for col in ("top_seq", "bottom_seq", "random_seq"):
-                referenced.update(table.column(col).combine_chunks().flatten().to_pylist())
-            out.write_layer(neuroscope_data.SERVICE, layer, table)
-        services = [neuroscope_data.SERVICE]
-        if cfg.weights and shard_i == 0:  # corpus-independent: the first shard computes it, merge copies it
-            from sitegen.services.logits.compute import SERVICE as LOGITS, weight_tables
-
-            log("computing weight-based logit tables")
-            for layer, table in weight_tables(model.bridge):
-                out.write_layer(LOGITS, layer, table)
-            services.append(LOGITS)
-        out.write_sequences(_sequences_table([s for s in mine if s.seq_id in referenced]))
-        out.write_vocab(display_tokens(tokenizer, int(model.bridge.cfg.d_vocab)))
-        from sitegen.compute.models import weights_fingerprint
-
-        out.write_manifest({
-            "model": {**model.metadata, "weights_sha256": weights_fingerprint(model)},
-            "corpus": {"name": corpus.name, "source": cfg.corpus, "content_hash": corpus.content_hash,
-                       "sequences_total": len(sequences), "tokens_total": sum(len(s.token_ids) for s in sequences)},
-            "processed": {"sequences": len(mine), "tokens": tokens_done},
-            "config": {"seq_len": cfg.seq_len, "seed": cfg.seed, "tokens": cfg.tokens, "top_k": cfg.top_k, "n_random": cfg.n_random,
-                       "bos_token_id": bos, "first_valid_position": first_valid},
-            "stats": {"quantile_levels": list(neuroscope_stats.QUANTILE_LEVELS), "display_bins": neuroscope_stats.DISPLAY_BINS,
-                      "fine_bins": neuroscope_stats.N_FINE_BINS, "sum_shift": neuroscope_stats.SUM_SHIFT, "sq_shift": neuroscope_stats.SQ_SHIFT},
-            "identity": identity,
-            "run_hash": run_hash,
-            "shard": _shard_record(cfg.shard),
-            "services": services,
-            "versions": _versions(),
-        })
+        accs = [_LayerAccumulators(LayerAccumulator(d_mlp, cfg.seq_len, cfg.top_k, cfg.n_random, first_valid, device),
+                                   {s.name: s.accumulator(layer, d_mlp, first_valid, device) for s in extra_services})
+                for layer in range(n_layers)]
+        run = _Run(cfg, out, model, tokenizer, corpus, sequences, mine, accs, checkpoint, run_hash, identity, bos, first_valid, device,
+                   extra_services, log)
+        position, tokens_done = _resume(run)
+        position, tokens_done = _stream(run, position, tokens_done)
+        _write_store(run, position, tokens_done)
         if cfg.n2g.strip() != "0":
             _run_n2g_stage(model, out, cfg, log)
     shutil.rmtree(out.work_dir, ignore_errors=True)
     log(f"done: {cfg.out} ({len(mine)} sequences, {tokens_done} tokens, {n_layers} layers x {d_mlp} neurons)")
     return cfg.out
+
+
+
+@dataclass
+class _Run:
+    """What the stages of one compute run share."""
+
+    cfg: ComputeConfig
+    out: "store_mod.Store"
+    model: object
+    tokenizer: object
+    corpus: object
+    sequences: list  # every packed sequence of the corpus (all shards)
+    mine: list  # this shard's
+    accs: list  # per layer: _LayerAccumulators
+    checkpoint: Path
+    run_hash: str
+    identity: dict
+    bos: int | None
+    first_valid: int
+    device: str
+    extra_services: list
+    log: Callable[[str], None]
+
+
+def _resume(run: _Run) -> tuple[int, int]:
+    """Load this run's checkpoint into the accumulators, if there is one; (sequences done, tokens done)."""
+    cfg, out, accs, mine, checkpoint, run_hash, log = run.cfg, run.out, run.accs, run.mine, run.checkpoint, run.run_hash, run.log
+    position = tokens_done = 0
+    if checkpoint.exists():
+        arrays = _read_checkpoint(checkpoint)
+        if str(arrays["run_hash"]) != run_hash:  # before anything else: another model's checkpoint has other shapes
+            raise StoreError(
+                f"{out.work_dir} holds an unfinished run started with other arguments; rerun that command, "
+                f"or delete {out.work_dir} to start over"
+            )
+        states, position, tokens_done = _load_checkpoint(checkpoint, arrays, [a.state() for a in accs])
+        if not (0 <= position <= len(mine) and 0 <= tokens_done):
+            raise _damaged_checkpoint(checkpoint, f"position {position} is outside this run's {len(mine)} sequences")
+        for acc, st in zip(accs, states):
+            acc.load(st)
+        log(f"resuming {cfg.out}: {position} of {len(mine)} sequences already done")
+
+    return position, tokens_done
+
+
+def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
+    """The corpus pass from `position` on, in fixed-shape batches, checkpointed every
+    cfg.checkpoint_seconds and on Ctrl-C; returns (sequences done, tokens done)."""
+    from sitegen.corpus_keys import random_key
+
+    cfg, model, tokenizer, accs, mine, checkpoint, run_hash = run.cfg, run.model, run.tokenizer, run.accs, run.mine, run.checkpoint, run.run_hash
+    device, bos, first_valid = run.device, run.bos, run.first_valid
+    batch_size = cfg.batch_size or auto_batch_size(device, cfg.seq_len)
+    pad_id = int(getattr(tokenizer, "pad_token_id", None) or bos or 0)
+    total_tokens = sum(len(s.token_ids) for s in mine)
+    bar = _progress(cfg.progress, total_tokens, tokens_done)
+    last_save = time.monotonic()
+    batches = 0
+    try:
+        while position < len(mine):
+            if cfg.max_batches is not None and batches >= cfg.max_batches:
+                _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
+                raise StoreError(f"stopped after {cfg.max_batches} batches (max_batches); rerun to resume")
+            batch = mine[position:position + batch_size]
+            tokens, seq_ids, valid, rand_score = _batch_tensors(batch, batch_size, cfg.seq_len, pad_id, first_valid, cfg.seed, random_key, device)
+            all_full = len(batch) == batch_size and all(len(s.token_ids) == cfg.seq_len for s in batch)
+            _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full)
+            position += len(batch)
+            done = sum(len(s.token_ids) for s in batch)
+            tokens_done += done
+            batches += 1
+            bar.update(done)
+            if time.monotonic() - last_save > cfg.checkpoint_seconds and position < len(mine):
+                _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
+                last_save = time.monotonic()
+    except KeyboardInterrupt:
+        _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
+        raise StoreError(f"interrupted after {position} of {len(mine)} sequences; rerun the same command to resume") from None
+    finally:
+        bar.close()
+    return position, tokens_done
+
+
+def _write_store(run: _Run, position: int, tokens_done: int) -> None:
+    """Every service's tables, the referenced sequences, the vocabulary, and the manifest last."""
+    cfg, out, model, tokenizer, corpus, accs, mine = run.cfg, run.out, run.model, run.tokenizer, run.corpus, run.accs, run.mine
+    checkpoint, run_hash, log, shard_i = run.checkpoint, run.run_hash, run.log, cfg.shard[0]
+    sequences, identity, bos, first_valid = run.sequences, run.identity, run.bos, run.first_valid
+    states = [a.state() for a in accs]
+    _save_checkpoint(checkpoint, states, position, tokens_done, run_hash)  # the write stage can fail; keep the work
+    log(f"writing store {cfg.out}")
+    seq_length = {s.seq_id: len(s.token_ids) for s in mine}
+    referenced: set[int] = set()
+    for layer, st in enumerate(states):
+        table = neuroscope_data.state_to_table(st, cfg.top_k, cfg.n_random, seq_length)
+        for col in ("top_seq", "bottom_seq", "random_seq"):
+            referenced.update(table.column(col).combine_chunks().flatten().to_pylist())
+        out.write_layer(neuroscope_data.SERVICE, layer, table)
+    services = [neuroscope_data.SERVICE]
+    if cfg.weights and shard_i == 0:  # corpus-independent: the first shard computes them, merge copies them
+        from sitegen.services import registry
+
+        for svc in (s for s in registry() if s.from_weights):
+            log(f"computing {svc.name} from the weights")
+            for layer, table in svc.weight_tables(model):
+                out.write_layer(svc.name, layer, table)
+            services.append(svc.name)
+    for svc in run.extra_services:
+        for layer, acc in enumerate(accs):
+            out.write_layer(svc.name, layer, acc.extra[svc.name].table())
+        services.append(svc.name)
+    out.write_sequences(_sequences_table([s for s in mine if s.seq_id in referenced]))
+    out.write_vocab(display_tokens(tokenizer, int(model.bridge.cfg.d_vocab)))
+    from sitegen.compute.models import weights_fingerprint
+
+    out.write_manifest(new_manifest(
+        model={**model.metadata, "weights_sha256": weights_fingerprint(model)},
+        corpus={"name": corpus.name, "source": cfg.corpus, "content_hash": corpus.content_hash,
+                "sequences_total": len(sequences), "tokens_total": sum(len(s.token_ids) for s in sequences)},
+        processed={"sequences": len(mine), "tokens": tokens_done},
+        config={"seq_len": cfg.seq_len, "seed": cfg.seed, "tokens": cfg.tokens, "top_k": cfg.top_k, "n_random": cfg.n_random,
+                "bos_token_id": bos, "first_valid_position": first_valid},
+        stats={"quantile_levels": list(neuroscope_stats.QUANTILE_LEVELS), "display_bins": neuroscope_stats.DISPLAY_BINS,
+               "fine_bins": neuroscope_stats.N_FINE_BINS, "sum_shift": neuroscope_stats.SUM_SHIFT, "sq_shift": neuroscope_stats.SQ_SHIFT},
+        run_hash=run_hash, shard=_shard_record(cfg.shard), services=services,
+        identity=identity, versions=_versions(),
+    ))
 
 
 def _run_n2g_stage(model, store, cfg: ComputeConfig, log: Callable[[str], None]) -> None:

@@ -1,49 +1,68 @@
-"""The registry of per-neuron services. A service is one folder here: a compute half (torch,
-imported only by `sitegen compute`) and a render half (no torch) that the build calls, plus a
-template partial themes/default/templates/services/<name>.html.
+"""The registry of per-neuron services. A service is one folder: a `Service` subclass (the
+contract, sitegen/services/base.py) in its `service.py`, a compute half (torch, imported only
+inside compute hooks), a render half (no torch) and a template partial `services/<name>.html`.
 
-The build asks each registered service, per layer, for a LayerView: it reads the service's
-Parquet table for that layer once and answers per neuron with the API payload (DeepDecipher's
-shape) and the page context for the partial.
+Services are found through the `sitegen.services` entry-point group, built-ins exactly as an
+outside package's (pyproject.toml declares them): `name = "module:Class"`. Two services of one
+name are refused, so a plugin cannot silently replace another.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol
+import importlib
+from functools import lru_cache
+from importlib import metadata
 
-from sitegen.services.logits.render import LogitsLayer
-from sitegen.services.neuron2graph.render import Neuron2GraphLayer
-from sitegen.services.neuron_explainer.render import ExplainerLayer
-from sitegen.services.neuroscope.render import NeuroscopeLayer
+from sitegen.errors import ConfigError
+from sitegen.services.base import LayerView, Service
 
+__all__ = ["GROUP", "LayerView", "Service", "by_name", "registry"]
 
-class LayerView(Protocol):
-    def payload(self, neuron: int) -> dict: ...
-    def page(self, neuron: int) -> dict: ...
-    def layer_payload(self) -> dict: ...
+GROUP = "sitegen.services"
 
-
-@dataclass(frozen=True)
-class Service:
-    name: str  # URL segment and store folder
-    title: str
-    description: str
-    open_layer: Callable[..., LayerView]  # (store, layer, site_context) -> LayerView
-    needs: tuple[str, ...] = ()  # store services it renders from; default: its own name
-
-    def available(self, store) -> bool:
-        return any(store.has_service(name) for name in (self.needs or (self.name,)))
+# The built-ins, as pyproject.toml's [project.entry-points."sitegen.services"] declares them, in
+# the order the site shows them. The registry falls back to this list when the group is empty
+# or lacks some of them: an install made before the entry points were declared (or an editable
+# install from another checkout) has stale metadata, and the built-ins must never go missing.
+BUILTIN = {
+    "neuron_explainer": "sitegen.services.neuron_explainer.service:NeuronExplainer",
+    "neuroscope": "sitegen.services.neuroscope.service:Neuroscope",
+    "neuron2graph": "sitegen.services.neuron2graph.service:Neuron2Graph",
+    "logits": "sitegen.services.logits.service:Logits",
+}
 
 
-SERVICES: tuple[Service, ...] = (
-    Service("neuron_explainer", "Explanation", "A one-sentence explanation written by a language model, with its simulation score.", ExplainerLayer),
-    Service("neuroscope", "Max-activating examples", "Top, bottom and random sequences with per-token activations; activation statistics.", NeuroscopeLayer),
-    # Every neuron gets token sets and similar neurons (from its graph, else from its top
-    # sequences), so the service is there whenever neuroscope data is; graphs where computed.
-    Service("neuron2graph", "Neuron2Graph", "A graph of the token patterns that make the neuron fire, with held-out precision/recall; "
-            "its activating and important tokens; similar neurons.", Neuron2GraphLayer, needs=("neuroscope", "neuron2graph")),
-    Service("logits", "Weight-based logit effects", "Tokens the neuron's output promotes and suppresses (W_out . W_U) and the input tokens that drive it (W_E . W_in).", LogitsLayer),
-)
+def _load(entry_name: str, target: str) -> Service:
+    module, _, attr = target.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"service entry point {entry_name} = {target!r} (group {GROUP}): cannot load it: {e}") from None
+    service = obj() if isinstance(obj, type) else obj
+    if not isinstance(service, Service):
+        raise ConfigError(f"service entry point {entry_name} = {target!r}: not a sitegen.services.base.Service subclass or instance")
+    if service.name != entry_name:
+        raise ConfigError(f"service entry point {entry_name} = {target!r}: the service calls itself {service.name!r}; use one name")
+    return service
 
-BY_NAME = {s.name: s for s in SERVICES}
+
+@lru_cache(maxsize=1)
+def registry() -> tuple[Service, ...]:
+    """Every registered service: built-ins in their fixed order, then the others by name (so
+    builds are deterministic whatever order the metadata lists them in)."""
+    declared: dict[str, str] = {}
+    for ep in metadata.entry_points(group=GROUP):
+        if ep.name in declared and declared[ep.name] != ep.value:
+            raise ConfigError(f"two services are named {ep.name!r} ({declared[ep.name]} and {ep.value}); "
+                              "uninstall one of the packages declaring them")
+        declared[ep.name] = ep.value
+    for name, target in BUILTIN.items():
+        if declared.get(name, target) != target:
+            raise ConfigError(f"service {name!r} is built in; a package declares it again as {declared[name]}: rename that service")
+        declared[name] = target
+    order = [*BUILTIN, *sorted(n for n in declared if n not in BUILTIN)]
+    return tuple(_load(name, declared[name]) for name in order)
+
+
+def by_name() -> dict[str, Service]:
+    return {s.name: s for s in registry()}

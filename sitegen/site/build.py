@@ -22,7 +22,8 @@ from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined,
 from sitegen import __version__
 from sitegen.errors import BuildError, ConfigError, SitegenError
 from sitegen.resources import default_theme, resource
-from sitegen.services import SERVICES
+from sitegen.services import registry
+from sitegen.services.base import fmt_num, fmt_pct
 from sitegen.services.tokens import escaped_vocab
 from sitegen.names import model_name_problem
 from sitegen.site.provenance import model_provenance, neuron_provenance
@@ -64,8 +65,11 @@ class SiteModel:
             raise BuildError(f"{store.root}: model name {problem}; recompute with another --name (or edit model.name in its manifest.json)")
         self.num_layers = int(m["model"]["num_layers"])
         self.layer_size = int(m["model"]["layer_size"])
-        self.services = [s for s in SERVICES if s.available(store)]
-        self.missing = [s for s in SERVICES if not s.available(store)]
+        self.services = [s for s in registry() if s.available(store)]
+        self.missing = [s for s in registry() if not s.available(store)]
+        self.table_services = sorted(self.services, key=lambda s: s.column_order)  # stable: registry order on ties
+        self.activations = next((s.name for s in self.services if s.activations), None)  # the service the templates link for activations
+        self.text_search = any(s.text_search for s in self.services)
         self.first_valid = int(m["config"]["first_valid_position"])
         self.quantile_levels = list(m["stats"]["quantile_levels"])
         self.provenance = model_provenance(m)
@@ -75,41 +79,15 @@ class SiteModel:
         self._tokens: dict[int, list[str]] = {}
         self._docs: dict[int, str] = {}
         self._esc_closed: list[str] | None = None
-        self._token_store = None
-        self._similar: list | None = None
-        self._explanations: dict[int, str] | None = None
+        self._cache: dict[str, object] = {}
         self.search_figures: dict = {}
 
-    @property
-    def token_store(self):
-        """Every neuron's activating/important tokens (search and similarity read it)."""
-        if self._token_store is None:
-            from sitegen.services.neuron2graph.tokenstore import build_token_store
-
-            self._token_store = build_token_store(self.store, self.first_valid)
-        return self._token_store
-
-    @property
-    def explanations(self) -> dict[int, str]:
-        """Global neuron id -> explanation, for search and result previews."""
-        if self._explanations is None:
-            self._explanations = {}
-            if self.store.has_service("neuron_explainer"):
-                for layer in range(self.num_layers):
-                    if self.store.layer_path("neuron_explainer", layer).exists():
-                        t = self.store.read_layer("neuron_explainer", layer, columns=["neuron", "explanation"]).to_pydict()
-                        for n, text in zip(t["neuron"], t["explanation"]):
-                            if text:
-                                self._explanations[layer * self.layer_size + n] = text
-        return self._explanations
-
-    @property
-    def similar(self) -> list:
-        if self._similar is None:
-            from sitegen.services.neuron2graph.tokenstore import similar_neurons
-
-            self._similar = similar_neurons(self.token_store)
-        return self._similar
+    def cached(self, key: str, make):
+        """A per-model value a service computes once and reuses across layers (token store,
+        similar neurons, explanations); `key` is prefixed with the service's name."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     @property
     def vocab(self) -> list[str]:
@@ -198,12 +176,14 @@ def theme_layers(theme: Path | None = None) -> list[Path]:
 
 
 def _environment(assets: dict[str, str], themes: list[Path] | None = None) -> Environment:
-    loader = ChoiceLoader([FileSystemLoader(str(t / "templates")) for t in (themes or theme_layers())])
+    # the themes first, then the folders of services shipped outside the default theme
+    folders = [t / "templates" for t in (themes or theme_layers())] + [d for s in registry() if (d := s.template_dir()) is not None]
+    loader = ChoiceLoader([FileSystemLoader(str(f)) for f in folders])
     env = Environment(loader=loader, autoescape=select_autoescape(["html"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.globals.update(assets=assets, version=__version__)
-    env.filters["num"] = lambda v, p=4: f"{v:.{p}g}" if isinstance(v, float) else v
-    env.filters["pct"] = lambda v: f"{100 * v:.2f}%"
+    env.filters["num"] = fmt_num
+    env.filters["pct"] = fmt_pct
     return env
 
 
@@ -267,11 +247,11 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
                 neurons += _render_model(pub, env, model)
             stage = "index"
             api_models = [m.metadata() for m in models]
-            pub.publish("index.html", env.get_template("index.html").render(models=models, metadata=api_models))
+            pub.publish("index.html", env.get_template("index.html").render(models=models, metadata=api_models, services=registry()))
             pub.publish("api/index.json", dumps({"models": api_models}))
             from sitegen.site.openapi import openapi_document
 
-            pub.publish("api/openapi.json", dumps(openapi_document(models, [s.name for s in SERVICES])))
+            pub.publish("api/openapi.json", dumps(openapi_document(models, registry())))
             pub.publish("404.html", env.get_template("404.html").render())
             pub.publish("search.html", env.get_template("search.html").render(models=models))
             stage = "remove stale files"
@@ -283,69 +263,76 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
     from sitegen.site.search import NETLIFY_DIR_LIMIT
 
     warnings = tuple(
-        f"{m.search_figures['largest_folder'][0]}/ holds {m.search_figures['largest_folder'][1]:,} files, over Netlify's 54,000 per folder: "
-        "the deploy would fail there (other hosts are fine)"
-        for m in models if m.search_figures.get("largest_folder", ("", 0))[1] > NETLIFY_DIR_LIMIT)
+        f"{folder}/ holds {count:,} files, over Netlify's 54,000 per folder: the deploy would fail there (other hosts are fine)"
+        for m in models for figures in m.search_figures.values()
+        for folder, count in [figures.get("largest_folder", ("", 0))] if count > NETLIFY_DIR_LIMIT)
     return BuildReport(len(models), neurons, pub.written, pub.unchanged, removed, time.monotonic() - started, out, warnings)
 
 
 def _render_model(pub: Publisher, env: Environment, model: SiteModel) -> int:
+    """Every page and API file of one model: per layer (_render_layer), then the model level."""
     meta = model.metadata()
-    neuron_tpl = env.get_template("neuron.html")
-    layer_tpl = env.get_template("layer.html")
     api = f"api/{model.name}"
-    model_level: dict[str, list] = {s.name: [] for s in model.services}
+    layer_payloads: dict[str, list[dict]] = {s.name: [] for s in model.services}
     layer_summaries = []
-    meta_json = dumps(meta)
-    missing_json = {s.name: dumps({"missing_data_types": [s.name], "metadata": meta}) for s in model.missing}
+    columns = [c for s in model.table_services for c in s.layer_columns()]
     for layer in range(model.num_layers):
-        views = {s.name: s.open_layer(model.store, layer, model) for s in model.services}
-        ns = views.get("neuroscope")
-        rows = []
-        for n in range(model.layer_size):
-            payloads, encoded = {}, {}
-            for name, view in views.items():
-                payloads[name] = view.payload(n)
-                encoded[name] = dumps(payloads[name])  # serialised once, spliced into the envelopes below
-                pub.publish(f"{api}/{name}/{layer}/{n}.json", b'{"data":' + encoded[name] + b',"metadata":' + meta_json + b"}")
-            for s in model.missing:
-                pub.publish(f"{api}/{s.name}/{layer}/{n}.json", missing_json[s.name])
-            pub.publish(f"{api}/all/{layer}/{n}.json", _all(model, encoded))
-            pages = {name: view.page(n) for name, view in views.items()}
-            pub.publish(f"{model.name}/{layer}/{n}.html", neuron_tpl.render(
-                model=model, meta=meta, layer=layer, neuron=n, nav=_neighbours(model, layer, n), services=pages,
-                missing=model.missing, api=f"/{api}", provenance=neuron_provenance(model.provenance, layer, n, payloads)))
-            if ns is not None:
-                st = payloads["neuroscope"]["stats"]
-                row = {"neuron": n, "max": st["max"], "min": st["min"], "mean": st["mean"], "frac": st["frac_positive"], "top_token": ns.top_token(n)}
-                if "neuron_explainer" in payloads:
-                    row["explanation"], row["ex_score"] = payloads["neuron_explainer"]["explanation"], payloads["neuron_explainer"]["score"]
-                rows.append(row)
-        for name, view in views.items():
-            lp = view.layer_payload()
-            pub.publish(f"{api}/{name}/{layer}.json", dumps({"data": lp, "metadata": meta}))
-            if "important_neurons" in lp:
-                model_level[name].extend(lp["important_neurons"])
-        for s in model.missing:
-            pub.publish(f"{api}/{s.name}/{layer}.json", dumps({"missing_data_types": [s.name], "metadata": meta}))
-        pub.publish(f"{api}/all/{layer}.json", dumps({s.name: {"missing_data_types": [s.name]} for s in model.missing}
-                                                      | {name: {"data": v.layer_payload()} for name, v in views.items()}))
-        pub.publish(f"{model.name}/{layer}/index.html", layer_tpl.render(model=model, meta=meta, layer=layer, rows=rows, api=f"/{api}",
-                                                                                explained="neuron_explainer" in views))
-        layer_summaries.append(_layer_summary(layer, rows))
+        rows = _render_layer(pub, env, model, meta, layer, layer_payloads)
+        pub.publish(f"{model.name}/{layer}/index.html", env.get_template("layer.html").render(
+            model=model, meta=meta, layer=layer, rows=rows, columns=columns, api=f"/{api}"))
+        layer_summaries.append(_layer_summary(layer, [r for r in rows if "max" in r]))
     for s in model.services:
-        data = {"important_neurons": sorted(model_level[s.name], key=lambda x: (-x[1], x[0]["layer"], x[0]["neuron"]))} if model_level[s.name] else {"num_layers": model.num_layers}
-        pub.publish(f"{api}/{s.name}.json", dumps({"data": data, "metadata": meta}))
+        pub.publish(f"{api}/{s.name}.json", dumps({"data": s.model_payload(model, layer_payloads[s.name]), "metadata": meta}))
     for s in model.missing:
         pub.publish(f"{api}/{s.name}.json", dumps({"missing_data_types": [s.name], "metadata": meta}))
-    if any(s.name == "neuron2graph" for s in model.services):
-        from sitegen.site.search import publish_search
-
-        model.search_figures = publish_search(pub, model)
+    for s in model.services:  # model-level indexes (token search, ...)
+        if figures := s.publish_model(pub, model):
+            model.search_figures[s.name] = figures
     pub.publish(f"{api}.json", dumps({"data": meta, "metadata": meta}))
     pub.publish(f"{api}/all.json", dumps({"metadata": meta, "services": [s.name for s in model.services]}))
     pub.publish(f"{model.name}/index.html", env.get_template("model.html").render(model=model, meta=meta, layers=layer_summaries, api=f"/{api}"))
     return model.num_layers * model.layer_size
+
+
+def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict, layer: int, layer_payloads: dict[str, list[dict]]) -> list[dict]:
+    """One layer: each service's table read once, every neuron's page and API files, the layer's
+    API files; returns the layer table's rows."""
+    neuron_tpl = env.get_template("neuron.html")
+    api = f"api/{model.name}"
+    meta_json = dumps(meta)
+    missing_json = {s.name: dumps({"missing_data_types": [s.name], "metadata": meta}) for s in model.missing}
+    views = [(s, s.open_layer(model.store, layer, model)) for s in model.services]
+    view_of = {s.name: view for s, view in views}
+    rows = []
+    for n in range(model.layer_size):
+        payloads, encoded = {}, {}
+        for s, view in views:
+            payloads[s.name] = view.payload(n)
+            encoded[s.name] = dumps(payloads[s.name])  # serialised once, spliced into the envelopes below
+            pub.publish(f"{api}/{s.name}/{layer}/{n}.json", b'{"data":' + encoded[s.name] + b',"metadata":' + meta_json + b"}")
+        for s in model.missing:
+            pub.publish(f"{api}/{s.name}/{layer}/{n}.json", missing_json[s.name])
+        pub.publish(f"{api}/all/{layer}/{n}.json", _all(model, encoded))
+        pages = {s.name: view.page(n) for s, view in views}
+        pub.publish(f"{model.name}/{layer}/{n}.html", neuron_tpl.render(
+            model=model, meta=meta, layer=layer, neuron=n, nav=_neighbours(model, layer, n), services=pages,
+            templates={s.name: s.template for s in model.services},
+            missing=model.missing, api=f"/{api}", provenance=neuron_provenance(model.provenance, layer, n, payloads)))
+        row = {"neuron": n, "cells": []}
+        for s in model.table_services:
+            row["cells"].extend(s.layer_cells(view_of[s.name], n, payloads[s.name]))
+            row.update(s.layer_facts(view_of[s.name], n, payloads[s.name]))
+        rows.append(row)
+    layer_json = {}
+    for s, view in views:
+        lp = view.layer_payload()
+        layer_json[s.name] = {"data": lp}
+        pub.publish(f"{api}/{s.name}/{layer}.json", dumps({"data": lp, "metadata": meta}))
+        layer_payloads[s.name].append(lp)
+    for s in model.missing:
+        pub.publish(f"{api}/{s.name}/{layer}.json", dumps({"missing_data_types": [s.name], "metadata": meta}))
+    pub.publish(f"{api}/all/{layer}.json", dumps({s.name: {"missing_data_types": [s.name]} for s in model.missing} | layer_json))
+    return rows
 
 
 def _all(model: SiteModel, encoded: dict[str, bytes]) -> bytes:

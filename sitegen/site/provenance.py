@@ -16,6 +16,24 @@ import numpy as np
 NOT_RECORDED = None  # a field an older store did not record: shown as "not recorded"
 
 
+# The OpenAPI schema of model_provenance's record (site/openapi.py publishes it), next to the code writing it.
+PROVENANCE_SCHEMA = {
+    "type": "object", "description": "How the data was made: corpus and its content hash, tokens, sequence length, model fingerprints "
+                                     "(checkpoint files and weights), sitegen and library versions, Neuron2Graph settings. "
+                                     "`sitegen verify STORE` checks a store against its model.",
+    "required": ["corpus", "tokens_processed", "sequence_length", "model", "sitegen_version"],
+    "properties": {
+        "corpus": {"type": "object", "properties": {"name": {"type": ["string", "null"]}, "source": {"type": ["string", "null"]},
+                                                    "content_hash": {"type": ["string", "null"]}}},
+        "tokens_processed": {"type": ["integer", "null"]}, "sequence_length": {"type": ["integer", "null"]},
+        "model": {"type": "object", "properties": {"source": {"type": ["string", "null"]}, "fingerprint": {"type": ["string", "null"]},
+                                                   "weights_sha256": {"type": ["string", "null"]}, "hook": {"type": ["string", "null"]}}},
+        "sitegen_version": {"type": ["string", "null"]},
+        "neuron2graph": {"type": "object"},
+    },
+}
+
+
 def _public_source(source: str | None) -> str | None:
     """A model or corpus spec as the page may show it: built-in and hub names, not local paths
     (a private checkpoint's location says nothing to a reader and may say too much)."""

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import orjson
 
+from sitegen.services.neuron2graph.service import token_store
 from sitegen.services.neuron2graph.tokenstore import SOURCE_GRAPH, TokenStore, parse_query
+from sitegen.services.neuron_explainer.service import explanations as explanations_of
 
 CAP = 200  # ids per list in a shard file
 KEYS_PER_SHARD = 8  # target; the shard count is the next power of two, at most MAX_SHARDS
@@ -91,8 +93,8 @@ def publish_text_search(pub, base: str, explanations: dict[int, str]) -> dict:
 def publish_search(pub, model) -> dict:
     """Write the model's search files; returns figures for the build report."""
     pub = _FolderCount(pub)
-    ts = model.token_store
-    explanations = getattr(model, "explanations", None) or {}
+    ts = token_store(model)
+    explanations = explanations_of(model)
     lists = postings(ts)
     base = f"search/{model.name}"
     shards = shard_count(len(lists))

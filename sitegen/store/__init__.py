@@ -31,9 +31,7 @@ import pyarrow.parquet as pq
 
 from sitegen import __version__
 from sitegen.errors import StoreError
-from sitegen.store.manifest import validate_store
-
-SCHEMA_VERSION = 2  # 2: squares as two limbs (sumsq_lo), variable-width display histogram (hist_edges)
+from sitegen.store.manifest import SCHEMA_VERSION, encode, validate_store, with_service
 MANIFEST = "manifest.json"
 WORK_DIR = ".work"
 LOCK = ".manifest.lock"
@@ -206,26 +204,21 @@ class Store:
         another command's update since this Store was opened is kept, not overwritten."""
         with self._manifest_lock():
             current = self._read_manifest()
-            manifest = {k: v for k, v in current.items() if k not in ("schema_version", "sitegen_version")}
-            changed = service not in manifest.get("services", [])
-            if changed:
-                manifest["services"] = [*manifest.get("services", []), service]
-            if record is not None and manifest.get(service) != record:
-                manifest[service] = record
-                changed = True
-            if changed:
+            manifest = with_service(current, service, record)
+            if manifest is not None:
                 self._write_manifest(manifest)
             else:
                 self._manifest = current
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        """Write a whole manifest (a new store: compute, merge); an existing one is replaced."""
+        """Write a whole manifest (a new store: compute, merge; built by sitegen.store.manifest's
+        new_manifest / merged_manifest); an existing one is replaced."""
         with self._manifest_lock():
             self._write_manifest(manifest)
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        manifest = {**manifest, "schema_version": SCHEMA_VERSION, "sitegen_version": __version__}
-        atomic_write_bytes(self.root / MANIFEST, orjson.dumps(manifest, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2))
+        manifest, data = encode(self.root / MANIFEST, manifest, __version__)
+        atomic_write_bytes(self.root / MANIFEST, data)
         self._manifest = manifest
 
 

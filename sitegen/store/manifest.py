@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -212,3 +213,45 @@ def validate_store(root: Path, data: Any) -> Manifest:
                 raise StoreError(f"{path}: field 'model.layer_size' is {size} but {table} has {rows} rows (one per neuron); "
                                  f"fix that field or {_RECOMPUTE}")
     return m
+
+
+# --- Building and encoding: the one place a manifest is made ---------------------------------------
+
+SCHEMA_VERSION = 2  # 2: squares as two limbs (sumsq_lo), variable-width display histogram (hist_edges)
+_STAMPS = ("schema_version", "sitegen_version")  # written by encode(), never carried over from a read manifest
+
+
+def new_manifest(*, model: dict, corpus: dict, processed: dict, config: dict, stats: dict, run_hash: str, shard: dict | None,
+                 services: list[str], **records: Any) -> dict:
+    """A whole store's manifest (compute, merge, synthetic test stores). `records`: per-service
+    or provenance records kept as they are (identity, versions, neuron2graph, ...)."""
+    return {"model": model, "corpus": corpus, "processed": processed, "config": config, "stats": stats,
+            "run_hash": run_hash, "shard": shard, "services": list(services), **records}
+
+
+def merged_manifest(manifests: list[dict], services: list[str]) -> dict:
+    """The manifest of a merged store: the first shard's, as a whole store, with every shard's work summed."""
+    first = {k: v for k, v in manifests[0].items() if k not in _STAMPS}
+    return {**first, "shard": None, "services": list(services),
+            "processed": {"sequences": sum(m["processed"]["sequences"] for m in manifests),
+                          "tokens": sum(m["processed"]["tokens"] for m in manifests)}}
+
+
+def with_service(current: dict, service: str, record: dict | None = None) -> dict | None:
+    """`current` with `service` listed (and `record` kept under its name); None when nothing changes."""
+    manifest = {k: v for k, v in current.items() if k not in _STAMPS}
+    changed = service not in manifest.get("services", [])
+    if changed:
+        manifest["services"] = [*manifest.get("services", []), service]
+    if record is not None and manifest.get(service) != record:
+        manifest[service] = record
+        changed = True
+    return manifest if changed else None
+
+
+def encode(path: Path, manifest: dict, sitegen_version: str) -> tuple[dict, bytes]:
+    """The stamped manifest and its bytes, checked against the schema first: sitegen never writes
+    a manifest it would refuse to open."""
+    stamped = {**{k: v for k, v in manifest.items() if k not in _STAMPS}, "schema_version": SCHEMA_VERSION, "sitegen_version": sitegen_version}
+    parse_manifest(path, stamped)
+    return stamped, orjson.dumps(stamped, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)

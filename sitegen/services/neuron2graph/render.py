@@ -13,6 +13,7 @@ from urllib.parse import quote
 from markupsafe import Markup, escape
 
 from sitegen.services.neuron2graph import graph as g
+from sitegen.services.neuron2graph.service import similar, token_store
 from sitegen.services.neuron2graph.tokenstore import SOURCE_GRAPH
 from sitegen.services.tokens import display
 
@@ -28,8 +29,8 @@ class Neuron2GraphLayer:
         if store.has_service("neuron2graph") and store.layer_path("neuron2graph", layer).exists():
             t = store.read_layer("neuron2graph", layer).to_pylist()
             self.rows = {r["neuron"]: r for r in t}
-        self.ts = site.token_store
-        self.similar = site.similar
+        self.ts = token_store(site)
+        self.similar = similar(site)
         self.base = layer * site.layer_size
 
     def _similar(self, n: int) -> list[dict]:

@@ -1,0 +1,178 @@
+"""The contract between sitegen and a per-neuron service, and the helpers a service uses to
+describe its part of the site. Every hook is a documented no-op by default, so a service
+overrides only what it has. No torch here: the build imports this module.
+
+A service is a subclass of `Service` (one instance registered under the `sitegen.services`
+entry-point group; see sitegen/services/__init__.py). The build, merge, the compute runner, the
+OpenAPI writer and the templates ask services through these hooks and never name one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from markupsafe import Markup
+
+
+class LayerView(Protocol):
+    """A service's data for one layer, read once; answers per neuron."""
+
+    def payload(self, neuron: int) -> dict: ...  # the API's `data` (DeepDecipher's shape)
+    def page(self, neuron: int) -> dict: ...  # the context of the service's template partial
+    def layer_payload(self) -> dict: ...  # the layer's API `data`
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column a service adds to the layer table. `sort`: "number" (cells carry a data-v value),
+    "text" (sorted by the cell's text) or None (not sortable)."""
+
+    header: str
+    sort: str | None = "number"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One layer-table cell: escaped HTML and, for numeric columns, the sort value (data-v)."""
+
+    html: Markup
+    sort: str | None = None
+
+
+def fmt_num(v, p: int = 4):
+    """The site's number format (also the templates' `num` filter)."""
+    return f"{v:.{p}g}" if isinstance(v, float) else v
+
+
+def fmt_pct(v) -> str:
+    """The site's fraction format (also the templates' `pct` filter)."""
+    return f"{100 * v:.2f}%"
+
+
+def number_cell(value, p: int = 4) -> Cell:
+    return Cell(Markup.escape(fmt_num(value, p)), str(value))
+
+
+# --- OpenAPI helpers, shared by every service's schema -------------------------------------------------
+
+METADATA_REF = "#/components/schemas/Metadata"
+NEURON_INDEX_REF = "#/components/schemas/NeuronIndex"
+LAYER_NEURON = ["model", "layer", "neuron"]
+
+
+def api_envelope(data_ref: str) -> dict:
+    """A response: {"data", "metadata"} or, where the store lacks the service, the Missing object."""
+    return {"oneOf": [
+        {"type": "object", "required": ["data", "metadata"], "properties": {"data": {"$ref": data_ref}, "metadata": {"$ref": METADATA_REF}}},
+        {"$ref": "#/components/schemas/Missing"},
+    ]}
+
+
+def api_get(summary: str, schema: dict, params: list[str]) -> dict:
+    """An OpenAPI GET operation with path parameters (model and service are strings, the rest integers)."""
+    return {"get": {
+        "summary": summary,
+        "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string" if p in ("model", "service") else "integer"}} for p in params],
+        "responses": {"200": {"description": "OK (Access-Control-Allow-Origin: *)", "content": {"application/json": {"schema": schema}}},
+                      "404": {"description": "no such model, layer or neuron"}},
+    }}
+
+
+class Service:
+    """Base class of a per-neuron service. Class attributes describe it; hooks do nothing unless
+    overridden. Only `name` and `open_layer` are required for a service to appear on the site."""
+
+    name: str = ""  # URL segment and store folder: [a-z][a-z0-9_]*
+    title: str = ""  # heading on the neuron page
+    description: str = ""  # one sentence: what a reader finds here
+    index_blurb: str | None = None  # a row of the index page's "Data sources" table, if any
+    needs: tuple[str, ...] = ()  # store folders it renders from (any one suffices); default: its own name
+    column_order: int = 100  # where its layer-table columns go (lower first; ties in registry order)
+    # The service whose per-neuron JSON holds the texts and activations the page's script reads
+    # (data-json) and whose layer JSON ranks the layer's neurons (the layer page links it).
+    activations: bool = False
+    text_search: bool = False  # its data feeds the model page's explanation (free-text) search
+
+    # --- render half (no torch) -------------------------------------------------------------------
+
+    def available(self, store) -> bool:
+        """Whether the store holds data this service renders."""
+        return any(store.has_service(name) for name in (self.needs or (self.name,)))
+
+    def open_layer(self, store, layer: int, site) -> LayerView:
+        """Read the service's table for one layer (`site` is the build's SiteModel)."""
+        raise NotImplementedError(f"service {self.name!r} defines no open_layer")
+
+    @property
+    def template(self) -> str:
+        """The neuron page partial, looked up in the theme, then in `template_dir()`."""
+        return f"services/{self.name}.html"
+
+    def template_dir(self) -> Path | None:
+        """A folder holding `services/<name>.html`, for a service shipped outside sitegen's theme."""
+        return None
+
+    def layer_columns(self) -> list[Column]:
+        """Columns this service adds to the layer table (in registry order after the neuron column)."""
+        return []
+
+    def layer_cells(self, view: LayerView, neuron: int, payload: dict) -> list[Cell]:
+        """This neuron's cells for `layer_columns()`, one per column."""
+        return []
+
+    def layer_facts(self, view: LayerView, neuron: int, payload: dict) -> dict:
+        """Per-neuron facts for the model page's layer summary: `max`, `frac`, `top_token` (one
+        service supplies them; the summary is empty without)."""
+        return {}
+
+    def model_payload(self, site, layer_payloads: list[dict]) -> dict:
+        """The model-level API `data` (/api/<model>/<service>.json) from every layer's payload:
+        by default the layers' `important_neurons` ranked together, else the layer count."""
+        ranked = [x for lp in layer_payloads for x in lp.get("important_neurons", ())]
+        if ranked:
+            return {"important_neurons": sorted(ranked, key=lambda x: (-x[1], x[0]["layer"], x[0]["neuron"]))}
+        return {"num_layers": site.num_layers}
+
+    def publish_model(self, pub, site) -> dict:
+        """Write model-level indexes (token search, explanation search, ...) through `pub`;
+        returns figures for the build report (`largest_folder`: (folder, files))."""
+        return {}
+
+    def openapi_paths(self) -> dict:
+        """OpenAPI path items: by default the per-neuron URL with a free-form object."""
+        return {f"/api/{{model}}/{self.name}/{{layer}}/{{neuron}}": api_get(self.description or self.name, api_envelope(f"#/components/schemas/{self.schema_name}"), LAYER_NEURON)}
+
+    def openapi_schemas(self) -> dict:
+        """OpenAPI component schemas this service's paths refer to."""
+        return {self.schema_name: {"type": "object"}}
+
+    @property
+    def schema_name(self) -> str:
+        return "".join(part.capitalize() for part in self.name.split("_"))
+
+    # --- compute half (may import torch, lazily, inside the hooks) --------------------------------
+
+    def accumulator(self, layer: int, layer_size: int, first_valid: int, device: str):
+        """A per-layer accumulator for `sitegen compute`'s corpus pass, or None (the default: the
+        service computes nothing there). The accumulator gets `update(acts, valid)` per batch
+        (acts: float32 torch tensor [batch, seq, layer_size]; valid: bool [batch, seq], the
+        counted positions: BOS and padding excluded), `state()` -> dict of numpy arrays (saved in
+        checkpoints), `load(state)`, and `table()` -> a pyarrow table with a `neuron` column, one
+        row per neuron, written as the service's layer file."""
+        return None
+
+    from_weights: bool = False  # computed from the model's weights alone (hook weight_tables), not the corpus
+
+    def weight_tables(self, model):
+        """For a `from_weights` service: (layer, pyarrow table) for every layer, from the loaded
+        model (sitegen.compute.models.LoadedModel) alone. `sitegen compute` runs it once, in the
+        first shard (skipped by --no-weights); `sitegen merge` copies that shard's files as they are."""
+        raise NotImplementedError(f"service {self.name!r} is from_weights but defines no weight_tables")
+
+    def merge_tables(self, tables: list):
+        """`sitegen merge`: one layer's tables from every shard (in shard order) -> the merged
+        table. Must not depend on the order (adding counts is the usual way). Only called for
+        services whose shards hold the table."""
+        raise NotImplementedError(f"service {self.name!r} cannot merge shards: it defines no merge_tables")

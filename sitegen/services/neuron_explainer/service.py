@@ -1,0 +1,57 @@
+"""The neuron_explainer service as the build sees it (registered under `sitegen.services`)."""
+
+from __future__ import annotations
+
+from markupsafe import Markup
+
+from sitegen.services.base import LAYER_NEURON, Cell, Column, Service, api_envelope, api_get, fmt_num
+
+_EXPLAINER = {
+    "type": "object", "required": ["explanation", "score"],
+    "properties": {"explanation": {"type": ["string", "null"]}, "score": {"type": ["number", "null"]}, "explainer": {"type": ["string", "null"]},
+                   "source": {"type": ["string", "null"]}, "method": {"type": ["string", "null"]}},
+}
+
+
+def explanations(site) -> dict[int, str]:
+    """Global neuron id -> explanation (search indexes and result previews read it), cached per model."""
+    def read() -> dict[int, str]:
+        out = {}
+        if site.store.has_service("neuron_explainer"):
+            for layer in range(site.num_layers):
+                if site.store.layer_path("neuron_explainer", layer).exists():
+                    t = site.store.read_layer("neuron_explainer", layer, columns=["neuron", "explanation"]).to_pydict()
+                    for n, text in zip(t["neuron"], t["explanation"]):
+                        if text:
+                            out[layer * site.layer_size + n] = text
+        return out
+
+    return site.cached("neuron_explainer.explanations", read)
+
+
+class NeuronExplainer(Service):
+    name = "neuron_explainer"
+    title = "Explanation"
+    description = "A one-sentence explanation written by a language model, with its simulation score."
+    column_order = 10
+    text_search = True
+
+    def open_layer(self, store, layer, site):
+        from sitegen.services.neuron_explainer.render import ExplainerLayer
+
+        return ExplainerLayer(store, layer, site)
+
+    def layer_columns(self):
+        return [Column("Explanation score"), Column("Explanation", None)]
+
+    def layer_cells(self, view, n, payload):
+        score = payload["score"]
+        return [Cell(Markup.escape("" if score is None else fmt_num(score, 3)), str(-2 if score is None else score)),
+                Cell(Markup.escape(payload["explanation"] or ""))]
+
+    def openapi_paths(self):
+        return {"/api/{model}/neuron_explainer/{layer}/{neuron}": api_get("A neuron's explanation and its simulation score (nulls when it has none)",
+                                                                           api_envelope("#/components/schemas/NeuronExplainer"), LAYER_NEURON)}
+
+    def openapi_schemas(self):
+        return {"NeuronExplainer": _EXPLAINER}

@@ -1,0 +1,84 @@
+"""The neuroscope service as the build sees it (registered under `sitegen.services`)."""
+
+from __future__ import annotations
+
+from markupsafe import Markup
+
+from sitegen.services.base import (LAYER_NEURON, NEURON_INDEX_REF, Cell, Column, Service, api_envelope, api_get, fmt_pct,
+                                   number_cell)
+
+_TEXT = {
+    "type": "object",
+    "required": ["min_range", "max_range", "min_activation", "max_activation", "data_index", "max_activating_token_index", "tokens", "activations", "token_ids"],
+    "properties": {
+        "min_range": {"type": "number"}, "max_range": {"type": "number"},
+        "min_activation": {"type": "number"}, "max_activation": {"type": "number"},
+        "data_index": {"type": "integer"}, "max_activating_token_index": {"type": "integer"},
+        "tokens": {"type": "array", "items": {"type": "string"}},
+        "activations": {"type": "array", "items": {"type": "number"}},
+        "token_ids": {"type": "array", "items": {"type": "integer"}},
+        "doc_id": {"type": "string"}, "char_start": {"type": "integer"}, "char_end": {"type": "integer"},
+    },
+}
+_NEUROSCOPE = {
+    "type": "object", "required": ["neuron_index", "texts"],
+    "properties": {
+        "neuron_index": {"$ref": NEURON_INDEX_REF},
+        "texts": {"type": "array", "items": {"$ref": "#/components/schemas/Text"}},
+        "bottom_texts": {"type": "array", "items": {"$ref": "#/components/schemas/Text"}},
+        "random_texts": {"type": "array", "items": {"$ref": "#/components/schemas/Text"}},
+        "stats": {"type": "object", "required": ["mean", "std", "min", "max", "frac_positive", "quantiles", "histogram"],
+                  "properties": {"histogram": {
+                      "type": "object", "required": ["edges", "counts"],
+                      "description": "Exact counts in variable-width bins from min to max: counts[i] values lie between edges[i] "
+                                     "and edges[i + 1] (bins follow the float32 exponent, finer near zero; a zero-width bin [0, 0] "
+                                     "holds exact zeros). Draw as density, count / width.",
+                      "properties": {"edges": {"type": "array", "items": {"type": "number"}},
+                                     "counts": {"type": "array", "items": {"type": "integer"}}}}}},
+    },
+}
+
+
+class Neuroscope(Service):
+    name = "neuroscope"
+    title = "Max-activating examples"
+    description = "Top, bottom and random sequences with per-token activations; activation statistics."
+    index_blurb = ("The 20 sequences with the highest and the lowest activation (one entry per sequence), a random sample, "
+                   "per-token activations, statistics, histogram and quantiles.")
+    column_order = 0  # the activation columns lead the layer table
+    activations = True
+
+    def open_layer(self, store, layer, site):
+        from sitegen.services.neuroscope.render import NeuroscopeLayer
+
+        return NeuroscopeLayer(store, layer, site)
+
+    def layer_columns(self):
+        return [Column("Max activation"), Column("Min"), Column("Mean"), Column("Fraction active"), Column("Top token", "text")]
+
+    def layer_cells(self, view, n, payload):
+        st = payload["stats"]
+        return [number_cell(st["max"]), number_cell(st["min"]), number_cell(st["mean"]),
+                Cell(Markup.escape(fmt_pct(st["frac_positive"])), str(st["frac_positive"])),
+                Cell(Markup("<code>{}</code>").format(_top_token(payload)))]
+
+    def layer_facts(self, view, n, payload):
+        st = payload["stats"]
+        return {"max": st["max"], "frac": st["frac_positive"], "top_token": _top_token(payload)}
+
+    def openapi_paths(self):
+        return {
+            "/api/{model}/neuroscope/{layer}/{neuron}": api_get("Top, bottom and random texts of a neuron", api_envelope("#/components/schemas/Neuroscope"), LAYER_NEURON),
+            "/api/{model}/neuroscope/{layer}": api_get("A layer's neurons ranked by importance", api_envelope("#/components/schemas/LayerImportance"), ["model", "layer"]),
+        }
+
+    def openapi_schemas(self):
+        return {"Text": _TEXT, "Neuroscope": _NEUROSCOPE,
+                "LayerImportance": {"type": "object", "required": ["num_neurons", "important_neurons"],
+                                    "properties": {"num_neurons": {"type": "integer"}, "important_neurons": {"type": "array"}}}}
+
+
+def _top_token(payload: dict) -> str:
+    """The peak token of the neuron's top text, read off the payload (no second pass over the layer's texts)."""
+    texts = payload["texts"]
+    return texts[0]["tokens"][texts[0]["max_activating_token_index"]] if texts else ""

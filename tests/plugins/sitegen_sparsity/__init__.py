@@ -1,0 +1,106 @@
+"""A fifth service defined outside sitegen, for tests/test_service_contract.py: per-neuron
+activation density (the fraction of counted tokens where the neuron's activation is > 0), split
+into the first and the second half of each sequence's positions. Counts are integers, so shards
+merge exactly by adding. Registered by an entry point (group `sitegen.services`), nothing else:
+sitegen's own files never name it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from markupsafe import Markup
+
+from sitegen.services.base import LAYER_NEURON, NEURON_INDEX_REF, Cell, Column, Service, api_envelope, api_get
+
+NAME = "sparsity"
+_COUNTS = ("tokens", "positive", "early_tokens", "early_positive")
+
+
+class _Accumulator:
+    def __init__(self, layer_size: int, device: str):
+        import torch
+
+        self.counts = {k: torch.zeros(layer_size, dtype=torch.int64, device=device) for k in _COUNTS}
+
+    def update(self, acts, valid) -> None:
+        half = acts.shape[1] // 2
+        for prefix, sl in (("", slice(None)), ("early_", slice(0, half))):
+            a, v = acts[:, sl], valid[:, sl]
+            self.counts[prefix + "tokens"] += v.sum()
+            self.counts[prefix + "positive"] += ((a > 0) & v[..., None]).sum((0, 1))
+
+    def state(self) -> dict:
+        return {k: c.cpu().numpy() for k, c in self.counts.items()}
+
+    def load(self, state: dict) -> None:
+        import torch
+
+        for k, c in self.counts.items():
+            c.copy_(torch.from_numpy(state[k]))
+
+    def table(self) -> pa.Table:
+        st = self.state()
+        return _table(st)
+
+
+def _table(st: dict) -> pa.Table:
+    n = len(st["positive"])
+    return pa.table({"neuron": pa.array(np.arange(n), pa.int64()), **{k: pa.array(np.asarray(st[k]), pa.int64()) for k in _COUNTS}})
+
+
+class _Layer:
+    def __init__(self, store, layer, site):
+        self.layer = layer
+        self.cols = store.read_layer(NAME, layer).to_pydict()
+
+    def payload(self, n: int) -> dict:
+        c = {k: self.cols[k][n] for k in _COUNTS}
+        late_tokens, late_positive = c["tokens"] - c["early_tokens"], c["positive"] - c["early_positive"]
+        return {"neuron_index": {"layer": self.layer, "neuron": n}, "tokens": c["tokens"], "positive": c["positive"],
+                "density": round(c["positive"] / c["tokens"], 6) if c["tokens"] else None,
+                "density_early": round(c["early_positive"] / c["early_tokens"], 6) if c["early_tokens"] else None,
+                "density_late": round(late_positive / late_tokens, 6) if late_tokens else None}
+
+    def page(self, n: int) -> dict:
+        return self.payload(n)
+
+    def layer_payload(self) -> dict:
+        return {"num_neurons": len(self.cols["neuron"])}
+
+
+class Sparsity(Service):
+    name = NAME
+    title = "Activation density"
+    description = "How often the neuron is active (> 0), over all counted tokens and by position."
+    index_blurb = "The fraction of tokens on which each neuron is active, early and late in a sequence."
+
+    def open_layer(self, store, layer, site):
+        return _Layer(store, layer, site)
+
+    def template_dir(self):
+        return Path(__file__).parent / "templates"
+
+    def layer_columns(self):
+        return [Column("Density")]
+
+    def layer_cells(self, view, n, payload):
+        d = payload["density"]
+        return [Cell(Markup.escape("" if d is None else f"{d:.1%}"), str(-1 if d is None else d))]
+
+    def openapi_paths(self):
+        return {"/api/{model}/sparsity/{layer}/{neuron}": api_get("A neuron's activation density", api_envelope("#/components/schemas/Sparsity"), LAYER_NEURON)}
+
+    def openapi_schemas(self):
+        return {"Sparsity": {"type": "object", "required": ["neuron_index", "tokens", "positive", "density"],
+                             "properties": {"neuron_index": {"$ref": NEURON_INDEX_REF}, "tokens": {"type": "integer"},
+                                            "positive": {"type": "integer"}, "density": {"type": ["number", "null"]},
+                                            "density_early": {"type": ["number", "null"]}, "density_late": {"type": ["number", "null"]}}}}
+
+    def accumulator(self, layer, layer_size, first_valid, device):
+        return _Accumulator(layer_size, device)
+
+    def merge_tables(self, tables):
+        parts = [t.to_pydict() for t in tables]
+        return _table({k: np.sum([np.asarray(p[k], np.int64) for p in parts], axis=0) for k in _COUNTS})

@@ -1,0 +1,136 @@
+"""The Service contract (sitegen/services/base.py): a fifth service, defined only in
+tests/plugins/sitegen_sparsity and registered through the `sitegen.services` entry-point group
+(a real *.dist-info folder on sys.path), is computed by `sitegen compute`, merged by `sitegen
+merge`, and shown on the neuron page, the layer table, the index page, the API and OpenAPI,
+without a line of sitegen naming it. Also: the registry refuses a second service of a taken name."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from sitegen.cli import main
+from sitegen.services import registry
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+def _install_entry_points(monkeypatch, tmp: Path, lines: str, dist: str = "sitegen_sparsity_test") -> None:
+    """A distribution's metadata as pip would leave it, found by importlib.metadata on sys.path."""
+    info = tmp / f"{dist}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[sitegen.services]\n{lines}\n")
+    monkeypatch.syspath_prepend(str(tmp))
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    registry.cache_clear()
+
+
+@pytest.fixture
+def fresh_registry():
+    registry.cache_clear()
+    yield
+    registry.cache_clear()
+
+
+def _cli(*args) -> None:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def test_a_fifth_service_is_computed_merged_and_published(fresh_registry, monkeypatch, tmp_path, tiny_model_dir, tiny_corpus):
+    from jsonschema import Draft202012Validator
+
+    from sitegen.store import Store
+
+    _install_entry_points(monkeypatch, tmp_path / "site-packages", "sparsity = sitegen_sparsity:Sparsity")
+    assert [s.name for s in registry()][-1] == "sparsity"
+    common = ["--model", tiny_model_dir, "--corpus", tiny_corpus, "--tokens", 600, "--seq-len", 16, "--top-k", 3, "--random", 2,
+              "--batch-size", 4, "--device", "cpu", "--no-weights", "--quiet"]
+    for i in range(2):
+        _cli("compute", *common, "--shard", f"{i}/2", "--out", tmp_path / f"shard{i}")
+    _cli("merge", tmp_path / "shard0", tmp_path / "shard1", "--out", tmp_path / "merged")
+
+    shards = [Store.open(tmp_path / f"shard{i}") for i in range(2)]
+    merged = Store.open(tmp_path / "merged")
+    assert "sparsity" in merged.manifest["services"]
+    layers, size = merged.manifest["model"]["num_layers"], merged.manifest["model"]["layer_size"]
+    counted = merged.manifest["processed"]["tokens"] - merged.manifest["processed"]["sequences"] * merged.manifest["config"]["first_valid_position"]
+    for layer in range(layers):
+        t = merged.read_layer("sparsity", layer).to_pydict()
+        parts = [s.read_layer("sparsity", layer).to_pydict() for s in shards]
+        assert t["tokens"] == [counted] * size  # every counted token, BOS and padding left out
+        assert t["positive"] == [a + b for a, b in zip(parts[0]["positive"], parts[1]["positive"])]
+        assert 0 < sum(t["positive"]) < counted * size
+
+    site = tmp_path / "site"
+    _cli("build", tmp_path / "merged", "--out", site)
+    model = merged.manifest["model"]["name"]
+    doc = orjson.loads((site / f"api/{model}/sparsity/1/2.json").read_bytes())
+    t = merged.read_layer("sparsity", 1).to_pydict()
+    assert doc["data"]["density"] == round(t["positive"][2] / t["tokens"][2], 6)
+    page = (site / f"{model}/1/2.html").read_text()
+    assert f"Active on <strong>{100 * doc['data']['density']:.1f}%</strong> of {t['tokens'][2]} tokens" in page
+    assert f'href="/api/{model}/sparsity/1/2.json"' in page
+    table = (site / f"{model}/1/index.html").read_text()
+    assert re.search(r'<button type="button" data-key="\d+">Density</button>', table)
+    assert f'<td data-v="{doc["data"]["density"]}">{doc["data"]["density"]:.1%}</td>' in table
+    assert "The fraction of tokens on which each neuron is active" in (site / "index.html").read_text()
+    assert "sparsity" in orjson.loads((site / f"api/{model}.json").read_bytes())["data"]["available_services"]
+    assert "sparsity" in orjson.loads((site / f"api/{model}/all/1/2.json").read_bytes())
+
+    spec = orjson.loads((site / "api/openapi.json").read_bytes())
+    assert "sparsity" in spec["x-services"]
+    schema = spec["paths"]["/api/{model}/sparsity/{layer}/{neuron}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    errors = list(Draft202012Validator({**schema, "components": spec["components"]}).iter_errors(doc))
+    assert not errors, errors[0].message
+
+
+def test_the_registry_refuses_a_second_service_of_a_taken_name(fresh_registry, monkeypatch, tmp_path):
+    from sitegen.errors import ConfigError
+
+    _install_entry_points(monkeypatch, tmp_path / "a", "neuroscope = sitegen_sparsity:Sparsity", dist="impostor")
+    with pytest.raises(ConfigError, match="'neuroscope' is built in"):
+        registry()
+
+
+def test_the_built_ins_are_there_without_entry_point_metadata(fresh_registry, monkeypatch):
+    """An install whose metadata predates the entry points (or lacks them) still has every built-in."""
+    from importlib import metadata
+
+    monkeypatch.setattr(metadata, "entry_points", lambda **kw: [])
+    assert [s.name for s in registry()] == ["neuron_explainer", "neuroscope", "neuron2graph", "logits"]
+
+
+def test_the_build_the_openapi_writer_and_the_page_templates_name_no_service():
+    root = Path(__file__).parent.parent
+    templates = sorted((root / "themes/default/templates").glob("*.html"))
+    for path in [root / "sitegen/site/build.py", root / "sitegen/site/openapi.py", *templates]:
+        rel = path.relative_to(root)
+        text = path.read_text()
+        if path.name == "search.html":  # DeepDecipher's search URL, quoted for readers without JavaScript
+            text = text.replace("/api/&lt;model&gt;/neuron2graph-search", "")
+        for name in ("neuroscope", "neuron2graph", "neuron_explainer", "logits"):
+            assert not re.search(rf"['\"/]{name}\b", text), f"{rel} names the service {name}"
+
+
+def test_a_manifest_sitegen_would_refuse_is_never_written(tmp_path, synthetic_store):
+    """The manifest is built and checked in one place (sitegen.store.manifest): a writer passing a
+    wrong field gets the same one-line error opening the store would give, and no file."""
+    from sitegen.errors import StoreError
+    from sitegen.store import Store
+    from sitegen.store.manifest import new_manifest
+
+    m = synthetic_store.manifest
+    fields = {k: m[k] for k in ("model", "corpus", "processed", "config", "stats", "run_hash", "shard", "services")}
+    target = Store(tmp_path / "store")
+    target.root.mkdir()
+    with pytest.raises(StoreError, match="field 'model.layer_size'"):
+        target.write_manifest(new_manifest(**{**fields, "model": {**m["model"], "layer_size": "4"}}))
+    assert not (target.root / "manifest.json").exists()
+    target.write_manifest(new_manifest(**fields))
+    assert {k: v for k, v in orjson.loads((target.root / "manifest.json").read_bytes()).items() if k in fields} == fields
