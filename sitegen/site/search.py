@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import orjson
 
-from sitegen.services.neuron2graph.service import token_store
+from sitegen.services.neuron2graph.tokenstore import token_store
 from sitegen.services.neuron2graph.tokenstore import SOURCE_GRAPH, TokenStore, parse_query
 from sitegen.services.neuron_explainer.service import explanations as explanations_of
 
@@ -90,8 +90,15 @@ def publish_text_search(pub, base: str, explanations: dict[int, str]) -> dict:
     return {"shards": shards, "documents": len(explanations), "stop_words": stop_words()}
 
 
+def has_search(model) -> bool:
+    """Whether the model's neurons have tokens to search: the neuron2graph service gives every
+    neuron token sets (from its graph, else from its top sequences)."""
+    return any(s.name == "neuron2graph" for s in model.services)
+
+
 def publish_search(pub, model) -> dict:
-    """Write the model's search files; returns figures for the build report."""
+    """Write the model's search files (the site-wide search page and DeepDecipher's search URL
+    read them); returns figures for the build report."""
     pub = _FolderCount(pub)
     ts = token_store(model)
     explanations = explanations_of(model)

@@ -13,7 +13,7 @@ from urllib.parse import quote
 from markupsafe import Markup, escape
 
 from sitegen.services.neuron2graph import graph as g
-from sitegen.services.neuron2graph.service import similar, token_store
+from sitegen.services.neuron2graph.tokenstore import similar, token_store
 from sitegen.services.neuron2graph.tokenstore import SOURCE_GRAPH
 from sitegen.services.tokens import display
 

@@ -39,19 +39,6 @@ def _search() -> dict:
     return op
 
 
-def token_store(site):
-    """Every neuron's activating/important tokens (search and similarity read it), cached per model."""
-    from sitegen.services.neuron2graph.tokenstore import build_token_store
-
-    return site.cached("neuron2graph.token_store", lambda: build_token_store(site.store, site.first_valid))
-
-
-def similar(site) -> list:
-    from sitegen.services.neuron2graph.tokenstore import similar_neurons
-
-    return site.cached("neuron2graph.similar", lambda: similar_neurons(token_store(site)))
-
-
 class Neuron2Graph(Service):
     name = "neuron2graph"
     title = "Neuron2Graph"
@@ -65,11 +52,6 @@ class Neuron2Graph(Service):
         from sitegen.services.neuron2graph.render import Neuron2GraphLayer
 
         return Neuron2GraphLayer(store, layer, site)
-
-    def publish_model(self, pub, site):
-        from sitegen.site.search import publish_search
-
-        return publish_search(pub, site)
 
     def openapi_paths(self):
         return {

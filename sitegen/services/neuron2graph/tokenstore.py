@@ -201,3 +201,13 @@ def parse_query(query: str) -> list[tuple[str, str]]:
             raise ValueError(f"no token after {_quoted(kind)}: write {kind}:token")
         terms.append((kind, g.normalise(token)))
     return terms
+
+
+def token_store(site):
+    """Every neuron's activating/important tokens (search and similarity read it), cached per model."""
+    return site.cached("neuron2graph.token_store", lambda: build_token_store(site.store, site.first_valid))
+
+
+def similar(site) -> list:
+    """Similar neurons of the whole model, cached per model."""
+    return site.cached("neuron2graph.similar", lambda: similar_neurons(token_store(site)))
