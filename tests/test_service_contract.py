@@ -94,8 +94,24 @@ def test_the_registry_refuses_a_second_service_of_a_taken_name(fresh_registry, m
     from sitegen.errors import ConfigError
 
     _install_entry_points(monkeypatch, tmp_path / "a", "neuroscope = sitegen_sparsity:Sparsity", dist="impostor")
-    with pytest.raises(ConfigError, match="'neuroscope' is built in"):
+    with pytest.raises(ConfigError, match="'neuroscope' is built in; a package declares it again as sitegen_sparsity:Sparsity"):
         registry()
+
+
+def test_a_taken_built_in_name_is_refused_alike_when_sitegen_declares_its_own_entry_points(fresh_registry, monkeypatch):
+    """An install with sitegen's own entry-point metadata (a fresh `pip install`) gives the same answer."""
+    from importlib import metadata
+
+    from sitegen.errors import ConfigError
+    from sitegen.services import BUILTIN
+
+    own = [metadata.EntryPoint("neuroscope", BUILTIN["neuroscope"], "sitegen.services")]
+    impostor = [metadata.EntryPoint("neuroscope", "sitegen_sparsity:Sparsity", "sitegen.services")]
+    for order in (own + impostor, impostor + own):
+        monkeypatch.setattr(metadata, "entry_points", lambda order=order, **kw: order)
+        registry.cache_clear()
+        with pytest.raises(ConfigError, match="'neuroscope' is built in; a package declares it again as sitegen_sparsity:Sparsity"):
+            registry()
 
 
 def test_the_built_ins_are_there_without_entry_point_metadata(fresh_registry, monkeypatch):

@@ -53,6 +53,9 @@ def registry() -> tuple[Service, ...]:
     declared: dict[str, str] = {}
     for ep in metadata.entry_points(group=GROUP):
         if ep.name in declared and declared[ep.name] != ep.value:
+            if ep.name in BUILTIN:  # whether sitegen's own metadata is installed or not: one message
+                other = ep.value if declared[ep.name] == BUILTIN[ep.name] else declared[ep.name]
+                raise ConfigError(f"service {ep.name!r} is built in; a package declares it again as {other}: rename that service")
             raise ConfigError(f"two services are named {ep.name!r} ({declared[ep.name]} and {ep.value}); "
                               "uninstall one of the packages declaring them")
         declared[ep.name] = ep.value
