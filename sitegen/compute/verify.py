@@ -227,33 +227,32 @@ class LayerCheck:
                 kind, rank, sid, p, a, b = worst
                 problems.append(f"activations differ by {err:.3g} of the neuron's range (> {rtol:g}): {kind} #{rank + 1} (sequence {sid}) "
                                 f"position {p}: stored {a:.6g}, recomputed {b:.6g}")
-            top_max = np.asarray(self.rows["top_max"][j], np.float64)
-            bot_min = np.asarray(self.rows["bottom_min"][j], np.float64)
-            rec_top, rec_bot = np.asarray(extremes["top"]), np.asarray(extremes["bottom"])
-            top_maxima = len(rec_top) == len(top_max) and bool(np.all(np.abs(rec_top - top_max) <= tol))
-            bottom_minima = len(rec_bot) == len(bot_min) and bool(np.all(np.abs(rec_bot - bot_min) <= tol))
-            top_order = bool(np.all(np.diff(rec_top) <= tol))
-            bottom_order = bool(np.all(np.diff(rec_bot) >= -tol))
-            top_unbeaten = not self.beaten_top[j] > tol
-            bottom_unbeaten = not self.beaten_bottom[j] > tol
-            if not top_maxima:
-                problems.append(f"stored top maxima {_fmt(top_max)} but recomputed {_fmt(rec_top)}")
-            if not top_order:
-                problems.append(f"top sequences out of order once recomputed: {_fmt(rec_top)}")
-            if not top_unbeaten:
-                problems.append(f"sequence {self.beaten_by[('top', j)]} is not in the top {self.top_k} but beats its last one by "
-                                f"{self.beaten_top[j]:.6g}")
-            if not bottom_minima:
-                problems.append(f"stored bottom minima {_fmt(bot_min)} but recomputed {_fmt(rec_bot)}")
-            if not bottom_order:
-                problems.append(f"bottom sequences out of order once recomputed: {_fmt(rec_bot)}")
-            if not bottom_unbeaten:
-                problems.append(f"sequence {self.beaten_by[('bottom', j)]} is not in the bottom {self.top_k} but goes below its last one by "
-                                f"{self.beaten_bottom[j]:.6g}")
+            top_maxima, top_order, top_unbeaten = self._check_extremes(j, "top", extremes["top"], tol, problems)
+            bottom_minima, bottom_order, bottom_unbeaten = self._check_extremes(j, "bottom", extremes["bottom"], tol, problems)
             stats = self._stats(j, tol, problems) if self.with_stats else None
             out.append(NeuronResult(self.layer, n, err, top_order, top_maxima, top_unbeaten, bottom_order, bottom_minima, bottom_unbeaten,
                                     stats, problems))
         return out
+
+    def _check_extremes(self, j: int, kind: str, recomputed: list[float], tol: float, problems: list[str]) -> tuple[bool, bool, bool]:
+        """One side's checks (top: maxima in descending order; bottom: minima ascending): the stored
+        extremes recomputed, their order, and no other rerun sequence past the k-th. Appends a line
+        per failed check; returns (extremes, order, unbeaten)."""
+        top = kind == "top"
+        stored = np.asarray(self.rows["top_max" if top else "bottom_min"][j], np.float64)
+        rec = np.asarray(recomputed)
+        beaten = (self.beaten_top if top else self.beaten_bottom)[j]
+        extremes = len(rec) == len(stored) and bool(np.all(np.abs(rec - stored) <= tol))
+        order = bool(np.all((np.diff(rec) if top else -np.diff(rec)) <= tol))
+        unbeaten = not beaten > tol
+        if not extremes:
+            problems.append(f"stored {kind} {'maxima' if top else 'minima'} {_fmt(stored)} but recomputed {_fmt(rec)}")
+        if not order:
+            problems.append(f"{kind} sequences out of order once recomputed: {_fmt(rec)}")
+        if not unbeaten:
+            problems.append(f"sequence {self.beaten_by[(kind, j)]} is not in the {kind} {self.top_k} but "
+                            f"{'beats its last one' if top else 'goes below its last one'} by {beaten:.6g}")
+        return extremes, order, unbeaten
 
     def _stats(self, j: int, tol: float, problems: list[str]) -> dict:
         c = self.count
