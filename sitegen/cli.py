@@ -163,11 +163,15 @@ def merge(parts, out):
 @click.option("--base-url", default="", help="Absolute URL the site will live at (for links in the API docs).")
 @click.option("--theme", type=click.Path(path_type=Path), default=None,
               help="A theme folder (templates/, static/) whose files replace the default theme's files of the same name.")
-def build(stores, out, base_url, theme):
+@click.option("--jobs", "-j", type=int, default=None,
+              help="Processes rendering layers in parallel (default: every core this process may use). The output is the same for any value.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines, only the summary.")
+def build(stores, out, base_url, theme, jobs, quiet):
     """Render stores into a static site and a JSON API (no torch needed)."""
-    from sitegen.site.build import build_site
+    from sitegen.site.build import build_site, default_jobs
 
-    report = build_site(list(stores), out, base_url=base_url, theme=theme)
+    log = None if quiet else (lambda line: click.echo(line, err=True))
+    report = build_site(list(stores), out, base_url=base_url, theme=theme, jobs=default_jobs() if jobs is None else jobs, log=log)
     click.echo(report.summary(), err=True)
 
 

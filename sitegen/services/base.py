@@ -101,6 +101,11 @@ class Service:
         """Whether the store holds data this service renders."""
         return any(store.has_service(name) for name in (self.needs or (self.name,)))
 
+    def prepare(self, site) -> None:
+        """Load the model-wide data this service's layer views share (via `site.cached`), before
+        any layer is rendered: a parallel build calls it once in the main process, so the worker
+        processes inherit the data instead of each computing it again."""
+
     def open_layer(self, store, layer: int, site) -> LayerView:
         """Read the service's table for one layer (`site` is the build's SiteModel)."""
         raise NotImplementedError(f"service {self.name!r} defines no open_layer")

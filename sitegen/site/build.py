@@ -11,7 +11,11 @@ Never imports torch (an import-linter contract and a test check it).
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
+import resource as _rusage
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +31,7 @@ from sitegen.services.base import fmt_num, fmt_pct
 from sitegen.services.tokens import escaped_vocab
 from sitegen.names import model_name_problem
 from sitegen.site.provenance import model_provenance, neuron_provenance
-from sitegen.site.publisher import Publisher, open_output
+from sitegen.site.publisher import NETLIFY_DIR_LIMIT, Publisher, open_output
 from sitegen.store import Store
 
 _JSON_OPTS = orjson.OPT_SORT_KEYS
@@ -47,11 +51,64 @@ class BuildReport:
     seconds: float
     out: Path
     warnings: tuple[str, ...] = ()
+    files: int = 0  # the site's files (written + unchanged)
+    bytes: int = 0  # their total size
+    largest_folder: tuple[str, int] = ("", 0)
+    jobs: int = 1
+    peak_rss_mb: float = 0.0  # the largest of the build's processes (main or a worker)
 
     def summary(self) -> str:
-        line = (f"built {self.out}: {self.models} model(s), {self.neurons} neurons, {self.written} files written, "
-                f"{self.unchanged} unchanged, {self.removed} removed, {self.seconds:.1f}s")
-        return "\n".join([line, *(f"warning: {w}" for w in self.warnings)])
+        rate = self.neurons / self.seconds if self.seconds > 0 else 0.0
+        folder, count = self.largest_folder
+        lines = [
+            f"built {self.out}: {self.models} model(s), {self.neurons:,} neurons in {self.seconds:.1f}s ({rate:,.0f} neurons/s, "
+            f"{self.jobs} job{'s' if self.jobs != 1 else ''})",
+            f"  {self.files:,} files, {self.bytes / 2**20:,.1f} MiB; {self.written:,} written, {self.unchanged:,} unchanged, "
+            f"{self.removed:,} removed; largest folder {folder or '.'}/ ({count:,} files); peak memory {self.peak_rss_mb:,.0f} MB",
+        ]
+        return "\n".join([*lines, *(f"warning: {w}" for w in self.warnings)])
+
+
+def default_jobs() -> int:
+    """All the cores this process may run on (respects taskset / CPU affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Progress:
+    """Progress of the per-neuron rendering with an ETA, as lines through `log` (at most one every
+    `every` seconds, and one at the end); quiet when `log` is None."""
+
+    def __init__(self, total: int, log: Callable[[str], None] | None, every: float = 2.0):
+        self.total, self.log, self.every = total, log, every
+        self.done = 0
+        self.started = self.last = time.monotonic()
+
+    def advance(self, neurons: int, what: str) -> None:
+        self.done += neurons
+        now = time.monotonic()
+        if self.log is None or (now - self.last < self.every and self.done < self.total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.started, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        self.log(f"{what} · {self.done:,}/{self.total:,} neurons · {rate:,.0f} neurons/s · ETA {_duration(eta)}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h {rest // 60:02d}m" if h else f"{rest // 60}m {rest % 60:02d}s"
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process and of its finished children (the workers), the larger."""
+    scale = 1 / 1024 if os.uname().sysname != "Darwin" else 1 / 2**20  # KiB on Linux, bytes on macOS
+    own = _rusage.getrusage(_rusage.RUSAGE_SELF).ru_maxrss * scale
+    children = _rusage.getrusage(_rusage.RUSAGE_CHILDREN).ru_maxrss * scale
+    return max(own, children)
 
 
 class SiteModel:
@@ -223,8 +280,13 @@ def _content_pages(pub: Publisher, env: Environment, models: list[SiteModel], ba
         pub.publish(f"{page['slug']}.html", env.get_template("page.html").render(title=page["title"], body=md.render(texts[page["slug"]])))
 
 
-def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Path | None = None) -> BuildReport:
+def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Path | None = None, jobs: int = 1,
+               log: Callable[[str], None] | None = None) -> BuildReport:
+    """Build the site. `jobs` > 1 renders layers in that many worker processes (the output is
+    byte-identical to jobs=1); `log` gets progress lines with an ETA."""
     started = time.monotonic()
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: pass a number of processes >= 1 (default: every core, {default_jobs()})")
     stage = "collect"
     themes = theme_layers(theme)
     try:
@@ -234,6 +296,7 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
             if names.count(name) > 1:
                 raise BuildError(f"two stores hold a model named {name!r}; recompute one with --name to tell them apart")
         models.sort(key=lambda m: m.name)
+        progress = Progress(sum(m.num_layers * m.layer_size for m in models), log)
         stage = "output folder"
         with open_output(out, store_paths) as pub:  # locked, checked; see publisher.py
             stage = "assets"
@@ -244,7 +307,7 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
             neurons = 0
             for model in models:
                 stage = f"render {model.name}"
-                neurons += _render_model(pub, env, model)
+                neurons += _render_model(pub, env, model, jobs, progress)
             stage = "index"
             api_models = [m.metadata() for m in models]
             pub.publish("index.html", env.get_template("index.html").render(models=models, metadata=api_models, services=registry()))
@@ -260,27 +323,26 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
         raise
     except OSError as e:
         raise BuildError(f"build failed at stage '{stage}': {e}") from None
-    from sitegen.site.search import NETLIFY_DIR_LIMIT
+    folder, count = pub.largest_folder()
+    warnings = ()
+    if count > NETLIFY_DIR_LIMIT:
+        warnings = (f"{folder or '.'}/ holds {count:,} files, over Netlify's {NETLIFY_DIR_LIMIT:,} per folder: the deploy would fail there (other hosts are fine)",)
+    return BuildReport(len(models), neurons, pub.written, pub.unchanged, removed, time.monotonic() - started, out, warnings,
+                       files=pub.written + pub.unchanged, bytes=pub.bytes_total, largest_folder=(folder, count), jobs=jobs,
+                       peak_rss_mb=_peak_rss_mb())
 
-    warnings = tuple(
-        f"{folder}/ holds {count:,} files, over Netlify's 54,000 per folder: the deploy would fail there (other hosts are fine)"
-        for m in models for figures in m.search_figures.values()
-        for folder, count in [figures.get("largest_folder", ("", 0))] if count > NETLIFY_DIR_LIMIT)
-    return BuildReport(len(models), neurons, pub.written, pub.unchanged, removed, time.monotonic() - started, out, warnings)
 
-
-def _render_model(pub: Publisher, env: Environment, model: SiteModel) -> int:
-    """Every page and API file of one model: per layer (_render_layer), then the model level."""
+def _render_model(pub: Publisher, env: Environment, model: SiteModel, jobs: int, progress: Progress) -> int:
+    """Every page and API file of one model: the layers (in worker processes when jobs > 1), then
+    the model level."""
     meta = model.metadata()
     api = f"api/{model.name}"
     layer_payloads: dict[str, list[dict]] = {s.name: [] for s in model.services}
     layer_summaries = []
-    columns = [c for s in model.table_services for c in s.layer_columns()]
-    for layer in range(model.num_layers):
-        rows = _render_layer(pub, env, model, meta, layer, layer_payloads)
-        pub.publish(f"{model.name}/{layer}/index.html", env.get_template("layer.html").render(
-            model=model, meta=meta, layer=layer, rows=rows, columns=columns, api=f"/{api}"))
-        layer_summaries.append(_layer_summary(layer, [r for r in rows if "max" in r]))
+    for layer, (summary, payloads) in _render_layers(pub, env, model, meta, jobs, progress):
+        layer_summaries.append(summary)
+        for name, lp in payloads.items():
+            layer_payloads[name].append(lp)
     for s in model.services:
         pub.publish(f"{api}/{s.name}.json", dumps({"data": s.model_payload(model, layer_payloads[s.name]), "metadata": meta}))
     for s in model.missing:
@@ -300,9 +362,54 @@ def _render_model(pub: Publisher, env: Environment, model: SiteModel) -> int:
     return model.num_layers * model.layer_size
 
 
-def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict, layer: int, layer_payloads: dict[str, list[dict]]) -> list[dict]:
+def _render_layers(pub: Publisher, env: Environment, model: SiteModel, meta: dict, jobs: int, progress: Progress):
+    """Yield (layer, (layer summary, {service: layer payload})) in layer order, rendering every
+    layer's files: here, or with jobs > 1 in a pool of forked workers that inherit the model, the
+    theme and the output folder and each write whole layers. Every file's bytes depend only on
+    the store, so which process writes it changes nothing; the workers report the paths they
+    published and the main process checks and records them as if it had written them itself."""
+    workers = min(jobs, model.num_layers)
+    what = lambda layer: f"{model.name}: layer {layer + 1}/{model.num_layers}"  # noqa: E731
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():  # POSIX only, as the output lock
+        for layer in range(model.num_layers):
+            result = _render_layer(pub, env, model, meta, layer)
+            progress.advance(model.layer_size, what(layer))
+            yield layer, result
+        return
+    global _FORKED
+    _FORKED = (pub, env, model, meta)
+    for s in model.services:  # model-wide data loaded once, here, so every worker shares it
+        s.prepare(model)
+    done: dict[int, tuple] = {}
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            # Layers finish in any order; hand them on in layer order (the model page lists them so).
+            next_layer = 0
+            for layer, result, files, counts in pool.imap_unordered(_render_layer_in_worker, range(model.num_layers)):
+                pub.adopt(files, *counts)
+                progress.advance(model.layer_size, what(layer))
+                done[layer] = result
+                while next_layer in done:
+                    yield next_layer, done.pop(next_layer)
+                    next_layer += 1
+    finally:
+        _FORKED = None
+
+
+_FORKED: tuple | None = None  # (publisher, environment, model, metadata) the forked workers inherit
+
+
+def _render_layer_in_worker(layer: int):
+    pub, env, model, meta = _FORKED
+    own = pub.for_worker()
+    result = _render_layer(own, env, model, meta, layer)
+    return layer, result, own.published(), (own.written, own.unchanged, own.bytes_written, own.bytes_total)
+
+
+def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict, layer: int) -> tuple[dict, dict[str, dict]]:
     """One layer: each service's table read once, every neuron's page and API files, the layer's
-    API files; returns the layer table's rows."""
+    API files and page; returns the layer's summary (for the model page) and each service's layer
+    payload (for the model-level API)."""
     neuron_tpl = env.get_template("neuron.html")
     api = f"api/{model.name}"
     meta_json = dumps(meta)
@@ -329,16 +436,18 @@ def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict
             row["cells"].extend(s.layer_cells(view_of[s.name], n, payloads[s.name]))
             row.update(s.layer_facts(view_of[s.name], n, payloads[s.name]))
         rows.append(row)
-    layer_json = {}
+    layer_json, layer_payloads = {}, {}
     for s, view in views:
-        lp = view.layer_payload()
+        lp = layer_payloads[s.name] = view.layer_payload()
         layer_json[s.name] = {"data": lp}
         pub.publish(f"{api}/{s.name}/{layer}.json", dumps({"data": lp, "metadata": meta}))
-        layer_payloads[s.name].append(lp)
     for s in model.missing:
         pub.publish(f"{api}/{s.name}/{layer}.json", dumps({"missing_data_types": [s.name], "metadata": meta}))
     pub.publish(f"{api}/all/{layer}.json", dumps({s.name: {"missing_data_types": [s.name]} for s in model.missing} | layer_json))
-    return rows
+    columns = [c for s in model.table_services for c in s.layer_columns()]
+    pub.publish(f"{model.name}/{layer}/index.html", env.get_template("layer.html").render(
+        model=model, meta=meta, layer=layer, rows=rows, columns=columns, api=f"/{api}"))
+    return _layer_summary(layer, [r for r in rows if "max" in r]), layer_payloads
 
 
 def _all(model: SiteModel, encoded: dict[str, bytes]) -> bytes:

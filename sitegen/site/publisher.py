@@ -39,6 +39,7 @@ import orjson
 import sitegen
 from sitegen.errors import BuildError
 
+NETLIFY_DIR_LIMIT = 54_000  # Netlify refuses a deploy with more files than this in one folder
 RECORD = ".sitegen-build.json"
 JOURNAL = ".sitegen-build.journal"
 TMP_SUFFIX = ".sitegen-tmp"  # hidden names ".<pid>-<n>.sitegen-tmp": only a build creates them
@@ -50,9 +51,11 @@ class Publisher:
     root: Path
     previous: frozenset = frozenset()  # files earlier builds wrote here: the only ones finish() may delete
     journal_fd: int | None = None  # open_output's journal; None for a bare writer (benchmarks)
+    check_portable: bool = True  # off in a build's workers: the main process checks what they adopt()
     written: int = 0
     unchanged: int = 0
     bytes_written: int = 0
+    bytes_total: int = 0  # the size of every published file, written or unchanged
     _seen: set = field(default_factory=set)
     _dirs: set = field(default_factory=set)
     _caseless: dict = field(default_factory=dict)  # caseless key of every path and folder -> the path
@@ -65,7 +68,9 @@ class Publisher:
         if rel in self._seen:
             raise BuildError(f"two outputs want the same path {rel}; rename one of the models or pages")
         self._seen.add(rel)
-        self._check_portable(rel)
+        if self.check_portable:
+            self._check_portable(rel)
+        self.bytes_total += len(data)
         path = self.root / rel
         parent = path.parent
         tmp = None
@@ -100,6 +105,37 @@ class Publisher:
             raise BuildError(f"cannot write {path}: {e.strerror or e}") from None
         self.written += 1
         self.bytes_written += len(data)
+
+    def for_worker(self) -> "Publisher":
+        """A Publisher for a build's worker process: the same folder, record and journal (an
+        O_APPEND descriptor, so the processes' lines never mix), its own counts and paths, which
+        the main process takes over with adopt()."""
+        return Publisher(self.root, previous=self.previous, journal_fd=self.journal_fd, check_portable=False)
+
+    def published(self) -> list[str]:
+        return list(self._seen)
+
+    def adopt(self, files: list[str], written: int, unchanged: int, bytes_written: int, bytes_total: int) -> None:
+        """Take over what a worker's Publisher published: the same checks publish() makes (no path
+        twice, portable names), then its counts, so the record lists the worker's files too."""
+        for rel in files:
+            if rel in self._seen:
+                raise BuildError(f"two outputs want the same path {rel}; rename one of the models or pages")
+            self._seen.add(rel)
+            self._check_portable(rel)
+        self.written += written
+        self.unchanged += unchanged
+        self.bytes_written += bytes_written
+        self.bytes_total += bytes_total
+
+    def largest_folder(self) -> tuple[str, int]:
+        """The folder holding the most of this build's files, and how many (hosts limit files per
+        folder: Netlify refuses a deploy over 54,000)."""
+        counts: dict[str, int] = {}
+        for rel in self._seen:
+            folder = rel.rpartition("/")[0]
+            counts[folder] = counts.get(folder, 0) + 1
+        return max(counts.items(), key=lambda kv: (kv[1], kv[0]), default=("", 0))
 
     def _check_portable(self, rel: str) -> None:
         """Refuse two outputs that are one file on macOS or Windows: paths (or folders on the way)

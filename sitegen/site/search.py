@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import orjson
 
+from sitegen.site.publisher import NETLIFY_DIR_LIMIT  # noqa: F401  (the limit its figures are checked against)
+
 from sitegen.services.neuron2graph.tokenstore import token_store
 from sitegen.services.neuron2graph.tokenstore import SOURCE_GRAPH, TokenStore, parse_query
 from sitegen.services.neuron_explainer.service import explanations as explanations_of
@@ -28,7 +30,6 @@ KEYS_PER_SHARD = 8  # target; the shard count is the next power of two, at most 
 MAX_SHARDS = 4096
 PREVIEW_CHUNK = 32  # neurons per preview file: results spread over layers, so small files waste least
 PREVIEW_TOKENS = 5
-NETLIFY_DIR_LIMIT = 54_000
 
 
 def fnv1a(text: str) -> int:

@@ -48,6 +48,11 @@ class Neuron2Graph(Service):
     # sequences), so the service is there whenever neuroscope data is; graphs where computed.
     needs = ("neuroscope", "neuron2graph")
 
+    def prepare(self, site):
+        from sitegen.services.neuron2graph.tokenstore import similar
+
+        similar(site)  # the model's token store, then every neuron's similar neurons
+
     def open_layer(self, store, layer, site):
         from sitegen.services.neuron2graph.render import Neuron2GraphLayer
 
