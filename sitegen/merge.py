@@ -1,6 +1,6 @@
 """`sitegen merge`: combine the stores of `compute --shard I/N` runs into the store that one run
-over the whole corpus gives (exactly: each service merges its own tables, hook `merge_tables`;
-see services/neuroscope/stats.py for why its sums are exact).
+over the whole corpus gives, exactly: each service merges its own tables (hook `merge_tables`:
+counts and fixed-point sums add up, extremes are re-ranked).
 
     check the shards (one run, each shard once, an empty --out) -> merge every layer of each
     service the shards list (or copy the first shard's weight-based files) -> the sequences the

@@ -56,7 +56,7 @@ class ComputeConfig:
     shard: tuple[int, int] = (0, 1)
     checkpoint_seconds: float = 300.0
     name: str | None = None
-    weights: bool = True  # compute the weight-based 'logits' service
+    weights: bool = True  # compute the services made from the weights alone (from_weights); --no-weights skips them
     n2g: str = "0"  # neuron2graph selection: 'all', 'layers:0,5', N per layer or N@0,5 (0: none)
     progress: bool = True
     max_batches: int | None = field(default=None, repr=False)  # tests: stop early, as a kill would
@@ -111,7 +111,7 @@ _SCALARS = ("position", "tokens_done", "run_hash")
 
 
 def _flatten(prefix: str, state: dict, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A nested state dict as flat checkpoint entries: {"0/neuroscope/top/score": array, ...}."""
+    """A nested state dict as flat checkpoint entries: {"<layer>/<service>/<key>[/<key>...]": array}."""
     for key, value in state.items():
         if isinstance(value, dict):
             _flatten(f"{prefix}/{key}", value, out)

@@ -76,6 +76,8 @@ class Sparsity(Service):
     title = "Activation density"
     description = "How often the neuron is active (> 0), over all counted tokens and by position."
     index_blurb = "The fraction of tokens on which each neuron is active, early and late in a sequence."
+    store_columns = ("neuron", *_COUNTS)  # Store.open refuses a layer table without them
+    complete_layers = True  # one row per neuron in every layer
 
     def open_layer(self, store, layer, site):
         return _Layer(store, layer, site)
