@@ -80,9 +80,11 @@ def publish_search(pub, model) -> dict:
     """Write the model's search files (the site-wide search page and DeepDecipher's search URL
     read them) from what the model's services supply: the first one with `search_tokens` gives
     the token postings and previews, every one with `search_texts` the free texts; returns
-    figures for the build report."""
+    figures for the build report (none when no service supplies tokens after all)."""
+    index = next((ix for s in _token_services(model) if (ix := s.search_tokens(model)) is not None), None)
+    if index is None:
+        return {}
     pub = _FolderCount(pub)
-    index = next(ix for s in _token_services(model) if (ix := s.search_tokens(model)) is not None)
     explanations: dict[int, str] = {}
     for s in model.services:
         explanations.update(s.search_texts(model))
