@@ -156,7 +156,8 @@ def test_the_built_ins_are_there_without_entry_point_metadata(fresh_registry, mo
 def test_the_build_merge_compute_store_search_openapi_and_the_page_templates_name_no_service():
     root = Path(__file__).parent.parent
     templates = sorted((root / "themes/default/templates").glob("*.html"))
-    modules = ["site/build.py", "site/openapi.py", "site/search.py", "merge.py", "compute/runner.py", "store/manifest.py", "store/__init__.py"]
+    modules = ["site/build.py", "site/openapi.py", "site/search.py", "merge.py", "compute/runner.py", "compute/distributed.py",
+               "store/manifest.py", "store/__init__.py"]
     for path in [*(root / "sitegen" / m for m in modules), *templates]:
         rel = path.relative_to(root)
         text = path.read_text()

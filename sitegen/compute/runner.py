@@ -12,6 +12,7 @@ never names one.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import re
 import hashlib
@@ -60,6 +61,10 @@ class ComputeConfig:
     n2g: str = "0"  # neuron2graph selection: 'all', 'layers:0,5', N per layer or N@0,5 (0: none)
     progress: bool = True
     max_batches: int | None = field(default=None, repr=False)  # tests: stop early, as a kill would
+
+    def without_stages(self, **changes) -> "ComputeConfig":
+        """This config asking for no stage (a shard task, a check of an existing store)."""
+        return dataclasses.replace(self, n2g="0", **changes)
 
     def validate(self) -> None:
         if self.tokens <= 0:

@@ -253,3 +253,15 @@ class Service:
         """The stage itself (model: the loaded model; store: the whole sitegen.store.Store). It
         writes its own tables and manifest record and must resume where an interrupted run stopped."""
         raise NotImplementedError(f"service {self.name!r} requests a stage but defines no run_stage")
+
+    def stage_layers(self, store, cfg) -> dict[int, Any]:
+        """The stage split by layer, for `sitegen compute --ray` (one task per layer): the layers
+        with work left, each with the argument its task hands `run_stage_layer`; {} when done."""
+        raise NotImplementedError(f"service {self.name!r} cannot split its stage by layer (--ray); run it without --ray")
+
+    def run_stage_layer(self, model, store, cfg, layer: int, arg, log) -> dict:
+        """One layer's part of the stage. `store` is a store of its own for the task: the whole
+        store's files, and this service's folder holding just this layer's table; the driver
+        copies that table and the service's manifest record back. Returns figures: `made` (items
+        made, e.g. graphs) and `seconds`."""
+        raise NotImplementedError(f"service {self.name!r} cannot split its stage by layer (--ray); run it without --ray")

@@ -40,6 +40,14 @@ def _search() -> dict:
     return op
 
 
+def _layer_spec(spec: str, layer: int) -> str:
+    """The --n2g selection restricted to one layer: a layer task's store holds only that layer's data."""
+    spec = spec.strip()
+    if spec == "all" or spec.startswith("layers:"):
+        return f"layers:{layer}"
+    return f"{spec.partition('@')[0]}@{layer}"
+
+
 class Neuron2Graph(Service):
     name = "neuron2graph"
     title = "Neuron2Graph"
@@ -77,6 +85,24 @@ class Neuron2Graph(Service):
         if totals["graphs"]:
             log(f"neuron2graph: {totals['graphs']} graphs in {totals['seconds']:.0f} s "
                 f"({60 * totals['graphs'] / max(totals['seconds'], 1e-9):.1f} graphs/min, {totals['tokens_run'] // totals['graphs']} tokens run per graph)")
+
+    def stage_layers(self, store, cfg):
+        from sitegen.services.selection import select_neurons
+
+        m = store.manifest["model"]
+        todo = {}
+        for layer, neurons in select_neurons(cfg.n2g, m["num_layers"], m["layer_size"], store).items():
+            path = store.layer_path(self.name, layer)
+            have = set(store.read_layer(self.name, layer, columns=["neuron"]).column("neuron").to_pylist()) if path.exists() else set()
+            if set(neurons) - have:
+                todo[layer] = _layer_spec(cfg.n2g, layer)
+        return todo
+
+    def run_stage_layer(self, model, store, cfg, layer, arg, log):
+        from sitegen.services.neuron2graph.compute import N2GConfig, run_n2g
+
+        totals = run_n2g(model, store, arg, N2GConfig(seed=cfg.seed), log)
+        return {"made": totals["graphs"], "seconds": totals["seconds"]}
 
     def openapi_paths(self):
         return {
