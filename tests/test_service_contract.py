@@ -121,6 +121,30 @@ def test_a_services_declared_columns_and_complete_layers_are_checked_on_open(fre
         Store.open(store.root)
 
 
+def test_a_manifest_field_two_writers_claim_is_refused(fresh_registry):
+    """manifest_records: a service may add top-level manifest fields, but not one the runner, a
+    service's record or another service already writes (the store would silently lose one)."""
+    from sitegen.compute.runner import _service_records
+    from sitegen.errors import ConfigError
+    from sitegen.services import by_name
+    from sitegen.services.base import Service
+
+    class Claims(Service):
+        name = "claims"
+
+        def __init__(self, field):
+            self.field = field
+
+        def manifest_records(self):
+            return {self.field: {}}
+
+    neuroscope = by_name()["neuroscope"]
+    assert set(_service_records([neuroscope, Claims("binning")])) == {"stats", "binning"}
+    for field, owner in (("stats", "neuroscope"), ("model", "sitegen"), ("neuron2graph", "neuron2graph")):
+        with pytest.raises(ConfigError, match=f"service 'claims' writes the manifest field '{field}', which '{owner}' writes"):
+            _service_records([neuroscope, Claims(field)])
+
+
 def test_the_registry_refuses_a_second_service_of_a_taken_name(fresh_registry, monkeypatch, tmp_path):
     from sitegen.errors import ConfigError
 

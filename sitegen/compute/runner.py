@@ -196,7 +196,7 @@ class _LayerAccumulators:
 
     def load(self, state: dict) -> None:
         for name, acc in self.parts.items():
-            acc.load(state[name])
+            acc.load(state.get(name, {}))  # an empty state leaves no checkpoint entries
 
 
 def _corpus_services() -> list:
@@ -239,6 +239,7 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
         "bos_token_id": bos, "weights": cfg.weights,
     }
     corpus_services = _corpus_services()
+    _service_records(list(registry()))  # a clash of manifest fields fails here, before any work
     optional = [s.name for s in corpus_services if not s.always_stored]
     if optional:  # only then: stores computed without optional services (plugins) keep their run hash
         identity["services"] = optional
@@ -405,14 +406,22 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
     ))
 
 
+# Top-level manifest fields the runner writes itself (and the stamps encode() adds).
+_OWN_FIELDS = frozenset({"model", "corpus", "processed", "config", "run_hash", "shard", "services", "identity", "versions",
+                         "schema_version", "sitegen_version"})
+
+
 def _service_records(services: list[Service]) -> dict:
-    """The top-level manifest fields the store's services contribute (hook manifest_records)."""
+    """The top-level manifest fields the store's services contribute (hook manifest_records). A
+    field the runner writes, a service's name (its record's place) or another service's field is refused."""
+    taken = {name: "sitegen" for name in _OWN_FIELDS} | {s.name: s.name for s in registry()}
     records: dict = {}
     for svc in services:
         for key, value in svc.manifest_records().items():
-            if key in records:
-                raise ConfigError(f"services {records[key][0]!r} and {svc.name!r} both write the manifest field {key!r}; "
-                                  "uninstall one of them")
+            owner = records[key][0] if key in records else taken.get(key)
+            if owner is not None and owner != svc.name:
+                raise ConfigError(f"service {svc.name!r} writes the manifest field {key!r}, which {owner!r} writes; "
+                                  "rename that field (or uninstall one of them)")
             records[key] = (svc.name, value)
     return {key: value for key, (_, value) in records.items()}
 
