@@ -47,9 +47,9 @@ def main() -> None:
     from sitegen.compute.models import load_model
     from sitegen.compute.packing import pack_sequences
     from sitegen.corpus_keys import random_key
-    from sitegen.compute.runner import _batch_tensors, _forward, auto_batch_size
+    from sitegen.compute.runner import _batch_tensors, _corpus_services, _forward, _LayerAccumulators, auto_batch_size
     from sitegen.corpus import load_corpus
-    from sitegen.services.neuroscope.compute import LayerAccumulator
+    from sitegen.services.base import CorpusRun
 
     model = load_model(args.model, device="cpu")
     seqs = list(pack_sequences(load_corpus(args.corpus), model.tokenizer, args.seq_len, args.tokens, 0))
@@ -67,8 +67,11 @@ def main() -> None:
         for tokens, *_ in batches:
             model.run_mlp_activations(tokens, [model.n_layers - 1], lambda layer, acts: None)
 
-    def compute():
-        accs = [LayerAccumulator(model.d_mlp, args.seq_len, 20, 5, 1, "cpu") for _ in range(model.n_layers)]
+    run = CorpusRun(layer_size=model.d_mlp, seq_len=args.seq_len, first_valid=1, top_k=20, n_random=5, seed=0,
+                    seq_lengths={s.seq_id: len(s.token_ids) for s in seqs}, device="cpu")
+
+    def compute():  # every registered corpus-pass service's accumulators, as `sitegen compute` feeds them
+        accs = [_LayerAccumulators({s.name: s.accumulator(layer, run) for s in _corpus_services()}) for layer in range(model.n_layers)]
         for (tokens, seq_ids, valid, rand), full in zip(batches, full_flags):
             _forward(model, tokens, accs, seq_ids, valid, rand, full)
 

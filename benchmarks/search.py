@@ -68,7 +68,11 @@ def main() -> None:
         pub = Publisher(out)
         env = _environment(_publish_assets(pub))
         env.globals["content_pages"] = []
-        model = SimpleNamespace(name="synthetic-xl", layer_size=SIZE, num_layers=LAYERS, token_store=ts)
+        from sitegen.services import registry
+
+        cached = {"neuron2graph.token_store": ts, "neuron_explainer.explanations": {}}  # what SiteModel.cached would hold
+        model = SimpleNamespace(name="synthetic-xl", layer_size=SIZE, num_layers=LAYERS, services=list(registry()),
+                                cached=lambda key, make: cached[key])
         t = time.perf_counter()
         figures = publish_search(pub, model)
         pub.publish("search.html", env.get_template("search.html").render(models=[model]))

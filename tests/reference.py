@@ -170,7 +170,7 @@ def static_text_search(site: Path, model: str, query: str) -> list[int]:
     """The explanation search as the page runs it (same analysis, AND, shards only), ids sorted."""
     import orjson
 
-    from sitegen.services.neuron_explainer.textindex import analyse
+    from sitegen.site.textindex import analyse
     from sitegen.site.search import fnv1a
 
     base = site / "search" / model

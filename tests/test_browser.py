@@ -208,7 +208,7 @@ def test_explanation_is_shown_and_found_by_search(browser, explained_site):
 
 
 def test_browser_analysis_equals_lunrs_python_pipeline(browser, explained_site):
-    from sitegen.services.neuron_explainer.textindex import analyse, stop_words
+    from sitegen.site.textindex import analyse, stop_words
 
     words = ("caresses ponies ties caress cats feed agreed plastered bled motoring sing conflated troubled sized hopping tanned falling "
              "hissing fizzed failing filing happy sky relational conditional rational valenci hesitanci digitizer conformabli radicalli "

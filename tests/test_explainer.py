@@ -257,7 +257,7 @@ def explained_store(root, name="explained"):
 
 
 def test_explanation_search_equals_brute_force(tmp_path):
-    from sitegen.services.neuron_explainer.textindex import analyse
+    from sitegen.site.textindex import analyse
     from tests.reference import static_text_search
 
     store = explained_store(tmp_path)

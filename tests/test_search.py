@@ -18,6 +18,7 @@ import orjson
 import pytest
 import requests
 
+from sitegen.services import registry
 from sitegen.services.neuron2graph import graph as g
 from sitegen.services.neuron2graph.tokenstore import (FALLBACK_CAP, SOURCE_GRAPH, SOURCE_TOP, build_token_store, parse_query,
                                                       similar_neurons)
@@ -359,9 +360,10 @@ def test_search_folders_stay_under_netlifys_limit_for_a_large_vocabulary():
     n = layers * size
     activating = [np.array(sorted({(g * 20 + j) % vocab for j in range(20)}), dtype=np.int64) for g in range(n)]
     ts = TokenStore([f"tok{i}" for i in range(vocab)], size, activating, [np.zeros(0, np.int64)] * n, [SOURCE_TOP] * n, [None] * n, [1.0] * n)
-    assert 2 * len(search.postings(ts)) > search.NETLIFY_DIR_LIMIT  # any: and activating: files per token, in the old layout
+    assert 2 * len(ts.search_postings()) > search.NETLIFY_DIR_LIMIT  # any: and activating: files per token, in the old layout
     pub = _CountingPublisher()
     cached = {"neuron2graph.token_store": ts, "neuron_explainer.explanations": {}}  # what SiteModel.cached would hold
-    search.publish_search(pub, SimpleNamespace(name="wide-vocab", layer_size=size, num_layers=layers, cached=lambda key, make: cached[key]))
+    search.publish_search(pub, SimpleNamespace(name="wide-vocab", layer_size=size, num_layers=layers, cached=lambda key, make: cached[key],
+                                               services=list(registry())))
     folder, count = max(pub.folders.items(), key=lambda kv: kv[1])
     assert count < search.NETLIFY_DIR_LIMIT, (folder, count)

@@ -90,6 +90,61 @@ def test_a_fifth_service_is_computed_merged_and_published(fresh_registry, monkey
     assert not errors, errors[0].message
 
 
+def test_a_services_declared_columns_and_complete_layers_are_checked_on_open(fresh_registry, monkeypatch, tmp_path):
+    """The fifth service says what its tables hold (store_columns, complete_layers); Store.open
+    checks a store's tables against it as against a built-in's: one line naming the file."""
+    import numpy as np
+    import pyarrow as pa
+
+    from sitegen.errors import StoreError
+    from sitegen.store import Store
+    from tests.reference import write_synthetic_store
+
+    _install_entry_points(monkeypatch, tmp_path / "site-packages", "sparsity = sitegen_sparsity:Sparsity")
+    store = write_synthetic_store(tmp_path / "store")
+    size = store.manifest["model"]["layer_size"]
+    full = pa.table({"neuron": pa.array(np.arange(size), pa.int64()),
+                     **{k: pa.array(np.ones(size, np.int64)) for k in ("tokens", "positive", "early_tokens", "early_positive")}})
+    for layer in range(store.manifest["model"]["num_layers"]):
+        store.write_layer("sparsity", layer, full)
+    store.add_service("sparsity")
+    assert "sparsity" in Store.open(store.root).manifest["services"]
+
+    store.write_layer("sparsity", 1, full.drop_columns(["positive"]))
+    with pytest.raises(StoreError, match=r"sparsity/layer=1/data.parquet: damaged table, column\(s\) positive missing"):
+        Store.open(store.root)
+    store.write_layer("sparsity", 1, full.slice(0, size - 1))
+    with pytest.raises(StoreError, match=rf"field 'model.layer_size' is {size} but .*sparsity/layer=1/data.parquet has {size - 1} rows"):
+        Store.open(store.root)
+    store.layer_path("sparsity", 1).unlink()
+    with pytest.raises(StoreError, match=r"sparsity/layer=1/data.parquet is missing, but .* lists service 'sparsity'"):
+        Store.open(store.root)
+
+
+def test_a_manifest_field_two_writers_claim_is_refused(fresh_registry):
+    """manifest_records: a service may add top-level manifest fields, but not one the runner, a
+    service's record or another service already writes (the store would silently lose one)."""
+    from sitegen.compute.runner import _service_records
+    from sitegen.errors import ConfigError
+    from sitegen.services import by_name
+    from sitegen.services.base import Service
+
+    class Claims(Service):
+        name = "claims"
+
+        def __init__(self, field):
+            self.field = field
+
+        def manifest_records(self):
+            return {self.field: {}}
+
+    neuroscope = by_name()["neuroscope"]
+    assert set(_service_records([neuroscope, Claims("binning")])) == {"stats", "binning"}
+    for field, owner in (("stats", "neuroscope"), ("model", "sitegen"), ("neuron2graph", "neuron2graph")):
+        with pytest.raises(ConfigError, match=f"service 'claims' writes the manifest field '{field}', which '{owner}' writes"):
+            _service_records([neuroscope, Claims(field)])
+
+
 def test_the_registry_refuses_a_second_service_of_a_taken_name(fresh_registry, monkeypatch, tmp_path):
     from sitegen.errors import ConfigError
 
@@ -122,14 +177,16 @@ def test_the_built_ins_are_there_without_entry_point_metadata(fresh_registry, mo
     assert [s.name for s in registry()] == ["neuron_explainer", "neuroscope", "neuron2graph", "logits"]
 
 
-def test_the_build_the_openapi_writer_and_the_page_templates_name_no_service():
+def test_the_build_merge_compute_store_search_openapi_and_the_page_templates_name_no_service():
     root = Path(__file__).parent.parent
     templates = sorted((root / "themes/default/templates").glob("*.html"))
-    for path in [root / "sitegen/site/build.py", root / "sitegen/site/openapi.py", *templates]:
+    modules = ["site/build.py", "site/openapi.py", "site/search.py", "merge.py", "compute/runner.py", "compute/distributed.py",
+               "store/manifest.py", "store/__init__.py"]
+    for path in [*(root / "sitegen" / m for m in modules), *templates]:
         rel = path.relative_to(root)
         text = path.read_text()
-        if path.name == "search.html":  # DeepDecipher's search URL, quoted for readers without JavaScript
-            text = text.replace("/api/&lt;model&gt;/neuron2graph-search", "")
+        # DeepDecipher's search URL (a URL fact), quoted for readers without JavaScript and in search.py's doc
+        text = re.sub(r"/api/(&lt;model&gt;|<model>)/neuron2graph-search|(netlify/edge-functions/)?neuron2graph-search\.ts", "", text)
         for name in ("neuroscope", "neuron2graph", "neuron_explainer", "logits"):
             assert not re.search(rf"['\"/]{name}\b", text), f"{rel} names the service {name}"
 

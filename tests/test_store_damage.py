@@ -238,6 +238,8 @@ def test_damaged_checkpoint_gives_one_line_and_is_kept(tiny_model_dir, tiny_corp
     checkpoint = out / ".work" / "checkpoint-0of1.npz"
     intact = checkpoint.read_bytes()
     arrays = dict(np.load(checkpoint))
+    sum_fx = next(k for k in arrays if k.startswith("1/") and k.endswith("/sum_fx"))  # a layer's entries, under its service's name
+    vmax = next(k for k in arrays if k.startswith("0/") and k.endswith("/vmax"))
 
     def resave(entries: dict) -> None:
         with open(checkpoint, "wb") as f:
@@ -250,9 +252,9 @@ def test_damaged_checkpoint_gives_one_line_and_is_kept(tiny_model_dir, tiny_corp
         "not a zip": lambda: checkpoint.write_bytes(b"hello, world\n" * 10),
         # another model's checkpoint, with more layers: used to raise IndexError before the run check
         "more layers": lambda: _save_checkpoint(checkpoint, [{"count": np.array(1)} for _ in range(5)], 3, 48, "sha256:other-run"),
-        "an entry missing": lambda: resave({k: v for k, v in arrays.items() if k != "1/sum_fx"}),
+        "an entry missing": lambda: resave({k: v for k, v in arrays.items() if k != sum_fx}),
         "a layer too many": lambda: resave({**arrays, "3/count": np.array(1)}),
-        "a wrong shape": lambda: resave({**arrays, "0/vmax": np.zeros(3, np.float32)}),
+        "a wrong shape": lambda: resave({**arrays, vmax: np.zeros(3, np.float32)}),
         "position past the end": lambda: resave({**arrays, "position": np.array(10_000)}),
     }
     for name, damage in damages.items():

@@ -6,8 +6,9 @@
     submit N shard tasks                  ->     OUT/.work/ray/shard-IofN (checkpoints in its .work)
     progress + ETA per shard and overall  <-     progress reports (a Ray actor)
     merge_stores(shards) -> OUT, manifest last
-    --n2g: one task per layer             ->   layer task L: run_n2g on a per-layer store
-    fold each layer's table into OUT      <-     OUT/.work/n2g/layer=L (own manifest: no races)
+    a stage (--n2g): one task per layer   ->   layer task L: the service's run_stage_layer on a
+    fold each layer's table into OUT      <-     per-layer store OUT/.work/stages/<service>/layer=L
+                                                 (own manifest: no races)
 
 Why this is exact: a shard's store is what `compute --shard I/N` writes, and merge_stores turns the
 shards into the store one whole run gives (tests/test_compute.py and tests/test_ray.py check it).
@@ -21,14 +22,13 @@ Fault tolerance: Ray retries a task whose worker died (max_retries); run_compute
 that shard's last checkpoint. A rerun of the whole command reuses the recorded shard count, skips
 finished shards and resumes the others. Only the driver writes OUT's own files.
 
-Generic per-layer work (n2g today, `sitegen verify`-style checks next) goes through map_layers():
+Generic per-layer work (services' stages today, `sitegen verify`-style checks next) goes through map_layers():
 a function of (layer, payload) run as one task per layer with the cluster's per-task resources,
 its results handed back to the driver, which alone writes the merged store.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import secrets
 import shutil
@@ -47,7 +47,7 @@ from sitegen.errors import ConfigError, MissingDependency, SitegenError, StoreEr
 
 INSTALL_HINT = "--ray needs Ray, which is not installed: pip install 'sitegen[ray]'"
 RAY_DIR = "ray"  # under OUT/.work
-N2G_DIR = "n2g"  # under OUT/.work
+STAGES_DIR = "stages"  # under OUT/.work
 DEFAULT_CPUS_PER_SHARD = 4
 
 
@@ -93,9 +93,11 @@ def run_compute_ray(cfg: ComputeConfig, opts: RayOptions, log: Callable[[str], N
             _shard_phase(ray, cfg, opts, slot, log)
         elif not _check_existing(ray, cfg, slot, log):
             return out
-        if cfg.n2g.strip() != "0":
+        stages = _stages(cfg)
+        if stages:
             with _driver_lock(out):
-                _n2g_phase(ray, cfg, opts, slot, log)
+                for svc in stages:
+                    _stage_phase(ray, cfg, svc, opts, slot, log)
             shutil.rmtree(out / store_mod.WORK_DIR, ignore_errors=True)
     return out
 
@@ -162,11 +164,18 @@ def task_slot(ray, cfg: ComputeConfig, opts: RayOptions) -> TaskSlot:
 
 def _check_existing(ray, cfg: ComputeConfig, slot: TaskSlot, log) -> bool:
     """OUT is a complete store: let run_compute (on a worker, where the model may live) say whether it
-    was computed with these arguments. True when there is more to do (graphs)."""
-    ref = _remote(ray, _check_task, slot, 0).remote(dataclasses.replace(cfg, n2g="0", progress=False), os.getcwd())
+    was computed with these arguments. True when there is more to do (a stage)."""
+    ref = _remote(ray, _check_task, slot, 0).remote(cfg.without_stages(progress=False), os.getcwd())
     for message in _get(ray, ref, "checking the existing store"):
         log(message)
-    return cfg.n2g.strip() != "0"
+    return bool(_stages(cfg))
+
+
+def _stages(cfg: ComputeConfig) -> list:
+    """The services whose stage the arguments ask for (hook stage_requested)."""
+    from sitegen.services import registry
+
+    return [s for s in registry() if s.stage_requested(cfg)]
 
 
 @contextmanager
@@ -243,57 +252,40 @@ def _merge_into(roots: list[Path], out: Path) -> None:
     os.replace(merged / store_mod.MANIFEST, out / store_mod.MANIFEST)
 
 
-def _n2g_phase(ray, cfg: ComputeConfig, opts: RayOptions, slot: TaskSlot, log) -> None:
-    from sitegen.services.neuron2graph.compute import SERVICE
-    from sitegen.services.selection import select_neurons
-
+def _stage_phase(ray, cfg: ComputeConfig, svc, opts: RayOptions, slot: TaskSlot, log) -> None:
+    """One service's stage as one task per layer with work left (hooks stage_layers, run_stage_layer)."""
     out = Path(cfg.out)
     store = store_mod.Store.open(out)
-    n_layers, d_mlp = store.manifest["model"]["num_layers"], store.manifest["model"]["layer_size"]
-    selection = select_neurons(cfg.n2g, n_layers, d_mlp, store)
-    todo = {}
-    for layer, neurons in selection.items():
-        path = store.layer_path(SERVICE, layer)
-        have = set(store.read_layer(SERVICE, layer, columns=["neuron"]).column("neuron").to_pylist()) if path.exists() else set()
-        if set(neurons) - have:
-            todo[layer] = _layer_spec(cfg.n2g, layer)
+    todo = svc.stage_layers(store, cfg)
     if not todo:
-        log(f"neuron2graph: every selected graph is already in {out}")
+        log(f"{svc.name}: nothing left to do in {out}")
         return
-    folder = out / store_mod.WORK_DIR / N2G_DIR
+    folder = out / store_mod.WORK_DIR / STAGES_DIR / svc.name
     shutil.rmtree(folder, ignore_errors=True)  # a crashed driver's leftovers: at most one layer per task is redone
-    roots = {layer: _layer_store(store, folder, layer, SERVICE) for layer in todo}
-    log(f"neuron2graph on ray: {cfg.n2g}, {len(todo)} layer task(s)")
+    roots = {layer: _layer_store(store, folder, layer, svc.name) for layer in todo}
+    log(f"{svc.name} on ray: {len(todo)} layer task(s)")
 
     def fold(layer: int, result: dict) -> None:  # the driver alone writes OUT: no two writers of its manifest
         part = store_mod.Store.open(roots[layer])
-        data = part.layer_path(SERVICE, layer).read_bytes()
-        store_mod.atomic_write_bytes(store.layer_path(SERVICE, layer), data)
-        store.add_service(SERVICE, part.manifest[SERVICE])
+        data = part.layer_path(svc.name, layer).read_bytes()
+        store_mod.atomic_write_bytes(store.layer_path(svc.name, layer), data)
+        store.add_service(svc.name, part.manifest.get(svc.name))
         shutil.rmtree(roots[layer], ignore_errors=True)
         for message in result["messages"]:
             log(message)
 
     started = time.monotonic()
-    results = map_layers(ray, _n2g_layer, {layer: (cfg, str(roots[layer]), spec) for layer, spec in todo.items()}, slot, opts, log,
-                         on_done=fold)
-    graphs = sum(r["graphs"] for r in results.values())
+    payloads = {layer: (cfg, svc.name, str(roots[layer]), arg) for layer, arg in todo.items()}
+    results = map_layers(ray, _stage_layer, payloads, slot, opts, log, on_done=fold)
+    made = sum(r["made"] for r in results.values())
     seconds = time.monotonic() - started
-    log(f"neuron2graph on ray: {graphs} graphs in {len(results)} layer tasks, {seconds:.1f} s wall "
-        f"({sum(r['seconds'] for r in results.values()):.1f} s of graph building in the tasks)")
-
-
-def _layer_spec(spec: str, layer: int) -> str:
-    """The --n2g selection restricted to one layer: the task's store holds only that layer's data."""
-    spec = spec.strip()
-    if spec == "all" or spec.startswith("layers:"):
-        return f"layers:{layer}"
-    return f"{spec.partition('@')[0]}@{layer}"
+    log(f"{svc.name} on ray: {made} made in {len(results)} layer tasks, {seconds:.1f} s wall "
+        f"({sum(r['seconds'] for r in results.values()):.1f} s of work in the tasks)")
 
 
 def _layer_store(store, folder: Path, layer: int, service: str) -> Path:
     """A store for one layer task: its own manifest (so tasks never share one), links to the shared
-    read-only files, and a copy of the layer's existing graphs (kept, as a single run keeps them)."""
+    read-only files, and a copy of the layer's existing table (kept, as a single run keeps it)."""
     root = folder / f"layer={layer}"
     root.mkdir(parents=True)
     shutil.copyfile(store.root / store_mod.MANIFEST, root / store_mod.MANIFEST)
@@ -486,7 +478,7 @@ def _shard_task(cfg: ComputeConfig, index: int, count: int, root: str, plan_path
         torch.set_num_threads(threads)
     ray.get(progress.start.remote(index))  # waited for: a worker that dies soon after must still count as an attempt
     messages: list[str] = []
-    shard_cfg = dataclasses.replace(cfg, out=Path(root), shard=(index, count), n2g="0", progress=True)
+    shard_cfg = cfg.without_stages(out=Path(root), shard=(index, count), progress=True)
     die = die_after_checkpoint and not (Path(root) / store_mod.WORK_DIR / "test-died").exists()
     start = time.monotonic()
     with _reporting(runner, progress, index) as resumed, _dying(runner, Path(root), die):
@@ -552,13 +544,13 @@ def _layer_task(fn: Callable[[int, Any], dict], layer: int, payload: Any, cwd: s
     return fn(layer, payload)
 
 
-def _n2g_layer(layer: int, payload: tuple) -> dict:
-    """One layer's graphs into that layer's own store (OUT/.work/n2g/layer=L); resumes like run_n2g."""
+def _stage_layer(layer: int, payload: tuple) -> dict:
+    """One layer of a service's stage into that layer's own store (OUT/.work/stages/<service>/layer=L)."""
     from sitegen.compute.models import load_model, resolve_device
-    from sitegen.services.neuron2graph.compute import N2GConfig, run_n2g
+    from sitegen.services import by_name
 
-    cfg, root, spec = payload
+    cfg, name, root, arg = payload
     model = load_model(cfg.model, device=resolve_device(cfg.device), name=cfg.name)
     messages: list[str] = []
-    totals = run_n2g(model, store_mod.Store.open(root), spec, N2GConfig(seed=cfg.seed), messages.append)
-    return {"graphs": totals["graphs"], "seconds": totals["seconds"], "messages": messages}
+    figures = by_name()[name].run_stage_layer(model, store_mod.Store.open(root), cfg, layer, arg, messages.append)
+    return {**figures, "messages": messages}

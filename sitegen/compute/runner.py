@@ -2,11 +2,17 @@
 
     validate config -> open the store (refuse foreign stores, find a checkpoint) -> load model
     -> pack corpus -> stream batches through the model, updating per-layer accumulators
-    (checkpointing as it goes) -> weight-based tables -> write the store, manifest last.
+    (checkpointing as it goes) -> weight-based tables -> write the store, manifest last
+    -> the stages the arguments ask for (work on the finished store, e.g. graphs).
+
+What is computed is the registered services' business (hooks of sitegen/services/base.py:
+`accumulator`, `weight_tables`, `sequences_used`, `manifest_records`, `run_stage`); this module
+never names one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import re
 import hashlib
@@ -27,9 +33,9 @@ from sitegen import __version__
 from sitegen import store as store_mod
 from sitegen.corpus import load_corpus
 from sitegen.errors import ConfigError, CorpusError, StoreError
-from sitegen.services.neuroscope import data as neuroscope_data
-from sitegen.services.neuroscope import stats as neuroscope_stats
 from sitegen.names import model_name_problem
+from sitegen.services import registry
+from sitegen.services.base import Batch, CorpusRun, Service
 from sitegen.store.manifest import new_manifest
 
 DEFAULT_SEQ_LEN = 32  # see README: "Why 32-token sequences"
@@ -51,10 +57,14 @@ class ComputeConfig:
     shard: tuple[int, int] = (0, 1)
     checkpoint_seconds: float = 300.0
     name: str | None = None
-    weights: bool = True  # compute the weight-based 'logits' service
+    weights: bool = True  # compute the services made from the weights alone (from_weights); --no-weights skips them
     n2g: str = "0"  # neuron2graph selection: 'all', 'layers:0,5', N per layer or N@0,5 (0: none)
     progress: bool = True
     max_batches: int | None = field(default=None, repr=False)  # tests: stop early, as a kill would
+
+    def without_stages(self, **changes) -> "ComputeConfig":
+        """This config asking for no stage (a shard task, a check of an existing store)."""
+        return dataclasses.replace(self, n2g="0", **changes)
 
     def validate(self) -> None:
         if self.tokens <= 0:
@@ -102,15 +112,23 @@ def _lock(work: Path) -> Iterator[None]:
         yield
 
 
+_SCALARS = ("position", "tokens_done", "run_hash")
+
+
+def _flatten(prefix: str, state: dict, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A nested state dict as flat checkpoint entries: {"<layer>/<service>/<key>[/<key>...]": array}."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            _flatten(f"{prefix}/{key}", value, out)
+        else:
+            out[f"{prefix}/{key}"] = np.asarray(value)
+    return out
+
+
 def _save_checkpoint(path: Path, states: list[dict], position: int, tokens_done: int, run_hash: str) -> None:
     arrays: dict[str, np.ndarray] = {"position": np.array(position), "tokens_done": np.array(tokens_done)}
     for layer, st in enumerate(states):
-        for key, value in st.items():
-            if isinstance(value, dict):
-                for sub, arr in value.items():
-                    arrays[f"{layer}/{key}/{sub}"] = arr
-            else:
-                arrays[f"{layer}/{key}"] = np.asarray(value)
+        _flatten(str(layer), st, arrays)
     arrays["run_hash"] = np.array(run_hash)
 
     def write(tmp: Path) -> None:
@@ -133,7 +151,7 @@ def _read_checkpoint(path: Path) -> dict[str, np.ndarray]:
             arrays = {key: z[key] for key in z.files}
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise _damaged_checkpoint(path, f"{type(e).__name__}: {e}") from None
-    for key in ("position", "tokens_done", "run_hash"):
+    for key in _SCALARS:
         if key not in arrays or arrays[key].shape != ():
             raise _damaged_checkpoint(path, f"no scalar {key!r}")
     return arrays
@@ -142,60 +160,47 @@ def _read_checkpoint(path: Path) -> dict[str, np.ndarray]:
 def _load_checkpoint(path: Path, arrays: dict[str, np.ndarray], template: list[dict]) -> tuple[list[dict], int, int]:
     """Per-layer states from a checkpoint of THIS run (check run_hash first), each array checked
     against the shape a fresh accumulator state has (`template`), so a bad file cannot crash later."""
-    states: list[dict] = [{} for _ in template]
-    for key, value in arrays.items():
-        parts = key.split("/")
-        if len(parts) == 1:
-            continue  # position, tokens_done, run_hash
-        if not parts[0].isdigit() or int(parts[0]) >= len(template) or len(parts) > 3:
+    want: dict[str, np.ndarray] = {}
+    for layer, st in enumerate(template):
+        _flatten(str(layer), st, want)
+    for key in arrays:
+        if key not in want and key not in _SCALARS:
             raise _damaged_checkpoint(path, f"unexpected entry {key!r}")
-        layer = states[int(parts[0])]
-        if len(parts) == 2:
-            layer[parts[1]] = value
-        else:
-            layer.setdefault(parts[1], {})[parts[2]] = value
-    for layer, (st, want) in enumerate(zip(states, template)):
-        for key, ref in want.items():
-            subs = ref.items() if isinstance(ref, dict) else [(None, ref)]
-            for sub, ref_arr in subs:
-                got = st.get(key) if sub is None else (st.get(key) or {}).get(sub)
-                name = f"{layer}/{key}" + (f"/{sub}" if sub else "")
-                if not isinstance(got, np.ndarray) or got.shape != np.shape(ref_arr) or got.dtype.kind != np.asarray(ref_arr).dtype.kind:
-                    raise _damaged_checkpoint(path, f"entry {name!r} is missing or has the wrong shape")
+    states: list[dict] = [{} for _ in template]
+    for key, ref in want.items():
+        got = arrays.get(key)
+        if not isinstance(got, np.ndarray) or got.shape != ref.shape or got.dtype.kind != ref.dtype.kind:
+            raise _damaged_checkpoint(path, f"entry {key!r} is missing or has the wrong shape")
+        layer, *parents, last = key.split("/")
+        node = states[int(layer)]
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = got
     return states, int(arrays["position"]), int(arrays["tokens_done"])
 
 
-_EXTRA = "service:"  # checkpoint key prefix of a registered service's accumulator state
-
-
 class _LayerAccumulators:
-    """One layer's accumulators behind the single `update` the forward hook calls: neuroscope's
-    (top/bottom/random texts and statistics) and those of every registered service with an
-    `accumulator` hook. Their states share the layer's checkpoint entry, each service's under
-    "service:<name>"."""
+    """One layer's accumulators, one per service with an `accumulator` hook, behind the single
+    `update` the forward hook calls. Their states share the layer's checkpoint entry, each under
+    its service's name."""
 
-    def __init__(self, main, extra: dict):
-        self.main, self.extra = main, extra
+    def __init__(self, parts: dict):
+        self.parts = parts
 
-    def update(self, acts, seq_ids, valid, rand_score, all_full: bool = False) -> None:
-        self.main.update(acts, seq_ids, valid, rand_score, all_full)
-        for acc in self.extra.values():
-            acc.update(acts, valid)
+    def update(self, acts, batch: Batch) -> None:
+        for acc in self.parts.values():
+            acc.update(acts, batch)
 
     def state(self) -> dict:
-        return {**self.main.state(), **{_EXTRA + name: acc.state() for name, acc in self.extra.items()}}
+        return {name: acc.state() for name, acc in self.parts.items()}
 
     def load(self, state: dict) -> None:
-        self.main.load({k: v for k, v in state.items() if not k.startswith(_EXTRA)})
-        for name, acc in self.extra.items():
-            acc.load(state[_EXTRA + name])
+        for name, acc in self.parts.items():
+            acc.load(state.get(name, {}))  # an empty state leaves no checkpoint entries
 
 
 def _corpus_services() -> list:
     """The registered services that compute something in the corpus pass (hook `accumulator`)."""
-    from sitegen.services import registry
-    from sitegen.services.base import Service
-
     return [s for s in registry() if type(s).accumulator is not Service.accumulator]
 
 
@@ -209,7 +214,6 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
     cfg.validate()
     from sitegen.compute.models import load_model, resolve_device
     from sitegen.compute.packing import bos_id, pack_sequences
-    from sitegen.services.neuroscope.compute import LayerAccumulator
 
     out = store_mod.Store(cfg.out)
     shard_i, shard_n = cfg.shard
@@ -234,18 +238,22 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
         "seq_len": cfg.seq_len, "seed": cfg.seed, "tokens": cfg.tokens, "top_k": cfg.top_k, "n_random": cfg.n_random,
         "bos_token_id": bos, "weights": cfg.weights,
     }
-    extra_services = _corpus_services()
-    if extra_services:  # only then: stores computed without them keep their run hash
-        identity["services"] = [s.name for s in extra_services]
+    corpus_services = _corpus_services()
+    _service_records(list(registry()))  # a clash of manifest fields fails here, before any work
+    optional = [s.name for s in corpus_services if not s.always_stored]
+    if optional:  # only then: stores computed without optional services (plugins) keep their run hash
+        identity["services"] = optional
     run_hash = _hash(identity)
+    stages = [s for s in registry() if s.stage_requested(cfg)]
     if out.exists:
         existing = store_mod.Store.open(cfg.out).manifest
         if existing.get("run_hash") == run_hash and existing.get("shard") == _shard_record(cfg.shard):
-            if cfg.n2g.strip() == "0":
+            if not stages:
                 log(f"{cfg.out} is already complete for these arguments; nothing to do")
-            else:  # a complete store: add (or finish) the requested graphs
+            else:  # a complete store: add (or finish) the requested stages' work
                 with _lock(out.work_dir):
-                    _run_n2g_stage(model, store_mod.Store.open(cfg.out), cfg, log)
+                    for svc in stages:
+                        svc.run_stage(model, store_mod.Store.open(cfg.out), cfg, log)
                 shutil.rmtree(out.work_dir, ignore_errors=True)
             return cfg.out
         raise StoreError(
@@ -262,16 +270,16 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
             raise CorpusError(f"--corpus {cfg.corpus}: no document yields a sequence of at least 4 tokens")
         mine = [s for s in sequences if s.seq_id % shard_n == shard_i]
         n_layers, d_mlp = model.n_layers, model.d_mlp
-        accs = [_LayerAccumulators(LayerAccumulator(d_mlp, cfg.seq_len, cfg.top_k, cfg.n_random, first_valid, device),
-                                   {s.name: s.accumulator(layer, d_mlp, first_valid, device) for s in extra_services})
-                for layer in range(n_layers)]
+        corpus_run = CorpusRun(layer_size=d_mlp, seq_len=cfg.seq_len, first_valid=first_valid, top_k=cfg.top_k, n_random=cfg.n_random,
+                               seed=cfg.seed, seq_lengths={s.seq_id: len(s.token_ids) for s in mine}, device=device)
+        accs = [_LayerAccumulators({s.name: s.accumulator(layer, corpus_run) for s in corpus_services}) for layer in range(n_layers)]
         run = _Run(cfg, out, model, tokenizer, corpus, sequences, mine, accs, checkpoint, run_hash, identity, bos, first_valid, device,
-                   extra_services, log)
+                   corpus_services, log)
         position, tokens_done = _resume(run)
         position, tokens_done = _stream(run, position, tokens_done)
         _write_store(run, position, tokens_done)
-        if cfg.n2g.strip() != "0":
-            _run_n2g_stage(model, out, cfg, log)
+        for svc in stages:
+            svc.run_stage(model, out, cfg, log)
     shutil.rmtree(out.work_dir, ignore_errors=True)
     log(f"done: {cfg.out} ({len(mine)} sequences, {tokens_done} tokens, {n_layers} layers x {d_mlp} neurons)")
     return cfg.out
@@ -296,7 +304,7 @@ class _Run:
     bos: int | None
     first_valid: int
     device: str
-    extra_services: list
+    corpus_services: list  # the services with an accumulator, in registry order
     log: Callable[[str], None]
 
 
@@ -364,29 +372,24 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
     cfg, out, model, tokenizer, corpus, accs, mine = run.cfg, run.out, run.model, run.tokenizer, run.corpus, run.accs, run.mine
     checkpoint, run_hash, log, shard_i = run.checkpoint, run.run_hash, run.log, cfg.shard[0]
     sequences, identity, bos, first_valid = run.sequences, run.identity, run.bos, run.first_valid
-    states = [a.state() for a in accs]
-    _save_checkpoint(checkpoint, states, position, tokens_done, run_hash)  # the write stage can fail; keep the work
+    _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)  # the write stage can fail; keep the work
     log(f"writing store {cfg.out}")
-    seq_length = {s.seq_id: len(s.token_ids) for s in mine}
-    referenced: set[int] = set()
-    for layer, st in enumerate(states):
-        table = neuroscope_data.state_to_table(st, cfg.top_k, cfg.n_random, seq_length)
-        for col in ("top_seq", "bottom_seq", "random_seq"):
-            referenced.update(table.column(col).combine_chunks().flatten().to_pylist())
-        out.write_layer(neuroscope_data.SERVICE, layer, table)
-    services = [neuroscope_data.SERVICE]
-    if cfg.weights and shard_i == 0:  # corpus-independent: the first shard computes them, merge copies them
-        from sitegen.services import registry
+    referenced: set[int] = set()  # the sequences some table refers to: the store keeps these
 
+    def write(svc: Service, layer: int, table: pa.Table) -> None:
+        referenced.update(svc.sequences_used(table))
+        out.write_layer(svc.name, layer, table)
+
+    written = list(run.corpus_services)
+    for svc in run.corpus_services:
+        for layer, acc in enumerate(accs):
+            write(svc, layer, acc.parts[svc.name].table())
+    if cfg.weights and shard_i == 0:  # corpus-independent: the first shard computes them, merge copies them
         for svc in (s for s in registry() if s.from_weights):
             log(f"computing {svc.name} from the weights")
             for layer, table in svc.weight_tables(model):
-                out.write_layer(svc.name, layer, table)
-            services.append(svc.name)
-    for svc in run.extra_services:
-        for layer, acc in enumerate(accs):
-            out.write_layer(svc.name, layer, acc.extra[svc.name].table())
-        services.append(svc.name)
+                write(svc, layer, table)
+            written.append(svc)
     out.write_sequences(_sequences_table([s for s in mine if s.seq_id in referenced]))
     out.write_vocab(display_tokens(tokenizer, int(model.bridge.cfg.d_vocab)))
     from sitegen.compute.models import weights_fingerprint
@@ -398,24 +401,29 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
         processed={"sequences": len(mine), "tokens": tokens_done},
         config={"seq_len": cfg.seq_len, "seed": cfg.seed, "tokens": cfg.tokens, "top_k": cfg.top_k, "n_random": cfg.n_random,
                 "bos_token_id": bos, "first_valid_position": first_valid},
-        stats={"quantile_levels": list(neuroscope_stats.QUANTILE_LEVELS), "display_bins": neuroscope_stats.DISPLAY_BINS,
-               "fine_bins": neuroscope_stats.N_FINE_BINS, "sum_shift": neuroscope_stats.SUM_SHIFT, "sq_shift": neuroscope_stats.SQ_SHIFT},
-        run_hash=run_hash, shard=_shard_record(cfg.shard), services=services,
-        identity=identity, versions=_versions(),
+        run_hash=run_hash, shard=_shard_record(cfg.shard), services=[s.name for s in written],
+        identity=identity, versions=_versions(), **_service_records(written),
     ))
 
 
-def _run_n2g_stage(model, store, cfg: ComputeConfig, log: Callable[[str], None]) -> None:
-    from sitegen.services.neuron2graph.compute import N2GConfig, run_n2g
+# Top-level manifest fields the runner writes itself (and the stamps encode() adds).
+_OWN_FIELDS = frozenset({"model", "corpus", "processed", "config", "run_hash", "shard", "services", "identity", "versions",
+                         "schema_version", "sitegen_version"})
 
-    log(f"neuron2graph: {cfg.n2g} (resumes per layer; each layer's graphs are saved as it finishes)")
-    try:
-        totals = run_n2g(model, store, cfg.n2g, N2GConfig(seed=cfg.seed), log)
-    except KeyboardInterrupt:
-        raise StoreError(f"interrupted during neuron2graph; {cfg.out} keeps every finished layer: rerun the same command to go on") from None
-    if totals["graphs"]:
-        log(f"neuron2graph: {totals['graphs']} graphs in {totals['seconds']:.0f} s "
-            f"({60 * totals['graphs'] / max(totals['seconds'], 1e-9):.1f} graphs/min, {totals['tokens_run'] // totals['graphs']} tokens run per graph)")
+
+def _service_records(services: list[Service]) -> dict:
+    """The top-level manifest fields the store's services contribute (hook manifest_records). A
+    field the runner writes, a service's name (its record's place) or another service's field is refused."""
+    taken = {name: "sitegen" for name in _OWN_FIELDS} | {s.name: s.name for s in registry()}
+    records: dict = {}
+    for svc in services:
+        for key, value in svc.manifest_records().items():
+            owner = records[key][0] if key in records else taken.get(key)
+            if owner is not None and owner != svc.name:
+                raise ConfigError(f"service {svc.name!r} writes the manifest field {key!r}, which {owner!r} writes; "
+                                  "rename that field (or uninstall one of them)")
+            records[key] = (svc.name, value)
+    return {key: value for key, (_, value) in records.items()}
 
 
 def _shard_record(shard: tuple[int, int]) -> dict | None:
@@ -459,9 +467,11 @@ def _batch_tensors(batch, batch_size, seq_len, pad_id, first_valid, seed, random
 
 
 def _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full: bool = False) -> None:
-    """One batch through every layer, each layer's activations into its accumulator."""
+    """One batch through every layer, each layer's activations into its accumulators."""
+    batch = Batch(valid=valid, seq_ids=seq_ids, rand_score=rand_score, all_full=all_full)
+
     def update(layer: int, acts) -> None:
-        accs[layer].update(acts, seq_ids, valid, rand_score, all_full)
+        accs[layer].update(acts, batch)
 
     model.run_mlp_activations(tokens, range(len(accs)), update)
 

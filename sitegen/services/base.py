@@ -9,9 +9,9 @@ OpenAPI writer and the templates ask services through these hooks and never name
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from markupsafe import Markup
 
@@ -55,6 +55,48 @@ def number_cell(value, p: int = 4) -> Cell:
     return Cell(Markup.escape(fmt_num(value, p)), str(value))
 
 
+@dataclass(frozen=True)
+class CorpusRun:
+    """What a service's corpus-pass hooks (`accumulator`, `merge_tables`) know about the run: the
+    store's shape and the arguments `sitegen compute` was given (merge reads them back from the
+    manifest). `seq_lengths`: the length of every sequence the tables may refer to (compute: this
+    shard's; merge: every shard's stored ones)."""
+
+    layer_size: int
+    seq_len: int
+    first_valid: int  # 1 when each sequence starts with BOS (position 0 is never counted)
+    top_k: int
+    n_random: int
+    seed: int
+    seq_lengths: Mapping[int, int] = field(default_factory=dict, repr=False)
+    device: str = "cpu"  # compute only
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One fixed-shape batch of the corpus pass, as every layer's accumulator sees it (torch
+    tensors on the run's device): `valid` bool [batch, seq], the counted positions (BOS and
+    padding excluded); `seq_ids` int64 [batch], -1 for padding rows; `rand_score` float32
+    [batch], -random_key(seed, seq_id) (-inf for padding rows); `all_full`: every row is a real
+    sequence of full length (so `valid` is just "position >= first_valid")."""
+
+    valid: Any
+    seq_ids: Any
+    rand_score: Any
+    all_full: bool = False
+
+
+@dataclass(frozen=True)
+class TokenIndex:
+    """A service's part of the model's site-wide token search (site/search.py writes the files):
+    `postings`: token -> (sorted global ids of the neurons it activates, of those it is important
+    to); `preview(global_id)` -> [top tokens, max activation, graph F1 or None], the start of a
+    search result's row."""
+
+    postings: dict[str, tuple[list[int], list[int]]]
+    preview: Callable[[int], list]
+
+
 # --- OpenAPI helpers, shared by every service's schema -------------------------------------------------
 
 METADATA_REF = "#/components/schemas/Metadata"
@@ -93,7 +135,12 @@ class Service:
     # The service whose per-neuron JSON holds the texts and activations the page's script reads
     # (data-json) and whose layer JSON ranks the layer's neurons (the layer page links it).
     activations: bool = False
-    text_search: bool = False  # its data feeds the model page's explanation (free-text) search
+    text_search: bool = False  # its data feeds the model page's explanation (free-text) search (hook search_texts)
+
+    # --- the store: what `Store.open` checks of this service's tables (sitegen/store/manifest.py) ----
+    store_columns: tuple[str, ...] = ("neuron",)  # columns every reader needs; a layer table without them is damaged
+    complete_layers: bool = False  # one row per neuron in every layer (else: some neurons of some layers)
+    always_stored: bool = False  # every store lists it (a manifest without it is damaged)
 
     # --- render half (no torch) -------------------------------------------------------------------
 
@@ -145,6 +192,16 @@ class Service:
         returns figures for the build report (`largest_folder`: (folder, files))."""
         return {}
 
+    def search_tokens(self, site) -> TokenIndex | None:
+        """The model's token search postings and result previews (one service supplies them; the
+        site has no token search without). site/search.py writes the files."""
+        return None
+
+    def search_texts(self, site) -> dict[int, str]:
+        """Global neuron id -> a free text (an explanation) for the explanation search and the
+        search results' previews (with `text_search = True`)."""
+        return {}
+
     def openapi_paths(self) -> dict:
         """OpenAPI path items: by default the per-neuron URL with a free-form object."""
         return {f"/api/{{model}}/{self.name}/{{layer}}/{{neuron}}": api_get(self.description or self.name, api_envelope(f"#/components/schemas/{self.schema_name}"), LAYER_NEURON)}
@@ -159,14 +216,24 @@ class Service:
 
     # --- compute half (may import torch, lazily, inside the hooks) --------------------------------
 
-    def accumulator(self, layer: int, layer_size: int, first_valid: int, device: str):
+    def accumulator(self, layer: int, run: CorpusRun):
         """A per-layer accumulator for `sitegen compute`'s corpus pass, or None (the default: the
-        service computes nothing there). The accumulator gets `update(acts, valid)` per batch
-        (acts: float32 torch tensor [batch, seq, layer_size]; valid: bool [batch, seq], the
-        counted positions: BOS and padding excluded), `state()` -> dict of numpy arrays (saved in
-        checkpoints), `load(state)`, and `table()` -> a pyarrow table with a `neuron` column, one
-        row per neuron, written as the service's layer file."""
+        service computes nothing there). The accumulator gets `update(acts, batch)` per batch
+        (acts: float32 torch tensor [batch, seq, layer_size]; batch: a `Batch`), `state()` -> dict
+        of numpy arrays, nested dicts allowed (saved in checkpoints), `load(state)`, and `table()`
+        -> a pyarrow table with a `neuron` column, one row per neuron, written as the service's
+        layer file."""
         return None
+
+    def sequences_used(self, table) -> Iterable[int]:
+        """The sequence ids one of its layer tables refers to: the store keeps exactly the
+        sequences some service's table uses (compute and merge ask every service)."""
+        return ()
+
+    def manifest_records(self) -> dict:
+        """Top-level manifest fields this service's corpus pass writes (e.g. the statistics' binning);
+        no two services may write the same field."""
+        return {}
 
     from_weights: bool = False  # computed from the model's weights alone (hook weight_tables), not the corpus
 
@@ -176,8 +243,30 @@ class Service:
         first shard (skipped by --no-weights); `sitegen merge` copies that shard's files as they are."""
         raise NotImplementedError(f"service {self.name!r} is from_weights but defines no weight_tables")
 
-    def merge_tables(self, tables: list):
+    def merge_tables(self, tables: list, run: CorpusRun):
         """`sitegen merge`: one layer's tables from every shard (in shard order) -> the merged
-        table. Must not depend on the order (adding counts is the usual way). Only called for
-        services whose shards hold the table."""
+        table: the table one run over the whole corpus gives. Must not depend on the order (adding
+        counts is the usual way). Only called for services whose shards all hold the table."""
         raise NotImplementedError(f"service {self.name!r} cannot merge shards: it defines no merge_tables")
+
+    def stage_requested(self, cfg) -> bool:
+        """Whether `sitegen compute`'s arguments (sitegen.compute.runner.ComputeConfig) ask for
+        this service's stage: work run on the finished, whole store (also on a complete one)."""
+        return False
+
+    def run_stage(self, model, store, cfg, log) -> None:
+        """The stage itself (model: the loaded model; store: the whole sitegen.store.Store). It
+        writes its own tables and manifest record and must resume where an interrupted run stopped."""
+        raise NotImplementedError(f"service {self.name!r} requests a stage but defines no run_stage")
+
+    def stage_layers(self, store, cfg) -> dict[int, Any]:
+        """The stage split by layer, for `sitegen compute --ray` (one task per layer): the layers
+        with work left, each with the argument its task hands `run_stage_layer`; {} when done."""
+        raise NotImplementedError(f"service {self.name!r} cannot split its stage by layer (--ray); run it without --ray")
+
+    def run_stage_layer(self, model, store, cfg, layer: int, arg, log) -> dict:
+        """One layer's part of the stage. `store` is a store of its own for the task: the whole
+        store's files, and this service's folder holding just this layer's table; the driver
+        copies that table and the service's manifest record back. Returns figures: `made` (items
+        made, e.g. graphs) and `seconds`."""
+        raise NotImplementedError(f"service {self.name!r} cannot split its stage by layer (--ray); run it without --ray")

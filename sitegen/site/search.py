@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import orjson
 
+from sitegen.services.base import Service
 from sitegen.site.publisher import NETLIFY_DIR_LIMIT  # noqa: F401  (the limit its figures are checked against)
-
-from sitegen.services.neuron2graph.tokenstore import token_store
-from sitegen.services.neuron2graph.tokenstore import SOURCE_GRAPH, TokenStore, parse_query
-from sitegen.services.neuron_explainer.service import explanations as explanations_of
 
 CAP = 200  # ids per list in a shard file
 KEYS_PER_SHARD = 8  # target; the shard count is the next power of two, at most MAX_SHARDS
 MAX_SHARDS = 4096
 PREVIEW_CHUNK = 32  # neurons per preview file: results spread over layers, so small files waste least
-PREVIEW_TOKENS = 5
 
 
 def fnv1a(text: str) -> int:
@@ -54,31 +50,11 @@ def _delta(ids) -> list[int]:
     return out
 
 
-def postings(ts: TokenStore) -> dict[str, tuple[list[int], list[int]]]:
-    """token -> (activating ids, important ids), each sorted."""
-    a, i = ts.postings("activating"), ts.postings("important")
-    out = {}
-    for k in sorted(set(a) | set(i)):
-        out[ts.keys[k]] = (a[k].tolist() if k in a else [], i[k].tolist() if k in i else [])
-    return out
-
-
-def answer(lists: dict[str, tuple[list[int], list[int]]], query: str) -> list[int]:
-    """Sorted global ids matching a query, straight from the postings (the reference the static
-    files are checked against)."""
-    result: set[int] | None = None
-    for kind, key in parse_query(query):
-        a, i = lists.get(key, ([], []))
-        ids = set(a) if kind == "activating" else set(i) if kind == "important" else set(a) | set(i)
-        result = ids if result is None else result & ids
-    return sorted(result or ())
-
-
 def publish_text_search(pub, base: str, explanations: dict[int, str]) -> dict:
     """Explanation search: each stem's postings (ids delta-encoded, with the stem's count in each
     explanation) in the shard FNV-1a picks; returns what the client needs to know (shard count,
     number of explanations for idf, lunr's stop words)."""
-    from sitegen.services.neuron_explainer.textindex import stop_words, term_frequencies
+    from sitegen.site.textindex import stop_words, term_frequencies
 
     terms = term_frequencies(explanations)
     shards = shard_count(len(terms))
@@ -91,19 +67,28 @@ def publish_text_search(pub, base: str, explanations: dict[int, str]) -> dict:
     return {"shards": shards, "documents": len(explanations), "stop_words": stop_words()}
 
 
+def _token_services(model) -> list[Service]:
+    return [s for s in model.services if type(s).search_tokens is not Service.search_tokens]
+
+
 def has_search(model) -> bool:
-    """Whether the model's neurons have tokens to search: the neuron2graph service gives every
-    neuron token sets (from its graph, else from its top sequences)."""
-    return any(s.name == "neuron2graph" for s in model.services)
+    """Whether some service of the model supplies search tokens (hook `search_tokens`)."""
+    return bool(_token_services(model))
 
 
 def publish_search(pub, model) -> dict:
     """Write the model's search files (the site-wide search page and DeepDecipher's search URL
-    read them); returns figures for the build report."""
+    read them) from what the model's services supply: the first one with `search_tokens` gives
+    the token postings and previews, every one with `search_texts` the free texts; returns
+    figures for the build report (none when no service supplies tokens after all)."""
+    index = next((ix for s in _token_services(model) if (ix := s.search_tokens(model)) is not None), None)
+    if index is None:
+        return {}
     pub = _FolderCount(pub)
-    ts = token_store(model)
-    explanations = explanations_of(model)
-    lists = postings(ts)
+    explanations: dict[int, str] = {}
+    for s in model.services:
+        explanations.update(s.search_texts(model))
+    lists = index.postings
     base = f"search/{model.name}"
     shards = shard_count(len(lists))
     grouped: dict[int, dict[str, dict]] = {s: {} for s in range(shards)}
@@ -127,8 +112,7 @@ def publish_search(pub, model) -> dict:
             rows = []
             for n in range(start, min(start + PREVIEW_CHUNK, size)):
                 g = layer * size + n
-                rows.append([[ts.keys[k] for k in ts.activating[g][:PREVIEW_TOKENS]], ts.max_act[g], ts.f1[g] if ts.source[g] == SOURCE_GRAPH else None,
-                             explanations.get(g)])
+                rows.append([*index.preview(g), explanations.get(g)])
             pub.publish(f"{base}/preview/{layer}/{start // PREVIEW_CHUNK}.json", orjson.dumps(rows))
     meta = {"shards": shards, "cap": CAP, "layer_size": size, "num_layers": model.num_layers, "preview_chunk": PREVIEW_CHUNK, "hash": "fnv1a-32"}
     if explanations:

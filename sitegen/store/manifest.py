@@ -10,8 +10,15 @@ What is checked:
   the fields some reader needs are required; unknown fields (service records such as
   `neuron2graph`, versions) are kept as they are.
 - each Parquet file's footer (cheap: no data pages are read): it is readable, has the columns
-  its readers use, and a neuroscope or logits layer has exactly `layer_size` rows; every layer
-  such a service needs is there, and no layer lies beyond `num_layers`.
+  its readers use, and a layer of a service with `complete` tables has exactly `layer_size`
+  rows; every layer such a service needs is there, and no layer lies beyond `num_layers`.
+
+What a service's tables must hold is the service's own knowledge (its `store_columns`,
+`complete_layers` and `always_stored`, sitegen/services/base.py). The store sits below the
+services (it may not import them), so the services package hands their `TableSpec`s in:
+`set_table_specs` (sitegen/services/__init__.py calls it on import). A service no registered
+one describes (or any, before the services are imported) gets the generic check: a `neuron`
+column and at most `layer_size` rows.
 
 Data pages are read later, by the readers; a damaged one is a StoreError there (Store._read).
 No torch and no import of the rest of sitegen.store (this module is imported by it).
@@ -20,8 +27,9 @@ No torch and no import of the rest of sitegen.store (this module is imported by 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import orjson
 import pyarrow as pa
@@ -122,21 +130,33 @@ class Manifest(_Strict):
                 raise ValueError(f"{s!r} is not a service name")
         if len(set(services)) != len(services):
             raise ValueError("lists a service twice")
-        if "neuroscope" not in services:
-            raise ValueError("must list 'neuroscope' (every store has it)")
         return services
 
 
-# The columns each service's readers (build, merge, explain, search) use; a table without them is damaged.
-REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "neuroscope": ("neuron", "top_seq", "top_max", "top_acts", "bottom_seq", "bottom_min", "bottom_acts", "random_seq", "random_acts",
-                   "count", "sum_fx", "sumsq_fx", "n_pos", "min", "max", "hist_fine", "mean", "std", "frac_pos", "quantiles", "hist_counts"),
-    "logits": ("neuron", "promoted_ids", "promoted_vals", "suppressed_ids", "suppressed_vals", "input_ids", "input_vals"),
-    "neuron2graph": ("neuron", "nodes", "activating", "important", "f1"),
-    "neuron_explainer": ("neuron", "explanation", "score", "explainer", "source", "method"),
-}
-# Services with one row per neuron in every layer; the others (graphs, explanations) cover some neurons of some layers.
-COMPLETE_SERVICES = ("neuroscope", "logits")
+@dataclass(frozen=True)
+class TableSpec:
+    """What one service's layer tables must hold (declared by the service: sitegen/services/base.py)."""
+
+    columns: tuple[str, ...] = ("neuron",)  # the columns its readers (build, merge, explain, search) use
+    complete: bool = False  # one row per neuron in every layer; else some neurons of some layers
+    required: bool = False  # every store lists the service
+
+
+GENERIC_TABLE = TableSpec()
+_table_specs: Callable[[], Mapping[str, TableSpec]] = dict
+
+
+def set_table_specs(provider: Callable[[], Mapping[str, TableSpec]]) -> None:
+    """Install what validate_store checks each service's tables against: service name -> TableSpec,
+    asked on every open (so a registry reloaded in tests is seen)."""
+    global _table_specs
+    _table_specs = provider
+
+
+def table_specs() -> Mapping[str, TableSpec]:
+    return _table_specs()
+
+
 SEQUENCES_COLUMNS = ("seq_id", "doc_id", "char_start", "char_end", "token_ids")
 VOCAB_COLUMNS = ("token_id", "token")
 
@@ -183,10 +203,19 @@ def _footer(path: Path, columns: tuple[str, ...]) -> pq.FileMetaData:
     return meta
 
 
+def _check_required(path: Path, services: list[str], specs: Mapping[str, TableSpec]) -> None:
+    for name, spec in specs.items():
+        if spec.required and name not in services:
+            raise StoreError(f"{path}: field 'services' is {_shown(services)}: must list {name!r} (every store has it); "
+                             f"fix that field or {_RECOMPUTE}")
+
+
 def validate_store(root: Path, data: Any) -> Manifest:
     """Check manifest.json and the store's Parquet footers against each other (see the module doc)."""
     path = root / "manifest.json"
     m = parse_manifest(path, data)
+    specs = table_specs()
+    _check_required(path, m.services, specs)
     size, n_layers = m.model.layer_size, m.model.num_layers
     vocab = _footer(root / "vocab.parquet", VOCAB_COLUMNS)
     if m.model.vocab_size is not None and vocab.num_rows != m.model.vocab_size:
@@ -195,7 +224,7 @@ def validate_store(root: Path, data: Any) -> Manifest:
     _footer(root / "sequences.parquet", SEQUENCES_COLUMNS)
     for service in m.services:
         folder = root / service
-        columns = REQUIRED_COLUMNS.get(service, ("neuron",))
+        spec = specs.get(service, GENERIC_TABLE)
         for layer_dir in sorted(folder.glob("layer=*")) if folder.is_dir() else ():
             layer = layer_dir.name.removeprefix("layer=")
             if not layer.isdigit() or int(layer) >= n_layers:
@@ -204,12 +233,12 @@ def validate_store(root: Path, data: Any) -> Manifest:
         for layer in range(n_layers):
             table = folder / f"layer={layer}" / "data.parquet"
             if not table.exists():
-                if service not in COMPLETE_SERVICES:
+                if not spec.complete:
                     continue
                 raise StoreError(f"{table} is missing, but {path} lists service '{service}' and field 'model.num_layers' is {n_layers}; "
                                  f"fix that field or {_RECOMPUTE}")
-            rows = _footer(table, columns).num_rows
-            if (rows != size) if service in COMPLETE_SERVICES else (rows > size):
+            rows = _footer(table, spec.columns).num_rows
+            if (rows != size) if spec.complete else (rows > size):
                 raise StoreError(f"{path}: field 'model.layer_size' is {size} but {table} has {rows} rows (one per neuron); "
                                  f"fix that field or {_RECOMPUTE}")
     return m
@@ -253,5 +282,5 @@ def encode(path: Path, manifest: dict, sitegen_version: str) -> tuple[dict, byte
     """The stamped manifest and its bytes, checked against the schema first: sitegen never writes
     a manifest it would refuse to open."""
     stamped = {**{k: v for k, v in manifest.items() if k not in _STAMPS}, "schema_version": SCHEMA_VERSION, "sitegen_version": sitegen_version}
-    parse_manifest(path, stamped)
+    _check_required(path, parse_manifest(path, stamped).services, table_specs())
     return stamped, orjson.dumps(stamped, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)

@@ -20,6 +20,8 @@ class Logits(Service):
     description = "Tokens the neuron's output promotes and suppresses (W_out . W_U) and the input tokens that drive it (W_E . W_in)."
     index_blurb = "Output tokens the neuron promotes and suppresses through the unembedding, and the input tokens that drive it directly."
     from_weights = True
+    store_columns = ("neuron", "promoted_ids", "promoted_vals", "suppressed_ids", "suppressed_vals", "input_ids", "input_vals")
+    complete_layers = True
 
     def weight_tables(self, model):
         from sitegen.services.logits.compute import weight_tables

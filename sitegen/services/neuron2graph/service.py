@@ -3,7 +3,8 @@ graphs, token sets and similar neurons, and the model's token search."""
 
 from __future__ import annotations
 
-from sitegen.services.base import LAYER_NEURON, NEURON_INDEX_REF, Service, api_envelope, api_get
+from sitegen.errors import StoreError
+from sitegen.services.base import LAYER_NEURON, NEURON_INDEX_REF, Service, TokenIndex, api_envelope, api_get
 
 _N2G_NODE = {"type": "object", "required": ["token", "required", "importance"],
              "properties": {"token": {"type": "string"}, "required": {"type": "array", "items": {"type": "integer"}},
@@ -39,6 +40,14 @@ def _search() -> dict:
     return op
 
 
+def _layer_spec(spec: str, layer: int) -> str:
+    """The --n2g selection restricted to one layer: a layer task's store holds only that layer's data."""
+    spec = spec.strip()
+    if spec == "all" or spec.startswith("layers:"):
+        return f"layers:{layer}"
+    return f"{spec.partition('@')[0]}@{layer}"
+
+
 class Neuron2Graph(Service):
     name = "neuron2graph"
     title = "Neuron2Graph"
@@ -47,6 +56,7 @@ class Neuron2Graph(Service):
     # Every neuron gets token sets and similar neurons (from its graph, else from its top
     # sequences), so the service is there whenever neuroscope data is; graphs where computed.
     needs = ("neuroscope", "neuron2graph")
+    store_columns = ("neuron", "nodes", "activating", "important", "f1")  # graphs cover some neurons of some layers
 
     def prepare(self, site):
         from sitegen.services.neuron2graph.tokenstore import similar
@@ -57,6 +67,47 @@ class Neuron2Graph(Service):
         from sitegen.services.neuron2graph.render import Neuron2GraphLayer
 
         return Neuron2GraphLayer(store, layer, site)
+
+    def search_tokens(self, site):
+        from sitegen.services.neuron2graph.tokenstore import token_store
+
+        ts = token_store(site)
+        return TokenIndex(ts.search_postings(), ts.preview)
+
+    # --- compute half: graphs for the neurons `sitegen compute --n2g` selects, on the whole store -----
+
+    def stage_requested(self, cfg):
+        return cfg.n2g.strip() != "0"
+
+    def run_stage(self, model, store, cfg, log):
+        from sitegen.services.neuron2graph.compute import N2GConfig, run_n2g
+
+        log(f"neuron2graph: {cfg.n2g} (resumes per layer; each layer's graphs are saved as it finishes)")
+        try:
+            totals = run_n2g(model, store, cfg.n2g, N2GConfig(seed=cfg.seed), log)
+        except KeyboardInterrupt:
+            raise StoreError(f"interrupted during neuron2graph; {cfg.out} keeps every finished layer: rerun the same command to go on") from None
+        if totals["graphs"]:
+            log(f"neuron2graph: {totals['graphs']} graphs in {totals['seconds']:.0f} s "
+                f"({60 * totals['graphs'] / max(totals['seconds'], 1e-9):.1f} graphs/min, {totals['tokens_run'] // totals['graphs']} tokens run per graph)")
+
+    def stage_layers(self, store, cfg):
+        from sitegen.services.selection import select_neurons
+
+        m = store.manifest["model"]
+        todo = {}
+        for layer, neurons in select_neurons(cfg.n2g, m["num_layers"], m["layer_size"], store).items():
+            path = store.layer_path(self.name, layer)
+            have = set(store.read_layer(self.name, layer, columns=["neuron"]).column("neuron").to_pylist()) if path.exists() else set()
+            if set(neurons) - have:
+                todo[layer] = _layer_spec(cfg.n2g, layer)
+        return todo
+
+    def run_stage_layer(self, model, store, cfg, layer, arg, log):
+        from sitegen.services.neuron2graph.compute import N2GConfig, run_n2g
+
+        totals = run_n2g(model, store, arg, N2GConfig(seed=cfg.seed), log)
+        return {"made": totals["graphs"], "seconds": totals["seconds"]}
 
     def openapi_paths(self):
         return {

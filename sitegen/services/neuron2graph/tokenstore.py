@@ -53,6 +53,15 @@ class TokenStore:
         bounds = np.flatnonzero(np.diff(keys)) + 1
         return {int(k[0]): o for k, o in zip(np.split(keys, bounds), np.split(owners, bounds)) if len(k)}
 
+    def search_postings(self) -> dict[str, tuple[list[int], list[int]]]:
+        """token -> (activating ids, important ids), each sorted: the site's token search."""
+        a, i = self.postings("activating"), self.postings("important")
+        return {self.keys[k]: (a[k].tolist() if k in a else [], i[k].tolist() if k in i else []) for k in sorted(set(a) | set(i))}
+
+    def preview(self, g: int, n_tokens: int = 5) -> list:
+        """A search result's start: [top tokens, largest activation, graph F1 or None]."""
+        return [[self.keys[k] for k in self.activating[g][:n_tokens]], self.max_act[g], self.f1[g] if self.source[g] == SOURCE_GRAPH else None]
+
 
 class _Keys:
     def __init__(self):

@@ -35,11 +35,15 @@ class NeuronExplainer(Service):
     description = "A one-sentence explanation written by a language model, with its simulation score."
     column_order = 10
     text_search = True
+    store_columns = ("neuron", "explanation", "score", "explainer", "source", "method")  # explained neurons only
 
     def open_layer(self, store, layer, site):
         from sitegen.services.neuron_explainer.render import ExplainerLayer
 
         return ExplainerLayer(store, layer, site)
+
+    def search_texts(self, site):
+        return explanations(site)
 
     def layer_columns(self):
         return [Column("Explanation score"), Column("Explanation", None)]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sitegen.services.neuroscope import stats
+from sitegen.services.neuroscope import data, stats
 
 
 
@@ -160,3 +160,24 @@ class LayerAccumulator:
         for name in ("sum_fx", "sumsq_fx", "sumsq_lo", "vmin", "vmax"):
             getattr(self, name).copy_(torch.from_numpy(state[name]))
         self.hist.copy_(torch.from_numpy(state["hist"]).T)
+
+
+class CorpusAccumulator:
+    """The service contract's accumulator (sitegen/services/base.py): one layer's LayerAccumulator
+    fed a `Batch` at a time; its table has the traces trimmed to each sequence's length."""
+
+    def __init__(self, run):
+        self.run = run
+        self.acc = LayerAccumulator(run.layer_size, run.seq_len, run.top_k, run.n_random, run.first_valid, run.device)
+
+    def update(self, acts: torch.Tensor, batch) -> None:
+        self.acc.update(acts, batch.seq_ids, batch.valid, batch.rand_score, batch.all_full)
+
+    def state(self) -> dict:
+        return self.acc.state()
+
+    def load(self, state: dict) -> None:
+        self.acc.load(state)
+
+    def table(self):
+        return data.state_to_table(self.acc.state(), self.run.top_k, self.run.n_random, self.run.seq_lengths)

@@ -143,6 +143,13 @@ def _merge_extremes(parts: list[dict], k: int) -> dict:
             "trace": np.take_along_axis(trace, order[:, :, None], 0)}
 
 
+def random_score(seed: int):
+    """The random sample's ordering key of a sequence, as the corpus pass scores it (Batch.rand_score)."""
+    from sitegen.corpus_keys import random_key
+
+    return lambda seq_id: -np.float32(random_key(seed, int(seq_id)))
+
+
 def merge_states(parts: list[dict], top_k: int, n_random: int, random_score: "callable") -> dict:
     """Exact merge of layer states from disjoint sets of sequences. random_score(seq_id) gives the
     sample's ordering key (the random sample is 'smallest key first', key from the sequence id)."""

@@ -47,6 +47,36 @@ class Neuroscope(Service):
                    "per-token activations, statistics, histogram and quantiles.")
     column_order = 0  # the activation columns lead the layer table
     activations = True
+    store_columns = ("neuron", "top_seq", "top_max", "top_acts", "bottom_seq", "bottom_min", "bottom_acts", "random_seq", "random_acts",
+                     "count", "sum_fx", "sumsq_fx", "n_pos", "min", "max", "hist_fine", "mean", "std", "frac_pos", "quantiles", "hist_counts")
+    complete_layers = True
+    always_stored = True  # every corpus pass computes it; the layer pages and the search rank by it
+
+    # --- compute half: the corpus pass's top/bottom/random texts and exact statistics --------------
+
+    def accumulator(self, layer, run):
+        from sitegen.services.neuroscope.compute import CorpusAccumulator
+
+        return CorpusAccumulator(run)
+
+    def sequences_used(self, table):
+        return (s for col in ("top_seq", "bottom_seq", "random_seq") for s in table.column(col).combine_chunks().flatten().to_pylist())
+
+    def manifest_records(self):
+        from sitegen.services.neuroscope import stats
+
+        # The binning the tables were made with (the site reads the quantile levels from here).
+        return {"stats": {"quantile_levels": list(stats.QUANTILE_LEVELS), "display_bins": stats.DISPLAY_BINS,
+                          "fine_bins": stats.N_FINE_BINS, "sum_shift": stats.SUM_SHIFT, "sq_shift": stats.SQ_SHIFT}}
+
+    def merge_tables(self, tables, run):
+        from sitegen.services.neuroscope import data
+
+        states = [data.table_to_state(t, run.top_k, run.n_random, run.seq_len) for t in tables]
+        merged = data.merge_states(states, run.top_k, run.n_random, data.random_score(run.seed))
+        return data.state_to_table(merged, run.top_k, run.n_random, run.seq_lengths)
+
+    # --- render half ------------------------------------------------------------------------------
 
     def open_layer(self, store, layer, site):
         from sitegen.services.neuroscope.render import NeuroscopeLayer

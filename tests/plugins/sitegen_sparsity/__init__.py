@@ -24,7 +24,8 @@ class _Accumulator:
 
         self.counts = {k: torch.zeros(layer_size, dtype=torch.int64, device=device) for k in _COUNTS}
 
-    def update(self, acts, valid) -> None:
+    def update(self, acts, batch) -> None:
+        valid = batch.valid
         half = acts.shape[1] // 2
         for prefix, sl in (("", slice(None)), ("early_", slice(0, half))):
             a, v = acts[:, sl], valid[:, sl]
@@ -75,6 +76,8 @@ class Sparsity(Service):
     title = "Activation density"
     description = "How often the neuron is active (> 0), over all counted tokens and by position."
     index_blurb = "The fraction of tokens on which each neuron is active, early and late in a sequence."
+    store_columns = ("neuron", *_COUNTS)  # Store.open refuses a layer table without them
+    complete_layers = True  # one row per neuron in every layer
 
     def open_layer(self, store, layer, site):
         return _Layer(store, layer, site)
@@ -98,9 +101,9 @@ class Sparsity(Service):
                                             "positive": {"type": "integer"}, "density": {"type": ["number", "null"]},
                                             "density_early": {"type": ["number", "null"]}, "density_late": {"type": ["number", "null"]}}}}
 
-    def accumulator(self, layer, layer_size, first_valid, device):
-        return _Accumulator(layer_size, device)
+    def accumulator(self, layer, run):
+        return _Accumulator(run.layer_size, run.device)
 
-    def merge_tables(self, tables):
+    def merge_tables(self, tables, run):
         parts = [t.to_pydict() for t in tables]
         return _table({k: np.sum([np.asarray(p[k], np.int64) for p in parts], axis=0) for k in _COUNTS})
