@@ -14,12 +14,40 @@ from sitegen.errors import ConfigError, SitegenError
 
 
 class _Group(click.Group):
+    """sitegen's own commands, then those services add (`Service.cli_commands`, e.g. the
+    explainer's `explain`), looked up only when a name is not sitegen's own, so `build` and
+    `serve` never load the services for it."""
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except SitegenError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+
+    def _service_commands(self) -> dict[str, click.Command]:
+        from sitegen.services import registry
+
+        found: dict[str, tuple[str, click.Command]] = {}
+        for service in registry():
+            for command in service.cli_commands():
+                if command.name in self.commands:
+                    raise ConfigError(f"service {service.name!r} adds a command {command.name!r}, which is sitegen's own: rename it")
+                if command.name in found:
+                    raise ConfigError(f"services {found[command.name][0]!r} and {service.name!r} both add a command {command.name!r}: rename one")
+                found[command.name] = (service.name, command)
+        return {name: command for name, (_, command) in found.items()}
+
+    def get_command(self, ctx: click.Context, name: str):
+        return self.commands.get(name) or self._service_commands().get(name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        try:
+            added = self._service_commands()
+        except SitegenError as e:  # --help still lists sitegen's own; running a command says what is wrong
+            click.echo(f"error: {e}", err=True)
+            added = {}
+        return sorted({*self.commands, *added})
 
 
 @click.group(cls=_Group)
@@ -73,40 +101,6 @@ def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_si
 
     opts = RayOptions(address=None if ray_address == "local" else ray_address, shards=ray_shards, cpus_per_shard=ray_cpus_per_shard)
     run_compute_ray(cfg, opts, log=log)
-
-
-@main.command()
-@click.argument("store", type=click.Path(path_type=Path))
-@click.option("--endpoint", required=True, help="Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1 or http://127.0.0.1:8080/v1.")
-@click.option("--model", required=True, help="The model name the endpoint serves (the explainer and simulator).")
-@click.option("--api-key-env", default=None,
-              help="Environment variable holding the API key (never written anywhere) [default: OPENAI_API_KEY for https://api.openai.com only; "
-                   "other endpoints get no key unless a variable is named].")
-@click.option("--allow-insecure-http", is_flag=True, help="Allow sending the API key over plain http to a host other than loopback.")
-@click.option("--neurons", default="5", show_default=True, help="Which neurons: 3:17,5:2, or as --n2g: all, layers:0,5, N (most active per layer), N@0,5.")
-@click.option("--samples", type=int, default=1, show_default=True,
-              help="Explanations sampled per neuron (temperature 1); the best on the valid split is kept and its test-split score reported.")
-@click.option("--concurrency", type=int, default=4, show_default=True, help="Requests in flight at once.")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per request.")
-@click.option("--retries", type=int, default=4, show_default=True, help="Retries (with backoff) on 429, 5xx and dropped connections.")
-@click.option("--dry-run", is_flag=True, help="Print the first explanation prompt and the number of requests; send nothing.")
-def explain(store, endpoint, model, api_key_env, allow_insecure_http, neurons, samples, concurrency, timeout, retries, dry_run):
-    """Write and score explanations of neurons with an OpenAI-compatible model (resumable)."""
-    from sitegen.services.neuron_explainer.explain import ExplainConfig, run_explain
-
-    cfg = ExplainConfig(store=store, endpoint=endpoint, model=model, api_key_env=api_key_env, neurons=neurons, samples=samples, concurrency=concurrency,
-                        timeout=timeout, retries=retries, allow_insecure_http=allow_insecure_http, dry_run=dry_run)
-    run_explain(cfg, log=lambda m: click.echo(m, err=not dry_run))
-
-
-@main.command("import-explanations")
-@click.argument("folder", type=click.Path(path_type=Path))
-@click.option("--store", "store_root", type=click.Path(path_type=Path), required=True, help="The store of the model the explanations were written for.")
-def import_explanations_cmd(folder, store_root):
-    """Import OpenAI's published per-neuron explanation files (.json/.jsonl under FOLDER) into a store."""
-    from sitegen.services.neuron_explainer.published import import_explanations
-
-    import_explanations(folder, store_root, log=lambda m: click.echo(m, err=True))
 
 
 @main.command()

@@ -83,6 +83,11 @@ def test_a_fifth_service_is_computed_merged_and_published(fresh_registry, monkey
     assert "sparsity" in orjson.loads((site / f"api/{model}.json").read_bytes())["data"]["available_services"]
     assert "sparsity" in orjson.loads((site / f"api/{model}/all/1/2.json").read_bytes())
 
+    densest = CliRunner().invoke(main, ["densest", str(tmp_path / "merged"), "--layer", "1"])  # the service's own command
+    best = max(range(size), key=lambda i: (t["positive"][i], -i))
+    assert densest.exit_code == 0 and densest.output == f"layer 1 neuron {best}: {t['positive'][best] / t['tokens'][best]:.6f}\n"
+    assert "densest" in CliRunner().invoke(main, ["--help"]).output
+
     spec = orjson.loads((site / "api/openapi.json").read_bytes())
     assert "sparsity" in spec["x-services"]
     schema = spec["paths"]["/api/{model}/sparsity/{layer}/{neuron}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
@@ -169,6 +174,21 @@ def test_a_taken_built_in_name_is_refused_alike_when_sitegen_declares_its_own_en
             registry()
 
 
+def test_a_service_command_that_takes_a_taken_name_is_refused_in_one_line(fresh_registry, monkeypatch):
+    import click
+
+    from sitegen.services.neuroscope.service import Neuroscope
+
+    monkeypatch.setattr(Neuroscope, "cli_commands", lambda self: [click.Command("import-explanations")])
+    result = CliRunner().invoke(main, ["import-explanations", "x", "--store", "y"])
+    assert result.exit_code != 0 and result.output.strip().splitlines() == [
+        "error: services 'neuron_explainer' and 'neuroscope' both add a command 'import-explanations': rename one"]
+    monkeypatch.setattr(Neuroscope, "cli_commands", lambda self: [click.Command("build")])
+    result = CliRunner().invoke(main, ["explain", "x"])
+    assert result.exit_code != 0 and "adds a command 'build', which is sitegen's own" in result.output and "Traceback" not in result.output
+    assert CliRunner().invoke(main, ["build", "--help"]).exit_code == 0  # sitegen's own commands never look at the services
+
+
 def test_the_built_ins_are_there_without_entry_point_metadata(fresh_registry, monkeypatch):
     """An install whose metadata predates the entry points (or lacks them) still has every built-in."""
     from importlib import metadata
@@ -180,7 +200,7 @@ def test_the_built_ins_are_there_without_entry_point_metadata(fresh_registry, mo
 def test_the_build_merge_compute_store_search_openapi_and_the_page_templates_name_no_service():
     root = Path(__file__).parent.parent
     templates = sorted((root / "themes/default/templates").glob("*.html"))
-    modules = ["site/build.py", "site/openapi.py", "site/search.py", "merge.py", "compute/runner.py", "compute/distributed.py",
+    modules = ["cli.py", "site/build.py", "site/openapi.py", "site/search.py", "merge.py", "compute/runner.py", "compute/distributed.py",
                "store/manifest.py", "store/__init__.py"]
     for path in [*(root / "sitegen" / m for m in modules), *templates]:
         rel = path.relative_to(root)

@@ -148,6 +148,11 @@ class Service:
         """Whether the store holds data this service renders."""
         return any(store.has_service(name) for name in (self.needs or (self.name,)))
 
+    def cli_commands(self) -> list:
+        """click commands this service adds to `sitegen` (e.g. the explainer's `explain`); a name
+        sitegen or another service already has is refused."""
+        return []
+
     def prepare(self, site) -> None:
         """Load the model-wide data this service's layer views share (via `site.cached`), before
         any layer is rendered: a parallel build calls it once in the main process, so the worker

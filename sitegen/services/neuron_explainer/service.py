@@ -37,6 +37,11 @@ class NeuronExplainer(Service):
     text_search = True
     store_columns = ("neuron", "explanation", "score", "explainer", "source", "method")  # explained neurons only
 
+    def cli_commands(self):
+        from sitegen.services.neuron_explainer.cli import explain, import_explanations_cmd
+
+        return [explain, import_explanations_cmd]
+
     def open_layer(self, store, layer, site):
         from sitegen.services.neuron_explainer.render import ExplainerLayer
 

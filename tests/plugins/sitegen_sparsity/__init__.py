@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import numpy as np
 import pyarrow as pa
 from markupsafe import Markup
@@ -71,6 +72,18 @@ class _Layer:
         return {"num_neurons": len(self.cols["neuron"])}
 
 
+@click.command("densest")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--layer", type=int, required=True)
+def densest(store, layer):
+    """Print the layer's most often active neuron and its density (a command this service adds)."""
+    from sitegen.store import Store
+
+    t = Store.open(store).read_layer(NAME, layer).to_pydict()
+    best = max(range(len(t["neuron"])), key=lambda i: (t["positive"][i], -i))
+    click.echo(f"layer {layer} neuron {t['neuron'][best]}: {t['positive'][best] / t['tokens'][best]:.6f}")
+
+
 class Sparsity(Service):
     name = NAME
     title = "Activation density"
@@ -100,6 +113,9 @@ class Sparsity(Service):
                              "properties": {"neuron_index": {"$ref": NEURON_INDEX_REF}, "tokens": {"type": "integer"},
                                             "positive": {"type": "integer"}, "density": {"type": ["number", "null"]},
                                             "density_early": {"type": ["number", "null"]}, "density_late": {"type": ["number", "null"]}}}}
+
+    def cli_commands(self):
+        return [densest]
 
     def accumulator(self, layer, run):
         return _Accumulator(run.layer_size, run.device)
