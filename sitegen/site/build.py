@@ -179,12 +179,24 @@ def _environment(assets: dict[str, str], themes: list[Path] | None = None) -> En
     # the themes first, then the folders of services shipped outside the default theme
     folders = [t / "templates" for t in (themes or theme_layers())] + [d for s in registry() if (d := s.template_dir()) is not None]
     loader = ChoiceLoader([FileSystemLoader(str(f)) for f in folders])
-    env = Environment(loader=loader, autoescape=select_autoescape(["html"]),
+    # auto_reload off: a build never sees a template change, and the check costs a stat per include
+    env = Environment(loader=loader, autoescape=select_autoescape(["html"]), auto_reload=False,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.globals.update(assets=assets, version=__version__)
+    env.globals.update(assets=assets, version=__version__, once=_once({}))
     env.filters["num"] = fmt_num
     env.filters["pct"] = fmt_pct
     return env
+
+
+def _once(cache: dict):
+    """The templates' `{% call once(key) %}...{% endcall %}`: the block's output the first time
+    `key` is seen in this build, reused after (a fragment every page of a model shares)."""
+    def once(key: str, caller) -> str:
+        if key not in cache:
+            cache[key] = caller()
+        return cache[key]
+
+    return once
 
 
 def _publish_assets(pub: Publisher, themes: list[Path] | None = None) -> dict[str, str]:

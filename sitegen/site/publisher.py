@@ -59,6 +59,11 @@ class Publisher:
     _caseless_dirs: set = field(default_factory=set)  # folders already in _caseless
     _tmp_names: Iterator[int] = field(default_factory=itertools.count)
 
+    def __post_init__(self) -> None:
+        # The hot path works on strings: a Path per file costs more than the write itself on tmpfs.
+        self._base = os.path.join(str(self.root), "")
+        self._tmp_prefix = f"/.{os.getpid()}-"
+
     def publish(self, rel: str, data: bytes | str) -> None:
         if isinstance(data, str):
             data = data.encode()
@@ -66,38 +71,41 @@ class Publisher:
             raise BuildError(f"two outputs want the same path {rel}; rename one of the models or pages")
         self._seen.add(rel)
         self._check_portable(rel)
-        path = self.root / rel
-        parent = path.parent
+        path = self._base + rel
+        parent = path.rpartition("/")[0]
         tmp = None
         try:
             if parent not in self._dirs:
-                parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(parent, exist_ok=True)
                 self._dirs.add(parent)
             try:
                 same_size = os.stat(path).st_size == len(data)
             except FileNotFoundError:
                 same_size = False
-            if same_size and path.read_bytes() == data:
+            if same_size and _read_bytes(path) == data:
                 self.unchanged += 1
                 return
             if self.journal_fd is not None and rel not in self.previous:
                 # Journaled before it exists: a build killed from here on still knows the file is its own.
                 os.write(self.journal_fd, orjson.dumps(rel) + b"\n")
-            tmp = parent / f".{os.getpid()}-{next(self._tmp_names)}{TMP_SUFFIX}"
+            tmp = f"{parent}{self._tmp_prefix}{next(self._tmp_names)}{TMP_SUFFIX}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                done = os.write(fd, data)
+                if done < len(data):  # a short write (a signal, a full pipe of a FUSE mount): finish it
+                    view = memoryview(data)[done:]
+                    while view:
+                        view = view[os.write(fd, view):]
             finally:
                 os.close(fd)
             os.replace(tmp, path)
         except OSError as e:
             if tmp is not None:
-                _unlink(tmp)
+                _unlink(Path(tmp))
+            where = self.root / rel
             if e.errno == errno.ENOSPC:
-                raise BuildError(f"disk full while writing {path}; free space and rebuild (unchanged files are skipped)") from None
-            raise BuildError(f"cannot write {path}: {e.strerror or e}") from None
+                raise BuildError(f"disk full while writing {where}; free space and rebuild (unchanged files are skipped)") from None
+            raise BuildError(f"cannot write {where}: {e.strerror or e}") from None
         self.written += 1
         self.bytes_written += len(data)
 
@@ -110,7 +118,8 @@ class Publisher:
             prefix = "/".join(parts[:depth])
             if depth < len(parts) and prefix in self._caseless_dirs:
                 break  # this folder and those above it were checked for an earlier file
-            key = unicodedata.normalize("NFD", unicodedata.normalize("NFD", prefix).casefold())
+            # ASCII (nearly every path): NFD leaves it as it is and casefold is lower()
+            key = prefix.lower() if prefix.isascii() else unicodedata.normalize("NFD", unicodedata.normalize("NFD", prefix).casefold())
             other = self._caseless.setdefault(key, prefix)
             if other != prefix:
                 raise BuildError(f"two outputs differ only in letter case or Unicode normalisation, {other!r} and {prefix!r}: "
@@ -260,6 +269,11 @@ def _prune_empty_parents(folder: Path, root: Path) -> None:
         except OSError:  # not empty (or gone): stop
             return
         folder = folder.parent
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _unlink(path: Path) -> None:
