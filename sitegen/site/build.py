@@ -10,6 +10,7 @@ Never imports torch (an import-linter contract and a test check it).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import time
 from dataclasses import dataclass
@@ -321,6 +322,9 @@ def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict
     missing_json = {s.name: dumps({"missing_data_types": [s.name], "metadata": meta}) for s in model.missing}
     views = [(s, s.open_layer(model.store, layer, model)) for s in model.services]
     view_of = {s.name: view for s, view in views}
+    # The layer's tables and the model's caches are millions of long-lived objects: out of the
+    # collector's sight, its full collections (every ~100,000 new containers) stop scanning them.
+    gc.freeze()
     rows = []
     for n in range(model.layer_size):
         payloads, encoded = {}, {}

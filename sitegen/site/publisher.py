@@ -55,6 +55,7 @@ class Publisher:
     bytes_written: int = 0
     _seen: set = field(default_factory=set)
     _dirs: set = field(default_factory=set)
+    _fresh: set = field(default_factory=set)  # folders this build created: no file there can be unchanged
     _caseless: dict = field(default_factory=dict)  # caseless key of every path and folder -> the path
     _caseless_dirs: set = field(default_factory=set)  # folders already in _caseless
     _tmp_names: Iterator[int] = field(default_factory=itertools.count)
@@ -76,12 +77,14 @@ class Publisher:
         tmp = None
         try:
             if parent not in self._dirs:
-                os.makedirs(parent, exist_ok=True)
-                self._dirs.add(parent)
-            try:
-                same_size = os.stat(path).st_size == len(data)
-            except FileNotFoundError:
+                self._make_dir(parent)
+            if parent in self._fresh:
                 same_size = False
+            else:
+                try:
+                    same_size = os.stat(path).st_size == len(data)
+                except FileNotFoundError:
+                    same_size = False
             if same_size and _read_bytes(path) == data:
                 self.unchanged += 1
                 return
@@ -108,6 +111,22 @@ class Publisher:
             raise BuildError(f"cannot write {where}: {e.strerror or e}") from None
         self.written += 1
         self.bytes_written += len(data)
+
+    def _make_dir(self, folder: str) -> None:
+        """Create folder and any missing parents, noting which this build created."""
+        try:
+            os.mkdir(folder)
+            self._fresh.add(folder)
+        except FileExistsError:  # there already (a file in its place fails at the write)
+            pass
+        except FileNotFoundError:
+            up = folder.rpartition("/")[0]
+            if not up:  # a relative root that is gone: nothing above it to create
+                raise
+            self._make_dir(up)
+            os.mkdir(folder)
+            self._fresh.add(folder)
+        self._dirs.add(folder)
 
     def _check_portable(self, rel: str) -> None:
         """Refuse two outputs that are one file on macOS or Windows: paths (or folders on the way)

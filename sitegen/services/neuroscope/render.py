@@ -8,6 +8,7 @@ each sequence's token spans are joined in Python rather than looped over in the 
 from __future__ import annotations
 
 import itertools
+from itertools import chain
 
 import numpy as np
 from markupsafe import Markup
@@ -18,6 +19,8 @@ WINDOW_BEFORE = 12  # tokens shown before the peak token on the page (the JSON h
 WINDOW_AFTER = 4
 # Opening tag per colour bucket -9..9 (index + BUCKETS); unquoted class values are valid HTML.
 _OPEN = [f"<i class=n{-b}>" for b in range(-BUCKETS, 0)] + ["<i>"] + [f"<i class=p{b}>" for b in range(1, BUCKETS + 1)]
+_COLUMNS = ["top_seq", "top_acts", "bottom_seq", "bottom_acts", "mean", "std", "min", "max", "frac_pos", "count", "quantiles",
+            "hist_edges", "hist_counts"]
 _ELL = '<span class="ell">…</span>'
 
 
@@ -62,7 +65,8 @@ class Traces:
 class NeuroscopeLayer:
     def __init__(self, store, layer: int, site):
         self.layer, self.site = layer, site
-        t = store.read_layer("neuroscope", layer)
+        # the columns the pages and JSON show (not the raw sums and fine histogram kept for merging)
+        t = store.read_layer("neuroscope", layer, columns=_COLUMNS)
         self.n = t.num_rows
         col = lambda name: t.column(name).to_pylist()  # noqa: E731
         self.seq = {k: col(f"{k}_seq") for k in ("top", "bottom")}
@@ -76,6 +80,7 @@ class NeuroscopeLayer:
         # recur in every neuron. Zero is left out (0.0 and -0.0 are one key) and kept as it is.
         self.edges6 = {e: float(f"{e:.6g}") for e in set(itertools.chain.from_iterable(self.hist_edges)) if e}
         self.fv = site.first_valid
+        self.source = site.cached("neuroscope.source", dict)  # seq_id -> the text's source line on the page
         self._texts: dict | None = None
         self._texts_for = -1
         self._stats: dict = {}
@@ -149,7 +154,7 @@ class NeuroscopeLayer:
         """One <li> per text: the window around the peak as coloured spans and the text's source.
         JavaScript reads exact values from the neuron's JSON and adds the whole-sequence toggle."""
         closed = self.site.esc_vocab_closed
-        escaped_doc = self.site.escaped_doc
+        source = self.source
         tr = self.traces[kind]
         inner, buckets = tr.inner, tr.buckets
         first = tr.outer[n]
@@ -159,15 +164,19 @@ class NeuroscopeLayer:
             ids, acts, peak = t["token_ids"], t["activations"], t["max_activating_token_index"]
             lo, hi = max(0, peak - WINDOW_BEFORE), min(len(ids), peak + WINDOW_AFTER + 1)
             base = inner[first + i]
-            opens = list(map(_OPEN.__getitem__, buckets[base + lo:base + hi]))
+            opens = map(_OPEN.__getitem__, buckets[base + lo:base + hi])
             if lo < fv:
+                opens = list(opens)
                 opens[: fv - lo] = ["<i class=bos>"] * (fv - lo)
-            spans = "".join(map(str.__add__, opens, map(closed.__getitem__, ids[lo:hi])))
+            spans = "".join(chain.from_iterable(zip(opens, map(closed.__getitem__, ids[lo:hi]))))
             seq_id = t["data_index"]
+            where = source.get(seq_id)
+            if where is None:  # the same for every text of this sequence, in every neuron
+                where = source[seq_id] = (f'<code>{self.site.escaped_doc(seq_id)}</code> chars {t["char_start"]}–{t["char_end"]}, '
+                                          f'sequence {seq_id}, {len(ids)} tokens, ')
             items.append(
                 f'<li><div class="seq" tabindex="0" data-start="{lo}">{_ELL if lo else ""}{spans}{_ELL if hi < len(ids) else ""}'
-                f'</div><details><summary>{acts[peak]} at {peak}</summary><code>{escaped_doc(seq_id)}</code> '
-                f'chars {t["char_start"]}–{t["char_end"]}, sequence {seq_id}, {len(ids)} tokens, {t["min_activation"]} to {t["max_activation"]}</details></li>'
+                f'</div><details><summary>{acts[peak]} at {peak}</summary>{where}{t["min_activation"]} to {t["max_activation"]}</details></li>'
             )
         return Markup("\n".join(items))
 
@@ -203,15 +212,15 @@ def histogram_svg(counts: list[int], edges: list[float]) -> str:
     width, base = 500, 52
     lo, hi = edges[0], edges[-1]
     scale = width / (hi - lo) if hi > lo else 0.0
-    x = [round((e - lo) * scale, 1) for e in edges] if scale else [0.0, float(width)]
-    widths = [max(x[i + 1] - x[i], 1.0) for i in range(len(counts))]
-    density = [c / w for c, w in zip(counts, widths)]
-    # one ufunc call for every bar (the same log1p, element by element, as a call per bar)
-    heights = (np.log1p(density) / np.log1p(max(density))).tolist()
+    # Positions with Python's round() (numpy rounds tenths differently); widths, densities and
+    # heights with numpy, the same IEEE operations a loop per bar does, element by element.
+    x = [round(v, 1) for v in ((np.asarray(edges, dtype=np.float64) - lo) * scale).tolist()] if scale else [0.0, float(width)]
+    widths = np.maximum(np.diff(x[:len(counts) + 1]), 1.0)
+    density = np.asarray(counts, dtype=np.float64) / widths
+    heights = np.maximum(1, np.rint(base * (np.log1p(density) / np.log1p(density.max())))).astype(np.int64).tolist()
     paths: dict[str, list[str]] = {"neg": [], "pos": []}
-    for i, (c, r, w) in enumerate(zip(counts, heights, widths)):
+    for i, (c, h, w) in enumerate(zip(counts, heights, widths.tolist())):
         if c:
-            h = max(1, round(base * r))
             paths["pos" if edges[i] >= 0 and edges[i + 1] > 0 else "neg"].append(f"M{_g(x[i])} {base}v-{h}h{_g(w)}v{h}z")
     zero = f'<path class="zero" d="M{round((0 - lo) * scale, 1):g} 0V{base}"/>' if lo < 0 < hi else ""
     parts = "".join(f'<path class="{k}" d="{"".join(v)}"/>' for k, v in paths.items() if v)
