@@ -1,11 +1,15 @@
-"""Build throughput at GPT-2-small scale: a synthetic store of 12 x 3072 = 36,864 neurons with
-20 top, 20 bottom and 5 random 32-token sequences each, built by `sitegen build` on one core.
+"""Build throughput at GPT-2-small scale: a synthetic store (benchmarks/synthetic.py) of 12 x 3072
+= 36,864 neurons with all four services: 20 top, 20 bottom and 5 random 32-token sequences each,
+logit effects, Neuron2Graph graphs for 2% and explanations for 10% of each layer's neurons (a tenth
+of them with `sitegen explain`'s scored sequences); built by `sitegen build` on one core.
 
-    python benchmarks/build.py [--layers 12] [--neurons 3072] [--keep DIR]
+    python benchmarks/build.py [--layers 12] [--neurons 3072] [--graphs 0.02] [--explained 0.1] [--keep DIR] [--out DIR]
 
-Prints neuron pages per second (HTML + JSON files), peak memory of the build, bytes per neuron on
+Prints neuron pages per second (HTML + JSON files, wall clock, and per CPU second of the build,
+which a machine shared with other jobs disturbs less), peak memory of the build, bytes per neuron on
 disk, raw and gzipped, for the page, the service JSON files and the `all` aggregate, and what an
 fsync per file would cost (the reason the build does not do it; README, 'A killed build').
+`--out` builds there instead (e.g. /dev/shm, to leave the disk out of the figure).
 """
 
 from __future__ import annotations
@@ -22,63 +26,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sitegen.services.neuroscope import data as ns_data  # noqa: E402
-from sitegen.services.neuroscope import stats  # noqa: E402
-from sitegen.store.manifest import new_manifest  # noqa: E402
-from sitegen.store import SEQUENCES_SCHEMA, Store  # noqa: E402
-
-
-def synthetic_store(root: Path, n_layers: int, n: int, seq_len: int = 32, n_seqs: int = 20000, vocab_size: int = 50257, seed: int = 0) -> Store:
-    """Realistic shapes, random content: heavy-tailed activations, a GPT-2-sized vocabulary of word-like tokens."""
-    rng = np.random.default_rng(seed)
-    letters = np.array(list("etaoinshrdlucmfwypvbgkjqxz"))
-    vocab = ["<|endoftext|>"] + [(" " if i % 3 else "") + "".join(rng.choice(letters, rng.integers(1, 8))) for i in range(1, vocab_size)]
-    token_ids = rng.integers(1, vocab_size, size=(n_seqs, seq_len)).astype(np.int32)
-    token_ids[:, 0] = 0
-    store = Store(root)
-    k, r = 20, 5
-    for layer in range(n_layers):
-        def extremes(kk, sign):
-            ids = np.stack([rng.choice(n_seqs, kk, replace=False) for _ in range(n)], 1)
-            trace = (rng.standard_t(4, size=(kk, n, seq_len)) * 0.3).astype(np.float32)
-            score = sign * np.sort(np.abs(trace).max(2), axis=0)[::-1].astype(np.float32)
-            return {"score": np.ascontiguousarray(score), "seq_id": ids.astype(np.int64), "trace": trace}
-        hist = rng.integers(0, 50, size=(n, stats.N_FINE_BINS)).astype(np.int64)
-        rid = np.sort(rng.choice(n_seqs, r, replace=False))
-        state = {
-            "top": extremes(k, 1.0), "bottom": extremes(k, 1.0),
-            "random": {"score": -np.arange(r, dtype=np.float32)[:, None], "seq_id": rid[:, None].astype(np.int64),
-                       "trace": (rng.normal(size=(r, 1, n * seq_len)) * 0.1).astype(np.float32)},
-            "count": int(hist[0].sum()), "sum_fx": rng.integers(-2**40, 2**40, n), "sumsq_fx": rng.integers(0, 2**44, n), "sumsq_lo": rng.integers(0, 2**30, n),
-            "n_pos": rng.integers(0, 1000, n), "vmin": -rng.random(n).astype(np.float32) - 0.5, "vmax": rng.random(n).astype(np.float32) * 5 + 1,
-            "hist": hist,
-        }
-        store.write_layer("neuroscope", layer, ns_data.state_to_table(state, k, r, {i: seq_len for i in range(n_seqs)}))
-        lst = lambda a, t: pa.ListArray.from_arrays(pa.array(np.arange(0, a.size + 1, a.shape[1], dtype=np.int32)), pa.array(a.reshape(-1), t))  # noqa: E731
-        ids = rng.integers(0, vocab_size, size=(n, 10))
-        vals = rng.normal(size=(n, 10)).astype(np.float32)
-        store.write_layer("logits", layer, pa.table({"neuron": pa.array(np.arange(n), pa.int32()),
-                                                     "promoted_ids": lst(ids, pa.int32()), "promoted_vals": lst(vals, pa.float32()),
-                                                     "suppressed_ids": lst(ids, pa.int32()), "suppressed_vals": lst(vals, pa.float32()),
-                                                     "input_ids": lst(ids, pa.int32()), "input_vals": lst(vals, pa.float32())}))
-    store.write_sequences(pa.table({"seq_id": pa.array(np.arange(n_seqs, dtype=np.int64)), "doc_id": pa.array([f"doc-{i // 50}" for i in range(n_seqs)]),
-                                    "char_start": pa.array(np.arange(n_seqs) * 150), "char_end": pa.array(np.arange(n_seqs) * 150 + 140),
-                                    "token_ids": pa.array(list(token_ids), pa.list_(pa.int32()))}, schema=SEQUENCES_SCHEMA))
-    store.write_vocab(vocab)
-    store.write_manifest(new_manifest(
-        model={"name": "gpt2-small-synthetic", "num_layers": n_layers, "layer_size": n, "activation_function": "gelu",
-               "num_total_neurons": n_layers * n, "num_total_parameters": 124_000_000},
-        corpus={"name": "synthetic", "content_hash": "none", "sequences_total": n_seqs, "tokens_total": n_seqs * seq_len},
-        processed={"sequences": n_seqs, "tokens": n_seqs * seq_len},
-        config={"seq_len": seq_len, "seed": seed, "tokens": n_seqs * seq_len, "top_k": k, "n_random": r, "bos_token_id": 0, "first_valid_position": 1},
-        stats={"quantile_levels": list(stats.QUANTILE_LEVELS), "display_bins": stats.DISPLAY_BINS},
-        run_hash="benchmark", shard=None, services=["neuroscope", "logits"],
-    ))
-    return Store.open(root)
+from synthetic import synthetic_store  # noqa: E402
 
 
 def fsync_cost(where: Path, n: int = 300, size: int = 30_000) -> tuple[float, float]:
@@ -106,13 +57,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--neurons", type=int, default=3072)
-    ap.add_argument("--keep", type=Path, default=None, help="keep the store and site in this folder")
+    ap.add_argument("--graphs", type=float, default=0.02, help="Neuron2Graph graphs per layer: a fraction (< 1) or a count")
+    ap.add_argument("--explained", type=float, default=0.1, help="explanations per layer: a fraction (< 1) or a count")
+    ap.add_argument("--keep", type=Path, default=None, help="keep the store and site in this folder (a kept store is reused)")
+    ap.add_argument("--out", type=Path, default=None, help="build the site in a new folder under this one instead of next to the store")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="sitegen-bench-"))
-    store_dir, out = work / "store", work / "build"
+    store_dir = work / "store"
+    out = Path(tempfile.mkdtemp(dir=args.out, prefix="sitegen-bench-site-")) if args.out else work / "build"
     if not (store_dir / "manifest.json").exists():
         t0 = time.perf_counter()
-        synthetic_store(store_dir, args.layers, args.neurons)
+        synthetic_store(store_dir, args.layers, args.neurons, graphs=args.graphs, explained=args.explained)
         print(f"synthetic store: {args.layers} x {args.neurons} neurons in {time.perf_counter() - t0:.0f} s")
     shutil.rmtree(out, ignore_errors=True)
     # One core, as the target says; a child process so its peak memory is its own.
@@ -122,13 +77,16 @@ def main() -> None:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     seconds = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_mb, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
     total = args.layers * args.neurons
-    print(f"built {total} neurons in {seconds:.1f} s: {total / seconds:.0f} neurons/s (HTML + JSON, one core); peak memory {peak_mb:.0f} MB")
+    print(f"built {total} neurons with all four services in {seconds:.1f} s: {total / seconds:.0f} neurons/s (HTML + JSON, one core), "
+          f"{total / cpu:.0f} neurons per CPU second ({cpu:.1f} s); peak memory {peak_mb:.0f} MB")
     model = "gpt2-small-synthetic"
     rng = np.random.default_rng(1)
     sample = [(int(rng.integers(args.layers)), int(rng.integers(args.neurons))) for _ in range(200)]
     files = {"page (HTML)": "{m}/{l}/{n}.html", "neuroscope JSON": "api/{m}/neuroscope/{l}/{n}.json", "logits JSON": "api/{m}/logits/{l}/{n}.json",
+             "neuron2graph JSON": "api/{m}/neuron2graph/{l}/{n}.json", "neuron_explainer JSON": "api/{m}/neuron_explainer/{l}/{n}.json",
              "all JSON (aggregate copy)": "api/{m}/all/{l}/{n}.json"}
     raw_main = gz_main = 0.0
     for label, pattern in files.items():
@@ -146,6 +104,8 @@ def main() -> None:
           f"write + rename ({synced / plain:.0f}x); for this site's {files:,} files: +{files * (synced - plain):.0f} s")
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
+        if args.out is not None:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -58,9 +58,15 @@ class Publisher:
     bytes_total: int = 0  # the size of every published file, written or unchanged
     _seen: set = field(default_factory=set)
     _dirs: set = field(default_factory=set)
+    _fresh: set = field(default_factory=set)  # folders this build created: no file there can be unchanged
     _caseless: dict = field(default_factory=dict)  # caseless key of every path and folder -> the path
     _caseless_dirs: set = field(default_factory=set)  # folders already in _caseless
     _tmp_names: Iterator[int] = field(default_factory=itertools.count)
+
+    def __post_init__(self) -> None:
+        # The hot path works on strings: a Path per file costs more than the write itself on tmpfs.
+        self._base = os.path.join(str(self.root), "")
+        self._tmp_prefix = f"/.{os.getpid()}-"
 
     def publish(self, rel: str, data: bytes | str) -> None:
         if isinstance(data, str):
@@ -71,38 +77,43 @@ class Publisher:
         if self.check_portable:
             self._check_portable(rel)
         self.bytes_total += len(data)
-        path = self.root / rel
-        parent = path.parent
+        path = self._base + rel
+        parent = path.rpartition("/")[0]
         tmp = None
         try:
             if parent not in self._dirs:
-                parent.mkdir(parents=True, exist_ok=True)
-                self._dirs.add(parent)
-            try:
-                same_size = os.stat(path).st_size == len(data)
-            except FileNotFoundError:
+                self._make_dir(parent)
+            if parent in self._fresh:
                 same_size = False
-            if same_size and path.read_bytes() == data:
+            else:
+                try:
+                    same_size = os.stat(path).st_size == len(data)
+                except FileNotFoundError:
+                    same_size = False
+            if same_size and _read_bytes(path) == data:
                 self.unchanged += 1
                 return
             if self.journal_fd is not None and rel not in self.previous:
                 # Journaled before it exists: a build killed from here on still knows the file is its own.
                 os.write(self.journal_fd, orjson.dumps(rel) + b"\n")
-            tmp = parent / f".{os.getpid()}-{next(self._tmp_names)}{TMP_SUFFIX}"
+            tmp = f"{parent}{self._tmp_prefix}{next(self._tmp_names)}{TMP_SUFFIX}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                done = os.write(fd, data)
+                if done < len(data):  # a short write (a signal, a full pipe of a FUSE mount): finish it
+                    view = memoryview(data)[done:]
+                    while view:
+                        view = view[os.write(fd, view):]
             finally:
                 os.close(fd)
             os.replace(tmp, path)
         except OSError as e:
             if tmp is not None:
-                _unlink(tmp)
+                _unlink(Path(tmp))
+            where = self.root / rel
             if e.errno == errno.ENOSPC:
-                raise BuildError(f"disk full while writing {path}; free space and rebuild (unchanged files are skipped)") from None
-            raise BuildError(f"cannot write {path}: {e.strerror or e}") from None
+                raise BuildError(f"disk full while writing {where}; free space and rebuild (unchanged files are skipped)") from None
+            raise BuildError(f"cannot write {where}: {e.strerror or e}") from None
         self.written += 1
         self.bytes_written += len(data)
 
@@ -137,6 +148,22 @@ class Publisher:
             counts[folder] = counts.get(folder, 0) + 1
         return max(counts.items(), key=lambda kv: (kv[1], kv[0]), default=("", 0))
 
+    def _make_dir(self, folder: str) -> None:
+        """Create folder and any missing parents, noting which this build created."""
+        try:
+            os.mkdir(folder)
+            self._fresh.add(folder)
+        except FileExistsError:  # there already (a file in its place fails at the write)
+            pass
+        except FileNotFoundError:
+            up = folder.rpartition("/")[0]
+            if not up:  # a relative root that is gone: nothing above it to create
+                raise
+            self._make_dir(up)
+            os.mkdir(folder)
+            self._fresh.add(folder)
+        self._dirs.add(folder)
+
     def _check_portable(self, rel: str) -> None:
         """Refuse two outputs that are one file on macOS or Windows: paths (or folders on the way)
         equal under Unicode's canonical caseless match, NFD(casefold(NFD(x))). Such file systems,
@@ -146,7 +173,8 @@ class Publisher:
             prefix = "/".join(parts[:depth])
             if depth < len(parts) and prefix in self._caseless_dirs:
                 break  # this folder and those above it were checked for an earlier file
-            key = unicodedata.normalize("NFD", unicodedata.normalize("NFD", prefix).casefold())
+            # ASCII (nearly every path): NFD leaves it as it is and casefold is lower()
+            key = prefix.lower() if prefix.isascii() else unicodedata.normalize("NFD", unicodedata.normalize("NFD", prefix).casefold())
             other = self._caseless.setdefault(key, prefix)
             if other != prefix:
                 raise BuildError(f"two outputs differ only in letter case or Unicode normalisation, {other!r} and {prefix!r}: "
@@ -296,6 +324,11 @@ def _prune_empty_parents(folder: Path, root: Path) -> None:
         except OSError:  # not empty (or gone): stop
             return
         folder = folder.parent
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def _unlink(path: Path) -> None:

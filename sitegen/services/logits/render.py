@@ -15,7 +15,8 @@ class LogitsLayer:
         ids, vals = self.cols.get(f"{kind}_ids"), self.cols.get(f"{kind}_vals")
         if ids is None:
             return []
-        return [{"token": self.site.vocab[i], "token_id": i, "value": round(v, 4)} for i, v in zip(ids[n], vals[n])]
+        vocab = self.site.vocab
+        return [{"token": vocab[i], "token_id": i, "value": round(v, 4)} for i, v in zip(ids[n], vals[n])]
 
     def payload(self, n: int) -> dict:
         return {
@@ -28,11 +29,12 @@ class LogitsLayer:
     def page(self, n: int) -> dict:
         """Table rows pre-rendered (escaped here) per list: thousands of pages, few template loops."""
         rows = {}
+        esc_vocab = self.site.esc_vocab
         for kind in ("promoted", "suppressed", "input"):
             ids, vals = self.cols.get(f"{kind}_ids"), self.cols.get(f"{kind}_vals")
             if ids is None:
                 continue
-            rows[kind] = Markup("".join(f"<tr><td><code>{self.site.esc_vocab[i]}</code></td><td>{v:.3g}</td></tr>" for i, v in zip(ids[n], vals[n])))
+            rows[kind] = Markup("".join([f"<tr><td><code>{esc_vocab[i]}</code></td><td>{v:.3g}</td></tr>" for i, v in zip(ids[n], vals[n])]))
         return rows
 
     def layer_payload(self) -> dict:

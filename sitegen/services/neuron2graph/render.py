@@ -32,6 +32,8 @@ class Neuron2GraphLayer:
         self.ts = token_store(site)
         self.similar = similar(site)
         self.base = layer * site.layer_size
+        self.search = f"/search.html?model={quote(site.name)}&q="
+        self.links = site.cached("neuron2graph.links", dict)  # (kind, key id) -> the token's search link, for every page
 
     def _similar(self, n: int) -> list[dict]:
         size = self.site.layer_size
@@ -65,18 +67,24 @@ class Neuron2GraphLayer:
 
     def page(self, n: int) -> dict:
         row = self.rows.get(n)
-        tokens = self._tokens(n)
-        search = f"/search.html?model={quote(self.site.name)}&q="
-        links = {kind: Markup(" ".join(
-            f'<a class="tok" href="{search}{quote(kind + ":" + t, safe="")}"><code>{escape(display(t))}</code></a>' for t in tokens[kind]))
-            for kind in ("activating", "important")}
+        i = self.base + n
+        search = self.search
+        links = {kind: Markup(" ".join([self._link(kind, k) for k in ids.tolist()]))
+                 for kind, ids in (("activating", self.ts.activating[i]), ("important", self.ts.important[i]))}
         size = self.site.layer_size
         similar = Markup("".join(
             f'<li><a href="/{self.site.name}/{j // size}/{j % size}.html" title="similarity {s:.2f}">{j // size}:{j % size}</a>'
             f' <span class="sim">{s:.2f}</span></li>' for j, s in self.similar[self.base + n]))
         return {"has_graph": row is not None, "svg": graph_svg(row["nodes"], search) if row else Markup(""),
-                "evaluation": _evaluation(row) if row else None, "links": links, "source": tokens["source"],
+                "evaluation": _evaluation(row) if row else None, "links": links, "source": self.ts.source[i],
                 "graph_source": SOURCE_GRAPH, "similar": similar, "n_nodes": len(row["nodes"]) if row else 0}
+
+    def _link(self, kind: str, key: int) -> str:
+        html = self.links.get((kind, key))
+        if html is None:
+            t = self.ts.keys[key]
+            html = self.links[kind, key] = f'<a class="tok" href="{self.search}{quote(kind + ":" + t, safe="")}"><code>{escape(display(t))}</code></a>'
+        return html
 
     def layer_payload(self) -> dict:
         return {"num_neurons": self.site.layer_size, "graphs": sorted(self.rows)}

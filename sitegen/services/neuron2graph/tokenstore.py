@@ -159,6 +159,12 @@ def similar_neurons(ts: TokenStore, threshold: float = SIMILARITY_THRESHOLD, top
     # Counting the candidates: a dense bincount (O(N) per neuron, ~1 ns per posting) beats sorting
     # them (np.unique) until N is large; above DENSE_LIMIT neurons the sort is used.
     dense = ts.n_neurons <= DENSE_LIMIT
+    # Most candidates share a single (common) token, and one shared token reaches the threshold
+    # only with a denominator of at most `one`: the others are dropped before any arithmetic.
+    # Whether min(a_i, a_j) + min(b_i, b_j) <= one holds is the same with i's sizes capped at
+    # one + 1, so one mask per capped pair serves every neuron.
+    one = next((d for d in range(64) if not 1 / (d + 1) >= threshold - 1e-12), None)
+    single_ok: dict[tuple[int, int], np.ndarray] = {}
     for i in range(ts.n_neurons):
         cand_a = np.concatenate([post_a[int(k)] for k in ts.activating[i]]) if size_a[i] else empty
         cand_i = np.concatenate([post_i[int(k)] for k in ts.important[i]]) if size_i[i] else empty
@@ -166,12 +172,21 @@ def similar_neurons(ts: TokenStore, threshold: float = SIMILARITY_THRESHOLD, top
             out.append([])
             continue
         cand = np.concatenate([cand_a, cand_i])
+        may = None
+        if one is not None:
+            cap = (min(int(size_a[i]), one + 1), min(int(size_i[i]), one + 1))
+            may = single_ok.get(cap)
+            if may is None:
+                may = single_ok[cap] = (np.minimum(cap[0], size_a) + np.minimum(cap[1], size_i)) <= one
         if dense:
             counts = np.bincount(cand, minlength=ts.n_neurons)
-            others = np.flatnonzero(counts)
+            others = np.flatnonzero(counts if may is None else (counts >= 2) | ((counts == 1) & may))
             shared = counts[others]
         else:
             others, shared = np.unique(cand, return_counts=True)  # |A&A'| + |I&I'| (a key sits in a set once)
+            if may is not None:
+                keep = (shared >= 2) | may[others]
+                others, shared = others[keep], shared[keep]
         denom = np.minimum(size_a[i], size_a[others]) + np.minimum(size_i[i], size_i[others])
         sim = np.where(denom > 0, shared / np.maximum(denom, 1), 0.0)
         ok = (sim >= threshold - 1e-12) & (others != i)

@@ -7,6 +7,9 @@ each sequence's token spans are joined in Python rather than looped over in the 
 
 from __future__ import annotations
 
+import itertools
+from itertools import chain
+
 import numpy as np
 from markupsafe import Markup
 
@@ -16,6 +19,9 @@ WINDOW_BEFORE = 12  # tokens shown before the peak token on the page (the JSON h
 WINDOW_AFTER = 4
 # Opening tag per colour bucket -9..9 (index + BUCKETS); unquoted class values are valid HTML.
 _OPEN = [f"<i class=n{-b}>" for b in range(-BUCKETS, 0)] + ["<i>"] + [f"<i class=p{b}>" for b in range(1, BUCKETS + 1)]
+_COLUMNS = ["top_seq", "top_acts", "bottom_seq", "bottom_acts", "mean", "std", "min", "max", "frac_pos", "count", "quantiles",
+            "hist_edges", "hist_counts"]
+_ELL = '<span class="ell">…</span>'
 
 
 def _r(x: float) -> float:
@@ -41,6 +47,7 @@ class Traces:
         self.buckets = (np.clip(np.rint(values * (BUCKETS / scale[neuron_of_value])), -BUCKETS, BUCKETS).astype(np.int64) + BUCKETS).tolist()
         if n_texts == 0:
             self.lo = self.hi = self.peak = []
+            self.outer, self.inner = self.outer.tolist(), self.inner.tolist()
             return
         position = np.arange(len(values)) - self.inner[:-1][text_of_value]
         counted = (position >= first_valid) | (lengths[text_of_value] <= first_valid)
@@ -51,12 +58,15 @@ class Traces:
         first_hit = np.where(counted & (values == target), position, np.iinfo(np.int64).max)
         self.peak = np.minimum.reduceat(first_hit, starts).tolist()
         self.lo, self.hi = np.round(lo, 4).tolist(), np.round(hi, 4).tolist()
+        # plain ints from here on: the per-text loops index and slice lists with them
+        self.outer, self.inner = self.outer.tolist(), self.inner.tolist()
 
 
 class NeuroscopeLayer:
     def __init__(self, store, layer: int, site):
         self.layer, self.site = layer, site
-        t = store.read_layer("neuroscope", layer)
+        # the columns the pages and JSON show (not the raw sums and fine histogram kept for merging)
+        t = store.read_layer("neuroscope", layer, columns=_COLUMNS)
         self.n = t.num_rows
         col = lambda name: t.column(name).to_pylist()  # noqa: E731
         self.seq = {k: col(f"{k}_seq") for k in ("top", "bottom")}
@@ -66,7 +76,11 @@ class NeuroscopeLayer:
         self.traces = {k: Traces(t.column(f"{k}_acts"), self.scale, site.first_valid, lowest=(k == "bottom")) for k in ("top", "bottom")}
         self.frac_pos, self.count = col("frac_pos"), col("count")
         self.quantiles, self.hist_edges, self.hist = col("quantiles"), col("hist_edges"), col("hist_counts")
+        # Edges to 6 significant digits, once per distinct value: most are the fine grid's and
+        # recur in every neuron. Zero is left out (0.0 and -0.0 are one key) and kept as it is.
+        self.edges6 = {e: float(f"{e:.6g}") for e in set(itertools.chain.from_iterable(self.hist_edges)) if e}
         self.fv = site.first_valid
+        self.source = site.cached("neuroscope.source", dict)  # seq_id -> the text's source line on the page
         self._texts: dict | None = None
         self._texts_for = -1
         self._stats: dict = {}
@@ -77,16 +91,18 @@ class NeuroscopeLayer:
         if self._texts_for == n:
             return self._texts
         vmin, vmax = _r(self.vmin[n]), _r(self.vmax[n])
+        sequence, tokens = self.site.sequence, self.site.tokens
         out = {}
         for kind in ("top", "bottom"):
             tr = self.traces[kind]
+            peak, lo, hi, inner, rounded = tr.peak, tr.lo, tr.hi, tr.inner, tr.rounded
             texts = []
             for j, seq_id in zip(range(tr.outer[n], tr.outer[n + 1]), self.seq[kind][n]):
-                seq = self.site.sequence(seq_id)
+                seq = sequence(seq_id)
                 texts.append({
-                    "data_index": seq_id, "max_activating_token_index": tr.peak[j],
-                    "min_activation": tr.lo[j], "max_activation": tr.hi[j], "min_range": vmin, "max_range": vmax,
-                    "tokens": self.site.tokens(seq_id), "activations": tr.rounded[tr.inner[j]:tr.inner[j + 1]], "token_ids": seq["token_ids"],
+                    "data_index": seq_id, "max_activating_token_index": peak[j],
+                    "min_activation": lo[j], "max_activation": hi[j], "min_range": vmin, "max_range": vmax,
+                    "tokens": tokens(seq_id), "activations": rounded[inner[j]:inner[j + 1]], "token_ids": seq["token_ids"],
                     "doc_id": seq["doc_id"], "char_start": seq["char_start"], "char_end": seq["char_end"],
                 })
             out[kind] = texts
@@ -105,7 +121,7 @@ class NeuroscopeLayer:
             "frac_positive": round(self.frac_pos[n], 6),
             "quantiles": {"levels": self.site.quantile_levels, "values": [_r(v) for v in self.quantiles[n]]},
             # Variable-width bars: counts[i] values lie in [edges[i], edges[i + 1]) (exact counts).
-            "histogram": {"edges": [float(f"{e:.6g}") for e in self.hist_edges[n]], "counts": self.hist[n]},
+            "histogram": {"edges": [self.edges6[e] if e else e for e in self.hist_edges[n]], "counts": self.hist[n]},
         }
 
     # -- API --
@@ -138,23 +154,29 @@ class NeuroscopeLayer:
         """One <li> per text: the window around the peak as coloured spans and the text's source.
         JavaScript reads exact values from the neuron's JSON and adds the whole-sequence toggle."""
         closed = self.site.esc_vocab_closed
+        source = self.source
         tr = self.traces[kind]
-        outer, inner, buckets = tr.outer, tr.inner, tr.buckets
+        inner, buckets = tr.inner, tr.buckets
+        first = tr.outer[n]
         fv = self.fv
         items = []
         for i, t in enumerate(texts):
             ids, acts, peak = t["token_ids"], t["activations"], t["max_activating_token_index"]
             lo, hi = max(0, peak - WINDOW_BEFORE), min(len(ids), peak + WINDOW_AFTER + 1)
-            base = inner[outer[n] + i]
-            opens = list(map(_OPEN.__getitem__, buckets[base + lo:base + hi]))
+            base = inner[first + i]
+            opens = map(_OPEN.__getitem__, buckets[base + lo:base + hi])
             if lo < fv:
+                opens = list(opens)
                 opens[: fv - lo] = ["<i class=bos>"] * (fv - lo)
-            spans = "".join(map(str.__add__, opens, map(closed.__getitem__, ids[lo:hi])))
+            spans = "".join(chain.from_iterable(zip(opens, map(closed.__getitem__, ids[lo:hi]))))
+            seq_id = t["data_index"]
+            where = source.get(seq_id)
+            if where is None:  # the same for every text of this sequence, in every neuron
+                where = source[seq_id] = (f'<code>{self.site.escaped_doc(seq_id)}</code> chars {t["char_start"]}–{t["char_end"]}, '
+                                          f'sequence {seq_id}, {len(ids)} tokens, ')
             items.append(
-                f'<li><div class="seq" tabindex="0" data-start="{lo}">' + ('<span class="ell">…</span>' if lo else "") + spans
-                + ('<span class="ell">…</span>' if hi < len(ids) else "")
-                + f'</div><details><summary>{acts[peak]} at {peak}</summary><code>{self.site.escaped_doc(t["data_index"])}</code> '
-                f'chars {t["char_start"]}–{t["char_end"]}, sequence {t["data_index"]}, {len(ids)} tokens, {t["min_activation"]} to {t["max_activation"]}</details></li>'
+                f'<li><div class="seq" tabindex="0" data-start="{lo}">{_ELL if lo else ""}{spans}{_ELL if hi < len(ids) else ""}'
+                f'</div><details><summary>{acts[peak]} at {peak}</summary>{where}{t["min_activation"]} to {t["max_activation"]}</details></li>'
             )
         return Markup("\n".join(items))
 
@@ -169,6 +191,18 @@ class NeuroscopeLayer:
         }
 
 
+_G: dict[float, str] = {}  # float -> f"{v:g}": bar positions and widths are tenths of a pixel in a 500-pixel box, so few
+
+
+def _g(v: float) -> str:
+    text = _G.get(v)
+    if text is None:
+        text = f"{v:g}"
+        if v and len(_G) < 100_000:  # 0.0 and -0.0 are one key but print differently
+            _G[v] = text
+    return text
+
+
 def histogram_svg(counts: list[int], edges: list[float]) -> str:
     """The display histogram's variable-width bars on a linear value axis (a 500 x 64 box), height
     from density (count per unit of width, a bar at least 1 unit wide) on a log1p scale; values
@@ -178,15 +212,16 @@ def histogram_svg(counts: list[int], edges: list[float]) -> str:
     width, base = 500, 52
     lo, hi = edges[0], edges[-1]
     scale = width / (hi - lo) if hi > lo else 0.0
-    x = [round((e - lo) * scale, 1) for e in edges] if scale else [0.0, float(width)]
-    widths = [max(x[i + 1] - x[i], 1.0) for i in range(len(counts))]
-    density = [c / w for c, w in zip(counts, widths)]
-    top = np.log1p(max(density))
+    # Positions with Python's round() (numpy rounds tenths differently); widths, densities and
+    # heights with numpy, the same IEEE operations a loop per bar does, element by element.
+    x = [round(v, 1) for v in ((np.asarray(edges, dtype=np.float64) - lo) * scale).tolist()] if scale else [0.0, float(width)]
+    widths = np.maximum(np.diff(x[:len(counts) + 1]), 1.0)
+    density = np.asarray(counts, dtype=np.float64) / widths
+    heights = np.maximum(1, np.rint(base * (np.log1p(density) / np.log1p(density.max())))).astype(np.int64).tolist()
     paths: dict[str, list[str]] = {"neg": [], "pos": []}
-    for i, (c, d, w) in enumerate(zip(counts, density, widths)):
+    for i, (c, h, w) in enumerate(zip(counts, heights, widths.tolist())):
         if c:
-            h = max(1, round(base * float(np.log1p(d) / top)))
-            paths["pos" if edges[i] >= 0 and edges[i + 1] > 0 else "neg"].append(f"M{x[i]:g} {base}v-{h}h{w:g}v{h}z")
+            paths["pos" if edges[i] >= 0 and edges[i + 1] > 0 else "neg"].append(f"M{_g(x[i])} {base}v-{h}h{_g(w)}v{h}z")
     zero = f'<path class="zero" d="M{round((0 - lo) * scale, 1):g} 0V{base}"/>' if lo < 0 < hi else ""
     parts = "".join(f'<path class="{k}" d="{"".join(v)}"/>' for k, v in paths.items() if v)
     return (f'<svg class="hist" viewBox="0 0 {width} 64" role="img" aria-label="activation histogram: exact counts in variable-width bins, '

@@ -1,0 +1,71 @@
+"""The benchmarks' synthetic store (benchmarks/synthetic.py) holds data for every built-in service
+in the shapes the build reads, so the build benchmark measures all of them: a small one is built
+here and every service's data is checked to reach the pages and the JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sitegen.services import registry
+from sitegen.site.build import build_site
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "gpt2-small-synthetic"
+
+
+def _synthetic():
+    spec = importlib.util.spec_from_file_location("synthetic_bench", ROOT / "benchmarks" / "synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    store = _synthetic().synthetic_store(root / "store", 2, 40, n_seqs=300, vocab_size=2000, graphs=3, explained=0.25, scored_share=0.5)
+    build_site([store.root], root / "site")
+    return store, root / "site"
+
+
+def test_every_service_has_data(small):
+    store, site = small
+    assert sorted(store.manifest["services"]) == sorted(s.name for s in registry())
+    assert store.manifest["neuron2graph"]["texts"] == 20  # the settings record the provenance section reads
+    for layer in range(2):
+        assert store.read_layer("neuron2graph", layer).num_rows == 3
+        assert store.read_layer("neuron_explainer", layer).num_rows == 10
+
+
+def test_graphs_and_explanations_reach_the_pages(small):
+    store, site = small
+    api = site / "api" / MODEL
+    graphs = orjson.loads((api / "neuron2graph" / "1.json").read_bytes())["data"]["graphs"]
+    assert len(graphs) == 3
+    for n in graphs:
+        page = (site / MODEL / "1" / f"{n}.html").read_text()
+        assert '<svg class="n2g"' in page and "trained on top sequences" in page
+        graph = orjson.loads((api / "neuron2graph" / "1" / f"{n}.json").read_bytes())["data"]["graph"]
+        assert graph["subgraph_indices"] and all(node["token"] for node in graph["graph"])
+    explained = store.read_layer("neuron_explainer", 1).to_pylist()
+    assert {r["source"] for r in explained} == {"openai-published", "sitegen explain"}
+    for r in explained:
+        page = (site / MODEL / "1" / f"{r['neuron']}.html").read_text()
+        assert r["explanation"] in page
+        assert ("Scoring details" in page) == (r["source"] == "sitegen explain")
+        data = orjson.loads((api / "all" / "1" / f"{r['neuron']}.json").read_bytes())
+        assert set(data) == {s.name for s in registry()}
+        assert data["neuron_explainer"]["data"]["explanation"] == r["explanation"]
+
+
+def test_same_seed_same_store(tmp_path):
+    synthetic = _synthetic()
+    a = synthetic.synthetic_store(tmp_path / "a", 1, 30, n_seqs=100, vocab_size=500, graphs=2, explained=5)
+    b = synthetic.synthetic_store(tmp_path / "b", 1, 30, n_seqs=100, vocab_size=500, graphs=2, explained=5)
+    for service in ("neuroscope", "logits", "neuron2graph", "neuron_explainer"):
+        assert a.read_layer(service, 0).equals(b.read_layer(service, 0)), service
+    assert a.vocab() == b.vocab() and a.sequences().equals(b.sequences())
