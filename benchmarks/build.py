@@ -3,11 +3,14 @@
 logit effects, Neuron2Graph graphs for 2% and explanations for 10% of each layer's neurons (a tenth
 of them with `sitegen explain`'s scored sequences); built by `sitegen build` on one core.
 
-    python benchmarks/build.py [--layers 12] [--neurons 3072] [--graphs 0.02] [--explained 0.1] [--keep DIR] [--out DIR]
+    python benchmarks/build.py [--shape gpt2-small|gpt2-xl|llama3-8b | --layers 12 --neurons 3072 --vocab 50257]
+                               [--jobs 1,all] [--graphs 0.02] [--explained 0.1] [--keep DIR] [--out DIR] [--no-sizes]
 
-Prints neuron pages per second (HTML + JSON files, wall clock, and per CPU second of the build,
-which a machine shared with other jobs disturbs less), peak memory of the build, bytes per neuron on
-disk, raw and gzipped, for the page, the service JSON files and the `all` aggregate, and what an
+For each --jobs value (default: 1, pinned to one core, then every core), a build into an empty
+folder: neuron pages per second (HTML + JSON files, wall clock, and per CPU second of the build,
+which a machine shared with other jobs disturbs less), the speed-up over the first, the peak memory
+of the biggest build process (target <= 4 GB), files and bytes in all and per neuron, the largest
+folder against Netlify's 54,000 files; then bytes per neuron on disk, raw and gzipped, for the page, the service JSON files and the `all` aggregate, and what an
 fsync per file would cost (the reason the build does not do it; README, 'A killed build').
 `--out` builds there instead (e.g. /dev/shm, to leave the disk out of the figure).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -53,38 +57,82 @@ def fsync_cost(where: Path, n: int = 300, size: int = 30_000) -> tuple[float, fl
     return per_file[0], per_file[1]
 
 
+SHAPES = {  # (layers, neurons per layer, vocabulary)
+    "gpt2-small": (12, 3072, 50257),
+    "gpt2-xl": (48, 6400, 50257),
+    "llama3-8b": (32, 14336, 128256),
+}
+_SUMMARY = re.compile(r"([\d,]+) files, ([\d,.]+) MiB;.*largest folder (\S*)/ \(([\d,]+) files\); peak memory ([\d,]+) MB")
+
+
+def timed_build(store_dir: Path, out: Path, jobs: int) -> dict:
+    """One `sitegen build --jobs N` into an empty folder, as a child process; its figures."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "sitegen", "build", str(store_dir), "--out", str(out), "--jobs", str(jobs), "--quiet"]
+    if jobs == 1 and shutil.which("taskset"):
+        cmd = ["taskset", "-c", "0", *cmd]  # one core, as the single-core target says
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    m = _SUMMARY.search(done.stderr)
+    if not m:
+        raise SystemExit(f"no summary in the build's output:\n{done.stderr}")
+    files, mib, folder, in_folder, peak = m.groups()
+    return {"jobs": jobs, "seconds": seconds, "cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+            "files": int(files.replace(",", "")), "bytes": float(mib.replace(",", "")) * 2**20, "folder": folder or ".",
+            "in_folder": int(in_folder.replace(",", "")), "peak_mb": int(peak.replace(",", "")), "warning": "warning:" in done.stderr}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="a model's shape (sets --layers, --neurons, --vocab)")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--neurons", type=int, default=3072)
+    ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--graphs", type=float, default=0.02, help="Neuron2Graph graphs per layer: a fraction (< 1) or a count")
     ap.add_argument("--explained", type=float, default=0.1, help="explanations per layer: a fraction (< 1) or a count")
+    ap.add_argument("--jobs", default="1,all", help="comma-separated --jobs values to time; 'all' = every core (default: 1,all)")
     ap.add_argument("--keep", type=Path, default=None, help="keep the store and site in this folder (a kept store is reused)")
     ap.add_argument("--out", type=Path, default=None, help="build the site in a new folder under this one instead of next to the store")
+    ap.add_argument("--no-sizes", action="store_true", help="skip the per-file sizes and the fsync probe")
     args = ap.parse_args()
+    if args.shape:
+        args.layers, args.neurons, args.vocab = SHAPES[args.shape]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs_list = [cores if j == "all" else int(j) for j in args.jobs.split(",")]
     work = args.keep or Path(tempfile.mkdtemp(prefix="sitegen-bench-"))
     store_dir = work / "store"
     out = Path(tempfile.mkdtemp(dir=args.out, prefix="sitegen-bench-site-")) if args.out else work / "build"
     if not (store_dir / "manifest.json").exists():
         t0 = time.perf_counter()
-        synthetic_store(store_dir, args.layers, args.neurons, graphs=args.graphs, explained=args.explained)
-        print(f"synthetic store: {args.layers} x {args.neurons} neurons in {time.perf_counter() - t0:.0f} s")
-    shutil.rmtree(out, ignore_errors=True)
-    # One core, as the target says; a child process so its peak memory is its own.
-    cmd = ["taskset", "-c", "0", sys.executable, "-m", "sitegen", "build", str(store_dir), "--out", str(out)]
-    if not shutil.which("taskset"):
-        cmd = cmd[3:]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    seconds = time.perf_counter() - t0
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    peak_mb, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+        synthetic_store(store_dir, args.layers, args.neurons, vocab_size=args.vocab, graphs=args.graphs, explained=args.explained)
+        print(f"synthetic store: {args.layers} x {args.neurons} neurons, {args.vocab:,}-token vocabulary, in {time.perf_counter() - t0:.0f} s")
     total = args.layers * args.neurons
-    print(f"built {total} neurons with all four services in {seconds:.1f} s: {total / seconds:.0f} neurons/s (HTML + JSON, one core), "
-          f"{total / cpu:.0f} neurons per CPU second ({cpu:.1f} s); peak memory {peak_mb:.0f} MB")
+    runs = []
+    for jobs in jobs_list:
+        r = timed_build(store_dir, out, jobs)
+        runs.append(r)
+        speedup = runs[0]["seconds"] / r["seconds"]
+        print(f"--jobs {jobs}: {total:,} neurons in {r['seconds']:.1f} s: {total / r['seconds']:,.0f} neurons/s "
+              f"({total / r['cpu']:,.0f} per CPU second; {speedup:.2f}x --jobs {runs[0]['jobs']}); peak memory {r['peak_mb']:,} MB "
+              f"(target <= 4,096); {r['files']:,} files ({r['files'] / total:.2f} per neuron), {r['bytes'] / 2**30:.2f} GiB "
+              f"({r['bytes'] / total / 1024:.1f} KiB per neuron); largest folder {r['folder']}/ with {r['in_folder']:,} files "
+              f"({'OVER' if r['in_folder'] > 54_000 else 'under'} Netlify's 54,000)")
+    if not args.no_sizes:
+        sizes(out, args.layers, args.neurons, total, work)
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+        if args.out is not None:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def sizes(out: Path, layers: int, neurons: int, total: int, work: Path) -> None:
+    """Bytes per neuron by file kind (a sample of 200 neurons), the site on disk, the fsync probe."""
     model = "gpt2-small-synthetic"
     rng = np.random.default_rng(1)
-    sample = [(int(rng.integers(args.layers)), int(rng.integers(args.neurons))) for _ in range(200)]
+    sample = [(int(rng.integers(layers)), int(rng.integers(neurons))) for _ in range(200)]
     files = {"page (HTML)": "{m}/{l}/{n}.html", "neuroscope JSON": "api/{m}/neuroscope/{l}/{n}.json", "logits JSON": "api/{m}/logits/{l}/{n}.json",
              "neuron2graph JSON": "api/{m}/neuron2graph/{l}/{n}.json", "neuron_explainer JSON": "api/{m}/neuron_explainer/{l}/{n}.json",
              "all JSON (aggregate copy)": "api/{m}/all/{l}/{n}.json"}
@@ -98,14 +146,10 @@ def main() -> None:
     print(f"  per neuron, page + service JSON: {raw_main / 1024:.1f} KB raw, {gz_main / 1024:.1f} KB gzip (target <= 40 KB raw)")
     du = subprocess.run(["du", "-sk", str(out)], capture_output=True, text=True).stdout.split()[0]
     print(f"  whole site on disk: {int(du) / 1024:.0f} MB ({int(du) / total:.1f} KB per neuron, 4 KiB blocks included)")
-    files = sum(len(f) for _, _, f in os.walk(out))
+    count = sum(len(f) for _, _, f in os.walk(out))
     plain, synced = fsync_cost(work)
     print(f"  fsync per file (not done by the build, see README): {synced * 1e3:.2f} ms a file against {plain * 1e3:.2f} ms for "
-          f"write + rename ({synced / plain:.0f}x); for this site's {files:,} files: +{files * (synced - plain):.0f} s")
-    if args.keep is None:
-        shutil.rmtree(work, ignore_errors=True)
-        if args.out is not None:
-            shutil.rmtree(out, ignore_errors=True)
+          f"write + rename ({synced / plain:.0f}x); for this site's {count:,} files: +{count * (synced - plain):.0f} s")
 
 
 if __name__ == "__main__":
