@@ -69,3 +69,25 @@ def test_same_seed_same_store(tmp_path):
     for service in ("neuroscope", "logits", "neuron2graph", "neuron_explainer"):
         assert a.read_layer(service, 0).equals(b.read_layer(service, 0)), service
     assert a.vocab() == b.vocab() and a.sequences().equals(b.sequences())
+
+
+def test_the_folder_limit_check_on_an_xl_shaped_store(tmp_path, monkeypatch):
+    """GPT-2-XL's shape (48 layers, a 50,257-token vocabulary, graphs and explanations for a
+    sample) at a width that builds in seconds: the build's largest-folder figure is the real
+    maximum over every folder of the site (pages, API, search), it stays under Netlify's limit,
+    and a folder over the limit is named in a warning."""
+    import os
+
+    import sitegen.site.build as build
+
+    store = _synthetic().synthetic_store(tmp_path / "store", 48, 24, n_seqs=2000, graphs=0.25, explained=0.25)
+    report = build_site([store.root], tmp_path / "site", jobs=2)
+    on_disk = {os.path.relpath(d, tmp_path / "site"): len(files) for d, _, files in os.walk(tmp_path / "site")}
+    folder, count = report.largest_folder
+    assert count == max(on_disk.values()) == on_disk[folder or "."]
+    assert count < build.NETLIFY_DIR_LIMIT and report.warnings == ()
+    assert report.files == sum(on_disk.values())
+    monkeypatch.setattr(build, "NETLIFY_DIR_LIMIT", count - 1)  # as if this folder crossed the limit
+    report = build_site([store.root], tmp_path / "site", jobs=2)
+    assert report.warnings == (f"{folder}/ holds {count:,} files, over Netlify's {count - 1:,} per folder: the deploy would fail there "
+                               "(other hosts are fine)",)
