@@ -81,6 +81,7 @@ class NeuroscopeLayer:
         self.edges6 = {e: float(f"{e:.6g}") for e in set(itertools.chain.from_iterable(self.hist_edges)) if e}
         self.fv = site.first_valid
         self.source = site.cached("neuroscope.source", dict)  # seq_id -> the text's source line on the page
+        self.per_seq = site.cached("neuroscope.per_seq", dict)  # seq_id -> (tokens, token ids, doc, char start, char end)
         self._texts: dict | None = None
         self._texts_for = -1
         self._stats: dict = {}
@@ -91,19 +92,22 @@ class NeuroscopeLayer:
         if self._texts_for == n:
             return self._texts
         vmin, vmax = _r(self.vmin[n]), _r(self.vmax[n])
-        sequence, tokens = self.site.sequence, self.site.tokens
+        per_seq = self.per_seq
         out = {}
         for kind in ("top", "bottom"):
             tr = self.traces[kind]
             peak, lo, hi, inner, rounded = tr.peak, tr.lo, tr.hi, tr.inner, tr.rounded
             texts = []
             for j, seq_id in zip(range(tr.outer[n], tr.outer[n + 1]), self.seq[kind][n]):
-                seq = sequence(seq_id)
+                s = per_seq.get(seq_id)
+                if s is None:
+                    seq = self.site.sequence(seq_id)
+                    s = per_seq[seq_id] = (self.site.tokens(seq_id), seq["token_ids"], seq["doc_id"], seq["char_start"], seq["char_end"])
                 texts.append({
                     "data_index": seq_id, "max_activating_token_index": peak[j],
                     "min_activation": lo[j], "max_activation": hi[j], "min_range": vmin, "max_range": vmax,
-                    "tokens": tokens(seq_id), "activations": rounded[inner[j]:inner[j + 1]], "token_ids": seq["token_ids"],
-                    "doc_id": seq["doc_id"], "char_start": seq["char_start"], "char_end": seq["char_end"],
+                    "tokens": s[0], "activations": rounded[inner[j]:inner[j + 1]], "token_ids": s[1],
+                    "doc_id": s[2], "char_start": s[3], "char_end": s[4],
                 })
             out[kind] = texts
         self._texts, self._texts_for = out, n
