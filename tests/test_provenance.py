@@ -65,10 +65,10 @@ def test_graph_train_and_test_sequences(site):
 
 def test_split_rule_matches_compute():
     from sitegen.services.neuron2graph.compute import _split
-    from sitegen.site.provenance import n2g_split
+    from sitegen.services.neuron2graph.provenance import split
 
     for n, seed, layer, neuron in [(20, 0, 0, 0), (20, 3, 5, 17), (7, 1, 2, 3), (2, 0, 1, 1)]:
-        assert n2g_split(n, seed, layer, neuron) == _split(n, seed, layer, neuron)
+        assert split(n, seed, layer, neuron) == _split(n, seed, layer, neuron)
 
 
 def test_api_metadata_carries_provenance(site):

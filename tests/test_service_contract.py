@@ -76,6 +76,7 @@ def test_a_fifth_service_is_computed_merged_and_published(fresh_registry, monkey
     page = (site / f"{model}/1/2.html").read_text()
     assert f"Active on <strong>{100 * doc['data']['density']:.1f}%</strong> of {t['tokens'][2]} tokens" in page
     assert f'href="/api/{model}/sparsity/1/2.json"' in page
+    assert f"<dt>Activation density</dt><dd>counted on <code>{t['tokens'][2]}</code> tokens" in page[page.index('id="provenance"'):]
     table = (site / f"{model}/1/index.html").read_text()
     assert re.search(r'<button type="button" data-key="\d+">Density</button>', table)
     assert f'<td data-v="{doc["data"]["density"]}">{doc["data"]["density"]:.1%}</td>' in table
@@ -200,7 +201,7 @@ def test_the_built_ins_are_there_without_entry_point_metadata(fresh_registry, mo
 def test_the_build_merge_compute_store_search_openapi_and_the_page_templates_name_no_service():
     root = Path(__file__).parent.parent
     templates = sorted((root / "themes/default/templates").glob("*.html"))
-    modules = ["cli.py", "site/build.py", "site/openapi.py", "site/search.py", "merge.py", "compute/runner.py", "compute/distributed.py",
+    modules = ["cli.py", "site/build.py", "site/openapi.py", "site/provenance.py", "site/search.py", "merge.py", "compute/runner.py", "compute/distributed.py",
                "store/manifest.py", "store/__init__.py"]
     for path in [*(root / "sitegen" / m for m in modules), *templates]:
         rel = path.relative_to(root)

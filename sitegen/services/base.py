@@ -207,6 +207,32 @@ class Service:
         search results' previews (with `text_search = True`)."""
         return {}
 
+    # --- provenance: how the service's data was made (site/provenance.py gathers it) --------------
+
+    provenance_order: int = 100  # where its row goes in the neuron page's Provenance section (lower first; ties in registry order)
+
+    def provenance_records(self, manifest: dict) -> dict:
+        """Model-level provenance its compute half recorded in the store's manifest (e.g. its
+        settings), {key: plain data}, added to metadata.provenance in every API response; no key
+        sitegen's own record has (the OpenAPI writer refuses a clash declared in `provenance_schemas`)."""
+        return {}
+
+    def provenance_schemas(self) -> dict:
+        """The OpenAPI schema of each key `provenance_records` adds: {key: schema}."""
+        return {}
+
+    def neuron_provenance(self, payloads: dict, layer: int, neuron: int, model_provenance: dict) -> dict | None:
+        """This neuron's row of the page's Provenance section, or None for no row: the context
+        (`row`) of the partial `provenance/<name>.html` (looked up like `template`; it renders one
+        `<dt>`/`<dd>` pair and may call `val(v)`: a value, or "not recorded" for None), plain data
+        that the partial escapes. `payloads`: every available service's API data for the neuron;
+        `model_provenance`: the model-level record. Runs for every neuron page: keep it cheap."""
+        return None
+
+    @property
+    def provenance_template(self) -> str:
+        return f"provenance/{self.name}.html"
+
     def openapi_paths(self) -> dict:
         """OpenAPI path items: by default the per-neuron URL with a free-form object."""
         return {f"/api/{{model}}/{self.name}/{{layer}}/{{neuron}}": api_get(self.description or self.name, api_envelope(f"#/components/schemas/{self.schema_name}"), LAYER_NEURON)}

@@ -131,6 +131,7 @@ class SiteModel:
         self.first_valid = int(m["config"]["first_valid_position"])
         self.quantile_levels = list(m["stats"]["quantile_levels"])
         self.provenance = model_provenance(m)
+        self.provenance_services = sorted(self.services, key=lambda s: s.provenance_order)  # stable: registry order on ties
         self._vocab: list[str] | None = None
         self._esc: list[str] | None = None
         self._seqs: dict | None = None
@@ -446,7 +447,7 @@ def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict
         pub.publish(f"{model.name}/{layer}/{n}.html", neuron_tpl.render(
             model=model, meta=meta, layer=layer, neuron=n, nav=_neighbours(model, layer, n), services=pages,
             templates={s.name: s.template for s in model.services},
-            missing=model.missing, api=f"/{api}", provenance=neuron_provenance(model.provenance, layer, n, payloads)))
+            missing=model.missing, api=f"/{api}", provenance=neuron_provenance(model.provenance_services, model.provenance, layer, n, payloads)))
         row = {"neuron": n, "cells": []}
         for s in model.table_services:
             row["cells"].extend(s.layer_cells(view_of[s.name], n, payloads[s.name]))

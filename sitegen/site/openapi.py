@@ -15,8 +15,7 @@ _META = {
         "activation_function": {"type": "string"}, "num_total_neurons": {"type": "integer"},
         "num_total_parameters": {"type": "integer"}, "dataset": {"type": "string"},
         "available_services": {"type": "array", "items": {"type": "string"}},
-        "provenance": PROVENANCE_SCHEMA,
-    },
+    },  # + "provenance": PROVENANCE_SCHEMA with each service's provenance_schemas(), in openapi_document
 }
 _NEURON_INDEX = {"type": "object", "required": ["layer", "neuron"], "properties": {"layer": {"type": "integer"}, "neuron": {"type": "integer"}}}
 _MISSING = {"type": "object", "required": ["missing_data_types", "metadata"],
@@ -32,8 +31,13 @@ def openapi_document(models, services) -> dict:
         "/api/{model}": api_get("One model's metadata", api_envelope("#/components/schemas/Metadata"), ["model"]),
         "/api/{model}/all/{layer}/{neuron}": api_get("Every service for a neuron", {"type": "object", "additionalProperties": {"type": "object"}}, LAYER_NEURON),
     }
-    schemas = {"Metadata": _META, "NeuronIndex": _NEURON_INDEX, "Missing": _MISSING}
+    provenance = {**PROVENANCE_SCHEMA, "properties": dict(PROVENANCE_SCHEMA["properties"])}
+    meta = {**_META, "properties": {**_META["properties"], "provenance": provenance}}
+    schemas = {"Metadata": meta, "NeuronIndex": _NEURON_INDEX, "Missing": _MISSING}
     for s in services:
+        if clash := sorted(set(s.provenance_schemas()) & set(provenance["properties"])):
+            raise BuildError(f"service {s.name!r} declares the provenance record {clash[0]!r} that another part of the API already has; rename it")
+        provenance["properties"].update(s.provenance_schemas())
         for kind, mine, theirs in (("path", s.openapi_paths(), paths), ("schema", s.openapi_schemas(), schemas)):
             if clash := sorted(set(mine) & set(theirs)):
                 raise BuildError(f"service {s.name!r} declares the OpenAPI {kind} {clash[0]!r} that another part of the API already has; rename it")

@@ -2,16 +2,17 @@
 payloads, so a reader can reproduce it (or check it with `sitegen verify`). No torch.
 
 Model-level facts (corpus and its hash, tokens, sequence length, model fingerprints, versions,
-the Neuron2Graph settings) go into the API's metadata object; per neuron the page adds the
-graph's train/test sequences and the explanation's explainer, simulator, method and prompt hash.
-Every value here is plain data: the template escapes it.
+plus each service's records, hook `provenance_records`) go into the API's metadata object; per
+neuron the page adds each service's row (hook `neuron_provenance`, partial
+`provenance/<name>.html`). Every value here is plain data: the templates escape it.
 """
 
 from __future__ import annotations
 
 from pathlib import PurePath
 
-import numpy as np
+from sitegen.errors import BuildError
+from sitegen.services import Service, registry
 
 NOT_RECORDED = None  # a field an older store did not record: shown as "not recorded"
 
@@ -29,8 +30,7 @@ PROVENANCE_SCHEMA = {
         "model": {"type": "object", "properties": {"source": {"type": ["string", "null"]}, "fingerprint": {"type": ["string", "null"]},
                                                    "weights_sha256": {"type": ["string", "null"]}, "hook": {"type": ["string", "null"]}}},
         "sitegen_version": {"type": ["string", "null"]},
-        "neuron2graph": {"type": "object"},
-    },
+    },  # + each service's provenance_schemas() (site/openapi.py adds them)
 }
 
 
@@ -63,36 +63,20 @@ def model_provenance(manifest: dict) -> dict:
         "versions": {k: v for k, v in sorted(versions.items()) if k != "sitegen"} or None,
         "run_hash": manifest.get("run_hash"),
     }
-    if manifest.get("neuron2graph"):
-        out["neuron2graph"] = manifest["neuron2graph"]
+    for s in registry():
+        records = s.provenance_records(manifest)
+        if clash := sorted(set(records) & set(out)):
+            raise BuildError(f"service {s.name!r} adds the provenance record {clash[0]!r} that sitegen or another service already has; rename it")
+        out.update(records)
     return out
 
 
-def n2g_split(n_texts: int, seed: int, layer: int, neuron: int) -> tuple[list[int], list[int]]:
-    """Which of a neuron's top texts trained its graph and which tested it: the same rule as
-    services/neuron2graph/compute.py's _split (a test holds the two equal); repeated here because
-    the site side may not import the compute half."""
-    order = np.random.default_rng([seed, layer, neuron]).permutation(n_texts)
-    half = (n_texts + 1) // 2
-    return sorted(order[:half].tolist()), sorted(order[half:].tolist())
-
-
-def neuron_provenance(model_record: dict, layer: int, neuron: int, payloads: dict) -> dict:
-    """Page context for the Provenance section: the model-level record plus what is this neuron's."""
-    out: dict = {"graph": None, "explanation": None}
-    n2g = payloads.get("neuron2graph")
-    record = model_record.get("neuron2graph")
-    if n2g and n2g.get("graph") is not None and not record:  # graphs from before the settings were recorded
-        out["graph"] = {"train": None, "test": None, "record": {}, "thresholds": None}
-    elif n2g and n2g.get("graph") is not None:
-        top = [t["data_index"] for t in payloads.get("neuroscope", {}).get("texts", [])][:int(record.get("texts", 20))]
-        train, test = n2g_split(len(top), int(record.get("seed", 0)), layer, neuron)
-        out["graph"] = {"train": [top[i] for i in train], "test": [top[i] for i in test],
-                        "record": {k: v for k, v in sorted(record.items()) if k != "thresholds"}, "thresholds": record.get("thresholds")}
-    ex = payloads.get("neuron_explainer")
-    if ex and ex.get("explanation"):
-        # `sitegen explain` asks one model to write and to simulate; imported ones say whose they are.
-        simulator = ex.get("explainer") if ex.get("source") == "sitegen explain" else None
-        out["explanation"] = {"explainer": ex.get("explainer"), "simulator": simulator, "source": ex.get("source"),
-                              "method": ex.get("method"), "prompt_hash": ex.get("prompt_hash")}
-    return out
+def neuron_provenance(services: list[Service], model_record: dict, layer: int, neuron: int, payloads: dict) -> list[tuple[str, dict]]:
+    """The page's per-neuron Provenance rows: (partial, its `row` context) of each of `services`
+    (ordered by provenance_order) that has one for this neuron."""
+    rows = []
+    for s in services:
+        row = s.neuron_provenance(payloads, layer, neuron, model_record)
+        if row is not None:
+            rows.append((s.provenance_template, row))
+    return rows

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from sitegen.services.neuron2graph import graph as g
+from sitegen.services.neuron2graph.provenance import split as _split  # the page's Provenance section shows the same split
 from sitegen.services.selection import select_neurons
 
 SERVICE = "neuron2graph"
@@ -289,12 +290,6 @@ def group_lines(vocab: list[str], original: Saliency, variants: list[Saliency], 
     for v_tokens, v_norm, v_imp in variants:
         lines.extend(make_lines(vocab, v_tokens, v_norm, v_imp, sets, first))
     return lines
-
-
-def _split(n: int, seed: int, layer: int, neuron: int) -> tuple[list[int], list[int]]:
-    order = np.random.default_rng([seed, layer, neuron]).permutation(n)
-    half = (n + 1) // 2
-    return sorted(order[:half].tolist()), sorted(order[half:].tolist())
 
 
 @dataclass

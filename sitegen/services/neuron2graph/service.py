@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sitegen.errors import StoreError
 from sitegen.services.base import LAYER_NEURON, NEURON_INDEX_REF, Service, TokenIndex, api_envelope, api_get
+from sitegen.services.neuron2graph.provenance import graph_provenance
 
 _N2G_NODE = {"type": "object", "required": ["token", "required", "importance"],
              "properties": {"token": {"type": "string"}, "required": {"type": "array", "items": {"type": "integer"}},
@@ -67,6 +68,19 @@ class Neuron2Graph(Service):
         from sitegen.services.neuron2graph.render import Neuron2GraphLayer
 
         return Neuron2GraphLayer(store, layer, site)
+
+    provenance_order = 10  # the graph's row comes before the explanation's
+
+    def provenance_records(self, manifest):
+        # the settings `sitegen compute --n2g` ran with (texts, seed, replacements, thresholds)
+        return {"neuron2graph": manifest["neuron2graph"]} if manifest.get("neuron2graph") else {}
+
+    def provenance_schemas(self):
+        return {"neuron2graph": {"type": "object"}}
+
+    def neuron_provenance(self, payloads, layer, neuron, model_provenance):
+        return graph_provenance(payloads.get("neuron2graph"), payloads.get("neuroscope", {}).get("texts", []), layer, neuron,
+                                model_provenance.get("neuron2graph"))
 
     def search_tokens(self, site):
         from sitegen.services.neuron2graph.tokenstore import token_store

@@ -37,6 +37,15 @@ class NeuronExplainer(Service):
     text_search = True
     store_columns = ("neuron", "explanation", "score", "explainer", "source", "method")  # explained neurons only
 
+    def neuron_provenance(self, payloads, layer, neuron, model_provenance):
+        ex = payloads.get(self.name)
+        if not ex or not ex.get("explanation"):
+            return None
+        # `sitegen explain` asks one model to write and to simulate; imported ones say whose they are.
+        simulator = ex.get("explainer") if ex.get("source") == "sitegen explain" else None
+        return {"explainer": ex.get("explainer"), "simulator": simulator, "source": ex.get("source"),
+                "method": ex.get("method"), "prompt_hash": ex.get("prompt_hash")}
+
     def cli_commands(self):
         from sitegen.services.neuron_explainer.cli import explain, import_explanations_cmd
 

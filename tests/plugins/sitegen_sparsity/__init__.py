@@ -105,6 +105,9 @@ class Sparsity(Service):
         d = payload["density"]
         return [Cell(Markup.escape("" if d is None else f"{d:.1%}"), str(-1 if d is None else d))]
 
+    def neuron_provenance(self, payloads, layer, neuron, model_provenance):
+        return {"tokens": payloads[NAME]["tokens"]}  # the page's Provenance row (templates/provenance/sparsity.html)
+
     def openapi_paths(self):
         return {"/api/{model}/sparsity/{layer}/{neuron}": api_get("A neuron's activation density", api_envelope("#/components/schemas/Sparsity"), LAYER_NEURON)}
 
