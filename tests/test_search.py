@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import itertools
 import json
 import os
@@ -134,11 +136,20 @@ def test_shards_are_small_and_found_by_hash(wide_site):
     assert search.fnv1a("") == 0x811C9DC5 and search.fnv1a("a") == 0xE40C292C  # the published FNV-1a test vectors
 
 
-def test_similarity_equals_brute_force_all_pairs(wide_site):
+@pytest.mark.parametrize("stop_min", [1000, 8])
+def test_similarity_equals_brute_force_all_pairs(wide_site, stop_min):
+    """Every pair, by the definition; with stop_min=8 a token in more than 8 graphless neurons'
+    sets is left out of theirs (never out of a graph's)."""
     store, _ = wide_site
     ts = build_token_store(store, first_valid=1)
-    got = similar_neurons(ts, threshold=0.4, top=1000)
-    sets = [({ts.keys[k] for k in a}, {ts.keys[k] for k in i}) for a, i in zip(ts.activating, ts.important)]
+    got = similar_neurons(ts, threshold=0.4, top=1000, stop_min=stop_min, stop_share=0.0)
+    graphless = [g for g in range(ts.n_neurons) if ts.source[g] == SOURCE_TOP]
+    users = Counter(ts.keys[k] for g in graphless for k in ts.activating[g])
+    stop = {key for key, count in users.items() if count > stop_min}
+    assert bool(stop) == (stop_min == 8) and any(ts.source[g] == SOURCE_GRAPH for g in range(ts.n_neurons))
+    assert (got == similar_neurons(ts, threshold=0.4, top=1000)) == (not stop)  # the stop tokens change some neurons' lists
+    sets = [({ts.keys[k] for k in a} - (stop if ts.source[g] == SOURCE_TOP else set()), {ts.keys[k] for k in i})
+            for g, (a, i) in enumerate(zip(ts.activating, ts.important))]
     nonempty = 0
     for x in range(ts.n_neurons):
         want = {}

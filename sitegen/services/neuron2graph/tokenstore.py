@@ -25,6 +25,13 @@ FALLBACK_THRESHOLD = 0.5  # of the neuron's largest activation on its top sequen
 FALLBACK_CAP = 20
 SIMILARITY_THRESHOLD = 0.4
 SIMILAR_TOP = 10
+# Similar neurons of a neuron without a graph come from its top-sequence tokens (sitegen's own
+# extension: DeepDecipher has similar neurons only for graphs). There, a token in the sets of more
+# than max(STOP_MIN, STOP_SHARE x neurons) neurons (" the", ",") is a stop token: it says nothing
+# about what a neuron does, and counting it made the pass quadratic (every neuron with " the"
+# compared with every other: hours at 307,200 neurons). Graphs' own sets are never cut.
+STOP_MIN = 1000
+STOP_SHARE = 0.01
 DENSE_LIMIT = 150_000  # neurons; also ids must stay below 2**20 for the ranking key (1M neurons)
 SOURCE_GRAPH, SOURCE_TOP = "graph", "top-sequences"
 
@@ -45,13 +52,7 @@ class TokenStore:
 
     def postings(self, kind: str) -> dict[int, np.ndarray]:
         """key id -> sorted global neuron ids whose `kind` set holds it."""
-        sets = self.activating if kind == "activating" else self.important
-        owners = np.repeat(np.arange(len(sets), dtype=np.int64), [len(s) for s in sets])
-        keys = np.concatenate(sets) if sets else np.zeros(0, np.int64)
-        order = np.lexsort((owners, keys))
-        keys, owners = keys[order], owners[order]
-        bounds = np.flatnonzero(np.diff(keys)) + 1
-        return {int(k[0]): o for k, o in zip(np.split(keys, bounds), np.split(owners, bounds)) if len(k)}
+        return _postings(self.activating if kind == "activating" else self.important)
 
     def search_postings(self) -> dict[str, tuple[list[int], list[int]]]:
         """token -> (activating ids, important ids), each sorted: the site's token search."""
@@ -61,6 +62,15 @@ class TokenStore:
     def preview(self, g: int, n_tokens: int = 5) -> list:
         """A search result's start: [top tokens, largest activation, graph F1 or None]."""
         return [[self.keys[k] for k in self.activating[g][:n_tokens]], self.max_act[g], self.f1[g] if self.source[g] == SOURCE_GRAPH else None]
+
+
+def _postings(sets: list[np.ndarray]) -> dict[int, np.ndarray]:
+    owners = np.repeat(np.arange(len(sets), dtype=np.int64), [len(s) for s in sets])
+    keys = np.concatenate(sets) if sets else np.zeros(0, np.int64)
+    order = np.lexsort((owners, keys))
+    keys, owners = keys[order], owners[order]
+    bounds = np.flatnonzero(np.diff(keys)) + 1
+    return {int(k[0]): o for k, o in zip(np.split(keys, bounds), np.split(owners, bounds)) if len(k)}
 
 
 class _Keys:
@@ -148,12 +158,31 @@ def _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val,
     return out
 
 
-def similar_neurons(ts: TokenStore, threshold: float = SIMILARITY_THRESHOLD, top: int = SIMILAR_TOP) -> list[list[tuple[int, float]]]:
+def similarity_sets(ts: TokenStore, stop_min: int = STOP_MIN, stop_share: float = STOP_SHARE) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The activating and important sets similarity compares: a graph's as they are; a neuron
+    without a graph, its top-sequence tokens less the stop tokens (in more than
+    max(stop_min, stop_share x neurons) such sets)."""
+    without_graph = [g for g, source in enumerate(ts.source) if source != SOURCE_GRAPH and len(ts.activating[g])]
+    if not without_graph:
+        return ts.activating, ts.important
+    counts = np.bincount(np.concatenate([ts.activating[g] for g in without_graph]), minlength=len(ts.keys))
+    stop = counts > max(stop_min, int(stop_share * ts.n_neurons))
+    if not stop.any():
+        return ts.activating, ts.important
+    activating = list(ts.activating)
+    for g in without_graph:
+        activating[g] = activating[g][~stop[activating[g]]]
+    return activating, ts.important
+
+
+def similar_neurons(ts: TokenStore, threshold: float = SIMILARITY_THRESHOLD, top: int = SIMILAR_TOP,
+                    stop_min: int = STOP_MIN, stop_share: float = STOP_SHARE) -> list[list[tuple[int, float]]]:
     """Per global neuron id: up to `top` (other neuron, similarity) with similarity >= threshold,
-    most similar first (ties: larger overlap first, then neuron order)."""
-    post_a, post_i = ts.postings("activating"), ts.postings("important")
-    size_a = np.array([len(s) for s in ts.activating], dtype=np.int64)
-    size_i = np.array([len(s) for s in ts.important], dtype=np.int64)
+    most similar first (ties: larger overlap first, then neuron order), over similarity_sets()."""
+    activating, important = similarity_sets(ts, stop_min, stop_share)
+    post_a, post_i = _postings(activating), _postings(important)
+    size_a = np.array([len(s) for s in activating], dtype=np.int64)
+    size_i = np.array([len(s) for s in important], dtype=np.int64)
     empty = np.zeros(0, np.int64)
     out: list[list[tuple[int, float]]] = []
     # Counting the candidates: a dense bincount (O(N) per neuron, ~1 ns per posting) beats sorting
@@ -166,8 +195,8 @@ def similar_neurons(ts: TokenStore, threshold: float = SIMILARITY_THRESHOLD, top
     one = next((d for d in range(64) if not 1 / (d + 1) >= threshold - 1e-12), None)
     single_ok: dict[tuple[int, int], np.ndarray] = {}
     for i in range(ts.n_neurons):
-        cand_a = np.concatenate([post_a[int(k)] for k in ts.activating[i]]) if size_a[i] else empty
-        cand_i = np.concatenate([post_i[int(k)] for k in ts.important[i]]) if size_i[i] else empty
+        cand_a = np.concatenate([post_a[int(k)] for k in activating[i]]) if size_a[i] else empty
+        cand_i = np.concatenate([post_i[int(k)] for k in important[i]]) if size_i[i] else empty
         if not len(cand_a) and not len(cand_i):
             out.append([])
             continue
