@@ -107,3 +107,25 @@ def test_cli_jobs_option(store, tmp_path):
     ok = runner.invoke(main, ["build", str(store.root), "--out", str(tmp_path / "b"), "--jobs", "2"])
     assert ok.exit_code == 0, ok.output
     assert "neurons/s, 2 jobs" in ok.output and "files" in ok.output and "peak memory" in ok.output
+
+
+def test_a_folder_another_worker_creates_meanwhile_is_no_error(tmp_path, monkeypatch):
+    """Two workers creating the same new folder: one finds the parent missing, makes it, and by
+    the time it makes the folder the other has. The file is written, and the folder is not taken
+    for one this process created (its files are still compared with what is there)."""
+    import sitegen.site.publisher as publisher
+
+    real = os.mkdir
+    target = str(tmp_path / "site" / "api" / "shared")
+
+    def racing(path, *args, **kwargs):
+        if path == target and os.path.isdir(os.path.dirname(path)) and not os.path.exists(path):
+            real(path)  # the other worker, just before this one
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(publisher.os, "mkdir", racing)
+    (tmp_path / "site").mkdir()
+    pub = publisher.Publisher(tmp_path / "site")
+    pub.publish("api/shared/0.json", b"{}")
+    assert (tmp_path / "site/api/shared/0.json").read_bytes() == b"{}"
+    assert target not in pub._fresh and str(tmp_path / "site" / "api") in pub._fresh

@@ -160,8 +160,11 @@ class Publisher:
             if not up:  # a relative root that is gone: nothing above it to create
                 raise
             self._make_dir(up)
-            os.mkdir(folder)
-            self._fresh.add(folder)
+            try:
+                os.mkdir(folder)
+                self._fresh.add(folder)
+            except FileExistsError:  # another worker of this build made it in the meantime
+                pass
         self._dirs.add(folder)
 
     def _check_portable(self, rel: str) -> None:
