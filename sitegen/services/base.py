@@ -194,7 +194,7 @@ class Service:
 
     def publish_model(self, pub, site) -> dict:
         """Write model-level indexes (token search, explanation search, ...) through `pub`;
-        returns figures for the build report (`largest_folder`: (folder, files))."""
+        returns figures about them, if any (the build checks every folder's file count itself)."""
         return {}
 
     def search_tokens(self, site) -> TokenIndex | None:

