@@ -284,3 +284,37 @@ def test_model_forward_stops_after_the_last_wanted_layer(tiny_model_dir):
     finally:
         for h in handles:
             h.remove()
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_interrupt_mid_batch_resumes_exactly(whole_run, tiny_model_dir, tiny_corpus, tmp_path, monkeypatch, presses):
+    """Ctrl-C, or a cancelled Ray task (Ray calls _thread.interrupt_main), landing after a batch's
+    activations reached the accumulators but before the position moved: one press is held to the end
+    of the batch and the checkpoint holds the whole batch; a second press stops at once and keeps the
+    previous checkpoint. Either way the rerun equals the uninterrupted run (a checkpoint of a
+    half-applied batch would count that batch twice)."""
+    import _thread
+
+    from sitegen.compute import runner
+    from sitegen.compute.runner import run_compute
+    from sitegen.errors import StoreError
+
+    out = tmp_path / "interrupted"
+    forward, calls = runner._forward, [0]
+
+    def interrupted_forward(*args, **kwargs):
+        forward(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 3:
+            for _ in range(presses):
+                _thread.interrupt_main()
+                sum(range(100))  # bytecode between presses: the handler runs for each one
+
+    monkeypatch.setattr(runner, "_forward", interrupted_forward)
+    checkpoint = out / ".work" / "checkpoint-0of1.npz"
+    with pytest.raises(StoreError, match="mid-batch" if presses == 2 else "interrupted after 12 of"):
+        run_compute(_config(tiny_model_dir, tiny_corpus, out, checkpoint_seconds=0), log=lambda m: None)
+    assert int(np.load(checkpoint)["position"]) == (8 if presses == 2 else 12)  # whole batches of 4 sequences only
+    monkeypatch.setattr(runner, "_forward", forward)
+    run_compute(_config(tiny_model_dir, tiny_corpus, out), log=lambda m: None)
+    _assert_same(out, whole_run)

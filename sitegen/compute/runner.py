@@ -17,6 +17,8 @@ import fcntl
 import re
 import hashlib
 import shutil
+import signal
+import threading
 import time
 import zipfile
 import zlib
@@ -342,29 +344,71 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
     bar = _progress(cfg.progress, total_tokens, tokens_done)
     last_save = time.monotonic()
     batches = 0
+    guard = _BatchGuard()
     try:
-        while position < len(mine):
-            if cfg.max_batches is not None and batches >= cfg.max_batches:
-                _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
-                raise StoreError(f"stopped after {cfg.max_batches} batches (max_batches); rerun to resume")
-            batch = mine[position:position + batch_size]
-            tokens, seq_ids, valid, rand_score = _batch_tensors(batch, batch_size, cfg.seq_len, pad_id, first_valid, cfg.seed, random_key, device)
-            all_full = len(batch) == batch_size and all(len(s.token_ids) == cfg.seq_len for s in batch)
-            _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full)
-            position += len(batch)
-            done = sum(len(s.token_ids) for s in batch)
-            tokens_done += done
-            batches += 1
-            bar.update(done)
-            if time.monotonic() - last_save > cfg.checkpoint_seconds and position < len(mine):
-                _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
-                last_save = time.monotonic()
+        with guard.installed():
+            while position < len(mine):
+                if cfg.max_batches is not None and batches >= cfg.max_batches:
+                    _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
+                    raise StoreError(f"stopped after {cfg.max_batches} batches (max_batches); rerun to resume")
+                batch = mine[position:position + batch_size]
+                tokens, seq_ids, valid, rand_score = _batch_tensors(batch, batch_size, cfg.seq_len, pad_id, first_valid, cfg.seed, random_key, device)
+                all_full = len(batch) == batch_size and all(len(s.token_ids) == cfg.seq_len for s in batch)
+                with guard.batch():  # the accumulators and the position move together, or the checkpoint lies
+                    _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full)
+                    position += len(batch)
+                    done = sum(len(s.token_ids) for s in batch)
+                    tokens_done += done
+                bar.update(done)
+                batches += 1
+                if time.monotonic() - last_save > cfg.checkpoint_seconds and position < len(mine):
+                    _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
+                    last_save = time.monotonic()
     except KeyboardInterrupt:
+        if guard.in_batch:  # a second Ctrl-C mid-batch: the accumulators hold part of a batch; keep the last checkpoint
+            raise StoreError(f"interrupted mid-batch; rerun the same command to resume from the last checkpoint ({checkpoint})") from None
         _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
         raise StoreError(f"interrupted after {position} of {len(mine)} sequences; rerun the same command to resume") from None
     finally:
         bar.close()
     return position, tokens_done
+
+
+class _BatchGuard:
+    """Holds a Ctrl-C that arrives mid-batch until the batch is applied, so the checkpoint written on
+    interrupt never holds a half-applied batch (which a resume would apply again). A cancelled Ray
+    task is interrupted the same way (Ray calls _thread.interrupt_main, which runs the SIGINT handler).
+    A second Ctrl-C stops at once, and then nothing is saved. Python runs signal handlers in the
+    main thread only, so elsewhere the guard only records whether a batch was in progress."""
+
+    def __init__(self) -> None:
+        self.in_batch = False
+        self.held = False
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._on_sigint) or signal.default_int_handler  # None: set outside Python
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _on_sigint(self, signum, frame) -> None:  # noqa: ARG002 - the signal handler signature
+        if self.in_batch and not self.held:
+            self.held = True
+            return
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        self.in_batch = True
+        yield  # not in a finally: an exception mid-batch leaves in_batch set, which is the truth
+        self.in_batch = False
+        if self.held:
+            raise KeyboardInterrupt
 
 
 def _write_store(run: _Run, position: int, tokens_done: int) -> None:
