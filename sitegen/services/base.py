@@ -19,7 +19,7 @@ from markupsafe import Markup
 class LayerView(Protocol):
     """A service's data for one layer, read once; answers per neuron."""
 
-    def payload(self, neuron: int) -> dict: ...  # the API's `data` (DeepDecipher's shape)
+    def payload(self, neuron: int) -> dict: ...  # the API's `data` (DeepDecipher's shape), ready for orjson (fragments allowed)
     def page(self, neuron: int) -> dict: ...  # the context of the service's template partial
     def layer_payload(self) -> dict: ...  # the layer's API `data`
 

@@ -1,8 +1,10 @@
 """The neuroscope service's render half: DeepDecipher's neuroscope payload and the page context.
 
 Speed matters here (one call per neuron, tens of thousands per model): a layer's traces are
-rounded once with numpy, token strings are cached per sequence (neurons share sequences), and
-each sequence's token spans are joined in Python rather than looped over in the template.
+rounded once with numpy; what belongs to a sequence rather than a neuron (its token strings and
+ids already serialised as JSON, its escaped tokens for the page) is made once per sequence, since
+neurons share sequences; and each sequence's token spans are joined in Python rather than looped
+over in the template.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import itertools
 from itertools import chain
 
 import numpy as np
+import orjson
 from markupsafe import Markup
 
 from sitegen.services.tokens import BUCKETS
@@ -80,8 +83,7 @@ class NeuroscopeLayer:
         # recur in every neuron. Zero is left out (0.0 and -0.0 are one key) and kept as it is.
         self.edges6 = {e: float(f"{e:.6g}") for e in set(itertools.chain.from_iterable(self.hist_edges)) if e}
         self.fv = site.first_valid
-        self.source = site.cached("neuroscope.source", dict)  # seq_id -> the text's source line on the page
-        self.per_seq = site.cached("neuroscope.per_seq", dict)  # seq_id -> (tokens, token ids, doc, char start, char end)
+        self.per_seq = site.cached("neuroscope.per_seq", dict)  # seq_id -> _Sequence
         self._texts: dict | None = None
         self._texts_for = -1
         self._stats: dict = {}
@@ -101,13 +103,12 @@ class NeuroscopeLayer:
             for j, seq_id in zip(range(tr.outer[n], tr.outer[n + 1]), self.seq[kind][n]):
                 s = per_seq.get(seq_id)
                 if s is None:
-                    seq = self.site.sequence(seq_id)
-                    s = per_seq[seq_id] = (self.site.tokens(seq_id), seq["token_ids"], seq["doc_id"], seq["char_start"], seq["char_end"])
+                    s = per_seq[seq_id] = _Sequence(self.site, seq_id)
                 texts.append({
                     "data_index": seq_id, "max_activating_token_index": peak[j],
                     "min_activation": lo[j], "max_activation": hi[j], "min_range": vmin, "max_range": vmax,
-                    "tokens": s[0], "activations": rounded[inner[j]:inner[j + 1]], "token_ids": s[1],
-                    "doc_id": s[2], "char_start": s[3], "char_end": s[4],
+                    "tokens": s.tokens_json, "activations": rounded[inner[j]:inner[j + 1]], "token_ids": s.ids_json,
+                    "doc_id": s.doc_id, "char_start": s.char_start, "char_end": s.char_end,
                 })
             out[kind] = texts
         self._texts, self._texts_for = out, n
@@ -151,36 +152,31 @@ class NeuroscopeLayer:
 
     def top_token(self, n: int) -> str:
         texts = self._texts_of(n)["top"]
-        return texts[0]["tokens"][texts[0]["max_activating_token_index"]] if texts else ""
+        return self.per_seq[texts[0]["data_index"]].tokens[texts[0]["max_activating_token_index"]] if texts else ""
 
     # -- page --
     def _sequence_items(self, n: int, kind: str, texts: list[dict]) -> Markup:
         """One <li> per text: the window around the peak as coloured spans and the text's source.
         JavaScript reads exact values from the neuron's JSON and adds the whole-sequence toggle."""
-        closed = self.site.esc_vocab_closed
-        source = self.source
+        per_seq = self.per_seq
         tr = self.traces[kind]
         inner, buckets = tr.inner, tr.buckets
         first = tr.outer[n]
         fv = self.fv
         items = []
         for i, t in enumerate(texts):
-            ids, acts, peak = t["token_ids"], t["activations"], t["max_activating_token_index"]
-            lo, hi = max(0, peak - WINDOW_BEFORE), min(len(ids), peak + WINDOW_AFTER + 1)
+            s = per_seq[t["data_index"]]
+            acts, peak, length = t["activations"], t["max_activating_token_index"], len(s.closed)
+            lo, hi = max(0, peak - WINDOW_BEFORE), min(length, peak + WINDOW_AFTER + 1)
             base = inner[first + i]
             opens = map(_OPEN.__getitem__, buckets[base + lo:base + hi])
             if lo < fv:
                 opens = list(opens)
                 opens[: fv - lo] = ["<i class=bos>"] * (fv - lo)
-            spans = "".join(chain.from_iterable(zip(opens, map(closed.__getitem__, ids[lo:hi]))))
-            seq_id = t["data_index"]
-            where = source.get(seq_id)
-            if where is None:  # the same for every text of this sequence, in every neuron
-                where = source[seq_id] = (f'<code>{self.site.escaped_doc(seq_id)}</code> chars {t["char_start"]}–{t["char_end"]}, '
-                                          f'sequence {seq_id}, {len(ids)} tokens, ')
+            spans = "".join(chain.from_iterable(zip(opens, s.closed[lo:hi])))
             items.append(
-                f'<li><div class="seq" tabindex="0" data-start="{lo}">{_ELL if lo else ""}{spans}{_ELL if hi < len(ids) else ""}'
-                f'</div><details><summary>{acts[peak]} at {peak}</summary>{where}{t["min_activation"]} to {t["max_activation"]}</details></li>'
+                f'<li><div class="seq" tabindex="0" data-start="{lo}">{_ELL if lo else ""}{spans}{_ELL if hi < length else ""}'
+                f'</div><details><summary>{acts[peak]} at {peak}</summary>{s.source}{t["min_activation"]} to {t["max_activation"]}</details></li>'
             )
         return Markup("\n".join(items))
 
@@ -193,6 +189,31 @@ class NeuroscopeLayer:
             "histogram_svg": Markup(histogram_svg(self.hist[n], self.hist_edges[n])),
             "quantiles_csv": ",".join(f"{v:.4g}" for v in self.quantiles[n]),
         }
+
+
+class _Sequence:
+    """What every text of one corpus sequence shows, whichever neuron it is a text of: made once
+    per sequence and build (per worker). The JSON parts are orjson fragments, serialised here once
+    rather than in every neuron's file that holds the sequence."""
+
+    __slots__ = ("tokens", "tokens_json", "ids_json", "doc_id", "char_start", "char_end", "closed", "source")
+
+    def __init__(self, site, seq_id: int):
+        seq = site.sequence(seq_id)
+        self.tokens = site.tokens(seq_id)
+        self.tokens_json = orjson.Fragment(_compact(orjson.dumps(self.tokens)))
+        self.ids_json = orjson.Fragment(_compact(orjson.dumps(seq["token_ids"])))
+        self.doc_id, self.char_start, self.char_end = seq["doc_id"], seq["char_start"], seq["char_end"]
+        closed = site.esc_vocab_closed
+        self.closed = [closed[i] for i in seq["token_ids"]]  # escaped tokens with their closing tag, for the page's spans
+        self.source = (f'<code>{site.escaped_doc(seq_id)}</code> chars {self.char_start}–{self.char_end}, '
+                       f'sequence {seq_id}, {len(self.closed)} tokens, ')
+
+
+def _compact(data: bytes) -> bytes:
+    """A copy of its own size: orjson's result keeps its ~8 KB output buffer's place in the heap, so
+    tens of thousands of kept results would pin ~8 KB each (measured: +290 MB for 20,000 sequences)."""
+    return memoryview(data).tobytes()
 
 
 _G: dict[float, str] = {}  # float -> f"{v:g}": bar positions and widths are tenths of a pixel in a 500-pixel box, so few

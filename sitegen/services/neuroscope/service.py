@@ -90,11 +90,11 @@ class Neuroscope(Service):
         st = payload["stats"]
         return [number_cell(st["max"]), number_cell(st["min"]), number_cell(st["mean"]),
                 Cell(Markup.escape(fmt_pct(st["frac_positive"])), str(st["frac_positive"])),
-                Cell(Markup("<code>{}</code>").format(_top_token(payload)))]
+                Cell(Markup("<code>{}</code>").format(view.top_token(n)))]
 
     def layer_facts(self, view, n, payload):
         st = payload["stats"]
-        return {"max": st["max"], "frac": st["frac_positive"], "top_token": _top_token(payload)}
+        return {"max": st["max"], "frac": st["frac_positive"], "top_token": view.top_token(n)}
 
     def openapi_paths(self):
         return {
@@ -106,9 +106,3 @@ class Neuroscope(Service):
         return {"Text": _TEXT, "Neuroscope": _NEUROSCOPE,
                 "LayerImportance": {"type": "object", "required": ["num_neurons", "important_neurons"],
                                     "properties": {"num_neurons": {"type": "integer"}, "important_neurons": {"type": "array"}}}}
-
-
-def _top_token(payload: dict) -> str:
-    """The peak token of the neuron's top text, read off the payload (no second pass over the layer's texts)."""
-    texts = payload["texts"]
-    return texts[0]["tokens"][texts[0]["max_activating_token_index"]] if texts else ""
