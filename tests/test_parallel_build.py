@@ -129,3 +129,22 @@ def test_a_folder_another_worker_creates_meanwhile_is_no_error(tmp_path, monkeyp
     pub.publish("api/shared/0.json", b"{}")
     assert (tmp_path / "site/api/shared/0.json").read_bytes() == b"{}"
     assert target not in pub._fresh and str(tmp_path / "site" / "api") in pub._fresh
+
+
+def test_a_worker_that_dies_is_a_one_line_error_not_a_hang(store, tmp_path, monkeypatch):
+    import signal
+
+    service = next(s for s in registry() if s.name == "neuroscope")
+    real = type(service).open_layer
+
+    def killed(self, st, layer, site):
+        if layer == 2:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer would
+        return real(self, st, layer, site)
+
+    monkeypatch.setattr(type(service), "open_layer", killed)
+    with pytest.raises(BuildError, match="a build worker died while rendering parallel-model"):
+        build_site([store.root], tmp_path / "site", jobs=2)
+    monkeypatch.undo()
+    build_site([store.root], tmp_path / "site", jobs=2)  # the rerun finishes the folder
+    assert _files(tmp_path / "site") == _files(_one_job_site(store, tmp_path))

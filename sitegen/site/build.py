@@ -15,8 +15,11 @@ import hashlib
 import multiprocessing
 import os
 import resource as _rusage
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -394,21 +397,45 @@ def _render_layers(pub: Publisher, env: Environment, model: SiteModel, meta: dic
         s.prepare(model)
     done: dict[int, tuple] = {}
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            # Layers finish in any order; hand them on in layer order (the model page lists them so).
-            next_layer = 0
-            for layer, result, files, counts in pool.imap_unordered(_render_layer_in_worker, range(model.num_layers)):
-                pub.adopt(files, *counts)
-                progress.advance(model.layer_size, what(layer))
-                done[layer] = result
-                while next_layer in done:
-                    yield next_layer, done.pop(next_layer)
-                    next_layer += 1
+        # concurrent.futures rather than multiprocessing.Pool: a worker that dies (the kernel's
+        # OOM killer, a kill) breaks the pool with an error instead of leaving the build waiting.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
+            futures = [pool.submit(_render_layer_in_worker, layer) for layer in range(model.num_layers)]
+            try:
+                # Layers finish in any order; hand them on in layer order (the model page lists them so).
+                next_layer = 0
+                for future in as_completed(futures):
+                    layer, result, files, counts = future.result()
+                    pub.adopt(files, *counts)
+                    progress.advance(model.layer_size, what(layer))
+                    done[layer] = result
+                    while next_layer in done:
+                        yield next_layer, done.pop(next_layer)
+                        next_layer += 1
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # no layer starts after a failure
+                raise
+    except BrokenProcessPool:
+        raise BuildError(f"a build worker died while rendering {model.name} (killed, or out of memory); rerun to finish "
+                         f"(files already written are kept), with a smaller --jobs if memory is short") from None
     finally:
         _FORKED = None
 
 
 _FORKED: tuple | None = None  # (publisher, environment, model, metadata) the forked workers inherit
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker outlives a build killed with SIGKILL otherwise (concurrent.futures' workers wait on
+    a queue whose writing end they hold themselves), keeping the output folder's lock and the
+    build's stdout open: it exits within a second of its parent instead."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _render_layer_in_worker(layer: int):
