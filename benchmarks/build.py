@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--graphs", type=float, default=0.02, help="Neuron2Graph graphs per layer: a fraction (< 1) or a count")
     ap.add_argument("--explained", type=float, default=0.1, help="explanations per layer: a fraction (< 1) or a count")
     ap.add_argument("--jobs", default="1,all", help="comma-separated --jobs values to time; 'all' = every core (default: 1,all)")
-    ap.add_argument("--keep", type=Path, default=None, help="keep the store and site in this folder (a kept store is reused)")
+    ap.add_argument("--keep", type=Path, default=None, help="keep the store (reused next time) and the site (unless --out) in this folder")
     ap.add_argument("--out", type=Path, default=None, help="build the site in a new folder under this one instead of next to the store")
     ap.add_argument("--no-sizes", action="store_true", help="skip the per-file sizes and the fsync probe")
     args = ap.parse_args()
@@ -122,10 +122,10 @@ def main() -> None:
               f"({'OVER' if r['in_folder'] > 54_000 else 'under'} Netlify's 54,000)")
     if not args.no_sizes:
         sizes(out, args.layers, args.neurons, total, work)
+    if args.out is not None:  # a new folder of this run's (on /dev/shm it holds memory): never kept
+        shutil.rmtree(out, ignore_errors=True)
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
-        if args.out is not None:
-            shutil.rmtree(out, ignore_errors=True)
 
 
 def sizes(out: Path, layers: int, neurons: int, total: int, work: Path) -> None:
