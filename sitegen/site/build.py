@@ -38,7 +38,8 @@ from sitegen.site.provenance import model_provenance, neuron_provenance
 from sitegen.site.publisher import NETLIFY_DIR_LIMIT, Publisher, open_output
 from sitegen.store import Store
 
-_JSON_OPTS = orjson.OPT_SORT_KEYS
+# numpy arrays too: orjson writes a float64 array's values byte for byte as it writes Python floats
+_JSON_OPTS = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
 
 def dumps(obj) -> bytes:

@@ -46,7 +46,7 @@ class Traces:
         lengths = np.diff(self.inner)
         text_of_value = np.repeat(np.arange(n_texts), lengths)
         neuron_of_value = np.repeat(np.repeat(np.arange(len(self.outer) - 1), np.diff(self.outer)), lengths)
-        self.rounded = np.round(values, 4).tolist()
+        self.rounded = np.round(values, 4)  # numpy: a text's activations go to orjson as a view, no Python floats
         self.buckets = (np.clip(np.rint(values * (BUCKETS / scale[neuron_of_value])), -BUCKETS, BUCKETS).astype(np.int64) + BUCKETS).tolist()
         if n_texts == 0:
             self.lo = self.hi = self.peak = []
