@@ -237,18 +237,22 @@ def histogram_svg(counts: list[int], edges: list[float]) -> str:
     width, base = 500, 52
     lo, hi = edges[0], edges[-1]
     scale = width / (hi - lo) if hi > lo else 0.0
-    # Positions with Python's round() (numpy rounds tenths differently); widths, densities and
-    # heights with numpy, the same IEEE operations a loop per bar does, element by element.
-    x = [round(v, 1) for v in ((np.asarray(edges, dtype=np.float64) - lo) * scale).tolist()] if scale else [0.0, float(width)]
+    # Positions with Python's round() (numpy rounds tenths differently), in Python floats: the same
+    # IEEE operations numpy would do; widths, densities and heights with numpy, element by element
+    # the operations a loop per bar does.
+    x = [round((v - lo) * scale, 1) for v in edges] if scale else [0.0, float(width)]
     widths = np.maximum(np.diff(x[:len(counts) + 1]), 1.0)
     density = np.asarray(counts, dtype=np.float64) / widths
     heights = np.maximum(1, np.rint(base * (np.log1p(density) / np.log1p(density.max())))).astype(np.int64).tolist()
-    paths: dict[str, list[str]] = {"neg": [], "pos": []}
+    cached = _G.get
+    neg: list[str] = []
+    pos: list[str] = []
     for i, (c, h, w) in enumerate(zip(counts, heights, widths.tolist())):
         if c:
-            paths["pos" if edges[i] >= 0 and edges[i + 1] > 0 else "neg"].append(f"M{_g(x[i])} {base}v-{h}h{_g(w)}v{h}z")
+            a = x[i]
+            (pos if edges[i] >= 0 and edges[i + 1] > 0 else neg).append(f"M{cached(a) or _g(a)} {base}v-{h}h{cached(w) or _g(w)}v{h}z")
     zero = f'<path class="zero" d="M{round((0 - lo) * scale, 1):g} 0V{base}"/>' if lo < 0 < hi else ""
-    parts = "".join(f'<path class="{k}" d="{"".join(v)}"/>' for k, v in paths.items() if v)
+    parts = "".join(f'<path class="{k}" d="{"".join(v)}"/>' for k, v in (("neg", neg), ("pos", pos)) if v)
     return (f'<svg class="hist" viewBox="0 0 {width} 64" role="img" aria-label="activation histogram: exact counts in variable-width bins, '
             f'height log density"><title>Exact counts in variable-width bins (finer near zero); bar height: log density</title>{parts}{zero}'
             f'<text x="0" y="63">{lo:.3g}</text><text x="{width}" y="63" text-anchor="end">{hi:.3g}</text></svg>')
