@@ -174,6 +174,42 @@ def test_kill_9_at_random_points_then_rerun_gives_clean_bytes(tmp_path):
     assert not list(out.rglob(f"*{TMP_SUFFIX}")) and not (out / JOURNAL).exists()
 
 
+def test_a_file_killed_mid_write_in_a_new_folder_is_rewritten_by_the_rerun(tmp_path, store, monkeypatch):
+    """A file in a folder the build created is written in place (no old version to keep, no
+    rename): a build that dies mid-write there leaves it short, the journal names it, and the rerun
+    rewrites it. Files that replace old ones still go through a temporary name (see above)."""
+    from sitegen.site import publisher
+
+    clean = tmp_path / "clean"
+    build_site([store.root], clean)
+    out = tmp_path / "site"
+    real_write, real_replace, calls = os.write, os.replace, []
+
+    def dies_mid_write(fd, data):
+        if len(data) > 200 and len(calls) == 5:  # the sixth file bigger than a journal line: half of it, then the kill
+            real_write(fd, bytes(data)[: len(data) // 2])
+            raise KeyboardInterrupt  # not an OSError: nothing cleans up, as after a kill -9
+        if len(data) > 200:
+            calls.append(fd)
+        return real_write(fd, data)
+
+    def no_rename(src, dst):  # the top folder existed before (open_output made it): its files may be renamed
+        if Path(dst).parent != out:
+            raise AssertionError(f"a fresh folder's file was renamed into place: {dst}")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(publisher.os, "write", dies_mid_write)
+    monkeypatch.setattr(publisher.os, "replace", no_rename)
+    with pytest.raises(KeyboardInterrupt):
+        build_site([store.root], out, jobs=1)
+    monkeypatch.undo()
+    short = [rel for rel, digest in _tree(out).items() if rel in _tree(clean) and digest != _tree(clean)[rel] and rel != JOURNAL]
+    assert len(short) == 1, short  # the file cut short, in place under its own name
+    assert not list(out.rglob(f"*{TMP_SUFFIX}"))
+    build_site([store.root], out, jobs=1)
+    assert _tree(out) == _tree(clean)
+
+
 def test_second_build_into_the_same_folder_fails_at_once(tmp_path, store):
     out = tmp_path / "site"
     first = _build(store.root, "--out", out)
