@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import threading
-import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +25,7 @@ from sitegen.services.neuron2graph.tokenstore import (FALLBACK_CAP, SOURCE_GRAPH
                                                       similar_neurons)
 from sitegen.site import search
 from sitegen.site.build import build_site
+from sitegen.site.publisher import NETLIFY_DIR_LIMIT
 from tests.reference import SYNTHETIC_LINES, static_search, write_synthetic_graphs, write_synthetic_store
 
 
@@ -371,10 +371,10 @@ def test_search_folders_stay_under_netlifys_limit_for_a_large_vocabulary():
     n = layers * size
     activating = [np.array(sorted({(g * 20 + j) % vocab for j in range(20)}), dtype=np.int64) for g in range(n)]
     ts = TokenStore([f"tok{i}" for i in range(vocab)], size, activating, [np.zeros(0, np.int64)] * n, [SOURCE_TOP] * n, [None] * n, [1.0] * n)
-    assert 2 * len(ts.search_postings()) > search.NETLIFY_DIR_LIMIT  # any: and activating: files per token, in the old layout
+    assert 2 * len(ts.search_postings()) > NETLIFY_DIR_LIMIT  # any: and activating: files per token, in the old layout
     pub = _CountingPublisher()
     cached = {"neuron2graph.token_store": ts, "neuron_explainer.explanations": {}}  # what SiteModel.cached would hold
     search.publish_search(pub, SimpleNamespace(name="wide-vocab", layer_size=size, num_layers=layers, cached=lambda key, make: cached[key],
                                                services=list(registry())))
     folder, count = max(pub.folders.items(), key=lambda kv: kv[1])
-    assert count < search.NETLIFY_DIR_LIMIT, (folder, count)
+    assert count < NETLIFY_DIR_LIMIT, (folder, count)

@@ -86,15 +86,8 @@ class Publisher:
         try:
             if parent not in self._dirs:
                 self._make_dir(parent)
-            fresh = parent in self._fresh
-            if fresh:
-                same_size = False
-            else:
-                try:
-                    same_size = os.stat(path).st_size == len(data)
-                except FileNotFoundError:
-                    same_size = False
-            if same_size and _read_bytes(path) == data:
+            fresh = parent in self._fresh  # a folder this build created holds nothing to compare with
+            if not fresh and _holds(path, data):
                 self.unchanged += 1
                 return
             if self.journal_fd is not None and rel not in self.previous:
@@ -117,9 +110,9 @@ class Publisher:
                 os.replace(tmp, path)
         except OSError as e:
             if tmp is not None:
-                _unlink(Path(tmp))
+                _unlink(tmp)
             elif fd is not None:  # a short file written in place: gone rather than left for the rerun to find
-                _unlink(Path(path))
+                _unlink(path)
             where = self.root / rel
             if e.errno == errno.ENOSPC:
                 raise BuildError(f"disk full while writing {where}; free space and rebuild (unchanged files are skipped)") from None
@@ -339,13 +332,19 @@ def _prune_empty_parents(folder: Path, root: Path) -> None:
         folder = folder.parent
 
 
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _unlink(path: Path) -> None:
+def _holds(path: str, data: bytes) -> bool:
+    """Whether the file at path has exactly these bytes (the size first: most changed files differ there)."""
     try:
-        path.unlink()
+        if os.stat(path).st_size != len(data):
+            return False
+        with open(path, "rb") as f:
+            return f.read() == data
+    except FileNotFoundError:
+        return False
+
+
+def _unlink(path: str | Path) -> None:
+    try:
+        os.unlink(path)
     except FileNotFoundError:
         pass

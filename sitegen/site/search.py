@@ -20,7 +20,6 @@ from __future__ import annotations
 import orjson
 
 from sitegen.services.base import Service
-from sitegen.site.publisher import NETLIFY_DIR_LIMIT  # noqa: F401  (the limit its layout stays under; tests read it here)
 
 CAP = 200  # ids per list in a shard file
 KEYS_PER_SHARD = 8  # target; the shard count is the next power of two, at most MAX_SHARDS
