@@ -162,16 +162,16 @@ def similarity_sets(ts: TokenStore, stop_min: int = STOP_MIN, stop_share: float 
     """The activating and important sets similarity compares: a graph's as they are; a neuron
     without a graph, its top-sequence tokens less the stop tokens (in more than
     max(stop_min, stop_share x neurons) such sets)."""
-    without_graph = [g for g, source in enumerate(ts.source) if source != SOURCE_GRAPH and len(ts.activating[g])]
+    without_graph = [n for n, source in enumerate(ts.source) if source != SOURCE_GRAPH and len(ts.activating[n])]
     if not without_graph:
         return ts.activating, ts.important
-    counts = np.bincount(np.concatenate([ts.activating[g] for g in without_graph]), minlength=len(ts.keys))
+    counts = np.bincount(np.concatenate([ts.activating[n] for n in without_graph]), minlength=len(ts.keys))
     stop = counts > max(stop_min, int(stop_share * ts.n_neurons))
     if not stop.any():
         return ts.activating, ts.important
     activating = list(ts.activating)
-    for g in without_graph:
-        activating[g] = activating[g][~stop[activating[g]]]
+    for n in without_graph:
+        activating[n] = activating[n][~stop[activating[n]]]
     return activating, ts.important
 
 
