@@ -113,7 +113,7 @@ def test_a_services_declared_columns_and_complete_layers_are_checked_on_open(fre
                      **{k: pa.array(np.ones(size, np.int64)) for k in ("tokens", "positive", "early_tokens", "early_positive")}})
     for layer in range(store.manifest["model"]["num_layers"]):
         store.write_layer("sparsity", layer, full)
-    store.add_service("sparsity")
+    store.add_service("sparsity", {"early_share": 0.5})
     assert "sparsity" in Store.open(store.root).manifest["services"]
 
     store.write_layer("sparsity", 1, full.drop_columns(["positive"]))
@@ -125,6 +125,37 @@ def test_a_services_declared_columns_and_complete_layers_are_checked_on_open(fre
     store.layer_path("sparsity", 1).unlink()
     with pytest.raises(StoreError, match=r"sparsity/layer=1/data.parquet is missing, but .* lists service 'sparsity'"):
         Store.open(store.root)
+
+
+def test_a_services_declared_manifest_record_is_checked_on_open_and_before_a_write(fresh_registry, monkeypatch, tmp_path):
+    """The fifth service types the manifest field it writes (manifest_schemas); Store.open and
+    every manifest write check a store listing it against that type: one line naming the field."""
+    import numpy as np
+    import pyarrow as pa
+
+    from sitegen.errors import StoreError
+    from sitegen.store import Store
+    from tests.reference import write_synthetic_store
+
+    _install_entry_points(monkeypatch, tmp_path / "site-packages", "sparsity = sitegen_sparsity:Sparsity")
+    store = write_synthetic_store(tmp_path / "store")
+    size = store.manifest["model"]["layer_size"]
+    full = pa.table({"neuron": pa.array(np.arange(size), pa.int64()),
+                     **{k: pa.array(np.ones(size, np.int64)) for k in ("tokens", "positive", "early_tokens", "early_positive")}})
+    for layer in range(store.manifest["model"]["num_layers"]):
+        store.write_layer("sparsity", layer, full)
+    with pytest.raises(StoreError, match=r"manifest.json: field 'sparsity' is missing \(service 'sparsity' records it\)"):
+        store.add_service("sparsity")  # listed without its record: refused before the write
+    assert "sparsity" not in Store.open(store.root).manifest["services"]
+    store.add_service("sparsity", {"early_share": 0.5})
+    assert Store.open(store.root).manifest["sparsity"] == {"early_share": 0.5}
+
+    path = store.root / "manifest.json"
+    for bad, problem in (({"early_share": "0.5"}, "sparsity.early_share' is '0.5'"), ({"early_share": 2.0}, "sparsity.early_share' is 2.0"),
+                         ({}, "sparsity.early_share' is missing"), ([], "sparsity' is \\[\\]")):
+        path.write_bytes(orjson.dumps({**orjson.loads(path.read_bytes()), "sparsity": bad}))
+        with pytest.raises(StoreError, match=rf"manifest.json: field '{problem}"):
+            Store.open(store.root)
 
 
 def test_a_manifest_field_two_writers_claim_is_refused(fresh_registry):

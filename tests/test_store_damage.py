@@ -113,6 +113,8 @@ MANIFEST_EDITS = [
     (_set("config", _DELETE), "config"),
     (_set("stats.quantile_levels", []), "stats.quantile_levels"),
     (_set("stats.quantile_levels", [0.5, 0.1]), "stats.quantile_levels"),
+    (_set("stats.display_bins", "100"), "stats.display_bins"),
+    (_set("stats", _DELETE), "stats"),
     (_set("processed.tokens", -1), "processed.tokens"),
     (_set("corpus", _DELETE), "corpus"),
     (_set("services", ["neuroscope", "../../elsewhere"]), "services"),

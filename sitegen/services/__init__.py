@@ -15,9 +15,9 @@ from importlib import metadata
 
 from sitegen.errors import ConfigError
 from sitegen.services.base import LayerView, Service
-from sitegen.store.manifest import TableSpec, set_table_specs
+from sitegen.store.manifest import ServiceSpec, set_service_specs
 
-__all__ = ["GROUP", "LayerView", "Service", "by_name", "registry", "table_specs"]
+__all__ = ["GROUP", "LayerView", "Service", "by_name", "registry", "service_specs"]
 
 GROUP = "sitegen.services"
 
@@ -72,9 +72,10 @@ def by_name() -> dict[str, Service]:
     return {s.name: s for s in registry()}
 
 
-def table_specs() -> dict[str, TableSpec]:
-    """What each registered service's store tables must hold, as Store.open checks it."""
-    return {s.name: TableSpec(columns=tuple(s.store_columns), complete=s.complete_layers, required=s.always_stored) for s in registry()}
+def service_specs() -> dict[str, ServiceSpec]:
+    """What each registered service's part of a store must hold, as Store.open checks it."""
+    return {s.name: ServiceSpec(columns=tuple(s.store_columns), complete=s.complete_layers, required=s.always_stored,
+                                records=tuple(sorted(s.manifest_schemas().items()))) for s in registry()}
 
 
-set_table_specs(table_specs)  # the store may not import the services: they tell it
+set_service_specs(service_specs)  # the store may not import the services: they tell it

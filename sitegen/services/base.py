@@ -266,6 +266,12 @@ class Service:
         no two services may write the same field."""
         return {}
 
+    def manifest_schemas(self) -> dict:
+        """The type of each field `manifest_records` writes: {field: a sitegen.store.manifest.Record
+        subclass}. Store.open checks a store listing this service against them (one line naming
+        the field on a mismatch), so its render half can trust what it reads there."""
+        return {}
+
     from_weights: bool = False  # computed from the model's weights alone (hook weight_tables), not the corpus
 
     def weight_tables(self, model):

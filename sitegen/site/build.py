@@ -133,7 +133,6 @@ class SiteModel:
         self.activations = next((s.name for s in self.services if s.activations), None)  # the service the templates link for activations
         self.text_search = any(s.text_search for s in self.services)
         self.first_valid = int(m["config"]["first_valid_position"])
-        self.quantile_levels = list(m["stats"]["quantile_levels"])
         self.provenance = model_provenance(m)
         self.provenance_services = sorted(self.services, key=lambda s: s.provenance_order)  # stable: registry order on ties
         self._vocab: list[str] | None = None

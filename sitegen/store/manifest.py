@@ -7,18 +7,20 @@ site (a smaller `layer_size` used to drop neurons without a word).
 
 What is checked:
 - manifest.json against the typed schema below (pydantic, strict: `"4"` is not a number). Only
-  the fields some reader needs are required; unknown fields (service records such as
-  `neuron2graph`, versions) are kept as they are.
+  the fields some reader needs are required; unknown fields (versions, records no service
+  declares a type for) are kept as they are.
+- each listed service's manifest records (the fields its compute writes, e.g. the statistics'
+  binning) against the types the service declares (`Record` subclasses).
 - each Parquet file's footer (cheap: no data pages are read): it is readable, has the columns
   its readers use, and a layer of a service with `complete` tables has exactly `layer_size`
   rows; every layer such a service needs is there, and no layer lies beyond `num_layers`.
 
-What a service's tables must hold is the service's own knowledge (its `store_columns`,
-`complete_layers` and `always_stored`, sitegen/services/base.py). The store sits below the
-services (it may not import them), so the services package hands their `TableSpec`s in:
-`set_table_specs` (sitegen/services/__init__.py calls it on import). A service no registered
-one describes (or any, before the services are imported) gets the generic check: a `neuron`
-column and at most `layer_size` rows.
+What a service's part of the store must hold is the service's own knowledge (its
+`store_columns`, `complete_layers`, `always_stored` and `manifest_schemas`,
+sitegen/services/base.py). The store sits below the services (it may not import them), so the
+services package hands their `ServiceSpec`s in: `set_service_specs` (sitegen/services/__init__.py
+calls it on import). A service no registered one describes (or any, before the services are
+imported) gets the generic check: a `neuron` column and at most `layer_size` rows.
 
 Data pages are read later, by the readers; a damaged one is a StoreError there (Store._read).
 No torch and no import of the rest of sitegen.store (this module is imported by it).
@@ -43,12 +45,15 @@ _RECOMPUTE = "recompute the store (or restore the file from a copy)"
 _SERVICE_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
-class _Strict(BaseModel):
-    # strict: no "4" -> 4 or true -> 1 coercion; extra="allow": keep fields this sitegen does not read.
+class Record(BaseModel):
+    """Base of every typed part of the manifest, sitegen's own and the records services declare
+    (`Service.manifest_schemas`): strict, no "4" -> 4 or true -> 1 coercion; extra="allow": keep
+    fields this sitegen does not read."""
+
     model_config = ConfigDict(strict=True, extra="allow", frozen=True)
 
 
-class ModelInfo(_Strict):
+class ModelInfo(Record):
     name: str
     num_layers: int = Field(ge=1)
     layer_size: int = Field(ge=1)
@@ -67,16 +72,16 @@ class ModelInfo(_Strict):
         return name
 
 
-class CorpusInfo(_Strict):
+class CorpusInfo(Record):
     name: str
 
 
-class Processed(_Strict):
+class Processed(Record):
     sequences: int = Field(ge=0)
     tokens: int = Field(ge=0)
 
 
-class RunConfig(_Strict):
+class RunConfig(Record):
     seq_len: int = Field(ge=1)
     seed: int
     tokens: int = Field(ge=1)
@@ -86,19 +91,7 @@ class RunConfig(_Strict):
     first_valid_position: int = Field(ge=0, le=1)  # 1 when each sequence starts with BOS
 
 
-class StatsInfo(_Strict):
-    quantile_levels: list[float] = Field(min_length=1)
-    display_bins: int = Field(ge=1)
-
-    @field_validator("quantile_levels")
-    @classmethod
-    def _levels(cls, levels: list[float]) -> list[float]:
-        if any(not 0 < q < 1 for q in levels) or any(a >= b for a, b in zip(levels, levels[1:])):
-            raise ValueError("must be increasing fractions between 0 and 1")
-        return levels
-
-
-class Shard(_Strict):
+class Shard(Record):
     index: int = Field(ge=0)
     count: int = Field(ge=2)
 
@@ -109,7 +102,7 @@ class Shard(_Strict):
         return self
 
 
-class Manifest(_Strict):
+class Manifest(Record):
     """manifest.json, typed. Store.manifest stays the plain dict (every reader indexes it)."""
 
     schema_version: int
@@ -117,7 +110,6 @@ class Manifest(_Strict):
     corpus: CorpusInfo
     processed: Processed
     config: RunConfig
-    stats: StatsInfo
     run_hash: str
     shard: Optional[Shard]
     services: list[str]
@@ -134,27 +126,28 @@ class Manifest(_Strict):
 
 
 @dataclass(frozen=True)
-class TableSpec:
-    """What one service's layer tables must hold (declared by the service: sitegen/services/base.py)."""
+class ServiceSpec:
+    """What one service's part of a store must hold (declared by the service: sitegen/services/base.py)."""
 
     columns: tuple[str, ...] = ("neuron",)  # the columns its readers (build, merge, explain, search) use
     complete: bool = False  # one row per neuron in every layer; else some neurons of some layers
     required: bool = False  # every store lists the service
+    records: tuple[tuple[str, type[Record]], ...] = ()  # manifest fields its compute writes, and their types
 
 
-GENERIC_TABLE = TableSpec()
-_table_specs: Callable[[], Mapping[str, TableSpec]] = dict
+GENERIC_SERVICE = ServiceSpec()
+_service_specs: Callable[[], Mapping[str, ServiceSpec]] = dict
 
 
-def set_table_specs(provider: Callable[[], Mapping[str, TableSpec]]) -> None:
-    """Install what validate_store checks each service's tables against: service name -> TableSpec,
+def set_service_specs(provider: Callable[[], Mapping[str, ServiceSpec]]) -> None:
+    """Install what validate_store checks each service's part against: service name -> ServiceSpec,
     asked on every open (so a registry reloaded in tests is seen)."""
-    global _table_specs
-    _table_specs = provider
+    global _service_specs
+    _service_specs = provider
 
 
-def table_specs() -> Mapping[str, TableSpec]:
-    return _table_specs()
+def service_specs() -> Mapping[str, ServiceSpec]:
+    return _service_specs()
 
 
 SEQUENCES_COLUMNS = ("seq_id", "doc_id", "char_start", "char_end", "token_ids")
@@ -170,6 +163,19 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _invalid(path: Path, e: ValidationError, prefix: tuple = ()) -> StoreError:
+    """One line naming the file, the first wrong field (under `prefix`, the field it was read from) and the fix."""
+    err = e.errors()[0]
+    field = _field((*prefix, *err["loc"]))
+    if err["type"] == "missing":
+        what = "is missing"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+        what = f"is {_shown(err.get('input'))}: {msg}"
+    more = f" ({e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
+    return StoreError(f"{path}: field '{field}' {what}{more}; fix that field or {_RECOMPUTE}")
+
+
 def parse_manifest(path: Path, data: Any) -> Manifest:
     """The typed manifest, or a StoreError naming the file, the first wrong field and the fix."""
     if not isinstance(data, dict):
@@ -177,15 +183,7 @@ def parse_manifest(path: Path, data: Any) -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = _field(err["loc"])
-        if err["type"] == "missing":
-            what = "is missing"
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            what = f"is {_shown(err.get('input'))}: {msg}"
-        more = f" ({e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
-        raise StoreError(f"{path}: field '{field}' {what}{more}; fix that field or {_RECOMPUTE}") from None
+        raise _invalid(path, e) from None
 
 
 def _footer(path: Path, columns: tuple[str, ...]) -> pq.FileMetaData:
@@ -203,19 +201,28 @@ def _footer(path: Path, columns: tuple[str, ...]) -> pq.FileMetaData:
     return meta
 
 
-def _check_required(path: Path, services: list[str], specs: Mapping[str, TableSpec]) -> None:
+def _check_services(path: Path, m: Manifest, data: dict, specs: Mapping[str, ServiceSpec]) -> None:
+    """Every required service listed, and the manifest records of each listed one of its declared types."""
     for name, spec in specs.items():
-        if spec.required and name not in services:
-            raise StoreError(f"{path}: field 'services' is {_shown(services)}: must list {name!r} (every store has it); "
+        if spec.required and name not in m.services:
+            raise StoreError(f"{path}: field 'services' is {_shown(m.services)}: must list {name!r} (every store has it); "
                              f"fix that field or {_RECOMPUTE}")
+    for name in m.services:
+        for key, record in specs.get(name, GENERIC_SERVICE).records:
+            if key not in data:
+                raise StoreError(f"{path}: field '{key}' is missing (service {name!r} records it); fix that field or {_RECOMPUTE}")
+            try:
+                record.model_validate(data[key])
+            except ValidationError as e:
+                raise _invalid(path, e, (key,)) from None
 
 
 def validate_store(root: Path, data: Any) -> Manifest:
     """Check manifest.json and the store's Parquet footers against each other (see the module doc)."""
     path = root / "manifest.json"
     m = parse_manifest(path, data)
-    specs = table_specs()
-    _check_required(path, m.services, specs)
+    specs = service_specs()
+    _check_services(path, m, data, specs)
     size, n_layers = m.model.layer_size, m.model.num_layers
     vocab = _footer(root / "vocab.parquet", VOCAB_COLUMNS)
     if m.model.vocab_size is not None and vocab.num_rows != m.model.vocab_size:
@@ -224,7 +231,7 @@ def validate_store(root: Path, data: Any) -> Manifest:
     _footer(root / "sequences.parquet", SEQUENCES_COLUMNS)
     for service in m.services:
         folder = root / service
-        spec = specs.get(service, GENERIC_TABLE)
+        spec = specs.get(service, GENERIC_SERVICE)
         for layer_dir in sorted(folder.glob("layer=*")) if folder.is_dir() else ():
             layer = layer_dir.name.removeprefix("layer=")
             if not layer.isdigit() or int(layer) >= n_layers:
@@ -250,11 +257,11 @@ SCHEMA_VERSION = 2  # 2: squares as two limbs (sumsq_lo), variable-width display
 _STAMPS = ("schema_version", "sitegen_version")  # written by encode(), never carried over from a read manifest
 
 
-def new_manifest(*, model: dict, corpus: dict, processed: dict, config: dict, stats: dict, run_hash: str, shard: dict | None,
+def new_manifest(*, model: dict, corpus: dict, processed: dict, config: dict, run_hash: str, shard: dict | None,
                  services: list[str], **records: Any) -> dict:
     """A whole store's manifest (compute, merge, synthetic test stores). `records`: per-service
-    or provenance records kept as they are (identity, versions, neuron2graph, ...)."""
-    return {"model": model, "corpus": corpus, "processed": processed, "config": config, "stats": stats,
+    or provenance records kept as they are (the services' `manifest_records`, identity, versions, ...)."""
+    return {"model": model, "corpus": corpus, "processed": processed, "config": config,
             "run_hash": run_hash, "shard": shard, "services": list(services), **records}
 
 
@@ -282,5 +289,5 @@ def encode(path: Path, manifest: dict, sitegen_version: str) -> tuple[dict, byte
     """The stamped manifest and its bytes, checked against the schema first: sitegen never writes
     a manifest it would refuse to open."""
     stamped = {**{k: v for k, v in manifest.items() if k not in _STAMPS}, "schema_version": SCHEMA_VERSION, "sitegen_version": sitegen_version}
-    _check_required(path, parse_manifest(path, stamped).services, table_specs())
+    _check_services(path, parse_manifest(path, stamped), stamped, service_specs())
     return stamped, orjson.dumps(stamped, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)

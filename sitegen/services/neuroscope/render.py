@@ -83,6 +83,7 @@ class NeuroscopeLayer:
         # recur in every neuron. Zero is left out (0.0 and -0.0 are one key) and kept as it is.
         self.edges6 = {e: float(f"{e:.6g}") for e in set(itertools.chain.from_iterable(self.hist_edges)) if e}
         self.fv = site.first_valid
+        self.quantile_levels = site.cached("neuroscope.quantile_levels", lambda: list(store.manifest["stats"]["quantile_levels"]))
         self.per_seq = site.cached("neuroscope.per_seq", dict)  # seq_id -> _Sequence
         self._texts: dict | None = None
         self._texts_for = -1
@@ -124,7 +125,7 @@ class NeuroscopeLayer:
         return {
             "count": self.count[n], "mean": _r(self.mean[n]), "std": _r(self.std[n]), "min": _r(self.vmin[n]), "max": _r(self.vmax[n]),
             "frac_positive": round(self.frac_pos[n], 6),
-            "quantiles": {"levels": self.site.quantile_levels, "values": [_r(v) for v in self.quantiles[n]]},
+            "quantiles": {"levels": self.quantile_levels, "values": [_r(v) for v in self.quantiles[n]]},
             # Variable-width bars: counts[i] values lie in [edges[i], edges[i + 1]) (exact counts).
             "histogram": {"edges": [self.edges6[e] if e else e for e in self.hist_edges[n]], "counts": self.hist[n]},
         }

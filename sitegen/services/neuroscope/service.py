@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from markupsafe import Markup
+from pydantic import Field, field_validator
 
 from sitegen.services.base import (LAYER_NEURON, NEURON_INDEX_REF, Cell, Column, Service, api_envelope, api_get, fmt_pct,
                                    number_cell)
+from sitegen.store.manifest import Record
 
 _TEXT = {
     "type": "object",
@@ -39,6 +41,20 @@ _NEUROSCOPE = {
 }
 
 
+class StatsRecord(Record):
+    """The manifest's `stats`: the binning the tables were made with (the pages read the quantile levels)."""
+
+    quantile_levels: list[float] = Field(min_length=1)
+    display_bins: int = Field(ge=1)
+
+    @field_validator("quantile_levels")
+    @classmethod
+    def _levels(cls, levels: list[float]) -> list[float]:
+        if any(not 0 < q < 1 for q in levels) or any(a >= b for a, b in zip(levels, levels[1:])):
+            raise ValueError("must be increasing fractions between 0 and 1")
+        return levels
+
+
 class Neuroscope(Service):
     name = "neuroscope"
     title = "Max-activating examples"
@@ -68,6 +84,9 @@ class Neuroscope(Service):
         # The binning the tables were made with (the site reads the quantile levels from here).
         return {"stats": {"quantile_levels": list(stats.QUANTILE_LEVELS), "display_bins": stats.DISPLAY_BINS,
                           "fine_bins": stats.N_FINE_BINS, "sum_shift": stats.SUM_SHIFT, "sq_shift": stats.SQ_SHIFT}}
+
+    def manifest_schemas(self):
+        return {"stats": StatsRecord}
 
     def merge_tables(self, tables, run):
         from sitegen.services.neuroscope import data

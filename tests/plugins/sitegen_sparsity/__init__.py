@@ -12,11 +12,20 @@ import click
 import numpy as np
 import pyarrow as pa
 from markupsafe import Markup
+from pydantic import Field
 
 from sitegen.services.base import LAYER_NEURON, NEURON_INDEX_REF, Cell, Column, Service, api_envelope, api_get
+from sitegen.store.manifest import Record
 
 NAME = "sparsity"
 _COUNTS = ("tokens", "positive", "early_tokens", "early_positive")
+EARLY_SHARE = 0.5  # "early": this share of a sequence's positions (recorded in the manifest)
+
+
+class SparsityRecord(Record):
+    """The manifest record this service writes (field `sparsity`); Store.open checks it."""
+
+    early_share: float = Field(gt=0, le=1)
 
 
 class _Accumulator:
@@ -27,7 +36,7 @@ class _Accumulator:
 
     def update(self, acts, batch) -> None:
         valid = batch.valid
-        half = acts.shape[1] // 2
+        half = int(acts.shape[1] * EARLY_SHARE)
         for prefix, sl in (("", slice(None)), ("early_", slice(0, half))):
             a, v = acts[:, sl], valid[:, sl]
             self.counts[prefix + "tokens"] += v.sum()
@@ -122,6 +131,12 @@ class Sparsity(Service):
 
     def accumulator(self, layer, run):
         return _Accumulator(run.layer_size, run.device)
+
+    def manifest_records(self):
+        return {NAME: {"early_share": EARLY_SHARE}}
+
+    def manifest_schemas(self):
+        return {NAME: SparsityRecord}
 
     def merge_tables(self, tables, run):
         parts = [t.to_pydict() for t in tables]
