@@ -50,13 +50,50 @@ class _Group(click.Group):
         return sorted({*self.commands, *added})
 
 
+class _Compute(click.Command):
+    """`sitegen compute`: sitegen's own options, then those services add (`Service.compute_options`,
+    e.g. the selection of a stage's neurons), gathered only when the command is parsed or its help
+    shown, so the other commands never ask for them. Their values go to ComputeConfig.options."""
+
+    _added: tuple[tuple, list] | None = None  # (the registry they were gathered from, the options)
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        own = super().get_params(ctx)  # sitegen's options, then --help
+        return [*own[:len(self.params)], *self._service_options(own), *own[len(self.params):]]
+
+    def _service_options(self, own: list[click.Parameter]) -> list[click.Option]:
+        from sitegen.services import registry
+
+        services = registry()
+        if self._added is None or self._added[0] is not services:  # once per registry: click asks several times a run
+            self._added = (services, self._gather(services, {n for p in own for n in (p.name, *p.opts, *p.secondary_opts)}))
+        return self._added[1]
+
+    @staticmethod
+    def _gather(services, own: set) -> list[click.Option]:
+        found: dict[str, str] = {}  # an option's name or flag -> the service adding it
+        options = []
+        for service in services:
+            for option in service.compute_options():
+                if not isinstance(option, click.Option):
+                    raise ConfigError(f"service {service.name!r} adds a compute option {option!r} that is not a click.Option: make it one")
+                names = [*option.opts, *option.secondary_opts, option.name]  # flags first: the name a clash is reported by
+                if taken := [n for n in names if n in own]:
+                    raise ConfigError(f"service {service.name!r} adds a compute option {taken[0]!r}, which is sitegen's own: rename it")
+                if taken := [n for n in names if n in found]:
+                    raise ConfigError(f"services {found[taken[0]]!r} and {service.name!r} both add a compute option {taken[0]!r}: rename one")
+                found.update(dict.fromkeys(names, service.name))
+                options.append(option)
+        return options
+
+
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="sitegen")
 def main() -> None:
     """Compute per-neuron data for a transformer language model and publish it as a static site."""
 
 
-@main.command()
+@main.command(cls=_Compute)
 @click.option("--model", default="smollm2", show_default=True,
               help="'smollm2' (the embedded SmolLM2-135M-Instruct), a local Hugging Face checkpoint folder, a local .gguf file, or a hub name such as gpt2.")
 @click.option("--corpus", default="sotu", show_default=True,
@@ -72,9 +109,6 @@ def main() -> None:
 @click.option("--shard", default="0/1", show_default=True, help="I/N: process only every N-th sequence starting at I; combine the N stores with 'sitegen merge'.")
 @click.option("--name", default=None, help="Model name used in URLs and pages [default: from the model].")
 @click.option("--no-weights", is_flag=True, help="Skip the weight-based logit tables.")
-@click.option("--n2g", default="0", show_default=True,
-              help="Neuron2Graph graphs to compute: 'all', 'layers:0,5', N (the N most active neurons per layer) or N@0,5 (in those layers). "
-                   "Rerun on a finished store to add graphs.")
 @click.option("--checkpoint-seconds", type=float, default=300.0, show_default=True, help="Save resumable progress this often.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
@@ -82,15 +116,16 @@ def main() -> None:
                    "No ADDRESS: a new local cluster; 'auto': the one 'ray start' runs here; or the head's HOST:PORT. --out must be shared by every node.")
 @click.option("--ray-shards", type=int, default=None, help="With --ray: number of shard tasks [default: one per GPU, else one per CPU group].")
 @click.option("--ray-cpus-per-shard", type=int, default=None, help="With --ray and no GPU: CPUs per shard task [default: 4, or the largest node's CPUs].")
-def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_size, device, shard, name, no_weights, n2g, checkpoint_seconds, quiet,
-            ray_address, ray_shards, ray_cpus_per_shard):
+def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_size, device, shard, name, no_weights, checkpoint_seconds, quiet,
+            ray_address, ray_shards, ray_cpus_per_shard, **options):
     """Run a model over a corpus and store per-neuron activation data (top/bottom/random sequences,
-    statistics, histograms) and weight-based logit tables, for every neuron of every layer."""
+    statistics, histograms) and weight-based logit tables, for every neuron of every layer. Services
+    may add options of their own (listed after sitegen's), e.g. for work on the finished store."""
     from sitegen.compute.runner import ComputeConfig, parse_shard, run_compute
 
     cfg = ComputeConfig(model=model, corpus=corpus, out=out, tokens=tokens, seq_len=seq_len, seed=seed, top_k=top_k,
                         n_random=n_random, batch_size=batch_size, device=device, shard=parse_shard(shard), name=name,
-                        weights=not no_weights, n2g=n2g, checkpoint_seconds=checkpoint_seconds, progress=not quiet)
+                        weights=not no_weights, options=options, checkpoint_seconds=checkpoint_seconds, progress=not quiet)
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     if ray_address is None:
         if ray_shards is not None or ray_cpus_per_shard is not None:

@@ -66,7 +66,7 @@ def test_n2g_stage_selects_resumes_and_evaluates(tiny_model_dir, tiny_corpus, tm
     cfg = dict(model=str(tiny_model_dir), corpus=str(tiny_corpus), out=tmp_path / "store", tokens=1500, seq_len=16, seed=1, top_k=6,
                n_random=1, batch_size=8, device="cpu", progress=False, weights=False)
     logs: list[str] = []
-    run_compute(ComputeConfig(**cfg, n2g="2"), log=logs.append)
+    run_compute(ComputeConfig(**cfg, options={"n2g": "2"}), log=logs.append)
     store = Store.open(tmp_path / "store")
     assert "neuron2graph" in store.manifest["services"]
     assert store.manifest["neuron2graph"]["replacement_source"] == "input-embedding nearest neighbours"
@@ -90,7 +90,7 @@ def test_n2g_stage_selects_resumes_and_evaluates(tiny_model_dir, tiny_corpus, tm
     assert sum(len(r["nodes"]) for t in first.values() for r in t) > 0, "every graph empty: nothing was exercised"
     assert any("graphs/min" in m for m in logs)
     # rerun on the finished store with a larger selection: old graphs kept as they were, one more per layer
-    run_compute(ComputeConfig(**cfg, n2g="3"), log=lambda m: None)
+    run_compute(ComputeConfig(**cfg, options={"n2g": "3"}), log=lambda m: None)
     store = Store.open(tmp_path / "store")
     for layer in range(3):
         t = store.read_layer("neuron2graph", layer).to_pylist()
@@ -105,7 +105,7 @@ def test_n2g_stage_selects_resumes_and_evaluates(tiny_model_dir, tiny_corpus, tm
                                pa.array([[{k: n[k] for k in old_node.names} for n in r] for r in current.column("nodes").to_pylist()], pa.list_(old_node)))
     store.write_layer("neuron2graph", 1, stale)
     logs.clear()
-    run_compute(ComputeConfig(**cfg, n2g="3"), log=logs.append)
+    run_compute(ComputeConfig(**cfg, options={"n2g": "3"}), log=logs.append)
     assert Store.open(tmp_path / "store").read_layer("neuron2graph", 1).to_pylist() == current.to_pylist()
     assert any("recomputing 3 graphs written by an older sitegen" in m for m in logs)
 
@@ -115,9 +115,9 @@ def test_n2g_options_are_checked_before_any_work(tmp_path):
     from sitegen.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--n2g some"):
-        ComputeConfig(n2g="some").validate()
+        ComputeConfig(options={"n2g": "some"}).validate()
     with pytest.raises(ConfigError, match="merge the shards first"):
-        ComputeConfig(n2g="2", shard=(0, 2)).validate()
+        ComputeConfig(options={"n2g": "2"}, shard=(0, 2)).validate()
 
 
 def test_interrupted_n2g_keeps_finished_layers(tiny_model_dir, tiny_corpus, tmp_path, monkeypatch):
@@ -138,13 +138,13 @@ def test_interrupted_n2g_keeps_finished_layers(tiny_model_dir, tiny_corpus, tmp_
 
     monkeypatch.setattr(n2g, "build_layer", interrupted)
     with pytest.raises(StoreError, match="keeps every finished layer"):
-        run_compute(ComputeConfig(**cfg, n2g="1"), log=lambda m: None)
+        run_compute(ComputeConfig(**cfg, options={"n2g": "1"}), log=lambda m: None)
     store = Store.open(tmp_path / "store")
     assert "neuron2graph" in store.manifest["services"]
     assert store.layer_path("neuron2graph", 0).exists() and not store.layer_path("neuron2graph", 1).exists()
     layer0 = store.layer_path("neuron2graph", 0).read_bytes()
     monkeypatch.setattr(n2g, "build_layer", real)
-    run_compute(ComputeConfig(**cfg, n2g="1"), log=lambda m: None)
+    run_compute(ComputeConfig(**cfg, options={"n2g": "1"}), log=lambda m: None)
     store = Store.open(tmp_path / "store")
     assert all(store.layer_path("neuron2graph", layer).exists() for layer in range(3))
     assert store.layer_path("neuron2graph", 0).read_bytes() == layer0  # finished work not redone
@@ -215,7 +215,7 @@ def test_relu_model_with_exact_zero_texts(relu_model_dir, tiny_corpus, tmp_path,
 
     cfg = dict(model=str(relu_model_dir), corpus=str(tiny_corpus), out=tmp_path / "store", tokens=1200, seq_len=16, seed=1, top_k=6,
                n_random=1, batch_size=8, device="cpu", progress=False, weights=False)
-    run_compute(ComputeConfig(**cfg, n2g="layers:0"), log=lambda m: None)
+    run_compute(ComputeConfig(**cfg, options={"n2g": "layers:0"}), log=lambda m: None)
     store = Store.open(tmp_path / "store")
     scope = store.read_layer("neuroscope", 0, columns=["neuron", "top_acts"]).to_pylist()
     graphs = {r["neuron"]: r for r in store.read_layer("neuron2graph", 0).to_pylist()}

@@ -99,7 +99,7 @@ def single(tiny_model_dir, tiny_corpus, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("single")
     run_compute(_config(tiny_model_dir, tiny_corpus, root / "plain"), log=lambda m: None)
-    run_compute(_config(tiny_model_dir, tiny_corpus, root / "n2g", n2g="2"), log=lambda m: None)
+    run_compute(_config(tiny_model_dir, tiny_corpus, root / "n2g", options={"n2g": "2"}), log=lambda m: None)
     return root
 
 
@@ -118,7 +118,7 @@ def test_ray_store_equals_single_process(single, tiny_model_dir, tiny_corpus, tm
 
     out = tmp_path / "store"
     logs: list[str] = []
-    run_compute_ray(_config(tiny_model_dir, tiny_corpus, out, n2g=n2g), _ray_opts(), log=logs.append)
+    run_compute_ray(_config(tiny_model_dir, tiny_corpus, out, options={"n2g": n2g}), _ray_opts(), log=logs.append)
     _assert_identical(out, single / ("plain" if n2g == "0" else "n2g"))
     assert any(line.startswith("ray summary: 2 shards") for line in logs), logs
     if n2g != "0":

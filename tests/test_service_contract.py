@@ -96,6 +96,50 @@ def test_a_fifth_service_is_computed_merged_and_published(fresh_registry, monkey
     assert not errors, errors[0].message
 
 
+def test_a_services_own_compute_option_reaches_its_stage_and_leaves_the_run_alone(fresh_registry, monkeypatch, tmp_path, tiny_model_dir, tiny_corpus):
+    """The fifth service's `sitegen compute --dead-below` (hook compute_options) asks for its stage
+    on the finished store; a rerun with another value only redoes the stage (the option is no part
+    of the run hash); a bad value is refused in one line (hook check_compute_config)."""
+    from sitegen.compute.runner import ComputeConfig
+    from sitegen.store import Store
+
+    _install_entry_points(monkeypatch, tmp_path / "site-packages", "sparsity = sitegen_sparsity:Sparsity")
+    out = tmp_path / "store"
+    common = ["compute", "--model", tiny_model_dir, "--corpus", tiny_corpus, "--tokens", 300, "--seq-len", 16, "--top-k", 3, "--random", 2,
+              "--batch-size", 4, "--device", "cpu", "--no-weights", "--out", out]
+    assert "--dead-below FRACTION" in CliRunner().invoke(main, ["compute", "--help"]).output
+    first = CliRunner().invoke(main, [str(a) for a in [*common, "--dead-below", "0.5"]], catch_exceptions=False)
+    assert first.exit_code == 0 and "writing store" in first.output, first.output
+    store = Store.open(out)
+    tables = [store.read_layer("sparsity", layer).to_pydict() for layer in range(store.manifest["model"]["num_layers"])]
+
+    def dead(fraction):
+        return [[n for n, p, k in zip(t["neuron"], t["positive"], t["tokens"]) if p < fraction * k] for t in tables]
+
+    assert store.manifest["sparsity"] == {"early_share": 0.5, "dead_below": 0.5, "dead": dead(0.5)}
+    assert dead(0.5) != dead(1.0)  # the tiny model has neurons active on more than half of the tokens: the two runs differ
+    layer_file = store.layer_path("sparsity", 0).read_bytes()
+    rerun = CliRunner().invoke(main, [str(a) for a in [*common, "--dead-below", "1"]], catch_exceptions=False)
+    assert rerun.exit_code == 0 and "writing store" not in rerun.output, rerun.output  # the same run: only the stage is done again
+    assert Store.open(out).manifest["sparsity"] == {"early_share": 0.5, "dead_below": 1.0, "dead": dead(1.0)}
+    assert store.layer_path("sparsity", 0).read_bytes() == layer_file
+
+    bad = CliRunner().invoke(main, [str(a) for a in [*common, "--dead-below", "2"]])
+    assert bad.exit_code != 0 and bad.output.strip().splitlines() == [
+        "error: --dead-below 2.0: must be a fraction of the tokens, above 0 and at most 1, e.g. --dead-below 0.01"]
+    cfg = ComputeConfig(options={"dead_below": 0.5, "n2g": "all"})
+    assert [s.name for s in registry() if s.stage_requested(cfg)] == ["neuron2graph", "sparsity"]
+    assert not any(s.stage_requested(cfg.without_stages()) for s in registry())  # what a Ray shard task runs
+
+
+def test_a_compute_option_no_service_has_is_refused(fresh_registry):
+    from sitegen.compute.runner import ComputeConfig
+    from sitegen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"compute options \['n2gg'\]: no registered service has such an option"):
+        ComputeConfig(options={"n2gg": "all"}).validate()
+
+
 def test_a_services_declared_columns_and_complete_layers_are_checked_on_open(fresh_registry, monkeypatch, tmp_path):
     """The fifth service says what its tables hold (store_columns, complete_layers); Store.open
     checks a store's tables against it as against a built-in's: one line naming the file."""
@@ -221,6 +265,27 @@ def test_a_service_command_that_takes_a_taken_name_is_refused_in_one_line(fresh_
     assert CliRunner().invoke(main, ["build", "--help"]).exit_code == 0  # sitegen's own commands never look at the services
 
 
+def test_a_service_compute_option_that_takes_a_taken_name_is_refused_in_one_line(fresh_registry, monkeypatch):
+    import click
+
+    from sitegen.services.neuroscope.service import Neuroscope
+
+    monkeypatch.setattr(Neuroscope, "compute_options", lambda self: [click.Option(["--n2g"])])
+    result = CliRunner().invoke(main, ["compute", "--n2g", "all"])
+    assert result.exit_code != 0 and result.output.strip().splitlines() == [
+        "error: services 'neuroscope' and 'neuron2graph' both add a compute option '--n2g': rename one"]
+    monkeypatch.setattr(Neuroscope, "compute_options", lambda self: [click.Option(["--top-k"])])
+    registry.cache_clear()
+    result = CliRunner().invoke(main, ["compute", "--help"])
+    assert result.exit_code != 0 and result.output.strip().splitlines() == [
+        "error: service 'neuroscope' adds a compute option '--top-k', which is sitegen's own: rename it"]
+    monkeypatch.setattr(Neuroscope, "compute_options", lambda self: [click.Option(["--topk", "top_k"])])  # the same parameter name
+    registry.cache_clear()
+    result = CliRunner().invoke(main, ["compute"])
+    assert result.exit_code != 0 and "adds a compute option 'top_k', which is sitegen's own" in result.output and "Traceback" not in result.output
+    assert CliRunner().invoke(main, ["build", "--help"]).exit_code == 0  # the other commands never look at them
+
+
 def test_the_built_ins_are_there_without_entry_point_metadata(fresh_registry, monkeypatch):
     """An install whose metadata predates the entry points (or lacks them) still has every built-in."""
     from importlib import metadata
@@ -241,6 +306,8 @@ def test_the_build_merge_compute_store_search_openapi_and_the_page_templates_nam
         text = re.sub(r"/api/(&lt;model&gt;|<model>)/neuron2graph-search|(netlify/edge-functions/)?neuron2graph-search\.ts", "", text)
         for name in ("neuroscope", "neuron2graph", "neuron_explainer", "logits"):
             assert not re.search(rf"['\"/]{name}\b", text), f"{rel} names the service {name}"
+        if rel.name in ("runner.py", "cli.py", "distributed.py"):  # nor one of a service's own compute options (neuron2graph's --n2g)
+            assert "n2g" not in text, f"{rel} names neuron2graph's option --n2g"
 
 
 def test_a_manifest_sitegen_would_refuse_is_never_written(tmp_path, synthetic_store):

@@ -6,7 +6,7 @@
     submit N shard tasks                  ->     OUT/.work/ray/shard-IofN (checkpoints in its .work)
     progress + ETA per shard and overall  <-     progress reports (a Ray actor)
     merge_stores(shards) -> OUT, manifest last
-    a stage (--n2g): one task per layer   ->   layer task L: the service's run_stage_layer on a
+    a service's stage: one task per layer ->   layer task L: the service's run_stage_layer on a
     fold each layer's table into OUT      <-     per-layer store OUT/.work/stages/<service>/layer=L
                                                  (own manifest: no races)
 

@@ -6,15 +6,15 @@
     -> the stages the arguments ask for (work on the finished store, e.g. graphs).
 
 What is computed is the registered services' business (hooks of sitegen/services/base.py:
-`accumulator`, `weight_tables`, `sequences_used`, `manifest_records`, `run_stage`); this module
-never names one.
+`accumulator`, `weight_tables`, `sequences_used`, `manifest_records`, `run_stage`), and so are
+their own options (`compute_options`, checked by `check_compute_config`); this module never
+names one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fcntl
-import re
 import hashlib
 import shutil
 import signal
@@ -25,7 +25,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import orjson
@@ -60,13 +60,17 @@ class ComputeConfig:
     checkpoint_seconds: float = 300.0
     name: str | None = None
     weights: bool = True  # compute the services made from the weights alone (from_weights); --no-weights skips them
-    n2g: str = "0"  # neuron2graph selection: 'all', 'layers:0,5', N per layer or N@0,5 (0: none)
+    # The services' own compute options (hook compute_options) by parameter name. Only the
+    # services' stages read them, so they are kept out of the run hash (a store resumes and is
+    # recognised whatever they say) and are checked by the services (hook check_compute_config).
+    options: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
     max_batches: int | None = field(default=None, repr=False)  # tests: stop early, as a kill would
 
     def without_stages(self, **changes) -> "ComputeConfig":
-        """This config asking for no stage (a shard task, a check of an existing store)."""
-        return dataclasses.replace(self, n2g="0", **changes)
+        """This config asking for no stage (a shard task, a check of an existing store): the
+        services' options dropped, whose defaults ask for none."""
+        return dataclasses.replace(self, options={}, **changes)
 
     def validate(self) -> None:
         if self.tokens <= 0:
@@ -79,16 +83,16 @@ class ComputeConfig:
             raise ConfigError(f"--random {self.n_random}: must be 0 or more")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1 (or leave it out for automatic)")
-        if not re.fullmatch(r"all|layers:[0-9, ]+|[0-9]+(@[0-9, ]+)?", self.n2g.strip()):
-            raise ConfigError(f"--n2g {self.n2g}: use 'all', 'layers:0,5', N or N@0,5 (N neurons per layer), e.g. --n2g 10")
         i, n = self.shard
-        if self.n2g.strip() != "0" and n > 1:
-            raise ConfigError("--n2g cannot run on a --shard: merge the shards first, then run 'sitegen compute' with the same "
-                              "arguments and --out MERGED --n2g ...")
         if not (n >= 1 and 0 <= i < n):
             raise ConfigError(f"--shard {i}/{n}: must be I/N with 0 <= I < N, e.g. --shard 0/3")
         if self.name is not None and (problem := model_name_problem(self.name)):
             raise ConfigError(f"--name: {problem}")
+        declared = {option.name for service in registry() for option in service.compute_options()}
+        if unknown := sorted(set(self.options) - declared):
+            raise ConfigError(f"compute options {unknown}: no registered service has such an option (they have {sorted(declared)})")
+        for service in registry():
+            service.check_compute_config(self)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -480,7 +484,7 @@ def _versions() -> dict:
     from importlib.metadata import version
 
     # sitegen's own version as well: the manifest's top-level sitegen_version is rewritten by every
-    # later writer (explain, --n2g), this one stays the version that computed the activations.
+    # later writer (a service's command or stage), this one stays the version that computed the activations.
     return {"sitegen": __version__, "torch": torch.__version__, "transformer_lens": version("transformer-lens"),
             "transformers": version("transformers")}
 

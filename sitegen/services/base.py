@@ -286,6 +286,21 @@ class Service:
         counts is the usual way). Only called for services whose shards all hold the table."""
         raise NotImplementedError(f"service {self.name!r} cannot merge shards: it defines no merge_tables")
 
+    def compute_options(self) -> list:
+        """click Options this service adds to `sitegen compute` (e.g. neuron2graph's --n2g; import
+        click inside the hook). Their values reach the compute hooks as `cfg.options[<the option's
+        parameter name>]`, absent from a config made in Python without them (read them with your
+        default). Only the stage hooks below may act on them: the corpus pass never sees them, so
+        they are no part of the run hash and a store is recognised whatever they say. Their
+        defaults must ask for no stage (`ComputeConfig.without_stages()` drops them all). A name
+        one of sitegen's own compute options or another service's option has is refused."""
+        return []
+
+    def check_compute_config(self, cfg) -> None:
+        """Refuse `sitegen compute` arguments (sitegen.compute.runner.ComputeConfig) this service
+        cannot work with, before any work: raise sitegen.errors.ConfigError, one line naming the
+        option and the fix. `ComputeConfig.validate()` asks every registered service."""
+
     def stage_requested(self, cfg) -> bool:
         """Whether `sitegen compute`'s arguments (sitegen.compute.runner.ComputeConfig) ask for
         this service's stage: work run on the finished, whole store (also on a complete one)."""

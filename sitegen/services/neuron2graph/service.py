@@ -3,7 +3,9 @@ graphs, token sets and similar neurons, and the model's token search."""
 
 from __future__ import annotations
 
-from sitegen.errors import StoreError
+import re
+
+from sitegen.errors import ConfigError, StoreError
 from sitegen.services.base import LAYER_NEURON, NEURON_INDEX_REF, Service, TokenIndex, api_envelope, api_get
 from sitegen.services.neuron2graph.provenance import graph_provenance
 
@@ -39,6 +41,11 @@ def _search() -> dict:
     op["get"]["responses"]["400"] = {"description": "a malformed query: {\"error\": message}"}
     op["get"]["responses"]["404"] = {"description": "no query parameter, or no such model: {\"error\": message}"}
     return op
+
+
+def _selection(cfg) -> str:
+    """`sitegen compute --n2g`: which neurons get a graph ("0": none, the default)."""
+    return str(cfg.options.get("n2g", "0")).strip()
 
 
 def _layer_spec(spec: str, layer: int) -> str:
@@ -90,15 +97,30 @@ class Neuron2Graph(Service):
 
     # --- compute half: graphs for the neurons `sitegen compute --n2g` selects, on the whole store -----
 
+    def compute_options(self):
+        import click
+
+        return [click.Option(["--n2g"], default="0", show_default=True,
+                             help="Neuron2Graph graphs to compute: 'all', 'layers:0,5', N (the N most active neurons per layer) or N@0,5 "
+                                  "(in those layers). Rerun on a finished store to add graphs.")]
+
+    def check_compute_config(self, cfg):
+        n2g = str(cfg.options.get("n2g", "0"))
+        if not re.fullmatch(r"all|layers:[0-9, ]+|[0-9]+(@[0-9, ]+)?", n2g.strip()):
+            raise ConfigError(f"--n2g {n2g}: use 'all', 'layers:0,5', N or N@0,5 (N neurons per layer), e.g. --n2g 10")
+        if n2g.strip() != "0" and cfg.shard[1] > 1:
+            raise ConfigError("--n2g cannot run on a --shard: merge the shards first, then run 'sitegen compute' with the same "
+                              "arguments and --out MERGED --n2g ...")
+
     def stage_requested(self, cfg):
-        return cfg.n2g.strip() != "0"
+        return _selection(cfg) != "0"
 
     def run_stage(self, model, store, cfg, log):
         from sitegen.services.neuron2graph.compute import N2GConfig, run_n2g
 
-        log(f"neuron2graph: {cfg.n2g} (resumes per layer; each layer's graphs are saved as it finishes)")
+        log(f"neuron2graph: {_selection(cfg)} (resumes per layer; each layer's graphs are saved as it finishes)")
         try:
-            totals = run_n2g(model, store, cfg.n2g, N2GConfig(seed=cfg.seed), log)
+            totals = run_n2g(model, store, _selection(cfg), N2GConfig(seed=cfg.seed), log)
         except KeyboardInterrupt:
             raise StoreError(f"interrupted during neuron2graph; {cfg.out} keeps every finished layer: rerun the same command to go on") from None
         if totals["graphs"]:
@@ -110,11 +132,11 @@ class Neuron2Graph(Service):
 
         m = store.manifest["model"]
         todo = {}
-        for layer, neurons in select_neurons(cfg.n2g, m["num_layers"], m["layer_size"], store).items():
+        for layer, neurons in select_neurons(_selection(cfg), m["num_layers"], m["layer_size"], store).items():
             path = store.layer_path(self.name, layer)
             have = set(store.read_layer(self.name, layer, columns=["neuron"]).column("neuron").to_pylist()) if path.exists() else set()
             if set(neurons) - have:
-                todo[layer] = _layer_spec(cfg.n2g, layer)
+                todo[layer] = _layer_spec(_selection(cfg), layer)
         return todo
 
     def run_stage_layer(self, model, store, cfg, layer, arg, log):

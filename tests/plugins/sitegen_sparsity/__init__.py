@@ -1,12 +1,15 @@
 """A fifth service defined outside sitegen, for tests/test_service_contract.py: per-neuron
 activation density (the fraction of counted tokens where the neuron's activation is > 0), split
 into the first and the second half of each sequence's positions. Counts are integers, so shards
-merge exactly by adding. Registered by an entry point (group `sitegen.services`), nothing else:
-sitegen's own files never name it."""
+merge exactly by adding. Its own `sitegen compute` option, --dead-below FRACTION, asks for a stage
+recording each layer's neurons active on fewer than that fraction of the tokens (manifest field
+`sparsity`). Registered by an entry point (group `sitegen.services`), nothing else: sitegen's own
+files never name it."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import click
 import numpy as np
@@ -14,6 +17,7 @@ import pyarrow as pa
 from markupsafe import Markup
 from pydantic import Field
 
+from sitegen.errors import ConfigError
 from sitegen.services.base import LAYER_NEURON, NEURON_INDEX_REF, Cell, Column, Service, api_envelope, api_get
 from sitegen.store.manifest import Record
 
@@ -26,6 +30,8 @@ class SparsityRecord(Record):
     """The manifest record this service writes (field `sparsity`); Store.open checks it."""
 
     early_share: float = Field(gt=0, le=1)
+    dead_below: Optional[float] = Field(default=None, gt=0, le=1)  # written by the --dead-below stage
+    dead: Optional[list[list[int]]] = None
 
 
 class _Accumulator:
@@ -141,3 +147,23 @@ class Sparsity(Service):
     def merge_tables(self, tables, run):
         parts = [t.to_pydict() for t in tables]
         return _table({k: np.sum([np.asarray(p[k], np.int64) for p in parts], axis=0) for k in _COUNTS})
+
+    def compute_options(self):
+        return [click.Option(["--dead-below"], type=float, default=None, metavar="FRACTION",
+                             help="Record each layer's neurons active on fewer than FRACTION of the tokens.")]
+
+    def check_compute_config(self, cfg):
+        fraction = cfg.options.get("dead_below")
+        if fraction is not None and not 0 < fraction <= 1:
+            raise ConfigError(f"--dead-below {fraction}: must be a fraction of the tokens, above 0 and at most 1, e.g. --dead-below 0.01")
+
+    def stage_requested(self, cfg):
+        return cfg.options.get("dead_below") is not None
+
+    def run_stage(self, model, store, cfg, log):
+        fraction = cfg.options["dead_below"]
+        dead = []
+        for layer in range(store.manifest["model"]["num_layers"]):
+            t = store.read_layer(NAME, layer).to_pydict()
+            dead.append([n for n, p, k in zip(t["neuron"], t["positive"], t["tokens"]) if p < fraction * k])
+        store.add_service(NAME, {**store.manifest[NAME], "dead_below": fraction, "dead": dead})
