@@ -140,6 +140,40 @@ def test_a_compute_option_no_service_has_is_refused(fresh_registry):
         ComputeConfig(options={"n2gg": "all"}).validate()
 
 
+def test_a_fifth_service_is_verified(fresh_registry, monkeypatch, tmp_path, tiny_model_dir, tiny_corpus):
+    """`sitegen verify` asks the fifth service too (hook `verifier`): it recounts its densities from
+    the rerun activations, passes on a fresh store and fails, naming the neuron, on a store whose
+    sparsity table was changed; the built-in checks run beside it in the same pass."""
+    import pyarrow as pa
+
+    from sitegen.store import Store
+
+    _install_entry_points(monkeypatch, tmp_path / "site-packages", "sparsity = sitegen_sparsity:Sparsity")
+    store = tmp_path / "store"
+    _cli("compute", "--model", tiny_model_dir, "--corpus", tiny_corpus, "--tokens", 400, "--seq-len", 16, "--top-k", 5, "--random", 3,
+         "--batch-size", 4, "--device", "cpu", "--no-weights", "--quiet", "--out", store)
+    size = Store.open(store).manifest["model"]["layer_size"]
+    report = tmp_path / "report.json"
+    ok = CliRunner().invoke(main, ["verify", str(store), "--neurons", "all", "--json", str(report)])
+    assert ok.exit_code == 0, ok.output
+    assert f"sparsity: densities of {3 * size} neurons recounted, largest difference 0, 0 failed" in ok.output
+    assert f"OK: {3 * size} neurons checked, 0 failed" in ok.output and f"; densities of {3 * size} neurons checked, 0 failed;" in ok.output
+    r = orjson.loads(report.read_bytes())
+    assert r["sparsity"] == {"checked": 3 * size, "failed": [], "max_density_error": 0.0} and len(r["layers"]) == 3
+
+    layer, neuron = 1, 7
+    st = Store.open(store)
+    t = st.read_layer("sparsity", layer)
+    positive = t.column("positive").to_pylist()
+    positive[neuron] += 3
+    st.write_layer("sparsity", layer, t.set_column(t.schema.get_field_index("positive"), "positive", pa.array(positive, pa.int64())))
+    bad = CliRunner().invoke(main, ["verify", str(store), "--neurons", "all"])
+    assert bad.exit_code == 1, bad.output
+    fails = [line for line in bad.output.splitlines() if "FAIL layer" in line]
+    assert fails == [f"  FAIL layer {layer} neuron {neuron}: sparsity: positive stored {positive[neuron]}, recomputed {positive[neuron] - 3}"]
+    assert f"1 of {3 * size} neurons differ" in bad.output
+
+
 def test_a_services_declared_columns_and_complete_layers_are_checked_on_open(fresh_registry, monkeypatch, tmp_path):
     """The fifth service says what its tables hold (store_columns, complete_layers); Store.open
     checks a store's tables against it as against a built-in's: one line naming the file."""
@@ -294,11 +328,11 @@ def test_the_built_ins_are_there_without_entry_point_metadata(fresh_registry, mo
     assert [s.name for s in registry()] == ["neuron_explainer", "neuroscope", "neuron2graph", "logits"]
 
 
-def test_the_build_merge_compute_store_search_openapi_and_the_page_templates_name_no_service():
+def test_the_build_merge_compute_verify_store_search_openapi_and_the_page_templates_name_no_service():
     root = Path(__file__).parent.parent
     templates = sorted((root / "themes/default/templates").glob("*.html"))
     modules = ["cli.py", "site/build.py", "site/openapi.py", "site/provenance.py", "site/search.py", "merge.py", "compute/runner.py", "compute/distributed.py",
-               "store/manifest.py", "store/__init__.py"]
+               "compute/verify.py", "store/manifest.py", "store/__init__.py"]
     for path in [*(root / "sitegen" / m for m in modules), *templates]:
         rel = path.relative_to(root)
         text = path.read_text()

@@ -141,3 +141,14 @@ def test_sampled_neurons_are_reproducible():
     assert a == parse_neurons("4", 3, 48, seed=0) and a != parse_neurons("4", 3, 48, seed=1)
     assert all(len(v) == 4 and len(set(v)) == 4 and all(0 <= n < 48 for n in v) for v in a.values())
     assert np.array_equal(sorted(a), [0, 1, 2])
+
+
+def test_a_store_with_nothing_to_verify_gets_one_line(fresh_store, monkeypatch):
+    """No service of the store has a verifier: one line, exit 2, before the model is loaded."""
+    from sitegen.services.neuroscope.service import Neuroscope
+
+    monkeypatch.setattr(Neuroscope, "verifier", lambda self, store, run: None)
+    result = _verify(fresh_store)
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [f"error: {fresh_store}: none of the store's services (neuroscope) has anything to verify; "
+                                          "verify a store made by sitegen compute"]

@@ -4,7 +4,8 @@ overrides only what it has. No torch here: the build imports this module.
 
 A service is a subclass of `Service` (one instance registered under the `sitegen.services`
 entry-point group; see sitegen/services/__init__.py). The build, merge, the compute runner, the
-OpenAPI writer and the templates ask services through these hooks and never name one.
+OpenAPI writer, `sitegen verify` and the templates ask services through these hooks and never
+name one.
 """
 
 from __future__ import annotations
@@ -95,6 +96,49 @@ class TokenIndex:
 
     postings: dict[str, tuple[list[int], list[int]]]
     preview: Callable[[int], list]
+
+
+@dataclass(frozen=True)
+class VerifyRun:
+    """What `sitegen verify` tells a service's verifier (hook `verifier`). `selection`: the neurons
+    to check, {layer: sorted neuron ids} (--neurons; every service checks the same ones); `rtol`:
+    the tolerance, a fraction of each neuron's largest |activation|; `full`: every stored
+    sequence is rerun (else the sequences the verifiers ask for); `every_stored`: the store keeps
+    every sequence the corpus pass processed, so with `full` the whole corpus pass is rerun and
+    corpus-wide figures (statistics, counts) can be recomputed; `seq_tokens`: stored sequence id
+    -> its token ids."""
+
+    selection: Mapping[int, list[int]]
+    rtol: float
+    full: bool
+    every_stored: bool
+    seq_tokens: Mapping[int, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class Verification:
+    """One service's part of `sitegen verify`'s report, which joins every service's."""
+
+    summary: str  # its part of the closing line, e.g. "144 neurons checked, 0 failed, ..."
+    lines: list[str] = field(default_factory=list)  # its report lines (per layer, one per failing neuron: "  FAIL layer L neuron N: ...")
+    failed: list[tuple[int, int]] = field(default_factory=list)  # (layer, neuron) of every neuron it found wrong
+    notes: list[str] = field(default_factory=list)  # what it could not check, and why
+    problems: list[str] = field(default_factory=list)  # store-level failures, not one neuron's
+    data: dict = field(default_factory=dict)  # its top-level fields of the --json report (none sitegen's or another service's)
+
+
+class Verifier(Protocol):
+    """Checks one service's tables against the rerun model, fed by `sitegen verify`'s single
+    forward pass (sitegen/compute/verify.py runs the batches; the verifier never sees the model)."""
+
+    def sequences(self) -> Iterable[int]: ...  # the stored sequence ids it needs rerun (with run.full every stored one is)
+    # acts: float32 numpy [rows, seq_len, len(selection[layer])], this layer's activations of the
+    # selected neurons (in selection order) for the sequences seq_ids, right-padded: the first
+    # lengths[row] positions are the sequence's tokens (BOS included). Every sequence run comes
+    # through every selected layer once, also ones another verifier asked for. Read-only: every
+    # verifier gets the same array.
+    def update(self, layer: int, acts: Any, seq_ids: list[int], lengths: list[int]) -> None: ...
+    def finish(self) -> Verification: ...
 
 
 # --- OpenAPI helpers, shared by every service's schema -------------------------------------------------
@@ -244,6 +288,14 @@ class Service:
     @property
     def schema_name(self) -> str:
         return "".join(part.capitalize() for part in self.name.split("_"))
+
+    # --- verify: `sitegen verify` (no torch: the verifier gets numpy activations) ----------------
+
+    def verifier(self, store, run: VerifyRun) -> Verifier | None:
+        """A `Verifier` that checks this service's tables against the model rerun on the store's
+        stored token ids, or None (the default: the service has nothing to verify). Called for a
+        store it is `available` in, before the model loads (so a damaged table fails fast)."""
+        return None
 
     # --- compute half (may import torch, lazily, inside the hooks) --------------------------------
 

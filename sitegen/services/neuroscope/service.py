@@ -95,6 +95,13 @@ class Neuroscope(Service):
         merged = data.merge_states(states, run.top_k, run.n_random, data.random_score(run.seed))
         return data.state_to_table(merged, run.top_k, run.n_random, run.seq_lengths)
 
+    # --- verify: the traces, top-k claims, statistics and random sample against the rerun model ------
+
+    def verifier(self, store, run):
+        from sitegen.services.neuroscope.verify import NeuroscopeVerifier
+
+        return NeuroscopeVerifier(store, run)
+
     # --- render half ------------------------------------------------------------------------------
 
     def open_layer(self, store, layer, site):

@@ -18,7 +18,7 @@ from markupsafe import Markup
 from pydantic import Field
 
 from sitegen.errors import ConfigError
-from sitegen.services.base import LAYER_NEURON, NEURON_INDEX_REF, Cell, Column, Service, api_envelope, api_get
+from sitegen.services.base import LAYER_NEURON, NEURON_INDEX_REF, Cell, Column, Service, Verification, VerifyRun, api_envelope, api_get
 from sitegen.store.manifest import Record
 
 NAME = "sparsity"
@@ -87,6 +87,59 @@ class _Layer:
         return {"num_neurons": len(self.cols["neuron"])}
 
 
+class _Verifier:
+    """`sitegen verify`: the selected neurons' counts recounted from the rerun activations. They
+    count every processed token, so they are checked only when the store keeps every processed
+    sequence and verify reruns them all; token counts must match exactly, positive counts within
+    rtol of the token count (a density is a fraction: its range is 1)."""
+
+    def __init__(self, store, run: VerifyRun):
+        self.run, self.checked = run, run.full and run.every_stored
+        self.fv = int(store.manifest["config"]["first_valid_position"])
+        self.early_share = store.manifest[NAME]["early_share"]  # as the store was computed (typed: Store.open checked it)
+        self.stored = {layer: store.read_layer(NAME, layer).take(pa.array(neurons, pa.int64())).to_pydict()
+                       for layer, neurons in run.selection.items()} if self.checked else {}
+        self.counts = {layer: {k: np.zeros(len(neurons), np.int64) for k in _COUNTS} for layer, neurons in run.selection.items()}
+
+    def sequences(self):
+        return ()  # when it checks, verify reruns every stored sequence anyway
+
+    def update(self, layer, acts, seq_ids, lengths) -> None:
+        if not self.checked:
+            return
+        positions = np.arange(acts.shape[1])
+        valid = (positions[None, :] >= self.fv) & (positions[None, :] < np.asarray(lengths)[:, None])  # as compute's batch.valid
+        half = int(acts.shape[1] * self.early_share)
+        c = self.counts[layer]
+        for prefix, sl in (("", slice(None)), ("early_", slice(0, half))):
+            a, v = acts[:, sl], valid[:, sl]
+            c[prefix + "tokens"] += int(v.sum())
+            c[prefix + "positive"] += ((a > 0) & v[..., None]).sum((0, 1))
+
+    def finish(self) -> Verification:
+        if not self.checked:
+            return Verification(summary="densities not checked",
+                                notes=["sparsity: densities not checked: they count every processed token, so they need the store to keep "
+                                       "every processed sequence and verify to rerun them all (--full)"])
+        failed, lines, largest = [], [], 0.0
+        for layer, neurons in sorted(self.run.selection.items()):
+            stored, rec = self.stored[layer], self.counts[layer]
+            for j, n in enumerate(neurons):
+                problems = [f"sparsity: {k} stored {stored[k][j]}, recomputed {rec[k][j]}" for k in ("tokens", "early_tokens") if stored[k][j] != rec[k][j]]
+                for k in ("positive", "early_positive"):
+                    off = abs(stored[k][j] - int(rec[k][j])) / max(int(rec[k.replace("positive", "tokens")][j]), 1)
+                    largest = max(largest, off)
+                    if off > self.run.rtol:
+                        problems.append(f"sparsity: {k} stored {stored[k][j]}, recomputed {rec[k][j]}")
+                if problems:
+                    failed.append((layer, n))
+                    lines += [f"  FAIL layer {layer} neuron {n}: {p}" for p in problems]
+        n = sum(len(v) for v in self.run.selection.values())
+        return Verification(summary=f"densities of {n} neurons checked, {len(failed)} failed",
+                            lines=[f"sparsity: densities of {n} neurons recounted, largest difference {largest:.3g}, {len(failed)} failed", *lines],
+                            failed=failed, data={"sparsity": {"checked": n, "failed": failed, "max_density_error": largest}})
+
+
 @click.command("densest")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--layer", type=int, required=True)
@@ -143,6 +196,9 @@ class Sparsity(Service):
 
     def manifest_schemas(self):
         return {NAME: SparsityRecord}
+
+    def verifier(self, store, run):
+        return _Verifier(store, run)
 
     def merge_tables(self, tables, run):
         parts = [t.to_pydict() for t in tables]
