@@ -274,6 +274,28 @@ def test_server_with_byte_offsets_aligns_non_ascii_excerpts(tmp_path):
         assert d["simulated"] == [9.5 if t.strip() == "tax" else 0.5 for t in d["tokens"]]
 
 
+def test_a_hand_edited_work_log_costs_requests_not_the_run(store):
+    """Lines of .work/explain.jsonl that are JSON but not a record explain writes (a list, a record
+    without a layer, a neuron outside the model, an explanation that is not text, a bool for a
+    neuron) are skipped and those neurons asked again; a well-formed finished one is kept."""
+    work = store.root / ".work/explain.jsonl"
+    work.parent.mkdir(parents=True, exist_ok=True)
+    good = {"layer": 0, "neuron": 1, "model": "stub-model", "explanation": "kept", "score": 0.5, "error": None}
+    bad = [[], "text", 7, {"model": "stub-model"}, {**good, "layer": "0"}, {**good, "neuron": 10**6}, {**good, "explanation": 3},
+           {**good, "layer": 1, "neuron": True}, {**good, "layer": 1, "neuron": 2, "score": "high"}]
+    work.write_bytes(b"".join(json.dumps(x).encode() + b"\n" for x in [*bad, good]))
+    assert run_explain(_cfg(store, "http://127.0.0.1:9/v1", dry_run=True), log=lambda m: None) == {"todo": 1, "requests": 5}
+    stub = Stub("ok")
+    try:
+        assert run_explain(_cfg(store, stub.url), log=lambda m: None) == {"done": 2, "failed": 0}
+    finally:
+        stub.close()
+    from sitegen.store import Store
+
+    rows = {r["neuron"]: r for layer in (0, 1) for r in Store.open(store.root).read_layer("neuron_explainer", layer).to_pylist()}
+    assert rows[1]["explanation"] == "kept" and rows[2]["explanation"] == 'the word "tax".'
+
+
 def test_a_chat_only_model_falls_back_instead_of_stopping(store):
     """OpenAI answers 404 naming the model on /v1/completions for a chat model; the model was
     accepted by the explanation request, so this means "no logprobs here", not "unknown model"."""

@@ -384,11 +384,8 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
     done: dict[tuple[int, int], dict] = {}
     if work.exists():
         for line in work.read_bytes().splitlines():
-            try:
-                r = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue  # a line cut by a crash: that neuron is asked again
-            if r.get("model") == cfg.model and r.get("error") is None:
+            r = _finished_record(line, cfg.model, int(m["num_layers"]), int(m["layer_size"]))
+            if r is not None:
                 done[(r["layer"], r["neuron"])] = r
     todo = [(layer, n) for layer, ns in sorted(selection.items()) for n in ns if (layer, n) not in done]
     texts: dict[tuple[int, int], dict] = {}
@@ -441,6 +438,31 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
         atomic_write_bytes(work, b"".join(orjson.dumps(r) + b"\n" for r in done.values()))
     log(f"explained {len(done)} neurons ({failures} failed) into {cfg.store}")
     return {"done": len(done), "failed": failures}
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _finished_record(line: bytes, model: str, n_layers: int, size: int) -> dict | None:
+    """A line of .work/explain.jsonl as a finished neuron of `model`, or None: a failed neuron, another
+    explainer's, a line cut by a crash, or one edited into something explain never writes. None
+    means the neuron is asked again, so a damaged log costs requests, never the run."""
+    try:
+        r = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(r, dict) or r.get("model") != model or r.get("error") is not None:
+        return None
+    layer, n = r.get("layer"), r.get("neuron")
+    if not (isinstance(layer, int) and isinstance(n, int) and not isinstance(layer, bool) and not isinstance(n, bool)
+            and 0 <= layer < n_layers and 0 <= n < size):
+        return None
+    if not isinstance(r.get("explanation"), str) or not (r.get("score") is None or _is_number(r["score"])):
+        return None
+    if not (r.get("valid_score") is None or _is_number(r["valid_score"])):
+        return None
+    return r
 
 
 def _parse_neurons(spec: str, n_layers: int, size: int, store) -> dict[int, list[int]]:
