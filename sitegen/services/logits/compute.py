@@ -51,7 +51,9 @@ def _normalise(x: torch.Tensor, kind: str, weight: torch.Tensor | None, bias: to
     return x
 
 
-def _list_column(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
+def _list_column(tensor: torch.Tensor, dtype: pa.DataType) -> pa.Array:
+    """A [neurons, k] tensor (on any device: the model's, e.g. CUDA) as a list column."""
+    values = tensor.contiguous().cpu().numpy()
     n, k = values.shape
     offsets = np.arange(0, (n + 1) * k, k, dtype=np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), dtype))
@@ -79,10 +81,10 @@ def weight_tables(bridge, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterat
         del logits
         columns = {
             "neuron": pa.array(np.arange(W_out.shape[0]), pa.int32()),
-            "promoted_ids": _list_column(pro_i.numpy(), pa.int32()),
-            "promoted_vals": _list_column(pro_v.numpy(), pa.float32()),
-            "suppressed_ids": _list_column(sup_i.numpy(), pa.int32()),
-            "suppressed_vals": _list_column((-sup_v).numpy(), pa.float32()),
+            "promoted_ids": _list_column(pro_i, pa.int32()),
+            "promoted_vals": _list_column(pro_v, pa.float32()),
+            "suppressed_ids": _list_column(sup_i, pa.int32()),
+            "suppressed_vals": _list_column(-sup_v, pa.float32()),
         }
         if act is not None:
             w2, b2 = _norm_params(bridge.blocks[layer].ln2)
@@ -103,6 +105,6 @@ def weight_tables(bridge, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterat
                     cat_v, cat_i = torch.cat([best_v, v]), torch.cat([best_i, i])
                     keep = torch.topk(cat_v, top_n, dim=0).indices
                     best_v, best_i = cat_v.gather(0, keep), cat_i.gather(0, keep)
-            columns["input_ids"] = _list_column(best_i.T.contiguous().numpy(), pa.int32())
-            columns["input_vals"] = _list_column(best_v.T.contiguous().numpy(), pa.float32())
+            columns["input_ids"] = _list_column(best_i.T, pa.int32())
+            columns["input_vals"] = _list_column(best_v.T, pa.float32())
         yield layer, pa.table(columns)

@@ -1,0 +1,56 @@
+"""`sitegen compute` on a CUDA GPU: the store equals the CPU one (within float noise: other
+kernels), `sitegen verify` on the CPU accepts it, and the per-neuron stage runs there too.
+
+These need a CUDA GPU, which CI machines do not have: they run on a machine with one (README,
+"Compute on a GPU", says how they were run and what they found). Everything they exercise
+besides the device (the same code paths on CPU) is tested in test_compute.py and test_verify.py."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from sitegen.cli import main
+from tests.conftest import HAS_TORCH
+
+_CUDA = HAS_TORCH and __import__("torch").cuda.is_available()
+pytestmark = [pytest.mark.model, pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU (none visible to torch here)")]
+
+
+def _compute(tiny_model_dir, tiny_corpus, out, device, *more):
+    args = ["compute", "--model", tiny_model_dir, "--corpus", tiny_corpus, "--tokens", 2000, "--seq-len", 32, "--top-k", 5,
+            "--random", 3, "--device", device, "--quiet", "--out", out, *more]
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_a_store_computed_on_the_gpu_matches_the_cpu_one_and_verifies_on_the_cpu(tiny_model_dir, tiny_corpus, tmp_path):
+    from sitegen.store import Store
+
+    _compute(tiny_model_dir, tiny_corpus, tmp_path / "gpu", "cuda")  # the weight tables too (they crashed on CUDA before)
+    _compute(tiny_model_dir, tiny_corpus, tmp_path / "cpu", "cpu")
+    gpu, cpu = Store.open(tmp_path / "gpu"), Store.open(tmp_path / "cpu")
+    assert gpu.manifest["run_hash"] == cpu.manifest["run_hash"] and gpu.manifest["services"] == cpu.manifest["services"]
+    for layer in range(cpu.manifest["model"]["num_layers"]):
+        g, c = gpu.read_layer("neuroscope", layer).to_pydict(), cpu.read_layer("neuroscope", layer).to_pydict()
+        assert g["count"] == c["count"]
+        scale = np.maximum(np.maximum(np.abs(c["max"]), np.abs(c["min"])), 1e-9)
+        for key in ("mean", "std", "min", "max"):
+            assert np.max(np.abs(np.asarray(g[key]) - np.asarray(c[key])) / scale) < 1e-4, (layer, key)
+        lg, lc = gpu.read_layer("logits", layer).to_pydict(), cpu.read_layer("logits", layer).to_pydict()
+        for key in ("promoted_vals", "suppressed_vals", "input_vals"):
+            assert np.allclose(np.asarray(lg[key]), np.asarray(lc[key]), rtol=1e-4, atol=1e-5), (layer, key)
+    res = CliRunner().invoke(main, ["verify", str(tmp_path / "gpu"), "--device", "cpu", "--neurons", "all"])
+    assert res.exit_code == 0 and "OK:" in res.output, res.output
+
+
+def test_graphs_are_computed_on_the_gpu(tiny_model_dir, tiny_corpus, tmp_path):
+    from sitegen.store import Store
+
+    _compute(tiny_model_dir, tiny_corpus, tmp_path / "gpu", "cuda", "--n2g", "2@0,2")
+    store = Store.open(tmp_path / "gpu")
+    assert "neuron2graph" in store.manifest["services"]
+    assert sum(store.read_layer("neuron2graph", layer).num_rows for layer in (0, 2)) == 4
