@@ -1,7 +1,7 @@
 """Compute throughput: `sitegen compute`'s streaming pass (every layer, all neuroscope data)
 against a bare forward pass of the same model over the same tokens, measured in the same run.
 
-    python benchmarks/compute.py [--model smollm2] [--tokens 8192] [--batch-size 32]
+    python benchmarks/compute.py [--model smollm2] [--tokens 8192] [--batch-size 32] [--device cuda]
     python benchmarks/compute.py --accumulators-only [--d-mlp 1536]   # no model: the accumulators alone
     python benchmarks/compute.py --ray [ADDRESS] [--ray-shards N] [--ray-cpus-per-shard C]
 
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (the single-process comparison; timed with a device sync)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-weights", action="store_true")
     ap.add_argument("--accumulators-only", action="store_true", help="time LayerAccumulator.update on random activations (CPU time, one thread)")
@@ -44,18 +45,19 @@ def main() -> None:
         ray_benchmark(args)
         return
 
-    from sitegen.compute.models import load_model
+    from sitegen.compute.models import load_model, resolve_device
     from sitegen.compute.packing import pack_sequences
     from sitegen.corpus_keys import random_key
     from sitegen.compute.runner import _batch_tensors, _corpus_services, _forward, _LayerAccumulators, auto_batch_size
     from sitegen.corpus import load_corpus
     from sitegen.services.base import CorpusRun
 
-    model = load_model(args.model, device="cpu")
+    device = resolve_device(args.device)
+    model = load_model(args.model, device=device)
     seqs = list(pack_sequences(load_corpus(args.corpus), model.tokenizer, args.seq_len, args.tokens, 0))
-    bs = args.batch_size or auto_batch_size("cpu", args.seq_len)
+    bs = args.batch_size or auto_batch_size(device, args.seq_len)
     pad = int(model.tokenizer.pad_token_id or 0)
-    batches = [_batch_tensors(seqs[i:i + bs], bs, args.seq_len, pad, 1, 0, random_key, "cpu") for i in range(0, len(seqs), bs)]
+    batches = [_batch_tensors(seqs[i:i + bs], bs, args.seq_len, pad, 1, 0, random_key, device) for i in range(0, len(seqs), bs)]
     n_tokens = sum(len(s.token_ids) for s in seqs)
     full_flags = [len(seqs[i:i + bs]) == bs and all(len(s.token_ids) == args.seq_len for s in seqs[i:i + bs]) for i in range(0, len(seqs), bs)]
     def bare_full():
@@ -68,7 +70,7 @@ def main() -> None:
             model.run_mlp_activations(tokens, [model.n_layers - 1], lambda layer, acts: None)
 
     run = CorpusRun(layer_size=model.d_mlp, seq_len=args.seq_len, first_valid=1, top_k=20, n_random=5, seed=0,
-                    seq_lengths={s.seq_id: len(s.token_ids) for s in seqs}, device="cpu")
+                    seq_lengths={s.seq_id: len(s.token_ids) for s in seqs}, device=device)
 
     def compute():  # every registered corpus-pass service's accumulators, as `sitegen compute` feeds them
         accs = [_LayerAccumulators({s.name: s.accumulator(layer, run) for s in _corpus_services()}) for layer in range(model.n_layers)]
@@ -82,10 +84,13 @@ def main() -> None:
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             fn()
+            if device.startswith("cuda"):  # kernels run asynchronously: the clock stops when they are done
+                torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
         timings[name] = n_tokens / best
     print(f"model {model.name}: {model.n_layers} layers x {model.d_mlp} neurons; {n_tokens} tokens in {len(seqs)} sequences of {args.seq_len}; "
-          f"batch {bs}; torch threads {torch.get_num_threads()}")
+          f"batch {bs}; device {device}"
+          + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else f"; torch threads {torch.get_num_threads()}"))
     for name, rate in timings.items():
         print(f"  {name:40s} {rate:8.1f} tokens/s")
     c = timings["sitegen compute pass"]
