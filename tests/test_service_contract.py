@@ -174,14 +174,12 @@ def test_a_fifth_service_is_verified(fresh_registry, monkeypatch, tmp_path, tiny
     assert f"1 of {3 * size} neurons differ" in bad.output
 
 
-def test_a_services_declared_columns_and_complete_layers_are_checked_on_open(fresh_registry, monkeypatch, tmp_path):
-    """The fifth service says what its tables hold (store_columns, complete_layers); Store.open
-    checks a store's tables against it as against a built-in's: one line naming the file."""
+def _store_with_sparsity_tables(monkeypatch, tmp_path):
+    """A synthetic store holding the fifth service's tables (ones in every count) in every layer,
+    not yet listed in its manifest; returns (store, the layer table, layer size)."""
     import numpy as np
     import pyarrow as pa
 
-    from sitegen.errors import StoreError
-    from sitegen.store import Store
     from tests.reference import write_synthetic_store
 
     _install_entry_points(monkeypatch, tmp_path / "site-packages", "sparsity = sitegen_sparsity:Sparsity")
@@ -191,6 +189,16 @@ def test_a_services_declared_columns_and_complete_layers_are_checked_on_open(fre
                      **{k: pa.array(np.ones(size, np.int64)) for k in ("tokens", "positive", "early_tokens", "early_positive")}})
     for layer in range(store.manifest["model"]["num_layers"]):
         store.write_layer("sparsity", layer, full)
+    return store, full, size
+
+
+def test_a_services_declared_columns_and_complete_layers_are_checked_on_open(fresh_registry, monkeypatch, tmp_path):
+    """The fifth service says what its tables hold (store_columns, complete_layers); Store.open
+    checks a store's tables against it as against a built-in's: one line naming the file."""
+    from sitegen.errors import StoreError
+    from sitegen.store import Store
+
+    store, full, size = _store_with_sparsity_tables(monkeypatch, tmp_path)
     store.add_service("sparsity", {"early_share": 0.5})
     assert "sparsity" in Store.open(store.root).manifest["services"]
 
@@ -208,20 +216,10 @@ def test_a_services_declared_columns_and_complete_layers_are_checked_on_open(fre
 def test_a_services_declared_manifest_record_is_checked_on_open_and_before_a_write(fresh_registry, monkeypatch, tmp_path):
     """The fifth service types the manifest field it writes (manifest_schemas); Store.open and
     every manifest write check a store listing it against that type: one line naming the field."""
-    import numpy as np
-    import pyarrow as pa
-
     from sitegen.errors import StoreError
     from sitegen.store import Store
-    from tests.reference import write_synthetic_store
 
-    _install_entry_points(monkeypatch, tmp_path / "site-packages", "sparsity = sitegen_sparsity:Sparsity")
-    store = write_synthetic_store(tmp_path / "store")
-    size = store.manifest["model"]["layer_size"]
-    full = pa.table({"neuron": pa.array(np.arange(size), pa.int64()),
-                     **{k: pa.array(np.ones(size, np.int64)) for k in ("tokens", "positive", "early_tokens", "early_positive")}})
-    for layer in range(store.manifest["model"]["num_layers"]):
-        store.write_layer("sparsity", layer, full)
+    store, full, size = _store_with_sparsity_tables(monkeypatch, tmp_path)
     with pytest.raises(StoreError, match=r"manifest.json: field 'sparsity' is missing \(service 'sparsity' records it\)"):
         store.add_service("sparsity")  # listed without its record: refused before the write
     assert "sparsity" not in Store.open(store.root).manifest["services"]

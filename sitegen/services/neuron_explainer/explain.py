@@ -30,15 +30,17 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import orjson
 import pyarrow as pa
+from pydantic import Field, ValidationError
 
 from sitegen.errors import ConfigError, SitegenError
 from sitegen.services.neuron_explainer import scoring
 from sitegen.services.neuron_explainer.published import SERVICE, TABLE_SCHEMA
 from sitegen.services.selection import select_neurons
+from sitegen.store.manifest import Record
 
 SOURCE_EXPLAIN = "sitegen explain"
 PRIMER = "the main thing this neuron does is find"
@@ -440,8 +442,16 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
     return {"done": len(done), "failed": failures}
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+class _Finished(Record):
+    """A finished neuron's line of .work/explain.jsonl, as run_explain writes it (strict: no bool for an int)."""
+
+    layer: int = Field(ge=0)
+    neuron: int = Field(ge=0)
+    model: str
+    explanation: str
+    score: Optional[float] = None
+    valid_score: Optional[float] = None
+    error: None = None
 
 
 def _finished_record(line: bytes, model: str, n_layers: int, size: int) -> dict | None:
@@ -450,19 +460,10 @@ def _finished_record(line: bytes, model: str, n_layers: int, size: int) -> dict 
     means the neuron is asked again, so a damaged log costs requests, never the run."""
     try:
         r = orjson.loads(line)
-    except orjson.JSONDecodeError:
+        f = _Finished.model_validate(r)
+    except (orjson.JSONDecodeError, ValidationError):
         return None
-    if not isinstance(r, dict) or r.get("model") != model or r.get("error") is not None:
-        return None
-    layer, n = r.get("layer"), r.get("neuron")
-    if not (isinstance(layer, int) and isinstance(n, int) and not isinstance(layer, bool) and not isinstance(n, bool)
-            and 0 <= layer < n_layers and 0 <= n < size):
-        return None
-    if not isinstance(r.get("explanation"), str) or not (r.get("score") is None or _is_number(r["score"])):
-        return None
-    if not (r.get("valid_score") is None or _is_number(r["valid_score"])):
-        return None
-    return r
+    return r if f.model == model and f.layer < n_layers and f.neuron < size else None
 
 
 def _parse_neurons(spec: str, n_layers: int, size: int, store) -> dict[int, list[int]]:
