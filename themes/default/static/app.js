@@ -1,6 +1,9 @@
 // sitegen: progressive enhancement only; every page reads fine without this file.
 (function () {
   "use strict";
+  // Terms in one token search (tokenstore.MAX_TERMS, the edge function's MAX_TERMS), so a shared
+  // link cannot ask for thousands. Set here: the page code below runs before the rest of this file.
+  var MAX_TERMS = 16;
   var root = document.documentElement;
   var saved = null;
   try { saved = localStorage.getItem("theme"); } catch (e) { /* storage may be off */ }
@@ -182,9 +185,7 @@
     if (n > 1 && /\p{L}/u.test(t)) t = t.trim();
     return t;
   }
-  // At most MAX_TERMS terms as written, repeats kept once: the search URL's own rule
-  // (tokenstore.MAX_TERMS, the edge function's MAX_TERMS), so a shared link cannot ask for thousands.
-  var MAX_TERMS = 16;
+  // At most MAX_TERMS terms as written, repeats kept once: the search URL's own rule.
   function parseQuery(q) {
     var terms = [], seen = new Set();
     var parts = q.split(",");
