@@ -324,6 +324,8 @@ class SiteServer(HTTPServer):
                             pass
                     else:
                         conn = key.data
+                        if conn not in waiting:  # closed earlier in this batch (made room for a new one)
+                            continue
                         try:
                             data = conn.sock.recv(65536)
                         except (BlockingIOError, InterruptedError):
@@ -377,6 +379,9 @@ class SiteServer(HTTPServer):
             except Exception:
                 keep = False
                 self.handle_error(conn.sock, conn.address)
+            if self._stop.is_set():  # the loop is gone or going: nobody would close it
+                conn.sock.close()
+                continue
             self._returned.put((conn, keep))
             self._wake()
 
