@@ -322,6 +322,28 @@ def test_a_trickled_request_head_is_cut_at_the_idle_timeout(built_site):
         server.server_close()
 
 
+def test_a_client_that_stops_reading_frees_its_worker_within_the_timeout(built_site):
+    """One worker, one client pipelining ~60 MB of answers and reading none: the worker's write
+    times out (IDLE_TIMEOUT) and the next client is answered."""
+    biggest = max((f for f in built_site.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    target = "/" + biggest.relative_to(built_site).as_posix()
+    server = _started(built_site, idle_timeout=1.0, workers=1)
+    try:
+        with socket.create_connection(server.server_address, timeout=5) as stuck:
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            request = f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            stuck.sendall(request * min(1200, 60_000_000 // biggest.stat().st_size + 1))
+            time.sleep(0.3)
+            with socket.create_connection(server.server_address, timeout=10) as s:
+                start = time.monotonic()
+                s.sendall(b"GET /api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert _read_answer(s).startswith(b"HTTP/1.1 200")
+                assert time.monotonic() - start < 6
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_at_the_connection_cap_the_longest_idle_connection_makes_room(built_site):
     server = _started(built_site, idle_timeout=20, max_connections=20)
     idle = [socket.create_connection(server.server_address, timeout=5) for _ in range(20)]
