@@ -220,9 +220,9 @@ def main() -> None:
             for w in workers:
                 w.join()
             elapsed = time.perf_counter() - t0
+            idle_left = sum(not _closed(sock) for sock in idle)  # as the clients finish
             stop.set()
             keeper.join()
-            idle_left = sum(not _closed(sock) for sock in idle)
         finally:
             stop.set()
             for sock in idle:
@@ -247,7 +247,7 @@ def main() -> None:
     print("answers by status: " + ", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items())))
     print(f"dropped connections: {len(errors)}   5xx answers: {fives}")
     print(f"server: peak threads {peak.get('Threads', 'n/a')}   peak RSS {peak.get('VmHWM', 0) / 1024:.0f} MB   "
-          f"idle connections open at the end: {idle_left} of {args.idle} ({reopened[0]} reopened after the server's idle timeout)")
+          f"idle connections open as the clients finished: {idle_left} of {args.idle} ({reopened[0]} reopened after the server's idle timeout)")
     for e in errors[:5]:
         print("  dropped:", e)
     if "Traceback" in (stderr or ""):
