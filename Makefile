@@ -38,5 +38,6 @@ bench: install
 	$(PYTHON) benchmarks/n2g.py
 	$(PYTHON) benchmarks/search.py
 	$(PYTHON) benchmarks/serve_load.py
+	$(PYTHON) benchmarks/serve_load.py --idle 1000
 	$(PYTHON) benchmarks/packing.py
 	$(PYTHON) benchmarks/verify.py

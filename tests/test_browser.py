@@ -151,6 +151,29 @@ def test_clicking_a_graph_node_searches_for_its_token(page, served_site):
     assert not page.errors
 
 
+def test_shared_search_link_is_bounded_like_the_search_url(page, served_site):
+    """A link repeating a term fetches its shard once and shows the single term's answer; a link
+    with more than MAX_TERMS terms is refused with the cap in the message, fetching no shard."""
+    from sitegen.services.neuron2graph.tokenstore import MAX_TERMS
+
+    fetched: list[str] = []
+    page.on("request", lambda r: fetched.append(urlsplit(r.url).path) if "/search/" in r.url and "/preview/" not in r.url else None)
+    page.goto(f"{served_site}/search.html?model={MODEL}&q=any:w3")
+    page.wait_for_selector("#search-results li")
+    single = page.locator("#search-results li a").all_inner_texts()
+    fetched.clear()
+    page.goto(f"{served_site}/search.html?model={MODEL}&q=" + ",".join(["any:w3", "w3", "any: w3", "ANY:w3"] * 4))
+    page.wait_for_selector("#search-results li")
+    assert single and page.locator("#search-results li a").all_inner_texts() == single
+    assert len(fetched) == len(set(fetched)) and sum("/tokens/" in p for p in fetched) == 1, fetched
+    fetched.clear()
+    page.goto(f"{served_site}/search.html?model={MODEL}&q=" + ",".join(["any:w3"] * (MAX_TERMS + 1)))
+    page.wait_for_selector("#search-error:not([hidden])")
+    assert page.inner_text("#search-error") == f"Too many terms ({MAX_TERMS + 1}): ask for at most {MAX_TERMS}, e.g. any:the,activating:of"
+    assert fetched == [] and page.locator("#search-results li").count() == 0
+    assert not page.errors
+
+
 def test_search_explains_malformed_queries_and_empty_results(page, served_site):
     page.goto(f"{served_site}/search.html?model={MODEL}&q=colour:w5")
     page.wait_for_selector("#search-error:not([hidden])")

@@ -21,7 +21,7 @@ import requests
 
 from sitegen.services import registry
 from sitegen.services.neuron2graph import graph as g
-from sitegen.services.neuron2graph.tokenstore import (FALLBACK_CAP, SOURCE_GRAPH, SOURCE_TOP, build_token_store, parse_query,
+from sitegen.services.neuron2graph.tokenstore import (FALLBACK_CAP, MAX_TERMS, SOURCE_GRAPH, SOURCE_TOP, build_token_store, parse_query,
                                                       similar_neurons)
 from sitegen.site import search
 from sitegen.site.build import build_site
@@ -124,6 +124,52 @@ def test_search_normalises_the_query_and_unknown_tokens_give_nothing(wide_site):
 def test_malformed_queries_raise_a_message(query, message):
     with pytest.raises(ValueError, match=message):
         parse_query(query)
+
+
+def test_query_terms_are_deduplicated_after_normalisation():
+    assert parse_query("any:the,any:The,any: the,the,activating:the,any:the") == [("any", "the"), ("activating", "the")]
+    assert len(parse_query(",".join(f"any:t{i}" for i in range(MAX_TERMS)))) == MAX_TERMS
+
+
+@pytest.mark.parametrize("n", [MAX_TERMS + 1, 7000])
+def test_query_over_the_term_cap_is_refused_with_the_cap_in_the_message(n):
+    with pytest.raises(ValueError, match=rf"too many terms \({n}\) in the query: ask for at most {MAX_TERMS} "):
+        parse_query(",".join(["any:the"] * n))
+
+
+def _capped_tokens(site: Path) -> list[str]:
+    """Tokens of the wide site whose activating list is capped in its shard (it has a "more" file)."""
+    out = []
+    for shard in sorted((site / "search/wide/tokens").iterdir()):
+        out += [t for t, e in orjson.loads(shard.read_bytes()).items() if e["na"] > len(e["a"])]
+    return sorted(out)
+
+
+def test_search_url_reads_each_file_once_per_request(wide_site):
+    """Repeated and overlapping terms of a capped token: one read of meta, shard and "more" file
+    each (not one per term), and the right answer; over the cap, 400 before any read."""
+    from sitegen.site.edge import neuron2graph_search
+
+    store, site = wide_site
+    ts = build_token_store(store, first_valid=1)
+    token = _capped_tokens(site)[0]
+    reads: list[str] = []
+
+    def read(path: str) -> bytes | None:
+        reads.append(path)
+        file = site / urllib.parse.unquote(path).lstrip("/")
+        return file.read_bytes() if file.is_file() else None
+
+    api = "/api/wide/neuron2graph-search"
+    query = ",".join([f"any:{token}", f"activating:{token}"] * (MAX_TERMS // 2))
+    r = neuron2graph_search(api, "query=" + urllib.parse.quote(query, safe=""), read)
+    want = _brute_answer(ts, "any", token) & _brute_answer(ts, "activating", token)
+    assert (r.status, orjson.loads(r.body)) == (200, _neurons(want)) and want
+    assert len(reads) == len(set(reads)) == 3 and any("/more/" in p for p in reads), reads
+    reads.clear()
+    r = neuron2graph_search(api, "query=" + urllib.parse.quote(",".join([f"any:{token}"] * 7000), safe=""), read)
+    assert r.status == 400 and orjson.loads(r.body)["error"].startswith(f"too many terms (7000) in the query: ask for at most {MAX_TERMS} ")
+    assert reads == []
 
 
 def test_shards_are_small_and_found_by_hash(wide_site):
@@ -284,7 +330,7 @@ def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_ser
     status, headers and bytes for every query of a small site, and the lists are right."""
     from sitegen.site.edge import HEADERS
 
-    store, _ = wide_site
+    store, _site = wide_site
     ts = build_token_store(store, first_valid=1)
     q = lambda text: "?query=" + urllib.parse.quote(text, safe="")  # noqa: E731
     api = "/api/wide/neuron2graph-search"
@@ -297,6 +343,15 @@ def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_ser
              api + "?query=any%3At1", api + "?query=any:+t1", api + "?query=any:%E2%82", api + "?query=any:%zz",
              "/api/nomodel/neuron2graph-search?query=any:the", "/api/no%2Fmodel/neuron2graph-search?query=any:the",
              "/api/%E2%82/neuron2graph-search?query=any:the", "/api/a/b/neuron2graph-search?query=any:the"]
+    # repeated terms of a capped token, the term cap and one over it: same answer, each file fetched once
+    capped = _capped_tokens(_site)[0]
+    repeated = ",".join([f"any:{capped}", f"activating:{capped}", f" Any : {capped}"] * 5)
+    at_cap = ",".join(f"any:t{i % 8}" for i in range(MAX_TERMS))
+    bounded = {repeated: 200, at_cap: 200, ",".join(["any:the"] * (MAX_TERMS + 1)): 400}
+    urls += [f"{api}{q(t)}" for t in bounded]
+    flood = ",".join(["any:t1"] * 7000)  # unencoded, to stay under serve's 64 KiB request line
+    bounded[flood] = 400
+    urls.append(f"{api}?query={flood}")
     done = subprocess.run([_deno(), "run", "--quiet", "--no-prompt", "--allow-net=127.0.0.1", "tests/edge_harness.ts"],
                           input=json.dumps({"base": wide_server, "urls": urls, "normalise": NORMALISE_CASES}), capture_output=True,
                           text=True, timeout=120, env={**os.environ, "DENO_DIR": str(tmp_path / "deno"), "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1"},
@@ -312,6 +367,20 @@ def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_ser
         assert {k: v for k, v in deno_response["headers"]} == {k.lower(): v for k, v in r.headers.items() if k.lower() in names}, url
         statuses.add(r.status_code)
     assert statuses == {200, 400, 404}
+    for text, status in bounded.items():
+        response = out["responses"][urls.index(f"{api}?query={text}" if text == flood else f"{api}{q(text)}")]
+        body = json.loads(bytes.fromhex(response["body"]))
+        fetched = response["fetched"]
+        assert len(fetched) == len(set(fetched)), (text[:60], fetched)  # no file fetched twice
+        if status == 400:
+            assert response["status"] == 400 and fetched == [], fetched
+            assert body["error"].startswith(f"too many terms ({text.count(',') + 1}) in the query: ask for at most {MAX_TERMS} ")
+    response = out["responses"][urls.index(f"{api}{q(repeated)}")]
+    want = _brute_answer(ts, "any", capped) & _brute_answer(ts, "activating", capped)
+    assert json.loads(bytes.fromhex(response["body"])) == _neurons(want) and want
+    assert len(response["fetched"]) == 3 and any("/more/" in p for p in response["fetched"]), response["fetched"]
+    want = set.intersection(*(_brute_answer(ts, "any", f"t{i}") for i in range(8)))
+    assert json.loads(bytes.fromhex(out["responses"][urls.index(f"{api}{q(at_cap)}")]["body"])) == _neurons(want)
     for key in ts.keys:  # and the lists are the right ones
         for kind in ("any", "activating", "important"):
             body = bytes.fromhex(out["responses"][urls.index(f"{api}{q(f'{kind}:{key}')}")]["body"])

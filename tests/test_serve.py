@@ -239,6 +239,129 @@ def test_idle_connections_time_out(built_site):
         server.server_close()
 
 
+def _started(built_site, **options):
+    from sitegen.site.serve import make_server
+    from tests.conftest import free_port
+
+    server = make_server(built_site, "127.0.0.1", free_port(), **options)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _read_answer(s: socket.socket) -> bytes:
+    """One keep-alive answer (head + Content-Length body) from S, reading no further."""
+    f = s.makefile("rb", buffering=0)
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = f.read(1)
+        assert byte, head
+        head += byte
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    body = b""
+    while len(body) < length:
+        chunk = f.read(length - len(body))
+        assert chunk, head
+        body += chunk
+    return head + body
+
+
+def test_idle_and_half_sent_connections_cost_no_thread(built_site):
+    """300 connections that send nothing or half a request head: the server's threads stay at its
+    fixed pool (old: one thread per connection), a new client is still answered at once, and
+    keep-alive and pipelining still work."""
+    from sitegen.site.serve import WORKERS
+
+    before = threading.active_count()
+    server = _started(built_site, idle_timeout=20)
+    idle: list[socket.socket] = []
+    try:
+        for i in range(300):
+            s = socket.create_connection(server.server_address, timeout=5)
+            if i % 2:
+                s.sendall(b"GET /api HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+            idle.append(s)
+        time.sleep(0.5)
+        assert threading.active_count() - before <= WORKERS + 1, threading.active_count() - before
+        with socket.create_connection(server.server_address, timeout=5) as s:
+            start = time.monotonic()
+            s.sendall(b"GET /api HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = _read_answer(s)
+            s.sendall(b"GET /api HTTP/1.1\r\nHost: x\r\n\r\nGET /no/such/page HTTP/1.1\r\nHost: x\r\n\r\n")  # pipelined
+            second, third = _read_answer(s), _read_answer(s)
+            assert time.monotonic() - start < 5
+        assert first.startswith(b"HTTP/1.1 200") and second == first and first.partition(b"\r\n\r\n")[2].startswith(b"{")
+        assert third.startswith(b"HTTP/1.1 404")
+        assert threading.active_count() - before <= WORKERS + 1
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_trickled_request_head_is_cut_at_the_idle_timeout(built_site):
+    """A client sending its head a byte at a time gets IDLE_TIMEOUT for the whole head, not per
+    byte (old: every byte restarted the timeout, so such a client held its thread for ever)."""
+    server = _started(built_site, idle_timeout=1.0)
+    try:
+        with socket.create_connection(server.server_address, timeout=5) as s:
+            s.sendall(b"GET / HTTP/1.1\r\n")
+            start, closed = time.monotonic(), False
+            while not closed and time.monotonic() - start < 6:
+                try:
+                    s.sendall(b"X")
+                    s.settimeout(0.25)
+                    closed = s.recv(1) == b""
+                except TimeoutError:
+                    pass
+                except OSError:
+                    closed = True
+            assert closed and time.monotonic() - start < 3, time.monotonic() - start
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_client_that_stops_reading_frees_its_worker_within_the_timeout(built_site):
+    """One worker, one client pipelining ~60 MB of answers and reading none: the worker's write
+    times out (IDLE_TIMEOUT) and the next client is answered."""
+    biggest = max((f for f in built_site.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    target = "/" + biggest.relative_to(built_site).as_posix()
+    server = _started(built_site, idle_timeout=1.0, workers=1)
+    try:
+        with socket.create_connection(server.server_address, timeout=5) as stuck:
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            request = f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            stuck.sendall(request * min(1200, 60_000_000 // biggest.stat().st_size + 1))
+            time.sleep(0.3)
+            with socket.create_connection(server.server_address, timeout=10) as s:
+                start = time.monotonic()
+                s.sendall(b"GET /api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert _read_answer(s).startswith(b"HTTP/1.1 200")
+                assert time.monotonic() - start < 6
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_at_the_connection_cap_the_longest_idle_connection_makes_room(built_site):
+    server = _started(built_site, idle_timeout=20, max_connections=20)
+    idle = [socket.create_connection(server.server_address, timeout=5) for _ in range(20)]
+    try:
+        time.sleep(0.3)
+        with socket.create_connection(server.server_address, timeout=5) as s:
+            s.sendall(b"GET /api HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert _read_answer(s).startswith(b"HTTP/1.1 200")
+        assert idle[0].recv(1) == b""  # closed by the server to admit the new client
+        idle[-1].sendall(b"GET /api HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_answer(idle[-1]).startswith(b"HTTP/1.1 200")  # the others stay usable
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
+        server.server_close()
+
+
 def load_urls(site: Path) -> list[str]:
     """A mix of pages, API URLs (with and without .json), search files and malformed URLs."""
     search = sorted(str(p.relative_to(site)) for p in (site / "search").rglob("*.json"))[:6]

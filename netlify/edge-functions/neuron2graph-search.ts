@@ -70,9 +70,17 @@ export function normalise(token: string): string {
   return token;
 }
 
-// DeepDecipher's syntax, as sitegen.services.neuron2graph.tokenstore.parse_query (same messages).
+// Terms in one query (tokenstore.MAX_TERMS): each distinct term costs up to two fetches.
+export const MAX_TERMS = 16;
+
+// DeepDecipher's syntax, as sitegen.services.neuron2graph.tokenstore.parse_query (same messages):
+// at most MAX_TERMS terms as written, repeated terms (after normalisation) kept once.
 export function parseQuery(query: string): [string, string][] {
-  const terms: [string, string][] = [];
+  const n = query.split(",").length;
+  if (n > MAX_TERMS) {
+    throw new Error(`too many terms (${n}) in the query: ask for at most ${MAX_TERMS} type:token terms, e.g. any:the,activating:of`);
+  }
+  const terms: [string, string][] = [], seen = new Set<string>();
   for (const raw of query.split(",")) {
     if (pyStrip(raw) === "") throw new Error(`empty term in ${JSON.stringify(query)}: write type:token, e.g. any:the`);
     const at = raw.indexOf(":");
@@ -85,7 +93,11 @@ export function parseQuery(query: string): [string, string][] {
       throw new Error(`unknown type ${JSON.stringify(kind)} in ${JSON.stringify(raw)}: use any, activating or important, e.g. any:the`);
     }
     if (token === "") throw new Error(`no token after ${JSON.stringify(kind)}: write ${kind}:token`);
-    terms.push([kind, normalise(token)]);
+    const term: [string, string] = [kind, normalise(token)], key = JSON.stringify(term);
+    if (!seen.has(key)) {
+      seen.add(key);
+      terms.push(term);
+    }
   }
   return terms;
 }
@@ -184,16 +196,20 @@ export async function answer(pathname: string, query: string | null, get: Get): 
   if (metaResponse.status === 404) return error(404, `no model ${JSON.stringify(model)} on this site (the models are listed at /api)`);
   try {
     const meta = await readJSON(base + "meta.json", metaResponse);
-    const shards = new Map<number, Promise<Record<string, Entry>>>();
+    // each shard and "more" file is fetched once per request, however many terms need it
+    const files = new Map<string, Promise<any>>();
+    const load = (path: string) => {
+      if (!files.has(path)) files.set(path, getJSON(get, path));
+      return files.get(path)!;
+    };
     const lists = await Promise.all(terms.map(async ([kind, token]) => {
       const shard = fnv1a(token) % meta.shards;
-      if (!shards.has(shard)) shards.set(shard, getJSON(get, `${base}tokens/${shard}.json`));
-      const body = await shards.get(shard)!;
+      const body: Record<string, Entry> = await load(`${base}tokens/${shard}.json`);
       if (!Object.prototype.hasOwnProperty.call(body, token)) return EMPTY;
       const e = body[token];
       // a list capped in the shard is read whole from the token's "more" file
       const capped = (kind !== "important" && e.na > e.a.length) || (kind !== "activating" && e.ni > e.i.length);
-      const whole: { a: number[]; i: number[] } = capped ? await getJSON(get, `${base}more/${shard}-${e.m}.json`) : e;
+      const whole: { a: number[]; i: number[] } = capped ? await load(`${base}more/${shard}-${e.m}.json`) : e;
       const a = kind === "important" ? EMPTY : undelta(whole.a), i = kind === "activating" ? EMPTY : undelta(whole.i);
       return kind === "activating" ? a : kind === "important" ? i : union(a, i);
     }));

@@ -134,18 +134,22 @@ def neuron2graph_search(path: str, query_string: str, read: Read) -> EdgeRespons
         return _error(404, f"no model {_js_quote(model)} on this site (the models are listed at /api)")
     try:
         meta = _load(read, base + "meta.json", meta_bytes)
-        shards: dict[int, dict] = {}
+        files: dict[str, dict] = {}  # each shard and "more" file is read once per request
+
+        def load(path: str) -> dict:
+            if path not in files:
+                files[path] = _load(read, path)
+            return files[path]
+
         result: set[int] | None = None
-        for kind, token in terms:
+        for kind, token in terms:  # distinct, at most MAX_TERMS (parse_query)
             shard = fnv1a(token) % meta["shards"]
-            if shard not in shards:
-                shards[shard] = _load(read, f"{base}tokens/{shard}.json")
-            entry = shards[shard].get(token)
+            entry = load(f"{base}tokens/{shard}.json").get(token)
             if entry is None:
                 ids: set[int] = set()
             else:
                 capped = (kind != "important" and entry["na"] > len(entry["a"])) or (kind != "activating" and entry["ni"] > len(entry["i"]))
-                lists = _load(read, f"{base}more/{shard}-{entry['m']}.json") if capped else entry
+                lists = load(f"{base}more/{shard}-{entry['m']}.json") if capped else entry
                 a = [] if kind == "important" else _undelta(lists["a"])
                 i = [] if kind == "activating" else _undelta(lists["i"])
                 ids = set(a) | set(i)

@@ -1,20 +1,34 @@
 """`sitegen serve`: a local static server that applies netlify.toml's rules and headers (rules.py).
 
 Every request gets an HTTP answer carrying netlify.toml's headers (security headers included):
-malformed requests, unsupported methods and internal errors too. One thread per connection
-(daemon threads, so Ctrl-C never waits), HTTP/1.1 keep-alive, a listen backlog sized for many
-concurrent clients, and a connection idle for IDLE_TIMEOUT seconds is closed. Paths declared for
-netlify.toml's edge functions are answered first, by their Python ports (edge.py), with only the
-headers the function sets (as on Netlify).
+malformed requests, unsupported methods and internal errors too. Paths declared for netlify.toml's
+edge functions are answered first, by their Python ports (edge.py), with only the headers the
+function sets (as on Netlify).
+
+Bounded work whatever the clients do (SiteServer): one thread watches every open connection with a
+selector and reads request heads; only a complete head (request line and headers, at most
+HEAD_LIMIT bytes) is handed to a fixed pool of WORKERS threads, so idle or slow connections cost a
+socket and a small buffer, never a thread. HTTP/1.1 keep-alive and pipelining work; a connection
+gets IDLE_TIMEOUT seconds for each request head (counted from the previous answer, not reset by
+trickled bytes) and at most MAX_CONNECTIONS are open: past that, the longest-waiting idle one is
+closed to admit the new one. A worker's writes time out after IDLE_TIMEOUT too.
 """
 
 from __future__ import annotations
 
+import io
 import mimetypes
+import queue
 import re
+import resource as rlimit
+import selectors
+import socket
 import sys
+import threading
+import time
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections import OrderedDict
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
@@ -23,8 +37,12 @@ from sitegen.resources import resource
 from sitegen.site import edge as edge_functions
 from sitegen.site.rules import Decision, Rules, load_rules
 
-IDLE_TIMEOUT = 15.0  # seconds a connection may wait for (the rest of) a request
+IDLE_TIMEOUT = 15.0  # seconds a connection gets for each request head; also the write timeout
 LISTEN_BACKLOG = 128  # socketserver's default of 5 refuses bursts of new connections
+WORKERS = 16  # threads answering complete requests (the work is CPU-bound under the GIL)
+MAX_CONNECTIONS = 2048  # open connections (also kept below the process's file descriptor limit)
+HEAD_LIMIT = 128 * 1024  # bytes of request line + headers buffered per connection
+_END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
 _TYPES = {".json": "application/json", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
           ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8"}
 # What may go into a header value we build from a request: printable ASCII without backslash.
@@ -39,9 +57,26 @@ class Handler(BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"  # a version-less request line still gets a status line and headers
     server_version = "sitegen"
     sys_version = ""
-    timeout = IDLE_TIMEOUT
 
     def log_message(self, fmt, *args):  # quiet: a preview server, not an access log
+        pass
+
+    # ---- one request whose head SiteServer has already read (request = a _Connection) ----------
+
+    def setup(self) -> None:
+        self.connection = self.request.sock
+        self.rfile = io.BytesIO(self.request.head)
+        self.wfile = _SocketWriter(self.request.sock)
+
+    def handle(self) -> None:
+        conn = self.request
+        if conn.oversize and b"\n" in conn.head[:65537]:  # a request line that fits, headers that do not
+            self.requestline, self.request_version, self.command = "", "HTTP/1.1", None
+            self.send_error(431)
+            return
+        self.handle_one_request()  # a request line over 64 KiB: http.server's own 414
+
+    def finish(self) -> None:
         pass
 
     # ---- answers -------------------------------------------------------------------------
@@ -158,9 +193,207 @@ class Handler(BaseHTTPRequestHandler):
         self._guarded(True)
 
 
-class SiteServer(ThreadingHTTPServer):
-    daemon_threads = True
+class _SocketWriter(io.BufferedIOBase):
+    """The handler's wfile: every write is one sendall (bounded by the socket's timeout)."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self._sock.sendall(b)
+        return memoryview(b).nbytes
+
+
+class _Connection:
+    """An open client connection: bytes received and not yet answered, and its deadline."""
+
+    __slots__ = ("sock", "address", "buffer", "scanned", "head", "oversize", "deadline")
+
+    def __init__(self, sock: socket.socket, address, deadline: float):
+        self.sock, self.address, self.deadline = sock, address, deadline
+        self.buffer, self.scanned, self.head, self.oversize = b"", 0, b"", False
+
+    def take_request(self) -> bool:
+        """Move the next complete request head out of the buffer into .head (True), or say
+        none is complete yet (False). A buffer past HEAD_LIMIT without one is taken whole,
+        marked oversize: the handler answers 414 or 431 and the connection closes."""
+        m = _END_OF_HEAD.search(self.buffer, max(0, self.scanned - 3))
+        if m is None:
+            self.scanned = len(self.buffer)
+            if len(self.buffer) <= HEAD_LIMIT:
+                return False
+            self.head, self.buffer, self.oversize = self.buffer[:HEAD_LIMIT + 1], b"", True
+        else:
+            self.head, self.buffer, self.oversize = self.buffer[:m.end()], self.buffer[m.end():], False
+        self.scanned = 0
+        return True
+
+
+class SiteServer(HTTPServer):
+    """A selector loop (serve_forever) over every open connection plus WORKERS threads that
+    answer complete requests: see the module docstring."""
+
     request_queue_size = LISTEN_BACKLOG
+    workers = WORKERS
+    max_connections = MAX_CONNECTIONS
+    idle_timeout = IDLE_TIMEOUT
+
+    def __init__(self, server_address, handler, *, idle_timeout: float = IDLE_TIMEOUT, workers: int = WORKERS,
+                 max_connections: int = MAX_CONNECTIONS):
+        super().__init__(server_address, handler)
+        soft = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)[0]
+        room = soft - 64 if soft != rlimit.RLIM_INFINITY else max_connections  # files, the wake pair, stdio
+        self.idle_timeout, self.workers = idle_timeout, workers
+        self.max_connections = max(1, min(max_connections, room))
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # connections with a complete request (None: stop)
+        self._returned: queue.SimpleQueue = queue.SimpleQueue()  # (connection, keep open) from the workers
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # already pending (or closed): the loop wakes anyway
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._stop.clear()
+        self._stopped.clear()
+        pool = [threading.Thread(target=self._work, name=f"sitegen-serve-{i}", daemon=True) for i in range(self.workers)]
+        for t in pool:
+            t.start()
+        sel = selectors.DefaultSelector()
+        waiting: OrderedDict[_Connection, None] = OrderedDict()  # idle or partly read, earliest deadline first
+        self.open_connections = 0
+
+        def close(conn: _Connection) -> None:
+            self.open_connections -= 1
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+
+        def forget(conn: _Connection) -> None:
+            sel.unregister(conn.sock)
+            del waiting[conn]
+
+        def park(conn: _Connection) -> None:
+            conn.deadline = time.monotonic() + self.idle_timeout
+            sel.register(conn.sock, selectors.EVENT_READ, conn)
+            waiting[conn] = None
+
+        try:
+            self.socket.setblocking(False)
+            sel.register(self.socket, selectors.EVENT_READ, "accept")
+            sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+            while not self._stop.is_set():
+                timeout = poll_interval
+                if waiting:
+                    timeout = max(0.0, min(timeout, next(iter(waiting)).deadline - time.monotonic()))
+                for key, _ in sel.select(timeout):
+                    if key.data == "accept":
+                        for _ in range(64):  # a batch per wake-up, so one burst cannot starve the rest
+                            try:
+                                sock, address = self.socket.accept()
+                            except (BlockingIOError, InterruptedError):
+                                break
+                            except OSError:  # out of descriptors or the like: the backlog holds the rest
+                                break
+                            if self.open_connections >= self.max_connections:
+                                if not waiting:
+                                    sock.close()
+                                    continue
+                                oldest = next(iter(waiting))  # the longest-waiting idle connection makes room
+                                forget(oldest)
+                                close(oldest)
+                            sock.settimeout(self.idle_timeout)  # bounds a worker's writes
+                            self.open_connections += 1
+                            park(_Connection(sock, address, 0.0))
+                    elif key.data == "wake":
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except (BlockingIOError, InterruptedError):
+                            pass
+                    else:
+                        conn = key.data
+                        if conn not in waiting:  # closed earlier in this batch (made room for a new one)
+                            continue
+                        try:
+                            data = conn.sock.recv(65536)
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        except OSError:
+                            data = b""
+                        if not data:
+                            forget(conn)
+                            close(conn)
+                            continue
+                        conn.buffer += data
+                        if conn.take_request():
+                            forget(conn)
+                            self._jobs.put(conn)
+                        # else it waits on, its deadline unchanged: trickled bytes buy no time
+                while True:
+                    try:
+                        conn, keep = self._returned.get_nowait()
+                    except queue.Empty:
+                        break
+                    if keep:
+                        park(conn)
+                    else:
+                        close(conn)
+                now = time.monotonic()
+                while waiting and next(iter(waiting)).deadline <= now:
+                    conn = next(iter(waiting))
+                    forget(conn)
+                    close(conn)
+        finally:
+            for conn in list(waiting):
+                forget(conn)
+                close(conn)
+            sel.close()
+            for _ in pool:
+                self._jobs.put(None)
+            self._stopped.set()
+
+    def _work(self) -> None:
+        """A worker: answer each connection's complete requests, then hand it back to the loop."""
+        while (conn := self._jobs.get()) is not None:
+            keep = False
+            try:
+                while True:
+                    handler = self.RequestHandlerClass(conn, conn.address, self)
+                    keep = not handler.close_connection
+                    if not keep or not conn.take_request():  # pipelined requests already received
+                        break
+            except OSError:  # the client went away or stopped reading (write timeout)
+                keep = False
+            except Exception:
+                keep = False
+                self.handle_error(conn.sock, conn.address)
+            if self._stop.is_set():  # the loop is gone or going: nobody would close it
+                conn.sock.close()
+                continue
+            self._returned.put((conn, keep))
+            self._wake()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake()
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def handle_error(self, request, client_address):
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
@@ -168,13 +401,14 @@ class SiteServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-def make_server(root: Path, host: str = "127.0.0.1", port: int = 8000, *, idle_timeout: float = IDLE_TIMEOUT) -> SiteServer:
+def make_server(root: Path, host: str = "127.0.0.1", port: int = 8000, *, idle_timeout: float = IDLE_TIMEOUT,
+                workers: int = WORKERS, max_connections: int = MAX_CONNECTIONS) -> SiteServer:
     root = Path(root).resolve()
     if not (root / "index.html").is_file():
         raise BuildError(f"{root} has no index.html; build the site first: sitegen build STORE --out {root}")
-    handler = type("SiteHandler", (Handler,), {"rules": load_rules(), "root": root, "timeout": idle_timeout})
+    handler = type("SiteHandler", (Handler,), {"rules": load_rules(), "root": root})
     try:
-        return SiteServer((host, port), handler)
+        return SiteServer((host, port), handler, idle_timeout=idle_timeout, workers=workers, max_connections=max_connections)
     except OSError as e:
         raise BuildError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port") from None
 

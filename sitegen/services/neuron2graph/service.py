@@ -33,12 +33,14 @@ _NEURON2GRAPH = {
 
 
 def _search() -> dict:
+    from sitegen.services.neuron2graph.tokenstore import MAX_TERMS
+
     op = api_get("Neurons whose token store holds every term's token (DeepDecipher's search), sorted by layer and neuron",
                  {"type": "array", "items": {"$ref": NEURON_INDEX_REF}}, ["model"])
     op["get"]["parameters"].append({"name": "query", "in": "query", "required": True, "schema": {"type": "string"},
                                     "description": "type:token[,type:token...] with type any, activating or important; terms combine by AND; "
-                                                   "a token no neuron has gives []"})
-    op["get"]["responses"]["400"] = {"description": "a malformed query: {\"error\": message}"}
+                                                   f"at most {MAX_TERMS} terms, a repeated term counts once; a token no neuron has gives []"})
+    op["get"]["responses"]["400"] = {"description": f"a malformed query, or one of more than {MAX_TERMS} terms: {{\"error\": message}}"}
     op["get"]["responses"]["404"] = {"description": "no query parameter, or no such model: {\"error\": message}"}
     return op
 

@@ -235,12 +235,22 @@ def _quoted(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+# Terms in one search query. Each distinct term costs up to two file reads (its shard, its "more"
+# file), so a query is refused above this many terms rather than read 7,000 times over.
+MAX_TERMS = 16
+
+
 def parse_query(query: str) -> list[tuple[str, str]]:
     """DeepDecipher's search syntax: type:token[,type:token...] with type any, activating or
-    important (a bare token means any:token); each token is N2G-normalised. Raises ValueError
-    with a message for the user (the search URL's edge function writes the same messages, so
-    strings are quoted as JSON, as JavaScript's JSON.stringify quotes them)."""
-    terms = []
+    important (a bare token means any:token); each token is N2G-normalised. At most MAX_TERMS
+    terms as written; repeated terms (after normalisation) are kept once, in first-seen order, as
+    AND makes them redundant. Raises ValueError with a message for the user (the search URL's edge
+    function writes the same messages, so strings are quoted as JSON, as JavaScript's
+    JSON.stringify quotes them)."""
+    n = query.count(",") + 1
+    if n > MAX_TERMS:
+        raise ValueError(f"too many terms ({n}) in the query: ask for at most {MAX_TERMS} type:token terms, e.g. any:the,activating:of")
+    terms: list[tuple[str, str]] = []
     for raw in query.split(","):
         if not raw.strip():
             raise ValueError(f"empty term in {_quoted(query)}: write type:token, e.g. any:the")
@@ -252,7 +262,9 @@ def parse_query(query: str) -> list[tuple[str, str]]:
             raise ValueError(f"unknown type {_quoted(kind)} in {_quoted(raw)}: use any, activating or important, e.g. any:the")
         if token == "":
             raise ValueError(f"no token after {_quoted(kind)}: write {kind}:token")
-        terms.append((kind, g.normalise(token)))
+        term = (kind, g.normalise(token))
+        if term not in terms:
+            terms.append(term)
     return terms
 
 

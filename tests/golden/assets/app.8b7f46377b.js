@@ -1,6 +1,9 @@
 // sitegen: progressive enhancement only; every page reads fine without this file.
 (function () {
   "use strict";
+  // Terms in one token search (tokenstore.MAX_TERMS, the edge function's MAX_TERMS), so a shared
+  // link cannot ask for thousands. Set here: the page code below runs before the rest of this file.
+  var MAX_TERMS = 16;
   var root = document.documentElement;
   var saved = null;
   try { saved = localStorage.getItem("theme"); } catch (e) { /* storage may be off */ }
@@ -182,9 +185,11 @@
     if (n > 1 && /\p{L}/u.test(t)) t = t.trim();
     return t;
   }
+  // At most MAX_TERMS terms as written, repeats kept once: the search URL's own rule.
   function parseQuery(q) {
-    var terms = [];
+    var terms = [], seen = new Set();
     var parts = q.split(",");
+    if (parts.length > MAX_TERMS) throw new Error("Too many terms (" + parts.length + "): ask for at most " + MAX_TERMS + ", e.g. any:the,activating:of");
     for (var i = 0; i < parts.length; i++) {
       var raw = parts[i];
       if (!raw.trim()) throw new Error("Empty term in “" + q + "”: write type:token, e.g. any:the");
@@ -192,7 +197,8 @@
       if (at >= 0) { kind = raw.slice(0, at).trim().toLowerCase(); token = raw.slice(at + 1); }
       if (["any", "activating", "important"].indexOf(kind) < 0) throw new Error("Unknown type “" + kind + "” in “" + raw + "”: use any, activating or important, e.g. any:the");
       if (token === "") throw new Error("No token after “" + kind + ":”: write " + kind + ":token");
-      terms.push([kind, normalise(token)]);
+      var term = [kind, normalise(token)], key = JSON.stringify(term);
+      if (!seen.has(key)) { seen.add(key); terms.push(term); }
     }
     return terms;
   }
@@ -203,6 +209,8 @@
   }
   function undelta(d) { var out = [], x = 0; for (var i = 0; i < d.length; i++) { x += d[i]; out.push(x); } return out; }
   function getJSON(url) { return fetch(url).then(function (r) { if (!r.ok) throw new Error(url + ": HTTP " + r.status); return r.json(); }); }
+  // getJSON for one search: each file fetched once, however many terms read it
+  function fetchOnce() { var seen = {}; return function (url) { return seen[url] || (seen[url] = getJSON(url)); }; }
   function union(a, b) { var s = new Set(a); b.forEach(function (x) { s.add(x); }); return Array.from(s).sort(function (x, y) { return x - y; }); }
 
   function setupSearch() {
@@ -229,10 +237,11 @@
       var base = "/search/" + model + "/";
       getJSON(base + "meta.json").then(function (meta) {
         if (!meta.text) { status.textContent = "This model has no explanations to search."; return; }
-        var terms = analyse(q, meta.text.stop_words);
+        var terms = analyse(q, meta.text.stop_words).filter(function (t, k, all) { return all.indexOf(t) === k; }), get = fetchOnce();
+        if (terms.length > MAX_TERMS) { status.textContent = ""; errorEl.textContent = "Too many words (" + terms.length + "): ask for at most " + MAX_TERMS + "."; errorEl.hidden = false; return; }
         if (!terms.length) { status.textContent = ""; errorEl.textContent = "Nothing to search for: every word of \u201c" + q + "\u201d is a stop word."; errorEl.hidden = false; return; }
         return Promise.all(terms.map(function (t) {
-          return getJSON(base + "words/" + (fnv1a(t) % meta.text.shards) + ".json").then(function (body) {
+          return get(base + "words/" + (fnv1a(t) % meta.text.shards) + ".json").then(function (body) {
             return Object.prototype.hasOwnProperty.call(body, t) ? body[t] : [[], []];
           });
         })).then(function (found) {
@@ -256,38 +265,38 @@
       errorEl.hidden = true; list.textContent = ""; moreBtn.hidden = true; status.textContent = "";
       var terms;
       try { terms = parseQuery(q); } catch (e) { errorEl.textContent = e.message; errorEl.hidden = false; return; }
-      var base = "/search/" + model + "/";
+      var base = "/search/" + model + "/", get = fetchOnce();
       status.textContent = "Searching…";
       getJSON(base + "meta.json").then(function (meta) {
         return Promise.all(terms.map(function (t) {
           var shard = fnv1a(t[1]) % meta.shards;
-          return getJSON(base + "tokens/" + shard + ".json").then(function (body) {
+          return get(base + "tokens/" + shard + ".json").then(function (body) {
             return {kind: t[0], token: t[1], shard: shard, entry: Object.prototype.hasOwnProperty.call(body, t[1]) ? body[t[1]] : null};
           });
         })).then(function (found) {
           // AND needs every list whole; a single term shows its first lists at once, the rest on demand
           var needFull = found.length > 1;
-          return Promise.all(found.map(function (f) { return lists(base, f, needFull); })).then(function (sets) {
+          return Promise.all(found.map(function (f) { return lists(base, f, needFull, get); })).then(function (sets) {
             var capped = sets.some(function (s) { return s.capped; });
             var ids = sets.reduce(function (acc, s) { if (acc === null) return s.ids; var keep = new Set(s.ids); return acc.filter(function (x) { return keep.has(x); }); }, null);
             show(model, meta, ids, terms, capped ? sets[0].total : ids.length);
             if (capped) {
               moreBtn.hidden = false;
-              moreBtn.onclick = function () { lists(base, found[0], true).then(function (s) { show(model, meta, s.ids, terms, s.ids.length); moreBtn.hidden = true; }); };
+              moreBtn.onclick = function () { lists(base, found[0], true, get).then(function (s) { show(model, meta, s.ids, terms, s.ids.length); moreBtn.hidden = true; }); };
             }
           });
         });
       }).catch(function (e) { status.textContent = ""; errorEl.textContent = "Search failed: " + e.message; errorEl.hidden = false; });
     }
     function pick(kind, a, i) { return kind === "activating" ? a : kind === "important" ? i : union(a, i); }
-    function lists(base, f, full) {
+    function lists(base, f, full, get) {
       if (!f.entry) return Promise.resolve({ids: [], capped: false, total: 0});
       var e = f.entry, a = undelta(e.a), i = undelta(e.i);
       var total = f.kind === "activating" ? e.na : f.kind === "important" ? e.ni : null;
       var capped = (f.kind !== "important" && e.na > a.length) || (f.kind !== "activating" && e.ni > i.length);
       if (!capped) return Promise.resolve({ids: pick(f.kind, a, i), capped: false, total: pick(f.kind, a, i).length});
       if (!full) return Promise.resolve({ids: pick(f.kind, a, i), capped: true, total: total === null ? e.na + e.ni : total, approx: total === null});
-      return getJSON(base + "more/" + f.shard + "-" + e.m + ".json").then(function (m) {
+      return get(base + "more/" + f.shard + "-" + e.m + ".json").then(function (m) {
         var ids = pick(f.kind, undelta(m.a), undelta(m.i));
         return {ids: ids, capped: false, total: ids.length};
       });
