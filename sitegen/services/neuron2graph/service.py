@@ -120,7 +120,7 @@ class Neuron2Graph(Service):
 
         log(f"neuron2graph: {_selection(cfg)} (resumes per layer; each layer's graphs are saved as it finishes)")
         try:
-            totals = run_n2g(model, store, _selection(cfg), N2GConfig(seed=cfg.seed), log)
+            totals = run_n2g(model, store, _selection(cfg), N2GConfig(seed=cfg.seed), log, progress=cfg.progress)
         except KeyboardInterrupt:
             raise StoreError(f"interrupted during neuron2graph; {cfg.out} keeps every finished layer: rerun the same command to go on") from None
         if totals["graphs"]:
