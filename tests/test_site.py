@@ -100,12 +100,12 @@ def test_every_corpus_string_is_escaped(built_site):
         assert "<img src=x" not in html and "</textarea>" not in html
 
 
-def test_missing_service_box_and_envelope(tmp_path):
+def test_missing_service_has_no_page_stub_and_keeps_its_envelope(tmp_path):
     store = write_synthetic_store(tmp_path / "store", name="no-logits", with_logits=False)
     out = tmp_path / "site"
     build_site([store.root], out)
     html = (out / "no-logits" / "0" / "0.html").read_text()
-    assert 'class="missing"' in html and "Not available" in html
+    assert 'class="missing"' not in html and "Not available" not in html and "Direct logit effects" not in html
     d = _json(out, "api/no-logits/logits/0/0.json")
     assert d["missing_data_types"] == ["logits"] and d["metadata"]["available_services"] == ["neuroscope", "neuron2graph"]
     assert _json(out, "api/no-logits/all/0/0.json")["logits"] == {"missing_data_types": ["logits"]}
@@ -181,3 +181,26 @@ def test_build_errors_are_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "sitegen", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert res.returncode != 0
     assert res.stderr.strip().count("\n") == 0 and "not a sitegen store" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_negative_texts_have_their_own_scale_and_marked_extremes(built_site):
+    """The most negative texts are coloured on their own scale (|min|), so each one's minimum is
+    dark blue even when the maximum is far larger; every text's extreme token is marked (class x)."""
+    payload = _json(built_site, f"api/{MODEL}/neuroscope/1/2.json")["data"]
+    assert abs(payload["stats"]["min"]) < payload["stats"]["max"] / 2, "a vacuous check: min and max of one size"
+    html = (built_site / MODEL / "1" / "2.html").read_text()
+    top, bottom = html.split('data-kind="bottom"')
+    assert top.count(' x">') == len(payload["texts"])  # the maximum of each top text, marked
+    lowest = min(t["min_activation"] for t in payload["bottom_texts"])
+    assert lowest == payload["stats"]["min"]
+    assert '<i class="n9 x">' in bottom  # the neuron's minimum: the darkest blue of the bottom scale
+
+
+def test_whitespace_tokens_are_visible_on_their_own():
+    from markupsafe import escape
+
+    from sitegen.services.tokens import shown
+
+    assert shown(" ") == "\u2423" and shown("  ") == "\u2423\u2423" and shown("\n") == "\u21b5" and shown(" \t") == "\u2423\u2192"
+    assert shown(" the") == " the" and shown("") == ""  # a token with text keeps its leading space (the text shows it)
+    assert str(escape(shown(" <"))) == " &lt;"

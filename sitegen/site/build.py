@@ -32,7 +32,7 @@ from sitegen.errors import BuildError, ConfigError, SitegenError
 from sitegen.resources import default_theme, resource
 from sitegen.services import registry
 from sitegen.services.base import fmt_num, fmt_pct
-from sitegen.services.tokens import escaped_vocab
+from sitegen.services.tokens import escaped_shown_vocab, escaped_vocab, shown
 from sitegen.names import model_name_problem
 from sitegen.site.provenance import model_provenance, neuron_provenance
 from sitegen.site.publisher import NETLIFY_DIR_LIMIT, Publisher, open_output
@@ -161,6 +161,11 @@ class SiteModel:
         if self._esc is None:
             self._esc = escaped_vocab(self.vocab)
         return self._esc
+
+    @property
+    def esc_shown_vocab(self) -> list[str]:
+        """Escaped tokens for a cell of their own (tokens.shown: whitespace tokens made visible)."""
+        return self.cached("site.esc_shown_vocab", lambda: escaped_shown_vocab(self.vocab))
 
     @property
     def esc_vocab_closed(self) -> list[str]:
@@ -472,7 +477,7 @@ def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict
         pub.publish(f"{model.name}/{layer}/{n}.html", neuron_tpl.render(
             model=model, meta=meta, layer=layer, neuron=n, nav=_neighbours(model, layer, n), services=pages,
             templates={s.name: s.template for s in model.services},
-            missing=model.missing, api=f"/{api}", provenance=neuron_provenance(model.provenance_services, model.provenance, layer, n, payloads)))
+            api=f"/{api}", provenance=neuron_provenance(model.provenance_services, model.provenance, layer, n, payloads)))
         row = {"neuron": n, "cells": []}
         for s in model.table_services:
             row["cells"].extend(s.layer_cells(view_of[s.name], n, payloads[s.name]))
@@ -504,5 +509,5 @@ def _layer_summary(layer: int, rows: list[dict]) -> dict:
     if not rows:
         return {"layer": layer}
     best = max(rows, key=lambda r: r["max"])
-    return {"layer": layer, "max": best["max"], "argmax": best["neuron"], "max_token": best["top_token"],
+    return {"layer": layer, "max": best["max"], "argmax": best["neuron"], "max_token": shown(best["top_token"]),
             "mean_frac": sum(r["frac"] for r in rows) / len(rows)}

@@ -24,6 +24,7 @@ WINDOW_AFTER = 4
 _OPEN = [f"<i class=n{-b}>" for b in range(-BUCKETS, 0)] + ["<i>"] + [f"<i class=p{b}>" for b in range(1, BUCKETS + 1)]
 _COLUMNS = ["top_seq", "top_acts", "bottom_seq", "bottom_acts", "mean", "std", "min", "max", "frac_pos", "count", "quantiles",
             "hist_edges", "hist_counts"]
+_PEAK = [f'<i class="n{-b} x">' for b in range(-BUCKETS, 0)] + ['<i class="x">'] + [f'<i class="p{b} x">' for b in range(1, BUCKETS + 1)]
 _ELL = '<span class="ell">…</span>'
 
 
@@ -74,9 +75,11 @@ class NeuroscopeLayer:
         col = lambda name: t.column(name).to_pylist()  # noqa: E731
         self.seq = {k: col(f"{k}_seq") for k in ("top", "bottom")}
         self.mean, self.std, self.vmin, self.vmax = col("mean"), col("std"), col("min"), col("max")
-        # One colour scale per page, centred on zero: the neuron's largest absolute activation.
-        self.scale = np.maximum(np.maximum(np.abs(t.column("max").to_numpy()), np.abs(t.column("min").to_numpy())), 1e-9).astype(np.float64)
-        self.traces = {k: Traces(t.column(f"{k}_acts"), self.scale, site.first_valid, lowest=(k == "bottom")) for k in ("top", "bottom")}
+        # Colour scales centred on zero: the top texts on the neuron's largest absolute activation,
+        # the most negative texts on their own (|min|), so a small negative range is still visible.
+        vmax, vmin = np.abs(t.column("max").to_numpy()).astype(np.float64), np.abs(t.column("min").to_numpy()).astype(np.float64)
+        scales = {"top": np.maximum(np.maximum(vmax, vmin), 1e-9), "bottom": np.maximum(vmin, 1e-9)}
+        self.traces = {k: Traces(t.column(f"{k}_acts"), scales[k], site.first_valid, lowest=(k == "bottom")) for k in ("top", "bottom")}
         self.frac_pos, self.count = col("frac_pos"), col("count")
         self.quantiles, self.hist_edges, self.hist = col("quantiles"), col("hist_edges"), col("hist_counts")
         # Edges to 6 significant digits, once per distinct value: most are the fine grid's and
@@ -170,10 +173,11 @@ class NeuroscopeLayer:
             acts, peak, length = t["activations"], t["max_activating_token_index"], len(s.closed)
             lo, hi = max(0, peak - WINDOW_BEFORE), min(length, peak + WINDOW_AFTER + 1)
             base = inner[first + i]
-            opens = map(_OPEN.__getitem__, buckets[base + lo:base + hi])
+            opens = list(map(_OPEN.__getitem__, buckets[base + lo:base + hi]))
             if lo < fv:
-                opens = list(opens)
                 opens[: fv - lo] = ["<i class=bos>"] * (fv - lo)
+            if lo <= peak < hi and peak >= fv:  # the text's extreme token (max for top, min for bottom) is marked
+                opens[peak - lo] = _PEAK[buckets[base + peak]]
             spans = "".join(chain.from_iterable(zip(opens, s.closed[lo:hi])))
             items.append(
                 f'<li><div class="seq" tabindex="0" data-start="{lo}">{_ELL if lo else ""}{spans}{_ELL if hi < length else ""}'
