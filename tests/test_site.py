@@ -204,3 +204,23 @@ def test_whitespace_tokens_are_visible_on_their_own():
     assert shown(" ") == "\u2423" and shown("  ") == "\u2423\u2423" and shown("\n") == "\u21b5" and shown(" \t") == "\u2423\u2192"
     assert shown(" the") == " the" and shown("") == ""  # a token with text keeps its leading space (the text shows it)
     assert str(escape(shown(" <"))) == " &lt;"
+
+
+@pytest.mark.parametrize("layer, neuron", [(1, 2), (0, 1)])  # without and with a graph
+def test_neuron_page_opens_with_a_summary(built_site, layer, neuron):
+    """Max, density, top tokens and the graph's F1 (when there is a graph), from the neuron's own data."""
+    html = (built_site / MODEL / str(layer) / f"{neuron}.html").read_text()
+    start = html.index('<dl class="meta inline summary"')
+    summary = html[start:html.index("</dl>", start)]
+    payload = _json(built_site, f"api/{MODEL}/neuroscope/{layer}/{neuron}.json")["data"]
+    assert f"<dt>max</dt><dd>{payload['stats']['max']:.4g}</dd>" in summary
+    assert f"{100 * payload['stats']['frac_positive']:.2f}%" in summary
+    peak = payload["texts"][0]
+    from markupsafe import escape
+
+    assert f"<code>{escape(peak['tokens'][peak['max_activating_token_index']])}</code>" in summary  # escaped: corpus text
+    graph = _json(built_site, f"api/{MODEL}/neuron2graph/{layer}/{neuron}.json")["data"]
+    assert ("graph F1" in summary) == (graph["graph"] is not None), summary
+    if graph["graph"] is not None:
+        assert f'<dt>graph F1</dt><dd><a href="#graph">{graph["evaluation"]["f1"]:.2g}</a></dd>' in summary
+    assert start < html.index('aria-label="Activation statistics"')

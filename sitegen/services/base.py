@@ -223,6 +223,12 @@ class Service:
         """This neuron's cells for `layer_columns()`, one per column."""
         return []
 
+    def neuron_summary(self, view: LayerView, neuron: int, payload: dict) -> list[tuple[str, Markup]]:
+        """Facts for the summary line at the top of the neuron page, as (label, escaped HTML)
+        pairs, in registry order after the other services' (neuroscope: max, density, top tokens;
+        neuron2graph: the graph's F1; the explainer: the explanation). Empty by default."""
+        return []
+
     def layer_facts(self, view: LayerView, neuron: int, payload: dict) -> dict:
         """Per-neuron facts for the model page's layer summary: `max`, `frac`, `top_token` (one
         service supplies them; the summary is empty without)."""

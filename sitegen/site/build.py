@@ -474,8 +474,9 @@ def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict
             pub.publish(f"{api}/{s.name}/{layer}/{n}.json", missing_json[s.name])
         pub.publish(f"{api}/all/{layer}/{n}.json", _all(model, encoded))
         pages = {s.name: view.page(n) for s, view in views}
+        summary = [item for s, view in views for item in s.neuron_summary(view, n, payloads[s.name])]
         pub.publish(f"{model.name}/{layer}/{n}.html", neuron_tpl.render(
-            model=model, meta=meta, layer=layer, neuron=n, nav=_neighbours(model, layer, n), services=pages,
+            model=model, meta=meta, layer=layer, neuron=n, nav=_neighbours(model, layer, n), services=pages, summary=summary,
             templates={s.name: s.template for s in model.services},
             api=f"/{api}", provenance=neuron_provenance(model.provenance_services, model.provenance, layer, n, payloads)))
         row = {"neuron": n, "cells": []}

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 from markupsafe import Markup
 
-from sitegen.services.tokens import BUCKETS
+from sitegen.services.tokens import BUCKETS, shown
 
 WINDOW_BEFORE = 12  # tokens shown before the peak token on the page (the JSON has every token)
 WINDOW_AFTER = 4
@@ -157,6 +157,15 @@ class NeuroscopeLayer:
     def top_token(self, n: int) -> str:
         texts = self._texts_of(n)["top"]
         return self.per_seq[texts[0]["data_index"]].tokens[texts[0]["max_activating_token_index"]] if texts else ""
+
+    def top_tokens(self, n: int, k: int = 5) -> list[str]:
+        """The distinct peak tokens of the top texts, most frequent first (ties: first seen), shown
+        as a cell of their own shows them (tokens.shown)."""
+        counts: dict[str, int] = {}
+        for t in self._texts_of(n)["top"]:
+            tok = self.per_seq[t["data_index"]].tokens[t["max_activating_token_index"]]
+            counts[tok] = counts.get(tok, 0) + 1
+        return [shown(tok) for tok in sorted(counts, key=lambda tok: -counts[tok])[:k]]
 
     # -- page --
     def _sequence_items(self, n: int, kind: str, texts: list[dict]) -> Markup:
