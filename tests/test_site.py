@@ -224,3 +224,20 @@ def test_neuron_page_opens_with_a_summary(built_site, layer, neuron):
     if graph["graph"] is not None:
         assert f'<dt>graph F1</dt><dd><a href="#graph">{graph["evaluation"]["f1"]:.2g}</a></dd>' in summary
     assert start < html.index('aria-label="Activation statistics"')
+
+
+def test_histogram_has_a_labelled_log_count_axis():
+    """Bar heights follow log10 of the count, and each bar of 10**k tokens reaches the 10**k tick."""
+    import re
+
+    from sitegen.services.neuroscope.render import PLOT_H, histogram_svg
+
+    svg = histogram_svg([1, 10, 100, 0, 7], [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0])
+    ticks = {t: int(y) - 4 for y, t in re.findall(r'<text class="yt" x="\d+" y="(\d+)" text-anchor="end">([\d,]+)</text>', svg)}
+    assert list(ticks) == ["1", "10", "100"]
+    bars = [(float(x), int(h)) for x, h in re.findall(r"M([\d.]+) \d+v-(\d+)h", svg)]
+    assert len(bars) == 4  # the empty bar is a gap
+    heights = [h for _, h in sorted(bars)]
+    assert [PLOT_H - h for h in heights[:3]] == [ticks["1"], ticks["10"], ticks["100"]]
+    assert heights[0] < heights[3] < heights[1]  # 7 tokens: between the 1 and 10 bars
+    assert ">activation</text>" in svg and ">tokens (log)</text>" in svg and ">0</text>" in svg

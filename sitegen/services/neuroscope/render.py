@@ -242,31 +242,48 @@ def _g(v: float) -> str:
     return text
 
 
+# The histogram's box: a plot area of PLOT_W x PLOT_H with room for the axes' labels around it (and 10 units above for the top tick's label).
+PLOT_X, PLOT_W, PLOT_H, BOX_W, BOX_H = 44, 580, 120, 640, 160
+
+
 def histogram_svg(counts: list[int], edges: list[float]) -> str:
-    """The display histogram's variable-width bars on a linear value axis (a 500 x 64 box), height
-    from density (count per unit of width, a bar at least 1 unit wide) on a log1p scale; values
-    <= 0 blue, > 0 red. Bars touch: a gap is an interval that holds no value."""
+    """The display histogram as an SVG chart: variable-width bars on a linear activation axis, bar
+    height the number of tokens in the bar on a log axis (ticks at every power of ten, labelled),
+    values <= 0 blue, > 0 red, a dashed line at zero and the range and zero labelled below. Bars
+    touch: a gap is an interval that holds no value."""
     if not counts or max(counts) == 0:
         return ""
-    width, base = 500, 52
     lo, hi = edges[0], edges[-1]
-    scale = width / (hi - lo) if hi > lo else 0.0
-    # Positions with Python's round() (numpy rounds tenths differently), in Python floats: the same
-    # IEEE operations numpy would do; widths, densities and heights with numpy, element by element
-    # the operations a loop per bar does.
-    x = [round((v - lo) * scale, 1) for v in edges] if scale else [0.0, float(width)]
+    scale = PLOT_W / (hi - lo) if hi > lo else 0.0
+    decades = max(1, int(np.ceil(np.log10(max(counts)))))  # the axis runs from 1 to 10**decades tokens
+    # Positions with Python's round() (numpy rounds tenths differently), in Python floats; heights
+    # with numpy: a count c >= 1 stands (1 + log10 c) / (1 + decades) of the plot's height, so one
+    # token is still a visible bar.
+    x = [round(PLOT_X + (v - lo) * scale, 1) for v in edges] if scale else [float(PLOT_X), float(PLOT_X + PLOT_W)]
     widths = np.maximum(np.diff(x[:len(counts) + 1]), 1.0)
-    density = np.asarray(counts, dtype=np.float64) / widths
-    heights = np.maximum(1, np.rint(base * (np.log1p(density) / np.log1p(density.max())))).astype(np.int64).tolist()
+    c = np.asarray(counts, dtype=np.float64)
+    heights = np.rint(PLOT_H * (1 + np.log10(np.maximum(c, 1))) / (1 + decades)).astype(np.int64).tolist()
     cached = _G.get
     neg: list[str] = []
     pos: list[str] = []
-    for i, (c, h, w) in enumerate(zip(counts, heights, widths.tolist())):
-        if c:
+    for i, (n, h, w) in enumerate(zip(counts, heights, widths.tolist())):
+        if n:
             a = x[i]
-            (pos if edges[i] >= 0 and edges[i + 1] > 0 else neg).append(f"M{cached(a) or _g(a)} {base}v-{h}h{cached(w) or _g(w)}v{h}z")
-    zero = f'<path class="zero" d="M{round((0 - lo) * scale, 1):g} 0V{base}"/>' if lo < 0 < hi else ""
+            (pos if edges[i] >= 0 and edges[i + 1] > 0 else neg).append(f"M{cached(a) or _g(a)} {PLOT_H}v-{h}h{cached(w) or _g(w)}v{h}z")
     parts = "".join(f'<path class="{k}" d="{"".join(v)}"/>' for k, v in (("neg", neg), ("pos", pos)) if v)
-    return (f'<svg class="hist" viewBox="0 0 {width} 64" role="img" aria-label="activation histogram: exact counts in variable-width bins, '
-            f'height log density"><title>Exact counts in variable-width bins (finer near zero); bar height: log density</title>{parts}{zero}'
-            f'<text x="0" y="63">{lo:.3g}</text><text x="{width}" y="63" text-anchor="end">{hi:.3g}</text></svg>')
+    ticks = "".join(f'<text class="yt" x="{PLOT_X - 4}" y="{round(PLOT_H * (1 - k / (1 + decades))) + 4}" text-anchor="end">{10 ** (k - 1):,}</text>'
+                    for k in range(1, decades + 2))
+    grid = "".join(f"M{PLOT_X} {round(PLOT_H * (1 - k / (1 + decades)))}h{PLOT_W}" for k in range(1, decades + 2))
+    xlabels = [(PLOT_X, "start", f"{lo:.3g}"), (PLOT_X + PLOT_W, "end", f"{hi:.3g}")]
+    zero = ""
+    if lo < 0 < hi:
+        z = round(PLOT_X + (0 - lo) * scale, 1)
+        zero = f'<path class="zero" d="M{z:g} 0V{PLOT_H}"/>'
+        if PLOT_X + 30 < z < PLOT_X + PLOT_W - 30:  # a 0 label only where it clears the ends' labels
+            xlabels.insert(1, (z, "middle", "0"))
+    xl = "".join(f'<text x="{a:g}" y="{PLOT_H + 14}" text-anchor="{anchor}">{t}</text>' for a, anchor, t in xlabels)
+    return (f'<svg class="hist" viewBox="0 -10 {BOX_W} {BOX_H + 10}" role="img" aria-label="activation histogram: tokens per variable-width bin, '
+            f'log count axis"><title>Exact token counts in variable-width bins (finer near zero); bar height: tokens, log scale</title>'
+            f'<path class="grid" d="{grid}"/>{parts}{zero}{ticks}{xl}'
+            f'<text x="{PLOT_X + PLOT_W // 2}" y="{BOX_H - 4}" text-anchor="middle">activation</text>'
+            f'<text x="10" y="{PLOT_H // 2}" text-anchor="middle" transform="rotate(-90 10 {PLOT_H // 2})">tokens (log)</text></svg>')
