@@ -235,3 +235,10 @@ def test_phone_width_has_no_page_wide_horizontal_scroll(browser, served_site, pa
     width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
     ctx.close()
     assert width[0] <= width[1], f"{path}: the page is {width[0]} px wide in a {width[1]} px viewport"
+
+
+def test_api_page_examples_use_the_sites_own_origin(page, served_site):
+    page.goto(f"{served_site}/api.html")
+    code = page.locator("pre code").all_inner_texts()
+    assert code and all("<your-site>" not in c for c in code)
+    assert any(f"{served_site}/api/{MODEL}/neuroscope/3/17" in c for c in code), code

@@ -241,3 +241,18 @@ def test_histogram_has_a_labelled_log_count_axis():
     assert [PLOT_H - h for h in heights[:3]] == [ticks["1"], ticks["10"], ticks["100"]]
     assert heights[0] < heights[3] < heights[1]  # 7 tokens: between the 1 and 10 bars
     assert ">activation</text>" in svg and ">tokens (log)</text>" in svg and ">0</text>" in svg
+
+
+def test_api_and_home_pages_list_every_service_of_the_site(built_site):
+    from sitegen.services import registry
+
+    services = [s.name for s in registry() if (built_site / "api" / MODEL / s.name / "0" / "0.json").exists()
+                and "missing_data_types" not in _json(built_site, f"api/{MODEL}/{s.name}/0/0.json")]
+    assert "neuron2graph" in services
+    api = (built_site / "api.html").read_text()
+    home = (built_site / "index.html").read_text()
+    for name in services:
+        assert f"<code>{name}</code>:" in api, name
+        assert f"<tr><td>{name}</td>" in home, name
+    assert "neuron2graph-search?query=" in api
+    assert "127.0.0.1" not in api and "https://&lt;your-site&gt;" in api  # no --base-url: app.js fills in the origin

@@ -173,7 +173,7 @@ class Service:
     name: str = ""  # URL segment and store folder: [a-z][a-z0-9_]*
     title: str = ""  # heading on the neuron page
     description: str = ""  # one sentence: what a reader finds here
-    index_blurb: str | None = None  # a row of the index page's "Data sources" table, if any
+    index_blurb: str | None = None  # its row of the index page's "Data sources" table (default: the description)
     needs: tuple[str, ...] = ()  # store folders it renders from (any one suffices); default: its own name
     column_order: int = 100  # where its layer-table columns go (lower first; ties in registry order)
     # The service whose per-neuron JSON holds the texts and activations the page's script reads

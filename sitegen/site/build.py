@@ -284,6 +284,21 @@ def _publish_assets(pub: Publisher, themes: list[Path] | None = None) -> dict[st
     return assets
 
 
+def _site_services(models: list[SiteModel]) -> list:
+    """The services some model of the site has, in registry order."""
+    held = {s.name for m in models for s in m.services}
+    return [s for s in registry() if s.name in held]
+
+
+# Where the site's own address goes in the API examples when the build is given no --base-url:
+# app.js writes the page's origin over it; without JavaScript it reads as an instruction.
+SITE_ORIGIN = "https://<your-site>"
+
+
+def _services_markdown(models: list[SiteModel]) -> str:
+    return "\n".join(f"- `{s.name}`: {s.description}" for s in _site_services(models))
+
+
 def _content_pages(pub: Publisher, env: Environment, models: list[SiteModel], base_url: str) -> None:
     from markdown_it import MarkdownIt
 
@@ -292,8 +307,9 @@ def _content_pages(pub: Publisher, env: Environment, models: list[SiteModel], ba
     texts = {}
     for path in sorted(resource("content").glob("*.md")):
         text = path.read_text()
-        if example:  # API examples name a real model of this site
-            text = text.replace("{{model}}", example.name).replace("{{base_url}}", base_url or "http://127.0.0.1:8000")
+        if example:  # API examples name a real model of this site, and the services its models have
+            text = (text.replace("{{model}}", example.name).replace("{{base_url}}", base_url.rstrip("/") or SITE_ORIGIN)
+                    .replace("{{services}}", _services_markdown(models)))
         texts[path.stem] = text
     pages = [{"slug": slug, "title": (t.splitlines()[0].lstrip("# ").strip() if t else slug)} for slug, t in texts.items()]
     env.globals["content_pages"] = pages  # the header links to every content page
@@ -331,7 +347,7 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
                 neurons += _render_model(pub, env, model, jobs, progress)
             stage = "index"
             api_models = [m.metadata() for m in models]
-            pub.publish("index.html", env.get_template("index.html").render(models=models, metadata=api_models, services=registry()))
+            pub.publish("index.html", env.get_template("index.html").render(models=models, metadata=api_models, services=_site_services(models)))
             pub.publish("api/index.json", dumps({"models": api_models}))
             from sitegen.site.openapi import openapi_document
 

@@ -164,6 +164,13 @@
     }
   }
 
+  // ---- the API page's examples: the site's own address where the build was given no --base-url ----
+  if (/^https?:$/.test(location.protocol)) {
+    document.querySelectorAll("pre code, p code").forEach(function (el) {
+      if (el.textContent.indexOf("https://<your-site>") >= 0) el.textContent = el.textContent.split("https://<your-site>").join(location.origin);
+    });
+  }
+
   // ---- token search over the static shards (sitegen/site/search.py writes them) ----
   // Neuron2Graph's normalisation, as sitegen.services.neuron2graph.graph.normalise.
   function isCased(c) { return c.toLowerCase() !== c.toUpperCase(); }
