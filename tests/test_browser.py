@@ -245,3 +245,23 @@ def test_browser_analysis_equals_lunrs_python_pipeline(browser, explained_site):
     got = page.evaluate("([t, s]) => window.sitegenAnalyse(t, s)", [words, stop_words()])
     assert got == analyse(words)
     page.close()
+
+
+@pytest.mark.parametrize("path", ["/", f"/{MODEL}/", f"/{MODEL}/1/", f"/{MODEL}/1/2.html", f"/search.html?model={MODEL}&q=any:w3"])
+def test_phone_width_has_no_page_wide_horizontal_scroll(browser, served_site, path):
+    """At 390 px (a phone), wide tables and graphs scroll inside their own box; the page itself never
+    scrolls sideways."""
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1)
+    page = ctx.new_page()
+    page.goto(served_site + path)
+    page.wait_for_load_state("networkidle")
+    width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    ctx.close()
+    assert width[0] <= width[1], f"{path}: the page is {width[0]} px wide in a {width[1]} px viewport"
+
+
+def test_api_page_examples_use_the_sites_own_origin(page, served_site):
+    page.goto(f"{served_site}/api.html")
+    code = page.locator("pre code").all_inner_texts()
+    assert code and all("<your-site>" not in c for c in code)
+    assert any(f"{served_site}/api/{MODEL}/neuroscope/3/17" in c for c in code), code

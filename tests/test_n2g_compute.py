@@ -249,3 +249,21 @@ def test_relu_model_with_exact_zero_texts(relu_model_dir, tiny_corpus, tmp_path,
     full, _ = n2g.build_layer(model, store, 0, some, n2g.N2GConfig(seed=1), n2g.ModelTokens.prepare(model, store))
     assert full.to_pylist() == [graphs[n] for n in some]
     assert sum(r["n_lines"] for r in full.to_pylist()) > 0
+
+
+def test_every_compute_stage_reports_progress(tiny_model_dir, tiny_corpus, tmp_path, capsys):
+    """Each stage of `sitegen compute` says it is running and shows done/total with a rate and ETA:
+    the corpus pass (tokens), the weight-based tables (layers) and the graphs (every graph to make)."""
+    import re
+
+    from sitegen.compute.runner import ComputeConfig, run_compute
+
+    logs: list[str] = []
+    run_compute(ComputeConfig(model=str(tiny_model_dir), corpus=str(tiny_corpus), out=tmp_path / "store", tokens=600, seq_len=16, seed=1,
+                              top_k=4, n_random=1, batch_size=8, device="cpu", progress=True, options={"n2g": "2"}), log=logs.append)
+    err = capsys.readouterr().err
+    assert any(line.startswith("corpus pass: ") and " tokens, 3 layers" in line for line in logs), logs
+    assert re.search(r"corpus pass: 100%.*\d+/\d+", err), err
+    assert "computing logits from the weights" in logs
+    assert re.search(r"logits from the weights: 100%.* 3/3 ", err), err
+    assert re.search(r"neuron2graph graphs: 100%.* 6/6 ", err), err  # 2 graphs in each of 3 layers, one bar over all

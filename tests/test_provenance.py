@@ -41,10 +41,12 @@ def test_page_states_how_it_was_made_escaped(site):
     html = (site / MODEL / "0" / "1.html").read_text()
     assert '<details class="provenance"' in html
     section = html[html.index('<details class="provenance"'):html.index("</details>", html.index('<details class="provenance"'))]
-    for text in ("sha256:c0ffee", "sha256:f1f1", "sha256:beef", "9.9.9", "blocks.{layer}.mlp.hook_post", "logprobs", "sha256:abc&lt;i&gt;",
+    for text in ("sha256:c0ffee", "sha256:f1f1", "sha256:beef", "9.9.9", "blocks.0.mlp.hook_post", "logprobs", "sha256:abc&lt;i&gt;",
                  "org/tiny&lt;b&gt;", "corpus &lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;", "llm &lt;script&gt;", "important_for_line"):
         assert text in section, text
     assert "<script>" not in section and "<b>" not in section and "<i>" not in section
+    assert "{layer}" not in section  # the hook pattern is filled in with this page's layer
+    assert "blocks.1.mlp.hook_post" in (site / MODEL / "1" / "0.html").read_text()
     # explainer and simulator are the same model for `sitegen explain`
     assert section.count("llm &lt;script&gt;") == 2
     # tokens processed and sequence length, from the manifest

@@ -100,12 +100,12 @@ def test_every_corpus_string_is_escaped(built_site):
         assert "<img src=x" not in html and "</textarea>" not in html
 
 
-def test_missing_service_box_and_envelope(tmp_path):
+def test_missing_service_has_no_page_stub_and_keeps_its_envelope(tmp_path):
     store = write_synthetic_store(tmp_path / "store", name="no-logits", with_logits=False)
     out = tmp_path / "site"
     build_site([store.root], out)
     html = (out / "no-logits" / "0" / "0.html").read_text()
-    assert 'class="missing"' in html and "Not available" in html
+    assert 'class="missing"' not in html and "Not available" not in html and "Direct logit effects" not in html
     d = _json(out, "api/no-logits/logits/0/0.json")
     assert d["missing_data_types"] == ["logits"] and d["metadata"]["available_services"] == ["neuroscope", "neuron2graph"]
     assert _json(out, "api/no-logits/all/0/0.json")["logits"] == {"missing_data_types": ["logits"]}
@@ -181,3 +181,78 @@ def test_build_errors_are_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "sitegen", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert res.returncode != 0
     assert res.stderr.strip().count("\n") == 0 and "not a sitegen store" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_negative_texts_have_their_own_scale_and_marked_extremes(built_site):
+    """The most negative texts are coloured on their own scale (|min|), so each one's minimum is
+    dark blue even when the maximum is far larger; every text's extreme token is marked (class x)."""
+    payload = _json(built_site, f"api/{MODEL}/neuroscope/1/2.json")["data"]
+    assert abs(payload["stats"]["min"]) < payload["stats"]["max"] / 2, "a vacuous check: min and max of one size"
+    html = (built_site / MODEL / "1" / "2.html").read_text()
+    top, bottom = html.split('data-kind="bottom"')
+    assert top.count(' x">') == len(payload["texts"])  # the maximum of each top text, marked
+    lowest = min(t["min_activation"] for t in payload["bottom_texts"])
+    assert lowest == payload["stats"]["min"]
+    assert '<i class="n9 x">' in bottom  # the neuron's minimum: the darkest blue of the bottom scale
+
+
+def test_whitespace_tokens_are_visible_on_their_own():
+    from markupsafe import escape
+
+    from sitegen.services.tokens import shown
+
+    assert shown(" ") == "\u2423" and shown("  ") == "\u2423\u2423" and shown("\n") == "\u21b5" and shown(" \t") == "\u2423\u2192"
+    assert shown(" the") == " the" and shown("") == ""  # a token with text keeps its leading space (the text shows it)
+    assert str(escape(shown(" <"))) == " &lt;"
+
+
+@pytest.mark.parametrize("layer, neuron", [(1, 2), (0, 1)])  # without and with a graph
+def test_neuron_page_opens_with_a_summary(built_site, layer, neuron):
+    """Max, density, top tokens and the graph's F1 (when there is a graph), from the neuron's own data."""
+    html = (built_site / MODEL / str(layer) / f"{neuron}.html").read_text()
+    start = html.index('<dl class="meta inline summary"')
+    summary = html[start:html.index("</dl>", start)]
+    payload = _json(built_site, f"api/{MODEL}/neuroscope/{layer}/{neuron}.json")["data"]
+    assert f"<dt>max</dt><dd>{payload['stats']['max']:.4g}</dd>" in summary
+    assert f"{100 * payload['stats']['frac_positive']:.2f}%" in summary
+    peak = payload["texts"][0]
+    from markupsafe import escape
+
+    assert f"<code>{escape(peak['tokens'][peak['max_activating_token_index']])}</code>" in summary  # escaped: corpus text
+    graph = _json(built_site, f"api/{MODEL}/neuron2graph/{layer}/{neuron}.json")["data"]
+    assert ("graph F1" in summary) == (graph["graph"] is not None), summary
+    if graph["graph"] is not None:
+        assert f'<dt>graph F1</dt><dd><a href="#graph">{graph["evaluation"]["f1"]:.2g}</a></dd>' in summary
+    assert start < html.index('aria-label="Activation statistics"')
+
+
+def test_histogram_has_a_labelled_log_count_axis():
+    """Bar heights follow log10 of the count, and each bar of 10**k tokens reaches the 10**k tick."""
+    import re
+
+    from sitegen.services.neuroscope.render import PLOT_H, histogram_svg
+
+    svg = histogram_svg([1, 10, 100, 0, 7], [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0])
+    ticks = {t: int(y) - 4 for y, t in re.findall(r'<text class="yt" x="\d+" y="(\d+)" text-anchor="end">([\d,]+)</text>', svg)}
+    assert list(ticks) == ["1", "10", "100"]
+    bars = [(float(x), int(h)) for x, h in re.findall(r"M([\d.]+) \d+v-(\d+)h", svg)]
+    assert len(bars) == 4  # the empty bar is a gap
+    heights = [h for _, h in sorted(bars)]
+    assert [PLOT_H - h for h in heights[:3]] == [ticks["1"], ticks["10"], ticks["100"]]
+    assert heights[0] < heights[3] < heights[1]  # 7 tokens: between the 1 and 10 bars
+    assert ">activation</text>" in svg and ">tokens (log)</text>" in svg and ">0</text>" in svg
+
+
+def test_api_and_home_pages_list_every_service_of_the_site(built_site):
+    from sitegen.services import registry
+
+    services = [s.name for s in registry() if (built_site / "api" / MODEL / s.name / "0" / "0.json").exists()
+                and "missing_data_types" not in _json(built_site, f"api/{MODEL}/{s.name}/0/0.json")]
+    assert "neuron2graph" in services
+    api = (built_site / "api.html").read_text()
+    home = (built_site / "index.html").read_text()
+    for name in services:
+        assert f"<code>{name}</code>:" in api, name
+        assert f"<tr><td>{name}</td>" in home, name
+    assert "neuron2graph-search?query=" in api
+    assert "127.0.0.1" not in api and "https://&lt;your-site&gt;" in api  # no --base-url: app.js fills in the origin

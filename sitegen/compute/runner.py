@@ -345,6 +345,7 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
     batch_size = cfg.batch_size or auto_batch_size(device, cfg.seq_len)
     pad_id = int(getattr(tokenizer, "pad_token_id", None) or bos or 0)
     total_tokens = sum(len(s.token_ids) for s in mine)
+    run.log(f"corpus pass: {len(mine)} sequences, {total_tokens} tokens, {len(accs)} layers, batches of {batch_size}")
     bar = _progress(cfg.progress, total_tokens, tokens_done)
     last_save = time.monotonic()
     batches = 0
@@ -435,8 +436,10 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
     if cfg.weights and shard_i == 0:  # corpus-independent: the first shard computes them, merge copies them
         for svc in (s for s in registry() if s.from_weights):
             log(f"computing {svc.name} from the weights")
-            for layer, table in svc.weight_tables(model):
-                write(svc, layer, table)
+            with _stage_bar(cfg.progress, model.n_layers, f"{svc.name} from the weights", "layer") as bar:
+                for layer, table in svc.weight_tables(model):
+                    write(svc, layer, table)
+                    bar.update(1)
             written.append(svc)
     out.write_sequences(_sequences_table([s for s in mine if s.seq_id in referenced]))
     out.write_vocab(display_tokens(tokenizer, int(model.bridge.cfg.d_vocab)))
@@ -492,7 +495,14 @@ def _versions() -> dict:
 def _progress(enabled: bool, total: int, initial: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, disable=not enabled, desc="compute", smoothing=0.1)
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, disable=not enabled, desc="corpus pass", smoothing=0.1)
+
+
+def _stage_bar(enabled: bool, total: int, desc: str, unit: str):
+    """A later stage's bar (done/total, rate, ETA), so no stage runs silent for minutes."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, disable=not enabled, desc=desc)
 
 
 def _batch_tensors(batch, batch_size, seq_len, pad_id, first_valid, seed, random_key, device):

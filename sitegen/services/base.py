@@ -173,7 +173,7 @@ class Service:
     name: str = ""  # URL segment and store folder: [a-z][a-z0-9_]*
     title: str = ""  # heading on the neuron page
     description: str = ""  # one sentence: what a reader finds here
-    index_blurb: str | None = None  # a row of the index page's "Data sources" table, if any
+    index_blurb: str | None = None  # its row of the index page's "Data sources" table (default: the description)
     needs: tuple[str, ...] = ()  # store folders it renders from (any one suffices); default: its own name
     column_order: int = 100  # where its layer-table columns go (lower first; ties in registry order)
     # The service whose per-neuron JSON holds the texts and activations the page's script reads
@@ -221,6 +221,12 @@ class Service:
 
     def layer_cells(self, view: LayerView, neuron: int, payload: dict) -> list[Cell]:
         """This neuron's cells for `layer_columns()`, one per column."""
+        return []
+
+    def neuron_summary(self, view: LayerView, neuron: int, payload: dict) -> list[tuple[str, Markup]]:
+        """Facts for the summary line at the top of the neuron page, as (label, escaped HTML)
+        pairs, in registry order after the other services' (neuroscope: max, density, top tokens;
+        neuron2graph: the graph's F1; the explainer: the explanation). Empty by default."""
         return []
 
     def layer_facts(self, view: LayerView, neuron: int, payload: dict) -> dict:

@@ -32,7 +32,7 @@ from sitegen.errors import BuildError, ConfigError, SitegenError
 from sitegen.resources import default_theme, resource
 from sitegen.services import registry
 from sitegen.services.base import fmt_num, fmt_pct
-from sitegen.services.tokens import escaped_vocab
+from sitegen.services.tokens import escaped_shown_vocab, escaped_vocab, shown
 from sitegen.names import model_name_problem
 from sitegen.site.provenance import model_provenance, neuron_provenance
 from sitegen.site.publisher import NETLIFY_DIR_LIMIT, Publisher, open_output
@@ -163,6 +163,11 @@ class SiteModel:
         return self._esc
 
     @property
+    def esc_shown_vocab(self) -> list[str]:
+        """Escaped tokens for a cell of their own (tokens.shown: whitespace tokens made visible)."""
+        return self.cached("site.esc_shown_vocab", lambda: escaped_shown_vocab(self.vocab))
+
+    @property
     def esc_vocab_closed(self) -> list[str]:
         """Escaped tokens with their closing tag, for joining token spans without a Python loop."""
         if self._esc_closed is None:
@@ -279,6 +284,21 @@ def _publish_assets(pub: Publisher, themes: list[Path] | None = None) -> dict[st
     return assets
 
 
+def _site_services(models: list[SiteModel]) -> list:
+    """The services some model of the site has, in registry order."""
+    held = {s.name for m in models for s in m.services}
+    return [s for s in registry() if s.name in held]
+
+
+# Where the site's own address goes in the API examples when the build is given no --base-url:
+# app.js writes the page's origin over it; without JavaScript it reads as an instruction.
+SITE_ORIGIN = "https://<your-site>"
+
+
+def _services_markdown(models: list[SiteModel]) -> str:
+    return "\n".join(f"- `{s.name}`: {s.description}" for s in _site_services(models))
+
+
 def _content_pages(pub: Publisher, env: Environment, models: list[SiteModel], base_url: str) -> None:
     from markdown_it import MarkdownIt
 
@@ -287,8 +307,9 @@ def _content_pages(pub: Publisher, env: Environment, models: list[SiteModel], ba
     texts = {}
     for path in sorted(resource("content").glob("*.md")):
         text = path.read_text()
-        if example:  # API examples name a real model of this site
-            text = text.replace("{{model}}", example.name).replace("{{base_url}}", base_url or "http://127.0.0.1:8000")
+        if example:  # API examples name a real model of this site, and the services its models have
+            text = (text.replace("{{model}}", example.name).replace("{{base_url}}", base_url.rstrip("/") or SITE_ORIGIN)
+                    .replace("{{services}}", _services_markdown(models)))
         texts[path.stem] = text
     pages = [{"slug": slug, "title": (t.splitlines()[0].lstrip("# ").strip() if t else slug)} for slug, t in texts.items()]
     env.globals["content_pages"] = pages  # the header links to every content page
@@ -326,7 +347,7 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
                 neurons += _render_model(pub, env, model, jobs, progress)
             stage = "index"
             api_models = [m.metadata() for m in models]
-            pub.publish("index.html", env.get_template("index.html").render(models=models, metadata=api_models, services=registry()))
+            pub.publish("index.html", env.get_template("index.html").render(models=models, metadata=api_models, services=_site_services(models)))
             pub.publish("api/index.json", dumps({"models": api_models}))
             from sitegen.site.openapi import openapi_document
 
@@ -469,10 +490,11 @@ def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict
             pub.publish(f"{api}/{s.name}/{layer}/{n}.json", missing_json[s.name])
         pub.publish(f"{api}/all/{layer}/{n}.json", _all(model, encoded))
         pages = {s.name: view.page(n) for s, view in views}
+        summary = [item for s, view in views for item in s.neuron_summary(view, n, payloads[s.name])]
         pub.publish(f"{model.name}/{layer}/{n}.html", neuron_tpl.render(
-            model=model, meta=meta, layer=layer, neuron=n, nav=_neighbours(model, layer, n), services=pages,
+            model=model, meta=meta, layer=layer, neuron=n, nav=_neighbours(model, layer, n), services=pages, summary=summary,
             templates={s.name: s.template for s in model.services},
-            missing=model.missing, api=f"/{api}", provenance=neuron_provenance(model.provenance_services, model.provenance, layer, n, payloads)))
+            api=f"/{api}", provenance=neuron_provenance(model.provenance_services, model.provenance, layer, n, payloads)))
         row = {"neuron": n, "cells": []}
         for s in model.table_services:
             row["cells"].extend(s.layer_cells(view_of[s.name], n, payloads[s.name]))
@@ -504,5 +526,5 @@ def _layer_summary(layer: int, rows: list[dict]) -> dict:
     if not rows:
         return {"layer": layer}
     best = max(rows, key=lambda r: r["max"])
-    return {"layer": layer, "max": best["max"], "argmax": best["neuron"], "max_token": best["top_token"],
+    return {"layer": layer, "max": best["max"], "argmax": best["neuron"], "max_token": shown(best["top_token"]),
             "mean_frac": sum(r["frac"] for r in rows) / len(rows)}

@@ -29,7 +29,7 @@ class LogitsLayer:
     def page(self, n: int) -> dict:
         """Table rows pre-rendered (escaped here) per list: thousands of pages, few template loops."""
         rows = {}
-        esc_vocab = self.site.esc_vocab
+        esc_vocab = self.site.esc_shown_vocab
         for kind in ("promoted", "suppressed", "input"):
             ids, vals = self.cols.get(f"{kind}_ids"), self.cols.get(f"{kind}_vals")
             if ids is None:

@@ -498,10 +498,12 @@ def neutral_token(tokenizer) -> int:
     return int(ids[0]) if len(ids) == 1 else 0
 
 
-def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] = print) -> dict:
+def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] = print, progress: bool = False) -> dict:
     """Compute the selected graphs layer by layer into store/neuron2graph/, skipping neurons whose
-    graph is already there (so an interrupted run resumes per layer). Returns cost figures."""
+    graph is already there (so an interrupted run resumes per layer). Returns cost figures.
+    `progress` shows a bar over every graph still to make (done/total and an ETA, updated per layer)."""
     import torch
+    from tqdm.auto import tqdm
 
     manifest = store.manifest
     n_layers, d_mlp = manifest["model"]["num_layers"], manifest["model"]["layer_size"]
@@ -513,6 +515,7 @@ def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] 
                   "replacement_source": "input-embedding nearest neighbours", "neutral_token_id": mt.neutral,
                   "thresholds": {"prune_drop": PRUNE_DROP, "append_tokens": APPEND_TOKENS, "important_for_augment": IMPORTANT_FOR_AUGMENT,
                                  "important_for_line": IMPORTANT_FOR_LINE, "activating_for_line": ACTIVATING_FOR_LINE, "firing": g.FIRING}}
+    plan = []  # (layer, neurons to graph, the layer's table as it stands): known up front, so the bar has a total
     for layer, neurons in selection.items():
         path = store.layer_path(SERVICE, layer)
         old = store.read_layer(SERVICE, layer) if path.exists() else None
@@ -524,15 +527,21 @@ def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] 
             old = None
         have = set(old.column("neuron").to_pylist()) if old is not None else set()
         todo = [n for n in neurons if n not in have]
-        if not todo:
-            continue
-        start = time.perf_counter()
-        table, tokens_run = build_layer(model, store, layer, todo, cfg, mt, log)
-        if old is not None:
-            table = pa.concat_tables([old, table]).sort_by("neuron")
-        store.write_layer(SERVICE, layer, table)
-        store.add_service(SERVICE, n2g_record)  # after every layer: an interrupted run's finished layers are part of the store
-        totals["graphs"] += table.num_rows - len(have)
-        totals["tokens_run"] += tokens_run
-        totals["seconds"] += time.perf_counter() - start
+        if todo:
+            plan.append((layer, todo, old is not None))
+    bar = tqdm(total=sum(len(todo) for _, todo, _ in plan), unit="graph", desc="neuron2graph graphs", disable=not progress, smoothing=0.3)
+    try:
+        for layer, todo, extend in plan:
+            start = time.perf_counter()
+            table, tokens_run = build_layer(model, store, layer, todo, cfg, mt, log)
+            if extend:
+                table = pa.concat_tables([store.read_layer(SERVICE, layer), table]).sort_by("neuron")
+            store.write_layer(SERVICE, layer, table)
+            store.add_service(SERVICE, n2g_record)  # after every layer: an interrupted run's finished layers are part of the store
+            totals["graphs"] += len(todo)
+            totals["tokens_run"] += tokens_run
+            totals["seconds"] += time.perf_counter() - start
+            bar.update(len(todo))
+    finally:
+        bar.close()
     return totals

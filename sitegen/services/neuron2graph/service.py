@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 
+from markupsafe import Markup
+
 from sitegen.errors import ConfigError, StoreError
-from sitegen.services.base import LAYER_NEURON, NEURON_INDEX_REF, Service, TokenIndex, api_envelope, api_get
+from sitegen.services.base import LAYER_NEURON, NEURON_INDEX_REF, Service, TokenIndex, api_envelope, api_get, fmt_num
 from sitegen.services.neuron2graph.provenance import graph_provenance
 
 _N2G_NODE = {"type": "object", "required": ["token", "required", "importance"],
@@ -114,6 +116,13 @@ class Neuron2Graph(Service):
             raise ConfigError("--n2g cannot run on a --shard: merge the shards first, then run 'sitegen compute' with the same "
                               "arguments and --out MERGED --n2g ...")
 
+    def neuron_summary(self, view, n, payload):
+        row = view.rows.get(n)
+        if row is None:
+            return []
+        f1 = row.get("f1")
+        return [("graph F1", Markup('<a href="#graph">{}</a>').format("undefined" if f1 is None else fmt_num(f1, 2)))]
+
     def stage_requested(self, cfg):
         return _selection(cfg) != "0"
 
@@ -122,7 +131,7 @@ class Neuron2Graph(Service):
 
         log(f"neuron2graph: {_selection(cfg)} (resumes per layer; each layer's graphs are saved as it finishes)")
         try:
-            totals = run_n2g(model, store, _selection(cfg), N2GConfig(seed=cfg.seed), log)
+            totals = run_n2g(model, store, _selection(cfg), N2GConfig(seed=cfg.seed), log, progress=cfg.progress)
         except KeyboardInterrupt:
             raise StoreError(f"interrupted during neuron2graph; {cfg.out} keeps every finished layer: rerun the same command to go on") from None
         if totals["graphs"]:

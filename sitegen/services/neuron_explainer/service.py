@@ -62,6 +62,12 @@ class NeuronExplainer(Service):
     def layer_columns(self):
         return [Column("Explanation score"), Column("Explanation", None)]
 
+    def neuron_summary(self, view, n, payload):
+        if not payload["explanation"]:
+            return []
+        score = "" if payload["score"] is None else f" (score {fmt_num(payload['score'], 3)})"
+        return [("explanation", Markup('<a href="#explanation">{}</a>{}').format(payload["explanation"], score))]
+
     def layer_cells(self, view, n, payload):
         score = payload["score"]
         return [Cell(Markup.escape("" if score is None else fmt_num(score, 3)), str(-2 if score is None else score)),

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 from markupsafe import Markup
 
-from sitegen.services.tokens import BUCKETS
+from sitegen.services.tokens import BUCKETS, shown
 
 WINDOW_BEFORE = 12  # tokens shown before the peak token on the page (the JSON has every token)
 WINDOW_AFTER = 4
@@ -24,6 +24,7 @@ WINDOW_AFTER = 4
 _OPEN = [f"<i class=n{-b}>" for b in range(-BUCKETS, 0)] + ["<i>"] + [f"<i class=p{b}>" for b in range(1, BUCKETS + 1)]
 _COLUMNS = ["top_seq", "top_acts", "bottom_seq", "bottom_acts", "mean", "std", "min", "max", "frac_pos", "count", "quantiles",
             "hist_edges", "hist_counts"]
+_PEAK = [f'<i class="n{-b} x">' for b in range(-BUCKETS, 0)] + ['<i class="x">'] + [f'<i class="p{b} x">' for b in range(1, BUCKETS + 1)]
 _ELL = '<span class="ell">…</span>'
 
 
@@ -74,9 +75,11 @@ class NeuroscopeLayer:
         col = lambda name: t.column(name).to_pylist()  # noqa: E731
         self.seq = {k: col(f"{k}_seq") for k in ("top", "bottom")}
         self.mean, self.std, self.vmin, self.vmax = col("mean"), col("std"), col("min"), col("max")
-        # One colour scale per page, centred on zero: the neuron's largest absolute activation.
-        self.scale = np.maximum(np.maximum(np.abs(t.column("max").to_numpy()), np.abs(t.column("min").to_numpy())), 1e-9).astype(np.float64)
-        self.traces = {k: Traces(t.column(f"{k}_acts"), self.scale, site.first_valid, lowest=(k == "bottom")) for k in ("top", "bottom")}
+        # Colour scales centred on zero: the top texts on the neuron's largest absolute activation,
+        # the most negative texts on their own (|min|), so a small negative range is still visible.
+        vmax, vmin = np.abs(t.column("max").to_numpy()).astype(np.float64), np.abs(t.column("min").to_numpy()).astype(np.float64)
+        scales = {"top": np.maximum(np.maximum(vmax, vmin), 1e-9), "bottom": np.maximum(vmin, 1e-9)}
+        self.traces = {k: Traces(t.column(f"{k}_acts"), scales[k], site.first_valid, lowest=(k == "bottom")) for k in ("top", "bottom")}
         self.frac_pos, self.count = col("frac_pos"), col("count")
         self.quantiles, self.hist_edges, self.hist = col("quantiles"), col("hist_edges"), col("hist_counts")
         # Edges to 6 significant digits, once per distinct value: most are the fine grid's and
@@ -155,6 +158,15 @@ class NeuroscopeLayer:
         texts = self._texts_of(n)["top"]
         return self.per_seq[texts[0]["data_index"]].tokens[texts[0]["max_activating_token_index"]] if texts else ""
 
+    def top_tokens(self, n: int, k: int = 5) -> list[str]:
+        """The distinct peak tokens of the top texts, most frequent first (ties: first seen), shown
+        as a cell of their own shows them (tokens.shown)."""
+        counts: dict[str, int] = {}
+        for t in self._texts_of(n)["top"]:
+            tok = self.per_seq[t["data_index"]].tokens[t["max_activating_token_index"]]
+            counts[tok] = counts.get(tok, 0) + 1
+        return [shown(tok) for tok in sorted(counts, key=lambda tok: -counts[tok])[:k]]
+
     # -- page --
     def _sequence_items(self, n: int, kind: str, texts: list[dict]) -> Markup:
         """One <li> per text: the window around the peak as coloured spans and the text's source.
@@ -170,10 +182,11 @@ class NeuroscopeLayer:
             acts, peak, length = t["activations"], t["max_activating_token_index"], len(s.closed)
             lo, hi = max(0, peak - WINDOW_BEFORE), min(length, peak + WINDOW_AFTER + 1)
             base = inner[first + i]
-            opens = map(_OPEN.__getitem__, buckets[base + lo:base + hi])
+            opens = list(map(_OPEN.__getitem__, buckets[base + lo:base + hi]))
             if lo < fv:
-                opens = list(opens)
                 opens[: fv - lo] = ["<i class=bos>"] * (fv - lo)
+            if lo <= peak < hi and peak >= fv:  # the text's extreme token (max for top, min for bottom) is marked
+                opens[peak - lo] = _PEAK[buckets[base + peak]]
             spans = "".join(chain.from_iterable(zip(opens, s.closed[lo:hi])))
             items.append(
                 f'<li><div class="seq" tabindex="0" data-start="{lo}">{_ELL if lo else ""}{spans}{_ELL if hi < length else ""}'
@@ -229,31 +242,48 @@ def _g(v: float) -> str:
     return text
 
 
+# The histogram's box: a plot area of PLOT_W x PLOT_H with room for the axes' labels around it (and 10 units above for the top tick's label).
+PLOT_X, PLOT_W, PLOT_H, BOX_W, BOX_H = 44, 580, 120, 640, 160
+
+
 def histogram_svg(counts: list[int], edges: list[float]) -> str:
-    """The display histogram's variable-width bars on a linear value axis (a 500 x 64 box), height
-    from density (count per unit of width, a bar at least 1 unit wide) on a log1p scale; values
-    <= 0 blue, > 0 red. Bars touch: a gap is an interval that holds no value."""
+    """The display histogram as an SVG chart: variable-width bars on a linear activation axis, bar
+    height the number of tokens in the bar on a log axis (ticks at every power of ten, labelled),
+    values <= 0 blue, > 0 red, a dashed line at zero and the range and zero labelled below. Bars
+    touch: a gap is an interval that holds no value."""
     if not counts or max(counts) == 0:
         return ""
-    width, base = 500, 52
     lo, hi = edges[0], edges[-1]
-    scale = width / (hi - lo) if hi > lo else 0.0
-    # Positions with Python's round() (numpy rounds tenths differently), in Python floats: the same
-    # IEEE operations numpy would do; widths, densities and heights with numpy, element by element
-    # the operations a loop per bar does.
-    x = [round((v - lo) * scale, 1) for v in edges] if scale else [0.0, float(width)]
+    scale = PLOT_W / (hi - lo) if hi > lo else 0.0
+    decades = max(1, int(np.ceil(np.log10(max(counts)))))  # the axis runs from 1 to 10**decades tokens
+    # Positions with Python's round() (numpy rounds tenths differently), in Python floats; heights
+    # with numpy: a count c >= 1 stands (1 + log10 c) / (1 + decades) of the plot's height, so one
+    # token is still a visible bar.
+    x = [round(PLOT_X + (v - lo) * scale, 1) for v in edges] if scale else [float(PLOT_X), float(PLOT_X + PLOT_W)]
     widths = np.maximum(np.diff(x[:len(counts) + 1]), 1.0)
-    density = np.asarray(counts, dtype=np.float64) / widths
-    heights = np.maximum(1, np.rint(base * (np.log1p(density) / np.log1p(density.max())))).astype(np.int64).tolist()
+    c = np.asarray(counts, dtype=np.float64)
+    heights = np.rint(PLOT_H * (1 + np.log10(np.maximum(c, 1))) / (1 + decades)).astype(np.int64).tolist()
     cached = _G.get
     neg: list[str] = []
     pos: list[str] = []
-    for i, (c, h, w) in enumerate(zip(counts, heights, widths.tolist())):
-        if c:
+    for i, (n, h, w) in enumerate(zip(counts, heights, widths.tolist())):
+        if n:
             a = x[i]
-            (pos if edges[i] >= 0 and edges[i + 1] > 0 else neg).append(f"M{cached(a) or _g(a)} {base}v-{h}h{cached(w) or _g(w)}v{h}z")
-    zero = f'<path class="zero" d="M{round((0 - lo) * scale, 1):g} 0V{base}"/>' if lo < 0 < hi else ""
+            (pos if edges[i] >= 0 and edges[i + 1] > 0 else neg).append(f"M{cached(a) or _g(a)} {PLOT_H}v-{h}h{cached(w) or _g(w)}v{h}z")
     parts = "".join(f'<path class="{k}" d="{"".join(v)}"/>' for k, v in (("neg", neg), ("pos", pos)) if v)
-    return (f'<svg class="hist" viewBox="0 0 {width} 64" role="img" aria-label="activation histogram: exact counts in variable-width bins, '
-            f'height log density"><title>Exact counts in variable-width bins (finer near zero); bar height: log density</title>{parts}{zero}'
-            f'<text x="0" y="63">{lo:.3g}</text><text x="{width}" y="63" text-anchor="end">{hi:.3g}</text></svg>')
+    ticks = "".join(f'<text class="yt" x="{PLOT_X - 4}" y="{round(PLOT_H * (1 - k / (1 + decades))) + 4}" text-anchor="end">{10 ** (k - 1):,}</text>'
+                    for k in range(1, decades + 2))
+    grid = "".join(f"M{PLOT_X} {round(PLOT_H * (1 - k / (1 + decades)))}h{PLOT_W}" for k in range(1, decades + 2))
+    xlabels = [(PLOT_X, "start", f"{lo:.3g}"), (PLOT_X + PLOT_W, "end", f"{hi:.3g}")]
+    zero = ""
+    if lo < 0 < hi:
+        z = round(PLOT_X + (0 - lo) * scale, 1)
+        zero = f'<path class="zero" d="M{z:g} 0V{PLOT_H}"/>'
+        if PLOT_X + 30 < z < PLOT_X + PLOT_W - 30:  # a 0 label only where it clears the ends' labels
+            xlabels.insert(1, (z, "middle", "0"))
+    xl = "".join(f'<text x="{a:g}" y="{PLOT_H + 14}" text-anchor="{anchor}">{t}</text>' for a, anchor, t in xlabels)
+    return (f'<svg class="hist" viewBox="0 -10 {BOX_W} {BOX_H + 10}" role="img" aria-label="activation histogram: tokens per variable-width bin, '
+            f'log count axis"><title>Exact token counts in variable-width bins (finer near zero); bar height: tokens, log scale</title>'
+            f'<path class="grid" d="{grid}"/>{parts}{zero}{ticks}{xl}'
+            f'<text x="{PLOT_X + PLOT_W // 2}" y="{BOX_H - 4}" text-anchor="middle">activation</text>'
+            f'<text x="10" y="{PLOT_H // 2}" text-anchor="middle" transform="rotate(-90 10 {PLOT_H // 2})">tokens (log)</text></svg>')

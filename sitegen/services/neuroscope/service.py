@@ -5,8 +5,9 @@ from __future__ import annotations
 from markupsafe import Markup
 from pydantic import Field, field_validator
 
-from sitegen.services.base import (LAYER_NEURON, NEURON_INDEX_REF, Cell, Column, Service, api_envelope, api_get, fmt_pct,
-                                   number_cell)
+from sitegen.services.base import (LAYER_NEURON, NEURON_INDEX_REF, Cell, Column, Service, api_envelope, api_get, fmt_num,
+                                   fmt_pct, number_cell)
+from sitegen.services.tokens import shown
 from sitegen.store.manifest import Record
 
 _TEXT = {
@@ -116,7 +117,13 @@ class Neuroscope(Service):
         st = payload["stats"]
         return [number_cell(st["max"]), number_cell(st["min"]), number_cell(st["mean"]),
                 Cell(Markup.escape(fmt_pct(st["frac_positive"])), str(st["frac_positive"])),
-                Cell(Markup("<code>{}</code>").format(view.top_token(n)))]
+                Cell(Markup("<code>{}</code>").format(shown(view.top_token(n))))]
+
+    def neuron_summary(self, view, n, payload):
+        st = payload["stats"]
+        tokens = Markup(" ").join(Markup("<code>{}</code>").format(t) for t in view.top_tokens(n))
+        return [("max", Markup.escape(fmt_num(st["max"]))), ("active (>0)", Markup.escape(fmt_pct(st["frac_positive"]))),
+                ("top tokens", tokens or Markup("none"))]
 
     def layer_facts(self, view, n, payload):
         st = payload["stats"]

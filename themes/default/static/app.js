@@ -150,12 +150,14 @@
     function showWhole(seq, kind, i, btn) {
       data().then(function (d) {
         var text = d.data[kind === "top" ? "texts" : "bottom_texts"][i];
-        var scale = Math.max(Math.abs(d.data.stats.max), Math.abs(d.data.stats.min)) || 1;
+        // the page's scales: top texts on the largest |activation|, the most negative texts on |min|
+        var scale = (kind === "top" ? Math.max(Math.abs(d.data.stats.max), Math.abs(d.data.stats.min)) : Math.abs(d.data.stats.min)) || 1;
         seq.textContent = "";
         text.tokens.forEach(function (tok, j) {
           var el = document.createElement("i"), a = text.activations[j];
           var b = Math.max(-9, Math.min(9, Math.round(9 * a / scale)));
           if (j < firstValid()) el.className = "bos"; else if (b > 0) el.className = "p" + b; else if (b < 0) el.className = "n" + (-b);
+          if (j === text.max_activating_token_index && j >= firstValid()) el.classList.add("x");
           el.textContent = tok.replace(/\n/g, "\u21b5");
           seq.appendChild(el);
         });
@@ -163,6 +165,13 @@
         btn.remove();
       });
     }
+  }
+
+  // ---- the API page's examples: the site's own address where the build was given no --base-url ----
+  if (/^https?:$/.test(location.protocol)) {
+    document.querySelectorAll("pre code, p code").forEach(function (el) {
+      if (el.textContent.indexOf("https://<your-site>") >= 0) el.textContent = el.textContent.split("https://<your-site>").join(location.origin);
+    });
   }
 
   // ---- token search over the static shards (sitegen/site/search.py writes them) ----
