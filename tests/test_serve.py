@@ -424,3 +424,27 @@ def test_64_concurrent_clients_no_drops_no_5xx(served_site, built_site):
     assert stats["dropped"] == 0, stats["errors"][:5]
     assert stats["5xx"] == 0, stats["statuses"]
     assert stats["requests"] >= 64 and {200, 302, 400, 404} <= set(stats["statuses"])
+
+
+@pytest.mark.parametrize("path, ctype", [(f"/{MODEL}/1/2.html", "text/html"), (f"/api/{MODEL}/neuroscope/1/2.json", "application/json"),
+                                         ("/api/openapi.json", "application/json")])
+def test_text_answers_are_gzipped_for_clients_that_accept_gzip(served_site, built_site, path, ctype):
+    """As Netlify's CDN does: gzip for a client that asks, the same bytes once decoded, plain for
+    one that does not (or refuses gzip with q=0); Vary: Accept-Encoding on both."""
+    import gzip
+
+    want = (built_site / path.lstrip("/")).read_bytes()
+    for accept, zipped in (("gzip, deflate, br", True), ("br;q=1.0, gzip;q=0.5", True), ("identity", False), ("gzip;q=0", False), (None, False)):
+        extra = f"Accept-Encoding: {accept}\r\n" if accept is not None else ""
+        status, headers, body = raw_request(served_site, f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n".encode())
+        h = {k.lower(): v for k, v in headers}
+        assert status == 200 and h["content-type"].startswith(ctype)
+        assert h.get("vary") == "Accept-Encoding"
+        assert (h.get("content-encoding") == "gzip") is zipped, (accept, h)
+        assert int(h["content-length"]) == len(body)
+        assert (gzip.decompress(body) if zipped else body) == want
+        if zipped:
+            assert len(body) < len(want) / 2  # the point of it
+    # HEAD says what GET would send
+    status, headers, body = raw_request(served_site, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n".encode())
+    assert status == 200 and body == b"" and dict((k.lower(), v) for k, v in headers)["content-encoding"] == "gzip"

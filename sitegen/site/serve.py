@@ -12,10 +12,13 @@ socket and a small buffer, never a thread. HTTP/1.1 keep-alive and pipelining wo
 gets IDLE_TIMEOUT seconds for each request head (counted from the previous answer, not reset by
 trickled bytes) and at most MAX_CONNECTIONS are open: past that, the longest-waiting idle one is
 closed to admit the new one. A worker's writes time out after IDLE_TIMEOUT too.
+
+Text answers are gzipped for clients that accept gzip, as Netlify's CDN does (_compressed).
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import mimetypes
 import queue
@@ -46,6 +49,8 @@ _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
 _TYPES = {".json": "application/json", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
           ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8"}
 # What may go into a header value we build from a request: printable ASCII without backslash.
+_COMPRESSIBLE = ("text/", "application/json", "image/svg+xml")
+GZIP_MIN_BYTES = 256  # smaller answers gain nothing from compression
 _HEADER_SAFE = re.compile(r"[\x21-\x5b\x5d-\x7e]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -84,6 +89,9 @@ class Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, headers: list[tuple[str, str]], body: bytes, head_only: bool, path: str | None = "/") -> None:
         """Status line, HEADERS, netlify.toml's headers for PATH (none when PATH is None: an edge
         function's answer), Content-Length, then BODY."""
+        if body:
+            # (a request too malformed to parse has no headers: it gets its short answer plain)
+            headers, body = _compressed(headers, body, getattr(self, "headers", None) and self.headers.get("Accept-Encoding", "") or "")
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)
@@ -191,6 +199,33 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self):
         self._guarded(True)
+
+
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header admits gzip (or *) with a non-zero q value."""
+    for part in accept_encoding.split(","):
+        coding, _, params = part.strip().partition(";")
+        if coding.strip().lower() not in ("gzip", "*"):
+            continue
+        q = params.strip().lower()
+        try:
+            return not q.startswith("q=") or float(q[2:]) > 0
+        except ValueError:
+            return False
+    return False
+
+
+def _compressed(headers: list[tuple[str, str]], body: bytes, accept_encoding: str) -> tuple[list[tuple[str, str]], bytes]:
+    """Text answers (HTML, JSON, JS, CSS, SVG, plain text) gzipped for a client that accepts gzip,
+    as Netlify's CDN sends them; every compressible answer says Vary: Accept-Encoding. The gzip
+    header has no time stamp, so the same file gives the same bytes."""
+    ctype = next((v for k, v in headers if k.lower() == "content-type"), "")
+    if not ctype.startswith(_COMPRESSIBLE) or len(body) < GZIP_MIN_BYTES:
+        return headers, body
+    headers = [*headers, ("Vary", "Accept-Encoding")]
+    if not _accepts_gzip(accept_encoding):
+        return headers, body
+    return [*headers, ("Content-Encoding", "gzip")], gzip.compress(body, compresslevel=6, mtime=0)
 
 
 class _SocketWriter(io.BufferedIOBase):
