@@ -185,3 +185,35 @@ def test_a_stale_file_that_became_a_link_is_unlinked_not_its_target(tmp_path, st
     (out / "m" / "1" / "0.html").symlink_to(victim)
     build_site([small], out)
     assert victim.read_text() == "precious\n" and not (out / "m" / "1").exists()
+
+
+# -- a corpus folder never publishes what it merely links to --------------------------------------------
+
+
+def test_compute_never_stores_what_a_corpus_folder_links_to(tmp_path, tiny_model_dir, tiny_corpus):
+    """readme.txt -> a file outside holding a secret: every token of the corpus is computed, and no
+    sequence of the store comes from the link or decodes to the secret."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from sitegen.compute.runner import ComputeConfig, run_compute
+
+    secret = "APIKEY sk live zebra quartz"
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "secret.txt").write_text(secret)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "speech.txt").write_text((tiny_corpus / "speech-0.txt").read_text())
+    (corpus / "readme.txt").symlink_to(tmp_path / "private" / "secret.txt")
+    logged = []
+    out = tmp_path / "store"
+    run_compute(ComputeConfig(model=str(tiny_model_dir), corpus=str(corpus), out=out, tokens=100_000, seq_len=16, seed=0, top_k=3,
+                              n_random=2, batch_size=4, device="cpu", progress=False), log=logged.append)
+    sequences = pq.read_table(out / "sequences.parquet").to_pylist()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "".join(tokenizer.decode(row["token_ids"]) for row in sequences)
+    assert {row["doc_id"] for row in sequences} == {"speech.txt"} and "zebra" not in text
+    assert "zebra" not in "".join(p.read_bytes().decode("latin-1") for p in out.rglob("*") if p.is_file())
+    notes = [m for m in logged if "skipped" in m]
+    assert notes == [f"--corpus corpus: skipped 1 entry that is a link to outside the folder or not regular files "
+                     f"(first: readme.txt -> {tmp_path / 'private' / 'secret.txt'}); copy a file into the folder to read it"], logged
