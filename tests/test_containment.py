@@ -217,3 +217,14 @@ def test_compute_never_stores_what_a_corpus_folder_links_to(tmp_path, tiny_model
     notes = [m for m in logged if "skipped" in m]
     assert notes == [f"--corpus corpus: skipped 1 entry that is a link to outside the folder or not regular files "
                      f"(first: readme.txt -> {tmp_path / 'private' / 'secret.txt'}); copy a file into the folder to read it"], logged
+
+
+@pytest.mark.parametrize("rel", ["../escape.txt", "m/../../escape.txt", "m/./../../escape.txt"])
+def test_the_publisher_refuses_a_path_of_its_own_that_leaves_the_folder(tmp_path, rel):
+    """What the build itself asks to write (a name from a store) is held to the same rule."""
+    from sitegen.site.publisher import Publisher
+
+    pub = Publisher(tmp_path / "site")
+    with pytest.raises(BuildError, match="not a plain path inside --out"):
+        pub.publish(rel, b"x")
+    assert not (tmp_path / "escape.txt").exists()

@@ -82,7 +82,7 @@ class Publisher:
         # The hot path works on strings: a Path per file costs more than the write itself on tmpfs.
         self._base = os.path.join(str(self.root), "")
         self._tmp_prefix = f"/.{os.getpid()}-"
-        self._dirs.add((self._base + "x").rpartition("/")[0])  # the root: trusted (the user named it), a link or not
+        self._root_dir = (self._base + "x").rpartition("/")[0]
 
     def publish(self, rel: str, data: bytes | str) -> None:
         if isinstance(data, str):
@@ -174,8 +174,12 @@ class Publisher:
         """Create folder and any missing parents, top-down from the root, noting which this build
         created; refuse one on the way that is a symbolic link (a write there would land wherever
         it points) or that would leave the root (a `.` or `..` segment)."""
+        if folder == self._root_dir:  # trusted (the user named it), a link or not; open_output made it, a bare Publisher may not have
+            os.makedirs(folder, exist_ok=True)
+            self._dirs.add(folder)
+            return
         up, _, name = folder.rpartition("/")
-        if name in ("", ".", ".."):
+        if name in ("", ".", "..") or not folder.startswith(self._base):
             raise BuildError(f"refusing to write under {folder!r}: not a plain path inside --out {self.root}; rename the model or page")
         if up not in self._dirs:
             self._make_dir(up)
@@ -191,9 +195,9 @@ class Publisher:
     def _real_folder(self, folder: str) -> bool:
         """Whether folder and every folder above it up to the root exist as real folders; raises
         on a symbolic link among them. For deletes: a link on the way would delete its target's files."""
-        if folder in self._dirs:
+        if folder in self._dirs or folder == self._root_dir:
             return True
-        up, _, name = folder.rpartition("/")
+        up = folder.rpartition("/")[0]
         if not self._real_folder(up):
             return False
         try:
