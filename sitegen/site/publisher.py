@@ -222,8 +222,11 @@ class Publisher:
             raise self._linked(path)
         if not stat.S_ISREG(st.st_mode) or st.st_size != len(data):
             return False  # a folder or special file in its place: the rename fails, or replaces it
-        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
-            return f.read() == data
+        try:
+            with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+                return f.read() == data
+        except FileNotFoundError:  # gone since the lstat: written anew
+            return False
 
     def _prune_empty_parents(self, folder: str) -> None:
         """Remove folder and the folders above it while they are empty, never the root (each was
