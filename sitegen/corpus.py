@@ -242,6 +242,9 @@ def load_corpus(spec: str) -> Corpus:
         skipped: list[str] = []
         if path.is_dir():
             files, skipped = _folder_files(path)
+            if not files and skipped:
+                raise CorpusError(f"--corpus {spec}: the folder holds no .txt, .jsonl or .parquet files of its own ({len(skipped)} skipped, "
+                                  f"links to outside it or not regular files, first {skipped[0]}); copy the files into the folder")
             if not files:
                 raise CorpusError(f"--corpus {spec}: the folder holds no .txt, .jsonl or .parquet files")
             docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]

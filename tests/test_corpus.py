@@ -103,3 +103,11 @@ def test_a_corpus_folder_given_as_a_link_is_read(tmp_path):
     (tmp_path / "alias").symlink_to(tmp_path / "real")
     c = load_corpus(str(tmp_path / "alias"))
     assert [(d.doc_id, d.text) for d in c.documents] == [("a.txt", "First document.")] and c.skipped == []
+
+
+def test_a_folder_of_nothing_but_links_outside_says_so(tmp_path):
+    (tmp_path / "key.txt").write_text("API_KEY=sk-live-0123456789")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").symlink_to(tmp_path / "key.txt")
+    with pytest.raises(CorpusError, match=r"no \.txt, \.jsonl or \.parquet files of its own \(1 skipped, .*first a\.txt -> .*copy the files"):
+        load_corpus(str(tmp_path / "corpus"))
