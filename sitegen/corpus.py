@@ -8,9 +8,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import random
 import re
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -57,6 +59,15 @@ class Corpus:
     documents: list[Document] | None  # None for streamed hub datasets
     content_hash: str
     stream: object | None = None
+    skipped: list[str] = field(default_factory=list)  # a folder's links to outside it and special files, not read
+
+    def skipped_note(self) -> str | None:
+        """One line for the user about what a corpus folder held and was not read, or None."""
+        if not self.skipped:
+            return None
+        return (f"--corpus {self.name}: skipped {len(self.skipped)} entr{'y' if len(self.skipped) == 1 else 'ies'} that "
+                f"{'is a link' if len(self.skipped) == 1 else 'are links'} to outside the folder or not regular files "
+                f"(first: {self.skipped[0]}); copy a file into the folder to read it")
 
     def iter_documents(self, seed: int) -> Iterator[Document]:
         """Documents in the order packing uses: shuffled by `seed` so that a token budget samples
@@ -169,6 +180,58 @@ def _hub_corpus(name: str) -> Corpus:
     return Corpus(name=name, documents=None, content_hash="hub:" + name, stream=stream())
 
 
+def _folder_files(folder: Path) -> tuple[list[Path], list[str]]:
+    """The corpus files of a folder, in the order they are read, and what was skipped ("name -> target").
+
+    A folder publishes only what it holds: a symbolic link that resolves outside it (to
+    /proc/self/environ, a key file) is skipped, and so is a linked folder that does (it is not
+    entered) and a special file (a FIFO would block the read). A link to a regular file inside the
+    folder is read once: not at all when its target is read under its own name, else under the
+    first link's name. The folder given as --corpus may itself be a link: the user chose it.
+    """
+    root = folder.resolve()
+    regular: list[Path] = []
+    links: list[tuple[Path, Path]] = []  # (the link, its target) for links to a file inside the folder
+    skipped: list[tuple[Path, str]] = []
+
+    def inside(target: Path) -> bool:
+        return target == root or root in target.parents
+
+    def note(p: Path, what: str) -> None:
+        skipped.append((p, f"{p.relative_to(folder).as_posix()} {what}"))
+
+    for dirpath, dirnames, filenames in os.walk(folder):  # followlinks=False: a linked folder is listed, not entered
+        here = Path(dirpath)
+        for name in dirnames:
+            if (here / name).is_symlink() and not inside((here / name).resolve()):
+                note(here / name, f"-> {os.readlink(here / name)}")
+        for name in filenames:
+            p = here / name
+            if p.suffix.lower() not in LOCAL_SUFFIXES:
+                continue
+            try:
+                mode = os.lstat(p).st_mode
+                if stat.S_ISLNK(mode):
+                    target = p.resolve()
+                    if inside(target) and target.is_file():
+                        links.append((p, target))
+                    else:
+                        note(p, f"-> {os.readlink(p)}")
+                elif stat.S_ISREG(mode):
+                    regular.append(p)
+                else:
+                    note(p, "(not a regular file)")
+            except OSError as e:  # a link loop, a file gone meanwhile
+                raise CorpusError(f"cannot read corpus file {p}: {e.strerror or e}; check the path and permissions") from None
+    read = {p.resolve() for p in regular}
+    files = list(regular)
+    for link, target in sorted(links):
+        if target not in read:
+            read.add(target)
+            files.append(link)
+    return sorted(files), [what for _, what in sorted(skipped)]
+
+
 def load_corpus(spec: str) -> Corpus:
     """Resolve --corpus: 'sotu', a local file or folder, or a hub dataset name ('name' or 'name:config')."""
     if spec == DEFAULT_CORPUS:
@@ -176,16 +239,22 @@ def load_corpus(spec: str) -> Corpus:
         return Corpus(name="sotu", documents=docs, content_hash=_hash_documents(docs))
     path = Path(spec).expanduser()
     if path.exists():
+        skipped: list[str] = []
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in LOCAL_SUFFIXES)
+            files, skipped = _folder_files(path)
+            if not files and skipped:
+                raise CorpusError(f"--corpus {spec}: the folder holds no .txt, .jsonl or .parquet files of its own ({len(skipped)} skipped, "
+                                  f"links to outside it or not regular files, first {skipped[0]}); copy the files into the folder")
             if not files:
                 raise CorpusError(f"--corpus {spec}: the folder holds no .txt, .jsonl or .parquet files")
             docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
+        elif not path.is_file():  # a FIFO or device would block the read or never end
+            raise CorpusError(f"--corpus {spec}: not a regular file (a FIFO, device or socket); pass a .txt, .jsonl or .parquet file or a folder")
         else:
             docs = _file_documents(path, path.name)
         if not docs:
             raise CorpusError(f"--corpus {spec}: no text found (every document is empty); point it at files with text")
-        return Corpus(name=_valid_text(path.name), documents=docs, content_hash=_hash_documents(docs))
+        return Corpus(name=_valid_text(path.name), documents=docs, content_hash=_hash_documents(docs), skipped=skipped)
     if spec.startswith((".", "/", "~")) or spec.endswith(LOCAL_SUFFIXES):
         raise CorpusError(f"--corpus {spec}: no such file or folder; check the path")
     return _hub_corpus(spec)

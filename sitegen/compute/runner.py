@@ -229,6 +229,8 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
             raise StoreError(f"--out {cfg.out} already holds a store for model {held.get('name')!r}; use a new --out folder (nothing was changed)")
     device = resolve_device(cfg.device)
     corpus = load_corpus(cfg.corpus)
+    if note := corpus.skipped_note():  # links out of a --corpus folder and special files: said once, not read
+        log(note)
     if not cfg.progress:  # --quiet silences transformers' own bars too, so an error is the only line on stderr
         from transformers.utils import logging as hf_logging
 

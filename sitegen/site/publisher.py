@@ -10,7 +10,16 @@ unchanged files left alone (so a rebuild touches only what changed and keeps mti
   every file a running build adds to that list. A finished build deletes the recorded or journaled
   files it did not write again (gone neurons, models), writes the new record, drops the journal;
 - a folder it cannot vouch for is refused with one line: a store, a source checkout, a non-empty
-  folder without a record (an old build included).
+  folder without a record (an old build included);
+- nothing outside the folder is touched: the record and the journal are input (a restored CI cache,
+  a shared folder), so each path they list must be a plain relative path (no `..`, no absolute path,
+  no empty or `.` segment, no backslash or NUL) or the build is refused; and no write or delete
+  goes through a symbolic link inside the folder: every folder on the way is checked to be a real
+  folder (lstat, once per folder), files are opened with O_NOFOLLOW, and a link where the build
+  writes is refused (a link the build no longer writes is unlinked: that removes the link, never
+  its target). The folder given as --out may itself be a link: the user chose it. The threat is
+  what lies in the folder before the build; another process changing it during the build (the
+  flock is advisory) is not guarded against.
 
 Crash consistency without fsync per file (measured ~20x the cost of the write itself here, see
 README): a file that replaces one is written to a hidden unique temporary name and renamed into
@@ -31,6 +40,7 @@ import fcntl
 import itertools
 import os
 import re
+import stat
 import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +57,8 @@ RECORD = ".sitegen-build.json"
 JOURNAL = ".sitegen-build.journal"
 TMP_SUFFIX = ".sitegen-tmp"  # hidden names ".<pid>-<n>.sitegen-tmp": only a build creates them
 _NAMES_SITEGEN = re.compile(r"""^\s*name\s*=\s*["']sitegen["']""", re.MULTILINE)
+# A file the build creates: never one that is there already, never through a link planted at its name.
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
 @dataclass
@@ -70,6 +82,7 @@ class Publisher:
         # The hot path works on strings: a Path per file costs more than the write itself on tmpfs.
         self._base = os.path.join(str(self.root), "")
         self._tmp_prefix = f"/.{os.getpid()}-"
+        self._root_dir = (self._base + "x").rpartition("/")[0]
 
     def publish(self, rel: str, data: bytes | str) -> None:
         if isinstance(data, str):
@@ -87,17 +100,21 @@ class Publisher:
             if parent not in self._dirs:
                 self._make_dir(parent)
             fresh = parent in self._fresh  # a folder this build created holds nothing to compare with
-            if not fresh and _holds(path, data):
+            if not fresh and self._holds(path, data):
                 self.unchanged += 1
                 return
             if self.journal_fd is not None and rel not in self.previous:
                 # Journaled before it exists: a build killed from here on still knows the file is its own.
                 os.write(self.journal_fd, orjson.dumps(rel) + b"\n")
             if fresh:  # no old version for a reader to keep: written in place, see the module's docstring
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = os.open(path, _NEW_FILE, 0o644)
             else:
                 tmp = f"{parent}{self._tmp_prefix}{next(self._tmp_names)}{TMP_SUFFIX}"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                try:
+                    fd = os.open(tmp, _NEW_FILE, 0o644)
+                except FileExistsError:  # left by a killed process of the same pid (or planted): never opened through
+                    _unlink(tmp)
+                    fd = os.open(tmp, _NEW_FILE, 0o644)
             try:
                 done = os.write(fd, data)
                 if done < len(data):  # a short write (a signal, a full pipe of a FUSE mount): finish it
@@ -113,6 +130,8 @@ class Publisher:
                 _unlink(tmp)
             elif fd is not None:  # a short file written in place: gone rather than left for the rerun to find
                 _unlink(path)
+            if e.errno == errno.ELOOP:  # O_NOFOLLOW met a link planted after the checks
+                raise self._linked(path) from None
             where = self.root / rel
             if e.errno == errno.ENOSPC:
                 raise BuildError(f"disk full while writing {where}; free space and rebuild (unchanged files are skipped)") from None
@@ -152,23 +171,77 @@ class Publisher:
         return max(counts.items(), key=lambda kv: (kv[1], kv[0]), default=("", 0))
 
     def _make_dir(self, folder: str) -> None:
-        """Create folder and any missing parents, noting which this build created."""
+        """Create folder and any missing parents, top-down from the root, noting which this build
+        created; refuse one on the way that is a symbolic link (a write there would land wherever
+        it points) or that would leave the root (a `.` or `..` segment)."""
+        if folder == self._root_dir:  # trusted (the user named it), a link or not; open_output made it, a bare Publisher may not have
+            os.makedirs(folder, exist_ok=True)
+            self._dirs.add(folder)
+            return
+        up, _, name = folder.rpartition("/")
+        if name in ("", ".", "..") or not folder.startswith(self._base):
+            raise BuildError(f"refusing to write under {folder!r}: not a plain path inside --out {self.root}; rename the model or page")
+        if up not in self._dirs:
+            self._make_dir(up)
         try:
             os.mkdir(folder)
             self._fresh.add(folder)
-        except FileExistsError:  # there already (a file in its place fails at the write)
-            pass
-        except FileNotFoundError:
-            up = folder.rpartition("/")[0]
-            if not up:  # a relative root that is gone: nothing above it to create
-                raise
-            self._make_dir(up)
-            try:
-                os.mkdir(folder)
-                self._fresh.add(folder)
-            except FileExistsError:  # another worker of this build made it in the meantime
-                pass
+        except FileExistsError:  # there already (or another worker of this build made it): a real folder?
+            if stat.S_ISLNK(os.lstat(folder).st_mode):
+                raise self._linked(folder) from None
+            # a file in its place fails at the write
         self._dirs.add(folder)
+
+    def _real_folder(self, folder: str) -> bool:
+        """Whether folder and every folder above it up to the root exist as real folders; raises
+        on a symbolic link among them. For deletes: a link on the way would delete its target's files."""
+        if folder in self._dirs or folder == self._root_dir:
+            return True
+        up = folder.rpartition("/")[0]
+        if not self._real_folder(up):
+            return False
+        try:
+            mode = os.lstat(folder).st_mode
+        except FileNotFoundError:
+            return False
+        if stat.S_ISLNK(mode):
+            raise self._linked(folder)
+        if not stat.S_ISDIR(mode):
+            return False
+        self._dirs.add(folder)
+        return True
+
+    def _holds(self, path: str, data: bytes) -> bool:
+        """Whether the file at path has exactly these bytes (the size first: most changed files
+        differ there); refuses a symbolic link there."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISLNK(st.st_mode):
+            raise self._linked(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != len(data):
+            return False  # a folder or special file in its place: the rename fails, or replaces it
+        try:
+            with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+                return f.read() == data
+        except FileNotFoundError:  # gone since the lstat: written anew
+            return False
+
+    def _prune_empty_parents(self, folder: str) -> None:
+        """Remove folder and the folders above it while they are empty, never the root (each was
+        checked to be a real folder inside it: _real_folder)."""
+        while folder.startswith(self._base):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty (or gone): stop
+                return
+            self._dirs.discard(folder)
+            self._fresh.discard(folder)
+            folder = folder.rpartition("/")[0]
+
+    def _linked(self, path: str) -> BuildError:
+        return _link_refused(self.root, path[len(self._base):] or ".", path)
 
     def _check_portable(self, rel: str) -> None:
         """Refuse two outputs that are one file on macOS or Windows: paths (or folders on the way)
@@ -192,10 +265,21 @@ class Publisher:
         """Delete the files earlier builds wrote that this one did not (a neuron or model that went
         away), then record this build's files and drop the journal. Returns how many were deleted."""
         stale = sorted(self.previous - self._seen - {RECORD})
-        for rel in stale:
-            path = self.root / rel
-            _unlink(path)
-            _prune_empty_parents(path.parent, self.root)
+        for rel in stale:  # each a plain relative path: _read_record and _read_journal refuse the rest
+            path = self._base + rel
+            parent = path.rpartition("/")[0]
+            if not self._real_folder(parent):  # its folder is gone, or is a file: nothing to delete
+                continue
+            try:
+                os.unlink(path)  # a link there is removed itself, never its target
+            except FileNotFoundError:
+                continue
+            except IsADirectoryError:  # a folder now stands there: not a file a build wrote, left alone
+                continue
+            except OSError as e:
+                raise BuildError(f"cannot delete {path}, which an earlier build wrote: {e.strerror or e}; "
+                                 "fix its permissions and build again") from None
+            self._prune_empty_parents(parent)
         files = sorted(self._seen)
         self.publish(RECORD, orjson.dumps({"about": "files written by 'sitegen build'; a later build deletes only these, when it no longer writes them",
                                            "files": files}, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
@@ -225,10 +309,15 @@ def open_output(root: Path, stores: list[Path]) -> Iterator[Publisher]:
             raise BuildError(f"cannot lock --out {root} ({e.strerror or e}); build into a folder on a local disk") from None
         _refuse_foreign(root, stores, check_empty=True)  # again under the lock: nothing changes it now
         previous = _read_record(root)
-        if (root / JOURNAL).exists():  # the last build did not finish: its files are ours too
-            previous |= _read_journal(root / JOURNAL)
+        if os.path.lexists(root / JOURNAL):  # the last build did not finish: its files are ours too
+            previous |= _read_journal(root)
             _remove_temporaries(root)
-        journal_fd = os.open(root / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            journal_fd = os.open(root / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise _link_refused(root, JOURNAL, root / JOURNAL) from None
+            raise BuildError(f"cannot write {root / JOURNAL}: {e.strerror or e}") from None
         try:
             yield Publisher(root, previous=frozenset(previous), journal_fd=journal_fd)
         finally:
@@ -295,23 +384,69 @@ def _read_text(path: Path) -> str:
         return ""
 
 
+def _plain_relative(rel: object) -> bool:
+    """Whether rel is a normalised relative POSIX path: the only kind a build writes, so the only
+    kind a record or journal (input: it may come from a cache or another machine) may list."""
+    return (isinstance(rel, str) and rel != "" and not rel.startswith("/") and "\\" not in rel and "\0" not in rel
+            and all(part not in ("", ".", "..") for part in rel.split("/")))
+
+
+def _refuse_outside(path: Path, root: Path, rel: object) -> BuildError:
+    return BuildError(f"{path} lists {rel!r}, which is not a plain relative path inside --out (a build deletes only files in "
+                      f"{root}); remove that entry, or delete the folder (rm -r {root}) and build again")
+
+
+def _link_refused(root: Path, rel: str, path: str | Path) -> BuildError:
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return BuildError(f"--out {root}: {rel} is a symbolic link{target}; a build never writes or deletes through a link inside "
+                      f"its folder: remove the link (rm {path}) and build again")
+
+
+def _read_own(root: Path, name: str) -> bytes:
+    """The bytes of the record or journal: never through a link, never a FIFO or device (it could block)."""
+    path = root / name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _link_refused(root, name, path) from None
+        raise BuildError(f"cannot read {path}: {e.strerror or e}; delete the folder (rm -r {root}) and build again") from None
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BuildError(f"{path} is not a regular file; delete it and build again")
+        return f.read()
+
+
 def _read_record(root: Path) -> set[str]:
     path = root / RECORD
-    if not path.exists():
+    if not os.path.lexists(path):
         return set()
     try:
-        return set(orjson.loads(path.read_bytes())["files"])
-    except (OSError, orjson.JSONDecodeError, KeyError, TypeError) as e:
+        files = orjson.loads(_read_own(root, RECORD))["files"]
+        if not isinstance(files, list):
+            raise TypeError("'files' is not a list")
+    except (orjson.JSONDecodeError, KeyError, TypeError) as e:
         raise BuildError(f"{path}: unreadable build record ({e}); delete the folder (rm -r {root}) and build again") from None
+    for rel in files:
+        if not _plain_relative(rel):
+            raise _refuse_outside(path, root, rel)
+    return set(files)
 
 
-def _read_journal(path: Path) -> set[str]:
+def _read_journal(root: Path) -> set[str]:
+    path = root / JOURNAL
     files = set()
-    for line in path.read_bytes().splitlines():
+    for line in _read_own(root, JOURNAL).splitlines():
         try:
-            files.add(orjson.loads(line))
+            rel = orjson.loads(line)
         except orjson.JSONDecodeError:  # a line cut by a kill: its file was never created
-            pass
+            continue
+        if not _plain_relative(rel):
+            raise _refuse_outside(path, root, rel)
+        files.add(rel)
     return files
 
 
@@ -323,24 +458,6 @@ def _remove_temporaries(root: Path) -> None:
                 _unlink(Path(dirpath) / name)
 
 
-def _prune_empty_parents(folder: Path, root: Path) -> None:
-    while folder != root and root in folder.parents:
-        try:
-            folder.rmdir()
-        except OSError:  # not empty (or gone): stop
-            return
-        folder = folder.parent
-
-
-def _holds(path: str, data: bytes) -> bool:
-    """Whether the file at path has exactly these bytes (the size first: most changed files differ there)."""
-    try:
-        if os.stat(path).st_size != len(data):
-            return False
-        with open(path, "rb") as f:
-            return f.read() == data
-    except FileNotFoundError:
-        return False
 
 
 def _unlink(path: str | Path) -> None:
