@@ -354,3 +354,64 @@ def test_a_perfect_rewrite_of_tokens_holding_line_breaks_is_read(brk):
     pred, method, _, read = simulate(ep, "the word tax.", tokens, {})
     assert method == "no-logprobs" and read and pred == [float(x) for x in levels]
     assert ep.asked.count("\t?\n") == len(tokens)
+
+
+@pytest.fixture
+def tls_server(tmp_path, monkeypatch):
+    """A TLS server on loopback with a self-signed certificate the client trusts (SSL_CERT_FILE):
+    mode "ok" answers at once, "trickle" a byte every 0.3 s, "handshake" never speaks TLS."""
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    state = {"mode": "ok"}
+
+    def answer(conn):
+        try:
+            if state["mode"] == "handshake":
+                time.sleep(10)
+                return
+            with context.wrap_socket(conn, server_side=True) as s:
+                s.recv(65536)
+                body = b'{"choices": [{"message": {"content": "over TLS"}}]}'
+                data = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                for i in range(len(data)):
+                    s.sendall(data[i:i + 1])
+                    time.sleep(0.3 if state["mode"] == "trickle" else 0)
+                time.sleep(1)  # let the client read before the close
+        except OSError:
+            pass
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"https://127.0.0.1:{listener.getsockname()[1]}/v1", state
+    listener.close()
+
+
+def test_the_deadline_holds_over_tls(tls_server):
+    url, state = tls_server
+    ep = Endpoint(url, "m", None, timeout=1.5, retries=0, api_key_env=None)
+    assert ep.post("/chat/completions", {"messages": []})["choices"][0]["message"]["content"] == "over TLS"
+    for mode in ("trickle", "handshake"):
+        state["mode"] = mode
+        t0 = time.monotonic()
+        with pytest.raises(EndpointError) as e:
+            ep.post("/chat/completions", {"messages": []})
+        assert e.value.kind == "timeout" and 1.4 < time.monotonic() - t0 < 3, mode

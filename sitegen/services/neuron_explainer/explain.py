@@ -13,7 +13,8 @@ Per neuron (../shared/reference/neuron-explainer.md):
     no selection bias.
 
 Results are appended to STORE/.work/explain.jsonl as each neuron finishes (a rerun skips them) and
-written into STORE/neuron_explainer/ at the end. The API key is read from an environment variable,
+written into STORE/neuron_explainer/ at the end, both under a lock, so concurrent runs on one
+store keep each other's neurons. Each request is bounded in wall-clock time and size. The API key is read from an environment variable,
 sent only to the endpoint named (no redirects; https unless loopback or --allow-insecure-http) and
 never written anywhere.
 """
@@ -194,6 +195,7 @@ def _watched(base: type) -> type:
             self._create_connection = self._connect_in_time
 
         def _connect_in_time(self, address, timeout, source_address=None):
+            # (name resolution inside cannot be interrupted; the deadline is checked after it)
             sock = socket.create_connection(address, self._deadline.left(), source_address)
             try:
                 sock.settimeout(self._deadline.left())  # the TLS handshake (one timed call) gets what is left
@@ -236,7 +238,7 @@ class Endpoint:
     rest; no redirects followed."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float, retries: int, api_key_env: str | None,
-                 max_bytes: int = MAX_RESPONSE_MB * 2**20):
+                 max_bytes: int = int(MAX_RESPONSE_MB * 2**20)):
         self.base = base_url.rstrip("/")
         if not self.base.endswith("/v1"):
             self.base += "/v1"
