@@ -565,7 +565,8 @@ class _WorkLog:
             f.write(line)
 
     def finished(self, n_layers: int, size: int) -> dict[tuple[str, int, int], dict]:
-        """Every finished neuron in the log, any explainer: {(model, layer, neuron): record}."""
+        """Every finished neuron in the log, any explainer's (_finished_record with model None):
+        {(model, layer, neuron): record}."""
         out: dict[tuple[str, int, int], dict] = {}
         if self.path.exists():
             for line in self.path.read_bytes().splitlines():
@@ -651,7 +652,8 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
         # Re-read under the lock: the log also holds what another run on this store finished meanwhile.
         finished = worklog.finished(n_layers, size)
         done = _mine(finished, cfg.model)
-        _write_tables(store, done, cfg.model)
+        if done or fatal is None:  # a run stopped before any neuron finished leaves the store as it was
+            _write_tables(store, done, cfg.model)
         if failures == 0 and fatal is None:
             worklog.compact(finished)
     if fatal is not None:
@@ -673,9 +675,9 @@ class _Finished(Record):
 
 
 def _finished_record(line: bytes, model: str | None, n_layers: int, size: int) -> dict | None:
-    """A line of .work/explain.jsonl as a finished neuron of `model` (None: any explainer's), or None:
-    a failed neuron, another explainer's, a line cut by a crash, or one edited into something explain
-    never writes. None means the neuron is asked again, so a damaged log costs requests, never the run."""
+    """A line of .work/explain.jsonl as a finished neuron of `model`, or None: a failed neuron, another
+    explainer's, a line cut by a crash, or one edited into something explain never writes. None
+    means the neuron is asked again, so a damaged log costs requests, never the run."""
     try:
         r = orjson.loads(line)
         f = _Finished.model_validate(r)
