@@ -138,7 +138,7 @@ class BigAnswer(Stub):
             with lock:
                 big = b"Neuron B" in raw and stub.big_sent == 0
                 stub.big_sent += big
-            if not big:
+            if not big:  # the stub's own handler answers, reading the body already read from a copy
                 h.rfile = io.BytesIO(raw)
                 return handler._stub_post(h)
             body = b'{"choices": [{"message": {"content": "x"}}], "pad": "' + b"y" * stub.size + b'"}'
