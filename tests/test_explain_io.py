@@ -415,3 +415,12 @@ def test_the_deadline_holds_over_tls(tls_server):
         with pytest.raises(EndpointError) as e:
             ep.post("/chat/completions", {"messages": []})
         assert e.value.kind == "timeout" and 1.4 < time.monotonic() - t0 < 3, mode
+
+
+def test_an_unreadable_work_log_is_one_line(store):
+    (store.root / ".work/explain.jsonl").mkdir(parents=True)  # a folder where the log should be
+    port = free_port()
+    res = subprocess.run([sys.executable, "-m", "sitegen", "explain", str(store.root), "--endpoint", f"http://127.0.0.1:{port}/v1",
+                          "--model", "m", "--neurons", "0:1"], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and "explain.jsonl" in lines[0], res.stderr

@@ -21,6 +21,7 @@ never written anywhere.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import http.client
@@ -44,7 +45,7 @@ import orjson
 import pyarrow as pa
 from pydantic import Field, ValidationError
 
-from sitegen.errors import ConfigError, SitegenError
+from sitegen.errors import ConfigError, SitegenError, StoreError
 from sitegen.services.neuron_explainer import scoring
 from sitegen.services.neuron_explainer.published import SERVICE, TABLE_SCHEMA
 from sitegen.services.selection import select_neurons
@@ -551,28 +552,42 @@ class _WorkLog:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / "explain.lock", "ab") as f:  # never deleted: a waiter would lock a file nobody else sees
+        lock = self.folder / "explain.lock"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            f = open(lock, "ab")  # never deleted: a waiter would lock a file nobody else sees
+        except OSError as e:
+            raise StoreError(f"cannot lock {lock}: {e.strerror or e}; make {self.folder} writable") from None
+        with f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield  # closing the file releases the lock (the kernel releases a killed process's)
 
     def append(self, record: dict) -> None:
         line = orjson.dumps(record) + b"\n"
-        with self.locked(), open(self.path, "a+b") as f:
-            end = f.seek(0, os.SEEK_END)
-            if end and (f.seek(end - 1), f.read(1))[1] != b"\n":
-                line = b"\n" + line  # a line cut by a crash stays a (skipped) line of its own
-            f.write(line)
+        with self.locked():
+            try:
+                with open(self.path, "a+b") as f:
+                    end = f.seek(0, os.SEEK_END)
+                    if end and (f.seek(end - 1), f.read(1))[1] != b"\n":
+                        line = b"\n" + line  # a line cut by a crash stays a (skipped) line of its own
+                    f.write(line)
+            except OSError as e:
+                fix = "free space and rerun" if e.errno == errno.ENOSPC else "rerun once it is writable"
+                raise StoreError(f"cannot write {self.path}: {e.strerror or e}; {fix} (finished neurons are kept)") from None
 
     def finished(self, n_layers: int, size: int) -> dict[tuple[str, int, int], dict]:
         """Every finished neuron in the log, any explainer's (_finished_record with model None):
         {(model, layer, neuron): record}."""
         out: dict[tuple[str, int, int], dict] = {}
-        if self.path.exists():
-            for line in self.path.read_bytes().splitlines():
-                r = _finished_record(line, None, n_layers, size)
-                if r is not None:
-                    out[(r["model"], r["layer"], r["neuron"])] = r
+        try:
+            lines = self.path.read_bytes().splitlines() if self.path.exists() else []
+        except OSError as e:
+            raise StoreError(f"cannot read {self.path}: {e.strerror or e}; make it a readable file (or delete it: its neurons are "
+                             "then asked again)") from None
+        for line in lines:
+            r = _finished_record(line, None, n_layers, size)
+            if r is not None:
+                out[(r["model"], r["layer"], r["neuron"])] = r
         return out
 
     def compact(self, finished: dict[tuple[str, int, int], dict]) -> None:
