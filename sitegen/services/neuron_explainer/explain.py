@@ -79,7 +79,7 @@ class EndpointError(SitegenError):
 
 
 OPENAI_HOST = "api.openai.com"
-MAX_RESPONSE_MB = 8.0  # default --max-response-mb: the largest answer read (an echo of a 128-token excerpt is well under 1 MB)
+MAX_RESPONSE_MB = 8.0  # default --max-response-mb: the largest answer read (an echo of a 128-token excerpt: about 0.2 MB)
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
 
 
