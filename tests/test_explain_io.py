@@ -424,3 +424,16 @@ def test_an_unreadable_work_log_is_one_line(store):
                           "--model", "m", "--neurons", "0:1"], capture_output=True, text=True, timeout=120)
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and "explain.jsonl" in lines[0], res.stderr
+
+
+def test_a_run_with_another_model_keeps_the_first_models_log(store):
+    stub = Stub("ok")
+    try:
+        run_explain(_cfg(store, stub.url, neurons="0:1"), log=lambda m: None)
+        run_explain(ExplainConfig(store=store.root, endpoint=stub.url, model="other-model", neurons="1:2", timeout=5, retries=0), log=lambda m: None)
+        assert {(r["model"], r["layer"], r["neuron"]) for r in _work_lines(store)} == {("stub-model", 0, 1), ("other-model", 1, 2)}
+        before = len(stub.calls)
+        assert run_explain(_cfg(store, stub.url, neurons="0:1"), log=lambda m: None) == {"done": 1, "failed": 0}
+        assert len(stub.calls) == before
+    finally:
+        stub.close()

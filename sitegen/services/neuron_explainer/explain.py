@@ -575,9 +575,9 @@ class _WorkLog:
                 fix = "free space and rerun" if e.errno == errno.ENOSPC else "rerun once it is writable"
                 raise StoreError(f"cannot write {self.path}: {e.strerror or e}; {fix} (finished neurons are kept)") from None
 
-    def finished(self, n_layers: int, size: int) -> dict[tuple[str, int, int], dict]:
-        """Every finished neuron in the log, any explainer's (_finished_record with model None):
-        {(model, layer, neuron): record}."""
+    def finished(self, model: str, n_layers: int, size: int) -> dict[tuple[str, int, int], dict]:
+        """Every finished neuron in the log, `model`'s and any other explainer's (a compaction keeps
+        them all): {(model, layer, neuron): record}."""
         out: dict[tuple[str, int, int], dict] = {}
         try:
             lines = self.path.read_bytes().splitlines() if self.path.exists() else []
@@ -585,7 +585,9 @@ class _WorkLog:
             raise StoreError(f"cannot read {self.path}: {e.strerror or e}; make it a readable file (or delete it: its neurons are "
                              "then asked again)") from None
         for line in lines:
-            r = _finished_record(line, None, n_layers, size)
+            r = _finished_record(line, model, n_layers, size)
+            if r is None and (other := _model_of(line)) not in (None, model):
+                r = _finished_record(line, other, n_layers, size)
             if r is not None:
                 out[(r["model"], r["layer"], r["neuron"])] = r
         return out
@@ -595,6 +597,14 @@ class _WorkLog:
         from sitegen.store import atomic_write_bytes
 
         atomic_write_bytes(self.path, b"".join(orjson.dumps(r) + b"\n" for r in finished.values()))
+
+
+def _model_of(line: bytes) -> str | None:
+    try:
+        r = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return r.get("model") if isinstance(r, dict) and isinstance(r.get("model"), str) else None
 
 
 def _mine(finished: dict[tuple[str, int, int], dict], model: str) -> dict[tuple[int, int], dict]:
@@ -617,7 +627,7 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
     vocab = store.vocab()
     seq_tokens = store.sequence_tokens()
     worklog = _WorkLog(store.work_dir)
-    done = _mine(worklog.finished(n_layers, size), cfg.model)
+    done = _mine(worklog.finished(cfg.model, n_layers, size), cfg.model)
     todo = [(layer, n) for layer, ns in sorted(selection.items()) for n in ns if (layer, n) not in done]
     texts: dict[tuple[int, int], dict] = {}
     for layer in sorted({layer for layer, _ in todo}):
@@ -665,7 +675,7 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
                 log(f"{layer}:{n}: {record['error']} (asked again on the next run)")
     with worklog.locked():
         # Re-read under the lock: the log also holds what another run on this store finished meanwhile.
-        finished = worklog.finished(n_layers, size)
+        finished = worklog.finished(cfg.model, n_layers, size)
         done = _mine(finished, cfg.model)
         if done or fatal is None:  # a run stopped before any neuron finished leaves the store as it was
             _write_tables(store, done, cfg.model)
@@ -689,7 +699,7 @@ class _Finished(Record):
     error: None = None
 
 
-def _finished_record(line: bytes, model: str | None, n_layers: int, size: int) -> dict | None:
+def _finished_record(line: bytes, model: str, n_layers: int, size: int) -> dict | None:
     """A line of .work/explain.jsonl as a finished neuron of `model`, or None: a failed neuron, another
     explainer's, a line cut by a crash, or one edited into something explain never writes. None
     means the neuron is asked again, so a damaged log costs requests, never the run."""
@@ -698,7 +708,7 @@ def _finished_record(line: bytes, model: str | None, n_layers: int, size: int) -
         f = _Finished.model_validate(r)
     except (orjson.JSONDecodeError, ValidationError):
         return None
-    return r if model in (None, f.model) and f.layer < n_layers and f.neuron < size else None
+    return r if f.model == model and f.layer < n_layers and f.neuron < size else None
 
 
 def _parse_neurons(spec: str, n_layers: int, size: int, store) -> dict[int, list[int]]:
