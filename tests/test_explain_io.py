@@ -333,6 +333,8 @@ class Rewriter:
     the last excerpt as sent (lines end at "\\n", the only line end the prompt writes) and puts the
     planted level in place of the "?"."""
 
+    base = "http://127.0.0.1:9/v1"  # named in messages only
+
     def __init__(self, levels):
         self.levels, self.asked = levels, None
 
