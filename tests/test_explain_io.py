@@ -439,3 +439,31 @@ def test_a_run_with_another_model_keeps_the_first_models_log(store):
         assert len(stub.calls) == before
     finally:
         stub.close()
+
+
+def test_an_answer_cut_short_is_retried_then_fails_its_neuron_only():
+    """Content-Length 1000, 40 bytes sent, connection closed: retried, then a per-neuron failure."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    connections = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(conn)
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b'{"choices": [' + b" " * 27)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        ep = Endpoint(f"http://127.0.0.1:{listener.getsockname()[1]}/v1", "m", None, timeout=5, retries=1, api_key_env=None)
+        with pytest.raises(EndpointError) as e:
+            ep.post("/chat/completions", {"messages": []})
+    finally:
+        listener.close()
+    assert e.value.kind == "protocol" and not e.value.fatal and "2 tries" in str(e.value) and len(connections) == 2

@@ -267,6 +267,8 @@ class Endpoint:
                 body += chunk
                 if len(body) > self.max_bytes:
                     raise self._too_large(url)
+            if r.length:  # bytes announced but never sent (a read in pieces does not raise this itself)
+                raise http.client.IncompleteRead(bytes(body), r.length)
         if deadline.expired:  # the shutdown may have ended the body early: not an answer
             raise TimeoutError("deadline")
         return r.status, r.headers, bytes(body)
