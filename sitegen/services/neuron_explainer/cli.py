@@ -20,15 +20,20 @@ import click
 @click.option("--samples", type=int, default=1, show_default=True,
               help="Explanations sampled per neuron (temperature 1); the best on the valid split is kept and its test-split score reported.")
 @click.option("--concurrency", type=int, default=4, show_default=True, help="Requests in flight at once.")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per request.")
-@click.option("--retries", type=int, default=4, show_default=True, help="Retries (with backoff) on 429, 5xx and dropped connections.")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds one request may take in all (connect to last byte), each try; above 0, at most a day.")
+@click.option("--max-response-mb", type=float, default=8.0, show_default=True,
+              help="The largest answer read, in MB; a larger one fails its neuron (asked again on the next run).")
+@click.option("--retries", type=int, default=4, show_default=True, help="Retries (with backoff) on 429, 5xx, timeouts and dropped connections.")
 @click.option("--dry-run", is_flag=True, help="Print the first explanation prompt and the number of requests; send nothing.")
-def explain(store, endpoint, model, api_key_env, allow_insecure_http, neurons, samples, concurrency, timeout, retries, dry_run):
+def explain(store, endpoint, model, api_key_env, allow_insecure_http, neurons, samples, concurrency, timeout, max_response_mb, retries,
+            dry_run):
     """Write and score explanations of neurons with an OpenAI-compatible model (resumable)."""
     from sitegen.services.neuron_explainer.explain import ExplainConfig, run_explain
 
     cfg = ExplainConfig(store=store, endpoint=endpoint, model=model, api_key_env=api_key_env, neurons=neurons, samples=samples, concurrency=concurrency,
-                        timeout=timeout, retries=retries, allow_insecure_http=allow_insecure_http, dry_run=dry_run)
+                        timeout=timeout, max_response_mb=max_response_mb, retries=retries,
+                        allow_insecure_http=allow_insecure_http, dry_run=dry_run)
     run_explain(cfg, log=lambda m: click.echo(m, err=not dry_run))
 
 

@@ -13,21 +13,30 @@ Per neuron (../shared/reference/neuron-explainer.md):
     no selection bias.
 
 Results are appended to STORE/.work/explain.jsonl as each neuron finishes (a rerun skips them) and
-written into STORE/neuron_explainer/ at the end. The API key is read from an environment variable,
+written into STORE/neuron_explainer/ at the end, both under a lock, so concurrent runs on one
+store keep each other's neurons. Each request is bounded in wall-clock time and size. The API key is read from an environment variable,
 sent only to the endpoint named (no redirects; https unless loopback or --allow-insecure-http) and
 never written anywhere.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import http.client
 import ipaddress
+import math
 import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,7 +45,7 @@ import orjson
 import pyarrow as pa
 from pydantic import Field, ValidationError
 
-from sitegen.errors import ConfigError, SitegenError
+from sitegen.errors import ConfigError, SitegenError, StoreError
 from sitegen.services.neuron_explainer import scoring
 from sitegen.services.neuron_explainer.published import SERVICE, TABLE_SCHEMA
 from sitegen.services.selection import select_neurons
@@ -70,6 +79,7 @@ class EndpointError(SitegenError):
 
 
 OPENAI_HOST = "api.openai.com"
+MAX_RESPONSE_MB = 8.0  # default --max-response-mb: the largest answer read (an echo of a 128-token excerpt: about 0.2 MB)
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
 
 
@@ -83,6 +93,7 @@ class ExplainConfig:
     concurrency: int = 4
     timeout: float = 60.0
     retries: int = 4
+    max_response_mb: float = MAX_RESPONSE_MB  # a larger answer fails its neuron
     explainer_excerpts: int = 5
     samples: int = 1  # explanations sampled per neuron; chosen on the valid split, reported on test
     allow_insecure_http: bool = False  # send the key over plain http to a non-loopback host
@@ -130,17 +141,142 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-class Endpoint:
-    """A minimal OpenAI-compatible client (stdlib only): JSON POST with a timeout, retries with
-    exponential backoff on 429, 5xx and dropped connections, one-line errors for the rest, no
-    redirects followed."""
+class _Deadline:
+    """One request's wall-clock limit, over connect, TLS, headers and body. A socket timeout bounds
+    each read, not the request: a server sending a byte every 2 s never trips one. So the connect
+    and TLS handshake get the time left, and then a timer shuts the socket down at the deadline,
+    which wakes a blocked read; the caller sees `expired` and reports a timeout."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float, retries: int, api_key_env: str | None):
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+    def left(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline")
+        return left
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+            expired = self.expired
+        if expired:
+            raise TimeoutError("deadline")
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sock = self._sock
+        if sock is not None:
+            try:  # the plain socket's shutdown, also for TLS: it leaves the SSL object to the reading thread
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed: the request is over
+
+
+def _watched(base: type) -> type:
+    """An http.client connection class whose socket lives under the request's _Deadline."""
+
+    class Connection(base):
+        def __init__(self, *args, deadline: _Deadline, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._deadline = deadline
+            self._create_connection = self._connect_in_time
+
+        def _connect_in_time(self, address, timeout, source_address=None):
+            # (name resolution inside cannot be interrupted; the deadline is checked after it)
+            sock = socket.create_connection(address, self._deadline.left(), source_address)
+            try:
+                sock.settimeout(self._deadline.left())  # the TLS handshake (one timed call) gets what is left
+            except TimeoutError:
+                sock.close()
+                raise
+            return sock
+
+        def connect(self):
+            super().connect()
+            self._deadline.watch(self.sock)
+
+    return Connection
+
+
+_HTTPConnection = _watched(http.client.HTTPConnection)
+_HTTPSConnection = _watched(http.client.HTTPSConnection)
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req, deadline=req.deadline)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        kwargs = {"context": self._context}
+        if getattr(self, "_check_hostname", None) is not None:  # Python < 3.12 only
+            kwargs["check_hostname"] = self._check_hostname
+        return self.do_open(_HTTPSConnection, req, deadline=req.deadline, **kwargs)
+
+
+_CHUNK = 64 * 1024
+
+
+class Endpoint:
+    """A minimal OpenAI-compatible client (stdlib only): JSON POST; each try bounded by `timeout`
+    seconds of wall clock (connect to last byte) and `max_bytes` of answer; retries with
+    exponential backoff on 429, 5xx, timeouts and dropped connections; one-line errors for the
+    rest; no redirects followed."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float, retries: int, api_key_env: str | None,
+                 max_bytes: int = int(MAX_RESPONSE_MB * 2**20)):
         self.base = base_url.rstrip("/")
         if not self.base.endswith("/v1"):
             self.base += "/v1"
         self.model, self.key, self.timeout, self.retries, self.key_env = model, api_key, timeout, retries, api_key_env
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        self.max_bytes = max_bytes
+        self._opener = urllib.request.build_opener(_NoRedirect, _DeadlineHTTPHandler, _DeadlineHTTPSHandler)
+
+    def _exchange(self, url: str, data: bytes, headers: dict, deadline: _Deadline) -> tuple[int, object, bytes]:
+        """(status, headers, body) of one try: a 2xx body whole, at most max_bytes (else EndpointError
+        "size"); an error status's first 300 bytes, for the message."""
+        req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        req.deadline = deadline
+        try:
+            r = self._opener.open(req, timeout=self.timeout)
+        except urllib.error.HTTPError as e:
+            r = e  # an error status is a response too: its body is read under the same deadline
+        with r:
+            if not 200 <= r.status < 300:
+                return r.status, r.headers, r.read(300)
+            length = r.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > self.max_bytes:
+                raise self._too_large(url)
+            body = bytearray()
+            while chunk := r.read(_CHUNK):
+                body += chunk
+                if len(body) > self.max_bytes:
+                    raise self._too_large(url)
+            if r.length:  # bytes announced but never sent (a read in pieces does not raise this itself)
+                raise http.client.IncompleteRead(bytes(body), r.length)
+        if deadline.expired:  # the shutdown may have ended the body early: not an answer
+            raise TimeoutError("deadline")
+        return r.status, r.headers, bytes(body)
+
+    def _too_large(self, url: str) -> EndpointError:
+        # one answer this large fails this neuron only (asked again on the next run)
+        return EndpointError(f"{url}: the answer is larger than {self.max_bytes / 2**20:g} MB; stopped reading it "
+                             "(raise --max-response-mb if the endpoint's answers are that large)", "size")
 
     def post(self, path: str, body: dict) -> dict:
         data = orjson.dumps({"model": self.model, **body})
@@ -149,38 +285,55 @@ class Endpoint:
             headers["Authorization"] = f"Bearer {self.key}"
         delay = 1.0
         for attempt in range(self.retries + 1):
-            req = urllib.request.Request(self.base + path, data=data, headers=headers, method="POST")
-            try:
-                with self._opener.open(req, timeout=self.timeout) as r:
-                    return orjson.loads(r.read())
-            except urllib.error.HTTPError as e:
-                if 300 <= e.code < 400:
-                    where = " ".join(str(e.headers.get("Location") or "elsewhere").split())[:200]
-                    raise EndpointError(f"{self.base}{path}: the endpoint redirects (HTTP {e.code} to {where}); sitegen follows no "
-                                        "redirect (the API key would go along): pass the final URL as --endpoint", "redirect") from None
-                detail = e.read()[:300].decode("utf-8", "replace")
-                if e.code == 401 or e.code == 403:
+            retry = attempt < self.retries
+            with _Deadline(self.timeout) as deadline:
+                try:
+                    status, resp_headers, raw = self._exchange(self.base + path, data, headers, deadline)
+                except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+                    if isinstance(e, ValueError) and not deadline.expired:
+                        raise  # not a transport failure (a closed TLS socket's ValueError follows only the deadline's shutdown)
+                    reason = getattr(e, "reason", e)
+                    if deadline.expired or isinstance(e, TimeoutError) or isinstance(reason, TimeoutError):
+                        if retry:
+                            time.sleep(delay)
+                            delay *= 2
+                            continue
+                        # a slow answer fails this neuron only (asked again on the next run)
+                        raise EndpointError(f"{self.base}{path}: no whole answer within {self.timeout:g} s, {self.retries + 1} tries; "
+                                            "raise --timeout", "timeout") from None
+                    if isinstance(e, http.client.HTTPException) and not isinstance(e, OSError):
+                        if retry:
+                            time.sleep(delay)
+                            delay *= 2
+                            continue
+                        # a broken answer (cut short, not HTTP): this neuron only
+                        raise EndpointError(f"{self.base}{path}: broken HTTP answer ({type(e).__name__}), {self.retries + 1} tries",
+                                            "protocol") from None
+                    if retry and not isinstance(reason, ConnectionRefusedError):
+                        time.sleep(delay)
+                        delay *= 2
+                        continue
+                    raise EndpointError(f"{self.base}: unreachable ({reason}); check --endpoint and that the server runs",
+                                        "unreachable") from None
+            if 300 <= status < 400:
+                where = " ".join(str(resp_headers.get("Location") or "elsewhere").split())[:200]
+                raise EndpointError(f"{self.base}{path}: the endpoint redirects (HTTP {status} to {where}); sitegen follows no "
+                                    "redirect (the API key would go along): pass the final URL as --endpoint", "redirect")
+            if status >= 400:
+                detail = raw.decode("utf-8", "replace")
+                if status == 401 or status == 403:
                     fix = f"set ${self.key_env} to a valid key" if self.key_env else "name the variable holding the key with --api-key-env"
-                    raise EndpointError(f"{self.base}: the endpoint refused the API key (HTTP {e.code}); {fix}", "auth") from None
-                if e.code == 404 and "model" in detail.lower():
+                    raise EndpointError(f"{self.base}: the endpoint refused the API key (HTTP {status}); {fix}", "auth")
+                if status == 404 and "model" in detail.lower():
                     raise EndpointError(f"{self.base}: unknown model {self.model!r} (HTTP 404); pass a model the endpoint serves with --model",
-                                        "model") from None
-                if (e.code == 429 or e.code >= 500) and attempt < self.retries:
+                                        "model")
+                if (status == 429 or status >= 500) and retry:
                     time.sleep(delay)
                     delay *= 2
                     continue
-                raise EndpointError(f"{self.base}{path}: HTTP {e.code}: {' '.join(detail.split())[:200]}", "http") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                if attempt < self.retries and not isinstance(getattr(e, "reason", None), ConnectionRefusedError):
-                    time.sleep(delay)
-                    delay *= 2
-                    continue
-                if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
-                    # a slow answer fails this neuron only (asked again on the next run)
-                    raise EndpointError(f"{self.base}{path}: no answer within {self.timeout:g} s, {self.retries + 1} tries; raise --timeout",
-                                        "timeout") from None
-                raise EndpointError(f"{self.base}: unreachable ({getattr(e, 'reason', e)}); check --endpoint and that the server runs",
-                                    "unreachable") from None
+                raise EndpointError(f"{self.base}{path}: HTTP {status}: {' '.join(detail.split())[:200]}", "http")
+            try:
+                return orjson.loads(raw)
             except orjson.JSONDecodeError:
                 raise EndpointError(f"{self.base}{path}: the answer is not JSON; is --endpoint an OpenAI-compatible API?", "json") from None
         raise EndpointError(f"{self.base}{path}: no answer after {self.retries + 1} tries", "http")
@@ -369,26 +522,114 @@ def _texts(store, layer: int, neurons: list[int], vocab: list[str], seq_tokens: 
     return out
 
 
-def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
-    from sitegen.store import Store, atomic_write_bytes
+MAX_TIMEOUT = 86400.0  # a day: longer is a mistake (and past what a timer can wait on some systems)
 
+
+def _check_numbers(cfg: ExplainConfig) -> None:
+    """The numeric options, refused in one line before anything is read or sent."""
     if cfg.concurrency < 1:
         raise ConfigError(f"--concurrency {cfg.concurrency}: must be at least 1")
     if cfg.samples < 1:
         raise ConfigError(f"--samples {cfg.samples}: must be at least 1")
+    if cfg.retries < 0:
+        raise ConfigError(f"--retries {cfg.retries}: must be 0 or more")
+    if not (math.isfinite(cfg.timeout) and 0 < cfg.timeout <= MAX_TIMEOUT):
+        raise ConfigError(f"--timeout {cfg.timeout:g}: give the seconds one request may take in all, a number above 0 and at most "
+                          f"{MAX_TIMEOUT:g}, e.g. --timeout 60")
+    if not (math.isfinite(cfg.max_response_mb) and 0 < cfg.max_response_mb <= 2**20):
+        raise ConfigError(f"--max-response-mb {cfg.max_response_mb:g}: give the largest answer to read in MB, a number above 0, "
+                          f"e.g. --max-response-mb {MAX_RESPONSE_MB}")
+
+
+class _WorkLog:
+    """STORE/.work/explain.jsonl, shared by every explain run on the store (one JSON record per line,
+    a neuron's last finished line wins). Every append and the end-of-run merge hold an exclusive
+    flock on STORE/.work/explain.lock, and each append opens the log afresh (a compaction renames a
+    new file into place; a descriptor opened before it would write into the replaced file), so two
+    runs on one store never lose each other's neurons."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.path = folder / "explain.jsonl"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        lock = self.folder / "explain.lock"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            f = open(lock, "ab")  # never deleted: a waiter would lock a file nobody else sees
+        except OSError as e:
+            raise StoreError(f"cannot lock {lock}: {e.strerror or e}; make {self.folder} writable") from None
+        with f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock (the kernel releases a killed process's)
+
+    def append(self, record: dict) -> None:
+        line = orjson.dumps(record) + b"\n"
+        with self.locked():
+            try:
+                with open(self.path, "a+b") as f:
+                    end = f.seek(0, os.SEEK_END)
+                    if end and (f.seek(end - 1), f.read(1))[1] != b"\n":
+                        line = b"\n" + line  # a line cut by a crash stays a (skipped) line of its own
+                    f.write(line)
+            except OSError as e:
+                fix = "free space and rerun" if e.errno == errno.ENOSPC else "rerun once it is writable"
+                raise StoreError(f"cannot write {self.path}: {e.strerror or e}; {fix} (finished neurons are kept)") from None
+
+    def finished(self, model: str, n_layers: int, size: int) -> dict[tuple[str, int, int], dict]:
+        """Every finished neuron in the log, `model`'s and any other explainer's (a compaction keeps
+        them all): {(model, layer, neuron): record}."""
+        out: dict[tuple[str, int, int], dict] = {}
+        try:
+            lines = self.path.read_bytes().splitlines() if self.path.exists() else []
+        except OSError as e:
+            raise StoreError(f"cannot read {self.path}: {e.strerror or e}; make it a readable file (or delete it: its neurons are "
+                             "then asked again)") from None
+        for line in lines:
+            r = _finished_record(line, model, n_layers, size)
+            if r is None and (other := _model_of(line)) not in (None, model):
+                r = _finished_record(line, other, n_layers, size)
+            if r is not None:
+                out[(r["model"], r["layer"], r["neuron"])] = r
+        return out
+
+    def compact(self, finished: dict[tuple[str, int, int], dict]) -> None:
+        """Rewrite the log as its finished lines alone (call under `locked`, with `finished` read under it)."""
+        from sitegen.store import atomic_write_bytes
+
+        atomic_write_bytes(self.path, b"".join(orjson.dumps(r) + b"\n" for r in finished.values()))
+
+
+def _model_of(line: bytes) -> str | None:
+    try:
+        r = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return r.get("model") if isinstance(r, dict) and isinstance(r.get("model"), str) else None
+
+
+def _mine(finished: dict[tuple[str, int, int], dict], model: str) -> dict[tuple[int, int], dict]:
+    return {(layer, n): r for (m, layer, n), r in finished.items() if m == model}
+
+
+# An answer of a shape nothing checked (a bug, or a server's surprise) fails its neuron, not the run.
+_UNREADABLE = (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError)
+
+
+def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
+    from sitegen.store import Store
+
+    _check_numbers(cfg)
     key, key_env = endpoint_key(cfg.endpoint, cfg.api_key_env, cfg.allow_insecure_http)  # before any request
     store = Store.open(cfg.store)
     m = store.manifest["model"]
-    selection = _parse_neurons(cfg.neurons, int(m["num_layers"]), int(m["layer_size"]), store)
+    n_layers, size = int(m["num_layers"]), int(m["layer_size"])
+    selection = _parse_neurons(cfg.neurons, n_layers, size, store)
     vocab = store.vocab()
     seq_tokens = store.sequence_tokens()
-    work = store.work_dir / "explain.jsonl"
-    done: dict[tuple[int, int], dict] = {}
-    if work.exists():
-        for line in work.read_bytes().splitlines():
-            r = _finished_record(line, cfg.model, int(m["num_layers"]), int(m["layer_size"]))
-            if r is not None:
-                done[(r["layer"], r["neuron"])] = r
+    worklog = _WorkLog(store.work_dir)
+    done = _mine(worklog.finished(cfg.model, n_layers, size), cfg.model)
     todo = [(layer, n) for layer, ns in sorted(selection.items()) for n in ns if (layer, n) not in done]
     texts: dict[tuple[int, int], dict] = {}
     for layer in sorted({layer for layer, _ in todo}):
@@ -409,35 +650,41 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
             f"({cfg.samples} x (1 explanation + {'valid and ' if cfg.samples > 1 else ''}test simulations) each) to {cfg.endpoint} "
             f"as model {cfg.model!r}")
         return {"todo": len(todo), "requests": n_requests}
-    ep = Endpoint(cfg.endpoint, cfg.model, key, cfg.timeout, cfg.retries, key_env)
-    store.work_dir.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    with open(work, "ab") as out, ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
+    ep = Endpoint(cfg.endpoint, cfg.model, key, cfg.timeout, cfg.retries, key_env, max_bytes=int(cfg.max_response_mb * 2**20))
+    failures, fatal = 0, None
+    with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
         futures = {pool.submit(explain_neuron, ep, texts[key], cfg.explainer_excerpts, cfg.samples): key for key in todo}
-        try:
-            for fut in as_completed(futures):
-                layer, n = futures[fut]
-                try:
-                    record = fut.result()
-                except EndpointError as e:
-                    if e.fatal:
+        for fut in as_completed(futures):
+            if fut.cancelled():
+                continue
+            layer, n = futures[fut]
+            try:
+                record = fut.result()
+            except EndpointError as e:
+                if e.fatal:  # every other neuron would fail the same way: stop asking, keep what the pool finishes
+                    if fatal is None:
+                        fatal = e
                         for f in futures:
                             f.cancel()
-                        raise  # every other neuron would fail the same way
-                    record = {"explanation": None, "score": None, "error": str(e)}
-                record.update({"layer": layer, "neuron": n, "model": cfg.model})
-                out.write(orjson.dumps(record) + b"\n")
-                out.flush()
-                if record.get("error"):
-                    failures += 1
-                    log(f"{layer}:{n}: {record['error']} (asked again on the next run)")
-                else:
-                    done[(layer, n)] = record
-        finally:
-            out.flush()
-    _write_tables(store, done, cfg.model)
-    if failures == 0:
-        atomic_write_bytes(work, b"".join(orjson.dumps(r) + b"\n" for r in done.values()))
+                    continue
+                record = {"explanation": None, "score": None, "error": str(e)}
+            except _UNREADABLE as e:
+                record = {"explanation": None, "score": None, "error": f"unreadable answer ({type(e).__name__}: {' '.join(str(e).split())[:200]})"}
+            record.update({"layer": layer, "neuron": n, "model": cfg.model})
+            worklog.append(record)
+            if record.get("error"):
+                failures += 1
+                log(f"{layer}:{n}: {record['error']} (asked again on the next run)")
+    with worklog.locked():
+        # Re-read under the lock: the log also holds what another run on this store finished meanwhile.
+        finished = worklog.finished(cfg.model, n_layers, size)
+        done = _mine(finished, cfg.model)
+        if done or fatal is None:  # a run stopped before any neuron finished leaves the store as it was
+            _write_tables(store, done, cfg.model)
+        if failures == 0 and fatal is None:
+            worklog.compact(finished)
+    if fatal is not None:
+        raise fatal
     log(f"explained {len(done)} neurons ({failures} failed) into {cfg.store}")
     return {"done": len(done), "failed": failures}
 

@@ -31,9 +31,16 @@ def expected_value(top_logprobs: Mapping[str, float]) -> float | None:
     return sum(level * p for level, p in probs.items()) / total
 
 
+# Every character str.splitlines() ends a line at ("\r\n" is two of them). A token holding one would
+# split its prompt line, and the rewrite the fallback parser reads, into two.
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_SHOWN = str.maketrans({"\t": " ", **dict.fromkeys(LINE_BREAKS, "\u21b5")})
+
+
 def _shown(token: str) -> str:
-    """A token as one prompt line shows it (a tab or newline inside it would break the format)."""
-    return token.replace("\t", " ").replace("\n", "\u21b5")
+    """A token as one prompt line shows it: a tab as a space (it separates the level) and any line
+    break as "\u21b5", so each token is exactly one line however the answer is split."""
+    return token.translate(_SHOWN)
 
 
 def parse_rewrite(text: str, tokens: Sequence[str]) -> tuple[list[float], bool]:
