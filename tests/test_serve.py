@@ -73,11 +73,11 @@ def test_crlf_in_a_query_placeholder_sets_no_cookie(served_site):
 
 
 def test_backslash_model_cannot_redirect_off_site(served_site):
-    path = "/%5Cevil.com/go?layer=0&neuron=0"
-    status, headers, _ = get(served_site, path)
-    assert_safe_answer(served_site, path, status, headers)
-    location = dict(headers)["Location"]
-    assert location == "/./%5Cevil.com/0/0.html"  # one percent-encoded path segment, on this site
+    # The chooser's rules name each model (the build's _redirects): no other path redirects.
+    for path in ("/%5Cevil.com/go?layer=0&neuron=0", "/%5C%5Cevil.com/go?layer=1&neuron=2"):
+        status, headers, _ = get(served_site, path)
+        assert_safe_answer(served_site, path, status, headers)
+        assert status == 404 and "Location" not in dict(headers), path
 
 
 def test_non_integer_layer_is_400_not_a_dropped_connection(served_site):
