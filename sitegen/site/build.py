@@ -354,6 +354,9 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
             pub.publish("api/openapi.json", dumps(openapi_document(models, registry())))
             pub.publish("404.html", env.get_template("404.html").render())
             pub.publish("search.html", env.get_template("search.html").render(models=models))
+            from sitegen.site.rules import REDIRECTS_FILE, chooser_redirects
+
+            pub.publish(REDIRECTS_FILE, chooser_redirects(names))  # the chooser's rules (rules.py says why)
             stage = "remove stale files"
             removed = pub.finish()  # last: the record of this build's files
     except SitegenError:

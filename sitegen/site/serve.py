@@ -38,7 +38,7 @@ from urllib.parse import unquote_to_bytes
 from sitegen.errors import BuildError
 from sitegen.resources import resource
 from sitegen.site import edge as edge_functions
-from sitegen.site.rules import Decision, Rules, load_rules
+from sitegen.site.rules import Decision, Rules, remove_dot_segments, site_rules
 
 IDLE_TIMEOUT = 15.0  # seconds a connection gets for each request head; also the write timeout
 LISTEN_BACKLOG = 128  # socketserver's default of 5 refuses bursts of new connections
@@ -46,13 +46,17 @@ WORKERS = 16  # threads answering complete requests (the work is CPU-bound under
 MAX_CONNECTIONS = 2048  # open connections (also kept below the process's file descriptor limit)
 HEAD_LIMIT = 128 * 1024  # bytes of request line + headers buffered per connection
 _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
-_TYPES = {".json": "application/json", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+# Netlify's content types for the site's files (tests/test_netlify.py compares them).
+_TYPES = {".json": "application/json; charset=utf-8", ".js": "application/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
           ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8"}
-# What may go into a header value we build from a request: printable ASCII without backslash.
-_COMPRESSIBLE = ("text/", "application/json", "image/svg+xml")
+_COMPRESSIBLE = ("text/", "application/json", "application/javascript", "image/svg+xml")
 GZIP_MIN_BYTES = 256  # smaller answers gain nothing from compression
+# What may go into a header value we build from a request: printable ASCII without backslash.
 _HEADER_SAFE = re.compile(r"[\x21-\x5b\x5d-\x7e]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Netlify's pretty URLs: a path with no such file is looked up with these endings too (none for a
+# path that already ends in one of these asset extensions), and "/a/" as "/a.html" first.
+_ASSET = re.compile(r"\.(html?|png|jpg|js|css|svg|gif|ico|woff|woff2)$")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -126,19 +130,28 @@ class Handler(BaseHTTPRequestHandler):
         super().send_response(code, None)  # the standard reason phrase only
 
     def _file(self, site_path: str) -> Path | None:
-        """The file a site path names (a folder names its index.html), or None: outside the
-        root, a control character, a name too long, or nothing there."""
+        """The file a site path names, or None: outside the root, a control character, a name
+        too long, or nothing there. As on Netlify (pretty URLs), "/a" is also "/a.html",
+        "/a.htm", "/a/index.html" and "/a/index.htm", and "/a/" is "/a.html", "/a.htm",
+        "/a/index.html" and "/a/index.htm"."""
         if _CONTROL.search(site_path):
             return None
-        try:
-            path = (self.root / site_path.lstrip("/")).resolve()
-            if self.root not in path.parents and path != self.root:
-                return None
-            if path.is_dir():
-                path = path / "index.html"
-            return path if path.is_file() else None
-        except (OSError, ValueError):
-            return None
+        if site_path.endswith("/"):
+            stem = site_path[:-1]
+            names = ([stem + ".html", stem + ".htm"] if stem else []) + [site_path + "index.html", site_path + "index.htm"]
+        else:
+            names = [site_path] + ([] if _ASSET.search(site_path) else
+                                   [site_path + ".html", site_path + ".htm", site_path + "/index.html", site_path + "/index.htm"])
+        for name in names:
+            try:
+                path = (self.root / name.lstrip("/")).resolve()
+                if self.root not in path.parents:
+                    continue
+                if path.is_file():
+                    return path
+            except (OSError, ValueError):
+                continue
+        return None
 
     def _read(self, site_path: str) -> bytes | None:
         """An edge function's read of a static file of the site (a decoded site path)."""
@@ -154,10 +167,13 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # a body we do not read must not be taken for the next request
         raw_path, _, query = raw.partition("?")
         query = query.partition("#")[0]
+        # "." and ".." segments (also as %2e) resolved first, as Netlify's CDN does, so
+        # "/api/m/./neuron2graph-search" is the search URL and "/api/%2e%2e/index" is "/index".
+        raw_path = remove_dot_segments(raw_path.partition("#")[0])
         # Percent-decode as bytes, then UTF-8 (undecodable bytes become U+FFFD: no file has such
         # a name, so the rules answer 404, as Netlify does).
-        path = unquote_to_bytes(raw_path.partition("#")[0].encode("latin-1")).decode("utf-8", "replace")
-        edge = edge_functions.handle(resource("netlify.toml"), raw_path.partition("#")[0], query, self._read)
+        path = unquote_to_bytes(raw_path.encode("latin-1")).decode("utf-8", "replace")
+        edge = edge_functions.handle(resource("netlify.toml"), raw_path, query, self._read)
         if edge is not None:  # before the rules, as on Netlify
             self._send(edge.status, list(edge.headers), edge.body, head_only, None)
             return
@@ -172,7 +188,8 @@ class Handler(BaseHTTPRequestHandler):
             if not _HEADER_SAFE.fullmatch(d.location):  # rules.py encodes values; this is the last guard
                 self._plain(400, "the redirect target would not be a safe URL")
                 return
-            self._send(d.status, [("Location", d.location), ("Content-Type", "text/plain; charset=utf-8")], b"", head_only, path)
+            # Netlify's redirect answer: no Content-Type, this one-line body.
+            self._send(d.status, [("Location", d.location)], f"Redirecting to {d.location}".encode("ascii"), head_only, path)
             return
         file = self._file(d.file) if d.file else None
         if file is None:  # only the 404 page itself can be missing here
@@ -441,7 +458,7 @@ def make_server(root: Path, host: str = "127.0.0.1", port: int = 8000, *, idle_t
     root = Path(root).resolve()
     if not (root / "index.html").is_file():
         raise BuildError(f"{root} has no index.html; build the site first: sitegen build STORE --out {root}")
-    handler = type("SiteHandler", (Handler,), {"rules": load_rules(), "root": root})
+    handler = type("SiteHandler", (Handler,), {"rules": site_rules(root), "root": root})
     try:
         return SiteServer((host, port), handler, idle_timeout=idle_timeout, workers=workers, max_connections=max_connections)
     except OSError as e:
