@@ -303,3 +303,88 @@ def test_browser_drops_the_same_long_words_as_the_index(tmp_path):
         server.server_close()
     assert got == analyse(words)
     assert LONG_RUN not in " ".join(got) and "c" * (MAX_WORD_LENGTH + 1) not in got
+
+
+# -- item 8: local source paths ------------------------------------------------------------------------
+
+SECRET_MODEL, SECRET_CORPUS = "private/acme-secret-model-v3", "/home/alice/private/acme-texts.jsonl"
+
+
+def _built_with_sources(root: Path, *, kinds: bool = True, publish: bool | None = None) -> Path:
+    from sitegen.site.build import build_site
+
+    store = write_synthetic_store(root / "store", with_graphs=False)
+    m = {k: v for k, v in store.manifest.items() if k not in ("schema_version", "sitegen_version")}
+    m["model"] = {**m["model"], "source": SECRET_MODEL, "fingerprint": "sha256:f1f1", **({"source_kind": "local"} if kinds else {})}
+    m["corpus"] = {**m["corpus"], "source": SECRET_CORPUS, **({"source_kind": "local"} if kinds else {})}
+    if publish is not None:
+        m["publish_source"] = publish
+    Store(store.root).write_manifest(m)
+    build_site([store.root], root / "site")
+    return root / "site"
+
+
+def _files_containing(site: Path, text: str) -> list[str]:
+    return [p.relative_to(site).as_posix() for p in sorted(site.rglob("*")) if p.is_file() and text.encode() in p.read_bytes()]
+
+
+@pytest.mark.parametrize("kinds", [True, False], ids=["recorded", "not-recorded"])
+def test_a_local_source_path_is_published_as_its_last_component(tmp_path, kinds):
+    site = _built_with_sources(tmp_path, kinds=kinds)
+    assert _files_containing(site, "private/") == []
+    assert _files_containing(site, "alice") == []
+    pv = orjson_loads(site / "api" / "toy-model.json")["metadata"]["provenance"]
+    assert pv["model"]["source"] == "acme-secret-model-v3" and pv["model"]["fingerprint"] == "sha256:f1f1"
+    assert pv["corpus"]["source"] == "acme-texts.jsonl" and pv["corpus"]["content_hash"] == "sha256:0"
+    assert "<code>acme-secret-model-v3</code> · checkpoint <code>sha256:f1f1</code>" in (site / "toy-model" / "0" / "1.html").read_text()
+    _conforms(site, "/api/{model}", site / "api" / "toy-model.json")
+
+
+def test_publish_source_shows_the_path_as_given(tmp_path):
+    site = _built_with_sources(tmp_path, publish=True)
+    pv = orjson_loads(site / "api" / "toy-model.json")["metadata"]["provenance"]
+    assert (pv["model"]["source"], pv["corpus"]["source"]) == (SECRET_MODEL, SECRET_CORPUS)
+    assert pv["model"]["source_kind"] == pv["corpus"]["source_kind"] == "local"
+
+
+def test_hub_and_embedded_sources_are_shown_as_given():
+    from sitegen.site.provenance import public_source
+
+    assert public_source({"source": "EleutherAI/pythia-70m", "source_kind": "hub"}, None) == "EleutherAI/pythia-70m"
+    assert public_source({"source": "wikitext:wikitext-2-raw-v1", "source_kind": "hub"}, False) == "wikitext:wikitext-2-raw-v1"
+    assert public_source({"source": "smollm2", "source_kind": "embedded"}, None) == "smollm2"
+    assert public_source({"source": "gpt2"}, None) == "gpt2"  # not recorded, not path-like
+    assert public_source({"source": "./ckpts/run-7/"}, None) == "run-7"
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs the compute extra")
+def test_compute_records_a_local_model_and_corpus_so_the_build_hides_their_paths(tiny_model_dir, tiny_corpus, tmp_path):
+    from sitegen.site.build import build_site
+
+    out = tmp_path / "store"
+    res = _invoke("compute", "--model", tiny_model_dir, "--corpus", tiny_corpus, "--out", out, "--tokens", 300, "--seq-len", 16,
+                  "--batch-size", 4, "--device", "cpu", "--no-weights", "--quiet")
+    assert res.exit_code == 0, res.output
+    m = Store.open(out).manifest
+    assert (m["model"]["source_kind"], m["corpus"]["source_kind"], m["publish_source"]) == ("local", "local", False)
+    assert m["model"]["source"] == str(tiny_model_dir)  # the store keeps the path: verify reruns that model
+    build_site([out], tmp_path / "site")
+    assert _files_containing(tmp_path / "site", str(tiny_model_dir.parent)) == []
+    assert _files_containing(tmp_path / "site", str(tiny_corpus)) == []
+    pv = orjson_loads(tmp_path / "site" / "api" / "tiny-llama.json")["metadata"]["provenance"]
+    assert pv["model"]["source"] == tiny_model_dir.name and pv["corpus"]["source"] == tiny_corpus.name
+
+
+def orjson_loads(path: Path):
+    import orjson
+
+    return orjson.loads(path.read_bytes())
+
+
+def _conforms(site: Path, template: str, path: Path) -> None:
+    from jsonschema import Draft202012Validator
+
+    spec = orjson_loads(site / "api" / "openapi.json")
+    schema = spec["paths"][template]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    errors = list(Draft202012Validator({**schema, "components": {"schemas": spec["components"]["schemas"]}}).iter_errors(orjson_loads(path)))
+    assert not errors, errors[0].message

@@ -60,6 +60,7 @@ class ComputeConfig:
     checkpoint_seconds: float = 300.0
     name: str | None = None
     weights: bool = True  # compute the services made from the weights alone (from_weights); --no-weights skips them
+    publish_source: bool = False  # the site may show a local --model/--corpus path as given (else its last component); not in the run hash
     # The services' own compute options (hook compute_options) by parameter name. Only the
     # services' stages read them, so they are kept out of the run hash (a store resumes and is
     # recognised whatever they say) and are checked by the services (hook check_compute_config).
@@ -486,17 +487,18 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
     out.write_manifest(new_manifest(
         model={**model.metadata, "weights_sha256": weights_fingerprint(model)},
         corpus={"name": corpus.name, "source": cfg.corpus, "content_hash": corpus.content_hash,
+                "source_kind": "embedded" if cfg.corpus == "sotu" else "hub" if corpus.documents is None else "local",
                 "sequences_total": len(sequences), "tokens_total": sum(len(s.token_ids) for s in sequences)},
         processed={"sequences": len(mine), "tokens": tokens_done},
         config={"seq_len": cfg.seq_len, "seed": cfg.seed, "tokens": cfg.tokens, "top_k": cfg.top_k, "n_random": cfg.n_random,
                 "bos_token_id": bos, "first_valid_position": first_valid},
         run_hash=run_hash, shard=_shard_record(cfg.shard), services=[s.name for s in written],
-        identity=identity, versions=_versions(), **_service_records(written),
+        identity=identity, versions=_versions(), publish_source=cfg.publish_source, **_service_records(written),
     ))
 
 
 # Top-level manifest fields the runner writes itself (and the stamps encode() adds).
-_OWN_FIELDS = frozenset({"model", "corpus", "processed", "config", "run_hash", "shard", "services", "identity", "versions",
+_OWN_FIELDS = frozenset({"model", "corpus", "processed", "config", "run_hash", "shard", "services", "identity", "versions", "publish_source",
                          "schema_version", "sitegen_version"})
 
 

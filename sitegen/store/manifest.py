@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import orjson
 import pyarrow as pa
@@ -65,6 +65,7 @@ class ModelInfo(Record):
     num_total_parameters: int = Field(ge=0)
     vocab_size: Optional[int] = Field(default=None, ge=1)
     source: Optional[str] = None
+    source_kind: Optional[Literal["embedded", "hub", "local"]] = None  # None: not recorded (an older store)
 
     @field_validator("name")
     @classmethod
@@ -78,6 +79,8 @@ class ModelInfo(Record):
 
 class CorpusInfo(Record):
     name: str
+    source: Optional[str] = None
+    source_kind: Optional[Literal["embedded", "hub", "local"]] = None
 
 
 class Processed(Record):
@@ -117,6 +120,7 @@ class Manifest(Record):
     run_hash: str
     shard: Optional[Shard]
     services: list[str]
+    publish_source: Optional[bool] = None  # compute --publish-source: the site shows local source paths as given
 
     @field_validator("services")
     @classmethod
