@@ -236,6 +236,7 @@ def test_merge_refuses_shards_of_other_weights(tmp_path):
 # -- item 8: words lunr's stemmer cannot take -------------------------------------------------------
 
 LONG_RUN = "y" * 1500 + "ing"  # lunr's Porter stemmer recurses once per 'y': a RecursionError at the default limit
+MAX_WORD_LENGTH = 64  # the README's rule: longer words are left out of the index and of a query
 
 
 def _explained(root: Path, text: str):
@@ -253,12 +254,14 @@ def _explained(root: Path, text: str):
 
 
 def test_words_over_the_cap_are_left_out_of_the_explanation_analysis():
-    from sitegen.site.textindex import MAX_WORD_LENGTH, analyse
+    from sitegen.site import textindex
+    from sitegen.site.textindex import analyse
 
     assert analyse(f"taxes {LONG_RUN} cuts") == ["tax", "cut"]
     assert analyse("b" * MAX_WORD_LENGTH) == ["b" * MAX_WORD_LENGTH]
     assert analyse("b" * (MAX_WORD_LENGTH + 1)) == []
     assert analyse(f"({'b' * MAX_WORD_LENGTH}).") == ["b" * MAX_WORD_LENGTH]  # counted after trimming
+    assert textindex.MAX_WORD_LENGTH == MAX_WORD_LENGTH  # app.js has the same number
 
 
 def test_an_explanation_with_a_long_run_of_one_letter_builds_and_is_found(tmp_path):
@@ -278,7 +281,7 @@ def test_browser_drops_the_same_long_words_as_the_index(tmp_path):
 
     from sitegen.site.build import build_site
     from sitegen.site.serve import make_server
-    from sitegen.site.textindex import MAX_WORD_LENGTH, analyse, stop_words
+    from sitegen.site.textindex import analyse, stop_words
     from tests.conftest import free_port
     from tests.test_browser import ARGS, CHROMIUM
 
