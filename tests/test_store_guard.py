@@ -391,3 +391,23 @@ def _conforms(site: Path, template: str, path: Path) -> None:
     schema = spec["paths"][template]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     errors = list(Draft202012Validator({**schema, "components": {"schemas": spec["components"]["schemas"]}}).iter_errors(orjson_loads(path)))
     assert not errors, errors[0].message
+
+
+def test_a_merge_stopped_by_ctrl_c_says_which_command_finishes_it(tmp_path, monkeypatch):
+    import sitegen.merge as merge_mod
+
+    shards = _shards(tmp_path)
+    calls, real = [0], merge_mod._merge_service
+
+    def interrupted(*args):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(merge_mod, "_merge_service", interrupted)
+    out = tmp_path / "merged"
+    _one_line_error(_invoke("merge", *shards, "--out", out), "merge interrupted", f"sitegen merge {shards[0]} {shards[1]} --out {out}")
+    monkeypatch.setattr(merge_mod, "_merge_service", real)
+    assert _invoke("merge", *shards, "--out", out).exit_code == 0
+    assert Store.open(out).manifest["processed"]["sequences"] == 24
