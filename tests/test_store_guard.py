@@ -169,6 +169,13 @@ def test_compute_refuses_name_openapi_before_loading_anything(tmp_path):
     _one_line_error(_invoke("build", store.root, "--out", tmp_path / "site"), "'OpenAPI' is taken")
 
 
+@pytest.mark.parametrize("names", [("toy", "toy.json"), ("TOY.JSON", "toy")])
+def test_build_refuses_a_model_whose_folder_is_another_models_metadata_file(tmp_path, names):
+    roots = [write_synthetic_store(tmp_path / f"s{i}", name=n, with_graphs=False).root for i, n in enumerate(names)]
+    _one_line_error(_invoke("build", *roots, "--out", tmp_path / "site"), "would be both model", "--name")
+    assert not (tmp_path / "site" / "api").exists()  # refused before anything is written
+
+
 # -- item 8: merge ---------------------------------------------------------------------------------------
 
 def _shards(root: Path, **model) -> list[Path]:
