@@ -25,7 +25,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sitegen.errors import StoreError
+from sitegen.errors import DiskFull, StoreError
 from sitegen.services import by_name
 from sitegen.services.base import CorpusRun, Service
 from sitegen.store import LOCK, MANIFEST, MERGING, SEQUENCES_SCHEMA, Store, atomic_write_bytes
@@ -41,6 +41,8 @@ def merge_stores(parts: list[Path], out: Path) -> Path:
         _merge(stores, out)
     except KeyboardInterrupt:
         raise StoreError(f"merge interrupted; {out} is unfinished: rerun the same command ({command}), which starts it over") from None
+    except DiskFull as e:  # nothing of a merge is kept: say what the rerun does
+        raise StoreError(f"disk full while writing {e.path}; free space and rerun the same command ({command}), which starts {out} over") from None
     (out / MERGING).unlink()
     return out
 

@@ -206,12 +206,15 @@ def test_an_interrupted_merge_is_finished_by_the_command_its_messages_name(tmp_p
     def disk_full_on_the_third_file(path, write):
         calls[0] += 1
         if calls[0] == 3:
-            raise StoreError(f"disk full while writing {path}; free space and rerun the same command (finished work is kept)")
+            def no_space(tmp):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, no_space)
         return real(path, write)
 
     out = tmp_path / "merged"
     monkeypatch.setattr(store_mod, "atomic_write", disk_full_on_the_third_file)
-    _one_line_error(_invoke("merge", *shards, "--out", out), "rerun the same command")
+    line = _one_line_error(_invoke("merge", *shards, "--out", out), "disk full", f"rerun the same command (sitegen merge {shards[0]} {shards[1]} --out {out})")
+    assert "finished work is kept" not in line  # a merge keeps nothing: the rerun starts over
     monkeypatch.setattr(store_mod, "atomic_write", real)
     assert any(out.rglob("data.parquet")) and not (out / "manifest.json").exists()  # half-merged
     line = _one_line_error(_invoke("build", out, "--out", tmp_path / "site"), "unfinished 'sitegen merge'",

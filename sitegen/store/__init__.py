@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sitegen import __version__
-from sitegen.errors import StoreError
+from sitegen.errors import DiskFull, StoreError
 from sitegen.store.manifest import SCHEMA_VERSION, encode, validate_store, with_service
 MANIFEST = "manifest.json"
 WORK_DIR = ".work"
@@ -78,7 +78,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         if e.errno == errno.ENOSPC:
-            raise StoreError(f"disk full while writing {path}; free space and rerun the same command (finished work is kept)") from None
+            raise DiskFull(f"disk full while writing {path}; free space and rerun the same command (finished work is kept)", path) from None
         raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         if tmp is not None:
