@@ -242,7 +242,7 @@ class _FiniteGuard:
         count = int(self.seen.sum())
         raise ModelError(f"--model {model_spec}: layer {layer} neuron {neuron} has a non-finite activation (NaN or infinity; "
                          f"{count} neuron(s) in all): the model's float32 activations overflow, so its statistics would be "
-                         "meaningless; check the checkpoint's weights (nothing was written)")
+                         "meaningless; check the checkpoint's weights (no store or checkpoint holding them was written)")
 
 
 def _corpus_services() -> list:
