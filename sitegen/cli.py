@@ -109,6 +109,9 @@ def main() -> None:
 @click.option("--shard", default="0/1", show_default=True, help="I/N: process only every N-th sequence starting at I; combine the N stores with 'sitegen merge'.")
 @click.option("--name", default=None, help="Model name used in URLs and pages [default: from the model].")
 @click.option("--no-weights", is_flag=True, help="Skip the weight-based logit tables.")
+@click.option("--publish-source", is_flag=True,
+              help="Show a local --model/--corpus path as given in the site's provenance (pages and API). Without it the site shows "
+                   "only its last component (file or folder name), next to the content hash; hub names and the embedded defaults are shown as given.")
 @click.option("--checkpoint-seconds", type=float, default=300.0, show_default=True, help="Save resumable progress this often.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
@@ -116,7 +119,7 @@ def main() -> None:
                    "No ADDRESS: a new local cluster; 'auto': the one 'ray start' runs here; or the head's HOST:PORT. --out must be shared by every node.")
 @click.option("--ray-shards", type=int, default=None, help="With --ray: number of shard tasks [default: one per GPU, else one per CPU group].")
 @click.option("--ray-cpus-per-shard", type=int, default=None, help="With --ray and no GPU: CPUs per shard task [default: 4, or the largest node's CPUs].")
-def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_size, device, shard, name, no_weights, checkpoint_seconds, quiet,
+def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_size, device, shard, name, no_weights, publish_source, checkpoint_seconds, quiet,
             ray_address, ray_shards, ray_cpus_per_shard, **options):
     """Run a model over a corpus and store per-neuron activation data (top/bottom/random sequences,
     statistics, histograms) and weight-based logit tables, for every neuron of every layer. Services
@@ -125,7 +128,7 @@ def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_si
 
     cfg = ComputeConfig(model=model, corpus=corpus, out=out, tokens=tokens, seq_len=seq_len, seed=seed, top_k=top_k,
                         n_random=n_random, batch_size=batch_size, device=device, shard=parse_shard(shard), name=name,
-                        weights=not no_weights, options=options, checkpoint_seconds=checkpoint_seconds, progress=not quiet)
+                        weights=not no_weights, publish_source=publish_source, options=options, checkpoint_seconds=checkpoint_seconds, progress=not quiet)
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     if ray_address is None:
         if ray_shards is not None or ray_cpus_per_shard is not None:

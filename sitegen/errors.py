@@ -31,6 +31,15 @@ class StoreError(SitegenError):
     stage = "store"
 
 
+class DiskFull(StoreError):
+    """A store write hit a full disk; `path` is the file. Callers that know what a rerun does
+    (merge starts over, compute resumes) say so."""
+
+    def __init__(self, message: str, path=None):
+        super().__init__(message)
+        self.path = path
+
+
 class BuildError(SitegenError):
     stage = "build"
 

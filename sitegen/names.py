@@ -2,8 +2,9 @@
 (`/<model>/<layer>/<neuron>`, `/api/<model>/...`, `/search/<model>/...`) and a folder of the build.
 
 A name must be URL-safe (letters, digits, '.', '_', '-', not starting with a dot or dash) and must
-not be one of the entries the build writes at the top of the site (a model called `api` or
-`about` would share a folder or a URL with the site's own files). Compared case-insensitively:
+not be one of the entries the build writes at the top of the site or at the top of `api/` (a
+model called `api` or `about` would share a folder or a URL with the site's own files, one called
+`openapi` would write its metadata over `api/openapi.json`). Compared case-insensitively:
 on macOS and Windows `API` and `api` are the same folder.
 
 No torch and nothing heavy: `sitegen compute` checks `--name` with this before loading a model,
@@ -24,6 +25,8 @@ from sitegen.resources import resource
 # (tests/test_hostile.py builds a site and checks that every top-level entry is listed here).
 TOP_LEVEL_FILES = ("index.html", "404.html", "search.html")
 TOP_LEVEL_DIRS = ("api", "assets", "search")
+# What build_site writes at the top of api/ besides api/<model>.json and api/<model>/ (same test).
+API_FILES = ("index.json", "openapi.json")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_NAME_LENGTH = 100  # a path segment; well under every file system's 255
@@ -31,10 +34,11 @@ MAX_NAME_LENGTH = 100  # a path segment; well under every file system's 255
 
 @lru_cache(maxsize=1)
 def reserved_names() -> frozenset[str]:
-    """Lower-cased names a model may not take: every top-level entry of the site, with and
-    without its extension (`about` would be /about/ next to /about.html). The content pages are
-    content/<slug>.md, published as <slug>.html."""
-    entries = [*TOP_LEVEL_FILES, *TOP_LEVEL_DIRS, *(f"{p.stem}.html" for p in resource("content").glob("*.md"))]
+    """Lower-cased names a model may not take: every top-level entry of the site and of its api/
+    folder, with and without its extension (`about` would be /about/ next to /about.html,
+    `openapi` would publish api/openapi.json). The content pages are content/<slug>.md, published
+    as <slug>.html."""
+    entries = [*TOP_LEVEL_FILES, *TOP_LEVEL_DIRS, *API_FILES, *(f"{p.stem}.html" for p in resource("content").glob("*.md"))]
     return frozenset(n.lower() for e in entries for n in (e, e.rsplit(".", 1)[0]))
 
 

@@ -20,8 +20,8 @@ def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("prov")
     store = write_synthetic_store(root / "store", name=MODEL)
     m = {k: v for k, v in store.manifest.items() if k not in ("schema_version", "sitegen_version")}
-    m["corpus"] |= {"name": f"corpus {EVIL}", "source": f"hub/{EVIL}", "content_hash": "sha256:c0ffee"}
-    m["model"] |= {"source": "org/tiny<b>", "fingerprint": "sha256:f1f1", "weights_sha256": "sha256:beef", "hook": "blocks.{layer}.mlp.hook_post"}
+    m["corpus"] |= {"name": f"corpus {EVIL}", "source": f"hub/{EVIL}", "source_kind": "hub", "content_hash": "sha256:c0ffee"}
+    m["model"] |= {"source": "org/tiny<b>", "source_kind": "hub", "fingerprint": "sha256:f1f1", "weights_sha256": "sha256:beef", "hook": "blocks.{layer}.mlp.hook_post"}
     m["versions"] = {"sitegen": "9.9.9", "torch": "2.13.0", "transformers": EVIL}
     m["neuron2graph"] = {"texts": 20, "seed": 4, "replacements": 5, "thresholds": {"firing": 0.5, "important_for_line": 0.75}}
     store.write_manifest(m)
@@ -77,7 +77,7 @@ def test_api_metadata_carries_provenance(site):
     for rel in (f"api/{MODEL}.json", f"api/{MODEL}/neuroscope/0/1.json", f"api/{MODEL}/logits/1/0.json"):
         meta = orjson.loads((site / rel).read_bytes())["metadata"]
         pv = meta["provenance"]
-        assert pv["corpus"] == {"name": f"corpus {EVIL}", "source": f"hub/{EVIL}", "content_hash": "sha256:c0ffee"}
+        assert pv["corpus"] == {"name": f"corpus {EVIL}", "source": f"hub/{EVIL}", "source_kind": "hub", "content_hash": "sha256:c0ffee"}
         assert pv["model"]["fingerprint"] == "sha256:f1f1" and pv["model"]["weights_sha256"] == "sha256:beef"
         assert pv["sitegen_version"] == "9.9.9" and pv["versions"]["torch"] == "2.13.0"
         assert pv["neuron2graph"]["thresholds"]["firing"] == 0.5
@@ -87,6 +87,7 @@ def test_api_metadata_carries_provenance(site):
 def test_local_paths_are_not_published(tmp_path):
     from sitegen.site.provenance import model_provenance
 
+    # A store that did not record where its sources came from: anything path-like shows only its last component.
     pv = model_provenance({"model": {"source": "/home/alice/secret-ckpt"}, "corpus": {"name": "texts", "source": "./private/texts.jsonl"}})
-    assert pv["model"]["source"] is None and pv["corpus"]["source"] is None
-    assert model_provenance({"model": {"source": "EleutherAI/pythia-70m"}})["model"]["source"] == "EleutherAI/pythia-70m"
+    assert pv["model"]["source"] == "secret-ckpt" and pv["corpus"]["source"] == "texts.jsonl"
+    assert model_provenance({"model": {"source": "EleutherAI/pythia-70m", "source_kind": "hub"}})["model"]["source"] == "EleutherAI/pythia-70m"

@@ -218,22 +218,26 @@ def load_model(spec: str, device: str = "cpu", name: str | None = None) -> Loade
         digest = _sha256_file(gguf).hexdigest()
         folder = convert_gguf(gguf, digest)
         display, fingerprint, source = DEFAULT_MODEL_NAME, "sha256:" + digest, DEFAULT_MODEL
+        kind = "embedded"
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"--model {spec}: no such .gguf file; check the path")
         digest = _sha256_file(path).hexdigest()
         folder = convert_gguf(path, digest)
         display, fingerprint, source = path.stem, "sha256:" + digest, str(path)
+        kind = "local"
     elif path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(f"--model {spec}: the folder has no config.json; point it at a Hugging Face checkpoint folder (save_pretrained output)")
         folder = path
         display, fingerprint, source = path.name, _folder_fingerprint(path), str(path)
+        kind = "local"
     elif spec.startswith((".", "/", "~")) or path.suffix:
         raise ModelError(f"--model {spec}: no such file or folder; pass a checkpoint folder, a .gguf file, a hub name or '{DEFAULT_MODEL}'")
     else:
         folder = None
         display, fingerprint, source = spec.split("/")[-1], "hub:" + spec, spec
+        kind = "hub"
         if not _in_hf_cache(spec) and not _hub_reachable():
             raise ModelError(
                 f"--model {spec}: the Hugging Face hub is unreachable from this machine; download the checkpoint where "
@@ -258,6 +262,7 @@ def load_model(spec: str, device: str = "cpu", name: str | None = None) -> Loade
     metadata = {
         "name": name,
         "source": source,
+        "source_kind": kind,  # embedded, hub or local: the site publishes a local path only on request (site/provenance.py)
         "architecture": type(bridge.original_model).__name__,
         "num_layers": int(cfg.n_layers),
         "layer_size": int(cfg.d_mlp),

@@ -34,7 +34,7 @@ import pyarrow as pa
 from sitegen import __version__
 from sitegen import store as store_mod
 from sitegen.corpus import load_corpus
-from sitegen.errors import ConfigError, CorpusError, StoreError
+from sitegen.errors import ConfigError, CorpusError, ModelError, StoreError
 from sitegen.names import model_name_problem
 from sitegen.services import registry
 from sitegen.services.base import Batch, CorpusRun, Service
@@ -60,6 +60,7 @@ class ComputeConfig:
     checkpoint_seconds: float = 300.0
     name: str | None = None
     weights: bool = True  # compute the services made from the weights alone (from_weights); --no-weights skips them
+    publish_source: bool = False  # the site may show a local --model/--corpus path as given (else its last component); not in the run hash
     # The services' own compute options (hook compute_options) by parameter name. Only the
     # services' stages read them, so they are kept out of the run hash (a store resumes and is
     # recognised whatever they say) and are checked by the services (hook check_compute_config).
@@ -205,6 +206,45 @@ class _LayerAccumulators:
             acc.load(state.get(name, {}))  # an empty state leaves no checkpoint entries
 
 
+class _FiniteGuard:
+    """Which neurons have had a non-finite activation (NaN or +-inf) on a real token (BOS included:
+    its activation is in the stored traces), per layer, as a bool tensor on the model's device:
+    updated with no device sync per batch, read (`check`) before every checkpoint and before the
+    store is written, so neither ever holds one. A float32 overflow is the model's (its weights or
+    its arithmetic), not the corpus': the run stops, naming the first such layer and neuron."""
+
+    def __init__(self, n_layers: int, d_mlp: int, first_valid: int, device: str):
+        import torch
+
+        self.seen = torch.zeros((n_layers, d_mlp), dtype=torch.bool, device=device)
+        self.first_valid = first_valid
+
+    def update(self, layer: int, acts, batch: Batch) -> None:
+        import torch
+
+        if batch.all_full:
+            real = acts  # every row and position is a real token
+        else:
+            mask = batch.valid.clone()
+            mask[:, :self.first_valid] = (batch.seq_ids >= 0)[:, None]  # the BOS position of real rows
+            real = acts[mask]
+        # A float64 sum of float32 values is finite exactly when every value is (no finite float32
+        # sum can reach float64's range), and one reduction costs a third of isfinite + any.
+        total = real.sum(dim=tuple(range(real.dim() - 1)), dtype=torch.float64)
+        self.seen[layer] |= ~torch.isfinite(total)
+
+    def check(self, model_spec: str) -> None:
+        import torch
+
+        if not bool(self.seen.any()):
+            return
+        layer, neuron = (int(i) for i in torch.nonzero(self.seen)[0])
+        count = int(self.seen.sum())
+        raise ModelError(f"--model {model_spec}: layer {layer} neuron {neuron} has a non-finite activation (NaN or infinity; "
+                         f"{count} neuron(s) in all): the model's float32 activations overflow, so its statistics would be "
+                         "meaningless; check the checkpoint's weights (no store or checkpoint holding them was written)")
+
+
 def _corpus_services() -> list:
     """The registered services that compute something in the corpus pass (hook `accumulator`)."""
     return [s for s in registry() if type(s).accumulator is not Service.accumulator]
@@ -282,7 +322,7 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
                                seed=cfg.seed, seq_lengths={s.seq_id: len(s.token_ids) for s in mine}, device=device)
         accs = [_LayerAccumulators({s.name: s.accumulator(layer, corpus_run) for s in corpus_services}) for layer in range(n_layers)]
         run = _Run(cfg, out, model, tokenizer, corpus, sequences, mine, accs, checkpoint, run_hash, identity, bos, first_valid, device,
-                   corpus_services, log)
+                   corpus_services, log, _FiniteGuard(n_layers, d_mlp, first_valid, device))
         position, tokens_done = _resume(run)
         position, tokens_done = _stream(run, position, tokens_done)
         _write_store(run, position, tokens_done)
@@ -314,6 +354,7 @@ class _Run:
     device: str
     corpus_services: list  # the services with an accumulator, in registry order
     log: Callable[[str], None]
+    finite: "_FiniteGuard"
 
 
 def _resume(run: _Run) -> tuple[int, int]:
@@ -356,24 +397,27 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
         with guard.installed():
             while position < len(mine):
                 if cfg.max_batches is not None and batches >= cfg.max_batches:
+                    run.finite.check(cfg.model)
                     _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
                     raise StoreError(f"stopped after {cfg.max_batches} batches (max_batches); rerun to resume")
                 batch = mine[position:position + batch_size]
                 tokens, seq_ids, valid, rand_score = _batch_tensors(batch, batch_size, cfg.seq_len, pad_id, first_valid, cfg.seed, random_key, device)
                 all_full = len(batch) == batch_size and all(len(s.token_ids) == cfg.seq_len for s in batch)
                 with guard.batch():  # the accumulators and the position move together, or the checkpoint lies
-                    _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full)
+                    _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full, run.finite)
                     position += len(batch)
                     done = sum(len(s.token_ids) for s in batch)
                     tokens_done += done
                 bar.update(done)
                 batches += 1
                 if time.monotonic() - last_save > cfg.checkpoint_seconds and position < len(mine):
+                    run.finite.check(cfg.model)
                     _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
                     last_save = time.monotonic()
     except KeyboardInterrupt:
         if guard.in_batch:  # a second Ctrl-C mid-batch: the accumulators hold part of a batch; keep the last checkpoint
             raise StoreError(f"interrupted mid-batch; rerun the same command to resume from the last checkpoint ({checkpoint})") from None
+        run.finite.check(cfg.model)
         _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
         raise StoreError(f"interrupted after {position} of {len(mine)} sequences; rerun the same command to resume") from None
     finally:
@@ -423,6 +467,7 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
     cfg, out, model, tokenizer, corpus, accs, mine = run.cfg, run.out, run.model, run.tokenizer, run.corpus, run.accs, run.mine
     checkpoint, run_hash, log, shard_i = run.checkpoint, run.run_hash, run.log, cfg.shard[0]
     sequences, identity, bos, first_valid = run.sequences, run.identity, run.bos, run.first_valid
+    run.finite.check(cfg.model)  # before anything is saved: a checkpoint or a store never holds a NaN or an infinity
     _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)  # the write stage can fail; keep the work
     log(f"writing store {cfg.out}")
     referenced: set[int] = set()  # the sequences some table refers to: the store keeps these
@@ -450,17 +495,18 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
     out.write_manifest(new_manifest(
         model={**model.metadata, "weights_sha256": weights_fingerprint(model)},
         corpus={"name": corpus.name, "source": cfg.corpus, "content_hash": corpus.content_hash,
+                "source_kind": "embedded" if cfg.corpus == "sotu" else "hub" if corpus.documents is None else "local",
                 "sequences_total": len(sequences), "tokens_total": sum(len(s.token_ids) for s in sequences)},
         processed={"sequences": len(mine), "tokens": tokens_done},
         config={"seq_len": cfg.seq_len, "seed": cfg.seed, "tokens": cfg.tokens, "top_k": cfg.top_k, "n_random": cfg.n_random,
                 "bos_token_id": bos, "first_valid_position": first_valid},
         run_hash=run_hash, shard=_shard_record(cfg.shard), services=[s.name for s in written],
-        identity=identity, versions=_versions(), **_service_records(written),
+        identity=identity, versions=_versions(), publish_source=cfg.publish_source, **_service_records(written),
     ))
 
 
 # Top-level manifest fields the runner writes itself (and the stamps encode() adds).
-_OWN_FIELDS = frozenset({"model", "corpus", "processed", "config", "run_hash", "shard", "services", "identity", "versions",
+_OWN_FIELDS = frozenset({"model", "corpus", "processed", "config", "run_hash", "shard", "services", "identity", "versions", "publish_source",
                          "schema_version", "sitegen_version"})
 
 
@@ -526,11 +572,13 @@ def _batch_tensors(batch, batch_size, seq_len, pad_id, first_valid, seed, random
     return as_t(tokens), as_t(seq_ids), as_t(valid), as_t(rand_score)
 
 
-def _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full: bool = False) -> None:
-    """One batch through every layer, each layer's activations into its accumulators."""
+def _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full: bool = False, finite: _FiniteGuard | None = None) -> None:
+    """One batch through every layer, each layer's activations into its accumulators (and `finite`)."""
     batch = Batch(valid=valid, seq_ids=seq_ids, rand_score=rand_score, all_full=all_full)
 
     def update(layer: int, acts) -> None:
+        if finite is not None:
+            finite.update(layer, acts, batch)
         accs[layer].update(acts, batch)
 
     model.run_mlp_activations(tokens, range(len(accs)), update)

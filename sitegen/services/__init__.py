@@ -75,7 +75,7 @@ def by_name() -> dict[str, Service]:
 def service_specs() -> dict[str, ServiceSpec]:
     """What each registered service's part of a store must hold, as Store.open checks it."""
     return {s.name: ServiceSpec(columns=tuple(s.store_columns), complete=s.complete_layers, required=s.always_stored,
-                                records=tuple(sorted(s.manifest_schemas().items()))) for s in registry()}
+                                token_columns=tuple(s.store_token_columns), records=tuple(sorted(s.manifest_schemas().items()))) for s in registry()}
 
 
 set_service_specs(service_specs)  # the store may not import the services: they tell it

@@ -185,6 +185,7 @@ class Service:
     store_columns: tuple[str, ...] = ("neuron",)  # columns every reader needs; a layer table without them is damaged
     complete_layers: bool = False  # one row per neuron in every layer (else: some neurons of some layers)
     always_stored: bool = False  # every store lists it (a manifest without it is damaged)
+    store_token_columns: tuple[str, ...] = ()  # columns of token ids (lists of ints): each must be an id of vocab.parquet
 
     # --- render half (no torch) -------------------------------------------------------------------
 

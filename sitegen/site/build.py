@@ -332,6 +332,10 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
         for name in set(names):
             if names.count(name) > 1:
                 raise BuildError(f"two stores hold a model named {name!r}; recompute one with --name to tell them apart")
+        for a in names:  # paths, not only names, must differ (names equal but for case: the publisher refuses them)
+            for b in names:
+                if a.lower() == f"{b.lower()}.json":
+                    raise BuildError(f"api/{b}.json would be both model {b!r}'s metadata and model {a!r}'s folder; recompute one with another --name")
         models.sort(key=lambda m: m.name)
         progress = Progress(sum(m.num_layers * m.layer_size for m in models), log)
         stage = "output folder"

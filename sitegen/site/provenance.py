@@ -17,6 +17,10 @@ from sitegen.services import Service, registry
 NOT_RECORDED = None  # a field an older store did not record: shown as "not recorded"
 
 
+_SOURCE_KIND = {"enum": ["embedded", "hub", "local", None],
+                "description": "Where the source came from; a local path is shown as given only when computed with --publish-source, "
+                               "else as its last component (file or folder name) next to the content hash."}
+
 # The OpenAPI schema of model_provenance's record (site/openapi.py publishes it), next to the code writing it.
 PROVENANCE_SCHEMA = {
     "type": "object", "description": "How the data was made: corpus and its content hash, tokens, sequence length, model fingerprints "
@@ -25,38 +29,49 @@ PROVENANCE_SCHEMA = {
     "required": ["corpus", "tokens_processed", "sequence_length", "model", "sitegen_version"],
     "properties": {
         "corpus": {"type": "object", "properties": {"name": {"type": ["string", "null"]}, "source": {"type": ["string", "null"]},
-                                                    "content_hash": {"type": ["string", "null"]}}},
+                                                    "source_kind": _SOURCE_KIND, "content_hash": {"type": ["string", "null"]}}},
         "tokens_processed": {"type": ["integer", "null"]}, "sequence_length": {"type": ["integer", "null"]},
-        "model": {"type": "object", "properties": {"source": {"type": ["string", "null"]}, "fingerprint": {"type": ["string", "null"]},
+        "model": {"type": "object", "properties": {"source": {"type": ["string", "null"]}, "source_kind": _SOURCE_KIND,
+                                                   "fingerprint": {"type": ["string", "null"]},
                                                    "weights_sha256": {"type": ["string", "null"]}, "hook": {"type": ["string", "null"]}}},
         "sitegen_version": {"type": ["string", "null"]},
     },  # + each service's provenance_schemas() (site/openapi.py adds them)
 }
 
 
-def _public_source(source: str | None) -> str | None:
-    """A model or corpus spec as the page may show it: built-in and hub names, not local paths
-    (a private checkpoint's location says nothing to a reader and may say too much)."""
+def public_source(record: dict, publish: bool | None) -> str | None:
+    """A --model or --corpus spec as the site shows it. Hub names and the embedded defaults as
+    given; a local path (a private checkpoint's location says nothing to a reader and may say too
+    much) as given only when compute was run with --publish-source, else only its last component
+    (file or folder name), which the page shows next to the content hash. A store that did not
+    record the kind (`source_kind`) is read conservatively: anything path-like (a '/', a '\\', a
+    leading '.' or '~', a file suffix) counts as local, so a hub id `org/name` shows as `name`."""
+    source, kind = record.get("source"), record.get("source_kind")
     if not source:
         return None
-    if source.startswith((".", "/", "~")) or PurePath(source).suffix in (".gguf", ".txt", ".jsonl", ".parquet") or "\\" in source:
-        return None
-    return source
+    if kind is None and (source.startswith((".", "~")) or "/" in source or "\\" in source
+                         or PurePath(source).suffix in (".gguf", ".txt", ".jsonl", ".parquet")):
+        kind = "local"
+    if kind != "local" or publish:
+        return source
+    return source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or None
 
 
 def model_provenance(manifest: dict) -> dict:
     """The model-level record, also published as metadata.provenance in every API response."""
     model, corpus, config = manifest.get("model", {}), manifest.get("corpus", {}), manifest.get("config", {})
+    publish = manifest.get("publish_source")
     versions = manifest.get("versions") or {}
     out = {
-        "corpus": {"name": corpus.get("name"), "source": _public_source(corpus.get("source")), "content_hash": corpus.get("content_hash")},
+        "corpus": {"name": corpus.get("name"), "source": public_source(corpus, publish), "source_kind": corpus.get("source_kind"),
+                   "content_hash": corpus.get("content_hash")},
         "tokens_processed": manifest.get("processed", {}).get("tokens"),
         "sequences_processed": manifest.get("processed", {}).get("sequences"),
         "sequence_length": config.get("seq_len"),
         "seed": config.get("seed"),
         "top_k": config.get("top_k"),
         "random_sequences": config.get("n_random"),
-        "model": {"source": _public_source(model.get("source")), "fingerprint": model.get("fingerprint"),
+        "model": {"source": public_source(model, publish), "source_kind": model.get("source_kind"), "fingerprint": model.get("fingerprint"),
                   "weights_sha256": model.get("weights_sha256"), "hook": model.get("hook")},
         # the version that computed the activations; the manifest's sitegen_version is its last writer's
         "sitegen_version": versions.get("sitegen") or manifest.get("sitegen_version"),

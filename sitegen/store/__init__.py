@@ -7,6 +7,7 @@
       <service>/layer=<L>/data.parquet   one row per neuron of layer L
       .work/                         checkpoints of an unfinished run (removed when it finishes)
       .manifest.lock                 flock'ed by every manifest update (never deleted)
+      .merging                       only while `sitegen merge` writes the store: the command to rerun
 
 Every file is written to a unique temporary name, flushed to disk (fsync), renamed, and its folder
 flushed, so a reader never sees half a file and a crash or power cut leaves the old file or the new
@@ -27,14 +28,16 @@ from typing import Any, Callable
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sitegen import __version__
-from sitegen.errors import StoreError
+from sitegen.errors import DiskFull, StoreError
 from sitegen.store.manifest import SCHEMA_VERSION, encode, validate_store, with_service
 MANIFEST = "manifest.json"
 WORK_DIR = ".work"
 LOCK = ".manifest.lock"
+MERGING = ".merging"
 
 
 def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
@@ -75,7 +78,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         if e.errno == errno.ENOSPC:
-            raise StoreError(f"disk full while writing {path}; free space and rerun the same command (finished work is kept)") from None
+            raise DiskFull(f"disk full while writing {path}; free space and rerun the same command (finished work is kept)", path) from None
         raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         if tmp is not None:
@@ -94,6 +97,49 @@ def write_table(path: Path, table: pa.Table) -> None:
                                                   write_page_checksum=True))
 
 
+def _leaf_values(array: pa.Array) -> pa.Array:
+    while pa.types.is_list(array.type) or pa.types.is_large_list(array.type) or pa.types.is_fixed_size_list(array.type):
+        array = array.flatten()
+    return array
+
+
+def _float_leaves(array: pa.Array) -> list[pa.Array]:
+    """The floating-point values of a column, however nested in lists and structs."""
+    array = _leaf_values(array)
+    if pa.types.is_struct(array.type):
+        return [leaf for i in range(array.type.num_fields) for leaf in _float_leaves(array.field(i))]
+    return [array] if pa.types.is_floating(array.type) else []
+
+
+def _non_finite(value: Any, allow_inf: bool) -> Any:
+    """The first NaN (or infinity, unless allowed) in a row's value, else None."""
+    if isinstance(value, float):
+        return value if value != value or (not allow_inf and value in (float("inf"), float("-inf"))) else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((bad for bad in (_non_finite(v, allow_inf) for v in items) if bad is not None), None)
+
+
+def check_finite(path: Path, table: pa.Table, allow_inf: bool = False) -> None:
+    """Refuse a table holding a NaN (or an infinity) in one line naming the file, column and row
+    (by its `neuron` when it has one). Vectorised; rows are looked at only to name the first bad one."""
+    for name, column in zip(table.column_names, table.columns):
+        for chunk in column.chunks:
+            for leaf in _float_leaves(chunk):
+                bad = pc.is_nan(leaf) if allow_inf else pc.invert(pc.is_finite(leaf))
+                if not pc.any(bad).as_py():
+                    continue
+                values = column.to_pylist()
+                row = next(i for i, v in enumerate(values) if _non_finite(v, allow_inf) is not None)
+                where = f"row {row}"
+                try:  # name the neuron, also when the caller read other columns only
+                    neurons = table.column("neuron") if "neuron" in table.column_names else pq.read_table(path, columns=["neuron"]).column("neuron")
+                    where = f"neuron {neurons[row].as_py()}"
+                except (OSError, KeyError, pa.ArrowException):
+                    pass
+                raise StoreError(f"{path}: column '{name}' of {where} holds {_non_finite(values[row], allow_inf)}, not a finite number; "
+                                 "the store is damaged: recompute it (compute refuses activations that overflow)")
+
+
 class Store:
     """A store folder. Open an existing one with Store.open(); create one with Store(path)."""
 
@@ -108,6 +154,12 @@ class Store:
         store = cls(root)
         path = store.root / MANIFEST
         if not path.exists():
+            if (store.root / MERGING).exists():
+                try:
+                    command = orjson.loads((store.root / MERGING).read_bytes())["command"]
+                except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+                    command = f"sitegen merge SHARD... --out {store.root}"
+                raise StoreError(f"{store.root} is an unfinished 'sitegen merge' (interrupted); rerun it: {command}")
             if (store.root / WORK_DIR).exists():
                 raise StoreError(f"{store.root} is an unfinished compute run; rerun the same 'sitegen compute' command to finish it")
             raise StoreError(f"{store.root} is not a sitegen store (no {MANIFEST}); run 'sitegen compute --out {store.root}' first")
@@ -162,16 +214,21 @@ class Store:
         return service in self.manifest.get("services", [])
 
     # -- reading --
-    def _read(self, path: Path, columns: list[str] | None = None) -> pa.Table:
+    def _read(self, path: Path, columns: list[str] | None = None, allow_inf: bool = False) -> pa.Table:
         try:
-            return pq.read_table(path, columns=columns, page_checksum_verification=True)
+            table = pq.read_table(path, columns=columns, page_checksum_verification=True)
         except FileNotFoundError:
             raise StoreError(f"{path} is missing from the store; recompute it") from None
         except (OSError, pa.ArrowException) as e:
             raise StoreError(f"{path}: unreadable ({e}); recompute the store") from None
+        check_finite(path, table, allow_inf)
+        return table
 
-    def read_layer(self, service: str, layer: int, columns: list[str] | None = None) -> pa.Table:
-        return self._read(self.layer_path(service, layer), columns)
+    def read_layer(self, service: str, layer: int, columns: list[str] | None = None, allow_inf: bool = False) -> pa.Table:
+        """One layer's table. Every float in it is finite, or a StoreError names the file, column and
+        neuron (compute never stores a NaN or an infinity: a JSON API cannot carry one). `allow_inf`:
+        merge reads shards whose empty neurons keep +-inf as the identity of min and max."""
+        return self._read(self.layer_path(service, layer), columns, allow_inf)
 
     def vocab(self) -> list[str]:
         return self._read(self.root / "vocab.parquet").column("token").to_pylist()

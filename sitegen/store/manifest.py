@@ -14,6 +14,9 @@ What is checked:
 - each Parquet file's footer (cheap: no data pages are read): it is readable, has the columns
   its readers use, and a layer of a service with `complete` tables has exactly `layer_size`
   rows; every layer such a service needs is there, and no layer lies beyond `num_layers`.
+- every token id the store holds (sequences.parquet's `token_ids`, a service's
+  `store_token_columns`) is an id of vocab.parquet: 0 <= id < its rows. This one reads data pages
+  (only those columns): an id of 10^6 would crash the build, and -1 would show the last token.
 
 What a service's part of the store must hold is the service's own knowledge (its
 `store_columns`, `complete_layers`, `always_stored` and `manifest_schemas`,
@@ -31,10 +34,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -61,6 +65,7 @@ class ModelInfo(Record):
     num_total_parameters: int = Field(ge=0)
     vocab_size: Optional[int] = Field(default=None, ge=1)
     source: Optional[str] = None
+    source_kind: Optional[Literal["embedded", "hub", "local"]] = None  # None: not recorded (an older store)
 
     @field_validator("name")
     @classmethod
@@ -74,6 +79,8 @@ class ModelInfo(Record):
 
 class CorpusInfo(Record):
     name: str
+    source: Optional[str] = None
+    source_kind: Optional[Literal["embedded", "hub", "local"]] = None
 
 
 class Processed(Record):
@@ -113,6 +120,7 @@ class Manifest(Record):
     run_hash: str
     shard: Optional[Shard]
     services: list[str]
+    publish_source: Optional[bool] = None  # compute --publish-source: the site shows local source paths as given
 
     @field_validator("services")
     @classmethod
@@ -132,6 +140,7 @@ class ServiceSpec:
     columns: tuple[str, ...] = ("neuron",)  # the columns its readers (build, merge, explain, search) use
     complete: bool = False  # one row per neuron in every layer; else some neurons of some layers
     required: bool = False  # every store lists the service
+    token_columns: tuple[str, ...] = ()  # columns of token ids (lists of ints), each must index vocab.parquet
     records: tuple[tuple[str, type[Record]], ...] = ()  # manifest fields its compute writes, and their types
 
 
@@ -201,6 +210,40 @@ def _footer(path: Path, columns: tuple[str, ...]) -> pq.FileMetaData:
     return meta
 
 
+def _check_token_ids(path: Path, columns: tuple[str, ...], n_vocab: int, key: str) -> None:
+    """Every value of `columns` (ints or lists of ints) of the table at `path` is a row of
+    vocab.parquet; else one line naming the file, the column, the row (by `key`) and the id."""
+    try:
+        table = pq.read_table(path, columns=[key, *columns], page_checksum_verification=True)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise StoreError(f"{path}: damaged Parquet file ({' '.join(str(e).split())[:120]}); {_RECOMPUTE}") from None
+    for name in columns:
+        column = table.column(name)
+        values = column.combine_chunks()
+        while pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+            values = values.flatten()
+        if not pa.types.is_integer(values.type):
+            raise StoreError(f"{path}: damaged table, column '{name}' holds {values.type}, not token ids; {_RECOMPUTE}")
+        if len(values) == 0 or values.null_count == len(values):
+            continue
+        lo, hi = (v.as_py() for v in pc.min_max(values).values())
+        if lo >= 0 and hi < n_vocab:
+            continue
+        for k, row in zip(table.column(key).to_pylist(), column.to_pylist()):  # the first bad row, to name it
+            ids = row if isinstance(row, list) else [row]
+            bad = next((i for i in _leaves(ids) if i is not None and not 0 <= i < n_vocab), None)
+            if bad is not None:
+                raise StoreError(f"{path}: column '{name}' of {key} {k} holds token id {bad}, outside the vocabulary "
+                                 f"(vocab.parquet has ids 0 to {n_vocab - 1}); {_RECOMPUTE}")
+
+
+def _leaves(items: list) -> list:
+    out = []
+    for item in items:
+        out.extend(_leaves(item) if isinstance(item, list) else [item])
+    return out
+
+
 def _check_services(path: Path, m: Manifest, data: dict, specs: Mapping[str, ServiceSpec]) -> None:
     """Every required service listed, and the manifest records of each listed one of its declared types."""
     for name, spec in specs.items():
@@ -229,6 +272,7 @@ def validate_store(root: Path, data: Any) -> Manifest:
         raise StoreError(f"{path}: field 'model.vocab_size' is {m.model.vocab_size} but vocab.parquet has {vocab.num_rows} tokens; "
                          f"fix that field or {_RECOMPUTE}")
     _footer(root / "sequences.parquet", SEQUENCES_COLUMNS)
+    _check_token_ids(root / "sequences.parquet", ("token_ids",), vocab.num_rows, "seq_id")
     for service in m.services:
         folder = root / service
         spec = specs.get(service, GENERIC_SERVICE)
@@ -248,6 +292,9 @@ def validate_store(root: Path, data: Any) -> Manifest:
             if (rows != size) if spec.complete else (rows > size):
                 raise StoreError(f"{path}: field 'model.layer_size' is {size} but {table} has {rows} rows (one per neuron); "
                                  f"fix that field or {_RECOMPUTE}")
+            if spec.token_columns:
+                _footer(table, spec.token_columns)
+                _check_token_ids(table, spec.token_columns, vocab.num_rows, "neuron")
     return m
 
 

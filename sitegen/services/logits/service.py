@@ -22,6 +22,7 @@ class Logits(Service):
     from_weights = True
     store_columns = ("neuron", "promoted_ids", "promoted_vals", "suppressed_ids", "suppressed_vals", "input_ids", "input_vals")
     complete_layers = True
+    store_token_columns = ("promoted_ids", "suppressed_ids", "input_ids")
 
     def weight_tables(self, model):
         from sitegen.services.logits.compute import weight_tables

@@ -349,7 +349,8 @@
       if (!tok) return;
       var m = /^[^\p{L}\p{N}_]*?([\p{L}\p{N}_]+)[^\p{L}\p{N}_]*?$/u.exec(tok);
       if (m) tok = m[1];
-      if (!tok || stop.has(tok)) return;
+      // words over 64 code points are dropped, as textindex.MAX_WORD_LENGTH drops them from the index
+      if (!tok || Array.from(tok).length > 64 || stop.has(tok)) return;
       out.push(porter(tok));
     });
     return out;
