@@ -58,7 +58,7 @@ def test_detector_flags_planted_artefacts_and_no_ordinary_neuron(planted):
     # layer 1 and the default synthetic store hold only noise (plus one shared top token): nothing flagged
     assert layer_artefacts(planted, 1) == [None] * 6
     evidence = layer_artefacts(planted, 0)[BLANK].evidence
-    assert "'\\n'" in evidence and f"id {VOCAB.index(chr(10))}" in evidence
+    assert "'\\n'" in evidence and f"token id {VOCAB.index(chr(10))}" in evidence
 
 
 def test_detector_flags_nothing_in_the_default_synthetic_store(tmp_path):
@@ -101,7 +101,7 @@ def test_site_flags_artefacts_graph_column_and_graph_count(planted, tmp_path):
     from sitegen.site.build import build_site
 
     store = _planted_store(tmp_path / "store")
-    write_synthetic_graphs(store, {(0, ORDINARY): SYNTHETIC_LINES, (1, 2): SYNTHETIC_LINES})
+    write_synthetic_graphs(store, {(0, ORDINARY): SYNTHETIC_LINES, (0, WORD): [], (1, 2): SYNTHETIC_LINES})
     out = tmp_path / "site"
     build_site([store.root], out)
     model = "toy-model"
@@ -110,17 +110,18 @@ def test_site_flags_artefacts_graph_column_and_graph_count(planted, tmp_path):
     graph_col, artefact_col = header.index("Graph F1") + 1, header.index("Artefact") + 1  # +1: the neuron column
     rows = {int(m.group(1)): re.findall(r"<td[^>]*>(.*?)</td>", m.group(0), re.S)
             for m in re.finditer(r'<tr><td data-v="(\d+)">.*?</tr>', layer, re.S)}
-    assert rows[ORDINARY][graph_col] == "0.6" and all(rows[n][graph_col] == "—" for n in range(1, 6))
+    assert rows[ORDINARY][graph_col] == "0.6" and rows[WORD][graph_col] == "0.6 (empty graph)"
+    assert all(rows[n][graph_col] == "—" for n in (FIRST, BLANK, SPIKE, ORDINARY2))
     marks = {n: re.sub(r"<[^>]+>", "", rows[n][artefact_col]) for n in rows}
     assert marks == {ORDINARY: "", FIRST: "first token", BLANK: "whitespace", SPIKE: "outlier", WORD: "", ORDINARY2: ""}
     assert 'title="peaks on the first token after BOS: ' in rows[FIRST][artefact_col]
     page = (out / model / "0" / f"{FIRST}.html").read_text()
-    assert "this neuron peaks on the first token after BOS (10 of its 10 firing top texts peak at position 1" in page
+    assert "this neuron peaks on the first token after BOS (10 of its 10 firing top texts peak at position 1)" in page
     assert "Likely artefact" not in (out / model / "0" / f"{WORD}.html").read_text()
     api = orjson.loads((out / "api" / model / "neuron2graph" / "0" / f"{BLANK}.json").read_bytes())["data"]
     assert api["artefact"] == WHITESPACE
     home = (out / model / "index.html").read_text()
-    assert "<dt>Graphs</dt><dd>2 of 12 neurons have a Neuron2Graph graph</dd>" in home
+    assert "<dt>Graphs</dt><dd>3 of 12 neurons have a Neuron2Graph graph</dd>" in home
     # the model page's layer row names its strongest neuron and says when it is an artefact
     assert re.search(rf'<a href="/{model}/0/{FIRST}.html">0:{FIRST}</a></td><td><code>[^<]*</code> '
                      r'<span class="artefact">artefact: peaks on the first token after BOS</span>', home)

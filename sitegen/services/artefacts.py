@@ -58,13 +58,13 @@ def classify(his: list[float], peaks: list[int], peak_tokens: list[int], first_v
     need = SHARE * n
     at_first = sum(peaks[i] == first_valid for i in firing)
     if at_first >= need:
-        return Artefact(FIRST_POSITION, f"{at_first} of its {n} firing top texts peak at position {first_valid}, the first after BOS")
+        return Artefact(FIRST_POSITION, f"{at_first} of its {n} firing top texts peak at position {first_valid}")
     # the most common peak token (the smallest id among equally common ones)
     ids, counts = np.unique(np.asarray([peak_tokens[i] for i in firing], dtype=np.int64), return_counts=True)
     k = int(np.argmax(counts))
     token, count = int(ids[k]), int(counts[k])
     if count >= need and token in blank:
-        return Artefact(WHITESPACE, f"{count} of its {n} firing top texts peak on the whitespace token {vocab[token]!r} (id {token})")
+        return Artefact(WHITESPACE, f"{count} of its {n} firing top texts peak on {vocab[token]!r} (token id {token})")
     first, second = sorted((his[i] for i in firing), reverse=True)[:2]
     if first > OUTLIER_RATIO * second:
         return Artefact(OUTLIER, f"its strongest top text peaks at {first:.4g}, more than {OUTLIER_RATIO:g} times the next one ({second:.4g})")

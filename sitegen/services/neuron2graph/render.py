@@ -85,12 +85,14 @@ class Neuron2GraphLayer:
                 "artefact": {"reason": REASONS[a.code], "evidence": a.evidence} if (a := self.artefacts[n]) else None}
 
     def graph_cell(self, n: int) -> tuple[str, str]:
-        """The layer table's graph column: (text, sort value): F1, "not evaluated", or "—" without a graph."""
+        """The layer table's graph column: (text, sort value): F1 or "not evaluated" (marked when the
+        graph has no node), or "—" without a graph."""
         row = self.rows.get(n)
         if row is None:
             return "—", "-2"
         f1 = row["f1"]
-        return ("not evaluated", "-1") if f1 is None else (str(fmt_num(round(f1, 4), 3)), str(round(f1, 4)))
+        text, sort = ("not evaluated", "-1") if f1 is None else (str(fmt_num(round(f1, 4), 3)), str(round(f1, 4)))
+        return (text + " (empty graph)", sort) if not row["nodes"] else (text, sort)
 
     def artefact_cell(self, n: int) -> Markup:
         """The layer table's artefact marker, its reason and evidence on hover."""

@@ -75,6 +75,7 @@ class Neuron2Graph(Service):
         from sitegen.services.neuron2graph.tokenstore import similar
 
         similar(site)  # the model's token store, then every neuron's similar neurons
+        site.store.sequence_tokens()  # read once here, so parallel build workers share it (the artefact flags read it)
 
     def open_layer(self, store, layer, site):
         from sitegen.services.neuron2graph.render import Neuron2GraphLayer
