@@ -20,6 +20,7 @@ Everything is exact arithmetic on stored values, so the result is deterministic.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
@@ -60,9 +61,7 @@ def classify(his: list[float], peaks: list[int], peak_tokens: list[int], first_v
     if at_first >= need:
         return Artefact(FIRST_POSITION, f"{at_first} of its {n} firing top texts peak at position {first_valid}")
     # the most common peak token (the smallest id among equally common ones)
-    ids, counts = np.unique(np.asarray([peak_tokens[i] for i in firing], dtype=np.int64), return_counts=True)
-    k = int(np.argmax(counts))
-    token, count = int(ids[k]), int(counts[k])
+    token, count = min(Counter(peak_tokens[i] for i in firing).items(), key=lambda kv: (-kv[1], kv[0]))
     if count >= need and token in blank:
         return Artefact(WHITESPACE, f"{count} of its {n} firing top texts peak on {vocab[token]!r} (token id {token})")
     first, second = sorted((his[i] for i in firing), reverse=True)[:2]
@@ -86,16 +85,17 @@ def layer_artefacts(store, layer: int, vocab: list[str] | None = None, blank: fr
     inner = np.asarray(acts.values.offsets)  # values of text j: inner[j]:inner[j+1]
     values = np.asarray(acts.values.values.to_numpy(zero_copy_only=False), dtype=np.float64)
     seqs = t.column("top_seq").combine_chunks().values.to_numpy()
-    his: list[float] = []
-    peaks: list[int] = []
-    tokens: list[int] = []
-    for j, seq in enumerate(seqs.tolist()):
-        counted = values[inner[j] + first_valid:inner[j + 1]]
-        if not len(counted):  # a text with no counted position: no evidence
-            his.append(-np.inf), peaks.append(-1), tokens.append(-1)
-            continue
-        p = int(np.argmax(counted))  # the first maximum, as the page marks it
-        his.append(float(counted[p]))
-        peaks.append(first_valid + p)
-        tokens.append(int(seq_tokens[seq][first_valid + p]))
+    # each text's max over its counted positions and the first position of it, for the whole layer
+    # at once (numpy over the flattened texts; the appended -inf keeps every reduceat start in range)
+    lengths = np.diff(inner)
+    position = np.arange(len(values)) - np.repeat(inner[:-1], lengths)
+    counted = np.append(np.where(position >= first_valid, values, -np.inf), -np.inf)
+    starts = inner[:-1]
+    hi = np.maximum.reduceat(counted, starts) if len(starts) else np.zeros(0)
+    hi[lengths <= first_valid] = -np.inf  # no counted position (reduceat gave a neighbour's value): no evidence
+    last = np.iinfo(np.int64).max
+    hit = np.append(np.where(counted[:-1] == np.repeat(hi, lengths), position, last), last)
+    peak = np.minimum.reduceat(hit, starts) if len(starts) else np.zeros(0, np.int64)
+    his, peaks = hi.tolist(), peak.tolist()
+    tokens = [int(seq_tokens[s][p]) if h > 0 else -1 for s, p, h in zip(seqs.tolist(), peaks, his)]
     return [classify(his[a:b], peaks[a:b], tokens[a:b], first_valid, vocab, blank) for a, b in zip(outer[:-1].tolist(), outer[1:].tolist())]
