@@ -12,8 +12,8 @@ from urllib.parse import quote
 
 from markupsafe import Markup, escape
 
-from sitegen.services.base import fmt_num
 from sitegen.services.artefacts import REASONS, SHORT, layer_artefacts, whitespace_ids
+from sitegen.services.base import fmt_num
 from sitegen.services.neuron2graph import graph as g
 from sitegen.services.neuron2graph.tokenstore import similar, token_store
 from sitegen.services.neuron2graph.tokenstore import SOURCE_GRAPH
