@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
-from sitegen.services.artefacts import FIRST_POSITION, OUTLIER, WHITESPACE, layer_artefacts
+from sitegen.services.artefacts import FIRST_POSITION, WHITESPACE, layer_artefacts
 from sitegen.services.neuroscope import data as ns_data
 from sitegen.services.selection import select_neurons
 from sitegen.store import Store
@@ -19,14 +19,15 @@ from tests.reference import SYNTHETIC_LINES, brute_force_state, write_synthetic_
 VOCAB = ["<bos>"] + [f" w{i}" for i in range(12)] + ["<script>alert(1)</script>", "\n"]
 TOP_K = 10
 # layer 0's planted neurons; the rest are ordinary
-ORDINARY, FIRST, BLANK, SPIKE, WORD, ORDINARY2 = range(6)
+ORDINARY, FIRST, BLANK, SPIKE, WORD, FIRST_WORD = range(6)
 
 
 def _planted_store(root):
-    """A synthetic store whose layer 0 is replaced by planted neurons: FIRST peaks on the first
-    token after BOS (and has the layer's highest max), BLANK on the newline token, SPIKE on one
-    outlier text; WORD fires on the word ' w3' (one token, but a word: not an artefact); ORDINARY
-    and ORDINARY2 are noise."""
+    """A synthetic store whose layer 0 is replaced by planted neurons. Artefacts: FIRST peaks on the
+    first token after BOS (and has the layer's highest max), BLANK on the newline token. Not
+    artefacts: SPIKE's maximum is one outlier text (the layer's second highest max); WORD fires on
+    the word ' w3' (one token, but a word); FIRST_WORD fires on ' w5' and ' w6', most at the first
+    position (a token neuron that fires most without context); ORDINARY is noise."""
     store = write_synthetic_store(root, n_layers=2, n_neurons=6, n_seqs=40, seq_len=24, vocab=VOCAB, top_k=TOP_K, with_graphs=False)
     seqs = store.sequences()
     seq_ids = np.asarray(seqs.column("seq_id").to_pylist())
@@ -42,6 +43,9 @@ def _planted_store(root):
     acts[:, :, SPIKE] *= 0.5
     acts[5, 9, SPIKE] = 40.0
     acts[:, :, WORD] += np.where(tokens == VOCAB.index(" w3"), 6.0, 0.0)
+    w56 = np.isin(tokens, [VOCAB.index(" w5"), VOCAB.index(" w6")])
+    acts[:, :, FIRST_WORD] += np.where(w56, 6.0, 0.0)
+    acts[:, 1, FIRST_WORD] += np.where(w56[:, 1], 4.0, 0.0)
     st = brute_force_state(acts, lengths, seq_ids, 1, TOP_K, 2, 0)
     store.write_layer("neuroscope", 0, ns_data.state_to_table(st, TOP_K, 2, dict(zip(seq_ids.tolist(), lengths.tolist()))))
     return Store.open(root)
@@ -54,9 +58,13 @@ def planted(tmp_path_factory):
 
 def test_detector_flags_planted_artefacts_and_no_ordinary_neuron(planted):
     codes = [a.code if a else None for a in layer_artefacts(planted, 0)]
-    assert codes == [None, FIRST_POSITION, WHITESPACE, OUTLIER, None, None]
+    assert codes == [None, FIRST_POSITION, WHITESPACE, None, None, None]
     # layer 1 and the default synthetic store hold only noise (plus one shared top token): nothing flagged
     assert layer_artefacts(planted, 1) == [None] * 6
+    # the planted neurons do what they claim: FIRST_WORD peaks at position 1 on most of its texts
+    t = planted.read_layer("neuroscope", 0, columns=["top_acts"]).column("top_acts").to_pylist()
+    assert sum(1 + int(np.argmax(a[1:])) == 1 for a in t[FIRST_WORD]) * 2 >= TOP_K
+    assert sum(1 + int(np.argmax(a[1:])) == 1 for a in t[FIRST]) == TOP_K
     evidence = layer_artefacts(planted, 0)[BLANK].evidence
     assert "'\\n'" in evidence and f"token id {VOCAB.index(chr(10))}" in evidence
 
@@ -69,10 +77,11 @@ def test_detector_flags_nothing_in_the_default_synthetic_store(tmp_path):
 def test_n2g_count_skips_artefacts_even_with_the_highest_max(planted):
     maxes = planted.read_layer("neuroscope", 0, columns=["max"]).column("max").to_pylist()
     assert int(np.argmax(maxes)) == FIRST and sorted(range(6), key=lambda n: -maxes[n])[1] == SPIKE
-    ordinary = sorted((n for n in range(6) if n not in (FIRST, BLANK, SPIKE)), key=lambda n: (-maxes[n], n))
+    ordinary = sorted((n for n in range(6) if n not in (FIRST, BLANK)), key=lambda n: (-maxes[n], n))
+    assert ordinary[0] == SPIKE  # an outlier text is no artefact
     assert select_neurons("2@0", 2, 6, planted, skip_artefacts=True) == {0: sorted(ordinary[:2])}
     # more than the layer's ordinary neurons: the artefacts come last, largest max first
-    assert select_neurons("4@0", 2, 6, planted, skip_artefacts=True) == {0: sorted(ordinary + [FIRST])}
+    assert select_neurons("5@0", 2, 6, planted, skip_artefacts=True) == {0: sorted(ordinary + [FIRST])}
     # `explain --neurons N` keeps ranking by the maximum alone
     assert select_neurons("1@0", 2, 6, planted, option="--neurons") == {0: [FIRST]}
 
@@ -84,7 +93,7 @@ def test_n2g_stage_and_run_select_without_artefacts(planted, tmp_path, monkeypat
     from sitegen.services.neuron2graph.service import Neuron2Graph
 
     maxes = planted.read_layer("neuroscope", 0, columns=["max"]).column("max").to_pylist()
-    best = max((n for n in range(6) if n not in (FIRST, BLANK, SPIKE)), key=lambda n: (maxes[n], -n))
+    best = max((n for n in range(6) if n not in (FIRST, BLANK)), key=lambda n: (maxes[n], -n))
     store = _planted_store(tmp_path / "store")
     write_synthetic_graphs(store, {(0, best): SYNTHETIC_LINES})
     store = Store.open(store.root)
@@ -111,12 +120,12 @@ def test_site_flags_artefacts_graph_column_and_graph_count(planted, tmp_path):
     rows = {int(m.group(1)): re.findall(r"<td[^>]*>(.*?)</td>", m.group(0), re.S)
             for m in re.finditer(r'<tr><td data-v="(\d+)">.*?</tr>', layer, re.S)}
     assert rows[ORDINARY][graph_col] == "0.6" and rows[WORD][graph_col] == "0.6 (empty graph)"
-    assert all(rows[n][graph_col] == "—" for n in (FIRST, BLANK, SPIKE, ORDINARY2))
+    assert all(rows[n][graph_col] == "—" for n in (FIRST, BLANK, SPIKE, FIRST_WORD))
     marks = {n: re.sub(r"<[^>]+>", "", rows[n][artefact_col]) for n in rows}
-    assert marks == {ORDINARY: "", FIRST: "first token", BLANK: "whitespace", SPIKE: "outlier", WORD: "", ORDINARY2: ""}
+    assert marks == {ORDINARY: "", FIRST: "first token", BLANK: "whitespace", SPIKE: "", WORD: "", FIRST_WORD: ""}
     assert 'title="peaks on the first token after BOS: ' in rows[FIRST][artefact_col]
     page = (out / model / "0" / f"{FIRST}.html").read_text()
-    assert "this neuron peaks on the first token after BOS (10 of its 10 firing top texts peak at position 1)" in page
+    assert "this neuron peaks on the first token after BOS (10 of its 10 firing top texts peak at position 1, on " in page
     assert "Likely artefact" not in (out / model / "0" / f"{WORD}.html").read_text()
     api = orjson.loads((out / "api" / model / "neuron2graph" / "0" / f"{BLANK}.json").read_bytes())["data"]
     assert api["artefact"] == WHITESPACE

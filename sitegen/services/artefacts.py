@@ -1,19 +1,22 @@
 """Artefact neurons: neurons whose strongest activations say little about the text, found from
 the store's neuroscope top texts alone (no torch; the build and `compute --n2g` share it).
 
-A neuron's evidence is its top texts (one per sequence, strongest first); each text's peak is the
-first position of its maximum over the counted positions (BOS excluded), as the neuron page shows
-it. Texts whose maximum is <= 0 (the neuron does not fire on them) are left out. Checked in this
-order; the first that holds names the neuron's artefact:
+A neuron's evidence is its top texts (one per sequence) whose maximum is > 0, at least 2 of them
+(else nothing is flagged); each text's peak is the first position of its maximum over the counted
+positions (BOS excluded), as the neuron page marks it. Checked in this order; the first that
+holds names the neuron's artefact:
 
-- `first-position`: at least half of the texts (and at least 2) peak at the first counted position,
-  the first token after BOS. The token there is whatever the cut of the document put there, so the
-  neuron tracks the position (an attention-sink effect), not the text.
-- `whitespace`: at least half of the texts (and at least 2) peak on one token id whose text is
-  whitespace only (a space, a newline): the maximum is set by one formatting token.
-- `outlier`: the strongest text's maximum is more than 4 times the next strongest's: one text
-  sets the maximum, and no other top text comes near the half of it at which Neuron2Graph counts
-  a token as firing, so a graph has one example to learn from.
+- `first-position`: at least half of those texts peak at the first counted position, the first
+  token after BOS, on at least 3 different tokens. The token there is wherever the cut of the
+  document fell, so the neuron tracks the position (an attention-sink effect), not the text. (A
+  neuron whose first-position peaks are one or two tokens, ' of' or ' control', is a token neuron
+  that fires most without context: not flagged.)
+- `whitespace`: more than half of its 5 strongest texts (the ones that set its maximum) peak on
+  one token id whose text is whitespace only (a space, a newline): the maximum is set by a
+  formatting token, such as the space before digits.
+
+A maximum set by one outlier text is not flagged: on a small corpus that is mostly a rare,
+specific feature (' sense' after ' common'), which a graph shows well.
 
 Everything is exact arithmetic on stored values, so the result is deterministic.
 """
@@ -25,17 +28,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-SHARE = 0.5  # the fraction of a neuron's firing top texts that must peak at one place / one token
-OUTLIER_RATIO = 4.0  # strongest text max > OUTLIER_RATIO x every other top text's max
+HANDFUL = 5  # the strongest firing top texts, the ones that set the neuron's maximum
 MIN_TEXTS = 2  # fewer firing top texts than this: too little evidence to call anything
+MIN_FIRST_TOKENS = 3  # distinct tokens among the first-position peaks: fewer is a token neuron, not a position one
 
-FIRST_POSITION, WHITESPACE, OUTLIER = "first-position", "whitespace", "outlier"
+FIRST_POSITION, WHITESPACE = "first-position", "whitespace"
 REASONS = {  # what the site says about a flagged neuron
     FIRST_POSITION: "peaks on the first token after BOS",
     WHITESPACE: "peaks on one whitespace token",
-    OUTLIER: "one outlier text sets its maximum",
 }
-SHORT = {FIRST_POSITION: "first token", WHITESPACE: "whitespace", OUTLIER: "outlier"}  # the layer table's marker
+SHORT = {FIRST_POSITION: "first token", WHITESPACE: "whitespace"}  # the layer table's marker
 
 
 def whitespace_ids(vocab: list[str]) -> frozenset[int]:
@@ -44,7 +46,7 @@ def whitespace_ids(vocab: list[str]) -> frozenset[int]:
 
 
 class Artefact(NamedTuple):
-    code: str  # FIRST_POSITION, WHITESPACE or OUTLIER
+    code: str  # FIRST_POSITION or WHITESPACE
     evidence: str  # the counts behind it, in words (plain text: the site escapes it)
 
 
@@ -56,17 +58,16 @@ def classify(his: list[float], peaks: list[int], peak_tokens: list[int], first_v
     n = len(firing)
     if n < MIN_TEXTS:
         return None
-    need = SHARE * n
-    at_first = sum(peaks[i] == first_valid for i in firing)
-    if at_first >= need:
-        return Artefact(FIRST_POSITION, f"{at_first} of its {n} firing top texts peak at position {first_valid}")
-    # the most common peak token (the smallest id among equally common ones)
-    token, count = min(Counter(peak_tokens[i] for i in firing).items(), key=lambda kv: (-kv[1], kv[0]))
-    if count >= need and token in blank:
-        return Artefact(WHITESPACE, f"{count} of its {n} firing top texts peak on {vocab[token]!r} (token id {token})")
-    first, second = sorted((his[i] for i in firing), reverse=True)[:2]
-    if first > OUTLIER_RATIO * second:
-        return Artefact(OUTLIER, f"its strongest top text peaks at {first:.4g}, more than {OUTLIER_RATIO:g} times the next one ({second:.4g})")
+    at_first = [i for i in firing if peaks[i] == first_valid]
+    distinct = len({peak_tokens[i] for i in at_first})
+    if 2 * len(at_first) >= n and distinct >= MIN_FIRST_TOKENS:
+        return Artefact(FIRST_POSITION, f"{len(at_first)} of its {n} firing top texts peak at position {first_valid}, "
+                                        f"on {distinct} different tokens")
+    strongest = sorted(firing, key=lambda i: (-his[i], i))[:HANDFUL]  # ties: the stored order
+    # the most common peak token among them (the smallest id among equally common ones)
+    token, count = min(Counter(peak_tokens[i] for i in strongest).items(), key=lambda kv: (-kv[1], kv[0]))
+    if 2 * count > len(strongest) and token in blank:
+        return Artefact(WHITESPACE, f"{count} of its {len(strongest)} strongest top texts peak on {vocab[token]!r} (token id {token})")
     return None
 
 

@@ -36,7 +36,7 @@ class Neuron2GraphLayer:
         self.base = layer * site.layer_size
         self.search = f"/search.html?model={quote(site.name)}&q="
         self.links = site.cached("neuron2graph.links", dict)  # (kind, key id) -> the token's search link, for every page
-        # artefact neurons (first token after BOS, one whitespace token, one outlier text): once per layer
+        # artefact neurons (peaks on the first token after BOS, or on one whitespace token): once per layer
         self.artefacts = layer_artefacts(store, layer, site.vocab, site.cached("neuron2graph.blank", lambda: whitespace_ids(site.vocab)))
 
     def _similar(self, n: int) -> list[dict]:

@@ -30,7 +30,7 @@ _NEURON2GRAPH = {
                                   "source": {"enum": ["graph", "top-sequences"]}}},
         # each figure null where undefined (f1 null: the held-out texts never fire, not evaluated)
         # why the neuron's top texts say little about the text, if they do (README: Neuron2Graph)
-        "artefact": {"enum": [None, "first-position", "whitespace", "outlier"]},
+        "artefact": {"enum": [None, "first-position", "whitespace"]},
         "evaluation": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["precision", "recall", "f1", "variance_explained"],
                                                     "properties": {k: {"type": ["number", "null"]} for k in ("precision", "recall", "f1", "variance_explained")}}]},
     },
