@@ -134,3 +134,16 @@ def test_site_flags_artefacts_graph_column_and_graph_count(planted, tmp_path):
     # the model page's layer row names its strongest neuron and says when it is an artefact
     assert re.search(rf'<a href="/{model}/0/{FIRST}.html">0:{FIRST}</a></td><td><code>[^<]*</code> '
                      r'<span class="artefact">artefact: peaks on the first token after BOS</span>', home)
+
+
+def test_a_missing_sequence_is_a_one_line_store_error(tmp_path):
+    import pyarrow.compute as pc
+
+    from sitegen.errors import StoreError
+    from sitegen.store import SEQUENCES_SCHEMA
+
+    store = _planted_store(tmp_path / "store")
+    seqs = store.sequences()
+    store.write_sequences(seqs.filter(pc.not_equal(seqs.column("seq_id"), 5)).cast(SEQUENCES_SCHEMA))
+    with pytest.raises(StoreError, match=r"sequence 5 is referenced but missing from sequences.parquet; recompute the store"):
+        layer_artefacts(Store.open(store.root), 0)

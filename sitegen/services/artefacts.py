@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from sitegen.errors import StoreError
+
 HANDFUL = 5  # the strongest firing top texts, the ones that set the neuron's maximum
 MIN_TEXTS = 2  # fewer firing top texts than this: too little evidence to call anything
 MIN_FIRST_TOKENS = 3  # distinct tokens among the first-position peaks: fewer is a token neuron, not a position one
@@ -67,7 +69,7 @@ def classify(his: list[float], peaks: list[int], peak_tokens: list[int], first_v
     # the most common peak token among them (the smallest id among equally common ones)
     token, count = min(Counter(peak_tokens[i] for i in strongest).items(), key=lambda kv: (-kv[1], kv[0]))
     if 2 * count > len(strongest) and token in blank:
-        return Artefact(WHITESPACE, f"{count} of its {len(strongest)} strongest top texts peak on {vocab[token]!r} (token id {token})")
+        return Artefact(WHITESPACE, f"{count} of its {len(strongest)} strongest top texts peak on {vocab[token]!r}, token id {token}")
     return None
 
 
@@ -98,5 +100,8 @@ def layer_artefacts(store, layer: int, vocab: list[str] | None = None, blank: fr
     hit = np.append(np.where(counted[:-1] == np.repeat(hi, lengths), position, last), last)
     peak = np.minimum.reduceat(hit, starts) if len(starts) else np.zeros(0, np.int64)
     his, peaks = hi.tolist(), peak.tolist()
-    tokens = [int(seq_tokens[s][p]) if h > 0 else -1 for s, p, h in zip(seqs.tolist(), peaks, his)]
+    try:
+        tokens = [int(seq_tokens[s][p]) if h > 0 else -1 for s, p, h in zip(seqs.tolist(), peaks, his)]
+    except KeyError as e:
+        raise StoreError(f"{store.root}: sequence {e.args[0]} is referenced but missing from sequences.parquet; recompute the store") from None
     return [classify(his[a:b], peaks[a:b], tokens[a:b], first_valid, vocab, blank) for a, b in zip(outer[:-1].tolist(), outer[1:].tolist())]
