@@ -235,6 +235,11 @@ class Service:
         service supplies them; the summary is empty without)."""
         return {}
 
+    def model_facts(self, site, layer_payloads: list[dict]) -> dict[str, str]:
+        """Lines for the model page's summary, {label: plain text} (the template escapes them),
+        from every layer's payload."""
+        return {}
+
     def model_payload(self, site, layer_payloads: list[dict]) -> dict:
         """The model-level API `data` (/api/<model>/<service>.json) from every layer's payload:
         by default the layers' `important_neurons` ranked together, else the layer count."""

@@ -401,7 +401,9 @@ def _render_model(pub: Publisher, env: Environment, model: SiteModel, jobs: int,
         publish_search(pub, model)
     pub.publish(f"{api}.json", dumps({"data": meta, "metadata": meta}))
     pub.publish(f"{api}/all.json", dumps({"metadata": meta, "services": [s.name for s in model.services]}))
-    pub.publish(f"{model.name}/index.html", env.get_template("model.html").render(model=model, meta=meta, layers=layer_summaries, api=f"/{api}"))
+    facts = {k: v for s in model.services for k, v in s.model_facts(model, layer_payloads[s.name]).items()}
+    pub.publish(f"{model.name}/index.html", env.get_template("model.html").render(model=model, meta=meta, layers=layer_summaries, facts=facts,
+                                                                                 api=f"/{api}"))
     return model.num_layers * model.layer_size
 
 
@@ -534,4 +536,4 @@ def _layer_summary(layer: int, rows: list[dict]) -> dict:
         return {"layer": layer}
     best = max(rows, key=lambda r: r["max"])
     return {"layer": layer, "max": best["max"], "argmax": best["neuron"], "max_token": shown(best["top_token"]),
-            "mean_frac": sum(r["frac"] for r in rows) / len(rows)}
+            "mean_frac": sum(r["frac"] for r in rows) / len(rows), "artefact": best.get("artefact")}

@@ -507,7 +507,7 @@ def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] 
 
     manifest = store.manifest
     n_layers, d_mlp = manifest["model"]["num_layers"], manifest["model"]["layer_size"]
-    selection = select_neurons(spec, n_layers, d_mlp, store)
+    selection = select_neurons(spec, n_layers, d_mlp, store, skip_artefacts=True)
     mt = ModelTokens.prepare(model, store)
     totals = {"graphs": 0, "tokens_run": 0, "seconds": 0.0}
     torch.manual_seed(cfg.seed)

@@ -12,6 +12,8 @@ from urllib.parse import quote
 
 from markupsafe import Markup, escape
 
+from sitegen.services.artefacts import REASONS, SHORT, layer_artefacts, whitespace_ids
+from sitegen.services.base import fmt_num
 from sitegen.services.neuron2graph import graph as g
 from sitegen.services.neuron2graph.tokenstore import similar, token_store
 from sitegen.services.neuron2graph.tokenstore import SOURCE_GRAPH
@@ -34,6 +36,8 @@ class Neuron2GraphLayer:
         self.base = layer * site.layer_size
         self.search = f"/search.html?model={quote(site.name)}&q="
         self.links = site.cached("neuron2graph.links", dict)  # (kind, key id) -> the token's search link, for every page
+        # artefact neurons (peaks on the first token after BOS, or on one whitespace token): once per layer
+        self.artefacts = layer_artefacts(store, layer, site.vocab, site.cached("neuron2graph.blank", lambda: whitespace_ids(site.vocab)))
 
     def _similar(self, n: int) -> list[dict]:
         size = self.site.layer_size
@@ -48,7 +52,7 @@ class Neuron2GraphLayer:
     def payload(self, n: int) -> dict:
         row = self.rows.get(n)
         out = {"neuron_index": {"layer": self.layer, "neuron": n}, "similar": self._similar(n), "tokens": self._tokens(n),
-               "graph": None, "graphviz": None, "evaluation": None}
+               "graph": None, "graphviz": None, "evaluation": None, "artefact": a.code if (a := self.artefacts[n]) else None}
         if row is not None:
             nodes = row["nodes"]
             children: list[list[int]] = [[] for _ in nodes]
@@ -77,7 +81,23 @@ class Neuron2GraphLayer:
             f' <span class="sim">{s:.2f}</span></li>' for j, s in self.similar[self.base + n]))
         return {"has_graph": row is not None, "svg": graph_svg(row["nodes"], search) if row else Markup(""),
                 "evaluation": _evaluation(row) if row else None, "links": links, "source": self.ts.source[i],
-                "graph_source": SOURCE_GRAPH, "similar": similar, "n_nodes": len(row["nodes"]) if row else 0}
+                "graph_source": SOURCE_GRAPH, "similar": similar, "n_nodes": len(row["nodes"]) if row else 0,
+                "artefact": {"reason": REASONS[a.code], "evidence": a.evidence} if (a := self.artefacts[n]) else None}
+
+    def graph_cell(self, n: int) -> tuple[str, str]:
+        """The layer table's graph column: (text, sort value): F1 or "not evaluated" (marked when the
+        graph has no node), or "—" without a graph."""
+        row = self.rows.get(n)
+        if row is None:
+            return "—", "-2"
+        f1 = row["f1"]
+        text, sort = ("not evaluated", "-1") if f1 is None else (str(fmt_num(round(f1, 4), 3)), str(round(f1, 4)))
+        return (text + " (empty graph)", sort) if not row["nodes"] else (text, sort)
+
+    def artefact_cell(self, n: int) -> Markup:
+        """The layer table's artefact marker, its reason and evidence on hover."""
+        a = self.artefacts[n]
+        return Markup('<span class="artefact" title="{}: {}">{}</span>').format(REASONS[a.code], a.evidence, SHORT[a.code]) if a else Markup("")
 
     def _link(self, kind: str, key: int) -> str:
         html = self.links.get((kind, key))

@@ -8,7 +8,8 @@ import re
 from markupsafe import Markup
 
 from sitegen.errors import ConfigError, StoreError
-from sitegen.services.base import LAYER_NEURON, NEURON_INDEX_REF, Service, TokenIndex, api_envelope, api_get, fmt_num
+from sitegen.services.artefacts import REASONS
+from sitegen.services.base import LAYER_NEURON, Cell, Column, NEURON_INDEX_REF, Service, TokenIndex, api_envelope, api_get, fmt_num
 from sitegen.services.neuron2graph.provenance import graph_provenance
 
 _N2G_NODE = {"type": "object", "required": ["token", "required", "importance"],
@@ -28,6 +29,8 @@ _NEURON2GRAPH = {
                    "properties": {"activating": {"type": "array", "items": {"type": "string"}}, "important": {"type": "array", "items": {"type": "string"}},
                                   "source": {"enum": ["graph", "top-sequences"]}}},
         # each figure null where undefined (f1 null: the held-out texts never fire, not evaluated)
+        # why the neuron's top texts say little about the text, if they do (README: Neuron2Graph)
+        "artefact": {"enum": [None, "first-position", "whitespace"]},
         "evaluation": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["precision", "recall", "f1", "variance_explained"],
                                                     "properties": {k: {"type": ["number", "null"]} for k in ("precision", "recall", "f1", "variance_explained")}}]},
     },
@@ -74,11 +77,27 @@ class Neuron2Graph(Service):
         from sitegen.services.neuron2graph.tokenstore import similar
 
         similar(site)  # the model's token store, then every neuron's similar neurons
+        site.store.sequence_tokens()  # read once here, so parallel build workers share it (the artefact flags read it)
 
     def open_layer(self, store, layer, site):
         from sitegen.services.neuron2graph.render import Neuron2GraphLayer
 
         return Neuron2GraphLayer(store, layer, site)
+
+    def layer_columns(self):
+        return [Column("Graph F1"), Column("Artefact", "text")]
+
+    def layer_cells(self, view, n, payload):
+        text, sort = view.graph_cell(n)
+        return [Cell(Markup.escape(text), sort), Cell(view.artefact_cell(n))]
+
+    def layer_facts(self, view, n, payload):
+        a = view.artefacts[n]
+        return {"artefact": REASONS[a.code] if a else None}
+
+    def model_facts(self, site, layer_payloads):
+        graphs, total = sum(len(lp["graphs"]) for lp in layer_payloads), site.num_layers * site.layer_size
+        return {"Graphs": f"{graphs:,} of {total:,} neurons have a Neuron2Graph graph"}
 
     provenance_order = 10  # the graph's row comes before the explanation's
 
@@ -105,8 +124,8 @@ class Neuron2Graph(Service):
         import click
 
         return [click.Option(["--n2g"], default="0", show_default=True,
-                             help="Neuron2Graph graphs to compute: 'all', 'layers:0,5', N (the N most active neurons per layer) or N@0,5 "
-                                  "(in those layers). Rerun on a finished store to add graphs.")]
+                             help="Neuron2Graph graphs to compute: 'all', 'layers:0,5', N (the N most active neurons per layer, "
+                                  "artefact neurons last: see README) or N@0,5 (in those layers). Rerun on a finished store to add graphs.")]
 
     def check_compute_config(self, cfg):
         n2g = str(cfg.options.get("n2g", "0"))
@@ -117,11 +136,14 @@ class Neuron2Graph(Service):
                               "arguments and --out MERGED --n2g ...")
 
     def neuron_summary(self, view, n, payload):
+        items = []
+        if payload.get("artefact"):
+            items.append(("likely artefact", Markup.escape(REASONS[payload["artefact"]])))
         row = view.rows.get(n)
-        if row is None:
-            return []
-        f1 = row.get("f1")
-        return [("graph F1", Markup('<a href="#graph">{}</a>').format("undefined" if f1 is None else fmt_num(f1, 2)))]
+        if row is not None:
+            f1 = row.get("f1")
+            items.append(("graph F1", Markup('<a href="#graph">{}</a>').format("undefined" if f1 is None else fmt_num(f1, 2))))
+        return items
 
     def stage_requested(self, cfg):
         return _selection(cfg) != "0"
@@ -143,7 +165,7 @@ class Neuron2Graph(Service):
 
         m = store.manifest["model"]
         todo = {}
-        for layer, neurons in select_neurons(_selection(cfg), m["num_layers"], m["layer_size"], store).items():
+        for layer, neurons in select_neurons(_selection(cfg), m["num_layers"], m["layer_size"], store, skip_artefacts=True).items():
             path = store.layer_path(self.name, layer)
             have = set(store.read_layer(self.name, layer, columns=["neuron"]).column("neuron").to_pylist()) if path.exists() else set()
             if set(neurons) - have:
