@@ -21,7 +21,7 @@ import requests
 
 from sitegen.services import registry
 from sitegen.services.neuron2graph import graph as g
-from sitegen.services.neuron2graph.tokenstore import (FALLBACK_CAP, SOURCE_GRAPH, SOURCE_TOP, build_token_store, parse_query,
+from sitegen.services.neuron2graph.tokenstore import (FALLBACK_CAP, MEASURE_GRAPHS, SOURCE_GRAPH, SOURCE_TOP, build_token_store, parse_query,
                                                       similar_neurons)
 from sitegen.site import search
 from sitegen.site.build import build_site
@@ -177,9 +177,25 @@ def test_similar_neurons_are_in_the_neuron_json_and_page(wide_site):
         layer, n = divmod(gid, 24)
         data = json.loads((site / f"api/wide/neuron2graph/{layer}/{n}.json").read_text())["data"]
         assert [(s["layer"] * 24 + s["neuron"], s["similarity"]) for s in data["similar"]] == top[gid]
+        assert {s["measure"] for s in data["similar"]} == ({MEASURE_GRAPHS} if top[gid] else set())
         page = (site / f"wide/{layer}/{n}.html").read_text()
         for other, sim in top[gid]:
             assert f'href="/wide/{other // 24}/{other % 24}.html" title="similarity {sim:.2f}"' in page
+
+
+def test_the_api_names_the_similarity_measure_and_the_docs_state_deepdeciphers_own(wide_site):
+    """`similar` records its measure in the payload and the OpenAPI schema; the README says how
+    DeepDecipher's server differs (denominator of the later neuron, every neighbour >= 0.4, the
+    earlier larger-size denominator) rather than claiming to be exactly DeepDecipher's."""
+    _, site = wide_site
+    schema = json.loads((site / "api/openapi.json").read_text())["components"]["schemas"]["Neuron2Graph"]["properties"]["similar"]
+    measure = schema["items"]["properties"]["measure"]
+    assert "measure" in schema["items"]["required"] and MEASURE_GRAPHS in measure["enum"] and "|A_j| + |I_j|" in measure["description"]
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    for fact in ("`|A_j| + |I_j|`, j the later neuron", "keeps every neighbour >= 0.4 instead of the top 10",
+                 "divided by the larger of the two neurons' token counts", '`"measure": "deepdecipher-intended"`'):
+        assert fact in readme, fact
+    assert "exactly DeepDecipher's" not in readme
 
 
 def test_graph_payload_and_svg(wide_site):

@@ -14,7 +14,7 @@ from markupsafe import Markup, escape
 
 from sitegen.services.neuron2graph import graph as g
 from sitegen.services.neuron2graph.tokenstore import similar, token_store
-from sitegen.services.neuron2graph.tokenstore import SOURCE_GRAPH
+from sitegen.services.neuron2graph.tokenstore import MEASURE_GRAPHS, SOURCE_GRAPH
 from sitegen.services.tokens import display
 
 MAX_DRAWN = 60  # nodes drawn on the page; the JSON has them all
@@ -37,7 +37,7 @@ class Neuron2GraphLayer:
 
     def _similar(self, n: int) -> list[dict]:
         size = self.site.layer_size
-        return [{"layer": j // size, "neuron": j % size, "similarity": s} for j, s in self.similar[self.base + n]]
+        return [{"layer": j // size, "neuron": j % size, "similarity": s, "measure": MEASURE_GRAPHS} for j, s in self.similar[self.base + n]]
 
     def _tokens(self, n: int) -> dict:
         i = self.base + n

@@ -8,6 +8,7 @@ import re
 from sitegen.errors import ConfigError, StoreError
 from sitegen.services.base import LAYER_NEURON, NEURON_INDEX_REF, Service, TokenIndex, api_envelope, api_get
 from sitegen.services.neuron2graph.provenance import graph_provenance
+from sitegen.services.neuron2graph.tokenstore import MEASURE_GRAPHS, SIMILARITY_MEASURES
 
 _N2G_NODE = {"type": "object", "required": ["token", "required", "importance"],
              "properties": {"token": {"type": "string"}, "required": {"type": "array", "items": {"type": "integer"}},
@@ -20,8 +21,11 @@ _NEURON2GRAPH = {
         "graph": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["subgraph_indices", "graph"], "properties": {
             "subgraph_indices": {"type": "array", "items": {"type": "integer"}}, "graph": {"type": "array", "items": _N2G_NODE}}}]},
         "graphviz": {"type": ["string", "null"]},
-        "similar": {"type": "array", "items": {"type": "object", "required": ["layer", "neuron", "similarity"],
-                                               "properties": {"layer": {"type": "integer"}, "neuron": {"type": "integer"}, "similarity": {"type": "number"}}}},
+        "similar": {"type": "array", "description": "Up to 10 most similar neurons of the model (similarity >= 0.4), most similar first; "
+                                                   "each entry names the measure that produced its similarity",
+                    "items": {"type": "object", "required": ["layer", "neuron", "similarity", "measure"],
+                              "properties": {"layer": {"type": "integer"}, "neuron": {"type": "integer"}, "similarity": {"type": "number"},
+                                             "measure": {"enum": [MEASURE_GRAPHS], "description": SIMILARITY_MEASURES}}}},
         "tokens": {"type": "object", "required": ["activating", "important", "source"],
                    "properties": {"activating": {"type": "array", "items": {"type": "string"}}, "important": {"type": "array", "items": {"type": "string"}},
                                   "source": {"enum": ["graph", "top-sequences"]}}},

@@ -6,10 +6,14 @@ tokens of its top sequences (positions at or above half its largest activation t
 strongest FALLBACK_CAP kept) and no important tokens, marked source 'top-sequences'. So search and
 similarity cover every neuron of every layer.
 
-Similarity (DeepDecipher's intended, symmetric measure) between neurons i and j:
+Similarity (the measure DeepDecipher's paper describes, symmetric) between neurons i and j:
     (|A_i & A_j| + |I_i & I_j|) / (min(|A_i|, |A_j|) + min(|I_i|, |I_j|))
 computed through an inverted index: for each neuron, the posting lists of its tokens are
-concatenated and counted, so only pairs that share a token are ever looked at.
+concatenated and counted, so only pairs that share a token are ever looked at. DeepDecipher's
+deployed server (src/data/neuron_store.rs) divides by |A_j| + |I_j| instead, j the later neuron
+of the pair (the minimum is taken against the length of the list of all neurons), keeps every
+neighbour >= 0.4 rather than the top 10, and once divided by the larger of the two neurons' sizes;
+sitegen computes the intended formula.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ STOP_MIN = 1000
 STOP_SHARE = 0.01
 DENSE_LIMIT = 150_000  # neurons; also ids must stay below 2**20 for the ranking key (1M neurons)
 SOURCE_GRAPH, SOURCE_TOP = "graph", "top-sequences"
+# The name each similar-neuron entry carries (the API's `similar[k].measure`).
+MEASURE_GRAPHS = "deepdecipher-intended"
+SIMILARITY_MEASURES = ("deepdecipher-intended: (|A_i & A_j| + |I_i & I_j|) / (min(|A_i|, |A_j|) + min(|I_i|, |I_j|)) over the "
+                       "activating (A) and important (I) token sets, the formula DeepDecipher's paper describes (its server "
+                       "divides by |A_j| + |I_j| of the later neuron j instead)")
 
 
 @dataclass
