@@ -249,3 +249,22 @@ def test_relu_model_with_exact_zero_texts(relu_model_dir, tiny_corpus, tmp_path,
     full, _ = n2g.build_layer(model, store, 0, some, n2g.N2GConfig(seed=1), n2g.ModelTokens.prepare(model, store))
     assert full.to_pylist() == [graphs[n] for n in some]
     assert sum(r["n_lines"] for r in full.to_pylist()) > 0
+
+
+def test_similar_lists_are_not_flat_on_a_real_model_store(tiny_model_dir, tiny_corpus, tmp_path):
+    """On a store computed from a model (the tiny one, on its own pseudo-English corpus of ~35
+    words, where neurons share tokens all the time): at most 5% of neurons list five or more
+    similar neurons all at 1.00, and a neuron with a single token is 1.00-similar to nobody."""
+    from sitegen.compute.runner import ComputeConfig, run_compute
+    from sitegen.services.neuron2graph.tokenstore import build_token_store, flat_share, similar_neurons
+    from sitegen.store import Store
+
+    cfg = dict(model=str(tiny_model_dir), corpus=str(tiny_corpus), out=tmp_path / "store", tokens=1500, seq_len=16, seed=1, top_k=20,
+               n_random=1, batch_size=8, device="cpu", progress=False, weights=False)
+    run_compute(ComputeConfig(**cfg, options={"n2g": "2"}), log=lambda m: None)
+    ts = build_token_store(Store.open(tmp_path / "store"), first_valid=1)
+    sim = similar_neurons(ts)
+    assert flat_share(sim) <= 0.05
+    assert sum(map(len, sim.lists)) > 2 * ts.n_neurons  # neurons do have neighbours
+    one_token = [i for i in range(ts.n_neurons) if len(sim.activating[i]) == 1 and not len(sim.important[i])]
+    assert one_token and all(s < 1.0 for i in one_token for _, s, _ in sim.lists[i])
