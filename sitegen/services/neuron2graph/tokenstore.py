@@ -6,10 +6,13 @@ tokens of its top sequences (positions at or above half its largest activation t
 strongest FALLBACK_CAP kept) and no important tokens, marked source 'top-sequences'. So search and
 similarity cover every neuron of every layer.
 
-Similarity (the measure DeepDecipher's paper describes, symmetric) between neurons i and j:
-    (|A_i & A_j| + |I_i & I_j|) / (min(|A_i|, |A_j|) + min(|I_i|, |I_j|))
-computed through an inverted index: for each neuron, the posting lists of its tokens are
-concatenated and counted, so only pairs that share a token are ever looked at. DeepDecipher's
+Similarity between two neurons with graphs: the measure DeepDecipher's paper describes, symmetric,
+    (|A_i & A_j| + |I_i & I_j|) / (min(|A_i|, |A_j|) + min(|I_i|, |I_j|));
+between any other two: the rarity-weighted Jaccard index of their activating sets (see
+similar_neurons), since dividing by the smaller set made a one-token neuron 1.00-similar to every
+neuron holding its token. Both are computed through an inverted index: for each neuron, the
+posting lists of its tokens are concatenated and counted, so only pairs that share a token are
+ever looked at. DeepDecipher's
 deployed server (src/data/neuron_store.rs) divides by |A_j| + |I_j| instead, j the later neuron
 of the pair (the minimum is taken against the length of the list of all neurons), keeps every
 neighbour >= 0.4 rather than the top 10, and once divided by the larger of the two neurons' sizes;
