@@ -52,6 +52,8 @@ def normalise(token: str) -> str:
 
 
 class ReferenceNeuronModel:
+    key = staticmethod(normalise)  # the trie key of a token
+
     def __init__(self, activation_threshold: float = 0.5, importance_threshold: float = 0.75):
         self.activation_threshold = activation_threshold
         self.importance_threshold = importance_threshold
@@ -115,7 +117,7 @@ class ReferenceNeuronModel:
         """Walk/extend the trie along line; existing children are reused unchanged (first values kept)."""
         current = start
         for count, element in enumerate(line, start=1):
-            element = element._replace(token=normalise(element.token))
+            element = element._replace(token=self.key(element.token))
             if element.token in current.children:
                 current = current.children[element.token]
                 continue
@@ -155,7 +157,7 @@ class ReferenceNeuronModel:
         current = self.root
         activations = [0]
         for i, token in enumerate(reversed(tokens)):
-            token = normalise(token)
+            token = self.key(token)
             if token in current.children or IGNORE in current.children:
                 current = current.children[token] if token in current.children else current.children[IGNORE]
                 if i == 0 and not current.value.activator:
@@ -196,3 +198,21 @@ class ReferenceNeuronModel:
 
         walk(self.root, ())
         return out
+
+
+class ForkNeuronModel(ReferenceNeuronModel):
+    """DeepDecipher's fork of the script (github.com/albertsgarde/Neuron2Graph, n2g/neuron_model.py),
+    written here from its logic: tokens are trie keys as they are (no normalisation), and the
+    original prompt's important sets are built at every position i (every k <= i, BOS aside, with
+    I[k, i] above the threshold), not only where the prompt fires."""
+
+    key = staticmethod(lambda token: token)
+
+    def make_line(self, info, important_index_sets=None):
+        importances, tokens_and_activations = info
+        if important_index_sets is None:
+            important_index_sets = [{k for k in range(i + 1) if tokens_and_activations[k][0] != BOS_STRING
+                                     and float(importances[k][i]) > self.importance_threshold}
+                                    for i in range(len(tokens_and_activations))]
+        lines, _ = super().make_line(info, important_index_sets)  # as a variant: the given sets are read, not built
+        return lines, important_index_sets

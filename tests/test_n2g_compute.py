@@ -269,3 +269,22 @@ def test_every_compute_stage_reports_progress(tiny_model_dir, tiny_corpus, tmp_p
     assert "computing logits from the weights" in logs
     assert re.search(r"logits from the weights: 100%.* 3/3 ", err), err
     assert re.search(r"neuron2graph graphs: 100%.* 6/6 ", err), err  # 2 graphs in each of 3 layers, one bar over all
+
+
+def test_similar_lists_are_not_flat_on_a_real_model_store(tiny_model_dir, tiny_corpus, tmp_path):
+    """On a store computed from a model (the tiny one, on its own pseudo-English corpus of ~35
+    words, where neurons share tokens all the time): at most 5% of neurons list five or more
+    similar neurons all at 1.00, and a neuron with a single token is 1.00-similar to nobody."""
+    from sitegen.compute.runner import ComputeConfig, run_compute
+    from sitegen.services.neuron2graph.tokenstore import build_token_store, flat_share, similar_neurons
+    from sitegen.store import Store
+
+    cfg = dict(model=str(tiny_model_dir), corpus=str(tiny_corpus), out=tmp_path / "store", tokens=1500, seq_len=16, seed=1, top_k=20,
+               n_random=1, batch_size=8, device="cpu", progress=False, weights=False)
+    run_compute(ComputeConfig(**cfg, options={"n2g": "2"}), log=lambda m: None)
+    ts = build_token_store(Store.open(tmp_path / "store"), first_valid=1)
+    sim = similar_neurons(ts)
+    assert flat_share(sim) <= 0.05
+    assert sum(map(len, sim.lists)) > 2 * ts.n_neurons  # neurons do have neighbours
+    one_token = [i for i in range(ts.n_neurons) if len(sim.activating[i]) == 1 and not len(sim.important[i])]
+    assert one_token and all(s < 1.0 for i in one_token for _, s, _ in sim.lists[i])

@@ -210,6 +210,48 @@ def test_graph_matches_the_reference_neuron_model_on_random_graphs():
     assert checked["ends"] > graphs and checked["firing predictions"] > graphs and checked["context activating"] > graphs // 10, checked
 
 
+def test_deepdeciphers_fork_files_other_tokens_and_the_readme_says_so():
+    """The fork port (no normalisation, important sets at every position) gives other token sets
+    than the script sitegen follows on most random graphs with a case-varied vocabulary, and the
+    README states both differences."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from sitegen.services.neuron2graph.compute import group_lines
+    from tests.n2g_reference import ForkNeuronModel, ReferenceNeuronModel
+
+    class _SetsOnly(ForkNeuronModel):  # the fork's every-position sets, the script's keys
+        key = staticmethod(normalise)
+
+    class _KeysOnly(ReferenceNeuronModel):  # the script's sets, the fork's raw keys
+        key = staticmethod(lambda token: token)
+
+    first, graphs, same = 1, 300, 0
+    differs = {"fork's sets only": 0, "fork's keys only": 0}  # each difference alone changes graphs
+    for seed in range(graphs):
+        rng = np.random.default_rng(seed)
+        groups = [_random_group(rng, first) for _ in range(int(rng.integers(1, 4)))]
+        fit = [[(imp, [(_VOCAB[t], float(a)) for t, a in zip(tokens, norm)]) for tokens, norm, imp in [original] + variants]
+               for original, variants in groups]
+        trie = Trie()
+        for original, variants in groups:
+            for line, act in group_lines(_VOCAB, original, variants, first):
+                trie.insert(line, act)
+        trie.merge_ignore()
+        models = {"fork": ForkNeuronModel(), "script": ReferenceNeuronModel(), "fork's sets only": _SetsOnly(), "fork's keys only": _KeysOnly()}
+        for m in models.values():
+            m.fit(fit)
+        assert trie.token_sets() == models["script"].token_sets()  # sitegen is the script
+        same += trie.token_sets() == models["fork"].token_sets()
+        for what in differs:
+            differs[what] += trie.token_sets() != models[what].token_sets()
+    assert same < graphs // 2 and min(differs.values()) > graphs // 10, (same, differs)
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    assert "Foote et al.'s script, not DeepDecipher's fork" in readme
+    assert "does **not normalise tokens**" in readme and "**important sets at every position**" in readme
+
+
 def _paths(node, path):
     for key, child in node.children.items():
         yield path + (key,), child

@@ -127,3 +127,18 @@ def test_real_site_builds_and_shows_in_a_browser(real_store, tmp_path_factory):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_similar_lists_are_not_flat_on_smollm2(real_store):
+    """SmolLM2 on real text: at most 5% of its 46,080 neurons list five or more similar neurons all
+    at 1.00 (DeepDecipher's smaller-set denominator applied to top-sequence tokens made most lists
+    so), and no neuron with a single token is 1.00-similar to anyone."""
+    from sitegen.services.neuron2graph.tokenstore import build_token_store, flat_share, similar_neurons
+    from sitegen.store import Store
+
+    ts = build_token_store(Store.open(real_store), first_valid=1)
+    sim = similar_neurons(ts)
+    assert flat_share(sim) <= 0.05
+    assert sum(1 for entries in sim.lists if entries) > ts.n_neurons // 10  # neurons do have neighbours
+    one_token = [i for i in range(ts.n_neurons) if len(sim.activating[i]) == 1 and not len(sim.important[i])]
+    assert len(one_token) > 100 and all(s < 1.0 for i in one_token for _, s, _ in sim.lists[i])

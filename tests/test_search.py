@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import html
 import itertools
 import json
 import os
@@ -21,8 +22,9 @@ import requests
 
 from sitegen.services import registry
 from sitegen.services.neuron2graph import graph as g
-from sitegen.services.neuron2graph.tokenstore import (FALLBACK_CAP, MAX_TERMS, SOURCE_GRAPH, SOURCE_TOP, build_token_store, parse_query,
+from sitegen.services.neuron2graph.tokenstore import (FALLBACK_CAP, MAX_TERMS, MEASURE_GRAPHS, MEASURE_TOKENS, flat_share, SOURCE_GRAPH, SOURCE_TOP, build_token_store, parse_query,
                                                       similar_neurons)
+from sitegen.services.tokens import display
 from sitegen.site import search
 from sitegen.site.build import build_site
 from sitegen.site.publisher import NETLIFY_DIR_LIMIT
@@ -31,13 +33,14 @@ from tests.reference import SYNTHETIC_LINES, static_search, write_synthetic_grap
 
 @pytest.fixture(scope="module")
 def wide_site(tmp_path_factory):
-    """Three layers x 24 neurons, a small vocabulary (so neurons share tokens), two graphs and a
-    posting cap of 3, so capped lists and their "more" files are exercised."""
+    """Three layers x 24 neurons, a small vocabulary (so neurons share tokens), three graphs (two of
+    them similar) and a posting cap of 3, so capped lists and their "more" files are exercised."""
     root = tmp_path_factory.mktemp("wide")
     vocab = ["<bos>"] + [f" t{i}" for i in range(8)] + ["The", " the", "<script>alert(1)</script>"]
     store = write_synthetic_store(root / "store", name="wide", n_layers=3, n_neurons=24, n_seqs=30, seq_len=10, vocab=vocab,
                                   top_k=4, n_random=1, with_logits=False, with_graphs=False)
-    write_synthetic_graphs(store, {(0, 2): SYNTHETIC_LINES, (2, 5): [([(" t1", 0.9, 0.9), (" the", 0.9, 0.2)], 0.9)]})
+    write_synthetic_graphs(store, {(0, 2): SYNTHETIC_LINES, (2, 5): [([(" t1", 0.9, 0.9), (" the", 0.9, 0.2)], 0.9)],
+                                   (1, 7): [([(" t1", 0.9, 0.9), (" t2", 0.9, 0.2)], 0.9)]})
     from sitegen.store import Store
 
     store = Store.open(store.root)
@@ -184,48 +187,103 @@ def test_shards_are_small_and_found_by_hash(wide_site):
 
 @pytest.mark.parametrize("stop_min", [1000, 8])
 def test_similarity_equals_brute_force_all_pairs(wide_site, stop_min):
-    """Every pair, by the definition; with stop_min=8 a token in more than 8 graphless neurons'
-    sets is left out of theirs (never out of a graph's)."""
+    """Every pair, by the definitions: two graphs by DeepDecipher's formula (>= 0.4); any other
+    pair by the rarity-weighted Jaccard index of the activating sets (>= 0.2, at least 2 shared
+    tokens). With stop_min=8 a token in more than 8 graphless neurons' sets is left out of theirs
+    (never out of a graph's)."""
+    import math
+
     store, _ = wide_site
     ts = build_token_store(store, first_valid=1)
-    got = similar_neurons(ts, threshold=0.4, top=1000, stop_min=stop_min, stop_share=0.0)
+    got = similar_neurons(ts, top=1000, stop_min=stop_min, stop_share=0.0).lists
     graphless = [g for g in range(ts.n_neurons) if ts.source[g] == SOURCE_TOP]
     users = Counter(ts.keys[k] for g in graphless for k in ts.activating[g])
     stop = {key for key, count in users.items() if count > stop_min}
     assert bool(stop) == (stop_min == 8) and any(ts.source[g] == SOURCE_GRAPH for g in range(ts.n_neurons))
-    assert (got == similar_neurons(ts, threshold=0.4, top=1000)) == (not stop)  # the stop tokens change some neurons' lists
+    assert (got == similar_neurons(ts, top=1000).lists) == (not stop)  # the stop tokens change some neurons' lists
     sets = [({ts.keys[k] for k in a} - (stop if ts.source[g] == SOURCE_TOP else set()), {ts.keys[k] for k in i})
             for g, (a, i) in enumerate(zip(ts.activating, ts.important))]
-    nonempty = 0
+    df = Counter(t for a, _ in sets for t in a)
+    holders = sum(1 for a, _ in sets if a)
+    weight = {t: math.log(holders / c) for t, c in df.items()}
+    measures = Counter()
     for x in range(ts.n_neurons):
         want = {}
         for y in range(ts.n_neurons):
+            (ax, ix), (ay, iy) = sets[x], sets[y]
             if x == y:
                 continue
-            (ax, ix), (ay, iy) = sets[x], sets[y]
-            denom = min(len(ax), len(ay)) + min(len(ix), len(iy))
-            if denom == 0:
-                continue
-            sim = (len(ax & ay) + len(ix & iy)) / denom
-            if sim >= 0.4:
-                want[y] = round(sim, 4)
-        assert dict(got[x]) == want, x
-        assert all(dict(got[y]).get(x) == s for y, s in got[x])  # symmetric
-        nonempty += bool(want)
-    assert nonempty > 10
+            if ts.source[x] == ts.source[y] == SOURCE_GRAPH:
+                denom = min(len(ax), len(ay)) + min(len(ix), len(iy))
+                sim = (len(ax & ay) + len(ix & iy)) / denom if denom else 0
+                if sim >= 0.4:
+                    want[y] = (round(sim, 4), MEASURE_GRAPHS)
+            elif len(ax & ay) >= 2:
+                sim = sum(weight[t] for t in ax & ay) / sum(weight[t] for t in ax | ay)
+                if sim >= 0.2 - 1e-12:
+                    want[y] = (round(sim, 4), MEASURE_TOKENS)
+        assert {y: (s, m) for y, s, m in got[x]} == want, x
+        assert [s for _, s, _ in got[x]] == sorted((s for _, s, _ in got[x]), reverse=True)
+        assert all({y2: s2 for y2, s2, _ in got[y]}.get(x) == s for y, s, _ in got[x])  # symmetric
+        measures.update(m for _, _, m in got[x])
+    assert measures[MEASURE_TOKENS] > 4 and measures[MEASURE_GRAPHS] >= 2, measures
+
+
+def test_one_shared_token_is_never_a_neighbour_and_shared_tokens_are_shown():
+    """A neuron whose only token is ` union` is not similar to the neurons that hold ` union`
+    among others (DeepDecipher's formula, dividing by the smaller set, made it 1.00 with each);
+    neurons sharing several rare tokens are, and `shared` names those tokens, rarest first."""
+    import numpy as np
+
+    from sitegen.services.neuron2graph.tokenstore import TokenStore
+
+    keys = [" union", " the", " tax", " school", " war", " peace", " law", " trade"]
+    sets = [[0]] + [[0, 1, 2 + i] for i in range(6)] + [[2, 3, 4, 5], [2, 3, 4, 6], [2, 3, 4, 5, 7]]
+    n = len(sets)
+    ts = TokenStore(keys, n, [np.array(s, np.int64) for s in sets], [np.zeros(0, np.int64)] * n, [SOURCE_TOP] * n, [None] * n, [0.0] * n)
+    sim = similar_neurons(ts)
+    assert sim.lists[0] == []  # one shared token: no neighbour at all
+    assert all(s < 1.0 for entries in sim.lists for _, s, _ in entries)  # no two sets are equal
+    first = dict((j, s) for j, s, _ in sim.lists[7])
+    assert set(first) >= {8, 9} and first[9] > first[8] >= 0.4
+    assert [keys[k] for k in sim.shared(7, 9, MEASURE_TOKENS)] == [" peace", " tax", " school", " war"]
+    assert all(len(sim.lists[i]) == 5 for i in range(1, 7))  # the six that share ` union` and ` the` are neighbours
+    assert flat_share(sim) == 0.0
 
 
 def test_similar_neurons_are_in_the_neuron_json_and_page(wide_site):
     store, site = wide_site
     ts = build_token_store(store, first_valid=1)
-    top = similar_neurons(ts)
-    for gid in (2, 30, 53):
+    sim = similar_neurons(ts)
+    top = sim.lists
+    seen = set()
+    for gid in (2, 31, 53, 58):
         layer, n = divmod(gid, 24)
         data = json.loads((site / f"api/wide/neuron2graph/{layer}/{n}.json").read_text())["data"]
-        assert [(s["layer"] * 24 + s["neuron"], s["similarity"]) for s in data["similar"]] == top[gid]
+        assert [(s["layer"] * 24 + s["neuron"], s["similarity"], s["measure"]) for s in data["similar"]] == top[gid]
         page = (site / f"wide/{layer}/{n}.html").read_text()
-        for other, sim in top[gid]:
-            assert f'href="/wide/{other // 24}/{other % 24}.html" title="similarity {sim:.2f}"' in page
+        for entry, (other, s, m) in zip(data["similar"], top[gid]):
+            shared = [ts.keys[k] for k in sim.shared(gid, other, m)]
+            assert entry["shared"] == shared and shared and set(shared) <= {ts.keys[k] for k in ts.activating[gid]} | {ts.keys[k] for k in ts.important[gid]}
+            assert f'href="/wide/{other // 24}/{other % 24}.html" title="similarity {s:.2f} ({m})"' in page
+            assert f'<span class="shared">shares {", ".join(f"<code>{html.escape(display(t), quote=True)}</code>" for t in shared)}</span>' in page
+            seen.add(m)
+    assert seen == {MEASURE_GRAPHS, MEASURE_TOKENS}
+
+
+def test_the_api_names_the_similarity_measure_and_the_docs_state_deepdeciphers_own(wide_site):
+    """`similar` records its measure in the payload and the OpenAPI schema; the README says how
+    DeepDecipher's server differs (denominator of the later neuron, every neighbour >= 0.4, the
+    earlier larger-size denominator) rather than claiming to be exactly DeepDecipher's."""
+    _, site = wide_site
+    schema = json.loads((site / "api/openapi.json").read_text())["components"]["schemas"]["Neuron2Graph"]["properties"]["similar"]
+    measure = schema["items"]["properties"]["measure"]
+    assert "measure" in schema["items"]["required"] and MEASURE_GRAPHS in measure["enum"] and "|A_j| + |I_j|" in measure["description"]
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    for fact in ("`|A_j| + |I_j|`, j the later neuron", "keeps every neighbour >= 0.4 instead of the top 10",
+                 "divided by the larger of the two neurons' token counts", '`"measure": "deepdecipher-intended"`'):
+        assert fact in readme, fact
+    assert "exactly DeepDecipher's" not in readme
 
 
 def test_graph_payload_and_svg(wide_site):

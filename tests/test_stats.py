@@ -151,8 +151,6 @@ def test_display_histogram_is_exact(kind):
     rng = np.random.default_rng(7)
     x = {"lognormal": lambda: rng.lognormal(0, 1, 50000), "tiny": lambda: rng.normal(0, 0.003, 50000),
          "tiny_offset": lambda: rng.normal(0.002, 0.002, 50000), "t3": lambda: rng.standard_t(3, 50000)}[kind]().astype(np.float32)
-    # np.histogram's bins are [a, b); the fine bins of negative values are (a, b] (bits of |x|): drop exact edge values.
-    x = x[~np.isin(x, stats.fine_bin_edges())]
     edges, counts = _display(x)
     assert edges[0] == x.min() and edges[-1] == x.max() and np.all(np.diff(edges) > 0)
     exact, _ = np.histogram(x, edges)
@@ -160,6 +158,48 @@ def test_display_histogram_is_exact(kind):
     assert 10 <= len(counts) <= 3 * stats.DISPLAY_BINS
     if x.min() < 0 < x.max():
         assert 0.0 in edges  # no bar straddles zero (colour by sign)
+
+
+@pytest.mark.parametrize("low,high", [(-0.3, 0.25), (-0.3, -0.01)])
+def test_display_histogram_counts_values_on_edges_as_np_histogram(low, high):
+    """Values exactly on bar edges, negative ones such as -0.1171875 included, and exact zeros
+    inside the range: every bar counts what np.histogram counts over the same edges (right-open
+    bars, the last closed), the largest value too."""
+    rng = np.random.default_rng(10)
+    inner = stats.fine_bin_edges()[1:-1]
+    inner = inner[(inner > low) & (inner < high)]
+    x = np.concatenate([rng.uniform(low, high, 20000), np.repeat(inner, 3), [-0.1171875] * 7,
+                        [0.0, 0.0, -0.0] if high > 0 else []]).astype(np.float32)
+    edges, counts = _display(x)
+    assert -0.1171875 in edges[1:-1] and (0.0 in edges[1:-1]) == (high > 0)
+    on_inner_edges = np.isin(x, edges[1:-1]).sum()
+    assert on_inner_edges > 100  # the case under test occurs often
+    exact, _ = np.histogram(x, edges)
+    np.testing.assert_array_equal(counts, exact)
+    x_max = np.float32(edges[-2])  # a maximum that is itself a fine edge: the last bar is closed
+    y = np.concatenate([x[x < x_max], [x_max] * 3])
+    edges, counts = _display(y)
+    np.testing.assert_array_equal(counts, np.histogram(y, edges)[0])
+
+
+def test_torch_histogram_bins_edges_like_numpy():
+    """The compute pass's torch binning equals stats.fine_bins on values exactly on edges, -0.0 and
+    values below float32's normal range, in both update paths."""
+    import torch
+
+    from sitegen.services.neuroscope.compute import LayerAccumulator
+
+    inner = stats.fine_bin_edges()[1:-1]
+    values = np.concatenate([inner, -inner, [0.0, -0.0, 1e-40, -1e-40, 300.0, -300.0, -0.1171875]]).astype(np.float32)
+    T = 9
+    values = np.concatenate([values, np.zeros((-len(values)) % (T - 1), np.float32)])
+    acts = np.concatenate([np.zeros((len(values) // (T - 1), 1), np.float32), values.reshape(-1, T - 1)], axis=1)[:, :, None]
+    for all_full in (True, False):
+        acc = LayerAccumulator(1, T, 2, 1, 1, "cpu")
+        valid = np.arange(T)[None, :].repeat(len(acts), 0) >= 1
+        acc.update(torch.from_numpy(acts), torch.arange(len(acts)), torch.from_numpy(valid), torch.zeros(len(acts)), all_full=all_full)
+        want = np.bincount(stats.fine_bins(values), minlength=stats.N_FINE_BINS)
+        np.testing.assert_array_equal(acc.state()["hist"][0], want)
 
 
 def test_display_histogram_point_mass_at_zero():
@@ -182,9 +222,9 @@ def test_histogram_svg_bars_touch():
     x = rng.normal(0, 0.003, 20000).astype(np.float32)
     edges, counts = _display(x)
     svg = render.histogram_svg(counts.tolist(), edges.tolist())
-    bars = [(float(a), float(w)) for a, w in re.findall(r"M([\d.]+) 52v-\d+h([\d.]+)v", svg)]
+    bars = [(float(a), float(w)) for a, w in re.findall(rf"M([\d.]+) {render.PLOT_H}v-\d+h([\d.]+)v", svg)]
     assert len(bars) == int((counts > 0).sum())
     bars.sort()
     for (a, w), (b, _) in zip(bars, bars[1:]):
         assert abs(a + w - b) < 0.11, (a, w, b)
-    assert bars[0][0] == 0 and abs(bars[-1][0] + bars[-1][1] - 500) < 0.11
+    assert bars[0][0] == render.PLOT_X and abs(bars[-1][0] + bars[-1][1] - (render.PLOT_X + render.PLOT_W)) < 0.11

@@ -40,8 +40,9 @@ class Neuron2GraphLayer:
         self.artefacts = layer_artefacts(store, layer, site.vocab, site.cached("neuron2graph.blank", lambda: whitespace_ids(site.vocab)))
 
     def _similar(self, n: int) -> list[dict]:
-        size = self.site.layer_size
-        return [{"layer": j // size, "neuron": j % size, "similarity": s} for j, s in self.similar[self.base + n]]
+        size, i, keys = self.site.layer_size, self.base + n, self.ts.keys
+        return [{"layer": j // size, "neuron": j % size, "similarity": s, "measure": m,
+                 "shared": [keys[k] for k in self.similar.shared(i, j, m)]} for j, s, m in self.similar.lists[i]]
 
     def _tokens(self, n: int) -> dict:
         i = self.base + n
@@ -77,8 +78,8 @@ class Neuron2GraphLayer:
                  for kind, ids in (("activating", self.ts.activating[i]), ("important", self.ts.important[i]))}
         size = self.site.layer_size
         similar = Markup("".join(
-            f'<li><a href="/{self.site.name}/{j // size}/{j % size}.html" title="similarity {s:.2f}">{j // size}:{j % size}</a>'
-            f' <span class="sim">{s:.2f}</span></li>' for j, s in self.similar[self.base + n]))
+            f'<li><a href="/{self.site.name}/{j // size}/{j % size}.html" title="similarity {s:.2f} ({m})">{j // size}:{j % size}</a>'
+            f' <span class="sim">{s:.2f}</span> <span class="shared">{self._shared(i, j, m)}</span></li>' for j, s, m in self.similar.lists[i]))
         return {"has_graph": row is not None, "svg": graph_svg(row["nodes"], search) if row else Markup(""),
                 "evaluation": _evaluation(row) if row else None, "links": links, "source": self.ts.source[i],
                 "graph_source": SOURCE_GRAPH, "similar": similar, "n_nodes": len(row["nodes"]) if row else 0,
@@ -98,6 +99,10 @@ class Neuron2GraphLayer:
         """The layer table's artefact marker, its reason and evidence on hover."""
         a = self.artefacts[n]
         return Markup('<span class="artefact" title="{}: {}">{}</span>').format(REASONS[a.code], a.evidence, SHORT[a.code]) if a else Markup("")
+
+    def _shared(self, i: int, j: int, measure: str) -> str:
+        """The tokens two similar neurons share, rarest first, escaped."""
+        return "shares " + ", ".join(f"<code>{escape(display(self.ts.keys[k]))}</code>" for k in self.similar.shared(i, j, measure))
 
     def _link(self, kind: str, key: int) -> str:
         html = self.links.get((kind, key))

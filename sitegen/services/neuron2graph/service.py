@@ -11,6 +11,7 @@ from sitegen.errors import ConfigError, StoreError
 from sitegen.services.artefacts import REASONS
 from sitegen.services.base import LAYER_NEURON, Cell, Column, NEURON_INDEX_REF, Service, TokenIndex, api_envelope, api_get, fmt_num
 from sitegen.services.neuron2graph.provenance import graph_provenance
+from sitegen.services.neuron2graph.tokenstore import MEASURE_GRAPHS, MEASURE_TOKENS, SIMILARITY_MEASURES
 
 _N2G_NODE = {"type": "object", "required": ["token", "required", "importance"],
              "properties": {"token": {"type": "string"}, "required": {"type": "array", "items": {"type": "integer"}},
@@ -23,8 +24,14 @@ _NEURON2GRAPH = {
         "graph": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["subgraph_indices", "graph"], "properties": {
             "subgraph_indices": {"type": "array", "items": {"type": "integer"}}, "graph": {"type": "array", "items": _N2G_NODE}}}]},
         "graphviz": {"type": ["string", "null"]},
-        "similar": {"type": "array", "items": {"type": "object", "required": ["layer", "neuron", "similarity"],
-                                               "properties": {"layer": {"type": "integer"}, "neuron": {"type": "integer"}, "similarity": {"type": "number"}}}},
+        "similar": {"type": "array", "description": "Up to 10 most similar neurons of the model, most similar first; each entry "
+                                                   "names the measure that produced its similarity and the tokens the two share",
+                    "items": {"type": "object", "required": ["layer", "neuron", "similarity", "measure", "shared"],
+                              "properties": {"layer": {"type": "integer"}, "neuron": {"type": "integer"}, "similarity": {"type": "number"},
+                                             "measure": {"enum": [MEASURE_GRAPHS, MEASURE_TOKENS], "description": SIMILARITY_MEASURES},
+                                             "shared": {"type": "array", "items": {"type": "string"},
+                                                        "description": "up to 5 normalised tokens both neurons' compared sets hold, "
+                                                                       "rarest first"}}}},
         "tokens": {"type": "object", "required": ["activating", "important", "source"],
                    "properties": {"activating": {"type": "array", "items": {"type": "string"}}, "important": {"type": "array", "items": {"type": "string"}},
                                   "source": {"enum": ["graph", "top-sequences"]}}},

@@ -6,10 +6,17 @@ tokens of its top sequences (positions at or above half its largest activation t
 strongest FALLBACK_CAP kept) and no important tokens, marked source 'top-sequences'. So search and
 similarity cover every neuron of every layer.
 
-Similarity (DeepDecipher's intended, symmetric measure) between neurons i and j:
-    (|A_i & A_j| + |I_i & I_j|) / (min(|A_i|, |A_j|) + min(|I_i|, |I_j|))
-computed through an inverted index: for each neuron, the posting lists of its tokens are
-concatenated and counted, so only pairs that share a token are ever looked at.
+Similarity between two neurons with graphs: the measure DeepDecipher's paper describes, symmetric,
+    (|A_i & A_j| + |I_i & I_j|) / (min(|A_i|, |A_j|) + min(|I_i|, |I_j|));
+between any other two: the rarity-weighted Jaccard index of their activating sets (see
+similar_neurons), since dividing by the smaller set made a one-token neuron 1.00-similar to every
+neuron holding its token. Both are computed through an inverted index: for each neuron, the
+posting lists of its tokens are concatenated and counted, so only pairs that share a token are
+ever looked at. DeepDecipher's
+deployed server (src/data/neuron_store.rs) divides by |A_j| + |I_j| instead, j the later neuron
+of the pair (the minimum is taken against the length of the list of all neurons), keeps every
+neighbour >= 0.4 rather than the top 10, and once divided by the larger of the two neurons' sizes;
+sitegen computes the intended formula.
 """
 
 from __future__ import annotations
@@ -34,7 +41,17 @@ STOP_MIN = 1000
 STOP_SHARE = 0.01
 DENSE_LIMIT = 150_000  # neurons; also ids must stay below 2**20 for the ranking key (1M neurons)
 SOURCE_GRAPH, SOURCE_TOP = "graph", "top-sequences"
-
+# The name each similar-neuron entry carries (the API's `similar[k].measure`).
+MEASURE_GRAPHS, MEASURE_TOKENS = "deepdecipher-intended", "rarity-weighted-jaccard"
+SIMILARITY_MEASURES = ("deepdecipher-intended (both neurons have a graph): (|A_i & A_j| + |I_i & I_j|) / (min(|A_i|, |A_j|) + "
+                       "min(|I_i|, |I_j|)) over the graphs' activating (A) and important (I) token sets, the formula DeepDecipher's "
+                       "paper describes (its server divides by |A_j| + |I_j| of the later neuron j instead), kept at >= 0.4; "
+                       "rarity-weighted-jaccard (any other pair): W(A_i & A_j) / W(A_i | A_j) over the activating sets, each token "
+                       "weighted ln(H / df) (df: neurons whose set holds it, H: neurons with a set), listed only when the sets "
+                       "share at least 2 tokens and it is >= 0.2, so one shared token never makes a neighbour")
+TOKEN_THRESHOLD = 0.2  # rarity-weighted Jaccard: a neighbour shares a fair part of the weight of both sets
+MIN_SHARED = 2  # one shared token is no evidence that two neurons do the same thing
+SHARED_SHOWN = 5  # shared tokens shown per similar neuron (page and API)
 
 @dataclass
 class TokenStore:
@@ -175,60 +192,107 @@ def similarity_sets(ts: TokenStore, stop_min: int = STOP_MIN, stop_share: float 
     return activating, ts.important
 
 
+def rarity_weights(activating: list[np.ndarray], n_keys: int) -> np.ndarray:
+    """Key id -> ln(H / df): df the number of neurons whose activating set holds the key, H the
+    number of neurons with a non-empty set (a key every neuron holds weighs 0)."""
+    df = np.bincount(np.concatenate(activating) if activating else np.zeros(0, np.int64), minlength=n_keys)
+    holders = max(1, sum(1 for a in activating if len(a)))
+    return np.log(holders / np.maximum(df, 1))
+
+
+@dataclass
+class Similarity:
+    """Every neuron's similar neurons, and the sets and weights they were measured on."""
+    lists: list[list[tuple[int, float, str]]]  # global id -> [(other, similarity, measure), ...], most similar first
+    activating: list[np.ndarray]
+    important: list[np.ndarray]
+    weight: np.ndarray  # key id -> rarity weight (rarity_weights)
+
+    def shared(self, i: int, j: int, measure: str, limit: int = SHARED_SHOWN) -> list[int]:
+        """The key ids two listed neurons share (for the graph measure, activating or important),
+        rarest first: what made them similar."""
+        both = np.intersect1d(self.activating[i], self.activating[j])
+        if measure == MEASURE_GRAPHS:
+            both = np.union1d(both, np.intersect1d(self.important[i], self.important[j]))
+        return both[np.lexsort((both, -self.weight[both]))][:limit].tolist()
+
+
 def similar_neurons(ts: TokenStore, threshold: float = SIMILARITY_THRESHOLD, top: int = SIMILAR_TOP,
-                    stop_min: int = STOP_MIN, stop_share: float = STOP_SHARE) -> list[list[tuple[int, float]]]:
-    """Per global neuron id: up to `top` (other neuron, similarity) with similarity >= threshold,
-    most similar first (ties: larger overlap first, then neuron order), over similarity_sets()."""
+                    stop_min: int = STOP_MIN, stop_share: float = STOP_SHARE, token_threshold: float = TOKEN_THRESHOLD,
+                    min_shared: int = MIN_SHARED) -> Similarity:
+    """Per global neuron id: up to `top` (other neuron, similarity, measure), most similar first
+    (ties: larger overlap first, then neuron order), over similarity_sets(). Two graphs: the
+    DeepDecipher formula, kept at >= threshold. Any other pair: the rarity-weighted Jaccard index
+    of the activating sets, W(A_i & A_j) / W(A_i | A_j) with W the sum of rarity_weights, kept when
+    the sets share at least `min_shared` tokens and it is >= token_threshold."""
     activating, important = similarity_sets(ts, stop_min, stop_share)
+    n = ts.n_neurons
+    graph = np.array([source == SOURCE_GRAPH for source in ts.source], dtype=bool)
+    weight = rarity_weights(activating, len(ts.keys))
     post_a, post_i = _postings(activating), _postings(important)
     size_a = np.array([len(s) for s in activating], dtype=np.int64)
     size_i = np.array([len(s) for s in important], dtype=np.int64)
-    empty = np.zeros(0, np.int64)
-    out: list[list[tuple[int, float]]] = []
+    weight_a = np.array([weight[s].sum() for s in activating], dtype=np.float64)
+    out: list[list[tuple[int, float, str]]] = []
     # Counting the candidates: a dense bincount (O(N) per neuron, ~1 ns per posting) beats sorting
     # them (np.unique) until N is large; above DENSE_LIMIT neurons the sort is used.
-    dense = ts.n_neurons <= DENSE_LIMIT
-    # Most candidates share a single (common) token, and one shared token reaches the threshold
-    # only with a denominator of at most `one`: the others are dropped before any arithmetic.
-    # Whether min(a_i, a_j) + min(b_i, b_j) <= one holds is the same with i's sizes capped at
-    # one + 1, so one mask per capped pair serves every neuron.
-    one = next((d for d in range(64) if not 1 / (d + 1) >= threshold - 1e-12), None)
-    single_ok: dict[tuple[int, int], np.ndarray] = {}
-    for i in range(ts.n_neurons):
-        cand_a = np.concatenate([post_a[int(k)] for k in activating[i]]) if size_a[i] else empty
-        cand_i = np.concatenate([post_i[int(k)] for k in important[i]]) if size_i[i] else empty
-        if not len(cand_a) and not len(cand_i):
+    dense = n <= DENSE_LIMIT
+    for i in range(n):
+        ks = activating[i]
+        if not size_a[i] and not size_i[i]:
             out.append([])
             continue
-        cand = np.concatenate([cand_a, cand_i])
-        may = None
-        if one is not None:
-            cap = (min(int(size_a[i]), one + 1), min(int(size_i[i]), one + 1))
-            may = single_ok.get(cap)
-            if may is None:
-                may = single_ok[cap] = (np.minimum(cap[0], size_a) + np.minimum(cap[1], size_i)) <= one
+        lists = [post_a[int(k)] for k in ks]
+        cand_a = np.concatenate(lists) if lists else np.zeros(0, np.int64)
+        cand_i = np.concatenate([post_i[int(k)] for k in important[i]]) if size_i[i] else np.zeros(0, np.int64)
         if dense:
-            counts = np.bincount(cand, minlength=ts.n_neurons)
-            others = np.flatnonzero(counts if may is None else (counts >= 2) | ((counts == 1) & may))
-            shared = counts[others]
+            count_a = np.bincount(cand_a, minlength=n)
+            shared_all = count_a + np.bincount(cand_i, minlength=n) if len(cand_i) else count_a
+            # the graph measure needs one shared token, the token measure min_shared activating ones
+            idx = np.flatnonzero(np.where(graph, shared_all > 0, count_a >= min_shared) if graph[i] else count_a >= min_shared)
+            others, shared, count_a = idx, shared_all[idx], count_a[idx]
         else:
-            others, shared = np.unique(cand, return_counts=True)  # |A&A'| + |I&I'| (a key sits in a set once)
-            if may is not None:
-                keep = (shared >= 2) | may[others]
-                others, shared = others[keep], shared[keep]
-        denom = np.minimum(size_a[i], size_a[others]) + np.minimum(size_i[i], size_i[others])
-        sim = np.where(denom > 0, shared / np.maximum(denom, 1), 0.0)
-        ok = (sim >= threshold - 1e-12) & (others != i)
-        others, sim, shared = others[ok], sim[ok], shared[ok]
+            others, inverse = np.unique(np.concatenate([cand_a, cand_i]), return_inverse=True)
+            n_unique = len(others)
+            count_a = np.bincount(inverse[:len(cand_a)], minlength=len(others))
+            shared = count_a + np.bincount(inverse[len(cand_a):], minlength=len(others))
+            idx = np.flatnonzero(np.where(graph[others] & graph[i], shared > 0, count_a >= min_shared))
+            others, shared, count_a = others[idx], shared[idx], count_a[idx]
+        mine = others != i
+        others, shared, idx = others[mine], shared[mine], idx[mine]
+        pair_graph = graph[others] & graph[i]
+        sim = np.zeros(len(others))
+        if pair_graph.any():
+            j = others[pair_graph]
+            denom = np.minimum(size_a[i], size_a[j]) + np.minimum(size_i[i], size_i[j])
+            sim[pair_graph] = np.where(denom > 0, shared[pair_graph] / np.maximum(denom, 1), 0.0)
+        if (~pair_graph).any():
+            j = others[~pair_graph]
+            cand_w = np.repeat(weight[ks], [len(p) for p in lists])
+            if dense:
+                common = np.bincount(cand_a, weights=cand_w, minlength=n)[j]
+            else:
+                common = np.bincount(inverse[:len(cand_a)], weights=cand_w, minlength=n_unique)[idx[~pair_graph]]
+            union = weight_a[i] + weight_a[j] - common
+            sim[~pair_graph] = np.where(union > 1e-12, common / np.maximum(union, 1e-12), 0.0)
+        ok = sim >= np.where(pair_graph, threshold, token_threshold) - 1e-12
+        others, sim, shared, pair_graph = others[ok], sim[ok], shared[ok], pair_graph[ok]
         # most similar first, then larger overlap, then lower id: one int64 key, so the top few
-        # are picked by a partition instead of sorting thousands of sim-1.0 ties
+        # are picked by a partition instead of sorting thousands of ties
         key = (np.rint(sim * 1e6).astype(np.int64) << 40) | (np.minimum(shared, (1 << 20) - 1) << 20) | ((1 << 20) - 1 - others)
         if len(key) > top:
-            keep = np.argpartition(-key, top - 1)[:top]
-            others, sim, key = others[keep], sim[keep], key[keep]
+            part = np.argpartition(-key, top - 1)[:top]
+            others, sim, key, pair_graph = others[part], sim[part], key[part], pair_graph[part]
         order = np.argsort(-key, kind="stable")
-        out.append([(int(others[j]), round(float(sim[j]), 4)) for j in order])
-    return out
+        out.append([(int(others[j]), round(float(sim[j]), 4), MEASURE_GRAPHS if pair_graph[j] else MEASURE_TOKENS) for j in order])
+    return Similarity(out, activating, important, weight)
+
+
+def flat_share(sim: Similarity, neighbours: int = 5) -> float:
+    """The fraction of neurons that list `neighbours` or more similar neurons all at 1.00: lists
+    that say nothing about which neighbour is closer (a quality figure, tested on real stores)."""
+    flat = sum(1 for entries in sim.lists if len(entries) >= neighbours and all(s >= 0.995 for _, s, _ in entries))
+    return flat / max(1, len(sim.lists))
 
 
 def _quoted(text: str) -> str:
@@ -273,6 +337,6 @@ def token_store(site):
     return site.cached("neuron2graph.token_store", lambda: build_token_store(site.store, site.first_valid))
 
 
-def similar(site) -> list:
+def similar(site) -> Similarity:
     """Similar neurons of the whole model, cached per model."""
     return site.cached("neuron2graph.similar", lambda: similar_neurons(token_store(site)))

@@ -128,7 +128,10 @@ class LayerAccumulator:
         torch.minimum(self.vmin, lo, out=self.vmin)
         torch.maximum(self.vmax, hi, out=self.vmax)
         # Histogram: sign, exponent and 4 mantissa bits of each float32 index a lookup table of bins.
-        codes = (counted.view(torch.int32) >> 19).long().add_(4096)
+        # A negative value's bits one ulp closer to zero (int64: -0.0 does not wrap): bins right-open
+        # in value, as np.histogram's (stats.fine_bins).
+        bits = counted.view(torch.int32).long()
+        codes = bits.add_(bits >> 31).bitwise_right_shift_(19).add_(stats.CODE_OFFSET)
         if self.hist.is_cuda:  # scatter: bincount would sync the device to size its output
             fine = torch.take(self._code_table, codes).reshape(-1, self.n)
             self.hist.scatter_add_(0, fine, self._one.expand(fine.shape))

@@ -51,28 +51,36 @@ QUANTILE_LEVELS = (
 
 
 def _code_table() -> np.ndarray:
-    """Fine bin for every value of (float32 bits >> 19) + 4096, i.e. sign, exponent and 4 mantissa bits.
-    Magnitude code 0 (zero and values below ~1e-38) counts as zero."""
-    code = np.arange(-4096, 4096)
+    """Fine bin for every code (see fine_bins) + CODE_OFFSET, i.e. sign, exponent and 4 mantissa
+    bits. Magnitude code 0 (zero and values below ~1e-38) counts as zero; code -4097 is -0.0."""
+    code = np.arange(-4097, 4096)
     negative = code < 0
     mag = np.where(negative, code + 4096, code)
     j = np.minimum(mag - _LO_CODE, HALF_BINS - 1)
     regular = np.where(negative, HALF_BINS - 1 - j, POS_TINY + 1 + j)
     tiny = np.where(negative, NEG_TINY, POS_TINY)
-    return np.where(mag == 0, ZERO_BIN, np.where(mag < _LO_CODE, tiny, regular)).astype(np.int32)
+    return np.where(mag <= 0, ZERO_BIN, np.where(mag < _LO_CODE, tiny, regular)).astype(np.int32)
 
 
 CODE_TABLE = _code_table()
+CODE_OFFSET = 4097
 
 
 def fine_bins(x: np.ndarray) -> np.ndarray:
-    """Fine-histogram bin of each float32 value (the reference for the torch version)."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32)
-    return CODE_TABLE[(bits >> 19) + 4096].astype(np.int64)
+    """Fine-histogram bin of each float32 value (the reference for the torch version).
+
+    Bins are right-open in value, as np.histogram's: a value on an edge belongs to the bin on its
+    right. The top bits of |x| put a positive value on an edge into the bin above it, but a
+    negative one into the bin further left; so a negative value's bits are taken one ulp closer
+    to zero ((bits - 1) in int64: the same bin, except exactly on an edge). -0.0 falls to -4097."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.int32).astype(np.int64)
+    return CODE_TABLE[((bits + (bits >> 31)) >> 19) + CODE_OFFSET].astype(np.int64)
 
 
 def fine_bin_edges() -> np.ndarray:
-    """Edges of the fine bins as float64, length N_FINE_BINS + 1 (outermost are +-inf; the zero bin is [0, 0])."""
+    """Edges of the fine bins as float64, length N_FINE_BINS + 1 (outermost are +-inf; the zero bin
+    is [0, 0]). Every bin is [a, b) but the zero bin (exactly 0) and the tiny negative one
+    [-2^-10, 0), whose right edge is shared with the zero bin."""
     j = np.arange(HALF_BINS)
     lower = np.ldexp(1.0 + (j % BINS_PER_OCTAVE) / BINS_PER_OCTAVE, LO_EXP + j // BINS_PER_OCTAVE)
     pos_edges = np.concatenate([lower, [np.inf]])  # lower_0 .. lower_{P-1}, inf
@@ -121,8 +129,11 @@ def display_histogram(hist_fine: np.ndarray, vmin: np.ndarray, vmax: np.ndarray)
     """The display histogram of n neurons: per neuron, bar edges (k + 1, float32, from min to max)
     and exact counts (k,). Each bar is a union of whole fine bins (clipped to [min, max]), so its
     count is exactly the number of values in it; neighbouring fine bins are merged until a bar is
-    about 1/DISPLAY_BINS of the range wide (a wider fine bin stays one bar); no bar crosses zero
-    (exact zeros go with the negative side, as 'x <= 0'). Bars are contiguous: an empty bar is an
+    about 1/DISPLAY_BINS of the range wide (a wider fine bin stays one bar); no bar crosses zero.
+    Counts follow np.histogram's rule over the returned edges: bars are [a, b), the last [a, max],
+    so a value on an inner edge is in the bar to its right and exact zeros in the bar starting at
+    0; except that when the minimum is exactly 0, its zeros are a first bar [0, 0] of their own
+    (np.histogram would fold them into the next bar). Bars are contiguous: an empty bar is an
     interval that really holds no value. Draw them with height from count / width (density)."""
     n = len(hist_fine)
     edges = fine_bin_edges()
@@ -132,7 +143,10 @@ def display_histogram(hist_fine: np.ndarray, vmin: np.ndarray, vmax: np.ndarray)
     with np.errstate(invalid="ignore", divide="ignore"):
         slot = np.where(span > 0, np.floor((lo - vmin[:, None]) / span * DISPLAY_BINS), 0)
     slot = np.clip(np.nan_to_num(slot), 0, DISPLAY_BINS - 1).astype(np.int64)
-    key = slot + DISPLAY_BINS * (np.arange(N_FINE_BINS) > ZERO_BIN)[None, :]  # no bar crosses zero
+    # No bar crosses zero; exact zeros open the first bar at or above zero ([0, b), np.histogram's
+    # rule), except at a neuron whose minimum is 0 (ReLU-like): its zeros are a bar [0, 0] of their own.
+    key = slot + DISPLAY_BINS * (np.arange(N_FINE_BINS) >= ZERO_BIN)[None, :]
+    key[:, ZERO_BIN] = np.where(vmin == 0, -1, key[:, ZERO_BIN])
     out_edges, out_counts = [], []
     for i in range(n):
         # Bins inside [min, max]: positive width, or holding values (the zero bin, a constant neuron).
