@@ -53,6 +53,8 @@ class FakeEndpoint:
     'the word "<w>"' with w = words[seed], and a simulator that rewrites each line with 10 when its
     token is the quoted word, else 0; `garble(tokens)` may return a malformed answer instead."""
 
+    base = "http://fake/v1"  # named in error messages
+
     def __init__(self, words, garble=lambda tokens: None):
         self.words, self.garble, self.calls = words, garble, []
 
