@@ -491,13 +491,16 @@ class _Finished(Record):
 
 def _finished_record(line: bytes, model: str, n_layers: int, size: int) -> dict | None:
     """A line of .work/explain.jsonl as a finished neuron of `model`, or None: a failed neuron, another
-    explainer's, a line cut by a crash, or one edited into something explain never writes. None
+    explainer's, a line cut by a crash, one scored from echo logprobs with no recorded alignment, or
+    one edited into something explain never writes. None
     means the neuron is asked again, so a damaged log costs requests, never the run."""
     try:
         r = orjson.loads(line)
         f = _Finished.model_validate(r)
     except (orjson.JSONDecodeError, ValidationError):
         return None
+    if "logprobs" in (r.get("method") or "").split("+") and not r.get("logprob_alignment"):
+        return None  # scored from echo logprobs before alignment detection: re-scored
     return r if f.model == model and f.layer < n_layers and f.neuron < size else None
 
 
@@ -531,9 +534,9 @@ def _write_tables(store, done: dict[tuple[int, int], dict], model: str) -> None:
         for n, r in recs.items():
             rows[n] = {"neuron": n, "explanation": r["explanation"], "score": r["score"], "valid_score": r.get("valid_score"),
                        "explainer": model, "source": SOURCE_EXPLAIN,
-                       "method": r.get("method"), "prompt_hash": r.get("prompt_hash"), "usage": orjson.dumps(r.get("usage")).decode(),
+                       "method": r.get("method"), "logprob_alignment": r.get("logprob_alignment"), "prompt_hash": r.get("prompt_hash"), "usage": orjson.dumps(r.get("usage")).decode(),
                        "details": orjson.dumps(r.get("details") or []).decode(), "raw": orjson.dumps(r.get("raw") or []).decode()}
-        schema = pa.schema([*TABLE_SCHEMA, ("valid_score", pa.float64()), ("prompt_hash", pa.string()), ("usage", pa.string()), ("details", pa.string()), ("raw", pa.string())])
+        schema = pa.schema([*TABLE_SCHEMA, ("valid_score", pa.float64()), ("logprob_alignment", pa.string()), ("prompt_hash", pa.string()), ("usage", pa.string()), ("details", pa.string()), ("raw", pa.string())])
         ordered = [rows[n] for n in sorted(rows)]
         store.write_layer(SERVICE, layer, pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in ordered], schema=schema))
     store.add_service(SERVICE)
