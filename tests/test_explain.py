@@ -580,3 +580,43 @@ def test_scores_without_a_recorded_alignment_are_flagged_and_rescored(store, tmp
     rows = [r for layer in (0, 1) for r in Store.open(store.root).read_layer("neuron_explainer", layer).to_pylist()]
     assert [r["logprob_alignment"] for r in rows] == ["own", "own"] and isinstance(pa.table({"x": [1]}), pa.Table)
     assert not build_site([store.root], tmp_path / "site").warnings
+
+
+# A planted unit firing exactly on " the" (a frequent token), on short sequences as a store would hold them.
+PLANTED = [[" the", " cat", " sat", " on", " the", " mat", " and", " looked", " at", " the", " door"],
+           [" we", " walked", " to", " the", " river", " before", " dark"],
+           [" people", " like", " music", " and", " long", " walks"],
+           [" the", " law", " is", " fair", " to", " the", " people"]]
+
+
+@pytest.mark.llm
+def test_real_server_placeholders_are_read_from_their_own_distribution(llama_server):
+    """llama-cpp-python's server with SmolLM2 (no BOS token) answers echo logprobs one entry
+    ahead: the detector finds it, the distributions read at >= 90% of the placeholders hold a level
+    token (the other reading's far fewer), and a planted unit scores clearly higher with an
+    explanation naming its token than with an unrelated one."""
+    from sitegen.services.neuron_explainer import scoring
+    from sitegen.services.neuron_explainer.explain import Endpoint, _score_one
+
+    ep = Endpoint(llama_server, "smollm2", None, 300, 1, None)
+    scored = [(tokens, [1.0 if t == " the" else 0.0 for t in tokens]) for tokens in PLANTED]
+    state: dict = {}
+    results, held, other, placeholders = {}, 0, 0, 0
+    for name, explanation in (("right", 'the word "the".'), ("unrelated", "names of volcanoes and lava.")):
+        raw: list = []
+        results[name] = _score_one(ep, explanation, scored, state, raw, [0, 0])
+        for (tokens, _), answer in zip(scored, raw):
+            prompt, offsets = scoring.simulation_prompt(explanation, tokens)
+            lp = answer["choices"][0]["logprobs"]
+            read = scoring.placeholder_distributions(prompt, offsets, lp, state["alignment"])
+            wrong = scoring.placeholder_distributions(prompt, offsets, lp, "own" if state["alignment"] == "next" else "next")
+            held += sum(top is not None and any(t in scoring.LEVELS for t in top) for top in read)
+            other += sum(top is not None and any(t in scoring.LEVELS for t in top) for top in wrong)
+            placeholders += len(offsets)
+    right, unrelated = results["right"]["score"], results["unrelated"]["score"]
+    print(f"\nalignment {state['alignment']}: level tokens in {held}/{placeholders} read distributions ({held / placeholders:.0%}), "
+          f"{other}/{placeholders} in the other reading; planted unit: right explanation {right}, unrelated {unrelated}")
+    assert state["logprobs"] and state["alignment"] == "next"  # llama-cpp-python 0.3.36, a model without BOS
+    assert held >= 0.9 * placeholders and other < 0.5 * placeholders
+    assert right is not None and right > 0.5
+    assert unrelated is None or right > unrelated + 0.3

@@ -195,6 +195,39 @@ def test_echo_alignment_with_offsets_in_characters_or_bytes():
         assert got == pytest.approx(want), byte_offsets
 
 
+def _shifted(answer: dict) -> dict:
+    """The same answer as llama-cpp-python's server gives it for a model without a BOS token:
+    entry i holds the distribution over token i + 1, with token i's own logprob added."""
+    tops = answer["top_logprobs"]
+    return {**answer, "top_logprobs": [{**(tops[i + 1] or {} if i + 1 < len(tops) else {}), tok: -7.0} for i, tok in enumerate(answer["tokens"])]}
+
+
+def test_alignment_detector_on_constructed_answers_of_both_conventions():
+    """Constructed answers (the recorded real ones are in test_alignment_detector_on_recorded_answers):
+    the level sign alone (entries empty but at placeholders), the token sign (every entry predicts
+    its token), both conventions of each; a contradiction or no sign at all establishes nothing."""
+    excerpt = [" the", " tax", " cut", " tax", " rate"]
+    prompt, offsets = scoring.simulation_prompt('the word "tax"', excerpt)
+    levels_only = _echo_simulator('the word "tax"', prompt)
+    want = scoring.predictions_from_echo(prompt, offsets, levels_only)
+    assert want == pytest.approx([0.1, 9.0, 0.1, 9.0, 0.1])
+    predicting = {**levels_only, "top_logprobs": [top or {tok: -0.2, "<other>": -2.0} for tok, top in zip(levels_only["tokens"], levels_only["top_logprobs"])]}
+    for own in (levels_only, predicting):
+        found, evidence = scoring.echo_alignment(prompt, offsets, own)
+        assert found == "own" and evidence["levels_own"] == 5 and evidence["levels_next"] == 0
+        found, evidence = scoring.echo_alignment(prompt, offsets, _shifted(own))
+        assert found == "next" and evidence["levels_next"] == 5 and evidence["levels_own"] == 0
+        assert scoring.predictions_from_echo(prompt, offsets, _shifted(own), "next") == pytest.approx(want)
+        assert scoring.predictions_from_echo(prompt, offsets, _shifted(own)) == [None] * 5  # the entry after: no level there
+    # tokens say "own" but the levels sit one entry early: contradictory, nothing established
+    tops = list(predicting["top_logprobs"])
+    for i in scoring._placeholder_tokens(prompt, offsets, predicting):
+        tops[i - 1], tops[i] = {**tops[i], **tops[i - 1]}, {"unknown": -0.1}
+    assert scoring.echo_alignment(prompt, offsets, {**predicting, "top_logprobs": tops})[0] is None
+    noise = {**levels_only, "top_logprobs": [{"<noise>": -0.1} for _ in levels_only["tokens"]]}
+    assert scoring.echo_alignment(prompt, offsets, noise)[0] is None
+
+
 def _published(tmp_path, records: list[dict], name="0.jsonl"):
     folder = tmp_path / "explanations"
     folder.mkdir(exist_ok=True)

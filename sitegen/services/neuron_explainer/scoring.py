@@ -155,8 +155,8 @@ def echo_alignment(prompt: str, offsets: Sequence[int], logprobs: Mapping) -> tu
     tops = list(logprobs.get("top_logprobs") or [])
     own = nxt = 0
     for i, top in enumerate(tops[:len(tokens)]):
-        if not top:
-            continue
+        if not top or len(top) < 2:
+            continue  # nothing but the echoed token itself (which both conventions add): no sign
         best = max(top.items(), key=lambda kv: kv[1])[0]
         own += best == tokens[i]
         nxt += i + 1 < len(tokens) and best == tokens[i + 1]
