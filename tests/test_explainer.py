@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import pytest
@@ -226,6 +227,26 @@ def test_alignment_detector_on_constructed_answers_of_both_conventions():
     assert scoring.echo_alignment(prompt, offsets, {**predicting, "top_logprobs": tops})[0] is None
     noise = {**levels_only, "top_logprobs": [{"<noise>": -0.1} for _ in levels_only["tokens"]]}
     assert scoring.echo_alignment(prompt, offsets, noise)[0] is None
+
+
+def test_alignment_detector_on_recorded_answers():
+    """Real answers (tests/data/record_echo_answers.py): llama-cpp-python's server with SmolLM2
+    answers one entry ahead; the same model's logits written in OpenAI's convention answer at the
+    token's own entry. Each is detected, and both give the same predictions, which the wrong
+    reading does not (no level token where it looks)."""
+    data = Path(__file__).parent / "data"
+    answers = {name: orjson.loads((data / f"echo_{name}.json").read_bytes()) for name in ("llama_next", "openai_own")}
+    predictions = {}
+    for name, want in (("llama_next", "next"), ("openai_own", "own")):
+        a = answers[name]
+        found, evidence = scoring.echo_alignment(a["prompt"], a["offsets"], a["logprobs"])
+        assert found == want, evidence
+        other = "own" if want == "next" else "next"
+        assert evidence[want] > 5 * evidence[other] and evidence[f"levels_{want}"] == len(a["offsets"]) and evidence[f"levels_{other}"] == 0
+        predictions[name] = scoring.predictions_from_echo(a["prompt"], a["offsets"], a["logprobs"], want)
+        assert scoring.predictions_from_echo(a["prompt"], a["offsets"], a["logprobs"], other) == [None] * len(a["offsets"])
+    assert all(p is not None for p in predictions["llama_next"])
+    assert predictions["llama_next"] == pytest.approx(predictions["openai_own"], abs=1e-3)
 
 
 def _published(tmp_path, records: list[dict], name="0.jsonl"):
