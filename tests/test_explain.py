@@ -451,6 +451,7 @@ def test_real_server_explains_simulates_scores_and_builds(store, llama_server, t
     done = [r for r in work if r.get("error") is None]
     assert done, f"no neuron explained: {[r.get('error') for r in work]}"
     assert all(r["method"] == "logprobs" for r in done)  # llama.cpp echoes logprobs: the all-at-once path
+    assert all(r["logprob_alignment"] == "next" for r in done)  # SmolLM2 has no BOS: llama-cpp-python answers one entry ahead
     assert all(isinstance(r["explanation"], str) and r["explanation"] for r in done)
     rows = {(r["neuron"]): r for layer in (0, 1) if Store.open(store.root).layer_path("neuron_explainer", layer).exists()
             for r in Store.open(store.root).read_layer("neuron_explainer", layer).to_pylist()}
