@@ -38,7 +38,7 @@ from pydantic import Field, ValidationError
 
 from sitegen.errors import ConfigError, SitegenError
 from sitegen.services.neuron_explainer import scoring
-from sitegen.services.neuron_explainer import answers  # noqa: I001 (a line of its own: merges apart from the imports above)
+from sitegen.services.neuron_explainer import answers
 from sitegen.services.neuron_explainer.published import SERVICE, TABLE_SCHEMA
 from sitegen.services.selection import select_neurons
 from sitegen.store.manifest import Record
