@@ -96,6 +96,10 @@ class Stub:
         if path.endswith("/completions"):
             if b == "no-logprobs":
                 return 200, {"choices": [{"text": "", "logprobs": None}]}
+            if b == "generated-only":  # as llama.cpp's own llama-server: logprobs of the generated token only
+                at = len(body["prompt"])
+                return 200, {"choices": [{"text": body["prompt"] + "\n", "logprobs": {"tokens": ["\n"], "token_logprobs": [-0.1],
+                                                                                    "top_logprobs": [{"\n": -0.1, "0": -3.0}], "text_offset": [at]}}]}
             if b == "chat-only":  # what OpenAI answers for a chat model on /v1/completions
                 return 404, {"error": {"message": "This is a chat model and not supported in the v1/completions endpoint. "
                                                   "Did you mean to use v1/chat/completions?"}}
@@ -175,8 +179,9 @@ def test_logprob_path_scores_and_the_site_shows_it(store, tmp_path):
     assert "the word &#34;tax&#34;." in page and "Scoring details" in page
 
 
-def test_endpoint_without_logprobs_falls_back_and_records_it(store):
-    stub = Stub("no-logprobs")
+@pytest.mark.parametrize("behaviour", ["no-logprobs", "generated-only"])
+def test_endpoint_without_logprobs_falls_back_and_records_it(store, behaviour):
+    stub = Stub(behaviour)
     try:
         run_explain(_cfg(store, stub.url), log=lambda m: None)
     finally:
@@ -184,7 +189,7 @@ def test_endpoint_without_logprobs_falls_back_and_records_it(store):
     from sitegen.store import Store
 
     row = Store.open(store.root).read_layer("neuron_explainer", 0).to_pylist()[0]
-    assert row["method"] == "no-logprobs"
+    assert row["method"] == "no-logprobs" and row["score"] is not None and row["logprob_alignment"] is None
     assert any(p.endswith("/chat/completions") and "Rewrite the lines" in json.dumps(b) for p, b, _ in stub.calls)
 
 

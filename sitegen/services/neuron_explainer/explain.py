@@ -303,16 +303,16 @@ def simulate(ep: Endpoint, explanation: str, tokens: list[str], state: dict) -> 
         if resp is not None:
             answer = read_answer(answers.CompletionAnswer, resp, f"{ep.base}/completions")
             lp = answer.choices[0].logprobs
-            if lp is not None and lp.usable:
+            lp_dict = lp.model_dump() if lp is not None and lp.usable else None
+            if lp_dict is not None and scoring.echoes_placeholders(prompt, offsets, lp_dict):
                 # A position whose top logprobs hold no level at all is a prediction of (near) no
                 # activation; it scores as 0 (score_simulation).
                 state["logprobs"] = True
                 state["usage"] = _usage(answer)
-                lp_dict = lp.model_dump()
                 alignment = _alignment(ep, prompt, offsets, lp_dict, state)
                 pred = scoring.predictions_from_echo(prompt, offsets, lp_dict, alignment)
                 return pred, "logprobs", resp, any(p is not None for p in pred)
-        state["logprobs"] = False  # no usable logprobs here: the fallback from now on
+        state["logprobs"] = False  # no usable logprobs here (none, or not for the prompt's tokens): the fallback from now on
     ask = prompt.replace(f"\t{scoring.PLACEHOLDER}\n", "\t?\n")
     resp = ep.post("/chat/completions", {"temperature": 0, "max_tokens": 12 * len(tokens) + 40, "messages": [
         {"role": "user", "content": ask + "\nRewrite the lines of the last excerpt (the one with ?), replacing each ? with the activation "

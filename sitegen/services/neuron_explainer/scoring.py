@@ -136,6 +136,13 @@ def _placeholder_tokens(prompt: str, offsets: Sequence[int], logprobs: Mapping) 
     return [index.get(off) for off in offsets]
 
 
+def echoes_placeholders(prompt: str, offsets: Sequence[int], logprobs: Mapping) -> bool:
+    """Whether the answer echoes the prompt's tokens at all: an echoed token starts at some
+    placeholder (a server giving logprobs for the generated token only, as llama.cpp's own
+    llama-server, does not)."""
+    return any(i is not None for i in _placeholder_tokens(prompt, offsets, logprobs))
+
+
 def _decisive(a: int, b: int, least: int) -> bool:
     return a >= least and a >= ALIGN_RATIO * b
 
