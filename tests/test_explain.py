@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +31,7 @@ class Stub:
 
     def __init__(self, behaviour: str, redirect_to: str = ""):
         self.behaviour, self.calls, self.failures_left, self.redirect_to = behaviour, [], 2, redirect_to
+        self.malformed = None  # (request kind "chat" or "echo", answer -> wrong-shaped answer): the first such answer is spoilt
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,6 +62,13 @@ class Stub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def answer(self, path, body, auth):
+        status, answer = self._answer(path, body, auth)
+        kind = "echo" if path.endswith("/v1/completions") else "chat" if "Neuron B" in json.dumps(body) else None
+        if self.malformed and self.malformed[0] == kind:
+            answer, self.malformed = self.malformed[1](answer), None
+        return status, answer
+
+    def _answer(self, path, body, auth):
         b = self.behaviour
         if b == "auth" and auth != "Bearer right-key":
             return 401, {"error": {"message": "Incorrect API key"}}
@@ -87,23 +96,51 @@ class Stub:
         if path.endswith("/completions"):
             if b == "no-logprobs":
                 return 200, {"choices": [{"text": "", "logprobs": None}]}
+            if b == "generated-only":  # as llama.cpp's own llama-server: logprobs of the generated token only
+                at = len(body["prompt"])
+                return 200, {"choices": [{"text": body["prompt"] + "\n", "logprobs": {"tokens": ["\n"], "token_logprobs": [-0.1],
+                                                                                    "top_logprobs": [{"\n": -0.1, "0": -3.0}], "text_offset": [at]}}]}
             if b == "chat-only":  # what OpenAI answers for a chat model on /v1/completions
                 return 404, {"error": {"message": "This is a chat model and not supported in the v1/completions endpoint. "
                                                   "Did you mean to use v1/chat/completions?"}}
-            prompt = body["prompt"]
-            tokens, offsets, tops, at = [], [], [], 0
-            for piece in re.split(r"(\t)", prompt):
-                for part in re.split(r"(\n)", piece):
-                    if not part:
-                        continue
+            return 200, self.echo(body["prompt"])
+        return 404, {"error": "no such path"}
+
+    def echo(self, prompt):
+        """An echo + logprobs answer: the prompt split at tabs and newlines; the simulator predicts
+        each token (probability 0.8), and at a placeholder the level 10 when the line's token is
+        ' tax' (0.9, else 0 with 0.9; 5 with 0.1). As OpenAI's convention, entry i is the
+        distribution over token i (the first has none) holding token i itself; behaviour "next"
+        answers as llama-cpp-python does for a model without a BOS token: entry i is the
+        distribution over token i + 1, with token i's logprob under it added; "unclear" gives
+        entries unrelated to the text."""
+        b = self.behaviour
+        tokens, offsets, at = [], [], 0
+        for piece in re.split(r"(\t)", prompt):
+            for part in re.split(r"(\n)", piece):
+                if part:
                     tokens.append(part)
                     offsets.append(at)
-                    prev = "".join(tokens[:-1]).rsplit("\n", 1)[-1]
-                    level = "10" if prev.strip().startswith("tax") else "0"
-                    tops.append({level: math.log(0.9), "5": math.log(0.1)} if part.startswith("unknown") else {})
                     at += len(part.encode("utf-8")) if b == "bytes" else len(part)  # llama.cpp-style byte offsets
-            return 200, {"choices": [{"text": prompt, "logprobs": {"tokens": tokens, "text_offset": offsets, "top_logprobs": tops}}]}
-        return 404, {"error": "no such path"}
+        own = []  # the simulator's distribution over token i (given the tokens before it)
+        for i, tok in enumerate(tokens):
+            if tok.startswith("unknown"):
+                level = "10" if "".join(tokens[:i]).rsplit("\n", 1)[-1].strip().startswith("tax") else "0"
+                own.append({level: math.log(0.9), "5": math.log(0.1)})
+            else:
+                own.append({tok: math.log(0.8), "<other>": math.log(0.1)})
+        own.append({"\n": math.log(0.9)})  # after the prompt: the completion token's
+        if b == "next":
+            tops = [{**own[i + 1], tok: math.log(1e-3)} for i, tok in enumerate(tokens)]
+            token_logprobs = [math.log(1e-3)] * len(tokens)
+        elif b == "unclear":
+            tops = [{"<noise>": -0.1} for _ in tokens]
+            token_logprobs = [-5.0] * len(tokens)
+        else:
+            tops = [None] + [{tok: own[i].get(tok, math.log(1e-4)), **own[i]} for i, tok in enumerate(tokens) if i > 0]
+            token_logprobs = [None] + [own[i].get(tok, math.log(1e-4)) for i, tok in enumerate(tokens) if i > 0]
+        return {"choices": [{"text": prompt, "logprobs": {"tokens": tokens, "text_offset": offsets, "token_logprobs": token_logprobs,
+                                                           "top_logprobs": tops}}], "usage": {"prompt_tokens": len(tokens), "completion_tokens": 1}}
 
     def close(self):
         self.server.shutdown()
@@ -142,8 +179,9 @@ def test_logprob_path_scores_and_the_site_shows_it(store, tmp_path):
     assert "the word &#34;tax&#34;." in page and "Scoring details" in page
 
 
-def test_endpoint_without_logprobs_falls_back_and_records_it(store):
-    stub = Stub("no-logprobs")
+@pytest.mark.parametrize("behaviour", ["no-logprobs", "generated-only"])
+def test_endpoint_without_logprobs_falls_back_and_records_it(store, behaviour):
+    stub = Stub(behaviour)
     try:
         run_explain(_cfg(store, stub.url), log=lambda m: None)
     finally:
@@ -151,7 +189,7 @@ def test_endpoint_without_logprobs_falls_back_and_records_it(store):
     from sitegen.store import Store
 
     row = Store.open(store.root).read_layer("neuron_explainer", 0).to_pylist()[0]
-    assert row["method"] == "no-logprobs"
+    assert row["method"] == "no-logprobs" and row["score"] is not None and row["logprob_alignment"] is None
     assert any(p.endswith("/chat/completions") and "Rewrite the lines" in json.dumps(b) for p, b, _ in stub.calls)
 
 
@@ -381,7 +419,8 @@ def llama_server(tmp_path_factory):
         pytest.fail("the explain test needs llama-cpp-python[server]; run `make install-test`")
     port = free_port()
     log = (tmp_path_factory.mktemp("llama") / "server.log").open("wb")  # a file, not a pipe: the server logs a lot
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf_path()), "--host", "127.0.0.1",
+    server = str(Path(__file__).parent / "llama_server.py")  # llama_cpp.server on plain CPU kernels (see there why)
+    proc = subprocess.Popen([sys.executable, server, "--model", str(default_gguf_path()), "--host", "127.0.0.1",
                              "--port", str(port), "--n_ctx", "4096", "--logits_all", "true", "--model_alias", "smollm2"],
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
@@ -417,6 +456,7 @@ def test_real_server_explains_simulates_scores_and_builds(store, llama_server, t
     done = [r for r in work if r.get("error") is None]
     assert done, f"no neuron explained: {[r.get('error') for r in work]}"
     assert all(r["method"] == "logprobs" for r in done)  # llama.cpp echoes logprobs: the all-at-once path
+    assert all(r["logprob_alignment"] == "next" for r in done)  # SmolLM2 has no BOS: llama-cpp-python answers one entry ahead
     assert all(isinstance(r["explanation"], str) and r["explanation"] for r in done)
     rows = {(r["neuron"]): r for layer in (0, 1) if Store.open(store.root).layer_path("neuron_explainer", layer).exists()
             for r in Store.open(store.root).read_layer("neuron_explainer", layer).to_pylist()}
@@ -426,3 +466,187 @@ def test_real_server_explains_simulates_scores_and_builds(store, llama_server, t
     layer, neuron = done[0]["layer"], done[0]["neuron"]
     data = json.loads((out / f"api/toy/neuron_explainer/{layer}/{neuron}.json").read_text())["data"]
     assert data["explanation"] == done[0]["explanation"] and data["method"] == "logprobs"
+
+
+def _tops(answer, change):
+    lp = answer["choices"][0]["logprobs"]
+    lp["top_logprobs"] = [change(top) if top else top for top in lp["top_logprobs"]]
+    return answer
+
+
+# Valid JSON of the wrong shape, each in the first answer of its kind: (kind, spoil, where the one-line error points)
+MALFORMED = {
+    "list body": ("chat", lambda a: [a], "the body"),
+    "numeric content": ("chat", lambda a: {**a, "choices": [{"message": {"content": 42}}]}, "choices.0.message.content"),
+    "string usage": ("chat", lambda a: {**a, "usage": "50 tokens"}, "usage"),
+    "logprob 1e308": ("echo", lambda a: _tops(a, lambda top: {k: 1e308 for k in top}), "choices.0.logprobs.top_logprobs"),
+    "string logprobs": ("echo", lambda a: _tops(a, lambda top: {k: str(v) for k, v in top.items()}), "choices.0.logprobs.top_logprobs"),
+    "list top_logprobs": ("echo", lambda a: _tops(a, lambda top: [[k, v] for k, v in top.items()]), "choices.0.logprobs.top_logprobs"),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(MALFORMED))
+def test_a_malformed_answer_fails_its_neuron_only_and_is_asked_again(store, shape):
+    """The run completes, the other neuron is kept, the failure is one reported line, and the
+    rerun asks the failed neuron again (and only it)."""
+    kind, spoil, where = MALFORMED[shape]
+    stub = Stub("ok")
+    stub.malformed = (kind, spoil)
+    lines: list[str] = []
+    try:
+        first = run_explain(_cfg(store, stub.url), log=lines.append)
+        asked = len(stub.calls)
+        second = run_explain(_cfg(store, stub.url), log=lines.append)
+    finally:
+        stub.close()
+    assert first == {"done": 1, "failed": 1}
+    failed = [line for line in lines if "malformed answer" in line]
+    assert len(failed) == 1 and "\n" not in failed[0] and f"({where}" in failed[0] and failed[0].endswith("(asked again on the next run)")
+    assert re.match(r"[01]:[12]: http://127\.0\.0\.1:\d+/v1/(chat/)?completions: malformed answer", failed[0])
+    assert second == {"done": 2, "failed": 0}
+    explained = [b for p, b, _ in stub.calls[asked:] if p.endswith("/chat/completions") and "Neuron B" in json.dumps(b)]
+    assert len(explained) == 1  # the finished neuron was kept, not asked again
+    work = [json.loads(line) for line in (store.root / ".work/explain.jsonl").read_text().splitlines()]
+    assert sorted((r["layer"], r["neuron"]) for r in work if r.get("error") is None) == [(0, 1), (1, 2)]
+
+
+def _explained(tmp_path, behaviour):
+    st = write_synthetic_store(tmp_path / behaviour, name="toy", vocab=WORDS, with_graphs=False, top_k=8, n_random=6)
+    stub = Stub(behaviour)
+    try:
+        result = run_explain(_cfg(st, stub.url), log=lambda m: None)
+    finally:
+        stub.close()
+    from sitegen.store import Store
+
+    return st, result, {r["neuron"]: r for layer in (0, 1) for r in Store.open(st.root).read_layer("neuron_explainer", layer).to_pylist()}
+
+
+def test_each_placeholder_is_read_from_its_own_distribution_under_either_convention(tmp_path):
+    """The same simulator answering in OpenAI's convention and in llama-cpp-python's (entry i
+    predicts token i + 1) gives the same predictions and scores; the alignment detected is
+    recorded in the store, the API and the page's provenance."""
+    runs = {b: _explained(tmp_path, b) for b in ("ok", "next")}
+    for behaviour, alignment in (("ok", "own"), ("next", "next")):
+        st, result, rows = runs[behaviour]
+        assert result == {"done": 2, "failed": 0}
+        assert {r["logprob_alignment"] for r in rows.values()} == {alignment}
+    own, nxt = runs["ok"][2], runs["next"][2]
+    for n in own:
+        assert nxt[n]["score"] == pytest.approx(own[n]["score"]) and own[n]["score"] is not None
+        assert json.loads(nxt[n]["details"]) == json.loads(own[n]["details"])
+    simulated = [x for d in json.loads(nxt[2]["details"]) for x in d["simulated"]]
+    assert 9.5 in simulated and 0.5 in simulated  # 10 x .9 + 5 x .1 on ' tax', 0 x .9 + 5 x .1 elsewhere: the levels were read
+    out = tmp_path / "site"
+    report = build_site([runs["next"][0].root], out)
+    assert not report.warnings
+    assert json.loads((out / "api/toy/neuron_explainer/1/2.json").read_text())["data"]["logprob_alignment"] == "next"
+    assert "logprob alignment <code>next</code>" in (out / "toy/1/2.html").read_text()
+
+
+def test_an_endpoint_whose_alignment_cannot_be_established_is_refused_in_one_line(store):
+    from sitegen.services.neuron_explainer.explain import EndpointError
+
+    stub = Stub("unclear")
+    try:
+        with pytest.raises(EndpointError) as e:
+            run_explain(_cfg(store, stub.url), log=lambda m: None)
+    finally:
+        stub.close()
+    assert e.value.fatal and "\n" not in str(e.value)
+    assert re.match(r"http://127\.0\.0\.1:\d+/v1: cannot establish which echo logprob entry predicts each token", str(e.value))
+
+
+def test_scores_without_a_recorded_alignment_are_flagged_and_rescored(store, tmp_path):
+    """A store scored from echo logprobs before alignment detection (no logprob_alignment in the
+    table nor the work log): the build warns in one line and the page says so; rerunning explain
+    re-scores those neurons."""
+    import pyarrow as pa
+
+    from sitegen.store import Store
+
+    stub = Stub("ok")
+    try:
+        run_explain(_cfg(store, stub.url), log=lambda m: None)
+        s = Store.open(store.root)
+        for layer in (0, 1):  # as the store was written before: no alignment column
+            t = s.read_layer("neuron_explainer", layer)
+            s.write_layer("neuron_explainer", layer, t.drop_columns(["logprob_alignment"]))
+        work = store.root / ".work/explain.jsonl"
+        old = [{k: v for k, v in json.loads(line).items() if k != "logprob_alignment"} for line in work.read_text().splitlines()]
+        work.write_text("".join(json.dumps(r) + "\n" for r in old))
+        report = build_site([store.root], tmp_path / "site")
+        notes = [w for w in report.warnings if "re-score" in w]
+        assert len(notes) == 1 and "\n" not in notes[0] and "2 explanation scores (0:1,1:2)" in notes[0]
+        assert f"sitegen explain {store.root} --neurons 0:1,1:2" in notes[0] and f"warning: {notes[0]}" in report.summary()
+        assert "scored without alignment detection" in (tmp_path / "site/toy/1/2.html").read_text()
+        asked = len(stub.calls)
+        assert run_explain(_cfg(store, stub.url), log=lambda m: None) == {"done": 2, "failed": 0}
+        assert len(stub.calls) > asked
+    finally:
+        stub.close()
+    rows = [r for layer in (0, 1) for r in Store.open(store.root).read_layer("neuron_explainer", layer).to_pylist()]
+    assert [r["logprob_alignment"] for r in rows] == ["own", "own"] and isinstance(pa.table({"x": [1]}), pa.Table)
+    assert not build_site([store.root], tmp_path / "site").warnings
+
+
+# A planted unit firing exactly on " the" (a frequent token), on short sequences as a store would hold them.
+PLANTED = [[" the", " cat", " sat", " on", " the", " mat", " and", " looked", " at", " the", " door"],
+           [" we", " walked", " to", " the", " river", " before", " dark"],
+           [" people", " like", " music", " and", " long", " walks"],
+           [" the", " law", " is", " fair", " to", " the", " people"]]
+
+
+@pytest.fixture(scope="module")
+def planted_runs(llama_server):
+    """The planted unit simulated on the real server with an explanation naming its token and an
+    unrelated one: per explanation, the scored result and the raw answers (one request per
+    sequence, shared by the tests below)."""
+    from sitegen.services.neuron_explainer.explain import Endpoint, _score_one
+
+    ep = Endpoint(llama_server, "smollm2", None, 300, 1, None)
+    scored = [(tokens, [1.0 if t == " the" else 0.0 for t in tokens]) for tokens in PLANTED]
+    state: dict = {}
+    runs = {}
+    for name, explanation in (("right", 'the word "the".'), ("unrelated", "names of volcanoes and lava.")):
+        raw: list = []
+        runs[name] = (explanation, _score_one(ep, explanation, scored, state, raw, [0, 0]), raw)
+    return state, runs
+
+
+@pytest.mark.llm
+def test_real_server_placeholders_are_read_from_their_own_distribution(planted_runs):
+    """llama-cpp-python's server with SmolLM2 (no BOS token) answers echo logprobs one entry
+    ahead: the detector finds it, and the distributions read at >= 90% of the placeholders hold a
+    level token "0".."10" (the other reading's far fewer)."""
+    from sitegen.services.neuron_explainer import scoring
+
+    state, runs = planted_runs
+    held = other = placeholders = 0
+    for explanation, _, raw in runs.values():
+        for tokens, answer in zip(PLANTED, raw):
+            prompt, offsets = scoring.simulation_prompt(explanation, tokens)
+            lp = answer["choices"][0]["logprobs"]
+            read = scoring.placeholder_distributions(prompt, offsets, lp, state["alignment"])
+            wrong = scoring.placeholder_distributions(prompt, offsets, lp, "own" if state["alignment"] == "next" else "next")
+            held += sum(top is not None and any(t in scoring.LEVELS for t in top) for top in read)
+            other += sum(top is not None and any(t in scoring.LEVELS for t in top) for top in wrong)
+            placeholders += len(offsets)
+    print(f"\nalignment {state['alignment']}: level tokens in {held}/{placeholders} read distributions ({held / placeholders:.0%}), "
+          f"{other}/{placeholders} in the other reading")
+    assert state["logprobs"] and state["alignment"] == "next"  # llama-cpp-python 0.3.36, a model without BOS
+    assert held >= 0.9 * placeholders and other < 0.5 * placeholders
+
+
+@pytest.mark.llm
+@pytest.mark.xfail(strict=True, reason="SmolLM2-135M, the suite's only local model, ignores the explanation when it simulates: "
+                                       "its levels follow the token (content words high, function words low), so no explanation "
+                                       "scores clearly higher; a capable simulator makes this pass (and strict xfail then fails)")
+def test_real_server_scores_a_planted_unit_higher_with_the_right_explanation(planted_runs):
+    """A unit firing exactly on " the" scores clearly higher with 'the word "the"' than with an
+    unrelated explanation."""
+    _, runs = planted_runs
+    right, unrelated = runs["right"][1]["score"], runs["unrelated"][1]["score"]
+    print(f"\nplanted unit on ' the': right explanation {right}, unrelated {unrelated}")
+    assert right is not None and right > 0.3
+    assert unrelated is None or right > unrelated + 0.3

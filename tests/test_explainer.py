@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import pytest
@@ -52,6 +53,8 @@ class FakeEndpoint:
     """Endpoint.post without HTTP: no logprobs (the logprob-free path), the explanation
     'the word "<w>"' with w = words[seed], and a simulator that rewrites each line with 10 when its
     token is the quoted word, else 0; `garble(tokens)` may return a malformed answer instead."""
+
+    base = "http://fake/v1"  # named in error messages
 
     def __init__(self, words, garble=lambda tokens: None):
         self.words, self.garble, self.calls = words, garble, []
@@ -191,6 +194,59 @@ def test_echo_alignment_with_offsets_in_characters_or_bytes():
     for byte_offsets in (False, True):
         got = scoring.predictions_from_echo(prompt, offsets, _echo_simulator('the word "tax"', prompt, byte_offsets))
         assert got == pytest.approx(want), byte_offsets
+
+
+def _shifted(answer: dict) -> dict:
+    """The same answer as llama-cpp-python's server gives it for a model without a BOS token:
+    entry i holds the distribution over token i + 1, with token i's own logprob added."""
+    tops = answer["top_logprobs"]
+    return {**answer, "top_logprobs": [{**(tops[i + 1] or {} if i + 1 < len(tops) else {}), tok: -7.0} for i, tok in enumerate(answer["tokens"])]}
+
+
+def test_alignment_detector_on_constructed_answers_of_both_conventions():
+    """Constructed answers (the recorded real ones are in test_alignment_detector_on_recorded_answers):
+    the level sign alone (entries empty but at placeholders), the token sign (every entry predicts
+    its token), both conventions of each; a contradiction or no sign at all establishes nothing."""
+    excerpt = [" the", " tax", " cut", " tax", " rate"]
+    prompt, offsets = scoring.simulation_prompt('the word "tax"', excerpt)
+    levels_only = _echo_simulator('the word "tax"', prompt)
+    want = scoring.predictions_from_echo(prompt, offsets, levels_only)
+    assert want == pytest.approx([0.1, 9.0, 0.1, 9.0, 0.1])
+    predicting = {**levels_only, "top_logprobs": [top or {tok: -0.2, "<other>": -2.0} for tok, top in zip(levels_only["tokens"], levels_only["top_logprobs"])]}
+    for own in (levels_only, predicting):
+        found, evidence = scoring.echo_alignment(prompt, offsets, own)
+        assert found == "own" and evidence["levels_own"] == 5 and evidence["levels_next"] == 0
+        found, evidence = scoring.echo_alignment(prompt, offsets, _shifted(own))
+        assert found == "next" and evidence["levels_next"] == 5 and evidence["levels_own"] == 0
+        assert scoring.predictions_from_echo(prompt, offsets, _shifted(own), "next") == pytest.approx(want)
+        assert scoring.predictions_from_echo(prompt, offsets, _shifted(own)) == [None] * 5  # the entry after: no level there
+    # tokens say "own" but the levels sit one entry early: contradictory, nothing established
+    tops = list(predicting["top_logprobs"])
+    for i in scoring._placeholder_tokens(prompt, offsets, predicting):
+        tops[i - 1], tops[i] = {**tops[i], **tops[i - 1]}, {"unknown": -0.1}
+    assert scoring.echo_alignment(prompt, offsets, {**predicting, "top_logprobs": tops})[0] is None
+    noise = {**levels_only, "top_logprobs": [{"<noise>": -0.1} for _ in levels_only["tokens"]]}
+    assert scoring.echo_alignment(prompt, offsets, noise)[0] is None
+
+
+def test_alignment_detector_on_recorded_answers():
+    """Real answers (tests/data/record_echo_answers.py): llama-cpp-python's server with SmolLM2
+    answers one entry ahead; the same model's logits written in OpenAI's convention answer at the
+    token's own entry. Each is detected, and both give the same predictions, which the wrong
+    reading does not (no level token where it looks)."""
+    data = Path(__file__).parent / "data"
+    answers = {name: orjson.loads((data / f"echo_{name}.json").read_bytes()) for name in ("llama_next", "openai_own")}
+    predictions = {}
+    for name, want in (("llama_next", "next"), ("openai_own", "own")):
+        a = answers[name]
+        found, evidence = scoring.echo_alignment(a["prompt"], a["offsets"], a["logprobs"])
+        assert found == want, evidence
+        other = "own" if want == "next" else "next"
+        assert evidence[want] > 5 * evidence[other] and evidence[f"levels_{want}"] == len(a["offsets"]) and evidence[f"levels_{other}"] == 0
+        predictions[name] = scoring.predictions_from_echo(a["prompt"], a["offsets"], a["logprobs"], want)
+        assert scoring.predictions_from_echo(a["prompt"], a["offsets"], a["logprobs"], other) == [None] * len(a["offsets"])
+    assert all(p is not None for p in predictions["llama_next"])
+    assert predictions["llama_next"] == pytest.approx(predictions["openai_own"], abs=1e-3)
 
 
 def _published(tmp_path, records: list[dict], name="0.jsonl"):

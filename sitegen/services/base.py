@@ -253,6 +253,11 @@ class Service:
         returns figures about them, if any (the build checks every folder's file count itself)."""
         return {}
 
+    def build_notes(self, store) -> list[str]:
+        """One-line warnings the build prints about this service's data in `store` (e.g. results
+        that need recomputing); none by default."""
+        return []
+
     def search_tokens(self, site) -> TokenIndex | None:
         """The model's token search postings and result previews (one service supplies them; the
         site has no token search without). site/search.py writes the files."""

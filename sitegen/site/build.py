@@ -371,6 +371,7 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
     warnings = ()
     if count > NETLIFY_DIR_LIMIT:
         warnings = (f"{folder or '.'}/ holds {count:,} files, over Netlify's {NETLIFY_DIR_LIMIT:,} per folder: the deploy would fail there (other hosts are fine)",)
+    warnings += tuple(note for m in models for s in m.services for note in s.build_notes(m.store))
     return BuildReport(len(models), neurons, pub.written, pub.unchanged, removed, time.monotonic() - started, out, warnings,
                        files=pub.written + pub.unchanged, bytes=pub.bytes_total, largest_folder=(folder, count), jobs=jobs,
                        peak_rss_mb=_peak_rss_mb())

@@ -47,6 +47,7 @@ from pydantic import Field, ValidationError
 
 from sitegen.errors import ConfigError, SitegenError, StoreError
 from sitegen.services.neuron_explainer import scoring
+from sitegen.services.neuron_explainer import answers
 from sitegen.services.neuron_explainer.published import SERVICE, TABLE_SCHEMA
 from sitegen.services.selection import select_neurons
 from sitegen.store.manifest import Record
@@ -67,7 +68,7 @@ class EndpointError(SitegenError):
     fail the same way (stop the run) rather than only this one (asked again on the next run)."""
 
     stage = "endpoint"
-    FATAL_KINDS = frozenset({"unreachable", "auth", "model", "redirect"})
+    FATAL_KINDS = frozenset({"unreachable", "auth", "model", "redirect", "alignment"})
 
     def __init__(self, message: str, kind: str):
         super().__init__(message)
@@ -401,45 +402,77 @@ def splits(texts: dict, n_excerpts: int) -> dict[str, list]:
             "test": pick("top", top["test"]) + pick("random", rnd["test"])}
 
 
-def _chat_text(resp: dict) -> str:
-    try:
-        return resp["choices"][0]["message"]["content"] or ""
-    except (KeyError, IndexError, TypeError):
-        return ""
+def read_answer(model: type[answers._Answer], resp: object, where: str):
+    """An endpoint's answer read as the typed model of what sitegen reads from it; one of the
+    wrong shape fails the neuron being explained (kind "malformed": reported, asked again)."""
+    parsed, why = answers.problem(model, resp)
+    if parsed is None:
+        raise EndpointError(f"{where}: malformed answer ({why}); is --endpoint an OpenAI-compatible API?", "malformed")
+    return parsed
 
 
-def _usage(resp: dict) -> tuple[int, int]:
-    u = resp.get("usage") or {}
-    return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+def _chat_text(answer: answers.ChatAnswer) -> str:
+    return answer.choices[0].message.content or ""
+
+
+def _usage(answer: answers.ChatAnswer | answers.CompletionAnswer) -> tuple[int, int]:
+    u = answer.usage
+    return (u.prompt_tokens or 0, u.completion_tokens or 0) if u is not None else (0, 0)
+
+
+def _alignment(ep: Endpoint, prompt: str, offsets: list[int], lp: dict, state: dict) -> str:
+    """The endpoint's logprob alignment (scoring.echo_alignment) established from this answer;
+    an endpoint where it cannot be, or where it changes between answers, is refused (fatal: every
+    neuron would be scored from entries that may not be the placeholders' own)."""
+    found, ev = scoring.echo_alignment(prompt, offsets, lp)
+    seen = f"top token = the echoed token {ev['own']} times, = the next token {ev['next']} times; levels at the placeholder's entry " \
+           f"{ev['levels_own']} times, at the entry before {ev['levels_next']} times"
+    if found is None:
+        raise EndpointError(f"{ep.base}: cannot establish which echo logprob entry predicts each token ({seen}); sitegen does not score "
+                            "with these logprobs: use a server following OpenAI's convention or llama-cpp-python, or another --model", "alignment")
+    if state.setdefault("alignment", found) != found:
+        raise EndpointError(f"{ep.base}: the echo logprob alignment changed between answers ({state['alignment']}, then {found}: {seen}); "
+                            "sitegen does not score with these logprobs", "alignment")
+    return found
 
 
 def simulate(ep: Endpoint, explanation: str, tokens: list[str], state: dict) -> tuple[list[float | None], str, dict, bool]:
     """(predicted levels, method, raw answer, whether the answer could be read) for one sequence.
     An answer that cannot be read predicts 0 everywhere (scored, as the reference). state["logprobs"]
-    remembers, per run, whether the endpoint gave usable logprobs."""
+    remembers, per run, whether the endpoint gave usable logprobs; state["alignment"] which entry
+    of its echo logprobs predicts each token (scoring.echo_alignment); state["usage"] this
+    answer's (prompt, completion) tokens."""
     prompt, offsets = scoring.simulation_prompt(explanation, tokens)
     if state.get("logprobs", True):
+        resp = None
         try:
             resp = ep.post("/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 10})
-            lp = (resp.get("choices") or [{}])[0].get("logprobs") or {}
-            if lp.get("top_logprobs") and lp.get("text_offset"):
-                # A position whose top logprobs hold no level at all is a prediction of (near) no
-                # activation; it scores as 0 (score_simulation).
-                state["logprobs"] = True
-                pred = scoring.predictions_from_echo(prompt, offsets, lp)
-                return pred, "logprobs", resp, any(p is not None for p in pred)
         except EndpointError as e:
-            # A refused or malformed completions request means no logprobs here. The model was
+            # A refused or unreadable completions request means no logprobs here. The model was
             # accepted by the explanation request already, so a 404 naming it here means this
             # endpoint has no completions for it (OpenAI's chat models), not an unknown model.
             if e.kind not in ("http", "json", "model"):
                 raise
-        state["logprobs"] = False  # no usable logprobs here: the fallback from now on
+        if resp is not None:
+            answer = read_answer(answers.CompletionAnswer, resp, f"{ep.base}/completions")
+            lp = answer.choices[0].logprobs
+            lp_dict = lp.model_dump() if lp is not None and lp.usable else None
+            if lp_dict is not None and scoring.echoes_placeholders(prompt, offsets, lp_dict):
+                # A position whose top logprobs hold no level at all is a prediction of (near) no
+                # activation; it scores as 0 (score_simulation).
+                state["logprobs"] = True
+                state["usage"] = _usage(answer)
+                alignment = _alignment(ep, prompt, offsets, lp_dict, state)
+                pred = scoring.predictions_from_echo(prompt, offsets, lp_dict, alignment)
+                return pred, "logprobs", resp, any(p is not None for p in pred)
+        state["logprobs"] = False  # no usable logprobs here (none, or not for the prompt's tokens): the fallback from now on
     ask = prompt.replace(f"\t{scoring.PLACEHOLDER}\n", "\t?\n")
     resp = ep.post("/chat/completions", {"temperature": 0, "max_tokens": 12 * len(tokens) + 40, "messages": [
         {"role": "user", "content": ask + "\nRewrite the lines of the last excerpt (the one with ?), replacing each ? with the activation "
                                           "(an integer from 0 to 10) you predict. Reply with the lines only."}]})
-    levels, read = scoring.parse_rewrite(_chat_text(resp), tokens)
+    answer = read_answer(answers.ChatAnswer, resp, f"{ep.base}/chat/completions")
+    state["usage"] = _usage(answer)
+    levels, read = scoring.parse_rewrite(_chat_text(answer), tokens)
     return list(levels), "no-logprobs", resp, read
 
 
@@ -450,7 +483,7 @@ def _score_one(ep: Endpoint, explanation: str, scored: list, state: dict, raw: l
     for tokens, acts in scored:
         pred, method, r, read = simulate(ep, explanation, tokens, state)
         raw.append(r)
-        p, c = _usage(r)
+        p, c = state.pop("usage")
         usage[0] += p
         usage[1] += c
         methods.add(method)
@@ -481,15 +514,18 @@ def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int, samples: int = 1)
     for sample in range(samples):
         resp = ep.post("/chat/completions", {"messages": messages, "temperature": 1.0, "max_tokens": 60, "seed": sample})
         raw.append(resp)
-        p, c = _usage(resp)
+        answer = read_answer(answers.ChatAnswer, resp, f"{ep.base}/chat/completions")
+        p, c = _usage(answer)
         usage[0] += p
         usage[1] += c
-        explanation = clean_explanation(_chat_text(resp))
+        explanation = clean_explanation(_chat_text(answer))
         if explanation and explanation not in {x["explanation"] for x in candidates}:
             valid = _score_one(ep, explanation, split["valid"], state, raw, usage) if choose else None
             test = _score_one(ep, explanation, split["test"], state, raw, usage)
             candidates.append({"explanation": explanation, "valid_score": None if valid is None else valid["score"], **test})
     record = {"explanation": None, "score": None, "valid_score": None, "method": None, "prompt_hash": prompt_hash, "error": None,
+              # which echo logprob entry was read as each placeholder's distribution (None: no logprobs used)
+              "logprob_alignment": state.get("alignment") if state.get("logprobs") else None,
               "selected_on": "valid" if choose else None,
               "samples": [{"explanation": x["explanation"], "valid_score": x["valid_score"], "score": x["score"]} for x in candidates]}
     if not candidates:
@@ -703,13 +739,16 @@ class _Finished(Record):
 
 def _finished_record(line: bytes, model: str, n_layers: int, size: int) -> dict | None:
     """A line of .work/explain.jsonl as a finished neuron of `model`, or None: a failed neuron, another
-    explainer's, a line cut by a crash, or one edited into something explain never writes. None
+    explainer's, a line cut by a crash, one scored from echo logprobs with no recorded alignment, or
+    one edited into something explain never writes. None
     means the neuron is asked again, so a damaged log costs requests, never the run."""
     try:
         r = orjson.loads(line)
         f = _Finished.model_validate(r)
     except (orjson.JSONDecodeError, ValidationError):
         return None
+    if "logprobs" in (r.get("method") or "").split("+") and not r.get("logprob_alignment"):
+        return None  # scored from echo logprobs before alignment detection: re-scored
     return r if f.model == model and f.layer < n_layers and f.neuron < size else None
 
 
@@ -743,9 +782,9 @@ def _write_tables(store, done: dict[tuple[int, int], dict], model: str) -> None:
         for n, r in recs.items():
             rows[n] = {"neuron": n, "explanation": r["explanation"], "score": r["score"], "valid_score": r.get("valid_score"),
                        "explainer": model, "source": SOURCE_EXPLAIN,
-                       "method": r.get("method"), "prompt_hash": r.get("prompt_hash"), "usage": orjson.dumps(r.get("usage")).decode(),
+                       "method": r.get("method"), "logprob_alignment": r.get("logprob_alignment"), "prompt_hash": r.get("prompt_hash"), "usage": orjson.dumps(r.get("usage")).decode(),
                        "details": orjson.dumps(r.get("details") or []).decode(), "raw": orjson.dumps(r.get("raw") or []).decode()}
-        schema = pa.schema([*TABLE_SCHEMA, ("valid_score", pa.float64()), ("prompt_hash", pa.string()), ("usage", pa.string()), ("details", pa.string()), ("raw", pa.string())])
+        schema = pa.schema([*TABLE_SCHEMA, ("valid_score", pa.float64()), ("logprob_alignment", pa.string()), ("prompt_hash", pa.string()), ("usage", pa.string()), ("details", pa.string()), ("raw", pa.string())])
         ordered = [rows[n] for n in sorted(rows)]
         store.write_layer(SERVICE, layer, pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in ordered], schema=schema))
     store.add_service(SERVICE)

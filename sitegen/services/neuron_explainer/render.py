@@ -26,6 +26,9 @@ class ExplainerLayer:
             out["valid_score"] = None if r.get("valid_score") is None else round(r["valid_score"], 4)  # the choice's, with --samples
             out["usage"] = orjson.loads(r["usage"])
             out["prompt_hash"] = r.get("prompt_hash")
+            # which echo logprob entry was read as each placeholder's distribution ("own" or "next");
+            # None with logprobs: scored without alignment detection, to be re-scored (needs_rescoring)
+            out["logprob_alignment"] = r.get("logprob_alignment")
         return out
 
     def page(self, n: int) -> dict:

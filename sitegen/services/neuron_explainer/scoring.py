@@ -125,20 +125,96 @@ def _offsets_in_bytes(prompt: str, logprobs: Mapping) -> bool:
     return as_bytes > as_chars
 
 
-def predictions_from_echo(prompt: str, offsets: Sequence[int], logprobs: Mapping) -> list[float | None]:
-    """Per placeholder: the expected level under the top logprobs of the echoed token that starts
-    at its character offset (an OpenAI completions `logprobs` object: tokens, text_offset,
-    top_logprobs). Servers that count text_offset in UTF-8 bytes are recognised and the
-    placeholders' offsets converted; a placeholder no echoed token starts at gets None (0)."""
+ALIGN_OWN = "own"  # entry i is the distribution over token i given the tokens before it (OpenAI's convention)
+ALIGN_NEXT = "next"  # entry i is the distribution over token i + 1 (llama-cpp-python without a BOS token, abetlen/llama-cpp-python#1983)
+ALIGNMENTS = (ALIGN_OWN, ALIGN_NEXT)
+ALIGN_MIN_TOKENS = 8  # echoed tokens that must agree before the token evidence decides
+ALIGN_MIN_PLACEHOLDERS = 2  # placeholders that must agree before the level evidence decides
+ALIGN_RATIO = 3  # the winning reading must agree at least this many times as often as the other
+
+
+def _placeholder_tokens(prompt: str, offsets: Sequence[int], logprobs: Mapping) -> list[int | None]:
+    """Per placeholder, the index of the echoed token starting at its offset (None: no token does,
+    e.g. a tokenizer that merged it with the tab before it)."""
     if _offsets_in_bytes(prompt, logprobs):
         offsets = [len(prompt[:off].encode("utf-8")) for off in offsets]
+    # the last token at an offset: an empty piece of a split character may share it with the next
     index = {off: i for i, off in enumerate(logprobs.get("text_offset") or [])}
+    return [index.get(off) for off in offsets]
+
+
+def echoes_placeholders(prompt: str, offsets: Sequence[int], logprobs: Mapping) -> bool:
+    """Whether the answer echoes the prompt's tokens at all: an echoed token starts at some
+    placeholder (a server giving logprobs for the generated token only, as llama.cpp's own
+    llama-server, does not)."""
+    return any(i is not None for i in _placeholder_tokens(prompt, offsets, logprobs))
+
+
+def _decisive(a: int, b: int, least: int) -> bool:
+    return a >= least and a >= ALIGN_RATIO * b
+
+
+def echo_alignment(prompt: str, offsets: Sequence[int], logprobs: Mapping) -> tuple[str | None, dict]:
+    """Which entry of an echo + logprobs answer holds the distribution that predicts each echoed
+    token, read from the answer itself: (ALIGN_OWN, ALIGN_NEXT or None when it cannot be
+    established, the evidence counted).
+
+    Two independent signs. Tokens: how often the most likely token of entry i is token i (the
+    entry predicts its own token) versus token i + 1 (it predicts the next one); the prompt is
+    regular enough that any language model predicts many of its tokens. Levels: how often the
+    entry of the placeholder token holds a level "0".."10" versus the entry before it. The token
+    sign decides when it is clear; the level sign decides when the tokens are unclear; when the
+    two point different ways, or neither is clear, nothing is established."""
+    tokens = list(logprobs.get("tokens") or [])
+    tops = list(logprobs.get("top_logprobs") or [])
+    own = nxt = 0
+    for i, top in enumerate(tops[:len(tokens)]):
+        if not top or len(top) < 2:
+            continue  # nothing but the echoed token itself (which both conventions add): no sign
+        best = max(top.items(), key=lambda kv: kv[1])[0]
+        own += best == tokens[i]
+        nxt += i + 1 < len(tokens) and best == tokens[i + 1]
+    levels_own = levels_next = 0
+    for i in _placeholder_tokens(prompt, offsets, logprobs):
+        if i is None:
+            continue
+        levels_own += i < len(tops) and _has_level(tops[i])
+        levels_next += 0 < i <= len(tops) and _has_level(tops[i - 1])
+    evidence = {"own": own, "next": nxt, "levels_own": levels_own, "levels_next": levels_next}
+    by_tokens = ALIGN_OWN if _decisive(own, nxt, ALIGN_MIN_TOKENS) else ALIGN_NEXT if _decisive(nxt, own, ALIGN_MIN_TOKENS) else None
+    by_levels = (ALIGN_OWN if _decisive(levels_own, levels_next, ALIGN_MIN_PLACEHOLDERS)
+                 else ALIGN_NEXT if _decisive(levels_next, levels_own, ALIGN_MIN_PLACEHOLDERS) else None)
+    if by_tokens and by_levels and by_tokens != by_levels:
+        return None, evidence
+    return by_tokens or by_levels, evidence
+
+
+def _has_level(top: Mapping[str, float] | None) -> bool:
+    return bool(top) and any(token in LEVELS for token in top)
+
+
+def placeholder_distributions(prompt: str, offsets: Sequence[int], logprobs: Mapping, alignment: str = ALIGN_OWN) -> list[Mapping[str, float] | None]:
+    """Per placeholder, the top logprobs of the distribution that predicts the placeholder token
+    itself: the entry of the echoed token starting at its offset under OpenAI's convention, the
+    entry before it where each entry predicts the next token. None where no echoed token starts at
+    the placeholder or the entry is missing."""
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"unknown logprob alignment {alignment!r}")
+    shift = 1 if alignment == ALIGN_NEXT else 0
     tops = logprobs.get("top_logprobs") or []
-    out: list[float | None] = []
-    for off in offsets:
-        i = index.get(off)
-        out.append(expected_value(tops[i]) if i is not None and i < len(tops) and tops[i] else None)
+    out: list[Mapping[str, float] | None] = []
+    for i in _placeholder_tokens(prompt, offsets, logprobs):
+        j = None if i is None else i - shift
+        out.append(tops[j] if j is not None and 0 <= j < len(tops) and tops[j] else None)
     return out
+
+
+def predictions_from_echo(prompt: str, offsets: Sequence[int], logprobs: Mapping, alignment: str = ALIGN_OWN) -> list[float | None]:
+    """Per placeholder: the expected level under its own distribution's top logprobs (an OpenAI
+    completions `logprobs` object: tokens, text_offset, top_logprobs; `alignment` from
+    echo_alignment). Servers that count text_offset in UTF-8 bytes are recognised and the
+    placeholders' offsets converted; a placeholder no echoed token starts at gets None (0)."""
+    return [None if top is None else expected_value(top) for top in placeholder_distributions(prompt, offsets, logprobs, alignment)]
 
 
 def score_simulation(simulated: Sequence[Sequence[float | None]], true: Sequence[Sequence[float]]) -> float | None:

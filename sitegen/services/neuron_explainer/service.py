@@ -13,6 +13,18 @@ _EXPLAINER = {
 }
 
 
+def uses_logprobs(row: dict) -> bool:
+    """Whether `sitegen explain` scored the explanation from echo logprobs (method "logprobs",
+    alone or with the fallback)."""
+    return row.get("source") == "sitegen explain" and "logprobs" in (row.get("method") or "").split("+")
+
+
+def needs_rescoring(row: dict) -> bool:
+    """A score read from echo logprobs with no recorded alignment (which entry predicts each
+    token): made before alignment detection, possibly from the wrong entry."""
+    return uses_logprobs(row) and not row.get("logprob_alignment")
+
+
 def explanations(site) -> dict[int, str]:
     """Global neuron id -> explanation (search indexes and result previews read it), cached per model."""
     def read() -> dict[int, str]:
@@ -44,7 +56,30 @@ class NeuronExplainer(Service):
         # `sitegen explain` asks one model to write and to simulate; imported ones say whose they are.
         simulator = ex.get("explainer") if ex.get("source") == "sitegen explain" else None
         return {"explainer": ex.get("explainer"), "simulator": simulator, "source": ex.get("source"),
-                "method": ex.get("method"), "prompt_hash": ex.get("prompt_hash")}
+                "method": ex.get("method"), "prompt_hash": ex.get("prompt_hash"),
+                "logprobs": uses_logprobs(ex), "logprob_alignment": ex.get("logprob_alignment"), "needs_rescoring": needs_rescoring(ex)}
+
+    def build_notes(self, store) -> list[str]:
+        """One line when explanations scored from echo logprobs carry no logprob alignment: the
+        entry read at each placeholder may have been the next token's (llama-cpp-python), so the
+        score may measure nothing; rerunning `sitegen explain` on them re-scores them."""
+        import pyarrow.parquet as pq
+
+        stale = []
+        for layer in range(int(store.manifest["model"]["num_layers"])):
+            path = store.layer_path(self.name, layer)
+            if not path.exists():
+                continue
+            names = pq.read_schema(path).names
+            columns = [c for c in ("neuron", "source", "method", "logprob_alignment") if c in names]
+            t = store.read_layer(self.name, layer, columns=columns).to_pylist()
+            stale += [f"{layer}:{r['neuron']}" for r in t if needs_rescoring(r)]
+        if not stale:
+            return []
+        shown = ",".join(stale[:5]) + (f",... ({len(stale)} in all)" if len(stale) > 5 else "")
+        return [f"{store.root}: {len(stale)} explanation score{'s' if len(stale) != 1 else ''} ({shown}) were read from echo logprobs with no "
+                f"recorded logprob alignment and may measure nothing; re-score: sitegen explain {store.root} --neurons {','.join(stale)} "
+                "--endpoint URL --model NAME"]
 
     def cli_commands(self):
         from sitegen.services.neuron_explainer.cli import explain, import_explanations_cmd
