@@ -40,7 +40,7 @@ def _round(lp: dict) -> dict:
 
 def from_server(prompt: str) -> dict:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(HERE.parent / "llama_server.py"), "--model", str(default_gguf_path()), "--host", "127.0.0.1", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf_path()), "--host", "127.0.0.1", "--port", str(port),
                              "--n_ctx", "2048", "--logits_all", "true", "--model_alias", "smollm2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -65,9 +65,6 @@ def from_server(prompt: str) -> dict:
 def openai_convention(prompt: str) -> dict:
     from llama_cpp import Llama
 
-    from tests.llama_server import plain_cpu_kernels
-
-    plain_cpu_kernels()  # as the server (see tests/llama_server.py)
     llm = Llama(model_path=str(default_gguf_path()), n_ctx=2048, logits_all=True, verbose=False)
     ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
     llm.eval(ids)
