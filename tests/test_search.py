@@ -498,7 +498,7 @@ def test_search_folders_stay_under_netlifys_limit_for_a_large_vocabulary():
     n = layers * size
     activating = [np.array(sorted({(g * 20 + j) % vocab for j in range(20)}), dtype=np.int64) for g in range(n)]
     ts = TokenStore([f"tok{i}" for i in range(vocab)], size, activating, [np.zeros(0, np.int64)] * n, [SOURCE_TOP] * n, [None] * n, [1.0] * n)
-    assert 2 * len(ts.search_postings()) > NETLIFY_DIR_LIMIT  # any: and activating: files per token, in the old layout
+    assert 2 * len(ts.search_postings()) > NETLIFY_DIR_LIMIT  # what one file per term (any: and activating:) would need
     pub = _CountingPublisher()
     cached = {"neuron2graph.token_store": ts, "neuron_explainer.explanations": {}}  # what SiteModel.cached would hold
     search.publish_search(pub, SimpleNamespace(name="wide-vocab", layer_size=size, num_layers=layers, cached=lambda key, make: cached[key],
