@@ -11,7 +11,7 @@ folder: neuron pages per second (HTML + JSON files, wall clock, and per CPU seco
 which a machine shared with other jobs disturbs less), the speed-up over the first, the peak memory
 of the biggest build process (target <= 4 GB), files and bytes in all and per neuron, the largest
 folder against Netlify's 54,000 files; then bytes per neuron on disk, raw and gzipped, for the page, the service JSON files and the `all` aggregate, and what an
-fsync per file would cost (the reason the build does not do it; README, 'A killed build').
+fsync per file would cost (the reason the build does not do it; docs/guide.md, 'A killed build').
 `--out` builds there instead (e.g. /dev/shm, to leave the disk out of the figure).
 """
 
@@ -148,7 +148,7 @@ def sizes(out: Path, layers: int, neurons: int, total: int, work: Path) -> None:
     print(f"  whole site on disk: {int(du) / 1024:.0f} MB ({int(du) / total:.1f} KB per neuron, 4 KiB blocks included)")
     count = sum(len(f) for _, _, f in os.walk(out))
     plain, synced = fsync_cost(work)
-    print(f"  fsync per file (not done by the build, see README): {synced * 1e3:.2f} ms a file against {plain * 1e3:.2f} ms for "
+    print(f"  fsync per file (not done by the build, see docs/guide.md): {synced * 1e3:.2f} ms a file against {plain * 1e3:.2f} ms for "
           f"write + rename ({synced / plain:.0f}x); for this site's {count:,} files: +{count * (synced - plain):.0f} s")
 
 

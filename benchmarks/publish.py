@@ -8,7 +8,7 @@ Four phases, each in a new Publisher as a build would make them: a fresh build i
 rebuild with other bytes (each written to a temporary name and renamed), and a build that writes
 none of them (each deleted as stale, its empty folder pruned). It times whatever sitegen is first on
 the import path, so the same command with PYTHONPATH set to another checkout compares two versions
-of the publisher (README, Benchmarks: the containment checks).
+of the publisher (benchmarks/README.md, Build).
 """
 
 from __future__ import annotations

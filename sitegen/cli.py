@@ -149,7 +149,7 @@ def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_si
 @click.option("--rtol", type=float, default=1e-4, show_default=True,
               help="Tolerance, as a fraction of each neuron's largest |activation|, for stored activations, top/bottom-k maxima and order, and "
                    "mean/std/min/max. Measured on CPU: activations reproduced bit for bit across batch sizes and thread counts, statistics "
-                   "within 1e-5 (README, 'Verify a store').")
+                   "within 1e-5 (docs/methods.md, 'Why 1e-4').")
 @click.option("--full/--sampled", default=None,
               help="Rerun every stored sequence (needed for the statistics check), or only the sampled neurons' sequences "
                    "[default: every stored sequence when the store holds at most 50,000 stored tokens].")

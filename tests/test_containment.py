@@ -1,6 +1,6 @@
 """A build touches nothing outside --out: the build record and journal are input (a restored cache,
 a shared folder) and a path they list outside the folder is refused; no write or delete goes
-through a symbolic link planted inside the folder (README, Build: 'What --out accepts')."""
+through a symbolic link planted inside the folder (docs/guide.md: 'What --out accepts')."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from sitegen.site.build import build_site
 from tests.reference import write_synthetic_store
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORD, JOURNAL = ".sitegen-build.json", ".sitegen-build.journal"  # README names them
+RECORD, JOURNAL = ".sitegen-build.json", ".sitegen-build.journal"  # docs/guide.md names them
 
 
 def _tree(root: Path) -> dict[str, str]:

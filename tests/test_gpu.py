@@ -1,8 +1,8 @@
 """`sitegen compute` on a CUDA GPU: the store equals the CPU one (within float noise: other
 kernels), `sitegen verify` on the CPU accepts it, and the per-neuron stage runs there too.
 
-These need a CUDA GPU, which CI machines do not have: they run on a machine with one (README,
-"Compute on a GPU", says how they were run and what they found). Everything they exercise
+These need a CUDA GPU, which CI machines do not have: they run on a machine with one (docs/guide.md,
+"Compute on a GPU"; the figures are in benchmarks/README.md). Everything they exercise
 besides the device (the same code paths on CPU) is tested in test_compute.py and test_verify.py."""
 
 from __future__ import annotations

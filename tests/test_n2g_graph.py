@@ -213,7 +213,7 @@ def test_graph_matches_the_reference_neuron_model_on_random_graphs():
 def test_deepdeciphers_fork_files_other_tokens_and_the_readme_says_so():
     """The fork port (no normalisation, important sets at every position) gives other token sets
     than the script sitegen follows on most random graphs with a case-varied vocabulary, and the
-    README states both differences."""
+    docs/methods.md states both differences."""
     from pathlib import Path
 
     import numpy as np
@@ -247,7 +247,7 @@ def test_deepdeciphers_fork_files_other_tokens_and_the_readme_says_so():
         for what in differs:
             differs[what] += trie.token_sets() != models[what].token_sets()
     assert same < graphs // 2 and min(differs.values()) > graphs // 10, (same, differs)
-    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    readme = " ".join((Path(__file__).parents[1] / "docs" / "methods.md").read_text().split())
     assert "Foote et al.'s script, not DeepDecipher's fork" in readme
     assert "does **not normalise tokens**" in readme and "**important sets at every position**" in readme
 

@@ -177,7 +177,7 @@ def differences(ours: dict, netlify: dict) -> dict:
     return {k: (ours.get(k), netlify.get(k)) for k in sorted(keys) if ours.get(k) != netlify.get(k)}
 
 
-# ---- the differences kept (README, "URL rules", lists them with the same reasons) ------------
+# ---- the differences kept (docs/reference.md lists them with the same reasons) ------------
 
 NO_SUCH_SEARCH_URL = b'{"error":"no such search URL: ask /api/<model>/neuron2graph-search?query=any:the (the models are listed at /api)"}'
 
@@ -222,7 +222,7 @@ def test_serve_answers_as_netlify_dev(served_site, netlify_dev, target):
     ours, netlify = answer(served_site, target), answer(netlify_dev, target)
     diff = differences(ours, netlify)
     if target in KEPT:
-        assert diff, f"{target}: both servers now agree; drop it from KEPT (and from README's list)"
+        assert diff, f"{target}: both servers now agree; drop it from KEPT (and from docs/reference.md's list)"
         assert KEPT[target](ours, netlify), f"{target}: not the kept difference ({KEPT[target].__doc__.split('.')[0]}): {diff}"
     else:
         assert not diff, f"{target}: (sitegen serve, netlify dev) differ: {diff}"

@@ -272,14 +272,14 @@ def test_similar_neurons_are_in_the_neuron_json_and_page(wide_site):
 
 
 def test_the_api_names_the_similarity_measure_and_the_docs_state_deepdeciphers_own(wide_site):
-    """`similar` records its measure in the payload and the OpenAPI schema; the README says how
+    """`similar` records its measure in the payload and the OpenAPI schema; docs/methods.md says how
     DeepDecipher's server differs (denominator of the later neuron, every neighbour >= 0.4, the
     earlier larger-size denominator) rather than claiming to be exactly DeepDecipher's."""
     _, site = wide_site
     schema = json.loads((site / "api/openapi.json").read_text())["components"]["schemas"]["Neuron2Graph"]["properties"]["similar"]
     measure = schema["items"]["properties"]["measure"]
     assert "measure" in schema["items"]["required"] and MEASURE_GRAPHS in measure["enum"] and "|A_j| + |I_j|" in measure["description"]
-    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    readme = " ".join((Path(__file__).parents[1] / "docs" / "methods.md").read_text().split())
     for fact in ("`|A_j| + |I_j|`, j the later neuron", "keeps every neighbour >= 0.4 instead of the top 10",
                  "divided by the larger of the two neurons' token counts", '`"measure": "deepdecipher-intended"`'):
         assert fact in readme, fact
@@ -498,7 +498,7 @@ def test_search_folders_stay_under_netlifys_limit_for_a_large_vocabulary():
     n = layers * size
     activating = [np.array(sorted({(g * 20 + j) % vocab for j in range(20)}), dtype=np.int64) for g in range(n)]
     ts = TokenStore([f"tok{i}" for i in range(vocab)], size, activating, [np.zeros(0, np.int64)] * n, [SOURCE_TOP] * n, [None] * n, [1.0] * n)
-    assert 2 * len(ts.search_postings()) > NETLIFY_DIR_LIMIT  # any: and activating: files per token, in the old layout
+    assert 2 * len(ts.search_postings()) > NETLIFY_DIR_LIMIT  # what one file per term (any: and activating:) would need
     pub = _CountingPublisher()
     cached = {"neuron2graph.token_store": ts, "neuron_explainer.explanations": {}}  # what SiteModel.cached would hold
     search.publish_search(pub, SimpleNamespace(name="wide-vocab", layer_size=size, num_layers=layers, cached=lambda key, make: cached[key],

@@ -97,9 +97,9 @@ def _set(path: str, value):
 _DELETE = object()
 # (edit, the field the message must name)
 MANIFEST_EDITS = [
-    (_set("model.layer_size", 3), "model.layer_size"),   # used to drop a neuron per layer silently
+    (_set("model.layer_size", 3), "model.layer_size"),   # would drop a neuron per layer silently
     (_set("model.layer_size", 5), "model.layer_size"),   # used to raise IndexError
-    (_set("model.num_layers", 1), "model.num_layers"),   # used to drop a layer silently
+    (_set("model.num_layers", 1), "model.num_layers"),   # would drop a layer silently
     (_set("model.num_layers", 3), "model.num_layers"),
     (_set("model.num_layers", "2"), "model.num_layers"),
     (_set("model.num_layers", True), "model.num_layers"),

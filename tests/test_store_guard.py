@@ -246,7 +246,7 @@ def test_merge_refuses_shards_of_other_weights(tmp_path):
 # -- item 8: words lunr's stemmer cannot take -------------------------------------------------------
 
 LONG_RUN = "y" * 1500 + "ing"  # lunr's Porter stemmer recurses once per 'y': a RecursionError at the default limit
-MAX_WORD_LENGTH = 64  # the README's rule: longer words are left out of the index and of a query
+MAX_WORD_LENGTH = 64  # docs/reference.md's rule: longer words are left out of the index and of a query
 
 
 def _explained(root: Path, text: str):

@@ -22,7 +22,7 @@ Fault tolerance: Ray retries a task whose worker died (max_retries); run_compute
 that shard's last checkpoint. A rerun of the whole command reuses the recorded shard count, skips
 finished shards and resumes the others. Only the driver writes OUT's own files.
 
-Generic per-layer work (services' stages today, `sitegen verify`-style checks next) goes through map_layers():
+Generic per-layer work (the services' stages) goes through map_layers():
 a function of (layer, payload) run as one task per layer with the cluster's per-task resources,
 its results handed back to the driver, which alone writes the merged store.
 """
@@ -452,7 +452,7 @@ def _check_shared(plan_path: str, token: str) -> None:
         seen = None
     if seen != token:
         raise StoreError(f"ray node {socket.gethostname()} cannot see {plan_path}: --out must be a folder every Ray node sees at "
-                         "the same path (a shared filesystem such as NFS); see README 'Compute on a Ray cluster'")
+                         "the same path (a shared filesystem such as NFS); see docs/guide.md, 'Compute on a Ray cluster'")
 
 
 def _check_task(cfg: ComputeConfig, cwd: str) -> list[str]:

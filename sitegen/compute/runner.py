@@ -40,7 +40,7 @@ from sitegen.services import registry
 from sitegen.services.base import Batch, CorpusRun, Service
 from sitegen.store.manifest import new_manifest
 
-DEFAULT_SEQ_LEN = 32  # see README: "Why 32-token sequences"
+DEFAULT_SEQ_LEN = 32  # see docs/methods.md: "Why 32-token sequences"
 MAX_SEQ_LEN = 128
 
 

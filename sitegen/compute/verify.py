@@ -30,8 +30,8 @@ from sitegen.services import registry
 from sitegen.services.base import Verification, Verifier, VerifyRun
 from sitegen.store import Store
 
-# Measured on 2 CPU cores (README, "Verify a store"): rerunning in other batches (sizes 1, 3, 5, 7 against
-# compute's 4 and 32) and thread counts (1 against 2) reproduced every stored activation bit for bit,
+# On a CPU (docs/methods.md, "Why 1e-4"): rerunning in other batches (sizes 1, 3, 5, 7 against
+# compute's 4 and 32) and thread counts (1 against 2) reproduces every stored activation bit for bit,
 # on the tiny test model and on SmolLM2-135M; the float64 statistics differ from the stored
 # fixed-point ones by at most 8.2e-6 of a neuron's range. 1e-4 leaves room for other CPUs and
 # kernels (not measured) and still catches a 0.1% change of a neuron's peak.

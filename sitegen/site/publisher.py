@@ -21,16 +21,16 @@ unchanged files left alone (so a rebuild touches only what changed and keeps mti
   what lies in the folder before the build; another process changing it during the build (the
   flock is advisory) is not guarded against.
 
-Crash consistency without fsync per file (measured ~20x the cost of the write itself here, see
-README): a file that replaces one is written to a hidden unique temporary name and renamed into
-place, so a reader never sees half of it and a `kill -9` leaves it either old or new, whole. A file
-in a folder this build created has no old version to keep, so it is written in place (O_EXCL; the
-rename cost ~8% of a fresh build's time on tmpfs): a kill can leave it short, and only there. The
-journal survives such a kill (it is the kernel's after each write), so the rerun knows the folder
-is its own, removes the hidden temporaries, and, since every build compares each file's bytes with
-what it wants, rewrites exactly what the killed build had not finished, short files included: the
-result is byte-identical to a clean build. The site is derived data, so after a power loss a rerun
-repairs it the same way.
+Crash consistency without fsync per file (about 10x the cost of the write and rename: `python
+benchmarks/build.py`, benchmarks/README.md): a file that replaces one is written to a hidden unique
+temporary name and renamed into place, so a reader never sees half of it and a `kill -9` leaves it
+either old or new, whole. A file in a folder this build created has no old version to keep, so it is
+written in place (O_EXCL; the rename cost ~8% of a fresh build's time on tmpfs): a kill can leave it
+short, and only there. The journal survives such a kill (it is the kernel's after each write), so
+the rerun knows the folder is its own, removes the hidden temporaries, and, since every build
+compares each file's bytes with what it wants, rewrites exactly what the killed build had not
+finished, short files included: the result is byte-identical to a clean build. The site is derived
+data, so after a power loss a rerun repairs it the same way.
 """
 
 from __future__ import annotations

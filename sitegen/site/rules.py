@@ -20,7 +20,7 @@ Netlify's documented semantics, so `sitegen serve` and the CDN answer alike:
 - Paths reach the rules as Netlify's CDN passes them: "." and ".." segments (also written %2e)
   removed (`remove_dot_segments`), then percent-decoded.
 
-Two guards (README, "Checked against Netlify's own server", lists the differences kept):
+Two guards (docs/reference.md, "Differences from Netlify's own server", lists the differences kept):
 - Placeholders named in INTEGER_PLACEHOLDERS (:layer, :neuron) stand for whole numbers. A
   redirect whose value is not one answers 400 (Netlify redirects to a page that answers 404); a
   rewrite answers the 404 page (no such file can exist, which is what Netlify answers too).

@@ -3,7 +3,7 @@
 `validate_store` runs whenever a store is opened (Store.open). A hand-edited or damaged store
 then fails there with one line naming the file and the field at fault and what to do, instead
 of a KeyError or IndexError deep inside build, merge or explain, or, worse, a silently smaller
-site (a smaller `layer_size` used to drop neurons without a word).
+site (a smaller `layer_size` would drop neurons without a word).
 
 What is checked:
 - manifest.json against the typed schema below (pydantic, strict: `"4"` is not a number). Only

@@ -36,7 +36,7 @@ _NEURON2GRAPH = {
                    "properties": {"activating": {"type": "array", "items": {"type": "string"}}, "important": {"type": "array", "items": {"type": "string"}},
                                   "source": {"enum": ["graph", "top-sequences"]}}},
         # each figure null where undefined (f1 null: the held-out texts never fire, not evaluated)
-        # why the neuron's top texts say little about the text, if they do (README: Neuron2Graph)
+        # why the neuron's top texts say little about the text, if they do (docs/methods.md: artefact neurons)
         "artefact": {"enum": [None, "first-position", "whitespace"]},
         "evaluation": {"oneOf": [{"type": "null"}, {"type": "object", "required": ["precision", "recall", "f1", "variance_explained"],
                                                     "properties": {k: {"type": ["number", "null"]} for k in ("precision", "recall", "f1", "variance_explained")}}]},
@@ -132,7 +132,7 @@ class Neuron2Graph(Service):
 
         return [click.Option(["--n2g"], default="0", show_default=True,
                              help="Neuron2Graph graphs to compute: 'all', 'layers:0,5', N (the N most active neurons per layer, "
-                                  "artefact neurons last: see README) or N@0,5 (in those layers). Rerun on a finished store to add graphs.")]
+                                  "artefact neurons last: see docs/methods.md) or N@0,5 (in those layers). Rerun on a finished store to add graphs.")]
 
     def check_compute_config(self, cfg):
         n2g = str(cfg.options.get("n2g", "0"))
