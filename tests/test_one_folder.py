@@ -1,0 +1,60 @@
+"""A built-in service is one folder: its code and its template partials live in
+sitegen/services/<name>/, it is listed once (sitegen.services.BUILTIN, which pyproject's entry
+points and the import-linter contracts must agree with), and a theme still overrides any of its
+partials by name."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from sitegen.resources import default_theme
+from sitegen.services import BUILTIN, GROUP, by_name
+from sitegen.site.build import _environment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_pyproject_entry_points_declare_exactly_the_built_ins():
+    assert _pyproject()["project"]["entry-points"][GROUP] == BUILTIN
+
+
+def test_the_import_contracts_name_exactly_the_built_ins():
+    contracts = {c["name"]: c for c in _pyproject()["tool"]["importlinter"]["contracts"]}
+    independent = next(c for c in contracts.values() if c.get("containers") == ["sitegen.services"])
+    assert set(independent["layers"][0].split(" | ")) == set(BUILTIN)
+    forbidden = [c for c in contracts.values() if c["type"] == "forbidden" and any(m.startswith("sitegen.services.") for m in c["forbidden_modules"])]
+    assert forbidden, "no contract keeps the build and the runners from importing a service's own modules"
+    for c in forbidden:
+        assert set(c["forbidden_modules"]) == {f"sitegen.services.{name}" for name in BUILTIN}, c["name"]
+
+
+def test_a_built_in_service_is_one_folder_with_its_partials():
+    assert not (default_theme() / "templates" / "services").exists()  # no partial of a service in the theme
+    assert not (default_theme() / "templates" / "provenance").exists()
+    env = _environment({}, [default_theme()])
+    for name, service in by_name().items():
+        if name not in BUILTIN:
+            continue
+        folder = ROOT / "sitegen" / "services" / name
+        assert BUILTIN[name].startswith(f"sitegen.services.{name}.")
+        assert service.template_dir() == folder / "templates"
+        assert Path(env.get_template(service.template).filename) == folder / "templates" / "services" / f"{name}.html"
+        if (folder / "templates" / service.provenance_template).exists():
+            assert Path(env.get_template(service.provenance_template).filename).is_relative_to(folder)
+
+
+def test_a_theme_overrides_a_built_in_partial_by_name(tmp_path):
+    theme = tmp_path / "mytheme"
+    for rel in ("services/neuroscope.html", "provenance/neuron2graph.html"):
+        (theme / "templates" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (theme / "templates" / rel).write_text(f"<p>{rel} by my theme</p>\n")
+    env = _environment({}, [theme, default_theme()])
+    assert env.get_template("services/neuroscope.html").render() == "<p>services/neuroscope.html by my theme</p>"
+    assert env.get_template("provenance/neuron2graph.html").render() == "<p>provenance/neuron2graph.html by my theme</p>"
+    # the partials the theme lacks still come from their service's folder
+    assert Path(env.get_template("services/logits.html").filename) == ROOT / "sitegen/services/logits/templates/services/logits.html"
