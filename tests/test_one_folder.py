@@ -8,6 +8,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from sitegen.resources import default_theme
 from sitegen.services import BUILTIN, GROUP, by_name
 from sitegen.site.build import _environment
@@ -58,3 +60,31 @@ def test_a_theme_overrides_a_built_in_partial_by_name(tmp_path):
     assert env.get_template("provenance/neuron2graph.html").render() == "<p>provenance/neuron2graph.html by my theme</p>"
     # the partials the theme lacks still come from their service's folder
     assert Path(env.get_template("services/logits.html").filename) == ROOT / "sitegen/services/logits/templates/services/logits.html"
+
+
+def test_no_service_and_no_runner_reaches_into_the_model_bridge():
+    """Services read the model through LoadedModel's methods only (run_mlp_activations,
+    input_embeddings, unembed, mlp_weights, ...), never transformer-lens's bridge."""
+    files = [*(ROOT / "sitegen" / "services").rglob("*.py"), *(ROOT / "sitegen" / "compute" / f for f in ("runner.py", "verify.py", "distributed.py"))]
+    for path in files:
+        assert "bridge" not in path.read_text(), f"{path.relative_to(ROOT)} reaches into the model's bridge"
+
+
+@pytest.mark.model
+def test_loaded_model_hands_out_the_weights_services_read(tiny_model_dir):
+    torch = pytest.importorskip("torch")
+    from sitegen.compute.models import load_model
+
+    model = load_model(str(tiny_model_dir), device="cpu")
+    hf = model.bridge.original_model
+    assert model.d_vocab == hf.config.vocab_size and model.gated_mlp and model.act_fn == "silu"
+    assert model.normalization.startswith("RMS") and model.norm_eps == hf.config.rms_norm_eps
+    assert torch.equal(model.input_embeddings(), hf.model.embed_tokens.weight)
+    assert torch.equal(model.unembed(), hf.lm_head.weight.T)
+    assert torch.equal(model.final_norm()[0], hf.model.norm.weight) and model.final_norm()[1] is None
+    for layer in range(model.n_layers):
+        mlp, block = model.mlp_weights(layer), hf.model.layers[layer]
+        assert torch.equal(mlp.W_in, block.mlp.up_proj.weight.T) and torch.equal(mlp.W_gate, block.mlp.gate_proj.weight.T)
+        assert torch.equal(mlp.W_out, block.mlp.down_proj.weight.T)
+        assert mlp.b_in is None or not mlp.b_in.any()  # Llama's MLP has no bias
+        assert torch.equal(mlp.norm[0], block.post_attention_layernorm.weight)

@@ -489,7 +489,7 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
                     bar.update(1)
             written.append(svc)
     out.write_sequences(_sequences_table([s for s in mine if s.seq_id in referenced]))
-    out.write_vocab(display_tokens(tokenizer, int(model.bridge.cfg.d_vocab)))
+    out.write_vocab(display_tokens(tokenizer, model.d_vocab))
     from sitegen.compute.models import weights_fingerprint
 
     out.write_manifest(new_manifest(
