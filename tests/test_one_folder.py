@@ -88,3 +88,19 @@ def test_loaded_model_hands_out_the_weights_services_read(tiny_model_dir):
         assert torch.equal(mlp.W_out, block.mlp.down_proj.weight.T)
         assert mlp.b_in is None or not mlp.b_in.any()  # Llama's MLP has no bias
         assert torch.equal(mlp.norm[0], block.post_attention_layernorm.weight)
+
+
+def test_the_runner_seams_are_parameters_not_patches_or_config_fields():
+    """Tests inject failures through run_compute's progress/on_checkpoint parameters: no test knob
+    in a production config, and distributed.py swaps nothing in the runner module at run time."""
+    import dataclasses
+    import re
+
+    from sitegen.compute.runner import ComputeConfig
+
+    assert not {"max_batches", "die_after_checkpoint"} & {f.name for f in dataclasses.fields(ComputeConfig)}
+    for path in (ROOT / "sitegen").rglob("*.py"):
+        text = path.read_text()
+        for knob in ("max_batches", "die_after_checkpoint", "test-died"):
+            assert knob not in text, f"{path.relative_to(ROOT)} holds the test knob {knob}"
+    assert not re.search(r"runner\.\w+\s*=", (ROOT / "sitegen/compute/distributed.py").read_text())
