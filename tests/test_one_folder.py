@@ -104,3 +104,28 @@ def test_the_runner_seams_are_parameters_not_patches_or_config_fields():
         for knob in ("max_batches", "die_after_checkpoint", "test-died"):
             assert knob not in text, f"{path.relative_to(ROOT)} holds the test knob {knob}"
     assert not re.search(r"runner\.\w+\s*=", (ROOT / "sitegen/compute/distributed.py").read_text())
+
+
+@pytest.mark.parametrize("column", ["hist_edges", "sumsq_lo", "top_acts"])
+def test_a_store_lacking_a_column_of_the_declared_schema_is_one_line(tmp_path, column):
+    """neuroscope's table has one declared schema (TABLE_SCHEMA); Store.open checks every column of
+    it, so `sitegen build` on a store without one says so in one line (no Arrow error)."""
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from sitegen.cli import main
+    from sitegen.errors import StoreError
+    from sitegen.services.neuroscope.data import TABLE_SCHEMA
+    from sitegen.store import Store
+    from tests.reference import write_synthetic_store
+
+    store = write_synthetic_store(tmp_path / "store")
+    path = store.layer_path("neuroscope", 1)
+    table = pq.read_table(path)
+    assert table.schema.names == TABLE_SCHEMA.names  # what the synthetic writer writes is the declared table
+    pq.write_table(table.drop_columns([column]), path)
+    with pytest.raises(StoreError, match=rf"neuroscope/layer=1/data.parquet: damaged table, column\(s\) {column} missing"):
+        Store.open(store.root)
+    result = CliRunner().invoke(main, ["build", str(store.root), "--out", str(tmp_path / "site")])
+    assert result.exit_code != 0 and "Traceback" not in result.output and "FieldRef" not in result.output
+    assert f"column(s) {column} missing" in result.output and len(result.output.strip().splitlines()) == 1, result.output
