@@ -129,3 +129,30 @@ def test_a_store_lacking_a_column_of_the_declared_schema_is_one_line(tmp_path, c
     result = CliRunner().invoke(main, ["build", str(store.root), "--out", str(tmp_path / "site")])
     assert result.exit_code != 0 and "Traceback" not in result.output and "FieldRef" not in result.output
     assert f"column(s) {column} missing" in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_every_reader_of_the_neuroscope_table_names_declared_columns():
+    """The other services may not import neuroscope (the independence contract), so they name its
+    columns as strings: each such name, and neuroscope's own readers' lists, are in TABLE_SCHEMA."""
+    import ast
+
+    from sitegen.services.neuroscope.data import TABLE_SCHEMA
+    from sitegen.services.neuroscope.render import _COLUMNS
+    from sitegen.services.neuroscope.verify import LayerCheck
+
+    declared = set(TABLE_SCHEMA.names)
+    assert set(_COLUMNS) <= declared and set(LayerCheck.COLUMNS) <= declared
+    found = 0
+    for path in (ROOT / "sitegen").rglob("*.py"):
+        for call in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)):
+            if not (isinstance(call.func, ast.Attribute) and call.func.attr == "read_layer" and call.args):
+                continue
+            table = call.args[0]
+            if not (isinstance(table, ast.Constant) and table.value == "neuroscope"):
+                continue
+            for kw in call.keywords:
+                if kw.arg == "columns" and isinstance(kw.value, ast.List):
+                    names = {e.value for e in kw.value.elts}
+                    assert names <= declared, f"{path.relative_to(ROOT)}:{call.lineno} reads {sorted(names - declared)}, not in neuroscope's table"
+                    found += 1
+    assert found >= 5  # selection, artefacts, the token store, neuron2graph, the explainer
