@@ -100,7 +100,7 @@ def main() -> None:
         from sitegen.services.logits.compute import weight_tables
 
         t0 = time.perf_counter()
-        for _ in weight_tables(model.bridge):
+        for _ in weight_tables(model):
             pass
         print(f"  weight-based logit tables (one-off per model): {time.perf_counter() - t0:.1f} s")
 

@@ -144,7 +144,8 @@ def compute(model, corpus, out, tokens, seq_len, seed, top_k, n_random, batch_si
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--neurons", default="8", show_default=True,
-              help="Which neurons to check: N (a random sample of N per layer, seeded by --seed), 'all', or LAYER:NEURON pairs such as 3:17,5:2.")
+              help="Which neurons to check: N (a random sample of N per layer, seeded by --seed), N@0,5 (in those layers), 'all', "
+                   "'layers:0,5', or LAYER:NEURON pairs such as 3:17,5:2.")
 @click.option("--model", default=None, help="The model to rerun [default: the one recorded in the store's manifest]; its fingerprints must match the store's.")
 @click.option("--rtol", type=float, default=1e-4, show_default=True,
               help="Tolerance, as a fraction of each neuron's largest |activation|, for stored activations, top/bottom-k maxima and order, and "

@@ -181,3 +181,22 @@ def static_text_search(site: Path, model: str, query: str) -> list[int]:
         ids = set(np.cumsum(entry[0]).tolist())
         result = ids if result is None else result & ids
     return sorted(result or ())
+
+
+def interrupt_after(batches: int):
+    """run_compute's `progress` seam: a bar that stops the corpus pass with a Ctrl-C after `batches`
+    batches, as an interrupted run would stop (run_compute then saves its checkpoint and says so)."""
+
+    class Bar:
+        def __init__(self, total: int, initial: int):
+            self.seen = 0
+
+        def update(self, n: int) -> None:
+            self.seen += 1
+            if self.seen >= batches:
+                raise KeyboardInterrupt
+
+        def close(self) -> None:
+            pass
+
+    return Bar

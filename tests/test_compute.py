@@ -199,8 +199,10 @@ def test_resume_refuses_other_arguments(tiny_model_dir, tiny_corpus, tmp_path):
     from sitegen.errors import StoreError
 
     out = tmp_path / "partial"
-    with pytest.raises(StoreError, match="max_batches"):
-        run_compute(_config(tiny_model_dir, tiny_corpus, out, max_batches=2), log=lambda m: None)
+    from tests.reference import interrupt_after
+
+    with pytest.raises(StoreError, match="interrupted after 8 of"):
+        run_compute(_config(tiny_model_dir, tiny_corpus, out), log=lambda m: None, progress=interrupt_after(2))
     before = (out / ".work" / "checkpoint-0of1.npz").read_bytes()
     with pytest.raises(StoreError, match="other arguments"):
         run_compute(_config(tiny_model_dir, tiny_corpus, out, seed=SEED + 1), log=lambda m: None)
@@ -319,3 +321,34 @@ def test_interrupt_mid_batch_resumes_exactly(whole_run, tiny_model_dir, tiny_cor
     monkeypatch.setattr(runner, "_forward", forward)
     run_compute(_config(tiny_model_dir, tiny_corpus, out), log=lambda m: None)
     _assert_same(out, whole_run)
+
+
+def test_the_runner_seams_are_parameters(tiny_model_dir, tiny_corpus, tmp_path):
+    """run_compute(progress=..., on_checkpoint=...): the corpus pass draws its bar through
+    `progress` and reports each checkpoint to `on_checkpoint`; the store is the one a plain run writes."""
+    from sitegen.compute.runner import run_compute
+
+    bars: list = []
+    saved: list[Path] = []
+
+    class Bar:
+        def __init__(self, total, initial):
+            self.total, self.done, self.closed = total, initial, False
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def close(self):
+            self.closed = True
+
+    out = tmp_path / "store"
+    run_compute(_config(tiny_model_dir, tiny_corpus, out, checkpoint_seconds=0), log=lambda m: None, progress=Bar, on_checkpoint=saved.append)
+    (bar,) = bars
+    from sitegen.store import Store
+
+    processed = Store.open(out).manifest["processed"]
+    assert bar.closed and bar.total == bar.done == processed["tokens"]
+    batches = -(-processed["sequences"] // BATCH)
+    # a checkpoint after every batch but the last (checkpoint_seconds=0), and one before the store is written
+    assert saved == [out / ".work" / "checkpoint-0of1.npz"] * batches

@@ -51,6 +51,10 @@ def test_wheel_ships_theme_content_and_the_same_url_rules(wheel):
             if path.is_file():
                 assert z.read(f"sitegen/_data/{path.relative_to(ROOT).as_posix()}") == path.read_bytes()
         assert {f"sitegen/_data/content/{p.name}" for p in (ROOT / "content").glob("*.md")} <= names
+        partials = list((ROOT / "sitegen" / "services").glob("*/templates/*/*.html"))  # a built-in service's partials, in its folder
+        assert len(partials) >= 4
+        for path in partials:
+            assert z.read(path.relative_to(ROOT).as_posix()) == path.read_bytes()
         version = next(n for n in names if n.endswith(".dist-info/METADATA"))
         import sitegen
 

@@ -5,6 +5,7 @@ checkpoint, and a failed run resumes when rerun. Runs whenever ray is installed 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,28 @@ import pytest
 from tests.conftest import HAS_TORCH
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
+
+
+class DieAfterCheckpoint:
+    """run_compute's on_checkpoint seam: shard `shard`'s worker process exits right after its first
+    checkpoint, as a killed or preempted worker would; a marker beside the checkpoint makes only the
+    first attempt die."""
+
+    def __init__(self, shard: int):
+        self.shard = shard
+
+    def __call__(self, checkpoint: Path) -> None:
+        marker = checkpoint.parent / "died-once"
+        if checkpoint.name.startswith(f"checkpoint-{self.shard}of") and not marker.exists():
+            marker.touch()
+            os._exit(1)
+
+
+def _dying(shard: int) -> DieAfterCheckpoint:
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers need not import this test module
+    return DieAfterCheckpoint(shard)
 
 
 def needs_ray(test):
@@ -133,7 +156,7 @@ def test_worker_killed_mid_shard_is_retried_from_its_checkpoint(single, tiny_mod
     out = tmp_path / "store"
     logs: list[str] = []
     cfg = _config(tiny_model_dir, tiny_corpus, out, checkpoint_seconds=0)  # a checkpoint after every batch
-    run_compute_ray(cfg, _ray_opts(die_after_checkpoint=1), log=logs.append)
+    run_compute_ray(cfg, _ray_opts(), log=logs.append, on_checkpoint=_dying(1))
     _assert_identical(out, single / "plain")
     shard1 = next(line for line in logs if line.strip().startswith("shard 1:"))
     assert "2 attempt(s), resumed at" in shard1, logs  # the retry started from the dead attempt's checkpoint
@@ -152,7 +175,7 @@ def test_failed_run_resumes_when_rerun(single, tiny_model_dir, tiny_corpus, tmp_
     out = tmp_path / "store"
     cfg = _config(tiny_model_dir, tiny_corpus, out, checkpoint_seconds=0)
     with pytest.raises(StoreError, match="rerun the same command"):
-        run_compute_ray(cfg, _ray_opts(die_after_checkpoint=0, max_retries=0), log=lambda m: None)
+        run_compute_ray(cfg, _ray_opts(max_retries=0), log=lambda m: None, on_checkpoint=_dying(0))
     assert not (out / "manifest.json").exists()
     assert list((out / ".work" / "ray").glob("shard-0of2/.work/checkpoint-*.npz"))
     logs: list[str] = []

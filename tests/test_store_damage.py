@@ -228,15 +228,16 @@ def test_damaged_checkpoint_gives_one_line_and_is_kept(tiny_model_dir, tiny_corp
     """A resumed `compute` over a damaged checkpoint: one line, the file left as it was (the user
     decides), and once the checkpoint is deleted the same command runs from the start."""
     from sitegen.compute.runner import ComputeConfig, _save_checkpoint, run_compute
+    from tests.reference import interrupt_after
     from sitegen.errors import StoreError
 
     out = tmp_path / "store"
     args = ["compute", "--model", tiny_model_dir, "--corpus", tiny_corpus, "--out", out, "--tokens", "600", "--seq-len", "16",
             "--batch-size", "4", "--device", "cpu", "--quiet"]
     cfg = ComputeConfig(model=str(tiny_model_dir), corpus=str(tiny_corpus), out=out, tokens=600, seq_len=16, batch_size=4,
-                        device="cpu", progress=False, max_batches=2)
-    with pytest.raises(StoreError, match="max_batches"):
-        run_compute(cfg, log=lambda m: None)
+                        device="cpu", progress=False)
+    with pytest.raises(StoreError, match="interrupted after 8 of"):
+        run_compute(cfg, log=lambda m: None, progress=interrupt_after(2))
     checkpoint = out / ".work" / "checkpoint-0of1.npz"
     intact = checkpoint.read_bytes()
     arrays = dict(np.load(checkpoint))

@@ -125,7 +125,7 @@ def test_other_model_is_refused_by_fingerprint(fresh_store, tiny_model_dir, tmp_
 
 @pytest.mark.parametrize("args, message", [
     (["--neurons", "9:0"], "--neurons 9:0: 9:0 is not a neuron"),
-    (["--neurons", "some"], "--neurons some: use N"),
+    (["--neurons", "some"], "--neurons some: use 'all', 'layers:0,5', N"),
     (["--rtol", "0"], "--rtol 0.0: must be a positive fraction"),
 ])
 def test_bad_options_get_one_line(fresh_store, args, message):
@@ -135,10 +135,10 @@ def test_bad_options_get_one_line(fresh_store, args, message):
 
 
 def test_sampled_neurons_are_reproducible():
-    from sitegen.compute.verify import parse_neurons
+    from sitegen.services.selection import sample_neurons
 
-    a = parse_neurons("4", 3, 48, seed=0)
-    assert a == parse_neurons("4", 3, 48, seed=0) and a != parse_neurons("4", 3, 48, seed=1)
+    a = sample_neurons("4", 3, 48, seed=0)
+    assert a == sample_neurons("4", 3, 48, seed=0) and a != sample_neurons("4", 3, 48, seed=1)
     assert all(len(v) == 4 and len(set(v)) == 4 and all(0 <= n < 48 for n in v) for v in a.values())
     assert np.array_equal(sorted(a), [0, 1, 2])
 

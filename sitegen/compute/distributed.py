@@ -35,7 +35,7 @@ import shutil
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -61,7 +61,6 @@ class RayOptions:
     num_cpus: int | None = None  # size of a local cluster (None: every core)
     max_retries: int = 3  # retries of a task whose worker died
     report_seconds: float = 10.0  # how often the progress line is printed
-    die_after_checkpoint: int | None = field(default=None, repr=False)  # tests: this shard's first attempt exits after its first checkpoint
 
 
 def import_ray():
@@ -75,7 +74,10 @@ def import_ray():
 # ---------------------------------------------------------------- driver
 
 
-def run_compute_ray(cfg: ComputeConfig, opts: RayOptions, log: Callable[[str], None] = print) -> Path:
+def run_compute_ray(cfg: ComputeConfig, opts: RayOptions, log: Callable[[str], None] = print, *,
+                    on_checkpoint: Callable[[Path], None] | None = None) -> Path:
+    """`on_checkpoint(path)`: run_compute's seam, handed to every shard task (so it must pickle);
+    called in the worker after each of its shard's checkpoints."""
     cfg.validate()
     if cfg.shard != (0, 1):
         raise ConfigError(f"--shard {cfg.shard[0]}/{cfg.shard[1]} with --ray: Ray splits the run itself; leave out --shard (use --ray-shards N to choose the count)")
@@ -90,7 +92,7 @@ def run_compute_ray(cfg: ComputeConfig, opts: RayOptions, log: Callable[[str], N
     with _ray_session(ray, opts):
         slot = task_slot(ray, cfg, opts)
         if not (out / store_mod.MANIFEST).exists():
-            _shard_phase(ray, cfg, opts, slot, log)
+            _shard_phase(ray, cfg, opts, slot, log, on_checkpoint)
         elif not _check_existing(ray, cfg, slot, log):
             return out
         stages = _stages(cfg)
@@ -186,7 +188,7 @@ def _driver_lock(out: Path) -> Iterator[None]:
         yield
 
 
-def _shard_phase(ray, cfg: ComputeConfig, opts: RayOptions, slot: TaskSlot, log) -> None:
+def _shard_phase(ray, cfg: ComputeConfig, opts: RayOptions, slot: TaskSlot, log, on_checkpoint) -> None:
     out = Path(cfg.out)
     work = out / store_mod.WORK_DIR
     if out.exists() and any(p.name != store_mod.WORK_DIR for p in out.iterdir()) and not work.exists():
@@ -202,7 +204,7 @@ def _shard_phase(ray, cfg: ComputeConfig, opts: RayOptions, slot: TaskSlot, log)
         for i, root in enumerate(roots):
             task = _remote(ray, _shard_task, slot, opts.max_retries)
             refs[task.remote(cfg, i, count, str(root), str(work / RAY_DIR / "plan.json"), plan["token"], os.getcwd(),
-                             slot.num_cpus if not slot.num_gpus else None, progress, opts.die_after_checkpoint == i)] = i
+                             slot.num_cpus if not slot.num_gpus else None, progress, on_checkpoint)] = i
         started = time.monotonic()
         results = _await_all(ray, refs, "shard", log, opts.report_seconds, lambda _done: _progress_line(ray, progress, count, started))
         board = ray.get(progress.snapshot.remote())
@@ -465,10 +467,10 @@ def _check_task(cfg: ComputeConfig, cwd: str) -> list[str]:
 
 
 def _shard_task(cfg: ComputeConfig, index: int, count: int, root: str, plan_path: str, token: str, cwd: str,
-                threads: int | None, progress, die_after_checkpoint: bool) -> dict:
+                threads: int | None, progress, on_checkpoint) -> dict:
     import ray
 
-    from sitegen.compute import runner
+    from sitegen.compute.runner import run_compute
 
     _enter(cwd)
     _check_shared(plan_path, token)
@@ -479,24 +481,20 @@ def _shard_task(cfg: ComputeConfig, index: int, count: int, root: str, plan_path
     ray.get(progress.start.remote(index))  # waited for: a worker that dies soon after must still count as an attempt
     messages: list[str] = []
     shard_cfg = cfg.without_stages(out=Path(root), shard=(index, count), progress=True)
-    die = die_after_checkpoint and not (Path(root) / store_mod.WORK_DIR / "test-died").exists()
     start = time.monotonic()
-    with _reporting(runner, progress, index) as resumed, _dying(runner, Path(root), die):
-        runner.run_compute(shard_cfg, log=messages.append)
+    resumed: list = [None]
+    run_compute(shard_cfg, log=messages.append, progress=_reporter(progress, index, resumed), on_checkpoint=on_checkpoint)
     manifest = store_mod.Store.open(root).manifest
     return {"index": index, "tokens": manifest["processed"]["tokens"], "seconds": time.monotonic() - start,
             "resumed_tokens": resumed[0] or 0, "host": socket.gethostname(), "messages": messages}
 
 
-@contextmanager
-def _reporting(runner, progress, index: int) -> Iterator[list]:
-    """run_compute draws a tqdm bar through runner._progress; in a task that bar is replaced by one
-    that reports to the driver's progress board (at most once a second). Swapped for the task only:
-    a Ray worker runs one task at a time."""
-    resumed: list = [None]
+def _reporter(progress, index: int, resumed: list):
+    """run_compute's `progress` seam in a task: a bar that reports to the driver's progress board
+    (at most once a second); `resumed[0]` gets the tokens the shard had done when it (re)started."""
 
     class Reporter:
-        def __init__(self, enabled, total, initial):  # noqa: ARG002 - the same signature as runner._progress
+        def __init__(self, total: int, initial: int):
             self.done, self.total, self.last = initial, total, 0.0
             resumed[0] = initial
             progress.report.remote(index, self.done, self.total, time.time())
@@ -510,33 +508,7 @@ def _reporting(runner, progress, index: int) -> Iterator[list]:
         def close(self) -> None:
             progress.report.remote(index, self.done, self.total, time.time())
 
-    saved = runner._progress
-    runner._progress = Reporter
-    try:
-        yield resumed
-    finally:
-        runner._progress = saved
-
-
-@contextmanager
-def _dying(runner, root: Path, die: bool) -> Iterator[None]:
-    """Test hook (RayOptions.die_after_checkpoint): the worker process exits right after the shard's
-    first checkpoint, as a killed or preempted worker would; a marker makes only the first attempt die."""
-    if not die:
-        yield
-        return
-    saved = runner._save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        saved(*args, **kwargs)
-        (root / store_mod.WORK_DIR / "test-died").touch()
-        os._exit(1)
-
-    runner._save_checkpoint = save_then_die
-    try:
-        yield
-    finally:
-        runner._save_checkpoint = saved
+    return Reporter
 
 
 def _layer_task(fn: Callable[[int, Any], dict], layer: int, payload: Any, cwd: str) -> dict:

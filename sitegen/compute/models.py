@@ -60,6 +60,52 @@ class LoadedModel:
         """The token id every packed sequence starts with (None: the tokenizer has none)."""
         return bos_id(self.tokenizer)
 
+    @property
+    def d_vocab(self) -> int:
+        return int(self.bridge.cfg.d_vocab)
+
+    # --- the weights the services' compute halves read (detached tensors on the model's device) ---
+
+    @property
+    def normalization(self) -> str:
+        """The layer norms' kind: "RMS"/"RMSPre" (RMSNorm) or "LN"/"LNPre" (LayerNorm: centres first)."""
+        return str(getattr(self.bridge.cfg, "normalization_type", "RMS") or "RMS")
+
+    @property
+    def norm_eps(self) -> float:
+        return float(getattr(self.bridge.cfg, "eps", 1e-5) or 1e-5)
+
+    @property
+    def act_fn(self) -> str:
+        """The MLP nonlinearity's name as the model's config gives it ("silu", "gelu_new", ...)."""
+        return str(self.bridge.cfg.act_fn)
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the MLP is gated: its hidden activation is act(x . W_gate) * (x . W_in)."""
+        return bool(getattr(self.bridge.cfg, "gated_mlp", False))
+
+    def input_embeddings(self) -> Any:
+        """The token embedding matrix W_E, (vocab, d_model)."""
+        return self.bridge.original_model.get_input_embeddings().weight.detach()
+
+    def unembed(self) -> Any:
+        """The unembedding W_U, (d_model, vocab)."""
+        return self.bridge.W_U.detach()
+
+    def final_norm(self) -> tuple[Any, Any]:
+        """The final layer norm's (weight, bias), each None where it has none."""
+        return _norm_params(self.bridge.ln_final)
+
+    def mlp_weights(self, layer: int) -> MLPWeights:
+        """One layer's MLP weights and the norm in front of it."""
+        b = self.bridge
+        b_in = getattr(b, "b_in", None)
+        return MLPWeights(W_in=b.W_in[layer].detach(), W_out=b.W_out[layer].detach(),
+                          W_gate=b.W_gate[layer].detach() if self.gated_mlp else None,
+                          b_in=b_in[layer].detach() if b_in is not None else None,
+                          norm=_norm_params(b.blocks[layer].ln2))
+
     def hook_name(self, layer: int) -> str:
         # For gated MLPs this is the tensor that feeds the output projection (act(gate) * up).
         return f"blocks.{layer}.mlp.hook_post"
@@ -96,6 +142,27 @@ class LoadedModel:
                 self.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
             except _StopForward:
                 pass
+
+
+@dataclass(frozen=True)
+class MLPWeights:
+    """One layer's MLP: hidden = act(x . W_gate) * (x . W_in + b_in) if gated, else act(x . W_in + b_in);
+    out = hidden . W_out; x is the residual stream through `norm` (weight, bias; each may be None)."""
+    W_in: Any  # (d_model, d_mlp)
+    W_out: Any  # (d_mlp, d_model)
+    W_gate: Any | None  # (d_model, d_mlp), gated MLPs only
+    b_in: Any | None  # (d_mlp,)
+    norm: tuple[Any, Any]
+
+
+def _norm_params(module: Any) -> tuple[Any, Any]:
+    weight = bias = None
+    for name, p in module.named_parameters():
+        if name.endswith("weight"):
+            weight = p.detach()
+        elif name.endswith("bias"):
+            bias = p.detach()
+    return weight, bias
 
 
 class _StopForward(Exception):

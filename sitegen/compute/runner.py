@@ -25,7 +25,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 import orjson
@@ -66,7 +66,6 @@ class ComputeConfig:
     # recognised whatever they say) and are checked by the services (hook check_compute_config).
     options: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
-    max_batches: int | None = field(default=None, repr=False)  # tests: stop early, as a kill would
 
     def without_stages(self, **changes) -> "ComputeConfig":
         """This config asking for no stage (a shard task, a check of an existing store): the
@@ -256,15 +255,31 @@ def auto_batch_size(device: str, seq_len: int) -> int:
     return max(4, 1024 // seq_len)
 
 
-def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
+class ProgressBar(Protocol):
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print, *,
+                progress: Callable[[int, int], ProgressBar] | None = None,
+                on_checkpoint: Callable[[Path], None] | None = None) -> Path:
+    """Compute the store cfg.out (or resume it, or run the requested stages on a finished one).
+
+    The seams, for a caller that runs this elsewhere (distributed.py's shard tasks) and for tests:
+    `progress(total_tokens, tokens_done)` makes the corpus pass's progress bar (an object with
+    update(n) and close(); default: a tqdm bar, silent without cfg.progress); `on_checkpoint(path)`
+    is called after every checkpoint is saved (the checkpoint file's path)."""
     cfg.validate()
     from sitegen.compute.models import load_model, resolve_device
-    from sitegen.compute.packing import bos_id, pack_sequences
+    from sitegen.compute.packing import bos_id
 
     out = store_mod.Store(cfg.out)
-    shard_i, shard_n = cfg.shard
-    if out.exists:  # fail fast, before loading anything, when --out holds another model's store
-        held = store_mod.Store.open(cfg.out).manifest.get("model", {})
+    existing = None
+    if out.exists:  # the one time the store is opened: a complete store's manifest decides what is left to do
+        out = store_mod.Store.open(cfg.out)
+        existing = out.manifest
+    if existing is not None:  # fail fast, before loading anything, when --out holds another model's store
+        held = existing.get("model", {})
         if held.get("source") != cfg.model:
             raise StoreError(f"--out {cfg.out} already holds a store for model {held.get('name')!r}; use a new --out folder (nothing was changed)")
     device = resolve_device(cfg.device)
@@ -278,8 +293,7 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
     model = load_model(cfg.model, device=device, name=cfg.name)
     if cfg.name is None and (problem := model_name_problem(model.name)):  # the name --model gives, checked before any work
         raise ConfigError(f"--model {cfg.model}: its name {problem}; pass --name NAME")
-    tokenizer = model.tokenizer
-    bos = bos_id(tokenizer)
+    bos = bos_id(model.tokenizer)
     first_valid = 1 if bos is not None else 0
     identity = {
         "model_fingerprint": model.fingerprint, "model_name": model.name, "corpus_hash": corpus.content_hash,
@@ -293,45 +307,55 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print) -> Path:
         identity["services"] = optional
     run_hash = _hash(identity)
     stages = [s for s in registry() if s.stage_requested(cfg)]
-    if out.exists:
-        existing = store_mod.Store.open(cfg.out).manifest
-        if existing.get("run_hash") == run_hash and existing.get("shard") == _shard_record(cfg.shard):
-            if not stages:
-                log(f"{cfg.out} is already complete for these arguments; nothing to do")
-            else:  # a complete store: add (or finish) the requested stages' work
-                with _lock(out.work_dir):
-                    for svc in stages:
-                        svc.run_stage(model, store_mod.Store.open(cfg.out), cfg, log)
-                shutil.rmtree(out.work_dir, ignore_errors=True)
+    if existing is not None:
+        if existing.get("run_hash") != run_hash or existing.get("shard") != _shard_record(cfg.shard):
+            raise StoreError(
+                f"--out {cfg.out} already holds a store for model {existing.get('model', {}).get('name')!r} with other arguments; "
+                "use a new --out folder (nothing was changed)"
+            )
+        if not stages:
+            log(f"{cfg.out} is already complete for these arguments; nothing to do")
             return cfg.out
-        raise StoreError(
-            f"--out {cfg.out} already holds a store for model {existing.get('model', {}).get('name')!r} with other arguments; "
-            "use a new --out folder (nothing was changed)"
-        )
-    if out.root.exists() and any(p.name not in (store_mod.WORK_DIR, store_mod.LOCK) for p in out.root.iterdir()) and not out.work_dir.exists():
+    elif out.root.exists() and any(p.name not in (store_mod.WORK_DIR, store_mod.LOCK) for p in out.root.iterdir()) and not out.work_dir.exists():
         raise StoreError(f"--out {cfg.out} is a non-empty folder that is not a sitegen store; choose a new or empty folder")
 
+    done = None
     with _lock(out.work_dir):
-        checkpoint = out.work_dir / f"checkpoint-{shard_i}of{shard_n}.npz"
-        sequences = list(pack_sequences(corpus, tokenizer, cfg.seq_len, cfg.tokens, cfg.seed))
-        if not sequences:
-            raise CorpusError(f"--corpus {cfg.corpus}: no document yields a sequence of at least 4 tokens")
-        mine = [s for s in sequences if s.seq_id % shard_n == shard_i]
-        n_layers, d_mlp = model.n_layers, model.d_mlp
-        corpus_run = CorpusRun(layer_size=d_mlp, seq_len=cfg.seq_len, first_valid=first_valid, top_k=cfg.top_k, n_random=cfg.n_random,
-                               seed=cfg.seed, seq_lengths={s.seq_id: len(s.token_ids) for s in mine}, device=device)
-        accs = [_LayerAccumulators({s.name: s.accumulator(layer, corpus_run) for s in corpus_services}) for layer in range(n_layers)]
-        run = _Run(cfg, out, model, tokenizer, corpus, sequences, mine, accs, checkpoint, run_hash, identity, bos, first_valid, device,
-                   corpus_services, log, _FiniteGuard(n_layers, d_mlp, first_valid, device))
-        position, tokens_done = _resume(run)
-        position, tokens_done = _stream(run, position, tokens_done)
-        _write_store(run, position, tokens_done)
-        for svc in stages:
+        if existing is None:  # the corpus pass; a complete store goes straight to its stages
+            done = _corpus_pass(cfg, out, model, corpus, run_hash, identity, bos, first_valid, device, corpus_services, log, progress, on_checkpoint)
+        for svc in stages:  # add (or finish) the requested stages' work
             svc.run_stage(model, out, cfg, log)
     shutil.rmtree(out.work_dir, ignore_errors=True)
-    log(f"done: {cfg.out} ({len(mine)} sequences, {tokens_done} tokens, {n_layers} layers x {d_mlp} neurons)")
+    if done:
+        log(done)
     return cfg.out
 
+
+def _corpus_pass(cfg: ComputeConfig, out: "store_mod.Store", model, corpus, run_hash: str, identity: dict, bos: int | None, first_valid: int,
+                 device: str, corpus_services: list, log: Callable[[str], None], progress: Callable[[int, int], ProgressBar] | None,
+                 on_checkpoint: Callable[[Path], None] | None) -> str:
+    """Stream this shard's sequences through the accumulators (from the checkpoint, if any) and
+    write the store; returns the run's closing line."""
+    from sitegen.compute.packing import pack_sequences
+
+    shard_i, shard_n = cfg.shard
+    tokenizer = model.tokenizer
+    checkpoint = out.work_dir / f"checkpoint-{shard_i}of{shard_n}.npz"
+    sequences = list(pack_sequences(corpus, tokenizer, cfg.seq_len, cfg.tokens, cfg.seed))
+    if not sequences:
+        raise CorpusError(f"--corpus {cfg.corpus}: no document yields a sequence of at least 4 tokens")
+    mine = [s for s in sequences if s.seq_id % shard_n == shard_i]
+    n_layers, d_mlp = model.n_layers, model.d_mlp
+    corpus_run = CorpusRun(layer_size=d_mlp, seq_len=cfg.seq_len, first_valid=first_valid, top_k=cfg.top_k, n_random=cfg.n_random,
+                           seed=cfg.seed, seq_lengths={s.seq_id: len(s.token_ids) for s in mine}, device=device)
+    accs = [_LayerAccumulators({s.name: s.accumulator(layer, corpus_run) for s in corpus_services}) for layer in range(n_layers)]
+    run = _Run(cfg, out, model, tokenizer, corpus, sequences, mine, accs, checkpoint, run_hash, identity, bos, first_valid, device,
+               corpus_services, log, _FiniteGuard(n_layers, d_mlp, first_valid, device),
+               progress or (lambda total, initial: _progress(cfg.progress, total, initial)), on_checkpoint)
+    position, tokens_done = _resume(run)
+    position, tokens_done = _stream(run, position, tokens_done)
+    _write_store(run, position, tokens_done)
+    return f"done: {cfg.out} ({len(mine)} sequences, {tokens_done} tokens, {n_layers} layers x {d_mlp} neurons)"
 
 
 @dataclass
@@ -355,6 +379,14 @@ class _Run:
     corpus_services: list  # the services with an accumulator, in registry order
     log: Callable[[str], None]
     finite: "_FiniteGuard"
+    progress: Callable[[int, int], ProgressBar]
+    on_checkpoint: Callable[[Path], None] | None
+
+    def save(self, position: int, tokens_done: int) -> None:
+        """Checkpoint the accumulators at `position` (then tell on_checkpoint)."""
+        _save_checkpoint(self.checkpoint, [a.state() for a in self.accs], position, tokens_done, self.run_hash)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.checkpoint)
 
 
 def _resume(run: _Run) -> tuple[int, int]:
@@ -389,17 +421,12 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
     pad_id = int(getattr(tokenizer, "pad_token_id", None) or bos or 0)
     total_tokens = sum(len(s.token_ids) for s in mine)
     run.log(f"corpus pass: {len(mine)} sequences, {total_tokens} tokens, {len(accs)} layers, batches of {batch_size}")
-    bar = _progress(cfg.progress, total_tokens, tokens_done)
+    bar = run.progress(total_tokens, tokens_done)
     last_save = time.monotonic()
-    batches = 0
     guard = _BatchGuard()
     try:
         with guard.installed():
             while position < len(mine):
-                if cfg.max_batches is not None and batches >= cfg.max_batches:
-                    run.finite.check(cfg.model)
-                    _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
-                    raise StoreError(f"stopped after {cfg.max_batches} batches (max_batches); rerun to resume")
                 batch = mine[position:position + batch_size]
                 tokens, seq_ids, valid, rand_score = _batch_tensors(batch, batch_size, cfg.seq_len, pad_id, first_valid, cfg.seed, random_key, device)
                 all_full = len(batch) == batch_size and all(len(s.token_ids) == cfg.seq_len for s in batch)
@@ -409,16 +436,15 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
                     done = sum(len(s.token_ids) for s in batch)
                     tokens_done += done
                 bar.update(done)
-                batches += 1
                 if time.monotonic() - last_save > cfg.checkpoint_seconds and position < len(mine):
                     run.finite.check(cfg.model)
-                    _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
+                    run.save(position, tokens_done)
                     last_save = time.monotonic()
     except KeyboardInterrupt:
         if guard.in_batch:  # a second Ctrl-C mid-batch: the accumulators hold part of a batch; keep the last checkpoint
             raise StoreError(f"interrupted mid-batch; rerun the same command to resume from the last checkpoint ({checkpoint})") from None
         run.finite.check(cfg.model)
-        _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)
+        run.save(position, tokens_done)
         raise StoreError(f"interrupted after {position} of {len(mine)} sequences; rerun the same command to resume") from None
     finally:
         bar.close()
@@ -468,7 +494,7 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
     checkpoint, run_hash, log, shard_i = run.checkpoint, run.run_hash, run.log, cfg.shard[0]
     sequences, identity, bos, first_valid = run.sequences, run.identity, run.bos, run.first_valid
     run.finite.check(cfg.model)  # before anything is saved: a checkpoint or a store never holds a NaN or an infinity
-    _save_checkpoint(checkpoint, [a.state() for a in accs], position, tokens_done, run_hash)  # the write stage can fail; keep the work
+    run.save(position, tokens_done)  # the write stage can fail; keep the work
     log(f"writing store {cfg.out}")
     referenced: set[int] = set()  # the sequences some table refers to: the store keeps these
 
@@ -489,7 +515,7 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
                     bar.update(1)
             written.append(svc)
     out.write_sequences(_sequences_table([s for s in mine if s.seq_id in referenced]))
-    out.write_vocab(display_tokens(tokenizer, int(model.bridge.cfg.d_vocab)))
+    out.write_vocab(display_tokens(tokenizer, model.d_vocab))
     from sitegen.compute.models import weights_fingerprint
 
     out.write_manifest(new_manifest(

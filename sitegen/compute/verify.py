@@ -28,6 +28,7 @@ import numpy as np
 from sitegen.errors import ConfigError, SitegenError
 from sitegen.services import registry
 from sitegen.services.base import Verification, Verifier, VerifyRun
+from sitegen.services.selection import sample_neurons
 from sitegen.store import Store
 
 # On a CPU (docs/methods.md, "Why 1e-4"): rerunning in other batches (sizes 1, 3, 5, 7 against
@@ -59,33 +60,6 @@ class VerifyConfig:
     device: str = "cpu"
     batch_size: int | None = None
     full: bool | None = None  # None: every stored sequence when the store is small (FULL_RUN_TOKENS)
-
-
-def parse_neurons(spec: str, n_layers: int, d_mlp: int, seed: int) -> dict[int, list[int]]:
-    """--neurons: 'all'; N (N neurons per layer, a random sample seeded by --seed: verification
-    should not favour the neurons a researcher opens first); or LAYER:NEURON pairs '3:17,5:2'."""
-    spec = spec.strip()
-    if spec == "all":
-        return {layer: list(range(d_mlp)) for layer in range(n_layers)}
-    if ":" in spec:
-        out: dict[int, set[int]] = {}
-        for part in spec.split(","):
-            try:
-                layer, n = (int(x) for x in part.split(":"))
-            except ValueError:
-                raise ConfigError(f"--neurons {spec}: write LAYER:NEURON pairs, e.g. --neurons 3:17,5:2") from None
-            if not (0 <= layer < n_layers and 0 <= n < d_mlp):
-                raise ConfigError(f"--neurons {spec}: {layer}:{n} is not a neuron of this model ({n_layers} layers x {d_mlp})")
-            out.setdefault(layer, set()).add(n)
-        return {k: sorted(v) for k, v in sorted(out.items())}
-    try:
-        per_layer = int(spec)
-    except ValueError:
-        raise ConfigError(f"--neurons {spec}: use N (neurons per layer), 'all' or LAYER:NEURON pairs, e.g. --neurons 8") from None
-    if per_layer < 1:
-        raise ConfigError(f"--neurons {spec}: must be at least 1 neuron per layer")
-    return {layer: sorted(np.random.default_rng([seed, layer]).choice(d_mlp, min(per_layer, d_mlp), replace=False).tolist())
-            for layer in range(n_layers)}
 
 
 @dataclass
@@ -150,7 +124,7 @@ def run_verify(cfg: VerifyConfig, log: Callable[[str], None] = lambda m: None) -
     store = Store.open(cfg.store)
     m = store.manifest
     n_layers, d_mlp, seq_len = int(m["model"]["num_layers"]), int(m["model"]["layer_size"]), int(m["config"]["seq_len"])
-    selection = parse_neurons(cfg.neurons, n_layers, d_mlp, cfg.seed)
+    selection = sample_neurons(cfg.neurons, n_layers, d_mlp, cfg.seed)  # N: a random sample, seeded by --seed
     seq_tokens = store.sequence_tokens()
     stored_tokens = sum(len(t) for t in seq_tokens.values())
     full = cfg.full if cfg.full is not None else stored_tokens <= FULL_RUN_TOKENS

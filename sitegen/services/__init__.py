@@ -1,6 +1,7 @@
 """The registry of per-neuron services. A service is one folder: a `Service` subclass (the
 contract, sitegen/services/base.py) in its `service.py`, a compute half (torch, imported only
-inside compute hooks), a render half (no torch) and a template partial `services/<name>.html`.
+inside compute hooks), a render half (no torch) and its template partials in `templates/`
+(`services/<name>.html`, `provenance/<name>.html`; a theme overrides any of them by name).
 
 Services are found through the `sitegen.services` entry-point group, built-ins exactly as an
 outside package's (pyproject.toml declares them): `name = "module:Class"`. Two services of one
@@ -21,10 +22,10 @@ __all__ = ["GROUP", "LayerView", "Service", "by_name", "registry", "service_spec
 
 GROUP = "sitegen.services"
 
-# The built-ins, as pyproject.toml's [project.entry-points."sitegen.services"] declares them, in
-# the order the site shows them. The registry falls back to this list when the group is empty
-# or lacks some of them: an install made before the entry points were declared (or an editable
-# install from another checkout) has stale metadata, and the built-ins must never go missing.
+# The built-ins, in the order the site shows them: the one list the registry reads, so they are
+# there whatever metadata the install has (none, or an editable install's from another checkout).
+# pyproject.toml's [project.entry-points."sitegen.services"] declares the same (a test checks
+# they agree, and that the import-linter contracts name exactly these).
 BUILTIN = {
     "neuron_explainer": "sitegen.services.neuron_explainer.service:NeuronExplainer",
     "neuroscope": "sitegen.services.neuroscope.service:Neuroscope",
@@ -51,19 +52,14 @@ def _load(entry_name: str, target: str) -> Service:
 def registry() -> tuple[Service, ...]:
     """Every registered service: built-ins in their fixed order, then the others by name (so
     builds are deterministic whatever order the metadata lists them in)."""
-    declared: dict[str, str] = {}
+    declared = dict(BUILTIN)
     for ep in metadata.entry_points(group=GROUP):
-        if ep.name in declared and declared[ep.name] != ep.value:
-            if ep.name in BUILTIN:  # whether sitegen's own metadata is installed or not: one message
-                other = ep.value if declared[ep.name] == BUILTIN[ep.name] else declared[ep.name]
-                raise ConfigError(f"service {ep.name!r} is built in; a package declares it again as {other}: rename that service")
+        if declared.get(ep.name, ep.value) != ep.value:
+            if ep.name in BUILTIN:
+                raise ConfigError(f"service {ep.name!r} is built in; a package declares it again as {ep.value}: rename that service")
             raise ConfigError(f"two services are named {ep.name!r} ({declared[ep.name]} and {ep.value}); "
                               "uninstall one of the packages declaring them")
         declared[ep.name] = ep.value
-    for name, target in BUILTIN.items():
-        if declared.get(name, target) != target:
-            raise ConfigError(f"service {name!r} is built in; a package declares it again as {declared[name]}: rename that service")
-        declared[name] = target
     order = [*BUILTIN, *sorted(n for n in declared if n not in BUILTIN)]
     return tuple(_load(name, declared[name]) for name in order)
 

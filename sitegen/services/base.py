@@ -10,6 +10,7 @@ name one.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol
@@ -213,8 +214,12 @@ class Service:
         return f"services/{self.name}.html"
 
     def template_dir(self) -> Path | None:
-        """A folder holding `services/<name>.html`, for a service shipped outside sitegen's theme."""
-        return None
+        """The folder holding this service's partials, `services/<name>.html` and
+        `provenance/<name>.html`: by default `templates/` beside the module that defines the
+        service class (a service is one folder). A theme's file of the same name wins over it."""
+        file = getattr(sys.modules.get(type(self).__module__), "__file__", None)
+        folder = Path(file).resolve().parent / "templates" if file else None
+        return folder if folder is not None and folder.is_dir() else None
 
     def layer_columns(self) -> list[Column]:
         """Columns this service adds to the layer table (in registry order after the neuron column)."""

@@ -30,16 +30,6 @@ _ACTS = {
 }
 
 
-def _norm_params(module: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    weight = bias = None
-    for name, p in module.named_parameters():
-        if name.endswith("weight"):
-            weight = p.detach()
-        elif name.endswith("bias"):
-            bias = p.detach()
-    return weight, bias
-
-
 def _normalise(x: torch.Tensor, kind: str, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     if kind.startswith("LN"):
         x = x - x.mean(-1, keepdim=True)
@@ -60,18 +50,17 @@ def _list_column(tensor: torch.Tensor, dtype: pa.DataType) -> pa.Array:
 
 
 @torch.no_grad()
-def weight_tables(bridge, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterator[tuple[int, pa.Table]]:
-    """Yield (layer, table) with one row per neuron: promoted/suppressed output tokens and top input tokens."""
-    cfg = bridge.cfg
-    kind = str(getattr(cfg, "normalization_type", "RMS") or "RMS")
-    eps = float(getattr(cfg, "eps", 1e-5) or 1e-5)
-    act = _ACTS.get(str(cfg.act_fn))
-    gated = bool(getattr(cfg, "gated_mlp", False))
-    w_final, _ = _norm_params(bridge.ln_final)
-    W_U = bridge.W_U.detach().float()  # (d_model, vocab)
-    W_E = bridge.W_E.detach().float()  # (vocab, d_model)
-    for layer in range(int(cfg.n_layers)):
-        W_out = bridge.W_out[layer].detach().float()  # (d_mlp, d_model)
+def weight_tables(model, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterator[tuple[int, pa.Table]]:
+    """Yield (layer, table) with one row per neuron: promoted/suppressed output tokens and top
+    input tokens. `model`: the LoadedModel (sitegen.compute.models), read through its methods."""
+    kind, eps = model.normalization, model.norm_eps
+    act = _ACTS.get(model.act_fn)
+    w_final, _ = model.final_norm()
+    W_U = model.unembed().float()  # (d_model, vocab)
+    W_E = model.input_embeddings().float()  # (vocab, d_model)
+    for layer in range(model.n_layers):
+        mlp = model.mlp_weights(layer)
+        W_out = mlp.W_out.float()  # (d_mlp, d_model)
         direction = W_out - W_out.mean(-1, keepdim=True) if kind.startswith("LN") else W_out
         if w_final is not None:
             direction = direction * w_final
@@ -87,16 +76,15 @@ def weight_tables(bridge, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterat
             "suppressed_vals": _list_column(-sup_v, pa.float32()),
         }
         if act is not None:
-            w2, b2 = _norm_params(bridge.blocks[layer].ln2)
-            W_in = bridge.W_in[layer].detach().float()
-            b_in = getattr(bridge, "b_in", None)
-            b_in = b_in[layer].detach().float() if b_in is not None else None
-            W_gate = bridge.W_gate[layer].detach().float() if gated else None
+            w2, b2 = mlp.norm
+            W_in = mlp.W_in.float()
+            b_in = mlp.b_in.float() if mlp.b_in is not None else None
+            W_gate = mlp.W_gate.float() if mlp.W_gate is not None else None
             best_v = best_i = None
             for start in range(0, W_E.shape[0], vocab_chunk):  # chunks bound the (vocab, d_mlp) matrix
                 e = _normalise(W_E[start:start + vocab_chunk], kind, w2, b2, eps)
                 pre = e @ W_in + (b_in if b_in is not None else 0)
-                a = act(e @ W_gate) * pre if gated else act(pre)
+                a = act(e @ W_gate) * pre if W_gate is not None else act(pre)
                 v, i = torch.topk(a, min(top_n, a.shape[0]), dim=0)
                 i = i + start
                 if best_v is None:

@@ -27,7 +27,7 @@ class Logits(Service):
     def weight_tables(self, model):
         from sitegen.services.logits.compute import weight_tables
 
-        return weight_tables(model.bridge)
+        return weight_tables(model)
 
     def open_layer(self, store, layer, site):
         from sitegen.services.logits.render import LogitsLayer

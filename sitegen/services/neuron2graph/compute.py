@@ -306,7 +306,7 @@ class ModelTokens:
         vocab = store.vocab()
         tokenizer = model.tokenizer
         special = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
-        embed = model.bridge.original_model.get_input_embeddings().weight.detach().float().cpu().numpy()
+        embed = model.input_embeddings().float().cpu().numpy()
         return cls(vocab, model.bos, neutral_token(tokenizer), special, Neighbours(embed[:len(vocab)], vocab, special))
 
 

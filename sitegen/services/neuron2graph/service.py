@@ -3,8 +3,6 @@ graphs, token sets and similar neurons, and the model's token search."""
 
 from __future__ import annotations
 
-import re
-
 from markupsafe import Markup
 
 from sitegen.errors import ConfigError, StoreError
@@ -60,14 +58,6 @@ def _search() -> dict:
 def _selection(cfg) -> str:
     """`sitegen compute --n2g`: which neurons get a graph ("0": none, the default)."""
     return str(cfg.options.get("n2g", "0")).strip()
-
-
-def _layer_spec(spec: str, layer: int) -> str:
-    """The --n2g selection restricted to one layer: a layer task's store holds only that layer's data."""
-    spec = spec.strip()
-    if spec == "all" or spec.startswith("layers:"):
-        return f"layers:{layer}"
-    return f"{spec.partition('@')[0]}@{layer}"
 
 
 class Neuron2Graph(Service):
@@ -132,12 +122,14 @@ class Neuron2Graph(Service):
 
         return [click.Option(["--n2g"], default="0", show_default=True,
                              help="Neuron2Graph graphs to compute: 'all', 'layers:0,5', N (the N most active neurons per layer, "
-                                  "artefact neurons last: see docs/methods.md) or N@0,5 (in those layers). Rerun on a finished store to add graphs.")]
+                                  "artefact neurons last: see docs/methods.md), N@0,5 (in those layers) or LAYER:NEURON pairs such as 3:17,5:2. "
+                                  "Rerun on a finished store to add graphs.")]
 
     def check_compute_config(self, cfg):
+        from sitegen.services.selection import parse_selection
+
         n2g = str(cfg.options.get("n2g", "0"))
-        if not re.fullmatch(r"all|layers:[0-9, ]+|[0-9]+(@[0-9, ]+)?", n2g.strip()):
-            raise ConfigError(f"--n2g {n2g}: use 'all', 'layers:0,5', N or N@0,5 (N neurons per layer), e.g. --n2g 10")
+        parse_selection(n2g, "--n2g")  # its form, before any work (the ranges once the store is there)
         if n2g.strip() != "0" and cfg.shard[1] > 1:
             raise ConfigError("--n2g cannot run on a --shard: merge the shards first, then run 'sitegen compute' with the same "
                               "arguments and --out MERGED --n2g ...")
@@ -168,7 +160,7 @@ class Neuron2Graph(Service):
                 f"({60 * totals['graphs'] / max(totals['seconds'], 1e-9):.1f} graphs/min, {totals['tokens_run'] // totals['graphs']} tokens run per graph)")
 
     def stage_layers(self, store, cfg):
-        from sitegen.services.selection import select_neurons
+        from sitegen.services.selection import parse_selection, select_neurons
 
         m = store.manifest["model"]
         todo = {}
@@ -176,7 +168,7 @@ class Neuron2Graph(Service):
             path = store.layer_path(self.name, layer)
             have = set(store.read_layer(self.name, layer, columns=["neuron"]).column("neuron").to_pylist()) if path.exists() else set()
             if set(neurons) - have:
-                todo[layer] = _layer_spec(_selection(cfg), layer)
+                todo[layer] = parse_selection(_selection(cfg), "--n2g").for_layer(layer)  # a layer task's store holds only that layer
         return todo
 
     def run_stage_layer(self, model, store, cfg, layer, arg, log):

@@ -661,7 +661,7 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
     store = Store.open(cfg.store)
     m = store.manifest["model"]
     n_layers, size = int(m["num_layers"]), int(m["layer_size"])
-    selection = _parse_neurons(cfg.neurons, n_layers, size, store)
+    selection = select_neurons(cfg.neurons, n_layers, size, store, option="--neurons")
     vocab = store.vocab()
     seq_tokens = store.sequence_tokens()
     worklog = _WorkLog(store.work_dir)
@@ -750,22 +750,6 @@ def _finished_record(line: bytes, model: str, n_layers: int, size: int) -> dict 
     if "logprobs" in (r.get("method") or "").split("+") and not r.get("logprob_alignment"):
         return None  # scored from echo logprobs before alignment detection: re-scored
     return r if f.model == model and f.layer < n_layers and f.neuron < size else None
-
-
-def _parse_neurons(spec: str, n_layers: int, size: int, store) -> dict[int, list[int]]:
-    """--neurons: '3:17,5:2' (those), or the --n2g forms ('all', 'layers:0,5', N, N@0,5)."""
-    if ":" in spec and not spec.startswith("layers:"):
-        out: dict[int, list[int]] = {}
-        for part in spec.split(","):
-            try:
-                layer, n = (int(x) for x in part.split(":"))
-            except ValueError:
-                raise ConfigError(f"--neurons {spec}: write LAYER:NEURON pairs, e.g. --neurons 3:17,5:2") from None
-            if not (0 <= layer < n_layers and 0 <= n < size):
-                raise ConfigError(f"--neurons {spec}: {layer}:{n} is not a neuron of this model ({n_layers} layers x {size})")
-            out.setdefault(layer, []).append(n)
-        return {k: sorted(set(v)) for k, v in out.items()}
-    return select_neurons(spec, n_layers, size, store, option="--neurons")
 
 
 def _write_tables(store, done: dict[tuple[int, int], dict], model: str) -> None:

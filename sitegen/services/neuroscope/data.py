@@ -15,6 +15,21 @@ from sitegen.services.neuroscope import stats
 
 SERVICE = "neuroscope"
 
+_INTS, _FLOATS = pa.list_(pa.int64()), pa.list_(pa.float32())
+_TRACES = pa.list_(_FLOATS)  # per sequence, per token
+# The neuroscope table, declared once: the corpus pass writes exactly this (state_to_table), and
+# Service.store_columns is its names, so Store.open refuses a store lacking any column.
+TABLE_SCHEMA = pa.schema([
+    ("neuron", pa.int32()),
+    ("top_seq", _INTS), ("top_max", _FLOATS), ("top_acts", _TRACES),
+    ("bottom_seq", _INTS), ("bottom_min", _FLOATS), ("bottom_acts", _TRACES),
+    ("random_seq", _INTS), ("random_acts", _TRACES),
+    ("count", pa.int64()), ("sum_fx", pa.int64()), ("sumsq_fx", pa.int64()), ("sumsq_lo", pa.int64()), ("n_pos", pa.int64()),
+    ("min", pa.float32()), ("max", pa.float32()), ("hist_fine", _INTS),
+    ("mean", pa.float64()), ("std", pa.float64()), ("frac_pos", pa.float64()),
+    ("quantiles", _FLOATS), ("hist_edges", _FLOATS), ("hist_counts", _INTS),
+])
+
 
 def _nested(values: np.ndarray, inner_len: np.ndarray, outer_len: np.ndarray, dtype: pa.DataType) -> pa.Array:
     inner_off = np.concatenate([[0], np.cumsum(inner_len)]).astype(np.int32)
@@ -88,7 +103,7 @@ def state_to_table(state: dict, top_k: int, n_random: int, seq_length: dict[int,
         # Display histogram: variable-width bars (edges from min to max) with exact counts.
         "hist_edges": _flat_list(_concat(derived["hist_edges"], np.float32), np.array([len(e) for e in derived["hist_edges"]]), pa.float32()),
         "hist_counts": _flat_list(_concat(derived["hist_counts"], np.int64), np.array([len(c) for c in derived["hist_counts"]]), pa.int64()),
-    })
+    }, schema=TABLE_SCHEMA)
 
 
 def _extremes_from_columns(ids: list, vals: list, acts: list, k: int, seq_len: int, sign: float) -> dict:

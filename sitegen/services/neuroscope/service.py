@@ -7,6 +7,7 @@ from pydantic import Field, field_validator
 
 from sitegen.services.base import (LAYER_NEURON, NEURON_INDEX_REF, Cell, Column, Service, api_envelope, api_get, fmt_num,
                                    fmt_pct, number_cell)
+from sitegen.services.neuroscope.data import TABLE_SCHEMA
 from sitegen.services.tokens import shown
 from sitegen.store.manifest import Record
 
@@ -64,8 +65,7 @@ class Neuroscope(Service):
                    "per-token activations, statistics, histogram and quantiles.")
     column_order = 0  # the activation columns lead the layer table
     activations = True
-    store_columns = ("neuron", "top_seq", "top_max", "top_acts", "bottom_seq", "bottom_min", "bottom_acts", "random_seq", "random_acts",
-                     "count", "sum_fx", "sumsq_fx", "n_pos", "min", "max", "hist_fine", "mean", "std", "frac_pos", "quantiles", "hist_counts")
+    store_columns = tuple(TABLE_SCHEMA.names)  # every column: a store lacking one fails at Store.open, in one line
     complete_layers = True
     always_stored = True  # every corpus pass computes it; the layer pages and the search rank by it
 

@@ -1,0 +1,158 @@
+"""A built-in service is one folder: its code and its template partials live in
+sitegen/services/<name>/, it is listed once (sitegen.services.BUILTIN, which pyproject's entry
+points and the import-linter contracts must agree with), and a theme still overrides any of its
+partials by name."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from sitegen.resources import default_theme
+from sitegen.services import BUILTIN, GROUP, by_name
+from sitegen.site.build import _environment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_pyproject_entry_points_declare_exactly_the_built_ins():
+    assert _pyproject()["project"]["entry-points"][GROUP] == BUILTIN
+
+
+def test_the_import_contracts_name_exactly_the_built_ins():
+    contracts = {c["name"]: c for c in _pyproject()["tool"]["importlinter"]["contracts"]}
+    independent = next(c for c in contracts.values() if c.get("containers") == ["sitegen.services"])
+    assert set(independent["layers"][0].split(" | ")) == set(BUILTIN)
+    forbidden = [c for c in contracts.values() if c["type"] == "forbidden" and any(m.startswith("sitegen.services.") for m in c["forbidden_modules"])]
+    assert forbidden, "no contract keeps the build and the runners from importing a service's own modules"
+    for c in forbidden:
+        assert set(c["forbidden_modules"]) == {f"sitegen.services.{name}" for name in BUILTIN}, c["name"]
+
+
+def test_a_built_in_service_is_one_folder_with_its_partials():
+    assert not (default_theme() / "templates" / "services").exists()  # no partial of a service in the theme
+    assert not (default_theme() / "templates" / "provenance").exists()
+    env = _environment({}, [default_theme()])
+    for name, service in by_name().items():
+        if name not in BUILTIN:
+            continue
+        folder = ROOT / "sitegen" / "services" / name
+        assert BUILTIN[name].startswith(f"sitegen.services.{name}.")
+        assert service.template_dir() == folder / "templates"
+        assert Path(env.get_template(service.template).filename) == folder / "templates" / "services" / f"{name}.html"
+        if (folder / "templates" / service.provenance_template).exists():
+            assert Path(env.get_template(service.provenance_template).filename).is_relative_to(folder)
+
+
+def test_a_theme_overrides_a_built_in_partial_by_name(tmp_path):
+    theme = tmp_path / "mytheme"
+    for rel in ("services/neuroscope.html", "provenance/neuron2graph.html"):
+        (theme / "templates" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (theme / "templates" / rel).write_text(f"<p>{rel} by my theme</p>\n")
+    env = _environment({}, [theme, default_theme()])
+    assert env.get_template("services/neuroscope.html").render() == "<p>services/neuroscope.html by my theme</p>"
+    assert env.get_template("provenance/neuron2graph.html").render() == "<p>provenance/neuron2graph.html by my theme</p>"
+    # the partials the theme lacks still come from their service's folder
+    assert Path(env.get_template("services/logits.html").filename) == ROOT / "sitegen/services/logits/templates/services/logits.html"
+
+
+def test_no_service_and_no_runner_reaches_into_the_model_bridge():
+    """Services read the model through LoadedModel's methods only (run_mlp_activations,
+    input_embeddings, unembed, mlp_weights, ...), never transformer-lens's bridge."""
+    files = [*(ROOT / "sitegen" / "services").rglob("*.py"), *(ROOT / "sitegen" / "compute" / f for f in ("runner.py", "verify.py", "distributed.py"))]
+    for path in files:
+        assert "bridge" not in path.read_text(), f"{path.relative_to(ROOT)} reaches into the model's bridge"
+
+
+@pytest.mark.model
+def test_loaded_model_hands_out_the_weights_services_read(tiny_model_dir):
+    torch = pytest.importorskip("torch")
+    from sitegen.compute.models import load_model
+
+    model = load_model(str(tiny_model_dir), device="cpu")
+    hf = model.bridge.original_model
+    assert model.d_vocab == hf.config.vocab_size and model.gated_mlp and model.act_fn == "silu"
+    assert model.normalization.startswith("RMS") and model.norm_eps == hf.config.rms_norm_eps
+    assert torch.equal(model.input_embeddings(), hf.model.embed_tokens.weight)
+    assert torch.equal(model.unembed(), hf.lm_head.weight.T)
+    assert torch.equal(model.final_norm()[0], hf.model.norm.weight) and model.final_norm()[1] is None
+    for layer in range(model.n_layers):
+        mlp, block = model.mlp_weights(layer), hf.model.layers[layer]
+        assert torch.equal(mlp.W_in, block.mlp.up_proj.weight.T) and torch.equal(mlp.W_gate, block.mlp.gate_proj.weight.T)
+        assert torch.equal(mlp.W_out, block.mlp.down_proj.weight.T)
+        assert mlp.b_in is None or not mlp.b_in.any()  # Llama's MLP has no bias
+        assert torch.equal(mlp.norm[0], block.post_attention_layernorm.weight)
+
+
+def test_the_runner_seams_are_parameters_not_patches_or_config_fields():
+    """Tests inject failures through run_compute's progress/on_checkpoint parameters: no test knob
+    in a production config, and distributed.py swaps nothing in the runner module at run time."""
+    import dataclasses
+    import re
+
+    from sitegen.compute.runner import ComputeConfig
+
+    assert not {"max_batches", "die_after_checkpoint"} & {f.name for f in dataclasses.fields(ComputeConfig)}
+    for path in (ROOT / "sitegen").rglob("*.py"):
+        text = path.read_text()
+        for knob in ("max_batches", "die_after_checkpoint", "test-died"):
+            assert knob not in text, f"{path.relative_to(ROOT)} holds the test knob {knob}"
+    assert not re.search(r"runner\.\w+\s*=", (ROOT / "sitegen/compute/distributed.py").read_text())
+
+
+@pytest.mark.parametrize("column", ["hist_edges", "sumsq_lo", "top_acts"])
+def test_a_store_lacking_a_column_of_the_declared_schema_is_one_line(tmp_path, column):
+    """neuroscope's table has one declared schema (TABLE_SCHEMA); Store.open checks every column of
+    it, so `sitegen build` on a store without one says so in one line (no Arrow error)."""
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from sitegen.cli import main
+    from sitegen.errors import StoreError
+    from sitegen.services.neuroscope.data import TABLE_SCHEMA
+    from sitegen.store import Store
+    from tests.reference import write_synthetic_store
+
+    store = write_synthetic_store(tmp_path / "store")
+    path = store.layer_path("neuroscope", 1)
+    table = pq.read_table(path)
+    assert table.schema.names == TABLE_SCHEMA.names  # what the synthetic writer writes is the declared table
+    pq.write_table(table.drop_columns([column]), path)
+    with pytest.raises(StoreError, match=rf"neuroscope/layer=1/data.parquet: damaged table, column\(s\) {column} missing"):
+        Store.open(store.root)
+    result = CliRunner().invoke(main, ["build", str(store.root), "--out", str(tmp_path / "site")])
+    assert result.exit_code != 0 and "Traceback" not in result.output and "FieldRef" not in result.output
+    assert f"column(s) {column} missing" in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_every_reader_of_the_neuroscope_table_names_declared_columns():
+    """The other services may not import neuroscope (the independence contract), so they name its
+    columns as strings: each such name, and neuroscope's own readers' lists, are in TABLE_SCHEMA."""
+    import ast
+
+    from sitegen.services.neuroscope.data import TABLE_SCHEMA
+    from sitegen.services.neuroscope.render import _COLUMNS
+    from sitegen.services.neuroscope.verify import LayerCheck
+
+    declared = set(TABLE_SCHEMA.names)
+    assert set(_COLUMNS) <= declared and set(LayerCheck.COLUMNS) <= declared
+    found = 0
+    for path in (ROOT / "sitegen").rglob("*.py"):
+        for call in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)):
+            if not (isinstance(call.func, ast.Attribute) and call.func.attr == "read_layer" and call.args):
+                continue
+            table = call.args[0]
+            if not (isinstance(table, ast.Constant) and table.value == "neuroscope"):
+                continue
+            for kw in call.keywords:
+                if kw.arg == "columns" and isinstance(kw.value, ast.List):
+                    names = {e.value for e in kw.value.elts}
+                    assert names <= declared, f"{path.relative_to(ROOT)}:{call.lineno} reads {sorted(names - declared)}, not in neuroscope's table"
+                    found += 1
+    assert found >= 5  # selection, artefacts, the token store, neuron2graph, the explainer
