@@ -341,14 +341,14 @@
         return parts.join(", ");
       });
     }
+    var chunks = {};  // preview files, fetched once per page however often results are redrawn
     function render(model, meta, ids, scoreOf, supportText) {
       list.textContent = "";
-      var chunks = {};
       // previews load as rows come into view: one small file per 32 neurons, each fetched once
       function loadPreview(li) {
         var id = +li.getAttribute("data-id"), layer = Math.floor(id / meta.layer_size), n = id % meta.layer_size, prev = li.querySelector(".preview");
-        var key = layer + "/" + Math.floor(n / meta.preview_chunk);
-        if (!chunks[key]) chunks[key] = getJSON("/search/" + model + "/preview/" + key + ".json");
+        var key = model + "/preview/" + layer + "/" + Math.floor(n / meta.preview_chunk);
+        if (!chunks[key]) chunks[key] = getJSON("/search/" + key + ".json");
         chunks[key].then(function (rows) {
           var r = rows[n % meta.preview_chunk];
           prev.textContent = "  max " + r[1] + (r[2] !== null ? " · graph F1 " + r[2] : "") + " · " + r[0].map(function (t) { return JSON.stringify(t); }).join(" ");
