@@ -342,8 +342,10 @@
       });
     }
     var chunks = {};  // preview files, fetched once per page however often results are redrawn
+    var observer = null;
     function render(model, meta, ids, scoreOf, supportText) {
       list.textContent = "";
+      if (observer) observer.disconnect();  // the rows it watched are gone
       // previews load as rows come into view: one small file per 32 neurons, each fetched once
       function loadPreview(li) {
         var id = +li.getAttribute("data-id"), layer = Math.floor(id / meta.layer_size), n = id % meta.layer_size, prev = li.querySelector(".preview");
@@ -355,7 +357,7 @@
           if (r[3]) { var ex = document.createElement("q"); ex.className = "expl"; ex.textContent = r[3]; prev.appendChild(ex); }
         });
       }
-      var observer = "IntersectionObserver" in window ? new IntersectionObserver(function (entries) {
+      observer = "IntersectionObserver" in window ? new IntersectionObserver(function (entries) {
         entries.forEach(function (en) { if (en.isIntersecting) { observer.unobserve(en.target); loadPreview(en.target); } });
       }, {rootMargin: "200px"}) : null;
       ids.forEach(function (id, k) {
