@@ -4,7 +4,11 @@ Token store: for every neuron, its 'activating' and 'important' token keys (N2G-
 neuron with a graph takes them from its graph nodes; a neuron without one takes the activating
 tokens of its top sequences (positions at or above half its largest activation there; the
 strongest FALLBACK_CAP kept) and no important tokens, marked source 'top-sequences'. So search and
-similarity cover every neuron of every layer.
+similarity cover every neuron of every layer. Each activating token of a neuron also carries its
+support: in how many distinct top sequences of the neuron it reaches that same half-peak level on
+the token (0 for a graph token the top sequences never fire on); and the store counts every token
+key over the stored sequences (positions from first_valid on), so search can say how often a
+token no neuron has occurs.
 
 Similarity between two neurons with graphs: the measure DeepDecipher's paper describes, symmetric,
     (|A_i & A_j| + |I_i & I_j|) / (min(|A_i|, |A_j|) + min(|I_i|, |I_j|));
