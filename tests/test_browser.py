@@ -382,6 +382,18 @@ def test_search_results_show_their_support(browser, tall_site):
     for k, (gid, support) in enumerate(zip(ids, entry["s"])):
         assert rows.nth(k).locator("a").inner_text() == f"{gid // 40}:{gid % 40}"
         assert rows.nth(k).locator(".support").inner_text().strip() == f"· {support} sequence" + ("" if support == 1 else "s")
+    # the rest come with "Show all", from the token's support file
+    import orjson
+
+    from sitegen.site.search import fnv1a
+
+    shards = orjson.loads((site / "search/tall/meta.json").read_bytes())["shards"]
+    whole = orjson.loads((site / f"search/tall/support/{fnv1a(SCRIPT) % shards}-{entry['m']}.json").read_bytes())["s"]
+    page.click("#search-more")
+    page.locator("#search-results li").nth(119).wait_for()
+    assert len(whole) == 120 and whole[:60] == entry["s"]
+    for k in (60, 119):
+        assert rows.nth(k).locator(".support").inner_text().strip() == f"· {whole[k]} sequence" + ("" if whole[k] == 1 else "s")
     assert page.errors == []
     page.close()
 

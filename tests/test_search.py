@@ -525,11 +525,11 @@ def _shard_entry(site: Path, key: str, model: str = "wide") -> dict | None:
     return json.loads((base / "tokens" / f"{search.fnv1a(key) % meta['shards']}.json").read_text()).get(key)
 
 
-def _whole(site: Path, key: str, entry: dict, model: str = "wide") -> dict:
+def _whole(site: Path, key: str, entry: dict, model: str = "wide", folder: str = "more") -> dict:
     if "m" not in entry:
         return entry
     meta = json.loads((site / "search" / model / "meta.json").read_text())
-    return json.loads((site / "search" / model / "more" / f"{search.fnv1a(key) % meta['shards']}-{entry['m']}.json").read_text())
+    return json.loads((site / "search" / model / folder / f"{search.fnv1a(key) % meta['shards']}-{entry['m']}.json").read_text())
 
 
 def test_shards_carry_exact_counts_of_every_kind(wide_site):
@@ -568,10 +568,10 @@ def test_shards_carry_each_results_support(wide_site):
         entry = _shard_entry(site, key)
         if entry is None or not entry["na"]:
             continue
-        whole = _whole(site, key, entry)
-        ids = np.cumsum(whole["a"]).tolist()
-        assert len(whole["s"]) == len(ids) and entry["s"] == whole["s"][:len(entry["a"])], key
-        for gid, support in zip(ids, whole["s"]):
+        ids = np.cumsum(_whole(site, key, entry)["a"]).tolist()
+        support = _whole(site, key, entry, folder="support")["s"] if "m" in entry else entry["s"]
+        assert len(support) == len(ids) and entry["s"] == support[:len(entry["a"])], key
+        for gid, support in zip(ids, support):
             assert support == _brute_support(store, *divmod(gid, 24), key, vocab), (key, gid)
             checked += 1
             ones += support == 1

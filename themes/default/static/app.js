@@ -310,9 +310,9 @@
       var total = f.kind === "activating" ? e.na : f.kind === "important" ? e.ni : e.n;
       var capped = (f.kind !== "important" && e.na > a.length) || (f.kind !== "activating" && e.ni > i.length);
       if (!capped || !full) return Promise.resolve({ids: pick(f.kind, a, i), capped: capped, total: total, support: supportOf(a, e.s || [])});
-      return get(base + "more/" + f.shard + "-" + e.m + ".json").then(function (m) {
-        var whole = undelta(m.a), ids = pick(f.kind, whole, undelta(m.i));
-        return {ids: ids, capped: false, total: ids.length, support: supportOf(whole, m.s || [])};
+      return Promise.all([get(base + "more/" + f.shard + "-" + e.m + ".json"), get(base + "support/" + f.shard + "-" + e.m + ".json")]).then(function (got) {
+        var whole = undelta(got[0].a), ids = pick(f.kind, whole, undelta(got[0].i));
+        return {ids: ids, capped: false, total: ids.length, support: supportOf(whole, got[1].s)};
       });
     }
     function plural(n, word) { return n.toLocaleString("en-US") + " " + word + (n === 1 ? "" : "s"); }
