@@ -43,8 +43,14 @@ def synthetic_token_store(seed: int):
     graph = rng.random(n) < 0.2
     important = [np.unique(rng.choice(VOCAB, size=rng.integers(3, 9), p=weights)) if g else np.zeros(0, np.int64) for g in graph]
     keys = [f"tok{i}" for i in range(VOCAB)]
+    # each result's support (top sequences carrying the token: 1-5 of a neuron's top 5) and the
+    # token counts of a 10M-token corpus, so the shards carry what a real store's do
+    support = [rng.integers(1, 6, size=len(a)) for a in activating]
+    counts = rng.multinomial(10_000_000, weights)
+    corpus = {"sequences": 10_000_000 // 64, "tokens": 10_000_000, "processed": 10_000_000 // 64}
     return TokenStore(keys, SIZE, activating, important, [SOURCE_GRAPH if g else SOURCE_TOP for g in graph],
-                      [round(float(x), 3) if g else None for g, x in zip(graph, rng.random(n))], np.round(rng.random(n) * 5, 4).tolist()), weights
+                      [round(float(x), 3) if g else None for g, x in zip(graph, rng.random(n))], np.round(rng.random(n) * 5, 4).tolist(),
+                      support, counts, corpus), weights
 
 
 def main() -> None:
@@ -71,7 +77,7 @@ def main() -> None:
         from sitegen.services import registry
 
         cached = {"neuron2graph.token_store": ts, "neuron_explainer.explanations": {}}  # what SiteModel.cached would hold
-        model = SimpleNamespace(name="synthetic-xl", layer_size=SIZE, num_layers=LAYERS, services=list(registry()),
+        model = SimpleNamespace(name="synthetic-xl", layer_size=SIZE, num_layers=LAYERS, services=list(registry()), text_search=False,
                                 cached=lambda key, make: cached[key])
         t = time.perf_counter()
         figures = publish_search(pub, model)

@@ -140,6 +140,26 @@ def write_synthetic_graphs(store: Store, graphs: dict[tuple[int, int], list]) ->
         Store.open(store.root).add_service(SERVICE)
 
 
+def write_tall_site(root: Path, cap: int = 60):
+    """3 layers x 40 neurons of the default vocabulary, built with a posting cap of CAP: every
+    neuron fires on the <script> token (120 results, capped lists, a graph where the token is both
+    activating and important), most other tokens occur but no neuron has them, no explanations.
+    Returns (store, site folder); the model is "tall"."""
+    from sitegen.site import search
+    from sitegen.site.build import build_site
+
+    store = write_synthetic_store(root / "store", name="tall", n_layers=3, n_neurons=40, n_seqs=12, seq_len=12, with_logits=False,
+                                  with_graphs=False)
+    write_synthetic_graphs(store, {(0, 2): SYNTHETIC_LINES, (1, 3): [([("<script>alert(1)</script>", 0.9, 0.9), (" w3", 0.9, 0.2)], 0.9),
+                                                                    ([(" w3", 0.9, 0.9), ("<script>alert(1)</script>", 0.9, 0.2)], 0.9)]})
+    old_cap, search.CAP = search.CAP, cap
+    try:
+        build_site([store.root], root / "site")
+    finally:
+        search.CAP = old_cap
+    return Store.open(store.root), root / "site"
+
+
 def static_search(site: Path, model: str, query: str) -> list[int]:
     """What the browser's search computes, done in Python from the published files only: the
     meta file, one shard per term, and a term's "more" file when its lists were capped."""

@@ -6,6 +6,7 @@ import os
 import shutil
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.browser
@@ -265,3 +266,177 @@ def test_api_page_examples_use_the_sites_own_origin(page, served_site):
     code = page.locator("pre code").all_inner_texts()
     assert code and all("<your-site>" not in c for c in code)
     assert any(f"{served_site}/api/{MODEL}/neuroscope/3/17" in c for c in code), code
+
+
+# ---- search on a site with more results than one screen (tests.reference.write_tall_site) ----------
+
+SCRIPT = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def tall_site(tmp_path_factory):
+    from sitegen.site.serve import make_server
+    from tests.conftest import free_port
+    from tests.reference import write_tall_site
+    import threading
+
+    store, site = write_tall_site(tmp_path_factory.mktemp("tall"))
+    server = make_server(site, "127.0.0.1", free_port())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield store, site, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _entry(site, key: str) -> dict | None:
+    import orjson
+
+    from sitegen.site.search import fnv1a
+
+    meta = orjson.loads((site / "search/tall/meta.json").read_bytes())
+    return orjson.loads((site / f"search/tall/tokens/{fnv1a(key) % meta['shards']}.json").read_bytes()).get(key)
+
+
+def _tall_page(browser):
+    page = browser.new_page()
+    page.errors, page.previews = [], []
+    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.on("request", lambda r: page.previews.append(urlsplit(r.url).path) if "/preview/" in r.url else None)
+    return page
+
+
+def test_search_shows_the_exact_count(browser, tall_site):
+    """120 neurons fire on the token; one of them (a graph) has it as both activating and important,
+    so adding the activating and important counts would say 121. The list is capped at 60 until
+    "Show all"; the count is exact either way."""
+    from urllib.parse import quote
+
+    from tests.reference import static_search
+
+    _, site, url = tall_site
+    want = static_search(site, "tall", f"any:{SCRIPT}")
+    entry = _entry(site, SCRIPT)
+    assert len(want) == 120 and entry["na"] + entry["ni"] == 121 and len(entry["a"]) == 60
+    page = _tall_page(browser)
+    page.goto(f"{url}/search.html?model=tall&q=" + quote(f"any:{SCRIPT}", safe=""))
+    page.wait_for_selector("#search-results li")
+    assert page.inner_text("#search-status").startswith(f"Showing 60 of {len(want)} neurons with any:")
+    page.click("#search-more")
+    page.locator("#search-results li").nth(len(want) - 1).wait_for()
+    assert page.inner_text("#search-status").startswith(f"{len(want)} neurons with any:")
+    assert page.errors == []
+    page.close()
+
+
+def test_search_shows_a_preview_for_every_result(browser, tall_site):
+    """Every row gets its preview as it scrolls into view (past the 50th too), each preview file
+    fetched once, the last rows' file only when they are seen."""
+    from urllib.parse import quote
+
+    import orjson
+
+    from tests.reference import static_search
+
+    _, site, url = tall_site
+    want = static_search(site, "tall", f"any:{SCRIPT}")
+    page = _tall_page(browser)
+    page.goto(f"{url}/search.html?model=tall&q=" + quote(f"any:{SCRIPT}", safe=""))
+    page.wait_for_selector("#search-results li")
+    page.click("#search-more")
+    page.locator("#search-results li").nth(len(want) - 1).wait_for()
+    rows = page.locator("#search-results li")
+    assert rows.count() == len(want) == 120
+    page.wait_for_timeout(300)
+    assert "/search/tall/preview/2/1.json" not in page.previews  # the last rows' file waits until they are seen
+    for k in (0, 50, 75, len(want) - 1):
+        row = rows.nth(k)
+        row.scroll_into_view_if_needed()
+        preview = row.locator(".preview")
+        preview.filter(has_text="max").wait_for(timeout=5000)
+        layer, neuron = divmod(want[k], 40)
+        chunk = orjson.loads((site / f"search/tall/preview/{layer}/{neuron // 32}.json").read_bytes())[neuron % 32]
+        assert row.locator("a").inner_text() == f"{layer}:{neuron}"
+        peak = int(chunk[1]) if chunk[1] == int(chunk[1]) else chunk[1]  # as JavaScript writes a number
+        assert preview.inner_text().strip().startswith(f"max {peak} · ")
+    assert len(page.previews) == len(set(page.previews)), page.previews  # each preview file fetched once
+    assert page.errors == []
+    page.close()
+
+
+def test_search_results_show_their_support(browser, tall_site):
+    """Each result says in how many of its top sequences the neuron fires on the token (the
+    shard's "s", checked against the stored texts in test_search)."""
+    _, site, url = tall_site
+    from urllib.parse import quote
+
+    entry = _entry(site, SCRIPT)
+    ids = np.cumsum(entry["a"]).tolist()
+    assert len(ids) == 60 and 1 in entry["s"]  # every neuron peaks on it in one sequence: thin evidence, shown
+    page = _tall_page(browser)
+    page.goto(f"{url}/search.html?model=tall&q=" + quote(f"activating:{SCRIPT}", safe=""))
+    page.wait_for_selector("#search-results li")
+    assert "Support: the number of the neuron's top sequences in which it fires on the token" in page.inner_text("#search-status")
+    rows = page.locator("#search-results li")
+    assert rows.count() == len(ids)
+    for k, (gid, support) in enumerate(zip(ids, entry["s"])):
+        assert rows.nth(k).locator("a").inner_text() == f"{gid // 40}:{gid % 40}"
+        assert rows.nth(k).locator(".support").inner_text().strip() == f"· {support} sequence" + ("" if support == 1 else "s")
+    # the rest come with "Show all", from the token's support file
+    import orjson
+
+    from sitegen.site.search import fnv1a
+
+    shards = orjson.loads((site / "search/tall/meta.json").read_bytes())["shards"]
+    whole = orjson.loads((site / f"search/tall/support/{fnv1a(SCRIPT) % shards}-{entry['m']}.json").read_bytes())["s"]
+    page.click("#search-more")
+    page.locator("#search-results li").nth(119).wait_for()
+    assert len(whole) == 120 and whole[:60] == entry["s"]
+    for k in (60, 119):
+        assert rows.nth(k).locator(".support").inner_text().strip() == f"· {whole[k]} sequence" + ("" if whole[k] == 1 else "s")
+    assert page.errors == []
+    page.close()
+
+
+def test_a_miss_says_how_often_the_token_occurs(browser, tall_site):
+    from collections import Counter
+
+    from sitegen.services.neuron2graph.graph import normalise
+    from tests.reference import static_search
+
+    store, site, url = tall_site
+    vocab = store.vocab()
+    seqs = store.sequences().to_pylist()
+    counts = Counter(normalise(vocab[t]) for s in seqs for t in s["token_ids"][1:])
+    missed = next(k for k in sorted(counts) if not static_search(site, "tall", f"any:{k}"))
+    page = _tall_page(browser)
+    corpus = f"In the corpus ({len(seqs)} sequences, {sum(counts.values())} tokens)"
+    for query, key, n in ((f"any:{missed}", missed, counts[missed]), ("any:hello", "hello", 0)):
+        page.goto(f"{url}/search.html?model=tall&q={query}")
+        page.locator("#search-status", has_text="No neuron has").wait_for()
+        times = f"{n} time" + ("" if n == 1 else "s")
+        assert page.inner_text("#search-status") == f'No neuron has any:"{key}". {corpus}, "{key}" occurs {times}.'
+    assert counts[missed] > 0 and page.errors == []
+    page.close()
+
+
+def test_terms_joined_by_a_space_are_refused_in_the_browser(browser, tall_site):
+    _, _, url = tall_site
+    page = _tall_page(browser)
+    page.goto(f"{url}/search.html?model=tall&q=any:w3%20any:w5")
+    page.wait_for_selector("#search-error:not([hidden])")
+    assert page.inner_text("#search-error") == "Two terms in “any:w3 any:w5” with no comma between them: join terms with commas, e.g. any:the,any:of"
+    assert page.locator("#search-results li").count() == 0
+    page.goto(f"{url}/search.html?model=tall&q=any:%20w3")  # a token's own leading space is fine
+    page.wait_for_selector("#search-results li")
+    page.close()
+
+
+def test_no_explanation_search_on_a_site_without_explanations(browser, tall_site, explained_site):
+    _, _, url = tall_site
+    page = _tall_page(browser)
+    page.goto(f"{url}/search.html")
+    assert page.locator("#search-in").count() == 0 and "explanations" not in page.inner_text("#search-form")
+    page.goto(f"{explained_site}/search.html")
+    assert page.locator("#search-in option").all_inner_texts() == ["tokens (Neuron2Graph)", "explanations"]
+    page.close()

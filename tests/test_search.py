@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 import requests
@@ -33,14 +34,16 @@ from tests.reference import SYNTHETIC_LINES, static_search, write_synthetic_grap
 
 @pytest.fixture(scope="module")
 def wide_site(tmp_path_factory):
-    """Three layers x 24 neurons, a small vocabulary (so neurons share tokens), three graphs (two of
-    them similar) and a posting cap of 3, so capped lists and their "more" files are exercised."""
+    """Three layers x 24 neurons, a small vocabulary (so neurons share tokens), four graphs (two of
+    them similar, one with tokens both activating and important) and a posting cap of 3, so capped lists and their "more" files are exercised."""
     root = tmp_path_factory.mktemp("wide")
     vocab = ["<bos>"] + [f" t{i}" for i in range(8)] + ["The", " the", "<script>alert(1)</script>"]
     store = write_synthetic_store(root / "store", name="wide", n_layers=3, n_neurons=24, n_seqs=30, seq_len=10, vocab=vocab,
                                   top_k=4, n_random=1, with_logits=False, with_graphs=False)
     write_synthetic_graphs(store, {(0, 2): SYNTHETIC_LINES, (2, 5): [([(" t1", 0.9, 0.9), (" the", 0.9, 0.2)], 0.9)],
-                                   (1, 7): [([(" t1", 0.9, 0.9), (" t2", 0.9, 0.2)], 0.9)]})
+                                   (1, 7): [([(" t1", 0.9, 0.9), (" t2", 0.9, 0.2)], 0.9)],
+                                   # t3 and t4 each activating and important: any: counts them once
+                                   (1, 9): [([(" t3", 0.9, 0.9), (" t4", 0.9, 0.2)], 0.9), ([(" t4", 0.9, 0.9), (" t3", 0.9, 0.2)], 0.9)]})
     from sitegen.store import Store
 
     store = Store.open(store.root)
@@ -396,7 +399,9 @@ def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_ser
     present = [k for k in ts.keys if _brute_answer(ts, "any", k)][:6]
     urls += [f"{api}{q(f'any:{a},activating:{b}')}" for a, b in itertools.permutations(present, 2)]
     urls += [f"{api}{q(t)}" for t in ("any:nothing-has-this", "important:t1", "t1", "any:The", "ANY:the", " any : the", "any:the,any:zzz",
-                                      "foo:the", "any:", "any:the,", ",", "", "any:\x01\t\"x\"", "Ünknown:ß", "any:日本", "any:\u00a0the")]
+                                      "foo:the", "any:", "any:the,", ",", "", "any:\x01\t\"x\"", "Ünknown:ß", "any:日本", "any:\u00a0the",
+                                      # terms joined by a space are refused; a token's own leading space is not
+                                      "any:the any:t1", "t1 ACTIVATING:the", "any:t1,any:the\tImportant:t2", "any:t1, any:the", "any:the company:")]
     urls += [api, api + "/", api + "?query", api + "?query=", api + "?q=any:the", api + "?query=any:t1&query=any:the",
              api + "?query=any%3At1", api + "?query=any:+t1", api + "?query=any:%E2%82", api + "?query=any:%zz",
              "/api/nomodel/neuron2graph-search?query=any:the", "/api/no%2Fmodel/neuron2graph-search?query=any:the",
@@ -425,6 +430,11 @@ def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_ser
         assert {k: v for k, v in deno_response["headers"]} == {k.lower(): v for k, v in r.headers.items() if k.lower() in names}, url
         statuses.add(r.status_code)
     assert statuses == {200, 400, 404}
+    for text in ("any:the any:t1", "t1 ACTIVATING:the", "any:t1,any:the\tImportant:t2"):
+        body = json.loads(bytes.fromhex(out["responses"][urls.index(f"{api}{q(text)}")]["body"]))
+        assert body["error"].endswith("with no comma between them: join terms with commas, e.g. any:the,any:of"), (text, body)
+    assert json.loads(bytes.fromhex(out["responses"][urls.index(f"{api}{q('any:t1, any:the')}")]["body"])) == _neurons(
+        _brute_answer(ts, "any", "t1") & _brute_answer(ts, "any", "the"))
     for text, status in bounded.items():
         response = out["responses"][urls.index(f"{api}?query={text}" if text == flood else f"{api}{q(text)}")]
         body = json.loads(bytes.fromhex(response["body"]))
@@ -505,3 +515,115 @@ def test_search_folders_stay_under_netlifys_limit_for_a_large_vocabulary():
                                                services=list(registry())))
     folder, count = max(pub.folders.items(), key=lambda kv: kv[1])
     assert count < NETLIFY_DIR_LIMIT, (folder, count)
+
+
+# ---- exact counts, support, corpus counts, terms joined by a space --------------------------------
+
+def _shard_entry(site: Path, key: str, model: str = "wide") -> dict | None:
+    base = site / "search" / model
+    meta = json.loads((base / "meta.json").read_text())
+    return json.loads((base / "tokens" / f"{search.fnv1a(key) % meta['shards']}.json").read_text()).get(key)
+
+
+def _whole(site: Path, key: str, entry: dict, model: str = "wide", folder: str = "more") -> dict:
+    if "m" not in entry:
+        return entry
+    meta = json.loads((site / "search" / model / "meta.json").read_text())
+    return json.loads((site / "search" / model / folder / f"{search.fnv1a(key) % meta['shards']}-{entry['m']}.json").read_text())
+
+
+def test_shards_carry_exact_counts_of_every_kind(wide_site):
+    """"n" is the exact size of what any: finds (the union), so the page never estimates."""
+    store, site = wide_site
+    ts = build_token_store(store, first_valid=1)
+    overlapping = 0
+    for key in ts.keys:
+        want = {kind: len(_brute_answer(ts, kind, key)) for kind in ("any", "activating", "important")}
+        entry = _shard_entry(site, key)
+        if not want["any"]:
+            assert entry is None or (entry["n"], entry["na"], entry["ni"]) == (0, 0, 0), key
+            continue
+        assert (entry["n"], entry["na"], entry["ni"]) == (want["any"], want["activating"], want["important"]), key
+        overlapping += want["any"] < want["activating"] + want["important"]
+    assert overlapping, "no token is both activating and important for one neuron: n would equal na + ni"
+
+
+def _brute_support(store, layer: int, neuron: int, key: str, vocab: list[str]) -> int:
+    """Distinct top sequences of the neuron where it reaches half its peak on a token of KEY."""
+    row = store.read_layer("neuroscope", layer).to_pylist()[neuron]
+    seqs = {s["seq_id"]: s["token_ids"] for s in store.sequences().to_pylist()}
+    hits = [(s, a, vocab[seqs[s][p]]) for s, acts in zip(row["top_seq"], row["top_acts"]) for p, a in enumerate(acts) if p >= 1]
+    peak = max(a for _, a, _ in hits)
+    return len({s for s, a, tok in hits if peak > 0 and a >= 0.5 * peak and g.normalise(tok) == key})
+
+
+def test_shards_carry_each_results_support(wide_site):
+    """"s" holds, per neuron of the activating list, in how many distinct top sequences it fires
+    on the token: checked against the stored top texts for every token (capped ones from "more")."""
+    store, site = wide_site
+    ts = build_token_store(store, first_valid=1)
+    vocab = store.vocab()
+    checked = ones = 0
+    for key in ts.keys:
+        entry = _shard_entry(site, key)
+        if entry is None or not entry["na"]:
+            continue
+        ids = np.cumsum(_whole(site, key, entry)["a"]).tolist()
+        support = _whole(site, key, entry, folder="support")["s"] if "m" in entry else entry["s"]
+        assert len(support) == len(ids) and entry["s"] == support[:len(entry["a"])], key
+        for gid, support in zip(ids, support):
+            assert support == _brute_support(store, *divmod(gid, 24), key, vocab), (key, gid)
+            checked += 1
+            ones += support == 1
+    assert checked > 50 and ones and ones < checked, (checked, ones)
+
+
+def test_shards_count_every_token_of_the_stored_sequences(wide_site):
+    """"c": the token's occurrences in the stored sequences (BOS positions left out), also for a
+    token no neuron has; meta.json says what was counted."""
+    _count_check(*wide_site, "wide", need_unheld=False)
+
+
+def test_a_token_no_neuron_has_still_carries_its_count(tall_site):
+    _count_check(*tall_site, "tall", need_unheld=True)
+
+
+@pytest.fixture(scope="module")
+def tall_site(tmp_path_factory):
+    from tests.reference import write_tall_site
+
+    root = tmp_path_factory.mktemp("tall")
+    return write_tall_site(root)
+
+
+def _count_check(store, site, model, need_unheld):
+    vocab = store.vocab()
+    vocab = store.vocab()
+    want: Counter = Counter()
+    seqs = store.sequences().to_pylist()
+    for s in seqs:
+        want.update(g.normalise(vocab[t]) for t in s["token_ids"][1:])
+    meta = json.loads((site / f"search/{model}/meta.json").read_text())
+    assert meta["corpus"] == {"sequences": len(seqs), "tokens": sum(want.values()), "processed": store.manifest["processed"]["sequences"]}
+    ts = build_token_store(store, first_valid=1)
+    unheld = [k for k in want if not _brute_answer(ts, "any", k)]
+    assert unheld or not need_unheld, "every token is some neuron's: the count of a miss would go unchecked"
+    for key in unheld:
+        assert _shard_entry(site, key, model)["a"] == [] and _shard_entry(site, key, model)["n"] == 0, key
+    for key, count in want.items():
+        assert _shard_entry(site, key, model)["c"] == count, key
+    assert _shard_entry(site, "<bos>", model) is None  # only ever at position 0
+    assert _shard_entry(site, "hello", model) is None
+
+
+@pytest.mark.parametrize("query", ["any:the any:of", "the any:of", "any:the ACTIVATING:of", "t1\timportant:t2", "any:t1,any:the  Any:t2"])
+def test_terms_joined_by_a_space_are_refused(query):
+    with pytest.raises(ValueError, match="with no comma between them: join terms with commas, e.g. any:the,any:of"):
+        parse_query(query)
+
+
+def test_a_token_may_start_with_a_space():
+    assert parse_query(" the") == [("any", "the")]
+    assert parse_query("any: any") == [("any", "any")]
+    assert parse_query("any:t1, any:the") == [("any", "t1"), ("any", "the")]
+    assert parse_query("any:the company:") == [("any", "the company:")]  # no type after the space

@@ -73,6 +73,11 @@ export function normalise(token: string): string {
 // Terms in one query (tokenstore.MAX_TERMS): each distinct term costs up to two fetches.
 export const MAX_TERMS = 16;
 
+// Two terms with a space, not a comma, between them (tokenstore._JOINED): matched on the
+// ASCII-lower-cased term; whitespace right at the start belongs to a token (" the").
+const JOINED = /[^ \t\r\n][ \t\r\n]+(?:any|activating|important):/;
+const asciiLower = (t: string) => t.replace(/[A-Z]/g, (c) => c.toLowerCase());
+
 // DeepDecipher's syntax, as sitegen.services.neuron2graph.tokenstore.parse_query (same messages):
 // at most MAX_TERMS terms as written, repeated terms (after normalisation) kept once.
 export function parseQuery(query: string): [string, string][] {
@@ -83,6 +88,9 @@ export function parseQuery(query: string): [string, string][] {
   const terms: [string, string][] = [], seen = new Set<string>();
   for (const raw of query.split(",")) {
     if (pyStrip(raw) === "") throw new Error(`empty term in ${JSON.stringify(query)}: write type:token, e.g. any:the`);
+    if (JOINED.test(asciiLower(raw))) {
+      throw new Error(`two terms in ${JSON.stringify(raw)} with no comma between them: join terms with commas, e.g. any:the,any:of`);
+    }
     const at = raw.indexOf(":");
     let kind = "any", token = raw;
     if (at >= 0) {

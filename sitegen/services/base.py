@@ -93,10 +93,16 @@ class TokenIndex:
     """A service's part of the model's site-wide token search (site/search.py writes the files):
     `postings`: token -> (sorted global ids of the neurons it activates, of those it is important
     to); `preview(global_id)` -> [top tokens, max activation, graph F1 or None], the start of a
-    search result's row."""
+    search result's row; `support`: token -> per neuron of its activating list, how many distinct
+    sequences carry that token for it; `counts`: token -> its occurrences in the text counted, and
+    `corpus` what was counted ({"sequences", "tokens", "processed"}), so a miss can say how often
+    the token occurs."""
 
     postings: dict[str, tuple[list[int], list[int]]]
     preview: Callable[[int], list]
+    support: dict[str, list[int]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    corpus: dict | None = None
 
 
 @dataclass(frozen=True)

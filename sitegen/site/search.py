@@ -1,15 +1,20 @@
 """Token search as static files (written by the build; answered in the browser by app.js).
 
     search/<model>/meta.json                 shard count, cap, layer size, preview chunk size
-    search/<model>/tokens/<shard>.json       {token: {"a": ids, "i": ids, "na": n, "ni": n[, "m": k]}}
-    search/<model>/more/<shard>-<k>.json     the full lists of a token whose lists were capped
+    search/<model>/tokens/<shard>.json       {token: {"a": ids, "i": ids, "na": n, "ni": n, "n": n, "s": support, "c": count[, "m": k]}}
+    search/<model>/more/<shard>-<k>.json     the full lists of a token whose lists were capped ({"a", "i"})
+    search/<model>/support/<shard>-<k>.json  its full support list ({"s"}; only the page reads it, the edge function never)
     search/<model>/preview/<layer>/<chunk>.json   per neuron: [top tokens, max activation, graph F1 or null, explanation or null]
     search/<model>/words/<shard>.json        explanation search: {stem: [ids, term counts]} (lunr's analysis)
 
 A token's shard is FNV-1a (32-bit, over its UTF-8 bytes) modulo the shard count (a power of two),
 so the client fetches exactly one small file per term. Ids are global neuron ids (layer *
 layer_size + neuron), sorted and delta-encoded; each list keeps its first CAP ids and counts the
-rest, which sit in the token's "more" file. DeepDecipher's search URL,
+rest, which sit in the token's "more" file. "na", "ni" and "n" are the exact sizes of the
+activating list, the important list and their union (what `any:` finds); "s" is, per id of "a", in
+how many distinct sequences that neuron fires on the token (its evidence); "c" is how often the
+token occurs in the sequences meta.json's "corpus" describes, so a token no neuron has still has an
+entry (empty lists) when it occurs, and a token without an entry never occurs. DeepDecipher's search URL,
 /api/<model>/neuron2graph-search?query=..., is answered from these same files by an edge function
 (netlify/edge-functions/neuron2graph-search.ts; sitegen/site/edge.py in `sitegen serve`), so no
 file name ever derives from a token and no folder grows with the vocabulary beyond MAX_SHARDS.
@@ -87,20 +92,26 @@ def publish_search(pub, model) -> dict:
     for s in model.services:
         explanations.update(s.search_texts(model))
     lists = index.postings
+    empty: tuple[list[int], list[int]] = ([], [])
+    keys = set(lists) | set(index.counts)
     base = f"search/{model.name}"
-    shards = shard_count(len(lists))
-    grouped: dict[int, dict[str, dict]] = {s: {} for s in range(shards)}
-    for key, (a, i) in lists.items():
-        grouped[fnv1a(key) % shards][key] = (a, i)
+    shards = shard_count(len(keys))
+    grouped: dict[int, list[str]] = {s: [] for s in range(shards)}
+    for key in keys:
+        grouped[fnv1a(key) % shards].append(key)
     more_files = 0
     for s, entries in grouped.items():
         body = {}
         for k, key in enumerate(sorted(entries)):
-            a, i = entries[key]
-            entry = {"a": _delta(a[:CAP]), "i": _delta(i[:CAP]), "na": len(a), "ni": len(i)}
+            a, i = lists.get(key, empty)
+            support = index.support.get(key, [])
+            entry = {"a": _delta(a[:CAP]), "i": _delta(i[:CAP]), "na": len(a), "ni": len(i), "n": len(set(a) | set(i)),
+                     "s": support[:CAP], "c": index.counts.get(key, 0)}
             if len(a) > CAP or len(i) > CAP:
                 entry["m"] = k
                 pub.publish(f"{base}/more/{s}-{k}.json", orjson.dumps({"a": _delta(a), "i": _delta(i)}))
+                # apart from the lists: DeepDecipher's search URL reads "more" files within 50 ms of CPU
+                pub.publish(f"{base}/support/{s}-{k}.json", orjson.dumps({"s": support}))
                 more_files += 1
             body[key] = entry
         pub.publish(f"{base}/tokens/{s}.json", orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
@@ -112,8 +123,9 @@ def publish_search(pub, model) -> dict:
                 g = layer * size + n
                 rows.append([*index.preview(g), explanations.get(g)])
             pub.publish(f"{base}/preview/{layer}/{start // PREVIEW_CHUNK}.json", orjson.dumps(rows))
-    meta = {"shards": shards, "cap": CAP, "layer_size": size, "num_layers": model.num_layers, "preview_chunk": PREVIEW_CHUNK, "hash": "fnv1a-32"}
+    meta = {"shards": shards, "cap": CAP, "layer_size": size, "num_layers": model.num_layers, "preview_chunk": PREVIEW_CHUNK, "hash": "fnv1a-32",
+            "corpus": index.corpus}
     if explanations:
         meta["text"] = publish_text_search(pub, base, explanations)
     pub.publish(f"{base}/meta.json", orjson.dumps(meta, option=orjson.OPT_SORT_KEYS))
-    return {"tokens": len(lists), "shards": shards, "more_files": more_files}
+    return {"tokens": len(keys), "shards": shards, "more_files": more_files}

@@ -113,7 +113,7 @@ class Neuron2Graph(Service):
         from sitegen.services.neuron2graph.tokenstore import token_store
 
         ts = token_store(site)
-        return TokenIndex(ts.search_postings(), ts.preview)
+        return TokenIndex(ts.search_postings(), ts.preview, ts.search_support(), ts.token_counts(), ts.corpus)
 
     # --- compute half: graphs for the neurons `sitegen compute --n2g` selects, on the whole store -----
 

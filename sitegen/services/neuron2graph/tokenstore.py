@@ -4,7 +4,11 @@ Token store: for every neuron, its 'activating' and 'important' token keys (N2G-
 neuron with a graph takes them from its graph nodes; a neuron without one takes the activating
 tokens of its top sequences (positions at or above half its largest activation there; the
 strongest FALLBACK_CAP kept) and no important tokens, marked source 'top-sequences'. So search and
-similarity cover every neuron of every layer.
+similarity cover every neuron of every layer. Each activating token of a neuron also carries its
+support: in how many distinct top sequences of the neuron it reaches that same half-peak level on
+the token (0 for a graph token the top sequences never fire on); and the store counts every token
+key over the stored sequences (positions from first_valid on), so search can say how often a
+token no neuron has occurs.
 
 Similarity between two neurons with graphs: the measure DeepDecipher's paper describes, symmetric,
     (|A_i & A_j| + |I_i & I_j|) / (min(|A_i|, |A_j|) + min(|I_i|, |I_j|));
@@ -22,7 +26,8 @@ sitegen computes the intended formula.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -62,6 +67,11 @@ class TokenStore:
     source: list[str]
     f1: list[float | None]  # held-out F1 of the neuron's graph (None: no graph)
     max_act: list[float]  # largest activation seen (neuroscope), for result previews
+    # Per neuron, aligned with `activating`: in how many distinct top sequences of the neuron it
+    # reaches FALLBACK_THRESHOLD of its peak on that token (the evidence behind a search result).
+    support: list[np.ndarray] = field(default_factory=list)
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # key id -> occurrences in the stored sequences (positions from first_valid on)
+    corpus: dict | None = None  # what `counts` counts: {"sequences": stored, "tokens": counted, "processed": the corpus pass's sequences}
 
     @property
     def n_neurons(self) -> int:
@@ -75,6 +85,23 @@ class TokenStore:
         """token -> (activating ids, important ids), each sorted: the site's token search."""
         a, i = self.postings("activating"), self.postings("important")
         return {self.keys[k]: (a[k].tolist() if k in a else [], i[k].tolist() if k in i else []) for k in sorted(set(a) | set(i))}
+
+    def search_support(self) -> dict[str, list[int]]:
+        """token -> the support (see `support`) of each neuron in its activating list, in the
+        list's order (neuron order, as `postings`); none for a store built without supports."""
+        if len(self.support) != self.n_neurons:
+            return {}
+        owners = np.repeat(np.arange(self.n_neurons, dtype=np.int64), [len(s) for s in self.activating])
+        keys = np.concatenate(self.activating) if self.activating else np.zeros(0, np.int64)
+        values = np.concatenate(self.support) if self.support else np.zeros(0, np.int64)
+        order = np.lexsort((owners, keys))
+        keys, values = keys[order], values[order]
+        bounds = np.flatnonzero(np.diff(keys)) + 1
+        return {self.keys[int(k[0])]: v.tolist() for k, v in zip(np.split(keys, bounds), np.split(values, bounds)) if len(k)}
+
+    def token_counts(self) -> dict[str, int]:
+        """token -> its occurrences in the stored sequences, for every token that occurs."""
+        return {self.keys[int(k)]: int(self.counts[k]) for k in np.flatnonzero(self.counts)}
 
     def preview(self, g: int, n_tokens: int = 5) -> list:
         """A search result's start: [top tokens, largest activation, graph F1 or None]."""
@@ -113,11 +140,18 @@ def build_token_store(store, first_valid: int) -> TokenStore:
     seq_index = {int(s): i for i, s in enumerate(seqs.column("seq_id").to_numpy())}
     tok_col = seqs.column("token_ids").combine_chunks()
     tok_off, tok_val = np.asarray(tok_col.offsets), np.asarray(tok_col.values)
+    # positions before first_valid (BOS) are no text: not counted, as everywhere else
+    position = np.arange(len(tok_val)) - np.repeat(tok_off[:-1], np.diff(tok_off))
+    counted = tok_val[position >= first_valid]
+    counts = np.bincount(vocab_key[counted], minlength=len(intern.keys)) if len(counted) else np.zeros(len(intern.keys), np.int64)
+    processed = manifest.get("processed", {}).get("sequences")
+    corpus = {"sequences": len(seq_index), "tokens": int(len(counted)), "processed": None if processed is None else int(processed)}
     activating: list[np.ndarray] = []
     important: list[np.ndarray] = []
     source: list[str] = []
     f1: list[float | None] = []
     max_act: list[float] = []
+    support: list[np.ndarray] = []
     has_graphs = store.has_service("neuron2graph")
     for layer in range(n_layers):
         graphs = {}
@@ -125,7 +159,7 @@ def build_token_store(store, first_valid: int) -> TokenStore:
             t = store.read_layer("neuron2graph", layer, columns=["neuron", "activating", "important", "f1"]).to_pydict()
             graphs = {n: (a, i, f) for n, a, i, f in zip(t["neuron"], t["activating"], t["important"], t["f1"])}
         max_act.extend(round(float(x), 4) for x in store.read_layer("neuroscope", layer, columns=["max"]).column("max").to_numpy())
-        fallback = _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val, vocab_key)
+        fallback, fired = _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val, vocab_key)
         for n in range(size):
             if n in graphs:
                 a, i, f = graphs[n]
@@ -138,12 +172,14 @@ def build_token_store(store, first_valid: int) -> TokenStore:
                 important.append(np.zeros(0, np.int64))
                 source.append(SOURCE_TOP)
                 f1.append(None)
-    return TokenStore(intern.keys, size, activating, important, source, f1, max_act)
+            support.append(np.array([fired.get((n, int(k)), 0) for k in activating[-1]], dtype=np.int64))
+    return TokenStore(intern.keys, size, activating, important, source, f1, max_act, support, counts, corpus)
 
 
-def _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val, vocab_key) -> list[np.ndarray]:
+def _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val, vocab_key) -> tuple[list[np.ndarray], dict[tuple[int, int], int]]:
     """Per neuron: the distinct token keys where it reaches FALLBACK_THRESHOLD of its largest
-    activation on its top sequences, strongest first, at most FALLBACK_CAP (vectorised per layer)."""
+    activation on its top sequences, strongest first, at most FALLBACK_CAP (vectorised per layer);
+    and (neuron, key) -> the number of distinct top sequences where it does so on that key."""
     t = store.read_layer("neuroscope", layer, columns=["top_seq", "top_acts"])
     seq_col = t.column("top_seq").combine_chunks()
     acts_col = t.column("top_acts").combine_chunks()
@@ -164,6 +200,9 @@ def _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val,
     np.maximum.at(peak, neuron[counted], values[counted])
     keep = counted & (peak[neuron] > 0) & (values >= FALLBACK_THRESHOLD * peak[neuron])
     neuron, key, value = neuron[keep], vocab_key[token[keep]], values[keep]
+    triples = np.unique(np.stack([neuron, key, rows[value_text[keep]]]), axis=1) if len(neuron) else np.zeros((3, 0), np.int64)
+    pairs, fired = np.unique(triples[:2], axis=1, return_counts=True)
+    fired_at = {(int(n), int(k)): int(c) for n, k, c in zip(pairs[0], pairs[1], fired)}
     order = np.lexsort((key, -value, neuron))  # per neuron: strongest first, ties by key id
     neuron, key = neuron[order], key[order]
     out: list[np.ndarray] = [np.zeros(0, np.int64)] * size
@@ -172,7 +211,7 @@ def _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val,
         if len(part_n):
             _, first = np.unique(part_k, return_index=True)  # distinct keys, each at its strongest
             out[int(part_n[0])] = part_k[np.sort(first)][:FALLBACK_CAP]
-    return out
+    return out, fired_at
 
 
 def similarity_sets(ts: TokenStore, stop_min: int = STOP_MIN, stop_share: float = STOP_SHARE) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -299,6 +338,13 @@ def _quoted(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+# Two terms written with a space, not a comma, between them ("any:the any:of"): refused, since the
+# second would silently become part of the first's token. Matched on the ASCII-lower-cased term
+# (the same in JavaScript); a token may itself start with a space (" the"), so only whitespace
+# after some other character counts.
+_JOINED = re.compile(r"[^ \t\r\n][ \t\r\n]+(?:any|activating|important):")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
 # Terms in one search query. Each distinct term costs up to two file reads (its shard, its "more"
 # file), so a query is refused above this many terms rather than read 7,000 times over.
 MAX_TERMS = 16
@@ -318,6 +364,8 @@ def parse_query(query: str) -> list[tuple[str, str]]:
     for raw in query.split(","):
         if not raw.strip():
             raise ValueError(f"empty term in {_quoted(query)}: write type:token, e.g. any:the")
+        if _JOINED.search(raw.translate(_ASCII_LOWER)):
+            raise ValueError(f"two terms in {_quoted(raw)} with no comma between them: join terms with commas, e.g. any:the,any:of")
         kind, sep, token = raw.partition(":")
         if not sep:
             kind, token = "any", raw

@@ -202,6 +202,9 @@
     for (var i = 0; i < parts.length; i++) {
       var raw = parts[i];
       if (!raw.trim()) throw new Error("Empty term in “" + q + "”: write type:token, e.g. any:the");
+      // two terms with a space, not a comma, between them (tokenstore._JOINED); a token may start with a space
+      if (/[^ \t\r\n][ \t\r\n]+(?:any|activating|important):/.test(raw.replace(/[A-Z]/g, function (c) { return c.toLowerCase(); })))
+        throw new Error("Two terms in “" + raw + "” with no comma between them: join terms with commas, e.g. any:the,any:of");
       var at = raw.indexOf(":"), kind = "any", token = raw;
       if (at >= 0) { kind = raw.slice(0, at).trim().toLowerCase(); token = raw.slice(at + 1); }
       if (["any", "activating", "important"].indexOf(kind) < 0) throw new Error("Unknown type “" + kind + "” in “" + raw + "”: use any, activating or important, e.g. any:the");
@@ -288,55 +291,87 @@
           return Promise.all(found.map(function (f) { return lists(base, f, needFull, get); })).then(function (sets) {
             var capped = sets.some(function (s) { return s.capped; });
             var ids = sets.reduce(function (acc, s) { if (acc === null) return s.ids; var keep = new Set(s.ids); return acc.filter(function (x) { return keep.has(x); }); }, null);
-            show(model, meta, ids, terms, capped ? sets[0].total : ids.length);
+            show(model, meta, ids, found, sets, capped ? sets[0].total : ids.length);
             if (capped) {
               moreBtn.hidden = false;
-              moreBtn.onclick = function () { lists(base, found[0], true, get).then(function (s) { show(model, meta, s.ids, terms, s.ids.length); moreBtn.hidden = true; }); };
+              moreBtn.onclick = function () { lists(base, found[0], true, get).then(function (s) { show(model, meta, s.ids, found, [s], s.ids.length); moreBtn.hidden = true; }); };
             }
           });
         });
       }).catch(function (e) { status.textContent = ""; errorEl.textContent = "Search failed: " + e.message; errorEl.hidden = false; });
     }
     function pick(kind, a, i) { return kind === "activating" ? a : kind === "important" ? i : union(a, i); }
+    // support: neuron id -> in how many distinct sequences it fires on the token ("s", aligned with "a")
+    function supportOf(a, s) { var m = new Map(); a.forEach(function (id, k) { if (k < s.length) m.set(id, s[k]); }); return m; }
     function lists(base, f, full, get) {
-      if (!f.entry) return Promise.resolve({ids: [], capped: false, total: 0});
+      if (!f.entry) return Promise.resolve({ids: [], capped: false, total: 0, support: new Map()});
       var e = f.entry, a = undelta(e.a), i = undelta(e.i);
-      var total = f.kind === "activating" ? e.na : f.kind === "important" ? e.ni : null;
+      // exact sizes: "n" is the size of the union any: finds
+      var total = f.kind === "activating" ? e.na : f.kind === "important" ? e.ni : e.n;
       var capped = (f.kind !== "important" && e.na > a.length) || (f.kind !== "activating" && e.ni > i.length);
-      if (!capped) return Promise.resolve({ids: pick(f.kind, a, i), capped: false, total: pick(f.kind, a, i).length});
-      if (!full) return Promise.resolve({ids: pick(f.kind, a, i), capped: true, total: total === null ? e.na + e.ni : total, approx: total === null});
-      return get(base + "more/" + f.shard + "-" + e.m + ".json").then(function (m) {
-        var ids = pick(f.kind, undelta(m.a), undelta(m.i));
-        return {ids: ids, capped: false, total: ids.length};
+      if (!capped || !full) return Promise.resolve({ids: pick(f.kind, a, i), capped: capped, total: total, support: supportOf(a, e.s || [])});
+      return Promise.all([get(base + "more/" + f.shard + "-" + e.m + ".json"), get(base + "support/" + f.shard + "-" + e.m + ".json")]).then(function (got) {
+        var whole = undelta(got[0].a), ids = pick(f.kind, whole, undelta(got[0].i));
+        return {ids: ids, capped: false, total: ids.length, support: supportOf(whole, got[1].s)};
       });
     }
-    function show(model, meta, ids, terms, total) {
-      list.textContent = "";
-      var what = terms.map(function (t) { return t[0] + ":" + JSON.stringify(t[1]); }).join(" AND ");
-      if (!ids.length) { status.textContent = "No neuron has " + what + "."; return; }
-      status.textContent = (total > ids.length ? "Showing " + ids.length + " of " + (terms.length === 1 && terms[0][0] === "any" ? "about " : "") + total : ids.length) + " neuron" + (ids.length === 1 ? "" : "s") + " with " + what + ", by layer and neuron.";
-      render(model, meta, ids, null);
+    function plural(n, word) { return n.toLocaleString("en-US") + " " + word + (n === 1 ? "" : "s"); }
+    // what the token counts count: the whole corpus when the store keeps every sequence it read
+    function corpusText(c) {
+      if (!c) return "the stored sequences";
+      var tokens = plural(c.tokens, "token");
+      if (c.processed === c.sequences) return "the corpus (" + plural(c.sequences, "sequence") + ", " + tokens + ")";
+      return "the " + plural(c.sequences, "stored sequence") + " (" + tokens + (c.processed !== null ? "; the corpus pass read " + plural(c.processed, "sequence") : "") + ")";
     }
-    function render(model, meta, ids, scoreOf) {
+    function show(model, meta, ids, found, sets, total) {
       list.textContent = "";
-      var chunks = {};
+      var what = found.map(function (f) { return f.kind + ":" + JSON.stringify(f.token); }).join(" AND ");
+      if (!ids.length) {
+        var counts = found.map(function (f) { return JSON.stringify(f.token) + " occurs " + plural(f.entry ? f.entry.c || 0 : 0, "time"); });
+        status.textContent = "No neuron has " + what + ". In " + corpusText(meta.corpus) + ", " + counts.join(", ") + ".";
+        return;
+      }
+      status.textContent = (total > ids.length ? "Showing " + ids.length + " of " + total.toLocaleString("en-US") : ids.length) + " neuron" + (total === 1 ? "" : "s") + " with " + what + ", by layer and neuron. Support: the number of the neuron's top sequences in which it fires on the token.";
+      render(model, meta, ids, null, function (id) {
+        var parts = [];
+        sets.forEach(function (s, k) {
+          if (!s.support.has(id)) return;
+          parts.push(plural(s.support.get(id), "sequence") + (found.length > 1 ? " (" + JSON.stringify(found[k].token) + ")" : ""));
+        });
+        return parts.join(", ");
+      });
+    }
+    var chunks = {};  // preview files, fetched once per page however often results are redrawn
+    var observer = null;
+    function render(model, meta, ids, scoreOf, supportText) {
+      list.textContent = "";
+      if (observer) observer.disconnect();  // the rows it watched are gone
+      // previews load as rows come into view: one small file per 32 neurons, each fetched once
+      function loadPreview(li) {
+        var id = +li.getAttribute("data-id"), layer = Math.floor(id / meta.layer_size), n = id % meta.layer_size, prev = li.querySelector(".preview");
+        var key = model + "/preview/" + layer + "/" + Math.floor(n / meta.preview_chunk);
+        if (!chunks[key]) chunks[key] = getJSON("/search/" + key + ".json");
+        chunks[key].then(function (rows) {
+          var r = rows[n % meta.preview_chunk];
+          prev.textContent = "  max " + r[1] + (r[2] !== null ? " · graph F1 " + r[2] : "") + " · " + r[0].map(function (t) { return JSON.stringify(t); }).join(" ");
+          if (r[3]) { var ex = document.createElement("q"); ex.className = "expl"; ex.textContent = r[3]; prev.appendChild(ex); }
+        });
+      }
+      observer = "IntersectionObserver" in window ? new IntersectionObserver(function (entries) {
+        entries.forEach(function (en) { if (en.isIntersecting) { observer.unobserve(en.target); loadPreview(en.target); } });
+      }, {rootMargin: "200px"}) : null;
       ids.forEach(function (id, k) {
         var layer = Math.floor(id / meta.layer_size), n = id % meta.layer_size;
         var li = document.createElement("li"), a = document.createElement("a");
+        li.setAttribute("data-id", id);
         a.href = "/" + model + "/" + layer + "/" + n + ".html"; a.textContent = layer + ":" + n;
         li.appendChild(a);
         if (scoreOf) { var sc = document.createElement("span"); sc.className = "score"; sc.textContent = " score " + scoreOf(id); li.appendChild(sc); }
+        var sup = supportText ? supportText(id) : "";
+        if (sup) { var sp = document.createElement("span"); sp.className = "support"; sp.textContent = " · " + sup; li.appendChild(sp); }
         var prev = document.createElement("span"); prev.className = "preview"; li.appendChild(prev);
         list.appendChild(li);
-        if (k < 50) {  // previews for the first results: one small file per 32 neurons
-          var key = layer + "/" + Math.floor(n / meta.preview_chunk);
-          if (!chunks[key]) chunks[key] = getJSON("/search/" + model + "/preview/" + key + ".json");
-          chunks[key].then(function (rows) {
-            var r = rows[n % meta.preview_chunk];
-            prev.textContent = "  max " + r[1] + (r[2] !== null ? " · graph F1 " + r[2] : "") + " · " + r[0].map(function (t) { return JSON.stringify(t); }).join(" ");
-            if (r[3]) { var ex = document.createElement("q"); ex.className = "expl"; ex.textContent = r[3]; prev.appendChild(ex); }
-          });
-        }
+        if (observer) observer.observe(li); else if (k < 50) loadPreview(li);
       });
     }
   }
