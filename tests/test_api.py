@@ -37,10 +37,31 @@ def test_same_bytes_with_and_without_suffix(served_site):
     assert a == b
 
 
-def test_unknown_neuron_is_404(served_site):
-    r = requests.get(served_site + f"/api/{MODEL}/neuroscope/0/99")
-    assert r.status_code == 404
-    assert requests.get(served_site + "/no/such/page").status_code == 404
+@pytest.mark.parametrize("path", ["/api/nope", "/api/nope/neuroscope/0/1", f"/api/{MODEL}/nope/0/1", f"/api/{MODEL}/neuroscope/9",
+                                  f"/api/{MODEL}/neuroscope/0/99", f"/api/{MODEL}/neuroscope/0/99.json", f"/api/{MODEL}/all/9/9",
+                                  f"/api/{MODEL}/neuron_explainer/0/0", f"/api/{MODEL}/neuron_explainer"])
+def test_unknown_api_url_is_a_json_404(served_site, path):
+    """Unknown model, service, layer or neuron, and a service the model lacks (no stub files):
+    404 with a JSON body and the API's CORS header, not the HTML page."""
+    r = requests.get(served_site + path)
+    assert r.status_code == 404, path
+    assert r.headers["Content-Type"] == "application/json; charset=utf-8" and r.headers["Access-Control-Allow-Origin"] == "*"
+    assert r.json()["error"].startswith("no such API URL")
+    page = requests.get(served_site + "/no/such/page")  # outside /api: the site's HTML 404 page
+    assert page.status_code == 404 and page.headers["Content-Type"] == "text/html; charset=utf-8"
+
+
+def test_api_404_body_is_the_edge_functions():
+    """netlify/edge-functions/api-not-found.ts answers Netlify's 404s under /api/ with the bytes of
+    edge.NOT_FOUND_BODY (its JSON.stringify literal holds the same message), and netlify.toml
+    declares it for /api/* after the search function, which answers its own errors."""
+    from sitegen.site.edge import NOT_FOUND_BODY
+
+    repo = Path(__file__).resolve().parents[1]
+    source = (repo / "netlify" / "edge-functions" / "api-not-found.ts").read_text()
+    assert f'error: {orjson.dumps(orjson.loads(NOT_FOUND_BODY)["error"]).decode()},' in source
+    declared = [(d["path"], d["function"]) for d in tomllib.loads((repo / "netlify.toml").read_text())["edge_functions"]]
+    assert declared[-1] == ("/api/*", "api-not-found") and declared.index(("/api/*", "api-not-found")) > 0
 
 
 def test_headers_match_netlify_toml(served_site):

@@ -178,6 +178,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(edge.status, list(edge.headers), edge.body, head_only, None)
             return
         decision = self.rules.decide(path, query, lambda p: self._file(p) is not None)
+        if decision.status == 404 and (body := edge_functions.not_found_body(resource("netlify.toml"), raw_path)) is not None:
+            # an edge function that replaces the 404 page's body, as on Netlify (the API's JSON 404)
+            self._send(404, [("Content-Type", "application/json; charset=utf-8")], body, head_only, path)
+            return
         self._deliver(decision, path, head_only)
 
     def _deliver(self, d: Decision, path: str, head_only: bool) -> None:
