@@ -11,6 +11,11 @@ static search files (sitegen/site/search.py writes them) and must answer identic
 status, headers and bytes (tests/test_search.py checks it under a real Deno on every query of a
 small site). Change both together.
 
+The second, netlify/edge-functions/api-not-found.ts on /api/*, lets the request go on through the
+rules and static files (context.next()) and replaces only a 404 answer's body with the API's JSON
+error (NOT_FOUND_BODY), keeping the status and netlify.toml's headers: serve applies it after the
+rules (not_found_body).
+
 As on Netlify, an edge function's response carries only its own headers (netlify.toml's
 [[headers]] do not apply to it), and it runs before the redirect rules.
 """

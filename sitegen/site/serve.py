@@ -3,7 +3,8 @@
 Every request gets an HTTP answer carrying netlify.toml's headers (security headers included):
 malformed requests, unsupported methods and internal errors too. Paths declared for netlify.toml's
 edge functions are answered first, by their Python ports (edge.py), with only the headers the
-function sets (as on Netlify).
+function sets (as on Netlify); a 404 under /api/ gets the API's JSON body instead of the 404 page
+(edge.py's port of api-not-found, which on Netlify lets the request through and replaces a 404).
 
 Bounded work whatever the clients do (SiteServer): one thread watches every open connection with a
 selector and reads request heads; only a complete head (request line and headers, at most
