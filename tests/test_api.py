@@ -212,3 +212,42 @@ def test_rules_match_netlify_semantics(tmp_path):
     assert rules.decide("/other/go", "layer=0&neuron=1", exists).status == 404  # no rule names that model
     assert rules.decide("/m/go", "layer=0", exists).status == 404  # query condition not met
     assert rules.decide("/nothing/here", "", exists).status == 404
+
+
+def test_api_not_found_edge_function_under_deno(tmp_path):
+    """The deployed function itself, under Deno with a stand-in for Netlify's context: a 404 from
+    the rest of the chain becomes the JSON body with the 404's own headers (CORS kept, the HTML
+    page's length and ETag dropped); any other answer passes through untouched."""
+    import os
+    import subprocess
+
+    import deno
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "check.ts"
+    script.write_text(f"""
+import handler, {{ BODY }} from "{(repo / 'netlify' / 'edge-functions' / 'api-not-found.ts').as_uri()}";
+const page = (status: number) => () => Promise.resolve(new Response("<html>page</html>", {{ status, headers: {{
+  "Content-Type": "text/html; charset=utf-8", "Access-Control-Allow-Origin": "*", "ETag": "x", "Content-Length": "17" }} }}));
+const missing = await handler(new Request("http://h/api/m/nope"), {{ next: page(404) }});
+const head = await handler(new Request("http://h/api/m/nope", {{ method: "HEAD" }}), {{ next: page(404) }});
+const found = await handler(new Request("http://h/api/m"), {{ next: page(200) }});
+console.log(JSON.stringify({{
+  missing: [missing.status, missing.headers.get("content-type"), missing.headers.get("access-control-allow-origin"),
+            missing.headers.get("etag"), await missing.text()],
+  head: [head.status, await head.text()], found: [found.status, found.headers.get("content-type"), await found.text()], body: BODY }}));
+""")
+    done = subprocess.run([deno.find_deno_bin(), "run", "--quiet", "--no-prompt", str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1", "DENO_DIR": str(tmp_path / "deno")})
+    assert done.returncode == 0, done.stderr
+    from sitegen.site.edge import NOT_FOUND_BODY
+
+    got = orjson.loads(done.stdout)
+    assert got["body"].encode() == NOT_FOUND_BODY
+    assert got["missing"] == [404, "application/json; charset=utf-8", "*", None, NOT_FOUND_BODY.decode()]
+    assert got["head"] == [404, ""]
+    assert got["found"] == [200, "text/html; charset=utf-8", "<html>page</html>"]
+    check = subprocess.run([deno.find_deno_bin(), "check", "--quiet", str(repo / "netlify" / "edge-functions" / "api-not-found.ts")],
+                           capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1", "DENO_DIR": str(tmp_path / "deno")})
+    assert check.returncode == 0, check.stderr + check.stdout
