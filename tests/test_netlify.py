@@ -12,6 +12,7 @@ from tests/netlify/node_modules, which `make install-test` installs.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -125,7 +126,7 @@ API = ["/api", "/api/", "/api/index", "/api/index.json", "/api/openapi", "/api/o
        f"/api/{MODEL}", f"/api/{MODEL}.json", f"/api/{MODEL}/", f"/api/{MODEL}/neuroscope", f"/api/{MODEL}/neuroscope.json",
        f"/api/{MODEL}/neuroscope/0", f"/api/{MODEL}/neuroscope/0.json", f"/api/{MODEL}/neuroscope/0/1",
        f"/api/{MODEL}/neuroscope/0/1.json", f"/api/{MODEL}/neuron2graph/1/3", f"/api/{MODEL}/logits/0/2.json",
-       f"/api/{MODEL}/neuron_explainer/1/0", f"/api/{MODEL}/neuroscope/0/1/"]
+       f"/api/{MODEL}/neuron2graph/1", f"/api/{MODEL}/all/1/3", f"/api/{MODEL}/all/1", f"/api/{MODEL}/all", f"/api/{MODEL}/neuroscope/0/1/"]
 CHOOSER = [f"/{MODEL}/go?layer=0&neuron=1", f"/{MODEL}/go?neuron=3&layer=1", f"/{MODEL}/go?layer=1&neuron=2&x=y",
            f"/{MODEL}/go/?layer=0&neuron=1", f"/{MODEL}/go?layer=0", f"/{MODEL}/go", f"/{MODEL}/go?layer=9&neuron=9",
            "/nope-model/go?layer=0&neuron=1"]
@@ -138,8 +139,8 @@ QUERIES = [f"{SEARCH}?query=any:w0", f"{SEARCH}?query=activating:w5", f"{SEARCH}
            f"{SEARCH}?query=any:%20the", f"{SEARCH}?query=", f"{SEARCH}", f"{SEARCH}?query=the", f"{SEARCH}?query=bogus:the",
            f"{SEARCH}?query=any:", f"{SEARCH}?query=%", f"{SEARCH}?query=any:%E0%A4", f"{SEARCH}?query=any:the&query=any:of",
            f"{SEARCH}/?query=any:the", "/api/nope-model/neuron2graph-search?query=any:the", f"{SEARCH}.json?query=any:the"]
-NOT_FOUND = ["/nope", "/nope.html", "/nope/", f"/{MODEL}/9/9", f"/{MODEL}/0/99.html", "/api/nope", "/api/nope.json",
-             f"/api/{MODEL}/neuroscope/9/9", "/assets/nope.css", "/search/nope/meta.json", f"/{MODEL}/0/1/2/3"]
+NOT_FOUND = ["/nope", "/nope.html", "/nope/", f"/{MODEL}/9/9", f"/{MODEL}/0/99.html", "/assets/nope.css", "/search/nope/meta.json",
+             f"/{MODEL}/0/1/2/3"]
 HOSTILE = ["/%5C%5Cevil.com/go?layer=1&neuron=2", "/%5Cevil.com/go?layer=1&neuron=2", "/%2F%2Fevil.com/go?layer=1&neuron=2",
            "//evil.com/go?layer=1&neuron=2", "/evil.com%5C/go?layer=1&neuron=2", "/..%2F..%2Fevil.com/go?layer=1&neuron=2",
            f"/{MODEL}/go?layer=%2F%2Fevil.com&neuron=2", f"/{MODEL}/go?layer=%5C%5Cevil.com&neuron=2",
@@ -151,8 +152,16 @@ HOSTILE = ["/%5C%5Cevil.com/go?layer=1&neuron=2", "/%5Cevil.com/go?layer=1&neuro
            "/%2e%2e/%2e%2e/etc/passwd", "/..%2F..%2Fetc/passwd", "/api/..%2F..%2Fetc%2Fpasswd",
            f"/{MODEL}/0/%2e%2e/1/2.html", f"/api/{MODEL}%2Fneuroscope%2F0%2F1", "/about%2ehtml", "/%61bout.html",
            f"/{MODEL}/0/1%2ehtml", "/api/%00"]
-URLS = PAGES + API + CHOOSER + SHARDS + QUERIES + NOT_FOUND + HOSTILE
-HEAD = ["/", "/about", "/api", "/about.html", f"/api/{MODEL}/neuroscope/0/1", f"/{MODEL}/go?layer=0&neuron=1", f"{SEARCH}?query=any:the", "/nope"]
+# Unknown API URLs: model, service, layer, neuron, a service the model lacks (the toy store has no
+# explanations), a level below a neuron; each answers 404 with the API's JSON body on both servers.
+API_NOT_FOUND = ["/api/nope", "/api/nope.json", "/api/nope/neuroscope/0/1", f"/api/{MODEL}/nope", f"/api/{MODEL}/nope/0/1",
+                 f"/api/{MODEL}/neuroscope/9", f"/api/{MODEL}/neuroscope/9/9", f"/api/{MODEL}/neuroscope/0/99",
+                 f"/api/{MODEL}/neuroscope/0/99.json", f"/api/{MODEL}/all/9/9", f"/api/{MODEL}/neuron2graph/9",
+                 f"/api/{MODEL}/neuron_explainer/1/0", f"/api/{MODEL}/neuron_explainer/1", f"/api/{MODEL}/neuron_explainer",
+                 f"/api/{MODEL}/neuroscope/0/1/2"]
+URLS = PAGES + API + CHOOSER + SHARDS + QUERIES + NOT_FOUND + API_NOT_FOUND + HOSTILE
+HEAD = ["/", "/about", "/api", "/about.html", f"/api/{MODEL}/neuroscope/0/1", f"/{MODEL}/go?layer=0&neuron=1", f"{SEARCH}?query=any:the", "/nope",
+        f"/api/{MODEL}/neuroscope/9/9"]
 
 COMPARED = ("location", "content-type", "access-control-allow-origin")
 # Cache-Control values Netlify's dev server sends whatever netlify.toml says (static files get
@@ -185,10 +194,14 @@ NO_SUCH_SEARCH_URL = b'{"error":"no such search URL: ask /api/<model>/neuron2gra
 def _dev_retries_edge_404(ours: dict, netlify: dict) -> bool:
     """Netlify's dev server, given a 404 from the edge function, asks it again for the path plus
     .html, .htm, /index.html and /index.htm (its static pretty-URL lookup) and keeps the last
-    answer, which the function answers "no such search URL": the same status and headers, only
-    the message differs. `serve` keeps the function's own message (what Deno answers for the URL)."""
-    return (differences(ours, netlify).keys() == {"body"} and ours["status"] == 404 and netlify["body"] == NO_SUCH_SEARCH_URL
-            and ours["body"].startswith(b'{"error":'))
+    answer, which the search function answers "no such search URL", or, where that retried path is
+    not the search URL's, api-not-found answers with the API's JSON 404 (its Content-Type names the
+    charset): the same status, still a JSON error. `serve` keeps the function's own message (what
+    Deno answers for the URL)."""
+    from sitegen.site.edge import NOT_FOUND_BODY
+
+    return (differences(ours, netlify).keys() <= {"body", "content-type"} and ours["status"] == netlify["status"] == 404
+            and netlify["body"] in (NO_SUCH_SEARCH_URL, NOT_FOUND_BODY) and ours["body"].startswith(b'{"error":'))
 
 
 def _serve_refuses_non_integer(ours: dict, netlify: dict) -> bool:
@@ -226,6 +239,17 @@ def test_serve_answers_as_netlify_dev(served_site, netlify_dev, target):
         assert KEPT[target](ours, netlify), f"{target}: not the kept difference ({KEPT[target].__doc__.split('.')[0]}): {diff}"
     else:
         assert not diff, f"{target}: (sitegen serve, netlify dev) differ: {diff}"
+
+
+@pytest.mark.parametrize("target", API_NOT_FOUND)
+def test_unknown_api_url_is_a_json_404_on_both_servers(served_site, netlify_dev, target):
+    for base in (served_site, netlify_dev):
+        got = answer(base, target)
+        assert (got["status"], got["content-type"], got["access-control-allow-origin"]) == (404, "application/json; charset=utf-8", "*"), base
+        assert set(json.loads(got["body"])) == {"error"}
+        from sitegen.site.edge import NOT_FOUND_BODY
+
+        assert got["body"] == NOT_FOUND_BODY, base
 
 
 @pytest.mark.parametrize("target", HEAD)

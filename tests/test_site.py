@@ -71,9 +71,19 @@ def test_layer_and_model_level_api(built_site):
     model = _json(built_site, f"api/{MODEL}/neuroscope.json")["data"]["important_neurons"]
     assert len(model) == 8
     assert _json(built_site, "api/index.json")["models"][0]["name"] == MODEL
-    all_ = _json(built_site, f"api/{MODEL}/all/0/1.json")
-    assert all_["neuron_explainer"] == {"missing_data_types": ["neuron_explainer"]}
-    assert set(all_) == {"neuroscope", "neuron2graph", "logits", "neuron_explainer"} and all_["neuroscope"]["data"]["neuron_index"] == {"layer": 0, "neuron": 1}
+
+
+
+def test_all_holds_metadata_and_exactly_the_models_services(built_site):
+    meta = _json(built_site, f"api/{MODEL}.json")["metadata"]
+    assert "neuron_explainer" not in meta["available_services"]  # the toy store has no explanations
+    for url in (f"api/{MODEL}/all/0/1.json", f"api/{MODEL}/all/0.json"):
+        all_ = _json(built_site, url)
+        assert all_["metadata"] == meta, url
+        assert set(all_) - {"metadata"} == set(meta["available_services"]), url
+    neuron = _json(built_site, f"api/{MODEL}/all/0/1.json")
+    assert neuron["neuroscope"] == {"data": _json(built_site, f"api/{MODEL}/neuroscope/0/1.json")["data"]}
+    assert neuron["neuroscope"]["data"]["neuron_index"] == {"layer": 0, "neuron": 1}
 
 
 def test_neuron_page_content(built_site):
@@ -100,15 +110,17 @@ def test_every_corpus_string_is_escaped(built_site):
         assert "<img src=x" not in html and "</textarea>" not in html
 
 
-def test_missing_service_has_no_page_stub_and_keeps_its_envelope(tmp_path):
+def test_missing_service_has_no_page_stub_and_no_api_files(tmp_path):
     store = write_synthetic_store(tmp_path / "store", name="no-logits", with_logits=False)
     out = tmp_path / "site"
     build_site([store.root], out)
     html = (out / "no-logits" / "0" / "0.html").read_text()
     assert 'class="missing"' not in html and "Not available" not in html and "Direct logit effects" not in html
-    d = _json(out, "api/no-logits/logits/0/0.json")
-    assert d["missing_data_types"] == ["logits"] and d["metadata"]["available_services"] == ["neuroscope", "neuron2graph"]
-    assert _json(out, "api/no-logits/all/0/0.json")["logits"] == {"missing_data_types": ["logits"]}
+    assert _json(out, "api/no-logits.json")["metadata"]["available_services"] == ["neuroscope", "neuron2graph"]
+    # no stub per neuron: DeepDecipher's URL for the missing service answers the API's JSON 404
+    assert not (out / "api" / "no-logits" / "logits").exists() and not (out / "api" / "no-logits" / "logits.json").exists()
+    assert sorted(p.name for p in (out / "api" / "no-logits").iterdir() if p.is_dir()) == ["all", "neuron2graph", "neuroscope"]
+    assert set(_json(out, "api/no-logits/all/0/0.json")) == {"metadata", "neuroscope", "neuron2graph"}
 
 
 def test_layer_table_lists_every_neuron(built_site):
@@ -246,8 +258,7 @@ def test_histogram_has_a_labelled_log_count_axis():
 def test_api_and_home_pages_list_every_service_of_the_site(built_site):
     from sitegen.services import registry
 
-    services = [s.name for s in registry() if (built_site / "api" / MODEL / s.name / "0" / "0.json").exists()
-                and "missing_data_types" not in _json(built_site, f"api/{MODEL}/{s.name}/0/0.json")]
+    services = [s.name for s in registry() if (built_site / "api" / MODEL / s.name / "0" / "0.json").exists()]
     assert "neuron2graph" in services
     api = (built_site / "api.html").read_text()
     home = (built_site / "index.html").read_text()

@@ -34,6 +34,10 @@ BUILTIN = {
 }
 
 
+# /api/<model>/all/<layer>/<neuron> holds one key per service beside these
+RESERVED_NAMES = frozenset({"all", "metadata"})
+
+
 def _load(entry_name: str, target: str) -> Service:
     module, _, attr = target.partition(":")
     try:
@@ -45,6 +49,8 @@ def _load(entry_name: str, target: str) -> Service:
         raise ConfigError(f"service entry point {entry_name} = {target!r}: not a sitegen.services.base.Service subclass or instance")
     if service.name != entry_name:
         raise ConfigError(f"service entry point {entry_name} = {target!r}: the service calls itself {service.name!r}; use one name")
+    if service.name in RESERVED_NAMES:
+        raise ConfigError(f"service entry point {entry_name} = {target!r}: {service.name!r} is a key of the API's `all` object; rename the service")
     return service
 
 

@@ -155,22 +155,59 @@ NEURON_INDEX_REF = "#/components/schemas/NeuronIndex"
 LAYER_NEURON = ["model", "layer", "neuron"]
 
 
-def api_envelope(data_ref: str) -> dict:
-    """A response: {"data", "metadata"} or, where the store lacks the service, the Missing object."""
-    return {"oneOf": [
-        {"type": "object", "required": ["data", "metadata"], "properties": {"data": {"$ref": data_ref}, "metadata": {"$ref": METADATA_REF}}},
-        {"$ref": "#/components/schemas/Missing"},
-    ]}
+ERROR_REF = "#/components/schemas/ApiError"
+# Every path parameter of the API, described once.
+PARAMETERS = {
+    "model": "The model's name, as listed at /api (Metadata.name).",
+    "service": "A service name from the model's Metadata.available_services.",
+    "layer": "Layer index, from 0 to the model's num_layers - 1.",
+    "neuron": "Neuron index within the layer, from 0 to the model's layer_size - 1.",
+}
+NOT_FOUND = ("No such model, service, layer or neuron, or a service the model lacks (not in its "
+             "Metadata.available_services): 404 with {\"error\": message}.")
 
 
-def api_get(summary: str, schema: dict, params: list[str]) -> dict:
-    """An OpenAPI GET operation with path parameters (model and service are strings, the rest integers)."""
+def api_envelope(data_ref: str, what: str = "The service's data for this URL.") -> dict:
+    """A response: {"data": <the payload at DATA_REF>, "metadata": <Metadata>}. WHAT describes data."""
+    return {"type": "object", "required": ["data", "metadata"],
+            "description": "DeepDecipher's envelope: the payload and the model's metadata.",
+            "properties": {"data": {"$ref": data_ref, "description": what},
+                           "metadata": {"$ref": METADATA_REF, "description": "The model's metadata, as at /api/{model}."}}}
+
+
+def api_get(summary: str, schema: dict, params: list[str], description: str | None = None) -> dict:
+    """An OpenAPI GET operation with path parameters (model and service are strings, the rest
+    integers) and the API's JSON 404. DESCRIPTION (default: SUMMARY) says what the answer holds."""
     return {"get": {
         "summary": summary,
-        "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string" if p in ("model", "service") else "integer"}} for p in params],
+        "description": description or summary,
+        "parameters": [{"name": p, "in": "path", "required": True, "description": PARAMETERS[p],
+                        "schema": {"type": "string" if p in ("model", "service") else "integer"}} for p in params],
         "responses": {"200": {"description": "OK (Access-Control-Allow-Origin: *)", "content": {"application/json": {"schema": schema}}},
-                      "404": {"description": "no such model, layer or neuron"}},
+                      "404": {"description": NOT_FOUND, "content": {"application/json": {"schema": {"$ref": ERROR_REF}}}}},
     }}
+
+
+# The layer- and model-level answers of a service with no ranking of its own (Service.model_payload).
+LAYER_COUNT = {"type": "object", "required": ["num_neurons"], "description": "The layer's size.",
+               "properties": {"num_neurons": {"type": "integer", "description": "Neurons in the layer (the model's layer_size)."}}}
+MODEL_COUNT = {"type": "object", "required": ["num_layers"], "description": "The model's layer count (the service ranks no neurons).",
+               "properties": {"num_layers": {"type": "integer", "description": "Layers of the model (Metadata.num_layers)."}}}
+
+
+def level_paths(name: str, layer_schema: dict, model_schema: dict, layer_what: str, model_what: str) -> dict:
+    """The layer-level (/api/{model}/NAME/{layer}) and model-level (/api/{model}/NAME) paths of a service."""
+    return {
+        f"/api/{{model}}/{name}/{{layer}}": api_get(f"{name}: one layer", api_envelope_inline(layer_schema, layer_what), ["model", "layer"], layer_what),
+        f"/api/{{model}}/{name}": api_get(f"{name}: the whole model", api_envelope_inline(model_schema, model_what), ["model"], model_what),
+    }
+
+
+def api_envelope_inline(schema: dict, what: str) -> dict:
+    """api_envelope with the payload's schema inline (a $ref when SCHEMA is one)."""
+    env = api_envelope("", what)
+    env["properties"]["data"] = {**schema, "description": what}
+    return env
 
 
 class Service:
@@ -306,12 +343,16 @@ class Service:
         return f"provenance/{self.name}.html"
 
     def openapi_paths(self) -> dict:
-        """OpenAPI path items: by default the per-neuron URL with a free-form object."""
-        return {f"/api/{{model}}/{self.name}/{{layer}}/{{neuron}}": api_get(self.description or self.name, api_envelope(f"#/components/schemas/{self.schema_name}"), LAYER_NEURON)}
+        """OpenAPI path items: by default the per-neuron URL with a free-form object, and the
+        layer- and model-level URLs every service has (the build writes all three)."""
+        what = self.description or self.name
+        return {f"/api/{{model}}/{self.name}/{{layer}}/{{neuron}}": api_get(what, api_envelope(f"#/components/schemas/{self.schema_name}", what), LAYER_NEURON),
+                **level_paths(self.name, {"type": "object"}, {"type": "object"}, f"{self.name}'s layer-level data",
+                              f"{self.name}'s model-level data")}
 
     def openapi_schemas(self) -> dict:
         """OpenAPI component schemas this service's paths refer to."""
-        return {self.schema_name: {"type": "object"}}
+        return {self.schema_name: {"type": "object", "description": self.description or self.name}}
 
     @property
     def schema_name(self) -> str:

@@ -128,7 +128,6 @@ class SiteModel:
         self.num_layers = int(m["model"]["num_layers"])
         self.layer_size = int(m["model"]["layer_size"])
         self.services = [s for s in registry() if s.available(store)]
-        self.missing = [s for s in registry() if not s.available(store)]
         self.table_services = sorted(self.services, key=lambda s: s.column_order)  # stable: registry order on ties
         self.activations = next((s.name for s in self.services if s.activations), None)  # the service the templates link for activations
         self.text_search = any(s.text_search for s in self.services)
@@ -390,8 +389,6 @@ def _render_model(pub: Publisher, env: Environment, model: SiteModel, jobs: int,
             layer_payloads[name].append(lp)
     for s in model.services:
         pub.publish(f"{api}/{s.name}.json", dumps({"data": s.model_payload(model, layer_payloads[s.name]), "metadata": meta}))
-    for s in model.missing:
-        pub.publish(f"{api}/{s.name}.json", dumps({"missing_data_types": [s.name], "metadata": meta}))
     for s in model.services:  # model-level indexes of a service
         s.publish_model(pub, model)
     # The site-wide search (token and explanation search, DeepDecipher's search URL) reads several
@@ -483,7 +480,6 @@ def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict
     neuron_tpl = env.get_template("neuron.html")
     api = f"api/{model.name}"
     meta_json = dumps(meta)
-    missing_json = {s.name: dumps({"missing_data_types": [s.name], "metadata": meta}) for s in model.missing}
     views = [(s, s.open_layer(model.store, layer, model)) for s in model.services]
     view_of = {s.name: view for s, view in views}
     # The layer's tables and the model's caches are millions of long-lived objects: out of the
@@ -496,9 +492,8 @@ def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict
             payloads[s.name] = view.payload(n)
             encoded[s.name] = dumps(payloads[s.name])  # serialised once, spliced into the envelopes below
             pub.publish(f"{api}/{s.name}/{layer}/{n}.json", b'{"data":' + encoded[s.name] + b',"metadata":' + meta_json + b"}")
-        for s in model.missing:
-            pub.publish(f"{api}/{s.name}/{layer}/{n}.json", missing_json[s.name])
-        pub.publish(f"{api}/all/{layer}/{n}.json", _all(model, encoded))
+        # A service the model lacks gets no files: its URLs answer the API's JSON 404 (netlify.toml).
+        pub.publish(f"{api}/all/{layer}/{n}.json", _all(encoded, meta_json))
         pages = {s.name: view.page(n) for s, view in views}
         summary = [item for s, view in views for item in s.neuron_summary(view, n, payloads[s.name])]
         pub.publish(f"{model.name}/{layer}/{n}.html", neuron_tpl.render(
@@ -515,20 +510,17 @@ def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict
         lp = layer_payloads[s.name] = view.layer_payload()
         layer_json[s.name] = {"data": lp}
         pub.publish(f"{api}/{s.name}/{layer}.json", dumps({"data": lp, "metadata": meta}))
-    for s in model.missing:
-        pub.publish(f"{api}/{s.name}/{layer}.json", dumps({"missing_data_types": [s.name], "metadata": meta}))
-    pub.publish(f"{api}/all/{layer}.json", dumps({s.name: {"missing_data_types": [s.name]} for s in model.missing} | layer_json))
+    pub.publish(f"{api}/all/{layer}.json", dumps({"metadata": meta} | layer_json))
     columns = [c for s in model.table_services for c in s.layer_columns()]
     pub.publish(f"{model.name}/{layer}/index.html", env.get_template("layer.html").render(
         model=model, meta=meta, layer=layer, rows=rows, columns=columns, api=f"/{api}"))
     return _layer_summary(layer, [r for r in rows if "max" in r]), layer_payloads
 
 
-def _all(model: SiteModel, encoded: dict[str, bytes]) -> bytes:
-    """DeepDecipher's `all` object from already-serialised payloads, keys sorted like dumps() sorts them."""
-    parts = {name: b'{"data":' + data + b"}" for name, data in encoded.items()}
-    for s in model.missing:
-        parts[s.name] = dumps({"missing_data_types": [s.name]})
+def _all(encoded: dict[str, bytes], meta_json: bytes) -> bytes:
+    """DeepDecipher's `all` object (one {"data": ...} per service the model has) plus the model's
+    metadata, from already-serialised parts, keys sorted like dumps() sorts them."""
+    parts = {name: b'{"data":' + data + b"}" for name, data in encoded.items()} | {"metadata": meta_json}
     return b"{" + b",".join(dumps(k) + b":" + parts[k] for k in sorted(parts)) + b"}"
 
 

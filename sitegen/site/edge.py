@@ -11,6 +11,11 @@ static search files (sitegen/site/search.py writes them) and must answer identic
 status, headers and bytes (tests/test_search.py checks it under a real Deno on every query of a
 small site). Change both together.
 
+The second, netlify/edge-functions/api-not-found.ts on /api/*, lets the request go on through the
+rules and static files (context.next()) and replaces only a 404 answer's body with the API's JSON
+error (NOT_FOUND_BODY), keeping the status and netlify.toml's headers: serve applies it after the
+rules (not_found_body).
+
 As on Netlify, an edge function's response carries only its own headers (netlify.toml's
 [[headers]] do not apply to it), and it runs before the redirect rules.
 """
@@ -162,6 +167,13 @@ def neuron2graph_search(path: str, query_string: str, read: Read) -> EdgeRespons
 
 FUNCTIONS: dict[str, Callable[[str, str, Read], EdgeResponse]] = {"neuron2graph-search": neuron2graph_search}
 
+# netlify/edge-functions/api-not-found.ts: the same bytes as its BODY (JSON.stringify's).
+NOT_FOUND_BODY = orjson.dumps({"error": "no such API URL: /api lists the models and each model's services; "
+                                        "/api/openapi.json describes every URL"})
+# Edge functions that let the request go on (context.next()) and replace only a 404 answer: name ->
+# the JSON body it answers instead of the site's 404 page, with the 404's status and headers kept.
+NOT_FOUND_FUNCTIONS: dict[str, bytes] = {"api-not-found": NOT_FOUND_BODY}
+
 
 def _compile(path: str) -> re.Pattern:
     """A declaration's `path` (URLPattern syntax: `*` any characters, `:name` one segment) as Netlify
@@ -181,15 +193,26 @@ def declarations(netlify_toml: Path) -> tuple[tuple[re.Pattern, str], ...]:
         raise BuildError(f"{netlify_toml}: cannot read the edge function declarations ({e}); restore netlify.toml") from None
     out = []
     for d in doc.get("edge_functions", []):
-        if d.get("function") not in FUNCTIONS:
+        if d.get("function") not in FUNCTIONS and d.get("function") not in NOT_FOUND_FUNCTIONS:
             raise BuildError(f"{netlify_toml}: edge function {d.get('function')!r} has no Python port in sitegen/site/edge.py; add one to FUNCTIONS")
         out.append((_compile(d["path"]), d["function"]))
     return tuple(out)
 
 
 def handle(netlify_toml: Path, raw_path: str, query_string: str, read: Read) -> EdgeResponse | None:
-    """The response of the first edge function declared for RAW_PATH, or None (static rules apply)."""
+    """The response of the first edge function declared for RAW_PATH that answers by itself, or
+    None (static rules apply). A NOT_FOUND_FUNCTIONS function declared before it would see its
+    answer: netlify.toml declares them after."""
     for pattern, name in declarations(netlify_toml):
-        if pattern.match(raw_path):
+        if name in FUNCTIONS and pattern.match(raw_path):
             return FUNCTIONS[name](raw_path, query_string, read)
+    return None
+
+
+def not_found_body(netlify_toml: Path, raw_path: str) -> bytes | None:
+    """The JSON body a NOT_FOUND_FUNCTIONS function declared for RAW_PATH answers a 404 with (the
+    status and netlify.toml's headers stay the static answer's), or None: the site's 404 page."""
+    for pattern, name in declarations(netlify_toml):
+        if name in NOT_FOUND_FUNCTIONS and pattern.match(raw_path):
+            return NOT_FOUND_FUNCTIONS[name]
     return None

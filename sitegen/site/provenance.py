@@ -25,16 +25,37 @@ _SOURCE_KIND = {"enum": ["embedded", "hub", "local", None],
 PROVENANCE_SCHEMA = {
     "type": "object", "description": "How the data was made: corpus and its content hash, tokens, sequence length, model fingerprints "
                                      "(checkpoint files and weights), sitegen and library versions, Neuron2Graph settings. "
-                                     "`sitegen verify STORE` checks a store against its model.",
+                                     "`sitegen verify STORE` checks a store against its model. A null is a value the store did not record.",
     "required": ["corpus", "tokens_processed", "sequence_length", "model", "sitegen_version"],
     "properties": {
-        "corpus": {"type": "object", "properties": {"name": {"type": ["string", "null"]}, "source": {"type": ["string", "null"]},
-                                                    "source_kind": _SOURCE_KIND, "content_hash": {"type": ["string", "null"]}}},
-        "tokens_processed": {"type": ["integer", "null"]}, "sequence_length": {"type": ["integer", "null"]},
-        "model": {"type": "object", "properties": {"source": {"type": ["string", "null"]}, "source_kind": _SOURCE_KIND,
-                                                   "fingerprint": {"type": ["string", "null"]},
-                                                   "weights_sha256": {"type": ["string", "null"]}, "hook": {"type": ["string", "null"]}}},
-        "sitegen_version": {"type": ["string", "null"]},
+        "corpus": {"type": "object", "description": "The corpus the activations were recorded on.", "properties": {
+            "name": {"type": ["string", "null"], "description": "Its name (Metadata.dataset)."},
+            "source": {"type": ["string", "null"], "description": "The --corpus it was read from (a local path only as its last component "
+                                                                  "unless computed with --publish-source)."},
+            "source_kind": _SOURCE_KIND,
+            "content_hash": {"type": ["string", "null"], "description": "A hash of the corpus documents as read, so a copy can be checked "
+                                                                        "(\"hub:<name>\" for a dataset streamed from the hub)."}}},
+        "tokens_processed": {"type": ["integer", "null"], "description": "Corpus tokens the model was run on."},
+        "sequences_processed": {"type": ["integer", "null"], "description": "Packed sequences the model was run on."},
+        "sequence_length": {"type": ["integer", "null"], "description": "Tokens per packed sequence, BOS included (--seq-len)."},
+        "seed": {"type": ["integer", "null"], "description": "The compute run's --seed (the random sample of sequences, Neuron2Graph)."},
+        "top_k": {"type": ["integer", "null"], "description": "Top and bottom sequences kept per neuron (--top-k)."},
+        "random_sequences": {"type": ["integer", "null"], "description": "Random sequences kept per neuron (--n-random) for explanation "
+                                                                         "scoring; they stay in the store, not in the API."},
+        "model": {"type": "object", "description": "The model the activations came from.", "properties": {
+            "source": {"type": ["string", "null"], "description": "The --model it was loaded from (a hub id, or a local path's last "
+                                                                  "component unless computed with --publish-source)."},
+            "source_kind": _SOURCE_KIND,
+            "fingerprint": {"type": ["string", "null"], "description": "Identifies the checkpoint: \"sha256:\" and a hash of its file(s), "
+                                                                       "or \"hub:<id>\" for a hub model."},
+            "weights_sha256": {"type": ["string", "null"], "description": "SHA-256 over the loaded weights (every tensor's name, dtype, shape "
+                                                                          "and bytes), which `sitegen verify` recomputes."},
+            "hook": {"type": ["string", "null"], "description": "The activation read in each layer ({layer} stands for the layer index)."}}},
+        "sitegen_version": {"type": ["string", "null"], "description": "The sitegen version that computed the activations."},
+        "versions": {"type": ["object", "null"], "additionalProperties": {"type": "string"},
+                     "description": "Library name -> version, of the libraries the activations were computed with."},
+        "run_hash": {"type": ["string", "null"], "description": "A hash of the compute run's inputs and settings (model fingerprint, corpus "
+                                                                "hash, --seq-len, --seed, --tokens, --top-k, --n-random): the shards of one run share it."},
     },  # + each service's provenance_schemas() (site/openapi.py adds them)
 }
 

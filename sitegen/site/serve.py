@@ -3,7 +3,8 @@
 Every request gets an HTTP answer carrying netlify.toml's headers (security headers included):
 malformed requests, unsupported methods and internal errors too. Paths declared for netlify.toml's
 edge functions are answered first, by their Python ports (edge.py), with only the headers the
-function sets (as on Netlify).
+function sets (as on Netlify); a 404 under /api/ gets the API's JSON body instead of the 404 page
+(edge.py's port of api-not-found, which on Netlify lets the request through and replaces a 404).
 
 Bounded work whatever the clients do (SiteServer): one thread watches every open connection with a
 selector and reads request heads; only a complete head (request line and headers, at most
@@ -178,6 +179,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(edge.status, list(edge.headers), edge.body, head_only, None)
             return
         decision = self.rules.decide(path, query, lambda p: self._file(p) is not None)
+        if decision.status == 404 and (body := edge_functions.not_found_body(resource("netlify.toml"), raw_path)) is not None:
+            # an edge function that replaces the 404 page's body, as on Netlify (the API's JSON 404)
+            self._send(404, [("Content-Type", "application/json; charset=utf-8")], body, head_only, path)
+            return
         self._deliver(decision, path, head_only)
 
     def _deliver(self, d: Decision, path: str, head_only: bool) -> None:

@@ -4,12 +4,30 @@ from __future__ import annotations
 
 from markupsafe import Markup
 
-from sitegen.services.base import LAYER_NEURON, Cell, Column, Service, api_envelope, api_get, fmt_num
+from sitegen.services.base import LAYER_NEURON, MODEL_COUNT, Cell, Column, Service, api_envelope, api_get, fmt_num, level_paths
 
+_S = lambda d: {"type": ["string", "null"], "description": d}  # noqa: E731
 _EXPLAINER = {
     "type": "object", "required": ["explanation", "score"],
-    "properties": {"explanation": {"type": ["string", "null"]}, "score": {"type": ["number", "null"]}, "explainer": {"type": ["string", "null"]},
-                   "source": {"type": ["string", "null"]}, "method": {"type": ["string", "null"]}},
+    "description": "A neuron's explanation and its simulation score; every field null for a neuron with no explanation.",
+    "properties": {
+        "explanation": _S("One sentence, written by a language model from the neuron's top texts, saying what makes it fire."),
+        "score": {"type": ["number", "null"], "description": "How well the explanation predicts the activations: the correlation between "
+                                                             "the simulator's predicted and the real activations, pooled over every token of the "
+                                                             "scored texts (1: perfect; 0: no correlation); for `sitegen explain`, on "
+                                                             "the held-out test texts. Rounded to 4 decimals."},
+        "explainer": _S("The language model that wrote the explanation (and, for `sitegen explain`, simulated it)."),
+        "source": _S("Where the explanation comes from: \"sitegen explain\" (written and scored here) or \"openai-published\" "
+                     "(imported from OpenAI's published explanations)."),
+        "method": _S("How it was scored: the simulation method(s) used, joined by '+', or \"published\" for an imported score."),
+        "valid_score": {"type": ["number", "null"], "description": "`sitegen explain` only: the score on the validation texts the explanation "
+                                                                   "was chosen on (with --samples > 1)."},
+        "usage": {"type": "object", "description": "`sitegen explain` only: what writing and scoring this explanation cost.",
+                  "properties": {"prompt_tokens": {"type": "integer", "description": "Prompt tokens sent to the language model."},
+                                 "completion_tokens": {"type": "integer", "description": "Tokens the language model answered with."},
+                                 "requests": {"type": "integer", "description": "Requests made."}}},
+        "prompt_hash": _S("`sitegen explain` only: SHA-256 of the prompt messages that asked for the explanation, so a rerun can be checked against them."),
+    },
 }
 
 
@@ -39,6 +57,11 @@ def explanations(site) -> dict[int, str]:
         return out
 
     return site.cached("neuron_explainer.explanations", read)
+
+
+_LAYER = {"type": "object", "required": ["num_neurons", "explained"], "description": "The layer's explanation count.",
+          "properties": {"num_neurons": {"type": "integer", "description": "Neurons in the layer."},
+                         "explained": {"type": "integer", "description": "Neurons of the layer with an explanation."}}}
 
 
 class NeuronExplainer(Service):
@@ -109,8 +132,12 @@ class NeuronExplainer(Service):
                 Cell(Markup.escape(payload["explanation"] or ""))]
 
     def openapi_paths(self):
-        return {"/api/{model}/neuron_explainer/{layer}/{neuron}": api_get("A neuron's explanation and its simulation score (nulls when it has none)",
-                                                                           api_envelope("#/components/schemas/NeuronExplainer"), LAYER_NEURON)}
+        return {"/api/{model}/neuron_explainer/{layer}/{neuron}": api_get(
+                    "A neuron's explanation and its simulation score (nulls when it has none)",
+                    api_envelope("#/components/schemas/NeuronExplainer", "The neuron's explanation."), LAYER_NEURON,
+                    "DeepDecipher's {explanation, score} plus who wrote it and how it was scored; nulls for a neuron with no explanation."),
+                **level_paths("neuron_explainer", _LAYER, MODEL_COUNT, "How many of the layer's neurons have an explanation.",
+                              "The model's layer count (the data is per neuron).")}
 
     def openapi_schemas(self):
         return {"NeuronExplainer": _EXPLAINER}
