@@ -36,8 +36,10 @@ def main() -> None:
     flags = {layer: layer_artefacts(store, layer, vocab, blank) for layer in range(n_layers)}
     seconds = time.perf_counter() - start
     counts = Counter(a.code for f in flags.values() for a in f if a)
-    print(f"{m['name']}: {sum(counts.values()):,} of {n_layers * size:,} neurons flagged {dict(sorted(counts.items()))} "
-          f"({seconds:.1f} s for {n_layers} layers)")
+    print(
+        f"{m['name']}: {sum(counts.values()):,} of {n_layers * size:,} neurons flagged {dict(sorted(counts.items()))} "
+        f"({seconds:.1f} s for {n_layers} layers)"
+    )
     strongest = []
     for layer in range(n_layers):
         top = int(np.argmax(store.read_layer("neuroscope", layer, columns=["max"]).column("max").to_numpy()))
@@ -46,10 +48,12 @@ def main() -> None:
     print(f"strongest neuron of the layer flagged in {len(strongest)} of {n_layers} layers: {', '.join(strongest)}")
     by_max = select_neurons(str(args.n2g), n_layers, size, store)
     chosen = select_neurons(str(args.n2g), n_layers, size, store, skip_artefacts=True)
-    flagged = lambda sel: sum(1 for layer, ns in sel.items() for n in ns if flags[layer][n])  # noqa: E731
+    flagged = lambda sel: sum(1 for layer, ns in sel.items() for n in ns if flags[layer][n])
     total = sum(map(len, by_max.values()))
-    print(f"--n2g {args.n2g}: {flagged(by_max)} of the {total} neurons with the largest maxima are flagged; "
-          f"{flagged(chosen)} of the {total} chosen")
+    print(
+        f"--n2g {args.n2g}: {flagged(by_max)} of the {total} neurons with the largest maxima are flagged; "
+        f"{flagged(chosen)} of the {total} chosen"
+    )
     for pair in filter(None, args.show.split(",")):
         layer, n = map(int, pair.split(":"))
         a = flags[layer][n]

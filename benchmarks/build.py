@@ -62,7 +62,9 @@ SHAPES = {  # (layers, neurons per layer, vocabulary)
     "gpt2-xl": (48, 6400, 50257),
     "llama3-8b": (32, 14336, 128256),
 }
-_SUMMARY = re.compile(r"([\d,]+) files, ([\d,.]+) MiB;.*largest folder (\S*)/ \(([\d,]+) files\); peak memory ([\d,]+) MB")
+_SUMMARY = re.compile(
+    r"([\d,]+) files, ([\d,.]+) MiB;.*largest folder (\S*)/ \(([\d,]+) files\); peak memory ([\d,]+) MB"
+)
 
 
 def timed_build(store_dir: Path, out: Path, jobs: int) -> dict:
@@ -80,22 +82,46 @@ def timed_build(store_dir: Path, out: Path, jobs: int) -> dict:
     if not m:
         raise SystemExit(f"no summary in the build's output:\n{done.stderr}")
     files, mib, folder, in_folder, peak = m.groups()
-    return {"jobs": jobs, "seconds": seconds, "cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
-            "files": int(files.replace(",", "")), "bytes": float(mib.replace(",", "")) * 2**20, "folder": folder or ".",
-            "in_folder": int(in_folder.replace(",", "")), "peak_mb": int(peak.replace(",", "")), "warning": "warning:" in done.stderr}
+    return {
+        "jobs": jobs,
+        "seconds": seconds,
+        "cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+        "files": int(files.replace(",", "")),
+        "bytes": float(mib.replace(",", "")) * 2**20,
+        "folder": folder or ".",
+        "in_folder": int(in_folder.replace(",", "")),
+        "peak_mb": int(peak.replace(",", "")),
+        "warning": "warning:" in done.stderr,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="a model's shape (sets --layers, --neurons, --vocab)")
+    ap.add_argument(
+        "--shape", choices=sorted(SHAPES), default=None, help="a model's shape (sets --layers, --neurons, --vocab)"
+    )
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--neurons", type=int, default=3072)
     ap.add_argument("--vocab", type=int, default=50257)
-    ap.add_argument("--graphs", type=float, default=0.02, help="Neuron2Graph graphs per layer: a fraction (< 1) or a count")
+    ap.add_argument(
+        "--graphs", type=float, default=0.02, help="Neuron2Graph graphs per layer: a fraction (< 1) or a count"
+    )
     ap.add_argument("--explained", type=float, default=0.1, help="explanations per layer: a fraction (< 1) or a count")
-    ap.add_argument("--jobs", default="1,all", help="comma-separated --jobs values to time; 'all' = every core (default: 1,all)")
-    ap.add_argument("--keep", type=Path, default=None, help="keep the store (reused next time) and the site (unless --out) in this folder")
-    ap.add_argument("--out", type=Path, default=None, help="build the site in a new folder under this one instead of next to the store")
+    ap.add_argument(
+        "--jobs", default="1,all", help="comma-separated --jobs values to time; 'all' = every core (default: 1,all)"
+    )
+    ap.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep the store (reused next time) and the site (unless --out) in this folder",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="build the site in a new folder under this one instead of next to the store",
+    )
     ap.add_argument("--no-sizes", action="store_true", help="skip the per-file sizes and the fsync probe")
     args = ap.parse_args()
     if args.shape:
@@ -107,19 +133,25 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(dir=args.out, prefix="sitegen-bench-site-")) if args.out else work / "build"
     if not (store_dir / "manifest.json").exists():
         t0 = time.perf_counter()
-        synthetic_store(store_dir, args.layers, args.neurons, vocab_size=args.vocab, graphs=args.graphs, explained=args.explained)
-        print(f"synthetic store: {args.layers} x {args.neurons} neurons, {args.vocab:,}-token vocabulary, in {time.perf_counter() - t0:.0f} s")
+        synthetic_store(
+            store_dir, args.layers, args.neurons, vocab_size=args.vocab, graphs=args.graphs, explained=args.explained
+        )
+        print(
+            f"synthetic store: {args.layers} x {args.neurons} neurons, {args.vocab:,}-token vocabulary, in {time.perf_counter() - t0:.0f} s"
+        )
     total = args.layers * args.neurons
     runs = []
     for jobs in jobs_list:
         r = timed_build(store_dir, out, jobs)
         runs.append(r)
         speedup = runs[0]["seconds"] / r["seconds"]
-        print(f"--jobs {jobs}: {total:,} neurons in {r['seconds']:.1f} s: {total / r['seconds']:,.0f} neurons/s "
-              f"({total / r['cpu']:,.0f} per CPU second; {speedup:.2f}x --jobs {runs[0]['jobs']}); peak memory {r['peak_mb']:,} MB "
-              f"(target <= 4,096); {r['files']:,} files ({r['files'] / total:.2f} per neuron), {r['bytes'] / 2**30:.2f} GiB "
-              f"({r['bytes'] / total / 1024:.1f} KiB per neuron); largest folder {r['folder']}/ with {r['in_folder']:,} files "
-              f"({'OVER' if r['in_folder'] > 54_000 else 'under'} Netlify's 54,000)")
+        print(
+            f"--jobs {jobs}: {total:,} neurons in {r['seconds']:.1f} s: {total / r['seconds']:,.0f} neurons/s "
+            f"({total / r['cpu']:,.0f} per CPU second; {speedup:.2f}x --jobs {runs[0]['jobs']}); peak memory {r['peak_mb']:,} MB "
+            f"(target <= 4,096); {r['files']:,} files ({r['files'] / total:.2f} per neuron), {r['bytes'] / 2**30:.2f} GiB "
+            f"({r['bytes'] / total / 1024:.1f} KiB per neuron); largest folder {r['folder']}/ with {r['in_folder']:,} files "
+            f"({'OVER' if r['in_folder'] > 54_000 else 'under'} Netlify's 54,000)"
+        )
     if not args.no_sizes:
         sizes(out, args.layers, args.neurons, total, work)
     if args.out is not None:  # a new folder of this run's (on /dev/shm it holds memory): never kept
@@ -133,23 +165,34 @@ def sizes(out: Path, layers: int, neurons: int, total: int, work: Path) -> None:
     model = "gpt2-small-synthetic"
     rng = np.random.default_rng(1)
     sample = [(int(rng.integers(layers)), int(rng.integers(neurons))) for _ in range(200)]
-    files = {"page (HTML)": "{m}/{l}/{n}.html", "neuroscope JSON": "api/{m}/neuroscope/{l}/{n}.json", "logits JSON": "api/{m}/logits/{l}/{n}.json",
-             "neuron2graph JSON": "api/{m}/neuron2graph/{l}/{n}.json", "neuron_explainer JSON": "api/{m}/neuron_explainer/{l}/{n}.json",
-             "all JSON (aggregate copy)": "api/{m}/all/{l}/{n}.json"}
+    files = {
+        "page (HTML)": "{m}/{l}/{n}.html",
+        "neuroscope JSON": "api/{m}/neuroscope/{l}/{n}.json",
+        "logits JSON": "api/{m}/logits/{l}/{n}.json",
+        "neuron2graph JSON": "api/{m}/neuron2graph/{l}/{n}.json",
+        "neuron_explainer JSON": "api/{m}/neuron_explainer/{l}/{n}.json",
+        "all JSON (aggregate copy)": "api/{m}/all/{l}/{n}.json",
+    }
     raw_main = gz_main = 0.0
     for label, pattern in files.items():
-        raw = np.mean([os.path.getsize(out / pattern.format(m=model, l=l, n=n)) for l, n in sample])
-        gz = np.mean([len(gzip.compress((out / pattern.format(m=model, l=l, n=n)).read_bytes(), 6)) for l, n in sample])
+        raw = np.mean([os.path.getsize(out / pattern.format(m=model, l=layer, n=n)) for layer, n in sample])
+        gz = np.mean(
+            [len(gzip.compress((out / pattern.format(m=model, l=layer, n=n)).read_bytes(), 6)) for layer, n in sample]
+        )
         print(f"  {label:28s} {raw / 1024:6.1f} KB raw  {gz / 1024:5.1f} KB gzip")
         if "aggregate" not in label:
             raw_main, gz_main = raw_main + raw, gz_main + gz
-    print(f"  per neuron, page + service JSON: {raw_main / 1024:.1f} KB raw, {gz_main / 1024:.1f} KB gzip (target <= 40 KB raw)")
+    print(
+        f"  per neuron, page + service JSON: {raw_main / 1024:.1f} KB raw, {gz_main / 1024:.1f} KB gzip (target <= 40 KB raw)"
+    )
     du = subprocess.run(["du", "-sk", str(out)], capture_output=True, text=True).stdout.split()[0]
     print(f"  whole site on disk: {int(du) / 1024:.0f} MB ({int(du) / total:.1f} KB per neuron, 4 KiB blocks included)")
     count = sum(len(f) for _, _, f in os.walk(out))
     plain, synced = fsync_cost(work)
-    print(f"  fsync per file (not done by the build, see docs/guide.md): {synced * 1e3:.2f} ms a file against {plain * 1e3:.2f} ms for "
-          f"write + rename ({synced / plain:.0f}x); for this site's {count:,} files: +{count * (synced - plain):.0f} s")
+    print(
+        f"  fsync per file (not done by the build, see docs/guide.md): {synced * 1e3:.2f} ms a file against {plain * 1e3:.2f} ms for "
+        f"write + rename ({synced / plain:.0f}x); for this site's {count:,} files: +{count * (synced - plain):.0f} s"
+    )
 
 
 if __name__ == "__main__":

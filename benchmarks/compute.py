@@ -30,12 +30,27 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (the single-process comparison; timed with a device sync)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda, mps or auto (the single-process comparison; timed with a device sync)",
+    )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-weights", action="store_true")
-    ap.add_argument("--accumulators-only", action="store_true", help="time LayerAccumulator.update on random activations (CPU time, one thread)")
+    ap.add_argument(
+        "--accumulators-only",
+        action="store_true",
+        help="time LayerAccumulator.update on random activations (CPU time, one thread)",
+    )
     ap.add_argument("--d-mlp", type=int, default=1536)
-    ap.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS", help="compare whole runs: single process vs --ray")
+    ap.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="compare whole runs: single process vs --ray",
+    )
     ap.add_argument("--ray-shards", type=int, default=None)
     ap.add_argument("--ray-cpus-per-shard", type=int, default=None)
     args = ap.parse_args()
@@ -47,9 +62,9 @@ def main() -> None:
 
     from sitegen.compute.models import load_model, resolve_device
     from sitegen.compute.packing import pack_sequences
-    from sitegen.corpus_keys import random_key
     from sitegen.compute.runner import _batch_tensors, _corpus_services, _forward, _LayerAccumulators, auto_batch_size
     from sitegen.corpus import load_corpus
+    from sitegen.corpus_keys import random_key
     from sitegen.services.base import CorpusRun
 
     device = resolve_device(args.device)
@@ -57,9 +72,16 @@ def main() -> None:
     seqs = list(pack_sequences(load_corpus(args.corpus), model.tokenizer, args.seq_len, args.tokens, 0))
     bs = args.batch_size or auto_batch_size(device, args.seq_len)
     pad = int(model.tokenizer.pad_token_id or 0)
-    batches = [_batch_tensors(seqs[i:i + bs], bs, args.seq_len, pad, 1, 0, random_key, device) for i in range(0, len(seqs), bs)]
+    batches = [
+        _batch_tensors(seqs[i : i + bs], bs, args.seq_len, pad, 1, 0, random_key, device)
+        for i in range(0, len(seqs), bs)
+    ]
     n_tokens = sum(len(s.token_ids) for s in seqs)
-    full_flags = [len(seqs[i:i + bs]) == bs and all(len(s.token_ids) == args.seq_len for s in seqs[i:i + bs]) for i in range(0, len(seqs), bs)]
+    full_flags = [
+        len(seqs[i : i + bs]) == bs and all(len(s.token_ids) == args.seq_len for s in seqs[i : i + bs])
+        for i in range(0, len(seqs), bs)
+    ]
+
     def bare_full():
         with torch.inference_mode():
             for tokens, *_ in batches:
@@ -69,17 +91,32 @@ def main() -> None:
         for tokens, *_ in batches:
             model.run_mlp_activations(tokens, [model.n_layers - 1], lambda layer, acts: None)
 
-    run = CorpusRun(layer_size=model.d_mlp, seq_len=args.seq_len, first_valid=1, top_k=20, n_random=5, seed=0,
-                    seq_lengths={s.seq_id: len(s.token_ids) for s in seqs}, device=device)
+    run = CorpusRun(
+        layer_size=model.d_mlp,
+        seq_len=args.seq_len,
+        first_valid=1,
+        top_k=20,
+        n_random=5,
+        seed=0,
+        seq_lengths={s.seq_id: len(s.token_ids) for s in seqs},
+        device=device,
+    )
 
     def compute():  # every registered corpus-pass service's accumulators, as `sitegen compute` feeds them
-        accs = [_LayerAccumulators({s.name: s.accumulator(layer, run) for s in _corpus_services()}) for layer in range(model.n_layers)]
+        accs = [
+            _LayerAccumulators({s.name: s.accumulator(layer, run) for s in _corpus_services()})
+            for layer in range(model.n_layers)
+        ]
         for (tokens, seq_ids, valid, rand), full in zip(batches, full_flags):
             _forward(model, tokens, accs, seq_ids, valid, rand, full)
 
     bare_cut()  # warm-up
     timings = {}
-    for name, fn in (("bare forward, full (logits)", bare_full), ("bare forward, cut after last block", bare_cut), ("sitegen compute pass", compute)):
+    for name, fn in (
+        ("bare forward, full (logits)", bare_full),
+        ("bare forward, cut after last block", bare_cut),
+        ("sitegen compute pass", compute),
+    ):
         best = float("inf")
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -88,14 +125,24 @@ def main() -> None:
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
         timings[name] = n_tokens / best
-    print(f"model {model.name}: {model.n_layers} layers x {model.d_mlp} neurons; {n_tokens} tokens in {len(seqs)} sequences of {args.seq_len}; "
-          f"batch {bs}; device {device}"
-          + (f" ({torch.cuda.get_device_name()})" if device.startswith("cuda") else f"; torch threads {torch.get_num_threads()}"))
+    print(
+        f"model {model.name}: {model.n_layers} layers x {model.d_mlp} neurons; {n_tokens} tokens in {len(seqs)} sequences of {args.seq_len}; "
+        f"batch {bs}; device {device}"
+        + (
+            f" ({torch.cuda.get_device_name()})"
+            if device.startswith("cuda")
+            else f"; torch threads {torch.get_num_threads()}"
+        )
+    )
     for name, rate in timings.items():
         print(f"  {name:40s} {rate:8.1f} tokens/s")
     c = timings["sitegen compute pass"]
-    print(f"  ratio compute / bare full forward:       {c / timings['bare forward, full (logits)']:.3f}  (target >= 0.9)")
-    print(f"  ratio compute / bare forward, same cut:  {c / timings['bare forward, cut after last block']:.3f}  (cost of the accumulators alone)")
+    print(
+        f"  ratio compute / bare full forward:       {c / timings['bare forward, full (logits)']:.3f}  (target >= 0.9)"
+    )
+    print(
+        f"  ratio compute / bare forward, same cut:  {c / timings['bare forward, cut after last block']:.3f}  (cost of the accumulators alone)"
+    )
     if not args.skip_weights:
         from sitegen.services.logits.compute import weight_tables
 
@@ -124,8 +171,12 @@ def accumulators_only(args) -> None:
             acc.update(a, torch.arange(bs) + bs * (4 * rep + i), valid, torch.rand(bs), all_full=True)
         times.append((time.process_time() - t0) / len(acts))
     times.sort()
-    print(f"LayerAccumulator.update, batch {bs} x {T} tokens x {n} neurons, one thread: best {times[0] * 1e3:.1f} ms, "
-          f"median {times[2] * 1e3:.1f} ms CPU per layer per batch")
+    print(
+        f"LayerAccumulator.update, batch {bs} x {T} tokens x {n} neurons, one thread: best {times[0] * 1e3:.1f} ms, "
+        f"median {times[2] * 1e3:.1f} ms CPU per layer per batch"
+    )
+
+
 def ray_benchmark(args) -> None:
     import logging
     import os
@@ -139,24 +190,47 @@ def ray_benchmark(args) -> None:
     from sitegen.compute.runner import ComputeConfig, run_compute
 
     tmp = Path(tempfile.mkdtemp(prefix="sitegen-bench-ray-"))
-    cfg = lambda out: ComputeConfig(model=args.model, corpus=args.corpus, out=tmp / out, tokens=args.tokens, seq_len=args.seq_len,  # noqa: E731
-                                    batch_size=args.batch_size, device="cpu", progress=False, weights=not args.skip_weights)
-    load = lambda: "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())  # noqa: E731
+    cfg = lambda out: ComputeConfig(
+        model=args.model,
+        corpus=args.corpus,
+        out=tmp / out,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        device="cpu",
+        progress=False,
+        weights=not args.skip_weights,
+    )
+    load = lambda: "load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
     cores = os.cpu_count()
-    print(f"{args.tokens} tokens of {args.corpus} through {args.model}; {cores} cores; torch threads {torch.get_num_threads()}; {load()}")
+    print(
+        f"{args.tokens} tokens of {args.corpus} through {args.model}; {cores} cores; torch threads {torch.get_num_threads()}; {load()}"
+    )
     try:
         single, ray_runs = [], []
         t0 = time.perf_counter()
         if args.ray == "local":
-            ray.init(address="local", num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+            ray.init(
+                address="local",
+                num_cpus=cores,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
         else:
             ray.init(address=args.ray, logging_level=logging.WARNING, log_to_driver=False)
         print(f"  ray cluster start (not in the figures below): {time.perf_counter() - t0:.1f} s")
-        opts = RayOptions(address=None if args.ray == "local" else args.ray, shards=args.ray_shards,
-                          cpus_per_shard=args.ray_cpus_per_shard or (cores if args.ray == "local" else None), report_seconds=3600)
+        opts = RayOptions(
+            address=None if args.ray == "local" else args.ray,
+            shards=args.ray_shards,
+            cpus_per_shard=args.ray_cpus_per_shard or (cores if args.ray == "local" else None),
+            report_seconds=3600,
+        )
         for r in range(args.repeats):  # alternate, so a change in the machine's load hits both alike
-            for name, runs, fn in (("single", single, lambda out: run_compute(cfg(out), log=lambda m: None)),
-                                   ("ray", ray_runs, lambda out: run_compute_ray(cfg(out), opts, log=lambda m: None))):
+            for name, runs, fn in (
+                ("single", single, lambda out: run_compute(cfg(out), log=lambda m: None)),
+                ("ray", ray_runs, lambda out: run_compute_ray(cfg(out), opts, log=lambda m: None)),
+            ):
                 t0 = time.perf_counter()
                 fn(f"{name}{r}")
                 runs.append(time.perf_counter() - t0)

@@ -23,7 +23,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--layers", default="5,15,25")
     ap.add_argument("--per-layer", type=int, default=8)
-    ap.add_argument("--baseline-layer", type=int, default=None, help="layer for the one-at-a-time baseline [default: the middle one]")
+    ap.add_argument(
+        "--baseline-layer",
+        type=int,
+        default=None,
+        help="layer for the one-at-a-time baseline [default: the middle one]",
+    )
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
@@ -38,7 +43,9 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="n2g-bench-"))
         args.store = tmp / "store"
         t = time.perf_counter()
-        run_compute(ComputeConfig(out=args.store, tokens=args.tokens, weights=False, progress=False), log=lambda m: None)
+        run_compute(
+            ComputeConfig(out=args.store, tokens=args.tokens, weights=False, progress=False), log=lambda m: None
+        )
         print(f"store: {args.tokens} tokens computed in {time.perf_counter() - t:.0f} s")
     try:
         device = resolve_device(args.device)
@@ -60,10 +67,14 @@ def main() -> None:
         for layer, neurons in selection.items():
             s, tokens, table = run(layer, neurons)
             f1 = [x for x in table.column("f1").to_pylist() if x is not None]
-            print(f"{layer:>5} {table.num_rows:>6} {s:>8.1f} {60 * table.num_rows / s:>10.1f} {tokens / max(table.num_rows, 1):>12.0f} "
-                  f"{sum(f1) / max(len(f1), 1):>8.3f}")
+            print(
+                f"{layer:>5} {table.num_rows:>6} {s:>8.1f} {60 * table.num_rows / s:>10.1f} {tokens / max(table.num_rows, 1):>12.0f} "
+                f"{sum(f1) / max(len(f1), 1):>8.3f}"
+            )
             total_s, total_tokens, total_graphs = total_s + s, total_tokens + tokens, total_graphs + table.num_rows
-        print(f"batched: {60 * total_graphs / total_s:.1f} graphs/min, {total_tokens / total_graphs:.0f} model-input tokens per graph (padding included)")
+        print(
+            f"batched: {60 * total_graphs / total_s:.1f} graphs/min, {total_tokens / total_graphs:.0f} model-input tokens per graph (padding included)"
+        )
 
         layers = list(selection)
         base_layer = args.baseline_layer if args.baseline_layer is not None else layers[len(layers) // 2]
@@ -73,9 +84,11 @@ def main() -> None:
             s, tokens, _ = run(base_layer, [n])
             one_s, one_tokens = one_s + s, one_tokens + tokens
         batched_s, batched_tokens, _ = run(base_layer, neurons)
-        print(f"layer {base_layer}, {len(neurons)} neurons: one at a time {60 * len(neurons) / one_s:.1f} graphs/min "
-              f"({one_tokens / len(neurons):.0f} tokens/graph); batched {60 * len(neurons) / batched_s:.1f} graphs/min "
-              f"({batched_tokens / len(neurons):.0f} tokens/graph); speed-up {one_s / batched_s:.2f}x")
+        print(
+            f"layer {base_layer}, {len(neurons)} neurons: one at a time {60 * len(neurons) / one_s:.1f} graphs/min "
+            f"({one_tokens / len(neurons):.0f} tokens/graph); batched {60 * len(neurons) / batched_s:.1f} graphs/min "
+            f"({batched_tokens / len(neurons):.0f} tokens/graph); speed-up {one_s / batched_s:.2f}x"
+        )
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -39,8 +39,10 @@ def main() -> None:
     seqs = list(pack_sequences(corpus, tok, 32, args.tokens, 0))
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"{len(text) / 1e6:.0f} MB line, budget {args.tokens} tokens: {len(seqs)} sequences in {seconds:.2f} s, "
-          f"peak RSS +{(peak - before) / 1024:.0f} MB (process {peak / 1024:.0f} MB)")
+    print(
+        f"{len(text) / 1e6:.0f} MB line, budget {args.tokens} tokens: {len(seqs)} sequences in {seconds:.2f} s, "
+        f"peak RSS +{(peak - before) / 1024:.0f} MB (process {peak / 1024:.0f} MB)"
+    )
 
 
 if __name__ == "__main__":

@@ -63,8 +63,10 @@ def main() -> None:
             rounds.append(one_round(root / "site", files, args.size))
         finally:
             shutil.rmtree(root, ignore_errors=True)
-    print(f"sitegen from {Path(sitegen.__file__).parent}: {args.files:,} files of {args.size:,} bytes in {args.folders} folders, "
-          f"median of {args.repeat} rounds (min-max), microseconds per file:")
+    print(
+        f"sitegen from {Path(sitegen.__file__).parent}: {args.files:,} files of {args.size:,} bytes in {args.folders} folders, "
+        f"median of {args.repeat} rounds (min-max), microseconds per file:"
+    )
     for phase in ("fresh", "unchanged", "changed", "delete"):
         per_file = sorted(r[phase] / args.files * 1e6 for r in rounds)
         print(f"  {phase:9} {statistics.median(per_file):6.1f}  ({per_file[0]:.1f}-{per_file[-1]:.1f})")

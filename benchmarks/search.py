@@ -41,16 +41,27 @@ def synthetic_token_store(seed: int):
     splits = np.split(draws, np.cumsum(n_act)[:-1])
     activating = [np.unique(s) for s in splits]
     graph = rng.random(n) < 0.2
-    important = [np.unique(rng.choice(VOCAB, size=rng.integers(3, 9), p=weights)) if g else np.zeros(0, np.int64) for g in graph]
+    important = [
+        np.unique(rng.choice(VOCAB, size=rng.integers(3, 9), p=weights)) if g else np.zeros(0, np.int64) for g in graph
+    ]
     keys = [f"tok{i}" for i in range(VOCAB)]
     # each result's support (top sequences carrying the token: 1-5 of a neuron's top 5) and the
     # token counts of a 10M-token corpus, so the shards carry what a real store's do
     support = [rng.integers(1, 6, size=len(a)) for a in activating]
     counts = rng.multinomial(10_000_000, weights)
     corpus = {"sequences": 10_000_000 // 64, "tokens": 10_000_000, "processed": 10_000_000 // 64}
-    return TokenStore(keys, SIZE, activating, important, [SOURCE_GRAPH if g else SOURCE_TOP for g in graph],
-                      [round(float(x), 3) if g else None for g, x in zip(graph, rng.random(n))], np.round(rng.random(n) * 5, 4).tolist(),
-                      support, counts, corpus), weights
+    return TokenStore(
+        keys,
+        SIZE,
+        activating,
+        important,
+        [SOURCE_GRAPH if g else SOURCE_TOP for g in graph],
+        [round(float(x), 3) if g else None for g, x in zip(graph, rng.random(n))],
+        np.round(rng.random(n) * 5, 4).tolist(),
+        support,
+        counts,
+        corpus,
+    ), weights
 
 
 def main() -> None:
@@ -67,8 +78,10 @@ def main() -> None:
 
     t = time.perf_counter()
     ts, weights = synthetic_token_store(args.seed)
-    print(f"synthetic token store: {ts.n_neurons:,} neurons, {sum(len(a) for a in ts.activating):,} activating and "
-          f"{sum(len(i) for i in ts.important):,} important entries ({time.perf_counter() - t:.0f} s)")
+    print(
+        f"synthetic token store: {ts.n_neurons:,} neurons, {sum(len(a) for a in ts.activating):,} activating and "
+        f"{sum(len(i) for i in ts.important):,} important entries ({time.perf_counter() - t:.0f} s)"
+    )
     out = args.keep or Path(tempfile.mkdtemp(prefix="search-bench-"))
     try:
         pub = Publisher(out)
@@ -76,9 +89,18 @@ def main() -> None:
         env.globals["content_pages"] = []
         from sitegen.services import registry
 
-        cached = {"neuron2graph.token_store": ts, "neuron_explainer.explanations": {}}  # what SiteModel.cached would hold
-        model = SimpleNamespace(name="synthetic-xl", layer_size=SIZE, num_layers=LAYERS, services=list(registry()), text_search=False,
-                                cached=lambda key, make: cached[key])
+        cached = {
+            "neuron2graph.token_store": ts,
+            "neuron_explainer.explanations": {},
+        }  # what SiteModel.cached would hold
+        model = SimpleNamespace(
+            name="synthetic-xl",
+            layer_size=SIZE,
+            num_layers=LAYERS,
+            services=list(registry()),
+            text_search=False,
+            cached=lambda key, make: cached[key],
+        )
         t = time.perf_counter()
         figures = publish_search(pub, model)
         pub.publish("search.html", env.get_template("search.html").render(models=[model]))
@@ -89,8 +111,10 @@ def main() -> None:
         meta_gz = len(gzip.compress((base / "meta.json").read_bytes(), 6))
         more = [p.stat().st_size for p in (base / "more").iterdir()] if (base / "more").exists() else [0]
         total = sum(p.stat().st_size for p in base.rglob("*") if p.is_file())
-        print(f"index: {len(shard_gz)} shards, {total / 1e6:.1f} MB on disk under search/ (previews included); "
-              f"{len(more)} 'more' files, largest {max(more) / 1e3:.0f} KB raw")
+        print(
+            f"index: {len(shard_gz)} shards, {total / 1e6:.1f} MB on disk under search/ (previews included); "
+            f"{len(more)} 'more' files, largest {max(more) / 1e3:.0f} KB raw"
+        )
         present = np.unique(np.concatenate(ts.activating + ts.important)).tolist()
 
         def query_bytes(token_ids) -> list[int]:
@@ -99,7 +123,9 @@ def main() -> None:
         def describe(label, sizes):
             sizes = sorted(sizes)
             p95 = sizes[int(0.95 * (len(sizes) - 1))]
-            print(f"  {label}: median {statistics.median(sizes) / 1e3:.2f} KB, p95 {p95 / 1e3:.2f} KB, max {sizes[-1] / 1e3:.2f} KB (gzip)")
+            print(
+                f"  {label}: median {statistics.median(sizes) / 1e3:.2f} KB, p95 {p95 / 1e3:.2f} KB, max {sizes[-1] / 1e3:.2f} KB (gzip)"
+            )
 
         rng = np.random.default_rng(args.seed + 1)
         by_freq = rng.choice(VOCAB, size=2000, p=weights)
@@ -148,9 +174,11 @@ def _api_figures(site: Path, model: str, ts, weights, rng) -> None:
     for label, queries in (("one term", singles), ("two terms (AND)", pairs)):
         got = sorted(files_read(q) for q in queries)
         raw, gz = sorted(r for r, _ in got), sorted(z for _, z in got)
-        print(f"search URL, files the edge function reads per query, {label}, queries drawn by token frequency: "
-              f"median {statistics.median(raw) / 1e3:.1f} KB ({statistics.median(gz) / 1e3:.1f} KB gzip), "
-              f"p95 {raw[int(0.95 * (len(raw) - 1))] / 1e3:.1f} KB, max {raw[-1] / 1e3:.1f} KB ({gz[-1] / 1e3:.1f} KB gzip)")
+        print(
+            f"search URL, files the edge function reads per query, {label}, queries drawn by token frequency: "
+            f"median {statistics.median(raw) / 1e3:.1f} KB ({statistics.median(gz) / 1e3:.1f} KB gzip), "
+            f"p95 {raw[int(0.95 * (len(raw) - 1))] / 1e3:.1f} KB, max {raw[-1] / 1e3:.1f} KB ({gz[-1] / 1e3:.1f} KB gzip)"
+        )
     try:
         import deno
 
@@ -159,21 +187,37 @@ def _api_figures(site: Path, model: str, ts, weights, rng) -> None:
         print("search URL under Deno: not measured (pip install deno)")
         return
     common = [ts.keys[0], ts.keys[1], ts.keys[2]]  # the most frequent tokens: the longest lists
-    worst = [f"any:{common[0]}", f"activating:{common[0]}", f"any:{common[1]}", f"any:{common[0]},any:{common[1]}",
-             f"any:{common[0]},any:{common[1]},any:{common[2]}"]
-    done = subprocess.run([deno_bin, "run", "--quiet", "--no-prompt", f"--allow-read={site}", "--allow-env", "benchmarks/search_edge.ts"],
-                          input=json.dumps({"site": str(site), "model": model, "queries": singles[:200] + pairs[:50] + worst}),
-                          capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent,
-                          env={**os.environ, "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1"})
+    worst = [
+        f"any:{common[0]}",
+        f"activating:{common[0]}",
+        f"any:{common[1]}",
+        f"any:{common[0]},any:{common[1]}",
+        f"any:{common[0]},any:{common[1]},any:{common[2]}",
+    ]
+    done = subprocess.run(
+        [deno_bin, "run", "--quiet", "--no-prompt", f"--allow-read={site}", "--allow-env", "benchmarks/search_edge.ts"],
+        input=json.dumps({"site": str(site), "model": model, "queries": singles[:200] + pairs[:50] + worst}),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1"},
+    )
     timed = json.loads(done.stdout)
-    print(f"search URL under Deno, files in memory, best of 3 (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
+    print(
+        f"search URL under Deno, files in memory, best of 3 (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):"
+    )
     for label, part in (("one term", timed[:200]), ("two terms", timed[200:250])):
         for what in ("cpu", "ms"):
             v = sorted(t[what] for t in part)
-            print(f"  {label}, {'CPU time' if what == 'cpu' else 'wall time'}: median {statistics.median(v):.2f} ms, "
-                  f"p95 {v[int(0.95 * (len(v) - 1))]:.2f} ms, max {v[-1]:.2f} ms")
+            print(
+                f"  {label}, {'CPU time' if what == 'cpu' else 'wall time'}: median {statistics.median(v):.2f} ms, "
+                f"p95 {v[int(0.95 * (len(v) - 1))]:.2f} ms, max {v[-1]:.2f} ms"
+            )
     for t in timed[250:]:
-        print(f"  {t['query']}: CPU {t['cpu']:.1f} ms, wall {t['ms']:.1f} ms, answer {t['bytes'] / 1e6:.2f} MB, {t['neurons']:,} neurons")
+        print(
+            f"  {t['query']}: CPU {t['cpu']:.1f} ms, wall {t['ms']:.1f} ms, answer {t['bytes'] / 1e6:.2f} MB, {t['neurons']:,} neurons"
+        )
 
 
 def _browser_timing(site: Path, model: str, tokens: list[str]) -> None:
@@ -194,14 +238,19 @@ def _browser_timing(site: Path, model: str, tokens: list[str]) -> None:
             page = browser.new_page(bypass_csp=True)  # Playwright's wait_for_function evaluates strings
             page.goto(url)
             sizes: list[int] = []
-            page.on("response", lambda r: sizes.append(int(r.headers.get("content-length", 0))) if "/search/" in r.url else None)
+            page.on(
+                "response",
+                lambda r: sizes.append(int(r.headers.get("content-length", 0))) if "/search/" in r.url else None,
+            )
             for token in tokens:
                 sizes.clear()
                 page.fill("#search-q", f"any:{token}")
                 start = time.perf_counter()
                 page.click("#search-form button[type=submit]")
-                page.wait_for_function("!document.getElementById('search-status').textContent.startsWith('Searching')"
-                                       " && document.getElementById('search-status').textContent !== ''")
+                page.wait_for_function(
+                    "!document.getElementById('search-status').textContent.startsWith('Searching')"
+                    " && document.getElementById('search-status').textContent !== ''"
+                )
                 times.append(time.perf_counter() - start)
                 transferred.append(sum(sizes))
             browser.close()
@@ -209,9 +258,11 @@ def _browser_timing(site: Path, model: str, tokens: list[str]) -> None:
         server.shutdown()
         server.server_close()
     times.sort()
-    print(f"time to results in headless Chromium, {len(times)} one-token queries (cache warm after the first meta.json): "
-          f"median {1000 * statistics.median(times):.0f} ms, p95 {1000 * times[int(0.95 * (len(times) - 1))]:.0f} ms, max {1000 * times[-1]:.0f} ms; "
-          f"uncompressed bytes fetched per query (shard, and preview files of the first 50 results): median {statistics.median(transferred) / 1e3:.1f} KB")
+    print(
+        f"time to results in headless Chromium, {len(times)} one-token queries (cache warm after the first meta.json): "
+        f"median {1000 * statistics.median(times):.0f} ms, p95 {1000 * times[int(0.95 * (len(times) - 1))]:.0f} ms, max {1000 * times[-1]:.0f} ms; "
+        f"uncompressed bytes fetched per query (shard, and preview files of the first 50 results): median {statistics.median(transferred) / 1e3:.1f} KB"
+    )
 
 
 if __name__ == "__main__":

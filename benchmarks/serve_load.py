@@ -53,15 +53,28 @@ def url_mix(site: Path, model: str, seed: int = 0) -> list[str]:
     pages += [f"/{model}/{rng.randrange(LAYERS)}/{rng.randrange(NEURONS)}.html" for _ in range(20)]
     pages += [f"/{model}/{rng.randrange(LAYERS)}/{rng.randrange(NEURONS)}" for _ in range(10)]
     api = ["/api", f"/api/{model}", f"/api/{model}/neuroscope/0", f"/api/{model}/neuroscope/0/999"]
-    api += [f"/api/{model}/{svc}/{rng.randrange(LAYERS)}/{rng.randrange(NEURONS)}{ext}"
-            for svc in ("neuroscope", "all", "logits") for ext in ("", ".json") for _ in range(4)]
+    api += [
+        f"/api/{model}/{svc}/{rng.randrange(LAYERS)}/{rng.randrange(NEURONS)}{ext}"
+        for svc in ("neuroscope", "all", "logits")
+        for ext in ("", ".json")
+        for _ in range(4)
+    ]
     api += [f"/{model}/go?layer={rng.randrange(LAYERS)}&neuron={rng.randrange(NEURONS)}" for _ in range(4)]
-    malformed = [f"/{model}/go?layer=0%0d%0aSet-Cookie:%20pwn=1&neuron=0", "/%5Cevil.com/go?layer=0&neuron=0",
-                 f"/{model}/go?layer=%E4%B8%AD&neuron=0", "/%00", "/%ff%fe", "/" + "a" * 3000, "/..%2F..%2Fetc%2Fpasswd"]
+    malformed = [
+        f"/{model}/go?layer=0%0d%0aSet-Cookie:%20pwn=1&neuron=0",
+        "/%5Cevil.com/go?layer=0&neuron=0",
+        f"/{model}/go?layer=%E4%B8%AD&neuron=0",
+        "/%00",
+        "/%ff%fe",
+        "/" + "a" * 3000,
+        "/..%2F..%2Fetc%2Fpasswd",
+    ]
     return pages + api + rng.sample(search, min(20, len(search))) + malformed
 
 
-def _client_process(host: str, port: int, urls: list[str], threads: int, deadline: float, budget, seed: int, out) -> None:
+def _client_process(
+    host: str, port: int, urls: list[str], threads: int, deadline: float, budget, seed: int, out
+) -> None:
     """THREADS keep-alive clients until DEADLINE (time.time()) or the shared request BUDGET runs out."""
     lock = threading.Lock()
     latencies: list[float] = []
@@ -179,10 +192,17 @@ def keep_open(port: int, sockets: list[socket.socket], stop: threading.Event, re
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=200)
-    ap.add_argument("--idle", type=int, default=0, help="connections held open, idle or half-sent, while the clients run")
+    ap.add_argument(
+        "--idle", type=int, default=0, help="connections held open, idle or half-sent, while the clients run"
+    )
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--max-requests", type=int, default=300_000)
-    ap.add_argument("--processes", type=int, default=min(4, os.cpu_count() or 1), help="client processes the clients are spread over")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="client processes the clients are spread over",
+    )
     ap.add_argument("--site", type=Path, help="a built site to serve (default: build a synthetic one)")
     args = ap.parse_args()
     if not 1 <= args.clients <= 1024 or not 0 <= args.idle <= 4000 or not 0 < args.seconds <= 600:
@@ -190,12 +210,30 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         site = args.site or build_site(Path(tmp))
-        model = args.site and next(p.name for p in sorted(site.iterdir()) if (p / "index.html").is_file() and p.name != "api") or MODEL
+        model = (
+            args.site
+            and next(p.name for p in sorted(site.iterdir()) if (p / "index.html").is_file() and p.name != "api")
+            or MODEL
+        )
         urls = url_mix(site, model)
         port = free_port()
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        server = subprocess.Popen([sys.executable, "-c", "from sitegen.cli import main; main()", "serve", str(site),
-                                   "--host", "127.0.0.1", "--port", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from sitegen.cli import main; main()",
+                "serve",
+                str(site),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         idle: list[socket.socket] = []
         peak: dict[str, int] = {}
         stop = threading.Event()
@@ -213,7 +251,10 @@ def main() -> None:
             out: mp.Queue = mp.Queue()
             t0 = time.perf_counter()
             deadline = time.time() + args.seconds
-            workers = [mp.Process(target=_client_process, args=("127.0.0.1", port, urls, n, deadline, budget, i, out)) for i, n in enumerate(per)]
+            workers = [
+                mp.Process(target=_client_process, args=("127.0.0.1", port, urls, n, deadline, budget, i, out))
+                for i, n in enumerate(per)
+            ]
             for w in workers:
                 w.start()
             results = [out.get() for _ in workers]
@@ -237,17 +278,23 @@ def main() -> None:
             statuses[k] = statuses.get(k, 0) + v
     errors = [e for _, _, errs in results for e in errs]
     n = len(latencies)
-    pct = lambda q: latencies[min(n - 1, int(q * n))] * 1000 if n else float("nan")  # noqa: E731
+    pct = lambda q: latencies[min(n - 1, int(q * n))] * 1000 if n else float("nan")
     fives = sum(v for k, v in statuses.items() if k >= 500)
-    print(f"sitegen serve, {args.clients} concurrent keep-alive clients in {procs} processes, {args.idle} idle connections held open, "
-          f"loopback, {elapsed:.1f} s, {len(urls)} distinct URLs ({os.cpu_count()} CPUs on this machine, load average "
-          f"{os.getloadavg()[0]:.1f})")
+    print(
+        f"sitegen serve, {args.clients} concurrent keep-alive clients in {procs} processes, {args.idle} idle connections held open, "
+        f"loopback, {elapsed:.1f} s, {len(urls)} distinct URLs ({os.cpu_count()} CPUs on this machine, load average "
+        f"{os.getloadavg()[0]:.1f})"
+    )
     print(f"requests answered: {n:,}   {n / elapsed:,.0f} requests/s")
-    print(f"latency: p50 {pct(0.50):.1f} ms   p99 {pct(0.99):.1f} ms   max {latencies[-1] * 1000 if n else float('nan'):.1f} ms")
+    print(
+        f"latency: p50 {pct(0.50):.1f} ms   p99 {pct(0.99):.1f} ms   max {latencies[-1] * 1000 if n else float('nan'):.1f} ms"
+    )
     print("answers by status: " + ", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items())))
     print(f"dropped connections: {len(errors)}   5xx answers: {fives}")
-    print(f"server: peak threads {peak.get('Threads', 'n/a')}   peak RSS {peak.get('VmHWM', 0) / 1024:.0f} MB   "
-          f"idle connections open as the clients finished: {idle_left} of {args.idle} ({reopened[0]} reopened after the server's idle timeout)")
+    print(
+        f"server: peak threads {peak.get('Threads', 'n/a')}   peak RSS {peak.get('VmHWM', 0) / 1024:.0f} MB   "
+        f"idle connections open as the clients finished: {idle_left} of {args.idle} ({reopened[0]} reopened after the server's idle timeout)"
+    )
     for e in errors[:5]:
         print("  dropped:", e)
     if "Traceback" in (stderr or ""):

@@ -33,15 +33,21 @@ def main() -> None:
     n = ts.n_neurons
     one = [i for i in range(n) if len(sim.activating[i]) == 1 and not len(sim.important[i])]
     print(f"neurons {n:,}; similar lists in {took:.1f} s")
-    print(f"flat lists (>= 5 neighbours, all 1.00): {100 * t.flat_share(sim):.2f}%; with a neighbour: "
-          f"{100 * sum(1 for e in sim.lists if e) / n:.1f}%; mean length {sum(map(len, sim.lists)) / n:.2f}")
-    print(f"single-token neurons: {len(one):,}, with a 1.00 neighbour: {sum(1 for i in one if any(s >= 0.995 for _, s, _ in sim.lists[i])):,}")
+    print(
+        f"flat lists (>= 5 neighbours, all 1.00): {100 * t.flat_share(sim):.2f}%; with a neighbour: "
+        f"{100 * sum(1 for e in sim.lists if e) / n:.1f}%; mean length {sum(map(len, sim.lists)) / n:.2f}"
+    )
+    print(
+        f"single-token neurons: {len(one):,}, with a 1.00 neighbour: {sum(1 for i in one if any(s >= 0.995 for _, s, _ in sim.lists[i])):,}"
+    )
     # DeepDecipher's formula for every pair: the same (stop-cut) sets, every neuron treated as a graph
     activating, important = t.similarity_sets(ts)
     as_graphs = replace(ts, activating=activating, important=important, source=[t.SOURCE_GRAPH] * n)
     start = time.perf_counter()
     dd = t.similar_neurons(as_graphs)
-    print(f"DeepDecipher's formula for every pair: flat lists {100 * t.flat_share(dd):.2f}% ({time.perf_counter() - start:.1f} s)")
+    print(
+        f"DeepDecipher's formula for every pair: flat lists {100 * t.flat_share(dd):.2f}% ({time.perf_counter() - start:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

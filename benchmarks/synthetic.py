@@ -42,11 +42,13 @@ from sitegen.store import SEQUENCES_SCHEMA, Store  # noqa: E402
 from sitegen.store.manifest import new_manifest  # noqa: E402
 
 LETTERS = np.array(list("etaoinshrdlucmfwypvbgkjqxz"))
-WORDS = ("the a of to and in is that for it on with as at by this from or an be are was were has have not but which one all "
-         "word token phrase name number date year city country person company text code quote list sentence verb noun adjective "
-         "plural past tense capital letter punctuation comma period bracket parenthesis question answer legal medical sports "
-         "music science politics money time place after before following preceding end start beginning line html python "
-         "function variable string digit percent dollar first second third repeated context mentions references").split()
+WORDS = (
+    "the a of to and in is that for it on with as at by this from or an be are was were has have not but which one all "
+    "word token phrase name number date year city country person company text code quote list sentence verb noun adjective "
+    "plural past tense capital letter punctuation comma period bracket parenthesis question answer legal medical sports "
+    "music science politics money time place after before following preceding end start beginning line html python "
+    "function variable string digit percent dollar first second third repeated context mentions references"
+).split()
 EXPLAINER = "gpt-4o-mini"
 
 
@@ -57,7 +59,7 @@ def _vocab(rng: np.random.Generator, size: int) -> list[str]:
     chars = rng.choice(LETTERS, int(lengths.sum()))
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     joined = "".join(chars.tolist())
-    vocab = [("" if i % 3 == 0 else " ") + joined[bounds[i]:bounds[i + 1]] for i in range(size)]
+    vocab = [("" if i % 3 == 0 else " ") + joined[bounds[i] : bounds[i + 1]] for i in range(size)]
     vocab[0] = "<|endoftext|>"
     for i, special in zip(range(1, 6), ["<script>", " &amp;", '"', "\n", " Ünïcode"]):
         vocab[i * 997 % size or 1] = special
@@ -94,19 +96,29 @@ def _neuroscope_table(rng, n: int, k: int, r: int, seq_len: int, n_seqs: int, le
     hist = rng.integers(0, 50, size=(n, stats.N_FINE_BINS)).astype(np.int64)
     rid = np.sort(rng.choice(n_seqs, r, replace=False))
     state = {
-        "top": extremes(), "bottom": extremes(),
-        "random": {"score": -np.arange(r, dtype=np.float32)[:, None], "seq_id": rid[:, None].astype(np.int64),
-                   "trace": (rng.normal(size=(r, 1, n * seq_len)) * 0.1).astype(np.float32)},
-        "count": int(hist[0].sum()), "sum_fx": rng.integers(-2**40, 2**40, n), "sumsq_fx": rng.integers(0, 2**44, n),
-        "sumsq_lo": rng.integers(0, 2**30, n), "n_pos": rng.integers(0, 1000, n),
-        "vmin": -rng.random(n).astype(np.float32) - 0.5, "vmax": rng.random(n).astype(np.float32) * 5 + 1,
+        "top": extremes(),
+        "bottom": extremes(),
+        "random": {
+            "score": -np.arange(r, dtype=np.float32)[:, None],
+            "seq_id": rid[:, None].astype(np.int64),
+            "trace": (rng.normal(size=(r, 1, n * seq_len)) * 0.1).astype(np.float32),
+        },
+        "count": int(hist[0].sum()),
+        "sum_fx": rng.integers(-(2**40), 2**40, n),
+        "sumsq_fx": rng.integers(0, 2**44, n),
+        "sumsq_lo": rng.integers(0, 2**30, n),
+        "n_pos": rng.integers(0, 1000, n),
+        "vmin": -rng.random(n).astype(np.float32) - 0.5,
+        "vmax": rng.random(n).astype(np.float32) * 5 + 1,
         "hist": hist,
     }
     return ns_data.state_to_table(state, k, r, lengths)
 
 
 def _list(a: np.ndarray, t: pa.DataType) -> pa.Array:
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, a.size + 1, a.shape[1], dtype=np.int32)), pa.array(a.reshape(-1), t))
+    return pa.ListArray.from_arrays(
+        pa.array(np.arange(0, a.size + 1, a.shape[1], dtype=np.int32)), pa.array(a.reshape(-1), t)
+    )
 
 
 def _logits_table(rng, n: int, vocab_size: int) -> pa.Table:
@@ -114,7 +126,10 @@ def _logits_table(rng, n: int, vocab_size: int) -> pa.Table:
     for kind, sign in (("promoted", -1), ("suppressed", 1), ("input", -1)):
         ids = rng.integers(1, vocab_size, size=(n, 10))
         vals = np.sort(rng.normal(size=(n, 10)).astype(np.float32) * 2, axis=1)[:, ::sign]
-        cols[f"{kind}_ids"], cols[f"{kind}_vals"] = _list(ids, pa.int32()), _list(np.ascontiguousarray(vals), pa.float32())
+        cols[f"{kind}_ids"], cols[f"{kind}_vals"] = (
+            _list(ids, pa.int32()),
+            _list(np.ascontiguousarray(vals), pa.float32()),
+        )
     return pa.table(cols)
 
 
@@ -152,9 +167,19 @@ def _graph_rows(rng, neurons: np.ndarray, vocab: list[str], vocab_size: int) -> 
             trie.insert(line, act)
         trie.merge_ignore()
         p, rc = float(rng.uniform(0.3, 1)), float(rng.uniform(0.2, 1))
-        ev = None if rng.random() < 0.05 else {"precision": p, "recall": rc, "f1": 2 * p * rc / (p + rc),
-                                                "variance_explained": float(rng.uniform(-0.5, 0.9))}
-        work = SimpleNamespace(neuron=neuron, base_max=float(rng.uniform(1, 6)), train=[None] * 10, test=[None] * 10, lines=lines)
+        ev = (
+            None
+            if rng.random() < 0.05
+            else {
+                "precision": p,
+                "recall": rc,
+                "f1": 2 * p * rc / (p + rc),
+                "variance_explained": float(rng.uniform(-0.5, 0.9)),
+            }
+        )
+        work = SimpleNamespace(
+            neuron=neuron, base_max=float(rng.uniform(1, 6)), train=[None] * 10, test=[None] * 10, lines=lines
+        )
         rows.append((work, trie, ev))
     return rows
 
@@ -165,12 +190,14 @@ def _sentences(rng, count: int, low: int = 4, high: int = 19) -> list[str]:
     flat = rng.choice(words, int(lengths.sum())).tolist()
     out, at = [], 0
     for length in lengths.tolist():
-        out.append(" ".join(flat[at:at + length]))
+        out.append(" ".join(flat[at : at + length]))
         at += length
     return out
 
 
-def _explainer_table(rng, neurons: np.ndarray, scored_share: float, vocab: list[str], seq_len: int, vocab_size: int) -> pa.Table:
+def _explainer_table(
+    rng, neurons: np.ndarray, scored_share: float, vocab: list[str], seq_len: int, vocab_size: int
+) -> pa.Table:
     """Published-style rows for most, `sitegen explain` rows (5 scored test sequences each) for a share."""
     from sitegen.services.neuron_explainer.published import TABLE_SCHEMA
 
@@ -180,31 +207,76 @@ def _explainer_table(rng, neurons: np.ndarray, scored_share: float, vocab: list[
     ours = rng.random(count) < scored_share
     rows = []
     for i, n in enumerate(neurons.tolist()):
-        row = {"neuron": n, "explanation": texts[i], "score": float(scores[i]), "explainer": "OpenAI (published, GPT-4 explainer)",
-               "source": "openai-published", "method": "published", "valid_score": None, "prompt_hash": None, "usage": None,
-               "details": None, "raw": None}
+        row = {
+            "neuron": n,
+            "explanation": texts[i],
+            "score": float(scores[i]),
+            "explainer": "OpenAI (published, GPT-4 explainer)",
+            "source": "openai-published",
+            "method": "published",
+            "valid_score": None,
+            "prompt_hash": None,
+            "usage": None,
+            "details": None,
+            "raw": None,
+        }
         if ours[i]:
             details = []
             for _ in range(5):
                 ids = _zipf_tokens(rng, seq_len - 1, vocab_size).tolist()
                 true = np.maximum(rng.standard_t(4, seq_len - 1) * 0.3, 0).round(4).tolist()
-                details.append({"tokens": [vocab[t] for t in ids], "true": true, "simulated": rng.integers(0, 11, seq_len - 1).tolist()})
-            row.update(explainer=EXPLAINER, source="sitegen explain", method="all_at_once", valid_score=float(scores[i]) - 0.05,
-                       prompt_hash="sha256:" + "%064x" % int(rng.integers(0, 2**62)),
-                       usage=orjson.dumps({"prompt_tokens": 4000, "completion_tokens": 900, "requests": 11}).decode(),
-                       details=orjson.dumps(details).decode(), raw="[]")
+                details.append(
+                    {
+                        "tokens": [vocab[t] for t in ids],
+                        "true": true,
+                        "simulated": rng.integers(0, 11, seq_len - 1).tolist(),
+                    }
+                )
+            row.update(
+                explainer=EXPLAINER,
+                source="sitegen explain",
+                method="all_at_once",
+                valid_score=float(scores[i]) - 0.05,
+                prompt_hash="sha256:" + "%064x" % int(rng.integers(0, 2**62)),
+                usage=orjson.dumps({"prompt_tokens": 4000, "completion_tokens": 900, "requests": 11}).decode(),
+                details=orjson.dumps(details).decode(),
+                raw="[]",
+            )
         rows.append(row)
-    schema = pa.schema([*TABLE_SCHEMA, ("valid_score", pa.float64()), ("prompt_hash", pa.string()), ("usage", pa.string()),
-                        ("details", pa.string()), ("raw", pa.string())])
+    schema = pa.schema(
+        [
+            *TABLE_SCHEMA,
+            ("valid_score", pa.float64()),
+            ("prompt_hash", pa.string()),
+            ("usage", pa.string()),
+            ("details", pa.string()),
+            ("raw", pa.string()),
+        ]
+    )
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def synthetic_store(root: Path, n_layers: int = 12, n: int = 3072, *, seq_len: int = 32, n_seqs: int = 20000, vocab_size: int = 50257,
-                    top_k: int = 20, n_random: int = 5, graphs: float = 0.02, explained: float = 0.1, scored_share: float = 0.1,
-                    seed: int = 0, name: str = "gpt2-small-synthetic", log=lambda s: None) -> Store:
+def synthetic_store(
+    root: Path,
+    n_layers: int = 12,
+    n: int = 3072,
+    *,
+    seq_len: int = 32,
+    n_seqs: int = 20000,
+    vocab_size: int = 50257,
+    top_k: int = 20,
+    n_random: int = 5,
+    graphs: float = 0.02,
+    explained: float = 0.1,
+    scored_share: float = 0.1,
+    seed: int = 0,
+    name: str = "gpt2-small-synthetic",
+    log=lambda s: None,
+) -> Store:
     """Write the store at `root` (created) and return it opened. `graphs` and `explained`: a
     fraction of each layer's neurons (< 1) or a count per layer (>= 1); 0 leaves the service out."""
-    from sitegen.services.neuron2graph.compute import SERVICE as N2G, graphs_table
+    from sitegen.services.neuron2graph.compute import SERVICE as N2G
+    from sitegen.services.neuron2graph.compute import graphs_table
     from sitegen.services.neuron_explainer.published import SERVICE as EXPLAIN
 
     rng = np.random.default_rng(seed)
@@ -225,29 +297,76 @@ def synthetic_store(root: Path, n_layers: int = 12, n: int = 3072, *, seq_len: i
             store.write_layer(EXPLAIN, layer, _explainer_table(rng, sample, scored_share, vocab, seq_len, vocab_size))
             n_explained += len(sample)
         log(f"layer {layer}: {time.perf_counter() - t0:.1f} s")
-    store.write_sequences(pa.table({
-        "seq_id": pa.array(np.arange(n_seqs, dtype=np.int64)), "doc_id": pa.array([f"doc-{i // 50}" for i in range(n_seqs)]),
-        "char_start": pa.array(np.arange(n_seqs) * 150), "char_end": pa.array(np.arange(n_seqs) * 150 + 140),
-        "token_ids": pa.ListArray.from_arrays(pa.array(np.arange(0, token_ids.size + 1, seq_len, dtype=np.int32)),
-                                              pa.array(token_ids.reshape(-1), pa.int32()))}, schema=SEQUENCES_SCHEMA))
+    store.write_sequences(
+        pa.table(
+            {
+                "seq_id": pa.array(np.arange(n_seqs, dtype=np.int64)),
+                "doc_id": pa.array([f"doc-{i // 50}" for i in range(n_seqs)]),
+                "char_start": pa.array(np.arange(n_seqs) * 150),
+                "char_end": pa.array(np.arange(n_seqs) * 150 + 140),
+                "token_ids": pa.ListArray.from_arrays(
+                    pa.array(np.arange(0, token_ids.size + 1, seq_len, dtype=np.int32)),
+                    pa.array(token_ids.reshape(-1), pa.int32()),
+                ),
+            },
+            schema=SEQUENCES_SCHEMA,
+        )
+    )
     store.write_vocab(vocab)
     services = ["neuroscope", "logits"]
-    store.write_manifest(new_manifest(
-        model={"name": name, "num_layers": n_layers, "layer_size": n, "activation_function": "gelu",
-               "num_total_neurons": n_layers * n, "num_total_parameters": 124_000_000},
-        corpus={"name": "synthetic", "content_hash": "none", "sequences_total": n_seqs, "tokens_total": n_seqs * seq_len},
-        processed={"sequences": n_seqs, "tokens": n_seqs * seq_len},
-        config={"seq_len": seq_len, "seed": seed, "tokens": n_seqs * seq_len, "top_k": top_k, "n_random": n_random,
-                "bos_token_id": 0, "first_valid_position": 1},
-        stats={"quantile_levels": list(stats.QUANTILE_LEVELS), "display_bins": stats.DISPLAY_BINS},
-        run_hash="benchmark", shard=None, services=services,
-    ))
+    store.write_manifest(
+        new_manifest(
+            model={
+                "name": name,
+                "num_layers": n_layers,
+                "layer_size": n,
+                "activation_function": "gelu",
+                "num_total_neurons": n_layers * n,
+                "num_total_parameters": 124_000_000,
+            },
+            corpus={
+                "name": "synthetic",
+                "content_hash": "none",
+                "sequences_total": n_seqs,
+                "tokens_total": n_seqs * seq_len,
+            },
+            processed={"sequences": n_seqs, "tokens": n_seqs * seq_len},
+            config={
+                "seq_len": seq_len,
+                "seed": seed,
+                "tokens": n_seqs * seq_len,
+                "top_k": top_k,
+                "n_random": n_random,
+                "bos_token_id": 0,
+                "first_valid_position": 1,
+            },
+            stats={"quantile_levels": list(stats.QUANTILE_LEVELS), "display_bins": stats.DISPLAY_BINS},
+            run_hash="benchmark",
+            shard=None,
+            services=services,
+        )
+    )
     store = Store.open(root)
     if n_graphs:  # with the settings record `sitegen compute --n2g` keeps (the pages' provenance reads it)
-        store.add_service(N2G, {"texts": top_k, "replacements": 5, "max_augmented": 20, "seed": seed,
-                                "replacement_source": "input-embedding nearest neighbours", "neutral_token_id": 0,
-                                "thresholds": {"prune_drop": 0.5, "append_tokens": 5, "important_for_augment": 0.8,
-                                               "important_for_line": 0.75, "activating_for_line": 0.5, "firing": 0.5}})
+        store.add_service(
+            N2G,
+            {
+                "texts": top_k,
+                "replacements": 5,
+                "max_augmented": 20,
+                "seed": seed,
+                "replacement_source": "input-embedding nearest neighbours",
+                "neutral_token_id": 0,
+                "thresholds": {
+                    "prune_drop": 0.5,
+                    "append_tokens": 5,
+                    "important_for_augment": 0.8,
+                    "important_for_line": 0.75,
+                    "activating_for_line": 0.5,
+                    "firing": 0.5,
+                },
+            },
+        )
     if n_explained:
         store.add_service(EXPLAIN)
     return Store.open(root)
@@ -257,18 +376,36 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("store", type=Path, help="folder to write (must not hold a store yet)")
     ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--neurons", type=int, default=3072, help="neurons per layer (48 x 6400: --layers 48 --neurons 6400)")
+    ap.add_argument(
+        "--neurons", type=int, default=3072, help="neurons per layer (48 x 6400: --layers 48 --neurons 6400)"
+    )
     ap.add_argument("--vocab", type=int, default=50257)
-    ap.add_argument("--graphs", type=float, default=0.02, help="neuron2graph graphs per layer: a fraction (< 1) or a count")
+    ap.add_argument(
+        "--graphs", type=float, default=0.02, help="neuron2graph graphs per layer: a fraction (< 1) or a count"
+    )
     ap.add_argument("--explained", type=float, default=0.1, help="explanations per layer: a fraction (< 1) or a count")
-    ap.add_argument("--scored-share", type=float, default=0.1, help="share of explanations with `sitegen explain`'s scored sequences")
+    ap.add_argument(
+        "--scored-share",
+        type=float,
+        default=0.1,
+        help="share of explanations with `sitegen explain`'s scored sequences",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if (args.store / "manifest.json").exists():
         sys.exit(f"{args.store}: already holds a store; pass a new folder")
     t0 = time.perf_counter()
-    synthetic_store(args.store, args.layers, args.neurons, vocab_size=args.vocab, graphs=args.graphs, explained=args.explained,
-                    scored_share=args.scored_share, seed=args.seed, log=print)
+    synthetic_store(
+        args.store,
+        args.layers,
+        args.neurons,
+        vocab_size=args.vocab,
+        graphs=args.graphs,
+        explained=args.explained,
+        scored_share=args.scored_share,
+        seed=args.seed,
+        log=print,
+    )
     print(f"synthetic store {args.layers} x {args.neurons} in {time.perf_counter() - t0:.1f} s: {args.store}")
 
 

@@ -36,17 +36,25 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="verify-bench-"))
         args.store = tmp / "store"
         t = time.perf_counter()
-        run_compute(ComputeConfig(model=args.model, corpus=args.corpus, out=args.store, tokens=args.tokens, weights=False, progress=False),
-                    log=lambda m: None)
+        run_compute(
+            ComputeConfig(
+                model=args.model, corpus=args.corpus, out=args.store, tokens=args.tokens, weights=False, progress=False
+            ),
+            log=lambda m: None,
+        )
         print(f"store: {args.tokens} tokens computed in {time.perf_counter() - t:.0f} s")
     try:
-        print(f"{'neurons':>8} {'checked':>8} {'tokens run':>10} {'load s':>7} {'check s':>8} {'ms/neuron':>10} {'max rel err':>11} {'stats err':>9}")
+        print(
+            f"{'neurons':>8} {'checked':>8} {'tokens run':>10} {'load s':>7} {'check s':>8} {'ms/neuron':>10} {'max rel err':>11} {'stats err':>9}"
+        )
         for spec in args.neurons.split(","):
             r = run_verify(VerifyConfig(store=args.store, neurons=spec, full=args.full, batch_size=args.batch_size))
             n, figures = len(r.neurons), r.as_dict()  # the errors: neuroscope's fields of the --json report
-            print(f"{spec:>8} {n:>8} {r.tokens_run:>10} {r.seconds - r.check_seconds:>7.1f} {r.check_seconds:>8.1f} "
-                  f"{1000 * r.check_seconds / max(n, 1):>10.2f} {figures['max_rel_error']:>11.3g} "
-                  f"{figures['max_stats_error']:>9.3g}" + ("" if r.ok else "  FAILED"))
+            print(
+                f"{spec:>8} {n:>8} {r.tokens_run:>10} {r.seconds - r.check_seconds:>7.1f} {r.check_seconds:>8.1f} "
+                f"{1000 * r.check_seconds / max(n, 1):>10.2f} {figures['max_rel_error']:>11.3g} "
+                f"{figures['max_stats_error']:>9.3g}" + ("" if r.ok else "  FAILED")
+            )
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

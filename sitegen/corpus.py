@@ -65,9 +65,11 @@ class Corpus:
         """One line for the user about what a corpus folder held and was not read, or None."""
         if not self.skipped:
             return None
-        return (f"--corpus {self.name}: skipped {len(self.skipped)} entr{'y' if len(self.skipped) == 1 else 'ies'} that "
-                f"{'is a link' if len(self.skipped) == 1 else 'are links'} to outside the folder or not regular files "
-                f"(first: {self.skipped[0]}); copy a file into the folder to read it")
+        return (
+            f"--corpus {self.name}: skipped {len(self.skipped)} entr{'y' if len(self.skipped) == 1 else 'ies'} that "
+            f"{'is a link' if len(self.skipped) == 1 else 'are links'} to outside the folder or not regular files "
+            f"(first: {self.skipped[0]}); copy a file into the folder to read it"
+        )
 
     def iter_documents(self, seed: int) -> Iterator[Document]:
         """Documents in the order packing uses: shuffled by `seed` so that a token budget samples
@@ -127,10 +129,14 @@ def _file_documents(path: Path, label: str) -> list[Document]:
                         try:  # the standard library also reads lone surrogate escapes ("\ud800"), which orjson refuses
                             row = json.loads(line)
                         except ValueError:
-                            raise CorpusError(f"{path}:{line_no}: not valid JSON ({e}); fix or remove that line") from None
+                            raise CorpusError(
+                                f"{path}:{line_no}: not valid JSON ({e}); fix or remove that line"
+                            ) from None
                     text = row.get("text") if isinstance(row, dict) else None
                     if not isinstance(text, str):
-                        raise CorpusError(f'{path}:{line_no}: no string "text" field; each line must be {{"text": "..."}}')
+                        raise CorpusError(
+                            f'{path}:{line_no}: no string "text" field; each line must be {{"text": "..."}}'
+                        )
                     if text.strip():
                         docs.append(Document(f"{label}:{line_no}", text))
             return docs
@@ -139,14 +145,18 @@ def _file_documents(path: Path, label: str) -> list[Document]:
 
             table = pq.read_table(path)
             if "text" not in table.column_names:
-                raise CorpusError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)}); rename the text column to 'text'")
+                raise CorpusError(
+                    f"{path}: no 'text' column (columns: {', '.join(table.column_names)}); rename the text column to 'text'"
+                )
             return [
                 Document(f"{label}:{i}", t)
                 for i, t in enumerate(table.column("text").to_pylist())
                 if isinstance(t, str) and t.strip()
             ]
     except OSError as e:
-        raise CorpusError(f"cannot read corpus file {path}: {e.strerror or e}; check the path and permissions") from None
+        raise CorpusError(
+            f"cannot read corpus file {path}: {e.strerror or e}; check the path and permissions"
+        ) from None
     except CorpusError:
         raise
     except Exception as e:  # pyarrow raises its own types for corrupt files
@@ -222,7 +232,9 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[str]]:
                 else:
                     note(p, "(not a regular file)")
             except OSError as e:  # a link loop, a file gone meanwhile
-                raise CorpusError(f"cannot read corpus file {p}: {e.strerror or e}; check the path and permissions") from None
+                raise CorpusError(
+                    f"cannot read corpus file {p}: {e.strerror or e}; check the path and permissions"
+                ) from None
     read = {p.resolve() for p in regular}
     files = list(regular)
     for link, target in sorted(links):
@@ -243,13 +255,17 @@ def load_corpus(spec: str) -> Corpus:
         if path.is_dir():
             files, skipped = _folder_files(path)
             if not files and skipped:
-                raise CorpusError(f"--corpus {spec}: the folder holds no .txt, .jsonl or .parquet files of its own ({len(skipped)} skipped, "
-                                  f"links to outside it or not regular files, first {skipped[0]}); copy the files into the folder")
+                raise CorpusError(
+                    f"--corpus {spec}: the folder holds no .txt, .jsonl or .parquet files of its own ({len(skipped)} skipped, "
+                    f"links to outside it or not regular files, first {skipped[0]}); copy the files into the folder"
+                )
             if not files:
                 raise CorpusError(f"--corpus {spec}: the folder holds no .txt, .jsonl or .parquet files")
             docs = [d for f in files for d in _file_documents(f, f.relative_to(path).as_posix())]
         elif not path.is_file():  # a FIFO or device would block the read or never end
-            raise CorpusError(f"--corpus {spec}: not a regular file (a FIFO, device or socket); pass a .txt, .jsonl or .parquet file or a folder")
+            raise CorpusError(
+                f"--corpus {spec}: not a regular file (a FIFO, device or socket); pass a .txt, .jsonl or .parquet file or a folder"
+            )
         else:
             docs = _file_documents(path, path.name)
         if not docs:

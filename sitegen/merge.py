@@ -21,7 +21,6 @@ import shutil
 from pathlib import Path
 
 import orjson
-
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -36,13 +35,19 @@ def merge_stores(parts: list[Path], out: Path) -> Path:
     stores = _shards_in_order(parts, out)
     _clear_unfinished(out)
     command = shlex.join(["sitegen", "merge", *(str(p) for p in parts), "--out", str(out)])
-    atomic_write_bytes(out / MERGING, orjson.dumps({"about": "an unfinished 'sitegen merge': rerun this command", "command": command}))
+    atomic_write_bytes(
+        out / MERGING, orjson.dumps({"about": "an unfinished 'sitegen merge': rerun this command", "command": command})
+    )
     try:
         _merge(stores, out)
     except KeyboardInterrupt:
-        raise StoreError(f"merge interrupted; {out} is unfinished: rerun the same command ({command}), which starts it over") from None
+        raise StoreError(
+            f"merge interrupted; {out} is unfinished: rerun the same command ({command}), which starts it over"
+        ) from None
     except DiskFull as e:  # nothing of a merge is kept: say what the rerun does
-        raise StoreError(f"disk full while writing {e.path}; free space and rerun the same command ({command}), which starts {out} over") from None
+        raise StoreError(
+            f"disk full while writing {e.path}; free space and rerun the same command ({command}), which starts {out} over"
+        ) from None
     (out / MERGING).unlink()
     return out
 
@@ -52,9 +57,17 @@ def _merge(stores: list[Store], out: Path) -> None:
     first = manifests[0]
     seqs = pa.concat_tables([s.sequences() for s in stores])
     cfg = first["config"]
-    run = CorpusRun(layer_size=first["model"]["layer_size"], seq_len=cfg["seq_len"], first_valid=cfg["first_valid_position"],
-                    top_k=cfg["top_k"], n_random=cfg["n_random"], seed=cfg["seed"],
-                    seq_lengths=dict(zip(seqs.column("seq_id").to_pylist(), pc.list_value_length(seqs.column("token_ids")).to_pylist())))
+    run = CorpusRun(
+        layer_size=first["model"]["layer_size"],
+        seq_len=cfg["seq_len"],
+        first_valid=cfg["first_valid_position"],
+        top_k=cfg["top_k"],
+        n_random=cfg["n_random"],
+        seed=cfg["seed"],
+        seq_lengths=dict(
+            zip(seqs.column("seq_id").to_pylist(), pc.list_value_length(seqs.column("token_ids")).to_pylist())
+        ),
+    )
     target = Store(out)
     referenced: set[int] = set()
     services = []
@@ -64,7 +77,9 @@ def _merge(stores: list[Store], out: Path) -> None:
         if svc is not None and _merge_service(svc, stores, target, run, first["model"]["num_layers"], referenced):
             services.append(name)
     target.write_sequences(_used_sequences(seqs, referenced))
-    target.write_vocab(stores[0].vocab())  # read (checksums verified) rather than copied: a damaged file is not passed on
+    target.write_vocab(
+        stores[0].vocab()
+    )  # read (checksums verified) rather than copied: a damaged file is not passed on
     target.write_manifest(merged_manifest(manifests, services))
 
 
@@ -75,21 +90,29 @@ def _shards_in_order(parts: list[Path], out: Path) -> list[Store]:
     first = manifests[0]
     for path, m in zip(parts, manifests):
         if m.get("run_hash") != first.get("run_hash"):
-            raise StoreError(f"{path} was computed with other arguments (model, corpus, budget or options) than {parts[0]}; merge only shards of one run")
+            raise StoreError(
+                f"{path} was computed with other arguments (model, corpus, budget or options) than {parts[0]}; merge only shards of one run"
+            )
         if not m.get("shard"):
-            raise StoreError(f"{path} is a whole store, not a shard; merge takes the stores of 'compute --shard I/N' runs")
+            raise StoreError(
+                f"{path} is a whole store, not a shard; merge takes the stores of 'compute --shard I/N' runs"
+            )
         # The run hash holds the checkpoint's fingerprint, which for a hub model is its name: two
         # machines can load other revisions under one name. The weights' own hash tells them apart.
         mine, theirs = m["model"].get("weights_sha256"), first["model"].get("weights_sha256")
         if mine != theirs:
-            raise StoreError(f"{path} was computed with other model weights (weights_sha256 {mine}) than {parts[0]} ({theirs}); "
-                             "recompute the shards with one checkpoint (a local folder, or a hub model at one revision)")
+            raise StoreError(
+                f"{path} was computed with other model weights (weights_sha256 {mine}) than {parts[0]} ({theirs}); "
+                "recompute the shards with one checkpoint (a local folder, or a hub model at one revision)"
+            )
     count = first["shard"]["count"]
     indices = sorted(m["shard"]["index"] for m in manifests)
     if indices != list(range(count)):
         missing = sorted(set(range(count)) - set(indices))
         dupes = sorted({i for i in indices if indices.count(i) > 1})
-        raise StoreError(f"merge needs each of the {count} shards exactly once (missing: {missing or 'none'}, repeated: {dupes or 'none'})")
+        raise StoreError(
+            f"merge needs each of the {count} shards exactly once (missing: {missing or 'none'}, repeated: {dupes or 'none'})"
+        )
     if out.exists() and any(out.iterdir()) and not _unfinished(out):
         raise StoreError(f"--out {out} is not empty; merge into a new folder (nothing was changed)")
     return [stores[[m["shard"]["index"] for m in manifests].index(i)] for i in range(count)]
@@ -100,8 +123,12 @@ def _unfinished(out: Path) -> bool:
     if not (out / MERGING).is_file() or (out / MANIFEST).exists():
         return False
     services = set(by_name())
-    return all(p.name in (MERGING, LOCK, "vocab.parquet", "sequences.parquet") or (p.name.startswith(".") and p.name.endswith(".tmp"))
-               or (p.name in services and p.is_dir() and not p.is_symlink()) for p in out.iterdir())
+    return all(
+        p.name in (MERGING, LOCK, "vocab.parquet", "sequences.parquet")
+        or (p.name.startswith(".") and p.name.endswith(".tmp"))
+        or (p.name in services and p.is_dir() and not p.is_symlink())
+        for p in out.iterdir()
+    )
 
 
 def _clear_unfinished(out: Path) -> None:
@@ -117,7 +144,9 @@ def _clear_unfinished(out: Path) -> None:
             p.unlink()
 
 
-def _merge_service(svc: Service, stores: list[Store], target: Store, run: CorpusRun, n_layers: int, referenced: set[int]) -> bool:
+def _merge_service(
+    svc: Service, stores: list[Store], target: Store, run: CorpusRun, n_layers: int, referenced: set[int]
+) -> bool:
     """One service's layers into `target`; whether the merged store has it."""
     if svc.from_weights:  # computed from the weights by the first shard alone: its files themselves
         if not stores[0].has_service(svc.name):

@@ -38,7 +38,12 @@ def reserved_names() -> frozenset[str]:
     folder, with and without its extension (`about` would be /about/ next to /about.html,
     `openapi` would publish api/openapi.json). The content pages are content/<slug>.md, published
     as <slug>.html."""
-    entries = [*TOP_LEVEL_FILES, *TOP_LEVEL_DIRS, *API_FILES, *(f"{p.stem}.html" for p in resource("content").glob("*.md"))]
+    entries = [
+        *TOP_LEVEL_FILES,
+        *TOP_LEVEL_DIRS,
+        *API_FILES,
+        *(f"{p.stem}.html" for p in resource("content").glob("*.md")),
+    ]
     return frozenset(n.lower() for e in entries for n in (e, e.rsplit(".", 1)[0]))
 
 

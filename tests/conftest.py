@@ -14,8 +14,10 @@ import pytest
 from tests.reference import write_synthetic_store
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformer_lens") is not None
-WORDS = ("the nation shall union state congress people war peace trade law year government public we our must "
-         "great free new america world economy tax school health work family children energy security freedom").split()
+WORDS = (
+    "the nation shall union state congress people war peace trade law year government public we our must "
+    "great free new america world economy tax school health work family children energy security freedom"
+).split()
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +59,9 @@ def tiny_corpus(tmp_path_factory) -> Path:
 
     rng = random.Random(1)
     root = tmp_path_factory.mktemp("corpus")
-    sentence = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + rng.choice([".", ".", "!", "?"])  # noqa: E731
+    sentence = lambda: (
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + rng.choice([".", ".", "!", "?"])
+    )
     for i in range(6):
         (root / f"speech-{i}.txt").write_text(" ".join(sentence() for _ in range(40)))
     with (root / "more.jsonl").open("wb") as f:
@@ -73,20 +77,38 @@ def tiny_model_dir(tmp_path_factory, tiny_corpus) -> Path:
     if not HAS_TORCH:
         pytest.skip("needs the compute extra (torch, transformers, transformer-lens)")
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     texts = [p.read_text() for p in sorted(tiny_corpus.glob("*.txt"))]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<bos>", "<eos>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<unk>", "<bos>", "<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<eos>"
+    )
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                      pad_token_id=fast.pad_token_id, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # larger weights than the default init, so activations spread out
         for p in model.parameters():

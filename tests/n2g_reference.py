@@ -81,18 +81,20 @@ class ReferenceNeuronModel:
             important_index_sets = []
         importances, tokens_and_activations = info
         lines = []
-        for i, (token, activation) in enumerate(tokens_and_activations):
+        for i, (_token, activation) in enumerate(tokens_and_activations):
             if create:
                 important_index_sets.append(set())
             if not activation > self.activation_threshold:
                 continue
-            before = tokens_and_activations[:i + 1]
+            before = tokens_and_activations[: i + 1]
             line = []
             last_kept = 0
             if create:
                 important_indices = set()
             else:  # a variant longer than the original borrows the last set
-                important_indices = important_index_sets[i] if i < len(important_index_sets) else important_index_sets[-1]
+                important_indices = (
+                    important_index_sets[i] if i < len(important_index_sets) else important_index_sets[-1]
+                )
             for j, (seq_token, seq_activation) in enumerate(reversed(before)):
                 if seq_token == BOS_STRING:
                     continue
@@ -105,8 +107,12 @@ class ReferenceNeuronModel:
                 ignore = not important and j != 0
                 if not ignore:
                     last_kept = j
-                line.append(Element(importance, seq_activation, IGNORE if ignore else seq_token, important, activator, ignore, False))
-            line = line[:last_kept + 1]
+                line.append(
+                    Element(
+                        importance, seq_activation, IGNORE if ignore else seq_token, important, activator, ignore, False
+                    )
+                )
+            line = line[: last_kept + 1]
             line.append(Element(0, activation, END, False, False, True, True))
             lines.append(line)
             if create:
@@ -169,7 +175,7 @@ class ReferenceNeuronModel:
         return activations[-1]
 
     def forward(self, tokens: Sequence[str]) -> list[float]:
-        return [self.search(tokens[:j + 1]) for j in range(len(tokens))]
+        return [self.search(tokens[: j + 1]) for j in range(len(tokens))]
 
     # -- outputs -------------------------------------------------------------------------------
     def token_sets(self) -> tuple[set[str], set[str]]:
@@ -211,8 +217,14 @@ class ForkNeuronModel(ReferenceNeuronModel):
     def make_line(self, info, important_index_sets=None):
         importances, tokens_and_activations = info
         if important_index_sets is None:
-            important_index_sets = [{k for k in range(i + 1) if tokens_and_activations[k][0] != BOS_STRING
-                                     and float(importances[k][i]) > self.importance_threshold}
-                                    for i in range(len(tokens_and_activations))]
+            important_index_sets = [
+                {
+                    k
+                    for k in range(i + 1)
+                    if tokens_and_activations[k][0] != BOS_STRING
+                    and float(importances[k][i]) > self.importance_threshold
+                }
+                for i in range(len(tokens_and_activations))
+            ]
         lines, _ = super().make_line(info, important_index_sets)  # as a variant: the given sets are read, not built
         return lines, important_index_sets

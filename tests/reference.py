@@ -21,7 +21,9 @@ from sitegen.store import SEQUENCES_SCHEMA, Store
 from sitegen.store.manifest import new_manifest
 
 
-def brute_force_state(acts: np.ndarray, lengths: np.ndarray, seq_ids: np.ndarray, first_valid: int, top_k: int, n_random: int, seed: int) -> dict:
+def brute_force_state(
+    acts: np.ndarray, lengths: np.ndarray, seq_ids: np.ndarray, first_valid: int, top_k: int, n_random: int, seed: int
+) -> dict:
     """acts (S, T, n) float32 with each sequence's activations in [:length]; everything else ignored."""
     S, T, n = acts.shape
     valid = (np.arange(T)[None, :] >= first_valid) & (np.arange(T)[None, :] < lengths[:, None])
@@ -54,19 +56,40 @@ def brute_force_state(acts: np.ndarray, lengths: np.ndarray, seq_ids: np.ndarray
         "bottom": extremes((-seq_min).astype(np.float32), top_k),
         "random": rnd,
         "count": int(flat.shape[0]),
-        "sum_fx": sums[:, 0], "sumsq_fx": sums[:, 1], "sumsq_lo": sums[:, 2],
+        "sum_fx": sums[:, 0],
+        "sumsq_fx": sums[:, 1],
+        "sumsq_lo": sums[:, 2],
         "n_pos": (flat > 0).sum(0).astype(np.int64),  # equals stats.positive_count(hist): checked in test_stats
-        "vmin": flat.min(0).astype(np.float32), "vmax": flat.max(0).astype(np.float32),
+        "vmin": flat.min(0).astype(np.float32),
+        "vmax": flat.max(0).astype(np.float32),
         "hist": hist.astype(np.int64),
     }
 
 
-def write_synthetic_store(root: Path, *, name: str = "toy-model", n_layers: int = 2, n_neurons: int = 4, n_seqs: int = 12,
-                          seq_len: int = 24, vocab: list[str] | None = None, seed: int = 0, top_k: int = 3, n_random: int = 2,
-                          with_logits: bool = True, doc_texts: list[str] | None = None, with_graphs: bool = True) -> Store:
+def write_synthetic_store(
+    root: Path,
+    *,
+    name: str = "toy-model",
+    n_layers: int = 2,
+    n_neurons: int = 4,
+    n_seqs: int = 12,
+    seq_len: int = 24,
+    vocab: list[str] | None = None,
+    seed: int = 0,
+    top_k: int = 3,
+    n_random: int = 2,
+    with_logits: bool = True,
+    doc_texts: list[str] | None = None,
+    with_graphs: bool = True,
+) -> Store:
     """A small, deterministic store written through the real store API (no model)."""
     rng = np.random.default_rng(seed)
-    vocab = vocab or ["<bos>"] + [f" w{i}" for i in range(30)] + ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "</textarea>", "\n"]
+    vocab = vocab or ["<bos>"] + [f" w{i}" for i in range(30)] + [
+        "<script>alert(1)</script>",
+        '"><img src=x onerror=alert(1)>',
+        "</textarea>",
+        "\n",
+    ]
     lengths = np.full(n_seqs, seq_len)
     lengths[-1] = seq_len - 3  # one short document tail
     token_ids = rng.integers(1, len(vocab), size=(n_seqs, seq_len)).astype(np.int32)
@@ -78,35 +101,82 @@ def write_synthetic_store(root: Path, *, name: str = "toy-model", n_layers: int 
         acts = rng.normal(0, 1, size=(n_seqs, seq_len, n_neurons)).astype(np.float32)
         acts[1, 3, :] = 5.0 + layer  # the <script> token is every neuron's top activation
         st = brute_force_state(acts, lengths, seq_ids, 1, top_k, n_random, seed)
-        store.write_layer("neuroscope", layer, ns_data.state_to_table(st, top_k, n_random, dict(zip(seq_ids.tolist(), lengths.tolist()))))
+        store.write_layer(
+            "neuroscope",
+            layer,
+            ns_data.state_to_table(st, top_k, n_random, dict(zip(seq_ids.tolist(), lengths.tolist()))),
+        )
         if with_logits:
             ids = rng.integers(0, len(vocab), size=(n_neurons, 3))
             vals = rng.normal(size=(n_neurons, 3)).astype(np.float32)
-            lst = lambda a, t: pa.ListArray.from_arrays(pa.array(np.arange(0, a.size + 1, a.shape[1], dtype=np.int32)), pa.array(a.reshape(-1), t))  # noqa: E731
-            store.write_layer("logits", layer, pa.table({
-                "neuron": pa.array(np.arange(n_neurons), pa.int32()),
-                "promoted_ids": lst(ids, pa.int32()), "promoted_vals": lst(np.sort(vals)[:, ::-1].copy(), pa.float32()),
-                "suppressed_ids": lst(ids, pa.int32()), "suppressed_vals": lst(np.sort(vals), pa.float32()),
-                "input_ids": lst(ids, pa.int32()), "input_vals": lst(vals, pa.float32()),
-            }))
+            lst = lambda a, t: pa.ListArray.from_arrays(
+                pa.array(np.arange(0, a.size + 1, a.shape[1], dtype=np.int32)), pa.array(a.reshape(-1), t)
+            )
+            store.write_layer(
+                "logits",
+                layer,
+                pa.table(
+                    {
+                        "neuron": pa.array(np.arange(n_neurons), pa.int32()),
+                        "promoted_ids": lst(ids, pa.int32()),
+                        "promoted_vals": lst(np.sort(vals)[:, ::-1].copy(), pa.float32()),
+                        "suppressed_ids": lst(ids, pa.int32()),
+                        "suppressed_vals": lst(np.sort(vals), pa.float32()),
+                        "input_ids": lst(ids, pa.int32()),
+                        "input_vals": lst(vals, pa.float32()),
+                    }
+                ),
+            )
     docs = doc_texts or [f"doc-{i}" for i in range(n_seqs)]
-    store.write_sequences(pa.table({
-        "seq_id": pa.array(seq_ids), "doc_id": pa.array([docs[i % len(docs)] for i in range(n_seqs)]),
-        "char_start": pa.array(np.arange(n_seqs) * 100), "char_end": pa.array(np.arange(n_seqs) * 100 + 90),
-        "token_ids": pa.array([t[:length].tolist() for t, length in zip(token_ids, lengths)], pa.list_(pa.int32())),
-    }, schema=SEQUENCES_SCHEMA))
+    store.write_sequences(
+        pa.table(
+            {
+                "seq_id": pa.array(seq_ids),
+                "doc_id": pa.array([docs[i % len(docs)] for i in range(n_seqs)]),
+                "char_start": pa.array(np.arange(n_seqs) * 100),
+                "char_end": pa.array(np.arange(n_seqs) * 100 + 90),
+                "token_ids": pa.array(
+                    [t[:length].tolist() for t, length in zip(token_ids, lengths)], pa.list_(pa.int32())
+                ),
+            },
+            schema=SEQUENCES_SCHEMA,
+        )
+    )
     store.write_vocab(vocab)
-    store.write_manifest(new_manifest(
-        model={"name": name, "num_layers": n_layers, "layer_size": n_neurons, "activation_function": "silu",
-               "num_total_neurons": n_layers * n_neurons, "num_total_parameters": 1234, "d_model": 8, "vocab_size": len(vocab)},
-        corpus={"name": "toy-corpus", "content_hash": "sha256:0", "sequences_total": n_seqs, "tokens_total": int(lengths.sum())},
-        processed={"sequences": n_seqs, "tokens": int(lengths.sum())},
-        config={"seq_len": seq_len, "seed": seed, "tokens": int(lengths.sum()), "top_k": top_k, "n_random": n_random,
-                "bos_token_id": 0, "first_valid_position": 1},
-        stats={"quantile_levels": list(stats.QUANTILE_LEVELS), "display_bins": stats.DISPLAY_BINS},
-        run_hash="synthetic", shard=None,
-        services=["neuroscope", "logits"] if with_logits else ["neuroscope"],
-    ))
+    store.write_manifest(
+        new_manifest(
+            model={
+                "name": name,
+                "num_layers": n_layers,
+                "layer_size": n_neurons,
+                "activation_function": "silu",
+                "num_total_neurons": n_layers * n_neurons,
+                "num_total_parameters": 1234,
+                "d_model": 8,
+                "vocab_size": len(vocab),
+            },
+            corpus={
+                "name": "toy-corpus",
+                "content_hash": "sha256:0",
+                "sequences_total": n_seqs,
+                "tokens_total": int(lengths.sum()),
+            },
+            processed={"sequences": n_seqs, "tokens": int(lengths.sum())},
+            config={
+                "seq_len": seq_len,
+                "seed": seed,
+                "tokens": int(lengths.sum()),
+                "top_k": top_k,
+                "n_random": n_random,
+                "bos_token_id": 0,
+                "first_valid_position": 1,
+            },
+            stats={"quantile_levels": list(stats.QUANTILE_LEVELS), "display_bins": stats.DISPLAY_BINS},
+            run_hash="synthetic",
+            shard=None,
+            services=["neuroscope", "logits"] if with_logits else ["neuroscope"],
+        )
+    )
     if with_graphs:
         write_synthetic_graphs(store, {(0, 1): SYNTHETIC_LINES})
     return Store.open(root)
@@ -148,10 +218,26 @@ def write_tall_site(root: Path, cap: int = 60):
     from sitegen.site import search
     from sitegen.site.build import build_site
 
-    store = write_synthetic_store(root / "store", name="tall", n_layers=3, n_neurons=40, n_seqs=12, seq_len=12, with_logits=False,
-                                  with_graphs=False)
-    write_synthetic_graphs(store, {(0, 2): SYNTHETIC_LINES, (1, 3): [([("<script>alert(1)</script>", 0.9, 0.9), (" w3", 0.9, 0.2)], 0.9),
-                                                                    ([(" w3", 0.9, 0.9), ("<script>alert(1)</script>", 0.9, 0.2)], 0.9)]})
+    store = write_synthetic_store(
+        root / "store",
+        name="tall",
+        n_layers=3,
+        n_neurons=40,
+        n_seqs=12,
+        seq_len=12,
+        with_logits=False,
+        with_graphs=False,
+    )
+    write_synthetic_graphs(
+        store,
+        {
+            (0, 2): SYNTHETIC_LINES,
+            (1, 3): [
+                ([("<script>alert(1)</script>", 0.9, 0.9), (" w3", 0.9, 0.2)], 0.9),
+                ([(" w3", 0.9, 0.9), ("<script>alert(1)</script>", 0.9, 0.2)], 0.9),
+            ],
+        },
+    )
     old_cap, search.CAP = search.CAP, cap
     try:
         build_site([store.root], root / "site")
@@ -190,8 +276,8 @@ def static_text_search(site: Path, model: str, query: str) -> list[int]:
     """The explanation search as the page runs it (same analysis, AND, shards only), ids sorted."""
     import orjson
 
-    from sitegen.site.textindex import analyse
     from sitegen.site.search import fnv1a
+    from sitegen.site.textindex import analyse
 
     base = site / "search" / model
     meta = orjson.loads((base / "meta.json").read_bytes())["text"]

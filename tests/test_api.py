@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import orjson
 import pytest
 import requests
+import tomllib
 
 MODEL = "toy-model"
 
@@ -21,9 +21,21 @@ def test_paper_client_snippet(served_site):
     assert tokens[3] == "<script>alert(1)</script>"
 
 
-@pytest.mark.parametrize("path", ["/api", "/api/index.json", f"/api/{MODEL}", f"/api/{MODEL}.json", f"/api/{MODEL}/neuroscope/0",
-                                  f"/api/{MODEL}/neuroscope/0/3", f"/api/{MODEL}/neuroscope/0/3.json", f"/api/{MODEL}/all/1/0",
-                                  f"/api/{MODEL}/logits/1/1", f"/api/{MODEL}/neuroscope"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api",
+        "/api/index.json",
+        f"/api/{MODEL}",
+        f"/api/{MODEL}.json",
+        f"/api/{MODEL}/neuroscope/0",
+        f"/api/{MODEL}/neuroscope/0/3",
+        f"/api/{MODEL}/neuroscope/0/3.json",
+        f"/api/{MODEL}/all/1/0",
+        f"/api/{MODEL}/logits/1/1",
+        f"/api/{MODEL}/neuroscope",
+    ],
+)
 def test_extensionless_and_json_urls_answer_with_cors(served_site, path):
     r = requests.get(served_site + path)
     assert r.status_code == 200, path
@@ -38,15 +50,29 @@ def test_same_bytes_with_and_without_suffix(served_site):
     assert a == b
 
 
-@pytest.mark.parametrize("path", ["/api/nope", "/api/nope/neuroscope/0/1", f"/api/{MODEL}/nope/0/1", f"/api/{MODEL}/neuroscope/9",
-                                  f"/api/{MODEL}/neuroscope/0/99", f"/api/{MODEL}/neuroscope/0/99.json", f"/api/{MODEL}/all/9/9",
-                                  f"/api/{MODEL}/neuron_explainer/0/0", f"/api/{MODEL}/neuron_explainer"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/nope",
+        "/api/nope/neuroscope/0/1",
+        f"/api/{MODEL}/nope/0/1",
+        f"/api/{MODEL}/neuroscope/9",
+        f"/api/{MODEL}/neuroscope/0/99",
+        f"/api/{MODEL}/neuroscope/0/99.json",
+        f"/api/{MODEL}/all/9/9",
+        f"/api/{MODEL}/neuron_explainer/0/0",
+        f"/api/{MODEL}/neuron_explainer",
+    ],
+)
 def test_unknown_api_url_is_a_json_404(served_site, path):
     """Unknown model, service, layer or neuron, and a service the model lacks (no stub files):
     404 with a JSON body and the API's CORS header, not the HTML page."""
     r = requests.get(served_site + path)
     assert r.status_code == 404, path
-    assert r.headers["Content-Type"] == "application/json; charset=utf-8" and r.headers["Access-Control-Allow-Origin"] == "*"
+    assert (
+        r.headers["Content-Type"] == "application/json; charset=utf-8"
+        and r.headers["Access-Control-Allow-Origin"] == "*"
+    )
     assert r.json()["error"].startswith("no such API URL")
     page = requests.get(served_site + "/no/such/page")  # outside /api: the site's HTML 404 page
     assert page.status_code == 404 and page.headers["Content-Type"] == "text/html; charset=utf-8"
@@ -60,8 +86,10 @@ def test_api_404_body_is_the_edge_functions():
 
     repo = Path(__file__).resolve().parents[1]
     source = (repo / "netlify" / "edge-functions" / "api-not-found.ts").read_text()
-    assert f'error: {orjson.dumps(orjson.loads(NOT_FOUND_BODY)["error"]).decode()},' in source
-    declared = [(d["path"], d["function"]) for d in tomllib.loads((repo / "netlify.toml").read_text())["edge_functions"]]
+    assert f"error: {orjson.dumps(orjson.loads(NOT_FOUND_BODY)['error']).decode()}," in source
+    declared = [
+        (d["path"], d["function"]) for d in tomllib.loads((repo / "netlify.toml").read_text())["edge_functions"]
+    ]
     assert declared[-1] == ("/api/*", "api-not-found") and declared.index(("/api/*", "api-not-found")) > 0
 
 
@@ -143,10 +171,18 @@ def test_every_built_api_file_answers_a_documented_path_and_conforms(built_site)
 def test_search_and_404_answers_conform_to_openapi(built_site, served_site):
     spec = _spec(built_site)
     search = "/api/{model}/neuron2graph-search"
-    for url in (f"{search.replace('{model}', MODEL)}?query=any:w3", f"{search.replace('{model}', MODEL)}?query=any:nothing"):
+    for url in (
+        f"{search.replace('{model}', MODEL)}?query=any:w3",
+        f"{search.replace('{model}', MODEL)}?query=any:nothing",
+    ):
         r = requests.get(served_site + url)
         assert r.status_code == 200 and not list(_validator(spec, search).iter_errors(r.json())), url
-    for url in ("/api/nope/neuroscope/0/1", f"/api/{MODEL}/neuroscope/0/99", f"/api/{MODEL}/neuron_explainer/0/0", f"/api/{MODEL}/all/9"):
+    for url in (
+        "/api/nope/neuroscope/0/1",
+        f"/api/{MODEL}/neuroscope/0/99",
+        f"/api/{MODEL}/neuron_explainer/0/0",
+        f"/api/{MODEL}/all/9",
+    ):
         r = requests.get(served_site + url)
         template = _documented(spec, url)
         assert r.status_code == 404 and not list(_validator(spec, template, "404").iter_errors(r.json())), url
@@ -205,8 +241,12 @@ def test_rules_match_netlify_semantics(tmp_path):
     files = {"/api/m/neuroscope/0/1.json", "/m/0/1.html", "/404.html", "/api/index.json", "/api.html"}
     exists = files.__contains__
     assert rules.decide("/api/m/neuroscope/0/1", "", exists).file == "/api/m/neuroscope/0/1.json"
-    assert rules.decide("/api/m/neuroscope/0/1.json", "", exists).file == "/api/m/neuroscope/0/1.json"  # files shadow rules
-    assert rules.decide("/api", "", lambda p: exists(p) or p == "/api").file == "/api/index.json"  # forced: api.html does not shadow it
+    assert (
+        rules.decide("/api/m/neuroscope/0/1.json", "", exists).file == "/api/m/neuroscope/0/1.json"
+    )  # files shadow rules
+    assert (
+        rules.decide("/api", "", lambda p: exists(p) or p == "/api").file == "/api/index.json"
+    )  # forced: api.html does not shadow it
     go = rules.decide("/m/go", "layer=0&neuron=1", exists)
     assert (go.status, go.location) == (302, "/m/0/1.html?layer=0&neuron=1")
     assert rules.decide("/other/go", "layer=0&neuron=1", exists).status == 404  # no rule names that model
@@ -226,7 +266,7 @@ def test_api_not_found_edge_function_under_deno(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     script = tmp_path / "check.ts"
     script.write_text(f"""
-import handler, {{ BODY }} from "{(repo / 'netlify' / 'edge-functions' / 'api-not-found.ts').as_uri()}";
+import handler, {{ BODY }} from "{(repo / "netlify" / "edge-functions" / "api-not-found.ts").as_uri()}";
 const page = (status: number) => () => Promise.resolve(new Response("<html>page</html>", {{ status, headers: {{
   "Content-Type": "text/html; charset=utf-8", "Access-Control-Allow-Origin": "*", "ETag": "x", "Content-Length": "17" }} }}));
 const missing = await handler(new Request("http://h/api/m/nope"), {{ next: page(404) }});
@@ -237,8 +277,13 @@ console.log(JSON.stringify({{
             missing.headers.get("etag"), await missing.text()],
   head: [head.status, await head.text()], found: [found.status, found.headers.get("content-type"), await found.text()], body: BODY }}));
 """)
-    done = subprocess.run([deno.find_deno_bin(), "run", "--quiet", "--no-prompt", str(script)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1", "DENO_DIR": str(tmp_path / "deno")})
+    done = subprocess.run(
+        [deno.find_deno_bin(), "run", "--quiet", "--no-prompt", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1", "DENO_DIR": str(tmp_path / "deno")},
+    )
     assert done.returncode == 0, done.stderr
     from sitegen.site.edge import NOT_FOUND_BODY
 
@@ -247,7 +292,11 @@ console.log(JSON.stringify({{
     assert got["missing"] == [404, "application/json; charset=utf-8", "*", None, NOT_FOUND_BODY.decode()]
     assert got["head"] == [404, ""]
     assert got["found"] == [200, "text/html; charset=utf-8", "<html>page</html>"]
-    check = subprocess.run([deno.find_deno_bin(), "check", "--quiet", str(repo / "netlify" / "edge-functions" / "api-not-found.ts")],
-                           capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1", "DENO_DIR": str(tmp_path / "deno")})
+    check = subprocess.run(
+        [deno.find_deno_bin(), "check", "--quiet", str(repo / "netlify" / "edge-functions" / "api-not-found.ts")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1", "DENO_DIR": str(tmp_path / "deno")},
+    )
     assert check.returncode == 0, check.stderr + check.stdout

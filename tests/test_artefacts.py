@@ -28,14 +28,16 @@ def _planted_store(root):
     artefacts: SPIKE's maximum is one outlier text (the layer's second highest max); WORD fires on
     the word ' w3' (one token, but a word); FIRST_WORD fires on ' w5' and ' w6', most at the first
     position (a token neuron that fires most without context); ORDINARY is noise."""
-    store = write_synthetic_store(root, n_layers=2, n_neurons=6, n_seqs=40, seq_len=24, vocab=VOCAB, top_k=TOP_K, with_graphs=False)
+    store = write_synthetic_store(
+        root, n_layers=2, n_neurons=6, n_seqs=40, seq_len=24, vocab=VOCAB, top_k=TOP_K, with_graphs=False
+    )
     seqs = store.sequences()
     seq_ids = np.asarray(seqs.column("seq_id").to_pylist())
     ids = seqs.column("token_ids").to_pylist()
     lengths = np.array([len(t) for t in ids])
     tokens = np.zeros((len(ids), 24), np.int64)
     for i, t in enumerate(ids):
-        tokens[i, :len(t)] = t
+        tokens[i, : len(t)] = t
     rng = np.random.default_rng(7)
     acts = rng.normal(0, 1, size=(len(ids), 24, 6)).astype(np.float32)
     acts[:, 1, FIRST] = 50 + rng.random(len(ids))  # position 1: the first counted position
@@ -47,7 +49,9 @@ def _planted_store(root):
     acts[:, :, FIRST_WORD] += np.where(w56, 6.0, 0.0)
     acts[:, 1, FIRST_WORD] += np.where(w56[:, 1], 4.0, 0.0)
     st = brute_force_state(acts, lengths, seq_ids, 1, TOP_K, 2, 0)
-    store.write_layer("neuroscope", 0, ns_data.state_to_table(st, TOP_K, 2, dict(zip(seq_ids.tolist(), lengths.tolist()))))
+    store.write_layer(
+        "neuroscope", 0, ns_data.state_to_table(st, TOP_K, 2, dict(zip(seq_ids.tolist(), lengths.tolist())))
+    )
     return Store.open(root)
 
 
@@ -101,7 +105,14 @@ def test_n2g_stage_and_run_select_without_artefacts(planted, tmp_path, monkeypat
     assert Neuron2Graph().stage_layers(store, cfg) == {}  # the layer's choice already has its graph
     seen = []
     monkeypatch.setattr(n2g.ModelTokens, "prepare", classmethod(lambda cls, model, store: SimpleNamespace(neutral=0)))
-    monkeypatch.setattr(n2g, "build_layer", lambda model, store, layer, neurons, cfg, mt, log: (seen.append((layer, list(neurons))), (n2g.graphs_table([]), 0))[1])
+    monkeypatch.setattr(
+        n2g,
+        "build_layer",
+        lambda model, store, layer, neurons, cfg, mt, log: (
+            seen.append((layer, list(neurons))),
+            (n2g.graphs_table([]), 0),
+        )[1],
+    )
     n2g.run_n2g(None, _planted_store(tmp_path / "fresh"), "2@0", n2g.N2GConfig(seed=0), log=lambda m: None)
     assert seen == [(0, select_neurons("2@0", 2, 6, planted, skip_artefacts=True)[0])] and FIRST not in seen[0][1]
 
@@ -117,23 +128,30 @@ def test_site_flags_artefacts_graph_column_and_graph_count(planted, tmp_path):
     layer = (out / model / "0" / "index.html").read_text()
     header = re.findall(r'<th scope="col">(?:<button[^>]*>)?([^<]+)', layer)
     graph_col, artefact_col = header.index("Graph F1") + 1, header.index("Artefact") + 1  # +1: the neuron column
-    rows = {int(m.group(1)): re.findall(r"<td[^>]*>(.*?)</td>", m.group(0), re.S)
-            for m in re.finditer(r'<tr><td data-v="(\d+)">.*?</tr>', layer, re.S)}
+    rows = {
+        int(m.group(1)): re.findall(r"<td[^>]*>(.*?)</td>", m.group(0), re.S)
+        for m in re.finditer(r'<tr><td data-v="(\d+)">.*?</tr>', layer, re.S)
+    }
     assert rows[ORDINARY][graph_col] == "0.6" and rows[WORD][graph_col] == "0.6 (empty graph)"
     assert all(rows[n][graph_col] == "—" for n in (FIRST, BLANK, SPIKE, FIRST_WORD))
     marks = {n: re.sub(r"<[^>]+>", "", rows[n][artefact_col]) for n in rows}
     assert marks == {ORDINARY: "", FIRST: "first token", BLANK: "whitespace", SPIKE: "", WORD: "", FIRST_WORD: ""}
     assert 'title="peaks on the first token after BOS: ' in rows[FIRST][artefact_col]
     page = (out / model / "0" / f"{FIRST}.html").read_text()
-    assert "this neuron peaks on the first token after BOS (10 of its 10 firing top texts peak at position 1, on " in page
+    assert (
+        "this neuron peaks on the first token after BOS (10 of its 10 firing top texts peak at position 1, on " in page
+    )
     assert "Likely artefact" not in (out / model / "0" / f"{WORD}.html").read_text()
     api = orjson.loads((out / "api" / model / "neuron2graph" / "0" / f"{BLANK}.json").read_bytes())["data"]
     assert api["artefact"] == WHITESPACE
     home = (out / model / "index.html").read_text()
     assert "<dt>Graphs</dt><dd>3 of 12 neurons have a Neuron2Graph graph</dd>" in home
     # the model page's layer row names its strongest neuron and says when it is an artefact
-    assert re.search(rf'<a href="/{model}/0/{FIRST}.html">0:{FIRST}</a></td><td><code>[^<]*</code> '
-                     r'<span class="artefact">artefact: peaks on the first token after BOS</span>', home)
+    assert re.search(
+        rf'<a href="/{model}/0/{FIRST}.html">0:{FIRST}</a></td><td><code>[^<]*</code> '
+        r'<span class="artefact">artefact: peaks on the first token after BOS</span>',
+        home,
+    )
 
 
 def test_a_missing_sequence_is_a_one_line_store_error(tmp_path):
@@ -145,5 +163,7 @@ def test_a_missing_sequence_is_a_one_line_store_error(tmp_path):
     store = _planted_store(tmp_path / "store")
     seqs = store.sequences()
     store.write_sequences(seqs.filter(pc.not_equal(seqs.column("seq_id"), 5)).cast(SEQUENCES_SCHEMA))
-    with pytest.raises(StoreError, match=r"sequence 5 is referenced but missing from sequences.parquet; recompute the store"):
+    with pytest.raises(
+        StoreError, match=r"sequence 5 is referenced but missing from sequences.parquet; recompute the store"
+    ):
         layer_artefacts(Store.open(store.root), 0)

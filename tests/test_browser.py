@@ -12,8 +12,16 @@ import pytest
 pytestmark = pytest.mark.browser
 MODEL = "toy-model"
 CHROMIUM = os.environ.get("SITEGEN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +45,14 @@ def page(browser, served_site):
     pg.errors, pg.foreign = [], []
     pg.on("console", lambda m: pg.errors.append(m.text) if m.type == "error" else None)
     pg.on("pageerror", lambda e: pg.errors.append(str(e)))
-    pg.on("request", lambda r: pg.foreign.append(r.url) if urlsplit(r.url).netloc not in (origin, "") and not r.url.startswith("data:") else None)
+    pg.on(
+        "request",
+        lambda r: (
+            pg.foreign.append(r.url)
+            if urlsplit(r.url).netloc not in (origin, "") and not r.url.startswith("data:")
+            else None
+        ),
+    )
     yield pg
     assert pg.errors == [], pg.errors
     assert pg.foreign == [], pg.foreign
@@ -130,7 +145,7 @@ def test_token_search_leads_to_a_neuron_whose_graph_has_the_token(page, served_s
     page.fill("#search input[name=q]", "activating:w5")
     page.click("#search button[type=submit]")
     page.wait_for_selector("#search-results li")
-    assert "1 neuron with activating:\"w5\"" in page.inner_text("#search-status")
+    assert '1 neuron with activating:"w5"' in page.inner_text("#search-status")
     page.wait_for_selector("#search-results li .preview:not(:empty)")
     assert "graph F1 0.6" in page.inner_text("#search-results li")
     page.click("#search-results li a")
@@ -158,7 +173,10 @@ def test_shared_search_link_is_bounded_like_the_search_url(page, served_site):
     from sitegen.services.neuron2graph.tokenstore import MAX_TERMS
 
     fetched: list[str] = []
-    page.on("request", lambda r: fetched.append(urlsplit(r.url).path) if "/search/" in r.url and "/preview/" not in r.url else None)
+    page.on(
+        "request",
+        lambda r: fetched.append(urlsplit(r.url).path) if "/search/" in r.url and "/preview/" not in r.url else None,
+    )
     page.goto(f"{served_site}/search.html?model={MODEL}&q=any:w3")
     page.wait_for_selector("#search-results li")
     single = page.locator("#search-results li a").all_inner_texts()
@@ -170,7 +188,10 @@ def test_shared_search_link_is_bounded_like_the_search_url(page, served_site):
     fetched.clear()
     page.goto(f"{served_site}/search.html?model={MODEL}&q=" + ",".join(["any:w3"] * (MAX_TERMS + 1)))
     page.wait_for_selector("#search-error:not([hidden])")
-    assert page.inner_text("#search-error") == f"Too many terms ({MAX_TERMS + 1}): ask for at most {MAX_TERMS}, e.g. any:the,activating:of"
+    assert (
+        page.inner_text("#search-error")
+        == f"Too many terms ({MAX_TERMS + 1}): ask for at most {MAX_TERMS}, e.g. any:the,activating:of"
+    )
     assert fetched == [] and page.locator("#search-results li").count() == 0
     assert not page.errors
 
@@ -194,11 +215,12 @@ def test_search_explains_malformed_queries_and_empty_results(page, served_site):
 
 @pytest.fixture(scope="module")
 def explained_site(tmp_path_factory):
+    import threading
+
     from sitegen.site.build import build_site
     from sitegen.site.serve import make_server
     from tests.conftest import free_port
     from tests.test_explainer import explained_store
-    import threading
 
     root = tmp_path_factory.mktemp("explained")
     store = explained_store(root)
@@ -234,13 +256,15 @@ def test_explanation_is_shown_and_found_by_search(browser, explained_site):
 def test_browser_analysis_equals_lunrs_python_pipeline(browser, explained_site):
     from sitegen.site.textindex import analyse, stop_words
 
-    words = ("caresses ponies ties caress cats feed agreed plastered bled motoring sing conflated troubled sized hopping tanned falling "
-             "hissing fizzed failing filing happy sky relational conditional rational valenci hesitanci digitizer conformabli radicalli "
-             "differentli vileli analogousli vietnamization predication operator feudalism decisiveness hopefulness callousness formaliti "
-             "sensitiviti sensibiliti triplicate formative formalize electriciti electrical hopeful goodness revival allowance inference "
-             "airliner gyroscopic adjustable defensible irritant replacement adjustment dependent adoption homologou communism activate "
-             "angulariti homologous effective bowdlerize probate rate cease controll roll yelling yes you're Don't \"quoted\" (brackets) "
-             "state-of-the-union The a an of generalizations numbers especially amounts money percentages taxation")
+    words = (
+        "caresses ponies ties caress cats feed agreed plastered bled motoring sing conflated troubled sized hopping tanned falling "
+        "hissing fizzed failing filing happy sky relational conditional rational valenci hesitanci digitizer conformabli radicalli "
+        "differentli vileli analogousli vietnamization predication operator feudalism decisiveness hopefulness callousness formaliti "
+        "sensitiviti sensibiliti triplicate formative formalize electriciti electrical hopeful goodness revival allowance inference "
+        "airliner gyroscopic adjustable defensible irritant replacement adjustment dependent adoption homologou communism activate "
+        "angulariti homologous effective bowdlerize probate rate cease controll roll yelling yes you're Don't \"quoted\" (brackets) "
+        "state-of-the-union The a an of generalizations numbers especially amounts money percentages taxation"
+    )
     page = browser.new_page()
     page.goto(f"{explained_site}/search.html")
     got = page.evaluate("([t, s]) => window.sitegenAnalyse(t, s)", [words, stop_words()])
@@ -248,7 +272,9 @@ def test_browser_analysis_equals_lunrs_python_pipeline(browser, explained_site):
     page.close()
 
 
-@pytest.mark.parametrize("path", ["/", f"/{MODEL}/", f"/{MODEL}/1/", f"/{MODEL}/1/2.html", f"/search.html?model={MODEL}&q=any:w3"])
+@pytest.mark.parametrize(
+    "path", ["/", f"/{MODEL}/", f"/{MODEL}/1/", f"/{MODEL}/1/2.html", f"/search.html?model={MODEL}&q=any:w3"]
+)
 def test_phone_width_has_no_page_wide_horizontal_scroll(browser, served_site, path):
     """At 390 px (a phone), wide tables and graphs scroll inside their own box; the page itself never
     scrolls sideways."""
@@ -275,10 +301,11 @@ SCRIPT = "<script>alert(1)</script>"
 
 @pytest.fixture(scope="module")
 def tall_site(tmp_path_factory):
+    import threading
+
     from sitegen.site.serve import make_server
     from tests.conftest import free_port
     from tests.reference import write_tall_site
-    import threading
 
     store, site = write_tall_site(tmp_path_factory.mktemp("tall"))
     server = make_server(site, "127.0.0.1", free_port())
@@ -376,12 +403,16 @@ def test_search_results_show_their_support(browser, tall_site):
     page = _tall_page(browser)
     page.goto(f"{url}/search.html?model=tall&q=" + quote(f"activating:{SCRIPT}", safe=""))
     page.wait_for_selector("#search-results li")
-    assert "Support: the number of the neuron's top sequences in which it fires on the token" in page.inner_text("#search-status")
+    assert "Support: the number of the neuron's top sequences in which it fires on the token" in page.inner_text(
+        "#search-status"
+    )
     rows = page.locator("#search-results li")
     assert rows.count() == len(ids)
     for k, (gid, support) in enumerate(zip(ids, entry["s"])):
         assert rows.nth(k).locator("a").inner_text() == f"{gid // 40}:{gid % 40}"
-        assert rows.nth(k).locator(".support").inner_text().strip() == f"· {support} sequence" + ("" if support == 1 else "s")
+        assert rows.nth(k).locator(".support").inner_text().strip() == f"· {support} sequence" + (
+            "" if support == 1 else "s"
+        )
     # the rest come with "Show all", from the token's support file
     import orjson
 
@@ -393,7 +424,9 @@ def test_search_results_show_their_support(browser, tall_site):
     page.locator("#search-results li").nth(119).wait_for()
     assert len(whole) == 120 and whole[:60] == entry["s"]
     for k in (60, 119):
-        assert rows.nth(k).locator(".support").inner_text().strip() == f"· {whole[k]} sequence" + ("" if whole[k] == 1 else "s")
+        assert rows.nth(k).locator(".support").inner_text().strip() == f"· {whole[k]} sequence" + (
+            "" if whole[k] == 1 else "s"
+        )
     assert page.errors == []
     page.close()
 
@@ -425,7 +458,10 @@ def test_terms_joined_by_a_space_are_refused_in_the_browser(browser, tall_site):
     page = _tall_page(browser)
     page.goto(f"{url}/search.html?model=tall&q=any:w3%20any:w5")
     page.wait_for_selector("#search-error:not([hidden])")
-    assert page.inner_text("#search-error") == "Two terms in “any:w3 any:w5” with no comma between them: join terms with commas, e.g. any:the,any:of"
+    assert (
+        page.inner_text("#search-error")
+        == "Two terms in “any:w3 any:w5” with no comma between them: join terms with commas, e.g. any:the,any:of"
+    )
     assert page.locator("#search-results li").count() == 0
     page.goto(f"{url}/search.html?model=tall&q=any:%20w3")  # a token's own leading space is fine
     page.wait_for_selector("#search-results li")

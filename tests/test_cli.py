@@ -14,7 +14,9 @@ from tests.conftest import HAS_TORCH
 
 
 def _run(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "sitegen", *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "sitegen", *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
 
 
 def _one_line_error(res, *needles):
@@ -26,14 +28,17 @@ def _one_line_error(res, *needles):
         assert needle in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["--tokens", "0"], ["--tokens 0", "positive"]),
-    (["--seq-len", "500"], ["--seq-len 500"]),
-    (["--shard", "3/2"], ["--shard 3/2"]),
-    (["--shard", "x"], ["--shard x", "I/N"]),
-    (["--corpus", "/no/such/corpus.txt"], ["--corpus /no/such/corpus.txt", "no such file"]),
-    (["--model", "./no-such-model"], ["--model ./no-such-model", "no such file"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--tokens", "0"], ["--tokens 0", "positive"]),
+        (["--seq-len", "500"], ["--seq-len 500"]),
+        (["--shard", "3/2"], ["--shard 3/2"]),
+        (["--shard", "x"], ["--shard x", "I/N"]),
+        (["--corpus", "/no/such/corpus.txt"], ["--corpus /no/such/corpus.txt", "no such file"]),
+        (["--model", "./no-such-model"], ["--model ./no-such-model", "no such file"]),
+    ],
+)
 def test_compute_rejects_bad_options(tmp_path, args, needles):
     res = _run("compute", "--out", str(tmp_path / "store"), *args)
     _one_line_error(res, *needles)
@@ -44,18 +49,34 @@ def test_empty_and_malformed_corpora(tmp_path):
     (tmp_path / "empty").mkdir()
     _one_line_error(_run("compute", "--corpus", str(tmp_path / "empty"), "--out", str(tmp_path / "s")), "holds no .txt")
     (tmp_path / "blank.txt").write_text("   \n")
-    _one_line_error(_run("compute", "--corpus", str(tmp_path / "blank.txt"), "--out", str(tmp_path / "s")), "no text found")
+    _one_line_error(
+        _run("compute", "--corpus", str(tmp_path / "blank.txt"), "--out", str(tmp_path / "s")), "no text found"
+    )
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
-    _one_line_error(_run("compute", "--corpus", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "s")), "bad.jsonl:2", "not valid JSON")
+    _one_line_error(
+        _run("compute", "--corpus", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "s")),
+        "bad.jsonl:2",
+        "not valid JSON",
+    )
     (tmp_path / "notext.jsonl").write_text('{"body": "x"}\n')
-    _one_line_error(_run("compute", "--corpus", str(tmp_path / "notext.jsonl"), "--out", str(tmp_path / "s")), '"text" field')
+    _one_line_error(
+        _run("compute", "--corpus", str(tmp_path / "notext.jsonl"), "--out", str(tmp_path / "s")), '"text" field'
+    )
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs the compute extra")
 def test_unreachable_hub_is_one_line(tmp_path):
     (tmp_path / "a.txt").write_text("some text here " * 50)
-    res = _run("compute", "--model", "some-org/some-model", "--corpus", str(tmp_path / "a.txt"), "--out", str(tmp_path / "s"),
-               env={"HF_ENDPOINT": "https://hub.invalid", "HF_HUB_OFFLINE": "0"})
+    res = _run(
+        "compute",
+        "--model",
+        "some-org/some-model",
+        "--corpus",
+        str(tmp_path / "a.txt"),
+        "--out",
+        str(tmp_path / "s"),
+        env={"HF_ENDPOINT": "https://hub.invalid", "HF_HUB_OFFLINE": "0"},
+    )
     _one_line_error(res, "--model some-org/some-model", "hub is unreachable", "local folder")
 
 
@@ -81,8 +102,16 @@ def test_full_disk_keeps_the_work(tiny_model_dir, tiny_corpus, tmp_path, monkeyp
     from sitegen.compute.runner import ComputeConfig, run_compute
     from sitegen.errors import StoreError
 
-    cfg = ComputeConfig(model=str(tiny_model_dir), corpus=str(tiny_corpus), out=tmp_path / "store", tokens=600, seq_len=16,
-                        batch_size=4, device="cpu", progress=False)
+    cfg = ComputeConfig(
+        model=str(tiny_model_dir),
+        corpus=str(tiny_corpus),
+        out=tmp_path / "store",
+        tokens=600,
+        seq_len=16,
+        batch_size=4,
+        device="cpu",
+        progress=False,
+    )
     real_write = pq.write_table
 
     def full_disk(table, where, **kw):

@@ -24,8 +24,19 @@ SEQ_LEN, TOKENS, BATCH, TOP_K, N_RANDOM, SEED = 16, 1500, 4, 5, 3, 3
 def _config(model_dir, corpus, out, **kw):
     from sitegen.compute.runner import ComputeConfig
 
-    base = dict(model=str(model_dir), corpus=str(corpus), out=out, tokens=TOKENS, seq_len=SEQ_LEN, seed=SEED, top_k=TOP_K,
-                n_random=N_RANDOM, batch_size=BATCH, device="cpu", progress=False)
+    base = dict(
+        model=str(model_dir),
+        corpus=str(corpus),
+        out=out,
+        tokens=TOKENS,
+        seq_len=SEQ_LEN,
+        seed=SEED,
+        top_k=TOP_K,
+        n_random=N_RANDOM,
+        batch_size=BATCH,
+        device="cpu",
+        progress=False,
+    )
     base.update(kw)
     return ComputeConfig(**base)
 
@@ -78,21 +89,31 @@ def test_store_equals_brute_force(whole_run, tiny_model_dir, tiny_corpus):
     n_layers, n = model.n_layers, model.d_mlp
     acts = np.zeros((n_layers, len(seqs), SEQ_LEN, n), np.float32)
     for start in range(0, len(seqs), BATCH):
-        batch = seqs[start:start + BATCH]
+        batch = seqs[start : start + BATCH]
         tokens, *_ = _batch_tensors(batch, BATCH, SEQ_LEN, model.tokenizer.pad_token_id, 1, SEED, random_key, "cpu")
         captured = {}
-        hooks = [(model.hook_name(layer), (lambda layer: lambda x, hook: captured.__setitem__(layer, x.detach().clone()))(layer)) for layer in range(n_layers)]
+        hooks = [
+            (
+                model.hook_name(layer),
+                (lambda layer: lambda x, hook: captured.__setitem__(layer, x.detach().clone()))(layer),
+            )
+            for layer in range(n_layers)
+        ]
         with torch.inference_mode():
             model.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
         for layer in range(n_layers):
-            acts[layer, start:start + len(batch)] = captured[layer][: len(batch)].numpy()
+            acts[layer, start : start + len(batch)] = captured[layer][: len(batch)].numpy()
     lengths = np.array([len(s.token_ids) for s in seqs])
     seq_ids = np.array([s.seq_id for s in seqs])
     store = Store.open(whole_run)
     assert store.manifest["processed"]["sequences"] == len(seqs)
     for layer in range(n_layers):
-        expected = ns_data.state_to_table(brute_force_state(acts[layer], lengths, seq_ids, 1, TOP_K, N_RANDOM, SEED), TOP_K, N_RANDOM,
-                                          dict(zip(seq_ids.tolist(), lengths.tolist())))
+        expected = ns_data.state_to_table(
+            brute_force_state(acts[layer], lengths, seq_ids, 1, TOP_K, N_RANDOM, SEED),
+            TOP_K,
+            N_RANDOM,
+            dict(zip(seq_ids.tolist(), lengths.tolist())),
+        )
         got = store.read_layer("neuroscope", layer)
         for col in expected.column_names:
             assert got.column(col).equals(expected.column(col)), f"layer {layer} column {col}"
@@ -127,7 +148,13 @@ def test_torch_accumulator_std_exact_at_every_scale(all_full):
     for start in range(0, S, B):
         rows = slice(start, start + B)
         valid = (np.arange(T)[None, :] >= 1) & (np.arange(T)[None, :] < lengths[rows, None])
-        acc.update(torch.from_numpy(acts[rows]), torch.from_numpy(ids[rows]), torch.from_numpy(valid), torch.zeros(B), all_full=all_full)
+        acc.update(
+            torch.from_numpy(acts[rows]),
+            torch.from_numpy(ids[rows]),
+            torch.from_numpy(valid),
+            torch.zeros(B),
+            all_full=all_full,
+        )
     got = acc.state()
     table = ns_data.state_to_table(got, 4, 3, dict(zip(ids.tolist(), lengths.tolist())))
     counted = acts[(np.arange(T)[None, :] >= 1) & (np.arange(T)[None, :] < lengths[:, None])].astype(np.float64)
@@ -175,9 +202,35 @@ def test_merge_refuses_incomplete_or_foreign_shards(whole_run, tiny_model_dir, t
 def test_resume_after_kill_equals_uninterrupted(whole_run, tiny_model_dir, tiny_corpus, tmp_path):
     """kill -9 a running compute once it has checkpointed; the rerun finishes and equals the whole run."""
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "sitegen", "compute", "--model", str(tiny_model_dir), "--corpus", str(tiny_corpus), "--out", str(out),
-           "--tokens", str(TOKENS), "--seq-len", str(SEQ_LEN), "--seed", str(SEED), "--top-k", str(TOP_K), "--random", str(N_RANDOM),
-           "--batch-size", "1", "--device", "cpu", "--checkpoint-seconds", "0", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sitegen",
+        "compute",
+        "--model",
+        str(tiny_model_dir),
+        "--corpus",
+        str(tiny_corpus),
+        "--out",
+        str(out),
+        "--tokens",
+        str(TOKENS),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--seed",
+        str(SEED),
+        "--top-k",
+        str(TOP_K),
+        "--random",
+        str(N_RANDOM),
+        "--batch-size",
+        "1",
+        "--device",
+        "cpu",
+        "--checkpoint-seconds",
+        "0",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = out / ".work" / "checkpoint-0of1.npz"
     deadline = time.monotonic() + 120
@@ -225,12 +278,20 @@ def test_logit_tables_match_independent_computation(whole_run, tiny_model_dir):
             w_out = block.mlp.down_proj.weight.T  # (d_mlp, d_model)
             logits = (w_out * hf.model.norm.weight) @ hf.lm_head.weight.T  # (d_mlp, vocab)
             emb = hf.model.embed_tokens.weight
-            e = emb / torch.sqrt((emb * emb).mean(-1, keepdim=True) + hf.config.rms_norm_eps) * block.post_attention_layernorm.weight
-            act = torch.nn.functional.silu(e @ block.mlp.gate_proj.weight.T) * (e @ block.mlp.up_proj.weight.T)  # (vocab, d_mlp)
+            e = (
+                emb
+                / torch.sqrt((emb * emb).mean(-1, keepdim=True) + hf.config.rms_norm_eps)
+                * block.post_attention_layernorm.weight
+            )
+            act = torch.nn.functional.silu(e @ block.mlp.gate_proj.weight.T) * (
+                e @ block.mlp.up_proj.weight.T
+            )  # (vocab, d_mlp)
             for n in range(w_out.shape[0]):
                 top = torch.topk(logits[n], 10)
                 assert t.column("promoted_ids")[n].as_py() == top.indices.tolist()
-                np.testing.assert_allclose(t.column("promoted_vals")[n].as_py(), top.values.numpy(), rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(
+                    t.column("promoted_vals")[n].as_py(), top.values.numpy(), rtol=1e-4, atol=1e-5
+                )
                 bottom = torch.topk(-logits[n], 10)
                 assert t.column("suppressed_ids")[n].as_py() == bottom.indices.tolist()
                 inp = torch.topk(act[:, n], 10)
@@ -261,15 +322,21 @@ def test_model_forward_stops_after_the_last_wanted_layer(tiny_model_dir):
 
     model = load_model(str(tiny_model_dir))
     tok = model.tokenizer
-    rows = [[tok.bos_token_id] + tok.encode(text, add_special_tokens=False)[:10] for text in ("The nation shall trade", "With the world in peace and")]
+    rows = [
+        [tok.bos_token_id] + tok.encode(text, add_special_tokens=False)[:10]
+        for text in ("The nation shall trade", "With the world in peace and")
+    ]
     ids = np.full((len(rows), max(map(len, rows))), tok.pad_token_id, dtype=np.int64)
     for r, row in enumerate(rows):
-        ids[r, :len(row)] = row
+        ids[r, : len(row)] = row
     names = [model.hook_name(layer) for layer in range(model.n_layers)]
     with torch.inference_mode():
         _, cache = model.bridge.run_with_cache(torch.from_numpy(ids), names_filter=lambda n: n in names)
     finished: list = []  # the blocks whose forward completed, then the unembedding
-    handles = [block.register_forward_hook(lambda m, i, o, layer=layer: finished.append(layer)) for layer, block in enumerate(model.bridge.blocks)]
+    handles = [
+        block.register_forward_hook(lambda m, i, o, layer=layer: finished.append(layer))
+        for layer, block in enumerate(model.bridge.blocks)
+    ]
     handles.append(model.bridge.unembed.register_forward_hook(lambda m, i, o: finished.append("unembed")))
     try:
         for wanted in ([2, 0], [1], [0, 1, 2]):
@@ -343,7 +410,12 @@ def test_the_runner_seams_are_parameters(tiny_model_dir, tiny_corpus, tmp_path):
             self.closed = True
 
     out = tmp_path / "store"
-    run_compute(_config(tiny_model_dir, tiny_corpus, out, checkpoint_seconds=0), log=lambda m: None, progress=Bar, on_checkpoint=saved.append)
+    run_compute(
+        _config(tiny_model_dir, tiny_corpus, out, checkpoint_seconds=0),
+        log=lambda m: None,
+        progress=Bar,
+        on_checkpoint=saved.append,
+    )
     (bar,) = bars
     from sitegen.store import Store
 

@@ -26,13 +26,22 @@ def _tree(root: Path) -> dict[str, str]:
     tree = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        tree[rel] = ("-> " + os.readlink(p)) if p.is_symlink() else ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
+        tree[rel] = (
+            ("-> " + os.readlink(p))
+            if p.is_symlink()
+            else ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
+        )
     return tree
 
 
 def _cli_build(store: Path, out: Path) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "sitegen", "build", str(store), "--out", str(out)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sitegen", "build", str(store), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     return proc.returncode, proc.stderr
 
 
@@ -79,7 +88,9 @@ def test_record_listing_a_path_outside_is_refused_and_the_victim_kept(tmp_path, 
     assert _tree(out) == site_before  # refused before anything was written or deleted
 
 
-@pytest.mark.parametrize("rel", ["", ".", "m/./0.html", "m//0.html", "m/0/..", "m\\..\\..\\victim.txt", "m/\x00.html", 7, None, ["m"]])
+@pytest.mark.parametrize(
+    "rel", ["", ".", "m/./0.html", "m//0.html", "m/0/..", "m\\..\\..\\victim.txt", "m/\x00.html", 7, None, ["m"]]
+)
 def test_record_entries_that_are_not_plain_relative_paths_are_refused(tmp_path, stores, rel):
     big, _ = stores
     out = tmp_path / "site"
@@ -207,16 +218,32 @@ def test_compute_never_stores_what_a_corpus_folder_links_to(tmp_path, tiny_model
     (corpus / "readme.txt").symlink_to(tmp_path / "private" / "secret.txt")
     logged = []
     out = tmp_path / "store"
-    run_compute(ComputeConfig(model=str(tiny_model_dir), corpus=str(corpus), out=out, tokens=100_000, seq_len=16, seed=0, top_k=3,
-                              n_random=2, batch_size=4, device="cpu", progress=False), log=logged.append)
+    run_compute(
+        ComputeConfig(
+            model=str(tiny_model_dir),
+            corpus=str(corpus),
+            out=out,
+            tokens=100_000,
+            seq_len=16,
+            seed=0,
+            top_k=3,
+            n_random=2,
+            batch_size=4,
+            device="cpu",
+            progress=False,
+        ),
+        log=logged.append,
+    )
     sequences = pq.read_table(out / "sequences.parquet").to_pylist()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     text = "".join(tokenizer.decode(row["token_ids"]) for row in sequences)
     assert {row["doc_id"] for row in sequences} == {"speech.txt"} and "zebra" not in text
     assert "zebra" not in "".join(p.read_bytes().decode("latin-1") for p in out.rglob("*") if p.is_file())
     notes = [m for m in logged if "skipped" in m]
-    assert notes == [f"--corpus corpus: skipped 1 entry that is a link to outside the folder or not regular files "
-                     f"(first: readme.txt -> {tmp_path / 'private' / 'secret.txt'}); copy a file into the folder to read it"], logged
+    assert notes == [
+        f"--corpus corpus: skipped 1 entry that is a link to outside the folder or not regular files "
+        f"(first: readme.txt -> {tmp_path / 'private' / 'secret.txt'}); copy a file into the folder to read it"
+    ], logged
 
 
 @pytest.mark.parametrize("rel", ["../escape.txt", "m/../../escape.txt", "m/./../../escape.txt"])

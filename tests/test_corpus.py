@@ -18,7 +18,11 @@ def test_folder_of_txt_jsonl_parquet(tmp_path):
     (tmp_path / "ignored.csv").write_text("x")
     corpus = load_corpus(str(tmp_path))
     assert [(d.doc_id, d.text) for d in corpus.documents] == [
-        ("a.txt", "First document."), ("c.parquet:0", "Fourth."), ("c.parquet:2", "Fifth."), ("sub/b.jsonl:1", "Second."), ("sub/b.jsonl:3", "Third."),
+        ("a.txt", "First document."),
+        ("c.parquet:0", "Fourth."),
+        ("c.parquet:2", "Fifth."),
+        ("sub/b.jsonl:1", "Second."),
+        ("sub/b.jsonl:3", "Third."),
     ]
     assert corpus.content_hash.startswith("sha256:")
 
@@ -64,7 +68,11 @@ def test_a_link_to_a_file_outside_the_folder_is_skipped_and_said_once(tmp_path):
     (corpus / "linked").symlink_to(outside, target_is_directory=True)  # a folder outside: not entered
     c = load_corpus(str(corpus))
     assert [(d.doc_id, d.text) for d in c.documents] == [("a.txt", "First document.")]
-    assert c.skipped == ["linked -> " + str(outside), "readme.txt -> " + str(outside / "key.txt"), "sub/env.txt -> /proc/self/environ"]
+    assert c.skipped == [
+        "linked -> " + str(outside),
+        "readme.txt -> " + str(outside / "key.txt"),
+        "sub/env.txt -> /proc/self/environ",
+    ]
     note = c.skipped_note()
     assert note.count("\n") == 0 and "skipped 3 entries" in note and f"first: linked -> {outside}" in note
 
@@ -77,8 +85,10 @@ def test_a_fifo_in_the_folder_is_skipped_without_blocking(tmp_path):
 
     (tmp_path / "a.txt").write_text("First document.")
     os.mkfifo(tmp_path / "pipe.txt")
-    code = ("import sys; from sitegen.corpus import load_corpus; c = load_corpus(sys.argv[1]); "
-            "print([d.doc_id for d in c.documents], c.skipped)")
+    code = (
+        "import sys; from sitegen.corpus import load_corpus; c = load_corpus(sys.argv[1]); "
+        "print([d.doc_id for d in c.documents], c.skipped)"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "['a.txt'] ['pipe.txt (not a regular file)']", proc.stderr
     with pytest.raises(CorpusError, match=r"pipe\.txt: not a regular file"):  # named as --corpus itself: refused
@@ -92,7 +102,10 @@ def test_links_inside_the_folder_are_read_once(tmp_path):
     (tmp_path / "c.txt").symlink_to("notes.md")  # a target not read otherwise: read under the first link's name
     (tmp_path / "d.txt").symlink_to("notes.md")
     c = load_corpus(str(tmp_path))
-    assert [(d.doc_id, d.text) for d in c.documents] == [("a.txt", "First document."), ("c.txt", "Read through a link only.")]
+    assert [(d.doc_id, d.text) for d in c.documents] == [
+        ("a.txt", "First document."),
+        ("c.txt", "Read through a link only."),
+    ]
     assert c.skipped == [] and c.skipped_note() is None
 
 
@@ -109,5 +122,8 @@ def test_a_folder_of_nothing_but_links_outside_says_so(tmp_path):
     (tmp_path / "key.txt").write_text("API_KEY=sk-live-0123456789")
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").symlink_to(tmp_path / "key.txt")
-    with pytest.raises(CorpusError, match=r"no \.txt, \.jsonl or \.parquet files of its own \(1 skipped, .*first a\.txt -> .*copy the files"):
+    with pytest.raises(
+        CorpusError,
+        match=r"no \.txt, \.jsonl or \.parquet files of its own \(1 skipped, .*first a\.txt -> .*copy the files",
+    ):
         load_corpus(str(tmp_path / "corpus"))

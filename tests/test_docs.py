@@ -26,13 +26,16 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench
 
 # ---- helpers -----------------------------------------------------------------------------------
 
+
 def _section(text: str, heading: str) -> str:
     """The text under `heading` (a whole heading line) up to the next heading of its level or above."""
     level = len(heading) - len(heading.lstrip("#"))
     lines = text.split("\n")
     start = lines.index(heading) + 1
-    end = next((i for i in range(start, len(lines))
-                if (m := re.match(r"(#+) ", lines[i])) and len(m.group(1)) <= level), len(lines))
+    end = next(
+        (i for i in range(start, len(lines)) if (m := re.match(r"(#+) ", lines[i])) and len(m.group(1)) <= level),
+        len(lines),
+    )
     return "\n".join(lines[start:end])
 
 
@@ -47,7 +50,9 @@ def _service_hooks() -> set[str]:
 
 
 def _builtin(service) -> bool:
-    return type(service).__module__.startswith("sitegen.")  # a plugin installed beside sitegen is documented by its own package
+    return type(service).__module__.startswith(
+        "sitegen."
+    )  # a plugin installed beside sitegen is documented by its own package
 
 
 def _commands() -> dict[str, click.Command]:
@@ -75,8 +80,11 @@ def _missing_options(reference: str, commands: dict[str, click.Command]) -> list
             missing.append(f"sitegen {name}")
             continue
         section = _section(reference, heading)
-        missing += [f"sitegen {name} {flag}" for flag in _options(command)
-                    if not re.search("`" + re.escape(flag) + r"[` \[,]", section)]
+        missing += [
+            f"sitegen {name} {flag}"
+            for flag in _options(command)
+            if not re.search("`" + re.escape(flag) + r"[` \[,]", section)
+        ]
     return missing
 
 
@@ -118,10 +126,15 @@ def _broken_links(path: Path, text: str) -> list[str]:
 
 # ---- the checks ----------------------------------------------------------------------------------
 
+
 def test_every_service_hook_is_in_the_contributing_guide_and_every_hook_it_names_exists():
     documented, hooks = _documented_hooks(CONTRIBUTING.read_text()), _service_hooks()
-    assert hooks - documented == set(), f"Service hooks missing from docs/contributing.md's table: {sorted(hooks - documented)}"
-    assert documented - hooks == set(), f"docs/contributing.md names hooks Service does not have: {sorted(documented - hooks)}"
+    assert hooks - documented == set(), (
+        f"Service hooks missing from docs/contributing.md's table: {sorted(hooks - documented)}"
+    )
+    assert documented - hooks == set(), (
+        f"docs/contributing.md names hooks Service does not have: {sorted(documented - hooks)}"
+    )
 
 
 def test_every_command_and_option_is_in_the_reference():
@@ -130,7 +143,12 @@ def test_every_command_and_option_is_in_the_reference():
     assert "--n2g" in _options(commands["compute"])  # a service's compute option is walked too
     assert _missing_options(REFERENCE.read_text(), commands) == []
     reference = REFERENCE.read_text()
-    assert all(f"`{flag}" in reference or f" {flag}`" in reference for p in main.params for flag in getattr(p, "opts", ()) if flag != "--help")
+    assert all(
+        f"`{flag}" in reference or f" {flag}`" in reference
+        for p in main.params
+        for flag in getattr(p, "opts", ())
+        if flag != "--help"
+    )
 
 
 def test_readme_is_short():
@@ -146,6 +164,7 @@ def test_relative_links_point_to_existing_files_and_headings(path):
 
 # ---- each check fails on docs that drifted -------------------------------------------------------
 
+
 def test_the_checks_catch_drift(tmp_path):
     text = CONTRIBUTING.read_text()
     dropped = text.replace("| `layer_facts(view, neuron, payload)` |", "| layer facts |")
@@ -159,7 +178,12 @@ def test_the_checks_catch_drift(tmp_path):
 
     page = tmp_path / "page.md"
     (tmp_path / "there.md").write_text("# Title\n\n## A `code` heading; here\n\n```sh\n# not a heading\n```\n")
-    assert _broken_links(page, "[a](there.md#a-code-heading-here) [b](https://example.org/x) [c](#local)\n\n# Local\n") == []
+    assert (
+        _broken_links(page, "[a](there.md#a-code-heading-here) [b](https://example.org/x) [c](#local)\n\n# Local\n")
+        == []
+    )
     assert _broken_links(page, "[a](missing.md) [b](there.md#not-a-heading) [c](#nowhere)\n") == [
-        "page.md: missing.md (no such file)", "page.md: there.md#not-a-heading (no such heading in there.md)",
-        "page.md: #nowhere (no such heading in page.md)"]
+        "page.md: missing.md (no such file)",
+        "page.md: there.md#not-a-heading (no such heading in there.md)",
+        "page.md: #nowhere (no such heading in page.md)",
+    ]

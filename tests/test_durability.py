@@ -30,8 +30,14 @@ RECORD, JOURNAL, TMP_SUFFIX = ".sitegen-build.json", ".sitegen-build.journal", "
 
 def _build(*args, **popen):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "sitegen", "build", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sitegen", "build", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def _run_build(*args):
@@ -51,7 +57,11 @@ def _files_in(out: Path) -> int:
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _one_line_error(rc: int, err: str, *needles: str) -> None:
@@ -115,7 +125,9 @@ def test_out_non_empty_without_record_refused(tmp_path, store):
     out.mkdir()
     (out / "thesis.tex").write_text("years of work\n")
     _refused([store.root], out, f"--out {out}", "not empty", RECORD)
-    assert (out / "thesis.tex").read_text() == "years of work\n" and sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    assert (out / "thesis.tex").read_text() == "years of work\n" and sorted(p.name for p in out.iterdir()) == [
+        "thesis.tex"
+    ]
 
 
 def test_site_of_an_older_version_refused_with_the_way_out(tmp_path, store):
@@ -203,7 +215,11 @@ def test_a_file_killed_mid_write_in_a_new_folder_is_rewritten_by_the_rerun(tmp_p
     with pytest.raises(KeyboardInterrupt):
         build_site([store.root], out, jobs=1)
     monkeypatch.undo()
-    short = [rel for rel, digest in _tree(out).items() if rel in _tree(clean) and digest != _tree(clean)[rel] and rel != JOURNAL]
+    short = [
+        rel
+        for rel, digest in _tree(out).items()
+        if rel in _tree(clean) and digest != _tree(clean)[rel] and rel != JOURNAL
+    ]
     assert len(short) == 1, short  # the file cut short, in place under its own name
     assert not list(out.rglob(f"*{TMP_SUFFIX}"))
     build_site([store.root], out, jobs=1)
@@ -280,4 +296,4 @@ def test_store_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     assert len(renames) == 1, events
     i, ino = renames[0], events[renames[0]][1]
     assert ("fsync", ino, False) in events[:i], "the file was renamed into place before its data reached the disk"
-    assert any(e[0] == "fsync" and e[2] for e in events[i + 1:]), "the folder holding the rename was not flushed"
+    assert any(e[0] == "fsync" and e[2] for e in events[i + 1 :]), "the folder holding the rename was not flushed"

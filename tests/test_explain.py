@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -22,8 +21,24 @@ from sitegen.site.build import build_site
 from tests.conftest import free_port
 from tests.reference import write_synthetic_store
 
-WORDS = ["<bos>", " the", " tax", " cut", " peace", " war", " and", " law", " is", " fair", " we", " people", " trade", " year", " nation",
-         "<script>alert(1)</script>"]
+WORDS = [
+    "<bos>",
+    " the",
+    " tax",
+    " cut",
+    " peace",
+    " war",
+    " and",
+    " law",
+    " is",
+    " fair",
+    " we",
+    " people",
+    " trade",
+    " year",
+    " nation",
+    "<script>alert(1)</script>",
+]
 
 
 class Stub:
@@ -31,7 +46,9 @@ class Stub:
 
     def __init__(self, behaviour: str, redirect_to: str = ""):
         self.behaviour, self.calls, self.failures_left, self.redirect_to = behaviour, [], 2, redirect_to
-        self.malformed = None  # (request kind "chat" or "echo", answer -> wrong-shaped answer): the first such answer is spoilt
+        self.malformed = (
+            None  # (request kind "chat" or "echo", answer -> wrong-shaped answer): the first such answer is spoilt
+        )
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,7 +94,12 @@ class Stub:
         if b == "flaky" and self.failures_left > 0:
             self.failures_left -= 1
             return 429, {"error": {"message": "rate limited"}}
-        if b == "slow" and path.endswith("/chat/completions") and "Neuron B" in json.dumps(body) and self.failures_left == 2:
+        if (
+            b == "slow"
+            and path.endswith("/chat/completions")
+            and "Neuron B" in json.dumps(body)
+            and self.failures_left == 2
+        ):
             self.failures_left = 0
             time.sleep(2.5)  # longer than the client's timeout: this one neuron fails
         if b == "empty" and path.endswith("/chat/completions") and "Neuron B" in json.dumps(body):
@@ -88,21 +110,42 @@ class Stub:
             text = body["messages"][-1]["content"]
             if "Neuron B" in text:
                 word = ["tax", "peace", "war"][body.get("seed", 0) % 3] if b == "samples" else "tax"
-                return 200, {"choices": [{"message": {"content": f'the word "{word}".'}}], "usage": {"prompt_tokens": 50, "completion_tokens": 5}}
+                return 200, {
+                    "choices": [{"message": {"content": f'the word "{word}".'}}],
+                    "usage": {"prompt_tokens": 50, "completion_tokens": 5},
+                }
             # the logprob-free simulation: rewrite the lines, 10 on ' tax'
             lines = [ln for ln in text.rsplit("<start>\n", 1)[1].split("<end>")[0].splitlines() if ln.endswith("\t?")]
             out = "\n".join(ln[:-1] + ("10" if ln.split("\t")[0].strip() == "tax" else "0") for ln in lines)
-            return 200, {"choices": [{"message": {"content": out}}], "usage": {"prompt_tokens": 80, "completion_tokens": 30}}
+            return 200, {
+                "choices": [{"message": {"content": out}}],
+                "usage": {"prompt_tokens": 80, "completion_tokens": 30},
+            }
         if path.endswith("/completions"):
             if b == "no-logprobs":
                 return 200, {"choices": [{"text": "", "logprobs": None}]}
             if b == "generated-only":  # as llama.cpp's own llama-server: logprobs of the generated token only
                 at = len(body["prompt"])
-                return 200, {"choices": [{"text": body["prompt"] + "\n", "logprobs": {"tokens": ["\n"], "token_logprobs": [-0.1],
-                                                                                    "top_logprobs": [{"\n": -0.1, "0": -3.0}], "text_offset": [at]}}]}
+                return 200, {
+                    "choices": [
+                        {
+                            "text": body["prompt"] + "\n",
+                            "logprobs": {
+                                "tokens": ["\n"],
+                                "token_logprobs": [-0.1],
+                                "top_logprobs": [{"\n": -0.1, "0": -3.0}],
+                                "text_offset": [at],
+                            },
+                        }
+                    ]
+                }
             if b == "chat-only":  # what OpenAI answers for a chat model on /v1/completions
-                return 404, {"error": {"message": "This is a chat model and not supported in the v1/completions endpoint. "
-                                                  "Did you mean to use v1/chat/completions?"}}
+                return 404, {
+                    "error": {
+                        "message": "This is a chat model and not supported in the v1/completions endpoint. "
+                        "Did you mean to use v1/chat/completions?"
+                    }
+                }
             return 200, self.echo(body["prompt"])
         return 404, {"error": "no such path"}
 
@@ -139,8 +182,20 @@ class Stub:
         else:
             tops = [None] + [{tok: own[i].get(tok, math.log(1e-4)), **own[i]} for i, tok in enumerate(tokens) if i > 0]
             token_logprobs = [None] + [own[i].get(tok, math.log(1e-4)) for i, tok in enumerate(tokens) if i > 0]
-        return {"choices": [{"text": prompt, "logprobs": {"tokens": tokens, "text_offset": offsets, "token_logprobs": token_logprobs,
-                                                           "top_logprobs": tops}}], "usage": {"prompt_tokens": len(tokens), "completion_tokens": 1}}
+        return {
+            "choices": [
+                {
+                    "text": prompt,
+                    "logprobs": {
+                        "tokens": tokens,
+                        "text_offset": offsets,
+                        "token_logprobs": token_logprobs,
+                        "top_logprobs": tops,
+                    },
+                }
+            ],
+            "usage": {"prompt_tokens": len(tokens), "completion_tokens": 1},
+        }
 
     def close(self):
         self.server.shutdown()
@@ -155,7 +210,9 @@ def store(tmp_path):
 
 
 def _cfg(store, url, **kw):
-    return ExplainConfig(store=store.root, endpoint=url, model="stub-model", neurons="0:1,1:2", concurrency=2, timeout=5, retries=3, **kw)
+    return ExplainConfig(
+        store=store.root, endpoint=url, model="stub-model", neurons="0:1,1:2", concurrency=2, timeout=5, retries=3, **kw
+    )
 
 
 def test_logprob_path_scores_and_the_site_shows_it(store, tmp_path):
@@ -168,7 +225,11 @@ def test_logprob_path_scores_and_the_site_shows_it(store, tmp_path):
     from sitegen.store import Store
 
     rows = Store.open(store.root).read_layer("neuron_explainer", 1).to_pylist()
-    assert rows[0]["explanation"] == 'the word "tax".' and rows[0]["method"] == "logprobs" and rows[0]["explainer"] == "stub-model"
+    assert (
+        rows[0]["explanation"] == 'the word "tax".'
+        and rows[0]["method"] == "logprobs"
+        and rows[0]["explainer"] == "stub-model"
+    )
     assert json.loads(rows[0]["usage"])["requests"] == 1 + 2 + 2  # the explanation, 2 test top texts, 2 random texts
     assert rows[0]["score"] is not None and -1 <= rows[0]["score"] <= 1
     out = tmp_path / "site"
@@ -203,7 +264,11 @@ def test_several_samples_are_chosen_on_valid_and_reported_on_test(store, tmp_pat
     for r in work:
         assert [x["explanation"] for x in r["samples"]] == ['the word "tax".', 'the word "peace".', 'the word "war".']
         chosen = max(r["samples"], key=lambda x: -2 if x["valid_score"] is None else x["valid_score"])
-        assert r["explanation"] == chosen["explanation"] and r["score"] == chosen["score"] and r["valid_score"] == chosen["valid_score"]
+        assert (
+            r["explanation"] == chosen["explanation"]
+            and r["score"] == chosen["score"]
+            and r["valid_score"] == chosen["valid_score"]
+        )
         assert r["usage"]["requests"] == 3 * (1 + 4 + 4)  # per sample: the explanation, 4 valid and 4 test simulations
     out = tmp_path / "site"
     build_site([store.root], out)
@@ -269,13 +334,33 @@ def test_empty_answer_is_reported_and_the_run_goes_on(store):
     assert any("empty or malformed" in m for m in logs)
 
 
-@pytest.mark.parametrize("behaviour, message", [("auth", "refused the API key"), ("unknown-model", "unknown model 'stub-model'")])
+@pytest.mark.parametrize(
+    "behaviour, message", [("auth", "refused the API key"), ("unknown-model", "unknown model 'stub-model'")]
+)
 def test_endpoint_errors_are_one_line_and_lose_nothing(store, behaviour, message, monkeypatch):
     stub = Stub(behaviour)
     monkeypatch.setenv("OPENAI_API_KEY", "wrong-key")
     try:
-        res = subprocess.run([sys.executable, "-m", "sitegen", "explain", str(store.root), "--endpoint", stub.url, "--model", "stub-model",
-                              "--neurons", "0:1", "--api-key-env", "OPENAI_API_KEY"], capture_output=True, text=True, check=False)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sitegen",
+                "explain",
+                str(store.root),
+                "--endpoint",
+                stub.url,
+                "--model",
+                "stub-model",
+                "--neurons",
+                "0:1",
+                "--api-key-env",
+                "OPENAI_API_KEY",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     finally:
         stub.close()
     assert res.returncode != 0 and message in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
@@ -284,12 +369,50 @@ def test_endpoint_errors_are_one_line_and_lose_nothing(store, behaviour, message
 
 def test_unreachable_endpoint_and_dry_run(store):
     port = free_port()
-    res = subprocess.run([sys.executable, "-m", "sitegen", "explain", str(store.root), "--endpoint", f"http://127.0.0.1:{port}/v1",
-                          "--model", "m", "--neurons", "0:1"], capture_output=True, text=True, check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sitegen",
+            "explain",
+            str(store.root),
+            "--endpoint",
+            f"http://127.0.0.1:{port}/v1",
+            "--model",
+            "m",
+            "--neurons",
+            "0:1",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode != 0 and "unreachable" in res.stderr and res.stderr.strip().count("\n") == 0
-    res = subprocess.run([sys.executable, "-m", "sitegen", "explain", str(store.root), "--endpoint", f"http://127.0.0.1:{port}/v1",
-                          "--model", "m", "--neurons", "2@0,1", "--dry-run"], capture_output=True, text=True, check=False)
-    assert res.returncode == 0 and "Neuron B" in res.stdout and "4 neurons to explain" in res.stdout and "at most 20 requests" in res.stdout
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sitegen",
+            "explain",
+            str(store.root),
+            "--endpoint",
+            f"http://127.0.0.1:{port}/v1",
+            "--model",
+            "m",
+            "--neurons",
+            "2@0,1",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (
+        res.returncode == 0
+        and "Neuron B" in res.stdout
+        and "4 neurons to explain" in res.stdout
+        and "at most 20 requests" in res.stdout
+    )
 
 
 def test_server_with_byte_offsets_aligns_non_ascii_excerpts(tmp_path):
@@ -298,7 +421,19 @@ def test_server_with_byte_offsets_aligns_non_ascii_excerpts(tmp_path):
     P(0) = .9 elsewhere, P(5) = .1: 9.5 and 0.5)."""
     from sitegen.store import Store
 
-    words = ["<bos>", " tax", " café", " naïve", "—", " 日本", " peace", " law", " über", " fair", "<script>alert(1)</script>"]
+    words = [
+        "<bos>",
+        " tax",
+        " café",
+        " naïve",
+        "—",
+        " 日本",
+        " peace",
+        " law",
+        " über",
+        " fair",
+        "<script>alert(1)</script>",
+    ]
     store = write_synthetic_store(tmp_path / "store", name="toy", vocab=words, with_graphs=False, top_k=8, n_random=6)
     stub = Stub("bytes")
     try:
@@ -319,10 +454,22 @@ def test_a_hand_edited_work_log_costs_requests_not_the_run(store):
     work = store.root / ".work/explain.jsonl"
     work.parent.mkdir(parents=True, exist_ok=True)
     good = {"layer": 0, "neuron": 1, "model": "stub-model", "explanation": "kept", "score": 0.5, "error": None}
-    bad = [[], "text", 7, {"model": "stub-model"}, {**good, "layer": "0"}, {**good, "neuron": 10**6}, {**good, "explanation": 3},
-           {**good, "layer": 1, "neuron": True}, {**good, "layer": 1, "neuron": 2, "score": "high"}]
+    bad = [
+        [],
+        "text",
+        7,
+        {"model": "stub-model"},
+        {**good, "layer": "0"},
+        {**good, "neuron": 10**6},
+        {**good, "explanation": 3},
+        {**good, "layer": 1, "neuron": True},
+        {**good, "layer": 1, "neuron": 2, "score": "high"},
+    ]
     work.write_bytes(b"".join(json.dumps(x).encode() + b"\n" for x in [*bad, good]))
-    assert run_explain(_cfg(store, "http://127.0.0.1:9/v1", dry_run=True), log=lambda m: None) == {"todo": 1, "requests": 5}
+    assert run_explain(_cfg(store, "http://127.0.0.1:9/v1", dry_run=True), log=lambda m: None) == {
+        "todo": 1,
+        "requests": 5,
+    }
     stub = Stub("ok")
     try:
         assert run_explain(_cfg(store, stub.url), log=lambda m: None) == {"done": 2, "failed": 0}
@@ -330,7 +477,11 @@ def test_a_hand_edited_work_log_costs_requests_not_the_run(store):
         stub.close()
     from sitegen.store import Store
 
-    rows = {r["neuron"]: r for layer in (0, 1) for r in Store.open(store.root).read_layer("neuron_explainer", layer).to_pylist()}
+    rows = {
+        r["neuron"]: r
+        for layer in (0, 1)
+        for r in Store.open(store.root).read_layer("neuron_explainer", layer).to_pylist()
+    }
     assert rows[1]["explanation"] == "kept" and rows[2]["explanation"] == 'the word "tax".'
 
 
@@ -353,15 +504,36 @@ def test_a_redirect_is_refused_and_the_key_stays_home(store, monkeypatch):
     stub = Stub("redirect", redirect_to=target.url.rsplit("/v1", 1)[0])
     monkeypatch.setenv("SITEGEN_TEST_KEY", "secret-key")
     try:
-        res = subprocess.run([sys.executable, "-m", "sitegen", "explain", str(store.root), "--endpoint", stub.url, "--model", "stub-model",
-                              "--neurons", "0:1", "--api-key-env", "SITEGEN_TEST_KEY", "--retries", "0"],
-                             capture_output=True, text=True, check=False)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sitegen",
+                "explain",
+                str(store.root),
+                "--endpoint",
+                stub.url,
+                "--model",
+                "stub-model",
+                "--neurons",
+                "0:1",
+                "--api-key-env",
+                "SITEGEN_TEST_KEY",
+                "--retries",
+                "0",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     finally:
         stub.close()
         target.close()
     assert target.calls == []  # the key went nowhere else
     assert stub.calls and stub.calls[0][2] == "Bearer secret-key"  # only where the user meant
-    assert res.returncode != 0 and "redirects (HTTP 302" in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+    assert res.returncode != 0 and "redirects (HTTP 302" in res.stderr and res.stderr.strip().count("\n") == 0, (
+        res.stderr
+    )
     assert "secret-key" not in res.stderr and not (store.root / "neuron_explainer").exists()
 
 
@@ -401,8 +573,13 @@ def test_no_key_over_plain_http_to_a_remote_host(store, monkeypatch):
     assert time.monotonic() - started < 2 and not (store.root / ".work/explain.jsonl").exists()
     from sitegen.services.neuron_explainer.explain import endpoint_key
 
-    assert endpoint_key("http://10.255.255.1/v1", "SITEGEN_TEST_KEY", True) == ("secret-key", "SITEGEN_TEST_KEY")  # the flag allows it
-    assert endpoint_key("http://localhost:8080/v1", "SITEGEN_TEST_KEY", False)[0] == "secret-key"  # loopback needs no flag
+    assert endpoint_key("http://10.255.255.1/v1", "SITEGEN_TEST_KEY", True) == (
+        "secret-key",
+        "SITEGEN_TEST_KEY",
+    )  # the flag allows it
+    assert (
+        endpoint_key("http://localhost:8080/v1", "SITEGEN_TEST_KEY", False)[0] == "secret-key"
+    )  # loopback needs no flag
     assert endpoint_key("http://10.255.255.1/v1", None, False) == (None, None)  # no key to protect
 
 
@@ -421,9 +598,27 @@ def llama_server(tmp_path_factory):
     log = (tmp_path_factory.mktemp("llama") / "server.log").open("wb")  # a file, not a pipe: the server logs a lot
     # `make install-test` builds llama-cpp-python without AMX kernels (see the Makefile: they fault in
     # virtual machines that report AMX without enabling it)
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf_path()), "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "4096", "--logits_all", "true", "--model_alias", "smollm2"],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(default_gguf_path()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "4096",
+            "--logits_all",
+            "true",
+            "--model_alias",
+            "smollm2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     try:
         for _ in range(240):
@@ -449,18 +644,34 @@ def test_real_server_explains_simulates_scores_and_builds(store, llama_server, t
     is what is checked)."""
     from sitegen.store import Store
 
-    result = run_explain(ExplainConfig(store=store.root, endpoint=llama_server, model="smollm2", neurons="0:1,1:2", concurrency=1,
-                                       timeout=120, retries=1), log=lambda m: None)
+    result = run_explain(
+        ExplainConfig(
+            store=store.root,
+            endpoint=llama_server,
+            model="smollm2",
+            neurons="0:1,1:2",
+            concurrency=1,
+            timeout=120,
+            retries=1,
+        ),
+        log=lambda m: None,
+    )
     assert result["done"] + result["failed"] == 2
     work = [json.loads(line) for line in (store.root / ".work/explain.jsonl").read_text().splitlines()]
     assert len(work) == 2 and all(r["usage"]["prompt_tokens"] > 0 for r in work if "usage" in r)
     done = [r for r in work if r.get("error") is None]
     assert done, f"no neuron explained: {[r.get('error') for r in work]}"
     assert all(r["method"] == "logprobs" for r in done)  # llama.cpp echoes logprobs: the all-at-once path
-    assert all(r["logprob_alignment"] == "next" for r in done)  # SmolLM2 has no BOS: llama-cpp-python answers one entry ahead
+    assert all(
+        r["logprob_alignment"] == "next" for r in done
+    )  # SmolLM2 has no BOS: llama-cpp-python answers one entry ahead
     assert all(isinstance(r["explanation"], str) and r["explanation"] for r in done)
-    rows = {(r["neuron"]): r for layer in (0, 1) if Store.open(store.root).layer_path("neuron_explainer", layer).exists()
-            for r in Store.open(store.root).read_layer("neuron_explainer", layer).to_pylist()}
+    rows = {
+        (r["neuron"]): r
+        for layer in (0, 1)
+        if Store.open(store.root).layer_path("neuron_explainer", layer).exists()
+        for r in Store.open(store.root).read_layer("neuron_explainer", layer).to_pylist()
+    }
     assert rows and all(r["explainer"] == "smollm2" for r in rows.values())
     out = tmp_path / "site"
     build_site([store.root], out)
@@ -478,11 +689,27 @@ def _tops(answer, change):
 # Valid JSON of the wrong shape, each in the first answer of its kind: (kind, spoil, where the one-line error points)
 MALFORMED = {
     "list body": ("chat", lambda a: [a], "the body"),
-    "numeric content": ("chat", lambda a: {**a, "choices": [{"message": {"content": 42}}]}, "choices.0.message.content"),
+    "numeric content": (
+        "chat",
+        lambda a: {**a, "choices": [{"message": {"content": 42}}]},
+        "choices.0.message.content",
+    ),
     "string usage": ("chat", lambda a: {**a, "usage": "50 tokens"}, "usage"),
-    "logprob 1e308": ("echo", lambda a: _tops(a, lambda top: {k: 1e308 for k in top}), "choices.0.logprobs.top_logprobs"),
-    "string logprobs": ("echo", lambda a: _tops(a, lambda top: {k: str(v) for k, v in top.items()}), "choices.0.logprobs.top_logprobs"),
-    "list top_logprobs": ("echo", lambda a: _tops(a, lambda top: [[k, v] for k, v in top.items()]), "choices.0.logprobs.top_logprobs"),
+    "logprob 1e308": (
+        "echo",
+        lambda a: _tops(a, lambda top: {k: 1e308 for k in top}),
+        "choices.0.logprobs.top_logprobs",
+    ),
+    "string logprobs": (
+        "echo",
+        lambda a: _tops(a, lambda top: {k: str(v) for k, v in top.items()}),
+        "choices.0.logprobs.top_logprobs",
+    ),
+    "list top_logprobs": (
+        "echo",
+        lambda a: _tops(a, lambda top: [[k, v] for k, v in top.items()]),
+        "choices.0.logprobs.top_logprobs",
+    ),
 }
 
 
@@ -502,7 +729,12 @@ def test_a_malformed_answer_fails_its_neuron_only_and_is_asked_again(store, shap
         stub.close()
     assert first == {"done": 1, "failed": 1}
     failed = [line for line in lines if "malformed answer" in line]
-    assert len(failed) == 1 and "\n" not in failed[0] and f"({where}" in failed[0] and failed[0].endswith("(asked again on the next run)")
+    assert (
+        len(failed) == 1
+        and "\n" not in failed[0]
+        and f"({where}" in failed[0]
+        and failed[0].endswith("(asked again on the next run)")
+    )
     assert re.match(r"[01]:[12]: http://127\.0\.0\.1:\d+/v1/(chat/)?completions: malformed answer", failed[0])
     assert second == {"done": 2, "failed": 0}
     explained = [b for p, b, _ in stub.calls[asked:] if p.endswith("/chat/completions") and "Neuron B" in json.dumps(b)]
@@ -520,7 +752,15 @@ def _explained(tmp_path, behaviour):
         stub.close()
     from sitegen.store import Store
 
-    return st, result, {r["neuron"]: r for layer in (0, 1) for r in Store.open(st.root).read_layer("neuron_explainer", layer).to_pylist()}
+    return (
+        st,
+        result,
+        {
+            r["neuron"]: r
+            for layer in (0, 1)
+            for r in Store.open(st.root).read_layer("neuron_explainer", layer).to_pylist()
+        },
+    )
 
 
 def test_each_placeholder_is_read_from_its_own_distribution_under_either_convention(tmp_path):
@@ -537,7 +777,9 @@ def test_each_placeholder_is_read_from_its_own_distribution_under_either_convent
         assert nxt[n]["score"] == pytest.approx(own[n]["score"]) and own[n]["score"] is not None
         assert json.loads(nxt[n]["details"]) == json.loads(own[n]["details"])
     simulated = [x for d in json.loads(nxt[2]["details"]) for x in d["simulated"]]
-    assert 9.5 in simulated and 0.5 in simulated  # 10 x .9 + 5 x .1 on ' tax', 0 x .9 + 5 x .1 elsewhere: the levels were read
+    assert (
+        9.5 in simulated and 0.5 in simulated
+    )  # 10 x .9 + 5 x .1 on ' tax', 0 x .9 + 5 x .1 elsewhere: the levels were read
     out = tmp_path / "site"
     report = build_site([runs["next"][0].root], out)
     assert not report.warnings
@@ -555,7 +797,9 @@ def test_an_endpoint_whose_alignment_cannot_be_established_is_refused_in_one_lin
     finally:
         stub.close()
     assert e.value.fatal and "\n" not in str(e.value)
-    assert re.match(r"http://127\.0\.0\.1:\d+/v1: cannot establish which echo logprob entry predicts each token", str(e.value))
+    assert re.match(
+        r"http://127\.0\.0\.1:\d+/v1: cannot establish which echo logprob entry predicts each token", str(e.value)
+    )
 
 
 def test_scores_without_a_recorded_alignment_are_flagged_and_rescored(store, tmp_path):
@@ -574,12 +818,17 @@ def test_scores_without_a_recorded_alignment_are_flagged_and_rescored(store, tmp
             t = s.read_layer("neuron_explainer", layer)
             s.write_layer("neuron_explainer", layer, t.drop_columns(["logprob_alignment"]))
         work = store.root / ".work/explain.jsonl"
-        old = [{k: v for k, v in json.loads(line).items() if k != "logprob_alignment"} for line in work.read_text().splitlines()]
+        old = [
+            {k: v for k, v in json.loads(line).items() if k != "logprob_alignment"}
+            for line in work.read_text().splitlines()
+        ]
         work.write_text("".join(json.dumps(r) + "\n" for r in old))
         report = build_site([store.root], tmp_path / "site")
         notes = [w for w in report.warnings if "re-score" in w]
         assert len(notes) == 1 and "\n" not in notes[0] and "2 explanation scores (0:1,1:2)" in notes[0]
-        assert f"sitegen explain {store.root} --neurons 0:1,1:2" in notes[0] and f"warning: {notes[0]}" in report.summary()
+        assert (
+            f"sitegen explain {store.root} --neurons 0:1,1:2" in notes[0] and f"warning: {notes[0]}" in report.summary()
+        )
         assert "scored without alignment detection" in (tmp_path / "site/toy/1/2.html").read_text()
         asked = len(stub.calls)
         assert run_explain(_cfg(store, stub.url), log=lambda m: None) == {"done": 2, "failed": 0}
@@ -592,10 +841,12 @@ def test_scores_without_a_recorded_alignment_are_flagged_and_rescored(store, tmp
 
 
 # A planted unit firing exactly on " the" (a frequent token), on short sequences as a store would hold them.
-PLANTED = [[" the", " cat", " sat", " on", " the", " mat", " and", " looked", " at", " the", " door"],
-           [" we", " walked", " to", " the", " river", " before", " dark"],
-           [" people", " like", " music", " and", " long", " walks"],
-           [" the", " law", " is", " fair", " to", " the", " people"]]
+PLANTED = [
+    [" the", " cat", " sat", " on", " the", " mat", " and", " looked", " at", " the", " door"],
+    [" we", " walked", " to", " the", " river", " before", " dark"],
+    [" people", " like", " music", " and", " long", " walks"],
+    [" the", " law", " is", " fair", " to", " the", " people"],
+]
 
 
 @pytest.fixture(scope="module")
@@ -629,20 +880,27 @@ def test_real_server_placeholders_are_read_from_their_own_distribution(planted_r
             prompt, offsets = scoring.simulation_prompt(explanation, tokens)
             lp = answer["choices"][0]["logprobs"]
             read = scoring.placeholder_distributions(prompt, offsets, lp, state["alignment"])
-            wrong = scoring.placeholder_distributions(prompt, offsets, lp, "own" if state["alignment"] == "next" else "next")
+            wrong = scoring.placeholder_distributions(
+                prompt, offsets, lp, "own" if state["alignment"] == "next" else "next"
+            )
             held += sum(top is not None and any(t in scoring.LEVELS for t in top) for top in read)
             other += sum(top is not None and any(t in scoring.LEVELS for t in top) for top in wrong)
             placeholders += len(offsets)
-    print(f"\nalignment {state['alignment']}: level tokens in {held}/{placeholders} read distributions ({held / placeholders:.0%}), "
-          f"{other}/{placeholders} in the other reading")
+    print(
+        f"\nalignment {state['alignment']}: level tokens in {held}/{placeholders} read distributions ({held / placeholders:.0%}), "
+        f"{other}/{placeholders} in the other reading"
+    )
     assert state["logprobs"] and state["alignment"] == "next"  # llama-cpp-python 0.3.36, a model without BOS
     assert held >= 0.9 * placeholders and other < 0.5 * placeholders
 
 
 @pytest.mark.llm
-@pytest.mark.xfail(strict=True, reason="SmolLM2-135M, the suite's only local model, ignores the explanation when it simulates: "
-                                       "its levels follow the token (content words high, function words low), so no explanation "
-                                       "scores clearly higher; a capable simulator makes this pass (and strict xfail then fails)")
+@pytest.mark.xfail(
+    strict=True,
+    reason="SmolLM2-135M, the suite's only local model, ignores the explanation when it simulates: "
+    "its levels follow the token (content words high, function words low), so no explanation "
+    "scores clearly higher; a capable simulator makes this pass (and strict xfail then fails)",
+)
 def test_real_server_scores_a_planted_unit_higher_with_the_right_explanation(planted_runs):
     """A unit firing exactly on " the" scores clearly higher with 'the word "the"' than with an
     unrelated explanation."""

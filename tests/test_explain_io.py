@@ -30,8 +30,12 @@ def store(tmp_path):
 
 
 def _cfg(store, url, **kw):
-    return ExplainConfig(store=store.root, endpoint=url, model="stub-model", **{"neurons": "0:1,1:2", "concurrency": 2, "timeout": 5,
-                                                                                 "retries": 0, **kw})
+    return ExplainConfig(
+        store=store.root,
+        endpoint=url,
+        model="stub-model",
+        **{"neurons": "0:1,1:2", "concurrency": 2, "timeout": 5, "retries": 0, **kw},
+    )
 
 
 def _work_lines(store) -> list[dict]:
@@ -77,7 +81,7 @@ class Trickler:
                 for i in range(len(slow)):
                     if time.monotonic() > end:
                         return
-                    conn.sendall(slow[i:i + 1])
+                    conn.sendall(slow[i : i + 1])
                     time.sleep(self.every)
             except OSError:
                 return  # the client hung up: what the deadline does
@@ -151,7 +155,7 @@ class BigAnswer(Stub):
             h.close_connection = True
             try:
                 for i in range(0, len(body), 1 << 16):
-                    h.wfile.write(body[i:i + (1 << 16)])
+                    h.wfile.write(body[i : i + (1 << 16)])
             except OSError:
                 pass  # the client stopped reading
 
@@ -188,18 +192,38 @@ def test_the_size_cap_is_read_from_the_default_too():
     assert e.value.kind == "size" and not e.value.fatal and "larger than 8 MB" in str(e.value)
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--timeout", "-1"], "--timeout -1:"),
-    (["--timeout", "nan"], "--timeout nan:"),
-    (["--timeout", "inf"], "--timeout inf:"),
-    (["--timeout", "0"], "--timeout 0:"),
-    (["--max-response-mb", "0"], "--max-response-mb 0:"),
-    (["--retries", "-1"], "--retries -1:"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--timeout", "-1"], "--timeout -1:"),
+        (["--timeout", "nan"], "--timeout nan:"),
+        (["--timeout", "inf"], "--timeout inf:"),
+        (["--timeout", "0"], "--timeout 0:"),
+        (["--max-response-mb", "0"], "--max-response-mb 0:"),
+        (["--retries", "-1"], "--retries -1:"),
+    ],
+)
 def test_bad_numbers_are_one_line_option_errors(store, args, needle):
     port = free_port()  # nothing listens: the options are refused before any request
-    res = subprocess.run([sys.executable, "-m", "sitegen", "explain", str(store.root), "--endpoint", f"http://127.0.0.1:{port}/v1",
-                          "--model", "m", "--neurons", "0:1", *args], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sitegen",
+            "explain",
+            str(store.root),
+            "--endpoint",
+            f"http://127.0.0.1:{port}/v1",
+            "--model",
+            "m",
+            "--neurons",
+            "0:1",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], res.stderr
     assert not (store.root / ".work").exists()
@@ -230,11 +254,34 @@ class Meeting(Stub):
 
 def test_two_runs_on_one_store_keep_each_others_neurons(store):
     stub = Meeting()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
 
     def run(neurons):
-        return subprocess.Popen([sys.executable, "-m", "sitegen", "explain", str(store.root), "--endpoint", stub.url, "--model", "stub-model",
-                                 "--neurons", neurons, "--concurrency", "1", "--retries", "0"], stderr=subprocess.PIPE, text=True, env=env)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sitegen",
+                "explain",
+                str(store.root),
+                "--endpoint",
+                stub.url,
+                "--model",
+                "stub-model",
+                "--neurons",
+                neurons,
+                "--concurrency",
+                "1",
+                "--retries",
+                "0",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
 
     try:
         procs = [run("0:1,1:2"), run("0:2,1:3")]
@@ -246,7 +293,10 @@ def test_two_runs_on_one_store_keep_each_others_neurons(store):
         assert set(_table(store, 0)) == {1, 2} and set(_table(store, 1)) == {2, 3}
         assert all(r["explanation"] == 'the word "tax".' for layer in (0, 1) for r in _table(store, layer).values())
         before = len(stub.calls)
-        assert run_explain(_cfg(store, stub.url, neurons="0:1,0:2,1:2,1:3"), log=lambda m: None) == {"done": 4, "failed": 0}
+        assert run_explain(_cfg(store, stub.url, neurons="0:1,0:2,1:2,1:3"), log=lambda m: None) == {
+            "done": 4,
+            "failed": 0,
+        }
         assert len(stub.calls) == before  # nothing asked again
     finally:
         stub.close()
@@ -312,12 +362,17 @@ def test_a_malformed_answer_fails_its_neuron_and_a_rerun_resumes(store):
     try:
         assert run_explain(_cfg(store, stub.url), log=logs.append) == {"done": 1, "failed": 1}
         assert sum("asked again on the next run" in m for m in logs) == 1
-        finished = [(r["layer"], r["neuron"]) for r in (orjson.loads(x) for x in (store.root / ".work/explain.jsonl").read_bytes().splitlines()[1:])
-                    if r.get("explanation")]
+        finished = [
+            (r["layer"], r["neuron"])
+            for r in (orjson.loads(x) for x in (store.root / ".work/explain.jsonl").read_bytes().splitlines()[1:])
+            if r.get("explanation")
+        ]
         assert len(finished) == 1
         calls = len(stub.calls)
         assert run_explain(_cfg(store, stub.url), log=logs.append) == {"done": 2, "failed": 0}
-        assert sum("Neuron B" in json.dumps(b) for _, b, _ in stub.calls[calls:]) == 1  # only the failed neuron asked again
+        assert (
+            sum("Neuron B" in json.dumps(b) for _, b, _ in stub.calls[calls:]) == 1
+        )  # only the failed neuron asked again
     finally:
         stub.close()
     assert {(layer, n) for layer in (0, 1) for n in _table(store, layer)} == {(0, 1), (1, 2)}
@@ -344,11 +399,15 @@ class Rewriter:
         self.asked = body["messages"][-1]["content"]
         excerpt = self.asked.rsplit("<start>\n", 1)[1].split("<end>")[0]
         lines = [ln for ln in excerpt.split("\n") if ln.endswith("\t?")]
-        return {"choices": [{"message": {"content": "\n".join(ln[:-1] + str(lv) for ln, lv in zip(lines, self.levels))}}]}
+        return {
+            "choices": [{"message": {"content": "\n".join(ln[:-1] + str(lv) for ln, lv in zip(lines, self.levels))}}]
+        }
 
 
 # every character str.splitlines() ends a line at, and the two-character "\r\n"
-@pytest.mark.parametrize("brk", ["\n", "\r", "\r\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"], ids=repr)
+@pytest.mark.parametrize(
+    "brk", ["\n", "\r", "\r\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"], ids=repr
+)
 def test_a_perfect_rewrite_of_tokens_holding_line_breaks_is_read(brk):
     tokens = [" the", f" a{brk}b", brk, f"{brk} tax", " cut"]
     levels = [0, 7, 3, 10, 1]
@@ -368,8 +427,29 @@ def tls_server(tmp_path, monkeypatch):
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make a certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
@@ -386,9 +466,12 @@ def tls_server(tmp_path, monkeypatch):
             with context.wrap_socket(conn, server_side=True) as s:
                 s.recv(65536)
                 body = b'{"choices": [{"message": {"content": "over TLS"}}]}'
-                data = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                data = (
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                    + body
+                )
                 for i in range(len(data)):
-                    s.sendall(data[i:i + 1])
+                    s.sendall(data[i : i + 1])
                     time.sleep(0.3 if state["mode"] == "trickle" else 0)
                 time.sleep(1)  # let the client read before the close
         except OSError:
@@ -422,18 +505,44 @@ def test_the_deadline_holds_over_tls(tls_server):
 def test_an_unreadable_work_log_is_one_line(store):
     (store.root / ".work/explain.jsonl").mkdir(parents=True)  # a folder where the log should be
     port = free_port()
-    res = subprocess.run([sys.executable, "-m", "sitegen", "explain", str(store.root), "--endpoint", f"http://127.0.0.1:{port}/v1",
-                          "--model", "m", "--neurons", "0:1"], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sitegen",
+            "explain",
+            str(store.root),
+            "--endpoint",
+            f"http://127.0.0.1:{port}/v1",
+            "--model",
+            "m",
+            "--neurons",
+            "0:1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert res.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and "explain.jsonl" in lines[0], res.stderr
+    assert res.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and "explain.jsonl" in lines[0], (
+        res.stderr
+    )
 
 
 def test_a_run_with_another_model_keeps_the_first_models_log(store):
     stub = Stub("ok")
     try:
         run_explain(_cfg(store, stub.url, neurons="0:1"), log=lambda m: None)
-        run_explain(ExplainConfig(store=store.root, endpoint=stub.url, model="other-model", neurons="1:2", timeout=5, retries=0), log=lambda m: None)
-        assert {(r["model"], r["layer"], r["neuron"]) for r in _work_lines(store)} == {("stub-model", 0, 1), ("other-model", 1, 2)}
+        run_explain(
+            ExplainConfig(
+                store=store.root, endpoint=stub.url, model="other-model", neurons="1:2", timeout=5, retries=0
+            ),
+            log=lambda m: None,
+        )
+        assert {(r["model"], r["layer"], r["neuron"]) for r in _work_lines(store)} == {
+            ("stub-model", 0, 1),
+            ("other-model", 1, 2),
+        }
         before = len(stub.calls)
         assert run_explain(_cfg(store, stub.url, neurons="0:1"), log=lambda m: None) == {"done": 1, "failed": 0}
         assert len(stub.calls) == before
@@ -457,11 +566,17 @@ def test_an_answer_cut_short_is_retried_then_fails_its_neuron_only():
             connections.append(conn)
             with conn:
                 conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b'{"choices": [' + b" " * 27)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                    + b'{"choices": ['
+                    + b" " * 27
+                )
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        ep = Endpoint(f"http://127.0.0.1:{listener.getsockname()[1]}/v1", "m", None, timeout=5, retries=1, api_key_env=None)
+        ep = Endpoint(
+            f"http://127.0.0.1:{listener.getsockname()[1]}/v1", "m", None, timeout=5, retries=1, api_key_env=None
+        )
         with pytest.raises(EndpointError) as e:
             ep.post("/chat/completions", {"messages": []})
     finally:

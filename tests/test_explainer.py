@@ -28,7 +28,9 @@ def test_expected_value_and_correlation_match_hand_computed_values():
     ev = scoring.expected_value({"0": math.log(0.5), "10": math.log(0.25), " 10": math.log(0.2), "x": math.log(0.05)})
     assert ev == pytest.approx(10 / 3)
     # only the exact tokens count, as the reference: (2 * .4 + 3 * .25) / .65, not 4.7 with " 9" merged in
-    assert scoring.expected_value({"2": math.log(0.4), " 9": math.log(0.35), "3": math.log(0.25)}) == pytest.approx(1.55 / 0.65)
+    assert scoring.expected_value({"2": math.log(0.4), " 9": math.log(0.35), "3": math.log(0.25)}) == pytest.approx(
+        1.55 / 0.65
+    )
     assert scoring.expected_value({"7": math.log(0.2), " 7": math.log(0.2)}) == pytest.approx(7.0)
     assert scoring.expected_value({" 7": 0.0}) is None and scoring.expected_value({"cat": 0.0}) is None
     # [1, 2, 3] vs [2, 4, 7]: cov 5/3, var 2/3 and 38/9 -> r = 5 / sqrt(2 * 38 / 3)
@@ -42,7 +44,10 @@ def test_fallback_parser_reads_levels_or_scores_zeros():
     assert scoring.parse_rewrite(" the\t0\n tax\t10\n cut\t 3", tokens) == ([0.0, 10.0, 3.0], True)
     # a chat server strips the answer's leading space; a preamble line before the first token's line
     assert scoring.parse_rewrite("Here they are:\nthe\t0\n tax\t10\n cut\t3\n", tokens) == ([0.0, 10.0, 3.0], True)
-    assert scoring.parse_rewrite(" the\t0\n tax\tten\n cut\t3", tokens) == ([0.0, 0.0, 3.0], True)  # not a level: 0 there
+    assert scoring.parse_rewrite(" the\t0\n tax\tten\n cut\t3", tokens) == (
+        [0.0, 0.0, 3.0],
+        True,
+    )  # not a level: 0 there
     # as the reference, all zeros (scored, not dropped) when a line is not its own token, or lines are missing
     assert scoring.parse_rewrite(" the\t0\n war\t10\n cut\t3", tokens) == ([0.0, 0.0, 0.0], False)
     assert scoring.parse_rewrite(" the\t0\n tax\t10", tokens) == ([0.0, 0.0, 0.0], False)
@@ -89,10 +94,14 @@ def test_an_unreadable_simulation_scores_zeros_instead_of_being_dropped():
     top = [ZERO] * 8
     top[3] = _seq([(" the", 0), (" tax", 1.0), (" cut", 0), (" tax", 0.5)])
     top[7] = _seq([(" tax", 0.8), (" and", 0), (" peace", 0.4), (" law", 0)])
-    ep = FakeEndpoint(["tax"], garble=lambda lines: "\n".join(f"{ln}\t0" for ln in lines[:-1]) if lines[0] == " tax" else None)
+    ep = FakeEndpoint(
+        ["tax"], garble=lambda lines: "\n".join(f"{ln}\t0" for ln in lines[:-1]) if lines[0] == " tax" else None
+    )
     record = explain_neuron(ep, {"top": top, "random": []}, 5)
     assert record["method"] == "no-logprobs" and record["error"] is None
-    assert record["score"] == pytest.approx(0.825 / math.sqrt(1.5 * 1.13875)) and record["score"] == pytest.approx(0.6312, abs=1e-4)
+    assert record["score"] == pytest.approx(0.825 / math.sqrt(1.5 * 1.13875)) and record["score"] == pytest.approx(
+        0.6312, abs=1e-4
+    )
     assert [d["tokens"] for d in record["details"]] == [top[3][0], top[7][0]]
     assert record["details"][1]["simulated"] == [0, 0, 0, 0] and record["details"][1].get("unread")
 
@@ -119,7 +128,9 @@ def test_several_samples_are_chosen_on_valid_and_scored_on_test():
     record = explain_neuron(ep, {"top": top, "random": random}, 5, samples=3)
     assert record["explanation"] == 'the word "peace".' and record["selected_on"] == "valid"
     assert record["valid_score"] == pytest.approx(1.0)
-    assert record["score"] == pytest.approx(0.33125 / math.sqrt(0.9375 * 1.834375)) and record["score"] == pytest.approx(0.2526, abs=1e-4)
+    assert record["score"] == pytest.approx(0.33125 / math.sqrt(0.9375 * 1.834375)) and record[
+        "score"
+    ] == pytest.approx(0.2526, abs=1e-4)
     by_word = {x["explanation"].split('"')[1]: x for x in record["samples"]}
     assert by_word["tax"]["score"] == pytest.approx(0.9279, abs=1e-4) and by_word["tax"]["valid_score"] < 0
     assert [d["tokens"] for d in record["details"]] == [top[3][0], top[7][0], random[2][0], random[5][0]]
@@ -132,6 +143,7 @@ def test_sparse_repeat_uses_the_proportion_pooled_over_all_excerpts():
     def shown(excerpts):
         text = explanation_messages([_seq(e) for e in excerpts])[-1]["content"]
         return text.count("<start>"), text
+
     dense = [(" tax", 1.0), (" cut", 0.5), (" rate", 0.5), (" the", 0)]  # 3 of 4 fire
     one = [(" peace", 1.0)] + [(" the", 0)] * 9  # 1 of 10 fires: sparse on its own
     # pooled 4 / 14 >= 20%: shown once each, though the second excerpt alone is sparse
@@ -139,7 +151,10 @@ def test_sparse_repeat_uses_the_proportion_pooled_over_all_excerpts():
     some = [(" tax", 1.0), (" cut", 0.5), (" the", 0), (" a", 0), (" b", 0)]  # 2 of 5: not sparse on its own
     count, text = shown([some, [(" the", 0)] * 20])  # pooled 2 / 25 < 20%: every excerpt again, firing tokens alone
     assert count == 4
-    assert text.split("zeros filtered out:\n")[1].split("\nComplete")[0] == "<start>\n tax\t10\n cut\t5\n<end>\n<start>\n\n<end>\n"
+    assert (
+        text.split("zeros filtered out:\n")[1].split("\nComplete")[0]
+        == "<start>\n tax\t10\n cut\t5\n<end>\n<start>\n\n<end>\n"
+    )
 
 
 def _echo_simulator(explanation: str, prompt: str, byte_offsets: bool = False) -> dict:
@@ -157,7 +172,9 @@ def _echo_simulator(explanation: str, prompt: str, byte_offsets: bool = False) -
                 tokens.append(piece)
                 offsets.append(at)
                 level = "10" if token.strip().lower() in words else "0"
-                tops.append({level: math.log(0.9), ("0" if level == "10" else "1"): math.log(0.1)} if piece is rest else {})
+                tops.append(
+                    {level: math.log(0.9), ("0" if level == "10" else "1"): math.log(0.1)} if piece is rest else {}
+                )
                 at += len(piece.encode("utf-8") if byte_offsets else piece)
         else:
             tokens.append(line)
@@ -169,8 +186,12 @@ def _echo_simulator(explanation: str, prompt: str, byte_offsets: bool = False) -
 
 def test_right_explanation_scores_high_and_wrong_one_low_on_planted_activations():
     """A neuron that fires exactly on ' tax', on top and random excerpts."""
-    excerpts = [[" we", " cut", " tax", " and", " peace"], [" tax", " law", " is", " fair"], [" peace", " and", " war", " end"],
-                [" the", " tax", " tax", " rate"]]
+    excerpts = [
+        [" we", " cut", " tax", " and", " peace"],
+        [" tax", " law", " is", " fair"],
+        [" peace", " and", " war", " end"],
+        [" the", " tax", " tax", " rate"],
+    ]
     true = [[1.0 if t == " tax" else 0.0 for t in ex] for ex in excerpts]
 
     def score(explanation: str) -> float | None:
@@ -200,7 +221,12 @@ def _shifted(answer: dict) -> dict:
     """The same answer as llama-cpp-python's server gives it for a model without a BOS token:
     entry i holds the distribution over token i + 1, with token i's own logprob added."""
     tops = answer["top_logprobs"]
-    return {**answer, "top_logprobs": [{**(tops[i + 1] or {} if i + 1 < len(tops) else {}), tok: -7.0} for i, tok in enumerate(answer["tokens"])]}
+    return {
+        **answer,
+        "top_logprobs": [
+            {**(tops[i + 1] or {} if i + 1 < len(tops) else {}), tok: -7.0} for i, tok in enumerate(answer["tokens"])
+        ],
+    }
 
 
 def test_alignment_detector_on_constructed_answers_of_both_conventions():
@@ -212,14 +238,21 @@ def test_alignment_detector_on_constructed_answers_of_both_conventions():
     levels_only = _echo_simulator('the word "tax"', prompt)
     want = scoring.predictions_from_echo(prompt, offsets, levels_only)
     assert want == pytest.approx([0.1, 9.0, 0.1, 9.0, 0.1])
-    predicting = {**levels_only, "top_logprobs": [top or {tok: -0.2, "<other>": -2.0} for tok, top in zip(levels_only["tokens"], levels_only["top_logprobs"])]}
+    predicting = {
+        **levels_only,
+        "top_logprobs": [
+            top or {tok: -0.2, "<other>": -2.0} for tok, top in zip(levels_only["tokens"], levels_only["top_logprobs"])
+        ],
+    }
     for own in (levels_only, predicting):
         found, evidence = scoring.echo_alignment(prompt, offsets, own)
         assert found == "own" and evidence["levels_own"] == 5 and evidence["levels_next"] == 0
         found, evidence = scoring.echo_alignment(prompt, offsets, _shifted(own))
         assert found == "next" and evidence["levels_next"] == 5 and evidence["levels_own"] == 0
         assert scoring.predictions_from_echo(prompt, offsets, _shifted(own), "next") == pytest.approx(want)
-        assert scoring.predictions_from_echo(prompt, offsets, _shifted(own)) == [None] * 5  # the entry after: no level there
+        assert (
+            scoring.predictions_from_echo(prompt, offsets, _shifted(own)) == [None] * 5
+        )  # the entry after: no level there
     # tokens say "own" but the levels sit one entry early: contradictory, nothing established
     tops = list(predicting["top_logprobs"])
     for i in scoring._placeholder_tokens(prompt, offsets, predicting):
@@ -242,9 +275,15 @@ def test_alignment_detector_on_recorded_answers():
         found, evidence = scoring.echo_alignment(a["prompt"], a["offsets"], a["logprobs"])
         assert found == want, evidence
         other = "own" if want == "next" else "next"
-        assert evidence[want] > 5 * evidence[other] and evidence[f"levels_{want}"] == len(a["offsets"]) and evidence[f"levels_{other}"] == 0
+        assert (
+            evidence[want] > 5 * evidence[other]
+            and evidence[f"levels_{want}"] == len(a["offsets"])
+            and evidence[f"levels_{other}"] == 0
+        )
         predictions[name] = scoring.predictions_from_echo(a["prompt"], a["offsets"], a["logprobs"], want)
-        assert scoring.predictions_from_echo(a["prompt"], a["offsets"], a["logprobs"], other) == [None] * len(a["offsets"])
+        assert scoring.predictions_from_echo(a["prompt"], a["offsets"], a["logprobs"], other) == [None] * len(
+            a["offsets"]
+        )
     assert all(p is not None for p in predictions["llama_next"])
     assert predictions["llama_next"] == pytest.approx(predictions["openai_own"], abs=1e-3)
 
@@ -260,18 +299,34 @@ def test_importer_reads_the_published_format_and_the_site_shows_it(tmp_path):
     from sitegen.services.neuron_explainer.published import import_explanations
 
     store = write_synthetic_store(tmp_path / "store", name="gpt2-toy", with_graphs=False)
-    folder = _published(tmp_path, [
-        {"neuron_id": {"layer_index": 1, "neuron_index": 2},
-         "scored_explanations": [{"explanation": " mentions of <b>tax</b> cuts", "scored_simulation": {"ev_correlation_score": 0.61,
-                                                                                                    "scored_sequence_simulations": []}},
-                                 {"explanation": "worse one", "scored_simulation": {"ev_correlation_score": 0.2}}]},
-        {"neuron_id": {"layer_index": 0, "neuron_index": 0}, "scored_explanations": [{"explanation": "unscored", "scored_simulation": {}}]},
-    ])
+    folder = _published(
+        tmp_path,
+        [
+            {
+                "neuron_id": {"layer_index": 1, "neuron_index": 2},
+                "scored_explanations": [
+                    {
+                        "explanation": " mentions of <b>tax</b> cuts",
+                        "scored_simulation": {"ev_correlation_score": 0.61, "scored_sequence_simulations": []},
+                    },
+                    {"explanation": "worse one", "scored_simulation": {"ev_correlation_score": 0.2}},
+                ],
+            },
+            {
+                "neuron_id": {"layer_index": 0, "neuron_index": 0},
+                "scored_explanations": [{"explanation": "unscored", "scored_simulation": {}}],
+            },
+        ],
+    )
     assert import_explanations(folder, store.root, log=lambda m: None) == 2
     out = tmp_path / "site"
     build_site([store.root], out)
     data = json.loads((out / "api/gpt2-toy/neuron_explainer/1/2.json").read_text())["data"]
-    assert data["explanation"] == "mentions of <b>tax</b> cuts" and data["score"] == 0.61 and data["source"] == "openai-published"
+    assert (
+        data["explanation"] == "mentions of <b>tax</b> cuts"
+        and data["score"] == 0.61
+        and data["source"] == "openai-published"
+    )
     assert json.loads((out / "api/gpt2-toy/neuron_explainer/0/0.json").read_text())["data"]["score"] is None
     assert json.loads((out / "api/gpt2-toy/neuron_explainer/0/1.json").read_text())["data"]["explanation"] is None
     page = (out / "gpt2-toy/1/2.html").read_text()
@@ -279,22 +334,41 @@ def test_importer_reads_the_published_format_and_the_site_shows_it(tmp_path):
     assert "neuron_explainer" in json.loads((out / "api/gpt2-toy.json").read_text())["data"]["available_services"]
 
 
-@pytest.mark.parametrize("records, message", [
-    ([{"neuron_id": {"layer_index": 9, "neuron_index": 0}, "scored_explanations": [{"explanation": "x"}]}], "does not exist in this store"),
-    ([{"scored_explanations": []}], "without neuron_id"),
-    ([{"neuron_id": {"layer_index": 0, "neuron_index": 0}, "scored_explanations": []}], "no explanation"),
-])
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        (
+            [{"neuron_id": {"layer_index": 9, "neuron_index": 0}, "scored_explanations": [{"explanation": "x"}]}],
+            "does not exist in this store",
+        ),
+        ([{"scored_explanations": []}], "without neuron_id"),
+        ([{"neuron_id": {"layer_index": 0, "neuron_index": 0}, "scored_explanations": []}], "no explanation"),
+    ],
+)
 def test_importer_errors_are_one_line(tmp_path, records, message):
     store = write_synthetic_store(tmp_path / "store", with_graphs=False)
     folder = _published(tmp_path, records)
-    res = subprocess.run([sys.executable, "-m", "sitegen", "import-explanations", str(folder), "--store", str(store.root)],
-                         capture_output=True, text=True, check=False)
-    assert res.returncode != 0 and message in res.stderr and res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
+    res = subprocess.run(
+        [sys.executable, "-m", "sitegen", "import-explanations", str(folder), "--store", str(store.root)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (
+        res.returncode != 0
+        and message in res.stderr
+        and res.stderr.strip().count("\n") == 0
+        and "Traceback" not in res.stderr
+    )
     assert not (store.root / "neuron_explainer").exists()  # nothing half-imported
 
 
-EXPLAINED = {(0, 1): "mentions of taxes and tax cuts", (0, 3): "numbers, especially amounts of money", (1, 2): "the word tax in legal texts",
-             (1, 0): "generalizations about nations"}
+EXPLAINED = {
+    (0, 1): "mentions of taxes and tax cuts",
+    (0, 3): "numbers, especially amounts of money",
+    (1, 2): "the word tax in legal texts",
+    (1, 0): "generalizations about nations",
+}
 
 
 def explained_store(root, name="explained"):
@@ -304,10 +378,20 @@ def explained_store(root, name="explained"):
     store = write_synthetic_store(root / "store", name=name)
     folder = root / "published"
     folder.mkdir()
-    (folder / "all.jsonl").write_bytes(b"".join(orjson.dumps({
-        "neuron_id": {"layer_index": layer, "neuron_index": n},
-        "scored_explanations": [{"explanation": text, "scored_simulation": {"ev_correlation_score": 0.5 + 0.1 * n}}]}) + b"\n"
-        for (layer, n), text in EXPLAINED.items()))
+    (folder / "all.jsonl").write_bytes(
+        b"".join(
+            orjson.dumps(
+                {
+                    "neuron_id": {"layer_index": layer, "neuron_index": n},
+                    "scored_explanations": [
+                        {"explanation": text, "scored_simulation": {"ev_correlation_score": 0.5 + 0.1 * n}}
+                    ],
+                }
+            )
+            + b"\n"
+            for (layer, n), text in EXPLAINED.items()
+        )
+    )
     import_explanations(folder, store.root, log=lambda m: None)
     return store
 

@@ -22,7 +22,9 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_output_tree_matches_golden(tmp_path):
-    store = write_synthetic_store(tmp_path / "store", name="golden-model", n_layers=2, n_neurons=2, n_seqs=6, seq_len=12, top_k=2, n_random=1)
+    store = write_synthetic_store(
+        tmp_path / "store", name="golden-model", n_layers=2, n_neurons=2, n_seqs=6, seq_len=12, top_k=2, n_random=1
+    )
     out = tmp_path / "site"
     build_site([store.root], out)
     if os.environ.get("SITEGEN_REGENERATE_GOLDEN"):

@@ -7,7 +7,6 @@ besides the device (the same code paths on CPU) is tested in test_compute.py and
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -20,8 +19,27 @@ pytestmark = [pytest.mark.model, pytest.mark.skipif(not _CUDA, reason="needs a C
 
 
 def _compute(tiny_model_dir, tiny_corpus, out, device, *more):
-    args = ["compute", "--model", tiny_model_dir, "--corpus", tiny_corpus, "--tokens", 2000, "--seq-len", 32, "--top-k", 5,
-            "--random", 3, "--device", device, "--quiet", "--out", out, *more]
+    args = [
+        "compute",
+        "--model",
+        tiny_model_dir,
+        "--corpus",
+        tiny_corpus,
+        "--tokens",
+        2000,
+        "--seq-len",
+        32,
+        "--top-k",
+        5,
+        "--random",
+        3,
+        "--device",
+        device,
+        "--quiet",
+        "--out",
+        out,
+        *more,
+    ]
     res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return res
@@ -30,7 +48,9 @@ def _compute(tiny_model_dir, tiny_corpus, out, device, *more):
 def test_a_store_computed_on_the_gpu_matches_the_cpu_one_and_verifies_on_the_cpu(tiny_model_dir, tiny_corpus, tmp_path):
     from sitegen.store import Store
 
-    _compute(tiny_model_dir, tiny_corpus, tmp_path / "gpu", "cuda")  # the weight tables too (they crashed on CUDA before)
+    _compute(
+        tiny_model_dir, tiny_corpus, tmp_path / "gpu", "cuda"
+    )  # the weight tables too (they crashed on CUDA before)
     _compute(tiny_model_dir, tiny_corpus, tmp_path / "cpu", "cpu")
     gpu, cpu = Store.open(tmp_path / "gpu"), Store.open(tmp_path / "cpu")
     assert gpu.manifest["run_hash"] == cpu.manifest["run_hash"] and gpu.manifest["services"] == cpu.manifest["services"]

@@ -36,15 +36,47 @@ def _one_line_error(res, *needles: str) -> str:
 
 # -- item 7: model names ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["toy\n", "toy\r\n", " toy", "to/y", "..", "-toy", "", "t" * 101, "api", "API", "assets", "search",
-                                  "index", "index.html", "404", "about", "about.html", "Search.html"])
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "toy\n",
+        "toy\r\n",
+        " toy",
+        "to/y",
+        "..",
+        "-toy",
+        "",
+        "t" * 101,
+        "api",
+        "API",
+        "assets",
+        "search",
+        "index",
+        "index.html",
+        "404",
+        "about",
+        "about.html",
+        "Search.html",
+    ],
+)
 def test_compute_refuses_bad_names_before_any_work(name, tmp_path):
     """--name is checked first: the model folder and the corpus here do not even exist."""
     from sitegen.compute.runner import ComputeConfig
 
     with pytest.raises(ConfigError, match="--name"):
         ComputeConfig(name=name).validate()
-    res = _invoke("compute", "--model", tmp_path / "no-model", "--corpus", tmp_path / "no-corpus", "--out", tmp_path / "store", "--name", name)
+    res = _invoke(
+        "compute",
+        "--model",
+        tmp_path / "no-model",
+        "--corpus",
+        tmp_path / "no-corpus",
+        "--out",
+        tmp_path / "store",
+        "--name",
+        name,
+    )
     _one_line_error(res, "--name")
     assert not (tmp_path / "store").exists()
 
@@ -73,6 +105,7 @@ def test_reserved_names_cover_every_top_level_entry_of_a_build(built_site, synth
 
 
 # -- item 9: hostile corpora --------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tiny_model_dir):
@@ -121,7 +154,12 @@ def test_windows_tokenise_like_the_whole_text(tiny_tokenizer, tiny_corpus):
     small = list(pack_sequences(corpus, tiny_tokenizer, 16, 10**9, 0, window=97))
     assert len(whole) == len(small) > 100
     for a, b in zip(whole, small):
-        assert (a.doc_id, a.char_start, a.char_end, a.token_ids.tolist()) == (b.doc_id, b.char_start, b.char_end, b.token_ids.tolist())
+        assert (a.doc_id, a.char_start, a.char_end, a.token_ids.tolist()) == (
+            b.doc_id,
+            b.char_start,
+            b.char_end,
+            b.token_ids.tolist(),
+        )
 
 
 def test_lone_surrogates_become_replacement_characters(tmp_path):
@@ -140,8 +178,11 @@ def _hostile_corpus(root: Path) -> Path:
     text = f"The nation {SCRIPT} shall {MARKUP} have\x00peace {rtl}war{zw} and trade &amp; law \"quoted\" 'q' "
     (root / f"{MARKUP}-1.txt").write_text(text * 40)
     (root / f"{SCRIPT.replace('/', '')}{rtl}-2.txt").write_text(("people " + zw + " & < > " + text) * 30)
-    (root / f"{MARKUP}-3.jsonl").write_bytes(b'{"text": "lone \\ud800 surrogate ' + text.replace('"', '\\"').encode("utf-8")
-                                              .replace(b"\x00", b"\\u0000") * 20 + b'"}\n')
+    (root / f"{MARKUP}-3.jsonl").write_bytes(
+        b'{"text": "lone \\ud800 surrogate '
+        + text.replace('"', '\\"').encode("utf-8").replace(b"\x00", b"\\u0000") * 20
+        + b'"}\n'
+    )
     (root / f"{MARKUP}-big.txt").write_text("x<b>" * 2_500_000)  # 10 MB, one line, no whitespace
     return root
 
@@ -151,8 +192,26 @@ def _hostile_corpus(root: Path) -> Path:
 def test_hostile_corpus_computes_builds_and_is_escaped(tiny_model_dir, tmp_path):
     corpus = _hostile_corpus(tmp_path / "corpus")
     store, site = tmp_path / "store", tmp_path / "site"
-    res = _invoke("compute", "--model", tiny_model_dir, "--corpus", corpus, "--out", store, "--tokens", "3000", "--seq-len", "16",
-                  "--batch-size", "8", "--device", "cpu", "--quiet", "--name", "tiny")
+    res = _invoke(
+        "compute",
+        "--model",
+        tiny_model_dir,
+        "--corpus",
+        corpus,
+        "--out",
+        store,
+        "--tokens",
+        "3000",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--name",
+        "tiny",
+    )
     assert res.exit_code == 0, (res.output, res.exception)
     res = _invoke("build", store, "--out", site)
     assert res.exit_code == 0, (res.output, res.exception)

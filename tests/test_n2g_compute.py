@@ -32,7 +32,9 @@ def test_batched_saliency_equals_direct_masked_computation(tiny):
     from sitegen.services.neuron2graph.compute import LayerForward, importance, masked_copies, neutral_token
 
     tok = tiny.tokenizer
-    prompt = tuple([tok.bos_token_id] + tok.encode("The nation shall trade with the world in peace", add_special_tokens=False))
+    prompt = tuple(
+        [tok.bos_token_id] + tok.encode("The nation shall trade with the world in peace", add_special_tokens=False)
+    )
     neutral = neutral_token(tok)
     layer = 1
     direct_base = _direct(tiny, list(prompt), layer)
@@ -43,7 +45,7 @@ def test_batched_saliency_equals_direct_masked_computation(tiny):
     results = fwd.run(requests)
     rows = len(prompt)
     for i, n in enumerate(neurons):
-        acts = results[i * rows:(i + 1) * rows]
+        acts = results[i * rows : (i + 1) * rows]
         got = importance(acts[0], acts[1:])
         base = direct_base[:, n]
         want = np.zeros_like(got)
@@ -64,8 +66,20 @@ def test_n2g_stage_selects_resumes_and_evaluates(tiny_model_dir, tiny_corpus, tm
     from sitegen.services.neuron2graph.graph import IGNORE, normalise
     from sitegen.store import Store
 
-    cfg = dict(model=str(tiny_model_dir), corpus=str(tiny_corpus), out=tmp_path / "store", tokens=1500, seq_len=16, seed=1, top_k=6,
-               n_random=1, batch_size=8, device="cpu", progress=False, weights=False)
+    cfg = dict(
+        model=str(tiny_model_dir),
+        corpus=str(tiny_corpus),
+        out=tmp_path / "store",
+        tokens=1500,
+        seq_len=16,
+        seed=1,
+        top_k=6,
+        n_random=1,
+        batch_size=8,
+        device="cpu",
+        progress=False,
+        weights=False,
+    )
     logs: list[str] = []
     run_compute(ComputeConfig(**cfg, options={"n2g": "2"}), log=logs.append)
     store = Store.open(tmp_path / "store")
@@ -86,7 +100,9 @@ def test_n2g_stage_selects_resumes_and_evaluates(tiny_model_dir, tiny_corpus, tm
             assert all(n["activating"] == (n["activation"] > 0.5 and n["token"] != IGNORE) for n in r["nodes"])
             assert all(n["activating"] for n in r["nodes"] if n["depth"] == 0)
             assert set(r["activating"]) == {n["token"] for n in r["nodes"] if n["activating"] and n["token"] != IGNORE}
-            assert set(r["important"]) == {n["token"] for n in r["nodes"] if not n["activating"] and n["token"] != IGNORE}
+            assert set(r["important"]) == {
+                n["token"] for n in r["nodes"] if not n["activating"] and n["token"] != IGNORE
+            }
             assert all(n["parent"] < i for i, n in enumerate(r["nodes"]))  # breadth first: parents come first
         first[layer] = t
     assert sum(len(r["nodes"]) for t in first.values() for r in t) > 0, "every graph empty: nothing was exercised"
@@ -102,9 +118,20 @@ def test_n2g_stage_selects_resumes_and_evaluates(tiny_model_dir, tiny_corpus, tm
     import pyarrow as pa
 
     current = store.read_layer("neuron2graph", 1)
-    old_node = pa.struct([(k, current.schema.field("nodes").type.value_type.field(k).type) for k in ("token", "depth", "value", "end", "parent")])
-    stale = current.set_column(current.schema.get_field_index("nodes"), pa.field("nodes", pa.list_(old_node)),
-                               pa.array([[{k: n[k] for k in old_node.names} for n in r] for r in current.column("nodes").to_pylist()], pa.list_(old_node)))
+    old_node = pa.struct(
+        [
+            (k, current.schema.field("nodes").type.value_type.field(k).type)
+            for k in ("token", "depth", "value", "end", "parent")
+        ]
+    )
+    stale = current.set_column(
+        current.schema.get_field_index("nodes"),
+        pa.field("nodes", pa.list_(old_node)),
+        pa.array(
+            [[{k: n[k] for k in old_node.names} for n in r] for r in current.column("nodes").to_pylist()],
+            pa.list_(old_node),
+        ),
+    )
     store.write_layer("neuron2graph", 1, stale)
     logs.clear()
     run_compute(ComputeConfig(**cfg, options={"n2g": "3"}), log=logs.append)
@@ -128,8 +155,20 @@ def test_interrupted_n2g_keeps_finished_layers(tiny_model_dir, tiny_corpus, tmp_
     from sitegen.services.neuron2graph import compute as n2g
     from sitegen.store import Store
 
-    cfg = dict(model=str(tiny_model_dir), corpus=str(tiny_corpus), out=tmp_path / "store", tokens=800, seq_len=16, seed=2, top_k=4,
-               n_random=1, batch_size=8, device="cpu", progress=False, weights=False)
+    cfg = dict(
+        model=str(tiny_model_dir),
+        corpus=str(tiny_corpus),
+        out=tmp_path / "store",
+        tokens=800,
+        seq_len=16,
+        seed=2,
+        top_k=4,
+        n_random=1,
+        batch_size=8,
+        device="cpu",
+        progress=False,
+        weights=False,
+    )
     run_compute(ComputeConfig(**cfg), log=lambda m: None)
     real = n2g.build_layer
 
@@ -195,12 +234,23 @@ def relu_model_dir(tiny_model_dir, tmp_path_factory):
 
     tok = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_inner=48, n_layer=2, n_head=4, n_positions=128, activation_function="relu",
-                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_inner=48,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        activation_function="relu",
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     model = GPT2LMHeadModel(cfg)
     with torch.no_grad():
         for block in model.transformer.h:
-            block.mlp.c_fc.bias.copy_(torch.linspace(-0.45, 0.0, 48))  # pre-activations have std ~0.1: from rarely to often firing
+            block.mlp.c_fc.bias.copy_(
+                torch.linspace(-0.45, 0.0, 48)
+            )  # pre-activations have std ~0.1: from rarely to often firing
     out = tmp_path_factory.mktemp("relu-model") / "tiny-relu-gpt2"
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -215,8 +265,20 @@ def test_relu_model_with_exact_zero_texts(relu_model_dir, tiny_corpus, tmp_path,
     from sitegen.services.neuron2graph.compute import _split
     from sitegen.store import Store
 
-    cfg = dict(model=str(relu_model_dir), corpus=str(tiny_corpus), out=tmp_path / "store", tokens=1200, seq_len=16, seed=1, top_k=6,
-               n_random=1, batch_size=8, device="cpu", progress=False, weights=False)
+    cfg = dict(
+        model=str(relu_model_dir),
+        corpus=str(tiny_corpus),
+        out=tmp_path / "store",
+        tokens=1200,
+        seq_len=16,
+        seed=1,
+        top_k=6,
+        n_random=1,
+        batch_size=8,
+        device="cpu",
+        progress=False,
+        weights=False,
+    )
     run_compute(ComputeConfig(**cfg, options={"n2g": "layers:0"}), log=lambda m: None)
     store = Store.open(tmp_path / "store")
     scope = store.read_layer("neuroscope", 0, columns=["neuron", "top_acts"]).to_pylist()
@@ -246,7 +308,9 @@ def test_relu_model_with_exact_zero_texts(relu_model_dir, tiny_corpus, tmp_path,
 
     model = load_model(str(relu_model_dir), device="cpu")
     real = n2g.masked_copies
-    monkeypatch.setattr(n2g, "masked_copies", lambda tokens, upto, neutral, first=1: real(tokens, len(tokens) - 1, neutral, first))
+    monkeypatch.setattr(
+        n2g, "masked_copies", lambda tokens, upto, neutral, first=1: real(tokens, len(tokens) - 1, neutral, first)
+    )
     some = sorted(graphs)[::4]
     full, _ = n2g.build_layer(model, store, 0, some, n2g.N2GConfig(seed=1), n2g.ModelTokens.prepare(model, store))
     assert full.to_pylist() == [graphs[n] for n in some]
@@ -261,8 +325,23 @@ def test_every_compute_stage_reports_progress(tiny_model_dir, tiny_corpus, tmp_p
     from sitegen.compute.runner import ComputeConfig, run_compute
 
     logs: list[str] = []
-    run_compute(ComputeConfig(model=str(tiny_model_dir), corpus=str(tiny_corpus), out=tmp_path / "store", tokens=600, seq_len=16, seed=1,
-                              top_k=4, n_random=1, batch_size=8, device="cpu", progress=True, options={"n2g": "2"}), log=logs.append)
+    run_compute(
+        ComputeConfig(
+            model=str(tiny_model_dir),
+            corpus=str(tiny_corpus),
+            out=tmp_path / "store",
+            tokens=600,
+            seq_len=16,
+            seed=1,
+            top_k=4,
+            n_random=1,
+            batch_size=8,
+            device="cpu",
+            progress=True,
+            options={"n2g": "2"},
+        ),
+        log=logs.append,
+    )
     err = capsys.readouterr().err
     assert any(line.startswith("corpus pass: ") and " tokens, 3 layers" in line for line in logs), logs
     assert re.search(r"corpus pass: 100%.*\d+/\d+", err), err
@@ -279,8 +358,20 @@ def test_similar_lists_are_not_flat_on_a_real_model_store(tiny_model_dir, tiny_c
     from sitegen.services.neuron2graph.tokenstore import build_token_store, flat_share, similar_neurons
     from sitegen.store import Store
 
-    cfg = dict(model=str(tiny_model_dir), corpus=str(tiny_corpus), out=tmp_path / "store", tokens=1500, seq_len=16, seed=1, top_k=20,
-               n_random=1, batch_size=8, device="cpu", progress=False, weights=False)
+    cfg = dict(
+        model=str(tiny_model_dir),
+        corpus=str(tiny_corpus),
+        out=tmp_path / "store",
+        tokens=1500,
+        seq_len=16,
+        seed=1,
+        top_k=20,
+        n_random=1,
+        batch_size=8,
+        device="cpu",
+        progress=False,
+        weights=False,
+    )
     run_compute(ComputeConfig(**cfg, options={"n2g": "2"}), log=lambda m: None)
     ts = build_token_store(Store.open(tmp_path / "store"), first_valid=1)
     sim = similar_neurons(ts)

@@ -65,7 +65,11 @@ def test_evaluate_hand_computed():
     true = [0.0, 1.0, 0.2, 0.8, 0.6]
     m = evaluate(pred, true)
     # predicted firing: 1, 2, 4; truly firing: 1, 3, 4; both: 1, 4
-    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3) and m["f1"] == pytest.approx(2 / 3)
+    assert (
+        m["precision"] == pytest.approx(2 / 3)
+        and m["recall"] == pytest.approx(2 / 3)
+        and m["f1"] == pytest.approx(2 / 3)
+    )
     mean = sum(true) / 5
     var = sum((t - mean) ** 2 for t in true) / 5
     mse = sum((p - t) ** 2 for p, t in zip(pred, true)) / 5
@@ -112,7 +116,10 @@ def test_lines_keep_important_context_and_wildcard_the_rest():
     assert sets == [set(), set(), set(), {1, 3}]
     # a variant keeps context that was important in the original (the set) even if not in itself
     imp_variant = np.zeros((4, 4))
-    assert make_lines(vocab, tokens, norm, imp_variant, sets, first=1)[1] == ([(" c", 0.9, 0.9), (IGNORE, 0.0, 0.6), (" a", 0.0, 0.1)], 0.9)
+    assert make_lines(vocab, tokens, norm, imp_variant, sets, first=1)[1] == (
+        [(" c", 0.9, 0.9), (IGNORE, 0.0, 0.6), (" a", 0.0, 0.1)],
+        0.9,
+    )
 
 
 def test_tokens_are_filed_by_their_own_activation_not_their_depth():
@@ -126,8 +133,31 @@ def test_tokens_are_filed_by_their_own_activation_not_their_depth():
 
 # -- differential test against a port of the reference NeuronModel (tests/n2g_reference.py) ----
 
-_VOCAB = ["<|endoftext|>", " the", "The", "the", " The", " cat", "Cat", " cats", "a", " A", "A", ",", ".", "\n",
-          " dog", "Dog", "I", " I", " big", "Big", " of", "Of", " USA"]
+_VOCAB = [
+    "<|endoftext|>",
+    " the",
+    "The",
+    "the",
+    " The",
+    " cat",
+    "Cat",
+    " cats",
+    "a",
+    " A",
+    "A",
+    ",",
+    ".",
+    "\n",
+    " dog",
+    "Dog",
+    "I",
+    " I",
+    " big",
+    "Big",
+    " of",
+    "Of",
+    " USA",
+]
 
 
 def _random_group(rng, first: int):
@@ -153,7 +183,7 @@ def _random_group(rng, first: int):
         if rng.random() < 0.8:  # as augmentation does: one token replaced, the rest kept
             tokens, norm, imp = prompt(length)
             k = int(rng.integers(first, length))
-            tokens = original[0][:k] + (tokens[k],) + original[0][k + 1:]
+            tokens = original[0][:k] + (tokens[k],) + original[0][k + 1 :]
             variants.append((tokens, norm, imp))
         else:  # a variant of another length (the reference then borrows the original's last set)
             variants.append(prompt(int(rng.integers(2, 13))))
@@ -182,8 +212,15 @@ def test_graph_matches_the_reference_neuron_model_on_random_graphs():
                 trie.insert(line, act)
         trie.merge_ignore()
         ref = ReferenceNeuronModel()
-        ref.fit([[(imp, [(_VOCAB[t], float(a)) for t, a in zip(tokens, norm)]) for tokens, norm, imp in [original] + variants]
-                 for original, variants in groups])
+        ref.fit(
+            [
+                [
+                    (imp, [(_VOCAB[t], float(a)) for t, a in zip(tokens, norm)])
+                    for tokens, norm, imp in [original] + variants
+                ]
+                for original, variants in groups
+            ]
+        )
 
         # END values: every path that ends a line (the reference's END child of the root, made by
         # a firing BOS, is never read by its search: left out)
@@ -199,7 +236,11 @@ def test_graph_matches_the_reference_neuron_model_on_random_graphs():
         checked["tokens"] += sum(map(len, trie.token_sets()))
         checked["context activating"] += any(n.activating and n.depth > 0 and n.token != IGNORE for n in trie.nodes())
 
-        texts = [[_VOCAB[t] for t in tokens[first:]] for original, variants in groups for tokens, _, _ in [original] + variants]
+        texts = [
+            [_VOCAB[t] for t in tokens[first:]]
+            for original, variants in groups
+            for tokens, _, _ in [original] + variants
+        ]
         texts += [[_VOCAB[int(t)] for t in rng.integers(1, len(_VOCAB), int(rng.integers(1, 15)))] for _ in range(3)]
         for text in texts:
             ours, theirs = trie.predict(text), ref.forward(text)
@@ -207,7 +248,11 @@ def test_graph_matches_the_reference_neuron_model_on_random_graphs():
             checked["predictions"] += len(ours)
             checked["firing predictions"] += sum(p > 0.5 for p in ours)
     # the comparison is not vacuous: lines, predictions that fire, and context tokens filed activating
-    assert checked["ends"] > graphs and checked["firing predictions"] > graphs and checked["context activating"] > graphs // 10, checked
+    assert (
+        checked["ends"] > graphs
+        and checked["firing predictions"] > graphs
+        and checked["context activating"] > graphs // 10
+    ), checked
 
 
 def test_deepdeciphers_fork_files_other_tokens_and_the_readme_says_so():
@@ -232,14 +277,24 @@ def test_deepdeciphers_fork_files_other_tokens_and_the_readme_says_so():
     for seed in range(graphs):
         rng = np.random.default_rng(seed)
         groups = [_random_group(rng, first) for _ in range(int(rng.integers(1, 4)))]
-        fit = [[(imp, [(_VOCAB[t], float(a)) for t, a in zip(tokens, norm)]) for tokens, norm, imp in [original] + variants]
-               for original, variants in groups]
+        fit = [
+            [
+                (imp, [(_VOCAB[t], float(a)) for t, a in zip(tokens, norm)])
+                for tokens, norm, imp in [original] + variants
+            ]
+            for original, variants in groups
+        ]
         trie = Trie()
         for original, variants in groups:
             for line, act in group_lines(_VOCAB, original, variants, first):
                 trie.insert(line, act)
         trie.merge_ignore()
-        models = {"fork": ForkNeuronModel(), "script": ReferenceNeuronModel(), "fork's sets only": _SetsOnly(), "fork's keys only": _KeysOnly()}
+        models = {
+            "fork": ForkNeuronModel(),
+            "script": ReferenceNeuronModel(),
+            "fork's sets only": _SetsOnly(),
+            "fork's keys only": _KeysOnly(),
+        }
         for m in models.values():
             m.fit(fit)
         assert trie.token_sets() == models["script"].token_sets()  # sitegen is the script
@@ -271,16 +326,20 @@ def test_saliency_cut_after_the_last_firing_position_changes_nothing():
         hits = np.nonzero(norm[first:] > 0.5)[0]
         upto = first + int(hits[-1]) if len(hits) else first
         out = imp.copy()
-        out[upto + 1:, :] = 0  # no masked copy past upto ...
-        out[:, upto + 1:] = 0  # ... and the copies stop at upto
+        out[upto + 1 :, :] = 0  # no masked copy past upto ...
+        out[:, upto + 1 :] = 0  # ... and the copies stop at upto
         return out
 
     differ = 0
     for seed in range(800):
         original, variants = _random_group(np.random.default_rng(seed), 1)
         full = group_lines(_VOCAB, original, variants, 1)
-        trimmed = group_lines(_VOCAB, (original[0], original[1], cut(original[1], original[2], 1)),
-                              [(t, n, cut(n, i, 1)) for t, n, i in variants], 1)
+        trimmed = group_lines(
+            _VOCAB,
+            (original[0], original[1], cut(original[1], original[2], 1)),
+            [(t, n, cut(n, i, 1)) for t, n, i in variants],
+            1,
+        )
         assert full == trimmed, f"seed {seed}"
         differ += not np.array_equal(original[2], cut(original[1], original[2], 1))
     assert differ > 100  # the cut did remove values
@@ -307,7 +366,13 @@ def test_undefined_metrics_are_null_in_the_api_page_and_search_previews(tmp_path
         for line, act in SYNTHETIC_LINES:
             trie.insert(line, act)
         trie.merge_ignore()
-        rows.append((SimpleNamespace(neuron=neuron, base_max=1.0, train=[None] * 3, test=[None] * 2, lines=SYNTHETIC_LINES), trie, ev))
+        rows.append(
+            (
+                SimpleNamespace(neuron=neuron, base_max=1.0, train=[None] * 3, test=[None] * 2, lines=SYNTHETIC_LINES),
+                trie,
+                ev,
+            )
+        )
     store.write_layer(SERVICE, 0, graphs_table(rows))
     Store.open(store.root).add_service(SERVICE)
     table = Store.open(store.root).read_layer(SERVICE, 0).to_pylist()
@@ -317,7 +382,9 @@ def test_undefined_metrics_are_null_in_the_api_page_and_search_previews(tmp_path
     out = tmp_path / "site"
     build_site([store.root], out)
     api = [json.loads((out / f"api/nulls/neuron2graph/0/{n}.json").read_text())["data"]["evaluation"] for n in (0, 1)]
-    assert api[0]["f1"] is None and api[0]["recall"] is None and api[0]["precision"] == 0.0 and api[0]["test_texts"] == 2
+    assert (
+        api[0]["f1"] is None and api[0]["recall"] is None and api[0]["precision"] == 0.0 and api[0]["test_texts"] == 2
+    )
     assert api[1]["precision"] is None and api[1]["recall"] == 0.0 and api[1]["f1"] == 0.0
     page0, page1 = ((out / f"nulls/0/{n}.html").read_text() for n in (0, 1))
     assert "not evaluated" in page0 and "F1 <b>" not in page0 and "None" not in page0

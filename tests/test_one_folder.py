@@ -5,10 +5,10 @@ partials by name."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from sitegen.resources import default_theme
 from sitegen.services import BUILTIN, GROUP, by_name
@@ -29,7 +29,11 @@ def test_the_import_contracts_name_exactly_the_built_ins():
     contracts = {c["name"]: c for c in _pyproject()["tool"]["importlinter"]["contracts"]}
     independent = next(c for c in contracts.values() if c.get("containers") == ["sitegen.services"])
     assert set(independent["layers"][0].split(" | ")) == set(BUILTIN)
-    forbidden = [c for c in contracts.values() if c["type"] == "forbidden" and any(m.startswith("sitegen.services.") for m in c["forbidden_modules"])]
+    forbidden = [
+        c
+        for c in contracts.values()
+        if c["type"] == "forbidden" and any(m.startswith("sitegen.services.") for m in c["forbidden_modules"])
+    ]
     assert forbidden, "no contract keeps the build and the runners from importing a service's own modules"
     for c in forbidden:
         assert set(c["forbidden_modules"]) == {f"sitegen.services.{name}" for name in BUILTIN}, c["name"]
@@ -57,15 +61,23 @@ def test_a_theme_overrides_a_built_in_partial_by_name(tmp_path):
         (theme / "templates" / rel).write_text(f"<p>{rel} by my theme</p>\n")
     env = _environment({}, [theme, default_theme()])
     assert env.get_template("services/neuroscope.html").render() == "<p>services/neuroscope.html by my theme</p>"
-    assert env.get_template("provenance/neuron2graph.html").render() == "<p>provenance/neuron2graph.html by my theme</p>"
+    assert (
+        env.get_template("provenance/neuron2graph.html").render() == "<p>provenance/neuron2graph.html by my theme</p>"
+    )
     # the partials the theme lacks still come from their service's folder
-    assert Path(env.get_template("services/logits.html").filename) == ROOT / "sitegen/services/logits/templates/services/logits.html"
+    assert (
+        Path(env.get_template("services/logits.html").filename)
+        == ROOT / "sitegen/services/logits/templates/services/logits.html"
+    )
 
 
 def test_no_service_and_no_runner_reaches_into_the_model_bridge():
     """Services read the model through LoadedModel's methods only (run_mlp_activations,
     input_embeddings, unembed, mlp_weights, ...), never transformer-lens's bridge."""
-    files = [*(ROOT / "sitegen" / "services").rglob("*.py"), *(ROOT / "sitegen" / "compute" / f for f in ("runner.py", "verify.py", "distributed.py"))]
+    files = [
+        *(ROOT / "sitegen" / "services").rglob("*.py"),
+        *(ROOT / "sitegen" / "compute" / f for f in ("runner.py", "verify.py", "distributed.py")),
+    ]
     for path in files:
         assert "bridge" not in path.read_text(), f"{path.relative_to(ROOT)} reaches into the model's bridge"
 
@@ -84,7 +96,9 @@ def test_loaded_model_hands_out_the_weights_services_read(tiny_model_dir):
     assert torch.equal(model.final_norm()[0], hf.model.norm.weight) and model.final_norm()[1] is None
     for layer in range(model.n_layers):
         mlp, block = model.mlp_weights(layer), hf.model.layers[layer]
-        assert torch.equal(mlp.W_in, block.mlp.up_proj.weight.T) and torch.equal(mlp.W_gate, block.mlp.gate_proj.weight.T)
+        assert torch.equal(mlp.W_in, block.mlp.up_proj.weight.T) and torch.equal(
+            mlp.W_gate, block.mlp.gate_proj.weight.T
+        )
         assert torch.equal(mlp.W_out, block.mlp.down_proj.weight.T)
         assert mlp.b_in is None or not mlp.b_in.any()  # Llama's MLP has no bias
         assert torch.equal(mlp.norm[0], block.post_attention_layernorm.weight)
@@ -124,11 +138,15 @@ def test_a_store_lacking_a_column_of_the_declared_schema_is_one_line(tmp_path, c
     table = pq.read_table(path)
     assert table.schema.names == TABLE_SCHEMA.names  # what the synthetic writer writes is the declared table
     pq.write_table(table.drop_columns([column]), path)
-    with pytest.raises(StoreError, match=rf"neuroscope/layer=1/data.parquet: damaged table, column\(s\) {column} missing"):
+    with pytest.raises(
+        StoreError, match=rf"neuroscope/layer=1/data.parquet: damaged table, column\(s\) {column} missing"
+    ):
         Store.open(store.root)
     result = CliRunner().invoke(main, ["build", str(store.root), "--out", str(tmp_path / "site")])
     assert result.exit_code != 0 and "Traceback" not in result.output and "FieldRef" not in result.output
-    assert f"column(s) {column} missing" in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"column(s) {column} missing" in result.output and len(result.output.strip().splitlines()) == 1, (
+        result.output
+    )
 
 
 def test_every_reader_of_the_neuroscope_table_names_declared_columns():
@@ -153,6 +171,8 @@ def test_every_reader_of_the_neuroscope_table_names_declared_columns():
             for kw in call.keywords:
                 if kw.arg == "columns" and isinstance(kw.value, ast.List):
                     names = {e.value for e in kw.value.elts}
-                    assert names <= declared, f"{path.relative_to(ROOT)}:{call.lineno} reads {sorted(names - declared)}, not in neuroscope's table"
+                    assert names <= declared, (
+                        f"{path.relative_to(ROOT)}:{call.lineno} reads {sorted(names - declared)}, not in neuroscope's table"
+                    )
                     found += 1
     assert found >= 5  # selection, artefacts, the token store, neuron2graph, the explainer

@@ -24,7 +24,9 @@ MODEL = "toy-model"
 def _source_copy(dest: Path) -> Path:
     """The tracked files of the checkout (what a clone or an sdist holds), so building the wheel
     leaves no build/ or egg-info in the checkout."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    )
     for rel in filter(None, listed):
         src = ROOT / rel
         if src.is_file():
@@ -37,8 +39,11 @@ def _source_copy(dest: Path) -> Path:
 def wheel(tmp_path_factory) -> Path:
     src = _source_copy(tmp_path_factory.mktemp("src"))  # built in an isolated environment, as pip builds it for a user
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
+        check=True,
+        capture_output=True,
+    )
     (whl,) = out.glob("sitegen-*.whl")
     return whl
 
@@ -51,7 +56,9 @@ def test_wheel_ships_theme_content_and_the_same_url_rules(wheel):
             if path.is_file():
                 assert z.read(f"sitegen/_data/{path.relative_to(ROOT).as_posix()}") == path.read_bytes()
         assert {f"sitegen/_data/content/{p.name}" for p in (ROOT / "content").glob("*.md")} <= names
-        partials = list((ROOT / "sitegen" / "services").glob("*/templates/*/*.html"))  # a built-in service's partials, in its folder
+        partials = list(
+            (ROOT / "sitegen" / "services").glob("*/templates/*/*.html")
+        )  # a built-in service's partials, in its folder
         assert len(partials) >= 4
         for path in partials:
             assert z.read(path.relative_to(ROOT).as_posix()) == path.read_bytes()
@@ -67,21 +74,46 @@ def test_installed_wheel_builds_and_serves_outside_the_checkout(wheel, tmp_path)
     # (--ignore-installed: an editable sitegen in those site-packages must not satisfy the install).
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     bindir = venv / "bin"
-    subprocess.run([bindir / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)], check=True, capture_output=True)
+    subprocess.run(
+        [bindir / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     work = tmp_path / "work"  # outside the checkout: nothing of the repository is reachable from here
     work.mkdir()
-    where = subprocess.run([bindir / "python", "-c", "import sitegen, sitegen.resources as r; print(sitegen.__file__); print(r.resource('themes'))"],
-                           cwd=work, env=env, capture_output=True, text=True, check=True).stdout.split()
+    where = subprocess.run(
+        [
+            bindir / "python",
+            "-c",
+            "import sitegen, sitegen.resources as r; print(sitegen.__file__); print(r.resource('themes'))",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert all(Path(p).is_relative_to(venv) for p in where), where
 
     store = write_synthetic_store(work / "store")
-    subprocess.run([bindir / "sitegen", "build", str(store.root), "--out", str(work / "site")], cwd=work, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [bindir / "sitegen", "build", str(store.root), "--out", str(work / "site")],
+        cwd=work,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     assert (work / "site" / "about.html").exists() and (work / "site" / "api.html").exists()  # content pages shipped
 
     port = free_port()
-    server = subprocess.Popen([bindir / "sitegen", "serve", str(work / "site"), "--port", str(port)], cwd=work, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [bindir / "sitegen", "serve", str(work / "site"), "--port", str(port)],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(100):
@@ -124,6 +156,8 @@ def test_theme_folder_that_is_not_a_theme_is_one_line(tmp_path, synthetic_store)
 
     from sitegen.cli import main
 
-    result = CliRunner().invoke(main, ["build", str(synthetic_store.root), "--out", str(tmp_path / "site"), "--theme", str(tmp_path)])
+    result = CliRunner().invoke(
+        main, ["build", str(synthetic_store.root), "--out", str(tmp_path / "site"), "--theme", str(tmp_path)]
+    )
     assert result.exit_code != 0
     assert "--theme" in result.output and "templates/" in result.output and "Traceback" not in result.output

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from sitegen.cli import main
 from sitegen.errors import BuildError
 from sitegen.services import registry
+from sitegen.services.neuron_explainer.published import import_explanations
 from sitegen.site.build import build_site
 from sitegen.site.publisher import JOURNAL, RECORD
-from sitegen.services.neuron_explainer.published import import_explanations
 from tests.reference import write_synthetic_store
 
 
@@ -31,10 +31,23 @@ def store(tmp_path_factory):
     store = write_synthetic_store(root / "store", name="parallel-model", n_layers=5, n_neurons=6)
     published = root / "published"
     published.mkdir()
-    (published / "all.jsonl").write_bytes(b"".join(orjson.dumps({
-        "neuron_id": {"layer_index": layer, "neuron_index": layer % 6},
-        "scored_explanations": [{"explanation": f"tokens about topic {layer}", "scored_simulation": {"ev_correlation_score": 0.1 * layer}}]}) + b"\n"
-        for layer in range(5)))
+    (published / "all.jsonl").write_bytes(
+        b"".join(
+            orjson.dumps(
+                {
+                    "neuron_id": {"layer_index": layer, "neuron_index": layer % 6},
+                    "scored_explanations": [
+                        {
+                            "explanation": f"tokens about topic {layer}",
+                            "scored_simulation": {"ev_correlation_score": 0.1 * layer},
+                        }
+                    ],
+                }
+            )
+            + b"\n"
+            for layer in range(5)
+        )
+    )
     import_explanations(published, store.root, log=lambda m: None)
     return store
 
@@ -59,9 +72,16 @@ def test_two_jobs_write_the_same_site_as_one(store, tmp_path, monkeypatch):
     assert sorted(got) == sorted(want)
     assert [rel for rel in want if got[rel] != want[rel]] == []
     assert RECORD in got and JOURNAL not in got
-    assert (two.files, two.bytes, two.written, two.largest_folder) == (one.files, one.bytes, one.written, one.largest_folder)
+    assert (two.files, two.bytes, two.written, two.largest_folder) == (
+        one.files,
+        one.bytes,
+        one.written,
+        one.largest_folder,
+    )
     assert two.files == len(want) and two.bytes == sum(len(b) for b in want.values())
-    assert lines and lines[-1].startswith("parallel-model: layer ") and "30/30 neurons" in lines[-1] and "ETA" in lines[-1]
+    assert (
+        lines and lines[-1].startswith("parallel-model: layer ") and "30/30 neurons" in lines[-1] and "ETA" in lines[-1]
+    )
 
 
 def test_a_parallel_rebuild_changes_nothing_and_removes_what_went_away(store, tmp_path):
@@ -72,7 +92,9 @@ def test_a_parallel_rebuild_changes_nothing_and_removes_what_went_away(store, tm
     stale = out / "parallel-model" / "4" / "99.html"  # a page an earlier build wrote for a neuron that went away
     stale.write_text("old")
     record = orjson.loads((out / RECORD).read_bytes())
-    (out / RECORD).write_bytes(orjson.dumps({**record, "files": sorted(record["files"] + ["parallel-model/4/99.html"])}))
+    (out / RECORD).write_bytes(
+        orjson.dumps({**record, "files": sorted(record["files"] + ["parallel-model/4/99.html"])})
+    )
     assert build_site([store.root], out, jobs=2).removed == 1 and not stale.exists()
 
 

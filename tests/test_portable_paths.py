@@ -42,8 +42,17 @@ def test_vocabulary_of_long_and_case_or_normalisation_variants_builds(tmp_path):
     the whole build succeeds, no two output paths are one file on macOS or Windows, and DeepDecipher's
     search URL finds each spelling as the exact token it is."""
     vocab = ["<bos>"] + [f" w{i}" for i in range(6)] + ["<script>alert(1)</script>"] + SPELLINGS
-    store = write_synthetic_store(tmp_path / "store", name="spell", n_layers=2, n_neurons=8, n_seqs=12, seq_len=10, vocab=vocab,
-                                  with_logits=False, with_graphs=False)
+    store = write_synthetic_store(
+        tmp_path / "store",
+        name="spell",
+        n_layers=2,
+        n_neurons=8,
+        n_seqs=12,
+        seq_len=10,
+        vocab=vocab,
+        with_logits=False,
+        with_graphs=False,
+    )
     # (token, importance or activation, its own activation): the spelling fires, its context does not
     graphs = {(0, k): [([(tok, 0.9, 0.9), (" w1", 0.5, 0.1)], 0.9)] for k, tok in enumerate(SPELLINGS)}
     graphs[(1, 0)] = [([(LONG_ACCENTED, 0.9, 0.9), (NFD, 0.5, 0.1)], 0.9)]
@@ -69,7 +78,13 @@ def test_vocabulary_of_long_and_case_or_normalisation_variants_builds(tmp_path):
         key = spelling if spelling != "The" else "the"  # Neuron2Graph lower-cases a Title-case token
         want = sorted(g for g in range(ts.n_neurons) if key in {ts.keys[k] for k in ts.activating[g]})
         assert want, spelling
-        r = edge.neuron2graph_search("/api/spell/neuron2graph-search", "query=" + edge.quote(f"activating:{spelling}", safe=""), read)
-        assert (r.status, r.body) == (200, edge.orjson.dumps([{"layer": x // 8, "neuron": x % 8} for x in want])), spelling
+        r = edge.neuron2graph_search(
+            "/api/spell/neuron2graph-search", "query=" + edge.quote(f"activating:{spelling}", safe=""), read
+        )
+        assert (r.status, r.body) == (200, edge.orjson.dumps([{"layer": x // 8, "neuron": x % 8} for x in want])), (
+            spelling
+        )
         answers[spelling] = r.body
-    assert len({answers[s] for s in ("the", "THE", NFC, NFD, LONG_ASCII, LONG_ACCENTED)}) == 6  # distinct tokens, distinct answers
+    assert (
+        len({answers[s] for s in ("the", "THE", NFC, NFD, LONG_ASCII, LONG_ACCENTED)}) == 6
+    )  # distinct tokens, distinct answers

@@ -40,7 +40,11 @@ def _dying(shard: int) -> DieAfterCheckpoint:
 
 
 def needs_ray(test):
-    for mark in (pytest.mark.model, pytest.mark.ray, pytest.mark.skipif(not (HAS_TORCH and HAS_RAY), reason="needs the compute and ray extras")):
+    for mark in (
+        pytest.mark.model,
+        pytest.mark.ray,
+        pytest.mark.skipif(not (HAS_TORCH and HAS_RAY), reason="needs the compute and ray extras"),
+    ):
         test = mark(test)
     return test
 
@@ -55,8 +59,19 @@ MANIFEST_FIELDS_THAT_DIFFER: set[str] = set()
 def _config(model_dir, corpus, out, **kw):
     from sitegen.compute.runner import ComputeConfig
 
-    base = dict(model=str(model_dir), corpus=str(corpus), out=out, tokens=TOKENS, seq_len=SEQ_LEN, seed=SEED, top_k=TOP_K,
-                n_random=N_RANDOM, batch_size=BATCH, device="cpu", progress=False)
+    base = dict(
+        model=str(model_dir),
+        corpus=str(corpus),
+        out=out,
+        tokens=TOKENS,
+        seq_len=SEQ_LEN,
+        seed=SEED,
+        top_k=TOP_K,
+        n_random=N_RANDOM,
+        batch_size=BATCH,
+        device="cpu",
+        progress=False,
+    )
     base.update(kw)
     return ComputeConfig(**base)
 
@@ -71,8 +86,9 @@ def _assert_identical(a: Path, b: Path) -> None:
     for name in fa:
         if name == "manifest.json":
             ma, mb = orjson.loads(fa[name]), orjson.loads(fb[name])
-            assert {k: v for k, v in ma.items() if k not in MANIFEST_FIELDS_THAT_DIFFER} == \
-                   {k: v for k, v in mb.items() if k not in MANIFEST_FIELDS_THAT_DIFFER}
+            assert {k: v for k, v in ma.items() if k not in MANIFEST_FIELDS_THAT_DIFFER} == {
+                k: v for k, v in mb.items() if k not in MANIFEST_FIELDS_THAT_DIFFER
+            }
         else:
             assert fa[name] == fb[name], f"{name} differs"
 
@@ -87,7 +103,6 @@ def test_ray_option_without_ray_names_the_extra(monkeypatch, tmp_path):
     assert res.exit_code != 0
     assert res.output.strip() == "error: --ray needs Ray, which is not installed: pip install 'sitegen[ray]'"
     assert not (tmp_path / "s").exists()
-
 
 
 # Before the tests that start a cluster: with Ray already running, --ray uses that cluster.
@@ -179,7 +194,9 @@ def test_failed_run_resumes_when_rerun(single, tiny_model_dir, tiny_corpus, tmp_
     assert not (out / "manifest.json").exists()
     assert list((out / ".work" / "ray").glob("shard-0of2/.work/checkpoint-*.npz"))
     logs: list[str] = []
-    run_compute_ray(cfg, _ray_opts(shards=None, cpus_per_shard=2), log=logs.append)  # alone, 2 CPUs per shard would mean 1 shard
+    run_compute_ray(
+        cfg, _ray_opts(shards=None, cpus_per_shard=2), log=logs.append
+    )  # alone, 2 CPUs per shard would mean 1 shard
     _assert_identical(out, single / "plain")
     assert "ray: 2 shard task(s), each 2 CPU(s)" in logs, logs
     assert any("shard 0:" in line and "resumed at" in line for line in logs), logs

@@ -23,8 +23,23 @@ def real_store(tmp_path_factory):
         if importlib.util.find_spec(pkg) is None:
             pytest.fail(f"the real-model test needs {pkg}; run `make install` first")
     out = tmp_path_factory.mktemp("real") / "store"
-    res = subprocess.run([sys.executable, "-m", "sitegen", "compute", "--out", str(out), "--tokens", str(TOKENS), "--n2g", "2@3,20", "--quiet"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sitegen",
+            "compute",
+            "--out",
+            str(out),
+            "--tokens",
+            str(TOKENS),
+            "--n2g",
+            "2@3,20",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return out
 
@@ -64,25 +79,29 @@ def test_stored_token_ids_reproduce_stored_activations(real_store):
     assert load_model(str(default_gguf_path())).fingerprint == model.fingerprint
     for layer, neuron in ((0, 7), (17, 1000), (29, 1535)):
         row = st.read_layer("neuroscope", layer).slice(neuron, 1).to_pylist()[0]
-        for seq_id, stored in list(zip(row["top_seq"], row["top_acts"]))[:3] + list(zip(row["bottom_seq"], row["bottom_acts"]))[:1]:
+        for seq_id, stored in (
+            list(zip(row["top_seq"], row["top_acts"]))[:3] + list(zip(row["bottom_seq"], row["bottom_acts"]))[:1]
+        ):
             tokens = torch.tensor([by_id[seq_id]])
             got = {}
             with torch.inference_mode():
-                model.bridge.run_with_hooks(tokens, fwd_hooks=[(model.hook_name(layer), lambda x, hook: got.__setitem__("a", x[0, :, neuron].clone()))],
-                                            return_type=None)
+                model.bridge.run_with_hooks(
+                    tokens,
+                    fwd_hooks=[(model.hook_name(layer), lambda x, hook: got.__setitem__("a", x[0, :, neuron].clone()))],
+                    return_type=None,
+                )
             np.testing.assert_allclose(got["a"].numpy(), np.asarray(stored), rtol=1e-4, atol=1e-4)
         assert row["top_max"][0] == pytest.approx(max(row["top_acts"][0][1:]))
 
 
 def test_real_site_builds_and_shows_in_a_browser(real_store, tmp_path_factory):
-    from sitegen.site.build import build_site
-    from sitegen.site.serve import make_server
-    from tests.conftest import free_port
-    from tests.test_browser import ARGS, CHROMIUM
-
     from urllib.parse import quote
 
+    from sitegen.site.build import build_site
+    from sitegen.site.serve import make_server
     from sitegen.store import Store
+    from tests.conftest import free_port
+    from tests.test_browser import ARGS, CHROMIUM
 
     st = Store.open(real_store)
     out = tmp_path_factory.mktemp("real-site") / "build"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import html
 import itertools
 import json
@@ -14,6 +12,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,18 @@ import requests
 
 from sitegen.services import registry
 from sitegen.services.neuron2graph import graph as g
-from sitegen.services.neuron2graph.tokenstore import (FALLBACK_CAP, MAX_TERMS, MEASURE_GRAPHS, MEASURE_TOKENS, flat_share, SOURCE_GRAPH, SOURCE_TOP, build_token_store, parse_query,
-                                                      similar_neurons)
+from sitegen.services.neuron2graph.tokenstore import (
+    FALLBACK_CAP,
+    MAX_TERMS,
+    MEASURE_GRAPHS,
+    MEASURE_TOKENS,
+    SOURCE_GRAPH,
+    SOURCE_TOP,
+    build_token_store,
+    flat_share,
+    parse_query,
+    similar_neurons,
+)
 from sitegen.services.tokens import display
 from sitegen.site import search
 from sitegen.site.build import build_site
@@ -38,12 +47,29 @@ def wide_site(tmp_path_factory):
     them similar, one with tokens both activating and important) and a posting cap of 3, so capped lists and their "more" files are exercised."""
     root = tmp_path_factory.mktemp("wide")
     vocab = ["<bos>"] + [f" t{i}" for i in range(8)] + ["The", " the", "<script>alert(1)</script>"]
-    store = write_synthetic_store(root / "store", name="wide", n_layers=3, n_neurons=24, n_seqs=30, seq_len=10, vocab=vocab,
-                                  top_k=4, n_random=1, with_logits=False, with_graphs=False)
-    write_synthetic_graphs(store, {(0, 2): SYNTHETIC_LINES, (2, 5): [([(" t1", 0.9, 0.9), (" the", 0.9, 0.2)], 0.9)],
-                                   (1, 7): [([(" t1", 0.9, 0.9), (" t2", 0.9, 0.2)], 0.9)],
-                                   # t3 and t4 each activating and important: any: counts them once
-                                   (1, 9): [([(" t3", 0.9, 0.9), (" t4", 0.9, 0.2)], 0.9), ([(" t4", 0.9, 0.9), (" t3", 0.9, 0.2)], 0.9)]})
+    store = write_synthetic_store(
+        root / "store",
+        name="wide",
+        n_layers=3,
+        n_neurons=24,
+        n_seqs=30,
+        seq_len=10,
+        vocab=vocab,
+        top_k=4,
+        n_random=1,
+        with_logits=False,
+        with_graphs=False,
+    )
+    write_synthetic_graphs(
+        store,
+        {
+            (0, 2): SYNTHETIC_LINES,
+            (2, 5): [([(" t1", 0.9, 0.9), (" the", 0.9, 0.2)], 0.9)],
+            (1, 7): [([(" t1", 0.9, 0.9), (" t2", 0.9, 0.2)], 0.9)],
+            # t3 and t4 each activating and important: any: counts them once
+            (1, 9): [([(" t3", 0.9, 0.9), (" t4", 0.9, 0.2)], 0.9), ([(" t4", 0.9, 0.9), (" t3", 0.9, 0.2)], 0.9)],
+        },
+    )
     from sitegen.store import Store
 
     store = Store.open(store.root)
@@ -60,7 +86,9 @@ def _brute_fallback(store, layer: int, neuron: int, vocab: list[str]) -> list[st
     """The fallback token set straight from the stored top texts, one neuron at a time."""
     row = store.read_layer("neuroscope", layer).to_pylist()[neuron]
     seqs = {s["seq_id"]: s["token_ids"] for s in store.sequences().to_pylist()}
-    pairs = [(a, vocab[seqs[s][p]]) for s, acts in zip(row["top_seq"], row["top_acts"]) for p, a in enumerate(acts) if p >= 1]
+    pairs = [
+        (a, vocab[seqs[s][p]]) for s, acts in zip(row["top_seq"], row["top_acts"]) for p, a in enumerate(acts) if p >= 1
+    ]
     peak = max(a for a, _ in pairs)
     best: dict[str, float] = {}
     for a, tok in pairs:
@@ -83,7 +111,9 @@ def test_token_store_uses_graphs_and_falls_back_to_top_sequences(wide_site):
     for gid in range(72):
         if ts.source[gid] == SOURCE_TOP:
             layer, neuron = divmod(gid, 24)
-            assert sorted(keys[k] for k in ts.activating[gid]) == sorted(_brute_fallback(store, layer, neuron, vocab)), gid
+            assert sorted(keys[k] for k in ts.activating[gid]) == sorted(
+                _brute_fallback(store, layer, neuron, vocab)
+            ), gid
             assert len(ts.important[gid]) == 0
 
 
@@ -126,7 +156,10 @@ def test_search_normalises_the_query_and_unknown_tokens_give_nothing(wide_site):
     assert static_search(site, "wide", "t1") == static_search(site, "wide", "any:t1")  # bare token: any
 
 
-@pytest.mark.parametrize("query, message", [("foo:the", "unknown type"), ("any:", "no token"), ("any:the,", "empty term"), ("", "empty term")])
+@pytest.mark.parametrize(
+    "query, message",
+    [("foo:the", "unknown type"), ("any:", "no token"), ("any:the,", "empty term"), ("", "empty term")],
+)
 def test_malformed_queries_raise_a_message(query, message):
     with pytest.raises(ValueError, match=message):
         parse_query(query)
@@ -174,7 +207,9 @@ def test_search_url_reads_each_file_once_per_request(wide_site):
     assert len(reads) == len(set(reads)) == 3 and any("/more/" in p for p in reads), reads
     reads.clear()
     r = neuron2graph_search(api, "query=" + urllib.parse.quote(",".join([f"any:{token}"] * 7000), safe=""), read)
-    assert r.status == 400 and orjson.loads(r.body)["error"].startswith(f"too many terms (7000) in the query: ask for at most {MAX_TERMS} ")
+    assert r.status == 400 and orjson.loads(r.body)["error"].startswith(
+        f"too many terms (7000) in the query: ask for at most {MAX_TERMS} "
+    )
     assert reads == []
 
 
@@ -204,8 +239,10 @@ def test_similarity_equals_brute_force_all_pairs(wide_site, stop_min):
     stop = {key for key, count in users.items() if count > stop_min}
     assert bool(stop) == (stop_min == 8) and any(ts.source[g] == SOURCE_GRAPH for g in range(ts.n_neurons))
     assert (got == similar_neurons(ts, top=1000).lists) == (not stop)  # the stop tokens change some neurons' lists
-    sets = [({ts.keys[k] for k in a} - (stop if ts.source[g] == SOURCE_TOP else set()), {ts.keys[k] for k in i})
-            for g, (a, i) in enumerate(zip(ts.activating, ts.important))]
+    sets = [
+        ({ts.keys[k] for k in a} - (stop if ts.source[g] == SOURCE_TOP else set()), {ts.keys[k] for k in i})
+        for g, (a, i) in enumerate(zip(ts.activating, ts.important))
+    ]
     df = Counter(t for a, _ in sets for t in a)
     holders = sum(1 for a, _ in sets if a)
     weight = {t: math.log(holders / c) for t, c in df.items()}
@@ -243,7 +280,15 @@ def test_one_shared_token_is_never_a_neighbour_and_shared_tokens_are_shown():
     keys = [" union", " the", " tax", " school", " war", " peace", " law", " trade"]
     sets = [[0]] + [[0, 1, 2 + i] for i in range(6)] + [[2, 3, 4, 5], [2, 3, 4, 6], [2, 3, 4, 5, 7]]
     n = len(sets)
-    ts = TokenStore(keys, n, [np.array(s, np.int64) for s in sets], [np.zeros(0, np.int64)] * n, [SOURCE_TOP] * n, [None] * n, [0.0] * n)
+    ts = TokenStore(
+        keys,
+        n,
+        [np.array(s, np.int64) for s in sets],
+        [np.zeros(0, np.int64)] * n,
+        [SOURCE_TOP] * n,
+        [None] * n,
+        [0.0] * n,
+    )
     sim = similar_neurons(ts)
     assert sim.lists[0] == []  # one shared token: no neighbour at all
     assert all(s < 1.0 for entries in sim.lists for _, s, _ in entries)  # no two sets are equal
@@ -267,9 +312,16 @@ def test_similar_neurons_are_in_the_neuron_json_and_page(wide_site):
         page = (site / f"wide/{layer}/{n}.html").read_text()
         for entry, (other, s, m) in zip(data["similar"], top[gid]):
             shared = [ts.keys[k] for k in sim.shared(gid, other, m)]
-            assert entry["shared"] == shared and shared and set(shared) <= {ts.keys[k] for k in ts.activating[gid]} | {ts.keys[k] for k in ts.important[gid]}
+            assert (
+                entry["shared"] == shared
+                and shared
+                and set(shared) <= {ts.keys[k] for k in ts.activating[gid]} | {ts.keys[k] for k in ts.important[gid]}
+            )
             assert f'href="/wide/{other // 24}/{other % 24}.html" title="similarity {s:.2f} ({m})"' in page
-            assert f'<span class="shared">shares {", ".join(f"<code>{html.escape(display(t), quote=True)}</code>" for t in shared)}</span>' in page
+            assert (
+                f'<span class="shared">shares {", ".join(f"<code>{html.escape(display(t), quote=True)}</code>" for t in shared)}</span>'
+                in page
+            )
             seen.add(m)
     assert seen == {MEASURE_GRAPHS, MEASURE_TOKENS}
 
@@ -279,12 +331,22 @@ def test_the_api_names_the_similarity_measure_and_the_docs_state_deepdeciphers_o
     DeepDecipher's server differs (denominator of the later neuron, every neighbour >= 0.4, the
     earlier larger-size denominator) rather than claiming to be exactly DeepDecipher's."""
     _, site = wide_site
-    schema = json.loads((site / "api/openapi.json").read_text())["components"]["schemas"]["Neuron2Graph"]["properties"]["similar"]
+    schema = json.loads((site / "api/openapi.json").read_text())["components"]["schemas"]["Neuron2Graph"]["properties"][
+        "similar"
+    ]
     measure = schema["items"]["properties"]["measure"]
-    assert "measure" in schema["items"]["required"] and MEASURE_GRAPHS in measure["enum"] and "|A_j| + |I_j|" in measure["description"]
+    assert (
+        "measure" in schema["items"]["required"]
+        and MEASURE_GRAPHS in measure["enum"]
+        and "|A_j| + |I_j|" in measure["description"]
+    )
     readme = " ".join((Path(__file__).parents[1] / "docs" / "methods.md").read_text().split())
-    for fact in ("`|A_j| + |I_j|`, j the later neuron", "keeps every neighbour >= 0.4 instead of the top 10",
-                 "divided by the larger of the two neurons' token counts", '`"measure": "deepdecipher-intended"`'):
+    for fact in (
+        "`|A_j| + |I_j|`, j the later neuron",
+        "keeps every neighbour >= 0.4 instead of the top 10",
+        "divided by the larger of the two neurons' token counts",
+        '`"measure": "deepdecipher-intended"`',
+    ):
         assert fact in readme, fact
     assert "exactly DeepDecipher's" not in readme
 
@@ -298,7 +360,7 @@ def test_graph_payload_and_svg(wide_site):
     assert data["evaluation"]["f1"] == 0.6
     page = (site / "wide/0/2.html").read_text()
     assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    svg = page[page.index('<svg class="n2g"'):page.index("</svg>", page.index('<svg class="n2g"'))]
+    svg = page[page.index('<svg class="n2g"') : page.index("</svg>", page.index('<svg class="n2g"'))]
     assert svg.count("<rect") == 5 and svg.count('class="end"') == 2
     assert 'href="/search.html?model=wide&amp;q=any%3Aw5"' in svg or 'href="/search.html?model=wide&q=any%3Aw5"' in svg
     assert "precision <b>0.75</b>" in page
@@ -364,12 +426,44 @@ def _deno() -> str | None:
 
 
 # Strings where JavaScript's and Python's string functions differ (istitle, isalpha, strip, lower).
-NORMALISE_CASES = ["The", "THE", "the", " The ", "\u00a0the\u00a0", "\x1cthe\x1f", "\ufeffthe", "\x85the", "Ǆemo", "ǅemo",
-                   "Σας", "ΣΑΣ", "İstanbul", "Straße", " ", "  ", "T", " 1 ", "ⅷ", "Ⅷx", "Hello World", "hello World", "A1b",
-                   "ß", "ﬁle", "Ǉ", "\u2003x\u2003", "\u200bX\u200b", "Ωmega", "ᾼx", "x\u0301"]
+NORMALISE_CASES = [
+    "The",
+    "THE",
+    "the",
+    " The ",
+    "\u00a0the\u00a0",
+    "\x1cthe\x1f",
+    "\ufeffthe",
+    "\x85the",
+    "Ǆemo",
+    "ǅemo",
+    "Σας",
+    "ΣΑΣ",
+    "İstanbul",
+    "Straße",
+    " ",
+    "  ",
+    "T",
+    " 1 ",
+    "ⅷ",
+    "Ⅷx",
+    "Hello World",
+    "hello World",
+    "A1b",
+    "ß",
+    "ﬁle",
+    "Ǉ",
+    "\u2003x\u2003",
+    "\u200bX\u200b",
+    "Ωmega",
+    "ᾼx",
+    "x\u0301",
+]
 
 
-needs_deno = pytest.mark.skipif(_deno() is None, reason="needs Deno: pip install deno (in the test extra, so `make test` has it)")
+needs_deno = pytest.mark.skipif(
+    _deno() is None, reason="needs Deno: pip install deno (in the test extra, so `make test` has it)"
+)
 
 
 def test_edge_function_carries_the_site_security_headers():
@@ -393,19 +487,54 @@ def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_ser
 
     store, _site = wide_site
     ts = build_token_store(store, first_valid=1)
-    q = lambda text: "?query=" + urllib.parse.quote(text, safe="")  # noqa: E731
+    q = lambda text: "?query=" + urllib.parse.quote(text, safe="")
     api = "/api/wide/neuron2graph-search"
     urls = [f"{api}{q(f'{kind}:{key}')}" for key in ts.keys for kind in ("any", "activating", "important")]
     present = [k for k in ts.keys if _brute_answer(ts, "any", k)][:6]
     urls += [f"{api}{q(f'any:{a},activating:{b}')}" for a, b in itertools.permutations(present, 2)]
-    urls += [f"{api}{q(t)}" for t in ("any:nothing-has-this", "important:t1", "t1", "any:The", "ANY:the", " any : the", "any:the,any:zzz",
-                                      "foo:the", "any:", "any:the,", ",", "", "any:\x01\t\"x\"", "Ünknown:ß", "any:日本", "any:\u00a0the",
-                                      # terms joined by a space are refused; a token's own leading space is not
-                                      "any:the any:t1", "t1 ACTIVATING:the", "any:t1,any:the\tImportant:t2", "any:t1, any:the", "any:the company:")]
-    urls += [api, api + "/", api + "?query", api + "?query=", api + "?q=any:the", api + "?query=any:t1&query=any:the",
-             api + "?query=any%3At1", api + "?query=any:+t1", api + "?query=any:%E2%82", api + "?query=any:%zz",
-             "/api/nomodel/neuron2graph-search?query=any:the", "/api/no%2Fmodel/neuron2graph-search?query=any:the",
-             "/api/%E2%82/neuron2graph-search?query=any:the", "/api/a/b/neuron2graph-search?query=any:the"]
+    urls += [
+        f"{api}{q(t)}"
+        for t in (
+            "any:nothing-has-this",
+            "important:t1",
+            "t1",
+            "any:The",
+            "ANY:the",
+            " any : the",
+            "any:the,any:zzz",
+            "foo:the",
+            "any:",
+            "any:the,",
+            ",",
+            "",
+            'any:\x01\t"x"',
+            "Ünknown:ß",
+            "any:日本",
+            "any:\u00a0the",
+            # terms joined by a space are refused; a token's own leading space is not
+            "any:the any:t1",
+            "t1 ACTIVATING:the",
+            "any:t1,any:the\tImportant:t2",
+            "any:t1, any:the",
+            "any:the company:",
+        )
+    ]
+    urls += [
+        api,
+        api + "/",
+        api + "?query",
+        api + "?query=",
+        api + "?q=any:the",
+        api + "?query=any:t1&query=any:the",
+        api + "?query=any%3At1",
+        api + "?query=any:+t1",
+        api + "?query=any:%E2%82",
+        api + "?query=any:%zz",
+        "/api/nomodel/neuron2graph-search?query=any:the",
+        "/api/no%2Fmodel/neuron2graph-search?query=any:the",
+        "/api/%E2%82/neuron2graph-search?query=any:the",
+        "/api/a/b/neuron2graph-search?query=any:the",
+    ]
     # repeated terms of a capped token, the term cap and one over it: same answer, each file fetched once
     capped = _capped_tokens(_site)[0]
     repeated = ",".join([f"any:{capped}", f"activating:{capped}", f" Any : {capped}"] * 5)
@@ -415,10 +544,15 @@ def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_ser
     flood = ",".join(["any:t1"] * 7000)  # unencoded, to stay under serve's 64 KiB request line
     bounded[flood] = 400
     urls.append(f"{api}?query={flood}")
-    done = subprocess.run([_deno(), "run", "--quiet", "--no-prompt", "--allow-net=127.0.0.1", "tests/edge_harness.ts"],
-                          input=json.dumps({"base": wide_server, "urls": urls, "normalise": NORMALISE_CASES}), capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "DENO_DIR": str(tmp_path / "deno"), "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1"},
-                          cwd=Path(__file__).parent.parent)
+    done = subprocess.run(
+        [_deno(), "run", "--quiet", "--no-prompt", "--allow-net=127.0.0.1", "tests/edge_harness.ts"],
+        input=json.dumps({"base": wide_server, "urls": urls, "normalise": NORMALISE_CASES}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DENO_DIR": str(tmp_path / "deno"), "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1"},
+        cwd=Path(__file__).parent.parent,
+    )
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["normalised"] == [g.normalise(t) for t in NORMALISE_CASES]
@@ -427,14 +561,20 @@ def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_ser
     for url, deno_response in zip(urls, out["responses"], strict=True):
         r = requests.get(wide_server + url)
         assert (deno_response["status"], bytes.fromhex(deno_response["body"])) == (r.status_code, r.content), url
-        assert {k: v for k, v in deno_response["headers"]} == {k.lower(): v for k, v in r.headers.items() if k.lower() in names}, url
+        assert {k: v for k, v in deno_response["headers"]} == {
+            k.lower(): v for k, v in r.headers.items() if k.lower() in names
+        }, url
         statuses.add(r.status_code)
     assert statuses == {200, 400, 404}
     for text in ("any:the any:t1", "t1 ACTIVATING:the", "any:t1,any:the\tImportant:t2"):
         body = json.loads(bytes.fromhex(out["responses"][urls.index(f"{api}{q(text)}")]["body"]))
-        assert body["error"].endswith("with no comma between them: join terms with commas, e.g. any:the,any:of"), (text, body)
+        assert body["error"].endswith("with no comma between them: join terms with commas, e.g. any:the,any:of"), (
+            text,
+            body,
+        )
     assert json.loads(bytes.fromhex(out["responses"][urls.index(f"{api}{q('any:t1, any:the')}")]["body"])) == _neurons(
-        _brute_answer(ts, "any", "t1") & _brute_answer(ts, "any", "the"))
+        _brute_answer(ts, "any", "t1") & _brute_answer(ts, "any", "the")
+    )
     for text, status in bounded.items():
         response = out["responses"][urls.index(f"{api}?query={text}" if text == flood else f"{api}{q(text)}")]
         body = json.loads(bytes.fromhex(response["body"]))
@@ -442,7 +582,9 @@ def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_ser
         assert len(fetched) == len(set(fetched)), (text[:60], fetched)  # no file fetched twice
         if status == 400:
             assert response["status"] == 400 and fetched == [], fetched
-            assert body["error"].startswith(f"too many terms ({text.count(',') + 1}) in the query: ask for at most {MAX_TERMS} ")
+            assert body["error"].startswith(
+                f"too many terms ({text.count(',') + 1}) in the query: ask for at most {MAX_TERMS} "
+            )
     response = out["responses"][urls.index(f"{api}{q(repeated)}")]
     want = _brute_answer(ts, "any", capped) & _brute_answer(ts, "activating", capped)
     assert json.loads(bytes.fromhex(response["body"])) == _neurons(want) and want
@@ -456,7 +598,9 @@ def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_ser
     checked = 0
     for a, b in itertools.permutations(present, 2):
         want = _brute_answer(ts, "any", a) & _brute_answer(ts, "activating", b)
-        assert json.loads(bytes.fromhex(out["responses"][urls.index(f"{api}{q(f'any:{a},activating:{b}')}")]["body"])) == _neurons(want)
+        assert json.loads(
+            bytes.fromhex(out["responses"][urls.index(f"{api}{q(f'any:{a},activating:{b}')}")]["body"])
+        ) == _neurons(want)
         checked += bool(want)
     assert checked
 
@@ -464,10 +608,21 @@ def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_ser
 @pytest.mark.deno
 @needs_deno
 def test_edge_function_type_checks_under_deno():
-    done = subprocess.run([_deno(), "check", "--quiet", "netlify/edge-functions/neuron2graph-search.ts", "tests/edge_harness.ts",
-                           "benchmarks/search_edge.ts"],
-                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent,
-                          env={**os.environ, "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1"})
+    done = subprocess.run(
+        [
+            _deno(),
+            "check",
+            "--quiet",
+            "netlify/edge-functions/neuron2graph-search.ts",
+            "tests/edge_harness.ts",
+            "benchmarks/search_edge.ts",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "DENO_NO_UPDATE_CHECK": "1", "NO_COLOR": "1"},
+    )
     assert done.returncode == 0, done.stderr + done.stdout
 
 
@@ -507,17 +662,34 @@ def test_search_folders_stay_under_netlifys_limit_for_a_large_vocabulary():
     vocab, layers, size = 30_000, 2, 1024
     n = layers * size
     activating = [np.array(sorted({(g * 20 + j) % vocab for j in range(20)}), dtype=np.int64) for g in range(n)]
-    ts = TokenStore([f"tok{i}" for i in range(vocab)], size, activating, [np.zeros(0, np.int64)] * n, [SOURCE_TOP] * n, [None] * n, [1.0] * n)
+    ts = TokenStore(
+        [f"tok{i}" for i in range(vocab)],
+        size,
+        activating,
+        [np.zeros(0, np.int64)] * n,
+        [SOURCE_TOP] * n,
+        [None] * n,
+        [1.0] * n,
+    )
     assert 2 * len(ts.search_postings()) > NETLIFY_DIR_LIMIT  # what one file per term (any: and activating:) would need
     pub = _CountingPublisher()
     cached = {"neuron2graph.token_store": ts, "neuron_explainer.explanations": {}}  # what SiteModel.cached would hold
-    search.publish_search(pub, SimpleNamespace(name="wide-vocab", layer_size=size, num_layers=layers, cached=lambda key, make: cached[key],
-                                               services=list(registry())))
+    search.publish_search(
+        pub,
+        SimpleNamespace(
+            name="wide-vocab",
+            layer_size=size,
+            num_layers=layers,
+            cached=lambda key, make: cached[key],
+            services=list(registry()),
+        ),
+    )
     folder, count = max(pub.folders.items(), key=lambda kv: kv[1])
     assert count < NETLIFY_DIR_LIMIT, (folder, count)
 
 
 # ---- exact counts, support, corpus counts, terms joined by a space --------------------------------
+
 
 def _shard_entry(site: Path, key: str, model: str = "wide") -> dict | None:
     base = site / "search" / model
@@ -529,11 +701,13 @@ def _whole(site: Path, key: str, entry: dict, model: str = "wide", folder: str =
     if "m" not in entry:
         return entry
     meta = json.loads((site / "search" / model / "meta.json").read_text())
-    return json.loads((site / "search" / model / folder / f"{search.fnv1a(key) % meta['shards']}-{entry['m']}.json").read_text())
+    return json.loads(
+        (site / "search" / model / folder / f"{search.fnv1a(key) % meta['shards']}-{entry['m']}.json").read_text()
+    )
 
 
 def test_shards_carry_exact_counts_of_every_kind(wide_site):
-    """"n" is the exact size of what any: finds (the union), so the page never estimates."""
+    """ "n" is the exact size of what any: finds (the union), so the page never estimates."""
     store, site = wide_site
     ts = build_token_store(store, first_valid=1)
     overlapping = 0
@@ -552,13 +726,18 @@ def _brute_support(store, layer: int, neuron: int, key: str, vocab: list[str]) -
     """Distinct top sequences of the neuron where it reaches half its peak on a token of KEY."""
     row = store.read_layer("neuroscope", layer).to_pylist()[neuron]
     seqs = {s["seq_id"]: s["token_ids"] for s in store.sequences().to_pylist()}
-    hits = [(s, a, vocab[seqs[s][p]]) for s, acts in zip(row["top_seq"], row["top_acts"]) for p, a in enumerate(acts) if p >= 1]
+    hits = [
+        (s, a, vocab[seqs[s][p]])
+        for s, acts in zip(row["top_seq"], row["top_acts"])
+        for p, a in enumerate(acts)
+        if p >= 1
+    ]
     peak = max(a for _, a, _ in hits)
     return len({s for s, a, tok in hits if peak > 0 and a >= 0.5 * peak and g.normalise(tok) == key})
 
 
 def test_shards_carry_each_results_support(wide_site):
-    """"s" holds, per neuron of the activating list, in how many distinct top sequences it fires
+    """ "s" holds, per neuron of the activating list, in how many distinct top sequences it fires
     on the token: checked against the stored top texts for every token (capped ones from "more")."""
     store, site = wide_site
     ts = build_token_store(store, first_valid=1)
@@ -570,16 +749,16 @@ def test_shards_carry_each_results_support(wide_site):
             continue
         ids = np.cumsum(_whole(site, key, entry)["a"]).tolist()
         support = _whole(site, key, entry, folder="support")["s"] if "m" in entry else entry["s"]
-        assert len(support) == len(ids) and entry["s"] == support[:len(entry["a"])], key
-        for gid, support in zip(ids, support):
-            assert support == _brute_support(store, *divmod(gid, 24), key, vocab), (key, gid)
+        assert len(support) == len(ids) and entry["s"] == support[: len(entry["a"])], key
+        for gid, s in zip(ids, support):
+            assert s == _brute_support(store, *divmod(gid, 24), key, vocab), (key, gid)
             checked += 1
-            ones += support == 1
+            ones += s == 1
     assert checked > 50 and ones and ones < checked, (checked, ones)
 
 
 def test_shards_count_every_token_of_the_stored_sequences(wide_site):
-    """"c": the token's occurrences in the stored sequences (BOS positions left out), also for a
+    """ "c": the token's occurrences in the stored sequences (BOS positions left out), also for a
     token no neuron has; meta.json says what was counted."""
     _count_check(*wide_site, "wide", need_unheld=False)
 
@@ -604,7 +783,11 @@ def _count_check(store, site, model, need_unheld):
     for s in seqs:
         want.update(g.normalise(vocab[t]) for t in s["token_ids"][1:])
     meta = json.loads((site / f"search/{model}/meta.json").read_text())
-    assert meta["corpus"] == {"sequences": len(seqs), "tokens": sum(want.values()), "processed": store.manifest["processed"]["sequences"]}
+    assert meta["corpus"] == {
+        "sequences": len(seqs),
+        "tokens": sum(want.values()),
+        "processed": store.manifest["processed"]["sequences"],
+    }
     ts = build_token_store(store, first_valid=1)
     unheld = [k for k in want if not _brute_answer(ts, "any", k)]
     assert unheld or not need_unheld, "every token is some neuron's: the count of a miss would go unchecked"
@@ -616,7 +799,9 @@ def _count_check(store, site, model, need_unheld):
     assert _shard_entry(site, "hello", model) is None
 
 
-@pytest.mark.parametrize("query", ["any:the any:of", "the any:of", "any:the ACTIVATING:of", "t1\timportant:t2", "any:t1,any:the  Any:t2"])
+@pytest.mark.parametrize(
+    "query", ["any:the any:of", "the any:of", "any:the ACTIVATING:of", "t1\timportant:t2", "any:t1,any:the  Any:t2"]
+)
 def test_terms_joined_by_a_space_are_refused(query):
     with pytest.raises(ValueError, match="with no comma between them: join terms with commas, e.g. any:the,any:of"):
         parse_query(query)

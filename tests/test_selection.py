@@ -27,16 +27,22 @@ class _Store:
 
 def _all(store):
     """The three commands' selections of one spec."""
-    return {"--n2g": select_neurons, "--neurons (explain)": lambda *a, **k: select_neurons(*a, option="--neurons", **k),
-            "--neurons (verify)": lambda spec, n_layers, d_mlp, store: sample_neurons(spec, n_layers, d_mlp, seed=0)}
+    return {
+        "--n2g": select_neurons,
+        "--neurons (explain)": lambda *a, **k: select_neurons(*a, option="--neurons", **k),
+        "--neurons (verify)": lambda spec, n_layers, d_mlp, store: sample_neurons(spec, n_layers, d_mlp, seed=0),
+    }
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("all", {layer: list(range(SIZE)) for layer in range(LAYERS)}),
-    ("layers:2,0", {0: list(range(SIZE)), 2: list(range(SIZE))}),
-    (" layers: 1 ", {1: list(range(SIZE))}),
-    ("2:5, 0:1,2:3,2:5", {0: [1], 2: [3, 5]}),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("all", {layer: list(range(SIZE)) for layer in range(LAYERS)}),
+        ("layers:2,0", {0: list(range(SIZE)), 2: list(range(SIZE))}),
+        (" layers: 1 ", {1: list(range(SIZE))}),
+        ("2:5, 0:1,2:3,2:5", {0: [1], 2: [3, 5]}),
+    ],
+)
 def test_every_command_reads_the_forms_alike(spec, expected):
     store = _Store()
     for option, select in _all(store).items():
@@ -50,22 +56,28 @@ def test_n_is_the_most_active_for_n2g_and_explain_and_a_seeded_sample_for_verify
     assert select_neurons("2@1", LAYERS, SIZE, store, option="--neurons") == {1: top2[1]}
     sample = sample_neurons("2@0,2", LAYERS, SIZE, seed=0)
     assert sorted(sample) == [0, 2] and all(len(v) == 2 for v in sample.values())
-    assert sample == sample_neurons("2@0,2", LAYERS, SIZE, seed=0) and sample_neurons("2", LAYERS, SIZE, seed=0)[2] == sample[2]
+    assert (
+        sample == sample_neurons("2@0,2", LAYERS, SIZE, seed=0)
+        and sample_neurons("2", LAYERS, SIZE, seed=0)[2] == sample[2]
+    )
     assert select_neurons("0", LAYERS, SIZE, store) == {}  # --n2g 0: none (the default)
     with pytest.raises(ConfigError, match="^--neurons 0: must be at least 1 neuron per layer$"):
         sample_neurons("0", LAYERS, SIZE, seed=0)
 
 
-@pytest.mark.parametrize("spec, problem", [
-    ("some", f"use {GRAMMAR}, e.g. OPTION 10"),
-    ("-1", f"use {GRAMMAR}, e.g. OPTION 10"),
-    ("3:1:2", f"use {GRAMMAR}, e.g. OPTION 10"),
-    ("layers:", f"use {GRAMMAR}, e.g. OPTION 10"),
-    ("5:0", f"5:0 is not a neuron of this model ({LAYERS} layers x {SIZE})"),
-    ("0:6", f"0:6 is not a neuron of this model ({LAYERS} layers x {SIZE})"),
-    ("layers:0,3", f"layers must be numbers from 0 to {LAYERS - 1}, e.g. OPTION layers:0,{LAYERS - 1}"),
-    ("2@7", f"layers must be numbers from 0 to {LAYERS - 1}, e.g. OPTION layers:0,{LAYERS - 1}"),
-])
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ("some", f"use {GRAMMAR}, e.g. OPTION 10"),
+        ("-1", f"use {GRAMMAR}, e.g. OPTION 10"),
+        ("3:1:2", f"use {GRAMMAR}, e.g. OPTION 10"),
+        ("layers:", f"use {GRAMMAR}, e.g. OPTION 10"),
+        ("5:0", f"5:0 is not a neuron of this model ({LAYERS} layers x {SIZE})"),
+        ("0:6", f"0:6 is not a neuron of this model ({LAYERS} layers x {SIZE})"),
+        ("layers:0,3", f"layers must be numbers from 0 to {LAYERS - 1}, e.g. OPTION layers:0,{LAYERS - 1}"),
+        ("2@7", f"layers must be numbers from 0 to {LAYERS - 1}, e.g. OPTION layers:0,{LAYERS - 1}"),
+    ],
+)
 def test_one_error_style_for_every_command(spec, problem):
     store = _Store()
     for option, select in _all(store).items():
@@ -81,7 +93,11 @@ def test_a_layer_task_gets_its_part_of_the_selection():
     for spec in ("all", "layers:0,2", "2", "2@1,2", "0:1,2:3,2:4"):
         whole = select_neurons(spec, LAYERS, SIZE, store)
         for layer in range(LAYERS):
-            part = select_neurons(parse_selection(spec, "--n2g").for_layer(layer), LAYERS, SIZE, store) if layer in whole else {}
+            part = (
+                select_neurons(parse_selection(spec, "--n2g").for_layer(layer), LAYERS, SIZE, store)
+                if layer in whole
+                else {}
+            )
             assert part == ({layer: whole[layer]} if layer in whole else {}), (spec, layer)
 
 

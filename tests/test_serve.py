@@ -8,18 +8,22 @@ import random
 import socket
 import threading
 import time
-import tomllib
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import pytest
+import tomllib
 
 MODEL = "toy-model"
-SITE_HEADERS = next(h["values"] for h in tomllib.loads((Path(__file__).resolve().parents[1] / "netlify.toml").read_text())["headers"]
-                    if h["for"] == "/*")
+SITE_HEADERS = next(
+    h["values"]
+    for h in tomllib.loads((Path(__file__).resolve().parents[1] / "netlify.toml").read_text())["headers"]
+    if h["for"] == "/*"
+)
 
 
 # ---- a raw HTTP client: sends bytes exactly as given, reads the answer until the server closes --
+
 
 def raw_request(base: str, request: bytes, timeout: float = 10.0) -> tuple[int, list[tuple[str, str]], bytes]:
     """(status, headers, body) for REQUEST; status -1 when the server closed without answering."""
@@ -57,7 +61,7 @@ def assert_safe_answer(base: str, path: str, status: int, headers: list[tuple[st
         assert names.get(name.lower()) == value, f"{path!r}: {status} without {name}"
     assert not any(k.lower() in ("set-cookie", "x-evil") for k, _ in headers), f"{path!r}: injected header {headers}"
     for k, v in headers:
-        assert all(0x20 <= ord(c) < 0x7f for c in v), f"{path!r}: control or non-ASCII character in {k}: {v!r}"
+        assert all(0x20 <= ord(c) < 0x7F for c in v), f"{path!r}: control or non-ASCII character in {k}: {v!r}"
     if "location" in names:
         loc = names["location"]
         assert "\\" not in loc and not loc.startswith("//"), f"{path!r}: Location {loc!r}"
@@ -65,6 +69,7 @@ def assert_safe_answer(base: str, path: str, status: int, headers: list[tuple[st
 
 
 # ---- the issue's reproducers, one test each ----------------------------------------------------
+
 
 def test_crlf_in_a_query_placeholder_sets_no_cookie(served_site):
     status, headers, _ = get(served_site, f"/{MODEL}/go?layer=0%0d%0aSet-Cookie:%20pwn=1&neuron=0")
@@ -138,17 +143,20 @@ def test_hostile_url_gets_a_safe_http_answer(served_site, path):
     assert_safe_answer(served_site, path, status, headers)
 
 
-@pytest.mark.parametrize("request_bytes", [
-    b"GET /\xe4\xb8\xad HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",  # raw non-ASCII bytes
-    b"GET /\xff\\evil.com/go?layer=0&neuron=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    b"GET /%00\r\n\r\n",  # no version: still a status line and headers
-    b"GET / HTTP/9.x\r\n\r\n",
-    b"GARBAGE\r\n\r\n",
-    b"POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-    b"GET http://evil.com/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",  # a request line over http.server's limit
-    b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n",  # a header line over the limit
-])
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /\xe4\xb8\xad HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",  # raw non-ASCII bytes
+        b"GET /\xff\\evil.com/go?layer=0&neuron=0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /%00\r\n\r\n",  # no version: still a status line and headers
+        b"GET / HTTP/9.x\r\n\r\n",
+        b"GARBAGE\r\n\r\n",
+        b"POST /api HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        b"GET http://evil.com/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",  # a request line over http.server's limit
+        b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n",  # a header line over the limit
+    ],
+)
 def test_malformed_request_gets_a_safe_http_answer(served_site, request_bytes):
     status, headers, _ = raw_request(served_site, request_bytes)
     assert_safe_answer(served_site, "/", status, headers)
@@ -170,8 +178,18 @@ SMALL_RULES = {
         {"from": "/*", "to": "/404.html", "status": 404},
     ],
 }
-SMALL_FILES = {"/a/there.json", "/a/shadow", "/fallback.json", "/d.html", "/forced/real.html", "/forced.html",
-               "/q/3.html", "/q-usage.html", "/404.html", "/plain.html"}
+SMALL_FILES = {
+    "/a/there.json",
+    "/a/shadow",
+    "/fallback.json",
+    "/d.html",
+    "/forced/real.html",
+    "/forced.html",
+    "/q/3.html",
+    "/q-usage.html",
+    "/404.html",
+    "/plain.html",
+}
 
 
 @pytest.fixture
@@ -181,25 +199,28 @@ def small_rules():
     return parse_rules(SMALL_RULES)
 
 
-@pytest.mark.parametrize("path, query, expected", [
-    ("/a/there", "", (200, "/a/there.json", None)),
-    ("/a/missing", "", (404, "/404.html", None)),  # target missing: the 404 page, no fall-through to /fallback.json
-    ("/a/shadow", "", (200, "/a/shadow", None)),  # an existing file wins over a rule that is not forced
-    ("/plain.html", "", (200, "/plain.html", None)),  # shadows the catch-all 404 rule
-    ("/forced/real.html", "", (200, "/forced.html", None)),  # force = true wins over the file
-    ("/b", "", (404, "/404.html", None)),  # rewritten once to /c, which is no file; /c's rule is not applied
-    ("/c", "", (200, "/d.html", None)),
-    ("/c/", "", (200, "/d.html", None)),  # one trailing slash does not matter for matching
-    ("/q", "layer=3", (200, "/q/3.html", None)),
-    ("/q", "layer=4", (404, "/404.html", None)),  # first match stops even though the next rule also matches /q
-    ("/q", "layer=x", (404, "/404.html", None)),  # a rewrite with a non-integer :layer: the 404 page
-    ("/q", "other=1", (404, "/q-usage.html", None)),  # query condition unmet: the next rule
-    ("/go/7", "", (301, None, "/n/7")),
-    ("/go/7x", "", (400, None, None)),  # a redirect with a non-integer :layer
-    ("/s//evil.com", "", (302, None, "/evil.com")),  # a Location never starts with //
-    ("/s/a\\b", "", (302, None, "/a%5Cb")),
-    ("/nothing", "", (404, "/404.html", None)),
-])
+@pytest.mark.parametrize(
+    "path, query, expected",
+    [
+        ("/a/there", "", (200, "/a/there.json", None)),
+        ("/a/missing", "", (404, "/404.html", None)),  # target missing: the 404 page, no fall-through to /fallback.json
+        ("/a/shadow", "", (200, "/a/shadow", None)),  # an existing file wins over a rule that is not forced
+        ("/plain.html", "", (200, "/plain.html", None)),  # shadows the catch-all 404 rule
+        ("/forced/real.html", "", (200, "/forced.html", None)),  # force = true wins over the file
+        ("/b", "", (404, "/404.html", None)),  # rewritten once to /c, which is no file; /c's rule is not applied
+        ("/c", "", (200, "/d.html", None)),
+        ("/c/", "", (200, "/d.html", None)),  # one trailing slash does not matter for matching
+        ("/q", "layer=3", (200, "/q/3.html", None)),
+        ("/q", "layer=4", (404, "/404.html", None)),  # first match stops even though the next rule also matches /q
+        ("/q", "layer=x", (404, "/404.html", None)),  # a rewrite with a non-integer :layer: the 404 page
+        ("/q", "other=1", (404, "/q-usage.html", None)),  # query condition unmet: the next rule
+        ("/go/7", "", (301, None, "/n/7")),
+        ("/go/7x", "", (400, None, None)),  # a redirect with a non-integer :layer
+        ("/s//evil.com", "", (302, None, "/evil.com")),  # a Location never starts with //
+        ("/s/a\\b", "", (302, None, "/a%5Cb")),
+        ("/nothing", "", (404, "/404.html", None)),
+    ],
+)
 def test_first_matching_rule_decides(small_rules, path, query, expected):
     d = small_rules.decide(path, query, SMALL_FILES.__contains__)
     assert (d.status, d.file, d.location) == expected
@@ -216,13 +237,19 @@ def test_match_is_the_pure_first_rule_lookup(small_rules):
 
 # ---- what Netlify does that serve follows (tests/test_netlify.py compares against netlify dev) ---
 
+
 def _body(base: str, target: str) -> tuple[int, dict[str, str], bytes]:
     status, headers, body = get(base, target)
     return status, {k.lower(): v for k, v in headers}, body
 
 
 def test_pretty_urls_find_the_html_page(served_site, built_site):
-    for path, file in (("/about", "about.html"), ("/search", "search.html"), ("/search/", "search.html"), (f"/{MODEL}/0", f"{MODEL}/0/index.html")):
+    for path, file in (
+        ("/about", "about.html"),
+        ("/search", "search.html"),
+        ("/search/", "search.html"),
+        (f"/{MODEL}/0", f"{MODEL}/0/index.html"),
+    ):
         status, _, body = _body(served_site, path)
         assert (status, body) == (200, (built_site / file).read_bytes()), path
 
@@ -230,11 +257,22 @@ def test_pretty_urls_find_the_html_page(served_site, built_site):
 def test_api_is_json_although_api_html_shadows_it_under_pretty_urls(served_site, built_site):
     assert (built_site / "api.html").is_file()
     status, headers, body = _body(served_site, "/api")
-    assert (status, headers["content-type"], body) == (200, "application/json; charset=utf-8", (built_site / "api" / "index.json").read_bytes())
+    assert (status, headers["content-type"], body) == (
+        200,
+        "application/json; charset=utf-8",
+        (built_site / "api" / "index.json").read_bytes(),
+    )
 
 
-@pytest.mark.parametrize("dotted", [f"/api/{MODEL}/./neuron2graph-search", f"/api/{MODEL}/%2e/neuron2graph-search",
-                                    f"/api/./{MODEL}/neuron2graph-search", f"/api/x/%2E%2e/{MODEL}/neuron2graph-search"])
+@pytest.mark.parametrize(
+    "dotted",
+    [
+        f"/api/{MODEL}/./neuron2graph-search",
+        f"/api/{MODEL}/%2e/neuron2graph-search",
+        f"/api/./{MODEL}/neuron2graph-search",
+        f"/api/x/%2E%2e/{MODEL}/neuron2graph-search",
+    ],
+)
 def test_dot_segments_are_resolved_before_routing(served_site, dotted):
     # One answer for the search URL however its dots are written (the edge function sees it so on Netlify).
     plain = _body(served_site, f"/api/{MODEL}/neuron2graph-search?query=any:w0")
@@ -244,17 +282,24 @@ def test_dot_segments_are_resolved_before_routing(served_site, dotted):
 
 def test_dot_dot_never_climbs_above_the_root(served_site, built_site):
     status, headers, body = _body(served_site, "/api/%2e%2e/%2e%2e/index")  # is /index: the home page
-    assert (status, body) == (200, (built_site / "index.html").read_bytes()) and "access-control-allow-origin" not in headers
+    assert (status, body) == (
+        200,
+        (built_site / "index.html").read_bytes(),
+    ) and "access-control-allow-origin" not in headers
 
 
 def test_chooser_redirect_passes_the_query_on(served_site):
     status, headers, body = _body(served_site, f"/{MODEL}/go?layer=1&neuron=2&q=a+b~")
     assert status == 302 and headers["location"] == f"/{MODEL}/1/2.html?layer=1&neuron=2&q=a+b%7E"
-    assert body == f"Redirecting to /{MODEL}/1/2.html?layer=1&neuron=2&q=a+b%7E".encode() and "content-type" not in headers
+    assert (
+        body == f"Redirecting to /{MODEL}/1/2.html?layer=1&neuron=2&q=a+b%7E".encode() and "content-type" not in headers
+    )
 
 
 def test_api_splat_keeps_a_trailing_slash(served_site):
-    assert _body(served_site, f"/api/{MODEL}/neuroscope/0/1/")[0] == 404  # /api/*: splat "toy-model/.../1/", no such file
+    assert (
+        _body(served_site, f"/api/{MODEL}/neuroscope/0/1/")[0] == 404
+    )  # /api/*: splat "toy-model/.../1/", no such file
     assert _body(served_site, "/api/")[0] == 200  # the /api rule, without its trailing slash
 
 
@@ -273,9 +318,14 @@ def test_redirects_file_rules_come_first_and_a_bad_line_is_one_clear_error(tmp_p
     from sitegen.errors import BuildError
     from sitegen.site.rules import REDIRECTS_FILE, parse_redirects_file, site_rules
 
-    (tmp_path / REDIRECTS_FILE).write_text("# comment\n/old  /new  301!\n/m/go layer=:layer neuron=:neuron /m/:layer/:neuron.html 302\n")
+    (tmp_path / REDIRECTS_FILE).write_text(
+        "# comment\n/old  /new  301!\n/m/go layer=:layer neuron=:neuron /m/:layer/:neuron.html 302\n"
+    )
     rules = site_rules(tmp_path)
-    assert [(r.source, r.to, r.status, r.force) for r in rules.redirects[:2]] == [("/old", "/new", 301, True), ("/m/go", "/m/:layer/:neuron.html", 302, False)]
+    assert [(r.source, r.to, r.status, r.force) for r in rules.redirects[:2]] == [
+        ("/old", "/new", 301, True),
+        ("/m/go", "/m/:layer/:neuron.html", 302, False),
+    ]
     assert rules.decide("/old", "", lambda p: True).location == "/new"  # forced past the file
     with pytest.raises(BuildError, match=r"_redirects, line 2: .*rebuild the site"):
         parse_redirects_file("/a /b\n/from only=value /to\n")
@@ -284,7 +334,7 @@ def test_redirects_file_rules_come_first_and_a_bad_line_is_one_clear_error(tmp_p
 def test_header_patterns_follow_netlify(small_rules):
     from sitegen.site.rules import load_rules
 
-    names = lambda path: {k.lower(): v for k, v in load_rules().headers_for(path)}  # noqa: E731
+    names = lambda path: {k.lower(): v for k, v in load_rules().headers_for(path)}
     assert names("/api")["access-control-allow-origin"] == "*"  # "/api/*" covers "/api"
     assert names("/API/m.json")["access-control-allow-origin"] == "*"  # case-insensitive
     assert "access-control-allow-origin" not in names("/about.html")
@@ -292,6 +342,7 @@ def test_header_patterns_follow_netlify(small_rules):
 
 
 # ---- connections --------------------------------------------------------------------------------
+
 
 def test_idle_connections_time_out(built_site):
     from sitegen.site.serve import make_server
@@ -333,7 +384,9 @@ def _read_answer(s: socket.socket) -> bytes:
         byte = f.read(1)
         assert byte, head
         head += byte
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    )
     body = b""
     while len(body) < length:
         chunk = f.read(length - len(body))
@@ -366,7 +419,9 @@ def test_idle_and_half_sent_connections_cost_no_thread(built_site):
             s.sendall(b"GET /api HTTP/1.1\r\nHost: x\r\n\r\nGET /no/such/page HTTP/1.1\r\nHost: x\r\n\r\n")  # pipelined
             second, third = _read_answer(s), _read_answer(s)
             assert time.monotonic() - start < 5
-        assert first.startswith(b"HTTP/1.1 200") and second == first and first.partition(b"\r\n\r\n")[2].startswith(b"{")
+        assert (
+            first.startswith(b"HTTP/1.1 200") and second == first and first.partition(b"\r\n\r\n")[2].startswith(b"{")
+        )
         assert third.startswith(b"HTTP/1.1 404")
         assert threading.active_count() - before <= WORKERS + 1
     finally:
@@ -442,10 +497,26 @@ def test_at_the_connection_cap_the_longest_idle_connection_makes_room(built_site
 def load_urls(site: Path) -> list[str]:
     """A mix of pages, API URLs (with and without .json), search files and malformed URLs."""
     search = sorted(str(p.relative_to(site)) for p in (site / "search").rglob("*.json"))[:6]
-    return ["/", f"/{MODEL}/", f"/{MODEL}/0/", f"/{MODEL}/1/2.html", f"/{MODEL}/1/2", "/search.html", "/api",
-            f"/api/{MODEL}", f"/api/{MODEL}/neuroscope/0/1", f"/api/{MODEL}/all/1/3.json", f"/api/{MODEL}/neuroscope/0/99",
-            f"/{MODEL}/go?layer=1&neuron=3", f"/{MODEL}/go?layer=%E4%B8%AD&neuron=0", "/%00", "/%5Cevil.com/go?layer=0&neuron=0",
-            f"/{MODEL}/go?layer=0%0d%0aSet-Cookie:%20pwn=1&neuron=0", "/%ff", "/no/such/page"] + ["/" + s for s in search]
+    return [
+        "/",
+        f"/{MODEL}/",
+        f"/{MODEL}/0/",
+        f"/{MODEL}/1/2.html",
+        f"/{MODEL}/1/2",
+        "/search.html",
+        "/api",
+        f"/api/{MODEL}",
+        f"/api/{MODEL}/neuroscope/0/1",
+        f"/api/{MODEL}/all/1/3.json",
+        f"/api/{MODEL}/neuroscope/0/99",
+        f"/{MODEL}/go?layer=1&neuron=3",
+        f"/{MODEL}/go?layer=%E4%B8%AD&neuron=0",
+        "/%00",
+        "/%5Cevil.com/go?layer=0&neuron=0",
+        f"/{MODEL}/go?layer=0%0d%0aSet-Cookie:%20pwn=1&neuron=0",
+        "/%ff",
+        "/no/such/page",
+    ] + ["/" + s for s in search]
 
 
 def run_load(base: str, urls: list[str], clients: int, seconds: float, max_requests: int) -> dict:
@@ -503,17 +574,31 @@ def test_64_concurrent_clients_no_drops_no_5xx(served_site, built_site):
     assert stats["requests"] >= 64 and {200, 302, 400, 404} <= set(stats["statuses"])
 
 
-@pytest.mark.parametrize("path, ctype", [(f"/{MODEL}/1/2.html", "text/html"), (f"/api/{MODEL}/neuroscope/1/2.json", "application/json"),
-                                         ("/api/openapi.json", "application/json")])
+@pytest.mark.parametrize(
+    "path, ctype",
+    [
+        (f"/{MODEL}/1/2.html", "text/html"),
+        (f"/api/{MODEL}/neuroscope/1/2.json", "application/json"),
+        ("/api/openapi.json", "application/json"),
+    ],
+)
 def test_text_answers_are_gzipped_for_clients_that_accept_gzip(served_site, built_site, path, ctype):
     """As Netlify's CDN does: gzip for a client that asks, the same bytes once decoded, plain for
     one that does not (or refuses gzip with q=0); Vary: Accept-Encoding on both."""
     import gzip
 
     want = (built_site / path.lstrip("/")).read_bytes()
-    for accept, zipped in (("gzip, deflate, br", True), ("br;q=1.0, gzip;q=0.5", True), ("identity", False), ("gzip;q=0", False), (None, False)):
+    for accept, zipped in (
+        ("gzip, deflate, br", True),
+        ("br;q=1.0, gzip;q=0.5", True),
+        ("identity", False),
+        ("gzip;q=0", False),
+        (None, False),
+    ):
         extra = f"Accept-Encoding: {accept}\r\n" if accept is not None else ""
-        status, headers, body = raw_request(served_site, f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n".encode())
+        status, headers, body = raw_request(
+            served_site, f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n".encode()
+        )
         h = {k.lower(): v for k, v in headers}
         assert status == 200 and h["content-type"].startswith(ctype)
         assert h.get("vary") == "Accept-Encoding"
@@ -523,5 +608,7 @@ def test_text_answers_are_gzipped_for_clients_that_accept_gzip(served_site, buil
         if zipped:
             assert len(body) < len(want) / 2  # the point of it
     # HEAD says what GET would send
-    status, headers, body = raw_request(served_site, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n".encode())
+    status, headers, body = raw_request(
+        served_site, f"HEAD {path} HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n".encode()
+    )
     assert status == 200 and body == b"" and dict((k.lower(), v) for k, v in headers)["content-encoding"] == "gzip"

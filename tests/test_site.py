@@ -23,7 +23,11 @@ def _json(site: Path, rel: str) -> dict:
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_layout_one_folder_per_model_and_layer(built_site):
@@ -34,7 +38,16 @@ def test_layout_one_folder_per_model_and_layer(built_site):
                 assert (built_site / "api" / MODEL / service / str(layer) / f"{n}.json").is_file()
             assert (built_site / "api" / MODEL / "all" / str(layer) / f"{n}.json").is_file()
         assert (built_site / MODEL / str(layer) / "index.html").is_file()
-    for rel in ("index.html", f"{MODEL}/index.html", "api/index.json", f"api/{MODEL}.json", "api/openapi.json", "404.html", "about.html", "api.html"):
+    for rel in (
+        "index.html",
+        f"{MODEL}/index.html",
+        "api/index.json",
+        f"api/{MODEL}.json",
+        "api/openapi.json",
+        "404.html",
+        "about.html",
+        "api.html",
+    ):
         assert (built_site / rel).is_file(), rel
 
 
@@ -57,10 +70,17 @@ def test_neuroscope_json_matches_store(built_site, synthetic_store):
     for t in data["bottom_texts"]:
         assert t["activations"][t["max_activating_token_index"]] == t["min_activation"]
     stats = data["stats"]
-    assert stats["max"] == pytest.approx(row["max"], abs=1e-4) and stats["frac_positive"] == pytest.approx(row["frac_pos"])
+    assert stats["max"] == pytest.approx(row["max"], abs=1e-4) and stats["frac_positive"] == pytest.approx(
+        row["frac_pos"]
+    )
     assert sum(stats["histogram"]["counts"]) == stats["count"] == row["count"]
     meta = d["metadata"]
-    assert meta["name"] == MODEL and meta["num_layers"] == 2 and meta["layer_size"] == 4 and meta["available_services"] == ["neuroscope", "neuron2graph", "logits"]
+    assert (
+        meta["name"] == MODEL
+        and meta["num_layers"] == 2
+        and meta["layer_size"] == 4
+        and meta["available_services"] == ["neuroscope", "neuron2graph", "logits"]
+    )
 
 
 def test_layer_and_model_level_api(built_site):
@@ -71,7 +91,6 @@ def test_layer_and_model_level_api(built_site):
     model = _json(built_site, f"api/{MODEL}/neuroscope.json")["data"]["important_neurons"]
     assert len(model) == 8
     assert _json(built_site, "api/index.json")["models"][0]["name"] == MODEL
-
 
 
 def test_all_holds_metadata_and_exactly_the_models_services(built_site):
@@ -118,8 +137,14 @@ def test_missing_service_has_no_page_stub_and_no_api_files(tmp_path):
     assert 'class="missing"' not in html and "Not available" not in html and "Direct logit effects" not in html
     assert _json(out, "api/no-logits.json")["metadata"]["available_services"] == ["neuroscope", "neuron2graph"]
     # no stub per neuron: DeepDecipher's URL for the missing service answers the API's JSON 404
-    assert not (out / "api" / "no-logits" / "logits").exists() and not (out / "api" / "no-logits" / "logits.json").exists()
-    assert sorted(p.name for p in (out / "api" / "no-logits").iterdir() if p.is_dir()) == ["all", "neuron2graph", "neuroscope"]
+    assert (
+        not (out / "api" / "no-logits" / "logits").exists() and not (out / "api" / "no-logits" / "logits.json").exists()
+    )
+    assert sorted(p.name for p in (out / "api" / "no-logits").iterdir() if p.is_dir()) == [
+        "all",
+        "neuron2graph",
+        "neuroscope",
+    ]
     assert set(_json(out, "api/no-logits/all/0/0.json")) == {"metadata", "neuroscope", "neuron2graph"}
 
 
@@ -157,10 +182,12 @@ def test_rebuild_rewrites_only_what_changed(tmp_path):
 
 def test_build_does_not_import_torch(synthetic_store, tmp_path):
     """Runs `sitegen build` in a fresh interpreter where importing torch fails."""
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformer_lens'] = None; sys.modules['transformers'] = None\n"
-            "from sitegen.cli import main\n"
-            f"sys.argv = ['sitegen', 'build', {str(synthetic_store.root)!r}, '--out', {str(tmp_path / 'out')!r}]\n"
-            "main()")
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformer_lens'] = None; sys.modules['transformers'] = None\n"
+        "from sitegen.cli import main\n"
+        f"sys.argv = ['sitegen', 'build', {str(synthetic_store.root)!r}, '--out', {str(tmp_path / 'out')!r}]\n"
+        "main()"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "out" / MODEL / "0" / "0.html").is_file()
@@ -170,10 +197,21 @@ def test_import_contract():
     """import-linter, every contract in pyproject.toml: the layers (cli, site | compute, merge,
     services, store, leaves), independent services, no cycles, and the site side and the services'
     render halves never importing torch or sitegen.compute, even indirectly."""
-    res = subprocess.run(["lint-imports"],
-                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env={**os.environ})
+    res = subprocess.run(
+        ["lint-imports"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env={**os.environ}
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "KEPT" in res.stdout and "BROKEN" not in res.stdout
+
+
+@pytest.mark.parametrize("command", [["ruff", "format", "--check"], ["ruff", "check"]])
+def test_formatted_and_linted(command):
+    """`ruff format` and `ruff check` (the rule set in pyproject.toml) leave the code as it is."""
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        [*command, "sitegen", "tests", "benchmarks", "setup.py"], capture_output=True, text=True, cwd=root
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
 def test_no_import_cycles(tmp_path):
@@ -181,16 +219,27 @@ def test_no_import_cycles(tmp_path):
     others (e.g. compute.runner -> services.neuron2graph.compute -> compute.runner): checked with
     this test's own import-linter contract, so it holds whatever pyproject.toml says."""
     config = tmp_path / "cycles.toml"
-    config.write_text('[tool.importlinter]\nroot_package = "sitegen"\n\n'
-                      '[[tool.importlinter.contracts]]\nname = "no cycles"\ntype = "acyclic_siblings"\nancestors = ["sitegen"]\n')
-    res = subprocess.run(["lint-imports", "--config", str(config)],
-                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env={**os.environ})
+    config.write_text(
+        '[tool.importlinter]\nroot_package = "sitegen"\n\n'
+        '[[tool.importlinter.contracts]]\nname = "no cycles"\ntype = "acyclic_siblings"\nancestors = ["sitegen"]\n'
+    )
+    res = subprocess.run(
+        ["lint-imports", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ},
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "no cycles KEPT" in res.stdout
 
 
 def test_build_errors_are_one_line(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "sitegen", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "sitegen", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode != 0
     assert res.stderr.strip().count("\n") == 0 and "not a sitegen store" in res.stderr and "Traceback" not in res.stderr
 
@@ -213,7 +262,12 @@ def test_whitespace_tokens_are_visible_on_their_own():
 
     from sitegen.services.tokens import shown
 
-    assert shown(" ") == "\u2423" and shown("  ") == "\u2423\u2423" and shown("\n") == "\u21b5" and shown(" \t") == "\u2423\u2192"
+    assert (
+        shown(" ") == "\u2423"
+        and shown("  ") == "\u2423\u2423"
+        and shown("\n") == "\u21b5"
+        and shown(" \t") == "\u2423\u2192"
+    )
     assert shown(" the") == " the" and shown("") == ""  # a token with text keeps its leading space (the text shows it)
     assert str(escape(shown(" <"))) == " &lt;"
 
@@ -223,14 +277,16 @@ def test_neuron_page_opens_with_a_summary(built_site, layer, neuron):
     """Max, density, top tokens and the graph's F1 (when there is a graph), from the neuron's own data."""
     html = (built_site / MODEL / str(layer) / f"{neuron}.html").read_text()
     start = html.index('<dl class="meta inline summary"')
-    summary = html[start:html.index("</dl>", start)]
+    summary = html[start : html.index("</dl>", start)]
     payload = _json(built_site, f"api/{MODEL}/neuroscope/{layer}/{neuron}.json")["data"]
     assert f"<dt>max</dt><dd>{payload['stats']['max']:.4g}</dd>" in summary
     assert f"{100 * payload['stats']['frac_positive']:.2f}%" in summary
     peak = payload["texts"][0]
     from markupsafe import escape
 
-    assert f"<code>{escape(peak['tokens'][peak['max_activating_token_index']])}</code>" in summary  # escaped: corpus text
+    assert (
+        f"<code>{escape(peak['tokens'][peak['max_activating_token_index']])}</code>" in summary
+    )  # escaped: corpus text
     graph = _json(built_site, f"api/{MODEL}/neuron2graph/{layer}/{neuron}.json")["data"]
     assert ("graph F1" in summary) == (graph["graph"] is not None), summary
     if graph["graph"] is not None:
@@ -245,7 +301,10 @@ def test_histogram_has_a_labelled_log_count_axis():
     from sitegen.services.neuroscope.render import PLOT_H, histogram_svg
 
     svg = histogram_svg([1, 10, 100, 0, 7], [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0])
-    ticks = {t: int(y) - 4 for y, t in re.findall(r'<text class="yt" x="\d+" y="(\d+)" text-anchor="end">([\d,]+)</text>', svg)}
+    ticks = {
+        t: int(y) - 4
+        for y, t in re.findall(r'<text class="yt" x="\d+" y="(\d+)" text-anchor="end">([\d,]+)</text>', svg)
+    }
     assert list(ticks) == ["1", "10", "100"]
     bars = [(float(x), int(h)) for x, h in re.findall(r"M([\d.]+) \d+v-(\d+)h", svg)]
     assert len(bars) == 4  # the empty bar is a gap

@@ -8,17 +8,22 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from sitegen.services.neuroscope import data as ns_data
-from sitegen.services.neuroscope import stats
 from sitegen.corpus_keys import random_key
-from sitegen.services.neuroscope import render
+from sitegen.services.neuroscope import data as ns_data
+from sitegen.services.neuroscope import render, stats
 from tests.reference import brute_force_state
 
 SIGMAS = np.logspace(-4, 2, 13)  # 1e-4 .. 1e2, half a decade apart
 
 
 def _values(rng, n=20000) -> np.ndarray:
-    x = np.concatenate([rng.normal(0, 1, n), rng.normal(0, 1e-4, n // 10), [0.0, -0.0, 2**-10, -(2**-10), 1e-40, 300.0, -300.0, 1.0, -1.0]])
+    x = np.concatenate(
+        [
+            rng.normal(0, 1, n),
+            rng.normal(0, 1e-4, n // 10),
+            [0.0, -0.0, 2**-10, -(2**-10), 1e-40, 300.0, -300.0, 1.0, -1.0],
+        ]
+    )
     return x.astype(np.float32)
 
 
@@ -47,7 +52,9 @@ def test_quantiles_within_one_fine_bin_and_display_histogram():
     x = rng.standard_t(3, 50000).astype(np.float32)
     hist = np.bincount(stats.fine_bins(x), minlength=stats.N_FINE_BINS)[None, :]
     s, sq_hi, sq_lo = stats.fixed_sums(x)
-    out = stats.finalise(len(x), np.array([s]), np.array([sq_hi]), np.array([sq_lo]), hist, np.array([x.min()]), np.array([x.max()]))
+    out = stats.finalise(
+        len(x), np.array([s]), np.array([sq_hi]), np.array([sq_lo]), hist, np.array([x.min()]), np.array([x.max()])
+    )
     assert out["mean"][0] == pytest.approx(x.astype(np.float64).mean(), abs=1e-6)
     assert out["std"][0] == pytest.approx(x.astype(np.float64).std(), rel=1e-5)
     for level, q in zip(stats.QUANTILE_LEVELS, out["quantiles"][0]):
@@ -71,7 +78,10 @@ def test_merging_split_states_equals_the_whole():
     lengths[[3, 17]] = 6
     ids = np.arange(S)
     whole = brute_force_state(acts, lengths, ids, 1, 4, 3, seed=5)
-    parts = [brute_force_state(acts[m], lengths[m], ids[m], 1, 4, 3, seed=5) for m in (ids % 3 == 0, ids % 3 == 1, ids % 3 == 2)]
+    parts = [
+        brute_force_state(acts[m], lengths[m], ids[m], 1, 4, 3, seed=5)
+        for m in (ids % 3 == 0, ids % 3 == 1, ids % 3 == 2)
+    ]
     from sitegen.corpus_keys import random_key
 
     merged = ns_data.merge_states(parts, 4, 3, lambda s: -np.float32(random_key(5, int(s))))
@@ -104,10 +114,14 @@ def test_std_exact_at_every_scale():
         lengths = np.full(S, T)
         lengths[::5] = 20  # some shorter sequences
         ids = np.arange(S)
-        table = ns_data.state_to_table(brute_force_state(acts, lengths, ids, 1, 4, 3, seed=5), 4, 3, dict(zip(ids.tolist(), lengths.tolist())))
+        table = ns_data.state_to_table(
+            brute_force_state(acts, lengths, ids, 1, 4, 3, seed=5), 4, 3, dict(zip(ids.tolist(), lengths.tolist()))
+        )
         expected = _counted(acts, lengths).std(0)
         np.testing.assert_allclose(table.column("std").to_numpy(), expected, rtol=1e-4, err_msg=f"mean {mean} sigma")
-        np.testing.assert_allclose(table.column("mean").to_numpy(), _counted(acts, lengths).mean(0), rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            table.column("mean").to_numpy(), _counted(acts, lengths).mean(0), rtol=1e-4, atol=1e-7
+        )
 
 
 def test_shards_merge_to_identical_bytes_in_any_order():
@@ -130,11 +144,13 @@ def test_shards_merge_to_identical_bytes_in_any_order():
     whole = table_bytes(brute_force_state(acts, lengths, ids, 1, 4, 3, seed=5))
     masks = (ids % 3 == 0, (ids % 3 != 0) & (ids < 10), (ids % 3 != 0) & (ids >= 10))  # disjoint, uneven
     parts = [brute_force_state(acts[m], lengths[m], ids[m], 1, 4, 3, seed=5) for m in masks]
-    score = lambda s: -np.float32(random_key(5, int(s)))  # noqa: E731
+    score = lambda s: -np.float32(random_key(5, int(s)))
     for order in itertools.permutations(range(3)):
         merged = ns_data.merge_states([parts[i] for i in order], 4, 3, score)
         assert table_bytes(merged) == whole, order
-    np.testing.assert_allclose(ns_data.state_to_table(merged, 4, 3, L).column("std").to_numpy(), _counted(acts, lengths).std(0), rtol=1e-4)
+    np.testing.assert_allclose(
+        ns_data.state_to_table(merged, 4, 3, L).column("std").to_numpy(), _counted(acts, lengths).std(0), rtol=1e-4
+    )
 
 
 def _display(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,8 +165,12 @@ def test_display_histogram_is_exact(kind):
     empty bar is a real gap; bars span min..max without holes and stay readable (a few hundred at
     most). (Re-binned into 50 linear bins, tiny-scale neurons were 33-51% off in L1.)"""
     rng = np.random.default_rng(7)
-    x = {"lognormal": lambda: rng.lognormal(0, 1, 50000), "tiny": lambda: rng.normal(0, 0.003, 50000),
-         "tiny_offset": lambda: rng.normal(0.002, 0.002, 50000), "t3": lambda: rng.standard_t(3, 50000)}[kind]().astype(np.float32)
+    x = {
+        "lognormal": lambda: rng.lognormal(0, 1, 50000),
+        "tiny": lambda: rng.normal(0, 0.003, 50000),
+        "tiny_offset": lambda: rng.normal(0.002, 0.002, 50000),
+        "t3": lambda: rng.standard_t(3, 50000),
+    }[kind]().astype(np.float32)
     edges, counts = _display(x)
     assert edges[0] == x.min() and edges[-1] == x.max() and np.all(np.diff(edges) > 0)
     exact, _ = np.histogram(x, edges)
@@ -168,8 +188,9 @@ def test_display_histogram_counts_values_on_edges_as_np_histogram(low, high):
     rng = np.random.default_rng(10)
     inner = stats.fine_bin_edges()[1:-1]
     inner = inner[(inner > low) & (inner < high)]
-    x = np.concatenate([rng.uniform(low, high, 20000), np.repeat(inner, 3), [-0.1171875] * 7,
-                        [0.0, 0.0, -0.0] if high > 0 else []]).astype(np.float32)
+    x = np.concatenate(
+        [rng.uniform(low, high, 20000), np.repeat(inner, 3), [-0.1171875] * 7, [0.0, 0.0, -0.0] if high > 0 else []]
+    ).astype(np.float32)
     edges, counts = _display(x)
     assert -0.1171875 in edges[1:-1] and (0.0 in edges[1:-1]) == (high > 0)
     on_inner_edges = np.isin(x, edges[1:-1]).sum()
@@ -193,11 +214,19 @@ def test_torch_histogram_bins_edges_like_numpy():
     values = np.concatenate([inner, -inner, [0.0, -0.0, 1e-40, -1e-40, 300.0, -300.0, -0.1171875]]).astype(np.float32)
     T = 9
     values = np.concatenate([values, np.zeros((-len(values)) % (T - 1), np.float32)])
-    acts = np.concatenate([np.zeros((len(values) // (T - 1), 1), np.float32), values.reshape(-1, T - 1)], axis=1)[:, :, None]
+    acts = np.concatenate([np.zeros((len(values) // (T - 1), 1), np.float32), values.reshape(-1, T - 1)], axis=1)[
+        :, :, None
+    ]
     for all_full in (True, False):
         acc = LayerAccumulator(1, T, 2, 1, 1, "cpu")
         valid = np.arange(T)[None, :].repeat(len(acts), 0) >= 1
-        acc.update(torch.from_numpy(acts), torch.arange(len(acts)), torch.from_numpy(valid), torch.zeros(len(acts)), all_full=all_full)
+        acc.update(
+            torch.from_numpy(acts),
+            torch.arange(len(acts)),
+            torch.from_numpy(valid),
+            torch.zeros(len(acts)),
+            all_full=all_full,
+        )
         want = np.bincount(stats.fine_bins(values), minlength=stats.N_FINE_BINS)
         np.testing.assert_array_equal(acc.state()["hist"][0], want)
 

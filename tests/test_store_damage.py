@@ -29,7 +29,9 @@ def _invoke(*args: str):
 
 def _assert_one_line_error(res, *needles: str) -> str:
     """The CLI's answer to damage: exit code non-zero, no exception escaped, stderr = one 'error:' line."""
-    assert res.exception is None or isinstance(res.exception, SystemExit), f"{type(res.exception).__name__}: {res.exception}"
+    assert res.exception is None or isinstance(res.exception, SystemExit), (
+        f"{type(res.exception).__name__}: {res.exception}"
+    )
     assert res.exit_code != 0, res.output
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
@@ -44,7 +46,11 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 def _store_tables(root: Path) -> dict:
     st = Store.open(root)
-    out = {"manifest": {k: v for k, v in st.manifest.items() if k != "sitegen_version"}, "vocab": st.vocab(), "sequences": st.sequences()}
+    out = {
+        "manifest": {k: v for k, v in st.manifest.items() if k != "sitegen_version"},
+        "vocab": st.vocab(),
+        "sequences": st.sequences(),
+    }
     for service in st.manifest["services"]:
         for layer in range(st.manifest["model"]["num_layers"]):
             if st.layer_path(service, layer).exists():
@@ -53,6 +59,7 @@ def _store_tables(root: Path) -> dict:
 
 
 # -- damage -------------------------------------------------------------------------------
+
 
 def _truncate(p: Path) -> None:
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
@@ -73,6 +80,7 @@ def _flip_at(fraction: float):
         for i in range(at, min(at + 4, len(data))):
             data[i] ^= 0xFF
         p.write_bytes(bytes(data))
+
     flip.__name__ = f"flip@{fraction}"
     return flip
 
@@ -90,6 +98,7 @@ def _set(path: str, value):
             del d[last]
         else:
             d[last] = value
+
     edit.__name__ = f"{path}={value!r}"
     return edit
 
@@ -97,9 +106,9 @@ def _set(path: str, value):
 _DELETE = object()
 # (edit, the field the message must name)
 MANIFEST_EDITS = [
-    (_set("model.layer_size", 3), "model.layer_size"),   # would drop a neuron per layer silently
-    (_set("model.layer_size", 5), "model.layer_size"),   # used to raise IndexError
-    (_set("model.num_layers", 1), "model.num_layers"),   # would drop a layer silently
+    (_set("model.layer_size", 3), "model.layer_size"),  # would drop a neuron per layer silently
+    (_set("model.layer_size", 5), "model.layer_size"),  # used to raise IndexError
+    (_set("model.num_layers", 1), "model.num_layers"),  # would drop a layer silently
     (_set("model.num_layers", 3), "model.num_layers"),
     (_set("model.num_layers", "2"), "model.num_layers"),
     (_set("model.num_layers", True), "model.num_layers"),
@@ -126,6 +135,7 @@ MANIFEST_EDITS = [
 
 # -- the stores ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     """A whole store (build, explain) and the two shards of one run (merge), with the clean outputs
@@ -141,10 +151,18 @@ def stores(tmp_path_factory):
     assert res.exit_code == 0, res.output
     res = _invoke("merge", *shards, "--out", root / "clean-merged")
     assert res.exit_code == 0, res.output
-    res = _invoke("explain", whole, "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--neurons", "1", "--dry-run")
+    res = _invoke(
+        "explain", whole, "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--neurons", "1", "--dry-run"
+    )
     assert res.exit_code == 0, res.output
-    return {"root": root, "whole": whole, "shards": shards, "site": _tree(root / "clean-site"),
-            "merged": _store_tables(root / "clean-merged"), "explain": res.stdout}
+    return {
+        "root": root,
+        "whole": whole,
+        "shards": shards,
+        "site": _tree(root / "clean-site"),
+        "merged": _store_tables(root / "clean-merged"),
+        "explain": res.stdout,
+    }
 
 
 def _files(store: Path) -> list[str]:
@@ -162,7 +180,9 @@ def _run_command(command: str, stores: dict, damaged: Path, work: Path):
     if command == "merge":
         res = _invoke("merge", damaged, stores["shards"][1], "--out", work / "merged")
         return res, res.exit_code == 0 and _same_tables(_store_tables(work / "merged"), stores["merged"])
-    res = _invoke("explain", damaged, "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--neurons", "1", "--dry-run")
+    res = _invoke(
+        "explain", damaged, "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--neurons", "1", "--dry-run"
+    )
     return res, res.exit_code == 0 and res.stdout == stores["explain"]
 
 
@@ -184,13 +204,17 @@ def test_damaged_store_files_give_one_line(command, stores, tmp_path):
             if same and damage.__name__.startswith("flip"):  # a flip no reader depends on: the output is unchanged
                 harmless.append(f"{rel} {damage.__name__}")
                 continue
-            if damage is _delete and rel.startswith("neuron2graph/"):  # graphs cover some layers: a layer without any is a valid store
+            if damage is _delete and rel.startswith(
+                "neuron2graph/"
+            ):  # graphs cover some layers: a layer without any is a valid store
                 assert res.exit_code == 0, res.output
                 continue
             line = _assert_one_line_error(res)
             assert "Traceback" not in res.output
             if rel != "manifest.json" and damage is not _delete:
-                assert rel.split("/")[-1] in line or rel.split("/")[0] in line, line  # the message names the damaged file
+                assert rel.split("/")[-1] in line or rel.split("/")[0] in line, (
+                    line
+                )  # the message names the damaged file
             shutil.rmtree(work)
     # Flips of bytes that matter (data pages carry checksums) are caught; only a few footer bytes are unused.
     assert len(harmless) <= len(_files(source)), harmless
@@ -222,26 +246,53 @@ def test_manifest_that_is_not_an_object(stores, tmp_path):
 
 # -- checkpoints ----------------------------------------------------------------------------
 
+
 @pytest.mark.model
 @pytest.mark.skipif(not HAS_TORCH, reason="needs the compute extra")
 def test_damaged_checkpoint_gives_one_line_and_is_kept(tiny_model_dir, tiny_corpus, tmp_path):
     """A resumed `compute` over a damaged checkpoint: one line, the file left as it was (the user
     decides), and once the checkpoint is deleted the same command runs from the start."""
     from sitegen.compute.runner import ComputeConfig, _save_checkpoint, run_compute
-    from tests.reference import interrupt_after
     from sitegen.errors import StoreError
+    from tests.reference import interrupt_after
 
     out = tmp_path / "store"
-    args = ["compute", "--model", tiny_model_dir, "--corpus", tiny_corpus, "--out", out, "--tokens", "600", "--seq-len", "16",
-            "--batch-size", "4", "--device", "cpu", "--quiet"]
-    cfg = ComputeConfig(model=str(tiny_model_dir), corpus=str(tiny_corpus), out=out, tokens=600, seq_len=16, batch_size=4,
-                        device="cpu", progress=False)
+    args = [
+        "compute",
+        "--model",
+        tiny_model_dir,
+        "--corpus",
+        tiny_corpus,
+        "--out",
+        out,
+        "--tokens",
+        "600",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    cfg = ComputeConfig(
+        model=str(tiny_model_dir),
+        corpus=str(tiny_corpus),
+        out=out,
+        tokens=600,
+        seq_len=16,
+        batch_size=4,
+        device="cpu",
+        progress=False,
+    )
     with pytest.raises(StoreError, match="interrupted after 8 of"):
         run_compute(cfg, log=lambda m: None, progress=interrupt_after(2))
     checkpoint = out / ".work" / "checkpoint-0of1.npz"
     intact = checkpoint.read_bytes()
     arrays = dict(np.load(checkpoint))
-    sum_fx = next(k for k in arrays if k.startswith("1/") and k.endswith("/sum_fx"))  # a layer's entries, under its service's name
+    sum_fx = next(
+        k for k in arrays if k.startswith("1/") and k.endswith("/sum_fx")
+    )  # a layer's entries, under its service's name
     vmax = next(k for k in arrays if k.startswith("0/") and k.endswith("/vmax"))
 
     def resave(entries: dict) -> None:
@@ -250,11 +301,16 @@ def test_damaged_checkpoint_gives_one_line_and_is_kept(tiny_model_dir, tiny_corp
 
     damages = {
         "truncated": lambda: checkpoint.write_bytes(intact[: len(intact) // 2]),
-        "flipped": lambda: checkpoint.write_bytes(intact[:len(intact) // 2] + bytes(b ^ 0xFF for b in intact[len(intact) // 2:][:8])
-                                                  + intact[len(intact) // 2 + 8:]),
+        "flipped": lambda: checkpoint.write_bytes(
+            intact[: len(intact) // 2]
+            + bytes(b ^ 0xFF for b in intact[len(intact) // 2 :][:8])
+            + intact[len(intact) // 2 + 8 :]
+        ),
         "not a zip": lambda: checkpoint.write_bytes(b"hello, world\n" * 10),
         # another model's checkpoint, with more layers: used to raise IndexError before the run check
-        "more layers": lambda: _save_checkpoint(checkpoint, [{"count": np.array(1)} for _ in range(5)], 3, 48, "sha256:other-run"),
+        "more layers": lambda: _save_checkpoint(
+            checkpoint, [{"count": np.array(1)} for _ in range(5)], 3, 48, "sha256:other-run"
+        ),
         "an entry missing": lambda: resave({k: v for k, v in arrays.items() if k != sum_fx}),
         "a layer too many": lambda: resave({**arrays, "3/count": np.array(1)}),
         "a wrong shape": lambda: resave({**arrays, vmax: np.zeros(3, np.float32)}),

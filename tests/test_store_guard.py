@@ -29,7 +29,9 @@ def _invoke(*args):
 
 
 def _one_line_error(res, *needles: str) -> str:
-    assert res.exception is None or isinstance(res.exception, SystemExit), f"{type(res.exception).__name__}: {res.exception}"
+    assert res.exception is None or isinstance(res.exception, SystemExit), (
+        f"{type(res.exception).__name__}: {res.exception}"
+    )
     assert res.exit_code != 0, res.output
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
@@ -48,6 +50,7 @@ def _replace_cell(path: Path, column: str, row: int, value) -> None:
 
 
 # -- item 6: non-finite numbers -------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def overflow_model_dir(tiny_model_dir, tmp_path_factory):
@@ -71,23 +74,53 @@ def test_compute_refuses_activations_that_overflow(overflow_model_dir, tiny_corp
     from sitegen.compute.runner import ComputeConfig, run_compute
 
     out = tmp_path / "store"
-    cfg = ComputeConfig(model=str(overflow_model_dir), corpus=str(tiny_corpus), out=out, tokens=600, seq_len=16, top_k=3, n_random=2,
-                        batch_size=4, device="cpu", progress=False)
+    cfg = ComputeConfig(
+        model=str(overflow_model_dir),
+        corpus=str(tiny_corpus),
+        out=out,
+        tokens=600,
+        seq_len=16,
+        top_k=3,
+        n_random=2,
+        batch_size=4,
+        device="cpu",
+        progress=False,
+    )
     with pytest.raises(ModelError, match=r"layer 1 neuron 5 has a non-finite activation") as e:
         run_compute(cfg, log=lambda m: None)
     assert "\n" not in str(e.value)
     assert not (out / "manifest.json").exists()  # no store with NaN statistics
     assert not list(out.rglob("*.npz"))  # nor a checkpoint holding them
-    res = _invoke("compute", "--model", overflow_model_dir, "--corpus", tiny_corpus, "--out", tmp_path / "cli", "--tokens", 600,
-                  "--seq-len", 16, "--batch-size", 4, "--device", "cpu", "--no-weights", "--quiet")
+    res = _invoke(
+        "compute",
+        "--model",
+        overflow_model_dir,
+        "--corpus",
+        tiny_corpus,
+        "--out",
+        tmp_path / "cli",
+        "--tokens",
+        600,
+        "--seq-len",
+        16,
+        "--batch-size",
+        4,
+        "--device",
+        "cpu",
+        "--no-weights",
+        "--quiet",
+    )
     _one_line_error(res, "layer 1 neuron 5", "--model")
 
 
-@pytest.mark.parametrize("column, row, value, shown", [
-    ("max", 2, float("nan"), "nan"),
-    ("mean", 1, float("inf"), "inf"),
-    ("top_acts", 3, None, "-inf"),  # inside a list of lists (the traces)
-])
+@pytest.mark.parametrize(
+    "column, row, value, shown",
+    [
+        ("max", 2, float("nan"), "nan"),
+        ("mean", 1, float("inf"), "inf"),
+        ("top_acts", 3, None, "-inf"),  # inside a list of lists (the traces)
+    ],
+)
 def test_a_store_holding_a_non_finite_number_is_refused_in_one_line(tmp_path, column, row, value, shown):
     store = write_synthetic_store(tmp_path / "store", with_graphs=False)
     path = store.layer_path("neuroscope", 1)
@@ -124,6 +157,7 @@ def test_merge_keeps_the_infinite_extremes_of_a_shard_that_saw_no_token(tmp_path
 
 # -- item 8: token ids outside the vocabulary -------------------------------------------------------
 
+
 @pytest.mark.parametrize("bad", [10**6, -1, 35])  # 35: one past the synthetic vocabulary's last id
 def test_sequence_token_ids_outside_the_vocabulary_are_refused_at_open(tmp_path, bad):
     store = write_synthetic_store(tmp_path / "store", with_graphs=False)
@@ -131,7 +165,10 @@ def test_sequence_token_ids_outside_the_vocabulary_are_refused_at_open(tmp_path,
     ids = pq.read_table(path).column("token_ids")[4].as_py()
     ids[2] = bad
     _replace_cell(path, "token_ids", 4, ids)
-    with pytest.raises(StoreError, match=rf"sequences.parquet: column 'token_ids' of seq_id 4 holds token id {bad}, outside the vocabulary"):
+    with pytest.raises(
+        StoreError,
+        match=rf"sequences.parquet: column 'token_ids' of seq_id 4 holds token id {bad}, outside the vocabulary",
+    ):
         Store.open(store.root)
     _one_line_error(_invoke("build", store.root, "--out", tmp_path / "site"), str(path), f"token id {bad}")
 
@@ -142,11 +179,15 @@ def test_service_token_ids_outside_the_vocabulary_are_refused_at_open(tmp_path):
     ids = pq.read_table(path).column("input_ids")[3].as_py()
     ids[1] = -1
     _replace_cell(path, "input_ids", 3, ids)
-    with pytest.raises(StoreError, match=r"column 'input_ids' of neuron 3 holds token id -1, outside the vocabulary \(vocab.parquet has ids 0 to 34\)"):
+    with pytest.raises(
+        StoreError,
+        match=r"column 'input_ids' of neuron 3 holds token id -1, outside the vocabulary \(vocab.parquet has ids 0 to 34\)",
+    ):
         Store.open(store.root)
 
 
 # -- item 8: names the build writes under api/ --------------------------------------------------------
+
 
 def test_reserved_names_cover_every_entry_the_build_writes_under_api(built_site, synthetic_store):
     from sitegen.names import model_name_problem
@@ -161,8 +202,17 @@ def test_reserved_names_cover_every_entry_the_build_writes_under_api(built_site,
 
 def test_compute_refuses_name_openapi_before_loading_anything(tmp_path):
     # The model does not exist: the name is checked first, so its error is the one reported.
-    res = _invoke("compute", "--model", tmp_path / "no-such-model", "--corpus", tmp_path / "no-such-corpus", "--out", tmp_path / "s",
-                  "--name", "openapi")
+    res = _invoke(
+        "compute",
+        "--model",
+        tmp_path / "no-such-model",
+        "--corpus",
+        tmp_path / "no-such-corpus",
+        "--out",
+        tmp_path / "s",
+        "--name",
+        "openapi",
+    )
     _one_line_error(res, "--name", "'openapi' is taken")
     assert not (tmp_path / "s").exists()
     store = write_synthetic_store(tmp_path / "store", name="OpenAPI", with_graphs=False)
@@ -178,19 +228,25 @@ def test_build_refuses_a_model_whose_folder_is_another_models_metadata_file(tmp_
 
 # -- item 8: merge ---------------------------------------------------------------------------------------
 
+
 def _shards(root: Path, **model) -> list[Path]:
     out = []
     for i in range(2):
         st = write_synthetic_store(root / f"shard{i}", seed=i, with_graphs=False)
         m = st.manifest
-        Store(st.root).write_manifest({**m, "shard": {"index": i, "count": 2}, "model": {**m["model"], **model.get(f"shard{i}", {})}})
+        Store(st.root).write_manifest(
+            {**m, "shard": {"index": i, "count": 2}, "model": {**m["model"], **model.get(f"shard{i}", {})}}
+        )
         out.append(st.root)
     return out
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name not in ("manifest.json", ".manifest.lock")}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name not in ("manifest.json", ".manifest.lock")
+    }
 
 
 def test_an_interrupted_merge_is_finished_by_the_command_its_messages_name(tmp_path, monkeypatch):
@@ -206,19 +262,28 @@ def test_an_interrupted_merge_is_finished_by_the_command_its_messages_name(tmp_p
     def disk_full_on_the_third_file(path, write):
         calls[0] += 1
         if calls[0] == 3:
+
             def no_space(tmp):
                 raise OSError(errno.ENOSPC, "No space left on device")
+
             return real(path, no_space)
         return real(path, write)
 
     out = tmp_path / "merged"
     monkeypatch.setattr(store_mod, "atomic_write", disk_full_on_the_third_file)
-    line = _one_line_error(_invoke("merge", *shards, "--out", out), "disk full", f"rerun the same command (sitegen merge {shards[0]} {shards[1]} --out {out})")
+    line = _one_line_error(
+        _invoke("merge", *shards, "--out", out),
+        "disk full",
+        f"rerun the same command (sitegen merge {shards[0]} {shards[1]} --out {out})",
+    )
     assert "finished work is kept" not in line  # a merge keeps nothing: the rerun starts over
     monkeypatch.setattr(store_mod, "atomic_write", real)
     assert any(out.rglob("data.parquet")) and not (out / "manifest.json").exists()  # half-merged
-    line = _one_line_error(_invoke("build", out, "--out", tmp_path / "site"), "unfinished 'sitegen merge'",
-                           f"sitegen merge {shards[0]} {shards[1]} --out {out}")
+    line = _one_line_error(
+        _invoke("build", out, "--out", tmp_path / "site"),
+        "unfinished 'sitegen merge'",
+        f"sitegen merge {shards[0]} {shards[1]} --out {out}",
+    )
     assert "compute" not in line
     res = _invoke("merge", *shards, "--out", out)  # the command the messages name
     assert res.exit_code == 0, res.output
@@ -239,7 +304,13 @@ def test_an_interrupted_merge_does_not_clear_a_folder_holding_other_files(tmp_pa
 
 def test_merge_refuses_shards_of_other_weights(tmp_path):
     shards = _shards(tmp_path, shard0={"weights_sha256": "sha256:aaaa"}, shard1={"weights_sha256": "sha256:bbbb"})
-    _one_line_error(_invoke("merge", *shards, "--out", tmp_path / "merged"), str(shards[0]), str(shards[1]), "sha256:aaaa", "sha256:bbbb")
+    _one_line_error(
+        _invoke("merge", *shards, "--out", tmp_path / "merged"),
+        str(shards[0]),
+        str(shards[1]),
+        "sha256:aaaa",
+        "sha256:bbbb",
+    )
     assert not (tmp_path / "merged").exists()
 
 
@@ -257,8 +328,15 @@ def _explained(root: Path, text: str):
     store = write_synthetic_store(root / "store", name="explained", with_graphs=False)
     folder = root / "published"
     folder.mkdir()
-    (folder / "all.jsonl").write_bytes(orjson.dumps({"neuron_id": {"layer_index": 0, "neuron_index": 1},
-                                                     "scored_explanations": [{"explanation": text, "scored_simulation": {"ev_correlation_score": 0.5}}]}) + b"\n")
+    (folder / "all.jsonl").write_bytes(
+        orjson.dumps(
+            {
+                "neuron_id": {"layer_index": 0, "neuron_index": 1},
+                "scored_explanations": [{"explanation": text, "scored_simulation": {"ev_correlation_score": 0.5}}],
+            }
+        )
+        + b"\n"
+    )
     import_explanations(folder, store.root, log=lambda m: None)
     return store
 
@@ -302,8 +380,18 @@ def test_browser_drops_the_same_long_words_as_the_index(tmp_path):
     build_site([_explained(tmp_path, "taxes").root], tmp_path / "site")
     server = make_server(tmp_path / "site", "127.0.0.1", free_port())
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    words = " ".join(["taxes", LONG_RUN, "b" * MAX_WORD_LENGTH, "c" * (MAX_WORD_LENGTH + 1), f"({'d' * MAX_WORD_LENGTH})",
-                      "é" * MAX_WORD_LENGTH, "😀" * MAX_WORD_LENGTH + "a", "cuts"])
+    words = " ".join(
+        [
+            "taxes",
+            LONG_RUN,
+            "b" * MAX_WORD_LENGTH,
+            "c" * (MAX_WORD_LENGTH + 1),
+            f"({'d' * MAX_WORD_LENGTH})",
+            "é" * MAX_WORD_LENGTH,
+            "😀" * MAX_WORD_LENGTH + "a",
+            "cuts",
+        ]
+    )
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -328,7 +416,12 @@ def _built_with_sources(root: Path, *, kinds: bool = True, publish: bool | None 
 
     store = write_synthetic_store(root / "store", with_graphs=False)
     m = {k: v for k, v in store.manifest.items() if k not in ("schema_version", "sitegen_version")}
-    m["model"] = {**m["model"], "source": SECRET_MODEL, "fingerprint": "sha256:f1f1", **({"source_kind": "local"} if kinds else {})}
+    m["model"] = {
+        **m["model"],
+        "source": SECRET_MODEL,
+        "fingerprint": "sha256:f1f1",
+        **({"source_kind": "local"} if kinds else {}),
+    }
     m["corpus"] = {**m["corpus"], "source": SECRET_CORPUS, **({"source_kind": "local"} if kinds else {})}
     if publish is not None:
         m["publish_source"] = publish
@@ -338,7 +431,11 @@ def _built_with_sources(root: Path, *, kinds: bool = True, publish: bool | None 
 
 
 def _files_containing(site: Path, text: str) -> list[str]:
-    return [p.relative_to(site).as_posix() for p in sorted(site.rglob("*")) if p.is_file() and text.encode() in p.read_bytes()]
+    return [
+        p.relative_to(site).as_posix()
+        for p in sorted(site.rglob("*"))
+        if p.is_file() and text.encode() in p.read_bytes()
+    ]
 
 
 @pytest.mark.parametrize("kinds", [True, False], ids=["recorded", "not-recorded"])
@@ -349,7 +446,10 @@ def test_a_local_source_path_is_published_as_its_last_component(tmp_path, kinds)
     pv = orjson_loads(site / "api" / "toy-model.json")["metadata"]["provenance"]
     assert pv["model"]["source"] == "acme-secret-model-v3" and pv["model"]["fingerprint"] == "sha256:f1f1"
     assert pv["corpus"]["source"] == "acme-texts.jsonl" and pv["corpus"]["content_hash"] == "sha256:0"
-    assert "<code>acme-secret-model-v3</code> · checkpoint <code>sha256:f1f1</code>" in (site / "toy-model" / "0" / "1.html").read_text()
+    assert (
+        "<code>acme-secret-model-v3</code> · checkpoint <code>sha256:f1f1</code>"
+        in (site / "toy-model" / "0" / "1.html").read_text()
+    )
     _conforms(site, "/api/{model}", site / "api" / "toy-model.json")
 
 
@@ -364,7 +464,10 @@ def test_hub_and_embedded_sources_are_shown_as_given():
     from sitegen.site.provenance import public_source
 
     assert public_source({"source": "EleutherAI/pythia-70m", "source_kind": "hub"}, None) == "EleutherAI/pythia-70m"
-    assert public_source({"source": "wikitext:wikitext-2-raw-v1", "source_kind": "hub"}, False) == "wikitext:wikitext-2-raw-v1"
+    assert (
+        public_source({"source": "wikitext:wikitext-2-raw-v1", "source_kind": "hub"}, False)
+        == "wikitext:wikitext-2-raw-v1"
+    )
     assert public_source({"source": "smollm2", "source_kind": "embedded"}, None) == "smollm2"
     assert public_source({"source": "gpt2"}, None) == "gpt2"  # not recorded, not path-like
     assert public_source({"source": "./ckpts/run-7/"}, None) == "run-7"
@@ -375,8 +478,25 @@ def test_compute_records_a_local_model_and_corpus_so_the_build_hides_their_paths
     from sitegen.site.build import build_site
 
     out = tmp_path / "store"
-    res = _invoke("compute", "--model", tiny_model_dir, "--corpus", tiny_corpus, "--out", out, "--tokens", 300, "--seq-len", 16,
-                  "--batch-size", 4, "--device", "cpu", "--no-weights", "--quiet")
+    res = _invoke(
+        "compute",
+        "--model",
+        tiny_model_dir,
+        "--corpus",
+        tiny_corpus,
+        "--out",
+        out,
+        "--tokens",
+        300,
+        "--seq-len",
+        16,
+        "--batch-size",
+        4,
+        "--device",
+        "cpu",
+        "--no-weights",
+        "--quiet",
+    )
     assert res.exit_code == 0, res.output
     m = Store.open(out).manifest
     assert (m["model"]["source_kind"], m["corpus"]["source_kind"], m["publish_source"]) == ("local", "local", False)
@@ -399,7 +519,11 @@ def _conforms(site: Path, template: str, path: Path) -> None:
 
     spec = orjson_loads(site / "api" / "openapi.json")
     schema = spec["paths"][template]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
-    errors = list(Draft202012Validator({**schema, "components": {"schemas": spec["components"]["schemas"]}}).iter_errors(orjson_loads(path)))
+    errors = list(
+        Draft202012Validator({**schema, "components": {"schemas": spec["components"]["schemas"]}}).iter_errors(
+            orjson_loads(path)
+        )
+    )
     assert not errors, errors[0].message
 
 
@@ -417,7 +541,11 @@ def test_a_merge_stopped_by_ctrl_c_says_which_command_finishes_it(tmp_path, monk
 
     monkeypatch.setattr(merge_mod, "_merge_service", interrupted)
     out = tmp_path / "merged"
-    _one_line_error(_invoke("merge", *shards, "--out", out), "merge interrupted", f"sitegen merge {shards[0]} {shards[1]} --out {out}")
+    _one_line_error(
+        _invoke("merge", *shards, "--out", out),
+        "merge interrupted",
+        f"sitegen merge {shards[0]} {shards[1]} --out {out}",
+    )
     monkeypatch.setattr(merge_mod, "_merge_service", real)
     assert _invoke("merge", *shards, "--out", out).exit_code == 0
     assert Store.open(out).manifest["processed"]["sequences"] == 24

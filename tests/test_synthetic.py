@@ -27,7 +27,9 @@ def _synthetic():
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    store = _synthetic().synthetic_store(root / "store", 2, 40, n_seqs=300, vocab_size=2000, graphs=3, explained=0.25, scored_share=0.5)
+    store = _synthetic().synthetic_store(
+        root / "store", 2, 40, n_seqs=300, vocab_size=2000, graphs=3, explained=0.25, scored_share=0.5
+    )
     build_site([store.root], root / "site")
     return store, root / "site"
 
@@ -89,5 +91,7 @@ def test_the_folder_limit_check_on_an_xl_shaped_store(tmp_path, monkeypatch):
     assert report.files == sum(on_disk.values())
     monkeypatch.setattr(build, "NETLIFY_DIR_LIMIT", count - 1)  # as if this folder crossed the limit
     report = build_site([store.root], tmp_path / "site", jobs=2)
-    assert report.warnings == (f"{folder}/ holds {count:,} files, over Netlify's {count - 1:,} per folder: the deploy would fail there "
-                               "(other hosts are fine)",)
+    assert report.warnings == (
+        f"{folder}/ holds {count:,} files, over Netlify's {count - 1:,} per folder: the deploy would fail there "
+        "(other hosts are fine)",
+    )

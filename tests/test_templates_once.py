@@ -21,5 +21,9 @@ def test_once_renders_a_block_once_per_key():
     # escaping is the block's own: a value with markup comes out escaped, once or not
     assert env.from_string('{% call once("x") %}{{ v }}{% endcall %}').render(v="<i>") == "&lt;i&gt;"
     # a new build (a new environment) starts empty
-    assert _environment({"style.css": "/s.css", "app.js": "/a.js"}).from_string(
-        '{% call once("rows a") %}{{ count("a") }}{% endcall %}').render(count=count) == "3"
+    assert (
+        _environment({"style.css": "/s.css", "app.js": "/a.js"})
+        .from_string('{% call once("rows a") %}{{ count("a") }}{% endcall %}')
+        .render(count=count)
+        == "3"
+    )

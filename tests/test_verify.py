@@ -27,8 +27,23 @@ def fresh_store(tiny_model_dir, tiny_corpus, tmp_path_factory):
     from sitegen.compute.runner import ComputeConfig, run_compute
 
     out = tmp_path_factory.mktemp("verify") / "store"
-    run_compute(ComputeConfig(model=str(tiny_model_dir), corpus=str(tiny_corpus), out=out, tokens=TOKENS, seq_len=SEQ_LEN, seed=SEED,
-                              top_k=TOP_K, n_random=N_RANDOM, batch_size=4, device="cpu", progress=False, weights=False), log=lambda m: None)
+    run_compute(
+        ComputeConfig(
+            model=str(tiny_model_dir),
+            corpus=str(tiny_corpus),
+            out=out,
+            tokens=TOKENS,
+            seq_len=SEQ_LEN,
+            seed=SEED,
+            top_k=TOP_K,
+            n_random=N_RANDOM,
+            batch_size=4,
+            device="cpu",
+            progress=False,
+            weights=False,
+        ),
+        log=lambda m: None,
+    )
     return out
 
 
@@ -60,7 +75,9 @@ def test_fresh_store_passes_with_every_check(fresh_store, tmp_path):
     neurons = [n for layer in r["layers"] for n in layer["neurons"]]
     assert len(neurons) == 3 * 48
     # the full check ran: every sequence rerun, statistics compared, ranks checked
-    assert all(n["stats"] is not None and n["stats"]["recomputed"]["count"] == n["stats"]["stored"]["count"] for n in neurons)
+    assert all(
+        n["stats"] is not None and n["stats"]["recomputed"]["count"] == n["stats"]["stored"]["count"] for n in neurons
+    )
     assert all(n["top_unbeaten"] and n["top_order"] and n["bottom_unbeaten"] for n in neurons)
     assert r["max_rel_error"] <= 1e-4
 
@@ -74,13 +91,20 @@ def test_one_percent_change_fails_naming_the_neuron(fresh_store, tmp_path):
     layer, neuron = 1, 7
     t = st.read_layer("neuroscope", layer)
     acts = t.column("top_acts").to_pylist()
-    acts[neuron] = [[a * 1.01 for a in trace] for trace in acts[neuron]]  # 1% on every stored top activation of one neuron
-    st.write_layer("neuroscope", layer, t.set_column(t.schema.get_field_index("top_acts"), "top_acts",
-                                                    pa.array(acts, t.schema.field("top_acts").type)))
+    acts[neuron] = [
+        [a * 1.01 for a in trace] for trace in acts[neuron]
+    ]  # 1% on every stored top activation of one neuron
+    st.write_layer(
+        "neuroscope",
+        layer,
+        t.set_column(t.schema.get_field_index("top_acts"), "top_acts", pa.array(acts, t.schema.field("top_acts").type)),
+    )
     result = _verify(broken)
     assert result.exit_code == 1, result.output
     fails = [line for line in result.output.splitlines() if "FAIL layer" in line]
-    assert fails and all(line.strip().startswith(f"FAIL layer {layer} neuron {neuron}:") for line in fails), result.output
+    assert fails and all(line.strip().startswith(f"FAIL layer {layer} neuron {neuron}:") for line in fails), (
+        result.output
+    )
     # 1% of each stored value, reported as a fraction of the neuron's largest |activation| (which
     # may be its minimum, so at most 0.01)
     err = float(re.search(r"activations differ by ([0-9.e-]+) of the neuron's range", result.output).group(1))
@@ -123,11 +147,14 @@ def test_other_model_is_refused_by_fingerprint(fresh_store, tiny_model_dir, tmp_
     assert "FAIL: weights hash" in result.output and "FAIL: model fingerprint" in result.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--neurons", "9:0"], "--neurons 9:0: 9:0 is not a neuron"),
-    (["--neurons", "some"], "--neurons some: use 'all', 'layers:0,5', N"),
-    (["--rtol", "0"], "--rtol 0.0: must be a positive fraction"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--neurons", "9:0"], "--neurons 9:0: 9:0 is not a neuron"),
+        (["--neurons", "some"], "--neurons some: use 'all', 'layers:0,5', N"),
+        (["--rtol", "0"], "--rtol 0.0: must be a positive fraction"),
+    ],
+)
 def test_bad_options_get_one_line(fresh_store, args, message):
     result = _verify(fresh_store, *args)
     assert result.exit_code == 2
@@ -150,5 +177,7 @@ def test_a_store_with_nothing_to_verify_gets_one_line(fresh_store, monkeypatch):
     monkeypatch.setattr(Neuroscope, "verifier", lambda self, store, run: None)
     result = _verify(fresh_store)
     assert result.exit_code == 2, result.output
-    assert result.output.splitlines() == [f"error: {fresh_store}: none of the store's services (neuroscope) has anything to verify; "
-                                          "verify a store made by sitegen compute"]
+    assert result.output.splitlines() == [
+        f"error: {fresh_store}: none of the store's services (neuroscope) has anything to verify; "
+        "verify a store made by sitegen compute"
+    ]

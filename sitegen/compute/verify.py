@@ -87,28 +87,41 @@ class VerifyReport:
     def lines(self) -> list[str]:
         """The human-readable report: a header, notes and store-level failures, each service's
         lines (one per layer and per failing neuron), a total."""
-        out = [f"verify {self.store}: model {self.model.get('name')} ({self.model.get('source')}), tolerance {self.rtol:g} of each "
-               "neuron's largest |activation|"]
+        out = [
+            f"verify {self.store}: model {self.model.get('name')} ({self.model.get('source')}), tolerance {self.rtol:g} of each "
+            "neuron's largest |activation|"
+        ]
         out += [f"note: {n}" for n in self.notes]
         out += [f"FAIL: {p}" for p in self.problems]
         for _, v in self.services:
             out += v.lines
         n = len(self.neurons)
-        out.append(f"{'OK' if self.ok else 'FAILED'}: {'; '.join(v.summary for _, v in self.services)}; "
-                   f"{self.tokens_run} tokens run; {self.seconds:.1f} s in all, {self.check_seconds:.1f} s checking "
-                   f"({self.check_seconds / max(n, 1) * 1000:.1f} ms per neuron)")
+        out.append(
+            f"{'OK' if self.ok else 'FAILED'}: {'; '.join(v.summary for _, v in self.services)}; "
+            f"{self.tokens_run} tokens run; {self.seconds:.1f} s in all, {self.check_seconds:.1f} s checking "
+            f"({self.check_seconds / max(n, 1) * 1000:.1f} ms per neuron)"
+        )
         return out
 
     def as_dict(self) -> dict:
         out = {
-            "store": str(self.store), "model": self.model, "rtol": self.rtol, "ok": self.ok, "notes": self.notes, "problems": self.problems,
-            "seconds": round(self.seconds, 3), "check_seconds": round(self.check_seconds, 3), "tokens_run": self.tokens_run,
+            "store": str(self.store),
+            "model": self.model,
+            "rtol": self.rtol,
+            "ok": self.ok,
+            "notes": self.notes,
+            "problems": self.problems,
+            "seconds": round(self.seconds, 3),
+            "check_seconds": round(self.check_seconds, 3),
+            "tokens_run": self.tokens_run,
         }
         owner = dict.fromkeys(out, "sitegen")
         for name, v in self.services:
             for key, value in v.data.items():
                 if key in owner:
-                    raise ConfigError(f"service {name!r} reports the verify field {key!r}, which {owner[key]!r} reports: rename it")
+                    raise ConfigError(
+                        f"service {name!r} reports the verify field {key!r}, which {owner[key]!r} reports: rename it"
+                    )
                 owner[key], out[key] = name, value
         return out
 
@@ -128,13 +141,22 @@ def run_verify(cfg: VerifyConfig, log: Callable[[str], None] = lambda m: None) -
     seq_tokens = store.sequence_tokens()
     stored_tokens = sum(len(t) for t in seq_tokens.values())
     full = cfg.full if cfg.full is not None else stored_tokens <= FULL_RUN_TOKENS
-    run = VerifyRun(selection=selection, rtol=cfg.rtol, full=full, every_stored=len(seq_tokens) == int(m["processed"]["sequences"]),
-                    seq_tokens=seq_tokens)
+    run = VerifyRun(
+        selection=selection,
+        rtol=cfg.rtol,
+        full=full,
+        every_stored=len(seq_tokens) == int(m["processed"]["sequences"]),
+        seq_tokens=seq_tokens,
+    )
     # Before the model loads: a service's damaged table fails fast.
-    verifiers: list[tuple[str, Verifier]] = [(s.name, v) for s in registry() if s.available(store) and (v := s.verifier(store, run)) is not None]
+    verifiers: list[tuple[str, Verifier]] = [
+        (s.name, v) for s in registry() if s.available(store) and (v := s.verifier(store, run)) is not None
+    ]
     if not verifiers:
-        raise ConfigError(f"{cfg.store}: none of the store's services ({', '.join(m.get('services', []))}) has anything to verify; "
-                          "verify a store made by sitegen compute")
+        raise ConfigError(
+            f"{cfg.store}: none of the store's services ({', '.join(m.get('services', []))}) has anything to verify; "
+            "verify a store made by sitegen compute"
+        )
     wanted = sorted(seq_tokens) if full else sorted({int(s) for _, v in verifiers for s in v.sequences()})
     missing = [s for s in wanted if s not in seq_tokens]
     run_ids = [s for s in wanted if s in seq_tokens]
@@ -147,21 +169,31 @@ def run_verify(cfg: VerifyConfig, log: Callable[[str], None] = lambda m: None) -
     log(f"loading model {source}")
     model = load_model(source, device=device, name=m["model"]["name"])
     if (model.n_layers, model.d_mlp) != (n_layers, d_mlp):
-        raise ConfigError(f"--model {source}: {model.n_layers} layers x {model.d_mlp} neurons, but the store {cfg.store} holds "
-                          f"{n_layers} x {d_mlp}; pass the model the store was computed with")
+        raise ConfigError(
+            f"--model {source}: {model.n_layers} layers x {model.d_mlp} neurons, but the store {cfg.store} holds "
+            f"{n_layers} x {d_mlp}; pass the model the store was computed with"
+        )
     problems, notes = [], []
     if model.fingerprint != m["model"].get("fingerprint"):
-        problems.append(f"model fingerprint {model.fingerprint} differs from the store's {m['model'].get('fingerprint')}: "
-                        "this is not the model the store was computed with")
+        problems.append(
+            f"model fingerprint {model.fingerprint} differs from the store's {m['model'].get('fingerprint')}: "
+            "this is not the model the store was computed with"
+        )
     weights = weights_fingerprint(model)
     if m["model"].get("weights_sha256") is None:
-        notes.append("the store records no weights hash (computed before sitegen recorded one); the file fingerprint was compared")
+        notes.append(
+            "the store records no weights hash (computed before sitegen recorded one); the file fingerprint was compared"
+        )
     elif weights != m["model"]["weights_sha256"]:
         problems.append(f"weights hash {weights} differs from the store's {m['model']['weights_sha256']}")
     batch_size = cfg.batch_size or auto_batch_size(device, seq_len)
     loaded = time.perf_counter()
-    log(f"running {len(run_ids)} sequences through layers {min(selection)}..{max(selection)} ({len(selection)} layers checked)")
-    tokens_run = recompute(model, [(s, seq_tokens[s]) for s in run_ids], selection, [v for _, v in verifiers], seq_len, batch_size)
+    log(
+        f"running {len(run_ids)} sequences through layers {min(selection)}..{max(selection)} ({len(selection)} layers checked)"
+    )
+    tokens_run = recompute(
+        model, [(s, seq_tokens[s]) for s in run_ids], selection, [v for _, v in verifiers], seq_len, batch_size
+    )
     services = [(name, v.finish()) for name, v in verifiers]
     # What the services could not check comes first, then the model's note; the model's failures
     # first, then the services', then the sequences no run could have.
@@ -169,14 +201,27 @@ def run_verify(cfg: VerifyConfig, log: Callable[[str], None] = lambda m: None) -
     problems += [p for _, v in services for p in v.problems]
     if missing:
         problems.append(f"{len(missing)} referenced sequences are missing from sequences.parquet (e.g. {missing[:3]})")
-    model_info = {"name": m["model"]["name"], "source": source, "fingerprint": model.fingerprint, "weights_sha256": weights}
+    model_info = {
+        "name": m["model"]["name"],
+        "source": source,
+        "fingerprint": model.fingerprint,
+        "weights_sha256": weights,
+    }
     neurons = [(layer, n) for layer, ns in sorted(selection.items()) for n in ns]
     now = time.perf_counter()
-    return VerifyReport(cfg.store, model_info, cfg.rtol, neurons, services, notes, problems, now - started, now - loaded, tokens_run)
+    return VerifyReport(
+        cfg.store, model_info, cfg.rtol, neurons, services, notes, problems, now - started, now - loaded, tokens_run
+    )
 
 
-def recompute(model, sequences: list[tuple[int, np.ndarray]], selection: dict[int, list[int]], verifiers: list[Verifier],
-              seq_len: int, batch_size: int) -> int:
+def recompute(
+    model,
+    sequences: list[tuple[int, np.ndarray]],
+    selection: dict[int, list[int]],
+    verifiers: list[Verifier],
+    seq_len: int,
+    batch_size: int,
+) -> int:
     """Run the sequences in fixed-shape right-padded batches (as compute does), stopping after the
     last selected layer, and hand each selected layer's activations of its selected neurons (float32
     numpy, [rows, seq_len, neurons]) to every verifier. Returns the model-input tokens run (padding
@@ -188,14 +233,14 @@ def recompute(model, sequences: list[tuple[int, np.ndarray]], selection: dict[in
     columns = {layer: torch.tensor(neurons, dtype=torch.long) for layer, neurons in selection.items()}
     tokens_run = 0
     for start in range(0, len(sequences), batch_size):
-        batch = sequences[start:start + batch_size]
+        batch = sequences[start : start + batch_size]
         ids = np.full((batch_size, seq_len), pad_id, dtype=np.int64)
         for row, (_, toks) in enumerate(batch):
-            ids[row, :len(toks)] = toks
+            ids[row, : len(toks)] = toks
         seq_ids, lengths = [s for s, _ in batch], [len(t) for _, t in batch]
 
         def check(layer: int, acts) -> None:
-            chosen = acts[:len(batch)].index_select(2, columns[layer].to(acts.device)).float().cpu().numpy()
+            chosen = acts[: len(batch)].index_select(2, columns[layer].to(acts.device)).float().cpu().numpy()
             chosen.flags.writeable = False  # one array for every verifier: none may change what the next one sees
             for v in verifiers:
                 v.update(layer, chosen, seq_ids, lengths)

@@ -43,14 +43,22 @@ def _load(entry_name: str, target: str) -> Service:
     try:
         obj = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"service entry point {entry_name} = {target!r} (group {GROUP}): cannot load it: {e}") from None
+        raise ConfigError(
+            f"service entry point {entry_name} = {target!r} (group {GROUP}): cannot load it: {e}"
+        ) from None
     service = obj() if isinstance(obj, type) else obj
     if not isinstance(service, Service):
-        raise ConfigError(f"service entry point {entry_name} = {target!r}: not a sitegen.services.base.Service subclass or instance")
+        raise ConfigError(
+            f"service entry point {entry_name} = {target!r}: not a sitegen.services.base.Service subclass or instance"
+        )
     if service.name != entry_name:
-        raise ConfigError(f"service entry point {entry_name} = {target!r}: the service calls itself {service.name!r}; use one name")
+        raise ConfigError(
+            f"service entry point {entry_name} = {target!r}: the service calls itself {service.name!r}; use one name"
+        )
     if service.name in RESERVED_NAMES:
-        raise ConfigError(f"service entry point {entry_name} = {target!r}: {service.name!r} is a key of the API's `all` object; rename the service")
+        raise ConfigError(
+            f"service entry point {entry_name} = {target!r}: {service.name!r} is a key of the API's `all` object; rename the service"
+        )
     return service
 
 
@@ -62,9 +70,13 @@ def registry() -> tuple[Service, ...]:
     for ep in metadata.entry_points(group=GROUP):
         if declared.get(ep.name, ep.value) != ep.value:
             if ep.name in BUILTIN:
-                raise ConfigError(f"service {ep.name!r} is built in; a package declares it again as {ep.value}: rename that service")
-            raise ConfigError(f"two services are named {ep.name!r} ({declared[ep.name]} and {ep.value}); "
-                              "uninstall one of the packages declaring them")
+                raise ConfigError(
+                    f"service {ep.name!r} is built in; a package declares it again as {ep.value}: rename that service"
+                )
+            raise ConfigError(
+                f"two services are named {ep.name!r} ({declared[ep.name]} and {ep.value}); "
+                "uninstall one of the packages declaring them"
+            )
         declared[ep.name] = ep.value
     order = [*BUILTIN, *sorted(n for n in declared if n not in BUILTIN)]
     return tuple(_load(name, declared[name]) for name in order)
@@ -76,8 +88,16 @@ def by_name() -> dict[str, Service]:
 
 def service_specs() -> dict[str, ServiceSpec]:
     """What each registered service's part of a store must hold, as Store.open checks it."""
-    return {s.name: ServiceSpec(columns=tuple(s.store_columns), complete=s.complete_layers, required=s.always_stored,
-                                token_columns=tuple(s.store_token_columns), records=tuple(sorted(s.manifest_schemas().items()))) for s in registry()}
+    return {
+        s.name: ServiceSpec(
+            columns=tuple(s.store_columns),
+            complete=s.complete_layers,
+            required=s.always_stored,
+            token_columns=tuple(s.store_token_columns),
+            records=tuple(sorted(s.manifest_schemas().items())),
+        )
+        for s in registry()
+    }
 
 
 set_service_specs(service_specs)  # the store may not import the services: they tell it

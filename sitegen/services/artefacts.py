@@ -52,8 +52,14 @@ class Artefact(NamedTuple):
     evidence: str  # the counts behind it, in words (plain text: the site escapes it)
 
 
-def classify(his: list[float], peaks: list[int], peak_tokens: list[int], first_valid: int, vocab: list[str],
-             blank: frozenset[int]) -> Artefact | None:
+def classify(
+    his: list[float],
+    peaks: list[int],
+    peak_tokens: list[int],
+    first_valid: int,
+    vocab: list[str],
+    blank: frozenset[int],
+) -> Artefact | None:
     """One neuron's artefact (or None) from its top texts' maxima, peak positions and the token ids
     at those peaks (parallel lists, in the stored order)."""
     firing = [i for i, h in enumerate(his) if h > 0]
@@ -63,17 +69,25 @@ def classify(his: list[float], peaks: list[int], peak_tokens: list[int], first_v
     at_first = [i for i in firing if peaks[i] == first_valid]
     distinct = len({peak_tokens[i] for i in at_first})
     if 2 * len(at_first) >= n and distinct >= MIN_FIRST_TOKENS:
-        return Artefact(FIRST_POSITION, f"{len(at_first)} of its {n} firing top texts peak at position {first_valid}, "
-                                        f"on {distinct} different tokens")
+        return Artefact(
+            FIRST_POSITION,
+            f"{len(at_first)} of its {n} firing top texts peak at position {first_valid}, "
+            f"on {distinct} different tokens",
+        )
     strongest = sorted(firing, key=lambda i: (-his[i], i))[:HANDFUL]  # ties: the stored order
     # the most common peak token among them (the smallest id among equally common ones)
     token, count = min(Counter(peak_tokens[i] for i in strongest).items(), key=lambda kv: (-kv[1], kv[0]))
     if 2 * count > len(strongest) and token in blank:
-        return Artefact(WHITESPACE, f"{count} of its {len(strongest)} strongest top texts peak on {vocab[token]!r}, token id {token}")
+        return Artefact(
+            WHITESPACE,
+            f"{count} of its {len(strongest)} strongest top texts peak on {vocab[token]!r}, token id {token}",
+        )
     return None
 
 
-def layer_artefacts(store, layer: int, vocab: list[str] | None = None, blank: frozenset[int] | None = None) -> list[Artefact | None]:
+def layer_artefacts(
+    store, layer: int, vocab: list[str] | None = None, blank: frozenset[int] | None = None
+) -> list[Artefact | None]:
     """Every neuron's artefact (or None) in one layer, in neuron order, from the neuroscope table,
     the stored sequences' token ids and the vocabulary (`blank`: whitespace_ids(vocab), if known)."""
     if vocab is None:
@@ -103,5 +117,10 @@ def layer_artefacts(store, layer: int, vocab: list[str] | None = None, blank: fr
     try:
         tokens = [int(seq_tokens[s][p]) if h > 0 else -1 for s, p, h in zip(seqs.tolist(), peaks, his)]
     except KeyError as e:
-        raise StoreError(f"{store.root}: sequence {e.args[0]} is referenced but missing from sequences.parquet; recompute the store") from None
-    return [classify(his[a:b], peaks[a:b], tokens[a:b], first_valid, vocab, blank) for a, b in zip(outer[:-1].tolist(), outer[1:].tolist())]
+        raise StoreError(
+            f"{store.root}: sequence {e.args[0]} is referenced but missing from sequences.parquet; recompute the store"
+        ) from None
+    return [
+        classify(his[a:b], peaks[a:b], tokens[a:b], first_valid, vocab, blank)
+        for a, b in zip(outer[:-1].tolist(), outer[1:].tolist())
+    ]

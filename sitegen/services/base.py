@@ -21,7 +21,9 @@ from markupsafe import Markup
 class LayerView(Protocol):
     """A service's data for one layer, read once; answers per neuron."""
 
-    def payload(self, neuron: int) -> dict: ...  # the API's `data` (DeepDecipher's shape), ready for orjson (fragments allowed)
+    def payload(
+        self, neuron: int
+    ) -> dict: ...  # the API's `data` (DeepDecipher's shape), ready for orjson (fragments allowed)
     def page(self, neuron: int) -> dict: ...  # the context of the service's template partial
     def layer_payload(self) -> dict: ...  # the layer's API `data`
 
@@ -127,18 +129,24 @@ class Verification:
     """One service's part of `sitegen verify`'s report, which joins every service's."""
 
     summary: str  # its part of the closing line, e.g. "144 neurons checked, 0 failed, ..."
-    lines: list[str] = field(default_factory=list)  # its report lines (per layer, one per failing neuron: "  FAIL layer L neuron N: ...")
+    lines: list[str] = field(
+        default_factory=list
+    )  # its report lines (per layer, one per failing neuron: "  FAIL layer L neuron N: ...")
     failed: list[tuple[int, int]] = field(default_factory=list)  # (layer, neuron) of every neuron it found wrong
     notes: list[str] = field(default_factory=list)  # what it could not check, and why
     problems: list[str] = field(default_factory=list)  # store-level failures, not one neuron's
-    data: dict = field(default_factory=dict)  # its top-level fields of the --json report (none sitegen's or another service's)
+    data: dict = field(
+        default_factory=dict
+    )  # its top-level fields of the --json report (none sitegen's or another service's)
 
 
 class Verifier(Protocol):
     """Checks one service's tables against the rerun model, fed by `sitegen verify`'s single
     forward pass (sitegen/compute/verify.py runs the batches; the verifier never sees the model)."""
 
-    def sequences(self) -> Iterable[int]: ...  # the stored sequence ids it needs rerun (with run.full every stored one is)
+    def sequences(
+        self,
+    ) -> Iterable[int]: ...  # the stored sequence ids it needs rerun (with run.full every stored one is)
     # acts: float32 numpy [rows, seq_len, len(selection[layer])], this layer's activations of the
     # selected neurons (in selection order) for the sequences seq_ids, right-padded: the first
     # lengths[row] positions are the sequence's tokens (BOS included). Every sequence run comes
@@ -163,43 +171,77 @@ PARAMETERS = {
     "layer": "Layer index, from 0 to the model's num_layers - 1.",
     "neuron": "Neuron index within the layer, from 0 to the model's layer_size - 1.",
 }
-NOT_FOUND = ("No such model, service, layer or neuron, or a service the model lacks (not in its "
-             "Metadata.available_services): 404 with {\"error\": message}.")
+NOT_FOUND = (
+    "No such model, service, layer or neuron, or a service the model lacks (not in its "
+    'Metadata.available_services): 404 with {"error": message}.'
+)
 
 
 def api_envelope(data_ref: str, what: str = "The service's data for this URL.") -> dict:
     """A response: {"data": <the payload at DATA_REF>, "metadata": <Metadata>}. WHAT describes data."""
-    return {"type": "object", "required": ["data", "metadata"],
-            "description": "DeepDecipher's envelope: the payload and the model's metadata.",
-            "properties": {"data": {"$ref": data_ref, "description": what},
-                           "metadata": {"$ref": METADATA_REF, "description": "The model's metadata, as at /api/{model}."}}}
+    return {
+        "type": "object",
+        "required": ["data", "metadata"],
+        "description": "DeepDecipher's envelope: the payload and the model's metadata.",
+        "properties": {
+            "data": {"$ref": data_ref, "description": what},
+            "metadata": {"$ref": METADATA_REF, "description": "The model's metadata, as at /api/{model}."},
+        },
+    }
 
 
 def api_get(summary: str, schema: dict, params: list[str], description: str | None = None) -> dict:
     """An OpenAPI GET operation with path parameters (model and service are strings, the rest
     integers) and the API's JSON 404. DESCRIPTION (default: SUMMARY) says what the answer holds."""
-    return {"get": {
-        "summary": summary,
-        "description": description or summary,
-        "parameters": [{"name": p, "in": "path", "required": True, "description": PARAMETERS[p],
-                        "schema": {"type": "string" if p in ("model", "service") else "integer"}} for p in params],
-        "responses": {"200": {"description": "OK (Access-Control-Allow-Origin: *)", "content": {"application/json": {"schema": schema}}},
-                      "404": {"description": NOT_FOUND, "content": {"application/json": {"schema": {"$ref": ERROR_REF}}}}},
-    }}
+    return {
+        "get": {
+            "summary": summary,
+            "description": description or summary,
+            "parameters": [
+                {
+                    "name": p,
+                    "in": "path",
+                    "required": True,
+                    "description": PARAMETERS[p],
+                    "schema": {"type": "string" if p in ("model", "service") else "integer"},
+                }
+                for p in params
+            ],
+            "responses": {
+                "200": {
+                    "description": "OK (Access-Control-Allow-Origin: *)",
+                    "content": {"application/json": {"schema": schema}},
+                },
+                "404": {"description": NOT_FOUND, "content": {"application/json": {"schema": {"$ref": ERROR_REF}}}},
+            },
+        }
+    }
 
 
 # The layer- and model-level answers of a service with no ranking of its own (Service.model_payload).
-LAYER_COUNT = {"type": "object", "required": ["num_neurons"], "description": "The layer's size.",
-               "properties": {"num_neurons": {"type": "integer", "description": "Neurons in the layer (the model's layer_size)."}}}
-MODEL_COUNT = {"type": "object", "required": ["num_layers"], "description": "The model's layer count (the service ranks no neurons).",
-               "properties": {"num_layers": {"type": "integer", "description": "Layers of the model (Metadata.num_layers)."}}}
+LAYER_COUNT = {
+    "type": "object",
+    "required": ["num_neurons"],
+    "description": "The layer's size.",
+    "properties": {"num_neurons": {"type": "integer", "description": "Neurons in the layer (the model's layer_size)."}},
+}
+MODEL_COUNT = {
+    "type": "object",
+    "required": ["num_layers"],
+    "description": "The model's layer count (the service ranks no neurons).",
+    "properties": {"num_layers": {"type": "integer", "description": "Layers of the model (Metadata.num_layers)."}},
+}
 
 
 def level_paths(name: str, layer_schema: dict, model_schema: dict, layer_what: str, model_what: str) -> dict:
     """The layer-level (/api/{model}/NAME/{layer}) and model-level (/api/{model}/NAME) paths of a service."""
     return {
-        f"/api/{{model}}/{name}/{{layer}}": api_get(f"{name}: one layer", api_envelope_inline(layer_schema, layer_what), ["model", "layer"], layer_what),
-        f"/api/{{model}}/{name}": api_get(f"{name}: the whole model", api_envelope_inline(model_schema, model_what), ["model"], model_what),
+        f"/api/{{model}}/{name}/{{layer}}": api_get(
+            f"{name}: one layer", api_envelope_inline(layer_schema, layer_what), ["model", "layer"], layer_what
+        ),
+        f"/api/{{model}}/{name}": api_get(
+            f"{name}: the whole model", api_envelope_inline(model_schema, model_what), ["model"], model_what
+        ),
     }
 
 
@@ -229,7 +271,9 @@ class Service:
     store_columns: tuple[str, ...] = ("neuron",)  # columns every reader needs; a layer table without them is damaged
     complete_layers: bool = False  # one row per neuron in every layer (else: some neurons of some layers)
     always_stored: bool = False  # every store lists it (a manifest without it is damaged)
-    store_token_columns: tuple[str, ...] = ()  # columns of token ids (lists of ints): each must be an id of vocab.parquet
+    store_token_columns: tuple[
+        str, ...
+    ] = ()  # columns of token ids (lists of ints): each must be an id of vocab.parquet
 
     # --- render half (no torch) -------------------------------------------------------------------
 
@@ -318,7 +362,9 @@ class Service:
 
     # --- provenance: how the service's data was made (site/provenance.py gathers it) --------------
 
-    provenance_order: int = 100  # where its row goes in the neuron page's Provenance section (lower first; ties in registry order)
+    provenance_order: int = (
+        100  # where its row goes in the neuron page's Provenance section (lower first; ties in registry order)
+    )
 
     def provenance_records(self, manifest: dict) -> dict:
         """Model-level provenance its compute half recorded in the store's manifest (e.g. its
@@ -346,9 +392,18 @@ class Service:
         """OpenAPI path items: by default the per-neuron URL with a free-form object, and the
         layer- and model-level URLs every service has (the build writes all three)."""
         what = self.description or self.name
-        return {f"/api/{{model}}/{self.name}/{{layer}}/{{neuron}}": api_get(what, api_envelope(f"#/components/schemas/{self.schema_name}", what), LAYER_NEURON),
-                **level_paths(self.name, {"type": "object"}, {"type": "object"}, f"{self.name}'s layer-level data",
-                              f"{self.name}'s model-level data")}
+        return {
+            f"/api/{{model}}/{self.name}/{{layer}}/{{neuron}}": api_get(
+                what, api_envelope(f"#/components/schemas/{self.schema_name}", what), LAYER_NEURON
+            ),
+            **level_paths(
+                self.name,
+                {"type": "object"},
+                {"type": "object"},
+                f"{self.name}'s layer-level data",
+                f"{self.name}'s model-level data",
+            ),
+        }
 
     def openapi_schemas(self) -> dict:
         """OpenAPI component schemas this service's paths refer to."""
@@ -435,11 +490,15 @@ class Service:
     def stage_layers(self, store, cfg) -> dict[int, Any]:
         """The stage split by layer, for `sitegen compute --ray` (one task per layer): the layers
         with work left, each with the argument its task hands `run_stage_layer`; {} when done."""
-        raise NotImplementedError(f"service {self.name!r} cannot split its stage by layer (--ray); run it without --ray")
+        raise NotImplementedError(
+            f"service {self.name!r} cannot split its stage by layer (--ray); run it without --ray"
+        )
 
     def run_stage_layer(self, model, store, cfg, layer: int, arg, log) -> dict:
         """One layer's part of the stage. `store` is a store of its own for the task: the whole
         store's files, and this service's folder holding just this layer's table; the driver
         copies that table and the service's manifest record back. Returns figures: `made` (items
         made, e.g. graphs) and `seconds`."""
-        raise NotImplementedError(f"service {self.name!r} cannot split its stage by layer (--ray); run it without --ray")
+        raise NotImplementedError(
+            f"service {self.name!r} cannot split its stage by layer (--ray); run it without --ray"
+        )

@@ -13,7 +13,6 @@ import numpy as np
 from sitegen.errors import ConfigError
 from sitegen.services.artefacts import layer_artefacts, whitespace_ids
 
-
 # The one grammar of a neuron selection, shared by `compute --n2g`, `explain --neurons` and
 # `verify --neurons`; what N means (the most active, or a random sample) is the caller's.
 GRAMMAR = "'all', 'layers:0,5', N (N neurons per layer), N@0,5 (N in each of those layers) or LAYER:NEURON pairs such as 3:17,5:2"
@@ -25,6 +24,7 @@ _PAIRS = r"\s*\d+\s*:\s*\d+\s*(?:,\s*\d+\s*:\s*\d+\s*)*"
 class Selection:
     """A parsed selection. `layers`: None for every layer; `per_layer`: N, or None for every
     neuron of the layers; `pairs`: the (layer, neuron) pairs of the LAYER:NEURON form."""
+
     spec: str
     option: str
     layers: tuple[int, ...] | None = None
@@ -44,11 +44,15 @@ class Selection:
             out: dict[int, set[int]] = {}
             for layer, n in self.pairs:
                 if not (0 <= layer < n_layers and 0 <= n < d_mlp):
-                    raise ConfigError(f"{self.option} {self.spec}: {layer}:{n} is not a neuron of this model ({n_layers} layers x {d_mlp})")
+                    raise ConfigError(
+                        f"{self.option} {self.spec}: {layer}:{n} is not a neuron of this model ({n_layers} layers x {d_mlp})"
+                    )
                 out.setdefault(layer, set()).add(n)
             return {k: sorted(v) for k, v in sorted(out.items())}
         if self.layers is not None and any(not 0 <= x < n_layers for x in self.layers):
-            raise ConfigError(f"{self.option} {self.spec}: layers must be numbers from 0 to {n_layers - 1}, e.g. {self.option} layers:0,{n_layers - 1}")
+            raise ConfigError(
+                f"{self.option} {self.spec}: layers must be numbers from 0 to {n_layers - 1}, e.g. {self.option} layers:0,{n_layers - 1}"
+            )
         layers = range(n_layers) if self.layers is None else self.layers
         if self.per_layer is None:
             return {layer: list(range(d_mlp)) for layer in layers}
@@ -59,7 +63,7 @@ def parse_selection(spec: str, option: str) -> Selection:
     """The spec's form, checked without the model (so a typo fails before any work); ranges are
     checked by Selection.resolve."""
     text = str(spec).strip()
-    numbers = lambda t: tuple(sorted({int(x) for x in t.split(",")}))  # noqa: E731
+    numbers = lambda t: tuple(sorted({int(x) for x in t.split(",")}))
     if text == "all":
         return Selection(text, option)
     if m := re.fullmatch(rf"layers:({_LIST})", text):
@@ -77,10 +81,16 @@ def sample_neurons(spec: str, n_layers: int, d_mlp: int, seed: int, option: str 
     sel = parse_selection(spec, option)
     if sel.per_layer == 0:
         raise ConfigError(f"{option} {sel.spec}: must be at least 1 neuron per layer")
-    return sel.resolve(n_layers, d_mlp, lambda layer, n: np.random.default_rng([seed, layer]).choice(d_mlp, min(n, d_mlp), replace=False).tolist())
+    return sel.resolve(
+        n_layers,
+        d_mlp,
+        lambda layer, n: np.random.default_rng([seed, layer]).choice(d_mlp, min(n, d_mlp), replace=False).tolist(),
+    )
 
 
-def select_neurons(spec: str, n_layers: int, d_mlp: int, store, option: str = "--n2g", skip_artefacts: bool = False) -> dict[int, list[int]]:
+def select_neurons(
+    spec: str, n_layers: int, d_mlp: int, store, option: str = "--n2g", skip_artefacts: bool = False
+) -> dict[int, list[int]]:
     """The selection with N as the N neurons per layer with the largest activation (the ones a
     researcher opens first; `compute --n2g`, `explain --neurons`); layers left with none are
     dropped. skip_artefacts: N ranks the layer's artefact neurons (sitegen/services/artefacts.py)
@@ -89,14 +99,18 @@ def select_neurons(spec: str, n_layers: int, d_mlp: int, store, option: str = "-
 
     def most_active(layer: int, per_layer: int) -> list[int]:
         nonlocal vocab, blank
-        top = np.asarray(store.read_layer("neuroscope", layer, columns=["max"]).column("max").to_numpy(), dtype=np.float64)
+        top = np.asarray(
+            store.read_layer("neuroscope", layer, columns=["max"]).column("max").to_numpy(), dtype=np.float64
+        )
         flagged = np.zeros(len(top), dtype=bool)
         if skip_artefacts and per_layer:
             if vocab is None:
                 vocab = store.vocab()
                 blank = whitespace_ids(vocab)
             flagged = np.array([a is not None for a in layer_artefacts(store, layer, vocab, blank)], dtype=bool)
-        order = np.lexsort((np.arange(len(top)), -top, flagged))  # ordinary neurons first, then largest first, ties by index
+        order = np.lexsort(
+            (np.arange(len(top)), -top, flagged)
+        )  # ordinary neurons first, then largest first, ties by index
         return order[:per_layer].tolist()
 
     return {k: v for k, v in parse_selection(spec, option).resolve(n_layers, d_mlp, most_active).items() if v}

@@ -24,16 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-from markupsafe import escape
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import escape
 
 from sitegen import __version__
 from sitegen.errors import BuildError, ConfigError, SitegenError
+from sitegen.names import model_name_problem
 from sitegen.resources import default_theme, resource
 from sitegen.services import registry
 from sitegen.services.base import fmt_num, fmt_pct
 from sitegen.services.tokens import escaped_shown_vocab, escaped_vocab, shown
-from sitegen.names import model_name_problem
 from sitegen.site.provenance import model_provenance, neuron_provenance
 from sitegen.site.publisher import NETLIFY_DIR_LIMIT, Publisher, open_output
 from sitegen.store import Store
@@ -124,16 +124,22 @@ class SiteModel:
         m = store.manifest
         self.name = m["model"]["name"]
         if problem := model_name_problem(self.name):
-            raise BuildError(f"{store.root}: model name {problem}; recompute with another --name (or edit model.name in its manifest.json)")
+            raise BuildError(
+                f"{store.root}: model name {problem}; recompute with another --name (or edit model.name in its manifest.json)"
+            )
         self.num_layers = int(m["model"]["num_layers"])
         self.layer_size = int(m["model"]["layer_size"])
         self.services = [s for s in registry() if s.available(store)]
         self.table_services = sorted(self.services, key=lambda s: s.column_order)  # stable: registry order on ties
-        self.activations = next((s.name for s in self.services if s.activations), None)  # the service the templates link for activations
+        self.activations = next(
+            (s.name for s in self.services if s.activations), None
+        )  # the service the templates link for activations
         self.text_search = any(s.text_search for s in self.services)
         self.first_valid = int(m["config"]["first_valid_position"])
         self.provenance = model_provenance(m)
-        self.provenance_services = sorted(self.services, key=lambda s: s.provenance_order)  # stable: registry order on ties
+        self.provenance_services = sorted(
+            self.services, key=lambda s: s.provenance_order
+        )  # stable: registry order on ties
         self._vocab: list[str] | None = None
         self._esc: list[str] | None = None
         self._seqs: dict | None = None
@@ -192,12 +198,16 @@ class SiteModel:
             t = self.store.sequences()
             self._seqs = {
                 s: {"doc_id": d, "char_start": a, "char_end": b, "token_ids": ids}
-                for s, d, a, b, ids in zip(*(t.column(c).to_pylist() for c in ("seq_id", "doc_id", "char_start", "char_end", "token_ids")))
+                for s, d, a, b, ids in zip(
+                    *(t.column(c).to_pylist() for c in ("seq_id", "doc_id", "char_start", "char_end", "token_ids"))
+                )
             }
         try:
             return self._seqs[seq_id]
         except KeyError:
-            raise BuildError(f"{self.store.root}: sequence {seq_id} is referenced but missing from sequences.parquet; recompute the store") from None
+            raise BuildError(
+                f"{self.store.root}: sequence {seq_id} is referenced but missing from sequences.parquet; recompute the store"
+            ) from None
 
     def metadata(self) -> dict:
         """DeepDecipher's Metadata object (plus a few fields of ours)."""
@@ -227,7 +237,11 @@ def _neighbours(model: SiteModel, layer: int, neuron: int) -> dict:
     flat = layer * model.layer_size + neuron
     total = model.num_layers * model.layer_size
     prev_, next_ = (flat - 1) % total, (flat + 1) % total
-    return {"prev": divmod(prev_, model.layer_size), "next": divmod(next_, model.layer_size), "random": model.random_neuron(layer, neuron)}
+    return {
+        "prev": divmod(prev_, model.layer_size),
+        "next": divmod(next_, model.layer_size),
+        "random": model.random_neuron(layer, neuron),
+    }
 
 
 def theme_layers(theme: Path | None = None) -> list[Path]:
@@ -236,17 +250,27 @@ def theme_layers(theme: Path | None = None) -> list[Path]:
     if theme is None:
         return [default_theme()]
     if not theme.is_dir() or not ((theme / "templates").is_dir() or (theme / "static").is_dir()):
-        raise ConfigError(f"--theme {theme}: not a theme folder (it needs templates/ or static/, laid out like sitegen's default theme)")
+        raise ConfigError(
+            f"--theme {theme}: not a theme folder (it needs templates/ or static/, laid out like sitegen's default theme)"
+        )
     return [theme, default_theme()]
 
 
 def _environment(assets: dict[str, str], themes: list[Path] | None = None) -> Environment:
     # the themes first, then the folders of services shipped outside the default theme
-    folders = [t / "templates" for t in (themes or theme_layers())] + [d for s in registry() if (d := s.template_dir()) is not None]
+    folders = [t / "templates" for t in (themes or theme_layers())] + [
+        d for s in registry() if (d := s.template_dir()) is not None
+    ]
     loader = ChoiceLoader([FileSystemLoader(str(f)) for f in folders])
     # auto_reload off: a build never sees a template change, and the check costs a stat per include
-    env = Environment(loader=loader, autoescape=select_autoescape(["html"]), auto_reload=False,
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=loader,
+        autoescape=select_autoescape(["html"]),
+        auto_reload=False,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.globals.update(assets=assets, version=__version__, once=_once({}))
     env.filters["num"] = fmt_num
     env.filters["pct"] = fmt_pct
@@ -256,6 +280,7 @@ def _environment(assets: dict[str, str], themes: list[Path] | None = None) -> En
 def _once(cache: dict):
     """The templates' `{% call once(key) %}...{% endcall %}`: the block's output the first time
     `key` is seen in this build, reused after (a fragment every page of a model shares)."""
+
     def once(key: str, caller) -> str:
         if key not in cache:
             cache[key] = caller()
@@ -307,17 +332,31 @@ def _content_pages(pub: Publisher, env: Environment, models: list[SiteModel], ba
     for path in sorted(resource("content").glob("*.md")):
         text = path.read_text()
         if example:  # API examples name a real model of this site, and the services its models have
-            text = (text.replace("{{model}}", example.name).replace("{{base_url}}", base_url.rstrip("/") or SITE_ORIGIN)
-                    .replace("{{services}}", _services_markdown(models)))
+            text = (
+                text.replace("{{model}}", example.name)
+                .replace("{{base_url}}", base_url.rstrip("/") or SITE_ORIGIN)
+                .replace("{{services}}", _services_markdown(models))
+            )
         texts[path.stem] = text
-    pages = [{"slug": slug, "title": (t.splitlines()[0].lstrip("# ").strip() if t else slug)} for slug, t in texts.items()]
+    pages = [
+        {"slug": slug, "title": (t.splitlines()[0].lstrip("# ").strip() if t else slug)} for slug, t in texts.items()
+    ]
     env.globals["content_pages"] = pages  # the header links to every content page
     for page in pages:
-        pub.publish(f"{page['slug']}.html", env.get_template("page.html").render(title=page["title"], body=md.render(texts[page["slug"]])))
+        pub.publish(
+            f"{page['slug']}.html",
+            env.get_template("page.html").render(title=page["title"], body=md.render(texts[page["slug"]])),
+        )
 
 
-def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Path | None = None, jobs: int = 1,
-               log: Callable[[str], None] | None = None) -> BuildReport:
+def build_site(
+    store_paths: list[Path],
+    out: Path,
+    base_url: str = "",
+    theme: Path | None = None,
+    jobs: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> BuildReport:
     """Build the site. `jobs` > 1 renders layers in that many worker processes (the output is
     byte-identical to jobs=1); `log` gets progress lines with an ETA."""
     started = time.monotonic()
@@ -330,11 +369,15 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
         names = [m.name for m in models]
         for name in set(names):
             if names.count(name) > 1:
-                raise BuildError(f"two stores hold a model named {name!r}; recompute one with --name to tell them apart")
+                raise BuildError(
+                    f"two stores hold a model named {name!r}; recompute one with --name to tell them apart"
+                )
         for a in names:  # paths, not only names, must differ (names equal but for case: the publisher refuses them)
             for b in names:
                 if a.lower() == f"{b.lower()}.json":
-                    raise BuildError(f"api/{b}.json would be both model {b!r}'s metadata and model {a!r}'s folder; recompute one with another --name")
+                    raise BuildError(
+                        f"api/{b}.json would be both model {b!r}'s metadata and model {a!r}'s folder; recompute one with another --name"
+                    )
         models.sort(key=lambda m: m.name)
         progress = Progress(sum(m.num_layers * m.layer_size for m in models), log)
         stage = "output folder"
@@ -350,7 +393,12 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
                 neurons += _render_model(pub, env, model, jobs, progress)
             stage = "index"
             api_models = [m.metadata() for m in models]
-            pub.publish("index.html", env.get_template("index.html").render(models=models, metadata=api_models, services=_site_services(models)))
+            pub.publish(
+                "index.html",
+                env.get_template("index.html").render(
+                    models=models, metadata=api_models, services=_site_services(models)
+                ),
+            )
             pub.publish("api/index.json", dumps({"models": api_models}))
             from sitegen.site.openapi import openapi_document
 
@@ -369,11 +417,25 @@ def build_site(store_paths: list[Path], out: Path, base_url: str = "", theme: Pa
     folder, count = pub.largest_folder()
     warnings = ()
     if count > NETLIFY_DIR_LIMIT:
-        warnings = (f"{folder or '.'}/ holds {count:,} files, over Netlify's {NETLIFY_DIR_LIMIT:,} per folder: the deploy would fail there (other hosts are fine)",)
+        warnings = (
+            f"{folder or '.'}/ holds {count:,} files, over Netlify's {NETLIFY_DIR_LIMIT:,} per folder: the deploy would fail there (other hosts are fine)",
+        )
     warnings += tuple(note for m in models for s in m.services for note in s.build_notes(m.store))
-    return BuildReport(len(models), neurons, pub.written, pub.unchanged, removed, time.monotonic() - started, out, warnings,
-                       files=pub.written + pub.unchanged, bytes=pub.bytes_total, largest_folder=(folder, count), jobs=jobs,
-                       peak_rss_mb=_peak_rss_mb())
+    return BuildReport(
+        len(models),
+        neurons,
+        pub.written,
+        pub.unchanged,
+        removed,
+        time.monotonic() - started,
+        out,
+        warnings,
+        files=pub.written + pub.unchanged,
+        bytes=pub.bytes_total,
+        largest_folder=(folder, count),
+        jobs=jobs,
+        peak_rss_mb=_peak_rss_mb(),
+    )
 
 
 def _render_model(pub: Publisher, env: Environment, model: SiteModel, jobs: int, progress: Progress) -> int:
@@ -383,12 +445,14 @@ def _render_model(pub: Publisher, env: Environment, model: SiteModel, jobs: int,
     api = f"api/{model.name}"
     layer_payloads: dict[str, list[dict]] = {s.name: [] for s in model.services}
     layer_summaries = []
-    for layer, (summary, payloads) in _render_layers(pub, env, model, meta, jobs, progress):
+    for _layer, (summary, payloads) in _render_layers(pub, env, model, meta, jobs, progress):
         layer_summaries.append(summary)
         for name, lp in payloads.items():
             layer_payloads[name].append(lp)
     for s in model.services:
-        pub.publish(f"{api}/{s.name}.json", dumps({"data": s.model_payload(model, layer_payloads[s.name]), "metadata": meta}))
+        pub.publish(
+            f"{api}/{s.name}.json", dumps({"data": s.model_payload(model, layer_payloads[s.name]), "metadata": meta})
+        )
     for s in model.services:  # model-level indexes of a service
         s.publish_model(pub, model)
     # The site-wide search (token and explanation search, DeepDecipher's search URL) reads several
@@ -400,8 +464,12 @@ def _render_model(pub: Publisher, env: Environment, model: SiteModel, jobs: int,
     pub.publish(f"{api}.json", dumps({"data": meta, "metadata": meta}))
     pub.publish(f"{api}/all.json", dumps({"metadata": meta, "services": [s.name for s in model.services]}))
     facts = {k: v for s in model.services for k, v in s.model_facts(model, layer_payloads[s.name]).items()}
-    pub.publish(f"{model.name}/index.html", env.get_template("model.html").render(model=model, meta=meta, layers=layer_summaries, facts=facts,
-                                                                                 api=f"/{api}"))
+    pub.publish(
+        f"{model.name}/index.html",
+        env.get_template("model.html").render(
+            model=model, meta=meta, layers=layer_summaries, facts=facts, api=f"/{api}"
+        ),
+    )
     return model.num_layers * model.layer_size
 
 
@@ -412,7 +480,7 @@ def _render_layers(pub: Publisher, env: Environment, model: SiteModel, meta: dic
     the store, so which process writes it changes nothing; the workers report the paths they
     published and the main process checks and records them as if it had written them itself."""
     workers = min(jobs, model.num_layers)
-    what = lambda layer: f"{model.name}: layer {layer + 1}/{model.num_layers}"  # noqa: E731
+    what = lambda layer: f"{model.name}: layer {layer + 1}/{model.num_layers}"
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():  # POSIX only, as the output lock
         for layer in range(model.num_layers):
             result = _render_layer(pub, env, model, meta, layer)
@@ -427,8 +495,12 @@ def _render_layers(pub: Publisher, env: Environment, model: SiteModel, meta: dic
     try:
         # concurrent.futures rather than multiprocessing.Pool: a worker that dies (the kernel's
         # OOM killer, a kill) breaks the pool with an error instead of leaving the build waiting.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_exit_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
+        with ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_exit_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             futures = [pool.submit(_render_layer_in_worker, layer) for layer in range(model.num_layers)]
             try:
                 # Layers finish in any order; hand them on in layer order (the model page lists them so).
@@ -445,8 +517,10 @@ def _render_layers(pub: Publisher, env: Environment, model: SiteModel, meta: dic
                 pool.shutdown(wait=True, cancel_futures=True)  # no layer starts after a failure
                 raise
     except BrokenProcessPool:
-        raise BuildError(f"a build worker died while rendering {model.name} (killed, or out of memory); rerun to finish "
-                         f"(files already written are kept), with a smaller --jobs if memory is short") from None
+        raise BuildError(
+            f"a build worker died while rendering {model.name} (killed, or out of memory); rerun to finish "
+            f"(files already written are kept), with a smaller --jobs if memory is short"
+        ) from None
     finally:
         _FORKED = None
 
@@ -458,6 +532,7 @@ def _exit_with_parent(parent: int) -> None:
     """A worker outlives a build killed with SIGKILL otherwise (concurrent.futures' workers wait on
     a queue whose writing end they hold themselves), keeping the output folder's lock and the
     build's stdout open: it exits within a second of its parent instead."""
+
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
@@ -473,7 +548,9 @@ def _render_layer_in_worker(layer: int):
     return layer, result, own.published(), (own.written, own.unchanged, own.bytes_written, own.bytes_total)
 
 
-def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict, layer: int) -> tuple[dict, dict[str, dict]]:
+def _render_layer(
+    pub: Publisher, env: Environment, model: SiteModel, meta: dict, layer: int
+) -> tuple[dict, dict[str, dict]]:
     """One layer: each service's table read once, every neuron's page and API files, the layer's
     API files and page; returns the layer's summary (for the model page) and each service's layer
     payload (for the model-level API)."""
@@ -491,15 +568,28 @@ def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict
         for s, view in views:
             payloads[s.name] = view.payload(n)
             encoded[s.name] = dumps(payloads[s.name])  # serialised once, spliced into the envelopes below
-            pub.publish(f"{api}/{s.name}/{layer}/{n}.json", b'{"data":' + encoded[s.name] + b',"metadata":' + meta_json + b"}")
+            pub.publish(
+                f"{api}/{s.name}/{layer}/{n}.json", b'{"data":' + encoded[s.name] + b',"metadata":' + meta_json + b"}"
+            )
         # A service the model lacks gets no files: its URLs answer the API's JSON 404 (netlify.toml).
         pub.publish(f"{api}/all/{layer}/{n}.json", _all(encoded, meta_json))
         pages = {s.name: view.page(n) for s, view in views}
         summary = [item for s, view in views for item in s.neuron_summary(view, n, payloads[s.name])]
-        pub.publish(f"{model.name}/{layer}/{n}.html", neuron_tpl.render(
-            model=model, meta=meta, layer=layer, neuron=n, nav=_neighbours(model, layer, n), services=pages, summary=summary,
-            templates={s.name: s.template for s in model.services},
-            api=f"/{api}", provenance=neuron_provenance(model.provenance_services, model.provenance, layer, n, payloads)))
+        pub.publish(
+            f"{model.name}/{layer}/{n}.html",
+            neuron_tpl.render(
+                model=model,
+                meta=meta,
+                layer=layer,
+                neuron=n,
+                nav=_neighbours(model, layer, n),
+                services=pages,
+                summary=summary,
+                templates={s.name: s.template for s in model.services},
+                api=f"/{api}",
+                provenance=neuron_provenance(model.provenance_services, model.provenance, layer, n, payloads),
+            ),
+        )
         row = {"neuron": n, "cells": []}
         for s in model.table_services:
             row["cells"].extend(s.layer_cells(view_of[s.name], n, payloads[s.name]))
@@ -512,8 +602,12 @@ def _render_layer(pub: Publisher, env: Environment, model: SiteModel, meta: dict
         pub.publish(f"{api}/{s.name}/{layer}.json", dumps({"data": lp, "metadata": meta}))
     pub.publish(f"{api}/all/{layer}.json", dumps({"metadata": meta} | layer_json))
     columns = [c for s in model.table_services for c in s.layer_columns()]
-    pub.publish(f"{model.name}/{layer}/index.html", env.get_template("layer.html").render(
-        model=model, meta=meta, layer=layer, rows=rows, columns=columns, api=f"/{api}"))
+    pub.publish(
+        f"{model.name}/{layer}/index.html",
+        env.get_template("layer.html").render(
+            model=model, meta=meta, layer=layer, rows=rows, columns=columns, api=f"/{api}"
+        ),
+    )
     return _layer_summary(layer, [r for r in rows if "max" in r]), layer_payloads
 
 
@@ -528,5 +622,11 @@ def _layer_summary(layer: int, rows: list[dict]) -> dict:
     if not rows:
         return {"layer": layer}
     best = max(rows, key=lambda r: r["max"])
-    return {"layer": layer, "max": best["max"], "argmax": best["neuron"], "max_token": shown(best["top_token"]),
-            "mean_frac": sum(r["frac"] for r in rows) / len(rows), "artefact": best.get("artefact")}
+    return {
+        "layer": layer,
+        "max": best["max"],
+        "argmax": best["neuron"],
+        "max_token": shown(best["top_token"]),
+        "mean_frac": sum(r["frac"] for r in rows) / len(rows),
+        "artefact": best.get("artefact"),
+    }

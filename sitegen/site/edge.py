@@ -23,7 +23,6 @@ As on Netlify, an edge function's response carries only its own headers (netlify
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Callable
 from urllib.parse import parse_qsl, quote, unquote
 
 import orjson
+import tomllib
 
 from sitegen.errors import BuildError
 from sitegen.services.neuron2graph.tokenstore import parse_query
@@ -46,14 +46,19 @@ HEADERS = (
     ("Netlify-Vary", "query=query"),
     # netlify.toml's site-wide security headers, which Netlify does not add to an edge function's
     # own response (tests/test_search.py checks these equal netlify.toml's "/*" block).
-    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    ),
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
     ("Referrer-Policy", "no-referrer"),
     ("Permissions-Policy", "interest-cohort=()"),
 )
-USAGE = ("missing ?query=: ask for type:token[,type:token...] with type any, activating or important, "
-         "e.g. ?query=any:the or ?query=any:the,activating:of (terms combine by AND)")
+USAGE = (
+    "missing ?query=: ask for type:token[,type:token...] with type any, activating or important, "
+    "e.g. ?query=any:the or ?query=any:the,activating:of (terms combine by AND)"
+)
 _PATH = re.compile(r"^/api/([^/]+)/neuron2graph-search/?$")
 _BAD_MODEL = re.compile(r"[/\\\x00-\x1f\x7f]")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -125,7 +130,10 @@ def neuron2graph_search(path: str, query_string: str, read: Read) -> EdgeRespons
     m = _PATH.match(path)
     model = _decode_uri_component(m.group(1)) if m else None
     if model is None or model in (".", "..") or _BAD_MODEL.search(model):
-        return _error(404, "no such search URL: ask /api/<model>/neuron2graph-search?query=any:the (the models are listed at /api)")
+        return _error(
+            404,
+            "no such search URL: ask /api/<model>/neuron2graph-search?query=any:the (the models are listed at /api)",
+        )
     query = query_param(query_string, "query")
     if query is None:
         return _error(404, USAGE)
@@ -153,7 +161,9 @@ def neuron2graph_search(path: str, query_string: str, read: Read) -> EdgeRespons
             if entry is None:
                 ids: set[int] = set()
             else:
-                capped = (kind != "important" and entry["na"] > len(entry["a"])) or (kind != "activating" and entry["ni"] > len(entry["i"]))
+                capped = (kind != "important" and entry["na"] > len(entry["a"])) or (
+                    kind != "activating" and entry["ni"] > len(entry["i"])
+                )
                 lists = load(f"{base}more/{shard}-{entry['m']}.json") if capped else entry
                 a = [] if kind == "important" else _undelta(lists["a"])
                 i = [] if kind == "activating" else _undelta(lists["i"])
@@ -168,8 +178,9 @@ def neuron2graph_search(path: str, query_string: str, read: Read) -> EdgeRespons
 FUNCTIONS: dict[str, Callable[[str, str, Read], EdgeResponse]] = {"neuron2graph-search": neuron2graph_search}
 
 # netlify/edge-functions/api-not-found.ts: the same bytes as its BODY (JSON.stringify's).
-NOT_FOUND_BODY = orjson.dumps({"error": "no such API URL: /api lists the models and each model's services; "
-                                        "/api/openapi.json describes every URL"})
+NOT_FOUND_BODY = orjson.dumps(
+    {"error": "no such API URL: /api lists the models and each model's services; /api/openapi.json describes every URL"}
+)
 # Edge functions that let the request go on (context.next()) and replace only a 404 answer: name ->
 # the JSON body it answers instead of the site's 404 page, with the 404's status and headers kept.
 NOT_FOUND_FUNCTIONS: dict[str, bytes] = {"api-not-found": NOT_FOUND_BODY}
@@ -190,11 +201,15 @@ def declarations(netlify_toml: Path) -> tuple[tuple[re.Pattern, str], ...]:
     try:
         doc = tomllib.loads(netlify_toml.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
-        raise BuildError(f"{netlify_toml}: cannot read the edge function declarations ({e}); restore netlify.toml") from None
+        raise BuildError(
+            f"{netlify_toml}: cannot read the edge function declarations ({e}); restore netlify.toml"
+        ) from None
     out = []
     for d in doc.get("edge_functions", []):
         if d.get("function") not in FUNCTIONS and d.get("function") not in NOT_FOUND_FUNCTIONS:
-            raise BuildError(f"{netlify_toml}: edge function {d.get('function')!r} has no Python port in sitegen/site/edge.py; add one to FUNCTIONS")
+            raise BuildError(
+                f"{netlify_toml}: edge function {d.get('function')!r} has no Python port in sitegen/site/edge.py; add one to FUNCTIONS"
+            )
         out.append((_compile(d["path"]), d["function"]))
     return tuple(out)
 

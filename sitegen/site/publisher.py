@@ -120,7 +120,7 @@ class Publisher:
                 if done < len(data):  # a short write (a signal, a full pipe of a FUSE mount): finish it
                     view = memoryview(data)[done:]
                     while view:
-                        view = view[os.write(fd, view):]
+                        view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
             if tmp is not None:
@@ -134,7 +134,9 @@ class Publisher:
                 raise self._linked(path) from None
             where = self.root / rel
             if e.errno == errno.ENOSPC:
-                raise BuildError(f"disk full while writing {where}; free space and rebuild (unchanged files are skipped)") from None
+                raise BuildError(
+                    f"disk full while writing {where}; free space and rebuild (unchanged files are skipped)"
+                ) from None
             raise BuildError(f"cannot write {where}: {e.strerror or e}") from None
         self.written += 1
         self.bytes_written += len(data)
@@ -174,13 +176,17 @@ class Publisher:
         """Create folder and any missing parents, top-down from the root, noting which this build
         created; refuse one on the way that is a symbolic link (a write there would land wherever
         it points) or that would leave the root (a `.` or `..` segment)."""
-        if folder == self._root_dir:  # trusted (the user named it), a link or not; open_output made it, a bare Publisher may not have
+        if (
+            folder == self._root_dir
+        ):  # trusted (the user named it), a link or not; open_output made it, a bare Publisher may not have
             os.makedirs(folder, exist_ok=True)
             self._dirs.add(folder)
             return
         up, _, name = folder.rpartition("/")
         if name in ("", ".", "..") or not folder.startswith(self._base):
-            raise BuildError(f"refusing to write under {folder!r}: not a plain path inside --out {self.root}; rename the model or page")
+            raise BuildError(
+                f"refusing to write under {folder!r}: not a plain path inside --out {self.root}; rename the model or page"
+            )
         if up not in self._dirs:
             self._make_dir(up)
         try:
@@ -241,7 +247,7 @@ class Publisher:
             folder = folder.rpartition("/")[0]
 
     def _linked(self, path: str) -> BuildError:
-        return _link_refused(self.root, path[len(self._base):] or ".", path)
+        return _link_refused(self.root, path[len(self._base) :] or ".", path)
 
     def _check_portable(self, rel: str) -> None:
         """Refuse two outputs that are one file on macOS or Windows: paths (or folders on the way)
@@ -253,11 +259,17 @@ class Publisher:
             if depth < len(parts) and prefix in self._caseless_dirs:
                 break  # this folder and those above it were checked for an earlier file
             # ASCII (nearly every path): NFD leaves it as it is and casefold is lower()
-            key = prefix.lower() if prefix.isascii() else unicodedata.normalize("NFD", unicodedata.normalize("NFD", prefix).casefold())
+            key = (
+                prefix.lower()
+                if prefix.isascii()
+                else unicodedata.normalize("NFD", unicodedata.normalize("NFD", prefix).casefold())
+            )
             other = self._caseless.setdefault(key, prefix)
             if other != prefix:
-                raise BuildError(f"two outputs differ only in letter case or Unicode normalisation, {other!r} and {prefix!r}: "
-                                 "macOS and Windows would store them as one; rename one of the models or pages")
+                raise BuildError(
+                    f"two outputs differ only in letter case or Unicode normalisation, {other!r} and {prefix!r}: "
+                    "macOS and Windows would store them as one; rename one of the models or pages"
+                )
             if depth < len(parts):
                 self._caseless_dirs.add(prefix)
 
@@ -277,12 +289,23 @@ class Publisher:
             except IsADirectoryError:  # a folder now stands there: not a file a build wrote, left alone
                 continue
             except OSError as e:
-                raise BuildError(f"cannot delete {path}, which an earlier build wrote: {e.strerror or e}; "
-                                 "fix its permissions and build again") from None
+                raise BuildError(
+                    f"cannot delete {path}, which an earlier build wrote: {e.strerror or e}; "
+                    "fix its permissions and build again"
+                ) from None
             self._prune_empty_parents(parent)
         files = sorted(self._seen)
-        self.publish(RECORD, orjson.dumps({"about": "files written by 'sitegen build'; a later build deletes only these, when it no longer writes them",
-                                           "files": files}, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+        self.publish(
+            RECORD,
+            orjson.dumps(
+                {
+                    "about": "files written by 'sitegen build'; a later build deletes only these, when it no longer writes them",
+                    "files": files,
+                },
+                option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS,
+            )
+            + b"\n",
+        )
         if self.journal_fd is not None:
             _unlink(self.root / JOURNAL)
         return len(stale)
@@ -305,8 +328,12 @@ def open_output(root: Path, stores: list[Path]) -> Iterator[Publisher]:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise BuildError(f"another 'sitegen build' is writing --out {root} right now; wait for it to finish, or pass another --out") from None
-            raise BuildError(f"cannot lock --out {root} ({e.strerror or e}); build into a folder on a local disk") from None
+                raise BuildError(
+                    f"another 'sitegen build' is writing --out {root} right now; wait for it to finish, or pass another --out"
+                ) from None
+            raise BuildError(
+                f"cannot lock --out {root} ({e.strerror or e}); build into a folder on a local disk"
+            ) from None
         _refuse_foreign(root, stores, check_empty=True)  # again under the lock: nothing changes it now
         previous = _read_record(root)
         if os.path.lexists(root / JOURNAL):  # the last build did not finish: its files are ours too
@@ -340,7 +367,9 @@ def _refuse_foreign(root: Path, stores: list[Path], check_empty: bool) -> None:
             raise BuildError(f"--out {root} contains the store {store}, which would be published with the site; {fix}")
     for child in _entries(root):
         if child.is_dir() and _is_store(child):
-            raise BuildError(f"--out {root} contains the sitegen store {child.name}/, which would be published with the site; {fix}")
+            raise BuildError(
+                f"--out {root} contains the sitegen store {child.name}/, which would be published with the site; {fix}"
+            )
     package = Path(sitegen.__file__).resolve().parent
     if resolved == package or resolved in package.parents:
         raise BuildError(f"--out {root} contains sitegen itself ({package}); {fix}")
@@ -354,13 +383,19 @@ def _refuse_foreign(root: Path, stores: list[Path], check_empty: bool) -> None:
         return
     if ".git" in names or "pyproject.toml" in names:
         what = ".git" if ".git" in names else "pyproject.toml"
-        raise BuildError(f"--out {root} looks like a source checkout (it has {what}); a build writes only into an empty folder "
-                         f"or one it built before; {fix}")
+        raise BuildError(
+            f"--out {root} looks like a source checkout (it has {what}); a build writes only into an empty folder "
+            f"or one it built before; {fix}"
+        )
     if {"index.html", "api"} <= names:
-        raise BuildError(f"--out {root} holds a site built by an older sitegen, which kept no record ({RECORD}) of its files; "
-                         f"delete it (rm -r {root}) and build again")
-    raise BuildError(f"--out {root} is not empty and no build recorded its files ({RECORD}); a build deletes only files it wrote, "
-                     f"so pass an empty or new folder, e.g. --out build")
+        raise BuildError(
+            f"--out {root} holds a site built by an older sitegen, which kept no record ({RECORD}) of its files; "
+            f"delete it (rm -r {root}) and build again"
+        )
+    raise BuildError(
+        f"--out {root} is not empty and no build recorded its files ({RECORD}); a build deletes only files it wrote, "
+        f"so pass an empty or new folder, e.g. --out build"
+    )
 
 
 def _is_store(path: Path) -> bool:
@@ -387,13 +422,21 @@ def _read_text(path: Path) -> str:
 def _plain_relative(rel: object) -> bool:
     """Whether rel is a normalised relative POSIX path: the only kind a build writes, so the only
     kind a record or journal (input: it may come from a cache or another machine) may list."""
-    return (isinstance(rel, str) and rel != "" and not rel.startswith("/") and "\\" not in rel and "\0" not in rel
-            and all(part not in ("", ".", "..") for part in rel.split("/")))
+    return (
+        isinstance(rel, str)
+        and rel != ""
+        and not rel.startswith("/")
+        and "\\" not in rel
+        and "\0" not in rel
+        and all(part not in ("", ".", "..") for part in rel.split("/"))
+    )
 
 
 def _refuse_outside(path: Path, root: Path, rel: object) -> BuildError:
-    return BuildError(f"{path} lists {rel!r}, which is not a plain relative path inside --out (a build deletes only files in "
-                      f"{root}); remove that entry, or delete the folder (rm -r {root}) and build again")
+    return BuildError(
+        f"{path} lists {rel!r}, which is not a plain relative path inside --out (a build deletes only files in "
+        f"{root}); remove that entry, or delete the folder (rm -r {root}) and build again"
+    )
 
 
 def _link_refused(root: Path, rel: str, path: str | Path) -> BuildError:
@@ -401,8 +444,10 @@ def _link_refused(root: Path, rel: str, path: str | Path) -> BuildError:
         target = f" (to {os.readlink(path)})"
     except OSError:
         target = ""
-    return BuildError(f"--out {root}: {rel} is a symbolic link{target}; a build never writes or deletes through a link inside "
-                      f"its folder: remove the link (rm {path}) and build again")
+    return BuildError(
+        f"--out {root}: {rel} is a symbolic link{target}; a build never writes or deletes through a link inside "
+        f"its folder: remove the link (rm {path}) and build again"
+    )
 
 
 def _read_own(root: Path, name: str) -> bytes:
@@ -413,7 +458,9 @@ def _read_own(root: Path, name: str) -> bytes:
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _link_refused(root, name, path) from None
-        raise BuildError(f"cannot read {path}: {e.strerror or e}; delete the folder (rm -r {root}) and build again") from None
+        raise BuildError(
+            f"cannot read {path}: {e.strerror or e}; delete the folder (rm -r {root}) and build again"
+        ) from None
     with open(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BuildError(f"{path} is not a regular file; delete it and build again")
@@ -429,7 +476,9 @@ def _read_record(root: Path) -> set[str]:
         if not isinstance(files, list):
             raise TypeError("'files' is not a list")
     except (orjson.JSONDecodeError, KeyError, TypeError) as e:
-        raise BuildError(f"{path}: unreadable build record ({e}); delete the folder (rm -r {root}) and build again") from None
+        raise BuildError(
+            f"{path}: unreadable build record ({e}); delete the folder (rm -r {root}) and build again"
+        ) from None
     for rel in files:
         if not _plain_relative(rel):
             raise _refuse_outside(path, root, rel)
@@ -456,8 +505,6 @@ def _remove_temporaries(root: Path) -> None:
         for name in files:
             if name.startswith(".") and name.endswith(TMP_SUFFIX):
                 _unlink(Path(dirpath) / name)
-
-
 
 
 def _unlink(path: str | Path) -> None:

@@ -34,11 +34,12 @@ adds shadowing and missing targets and returns the `Decision` a server acts on.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import parse_qs, parse_qsl, quote, quote_plus, urlencode
+
+import tomllib
 
 from sitegen.errors import BuildError
 from sitegen.resources import resource
@@ -97,12 +98,14 @@ class Match:
         """`to` with the placeholders filled in: raw for a site path (rewrite), percent-encoded
         per segment for a Location (redirect)."""
         encode = self.rule.redirects
+
         def fill(g: re.Match) -> str:
             name = g.group(1)
             if name not in self.values:
                 return g.group(0)
             value = self.values[name]
             return quote(value, safe=_SEGMENT_SAFE + ("/" if name == "splat" else "")) if encode else value
+
         out = _PLACEHOLDER.sub(fill, self.rule.to)
         if encode and out.startswith("/"):
             out = "/" + out.lstrip("/")  # '//host/...' would leave the site
@@ -128,7 +131,7 @@ def _passed_query(rule: Rule, query: str) -> str:
     pairs = parse_qsl(query, keep_blank_values=True, errors="replace")
     if "?" in rule.to or not pairs:
         return ""
-    form = lambda text, safe, encoding, errors: quote_plus(text, safe="*").replace("~", "%7E")  # noqa: E731
+    form = lambda text, safe, encoding, errors: quote_plus(text, safe="*").replace("~", "%7E")
     return "?" + urlencode(pairs, quote_via=form)
 
 
@@ -245,13 +248,23 @@ def parse_rules(doc: dict, source: str = "netlify.toml") -> Rules:
     """Rules from a parsed netlify.toml document."""
     try:
         redirects = tuple(
-            Rule(r["from"], r["to"], int(r.get("status", 301)), bool(r.get("force", False)),
-                 tuple(sorted((r.get("query") or {}).items())), _compile(r["from"]))
+            Rule(
+                r["from"],
+                r["to"],
+                int(r.get("status", 301)),
+                bool(r.get("force", False)),
+                tuple(sorted((r.get("query") or {}).items())),
+                _compile(r["from"]),
+            )
             for r in doc.get("redirects", [])
         )
-        headers = tuple((_compile_for(h["for"]), tuple(sorted(h.get("values", {}).items()))) for h in doc.get("headers", []))
+        headers = tuple(
+            (_compile_for(h["for"]), tuple(sorted(h.get("values", {}).items()))) for h in doc.get("headers", [])
+        )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise BuildError(f"{source}: a [[redirects]] or [[headers]] table is malformed ({e!r}); each needs from/to (for)") from None
+        raise BuildError(
+            f"{source}: a [[redirects]] or [[headers]] table is malformed ({e!r}); each needs from/to (for)"
+        ) from None
     return Rules(redirects, headers)
 
 
@@ -272,14 +285,17 @@ def load_rules(path: Path | None = None) -> Rules:
 # request choose the Location's leading path ("/%5C%5Cevil.com/go" -> "//evil.com/..." on
 # Netlify), so each rule names its model literally and a Location always starts "/<model>/".
 REDIRECTS_FILE = "_redirects"
-_REDIRECTS_HEADER = ("# Written by `sitegen build` (Netlify reads this file before netlify.toml's rules): the model\n"
-                     "# page's layer/neuron chooser, one rule per model, so the redirect's path is never a request's.\n")
+_REDIRECTS_HEADER = (
+    "# Written by `sitegen build` (Netlify reads this file before netlify.toml's rules): the model\n"
+    "# page's layer/neuron chooser, one rule per model, so the redirect's path is never a request's.\n"
+)
 
 
 def chooser_redirects(model_names: list[str]) -> str:
     """The `_redirects` text for MODEL_NAMES (sorted: the same site gives the same bytes)."""
     return _REDIRECTS_HEADER + "".join(
-        f"/{name}/go  layer=:layer  neuron=:neuron  /{name}/:layer/:neuron.html  302\n" for name in sorted(model_names))
+        f"/{name}/go  layer=:layer  neuron=:neuron  /{name}/:layer/:neuron.html  302\n" for name in sorted(model_names)
+    )
 
 
 def parse_redirects_file(text: str, source: str = REDIRECTS_FILE) -> tuple[Rule, ...]:
@@ -295,9 +311,15 @@ def parse_redirects_file(text: str, source: str = REDIRECTS_FILE) -> tuple[Rule,
             status, force = int(fields[-1].rstrip("!")), fields[-1].endswith("!")
             fields = fields[:-1]
         conditions = fields[1:-1]
-        if len(fields) < 2 or not fields[0].startswith("/") or not all(re.fullmatch(r"[^=\s]+=:[A-Za-z_]\w*", c) for c in conditions):
-            raise BuildError(f"{source}, line {number}: not a rule sitegen understands ({line.strip()!r}); "
-                             f"write `/from [name=:value ...] /to [status]`, or rebuild the site")
+        if (
+            len(fields) < 2
+            or not fields[0].startswith("/")
+            or not all(re.fullmatch(r"[^=\s]+=:[A-Za-z_]\w*", c) for c in conditions)
+        ):
+            raise BuildError(
+                f"{source}, line {number}: not a rule sitegen understands ({line.strip()!r}); "
+                f"write `/from [name=:value ...] /to [status]`, or rebuild the site"
+            )
         query = tuple(sorted(tuple(c.split("=", 1)) for c in conditions))
         rules.append(Rule(fields[0], fields[-1], status, force, query, _compile(fields[0])))
     return tuple(rules)

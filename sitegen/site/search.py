@@ -105,8 +105,15 @@ def publish_search(pub, model) -> dict:
         for k, key in enumerate(sorted(entries)):
             a, i = lists.get(key, empty)
             support = index.support.get(key, [])
-            entry = {"a": _delta(a[:CAP]), "i": _delta(i[:CAP]), "na": len(a), "ni": len(i), "n": len(set(a) | set(i)),
-                     "s": support[:CAP], "c": index.counts.get(key, 0)}
+            entry = {
+                "a": _delta(a[:CAP]),
+                "i": _delta(i[:CAP]),
+                "na": len(a),
+                "ni": len(i),
+                "n": len(set(a) | set(i)),
+                "s": support[:CAP],
+                "c": index.counts.get(key, 0),
+            }
             if len(a) > CAP or len(i) > CAP:
                 entry["m"] = k
                 pub.publish(f"{base}/more/{s}-{k}.json", orjson.dumps({"a": _delta(a), "i": _delta(i)}))
@@ -123,8 +130,15 @@ def publish_search(pub, model) -> dict:
                 g = layer * size + n
                 rows.append([*index.preview(g), explanations.get(g)])
             pub.publish(f"{base}/preview/{layer}/{start // PREVIEW_CHUNK}.json", orjson.dumps(rows))
-    meta = {"shards": shards, "cap": CAP, "layer_size": size, "num_layers": model.num_layers, "preview_chunk": PREVIEW_CHUNK, "hash": "fnv1a-32",
-            "corpus": index.corpus}
+    meta = {
+        "shards": shards,
+        "cap": CAP,
+        "layer_size": size,
+        "num_layers": model.num_layers,
+        "preview_chunk": PREVIEW_CHUNK,
+        "hash": "fnv1a-32",
+        "corpus": index.corpus,
+    }
     if explanations:
         meta["text"] = publish_text_search(pub, base, explanations)
     pub.publish(f"{base}/meta.json", orjson.dumps(meta, option=orjson.OPT_SORT_KEYS))

@@ -48,8 +48,14 @@ MAX_CONNECTIONS = 2048  # open connections (also kept below the process's file d
 HEAD_LIMIT = 128 * 1024  # bytes of request line + headers buffered per connection
 _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
 # Netlify's content types for the site's files (tests/test_netlify.py compares them).
-_TYPES = {".json": "application/json; charset=utf-8", ".js": "application/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
-          ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml", ".txt": "text/plain; charset=utf-8"}
+_TYPES = {
+    ".json": "application/json; charset=utf-8",
+    ".js": "application/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".txt": "text/plain; charset=utf-8",
+}
 _COMPRESSIBLE = ("text/", "application/json", "application/javascript", "image/svg+xml")
 GZIP_MIN_BYTES = 256  # smaller answers gain nothing from compression
 # What may go into a header value we build from a request: printable ASCII without backslash.
@@ -91,16 +97,20 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---- answers -------------------------------------------------------------------------
 
-    def _send(self, status: int, headers: list[tuple[str, str]], body: bytes, head_only: bool, path: str | None = "/") -> None:
+    def _send(
+        self, status: int, headers: list[tuple[str, str]], body: bytes, head_only: bool, path: str | None = "/"
+    ) -> None:
         """Status line, HEADERS, netlify.toml's headers for PATH (none when PATH is None: an edge
         function's answer), Content-Length, then BODY."""
         if body:
             # (a request too malformed to parse has no headers: it gets its short answer plain)
-            headers, body = _compressed(headers, body, getattr(self, "headers", None) and self.headers.get("Accept-Encoding", "") or "")
+            headers, body = _compressed(
+                headers, body, getattr(self, "headers", None) and self.headers.get("Accept-Encoding", "") or ""
+            )
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)
-        for name, value in (self.rules.headers_for(path) if path is not None else ()):
+        for name, value in self.rules.headers_for(path) if path is not None else ():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
@@ -125,7 +135,12 @@ class Handler(BaseHTTPRequestHandler):
         reason = self.responses.get(code, ("Error",))[0]
         body = f"{code} {reason}" + (f": {detail}" if detail else "") + "\n"
         head_only = getattr(self, "command", None) == "HEAD"
-        self._send(code, [("Content-Type", "text/plain; charset=utf-8"), *headers], body.encode("ascii", "backslashreplace"), head_only)
+        self._send(
+            code,
+            [("Content-Type", "text/plain; charset=utf-8"), *headers],
+            body.encode("ascii", "backslashreplace"),
+            head_only,
+        )
 
     def send_response(self, code: int, message: str | None = None) -> None:
         super().send_response(code, None)  # the standard reason phrase only
@@ -139,10 +154,16 @@ class Handler(BaseHTTPRequestHandler):
             return None
         if site_path.endswith("/"):
             stem = site_path[:-1]
-            names = ([stem + ".html", stem + ".htm"] if stem else []) + [site_path + "index.html", site_path + "index.htm"]
+            names = ([stem + ".html", stem + ".htm"] if stem else []) + [
+                site_path + "index.html",
+                site_path + "index.htm",
+            ]
         else:
-            names = [site_path] + ([] if _ASSET.search(site_path) else
-                                   [site_path + ".html", site_path + ".htm", site_path + "/index.html", site_path + "/index.htm"])
+            names = [site_path] + (
+                []
+                if _ASSET.search(site_path)
+                else [site_path + ".html", site_path + ".htm", site_path + "/index.html", site_path + "/index.htm"]
+            )
         for name in names:
             try:
                 path = (self.root / name.lstrip("/")).resolve()
@@ -179,7 +200,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(edge.status, list(edge.headers), edge.body, head_only, None)
             return
         decision = self.rules.decide(path, query, lambda p: self._file(p) is not None)
-        if decision.status == 404 and (body := edge_functions.not_found_body(resource("netlify.toml"), raw_path)) is not None:
+        if (
+            decision.status == 404
+            and (body := edge_functions.not_found_body(resource("netlify.toml"), raw_path)) is not None
+        ):
             # an edge function that replaces the 404 page's body, as on Netlify (the API's JSON 404)
             self._send(404, [("Content-Type", "application/json; charset=utf-8")], body, head_only, path)
             return
@@ -194,7 +218,9 @@ class Handler(BaseHTTPRequestHandler):
                 self._plain(400, "the redirect target would not be a safe URL")
                 return
             # Netlify's redirect answer: no Content-Type, this one-line body.
-            self._send(d.status, [("Location", d.location)], f"Redirecting to {d.location}".encode("ascii"), head_only, path)
+            self._send(
+                d.status, [("Location", d.location)], f"Redirecting to {d.location}".encode("ascii"), head_only, path
+            )
             return
         file = self._file(d.file) if d.file else None
         if file is None:  # only the 404 page itself can be missing here
@@ -237,7 +263,9 @@ def _accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
-def _compressed(headers: list[tuple[str, str]], body: bytes, accept_encoding: str) -> tuple[list[tuple[str, str]], bytes]:
+def _compressed(
+    headers: list[tuple[str, str]], body: bytes, accept_encoding: str
+) -> tuple[list[tuple[str, str]], bytes]:
     """Text answers (HTML, JSON, JS, CSS, SVG, plain text) gzipped for a client that accepts gzip,
     as Netlify's CDN sends them; every compressible answer says Vary: Accept-Encoding. The gzip
     header has no time stamp, so the same file gives the same bytes."""
@@ -282,9 +310,9 @@ class _Connection:
             self.scanned = len(self.buffer)
             if len(self.buffer) <= HEAD_LIMIT:
                 return False
-            self.head, self.buffer, self.oversize = self.buffer[:HEAD_LIMIT + 1], b"", True
+            self.head, self.buffer, self.oversize = self.buffer[: HEAD_LIMIT + 1], b"", True
         else:
-            self.head, self.buffer, self.oversize = self.buffer[:m.end()], self.buffer[m.end():], False
+            self.head, self.buffer, self.oversize = self.buffer[: m.end()], self.buffer[m.end() :], False
         self.scanned = 0
         return True
 
@@ -298,8 +326,15 @@ class SiteServer(HTTPServer):
     max_connections = MAX_CONNECTIONS
     idle_timeout = IDLE_TIMEOUT
 
-    def __init__(self, server_address, handler, *, idle_timeout: float = IDLE_TIMEOUT, workers: int = WORKERS,
-                 max_connections: int = MAX_CONNECTIONS):
+    def __init__(
+        self,
+        server_address,
+        handler,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        workers: int = WORKERS,
+        max_connections: int = MAX_CONNECTIONS,
+    ):
         super().__init__(server_address, handler)
         soft = rlimit.getrlimit(rlimit.RLIMIT_NOFILE)[0]
         room = soft - 64 if soft != rlimit.RLIM_INFINITY else max_connections  # files, the wake pair, stdio
@@ -323,7 +358,9 @@ class SiteServer(HTTPServer):
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         self._stop.clear()
         self._stopped.clear()
-        pool = [threading.Thread(target=self._work, name=f"sitegen-serve-{i}", daemon=True) for i in range(self.workers)]
+        pool = [
+            threading.Thread(target=self._work, name=f"sitegen-serve-{i}", daemon=True) for i in range(self.workers)
+        ]
         for t in pool:
             t.start()
         sel = selectors.DefaultSelector()
@@ -458,21 +495,34 @@ class SiteServer(HTTPServer):
         super().handle_error(request, client_address)
 
 
-def make_server(root: Path, host: str = "127.0.0.1", port: int = 8000, *, idle_timeout: float = IDLE_TIMEOUT,
-                workers: int = WORKERS, max_connections: int = MAX_CONNECTIONS) -> SiteServer:
+def make_server(
+    root: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    idle_timeout: float = IDLE_TIMEOUT,
+    workers: int = WORKERS,
+    max_connections: int = MAX_CONNECTIONS,
+) -> SiteServer:
     root = Path(root).resolve()
     if not (root / "index.html").is_file():
         raise BuildError(f"{root} has no index.html; build the site first: sitegen build STORE --out {root}")
     handler = type("SiteHandler", (Handler,), {"rules": site_rules(root), "root": root})
     try:
-        return SiteServer((host, port), handler, idle_timeout=idle_timeout, workers=workers, max_connections=max_connections)
+        return SiteServer(
+            (host, port), handler, idle_timeout=idle_timeout, workers=workers, max_connections=max_connections
+        )
     except OSError as e:
         raise BuildError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --port") from None
 
 
 def serve_forever(root: Path, host: str, port: int) -> None:
     server = make_server(root, host, port)
-    print(f"serving {Path(root).resolve()} at http://{host}:{server.server_address[1]}/  (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    print(
+        f"serving {Path(root).resolve()} at http://{host}:{server.server_address[1]}/  (Ctrl-C to stop)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from sitegen import __version__
 from sitegen.errors import DiskFull, StoreError
 from sitegen.store.manifest import SCHEMA_VERSION, encode, validate_store, with_service
+
 MANIFEST = "manifest.json"
 WORK_DIR = ".work"
 LOCK = ".manifest.lock"
@@ -78,7 +79,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         if e.errno == errno.ENOSPC:
-            raise DiskFull(f"disk full while writing {path}; free space and rerun the same command (finished work is kept)", path) from None
+            raise DiskFull(
+                f"disk full while writing {path}; free space and rerun the same command (finished work is kept)", path
+            ) from None
         raise StoreError(f"cannot write {path}: {e.strerror or e}") from None
     except BaseException:
         if tmp is not None:
@@ -93,8 +96,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def write_table(path: Path, table: pa.Table) -> None:
     # Fixed writer options keep the bytes identical for identical data.
     # Page checksums: a flipped byte in a data page is then an error on read (see _read), not a wrong number on the site.
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", write_statistics=False, use_dictionary=False,
-                                                  write_page_checksum=True))
+    atomic_write(
+        path,
+        lambda tmp: pq.write_table(
+            table, tmp, compression="zstd", write_statistics=False, use_dictionary=False, write_page_checksum=True
+        ),
+    )
 
 
 def _leaf_values(array: pa.Array) -> pa.Array:
@@ -132,12 +139,18 @@ def check_finite(path: Path, table: pa.Table, allow_inf: bool = False) -> None:
                 row = next(i for i, v in enumerate(values) if _non_finite(v, allow_inf) is not None)
                 where = f"row {row}"
                 try:  # name the neuron, also when the caller read other columns only
-                    neurons = table.column("neuron") if "neuron" in table.column_names else pq.read_table(path, columns=["neuron"]).column("neuron")
+                    neurons = (
+                        table.column("neuron")
+                        if "neuron" in table.column_names
+                        else pq.read_table(path, columns=["neuron"]).column("neuron")
+                    )
                     where = f"neuron {neurons[row].as_py()}"
                 except (OSError, KeyError, pa.ArrowException):
                     pass
-                raise StoreError(f"{path}: column '{name}' of {where} holds {_non_finite(values[row], allow_inf)}, not a finite number; "
-                                 "the store is damaged: recompute it (compute refuses activations that overflow)")
+                raise StoreError(
+                    f"{path}: column '{name}' of {where} holds {_non_finite(values[row], allow_inf)}, not a finite number; "
+                    "the store is damaged: recompute it (compute refuses activations that overflow)"
+                )
 
 
 class Store:
@@ -161,10 +174,16 @@ class Store:
                     command = f"sitegen merge SHARD... --out {store.root}"
                 raise StoreError(f"{store.root} is an unfinished 'sitegen merge' (interrupted); rerun it: {command}")
             if (store.root / WORK_DIR).exists():
-                raise StoreError(f"{store.root} is an unfinished compute run; rerun the same 'sitegen compute' command to finish it")
-            raise StoreError(f"{store.root} is not a sitegen store (no {MANIFEST}); run 'sitegen compute --out {store.root}' first")
+                raise StoreError(
+                    f"{store.root} is an unfinished compute run; rerun the same 'sitegen compute' command to finish it"
+                )
+            raise StoreError(
+                f"{store.root} is not a sitegen store (no {MANIFEST}); run 'sitegen compute --out {store.root}' first"
+            )
         manifest = store._read_manifest()
-        validate_store(store.root, manifest)  # the manifest's fields and the files' footers, one line on the first fault
+        validate_store(
+            store.root, manifest
+        )  # the manifest's fields and the files' footers, one line on the first fault
         store._manifest = manifest
         return store
 
@@ -176,7 +195,9 @@ class Store:
             raise StoreError(f"{path}: unreadable manifest ({e}); recompute the store") from None
         version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         if version != SCHEMA_VERSION:
-            raise StoreError(f"{self.root} has store schema {version}, this sitegen reads {SCHEMA_VERSION}; recompute it with this version")
+            raise StoreError(
+                f"{self.root} has store schema {version}, this sitegen reads {SCHEMA_VERSION}; recompute it with this version"
+            )
         return manifest
 
     @contextmanager
@@ -224,7 +245,9 @@ class Store:
         check_finite(path, table, allow_inf)
         return table
 
-    def read_layer(self, service: str, layer: int, columns: list[str] | None = None, allow_inf: bool = False) -> pa.Table:
+    def read_layer(
+        self, service: str, layer: int, columns: list[str] | None = None, allow_inf: bool = False
+    ) -> pa.Table:
         """One layer's table. Every float in it is finite, or a StoreError names the file, column and
         neuron (compute never stores a NaN or an infinity: a JSON API cannot carry one). `allow_inf`:
         merge reads shards whose empty neurons keep +-inf as the identity of min and max."""
@@ -242,7 +265,9 @@ class Store:
             seqs = self.sequences()
             col = seqs.column("token_ids").combine_chunks()
             offsets, values = col.offsets.to_numpy(), col.values.to_numpy()
-            self._sequence_tokens = {int(s): values[offsets[i]:offsets[i + 1]] for i, s in enumerate(seqs.column("seq_id").to_numpy())}
+            self._sequence_tokens = {
+                int(s): values[offsets[i] : offsets[i + 1]] for i, s in enumerate(seqs.column("seq_id").to_numpy())
+            }
         return self._sequence_tokens
 
     # -- writing (compute and merge) --
@@ -250,7 +275,10 @@ class Store:
         write_table(self.layer_path(service, layer), table)
 
     def write_vocab(self, tokens: list[str]) -> None:
-        write_table(self.root / "vocab.parquet", pa.table({"token_id": pa.array(range(len(tokens)), pa.int32()), "token": pa.array(tokens, pa.string())}))
+        write_table(
+            self.root / "vocab.parquet",
+            pa.table({"token_id": pa.array(range(len(tokens)), pa.int32()), "token": pa.array(tokens, pa.string())}),
+        )
 
     def write_sequences(self, table: pa.Table) -> None:
         write_table(self.root / "sequences.parquet", table)
@@ -279,10 +307,12 @@ class Store:
         self._manifest = manifest
 
 
-SEQUENCES_SCHEMA = pa.schema([
-    ("seq_id", pa.int64()),
-    ("doc_id", pa.string()),
-    ("char_start", pa.int64()),
-    ("char_end", pa.int64()),
-    ("token_ids", pa.list_(pa.int32())),
-])
+SEQUENCES_SCHEMA = pa.schema(
+    [
+        ("seq_id", pa.int64()),
+        ("doc_id", pa.string()),
+        ("char_start", pa.int64()),
+        ("char_end", pa.int64()),
+        ("token_ids", pa.list_(pa.int32())),
+    ]
+)

@@ -233,8 +233,10 @@ def _check_token_ids(path: Path, columns: tuple[str, ...], n_vocab: int, key: st
             ids = row if isinstance(row, list) else [row]
             bad = next((i for i in _leaves(ids) if i is not None and not 0 <= i < n_vocab), None)
             if bad is not None:
-                raise StoreError(f"{path}: column '{name}' of {key} {k} holds token id {bad}, outside the vocabulary "
-                                 f"(vocab.parquet has ids 0 to {n_vocab - 1}); {_RECOMPUTE}")
+                raise StoreError(
+                    f"{path}: column '{name}' of {key} {k} holds token id {bad}, outside the vocabulary "
+                    f"(vocab.parquet has ids 0 to {n_vocab - 1}); {_RECOMPUTE}"
+                )
 
 
 def _leaves(items: list) -> list:
@@ -248,12 +250,16 @@ def _check_services(path: Path, m: Manifest, data: dict, specs: Mapping[str, Ser
     """Every required service listed, and the manifest records of each listed one of its declared types."""
     for name, spec in specs.items():
         if spec.required and name not in m.services:
-            raise StoreError(f"{path}: field 'services' is {_shown(m.services)}: must list {name!r} (every store has it); "
-                             f"fix that field or {_RECOMPUTE}")
+            raise StoreError(
+                f"{path}: field 'services' is {_shown(m.services)}: must list {name!r} (every store has it); "
+                f"fix that field or {_RECOMPUTE}"
+            )
     for name in m.services:
         for key, record in specs.get(name, GENERIC_SERVICE).records:
             if key not in data:
-                raise StoreError(f"{path}: field '{key}' is missing (service {name!r} records it); fix that field or {_RECOMPUTE}")
+                raise StoreError(
+                    f"{path}: field '{key}' is missing (service {name!r} records it); fix that field or {_RECOMPUTE}"
+                )
             try:
                 record.model_validate(data[key])
             except ValidationError as e:
@@ -269,8 +275,10 @@ def validate_store(root: Path, data: Any) -> Manifest:
     size, n_layers = m.model.layer_size, m.model.num_layers
     vocab = _footer(root / "vocab.parquet", VOCAB_COLUMNS)
     if m.model.vocab_size is not None and vocab.num_rows != m.model.vocab_size:
-        raise StoreError(f"{path}: field 'model.vocab_size' is {m.model.vocab_size} but vocab.parquet has {vocab.num_rows} tokens; "
-                         f"fix that field or {_RECOMPUTE}")
+        raise StoreError(
+            f"{path}: field 'model.vocab_size' is {m.model.vocab_size} but vocab.parquet has {vocab.num_rows} tokens; "
+            f"fix that field or {_RECOMPUTE}"
+        )
     _footer(root / "sequences.parquet", SEQUENCES_COLUMNS)
     _check_token_ids(root / "sequences.parquet", ("token_ids",), vocab.num_rows, "seq_id")
     for service in m.services:
@@ -279,19 +287,25 @@ def validate_store(root: Path, data: Any) -> Manifest:
         for layer_dir in sorted(folder.glob("layer=*")) if folder.is_dir() else ():
             layer = layer_dir.name.removeprefix("layer=")
             if not layer.isdigit() or int(layer) >= n_layers:
-                raise StoreError(f"{path}: field 'model.num_layers' is {n_layers} but the store holds {layer_dir}; "
-                                 f"fix that field or {_RECOMPUTE}")
+                raise StoreError(
+                    f"{path}: field 'model.num_layers' is {n_layers} but the store holds {layer_dir}; "
+                    f"fix that field or {_RECOMPUTE}"
+                )
         for layer in range(n_layers):
             table = folder / f"layer={layer}" / "data.parquet"
             if not table.exists():
                 if not spec.complete:
                     continue
-                raise StoreError(f"{table} is missing, but {path} lists service '{service}' and field 'model.num_layers' is {n_layers}; "
-                                 f"fix that field or {_RECOMPUTE}")
+                raise StoreError(
+                    f"{table} is missing, but {path} lists service '{service}' and field 'model.num_layers' is {n_layers}; "
+                    f"fix that field or {_RECOMPUTE}"
+                )
             rows = _footer(table, spec.columns).num_rows
             if (rows != size) if spec.complete else (rows > size):
-                raise StoreError(f"{path}: field 'model.layer_size' is {size} but {table} has {rows} rows (one per neuron); "
-                                 f"fix that field or {_RECOMPUTE}")
+                raise StoreError(
+                    f"{path}: field 'model.layer_size' is {size} but {table} has {rows} rows (one per neuron); "
+                    f"fix that field or {_RECOMPUTE}"
+                )
             if spec.token_columns:
                 _footer(table, spec.token_columns)
                 _check_token_ids(table, spec.token_columns, vocab.num_rows, "neuron")
@@ -304,20 +318,43 @@ SCHEMA_VERSION = 2  # 2: squares as two limbs (sumsq_lo), variable-width display
 _STAMPS = ("schema_version", "sitegen_version")  # written by encode(), never carried over from a read manifest
 
 
-def new_manifest(*, model: dict, corpus: dict, processed: dict, config: dict, run_hash: str, shard: dict | None,
-                 services: list[str], **records: Any) -> dict:
+def new_manifest(
+    *,
+    model: dict,
+    corpus: dict,
+    processed: dict,
+    config: dict,
+    run_hash: str,
+    shard: dict | None,
+    services: list[str],
+    **records: Any,
+) -> dict:
     """A whole store's manifest (compute, merge, synthetic test stores). `records`: per-service
     or provenance records kept as they are (the services' `manifest_records`, identity, versions, ...)."""
-    return {"model": model, "corpus": corpus, "processed": processed, "config": config,
-            "run_hash": run_hash, "shard": shard, "services": list(services), **records}
+    return {
+        "model": model,
+        "corpus": corpus,
+        "processed": processed,
+        "config": config,
+        "run_hash": run_hash,
+        "shard": shard,
+        "services": list(services),
+        **records,
+    }
 
 
 def merged_manifest(manifests: list[dict], services: list[str]) -> dict:
     """The manifest of a merged store: the first shard's, as a whole store, with every shard's work summed."""
     first = {k: v for k, v in manifests[0].items() if k not in _STAMPS}
-    return {**first, "shard": None, "services": list(services),
-            "processed": {"sequences": sum(m["processed"]["sequences"] for m in manifests),
-                          "tokens": sum(m["processed"]["tokens"] for m in manifests)}}
+    return {
+        **first,
+        "shard": None,
+        "services": list(services),
+        "processed": {
+            "sequences": sum(m["processed"]["sequences"] for m in manifests),
+            "tokens": sum(m["processed"]["tokens"] for m in manifests),
+        },
+    }
 
 
 def with_service(current: dict, service: str, record: dict | None = None) -> dict | None:
@@ -335,6 +372,10 @@ def with_service(current: dict, service: str, record: dict | None = None) -> dic
 def encode(path: Path, manifest: dict, sitegen_version: str) -> tuple[dict, bytes]:
     """The stamped manifest and its bytes, checked against the schema first: sitegen never writes
     a manifest it would refuse to open."""
-    stamped = {**{k: v for k, v in manifest.items() if k not in _STAMPS}, "schema_version": SCHEMA_VERSION, "sitegen_version": sitegen_version}
+    stamped = {
+        **{k: v for k, v in manifest.items() if k not in _STAMPS},
+        "schema_version": SCHEMA_VERSION,
+        "sitegen_version": sitegen_version,
+    }
     _check_services(path, parse_manifest(path, stamped), stamped, service_specs())
     return stamped, orjson.dumps(stamped, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2)

@@ -34,14 +34,38 @@ TOP = 5
 def _round(lp: dict) -> dict:
     def r(v):
         return None if v is None else round(float(v), 5)
-    return {"tokens": lp["tokens"], "text_offset": lp["text_offset"], "token_logprobs": [r(v) for v in lp["token_logprobs"]],
-            "top_logprobs": [None if t is None else {k: r(v) for k, v in t.items()} for t in lp["top_logprobs"]]}
+
+    return {
+        "tokens": lp["tokens"],
+        "text_offset": lp["text_offset"],
+        "token_logprobs": [r(v) for v in lp["token_logprobs"]],
+        "top_logprobs": [None if t is None else {k: r(v) for k, v in t.items()} for t in lp["top_logprobs"]],
+    }
 
 
 def from_server(prompt: str) -> dict:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf_path()), "--host", "127.0.0.1", "--port", str(port),
-                             "--n_ctx", "2048", "--logits_all", "true", "--model_alias", "smollm2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(default_gguf_path()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+            "--logits_all",
+            "true",
+            "--model_alias",
+            "smollm2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     try:
         for _ in range(240):
@@ -50,7 +74,9 @@ def from_server(prompt: str) -> dict:
                 break
             except OSError:
                 time.sleep(0.5)
-        body = json.dumps({"model": "smollm2", "prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": TOP}).encode()
+        body = json.dumps(
+            {"model": "smollm2", "prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": TOP}
+        ).encode()
         req = urllib.request.Request(url + "/completions", data=body, headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(req, timeout=600).read())
     finally:
@@ -81,7 +107,10 @@ def openai_convention(prompt: str) -> dict:
             out["top_logprobs"].append(None)
             continue
         row = logprobs[i - 1]  # the distribution over token i: the logits after token i - 1
-        top = {llm.detokenize([int(t)], prev_tokens=ids[start:i]).decode("utf-8", errors="ignore"): float(row[t]) for t in np.argsort(-row)[:TOP]}
+        top = {
+            llm.detokenize([int(t)], prev_tokens=ids[start:i]).decode("utf-8", errors="ignore"): float(row[t])
+            for t in np.argsort(-row)[:TOP]
+        }
         top[out["tokens"][-1]] = float(row[ids[i]])
         out["token_logprobs"].append(float(row[ids[i]]))
         out["top_logprobs"].append(top)
@@ -90,8 +119,13 @@ def openai_convention(prompt: str) -> dict:
 
 def main() -> None:
     prompt, offsets = scoring.simulation_prompt('the word "tax".', [" the", " tax", " cut", " is", " fair"])
-    for name, lp in (("echo_llama_next.json", from_server(prompt)), ("echo_openai_own.json", openai_convention(prompt))):
-        (HERE / name).write_text(json.dumps({"prompt": prompt, "offsets": offsets, "logprobs": lp}, ensure_ascii=False) + "\n")
+    for name, lp in (
+        ("echo_llama_next.json", from_server(prompt)),
+        ("echo_openai_own.json", openai_convention(prompt)),
+    ):
+        (HERE / name).write_text(
+            json.dumps({"prompt": prompt, "offsets": offsets, "logprobs": lp}, ensure_ascii=False) + "\n"
+        )
         print(name, len(lp["tokens"]), "tokens")
 
 

@@ -24,13 +24,19 @@ SERVICE = "logits"
 TOP_N = 10
 
 _ACTS = {
-    "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
 
 
-def _normalise(x: torch.Tensor, kind: str, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+def _normalise(
+    x: torch.Tensor, kind: str, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
     if kind.startswith("LN"):
         x = x - x.mean(-1, keepdim=True)
     x = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
@@ -82,7 +88,7 @@ def weight_tables(model, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterato
             W_gate = mlp.W_gate.float() if mlp.W_gate is not None else None
             best_v = best_i = None
             for start in range(0, W_E.shape[0], vocab_chunk):  # chunks bound the (vocab, d_mlp) matrix
-                e = _normalise(W_E[start:start + vocab_chunk], kind, w2, b2, eps)
+                e = _normalise(W_E[start : start + vocab_chunk], kind, w2, b2, eps)
                 pre = e @ W_in + (b_in if b_in is not None else 0)
                 a = act(e @ W_gate) * pre if W_gate is not None else act(pre)
                 v, i = torch.topk(a, min(top_n, a.shape[0]), dim=0)

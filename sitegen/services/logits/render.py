@@ -34,7 +34,11 @@ class LogitsLayer:
             ids, vals = self.cols.get(f"{kind}_ids"), self.cols.get(f"{kind}_vals")
             if ids is None:
                 continue
-            rows[kind] = Markup("".join([f"<tr><td><code>{esc_vocab[i]}</code></td><td>{v:.3g}</td></tr>" for i, v in zip(ids[n], vals[n])]))
+            rows[kind] = Markup(
+                "".join(
+                    [f"<tr><td><code>{esc_vocab[i]}</code></td><td>{v:.3g}</td></tr>" for i, v in zip(ids[n], vals[n])]
+                )
+            )
         return rows
 
     def layer_payload(self) -> dict:

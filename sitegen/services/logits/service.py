@@ -2,31 +2,62 @@
 
 from __future__ import annotations
 
-from sitegen.services.base import LAYER_COUNT, LAYER_NEURON, MODEL_COUNT, NEURON_INDEX_REF, Service, api_envelope, api_get, level_paths
+from sitegen.services.base import (
+    LAYER_COUNT,
+    LAYER_NEURON,
+    MODEL_COUNT,
+    NEURON_INDEX_REF,
+    Service,
+    api_envelope,
+    api_get,
+    level_paths,
+)
+
 
 def _token_value(value: str) -> dict:
-    return {"type": "object", "required": ["token", "token_id", "value"], "description": "A vocabulary token and its score.",
-            "properties": {"token": {"type": "string", "description": "The token as the tokenizer decodes it."},
-                           "token_id": {"type": "integer", "description": "Its id in the tokenizer's vocabulary."},
-                           "value": {"type": "number", "description": value}}}
+    return {
+        "type": "object",
+        "required": ["token", "token_id", "value"],
+        "description": "A vocabulary token and its score.",
+        "properties": {
+            "token": {"type": "string", "description": "The token as the tokenizer decodes it."},
+            "token_id": {"type": "integer", "description": "Its id in the tokenizer's vocabulary."},
+            "value": {"type": "number", "description": value},
+        },
+    }
 
 
-_DIRECT = ("The neuron's output weights W_out[n] read through the unembedding (W_out[n] . W_U, with the final norm's weight folded "
-           "in, centred first for LayerNorm; the per-position norm scale and biases left out), rounded to 4 decimals")
+_DIRECT = (
+    "The neuron's output weights W_out[n] read through the unembedding (W_out[n] . W_U, with the final norm's weight folded "
+    "in, centred first for LayerNorm; the per-position norm scale and biases left out), rounded to 4 decimals"
+)
 _LOGITS = {
-    "type": "object", "required": ["neuron_index", "promoted", "suppressed"],
+    "type": "object",
+    "required": ["neuron_index", "promoted", "suppressed"],
     "description": "What the neuron's weights say, with no corpus: the output tokens its activation pushes up and down, and the input "
-                   "tokens that drive it directly.",
-    "properties": {"neuron_index": {"$ref": NEURON_INDEX_REF, "description": "The neuron."},
-                   "promoted": {"type": "array", "items": _token_value(_DIRECT + "."),
-                                "description": "The 10 tokens whose logits a positive activation raises most, highest first."},
-                   "suppressed": {"type": "array", "items": _token_value(_DIRECT + " (negative: the logit falls)."),
-                                  "description": "The 10 tokens whose logits a positive activation lowers most, lowest value first."},
-                   "input_tokens": {"type": "array", "items": _token_value(
-                       "The neuron's activation if the residual stream held only this token's embedding (W_E[token] through the "
-                       "layer's pre-MLP norm, W_in and the MLP's nonlinearity), rounded to 4 decimals."),
-                       "description": "The 10 tokens whose embedding alone activates the neuron most, highest first "
-                                      "(absent for an activation function sitegen cannot evaluate)."}},
+    "tokens that drive it directly.",
+    "properties": {
+        "neuron_index": {"$ref": NEURON_INDEX_REF, "description": "The neuron."},
+        "promoted": {
+            "type": "array",
+            "items": _token_value(_DIRECT + "."),
+            "description": "The 10 tokens whose logits a positive activation raises most, highest first.",
+        },
+        "suppressed": {
+            "type": "array",
+            "items": _token_value(_DIRECT + " (negative: the logit falls)."),
+            "description": "The 10 tokens whose logits a positive activation lowers most, lowest value first.",
+        },
+        "input_tokens": {
+            "type": "array",
+            "items": _token_value(
+                "The neuron's activation if the residual stream held only this token's embedding (W_E[token] through the "
+                "layer's pre-MLP norm, W_in and the MLP's nonlinearity), rounded to 4 decimals."
+            ),
+            "description": "The 10 tokens whose embedding alone activates the neuron most, highest first "
+            "(absent for an activation function sitegen cannot evaluate).",
+        },
+    },
 }
 
 
@@ -36,7 +67,15 @@ class Logits(Service):
     description = "Tokens the neuron's output promotes and suppresses (W_out . W_U) and the input tokens that drive it (W_E . W_in)."
     index_blurb = "Output tokens the neuron promotes and suppresses through the unembedding, and the input tokens that drive it directly."
     from_weights = True
-    store_columns = ("neuron", "promoted_ids", "promoted_vals", "suppressed_ids", "suppressed_vals", "input_ids", "input_vals")
+    store_columns = (
+        "neuron",
+        "promoted_ids",
+        "promoted_vals",
+        "suppressed_ids",
+        "suppressed_vals",
+        "input_ids",
+        "input_vals",
+    )
     complete_layers = True
     store_token_columns = ("promoted_ids", "suppressed_ids", "input_ids")
 
@@ -51,11 +90,21 @@ class Logits(Service):
         return LogitsLayer(store, layer, site)
 
     def openapi_paths(self):
-        return {"/api/{model}/logits/{layer}/{neuron}": api_get(
-                    "Weight-based logit effects of a neuron", api_envelope("#/components/schemas/Logits", "The neuron's logit effects."), LAYER_NEURON,
-                    "The tokens the neuron promotes and suppresses through the unembedding, and its top input tokens, from the weights alone."),
-                **level_paths("logits", LAYER_COUNT, MODEL_COUNT, "The layer's size (the data is per neuron).",
-                              "The model's layer count (the data is per neuron).")}
+        return {
+            "/api/{model}/logits/{layer}/{neuron}": api_get(
+                "Weight-based logit effects of a neuron",
+                api_envelope("#/components/schemas/Logits", "The neuron's logit effects."),
+                LAYER_NEURON,
+                "The tokens the neuron promotes and suppresses through the unembedding, and its top input tokens, from the weights alone.",
+            ),
+            **level_paths(
+                "logits",
+                LAYER_COUNT,
+                MODEL_COUNT,
+                "The layer's size (the data is per neuron).",
+                "The model's layer count (the data is per neuron).",
+            ),
+        }
 
     def openapi_schemas(self):
         return {"Logits": _LOGITS}

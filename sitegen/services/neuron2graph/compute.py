@@ -33,7 +33,9 @@ import numpy as np
 import pyarrow as pa
 
 from sitegen.services.neuron2graph import graph as g
-from sitegen.services.neuron2graph.provenance import split as _split  # the page's Provenance section shows the same split
+from sitegen.services.neuron2graph.provenance import (
+    split as _split,
+)  # the page's Provenance section shows the same split
 from sitegen.services.selection import select_neurons
 
 SERVICE = "neuron2graph"
@@ -59,6 +61,7 @@ class N2GConfig:
 @dataclass
 class Prompt:
     """A model input and where its interesting positions are."""
+
     tokens: tuple[int, ...]
     max_pos: int  # position of the text's max token inside the prompt
 
@@ -75,6 +78,7 @@ class NeuronWork:
 
 class PruneCase(NamedTuple):
     """Stage 1: one train text being pruned to a short prompt around its peak."""
+
     work: NeuronWork
     tokens: np.ndarray  # the whole text
     peak: int  # position of the text's max activation
@@ -84,6 +88,7 @@ class PruneCase(NamedTuple):
 
 class Run(NamedTuple):
     """A prompt run for its neuron (stage 2: a pruned prompt, stage 4: a variant)."""
+
     work: NeuronWork
     tokens: tuple[int, ...]
     acts: np.ndarray  # the neuron's raw activation at every position
@@ -93,6 +98,7 @@ class Run(NamedTuple):
 
 class Saliency(NamedTuple):
     """What a prompt's lines are made of (group_lines)."""
+
     tokens: tuple[int, ...]
     norm: np.ndarray
     importance: np.ndarray  # importance[k, j]: how much masking position k lowers position j
@@ -101,6 +107,7 @@ class Saliency(NamedTuple):
 @dataclass
 class Group:
     """One pruned prompt and its augmentation: its lines come first, then its variants' (stage 5)."""
+
     work: NeuronWork
     scale: float  # pruned prompt -> unpruned text activation scale, shared by the variants
     original: Saliency
@@ -109,12 +116,14 @@ class Group:
 
 class Variant(NamedTuple):
     """Stage 3: a pruned prompt with one important token replaced by an embedding neighbour."""
+
     group: Group
     tokens: tuple[int, ...]
 
 
 class Graph(NamedTuple):
     """One neuron's finished graph: a row of the service's table (graphs_table)."""
+
     work: NeuronWork
     trie: g.Trie
     evaluation: dict | None  # graph.evaluate on the held-out texts; None without any
@@ -138,20 +147,22 @@ class LayerForward:
         while start < len(unique):
             longest = len(unique[start])
             stop = start
-            while stop < len(unique) and (stop - start + 1) * len(unique[stop]) <= max(self.token_budget, len(unique[stop])):
+            while stop < len(unique) and (stop - start + 1) * len(unique[stop]) <= max(
+                self.token_budget, len(unique[stop])
+            ):
                 longest = len(unique[stop])
                 stop += 1
             batch = unique[start:stop]
             ids = np.full((len(batch), longest), self.pad_id, dtype=np.int64)
             for row, tokens in enumerate(batch):
-                ids[row, :len(tokens)] = tokens
+                ids[row, : len(tokens)] = tokens
             captured: list = []
             self.model.run_mlp_activations(ids, [self.layer], lambda layer, acts: captured.append(acts))
             self.tokens_run += ids.size
             acts = captured[0]
             for row, tokens in enumerate(batch):
                 cols = sorted(wanted[tokens])
-                values = acts[row, :len(tokens), cols].float().cpu().numpy()
+                values = acts[row, : len(tokens), cols].float().cpu().numpy()
                 for j, neuron in enumerate(cols):
                     found[(tokens, neuron)] = values[:, j]
             start = stop
@@ -164,8 +175,8 @@ def masked_copies(tokens: tuple[int, ...], upto: int, neutral: int, first: int =
     upto: in a causal model masking k changes nothing before k. upto is at least the last position
     whose line is made (and the max token), so no value read afterwards lies past the cut (see
     `group_lines`: only firing positions are read)."""
-    head = tokens[:upto + 1]
-    return [head[:k] + (neutral,) + head[k + 1:] for k in range(first, upto + 1)]
+    head = tokens[: upto + 1]
+    return [head[:k] + (neutral,) + head[k + 1 :] for k in range(first, upto + 1)]
 
 
 def importance(base: np.ndarray, masked: list[np.ndarray], first: int = 1) -> np.ndarray:
@@ -176,8 +187,8 @@ def importance(base: np.ndarray, masked: list[np.ndarray], first: int = 1) -> np
     t = len(base)
     imp = np.zeros((t, t), dtype=np.float64)
     for k, row in enumerate(masked, start=first):
-        b = base[:len(row)]
-        imp[k, :len(row)] = np.where(b > 0, 1.0 - row / np.where(b > 0, b, 1.0), 0.0)
+        b = base[: len(row)]
+        imp[k, : len(row)] = np.where(b > 0, 1.0 - row / np.where(b > 0, b, 1.0), 0.0)
     return imp
 
 
@@ -196,9 +207,9 @@ def prune_candidates(tokens: np.ndarray, p: int, bos: int | None) -> list[tuple[
     for k in PRUNE_STEPS:
         start = p - k + 1
         if start <= first:
-            out.append(head + tuple(int(x) for x in tokens[first:p + 1]))
+            out.append(head + tuple(int(x) for x in tokens[first : p + 1]))
             break
-        out.append(head + tuple(int(x) for x in tokens[start:p + 1]))
+        out.append(head + tuple(int(x) for x in tokens[start : p + 1]))
     return out
 
 
@@ -229,9 +240,14 @@ class Neighbours:
             order = np.argsort(-sims, kind="stable")
             key = g.normalise(self.vocab[token])
             picked: list[int] = []
-            for cand in order[:64 + n]:
+            for cand in order[: 64 + n]:
                 cand = int(cand)
-                if cand == token or cand in self.special or g.normalise(self.vocab[cand]) == key or not self.vocab[cand].strip():
+                if (
+                    cand == token
+                    or cand in self.special
+                    or g.normalise(self.vocab[cand]) == key
+                    or not self.vocab[cand].strip()
+                ):
                     continue
                 picked.append(cand)
                 if len(picked) == n:
@@ -253,8 +269,14 @@ def important_sets(norm_acts: np.ndarray, imp: np.ndarray, first: int) -> list[s
     return sets
 
 
-def make_lines(vocab: list[str], tokens: tuple[int, ...], norm_acts: np.ndarray, imp: np.ndarray, orig_sets: list[set[int]] | None,
-               first: int) -> list[tuple[list[tuple[str, float, float]], float]]:
+def make_lines(
+    vocab: list[str],
+    tokens: tuple[int, ...],
+    norm_acts: np.ndarray,
+    imp: np.ndarray,
+    orig_sets: list[set[int]] | None,
+    first: int,
+) -> list[tuple[list[tuple[str, float, float]], float]]:
     """Step 4: one line per firing position of a prompt, each element (token or IGNORE, importance
     for i, the token's own normalised activation). orig_sets: the original prompt's important
     sets (None for the original itself); a variant longer than the original uses the last set."""
@@ -280,7 +302,9 @@ def make_lines(vocab: list[str], tokens: tuple[int, ...], norm_acts: np.ndarray,
     return lines
 
 
-def group_lines(vocab: list[str], original: Saliency, variants: list[Saliency], first: int) -> list[tuple[list[tuple[str, float, float]], float]]:
+def group_lines(
+    vocab: list[str], original: Saliency, variants: list[Saliency], first: int
+) -> list[tuple[list[tuple[str, float, float]], float]]:
     """The lines of one pruned prompt's group in the reference's order: the original's, then each
     variant's (which keep context that was important in the original). original and each variant:
     a Saliency, or any (tokens, normalised activations, importance matrix) triple."""
@@ -295,6 +319,7 @@ def group_lines(vocab: list[str], original: Saliency, variants: list[Saliency], 
 @dataclass
 class ModelTokens:
     """What every layer's graphs need from the model's vocabulary, prepared once per run."""
+
     vocab: list[str]
     bos: int | None
     neutral: int  # the masking token
@@ -307,7 +332,7 @@ class ModelTokens:
         tokenizer = model.tokenizer
         special = {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
         embed = model.input_embeddings().float().cpu().numpy()
-        return cls(vocab, model.bos, neutral_token(tokenizer), special, Neighbours(embed[:len(vocab)], vocab, special))
+        return cls(vocab, model.bos, neutral_token(tokenizer), special, Neighbours(embed[: len(vocab)], vocab, special))
 
 
 def _normalised(work: NeuronWork, acts: np.ndarray, scale: float) -> np.ndarray:
@@ -320,8 +345,8 @@ def _neuron_work(store, layer: int, neurons: Iterable[int], cfg: N2GConfig, firs
     seq_tokens = store.sequence_tokens()
     work: list[NeuronWork] = []
     for n in sorted({int(n) for n in neurons}):
-        seqs = table["top_seq"][n][:cfg.texts]
-        acts = [np.asarray(a, dtype=np.float32) for a in table["top_acts"][n][:cfg.texts]]
+        seqs = table["top_seq"][n][: cfg.texts]
+        acts = [np.asarray(a, dtype=np.float32) for a in table["top_acts"][n][: cfg.texts]]
         texts = [(seq_tokens[s], a) for s, a in zip(seqs, acts) if len(a) > first]
         base = max((float(a[first:].max()) for _, a in texts), default=0.0)
         if base <= 0 or len(texts) < 2:
@@ -368,7 +393,7 @@ def _importances(fwd: LayerForward, runs: list[Run], neutral: int, first: int) -
         spans.append((len(requests), len(rows)))
         requests.extend((row, r.work.neuron) for row in rows)
     results = fwd.run(requests)
-    return [importance(r.acts, results[at:at + count], first) for r, (at, count) in zip(runs, spans)]
+    return [importance(r.acts, results[at : at + count], first) for r, (at, count) in zip(runs, spans)]
 
 
 def _groups(fwd: LayerForward, work: list[NeuronWork], mt: ModelTokens, cfg: N2GConfig, first: int) -> list[Group]:
@@ -389,11 +414,13 @@ def _groups(fwd: LayerForward, work: list[NeuronWork], mt: ModelTokens, cfg: N2G
         group = Group(w, scale, Saliency(prompt.tokens, run.norm, imp))
         groups.append(group)
         p = prompt.max_pos
-        important = [k for k in range(first, p + 1) if imp[k, p] >= IMPORTANT_FOR_AUGMENT and prompt.tokens[k] not in mt.special]
+        important = [
+            k for k in range(first, p + 1) if imp[k, p] >= IMPORTANT_FOR_AUGMENT and prompt.tokens[k] not in mt.special
+        ]
         important.sort(key=lambda k: (-imp[k, p], k))
-        for k in important[:cfg.max_augmented]:
+        for k in important[: cfg.max_augmented]:
             for rep in mt.neighbours.of(prompt.tokens[k], cfg.replacements):
-                variants.append(Variant(group, prompt.tokens[:k] + (rep,) + prompt.tokens[k + 1:]))
+                variants.append(Variant(group, prompt.tokens[:k] + (rep,) + prompt.tokens[k + 1 :]))
 
     # stage 4: augmentation: the variants; those where nothing fires any more (the informative
     # negatives) add no line, so only the others need stage 5
@@ -424,8 +451,15 @@ def _graph(w: NeuronWork, vocab: list[str], first: int) -> Graph:
     return Graph(w, trie, g.evaluate(predicted, true) if true else None)
 
 
-def build_layer(model, store, layer: int, neurons: Iterable[int], cfg: N2GConfig, mt: ModelTokens,
-                log: Callable[[str], None] = lambda s: None) -> tuple[pa.Table, int]:
+def build_layer(
+    model,
+    store,
+    layer: int,
+    neurons: Iterable[int],
+    cfg: N2GConfig,
+    mt: ModelTokens,
+    log: Callable[[str], None] = lambda s: None,
+) -> tuple[pa.Table, int]:
     """Graphs for the given neurons of one layer, as the service's table, plus tokens run."""
     first = 1 if mt.bos is not None else 0
     work = _neuron_work(store, layer, neurons, cfg, first)
@@ -440,18 +474,38 @@ def build_layer(model, store, layer: int, neurons: Iterable[int], cfg: N2GConfig
     return graphs_table(graphs), fwd.tokens_run
 
 
-GRAPH_SCHEMA = pa.schema([
-    ("neuron", pa.int32()),
-    ("base_max_act", pa.float32()),
-    ("nodes", pa.list_(pa.struct([("token", pa.string()), ("depth", pa.int16()), ("value", pa.float32()),
-                                  ("end", pa.float32()), ("parent", pa.int32()),
-                                  ("activation", pa.float32()), ("activating", pa.bool_())]))),
-    ("activating", pa.list_(pa.string())),
-    ("important", pa.list_(pa.string())),
-    # null where undefined (graph.evaluate): never a vacuous 1.0 or a 1 - x/1e-32
-    ("precision", pa.float64()), ("recall", pa.float64()), ("f1", pa.float64()), ("variance_explained", pa.float64()),
-    ("n_train", pa.int16()), ("n_test", pa.int16()), ("n_lines", pa.int32()),
-])
+GRAPH_SCHEMA = pa.schema(
+    [
+        ("neuron", pa.int32()),
+        ("base_max_act", pa.float32()),
+        (
+            "nodes",
+            pa.list_(
+                pa.struct(
+                    [
+                        ("token", pa.string()),
+                        ("depth", pa.int16()),
+                        ("value", pa.float32()),
+                        ("end", pa.float32()),
+                        ("parent", pa.int32()),
+                        ("activation", pa.float32()),
+                        ("activating", pa.bool_()),
+                    ]
+                )
+            ),
+        ),
+        ("activating", pa.list_(pa.string())),
+        ("important", pa.list_(pa.string())),
+        # null where undefined (graph.evaluate): never a vacuous 1.0 or a 1 - x/1e-32
+        ("precision", pa.float64()),
+        ("recall", pa.float64()),
+        ("f1", pa.float64()),
+        ("variance_explained", pa.float64()),
+        ("n_train", pa.int16()),
+        ("n_test", pa.int16()),
+        ("n_lines", pa.int32()),
+    ]
+)
 
 
 def graphs_table(rows: Iterable[Graph]) -> pa.Table:
@@ -463,9 +517,17 @@ def graphs_table(rows: Iterable[Graph]) -> pa.Table:
         nodes, index = [], {}
         for parent, node in _walk(trie):
             index[id(node)] = len(nodes)
-            nodes.append({"token": node.token, "depth": node.depth, "value": float(node.value),
-                          "end": None if node.end is None else float(node.end), "parent": -1 if parent is None else index[id(parent)],
-                          "activation": float(node.activation), "activating": node.activating})
+            nodes.append(
+                {
+                    "token": node.token,
+                    "depth": node.depth,
+                    "value": float(node.value),
+                    "end": None if node.end is None else float(node.end),
+                    "parent": -1 if parent is None else index[id(parent)],
+                    "activation": float(node.activation),
+                    "activating": node.activating,
+                }
+            )
         out["neuron"].append(w.neuron)
         out["base_max_act"].append(w.base_max)
         out["nodes"].append(nodes)
@@ -498,7 +560,9 @@ def neutral_token(tokenizer) -> int:
     return int(ids[0]) if len(ids) == 1 else 0
 
 
-def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] = print, progress: bool = False) -> dict:
+def run_n2g(
+    model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] = print, progress: bool = False
+) -> dict:
     """Compute the selected graphs layer by layer into store/neuron2graph/, skipping neurons whose
     graph is already there (so an interrupted run resumes per layer). Returns cost figures.
     `progress` shows a bar over every graph still to make (done/total and an ETA, updated per layer)."""
@@ -511,10 +575,22 @@ def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] 
     mt = ModelTokens.prepare(model, store)
     totals = {"graphs": 0, "tokens_run": 0, "seconds": 0.0}
     torch.manual_seed(cfg.seed)
-    n2g_record = {"texts": cfg.texts, "replacements": cfg.replacements, "max_augmented": cfg.max_augmented, "seed": cfg.seed,
-                  "replacement_source": "input-embedding nearest neighbours", "neutral_token_id": mt.neutral,
-                  "thresholds": {"prune_drop": PRUNE_DROP, "append_tokens": APPEND_TOKENS, "important_for_augment": IMPORTANT_FOR_AUGMENT,
-                                 "important_for_line": IMPORTANT_FOR_LINE, "activating_for_line": ACTIVATING_FOR_LINE, "firing": g.FIRING}}
+    n2g_record = {
+        "texts": cfg.texts,
+        "replacements": cfg.replacements,
+        "max_augmented": cfg.max_augmented,
+        "seed": cfg.seed,
+        "replacement_source": "input-embedding nearest neighbours",
+        "neutral_token_id": mt.neutral,
+        "thresholds": {
+            "prune_drop": PRUNE_DROP,
+            "append_tokens": APPEND_TOKENS,
+            "important_for_augment": IMPORTANT_FOR_AUGMENT,
+            "important_for_line": IMPORTANT_FOR_LINE,
+            "activating_for_line": ACTIVATING_FOR_LINE,
+            "firing": g.FIRING,
+        },
+    }
     plan = []  # (layer, neurons to graph, the layer's table as it stands): known up front, so the bar has a total
     for layer, neurons in selection.items():
         path = store.layer_path(SERVICE, layer)
@@ -529,7 +605,13 @@ def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] 
         todo = [n for n in neurons if n not in have]
         if todo:
             plan.append((layer, todo, old is not None))
-    bar = tqdm(total=sum(len(todo) for _, todo, _ in plan), unit="graph", desc="neuron2graph graphs", disable=not progress, smoothing=0.3)
+    bar = tqdm(
+        total=sum(len(todo) for _, todo, _ in plan),
+        unit="graph",
+        desc="neuron2graph graphs",
+        disable=not progress,
+        smoothing=0.3,
+    )
     try:
         for layer, todo, extend in plan:
             start = time.perf_counter()
@@ -537,7 +619,9 @@ def run_n2g(model, store, spec: str, cfg: N2GConfig, log: Callable[[str], None] 
             if extend:
                 table = pa.concat_tables([store.read_layer(SERVICE, layer), table]).sort_by("neuron")
             store.write_layer(SERVICE, layer, table)
-            store.add_service(SERVICE, n2g_record)  # after every layer: an interrupted run's finished layers are part of the store
+            store.add_service(
+                SERVICE, n2g_record
+            )  # after every layer: an interrupted run's finished layers are part of the store
             totals["graphs"] += len(todo)
             totals["tokens_run"] += tokens_run
             totals["seconds"] += time.perf_counter() - start

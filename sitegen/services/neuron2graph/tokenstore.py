@@ -48,15 +48,18 @@ DENSE_LIMIT = 150_000  # neurons; also ids must stay below 2**20 for the ranking
 SOURCE_GRAPH, SOURCE_TOP = "graph", "top-sequences"
 # The name each similar-neuron entry carries (the API's `similar[k].measure`).
 MEASURE_GRAPHS, MEASURE_TOKENS = "deepdecipher-intended", "rarity-weighted-jaccard"
-SIMILARITY_MEASURES = ("deepdecipher-intended (both neurons have a graph): (|A_i & A_j| + |I_i & I_j|) / (min(|A_i|, |A_j|) + "
-                       "min(|I_i|, |I_j|)) over the graphs' activating (A) and important (I) token sets, the formula DeepDecipher's "
-                       "paper describes (its server divides by |A_j| + |I_j| of the later neuron j instead), kept at >= 0.4; "
-                       "rarity-weighted-jaccard (any other pair): W(A_i & A_j) / W(A_i | A_j) over the activating sets, each token "
-                       "weighted ln(H / df) (df: neurons whose set holds it, H: neurons with a set), listed only when the sets "
-                       "share at least 2 tokens and it is >= 0.2, so one shared token never makes a neighbour")
+SIMILARITY_MEASURES = (
+    "deepdecipher-intended (both neurons have a graph): (|A_i & A_j| + |I_i & I_j|) / (min(|A_i|, |A_j|) + "
+    "min(|I_i|, |I_j|)) over the graphs' activating (A) and important (I) token sets, the formula DeepDecipher's "
+    "paper describes (its server divides by |A_j| + |I_j| of the later neuron j instead), kept at >= 0.4; "
+    "rarity-weighted-jaccard (any other pair): W(A_i & A_j) / W(A_i | A_j) over the activating sets, each token "
+    "weighted ln(H / df) (df: neurons whose set holds it, H: neurons with a set), listed only when the sets "
+    "share at least 2 tokens and it is >= 0.2, so one shared token never makes a neighbour"
+)
 TOKEN_THRESHOLD = 0.2  # rarity-weighted Jaccard: a neighbour shares a fair part of the weight of both sets
 MIN_SHARED = 2  # one shared token is no evidence that two neurons do the same thing
 SHARED_SHOWN = 5  # shared tokens shown per similar neuron (page and API)
+
 
 @dataclass
 class TokenStore:
@@ -70,8 +73,12 @@ class TokenStore:
     # Per neuron, aligned with `activating`: in how many distinct top sequences of the neuron it
     # reaches FALLBACK_THRESHOLD of its peak on that token (the evidence behind a search result).
     support: list[np.ndarray] = field(default_factory=list)
-    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # key id -> occurrences in the stored sequences (positions from first_valid on)
-    corpus: dict | None = None  # what `counts` counts: {"sequences": stored, "tokens": counted, "processed": the corpus pass's sequences}
+    counts: np.ndarray = field(
+        default_factory=lambda: np.zeros(0, np.int64)
+    )  # key id -> occurrences in the stored sequences (positions from first_valid on)
+    corpus: dict | None = (
+        None  # what `counts` counts: {"sequences": stored, "tokens": counted, "processed": the corpus pass's sequences}
+    )
 
     @property
     def n_neurons(self) -> int:
@@ -84,7 +91,10 @@ class TokenStore:
     def search_postings(self) -> dict[str, tuple[list[int], list[int]]]:
         """token -> (activating ids, important ids), each sorted: the site's token search."""
         a, i = self.postings("activating"), self.postings("important")
-        return {self.keys[k]: (a[k].tolist() if k in a else [], i[k].tolist() if k in i else []) for k in sorted(set(a) | set(i))}
+        return {
+            self.keys[k]: (a[k].tolist() if k in a else [], i[k].tolist() if k in i else [])
+            for k in sorted(set(a) | set(i))
+        }
 
     def search_support(self) -> dict[str, list[int]]:
         """token -> the support (see `support`) of each neuron in its activating list, in the
@@ -97,7 +107,9 @@ class TokenStore:
         order = np.lexsort((owners, keys))
         keys, values = keys[order], values[order]
         bounds = np.flatnonzero(np.diff(keys)) + 1
-        return {self.keys[int(k[0])]: v.tolist() for k, v in zip(np.split(keys, bounds), np.split(values, bounds)) if len(k)}
+        return {
+            self.keys[int(k[0])]: v.tolist() for k, v in zip(np.split(keys, bounds), np.split(values, bounds)) if len(k)
+        }
 
     def token_counts(self) -> dict[str, int]:
         """token -> its occurrences in the stored sequences, for every token that occurs."""
@@ -105,7 +117,11 @@ class TokenStore:
 
     def preview(self, g: int, n_tokens: int = 5) -> list:
         """A search result's start: [top tokens, largest activation, graph F1 or None]."""
-        return [[self.keys[k] for k in self.activating[g][:n_tokens]], self.max_act[g], self.f1[g] if self.source[g] == SOURCE_GRAPH else None]
+        return [
+            [self.keys[k] for k in self.activating[g][:n_tokens]],
+            self.max_act[g],
+            self.f1[g] if self.source[g] == SOURCE_GRAPH else None,
+        ]
 
 
 def _postings(sets: list[np.ndarray]) -> dict[int, np.ndarray]:
@@ -143,9 +159,17 @@ def build_token_store(store, first_valid: int) -> TokenStore:
     # positions before first_valid (BOS) are no text: not counted, as everywhere else
     position = np.arange(len(tok_val)) - np.repeat(tok_off[:-1], np.diff(tok_off))
     counted = tok_val[position >= first_valid]
-    counts = np.bincount(vocab_key[counted], minlength=len(intern.keys)) if len(counted) else np.zeros(len(intern.keys), np.int64)
+    counts = (
+        np.bincount(vocab_key[counted], minlength=len(intern.keys))
+        if len(counted)
+        else np.zeros(len(intern.keys), np.int64)
+    )
     processed = manifest.get("processed", {}).get("sequences")
-    corpus = {"sequences": len(seq_index), "tokens": int(len(counted)), "processed": None if processed is None else int(processed)}
+    corpus = {
+        "sequences": len(seq_index),
+        "tokens": int(len(counted)),
+        "processed": None if processed is None else int(processed),
+    }
     activating: list[np.ndarray] = []
     important: list[np.ndarray] = []
     source: list[str] = []
@@ -158,7 +182,9 @@ def build_token_store(store, first_valid: int) -> TokenStore:
         if has_graphs and store.layer_path("neuron2graph", layer).exists():
             t = store.read_layer("neuron2graph", layer, columns=["neuron", "activating", "important", "f1"]).to_pydict()
             graphs = {n: (a, i, f) for n, a, i, f in zip(t["neuron"], t["activating"], t["important"], t["f1"])}
-        max_act.extend(round(float(x), 4) for x in store.read_layer("neuroscope", layer, columns=["max"]).column("max").to_numpy())
+        max_act.extend(
+            round(float(x), 4) for x in store.read_layer("neuroscope", layer, columns=["max"]).column("max").to_numpy()
+        )
         fallback, fired = _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val, vocab_key)
         for n in range(size):
             if n in graphs:
@@ -176,7 +202,9 @@ def build_token_store(store, first_valid: int) -> TokenStore:
     return TokenStore(intern.keys, size, activating, important, source, f1, max_act, support, counts, corpus)
 
 
-def _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val, vocab_key) -> tuple[list[np.ndarray], dict[tuple[int, int], int]]:
+def _fallback_keys(
+    store, layer, size, first_valid, seq_index, tok_off, tok_val, vocab_key
+) -> tuple[list[np.ndarray], dict[tuple[int, int], int]]:
     """Per neuron: the distinct token keys where it reaches FALLBACK_THRESHOLD of its largest
     activation on its top sequences, strongest first, at most FALLBACK_CAP (vectorised per layer);
     and (neuron, key) -> the number of distinct top sequences where it does so on that key."""
@@ -200,7 +228,11 @@ def _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val,
     np.maximum.at(peak, neuron[counted], values[counted])
     keep = counted & (peak[neuron] > 0) & (values >= FALLBACK_THRESHOLD * peak[neuron])
     neuron, key, value = neuron[keep], vocab_key[token[keep]], values[keep]
-    triples = np.unique(np.stack([neuron, key, rows[value_text[keep]]]), axis=1) if len(neuron) else np.zeros((3, 0), np.int64)
+    triples = (
+        np.unique(np.stack([neuron, key, rows[value_text[keep]]]), axis=1)
+        if len(neuron)
+        else np.zeros((3, 0), np.int64)
+    )
     pairs, fired = np.unique(triples[:2], axis=1, return_counts=True)
     fired_at = {(int(n), int(k)): int(c) for n, k, c in zip(pairs[0], pairs[1], fired)}
     order = np.lexsort((key, -value, neuron))  # per neuron: strongest first, ties by key id
@@ -214,7 +246,9 @@ def _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val,
     return out, fired_at
 
 
-def similarity_sets(ts: TokenStore, stop_min: int = STOP_MIN, stop_share: float = STOP_SHARE) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def similarity_sets(
+    ts: TokenStore, stop_min: int = STOP_MIN, stop_share: float = STOP_SHARE
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The activating and important sets similarity compares: a graph's as they are; a neuron
     without a graph, its top-sequence tokens less the stop tokens (in more than
     max(stop_min, stop_share x neurons) such sets)."""
@@ -242,6 +276,7 @@ def rarity_weights(activating: list[np.ndarray], n_keys: int) -> np.ndarray:
 @dataclass
 class Similarity:
     """Every neuron's similar neurons, and the sets and weights they were measured on."""
+
     lists: list[list[tuple[int, float, str]]]  # global id -> [(other, similarity, measure), ...], most similar first
     activating: list[np.ndarray]
     important: list[np.ndarray]
@@ -256,9 +291,15 @@ class Similarity:
         return both[np.lexsort((both, -self.weight[both]))][:limit].tolist()
 
 
-def similar_neurons(ts: TokenStore, threshold: float = SIMILARITY_THRESHOLD, top: int = SIMILAR_TOP,
-                    stop_min: int = STOP_MIN, stop_share: float = STOP_SHARE, token_threshold: float = TOKEN_THRESHOLD,
-                    min_shared: int = MIN_SHARED) -> Similarity:
+def similar_neurons(
+    ts: TokenStore,
+    threshold: float = SIMILARITY_THRESHOLD,
+    top: int = SIMILAR_TOP,
+    stop_min: int = STOP_MIN,
+    stop_share: float = STOP_SHARE,
+    token_threshold: float = TOKEN_THRESHOLD,
+    min_shared: int = MIN_SHARED,
+) -> Similarity:
     """Per global neuron id: up to `top` (other neuron, similarity, measure), most similar first
     (ties: larger overlap first, then neuron order), over similarity_sets(). Two graphs: the
     DeepDecipher formula, kept at >= threshold. Any other pair: the rarity-weighted Jaccard index
@@ -288,13 +329,15 @@ def similar_neurons(ts: TokenStore, threshold: float = SIMILARITY_THRESHOLD, top
             count_a = np.bincount(cand_a, minlength=n)
             shared_all = count_a + np.bincount(cand_i, minlength=n) if len(cand_i) else count_a
             # the graph measure needs one shared token, the token measure min_shared activating ones
-            idx = np.flatnonzero(np.where(graph, shared_all > 0, count_a >= min_shared) if graph[i] else count_a >= min_shared)
+            idx = np.flatnonzero(
+                np.where(graph, shared_all > 0, count_a >= min_shared) if graph[i] else count_a >= min_shared
+            )
             others, shared, count_a = idx, shared_all[idx], count_a[idx]
         else:
             others, inverse = np.unique(np.concatenate([cand_a, cand_i]), return_inverse=True)
             n_unique = len(others)
-            count_a = np.bincount(inverse[:len(cand_a)], minlength=len(others))
-            shared = count_a + np.bincount(inverse[len(cand_a):], minlength=len(others))
+            count_a = np.bincount(inverse[: len(cand_a)], minlength=len(others))
+            shared = count_a + np.bincount(inverse[len(cand_a) :], minlength=len(others))
             idx = np.flatnonzero(np.where(graph[others] & graph[i], shared > 0, count_a >= min_shared))
             others, shared, count_a = others[idx], shared[idx], count_a[idx]
         mine = others != i
@@ -311,19 +354,28 @@ def similar_neurons(ts: TokenStore, threshold: float = SIMILARITY_THRESHOLD, top
             if dense:
                 common = np.bincount(cand_a, weights=cand_w, minlength=n)[j]
             else:
-                common = np.bincount(inverse[:len(cand_a)], weights=cand_w, minlength=n_unique)[idx[~pair_graph]]
+                common = np.bincount(inverse[: len(cand_a)], weights=cand_w, minlength=n_unique)[idx[~pair_graph]]
             union = weight_a[i] + weight_a[j] - common
             sim[~pair_graph] = np.where(union > 1e-12, common / np.maximum(union, 1e-12), 0.0)
         ok = sim >= np.where(pair_graph, threshold, token_threshold) - 1e-12
         others, sim, shared, pair_graph = others[ok], sim[ok], shared[ok], pair_graph[ok]
         # most similar first, then larger overlap, then lower id: one int64 key, so the top few
         # are picked by a partition instead of sorting thousands of ties
-        key = (np.rint(sim * 1e6).astype(np.int64) << 40) | (np.minimum(shared, (1 << 20) - 1) << 20) | ((1 << 20) - 1 - others)
+        key = (
+            (np.rint(sim * 1e6).astype(np.int64) << 40)
+            | (np.minimum(shared, (1 << 20) - 1) << 20)
+            | ((1 << 20) - 1 - others)
+        )
         if len(key) > top:
             part = np.argpartition(-key, top - 1)[:top]
             others, sim, key, pair_graph = others[part], sim[part], key[part], pair_graph[part]
         order = np.argsort(-key, kind="stable")
-        out.append([(int(others[j]), round(float(sim[j]), 4), MEASURE_GRAPHS if pair_graph[j] else MEASURE_TOKENS) for j in order])
+        out.append(
+            [
+                (int(others[j]), round(float(sim[j]), 4), MEASURE_GRAPHS if pair_graph[j] else MEASURE_TOKENS)
+                for j in order
+            ]
+        )
     return Similarity(out, activating, important, weight)
 
 
@@ -359,19 +411,25 @@ def parse_query(query: str) -> list[tuple[str, str]]:
     JSON.stringify quotes them)."""
     n = query.count(",") + 1
     if n > MAX_TERMS:
-        raise ValueError(f"too many terms ({n}) in the query: ask for at most {MAX_TERMS} type:token terms, e.g. any:the,activating:of")
+        raise ValueError(
+            f"too many terms ({n}) in the query: ask for at most {MAX_TERMS} type:token terms, e.g. any:the,activating:of"
+        )
     terms: list[tuple[str, str]] = []
     for raw in query.split(","):
         if not raw.strip():
             raise ValueError(f"empty term in {_quoted(query)}: write type:token, e.g. any:the")
         if _JOINED.search(raw.translate(_ASCII_LOWER)):
-            raise ValueError(f"two terms in {_quoted(raw)} with no comma between them: join terms with commas, e.g. any:the,any:of")
+            raise ValueError(
+                f"two terms in {_quoted(raw)} with no comma between them: join terms with commas, e.g. any:the,any:of"
+            )
         kind, sep, token = raw.partition(":")
         if not sep:
             kind, token = "any", raw
         kind = kind.strip().lower()
         if kind not in ("any", "activating", "important"):
-            raise ValueError(f"unknown type {_quoted(kind)} in {_quoted(raw)}: use any, activating or important, e.g. any:the")
+            raise ValueError(
+                f"unknown type {_quoted(kind)} in {_quoted(raw)}: use any, activating or important, e.g. any:the"
+            )
         if token == "":
             raise ValueError(f"no token after {_quoted(kind)}: write {kind}:token")
         term = (kind, g.normalise(token))

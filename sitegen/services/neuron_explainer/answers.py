@@ -52,9 +52,13 @@ class EchoLogprobs(_Answer):
 
     @model_validator(mode="after")
     def _same_length(self):
-        lengths = {len(v) for v in (self.tokens, self.token_logprobs, self.top_logprobs, self.text_offset) if v is not None}
+        lengths = {
+            len(v) for v in (self.tokens, self.token_logprobs, self.top_logprobs, self.text_offset) if v is not None
+        }
         if len(lengths) > 1:
-            raise ValueError(f"tokens, token_logprobs, top_logprobs and text_offset differ in length ({', '.join(map(str, sorted(lengths)))})")
+            raise ValueError(
+                f"tokens, token_logprobs, top_logprobs and text_offset differ in length ({', '.join(map(str, sorted(lengths)))})"
+            )
         return self
 
     @property

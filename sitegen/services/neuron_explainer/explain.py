@@ -46,21 +46,27 @@ import pyarrow as pa
 from pydantic import Field, ValidationError
 
 from sitegen.errors import ConfigError, SitegenError, StoreError
-from sitegen.services.neuron_explainer import scoring
-from sitegen.services.neuron_explainer import answers
+from sitegen.services.neuron_explainer import answers, scoring
 from sitegen.services.neuron_explainer.published import SERVICE, TABLE_SCHEMA
 from sitegen.services.selection import select_neurons
 from sitegen.store.manifest import Record
 
 SOURCE_EXPLAIN = "sitegen explain"
 PRIMER = "the main thing this neuron does is find"
-SYSTEM = ("You study one neuron of a neural network. Each neuron looks for one kind of thing in short texts. You are shown "
-          "texts as one token per line, `token<TAB>activation`, between <start> and <end>; activations go from 0 (nothing) to "
-          "10 (the strongest match). Say in one short phrase what the neuron responds to. Do not list the example words one "
-          "by one; describe what they have in common.")
+SYSTEM = (
+    "You study one neuron of a neural network. Each neuron looks for one kind of thing in short texts. You are shown "
+    "texts as one token per line, `token<TAB>activation`, between <start> and <end>; activations go from 0 (nothing) to "
+    "10 (the strongest match). Say in one short phrase what the neuron responds to. Do not list the example words one "
+    "by one; describe what they have in common."
+)
 # A made-up neuron shows the format (our own example, not from any dataset).
-FEW_SHOT = [("<start>\n the\t0\n price\t0\n rose\t0\n to\t0\n $\t2\n40\t10\n million\t6\n.\t0\n<end>\n"
-             "<start>\n about\t0\n 12\t9\n percent\t3\n of\t0\n voters\t0\n<end>\n", "numbers, especially amounts of money and percentages.")]
+FEW_SHOT = [
+    (
+        "<start>\n the\t0\n price\t0\n rose\t0\n to\t0\n $\t2\n40\t10\n million\t6\n.\t0\n<end>\n"
+        "<start>\n about\t0\n 12\t9\n percent\t3\n of\t0\n voters\t0\n<end>\n",
+        "numbers, especially amounts of money and percentages.",
+    )
+]
 
 
 class EndpointError(SitegenError):
@@ -80,7 +86,9 @@ class EndpointError(SitegenError):
 
 
 OPENAI_HOST = "api.openai.com"
-MAX_RESPONSE_MB = 8.0  # default --max-response-mb: the largest answer read (an echo of a 128-token excerpt: about 0.2 MB)
+MAX_RESPONSE_MB = (
+    8.0  # default --max-response-mb: the largest answer read (an echo of a 128-token excerpt: about 0.2 MB)
+)
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
 
 
@@ -117,20 +125,26 @@ def endpoint_key(endpoint: str, api_key_env: str | None, allow_insecure_http: bo
     other than loopback unless --allow-insecure-http."""
     url = urllib.parse.urlsplit(endpoint)
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError(f"--endpoint {endpoint}: give an http(s) URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8080/v1")
+        raise ConfigError(
+            f"--endpoint {endpoint}: give an http(s) URL, e.g. https://api.openai.com/v1 or http://127.0.0.1:8080/v1"
+        )
     host = url.hostname
     if api_key_env:
         key = os.environ.get(api_key_env)
         if not key:
-            raise ConfigError(f"--api-key-env {api_key_env}: the environment variable ${api_key_env} is not set; export it or name another one")
+            raise ConfigError(
+                f"--api-key-env {api_key_env}: the environment variable ${api_key_env} is not set; export it or name another one"
+            )
         env = api_key_env
     elif host.lower() == OPENAI_HOST:
         key, env = os.environ.get(OPENAI_KEY_ENV) or None, OPENAI_KEY_ENV
     else:
         return None, None  # another provider's key is never guessed
     if key and url.scheme == "http" and not _is_loopback(host) and not allow_insecure_http:
-        raise ConfigError(f"--endpoint {endpoint}: the API key would travel unencrypted to {host}; use https, "
-                          "or pass --allow-insecure-http if that network is trusted")
+        raise ConfigError(
+            f"--endpoint {endpoint}: the API key would travel unencrypted to {host}; use https, "
+            "or pass --allow-insecure-http if that network is trusted"
+        )
     return key, env
 
 
@@ -239,8 +253,16 @@ class Endpoint:
     exponential backoff on 429, 5xx, timeouts and dropped connections; one-line errors for the
     rest; no redirects followed."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, timeout: float, retries: int, api_key_env: str | None,
-                 max_bytes: int = int(MAX_RESPONSE_MB * 2**20)):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None,
+        timeout: float,
+        retries: int,
+        api_key_env: str | None,
+        max_bytes: int = int(MAX_RESPONSE_MB * 2**20),
+    ):
         self.base = base_url.rstrip("/")
         if not self.base.endswith("/v1"):
             self.base += "/v1"
@@ -276,8 +298,11 @@ class Endpoint:
 
     def _too_large(self, url: str) -> EndpointError:
         # one answer this large fails this neuron only (asked again on the next run)
-        return EndpointError(f"{url}: the answer is larger than {self.max_bytes / 2**20:g} MB; stopped reading it "
-                             "(raise --max-response-mb if the endpoint's answers are that large)", "size")
+        return EndpointError(
+            f"{url}: the answer is larger than {self.max_bytes / 2**20:g} MB; stopped reading it "
+            "(raise --max-response-mb if the endpoint's answers are that large)",
+            "size",
+        )
 
     def post(self, path: str, body: dict) -> dict:
         data = orjson.dumps({"model": self.model, **body})
@@ -300,34 +325,49 @@ class Endpoint:
                             delay *= 2
                             continue
                         # a slow answer fails this neuron only (asked again on the next run)
-                        raise EndpointError(f"{self.base}{path}: no whole answer within {self.timeout:g} s, {self.retries + 1} tries; "
-                                            "raise --timeout", "timeout") from None
+                        raise EndpointError(
+                            f"{self.base}{path}: no whole answer within {self.timeout:g} s, {self.retries + 1} tries; "
+                            "raise --timeout",
+                            "timeout",
+                        ) from None
                     if isinstance(e, http.client.HTTPException) and not isinstance(e, OSError):
                         if retry:
                             time.sleep(delay)
                             delay *= 2
                             continue
                         # a broken answer (cut short, not HTTP): this neuron only
-                        raise EndpointError(f"{self.base}{path}: broken HTTP answer ({type(e).__name__}), {self.retries + 1} tries",
-                                            "protocol") from None
+                        raise EndpointError(
+                            f"{self.base}{path}: broken HTTP answer ({type(e).__name__}), {self.retries + 1} tries",
+                            "protocol",
+                        ) from None
                     if retry and not isinstance(reason, ConnectionRefusedError):
                         time.sleep(delay)
                         delay *= 2
                         continue
-                    raise EndpointError(f"{self.base}: unreachable ({reason}); check --endpoint and that the server runs",
-                                        "unreachable") from None
+                    raise EndpointError(
+                        f"{self.base}: unreachable ({reason}); check --endpoint and that the server runs", "unreachable"
+                    ) from None
             if 300 <= status < 400:
                 where = " ".join(str(resp_headers.get("Location") or "elsewhere").split())[:200]
-                raise EndpointError(f"{self.base}{path}: the endpoint redirects (HTTP {status} to {where}); sitegen follows no "
-                                    "redirect (the API key would go along): pass the final URL as --endpoint", "redirect")
+                raise EndpointError(
+                    f"{self.base}{path}: the endpoint redirects (HTTP {status} to {where}); sitegen follows no "
+                    "redirect (the API key would go along): pass the final URL as --endpoint",
+                    "redirect",
+                )
             if status >= 400:
                 detail = raw.decode("utf-8", "replace")
                 if status == 401 or status == 403:
-                    fix = f"set ${self.key_env} to a valid key" if self.key_env else "name the variable holding the key with --api-key-env"
+                    fix = (
+                        f"set ${self.key_env} to a valid key"
+                        if self.key_env
+                        else "name the variable holding the key with --api-key-env"
+                    )
                     raise EndpointError(f"{self.base}: the endpoint refused the API key (HTTP {status}); {fix}", "auth")
                 if status == 404 and "model" in detail.lower():
-                    raise EndpointError(f"{self.base}: unknown model {self.model!r} (HTTP 404); pass a model the endpoint serves with --model",
-                                        "model")
+                    raise EndpointError(
+                        f"{self.base}: unknown model {self.model!r} (HTTP 404); pass a model the endpoint serves with --model",
+                        "model",
+                    )
                 if (status == 429 or status >= 500) and retry:
                     time.sleep(delay)
                     delay *= 2
@@ -336,7 +376,9 @@ class Endpoint:
             try:
                 return orjson.loads(raw)
             except orjson.JSONDecodeError:
-                raise EndpointError(f"{self.base}{path}: the answer is not JSON; is --endpoint an OpenAI-compatible API?", "json") from None
+                raise EndpointError(
+                    f"{self.base}{path}: the answer is not JSON; is --endpoint an OpenAI-compatible API?", "json"
+                ) from None
         raise EndpointError(f"{self.base}{path}: no answer after {self.retries + 1} tries", "http")
 
 
@@ -363,7 +405,9 @@ def explanation_messages(excerpts: list[tuple[list[str], list[float]]]) -> list[
     for shown, answer in FEW_SHOT:
         messages.append({"role": "user", "content": f"Neuron A\n{shown}\nComplete the sentence: {PRIMER} ..."})
         messages.append({"role": "assistant", "content": answer})
-    messages.append({"role": "user", "content": "Neuron B\n" + "".join(body) + f"\nComplete the sentence: {PRIMER} ..."})
+    messages.append(
+        {"role": "user", "content": "Neuron B\n" + "".join(body) + f"\nComplete the sentence: {PRIMER} ..."}
+    )
     return messages
 
 
@@ -372,7 +416,7 @@ def clean_explanation(text: str) -> str:
     low = text.lower()
     for prefix in (PRIMER, "the main thing this neuron does is", "this neuron finds", "it finds"):
         if low.startswith(prefix):
-            text = text[len(prefix):].strip()
+            text = text[len(prefix) :].strip()
             break
     text = text.strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":  # a wholly quoted answer
@@ -395,11 +439,13 @@ def deal(n: int, splits: tuple[str, ...]) -> dict[str, list[int]]:
 def splits(texts: dict, n_excerpts: int) -> dict[str, list]:
     """train (top only, at most n_excerpts), valid and test (top then random) excerpts."""
     top, rnd = deal(len(texts["top"]), TOP_SPLITS), deal(len(texts["random"]), RANDOM_SPLITS)
-    pick = lambda kind, idx: [texts[kind][i] for i in idx]  # noqa: E731
-    return {"train": pick("top", top["train"])[:n_excerpts],
-            "valid": pick("top", top["valid"]) + pick("random", rnd["valid"]),
-            "valid_top": pick("top", top["valid"]),
-            "test": pick("top", top["test"]) + pick("random", rnd["test"])}
+    pick = lambda kind, idx: [texts[kind][i] for i in idx]
+    return {
+        "train": pick("top", top["train"])[:n_excerpts],
+        "valid": pick("top", top["valid"]) + pick("random", rnd["valid"]),
+        "valid_top": pick("top", top["valid"]),
+        "test": pick("top", top["test"]) + pick("random", rnd["test"]),
+    }
 
 
 def read_answer(model: type[answers._Answer], resp: object, where: str):
@@ -425,18 +471,28 @@ def _alignment(ep: Endpoint, prompt: str, offsets: list[int], lp: dict, state: d
     an endpoint where it cannot be, or where it changes between answers, is refused (fatal: every
     neuron would be scored from entries that may not be the placeholders' own)."""
     found, ev = scoring.echo_alignment(prompt, offsets, lp)
-    seen = f"top token = the echoed token {ev['own']} times, = the next token {ev['next']} times; levels at the placeholder's entry " \
-           f"{ev['levels_own']} times, at the entry before {ev['levels_next']} times"
+    seen = (
+        f"top token = the echoed token {ev['own']} times, = the next token {ev['next']} times; levels at the placeholder's entry "
+        f"{ev['levels_own']} times, at the entry before {ev['levels_next']} times"
+    )
     if found is None:
-        raise EndpointError(f"{ep.base}: cannot establish which echo logprob entry predicts each token ({seen}); sitegen does not score "
-                            "with these logprobs: use a server following OpenAI's convention or llama-cpp-python, or another --model", "alignment")
+        raise EndpointError(
+            f"{ep.base}: cannot establish which echo logprob entry predicts each token ({seen}); sitegen does not score "
+            "with these logprobs: use a server following OpenAI's convention or llama-cpp-python, or another --model",
+            "alignment",
+        )
     if state.setdefault("alignment", found) != found:
-        raise EndpointError(f"{ep.base}: the echo logprob alignment changed between answers ({state['alignment']}, then {found}: {seen}); "
-                            "sitegen does not score with these logprobs", "alignment")
+        raise EndpointError(
+            f"{ep.base}: the echo logprob alignment changed between answers ({state['alignment']}, then {found}: {seen}); "
+            "sitegen does not score with these logprobs",
+            "alignment",
+        )
     return found
 
 
-def simulate(ep: Endpoint, explanation: str, tokens: list[str], state: dict) -> tuple[list[float | None], str, dict, bool]:
+def simulate(
+    ep: Endpoint, explanation: str, tokens: list[str], state: dict
+) -> tuple[list[float | None], str, dict, bool]:
     """(predicted levels, method, raw answer, whether the answer could be read) for one sequence.
     An answer that cannot be read predicts 0 everywhere (scored, as the reference). state["logprobs"]
     remembers, per run, whether the endpoint gave usable logprobs; state["alignment"] which entry
@@ -446,7 +502,9 @@ def simulate(ep: Endpoint, explanation: str, tokens: list[str], state: dict) -> 
     if state.get("logprobs", True):
         resp = None
         try:
-            resp = ep.post("/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 10})
+            resp = ep.post(
+                "/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 10}
+            )
         except EndpointError as e:
             # A refused or unreadable completions request means no logprobs here. The model was
             # accepted by the explanation request already, so a 404 naming it here means this
@@ -465,11 +523,25 @@ def simulate(ep: Endpoint, explanation: str, tokens: list[str], state: dict) -> 
                 alignment = _alignment(ep, prompt, offsets, lp_dict, state)
                 pred = scoring.predictions_from_echo(prompt, offsets, lp_dict, alignment)
                 return pred, "logprobs", resp, any(p is not None for p in pred)
-        state["logprobs"] = False  # no usable logprobs here (none, or not for the prompt's tokens): the fallback from now on
+        state["logprobs"] = (
+            False  # no usable logprobs here (none, or not for the prompt's tokens): the fallback from now on
+        )
     ask = prompt.replace(f"\t{scoring.PLACEHOLDER}\n", "\t?\n")
-    resp = ep.post("/chat/completions", {"temperature": 0, "max_tokens": 12 * len(tokens) + 40, "messages": [
-        {"role": "user", "content": ask + "\nRewrite the lines of the last excerpt (the one with ?), replacing each ? with the activation "
-                                          "(an integer from 0 to 10) you predict. Reply with the lines only."}]})
+    resp = ep.post(
+        "/chat/completions",
+        {
+            "temperature": 0,
+            "max_tokens": 12 * len(tokens) + 40,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": ask
+                    + "\nRewrite the lines of the last excerpt (the one with ?), replacing each ? with the activation "
+                    "(an integer from 0 to 10) you predict. Reply with the lines only.",
+                }
+            ],
+        },
+    )
     answer = read_answer(answers.ChatAnswer, resp, f"{ep.base}/chat/completions")
     state["usage"] = _usage(answer)
     levels, read = scoring.parse_rewrite(_chat_text(answer), tokens)
@@ -489,12 +561,20 @@ def _score_one(ep: Endpoint, explanation: str, scored: list, state: dict, raw: l
         methods.add(method)
         simulated.append(pred)
         true.append(acts)
-        detail = {"tokens": tokens, "true": [round(float(a), 4) for a in acts], "simulated": [None if x is None else round(x, 3) for x in pred]}
+        detail = {
+            "tokens": tokens,
+            "true": [round(float(a), 4) for a in acts],
+            "simulated": [None if x is None else round(x, 3) for x in pred],
+        }
         if not read:
             detail["unread"] = True
         details.append(detail)
-    return {"score": scoring.score_simulation(simulated, true) if simulated else None, "method": "+".join(sorted(methods)) or None,
-            "details": details, "read": any(not d.get("unread") for d in details)}
+    return {
+        "score": scoring.score_simulation(simulated, true) if simulated else None,
+        "method": "+".join(sorted(methods)) or None,
+        "details": details,
+        "read": any(not d.get("unread") for d in details),
+    }
 
 
 def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int, samples: int = 1) -> dict:
@@ -512,7 +592,9 @@ def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int, samples: int = 1)
     state: dict = {}
     candidates = []
     for sample in range(samples):
-        resp = ep.post("/chat/completions", {"messages": messages, "temperature": 1.0, "max_tokens": 60, "seed": sample})
+        resp = ep.post(
+            "/chat/completions", {"messages": messages, "temperature": 1.0, "max_tokens": 60, "seed": sample}
+        )
         raw.append(resp)
         answer = read_answer(answers.ChatAnswer, resp, f"{ep.base}/chat/completions")
         p, c = _usage(answer)
@@ -522,18 +604,33 @@ def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int, samples: int = 1)
         if explanation and explanation not in {x["explanation"] for x in candidates}:
             valid = _score_one(ep, explanation, split["valid"], state, raw, usage) if choose else None
             test = _score_one(ep, explanation, split["test"], state, raw, usage)
-            candidates.append({"explanation": explanation, "valid_score": None if valid is None else valid["score"], **test})
-    record = {"explanation": None, "score": None, "valid_score": None, "method": None, "prompt_hash": prompt_hash, "error": None,
-              # which echo logprob entry was read as each placeholder's distribution (None: no logprobs used)
-              "logprob_alignment": state.get("alignment") if state.get("logprobs") else None,
-              "selected_on": "valid" if choose else None,
-              "samples": [{"explanation": x["explanation"], "valid_score": x["valid_score"], "score": x["score"]} for x in candidates]}
+            candidates.append(
+                {"explanation": explanation, "valid_score": None if valid is None else valid["score"], **test}
+            )
+    record = {
+        "explanation": None,
+        "score": None,
+        "valid_score": None,
+        "method": None,
+        "prompt_hash": prompt_hash,
+        "error": None,
+        # which echo logprob entry was read as each placeholder's distribution (None: no logprobs used)
+        "logprob_alignment": state.get("alignment") if state.get("logprobs") else None,
+        "selected_on": "valid" if choose else None,
+        "samples": [
+            {"explanation": x["explanation"], "valid_score": x["valid_score"], "score": x["score"]} for x in candidates
+        ],
+    }
     if not candidates:
         record["error"] = "the explainer's answer was empty or malformed"
     elif not any(x["read"] for x in candidates):  # all zeros everywhere: no score either way, so ask again next run
         record["error"] = "no simulation answer could be read"
     else:
-        best = max(candidates, key=lambda x: -2.0 if x["valid_score"] is None else x["valid_score"]) if choose else candidates[0]
+        best = (
+            max(candidates, key=lambda x: -2.0 if x["valid_score"] is None else x["valid_score"])
+            if choose
+            else candidates[0]
+        )
         record.update({k: best[k] for k in ("explanation", "score", "valid_score", "method", "details")})
     record["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "requests": len(raw)}
     record["raw"] = raw
@@ -548,12 +645,19 @@ def requests_per_neuron(texts: dict, n_excerpts: int, samples: int) -> int:
 
 
 def _texts(store, layer: int, neurons: list[int], vocab: list[str], seq_tokens: dict) -> dict[int, dict]:
-    t = store.read_layer("neuroscope", layer, columns=["neuron", "top_seq", "top_acts", "random_seq", "random_acts"]).to_pydict()
+    t = store.read_layer(
+        "neuroscope", layer, columns=["neuron", "top_seq", "top_acts", "random_seq", "random_acts"]
+    ).to_pydict()
     first = int(store.manifest["config"]["first_valid_position"])
     out = {}
     for n in neurons:
+
         def pairs(kind):
-            return [([vocab[i] for i in seq_tokens[s][first:]], [float(a) for a in acts[first:]]) for s, acts in zip(t[f"{kind}_seq"][n], t[f"{kind}_acts"][n])]
+            return [
+                ([vocab[i] for i in seq_tokens[s][first:]], [float(a) for a in acts[first:]])
+                for s, acts in zip(t[f"{kind}_seq"][n], t[f"{kind}_acts"][n])
+            ]
+
         out[n] = {"top": pairs("top"), "random": pairs("random")}
     return out
 
@@ -570,11 +674,15 @@ def _check_numbers(cfg: ExplainConfig) -> None:
     if cfg.retries < 0:
         raise ConfigError(f"--retries {cfg.retries}: must be 0 or more")
     if not (math.isfinite(cfg.timeout) and 0 < cfg.timeout <= MAX_TIMEOUT):
-        raise ConfigError(f"--timeout {cfg.timeout:g}: give the seconds one request may take in all, a number above 0 and at most "
-                          f"{MAX_TIMEOUT:g}, e.g. --timeout 60")
+        raise ConfigError(
+            f"--timeout {cfg.timeout:g}: give the seconds one request may take in all, a number above 0 and at most "
+            f"{MAX_TIMEOUT:g}, e.g. --timeout 60"
+        )
     if not (math.isfinite(cfg.max_response_mb) and 0 < cfg.max_response_mb <= 2**20):
-        raise ConfigError(f"--max-response-mb {cfg.max_response_mb:g}: give the largest answer to read in MB, a number above 0, "
-                          f"e.g. --max-response-mb {MAX_RESPONSE_MB}")
+        raise ConfigError(
+            f"--max-response-mb {cfg.max_response_mb:g}: give the largest answer to read in MB, a number above 0, "
+            f"e.g. --max-response-mb {MAX_RESPONSE_MB}"
+        )
 
 
 class _WorkLog:
@@ -611,7 +719,9 @@ class _WorkLog:
                     f.write(line)
             except OSError as e:
                 fix = "free space and rerun" if e.errno == errno.ENOSPC else "rerun once it is writable"
-                raise StoreError(f"cannot write {self.path}: {e.strerror or e}; {fix} (finished neurons are kept)") from None
+                raise StoreError(
+                    f"cannot write {self.path}: {e.strerror or e}; {fix} (finished neurons are kept)"
+                ) from None
 
     def finished(self, model: str, n_layers: int, size: int) -> dict[tuple[str, int, int], dict]:
         """Every finished neuron in the log, `model`'s and any other explainer's (a compaction keeps
@@ -620,8 +730,10 @@ class _WorkLog:
         try:
             lines = self.path.read_bytes().splitlines() if self.path.exists() else []
         except OSError as e:
-            raise StoreError(f"cannot read {self.path}: {e.strerror or e}; make it a readable file (or delete it: its neurons are "
-                             "then asked again)") from None
+            raise StoreError(
+                f"cannot read {self.path}: {e.strerror or e}; make it a readable file (or delete it: its neurons are "
+                "then asked again)"
+            ) from None
         for line in lines:
             r = _finished_record(line, model, n_layers, size)
             if r is None and (other := _model_of(line)) not in (None, model):
@@ -674,22 +786,30 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
     if cfg.samples > 1:
         short = next((k for k in todo if not splits(texts[k], cfg.explainer_excerpts)["valid_top"]), None)
         if short is not None:
-            raise ConfigError(f"--samples {cfg.samples}: neuron {short[0]}:{short[1]} has {len(texts[short]['top'])} top sequences, too few for "
-                              "a valid split to choose the explanation on (the 3rd, 7th, ... top sequences); use --samples 1, or compute "
-                              "with --top-k 8 or more")
+            raise ConfigError(
+                f"--samples {cfg.samples}: neuron {short[0]}:{short[1]} has {len(texts[short]['top'])} top sequences, too few for "
+                "a valid split to choose the explanation on (the 3rd, 7th, ... top sequences); use --samples 1, or compute "
+                "with --top-k 8 or more"
+            )
     n_requests = sum(requests_per_neuron(texts[k], cfg.explainer_excerpts, cfg.samples) for k in todo)
     if cfg.dry_run:
         if todo:
             for msg in explanation_messages(splits(texts[todo[0]], cfg.explainer_excerpts)["train"]):
                 log(f"--- {msg['role']}\n{msg['content']}")
-        log(f"dry run: {len(todo)} neurons to explain ({len(done)} already done), at most {n_requests} requests "
+        log(
+            f"dry run: {len(todo)} neurons to explain ({len(done)} already done), at most {n_requests} requests "
             f"({cfg.samples} x (1 explanation + {'valid and ' if cfg.samples > 1 else ''}test simulations) each) to {cfg.endpoint} "
-            f"as model {cfg.model!r}")
+            f"as model {cfg.model!r}"
+        )
         return {"todo": len(todo), "requests": n_requests}
-    ep = Endpoint(cfg.endpoint, cfg.model, key, cfg.timeout, cfg.retries, key_env, max_bytes=int(cfg.max_response_mb * 2**20))
+    ep = Endpoint(
+        cfg.endpoint, cfg.model, key, cfg.timeout, cfg.retries, key_env, max_bytes=int(cfg.max_response_mb * 2**20)
+    )
     failures, fatal = 0, None
     with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
-        futures = {pool.submit(explain_neuron, ep, texts[key], cfg.explainer_excerpts, cfg.samples): key for key in todo}
+        futures = {
+            pool.submit(explain_neuron, ep, texts[key], cfg.explainer_excerpts, cfg.samples): key for key in todo
+        }
         for fut in as_completed(futures):
             if fut.cancelled():
                 continue
@@ -705,7 +825,11 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
                     continue
                 record = {"explanation": None, "score": None, "error": str(e)}
             except _UNREADABLE as e:
-                record = {"explanation": None, "score": None, "error": f"unreadable answer ({type(e).__name__}: {' '.join(str(e).split())[:200]})"}
+                record = {
+                    "explanation": None,
+                    "score": None,
+                    "error": f"unreadable answer ({type(e).__name__}: {' '.join(str(e).split())[:200]})",
+                }
             record.update({"layer": layer, "neuron": n, "model": cfg.model})
             worklog.append(record)
             if record.get("error"):
@@ -764,12 +888,33 @@ def _write_tables(store, done: dict[tuple[int, int], dict], model: str) -> None:
         if path.exists():
             rows = {r["neuron"]: r for r in store.read_layer(SERVICE, layer).to_pylist()}
         for n, r in recs.items():
-            rows[n] = {"neuron": n, "explanation": r["explanation"], "score": r["score"], "valid_score": r.get("valid_score"),
-                       "explainer": model, "source": SOURCE_EXPLAIN,
-                       "method": r.get("method"), "logprob_alignment": r.get("logprob_alignment"), "prompt_hash": r.get("prompt_hash"), "usage": orjson.dumps(r.get("usage")).decode(),
-                       "details": orjson.dumps(r.get("details") or []).decode(), "raw": orjson.dumps(r.get("raw") or []).decode()}
-        schema = pa.schema([*TABLE_SCHEMA, ("valid_score", pa.float64()), ("logprob_alignment", pa.string()), ("prompt_hash", pa.string()), ("usage", pa.string()), ("details", pa.string()), ("raw", pa.string())])
+            rows[n] = {
+                "neuron": n,
+                "explanation": r["explanation"],
+                "score": r["score"],
+                "valid_score": r.get("valid_score"),
+                "explainer": model,
+                "source": SOURCE_EXPLAIN,
+                "method": r.get("method"),
+                "logprob_alignment": r.get("logprob_alignment"),
+                "prompt_hash": r.get("prompt_hash"),
+                "usage": orjson.dumps(r.get("usage")).decode(),
+                "details": orjson.dumps(r.get("details") or []).decode(),
+                "raw": orjson.dumps(r.get("raw") or []).decode(),
+            }
+        schema = pa.schema(
+            [
+                *TABLE_SCHEMA,
+                ("valid_score", pa.float64()),
+                ("logprob_alignment", pa.string()),
+                ("prompt_hash", pa.string()),
+                ("usage", pa.string()),
+                ("details", pa.string()),
+                ("raw", pa.string()),
+            ]
+        )
         ordered = [rows[n] for n in sorted(rows)]
-        store.write_layer(SERVICE, layer, pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in ordered], schema=schema))
+        store.write_layer(
+            SERVICE, layer, pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in ordered], schema=schema)
+        )
     store.add_service(SERVICE)
-

@@ -21,14 +21,16 @@ from sitegen.errors import ConfigError
 SERVICE = "neuron_explainer"
 SOURCE_PUBLISHED = "openai-published"
 
-TABLE_SCHEMA = pa.schema([
-    ("neuron", pa.int32()),
-    ("explanation", pa.string()),
-    ("score", pa.float64()),
-    ("explainer", pa.string()),
-    ("source", pa.string()),
-    ("method", pa.string()),
-])
+TABLE_SCHEMA = pa.schema(
+    [
+        ("neuron", pa.int32()),
+        ("explanation", pa.string()),
+        ("score", pa.float64()),
+        ("explainer", pa.string()),
+        ("source", pa.string()),
+        ("method", pa.string()),
+    ]
+)
 
 
 def _documents(path: Path):
@@ -56,7 +58,9 @@ def _best(record: dict, where: str) -> tuple[str, float | None]:
         score = float(score) if isinstance(score, (int, float)) and not math.isnan(score) else None
         candidates.append((text.strip(), score))
     if not candidates:
-        raise ConfigError(f"{where}: no explanation in 'scored_explanations'; is this one of OpenAI's explanation files?")
+        raise ConfigError(
+            f"{where}: no explanation in 'scored_explanations'; is this one of OpenAI's explanation files?"
+        )
     scored = [c for c in candidates if c[1] is not None]
     return max(scored, key=lambda c: c[1]) if scored else candidates[0]
 
@@ -73,12 +77,20 @@ def read_published(folder: Path, num_layers: int, layer_size: int) -> dict[int, 
     for path in files:
         for record in _documents(path):
             nid = record.get("neuron_id") if isinstance(record, dict) else None
-            if not isinstance(nid, dict) or not isinstance(nid.get("layer_index"), int) or not isinstance(nid.get("neuron_index"), int):
-                raise ConfigError(f"{path}: a record without neuron_id {{layer_index, neuron_index}}; is this one of OpenAI's explanation files?")
+            if (
+                not isinstance(nid, dict)
+                or not isinstance(nid.get("layer_index"), int)
+                or not isinstance(nid.get("neuron_index"), int)
+            ):
+                raise ConfigError(
+                    f"{path}: a record without neuron_id {{layer_index, neuron_index}}; is this one of OpenAI's explanation files?"
+                )
             layer, neuron = nid["layer_index"], nid["neuron_index"]
             if not (0 <= layer < num_layers and 0 <= neuron < layer_size):
-                raise ConfigError(f"{path}: neuron {layer}:{neuron} does not exist in this store's model ({num_layers} layers x {layer_size}); "
-                                  "import the explanations into a store of the model they were written for")
+                raise ConfigError(
+                    f"{path}: neuron {layer}:{neuron} does not exist in this store's model ({num_layers} layers x {layer_size}); "
+                    "import the explanations into a store of the model they were written for"
+                )
             out.setdefault(layer, {})[neuron] = _best(record, str(path))
     return out
 
@@ -87,14 +99,17 @@ def tables(found: dict[int, dict[int, tuple[str, float | None]]]) -> dict[int, p
     result = {}
     for layer, by_neuron in sorted(found.items()):
         neurons = sorted(by_neuron)
-        result[layer] = pa.table({
-            "neuron": neurons,
-            "explanation": [by_neuron[n][0] for n in neurons],
-            "score": [by_neuron[n][1] for n in neurons],
-            "explainer": ["OpenAI (published, GPT-4 explainer)"] * len(neurons),
-            "source": [SOURCE_PUBLISHED] * len(neurons),
-            "method": ["published"] * len(neurons),
-        }, schema=TABLE_SCHEMA)
+        result[layer] = pa.table(
+            {
+                "neuron": neurons,
+                "explanation": [by_neuron[n][0] for n in neurons],
+                "score": [by_neuron[n][1] for n in neurons],
+                "explainer": ["OpenAI (published, GPT-4 explainer)"] * len(neurons),
+                "source": [SOURCE_PUBLISHED] * len(neurons),
+                "method": ["published"] * len(neurons),
+            },
+            schema=TABLE_SCHEMA,
+        )
     return result
 
 

@@ -21,9 +21,17 @@ class ExplainerLayer:
         if r is None:
             return {"explanation": None, "score": None, "explainer": None, "source": None, "method": None}
         score = None if r["score"] is None else round(r["score"], 4)
-        out = {"explanation": r["explanation"], "score": score, "explainer": r["explainer"], "source": r["source"], "method": r["method"]}
+        out = {
+            "explanation": r["explanation"],
+            "score": score,
+            "explainer": r["explainer"],
+            "source": r["source"],
+            "method": r["method"],
+        }
         if r.get("usage"):  # scored by `sitegen explain`: "score" is on the test split
-            out["valid_score"] = None if r.get("valid_score") is None else round(r["valid_score"], 4)  # the choice's, with --samples
+            out["valid_score"] = (
+                None if r.get("valid_score") is None else round(r["valid_score"], 4)
+            )  # the choice's, with --samples
             out["usage"] = orjson.loads(r["usage"])
             out["prompt_hash"] = r.get("prompt_hash")
             # which echo logprob entry was read as each placeholder's distribution ("own" or "next");
@@ -41,7 +49,9 @@ class ExplainerLayer:
         for d in details:
             top = max((a for a in d["true"]), default=0.0)
             real = discretise(d["true"], top) if top > 0 else [0] * len(d["true"])
-            rows.append([(tok, lv, None if s is None else round(s, 1)) for tok, lv, s in zip(d["tokens"], real, d["simulated"])])
+            rows.append(
+                [(tok, lv, None if s is None else round(s, 1)) for tok, lv, s in zip(d["tokens"], real, d["simulated"])]
+            )
         out["scored"] = rows
         return out
 

@@ -89,16 +89,18 @@ def simulation_prompt(explanation: str, tokens: Sequence[str]) -> tuple[str, lis
     """The all-at-once simulation prompt: the explanation, then the excerpt as `token<TAB>unknown`
     lines. Returns the prompt and the character offset of every placeholder: with echo and
     logprobs, the distribution the model gives at each offset over "0".."10" is its prediction."""
-    head = ("We study neurons of a neural network. Each neuron looks for one kind of thing in short texts. From an "
-            "explanation of what a neuron looks for, predict its activation on each token, from 0 (none) to 10 (strongest).\n\n"
-            # a made-up example, so that even a small simulator expects a number after each tab
-            "Neuron explanation: the main thing this neuron does is find numbers, especially amounts of money.\n"
-            "Activations:\n<start>\n the\t0\n price\t0\n rose\t0\n to\t0\n $\t3\n40\t10\n million\t7\n.\t0\n<end>\n"
-            "<start>\n about\t0\n 12\t9\n percent\t4\n of\t0\n voters\t0\n<end>\n\n"
-            "Neuron explanation: the main thing this neuron does is find words about the weather.\n"
-            "Activations:\n<start>\n heavy\t2\n rain\t10\n fell\t1\n on\t0\n the\t0\n city\t0\n<end>\n\n"
-            f"Neuron explanation: the main thing this neuron does is find {explanation.strip()}\n"
-            "Activations:\n<start>\n")
+    head = (
+        "We study neurons of a neural network. Each neuron looks for one kind of thing in short texts. From an "
+        "explanation of what a neuron looks for, predict its activation on each token, from 0 (none) to 10 (strongest).\n\n"
+        # a made-up example, so that even a small simulator expects a number after each tab
+        "Neuron explanation: the main thing this neuron does is find numbers, especially amounts of money.\n"
+        "Activations:\n<start>\n the\t0\n price\t0\n rose\t0\n to\t0\n $\t3\n40\t10\n million\t7\n.\t0\n<end>\n"
+        "<start>\n about\t0\n 12\t9\n percent\t4\n of\t0\n voters\t0\n<end>\n\n"
+        "Neuron explanation: the main thing this neuron does is find words about the weather.\n"
+        "Activations:\n<start>\n heavy\t2\n rain\t10\n fell\t1\n on\t0\n the\t0\n city\t0\n<end>\n\n"
+        f"Neuron explanation: the main thing this neuron does is find {explanation.strip()}\n"
+        "Activations:\n<start>\n"
+    )
     parts, offsets, at = [head], [], len(head)
     for tok in tokens:
         line_head = _shown(tok) + "\t"
@@ -168,7 +170,7 @@ def echo_alignment(prompt: str, offsets: Sequence[int], logprobs: Mapping) -> tu
     tokens = list(logprobs.get("tokens") or [])
     tops = list(logprobs.get("top_logprobs") or [])
     own = nxt = 0
-    for i, top in enumerate(tops[:len(tokens)]):
+    for i, top in enumerate(tops[: len(tokens)]):
         if not top or len(top) < 2:
             continue  # nothing but the echoed token itself (which both conventions add): no sign
         best = max(top.items(), key=lambda kv: kv[1])[0]
@@ -181,9 +183,20 @@ def echo_alignment(prompt: str, offsets: Sequence[int], logprobs: Mapping) -> tu
         levels_own += i < len(tops) and _has_level(tops[i])
         levels_next += 0 < i <= len(tops) and _has_level(tops[i - 1])
     evidence = {"own": own, "next": nxt, "levels_own": levels_own, "levels_next": levels_next}
-    by_tokens = ALIGN_OWN if _decisive(own, nxt, ALIGN_MIN_TOKENS) else ALIGN_NEXT if _decisive(nxt, own, ALIGN_MIN_TOKENS) else None
-    by_levels = (ALIGN_OWN if _decisive(levels_own, levels_next, ALIGN_MIN_PLACEHOLDERS)
-                 else ALIGN_NEXT if _decisive(levels_next, levels_own, ALIGN_MIN_PLACEHOLDERS) else None)
+    by_tokens = (
+        ALIGN_OWN
+        if _decisive(own, nxt, ALIGN_MIN_TOKENS)
+        else ALIGN_NEXT
+        if _decisive(nxt, own, ALIGN_MIN_TOKENS)
+        else None
+    )
+    by_levels = (
+        ALIGN_OWN
+        if _decisive(levels_own, levels_next, ALIGN_MIN_PLACEHOLDERS)
+        else ALIGN_NEXT
+        if _decisive(levels_next, levels_own, ALIGN_MIN_PLACEHOLDERS)
+        else None
+    )
     if by_tokens and by_levels and by_tokens != by_levels:
         return None, evidence
     return by_tokens or by_levels, evidence
@@ -193,7 +206,9 @@ def _has_level(top: Mapping[str, float] | None) -> bool:
     return bool(top) and any(token in LEVELS for token in top)
 
 
-def placeholder_distributions(prompt: str, offsets: Sequence[int], logprobs: Mapping, alignment: str = ALIGN_OWN) -> list[Mapping[str, float] | None]:
+def placeholder_distributions(
+    prompt: str, offsets: Sequence[int], logprobs: Mapping, alignment: str = ALIGN_OWN
+) -> list[Mapping[str, float] | None]:
     """Per placeholder, the top logprobs of the distribution that predicts the placeholder token
     itself: the entry of the echoed token starting at its offset under OpenAI's convention, the
     entry before it where each entry predicts the next token. None where no echoed token starts at
@@ -209,12 +224,17 @@ def placeholder_distributions(prompt: str, offsets: Sequence[int], logprobs: Map
     return out
 
 
-def predictions_from_echo(prompt: str, offsets: Sequence[int], logprobs: Mapping, alignment: str = ALIGN_OWN) -> list[float | None]:
+def predictions_from_echo(
+    prompt: str, offsets: Sequence[int], logprobs: Mapping, alignment: str = ALIGN_OWN
+) -> list[float | None]:
     """Per placeholder: the expected level under its own distribution's top logprobs (an OpenAI
     completions `logprobs` object: tokens, text_offset, top_logprobs; `alignment` from
     echo_alignment). Servers that count text_offset in UTF-8 bytes are recognised and the
     placeholders' offsets converted; a placeholder no echoed token starts at gets None (0)."""
-    return [None if top is None else expected_value(top) for top in placeholder_distributions(prompt, offsets, logprobs, alignment)]
+    return [
+        None if top is None else expected_value(top)
+        for top in placeholder_distributions(prompt, offsets, logprobs, alignment)
+    ]
 
 
 def score_simulation(simulated: Sequence[Sequence[float | None]], true: Sequence[Sequence[float]]) -> float | None:

@@ -4,29 +4,59 @@ from __future__ import annotations
 
 from markupsafe import Markup
 
-from sitegen.services.base import LAYER_NEURON, MODEL_COUNT, Cell, Column, Service, api_envelope, api_get, fmt_num, level_paths
+from sitegen.services.base import (
+    LAYER_NEURON,
+    MODEL_COUNT,
+    Cell,
+    Column,
+    Service,
+    api_envelope,
+    api_get,
+    fmt_num,
+    level_paths,
+)
 
-_S = lambda d: {"type": ["string", "null"], "description": d}  # noqa: E731
+_S = lambda d: {"type": ["string", "null"], "description": d}
 _EXPLAINER = {
-    "type": "object", "required": ["explanation", "score"],
+    "type": "object",
+    "required": ["explanation", "score"],
     "description": "A neuron's explanation and its simulation score; every field null for a neuron with no explanation.",
     "properties": {
-        "explanation": _S("One sentence, written by a language model from the neuron's top texts, saying what makes it fire."),
-        "score": {"type": ["number", "null"], "description": "How well the explanation predicts the activations: the correlation between "
-                                                             "the simulator's predicted and the real activations, pooled over every token of the "
-                                                             "scored texts (1: perfect; 0: no correlation); for `sitegen explain`, on "
-                                                             "the held-out test texts. Rounded to 4 decimals."},
+        "explanation": _S(
+            "One sentence, written by a language model from the neuron's top texts, saying what makes it fire."
+        ),
+        "score": {
+            "type": ["number", "null"],
+            "description": "How well the explanation predicts the activations: the correlation between "
+            "the simulator's predicted and the real activations, pooled over every token of the "
+            "scored texts (1: perfect; 0: no correlation); for `sitegen explain`, on "
+            "the held-out test texts. Rounded to 4 decimals.",
+        },
         "explainer": _S("The language model that wrote the explanation (and, for `sitegen explain`, simulated it)."),
-        "source": _S("Where the explanation comes from: \"sitegen explain\" (written and scored here) or \"openai-published\" "
-                     "(imported from OpenAI's published explanations)."),
-        "method": _S("How it was scored: the simulation method(s) used, joined by '+', or \"published\" for an imported score."),
-        "valid_score": {"type": ["number", "null"], "description": "`sitegen explain` only: the score on the validation texts the explanation "
-                                                                   "was chosen on (with --samples > 1)."},
-        "usage": {"type": "object", "description": "`sitegen explain` only: what writing and scoring this explanation cost.",
-                  "properties": {"prompt_tokens": {"type": "integer", "description": "Prompt tokens sent to the language model."},
-                                 "completion_tokens": {"type": "integer", "description": "Tokens the language model answered with."},
-                                 "requests": {"type": "integer", "description": "Requests made."}}},
-        "prompt_hash": _S("`sitegen explain` only: SHA-256 of the prompt messages that asked for the explanation, so a rerun can be checked against them."),
+        "source": _S(
+            'Where the explanation comes from: "sitegen explain" (written and scored here) or "openai-published" '
+            "(imported from OpenAI's published explanations)."
+        ),
+        "method": _S(
+            "How it was scored: the simulation method(s) used, joined by '+', or \"published\" for an imported score."
+        ),
+        "valid_score": {
+            "type": ["number", "null"],
+            "description": "`sitegen explain` only: the score on the validation texts the explanation "
+            "was chosen on (with --samples > 1).",
+        },
+        "usage": {
+            "type": "object",
+            "description": "`sitegen explain` only: what writing and scoring this explanation cost.",
+            "properties": {
+                "prompt_tokens": {"type": "integer", "description": "Prompt tokens sent to the language model."},
+                "completion_tokens": {"type": "integer", "description": "Tokens the language model answered with."},
+                "requests": {"type": "integer", "description": "Requests made."},
+            },
+        },
+        "prompt_hash": _S(
+            "`sitegen explain` only: SHA-256 of the prompt messages that asked for the explanation, so a rerun can be checked against them."
+        ),
     },
 }
 
@@ -45,6 +75,7 @@ def needs_rescoring(row: dict) -> bool:
 
 def explanations(site) -> dict[int, str]:
     """Global neuron id -> explanation (search indexes and result previews read it), cached per model."""
+
     def read() -> dict[int, str]:
         out = {}
         if site.store.has_service("neuron_explainer"):
@@ -59,9 +90,15 @@ def explanations(site) -> dict[int, str]:
     return site.cached("neuron_explainer.explanations", read)
 
 
-_LAYER = {"type": "object", "required": ["num_neurons", "explained"], "description": "The layer's explanation count.",
-          "properties": {"num_neurons": {"type": "integer", "description": "Neurons in the layer."},
-                         "explained": {"type": "integer", "description": "Neurons of the layer with an explanation."}}}
+_LAYER = {
+    "type": "object",
+    "required": ["num_neurons", "explained"],
+    "description": "The layer's explanation count.",
+    "properties": {
+        "num_neurons": {"type": "integer", "description": "Neurons in the layer."},
+        "explained": {"type": "integer", "description": "Neurons of the layer with an explanation."},
+    },
+}
 
 
 class NeuronExplainer(Service):
@@ -78,9 +115,16 @@ class NeuronExplainer(Service):
             return None
         # `sitegen explain` asks one model to write and to simulate; imported ones say whose they are.
         simulator = ex.get("explainer") if ex.get("source") == "sitegen explain" else None
-        return {"explainer": ex.get("explainer"), "simulator": simulator, "source": ex.get("source"),
-                "method": ex.get("method"), "prompt_hash": ex.get("prompt_hash"),
-                "logprobs": uses_logprobs(ex), "logprob_alignment": ex.get("logprob_alignment"), "needs_rescoring": needs_rescoring(ex)}
+        return {
+            "explainer": ex.get("explainer"),
+            "simulator": simulator,
+            "source": ex.get("source"),
+            "method": ex.get("method"),
+            "prompt_hash": ex.get("prompt_hash"),
+            "logprobs": uses_logprobs(ex),
+            "logprob_alignment": ex.get("logprob_alignment"),
+            "needs_rescoring": needs_rescoring(ex),
+        }
 
     def build_notes(self, store) -> list[str]:
         """One line when explanations scored from echo logprobs carry no logprob alignment: the
@@ -100,9 +144,11 @@ class NeuronExplainer(Service):
         if not stale:
             return []
         shown = ",".join(stale[:5]) + (f",... ({len(stale)} in all)" if len(stale) > 5 else "")
-        return [f"{store.root}: {len(stale)} explanation score{'s' if len(stale) != 1 else ''} ({shown}) were read from echo logprobs with no "
-                f"recorded logprob alignment and may measure nothing; re-score: sitegen explain {store.root} --neurons {','.join(stale)} "
-                "--endpoint URL --model NAME"]
+        return [
+            f"{store.root}: {len(stale)} explanation score{'s' if len(stale) != 1 else ''} ({shown}) were read from echo logprobs with no "
+            f"recorded logprob alignment and may measure nothing; re-score: sitegen explain {store.root} --neurons {','.join(stale)} "
+            "--endpoint URL --model NAME"
+        ]
 
     def cli_commands(self):
         from sitegen.services.neuron_explainer.cli import explain, import_explanations_cmd
@@ -128,16 +174,27 @@ class NeuronExplainer(Service):
 
     def layer_cells(self, view, n, payload):
         score = payload["score"]
-        return [Cell(Markup.escape("" if score is None else fmt_num(score, 3)), str(-2 if score is None else score)),
-                Cell(Markup.escape(payload["explanation"] or ""))]
+        return [
+            Cell(Markup.escape("" if score is None else fmt_num(score, 3)), str(-2 if score is None else score)),
+            Cell(Markup.escape(payload["explanation"] or "")),
+        ]
 
     def openapi_paths(self):
-        return {"/api/{model}/neuron_explainer/{layer}/{neuron}": api_get(
-                    "A neuron's explanation and its simulation score (nulls when it has none)",
-                    api_envelope("#/components/schemas/NeuronExplainer", "The neuron's explanation."), LAYER_NEURON,
-                    "DeepDecipher's {explanation, score} plus who wrote it and how it was scored; nulls for a neuron with no explanation."),
-                **level_paths("neuron_explainer", _LAYER, MODEL_COUNT, "How many of the layer's neurons have an explanation.",
-                              "The model's layer count (the data is per neuron).")}
+        return {
+            "/api/{model}/neuron_explainer/{layer}/{neuron}": api_get(
+                "A neuron's explanation and its simulation score (nulls when it has none)",
+                api_envelope("#/components/schemas/NeuronExplainer", "The neuron's explanation."),
+                LAYER_NEURON,
+                "DeepDecipher's {explanation, score} plus who wrote it and how it was scored; nulls for a neuron with no explanation.",
+            ),
+            **level_paths(
+                "neuron_explainer",
+                _LAYER,
+                MODEL_COUNT,
+                "How many of the layer's neurons have an explanation.",
+                "The model's layer count (the data is per neuron).",
+            ),
+        }
 
     def openapi_schemas(self):
         return {"NeuronExplainer": _EXPLAINER}

@@ -20,7 +20,6 @@ import torch
 from sitegen.services.neuroscope import data, stats
 
 
-
 class Extremes:
     """k best sequences per neuron under `score` (higher is better), with their traces."""
 
@@ -60,7 +59,11 @@ class Extremes:
         self.trace[ev_slot, col] = trace_of(en_b, col)
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"score": self.score.cpu().numpy(), "seq_id": self.seq_id.cpu().numpy(), "trace": self.trace.cpu().numpy()}
+        return {
+            "score": self.score.cpu().numpy(),
+            "seq_id": self.seq_id.cpu().numpy(),
+            "trace": self.trace.cpu().numpy(),
+        }
 
     def load(self, state: dict[str, np.ndarray]) -> None:
         self.score.copy_(torch.from_numpy(state["score"]))
@@ -88,7 +91,14 @@ class LayerAccumulator:
         self._cell_table = self._code_table * n  # flat position of (bin, neuron 0) in self.hist
         self._neuron = torch.arange(n, device=device)
 
-    def update(self, acts: torch.Tensor, seq_ids: torch.Tensor, valid: torch.Tensor, rand_score: torch.Tensor, all_full: bool = False) -> None:
+    def update(
+        self,
+        acts: torch.Tensor,
+        seq_ids: torch.Tensor,
+        valid: torch.Tensor,
+        rand_score: torch.Tensor,
+        all_full: bool = False,
+    ) -> None:
         """acts (B, T, n) float32; seq_ids (B,); valid (B, T) bool; rand_score (B,) = -random_key.
         all_full: every row is a real sequence of full length, so `valid` is just 'position >= first_valid'
         and strided views replace masked copies (the common case)."""
@@ -102,11 +112,13 @@ class LayerAccumulator:
             seq_max = acts.masked_fill(~vmask, -torch.inf).amax(dim=1)
             seq_min = acts.masked_fill(~vmask, torch.inf).amin(dim=1)
             counted = acts[valid]  # (V, n)
-        per_neuron = lambda rows, cols: acts[rows, :, cols]  # noqa: E731
+        per_neuron = lambda rows, cols: acts[rows, :, cols]
         self.top.update(seq_max, seq_ids, per_neuron)
         self.bottom.update(-seq_min, seq_ids, per_neuron)
         # The random sample is one column shared by all neurons; its 'trace' is every neuron's trace.
-        self.random.update(rand_score[:, None], seq_ids, lambda rows, cols: acts[rows].transpose(1, 2).reshape(len(rows), -1))
+        self.random.update(
+            rand_score[:, None], seq_ids, lambda rows, cols: acts[rows].transpose(1, 2).reshape(len(rows), -1)
+        )
 
         if counted.numel() == 0:
             return

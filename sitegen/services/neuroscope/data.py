@@ -19,16 +19,33 @@ _INTS, _FLOATS = pa.list_(pa.int64()), pa.list_(pa.float32())
 _TRACES = pa.list_(_FLOATS)  # per sequence, per token
 # The neuroscope table, declared once: the corpus pass writes exactly this (state_to_table), and
 # Service.store_columns is its names, so Store.open refuses a store lacking any column.
-TABLE_SCHEMA = pa.schema([
-    ("neuron", pa.int32()),
-    ("top_seq", _INTS), ("top_max", _FLOATS), ("top_acts", _TRACES),
-    ("bottom_seq", _INTS), ("bottom_min", _FLOATS), ("bottom_acts", _TRACES),
-    ("random_seq", _INTS), ("random_acts", _TRACES),
-    ("count", pa.int64()), ("sum_fx", pa.int64()), ("sumsq_fx", pa.int64()), ("sumsq_lo", pa.int64()), ("n_pos", pa.int64()),
-    ("min", pa.float32()), ("max", pa.float32()), ("hist_fine", _INTS),
-    ("mean", pa.float64()), ("std", pa.float64()), ("frac_pos", pa.float64()),
-    ("quantiles", _FLOATS), ("hist_edges", _FLOATS), ("hist_counts", _INTS),
-])
+TABLE_SCHEMA = pa.schema(
+    [
+        ("neuron", pa.int32()),
+        ("top_seq", _INTS),
+        ("top_max", _FLOATS),
+        ("top_acts", _TRACES),
+        ("bottom_seq", _INTS),
+        ("bottom_min", _FLOATS),
+        ("bottom_acts", _TRACES),
+        ("random_seq", _INTS),
+        ("random_acts", _TRACES),
+        ("count", pa.int64()),
+        ("sum_fx", pa.int64()),
+        ("sumsq_fx", pa.int64()),
+        ("sumsq_lo", pa.int64()),
+        ("n_pos", pa.int64()),
+        ("min", pa.float32()),
+        ("max", pa.float32()),
+        ("hist_fine", _INTS),
+        ("mean", pa.float64()),
+        ("std", pa.float64()),
+        ("frac_pos", pa.float64()),
+        ("quantiles", _FLOATS),
+        ("hist_edges", _FLOATS),
+        ("hist_counts", _INTS),
+    ]
+)
 
 
 def _nested(values: np.ndarray, inner_len: np.ndarray, outer_len: np.ndarray, dtype: pa.DataType) -> pa.Array:
@@ -78,32 +95,56 @@ def state_to_table(state: dict, top_k: int, n_random: int, seq_length: dict[int,
     rnd = state["random"]
     r_score, r_id, r_trace = _ordered(rnd, n_random)  # (R, 1), (R, 1), (R, 1, n*T)
     r_trace = r_trace[:, 0, :].reshape(len(r_id), n, -1).transpose(1, 0, 2)  # (n, R, T)
-    rnd_state = {"score": np.repeat(r_score, n, 1), "seq_id": np.repeat(r_id, n, 1), "trace": r_trace.transpose(1, 0, 2)}
+    rnd_state = {
+        "score": np.repeat(r_score, n, 1),
+        "seq_id": np.repeat(r_id, n, 1),
+        "trace": r_trace.transpose(1, 0, 2),
+    }
     rnd_ids, _, rnd_acts = _extreme_columns(rnd_state, n_random, seq_length, 1.0)
     count = int(state["count"])
-    derived = stats.finalise(count, state["sum_fx"], state["sumsq_fx"], state["sumsq_lo"], state["hist"], state["vmin"], state["vmax"])
+    derived = stats.finalise(
+        count, state["sum_fx"], state["sumsq_fx"], state["sumsq_lo"], state["hist"], state["vmin"], state["vmax"]
+    )
     nb = stats.N_FINE_BINS
-    return pa.table({
-        "neuron": pa.array(np.arange(n), pa.int32()),
-        "top_seq": top_ids, "top_max": top_max, "top_acts": top_acts,
-        "bottom_seq": bot_ids, "bottom_min": bot_min, "bottom_acts": bot_acts,
-        "random_seq": rnd_ids, "random_acts": rnd_acts,
-        "count": pa.array(np.full(n, count), pa.int64()),
-        "sum_fx": pa.array(state["sum_fx"], pa.int64()),
-        "sumsq_fx": pa.array(state["sumsq_fx"], pa.int64()),
-        "sumsq_lo": pa.array(state["sumsq_lo"], pa.int64()),
-        "n_pos": pa.array(state["n_pos"], pa.int64()),
-        "min": pa.array(state["vmin"], pa.float32()),
-        "max": pa.array(state["vmax"], pa.float32()),
-        "hist_fine": _flat_list(state["hist"].reshape(-1), np.full(n, nb), pa.int64()),
-        "mean": pa.array(derived["mean"], pa.float64()),
-        "std": pa.array(derived["std"], pa.float64()),
-        "frac_pos": pa.array(state["n_pos"] / max(count, 1), pa.float64()),
-        "quantiles": _flat_list(derived["quantiles"].reshape(-1), np.full(n, len(stats.QUANTILE_LEVELS)), pa.float32()),
-        # Display histogram: variable-width bars (edges from min to max) with exact counts.
-        "hist_edges": _flat_list(_concat(derived["hist_edges"], np.float32), np.array([len(e) for e in derived["hist_edges"]]), pa.float32()),
-        "hist_counts": _flat_list(_concat(derived["hist_counts"], np.int64), np.array([len(c) for c in derived["hist_counts"]]), pa.int64()),
-    }, schema=TABLE_SCHEMA)
+    return pa.table(
+        {
+            "neuron": pa.array(np.arange(n), pa.int32()),
+            "top_seq": top_ids,
+            "top_max": top_max,
+            "top_acts": top_acts,
+            "bottom_seq": bot_ids,
+            "bottom_min": bot_min,
+            "bottom_acts": bot_acts,
+            "random_seq": rnd_ids,
+            "random_acts": rnd_acts,
+            "count": pa.array(np.full(n, count), pa.int64()),
+            "sum_fx": pa.array(state["sum_fx"], pa.int64()),
+            "sumsq_fx": pa.array(state["sumsq_fx"], pa.int64()),
+            "sumsq_lo": pa.array(state["sumsq_lo"], pa.int64()),
+            "n_pos": pa.array(state["n_pos"], pa.int64()),
+            "min": pa.array(state["vmin"], pa.float32()),
+            "max": pa.array(state["vmax"], pa.float32()),
+            "hist_fine": _flat_list(state["hist"].reshape(-1), np.full(n, nb), pa.int64()),
+            "mean": pa.array(derived["mean"], pa.float64()),
+            "std": pa.array(derived["std"], pa.float64()),
+            "frac_pos": pa.array(state["n_pos"] / max(count, 1), pa.float64()),
+            "quantiles": _flat_list(
+                derived["quantiles"].reshape(-1), np.full(n, len(stats.QUANTILE_LEVELS)), pa.float32()
+            ),
+            # Display histogram: variable-width bars (edges from min to max) with exact counts.
+            "hist_edges": _flat_list(
+                _concat(derived["hist_edges"], np.float32),
+                np.array([len(e) for e in derived["hist_edges"]]),
+                pa.float32(),
+            ),
+            "hist_counts": _flat_list(
+                _concat(derived["hist_counts"], np.int64),
+                np.array([len(c) for c in derived["hist_counts"]]),
+                pa.int64(),
+            ),
+        },
+        schema=TABLE_SCHEMA,
+    )
 
 
 def _extremes_from_columns(ids: list, vals: list, acts: list, k: int, seq_len: int, sign: float) -> dict:
@@ -121,7 +162,19 @@ def _extremes_from_columns(ids: list, vals: list, acts: list, k: int, seq_len: i
 
 def table_to_state(table: pa.Table, top_k: int, n_random: int, seq_len: int) -> dict:
     """Inverse of state_to_table (traces zero-padded to seq_len), for merging stores."""
-    col = {name: table.column(name).to_pylist() for name in ("top_seq", "top_max", "top_acts", "bottom_seq", "bottom_min", "bottom_acts", "random_seq", "random_acts")}
+    col = {
+        name: table.column(name).to_pylist()
+        for name in (
+            "top_seq",
+            "top_max",
+            "top_acts",
+            "bottom_seq",
+            "bottom_min",
+            "bottom_acts",
+            "random_seq",
+            "random_acts",
+        )
+    }
     n = table.num_rows
     top = _extremes_from_columns(col["top_seq"], col["top_max"], col["top_acts"], top_k, seq_len, 1.0)
     bottom = _extremes_from_columns(col["bottom_seq"], col["bottom_min"], col["bottom_acts"], top_k, seq_len, -1.0)
@@ -138,13 +191,20 @@ def table_to_state(table: pa.Table, top_k: int, n_random: int, seq_len: int) -> 
             a = col["random_acts"][j][i]
             block[j, : len(a)] = a
         r_trace[i, 0] = block.reshape(-1)
-    hist = np.asarray(table.column("hist_fine").combine_chunks().flatten(), dtype=np.int64).reshape(n, stats.N_FINE_BINS)
+    hist = np.asarray(table.column("hist_fine").combine_chunks().flatten(), dtype=np.int64).reshape(
+        n, stats.N_FINE_BINS
+    )
     return {
-        "top": top, "bottom": bottom, "random": {"score": r_score, "seq_id": r_seq, "trace": r_trace},
+        "top": top,
+        "bottom": bottom,
+        "random": {"score": r_score, "seq_id": r_seq, "trace": r_trace},
         "count": int(table.column("count")[0].as_py()) if n else 0,
-        "sum_fx": table.column("sum_fx").to_numpy(), "sumsq_fx": table.column("sumsq_fx").to_numpy(),
+        "sum_fx": table.column("sum_fx").to_numpy(),
+        "sumsq_fx": table.column("sumsq_fx").to_numpy(),
         "sumsq_lo": table.column("sumsq_lo").to_numpy(),
-        "n_pos": table.column("n_pos").to_numpy(), "vmin": table.column("min").to_numpy(), "vmax": table.column("max").to_numpy(),
+        "n_pos": table.column("n_pos").to_numpy(),
+        "vmin": table.column("min").to_numpy(),
+        "vmax": table.column("max").to_numpy(),
         "hist": hist,
     }
 
@@ -154,8 +214,11 @@ def _merge_extremes(parts: list[dict], k: int) -> dict:
     seq_id = np.concatenate([p["seq_id"] for p in parts])
     trace = np.concatenate([p["trace"] for p in parts])
     order = stats.select_extremes(score, seq_id, k)
-    return {"score": np.take_along_axis(score, order, 0), "seq_id": np.take_along_axis(seq_id, order, 0),
-            "trace": np.take_along_axis(trace, order[:, :, None], 0)}
+    return {
+        "score": np.take_along_axis(score, order, 0),
+        "seq_id": np.take_along_axis(seq_id, order, 0),
+        "trace": np.take_along_axis(trace, order[:, :, None], 0),
+    }
 
 
 def random_score(seed: int):
@@ -170,7 +233,9 @@ def merge_states(parts: list[dict], top_k: int, n_random: int, random_score: "ca
     sample's ordering key (the random sample is 'smallest key first', key from the sequence id)."""
     for p in parts:
         rs = p["random"]
-        rs["score"] = np.where(rs["seq_id"] >= 0, np.vectorize(random_score, otypes=[np.float32])(rs["seq_id"]), -np.inf).astype(np.float32)
+        rs["score"] = np.where(
+            rs["seq_id"] >= 0, np.vectorize(random_score, otypes=[np.float32])(rs["seq_id"]), -np.inf
+        ).astype(np.float32)
     return {
         "top": _merge_extremes([p["top"] for p in parts], top_k),
         "bottom": _merge_extremes([p["bottom"] for p in parts], top_k),

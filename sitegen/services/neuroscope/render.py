@@ -22,9 +22,26 @@ WINDOW_BEFORE = 12  # tokens shown before the peak token on the page (the JSON h
 WINDOW_AFTER = 4
 # Opening tag per colour bucket -9..9 (index + BUCKETS); unquoted class values are valid HTML.
 _OPEN = [f"<i class=n{-b}>" for b in range(-BUCKETS, 0)] + ["<i>"] + [f"<i class=p{b}>" for b in range(1, BUCKETS + 1)]
-_COLUMNS = ["top_seq", "top_acts", "bottom_seq", "bottom_acts", "mean", "std", "min", "max", "frac_pos", "count", "quantiles",
-            "hist_edges", "hist_counts"]
-_PEAK = [f'<i class="n{-b} x">' for b in range(-BUCKETS, 0)] + ['<i class="x">'] + [f'<i class="p{b} x">' for b in range(1, BUCKETS + 1)]
+_COLUMNS = [
+    "top_seq",
+    "top_acts",
+    "bottom_seq",
+    "bottom_acts",
+    "mean",
+    "std",
+    "min",
+    "max",
+    "frac_pos",
+    "count",
+    "quantiles",
+    "hist_edges",
+    "hist_counts",
+]
+_PEAK = (
+    [f'<i class="n{-b} x">' for b in range(-BUCKETS, 0)]
+    + ['<i class="x">']
+    + [f'<i class="p{b} x">' for b in range(1, BUCKETS + 1)]
+)
 _ELL = '<span class="ell">…</span>'
 
 
@@ -48,7 +65,9 @@ class Traces:
         text_of_value = np.repeat(np.arange(n_texts), lengths)
         neuron_of_value = np.repeat(np.repeat(np.arange(len(self.outer) - 1), np.diff(self.outer)), lengths)
         self.rounded = np.round(values, 4)  # numpy: a text's activations go to orjson as a view, no Python floats
-        self.buckets = (np.clip(np.rint(values * (BUCKETS / scale[neuron_of_value])), -BUCKETS, BUCKETS).astype(np.int64) + BUCKETS).tolist()
+        self.buckets = (
+            np.clip(np.rint(values * (BUCKETS / scale[neuron_of_value])), -BUCKETS, BUCKETS).astype(np.int64) + BUCKETS
+        ).tolist()
         if n_texts == 0:
             self.lo = self.hi = self.peak = []
             self.outer, self.inner = self.outer.tolist(), self.inner.tolist()
@@ -72,21 +91,29 @@ class NeuroscopeLayer:
         # the columns the pages and JSON show (not the raw sums and fine histogram kept for merging)
         t = store.read_layer("neuroscope", layer, columns=_COLUMNS)
         self.n = t.num_rows
-        col = lambda name: t.column(name).to_pylist()  # noqa: E731
+        col = lambda name: t.column(name).to_pylist()
         self.seq = {k: col(f"{k}_seq") for k in ("top", "bottom")}
         self.mean, self.std, self.vmin, self.vmax = col("mean"), col("std"), col("min"), col("max")
         # Colour scales centred on zero: the top texts on the neuron's largest absolute activation,
         # the most negative texts on their own (|min|), so a small negative range is still visible.
-        vmax, vmin = np.abs(t.column("max").to_numpy()).astype(np.float64), np.abs(t.column("min").to_numpy()).astype(np.float64)
+        vmax, vmin = (
+            np.abs(t.column("max").to_numpy()).astype(np.float64),
+            np.abs(t.column("min").to_numpy()).astype(np.float64),
+        )
         scales = {"top": np.maximum(np.maximum(vmax, vmin), 1e-9), "bottom": np.maximum(vmin, 1e-9)}
-        self.traces = {k: Traces(t.column(f"{k}_acts"), scales[k], site.first_valid, lowest=(k == "bottom")) for k in ("top", "bottom")}
+        self.traces = {
+            k: Traces(t.column(f"{k}_acts"), scales[k], site.first_valid, lowest=(k == "bottom"))
+            for k in ("top", "bottom")
+        }
         self.frac_pos, self.count = col("frac_pos"), col("count")
         self.quantiles, self.hist_edges, self.hist = col("quantiles"), col("hist_edges"), col("hist_counts")
         # Edges to 6 significant digits, once per distinct value: most are the fine grid's and
         # recur in every neuron. Zero is left out (0.0 and -0.0 are one key) and kept as it is.
         self.edges6 = {e: float(f"{e:.6g}") for e in set(itertools.chain.from_iterable(self.hist_edges)) if e}
         self.fv = site.first_valid
-        self.quantile_levels = site.cached("neuroscope.quantile_levels", lambda: list(store.manifest["stats"]["quantile_levels"]))
+        self.quantile_levels = site.cached(
+            "neuroscope.quantile_levels", lambda: list(store.manifest["stats"]["quantile_levels"])
+        )
         self.per_seq = site.cached("neuroscope.per_seq", dict)  # seq_id -> _Sequence
         self._texts: dict | None = None
         self._texts_for = -1
@@ -108,12 +135,22 @@ class NeuroscopeLayer:
                 s = per_seq.get(seq_id)
                 if s is None:
                     s = per_seq[seq_id] = _Sequence(self.site, seq_id)
-                texts.append({
-                    "data_index": seq_id, "max_activating_token_index": peak[j],
-                    "min_activation": lo[j], "max_activation": hi[j], "min_range": vmin, "max_range": vmax,
-                    "tokens": s.tokens_json, "activations": rounded[inner[j]:inner[j + 1]], "token_ids": s.ids_json,
-                    "doc_id": s.doc_id, "char_start": s.char_start, "char_end": s.char_end,
-                })
+                texts.append(
+                    {
+                        "data_index": seq_id,
+                        "max_activating_token_index": peak[j],
+                        "min_activation": lo[j],
+                        "max_activation": hi[j],
+                        "min_range": vmin,
+                        "max_range": vmax,
+                        "tokens": s.tokens_json,
+                        "activations": rounded[inner[j] : inner[j + 1]],
+                        "token_ids": s.ids_json,
+                        "doc_id": s.doc_id,
+                        "char_start": s.char_start,
+                        "char_end": s.char_end,
+                    }
+                )
             out[kind] = texts
         self._texts, self._texts_for = out, n
         return out
@@ -126,7 +163,11 @@ class NeuroscopeLayer:
 
     def stats(self, n: int) -> dict:
         return {
-            "count": self.count[n], "mean": _r(self.mean[n]), "std": _r(self.std[n]), "min": _r(self.vmin[n]), "max": _r(self.vmax[n]),
+            "count": self.count[n],
+            "mean": _r(self.mean[n]),
+            "std": _r(self.std[n]),
+            "min": _r(self.vmin[n]),
+            "max": _r(self.vmax[n]),
             "frac_positive": round(self.frac_pos[n], 6),
             "quantiles": {"levels": self.quantile_levels, "values": [_r(v) for v in self.quantiles[n]]},
             # Variable-width bars: counts[i] values lie in [edges[i], edges[i + 1]) (exact counts).
@@ -138,8 +179,12 @@ class NeuroscopeLayer:
         texts = self._texts_of(n)
         # The random sample stays in the store (explanation scoring reads it there): the per-neuron
         # JSON carries what the page shows, to keep one neuron's files small.
-        return {"neuron_index": {"layer": self.layer, "neuron": n}, "texts": texts["top"], "bottom_texts": texts["bottom"],
-                "stats": self._stats_of(n)}
+        return {
+            "neuron_index": {"layer": self.layer, "neuron": n},
+            "texts": texts["top"],
+            "bottom_texts": texts["bottom"],
+            "stats": self._stats_of(n),
+        }
 
     def score(self, n: int) -> float:
         """DeepDecipher's importance: max - min activation of the neuron's top text."""
@@ -152,7 +197,10 @@ class NeuroscopeLayer:
     def layer_payload(self) -> dict:
         scores = [self.score(i) for i in range(self.n)]
         ranked = sorted(range(self.n), key=lambda i: (-scores[i], i))
-        return {"num_neurons": self.n, "important_neurons": [[{"layer": self.layer, "neuron": i}, scores[i]] for i in ranked]}
+        return {
+            "num_neurons": self.n,
+            "important_neurons": [[{"layer": self.layer, "neuron": i}, scores[i]] for i in ranked],
+        }
 
     def top_token(self, n: int) -> str:
         texts = self._texts_of(n)["top"]
@@ -182,7 +230,7 @@ class NeuroscopeLayer:
             acts, peak, length = t["activations"], t["max_activating_token_index"], len(s.closed)
             lo, hi = max(0, peak - WINDOW_BEFORE), min(length, peak + WINDOW_AFTER + 1)
             base = inner[first + i]
-            opens = list(map(_OPEN.__getitem__, buckets[base + lo:base + hi]))
+            opens = list(map(_OPEN.__getitem__, buckets[base + lo : base + hi]))
             if lo < fv:
                 opens[: fv - lo] = ["<i class=bos>"] * (fv - lo)
             if lo <= peak < hi and peak >= fv:  # the text's extreme token (max for top, min for bottom) is marked
@@ -190,7 +238,7 @@ class NeuroscopeLayer:
             spans = "".join(chain.from_iterable(zip(opens, s.closed[lo:hi])))
             items.append(
                 f'<li><div class="seq" tabindex="0" data-start="{lo}">{_ELL if lo else ""}{spans}{_ELL if hi < length else ""}'
-                f'</div><details><summary>{acts[peak]} at {peak}</summary>{s.source}{t["min_activation"]} to {t["max_activation"]}</details></li>'
+                f"</div><details><summary>{acts[peak]} at {peak}</summary>{s.source}{t['min_activation']} to {t['max_activation']}</details></li>"
             )
         return Markup("\n".join(items))
 
@@ -219,9 +267,13 @@ class _Sequence:
         self.ids_json = orjson.Fragment(_compact(orjson.dumps(seq["token_ids"])))
         self.doc_id, self.char_start, self.char_end = seq["doc_id"], seq["char_start"], seq["char_end"]
         closed = site.esc_vocab_closed
-        self.closed = [closed[i] for i in seq["token_ids"]]  # escaped tokens with their closing tag, for the page's spans
-        self.source = (f'<code>{site.escaped_doc(seq_id)}</code> chars {self.char_start}–{self.char_end}, '
-                       f'sequence {seq_id}, {len(self.closed)} tokens, ')
+        self.closed = [
+            closed[i] for i in seq["token_ids"]
+        ]  # escaped tokens with their closing tag, for the page's spans
+        self.source = (
+            f"<code>{site.escaped_doc(seq_id)}</code> chars {self.char_start}–{self.char_end}, "
+            f"sequence {seq_id}, {len(self.closed)} tokens, "
+        )
 
 
 def _compact(data: bytes) -> bytes:
@@ -230,7 +282,9 @@ def _compact(data: bytes) -> bytes:
     return memoryview(data).tobytes()
 
 
-_G: dict[float, str] = {}  # float -> f"{v:g}": bar positions and widths are tenths of a pixel in a 500-pixel box, so few
+_G: dict[
+    float, str
+] = {}  # float -> f"{v:g}": bar positions and widths are tenths of a pixel in a 500-pixel box, so few
 
 
 def _g(v: float) -> str:
@@ -260,7 +314,7 @@ def histogram_svg(counts: list[int], edges: list[float]) -> str:
     # with numpy: a count c >= 1 stands (1 + log10 c) / (1 + decades) of the plot's height, so one
     # token is still a visible bar.
     x = [round(PLOT_X + (v - lo) * scale, 1) for v in edges] if scale else [float(PLOT_X), float(PLOT_X + PLOT_W)]
-    widths = np.maximum(np.diff(x[:len(counts) + 1]), 1.0)
+    widths = np.maximum(np.diff(x[: len(counts) + 1]), 1.0)
     c = np.asarray(counts, dtype=np.float64)
     heights = np.rint(PLOT_H * (1 + np.log10(np.maximum(c, 1))) / (1 + decades)).astype(np.int64).tolist()
     cached = _G.get
@@ -269,10 +323,14 @@ def histogram_svg(counts: list[int], edges: list[float]) -> str:
     for i, (n, h, w) in enumerate(zip(counts, heights, widths.tolist())):
         if n:
             a = x[i]
-            (pos if edges[i] >= 0 and edges[i + 1] > 0 else neg).append(f"M{cached(a) or _g(a)} {PLOT_H}v-{h}h{cached(w) or _g(w)}v{h}z")
+            (pos if edges[i] >= 0 and edges[i + 1] > 0 else neg).append(
+                f"M{cached(a) or _g(a)} {PLOT_H}v-{h}h{cached(w) or _g(w)}v{h}z"
+            )
     parts = "".join(f'<path class="{k}" d="{"".join(v)}"/>' for k, v in (("neg", neg), ("pos", pos)) if v)
-    ticks = "".join(f'<text class="yt" x="{PLOT_X - 4}" y="{round(PLOT_H * (1 - k / (1 + decades))) + 4}" text-anchor="end">{10 ** (k - 1):,}</text>'
-                    for k in range(1, decades + 2))
+    ticks = "".join(
+        f'<text class="yt" x="{PLOT_X - 4}" y="{round(PLOT_H * (1 - k / (1 + decades))) + 4}" text-anchor="end">{10 ** (k - 1):,}</text>'
+        for k in range(1, decades + 2)
+    )
     grid = "".join(f"M{PLOT_X} {round(PLOT_H * (1 - k / (1 + decades)))}h{PLOT_W}" for k in range(1, decades + 2))
     xlabels = [(PLOT_X, "start", f"{lo:.3g}"), (PLOT_X + PLOT_W, "end", f"{hi:.3g}")]
     zero = ""
@@ -282,8 +340,10 @@ def histogram_svg(counts: list[int], edges: list[float]) -> str:
         if PLOT_X + 30 < z < PLOT_X + PLOT_W - 30:  # a 0 label only where it clears the ends' labels
             xlabels.insert(1, (z, "middle", "0"))
     xl = "".join(f'<text x="{a:g}" y="{PLOT_H + 14}" text-anchor="{anchor}">{t}</text>' for a, anchor, t in xlabels)
-    return (f'<svg class="hist" viewBox="0 -10 {BOX_W} {BOX_H + 10}" role="img" aria-label="activation histogram: tokens per variable-width bin, '
-            f'log count axis"><title>Exact token counts in variable-width bins (finer near zero); bar height: tokens, log scale</title>'
-            f'<path class="grid" d="{grid}"/>{parts}{zero}{ticks}{xl}'
-            f'<text x="{PLOT_X + PLOT_W // 2}" y="{BOX_H - 4}" text-anchor="middle">activation</text>'
-            f'<text x="10" y="{PLOT_H // 2}" text-anchor="middle" transform="rotate(-90 10 {PLOT_H // 2})">tokens (log)</text></svg>')
+    return (
+        f'<svg class="hist" viewBox="0 -10 {BOX_W} {BOX_H + 10}" role="img" aria-label="activation histogram: tokens per variable-width bin, '
+        f'log count axis"><title>Exact token counts in variable-width bins (finer near zero); bar height: tokens, log scale</title>'
+        f'<path class="grid" d="{grid}"/>{parts}{zero}{ticks}{xl}'
+        f'<text x="{PLOT_X + PLOT_W // 2}" y="{BOX_H - 4}" text-anchor="middle">activation</text>'
+        f'<text x="10" y="{PLOT_H // 2}" text-anchor="middle" transform="rotate(-90 10 {PLOT_H // 2})">tokens (log)</text></svg>'
+    )

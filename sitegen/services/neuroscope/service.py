@@ -5,30 +5,71 @@ from __future__ import annotations
 from markupsafe import Markup
 from pydantic import Field, field_validator
 
-from sitegen.services.base import (LAYER_NEURON, NEURON_INDEX_REF, Cell, Column, Service, api_envelope, api_get, fmt_num,
-                                   fmt_pct, level_paths, number_cell)
+from sitegen.services.base import (
+    LAYER_NEURON,
+    NEURON_INDEX_REF,
+    Cell,
+    Column,
+    Service,
+    api_envelope,
+    api_get,
+    fmt_num,
+    fmt_pct,
+    level_paths,
+    number_cell,
+)
 from sitegen.services.neuroscope.data import TABLE_SCHEMA
 from sitegen.services.tokens import shown
 from sitegen.store.manifest import Record
 
-_NUM = lambda d: {"type": "number", "description": d}  # noqa: E731
-_INT = lambda d: {"type": "integer", "description": d}  # noqa: E731
+_NUM = lambda d: {"type": "number", "description": d}
+_INT = lambda d: {"type": "integer", "description": d}
 _TEXT = {
     "type": "object",
     "description": "One sequence of the corpus with the neuron's activation at every token (Neuroscope's text). Activations are rounded "
-                   "to 4 decimals; a text's minimum, maximum and peak skip the BOS position.",
-    "required": ["min_range", "max_range", "min_activation", "max_activation", "data_index", "max_activating_token_index", "tokens", "activations", "token_ids"],
+    "to 4 decimals; a text's minimum, maximum and peak skip the BOS position.",
+    "required": [
+        "min_range",
+        "max_range",
+        "min_activation",
+        "max_activation",
+        "data_index",
+        "max_activating_token_index",
+        "tokens",
+        "activations",
+        "token_ids",
+    ],
     "properties": {
-        "min_range": _NUM("The neuron's lowest activation over the whole corpus (stats.min): the bottom of the colour scale, the same for every text."),
-        "max_range": _NUM("The neuron's highest activation over the whole corpus (stats.max): the top of the colour scale, the same for every text."),
+        "min_range": _NUM(
+            "The neuron's lowest activation over the whole corpus (stats.min): the bottom of the colour scale, the same for every text."
+        ),
+        "max_range": _NUM(
+            "The neuron's highest activation over the whole corpus (stats.max): the top of the colour scale, the same for every text."
+        ),
         "min_activation": _NUM("The lowest activation within this text."),
         "max_activation": _NUM("The highest activation within this text."),
-        "data_index": _INT("The sequence's id in the store (its row in sequences.parquet), the same for every neuron shown that sequence."),
-        "max_activating_token_index": _INT("Index into tokens of the text's peak: its highest activation for a top text, its lowest for "
-                                           "a bottom text (the first such token)."),
-        "tokens": {"type": "array", "items": {"type": "string"}, "description": "The sequence's tokens as the tokenizer decodes each one, BOS first."},
-        "activations": {"type": "array", "items": {"type": "number"}, "description": "The neuron's activation at each token, aligned with tokens."},
-        "token_ids": {"type": "array", "items": {"type": "integer"}, "description": "The tokenizer's id of each token, aligned with tokens."},
+        "data_index": _INT(
+            "The sequence's id in the store (its row in sequences.parquet), the same for every neuron shown that sequence."
+        ),
+        "max_activating_token_index": _INT(
+            "Index into tokens of the text's peak: its highest activation for a top text, its lowest for "
+            "a bottom text (the first such token)."
+        ),
+        "tokens": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "The sequence's tokens as the tokenizer decodes each one, BOS first.",
+        },
+        "activations": {
+            "type": "array",
+            "items": {"type": "number"},
+            "description": "The neuron's activation at each token, aligned with tokens.",
+        },
+        "token_ids": {
+            "type": "array",
+            "items": {"type": "integer"},
+            "description": "The tokenizer's id of each token, aligned with tokens.",
+        },
         "doc_id": {"type": "string", "description": "The corpus document the sequence was cut from."},
         "char_start": _INT("Offset in that document of the sequence's first character."),
         "char_end": _INT("Offset in that document just past the sequence's last character."),
@@ -36,44 +77,100 @@ _TEXT = {
 }
 _TEXTS = "Up to --top-k sequences (one entry per sequence) with the neuron's {} activations, {} first."
 _NEUROSCOPE = {
-    "type": "object", "required": ["neuron_index", "texts"],
+    "type": "object",
+    "required": ["neuron_index", "texts"],
     "description": "A neuron's top and bottom texts and exact activation statistics over the corpus. (The random sample of sequences "
-                   "stays in the store for explanation scoring; it is not in the API.)",
+    "stays in the store for explanation scoring; it is not in the API.)",
     "properties": {
         "neuron_index": {"$ref": NEURON_INDEX_REF, "description": "The neuron."},
-        "texts": {"type": "array", "items": {"$ref": "#/components/schemas/Text"}, "description": _TEXTS.format("highest", "highest")},
-        "bottom_texts": {"type": "array", "items": {"$ref": "#/components/schemas/Text"}, "description": _TEXTS.format("lowest", "lowest")},
-        "stats": {"type": "object", "required": ["mean", "std", "min", "max", "frac_positive", "quantiles", "histogram"],
-                  "description": "Exact statistics over every activation of the neuron on the corpus (BOS positions excluded).",
-                  "properties": {
-                      "count": _INT("Activations the statistics cover: one per counted token of the corpus."),
-                      "mean": _NUM("Mean activation."),
-                      "std": _NUM("Population standard deviation of the activations."),
-                      "min": _NUM("Lowest activation."),
-                      "max": _NUM("Highest activation."),
-                      "frac_positive": _NUM("Fraction of activations above 0."),
-                      "quantiles": {"type": "object", "required": ["levels", "values"],
-                                    "description": "Quantiles of the activations, interpolated within the exact fine histogram's bins.",
-                                    "properties": {"levels": {"type": "array", "items": {"type": "number"}, "description": "Quantile levels, fractions in (0, 1), increasing."},
-                                                   "values": {"type": "array", "items": {"type": "number"}, "description": "The activation at each level."}}},
-                      "histogram": {
-                          "type": "object", "required": ["edges", "counts"],
-                          "description": "Exact counts in variable-width bins from min to max: counts[i] values lie between edges[i] "
-                                         "and edges[i + 1] (bins follow the float32 exponent, finer near zero; a zero-width bin [0, 0] "
-                                         "holds exact zeros). Draw as density, count / width.",
-                          "properties": {"edges": {"type": "array", "items": {"type": "number"}, "description": "Bin edges, len(counts) + 1, non-decreasing."},
-                                         "counts": {"type": "array", "items": {"type": "integer"}, "description": "Activations in each bin."}}}}},
+        "texts": {
+            "type": "array",
+            "items": {"$ref": "#/components/schemas/Text"},
+            "description": _TEXTS.format("highest", "highest"),
+        },
+        "bottom_texts": {
+            "type": "array",
+            "items": {"$ref": "#/components/schemas/Text"},
+            "description": _TEXTS.format("lowest", "lowest"),
+        },
+        "stats": {
+            "type": "object",
+            "required": ["mean", "std", "min", "max", "frac_positive", "quantiles", "histogram"],
+            "description": "Exact statistics over every activation of the neuron on the corpus (BOS positions excluded).",
+            "properties": {
+                "count": _INT("Activations the statistics cover: one per counted token of the corpus."),
+                "mean": _NUM("Mean activation."),
+                "std": _NUM("Population standard deviation of the activations."),
+                "min": _NUM("Lowest activation."),
+                "max": _NUM("Highest activation."),
+                "frac_positive": _NUM("Fraction of activations above 0."),
+                "quantiles": {
+                    "type": "object",
+                    "required": ["levels", "values"],
+                    "description": "Quantiles of the activations, interpolated within the exact fine histogram's bins.",
+                    "properties": {
+                        "levels": {
+                            "type": "array",
+                            "items": {"type": "number"},
+                            "description": "Quantile levels, fractions in (0, 1), increasing.",
+                        },
+                        "values": {
+                            "type": "array",
+                            "items": {"type": "number"},
+                            "description": "The activation at each level.",
+                        },
+                    },
+                },
+                "histogram": {
+                    "type": "object",
+                    "required": ["edges", "counts"],
+                    "description": "Exact counts in variable-width bins from min to max: counts[i] values lie between edges[i] "
+                    "and edges[i + 1] (bins follow the float32 exponent, finer near zero; a zero-width bin [0, 0] "
+                    "holds exact zeros). Draw as density, count / width.",
+                    "properties": {
+                        "edges": {
+                            "type": "array",
+                            "items": {"type": "number"},
+                            "description": "Bin edges, len(counts) + 1, non-decreasing.",
+                        },
+                        "counts": {
+                            "type": "array",
+                            "items": {"type": "integer"},
+                            "description": "Activations in each bin.",
+                        },
+                    },
+                },
+            },
+        },
     },
 }
-_IMPORTANT = {"type": "array", "description": "[neuron, importance] pairs, highest importance first (ties by layer, then neuron). "
-                                              "Importance is DeepDecipher's: max_activation - min_activation of the neuron's first top text.",
-              "items": {"type": "array", "minItems": 2, "maxItems": 2, "description": "One neuron and its importance.",
-                        "prefixItems": [{"$ref": NEURON_INDEX_REF, "description": "The neuron."},
-                                        {"type": "number", "description": "Its importance (0 for a neuron with no texts)."}]}}
-_LAYER = {"type": "object", "required": ["num_neurons", "important_neurons"], "description": "A layer's neurons ranked by importance.",
-          "properties": {"num_neurons": _INT("Neurons in the layer."), "important_neurons": _IMPORTANT}}
-_MODEL = {"type": "object", "required": ["important_neurons"], "description": "Every neuron of the model ranked by importance.",
-          "properties": {"important_neurons": _IMPORTANT}}
+_IMPORTANT = {
+    "type": "array",
+    "description": "[neuron, importance] pairs, highest importance first (ties by layer, then neuron). "
+    "Importance is DeepDecipher's: max_activation - min_activation of the neuron's first top text.",
+    "items": {
+        "type": "array",
+        "minItems": 2,
+        "maxItems": 2,
+        "description": "One neuron and its importance.",
+        "prefixItems": [
+            {"$ref": NEURON_INDEX_REF, "description": "The neuron."},
+            {"type": "number", "description": "Its importance (0 for a neuron with no texts)."},
+        ],
+    },
+}
+_LAYER = {
+    "type": "object",
+    "required": ["num_neurons", "important_neurons"],
+    "description": "A layer's neurons ranked by importance.",
+    "properties": {"num_neurons": _INT("Neurons in the layer."), "important_neurons": _IMPORTANT},
+}
+_MODEL = {
+    "type": "object",
+    "required": ["important_neurons"],
+    "description": "Every neuron of the model ranked by importance.",
+    "properties": {"important_neurons": _IMPORTANT},
+}
 
 
 class StatsRecord(Record):
@@ -94,8 +191,10 @@ class Neuroscope(Service):
     name = "neuroscope"
     title = "Max-activating examples"
     description = "Top and bottom sequences with per-token activations; activation statistics."
-    index_blurb = ("The sequences with the highest and the lowest activation (one entry per sequence), "
-                   "per-token activations, statistics, histogram and quantiles.")
+    index_blurb = (
+        "The sequences with the highest and the lowest activation (one entry per sequence), "
+        "per-token activations, statistics, histogram and quantiles."
+    )
     column_order = 0  # the activation columns lead the layer table
     activations = True
     store_columns = tuple(TABLE_SCHEMA.names)  # every column: a store lacking one fails at Store.open, in one line
@@ -110,14 +209,25 @@ class Neuroscope(Service):
         return CorpusAccumulator(run)
 
     def sequences_used(self, table):
-        return (s for col in ("top_seq", "bottom_seq", "random_seq") for s in table.column(col).combine_chunks().flatten().to_pylist())
+        return (
+            s
+            for col in ("top_seq", "bottom_seq", "random_seq")
+            for s in table.column(col).combine_chunks().flatten().to_pylist()
+        )
 
     def manifest_records(self):
         from sitegen.services.neuroscope import stats
 
         # The binning the tables were made with (the site reads the quantile levels from here).
-        return {"stats": {"quantile_levels": list(stats.QUANTILE_LEVELS), "display_bins": stats.DISPLAY_BINS,
-                          "fine_bins": stats.N_FINE_BINS, "sum_shift": stats.SUM_SHIFT, "sq_shift": stats.SQ_SHIFT}}
+        return {
+            "stats": {
+                "quantile_levels": list(stats.QUANTILE_LEVELS),
+                "display_bins": stats.DISPLAY_BINS,
+                "fine_bins": stats.N_FINE_BINS,
+                "sum_shift": stats.SUM_SHIFT,
+                "sq_shift": stats.SQ_SHIFT,
+            }
+        }
 
     def manifest_schemas(self):
         return {"stats": StatsRecord}
@@ -144,19 +254,32 @@ class Neuroscope(Service):
         return NeuroscopeLayer(store, layer, site)
 
     def layer_columns(self):
-        return [Column("Max activation"), Column("Min"), Column("Mean"), Column("Fraction active"), Column("Top token", "text")]
+        return [
+            Column("Max activation"),
+            Column("Min"),
+            Column("Mean"),
+            Column("Fraction active"),
+            Column("Top token", "text"),
+        ]
 
     def layer_cells(self, view, n, payload):
         st = payload["stats"]
-        return [number_cell(st["max"]), number_cell(st["min"]), number_cell(st["mean"]),
-                Cell(Markup.escape(fmt_pct(st["frac_positive"])), str(st["frac_positive"])),
-                Cell(Markup("<code>{}</code>").format(shown(view.top_token(n))))]
+        return [
+            number_cell(st["max"]),
+            number_cell(st["min"]),
+            number_cell(st["mean"]),
+            Cell(Markup.escape(fmt_pct(st["frac_positive"])), str(st["frac_positive"])),
+            Cell(Markup("<code>{}</code>").format(shown(view.top_token(n)))),
+        ]
 
     def neuron_summary(self, view, n, payload):
         st = payload["stats"]
         tokens = Markup(" ").join(Markup("<code>{}</code>").format(t) for t in view.top_tokens(n))
-        return [("max", Markup.escape(fmt_num(st["max"]))), ("active (>0)", Markup.escape(fmt_pct(st["frac_positive"]))),
-                ("top tokens", tokens or Markup("none"))]
+        return [
+            ("max", Markup.escape(fmt_num(st["max"]))),
+            ("active (>0)", Markup.escape(fmt_pct(st["frac_positive"]))),
+            ("top tokens", tokens or Markup("none")),
+        ]
 
     def layer_facts(self, view, n, payload):
         st = payload["stats"]
@@ -165,12 +288,19 @@ class Neuroscope(Service):
     def openapi_paths(self):
         return {
             "/api/{model}/neuroscope/{layer}/{neuron}": api_get(
-                "Top and bottom texts and statistics of a neuron", api_envelope("#/components/schemas/Neuroscope", "The neuron's texts and statistics."),
-                LAYER_NEURON, "The sequences with the neuron's highest and lowest activations, each with every token's activation, "
-                              "and exact statistics (mean, std, quantiles, histogram) over the corpus."),
-            **level_paths("neuroscope", {"$ref": "#/components/schemas/LayerImportance"}, _MODEL,
-                          "The layer's neurons ranked by importance (max - min activation of each neuron's first top text).",
-                          "Every neuron of the model ranked by importance (max - min activation of each neuron's first top text)."),
+                "Top and bottom texts and statistics of a neuron",
+                api_envelope("#/components/schemas/Neuroscope", "The neuron's texts and statistics."),
+                LAYER_NEURON,
+                "The sequences with the neuron's highest and lowest activations, each with every token's activation, "
+                "and exact statistics (mean, std, quantiles, histogram) over the corpus.",
+            ),
+            **level_paths(
+                "neuroscope",
+                {"$ref": "#/components/schemas/LayerImportance"},
+                _MODEL,
+                "The layer's neurons ranked by importance (max - min activation of each neuron's first top text).",
+                "Every neuron of the model ranked by importance (max - min activation of each neuron's first top text).",
+            ),
         }
 
     def openapi_schemas(self):

@@ -45,8 +45,26 @@ N_FINE_BINS = 2 * HALF_BINS + 3
 _LO_CODE = (127 + LO_EXP) << 4  # float32 exponent + top 4 mantissa bits of 2^LO_EXP
 DISPLAY_BINS = 100  # display bars are at least 1/100 of a neuron's range wide (unless one fine bin is wider)
 QUANTILE_LEVELS = (
-    0.0001, 0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95,
-    0.975, 0.99, 0.995, 0.999, 0.9995, 0.9999,
+    0.0001,
+    0.001,
+    0.01,
+    0.05,
+    0.1,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.9,
+    0.95,
+    0.975,
+    0.99,
+    0.995,
+    0.999,
+    0.9995,
+    0.9999,
 )
 
 
@@ -125,7 +143,9 @@ def exact_std(count: int, sum_fx: np.ndarray, sumsq_fx: np.ndarray, sumsq_lo: np
     return out
 
 
-def display_histogram(hist_fine: np.ndarray, vmin: np.ndarray, vmax: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def display_histogram(
+    hist_fine: np.ndarray, vmin: np.ndarray, vmax: np.ndarray
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The display histogram of n neurons: per neuron, bar edges (k + 1, float32, from min to max)
     and exact counts (k,). Each bar is a union of whole fine bins (clipped to [min, max]), so its
     count is exactly the number of values in it; neighbouring fine bins are merged until a bar is
@@ -163,8 +183,15 @@ def display_histogram(hist_fine: np.ndarray, vmin: np.ndarray, vmax: np.ndarray)
     return out_edges, out_counts
 
 
-def finalise(count: int, sum_fx: np.ndarray, sumsq_fx: np.ndarray, sumsq_lo: np.ndarray, hist_fine: np.ndarray,
-             vmin: np.ndarray, vmax: np.ndarray) -> dict:
+def finalise(
+    count: int,
+    sum_fx: np.ndarray,
+    sumsq_fx: np.ndarray,
+    sumsq_lo: np.ndarray,
+    hist_fine: np.ndarray,
+    vmin: np.ndarray,
+    vmax: np.ndarray,
+) -> dict:
     """Derived statistics for n neurons from their raw accumulators.
 
     Returns mean, std (population), quantiles (n, len(QUANTILE_LEVELS)) and the display histogram

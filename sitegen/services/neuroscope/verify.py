@@ -71,15 +71,48 @@ class LayerReport:
 class LayerCheck:
     """Everything verify checks for one layer's sampled neurons, fed batch by batch."""
 
-    COLUMNS = ["neuron", "top_seq", "top_max", "top_acts", "bottom_seq", "bottom_min", "bottom_acts", "random_seq", "random_acts",
-               "count", "mean", "std", "min", "max", "n_pos"]
+    COLUMNS = [
+        "neuron",
+        "top_seq",
+        "top_max",
+        "top_acts",
+        "bottom_seq",
+        "bottom_min",
+        "bottom_acts",
+        "random_seq",
+        "random_acts",
+        "count",
+        "mean",
+        "std",
+        "min",
+        "max",
+        "n_pos",
+    ]
 
-    def __init__(self, layer: int, neurons: list[int], table: dict[str, list], first_valid: int, top_k: int, with_stats: bool, rtol: float):
-        self.layer, self.neurons, self.fv, self.top_k, self.with_stats, self.rtol = layer, neurons, first_valid, top_k, with_stats, rtol
+    def __init__(
+        self,
+        layer: int,
+        neurons: list[int],
+        table: dict[str, list],
+        first_valid: int,
+        top_k: int,
+        with_stats: bool,
+        rtol: float,
+    ):
+        self.layer, self.neurons, self.fv, self.top_k, self.with_stats, self.rtol = (
+            layer,
+            neurons,
+            first_valid,
+            top_k,
+            with_stats,
+            rtol,
+        )
         k = len(neurons)
         self.rows = table  # column -> one value per sampled neuron, in the order of `neurons`
         if list(table["neuron"]) != list(neurons):
-            raise StoreError(f"neuroscope/layer={layer}/data.parquet: rows are not one per neuron in order; recompute the store")
+            raise StoreError(
+                f"neuroscope/layer={layer}/data.parquet: rows are not one per neuron in order; recompute the store"
+            )
         vmax, vmin = np.array(self.rows["max"], np.float64), np.array(self.rows["min"], np.float64)
         # m per neuron; the floor keeps a dead neuron (all zeros) from turning float noise into a huge relative error
         self.scale = np.maximum(np.maximum(np.abs(vmax), np.abs(vmin)), MIN_SCALE)
@@ -161,19 +194,38 @@ class LayerCheck:
                     if diff[p] > err:
                         err, worst = float(diff[p]), (kind, rank, sid, p, stored[p], float(rec[p]))
                     if kind != "random" and len(rec) > self.fv:
-                        extremes[kind].append(float(rec[self.fv:].max() if kind == "top" else rec[self.fv:].min()))
+                        extremes[kind].append(float(rec[self.fv :].max() if kind == "top" else rec[self.fv :].min()))
             if err > rtol and worst:
                 kind, rank, sid, p, a, b = worst
-                problems.append(f"activations differ by {err:.3g} of the neuron's range (> {rtol:g}): {kind} #{rank + 1} (sequence {sid}) "
-                                f"position {p}: stored {a:.6g}, recomputed {b:.6g}")
+                problems.append(
+                    f"activations differ by {err:.3g} of the neuron's range (> {rtol:g}): {kind} #{rank + 1} (sequence {sid}) "
+                    f"position {p}: stored {a:.6g}, recomputed {b:.6g}"
+                )
             top_maxima, top_order, top_unbeaten = self._check_extremes(j, "top", extremes["top"], tol, problems)
-            bottom_minima, bottom_order, bottom_unbeaten = self._check_extremes(j, "bottom", extremes["bottom"], tol, problems)
+            bottom_minima, bottom_order, bottom_unbeaten = self._check_extremes(
+                j, "bottom", extremes["bottom"], tol, problems
+            )
             stats = self._stats(j, tol, problems) if self.with_stats else None
-            out.append(NeuronResult(self.layer, n, err, top_order, top_maxima, top_unbeaten, bottom_order, bottom_minima, bottom_unbeaten,
-                                    stats, problems))
+            out.append(
+                NeuronResult(
+                    self.layer,
+                    n,
+                    err,
+                    top_order,
+                    top_maxima,
+                    top_unbeaten,
+                    bottom_order,
+                    bottom_minima,
+                    bottom_unbeaten,
+                    stats,
+                    problems,
+                )
+            )
         return out
 
-    def _check_extremes(self, j: int, kind: str, recomputed: list[float], tol: float, problems: list[str]) -> tuple[bool, bool, bool]:
+    def _check_extremes(
+        self, j: int, kind: str, recomputed: list[float], tol: float, problems: list[str]
+    ) -> tuple[bool, bool, bool]:
         """One side's checks (top: maxima in descending order; bottom: minima ascending): the stored
         extremes recomputed, their order, and no other rerun sequence past the k-th. Appends a line
         per failed check; returns (extremes, order, unbeaten)."""
@@ -189,18 +241,28 @@ class LayerCheck:
         if not order:
             problems.append(f"{kind} sequences out of order once recomputed: {_fmt(rec)}")
         if not unbeaten:
-            problems.append(f"sequence {self.beaten_by[(kind, j)]} is not in the {kind} {self.top_k} but "
-                            f"{'beats its last one' if top else 'goes below its last one'} by {beaten:.6g}")
+            problems.append(
+                f"sequence {self.beaten_by[(kind, j)]} is not in the {kind} {self.top_k} but "
+                f"{'beats its last one' if top else 'goes below its last one'} by {beaten:.6g}"
+            )
         return extremes, order, unbeaten
 
     def _stats(self, j: int, tol: float, problems: list[str]) -> dict:
         c = self.count
         mean = self.sum[j] / max(c, 1)
         std = float(np.sqrt(max(self.sumsq[j] / max(c, 1) - mean * mean, 0.0)))
-        stored = {k: float(self.rows[k][j]) for k in ("mean", "std", "min", "max")} | {"count": int(self.rows["count"][j]),
-                                                                                       "n_pos": int(self.rows["n_pos"][j])}
-        rec = {"mean": float(mean), "std": std, "min": float(self.vmin[j]), "max": float(self.vmax[j]), "count": c,
-               "n_pos": [int(self.pos_hi[j]), int(self.pos_lo[j])]}
+        stored = {k: float(self.rows[k][j]) for k in ("mean", "std", "min", "max")} | {
+            "count": int(self.rows["count"][j]),
+            "n_pos": int(self.rows["n_pos"][j]),
+        }
+        rec = {
+            "mean": float(mean),
+            "std": std,
+            "min": float(self.vmin[j]),
+            "max": float(self.vmax[j]),
+            "count": c,
+            "n_pos": [int(self.pos_hi[j]), int(self.pos_lo[j])],
+        }
         if stored["count"] != c:
             problems.append(f"stats: {stored['count']} counted tokens stored, {c} recomputed")
         # The stored sums are fixed point (values on a 2^-SUM_SHIFT grid, squares on 2^-SQ_SHIFT), so
@@ -210,13 +272,15 @@ class LayerCheck:
         for key in ("mean", "std", "min", "max"):
             allowed = tol + (q_mean if key == "mean" else 0.0)
             if key == "std":  # compared as variances, where the rounding bound is additive
-                bad = abs(stored["std"] ** 2 - std ** 2) > 2 * tol * max(stored["std"], std) + tol * tol + q_var
+                bad = abs(stored["std"] ** 2 - std**2) > 2 * tol * max(stored["std"], std) + tol * tol + q_var
             else:
                 bad = abs(stored[key] - rec[key]) > allowed
             if bad:
                 problems.append(f"stats: {key} stored {stored[key]:.6g}, recomputed {rec[key]:.6g}")
         if not self.pos_hi[j] <= stored["n_pos"] <= self.pos_lo[j]:
-            problems.append(f"stats: fraction > 0 stored {stored['n_pos'] / max(c, 1):.6g}, recomputed {self.pos_hi[j] / max(c, 1):.6g}")
+            problems.append(
+                f"stats: fraction > 0 stored {stored['n_pos'] / max(c, 1):.6g}, recomputed {self.pos_hi[j] / max(c, 1):.6g}"
+            )
         error = max(abs(stored[k] - rec[k]) for k in ("mean", "std", "min", "max")) / self.scale[j]
         return {"stored": stored, "recomputed": rec, "error": float(error)}
 
@@ -246,7 +310,11 @@ class NeuroscopeVerifier:
             table = store.read_layer(NAME, layer, columns=LayerCheck.COLUMNS)
             rows = table.take(pa.array(neurons, pa.int64())).to_pydict()  # only the sampled rows become Python objects
             self.checks[layer] = LayerCheck(layer, neurons, rows, fv, top_k, self.with_stats, run.rtol)
-        self.problems = _check_random_sample(store, run.seq_tokens, int(m["config"]["seed"]), int(m["config"]["n_random"])) if self.with_stats else []
+        self.problems = (
+            _check_random_sample(store, run.seq_tokens, int(m["config"]["seed"]), int(m["config"]["n_random"]))
+            if self.with_stats
+            else []
+        )
         self.ran: set[int] = set()  # the sequences run (every one comes through every checked layer)
 
     def sequences(self) -> set[int]:
@@ -268,22 +336,36 @@ class NeuroscopeVerifier:
             rs = lr.neurons
             bad = [r for r in rs if not r.ok]
             stats = "checked" if rs and rs[0].stats is not None else "not checked"
-            lines.append(f"layer {lr.layer}: {len(rs)} neurons, {lr.sequences_run} sequences run, max relative error "
-                         f"{max((r.max_rel_error for r in rs), default=0):.3g}, top/bottom-k {'hold' if all(_ranks_ok(r) for r in rs) else 'BROKEN'}, "
-                         f"stats {stats}, {len(bad)} failed")
+            lines.append(
+                f"layer {lr.layer}: {len(rs)} neurons, {lr.sequences_run} sequences run, max relative error "
+                f"{max((r.max_rel_error for r in rs), default=0):.3g}, top/bottom-k {'hold' if all(_ranks_ok(r) for r in rs) else 'BROKEN'}, "
+                f"stats {stats}, {len(bad)} failed"
+            )
             lines += [f"  note: {n}" for n in lr.notes]
             for r in bad:
                 lines += [f"  FAIL layer {r.layer} neuron {r.neuron}: {p}" for p in r.problems]
         return Verification(
             summary=f"{len(neurons)} neurons checked, {len(failed)} failed, max relative error {max_rel_error:.3g}, "
-                    f"stats within {max_stats_error:.3g}",
+            f"stats within {max_stats_error:.3g}",
             lines=lines,
             failed=[(r.layer, r.neuron) for r in failed],
-            notes=_coverage_notes(len(self.run.seq_tokens), self.processed, len(self.ran), self.run.full, self.with_stats),
+            notes=_coverage_notes(
+                len(self.run.seq_tokens), self.processed, len(self.ran), self.run.full, self.with_stats
+            ),
             problems=self.problems,
-            data={"max_rel_error": max_rel_error, "max_stats_error": max_stats_error,
-                  "layers": [{"layer": lr.layer, "sequences_run": lr.sequences_run, "notes": lr.notes,
-                              "neurons": [{k: v for k, v in r.__dict__.items()} for r in lr.neurons]} for lr in layers]},
+            data={
+                "max_rel_error": max_rel_error,
+                "max_stats_error": max_stats_error,
+                "layers": [
+                    {
+                        "layer": lr.layer,
+                        "sequences_run": lr.sequences_run,
+                        "notes": lr.notes,
+                        "neurons": [{k: v for k, v in r.__dict__.items()} for r in lr.neurons],
+                    }
+                    for lr in layers
+                ],
+            },
         )
 
 
@@ -291,23 +373,34 @@ def _coverage_notes(stored: int, processed: int, run: int, full: bool, with_stat
     """What this run could not check, in words for the report."""
     notes = []
     if not with_stats:
-        notes.append("statistics and the random sample not checked: " + (
-            f"the store keeps {stored} of the {processed} sequences it processed (only the top, bottom and random ones), so mean, "
-            "std and fraction > 0 cannot be recomputed without the corpus" if stored != processed else
-            f"only the sampled neurons' sequences were run (rerun with --full to run all {stored} stored sequences)"))
+        notes.append(
+            "statistics and the random sample not checked: "
+            + (
+                f"the store keeps {stored} of the {processed} sequences it processed (only the top, bottom and random ones), so mean, "
+                "std and fraction > 0 cannot be recomputed without the corpus"
+                if stored != processed
+                else f"only the sampled neurons' sequences were run (rerun with --full to run all {stored} stored sequences)"
+            )
+        )
     if not full:
-        notes.append(f"top/bottom-k: checked against the {run} sequences that were run (the sampled neurons' own); another stored "
-                     "or unstored sequence could still beat the k-th without this run seeing it")
+        notes.append(
+            f"top/bottom-k: checked against the {run} sequences that were run (the sampled neurons' own); another stored "
+            "or unstored sequence could still beat the k-th without this run seeing it"
+        )
     elif stored != processed:
-        notes.append(f"top/bottom-k: checked against every stored sequence ({stored}), not every processed one ({processed}): "
-                     "an unstored sequence could still beat the k-th")
+        notes.append(
+            f"top/bottom-k: checked against every stored sequence ({stored}), not every processed one ({processed}): "
+            "an unstored sequence could still beat the k-th"
+        )
     return notes
 
 
 def _check_random_sample(store, seq_tokens, seed: int, n_random: int) -> list[str]:
     """With every processed sequence stored, the random sample must be the n_random stored
     sequences with the smallest random_key(seed, seq_id) (ties by lower id), as compute picks them."""
-    expected = sorted(seq_tokens, key=lambda s: (np.float32(random_key(seed, s)), s))[:n_random]  # compute ranks float32 keys
+    expected = sorted(seq_tokens, key=lambda s: (np.float32(random_key(seed, s)), s))[
+        :n_random
+    ]  # compute ranks float32 keys
     stored = store.read_layer(NAME, 0, columns=["random_seq"]).column("random_seq")[0].as_py()
     if stored != expected:
         return [f"the random sample is sequences {stored}, but the smallest random keys are those of {expected}"]

@@ -18,7 +18,17 @@ from markupsafe import Markup
 from pydantic import Field
 
 from sitegen.errors import ConfigError
-from sitegen.services.base import LAYER_NEURON, NEURON_INDEX_REF, Cell, Column, Service, Verification, VerifyRun, api_envelope, api_get
+from sitegen.services.base import (
+    LAYER_NEURON,
+    NEURON_INDEX_REF,
+    Cell,
+    Column,
+    Service,
+    Verification,
+    VerifyRun,
+    api_envelope,
+    api_get,
+)
 from sitegen.store.manifest import Record
 
 NAME = "sparsity"
@@ -64,7 +74,9 @@ class _Accumulator:
 
 def _table(st: dict) -> pa.Table:
     n = len(st["positive"])
-    return pa.table({"neuron": pa.array(np.arange(n), pa.int64()), **{k: pa.array(np.asarray(st[k]), pa.int64()) for k in _COUNTS}})
+    return pa.table(
+        {"neuron": pa.array(np.arange(n), pa.int64()), **{k: pa.array(np.asarray(st[k]), pa.int64()) for k in _COUNTS}}
+    )
 
 
 class _Layer:
@@ -75,10 +87,14 @@ class _Layer:
     def payload(self, n: int) -> dict:
         c = {k: self.cols[k][n] for k in _COUNTS}
         late_tokens, late_positive = c["tokens"] - c["early_tokens"], c["positive"] - c["early_positive"]
-        return {"neuron_index": {"layer": self.layer, "neuron": n}, "tokens": c["tokens"], "positive": c["positive"],
-                "density": round(c["positive"] / c["tokens"], 6) if c["tokens"] else None,
-                "density_early": round(c["early_positive"] / c["early_tokens"], 6) if c["early_tokens"] else None,
-                "density_late": round(late_positive / late_tokens, 6) if late_tokens else None}
+        return {
+            "neuron_index": {"layer": self.layer, "neuron": n},
+            "tokens": c["tokens"],
+            "positive": c["positive"],
+            "density": round(c["positive"] / c["tokens"], 6) if c["tokens"] else None,
+            "density_early": round(c["early_positive"] / c["early_tokens"], 6) if c["early_tokens"] else None,
+            "density_late": round(late_positive / late_tokens, 6) if late_tokens else None,
+        }
 
     def page(self, n: int) -> dict:
         return self.payload(n)
@@ -96,10 +112,20 @@ class _Verifier:
     def __init__(self, store, run: VerifyRun):
         self.run, self.checked = run, run.full and run.every_stored
         self.fv = int(store.manifest["config"]["first_valid_position"])
-        self.early_share = store.manifest[NAME]["early_share"]  # as the store was computed (typed: Store.open checked it)
-        self.stored = {layer: store.read_layer(NAME, layer).take(pa.array(neurons, pa.int64())).to_pydict()
-                       for layer, neurons in run.selection.items()} if self.checked else {}
-        self.counts = {layer: {k: np.zeros(len(neurons), np.int64) for k in _COUNTS} for layer, neurons in run.selection.items()}
+        self.early_share = store.manifest[NAME][
+            "early_share"
+        ]  # as the store was computed (typed: Store.open checked it)
+        self.stored = (
+            {
+                layer: store.read_layer(NAME, layer).take(pa.array(neurons, pa.int64())).to_pydict()
+                for layer, neurons in run.selection.items()
+            }
+            if self.checked
+            else {}
+        )
+        self.counts = {
+            layer: {k: np.zeros(len(neurons), np.int64) for k in _COUNTS} for layer, neurons in run.selection.items()
+        }
 
     def sequences(self):
         return ()  # when it checks, verify reruns every stored sequence anyway
@@ -108,7 +134,9 @@ class _Verifier:
         if not self.checked:
             return
         positions = np.arange(acts.shape[1])
-        valid = (positions[None, :] >= self.fv) & (positions[None, :] < np.asarray(lengths)[:, None])  # as compute's batch.valid
+        valid = (positions[None, :] >= self.fv) & (
+            positions[None, :] < np.asarray(lengths)[:, None]
+        )  # as compute's batch.valid
         half = int(acts.shape[1] * self.early_share)
         c = self.counts[layer]
         for prefix, sl in (("", slice(None)), ("early_", slice(0, half))):
@@ -118,14 +146,22 @@ class _Verifier:
 
     def finish(self) -> Verification:
         if not self.checked:
-            return Verification(summary="densities not checked",
-                                notes=["sparsity: densities not checked: they count every processed token, so they need the store to keep "
-                                       "every processed sequence and verify to rerun them all (--full)"])
+            return Verification(
+                summary="densities not checked",
+                notes=[
+                    "sparsity: densities not checked: they count every processed token, so they need the store to keep "
+                    "every processed sequence and verify to rerun them all (--full)"
+                ],
+            )
         failed, lines, largest = [], [], 0.0
         for layer, neurons in sorted(self.run.selection.items()):
             stored, rec = self.stored[layer], self.counts[layer]
             for j, n in enumerate(neurons):
-                problems = [f"sparsity: {k} stored {stored[k][j]}, recomputed {rec[k][j]}" for k in ("tokens", "early_tokens") if stored[k][j] != rec[k][j]]
+                problems = [
+                    f"sparsity: {k} stored {stored[k][j]}, recomputed {rec[k][j]}"
+                    for k in ("tokens", "early_tokens")
+                    if stored[k][j] != rec[k][j]
+                ]
                 for k in ("positive", "early_positive"):
                     off = abs(stored[k][j] - int(rec[k][j])) / max(int(rec[k.replace("positive", "tokens")][j]), 1)
                     largest = max(largest, off)
@@ -135,9 +171,15 @@ class _Verifier:
                     failed.append((layer, n))
                     lines += [f"  FAIL layer {layer} neuron {n}: {p}" for p in problems]
         n = sum(len(v) for v in self.run.selection.values())
-        return Verification(summary=f"densities of {n} neurons checked, {len(failed)} failed",
-                            lines=[f"sparsity: densities of {n} neurons recounted, largest difference {largest:.3g}, {len(failed)} failed", *lines],
-                            failed=failed, data={"sparsity": {"checked": n, "failed": failed, "max_density_error": largest}})
+        return Verification(
+            summary=f"densities of {n} neurons checked, {len(failed)} failed",
+            lines=[
+                f"sparsity: densities of {n} neurons recounted, largest difference {largest:.3g}, {len(failed)} failed",
+                *lines,
+            ],
+            failed=failed,
+            data={"sparsity": {"checked": n, "failed": failed, "max_density_error": largest}},
+        )
 
 
 @click.command("densest")
@@ -177,13 +219,27 @@ class Sparsity(Service):
         return {"tokens": payloads[NAME]["tokens"]}  # the page's Provenance row (templates/provenance/sparsity.html)
 
     def openapi_paths(self):
-        return {"/api/{model}/sparsity/{layer}/{neuron}": api_get("A neuron's activation density", api_envelope("#/components/schemas/Sparsity"), LAYER_NEURON)}
+        return {
+            "/api/{model}/sparsity/{layer}/{neuron}": api_get(
+                "A neuron's activation density", api_envelope("#/components/schemas/Sparsity"), LAYER_NEURON
+            )
+        }
 
     def openapi_schemas(self):
-        return {"Sparsity": {"type": "object", "required": ["neuron_index", "tokens", "positive", "density"],
-                             "properties": {"neuron_index": {"$ref": NEURON_INDEX_REF}, "tokens": {"type": "integer"},
-                                            "positive": {"type": "integer"}, "density": {"type": ["number", "null"]},
-                                            "density_early": {"type": ["number", "null"]}, "density_late": {"type": ["number", "null"]}}}}
+        return {
+            "Sparsity": {
+                "type": "object",
+                "required": ["neuron_index", "tokens", "positive", "density"],
+                "properties": {
+                    "neuron_index": {"$ref": NEURON_INDEX_REF},
+                    "tokens": {"type": "integer"},
+                    "positive": {"type": "integer"},
+                    "density": {"type": ["number", "null"]},
+                    "density_early": {"type": ["number", "null"]},
+                    "density_late": {"type": ["number", "null"]},
+                },
+            }
+        }
 
     def cli_commands(self):
         return [densest]
@@ -205,13 +261,22 @@ class Sparsity(Service):
         return _table({k: np.sum([np.asarray(p[k], np.int64) for p in parts], axis=0) for k in _COUNTS})
 
     def compute_options(self):
-        return [click.Option(["--dead-below"], type=float, default=None, metavar="FRACTION",
-                             help="Record each layer's neurons active on fewer than FRACTION of the tokens.")]
+        return [
+            click.Option(
+                ["--dead-below"],
+                type=float,
+                default=None,
+                metavar="FRACTION",
+                help="Record each layer's neurons active on fewer than FRACTION of the tokens.",
+            )
+        ]
 
     def check_compute_config(self, cfg):
         fraction = cfg.options.get("dead_below")
         if fraction is not None and not 0 < fraction <= 1:
-            raise ConfigError(f"--dead-below {fraction}: must be a fraction of the tokens, above 0 and at most 1, e.g. --dead-below 0.01")
+            raise ConfigError(
+                f"--dead-below {fraction}: must be a fraction of the tokens, above 0 and at most 1, e.g. --dead-below 0.01"
+            )
 
     def stage_requested(self, cfg):
         return cfg.options.get("dead_below") is not None
