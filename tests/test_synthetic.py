@@ -71,6 +71,7 @@ def test_same_seed_same_store(tmp_path):
     assert a.vocab() == b.vocab() and a.sequences().equals(b.sequences())
 
 
+@pytest.mark.slow  # ~25 s: writes an XL-shaped store
 def test_the_folder_limit_check_on_an_xl_shaped_store(tmp_path, monkeypatch):
     """GPT-2-XL's shape (48 layers, a 50,257-token vocabulary, graphs and explanations for a
     sample) at a width that builds in seconds: the build's largest-folder figure is the real
