@@ -22,7 +22,7 @@ Fault tolerance: Ray retries a task whose worker died (max_retries); run_compute
 that shard's last checkpoint. A rerun of the whole command reuses the recorded shard count, skips
 finished shards and resumes the others. Only the driver writes OUT's own files.
 
-Generic per-layer work (services' stages today, `sitegen verify`-style checks next) goes through map_layers():
+The services' per-layer stages go through map_layers():
 a function of (layer, payload) run as one task per layer with the cluster's per-task resources,
 its results handed back to the driver, which alone writes the merged store.
 """
@@ -304,8 +304,7 @@ def map_layers(ray, fn: Callable[[int, Any], dict], payloads: dict[int, Any], sl
                log: Callable[[str], None], on_done: Callable[[int, dict], None] | None = None) -> dict[int, dict]:
     """Run fn(layer, payload) -> dict as one Ray task per layer (a GPU each, or a CPU group), retried
     when a worker dies; on_done(layer, result) runs on the driver as each finishes, in finishing order.
-    fn must be a module-level function (workers import it) and write only under its own folder.
-    `sitegen verify` plugs in the same way: fn checks one layer and returns its findings."""
+    fn must be a module-level function (workers import it) and write only under its own folder."""
     task = _remote(ray, _layer_task, slot, opts.max_retries)
     refs = {task.remote(fn, layer, payload, os.getcwd()): layer for layer, payload in sorted(payloads.items())}
     started = time.monotonic()
