@@ -22,7 +22,7 @@ Fault tolerance: Ray retries a task whose worker died (max_retries); run_compute
 that shard's last checkpoint. A rerun of the whole command reuses the recorded shard count, skips
 finished shards and resumes the others. Only the driver writes OUT's own files.
 
-The services' per-layer stages go through map_layers():
+Generic per-layer work (the services' stages) goes through map_layers():
 a function of (layer, payload) run as one task per layer with the cluster's per-task resources,
 its results handed back to the driver, which alone writes the merged store.
 """
