@@ -14,6 +14,7 @@ import pyarrow as pa
 from sitegen.services.neuroscope import stats
 
 
+
 def _nested(values: np.ndarray, inner_len: np.ndarray, outer_len: np.ndarray, dtype: pa.DataType) -> pa.Array:
     inner_off = np.concatenate([[0], np.cumsum(inner_len)]).astype(np.int32)
     outer_off = np.concatenate([[0], np.cumsum(outer_len)]).astype(np.int32)
