@@ -48,13 +48,14 @@ demo: install
 	sitegen build store --out build
 	sitegen serve build --port $(PORT)
 
-# Every tier (tests/README.md), the fast one first. test-fast: the model-free tier only, for
-# editing; it needs only `pip install -e '.[test]'`.
+# Every tier (tests/README.md), the fast one first, in one process (the fast tier's import guard
+# holds only before a model test has imported torch). test-fast: the model-free tier only, for
+# editing, spread over the cores (pytest-xdist); it needs only `pip install -e '.[test]'`.
 test: install-test
 	$(PYTHON) -m pytest -q
 
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow and not model"
+	$(PYTHON) -m pytest -q -n auto -m "not slow and not model"
 
 bench: install
 	$(PYTHON) benchmarks/compute.py

@@ -8,6 +8,10 @@ import pytest
 
 CONFTEST = """
 import pytest
+
+def pytest_configure(config):
+    for name in ("model", "slow", "real_model", "deno", "llm", "wheel"):
+        config.addinivalue_line("markers", name)
 from tests.tiers import (pytest_collection_modifyitems, pytest_runtest_makereport, pytest_runtest_protocol,
                          pytest_sessionfinish, pytest_sessionstart)
 
