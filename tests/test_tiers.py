@@ -28,6 +28,7 @@ def llama_server():
 @pytest.fixture
 def inner(pytester):
     pytester.makeconftest(CONFTEST)
+    pytester.makeini("[pytest]\naddopts = -p no:xdist -p no:benchmark\n")  # plain sessions: no parallel workers, no timings
     return pytester
 
 
