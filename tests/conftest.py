@@ -13,8 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.reference import write_synthetic_store
-from tests.tiers import (pytest_collection_modifyitems, pytest_runtest_makereport, pytest_runtest_protocol,  # noqa: F401 (hooks)
-                         pytest_sessionfinish, pytest_sessionstart)
+from tests.tiers import (  # noqa: F401 (hooks)
+    pytest_collection_modifyitems,
+    pytest_runtest_makereport,
+    pytest_runtest_protocol,
+    pytest_sessionfinish,
+    pytest_sessionstart,
+)
 
 pytest_plugins = ["pytester"]  # tests/test_tiers.py runs small sessions with the tier hooks
 

@@ -28,12 +28,15 @@ def llama_server():
 @pytest.fixture
 def inner(pytester):
     pytester.makeconftest(CONFTEST)
-    pytester.makeini("[pytest]\naddopts = -p no:xdist -p no:benchmark\n")  # plain sessions: no parallel workers, no timings
+    pytester.makeini(
+        "[pytest]\naddopts = -p no:xdist -p no:benchmark\n"
+    )  # plain sessions: no parallel workers, no timings
     return pytester
 
 
 def test_fixtures_and_markers_put_a_test_in_its_tier_and_the_fast_tier_runs_first(inner):
-    inner.makepyfile(test_x="""
+    inner.makepyfile(
+        test_x="""
         import pytest
 
         @pytest.mark.deno
@@ -47,20 +50,31 @@ def test_fixtures_and_markers_put_a_test_in_its_tier_and_the_fast_tier_runs_firs
         def test_real(): pass
 
         def test_fast(): pass
-    """)
+    """
+    )
     fast = inner.runpytest("-m", "not slow and not model", "--collect-only", "-q")
     assert [line for line in fast.outlines if "::" in line] == ["test_x.py::test_fast"]
     model_only = inner.runpytest("-m", "model and not slow", "--collect-only", "-q")
     assert [line for line in model_only.outlines if "::" in line] == ["test_x.py::test_model"]
     slow = inner.runpytest("-m", "slow", "--collect-only", "-q")
-    assert [line for line in slow.outlines if "::" in line] == ["test_x.py::test_deno", "test_x.py::test_llm", "test_x.py::test_real"]
+    assert [line for line in slow.outlines if "::" in line] == [
+        "test_x.py::test_deno",
+        "test_x.py::test_llm",
+        "test_x.py::test_real",
+    ]
     everything = inner.runpytest("--collect-only", "-q")  # fast first, then model, then slow, each in file order
     assert [line for line in everything.outlines if "::" in line] == [
-        "test_x.py::test_fast", "test_x.py::test_model", "test_x.py::test_deno", "test_x.py::test_llm", "test_x.py::test_real"]
+        "test_x.py::test_fast",
+        "test_x.py::test_model",
+        "test_x.py::test_deno",
+        "test_x.py::test_llm",
+        "test_x.py::test_real",
+    ]
 
 
 def test_a_fast_test_that_imports_torch_fails_even_when_it_swallows_the_error(inner):
-    inner.makepyfile(test_x="""
+    inner.makepyfile(
+        test_x="""
         import pytest
 
         def test_sneaky():
@@ -68,14 +82,19 @@ def test_a_fast_test_that_imports_torch_fails_even_when_it_swallows_the_error(in
                 import torch  # noqa: F401
             except ImportError:
                 pytest.skip("no torch")
-    """)
+    """
+    )
     res = inner.runpytest("-q")
     res.assert_outcomes(failed=1)
-    assert "test_x.py::test_sneaky imports torch, which the fast tier may not do: mark it @pytest.mark.model" in res.stdout.str()
+    assert (
+        "test_x.py::test_sneaky imports torch, which the fast tier may not do: mark it @pytest.mark.model"
+        in res.stdout.str()
+    )
 
 
 def test_a_fast_test_that_starts_deno_or_pip_fails(inner):
-    inner.makepyfile(test_x="""
+    inner.makepyfile(
+        test_x="""
         import subprocess, sys
 
         def test_deno():
@@ -86,7 +105,8 @@ def test_a_fast_test_that_starts_deno_or_pip_fails(inner):
 
         def test_wheel():
             subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "."])
-    """)
+    """
+    )
     res = inner.runpytest("-q")
     res.assert_outcomes(failed=2)
     out = res.stdout.str()
@@ -96,13 +116,18 @@ def test_a_fast_test_that_starts_deno_or_pip_fails(inner):
 
 def test_a_child_python_that_imports_torch_fails_the_fast_test(inner):
     # (That marked tests run unguarded is what every model test, importing torch, shows.)
-    inner.makepyfile(test_x="""
+    inner.makepyfile(
+        test_x="""
         import os, subprocess, sys
 
         def test_child():
             res = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, env={**os.environ, "X": "1"})
             assert res.returncode != 0  # the test expected a failure: the guard still fails it
-    """)
+    """
+    )
     res = inner.runpytest("-q")
     res.assert_outcomes(failed=1)
-    assert "test_x.py::test_child runs a Python process that imports torch, which the fast tier may not do: mark it @pytest.mark.model" in res.stdout.str()
+    assert (
+        "test_x.py::test_child runs a Python process that imports torch, which the fast tier may not do: mark it @pytest.mark.model"
+        in res.stdout.str()
+    )

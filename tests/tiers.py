@@ -50,8 +50,16 @@ MARK_IMPLIES = {
 }
 # Programs (by file name) and `python -m` modules a fast-tier test may not start.
 HEAVY_PROGRAMS = {
-    "chromium": "browser", "chromium-browser": "browser", "chrome": "browser", "deno": "deno",
-    "netlify": "netlify", "node": "netlify", "npm": "netlify", "npx": "netlify", "ray": "ray", "nvidia-smi": "gpu",
+    "chromium": "browser",
+    "chromium-browser": "browser",
+    "chrome": "browser",
+    "deno": "deno",
+    "netlify": "netlify",
+    "node": "netlify",
+    "npm": "netlify",
+    "npx": "netlify",
+    "ray": "ray",
+    "nvidia-smi": "gpu",
 }
 HEAVY_MODULES = {"llama_cpp.server": "llm", "pip": "wheel", "venv": "wheel", "build": "wheel", "ensurepip": "wheel"}
 GUARD_DIR = Path(__file__).resolve().parent / "tierguard"
@@ -70,7 +78,9 @@ def _advice(test: str, what: str, mark: str) -> str:
 def pytest_collection_modifyitems(session, config, items):
     for item in items:
         marks = {m.name for m in item.iter_markers()}
-        todo = [m for f in item.fixturenames for m in FIXTURE_MARKS.get(f, ())] + [m for n in marks for m in MARK_IMPLIES.get(n, ())]
+        todo = [m for f in item.fixturenames for m in FIXTURE_MARKS.get(f, ())] + [
+            m for n in marks for m in MARK_IMPLIES.get(n, ())
+        ]
         while todo:
             name = todo.pop()
             if name not in marks:
@@ -145,7 +155,9 @@ def pytest_runtest_protocol(item, nextitem):
                 raise PermissionError(found[-1])
             env = dict(os.environ if kw.get("env") is None else kw["env"])
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(GUARD_DIR), env.get("PYTHONPATH")]))
-            if env.get(GUARD_ENV, "").partition("\t")[2] not in _ACTIVE_LOGS:  # else a nested session's guard (tests/test_tiers.py)
+            if (
+                env.get(GUARD_ENV, "").partition("\t")[2] not in _ACTIVE_LOGS
+            ):  # else a nested session's guard (tests/test_tiers.py)
                 env[GUARD_ENV] = f"{item.nodeid}\t{log}"
             kw["env"] = env
             super().__init__(args, *a, **kw)

@@ -8,7 +8,14 @@ import sys
 
 _test, _, _log = os.environ.get("SITEGEN_TEST_TIER_GUARD", "").partition("\t")
 # Heavy libraries and the marker a test that imports one needs (tests/tiers.py reads this too).
-HEAVY_IMPORTS = {"torch": "model", "transformer_lens": "model", "transformers": "model", "ray": "ray", "playwright": "browser", "llama_cpp": "llm"}
+HEAVY_IMPORTS = {
+    "torch": "model",
+    "transformer_lens": "model",
+    "transformers": "model",
+    "ray": "ray",
+    "playwright": "browser",
+    "llama_cpp": "llm",
+}
 
 
 class _Refused(importlib.abc.Loader):
@@ -29,8 +36,10 @@ class _Guard(importlib.abc.MetaPathFinder):
         mark = HEAVY_IMPORTS.get(name.partition(".")[0])
         if mark is None:
             return None
-        message = (f"{_test} runs a Python process that imports {name}, which the fast tier may not do: "
-                   f"mark it @pytest.mark.{mark} (see tests/README.md)")
+        message = (
+            f"{_test} runs a Python process that imports {name}, which the fast tier may not do: "
+            f"mark it @pytest.mark.{mark} (see tests/README.md)"
+        )
         return importlib.machinery.ModuleSpec(name, _Refused(message))
 
 
