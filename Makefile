@@ -7,7 +7,7 @@ DEMO_N2G ?= 2
 PORT ?= 8000
 NETLIFY_CLI = tests/netlify/node_modules/.package-lock.json
 
-.PHONY: install install-test demo test bench
+.PHONY: install install-test demo test test-fast bench
 
 # torch first, pinned: the local CPU wheel. An unpinned torch would pull GBs of CUDA packages.
 install:
@@ -20,8 +20,10 @@ install:
 # that advertises AMX uses AMX tile instructions, which a virtual machine that has not enabled
 # them answers with a general protection fault on the first request. An installed build that
 # reports AMX is rebuilt (without pip's wheel cache, which would hand back the native wheel).
+# LLAVA_BUILD=OFF skips libmtmd (images and audio): the server loads it only for a multimodal chat
+# format, and the test serves a text model.
 LLAMA_VERSION = 0.3.36
-LLAMA_CMAKE_ARGS = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+LLAMA_CMAKE_ARGS = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF
 install-test: install $(NETLIFY_CLI)
 	$(PIP) install -q -e '.[test]'
 	@$(PYTHON) -c "import sys, llama_cpp; sys.exit(llama_cpp.__version__ != '$(LLAMA_VERSION)' or b'AMX' in llama_cpp.llama_print_system_info())" 2>/dev/null \
@@ -46,8 +48,14 @@ demo: install
 	sitegen build store --out build
 	sitegen serve build --port $(PORT)
 
+# Every tier (tests/README.md), the fast one first, in one process (the fast tier's import guard
+# holds only before a model test has imported torch). test-fast: the model-free tier only, for
+# editing, spread over the cores (pytest-xdist); it needs only `pip install -e '.[test]'`.
 test: install-test
 	$(PYTHON) -m pytest -q
+
+test-fast:
+	$(PYTHON) -m pytest -q -n auto -m "not slow and not model"
 
 bench: install
 	$(PYTHON) benchmarks/compute.py

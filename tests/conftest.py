@@ -1,5 +1,6 @@
 """Fixtures in tiers by cost: synthetic stores (no torch), a tiny random-init model (built from a
-config, no download), the real default model (marked real_model)."""
+config, no download), the real default model (marked real_model). tests/tiers.py marks each test
+with the tier its fixtures imply and guards the fast tier (tests/README.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,15 @@ from pathlib import Path
 import pytest
 
 from tests.reference import write_synthetic_store
+from tests.tiers import (  # noqa: F401 (hooks)
+    pytest_collection_modifyitems,
+    pytest_runtest_makereport,
+    pytest_runtest_protocol,
+    pytest_sessionfinish,
+    pytest_sessionstart,
+)
+
+pytest_plugins = ["pytester"]  # tests/test_tiers.py runs small sessions with the tier hooks
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformer_lens") is not None
 WORDS = (

@@ -254,6 +254,7 @@ def test_rules_match_netlify_semantics(tmp_path):
     assert rules.decide("/nothing/here", "", exists).status == 404
 
 
+@pytest.mark.deno
 def test_api_not_found_edge_function_under_deno(tmp_path):
     """The deployed function itself, under Deno with a stand-in for Netlify's context: a 404 from
     the rest of the chain becomes the JSON body with the 404's own headers (CORS kept, the HTML

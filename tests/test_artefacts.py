@@ -90,6 +90,7 @@ def test_n2g_count_skips_artefacts_even_with_the_highest_max(planted):
     assert select_neurons("1@0", 2, 6, planted, option="--neurons") == {0: [FIRST]}
 
 
+@pytest.mark.model  # the n2g stage imports torch
 def test_n2g_stage_and_run_select_without_artefacts(planted, tmp_path, monkeypatch):
     """The compute stage's plan (which layers have missing graphs) and run_n2g's graph list both
     use the artefact-aware ranking."""

@@ -35,8 +35,14 @@ def _one_line_error(res, *needles):
         (["--seq-len", "500"], ["--seq-len 500"]),
         (["--shard", "3/2"], ["--shard 3/2"]),
         (["--shard", "x"], ["--shard x", "I/N"]),
-        (["--corpus", "/no/such/corpus.txt"], ["--corpus /no/such/corpus.txt", "no such file"]),
-        (["--model", "./no-such-model"], ["--model ./no-such-model", "no such file"]),
+        pytest.param(
+            ["--corpus", "/no/such/corpus.txt"],
+            ["--corpus /no/such/corpus.txt", "no such file"],
+            marks=pytest.mark.model,
+        ),  # checked after torch loads
+        pytest.param(
+            ["--model", "./no-such-model"], ["--model ./no-such-model", "no such file"], marks=pytest.mark.model
+        ),
     ],
 )
 def test_compute_rejects_bad_options(tmp_path, args, needles):
@@ -45,6 +51,7 @@ def test_compute_rejects_bad_options(tmp_path, args, needles):
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.model  # compute imports torch before it reads the corpus
 def test_empty_and_malformed_corpora(tmp_path):
     (tmp_path / "empty").mkdir()
     _one_line_error(_run("compute", "--corpus", str(tmp_path / "empty"), "--out", str(tmp_path / "s")), "holds no .txt")
@@ -64,6 +71,7 @@ def test_empty_and_malformed_corpora(tmp_path):
     )
 
 
+@pytest.mark.model
 @pytest.mark.skipif(not HAS_TORCH, reason="needs the compute extra")
 def test_unreachable_hub_is_one_line(tmp_path):
     (tmp_path / "a.txt").write_text("some text here " * 50)

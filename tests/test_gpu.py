@@ -14,8 +14,14 @@ from click.testing import CliRunner
 from sitegen.cli import main
 from tests.conftest import HAS_TORCH
 
-_CUDA = HAS_TORCH and __import__("torch").cuda.is_available()
-pytestmark = [pytest.mark.model, pytest.mark.skipif(not _CUDA, reason="needs a CUDA GPU (none visible to torch here)")]
+pytestmark = [pytest.mark.model, pytest.mark.gpu]
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda():
+    # At setup, not at import: collecting the suite must not import torch (tests/tiers.py).
+    if not (HAS_TORCH and __import__("torch").cuda.is_available()):
+        pytest.skip("needs a CUDA GPU (none visible to torch here)")
 
 
 def _compute(tiny_model_dir, tiny_corpus, out, device, *more):

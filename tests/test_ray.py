@@ -106,6 +106,7 @@ def test_ray_option_without_ray_names_the_extra(monkeypatch, tmp_path):
 
 
 # Before the tests that start a cluster: with Ray already running, --ray uses that cluster.
+@pytest.mark.ray
 @pytest.mark.skipif(not HAS_RAY, reason="needs the ray extra")
 def test_ray_address_nobody_answers_is_one_line(tmp_path):
     from click.testing import CliRunner

@@ -203,6 +203,7 @@ def test_display_histogram_counts_values_on_edges_as_np_histogram(low, high):
     np.testing.assert_array_equal(counts, np.histogram(y, edges)[0])
 
 
+@pytest.mark.model
 def test_torch_histogram_bins_edges_like_numpy():
     """The compute pass's torch binning equals stats.fine_bins on values exactly on edges, -0.0 and
     values below float32's normal range, in both update paths."""

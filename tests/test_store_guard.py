@@ -362,6 +362,7 @@ def test_an_explanation_with_a_long_run_of_one_letter_builds_and_is_found(tmp_pa
     assert static_text_search(tmp_path / "site", "explained", f"taxes {LONG_RUN}") == [1]  # the long word is no term
 
 
+@pytest.mark.browser
 def test_browser_drops_the_same_long_words_as_the_index(tmp_path):
     """app.js' analysis of a query against textindex.analyse, on words around the cap."""
     import os

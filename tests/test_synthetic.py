@@ -60,7 +60,7 @@ def test_graphs_and_explanations_reach_the_pages(small):
         assert r["explanation"] in page
         assert ("Scoring details" in page) == (r["source"] == "sitegen explain")
         data = orjson.loads((api / "all" / "1" / f"{r['neuron']}.json").read_bytes())
-        assert set(data) == {s.name for s in registry()}
+        assert set(data) == {s.name for s in registry()} | {"metadata"}  # every service of the model, and its metadata
         assert data["neuron_explainer"]["data"]["explanation"] == r["explanation"]
 
 
@@ -73,6 +73,7 @@ def test_same_seed_same_store(tmp_path):
     assert a.vocab() == b.vocab() and a.sequences().equals(b.sequences())
 
 
+@pytest.mark.slow  # ~25 s: writes an XL-shaped store
 def test_the_folder_limit_check_on_an_xl_shaped_store(tmp_path, monkeypatch):
     """GPT-2-XL's shape (48 layers, a 50,257-token vocabulary, graphs and explanations for a
     sample) at a width that builds in seconds: the build's largest-folder figure is the real

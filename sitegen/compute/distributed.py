@@ -354,8 +354,7 @@ def map_layers(
 ) -> dict[int, dict]:
     """Run fn(layer, payload) -> dict as one Ray task per layer (a GPU each, or a CPU group), retried
     when a worker dies; on_done(layer, result) runs on the driver as each finishes, in finishing order.
-    fn must be a module-level function (workers import it) and write only under its own folder.
-    `sitegen verify` plugs in the same way: fn checks one layer and returns its findings."""
+    fn must be a module-level function (workers import it) and write only under its own folder."""
     task = _remote(ray, _layer_task, slot, opts.max_retries)
     refs = {task.remote(fn, layer, payload, os.getcwd()): layer for layer, payload in sorted(payloads.items())}
     started = time.monotonic()

@@ -39,8 +39,6 @@ from sitegen.store import Store
 DEFAULT_RTOL = 1e-4
 FULL_RUN_TOKENS = 50_000  # stores with at most this many stored tokens are rerun over every stored sequence
 DEFAULT_NEURONS = "8"
-# The --json report's own fields; a service's `Verification.data` may not take one.
-REPORT_FIELDS = ("store", "model", "rtol", "ok", "notes", "problems", "seconds", "check_seconds", "tokens_run")
 
 
 class VerificationFailed(SitegenError):

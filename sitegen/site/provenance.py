@@ -14,9 +14,6 @@ from pathlib import PurePath
 from sitegen.errors import BuildError
 from sitegen.services import Service, registry
 
-NOT_RECORDED = None  # a field an older store did not record: shown as "not recorded"
-
-
 _SOURCE_KIND = {
     "enum": ["embedded", "hub", "local", None],
     "description": "Where the source came from; a local path is shown as given only when computed with --publish-source, "

@@ -1,3 +1,3 @@
-"""The neuron2graph service (issue 4). So far: the graph core (graph.py). Its compute half (prune,
-saliency, augmentation on the model) and render half are not written yet, so the service is not
-in the registry."""
+"""The neuron2graph service (Foote et al. 2023): compute.py prunes, takes saliency and augments
+each neuron's top examples on the model (torch); graph.py builds and evaluates the trie (pure
+Python); tokenstore.py holds the token search; render.py and service.py publish the graphs."""

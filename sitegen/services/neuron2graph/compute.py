@@ -1,5 +1,6 @@
 """Neuron2Graph's model-dependent half (torch), batched per layer: prune, saliency, augmentation,
-then lines -> trie -> held-out evaluation (graph.py). Written from ../shared/reference/neuron2graph.md.
+then lines -> trie -> held-out evaluation (graph.py). Follows the reference implementation
+(Foote et al. 2023, arXiv 2305.19911).
 
 Batching: every prompt of every selected neuron of a layer is collected per stage, identical
 prompts are run once (one pass gives every neuron of the layer), prompts are packed by length into

@@ -1,4 +1,5 @@
-"""Neuron2Graph's graph core (Foote et al. 2023), written from ../shared/reference/neuron2graph.md:
+"""Neuron2Graph's graph core (Foote et al. 2023), after the reference implementation
+(arXiv 2305.19911):
 token normalisation, the trie built from activation 'lines' with IGNORE merging, prediction by
 walking backwards without backtracking, and the held-out evaluation. Pure Python (no torch):
 the model-dependent steps (prune, saliency, augment) produce the lines this module consumes.

@@ -1,7 +1,7 @@
 """`sitegen explain`: write and score explanations with any OpenAI-compatible endpoint (OpenAI,
 vLLM, llama.cpp's server, Ollama). No torch: it reads the store's top and random sequences.
 
-Per neuron (../shared/reference/neuron-explainer.md):
+Per neuron (as OpenAI's automated-interpretability, Bills et al. 2023):
     top sequences dealt round-robin into train / calibration / valid / test, random sequences
     into calibration / valid / test (as the reference; calibration is kept aside, unused); the
     explainer sees train (5 with the default 20), discretised 0-10 -> one chat request per

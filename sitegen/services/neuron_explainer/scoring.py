@@ -1,6 +1,6 @@
-"""The numeric core of explanation scoring, from ../shared/reference/neuron-explainer.md:
-discretisation for prompts, the expected activation a simulator predicts from its logprobs, the
-logprob-free fallback's parser, and the correlation score. Pure Python + numpy."""
+"""The numeric core of explanation scoring, after OpenAI's automated-interpretability (Bills et
+al. 2023): discretisation for prompts, the expected activation a simulator predicts from its
+logprobs, the logprob-free fallback's parser, and the correlation score. Pure Python + numpy."""
 
 from __future__ import annotations
 

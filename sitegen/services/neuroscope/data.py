@@ -13,8 +13,6 @@ import pyarrow as pa
 
 from sitegen.services.neuroscope import stats
 
-SERVICE = "neuroscope"
-
 _INTS, _FLOATS = pa.list_(pa.int64()), pa.list_(pa.float32())
 _TRACES = pa.list_(_FLOATS)  # per sequence, per token
 # The neuroscope table, declared once: the corpus pass writes exactly this (state_to_table), and
