@@ -297,7 +297,7 @@ def _g(v: float) -> str:
 
 
 # The histogram's box: a plot area of PLOT_W x PLOT_H with room for the axes' labels around it (and 10 units above for the top tick's label).
-PLOT_X, PLOT_W, PLOT_H, BOX_W, BOX_H = 44, 580, 120, 640, 160
+PLOT_X, PLOT_W, PLOT_H, BOX_W, BOX_H = 62, 580, 120, 660, 160
 
 
 def histogram_svg(counts: list[int], edges: list[float]) -> str:
@@ -345,5 +345,5 @@ def histogram_svg(counts: list[int], edges: list[float]) -> str:
         f'log count axis"><title>Exact token counts in variable-width bins (finer near zero); bar height: tokens, log scale</title>'
         f'<path class="grid" d="{grid}"/>{parts}{zero}{ticks}{xl}'
         f'<text x="{PLOT_X + PLOT_W // 2}" y="{BOX_H - 4}" text-anchor="middle">activation</text>'
-        f'<text x="10" y="{PLOT_H // 2}" text-anchor="middle" transform="rotate(-90 10 {PLOT_H // 2})">tokens (log)</text></svg>'
+        f'<text x="9" y="{PLOT_H // 2}" text-anchor="middle" transform="rotate(-90 9 {PLOT_H // 2})">tokens (log)</text></svg>'
     )
