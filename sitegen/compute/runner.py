@@ -726,24 +726,15 @@ def _versions() -> dict:
 
 
 def _progress(enabled: bool, total: int, initial: int):
+    """The corpus pass's bar (tokens), the default of run_compute's `progress` seam."""
+    return _stage_bar(enabled, total, "corpus pass", "tok", initial=initial, unit_scale=True, smoothing=0.1)
+
+
+def _stage_bar(enabled: bool, total: int, desc: str, unit: str, **options):
+    """A stage's bar (done/total, rate, ETA), so no stage runs silent for minutes."""
     from tqdm.auto import tqdm
 
-    return tqdm(
-        total=total,
-        initial=initial,
-        unit="tok",
-        unit_scale=True,
-        disable=not enabled,
-        desc="corpus pass",
-        smoothing=0.1,
-    )
-
-
-def _stage_bar(enabled: bool, total: int, desc: str, unit: str):
-    """A later stage's bar (done/total, rate, ETA), so no stage runs silent for minutes."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit=unit, disable=not enabled, desc=desc)
+    return tqdm(total=total, unit=unit, disable=not enabled, desc=desc, **options)
 
 
 def _batch_tensors(batch, batch_size, seq_len, pad_id, first_valid, seed, random_key, device):

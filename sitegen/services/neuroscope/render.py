@@ -10,6 +10,7 @@ over in the template.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from itertools import chain
 
 import numpy as np
@@ -202,18 +203,18 @@ class NeuroscopeLayer:
             "important_neurons": [[{"layer": self.layer, "neuron": i}, scores[i]] for i in ranked],
         }
 
+    def _peak_token(self, text: dict) -> str:
+        return self.per_seq[text["data_index"]].tokens[text["max_activating_token_index"]]
+
     def top_token(self, n: int) -> str:
         texts = self._texts_of(n)["top"]
-        return self.per_seq[texts[0]["data_index"]].tokens[texts[0]["max_activating_token_index"]] if texts else ""
+        return self._peak_token(texts[0]) if texts else ""
 
     def top_tokens(self, n: int, k: int = 5) -> list[str]:
         """The distinct peak tokens of the top texts, most frequent first (ties: first seen), shown
         as a cell of their own shows them (tokens.shown)."""
-        counts: dict[str, int] = {}
-        for t in self._texts_of(n)["top"]:
-            tok = self.per_seq[t["data_index"]].tokens[t["max_activating_token_index"]]
-            counts[tok] = counts.get(tok, 0) + 1
-        return [shown(tok) for tok in sorted(counts, key=lambda tok: -counts[tok])[:k]]
+        counts = Counter(self._peak_token(t) for t in self._texts_of(n)["top"])
+        return [shown(tok) for tok, _ in counts.most_common(k)]
 
     # -- page --
     def _sequence_items(self, n: int, kind: str, texts: list[dict]) -> Markup:
