@@ -7,6 +7,7 @@ stores for the site tests (no torch needed there).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -306,3 +307,21 @@ def interrupt_after(batches: int):
             pass
 
     return Bar
+
+
+def explain_argv(store, endpoint: str, model: str, neurons: str, *extra: str) -> list[str]:
+    """`python -m sitegen explain STORE --endpoint E --model M --neurons N ...` as a subprocess's argv."""
+    return [
+        sys.executable,
+        "-m",
+        "sitegen",
+        "explain",
+        str(store.root),
+        "--endpoint",
+        endpoint,
+        "--model",
+        model,
+        "--neurons",
+        neurons,
+        *extra,
+    ]

@@ -19,7 +19,7 @@ from sitegen.errors import ConfigError
 from sitegen.services.neuron_explainer.explain import ExplainConfig, run_explain
 from sitegen.site.build import build_site
 from tests.conftest import free_port
-from tests.reference import write_synthetic_store
+from tests.reference import explain_argv, write_synthetic_store
 
 WORDS = [
     "<bos>",
@@ -342,21 +342,7 @@ def test_endpoint_errors_are_one_line_and_lose_nothing(store, behaviour, message
     monkeypatch.setenv("OPENAI_API_KEY", "wrong-key")
     try:
         res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sitegen",
-                "explain",
-                str(store.root),
-                "--endpoint",
-                stub.url,
-                "--model",
-                "stub-model",
-                "--neurons",
-                "0:1",
-                "--api-key-env",
-                "OPENAI_API_KEY",
-            ],
+            explain_argv(store, stub.url, "stub-model", "0:1", "--api-key-env", "OPENAI_API_KEY"),
             capture_output=True,
             text=True,
             check=False,
@@ -370,39 +356,14 @@ def test_endpoint_errors_are_one_line_and_lose_nothing(store, behaviour, message
 def test_unreachable_endpoint_and_dry_run(store):
     port = free_port()
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sitegen",
-            "explain",
-            str(store.root),
-            "--endpoint",
-            f"http://127.0.0.1:{port}/v1",
-            "--model",
-            "m",
-            "--neurons",
-            "0:1",
-        ],
+        explain_argv(store, f"http://127.0.0.1:{port}/v1", "m", "0:1"),
         capture_output=True,
         text=True,
         check=False,
     )
     assert res.returncode != 0 and "unreachable" in res.stderr and res.stderr.strip().count("\n") == 0
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sitegen",
-            "explain",
-            str(store.root),
-            "--endpoint",
-            f"http://127.0.0.1:{port}/v1",
-            "--model",
-            "m",
-            "--neurons",
-            "2@0,1",
-            "--dry-run",
-        ],
+        explain_argv(store, f"http://127.0.0.1:{port}/v1", "m", "2@0,1", "--dry-run"),
         capture_output=True,
         text=True,
         check=False,
@@ -505,23 +466,7 @@ def test_a_redirect_is_refused_and_the_key_stays_home(store, monkeypatch):
     monkeypatch.setenv("SITEGEN_TEST_KEY", "secret-key")
     try:
         res = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "sitegen",
-                "explain",
-                str(store.root),
-                "--endpoint",
-                stub.url,
-                "--model",
-                "stub-model",
-                "--neurons",
-                "0:1",
-                "--api-key-env",
-                "SITEGEN_TEST_KEY",
-                "--retries",
-                "0",
-            ],
+            explain_argv(store, stub.url, "stub-model", "0:1", "--api-key-env", "SITEGEN_TEST_KEY", "--retries", "0"),
             capture_output=True,
             text=True,
             check=False,

@@ -9,7 +9,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from sitegen.services.neuron_explainer import scoring
 from sitegen.services.neuron_explainer.explain import Endpoint, EndpointError, ExplainConfig, run_explain, simulate
 from tests.conftest import free_port
-from tests.reference import write_synthetic_store
+from tests.reference import explain_argv, write_synthetic_store
 from tests.test_explain import WORDS, Stub
 
 
@@ -206,20 +205,7 @@ def test_the_size_cap_is_read_from_the_default_too():
 def test_bad_numbers_are_one_line_option_errors(store, args, needle):
     port = free_port()  # nothing listens: the options are refused before any request
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sitegen",
-            "explain",
-            str(store.root),
-            "--endpoint",
-            f"http://127.0.0.1:{port}/v1",
-            "--model",
-            "m",
-            "--neurons",
-            "0:1",
-            *args,
-        ],
+        explain_argv(store, f"http://127.0.0.1:{port}/v1", "m", "0:1", *args),
         capture_output=True,
         text=True,
         timeout=120,
@@ -261,23 +247,7 @@ def test_two_runs_on_one_store_keep_each_others_neurons(store):
 
     def run(neurons):
         return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sitegen",
-                "explain",
-                str(store.root),
-                "--endpoint",
-                stub.url,
-                "--model",
-                "stub-model",
-                "--neurons",
-                neurons,
-                "--concurrency",
-                "1",
-                "--retries",
-                "0",
-            ],
+            explain_argv(store, stub.url, "stub-model", neurons, "--concurrency", "1", "--retries", "0"),
             stderr=subprocess.PIPE,
             text=True,
             env=env,
@@ -506,19 +476,7 @@ def test_an_unreadable_work_log_is_one_line(store):
     (store.root / ".work/explain.jsonl").mkdir(parents=True)  # a folder where the log should be
     port = free_port()
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sitegen",
-            "explain",
-            str(store.root),
-            "--endpoint",
-            f"http://127.0.0.1:{port}/v1",
-            "--model",
-            "m",
-            "--neurons",
-            "0:1",
-        ],
+        explain_argv(store, f"http://127.0.0.1:{port}/v1", "m", "0:1"),
         capture_output=True,
         text=True,
         timeout=120,
