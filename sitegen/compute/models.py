@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -120,32 +121,120 @@ class LoadedModel:
         stop right after the last of them: later blocks and the unembedding never run, which is
         most of the cost when only early layers are wanted. `acts` is detached, on the model's
         device; on_acts may keep it (nothing writes to it afterwards)."""
+        wanted = sorted(set(int(layer) for layer in layers))
+        self.run_hooks(tokens, [(self.hook_name(layer), _layer_callback(on_acts, layer)) for layer in wanted])
+
+    def run_hooks(self, tokens: Any, hooks: list[tuple[str, Callable[[Any], None]]]) -> None:
+        """Run `tokens` without gradients, hand each hooked activation (detached, on the model's
+        device) to its callback as the pass reaches it (several callbacks may share a hook), and
+        stop right after the last hook in the network's order (hook_order): the rest of the
+        network never runs. Hook names are transformer-lens's (`blocks.L.hook_resid_post`,
+        `blocks.L.mlp.hook_post`, ...; see HOOK_STAGES)."""
         import numpy as np
         import torch
 
-        wanted = sorted(set(int(layer) for layer in layers))
-        if not wanted:
+        if not hooks:
             return
-        last = wanted[-1]
+        last = max(hook_order(name) for name, _ in hooks)
+        by_name: dict[str, list[Callable[[Any], None]]] = {}
+        for name, callback in hooks:
+            by_name.setdefault(name, []).append(callback)
 
-        def hook_for(layer: int):
+        def hook_for(name: str):
+            callbacks = by_name[name]
+            at_last = hook_order(name) == last
+
             def hook(acts, hook):  # noqa: ARG001 - transformer-lens passes the HookPoint
-                on_acts(layer, acts.detach())
-                if layer == last:
+                acts = acts.detach()
+                for callback in callbacks:
+                    callback(acts)
+                if at_last:
                     raise _StopForward
-                return acts
+                return None  # the activation goes on unchanged
 
             return hook
 
         if isinstance(tokens, np.ndarray):
             tokens = torch.from_numpy(tokens)
         tokens = tokens.to(self.bridge.cfg.device)
-        hooks = [(self.hook_name(layer), hook_for(layer)) for layer in wanted]
         with torch.inference_mode():
             try:
-                self.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
+                self.bridge.run_with_hooks(
+                    tokens, fwd_hooks=[(name, hook_for(name)) for name in by_name], return_type=None
+                )
             except _StopForward:
                 pass
+
+    def next_token_loss(self, tokens: Any, replace: list[tuple[str, Callable[[Any], Any]]] = ()) -> Any:
+        """Per-position next-token cross-entropy, float32 (batch, positions - 1), on the model's
+        device: the loss at position p predicts token p + 1. `replace`: (hook name, fn) pairs whose
+        fn(activation) returns the tensor that goes on in its place (e.g. a dictionary's
+        reconstruction); none: the model's own loss."""
+        import numpy as np
+        import torch
+
+        if isinstance(tokens, np.ndarray):
+            tokens = torch.from_numpy(tokens)
+        tokens = tokens.to(self.bridge.cfg.device)
+
+        def hook_for(fn):
+            def hook(acts, hook):  # noqa: ARG001
+                return fn(acts)
+
+            return hook
+
+        with torch.inference_mode():
+            logits = self.bridge.run_with_hooks(
+                tokens, fwd_hooks=[(name, hook_for(fn)) for name, fn in replace], return_type="logits"
+            )
+            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            return -logprobs.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+    def hook_width(self, name: str) -> int | None:
+        """The last dimension of the activation at hook NAME (d_model or d_mlp), None for a hook
+        sitegen does not read (not in HOOK_STAGES, or past the last layer)."""
+        parsed = _parse_hook(name)
+        if parsed is None or not 0 <= parsed[0] < self.n_layers:
+            return None
+        return self.d_mlp if parsed[1] in _MLP_WIDE else int(self.bridge.cfg.d_model)
+
+
+# The hook points a dictionary may read or write, in the order a block runs them (transformer-lens
+# names, relative to `blocks.L.`): a forward pass that only needs activations stops after the last.
+HOOK_STAGES = (
+    "hook_resid_pre",
+    "ln1.hook_normalized",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "hook_mlp_in",
+    "ln2.hook_normalized",
+    "mlp.hook_pre",
+    "mlp.hook_pre_linear",
+    "mlp.hook_post",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
+_MLP_WIDE = frozenset({"mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"})
+_HOOK = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def _parse_hook(name: str) -> tuple[int, str] | None:
+    m = _HOOK.fullmatch(name)
+    if m is None or m.group(2) not in HOOK_STAGES:
+        return None
+    return int(m.group(1)), m.group(2)
+
+
+def hook_order(name: str) -> tuple[int, int]:
+    """(layer, stage) of a hook in HOOK_STAGES, the order a forward pass reaches it."""
+    parsed = _parse_hook(name)
+    if parsed is None:
+        raise ValueError(f"unknown hook {name!r}: expected blocks.<layer>.<one of {', '.join(HOOK_STAGES)}>")
+    return parsed[0], HOOK_STAGES.index(parsed[1])
+
+
+def _layer_callback(on_acts: Callable[[int, Any], None], layer: int) -> Callable[[Any], None]:
+    return lambda acts: on_acts(layer, acts)
 
 
 @dataclass(frozen=True)
