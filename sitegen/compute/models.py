@@ -47,6 +47,7 @@ class LoadedModel:
     source: str  # what --model said
     fingerprint: str  # identifies the weights, so a store cannot be mixed across models
     metadata: dict = field(default_factory=dict)
+    dictionaries: tuple = ()  # the --sae dictionaries read at this model's hooks (their weight tables relate neurons to latents)
 
     @property
     def n_layers(self) -> int:
@@ -196,7 +197,7 @@ class LoadedModel:
         parsed = _parse_hook(name)
         if parsed is None or not 0 <= parsed[0] < self.n_layers:
             return None
-        return self.d_mlp if parsed[1] in _MLP_WIDE else int(self.bridge.cfg.d_model)
+        return self.d_mlp if parsed[1] in MLP_WIDE else int(self.bridge.cfg.d_model)
 
 
 # The hook points a dictionary may read or write, in the order a block runs them (transformer-lens
@@ -214,7 +215,7 @@ HOOK_STAGES = (
     "hook_mlp_out",
     "hook_resid_post",
 )
-_MLP_WIDE = frozenset({"mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"})
+MLP_WIDE = frozenset({"mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"})
 _HOOK = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
@@ -467,6 +468,11 @@ def weights_fingerprint(model: LoadedModel) -> str:
     Computed once by compute (stored as the manifest's model.weights_sha256) and again by verify."""
     import torch
 
+    if (
+        getattr(model, "dictionary", None) is not None
+    ):  # a dictionary's latents: the model's weights and the dictionary's files
+        combined = f"{weights_fingerprint(model.base)}|{model.dictionary.sha256}"
+        return "sha256:" + hashlib.sha256(combined.encode()).hexdigest()
     h = hashlib.sha256()
     for name, tensor in sorted(model.bridge.original_model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
