@@ -474,7 +474,7 @@ def _corpus_pass(
 
         d = dict_units.dictionary
         latent_run = dataclasses.replace(corpus_run, layer_size=int(d.d_sae))
-        quality = QualitySums(int(d.d_out))
+        quality = QualitySums(int(d.d_out), int(d.d_sae))
         latent_accs = _LayerAccumulators(
             {s.name: s.accumulator(0, latent_run) for s in corpus_services}, extra={".quality": quality}
         )

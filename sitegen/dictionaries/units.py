@@ -15,12 +15,13 @@ fraction of variance unexplained, and the next-token loss with the reconstructio
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from sitegen.compute.models import HOOK_STAGES, MLP_WIDE, MLPWeights, hook_order
+from sitegen.hooks import HOOK_STAGES, MLP_WIDE, hook_order
 
 # Fixed-point scale of the quality sums: per-token values are rounded to multiples of 2^-SCALE_BITS
 # and summed as int64, so the sums are exact whatever the order or the shard split (as the
@@ -97,9 +98,17 @@ class DictionaryUnits:
     def hook_name(self, layer: int) -> str:  # noqa: ARG002 - one layer
         return self.dictionary.hook_name
 
-    def mlp_weights(self, layer: int) -> MLPWeights:  # noqa: ARG002 - one layer
+    def mlp_weights(self, layer: int) -> Any:  # noqa: ARG002 - one layer
+        """The model's MLPWeights record with the latents' directions: encoder in, decoder out."""
         d = self.dictionary
-        return MLPWeights(W_in=d.W_enc, W_out=self.output_directions(), W_gate=None, b_in=d.b_enc, norm=(None, None))
+        return dataclasses.replace(
+            self.base.mlp_weights(self.layer),
+            W_in=d.W_enc,
+            W_out=self.output_directions(),
+            W_gate=None,
+            b_in=d.b_enc,
+            norm=(None, None),
+        )
 
     def output_directions(self) -> Any:
         """Each latent's write direction in the residual stream, (d_sae, d_model)."""
@@ -164,32 +173,38 @@ class QualitySums:
 
     FIELDS = ("tokens", "active", "sq_err", "sq_norm", "loss_tokens", "loss_clean", "loss_spliced")
 
-    def __init__(self, d_out: int):
+    def __init__(self, d_out: int, d_sae: int):
         self.scalars = {f: 0 for f in self.FIELDS}
         self.target_sum = np.zeros(d_out, dtype=np.int64)
+        self.latent_active = np.zeros(d_sae, dtype=np.int64)  # per latent: counted tokens where it is non-zero
 
     # --- checkpoint state (the runner saves it with the accumulators) ---
     def state(self) -> dict:
         return {
             "scalars": np.array([self.scalars[f] for f in self.FIELDS], dtype=np.int64),
             "target_sum": self.target_sum,
+            "latent_active": self.latent_active,
         }
 
     def load(self, state: dict) -> None:
         if "scalars" in state:
             self.scalars = dict(zip(self.FIELDS, (int(v) for v in state["scalars"])))
             self.target_sum = np.asarray(state["target_sum"], dtype=np.int64).copy()
+            self.latent_active = np.asarray(state["latent_active"], dtype=np.int64).copy()
 
     def as_record(self) -> dict:
-        return {**self.scalars, "target_sum": [int(v) for v in self.target_sum]}
+        return {
+            **self.scalars,
+            "target_sum": [int(v) for v in self.target_sum],
+            "latent_active": [int(v) for v in self.latent_active],
+        }
 
     @staticmethod
     def add_records(records: list[dict]) -> dict:
         """Merge: the sums of several shards' records."""
         out = {f: sum(int(r[f]) for r in records) for f in QualitySums.FIELDS}
-        out["target_sum"] = [
-            int(v) for v in np.sum([np.asarray(r["target_sum"], dtype=np.int64) for r in records], axis=0)
-        ]
+        for key in ("target_sum", "latent_active"):
+            out[key] = [int(v) for v in np.sum([np.asarray(r[key], dtype=np.int64) for r in records], axis=0)]
         return out
 
     def update(self, target: Any, z: Any, recon: Any, mask: Any) -> None:
@@ -199,7 +214,9 @@ class QualitySums:
         sel = mask.reshape(-1)
         t = target.reshape(-1, target.shape[-1])[sel].double()
         err = (t - recon.reshape(-1, recon.shape[-1])[sel].double()).pow(2).sum(-1)
-        active = (z.reshape(-1, z.shape[-1])[sel] != 0).sum(-1)
+        nonzero = z.reshape(-1, z.shape[-1])[sel] != 0
+        active = nonzero.sum(-1)
+        self.latent_active += nonzero.sum(0).cpu().numpy()
         self.scalars["tokens"] += int(sel.sum())
         self.scalars["active"] += int(active.sum())
         self.scalars["sq_err"] += int(_fixed(err).sum())
@@ -226,7 +243,10 @@ def quality_figures(sums: dict) -> dict:
     difference (None where nothing was counted)."""
     scale = float(1 << SCALE_BITS)
     n = int(sums["tokens"])
+    counts = np.asarray(sums["latent_active"], dtype=np.int64)
     out: dict = {"tokens": n, "l0": None, "fvu": None, "loss_tokens": int(sums["loss_tokens"])}
+    out["dead"] = int((counts == 0).sum())  # never active on a counted token of the corpus pass
+    out["density_histogram"] = density_histogram(counts, n)
     if n:
         mean_sq = sums["sq_norm"] / scale / n
         mean = np.asarray(sums["target_sum"], dtype=np.float64) / scale / n
@@ -240,3 +260,23 @@ def quality_figures(sums: dict) -> dict:
         out["loss_spliced"] = sums["loss_spliced"] / m
         out["loss_increase"] = out["loss_spliced"] - out["loss_clean"]
     return out
+
+
+DENSITY_DECADES = (-6, -5, -4, -3, -2, -1, 0)  # log10(density) bin edges
+
+
+def density_histogram(counts: np.ndarray, tokens: int) -> dict:
+    """Latents per decade of density (active tokens / counted tokens): {"edges": log10 edges,
+    "counts": latents in [edge_i, edge_i+1) (the last bin includes density 1), "dead": density 0,
+    "below": density > 0 but under the first edge}."""
+    density = counts / tokens if tokens else np.zeros(len(counts))
+    logs = np.log10(density[density > 0])
+    edges = np.array(DENSITY_DECADES, dtype=np.float64)
+    inside = logs[logs >= edges[0]]
+    bins = np.minimum(np.searchsorted(edges, inside, side="right") - 1, len(edges) - 2)  # density 1 in the last bin
+    return {
+        "edges": list(DENSITY_DECADES),
+        "counts": [int(c) for c in np.bincount(bins, minlength=len(edges) - 1)],
+        "dead": int((density == 0).sum()),
+        "below": int((logs < edges[0]).sum()),
+    }

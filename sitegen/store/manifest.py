@@ -327,15 +327,17 @@ def validate_store(root: Path, data: Any) -> Manifest:
                     f"{table} is missing, but {path} lists service '{service}' and field 'model.num_layers' is {n_layers}; "
                     f"fix that field or {_RECOMPUTE}"
                 )
-            rows = _footer(table, spec.columns).num_rows
+            footer = _footer(table, spec.columns)
+            rows = footer.num_rows
             if (rows != size) if spec.complete else (rows > size):
                 raise StoreError(
                     f"{path}: field 'model.layer_size' is {size} but {table} has {rows} rows (one per neuron); "
                     f"fix that field or {_RECOMPUTE}"
                 )
-            if spec.token_columns:
-                _footer(table, spec.token_columns)
-                _check_token_ids(table, spec.token_columns, vocab.num_rows, "neuron")
+            # Token columns beyond the required ones may be absent (logits' input tokens, for units with no MLP nonlinearity).
+            names = set(footer.schema.to_arrow_schema().names)
+            if token_columns := tuple(c for c in spec.token_columns if c in names):
+                _check_token_ids(table, token_columns, vocab.num_rows, "neuron")
     return m
 
 
