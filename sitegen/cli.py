@@ -408,5 +408,101 @@ def serve(root, host, port):
     serve_forever(root, host, port)
 
 
+@main.command("train-sae")
+@click.option("--model", default="smollm2", show_default=True, help="The model, as compute's --model.")
+@click.option("--corpus", default="sotu", show_default=True, help="The corpus, as compute's --corpus.")
+@click.option(
+    "--hook",
+    required=True,
+    help="The transformer-lens hook to train on, e.g. blocks.15.hook_resid_post, blocks.3.hook_mlp_out, blocks.3.mlp.hook_post.",
+)
+@click.option("--d-sae", type=int, default=None, help="Latents in the dictionary [default: 8 x the hook's width].")
+@click.option("--k", type=int, default=32, show_default=True, help="Latents active per token (TopK).")
+@click.option(
+    "--tokens",
+    type=int,
+    default=100_000,
+    show_default=True,
+    help="Model-input tokens to harvest (one in ten sequences is held out).",
+)
+@click.option(
+    "--seq-len",
+    type=int,
+    default=32,
+    show_default=True,
+    help="Tokens per packed sequence, BOS included, as compute's (8-128).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for the document order, the initialisation and the batches.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+    default="auto",
+    show_default=True,
+    help="Where the model and the training run.",
+)
+@click.option("--batch-size", type=int, default=1024, show_default=True, help="Tokens per training step.")
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help="Adam's learning rate [default: 2e-4 / sqrt(d_sae / 16384), Gao et al.'s scaling].",
+)
+@click.option("--epochs", type=int, default=10, show_default=True, help="Passes over the harvested training tokens.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder to write (cfg.json, sae_weights.safetensors, training.json); an unfinished run there is resumed.",
+)
+@click.option(
+    "--checkpoint-seconds",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Save resumable training progress this often.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train_sae(
+    model, corpus, hook, d_sae, k, tokens, seq_len, seed, device, batch_size, lr, epochs, out, checkpoint_seconds, quiet
+):
+    """Train a TopK sparse autoencoder on one hook's activations over the corpus packing compute
+    uses, and write it in SAELens's format (readable by --sae and by SAELens) with training.json:
+    L0, FVU, dead fraction and next-token loss increase on held-out sequences. Rerunning the same
+    command resumes an interrupted run."""
+    from sitegen.compute.models import load_model, resolve_device
+    from sitegen.compute.packing import pack_sequences
+    from sitegen.dictionaries.train import TrainConfig, run_train_sae
+
+    cfg = TrainConfig(
+        hook=hook,
+        out=out,
+        model=model,
+        corpus=corpus,
+        d_sae=d_sae,
+        k=k,
+        tokens=tokens,
+        seq_len=seq_len,
+        seed=seed,
+        device=resolve_device(device),
+        batch_size=batch_size,
+        lr=lr,
+        epochs=epochs,
+        checkpoint_seconds=checkpoint_seconds,
+        progress=not quiet,
+    )
+    run_train_sae(
+        cfg,
+        open_model=lambda: load_model(model, device=cfg.device),
+        pack=lambda docs, tokenizer: list(pack_sequences(docs, tokenizer, seq_len, tokens, seed)),
+        log=(lambda m: None) if quiet else (lambda m: click.echo(m, err=True)),
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

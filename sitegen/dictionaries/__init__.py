@@ -1,2 +1,3 @@
-"""Sparse dictionaries (SAEs and transcoders): read and written in SAELens's format, trained
-offline, and their latents computed by `sitegen compute --sae` as units of their own."""
+"""Sparse dictionaries (SAEs and transcoders): the SAELens file format (format.py), the offline
+TopK trainer behind `sitegen train-sae` (train.py), a dictionary's latents as units of the corpus
+pass (units.py: `compute --sae`) and its quality figures (quality.py, torch-free: merge uses it)."""
