@@ -165,7 +165,10 @@ def run_verify(cfg: VerifyConfig, log: Callable[[str], None] = lambda m: None) -
     device = resolve_device(cfg.device)
     source = cfg.model or m["model"]["source"]
     log(f"loading model {source}")
-    model = load_model(source, device=device, name=m["model"]["name"])
+    record = m.get("dictionary")  # a dictionary's store: its latents, read through the model it was computed on
+    model = load_model(source, device=device, name=record["base_model"] if record else m["model"]["name"])
+    if record is not None:
+        model = _dictionary_units(model, record, cfg.store, device)
     if (model.n_layers, model.d_mlp) != (n_layers, d_mlp):
         raise ConfigError(
             f"--model {source}: {model.n_layers} layers x {model.d_mlp} neurons, but the store {cfg.store} holds "
@@ -246,3 +249,20 @@ def recompute(
         model.run_mlp_activations(ids, selection, check)
         tokens_run += ids.size
     return tokens_run
+
+
+def _dictionary_units(model, record: dict, store: Path, device: str):
+    """The store's dictionary (from the source its manifest records, checked against its sha256)
+    as units read through MODEL."""
+    import dataclasses
+
+    from sitegen.dictionaries.format import load_dictionary
+    from sitegen.dictionaries.units import DictionaryUnits
+
+    d = load_dictionary(record["source"])
+    if d.sha256 != record["sha256"]:
+        raise ConfigError(
+            f"{store}: the dictionary at {record['source']} (sha256 {d.sha256}) is not the one the store was computed "
+            f"with ({record['sha256']}); put that dictionary back at {record['source']}"
+        )
+    return DictionaryUnits(model, dataclasses.replace(d, name=record["name"]), device)

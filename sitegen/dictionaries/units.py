@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -141,7 +142,8 @@ def dictionary_record(units: DictionaryUnits, sums: "QualitySums | None") -> dic
     d = units.dictionary
     record = {
         "name": d.name,
-        "source": d.source,
+        # A local folder as an absolute path, so `sitegen verify` finds it from anywhere (the site does not show it).
+        "source": str(Path(d.source).resolve()) if Path(d.source).exists() else d.source,
         "sha256": d.sha256,
         "architecture": d.architecture,
         "transcoder": bool(d.is_transcoder),

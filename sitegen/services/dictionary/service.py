@@ -15,9 +15,10 @@ from sitegen.services.base import (
 
 
 def _link(what: str, index: str, index_what: str) -> dict:
+    keys = [*filter(None, what.split(",")), index]
     return {
         "type": "object",
-        "required": [*what.split(","), index, "cosine"],
+        "required": [*keys, "cosine"],
         "description": index_what,
         "properties": {
             **{
@@ -28,7 +29,7 @@ def _link(what: str, index: str, index_what: str) -> dict:
                     "latent": "The latent's index (its `neuron` in the dictionary's URLs, at layer 0).",
                     "neuron": "The neuron's index in its layer.",
                 }.items()
-                if key in (*what.split(","), index)
+                if key in keys
             },
             "cosine": {
                 "type": "number",
