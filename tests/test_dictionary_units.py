@@ -94,7 +94,6 @@ def test_latents_equal_a_direct_numpy_encode_and_quality_is_direct(store, folder
     base = Store.open(store)
     assert base.manifest["dictionaries"] == list(DICTIONARIES)
     model = load_model(str(tiny_model_dir))
-    seqs = base.sequences()
     for name, kw in DICTIONARIES.items():
         sub = Store.open(store / "dictionaries" / name)
         m = sub.manifest
