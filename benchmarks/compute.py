@@ -4,10 +4,16 @@ against a bare forward pass of the same model over the same tokens, measured in 
     python benchmarks/compute.py [--model smollm2] [--tokens 8192] [--batch-size 32] [--device cuda]
     python benchmarks/compute.py --accumulators-only [--d-mlp 1536]   # no model: the accumulators alone
     python benchmarks/compute.py --ray [ADDRESS] [--ray-shards N] [--ray-cpus-per-shard C]
+    python benchmarks/compute.py --sae-latents 4608 [--sae-hook blocks.15.hook_resid_post] [--sae PATH]
 
 Prints tokens/s for: the bare full forward (to logits); the bare forward cut after the last
 block (what compute needs); compute's pass (hooks + accumulators); and the ratios. The
 weight-based logit tables are a one-off cost per model, printed separately.
+
+--sae-latents N (or --sae PATH, a dictionary folder): also the pass with one dictionary's latents
+computed in it (a random TopK dictionary of N latents at --sae-hook: the cost does not depend on
+the weights), its quality sums and loss sample included, against the pass without (target: at
+most 15% slower on CPU).
 
 --ray: whole `sitegen compute` runs (model load, pass, weight tables, store) timed end to end: a
 single process against `compute --ray` on the same machine (a local cluster, started before the
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -53,6 +60,9 @@ def main() -> None:
     )
     ap.add_argument("--ray-shards", type=int, default=None)
     ap.add_argument("--ray-cpus-per-shard", type=int, default=None)
+    ap.add_argument("--sae", default=None, help="a dictionary folder to time in the pass")
+    ap.add_argument("--sae-latents", type=int, default=None, help="a random TopK dictionary of this many latents")
+    ap.add_argument("--sae-hook", default="blocks.15.hook_resid_post")
     args = ap.parse_args()
     if args.accumulators_only:
         return accumulators_only(args)
@@ -62,7 +72,16 @@ def main() -> None:
 
     from sitegen.compute.models import load_model, resolve_device
     from sitegen.compute.packing import pack_sequences
-    from sitegen.compute.runner import _batch_tensors, _corpus_services, _forward, _LayerAccumulators, auto_batch_size
+    from sitegen.compute.runner import (
+        _batch_tensors,
+        _corpus_services,
+        _FiniteGuard,
+        _forward_units,
+        _LayerAccumulators,
+        _LossSample,
+        _Units,
+        auto_batch_size,
+    )
     from sitegen.corpus import load_corpus
     from sitegen.corpus_keys import random_key
     from sitegen.services.base import CorpusRun
@@ -102,13 +121,50 @@ def main() -> None:
         device=device,
     )
 
-    def compute():  # every registered corpus-pass service's accumulators, as `sitegen compute` feeds them
+    dictionary = None
+    if args.sae or args.sae_latents:
+        from sitegen.dictionaries.format import check_fits, load_dictionary, random_dictionary
+        from sitegen.dictionaries.units import DictionaryUnits
+
+        if args.sae:
+            dictionary = load_dictionary(args.sae)
+        else:
+            width = model.hook_width(args.sae_hook)
+            dictionary = random_dictionary("topk", width, args.sae_latents, args.sae_hook, k=32, name="bench")
+        check_fits(dictionary, model)
+
+    def compute(
+        with_dictionary: bool = False,
+    ):  # every corpus-pass service's accumulators, as `sitegen compute` feeds them
         accs = [
             _LayerAccumulators({s.name: s.accumulator(layer, run) for s in _corpus_services()})
             for layer in range(model.n_layers)
         ]
+        units = [_Units(model, None, accs, _FiniteGuard(model.n_layers, model.d_mlp, 1, device))]
+        if with_dictionary:
+            import dataclasses
+
+            from sitegen.dictionaries.units import QualitySums
+
+            latent_run = dataclasses.replace(run, layer_size=dictionary.d_sae)
+            q = QualitySums(dictionary.d_out, dictionary.d_sae)
+            latent_accs = _LayerAccumulators(
+                {s.name: s.accumulator(0, latent_run) for s in _corpus_services()}, {".q": q}
+            )
+            units.append(
+                _Units(
+                    DictionaryUnits(model, dictionary, device),
+                    None,
+                    [latent_accs],
+                    _FiniteGuard(1, dictionary.d_sae, 1, device),
+                    q,
+                )
+            )
+        loss = _LossSample(SimpleNamespace(units=units, first_valid=1), pad)
         for (tokens, seq_ids, valid, rand), full in zip(batches, full_flags):
-            _forward(model, tokens, accs, seq_ids, valid, rand, full)
+            _forward_units(units, tokens, seq_ids, valid, rand, full)
+            loss.add(tokens, valid, rand)
+        loss.flush()
 
     bare_cut()  # warm-up
     timings = {}
@@ -116,6 +172,7 @@ def main() -> None:
         ("bare forward, full (logits)", bare_full),
         ("bare forward, cut after last block", bare_cut),
         ("sitegen compute pass", compute),
+        *([(f"compute pass + {dictionary.d_sae}-latent dictionary", lambda: compute(True))] if dictionary else []),
     ):
         best = float("inf")
         for _ in range(args.repeats):
@@ -143,6 +200,12 @@ def main() -> None:
     print(
         f"  ratio compute / bare forward, same cut:  {c / timings['bare forward, cut after last block']:.3f}  (cost of the accumulators alone)"
     )
+    if dictionary is not None:
+        with_d = timings[f"compute pass + {dictionary.d_sae}-latent dictionary"]
+        print(
+            f"  dictionary at {dictionary.hook_name}: pass with it / without: {with_d / c:.3f}  "
+            f"({100 * (c / with_d - 1):.1f}% slower; target <= 15%)"
+        )
     if not args.skip_weights:
         from sitegen.services.logits.compute import weight_tables
 

@@ -231,3 +231,42 @@ def test_a_dictionary_that_does_not_fit_is_one_line(tiny_model_dir, tiny_corpus,
     line = result.output.strip()
     assert "\n" not in line and "d_in" in line and "cfg.json" in line, result.output
     assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_the_fifth_service_runs_on_latents(monkeypatch, tmp_path, tiny_model_dir, tiny_corpus, folders):
+    """A plugin service's accumulator sees the latents as it sees neurons: the test plugin's
+    per-unit density on a dictionary's store equals the dictionary's own active counts (kept by
+    the runner's quality sums, a separate computation), and its panel is on the latent's page."""
+    from sitegen.services import registry
+    from sitegen.site.build import build_site
+    from sitegen.store import Store
+    from tests.test_service_contract import _install_entry_points
+
+    _install_entry_points(monkeypatch, tmp_path / "site-packages", "sparsity = sitegen_sparsity:Sparsity")
+    try:
+        from sitegen.compute.runner import ComputeConfig, run_compute
+
+        out = tmp_path / "store"
+        cfg = ComputeConfig(
+            model=str(tiny_model_dir),
+            corpus=str(tiny_corpus),
+            out=out,
+            tokens=800,
+            seq_len=SEQ_LEN,
+            progress=False,
+            dictionaries=(str(folders["res1"]),),
+        )
+        run_compute(cfg, log=lambda m: None)
+        sub = Store.open(out / "dictionaries" / "res1")
+        assert "sparsity" in sub.manifest["services"]
+        t = sub.read_layer("sparsity", 0).to_pydict()
+        sums = sub.manifest["dictionary"]["sums"]
+        assert t["positive"] == sums["latent_active"] and set(t["tokens"]) == {sums["tokens"]}
+        site = tmp_path / "site"
+        build_site([out], site, log=lambda m: None)
+        name = sub.manifest["model"]["name"]
+        doc = orjson.loads((site / f"api/{name}/sparsity/0/3.json").read_bytes())["data"]
+        assert doc["density"] == round(t["positive"][3] / t["tokens"][3], 6)
+        assert f"Active on <strong>{100 * doc['density']:.1f}%</strong>" in (site / name / "0" / "3.html").read_text()
+    finally:
+        registry.cache_clear()
