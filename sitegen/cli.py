@@ -181,6 +181,15 @@ def main() -> None:
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option(
+    "--sae",
+    "dictionaries",
+    multiple=True,
+    metavar="PATH",
+    help="A sparse dictionary (SAE or transcoder, SAELens's folder format, or a SAELens hub id) whose latents the same "
+    "corpus pass computes, published beside the neurons as <model>.<folder name>. Repeatable. "
+    "Train one offline with `sitegen train-sae`.",
+)
+@click.option(
     "--ray",
     "ray_address",
     is_flag=False,
@@ -219,6 +228,7 @@ def compute(
     publish_source,
     checkpoint_seconds,
     quiet,
+    dictionaries,
     ray_address,
     ray_shards,
     ray_cpus_per_shard,
@@ -247,6 +257,7 @@ def compute(
         options=options,
         checkpoint_seconds=checkpoint_seconds,
         progress=not quiet,
+        dictionaries=tuple(dictionaries),
     )
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     if ray_address is None:

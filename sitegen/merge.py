@@ -24,10 +24,11 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sitegen.dictionaries.quality import add_sums, quality_figures
 from sitegen.errors import DiskFull, StoreError
 from sitegen.services import by_name
 from sitegen.services.base import CorpusRun, Service
-from sitegen.store import LOCK, MANIFEST, MERGING, SEQUENCES_SCHEMA, Store, atomic_write_bytes
+from sitegen.store import DICTIONARIES, LOCK, MANIFEST, MERGING, SEQUENCES_SCHEMA, Store, atomic_write_bytes
 from sitegen.store.manifest import merged_manifest
 
 
@@ -53,6 +54,20 @@ def merge_stores(parts: list[Path], out: Path) -> Path:
 
 
 def _merge(stores: list[Store], out: Path) -> None:
+    """Merge the shards' stores into `out`: the neurons' store, and each dictionary's store (compute
+    --sae) under out/dictionaries/<name>/ before the neurons' manifest, which is written last."""
+    for name in stores[0].manifest.get("dictionaries", []):
+        parts = [Store.open(s.dictionary_root(name)) for s in stores]
+        for part in parts[1:]:
+            if part.manifest.get("run_hash") != parts[0].manifest.get("run_hash"):
+                raise StoreError(
+                    f"{part.root} was computed with other arguments than {parts[0].root}; merge only shards of one run"
+                )
+        _merge_units(parts, Store(out).dictionary_root(name))
+    _merge_units(stores, out)
+
+
+def _merge_units(stores: list[Store], out: Path) -> None:
     manifests = [s.manifest for s in stores]
     first = manifests[0]
     seqs = pa.concat_tables([s.sequences() for s in stores])
@@ -80,7 +95,11 @@ def _merge(stores: list[Store], out: Path) -> None:
     target.write_vocab(
         stores[0].vocab()
     )  # read (checksums verified) rather than copied: a damaged file is not passed on
-    target.write_manifest(merged_manifest(manifests, services))
+    merged = merged_manifest(manifests, services)
+    if first.get("dictionary") is not None:  # a dictionary's store: its quality sums add up, its figures follow
+        sums = add_sums([m["dictionary"]["sums"] for m in manifests])
+        merged["dictionary"] = {**first["dictionary"], "sums": sums, "quality": quality_figures(sums)}
+    target.write_manifest(merged)
 
 
 def _shards_in_order(parts: list[Path], out: Path) -> list[Store]:
@@ -126,7 +145,7 @@ def _unfinished(out: Path) -> bool:
     return all(
         p.name in (MERGING, LOCK, "vocab.parquet", "sequences.parquet")
         or (p.name.startswith(".") and p.name.endswith(".tmp"))
-        or (p.name in services and p.is_dir() and not p.is_symlink())
+        or ((p.name in services or p.name == DICTIONARIES) and p.is_dir() and not p.is_symlink())
         for p in out.iterdir()
     )
 
@@ -152,6 +171,8 @@ def _merge_service(
         if not stores[0].has_service(svc.name):
             return False
         for layer in range(n_layers):  # a table read back and rewritten would not keep the bytes
+            if not stores[0].layer_path(svc.name, layer).exists():  # a service with tables at some layers only
+                continue
             target.layer_path(svc.name, layer).parent.mkdir(parents=True, exist_ok=True)
             table = stores[0].read_layer(svc.name, layer)  # checksums verified: a damaged file is not passed on
             referenced.update(svc.sequences_used(table))

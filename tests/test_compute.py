@@ -370,7 +370,7 @@ def test_interrupt_mid_batch_resumes_exactly(whole_run, tiny_model_dir, tiny_cor
     from sitegen.errors import StoreError
 
     out = tmp_path / "interrupted"
-    forward, calls = runner._forward, [0]
+    forward, calls = runner._forward_units, [0]
 
     def interrupted_forward(*args, **kwargs):
         forward(*args, **kwargs)
@@ -380,12 +380,12 @@ def test_interrupt_mid_batch_resumes_exactly(whole_run, tiny_model_dir, tiny_cor
                 _thread.interrupt_main()
                 sum(range(100))  # bytecode between presses: the handler runs for each one
 
-    monkeypatch.setattr(runner, "_forward", interrupted_forward)
+    monkeypatch.setattr(runner, "_forward_units", interrupted_forward)
     checkpoint = out / ".work" / "checkpoint-0of1.npz"
     with pytest.raises(StoreError, match="mid-batch" if presses == 2 else "interrupted after 12 of"):
         run_compute(_config(tiny_model_dir, tiny_corpus, out, checkpoint_seconds=0), log=lambda m: None)
     assert int(np.load(checkpoint)["position"]) == (8 if presses == 2 else 12)  # whole batches of 4 sequences only
-    monkeypatch.setattr(runner, "_forward", forward)
+    monkeypatch.setattr(runner, "_forward_units", forward)
     run_compute(_config(tiny_model_dir, tiny_corpus, out), log=lambda m: None)
     _assert_same(out, whole_run)
 

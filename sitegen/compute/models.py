@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any, Callable, Iterable
 
 from sitegen.compute.packing import bos_id
 from sitegen.errors import MissingDependency, ModelError
+from sitegen.hooks import HOOK_STAGES, MLP_WIDE, hook_order, parse_hook  # noqa: F401 - HOOK_STAGES re-exported
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -47,6 +47,7 @@ class LoadedModel:
     source: str  # what --model said
     fingerprint: str  # identifies the weights, so a store cannot be mixed across models
     metadata: dict = field(default_factory=dict)
+    dictionaries: tuple = ()  # the --sae dictionaries read at this model's hooks (their weight tables relate neurons to latents)
 
     @property
     def n_layers(self) -> int:
@@ -193,44 +194,10 @@ class LoadedModel:
     def hook_width(self, name: str) -> int | None:
         """The last dimension of the activation at hook NAME (d_model or d_mlp), None for a hook
         sitegen does not read (not in HOOK_STAGES, or past the last layer)."""
-        parsed = _parse_hook(name)
+        parsed = parse_hook(name)
         if parsed is None or not 0 <= parsed[0] < self.n_layers:
             return None
-        return self.d_mlp if parsed[1] in _MLP_WIDE else int(self.bridge.cfg.d_model)
-
-
-# The hook points a dictionary may read or write, in the order a block runs them (transformer-lens
-# names, relative to `blocks.L.`): a forward pass that only needs activations stops after the last.
-HOOK_STAGES = (
-    "hook_resid_pre",
-    "ln1.hook_normalized",
-    "hook_attn_out",
-    "hook_resid_mid",
-    "hook_mlp_in",
-    "ln2.hook_normalized",
-    "mlp.hook_pre",
-    "mlp.hook_pre_linear",
-    "mlp.hook_post",
-    "hook_mlp_out",
-    "hook_resid_post",
-)
-_MLP_WIDE = frozenset({"mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"})
-_HOOK = re.compile(r"blocks\.(\d+)\.(.+)")
-
-
-def _parse_hook(name: str) -> tuple[int, str] | None:
-    m = _HOOK.fullmatch(name)
-    if m is None or m.group(2) not in HOOK_STAGES:
-        return None
-    return int(m.group(1)), m.group(2)
-
-
-def hook_order(name: str) -> tuple[int, int]:
-    """(layer, stage) of a hook in HOOK_STAGES, the order a forward pass reaches it."""
-    parsed = _parse_hook(name)
-    if parsed is None:
-        raise ValueError(f"unknown hook {name!r}: expected blocks.<layer>.<one of {', '.join(HOOK_STAGES)}>")
-    return parsed[0], HOOK_STAGES.index(parsed[1])
+        return self.d_mlp if parsed[1] in MLP_WIDE else int(self.bridge.cfg.d_model)
 
 
 def _layer_callback(on_acts: Callable[[int, Any], None], layer: int) -> Callable[[Any], None]:
@@ -467,6 +434,11 @@ def weights_fingerprint(model: LoadedModel) -> str:
     Computed once by compute (stored as the manifest's model.weights_sha256) and again by verify."""
     import torch
 
+    if (
+        getattr(model, "dictionary", None) is not None
+    ):  # a dictionary's latents: the model's weights and the dictionary's files
+        combined = f"{weights_fingerprint(model.base)}|{model.dictionary.sha256}"
+        return "sha256:" + hashlib.sha256(combined.encode()).hexdigest()
     h = hashlib.sha256()
     for name, tensor in sorted(model.bridge.original_model.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()

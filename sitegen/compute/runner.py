@@ -68,6 +68,9 @@ class ComputeConfig:
     # recognised whatever they say) and are checked by the services (hook check_compute_config).
     options: Mapping[str, Any] = field(default_factory=dict)
     progress: bool = True
+    # Sparse dictionaries (SAEs, transcoders) whose latents the same corpus pass computes (--sae,
+    # repeatable): each becomes a store of its own under <out>/dictionaries/<name>/.
+    dictionaries: tuple[str, ...] = ()
 
     def without_stages(self, **changes) -> "ComputeConfig":
         """This config asking for no stage (a shard task, a check of an existing store): the
@@ -200,18 +203,21 @@ class _LayerAccumulators:
     `update` the forward hook calls. Their states share the layer's checkpoint entry, each under
     its service's name."""
 
-    def __init__(self, parts: dict):
+    def __init__(self, parts: dict, extra: dict | None = None):
         self.parts = parts
+        # State-only parts the runner updates itself (a dictionary's quality sums), checkpointed
+        # with the rest under names no service can take (service names start with a letter).
+        self.extra = extra or {}
 
     def update(self, acts, batch: Batch) -> None:
         for acc in self.parts.values():
             acc.update(acts, batch)
 
     def state(self) -> dict:
-        return {name: acc.state() for name, acc in self.parts.items()}
+        return {name: acc.state() for name, acc in {**self.parts, **self.extra}.items()}
 
     def load(self, state: dict) -> None:
-        for name, acc in self.parts.items():
+        for name, acc in {**self.parts, **self.extra}.items():
             acc.load(state.get(name, {}))  # an empty state leaves no checkpoint entries
 
 
@@ -313,6 +319,7 @@ def run_compute(
         problem := model_name_problem(model.name)
     ):  # the name --model gives, checked before any work
         raise ConfigError(f"--model {cfg.model}: its name {problem}; pass --name NAME")
+    dictionaries = _load_dictionaries(cfg, model, device)
     bos = bos_id(model.tokenizer)
     first_valid = 1 if bos is not None else 0
     identity = {
@@ -332,6 +339,8 @@ def run_compute(
     optional = [s.name for s in corpus_services if not s.always_stored]
     if optional:  # only then: stores computed without optional services (plugins) keep their run hash
         identity["services"] = optional
+    if dictionaries:  # only then: stores computed without dictionaries keep their run hash
+        identity["dictionaries"] = [units.dictionary.sha256 for units in dictionaries]
     run_hash = _hash(identity)
     stages = [s for s in registry() if s.stage_requested(cfg)]
     if existing is not None:
@@ -369,13 +378,52 @@ def run_compute(
                 log,
                 progress,
                 on_checkpoint,
+                dictionaries,
             )
-        for svc in stages:  # add (or finish) the requested stages' work
+        for (
+            svc
+        ) in stages:  # add (or finish) the requested stages' work, on the neurons and on every dictionary's latents
             svc.run_stage(model, out, cfg, log)
+            for units in dictionaries:
+                svc.run_stage(units, store_mod.Store.open(out.dictionary_root(units.dictionary.name)), cfg, log)
     shutil.rmtree(out.work_dir, ignore_errors=True)
     if done:
         log(done)
     return cfg.out
+
+
+def _load_dictionaries(cfg: ComputeConfig, model, device: str) -> list:
+    """The --sae dictionaries as units read through MODEL's forward pass, each checked against the
+    model (its width and hook) and given a URL-safe, distinct name, before any work."""
+    if not cfg.dictionaries:
+        return []
+    from sitegen.dictionaries.format import check_fits, load_dictionary
+    from sitegen.dictionaries.units import DictionaryUnits
+
+    found: list = []
+    for spec in cfg.dictionaries:
+        d = load_dictionary(spec)
+        check_fits(d, model)
+        units = DictionaryUnits(model, d, device)
+        if problem := model_name_problem(units.name):
+            raise ConfigError(f"--sae {spec}: the latents' name {problem}; rename the dictionary's folder")
+        if any(u.dictionary.name == d.name for u in found):
+            raise ConfigError(f"--sae {spec}: two dictionaries are named {d.name!r}; rename one of their folders")
+        found.append(units)
+    model.dictionaries = tuple(u.dictionary for u in found)  # the weight tables relate neurons to their latents
+    return found
+
+
+@dataclass
+class _Units:
+    """One set of units the corpus pass computes, each into its own store: the model's MLP neurons,
+    or one dictionary's latents (`model` a DictionaryUnits; `quality` its quality sums)."""
+
+    model: Any
+    out: "store_mod.Store"
+    accs: list  # per layer: _LayerAccumulators
+    finite: "_FiniteGuard"
+    quality: Any = None
 
 
 def _corpus_pass(
@@ -392,6 +440,7 @@ def _corpus_pass(
     log: Callable[[str], None],
     progress: Callable[[int, int], ProgressBar] | None,
     on_checkpoint: Callable[[Path], None] | None,
+    dictionaries: list = (),
 ) -> str:
     """Stream this shard's sequences through the accumulators (from the checkpoint, if any) and
     write the store; returns the run's closing line."""
@@ -419,6 +468,25 @@ def _corpus_pass(
         _LayerAccumulators({s.name: s.accumulator(layer, corpus_run) for s in corpus_services})
         for layer in range(n_layers)
     ]
+    units = [_Units(model, out, accs, _FiniteGuard(n_layers, d_mlp, first_valid, device))]
+    for dict_units in dictionaries:
+        from sitegen.dictionaries.units import QualitySums
+
+        d = dict_units.dictionary
+        latent_run = dataclasses.replace(corpus_run, layer_size=int(d.d_sae))
+        quality = QualitySums(int(d.d_out), int(d.d_sae))
+        latent_accs = _LayerAccumulators(
+            {s.name: s.accumulator(0, latent_run) for s in corpus_services}, extra={".quality": quality}
+        )
+        units.append(
+            _Units(
+                dict_units,
+                store_mod.Store(out.dictionary_root(d.name)),
+                [latent_accs],
+                _FiniteGuard(1, int(d.d_sae), first_valid, device),
+                quality,
+            )
+        )
     run = _Run(
         cfg,
         out,
@@ -436,14 +504,17 @@ def _corpus_pass(
         device,
         corpus_services,
         log,
-        _FiniteGuard(n_layers, d_mlp, first_valid, device),
         progress or (lambda total, initial: _progress(cfg.progress, total, initial)),
         on_checkpoint,
+        units,
     )
     position, tokens_done = _resume(run)
     position, tokens_done = _stream(run, position, tokens_done)
     _write_store(run, position, tokens_done)
-    return f"done: {cfg.out} ({len(mine)} sequences, {tokens_done} tokens, {n_layers} layers x {d_mlp} neurons)"
+    latents = "".join(f", {u.model.d_mlp} latents of {u.model.dictionary.name}" for u in units[1:])
+    return (
+        f"done: {cfg.out} ({len(mine)} sequences, {tokens_done} tokens, {n_layers} layers x {d_mlp} neurons{latents})"
+    )
 
 
 @dataclass
@@ -457,7 +528,7 @@ class _Run:
     corpus: object
     sequences: list  # every packed sequence of the corpus (all shards)
     mine: list  # this shard's
-    accs: list  # per layer: _LayerAccumulators
+    accs: list  # per layer: _LayerAccumulators (the neurons'; units[0].accs)
     checkpoint: Path
     run_hash: str
     identity: dict
@@ -466,13 +537,25 @@ class _Run:
     device: str
     corpus_services: list  # the services with an accumulator, in registry order
     log: Callable[[str], None]
-    finite: "_FiniteGuard"
     progress: Callable[[int, int], ProgressBar]
     on_checkpoint: Callable[[Path], None] | None
+    units: list  # _Units: the neurons first, then each dictionary's latents
+    loss_sample: Any = None  # _LossSample, made by _stream
+
+    @property
+    def all_accs(self) -> list:
+        """Every unit set's per-layer accumulators, in checkpoint order (the neurons' layers first,
+        so a store without dictionaries keeps its checkpoint layout)."""
+        return [acc for u in self.units for acc in u.accs]
+
+    def check_finite(self) -> None:
+        for u in self.units:
+            u.finite.check(self.cfg.model)
 
     def save(self, position: int, tokens_done: int) -> None:
         """Checkpoint the accumulators at `position` (then tell on_checkpoint)."""
-        _save_checkpoint(self.checkpoint, [a.state() for a in self.accs], position, tokens_done, self.run_hash)
+        self.loss_sample.flush()  # the queued loss rows are applied, never left out of a checkpoint
+        _save_checkpoint(self.checkpoint, [a.state() for a in self.all_accs], position, tokens_done, self.run_hash)
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.checkpoint)
 
@@ -482,7 +565,7 @@ def _resume(run: _Run) -> tuple[int, int]:
     cfg, out, accs, mine, checkpoint, run_hash, log = (
         run.cfg,
         run.out,
-        run.accs,
+        run.all_accs,
         run.mine,
         run.checkpoint,
         run.run_hash,
@@ -511,9 +594,8 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
     cfg.checkpoint_seconds and on Ctrl-C; returns (sequences done, tokens done)."""
     from sitegen.corpus_keys import random_key
 
-    cfg, model, tokenizer, accs, mine, checkpoint = (
+    cfg, tokenizer, accs, mine, checkpoint = (
         run.cfg,
-        run.model,
         run.tokenizer,
         run.accs,
         run.mine,
@@ -523,6 +605,7 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
     batch_size = cfg.batch_size or auto_batch_size(device, cfg.seq_len)
     pad_id = int(getattr(tokenizer, "pad_token_id", None) or bos or 0)
     total_tokens = sum(len(s.token_ids) for s in mine)
+    run.loss_sample = _LossSample(run, pad_id)
     run.log(f"corpus pass: {len(mine)} sequences, {total_tokens} tokens, {len(accs)} layers, batches of {batch_size}")
     bar = run.progress(total_tokens, tokens_done)
     last_save = time.monotonic()
@@ -536,13 +619,14 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
                 )
                 all_full = len(batch) == batch_size and all(len(s.token_ids) == cfg.seq_len for s in batch)
                 with guard.batch():  # the accumulators and the position move together, or the checkpoint lies
-                    _forward(model, tokens, accs, seq_ids, valid, rand_score, all_full, run.finite)
+                    _forward_units(run.units, tokens, seq_ids, valid, rand_score, all_full)
+                    run.loss_sample.add(tokens, valid, rand_score)
                     position += len(batch)
                     done = sum(len(s.token_ids) for s in batch)
                     tokens_done += done
                 bar.update(done)
                 if time.monotonic() - last_save > cfg.checkpoint_seconds and position < len(mine):
-                    run.finite.check(cfg.model)
+                    run.check_finite()
                     run.save(position, tokens_done)
                     last_save = time.monotonic()
     except KeyboardInterrupt:
@@ -550,7 +634,7 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
             raise StoreError(
                 f"interrupted mid-batch; rerun the same command to resume from the last checkpoint ({checkpoint})"
             ) from None
-        run.finite.check(cfg.model)
+        run.check_finite()
         run.save(position, tokens_done)
         raise StoreError(
             f"interrupted after {position} of {len(mine)} sequences; rerun the same command to resume"
@@ -600,21 +684,23 @@ class _BatchGuard:
 
 
 def _write_store(run: _Run, position: int, tokens_done: int) -> None:
-    """Every service's tables, the referenced sequences, the vocabulary, and the manifest last."""
-    cfg, out, model, tokenizer, corpus, accs, mine = (
-        run.cfg,
-        run.out,
-        run.model,
-        run.tokenizer,
-        run.corpus,
-        run.accs,
-        run.mine,
-    )
-    run_hash, log, shard_i = run.run_hash, run.log, cfg.shard[0]
-    sequences, identity, bos, first_valid = run.sequences, run.identity, run.bos, run.first_valid
-    run.finite.check(cfg.model)  # before anything is saved: a checkpoint or a store never holds a NaN or an infinity
+    """Every unit set's store: each dictionary's under <out>/dictionaries/<name>/, then the neurons'
+    (its manifest last: its presence marks the whole store, dictionaries included, complete)."""
+    run.check_finite()  # before anything is saved: a checkpoint or a store never holds a NaN or an infinity
     run.save(position, tokens_done)  # the write stage can fail; keep the work
-    log(f"writing store {cfg.out}")
+    run.log(f"writing store {run.cfg.out}")
+    for u in run.units[1:]:
+        from sitegen.dictionaries.units import dictionary_record
+
+        _write_units(run, u, tokens_done, {"dictionary": dictionary_record(u.model, u.quality)})
+    names = [u.model.dictionary.name for u in run.units[1:]]
+    _write_units(run, run.units[0], tokens_done, {"dictionaries": names} if names else {})
+
+
+def _write_units(run: _Run, u: _Units, tokens_done: int, records: dict) -> None:
+    """One unit set's tables, the sequences they refer to, the vocabulary, and its manifest last."""
+    cfg, out, model, tokenizer, corpus, mine = run.cfg, u.out, u.model, run.tokenizer, run.corpus, run.mine
+    shard_i = cfg.shard[0]
     referenced: set[int] = set()  # the sequences some table refers to: the store keeps these
 
     def write(svc: Service, layer: int, table: pa.Table) -> None:
@@ -623,16 +709,19 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
 
     written = list(run.corpus_services)
     for svc in run.corpus_services:
-        for layer, acc in enumerate(accs):
+        for layer, acc in enumerate(u.accs):
             write(svc, layer, acc.parts[svc.name].table())
     if cfg.weights and shard_i == 0:  # corpus-independent: the first shard computes them, merge copies them
         for svc in (s for s in registry() if s.from_weights):
-            log(f"computing {svc.name} from the weights")
+            run.log(f"computing {svc.name} from the weights" + (f" ({model.name})" if u is not run.units[0] else ""))
+            tables = 0
             with _stage_bar(cfg.progress, model.n_layers, f"{svc.name} from the weights", "layer") as bar:
                 for layer, table in svc.weight_tables(model):
                     write(svc, layer, table)
+                    tables += 1
                     bar.update(1)
-            written.append(svc)
+            if tables:  # a service with nothing to say about these units (no dictionary at any layer) is not listed
+                written.append(svc)
     out.write_sequences(_sequences_table([s for s in mine if s.seq_id in referenced]))
     out.write_vocab(display_tokens(tokenizer, model.d_vocab))
     from sitegen.compute.models import weights_fingerprint
@@ -645,8 +734,8 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
                 "source": cfg.corpus,
                 "content_hash": corpus.content_hash,
                 "source_kind": "embedded" if cfg.corpus == "sotu" else "hub" if corpus.documents is None else "local",
-                "sequences_total": len(sequences),
-                "tokens_total": sum(len(s.token_ids) for s in sequences),
+                "sequences_total": len(run.sequences),
+                "tokens_total": sum(len(s.token_ids) for s in run.sequences),
             },
             processed={"sequences": len(mine), "tokens": tokens_done},
             config={
@@ -655,15 +744,16 @@ def _write_store(run: _Run, position: int, tokens_done: int) -> None:
                 "tokens": cfg.tokens,
                 "top_k": cfg.top_k,
                 "n_random": cfg.n_random,
-                "bos_token_id": bos,
-                "first_valid_position": first_valid,
+                "bos_token_id": run.bos,
+                "first_valid_position": run.first_valid,
             },
-            run_hash=run_hash,
+            run_hash=run.run_hash,
             shard=_shard_record(cfg.shard),
             services=[s.name for s in written],
-            identity=identity,
+            identity=run.identity,
             versions=_versions(),
             publish_source=cfg.publish_source,
+            **records,
             **_service_records(written),
         )
     )
@@ -682,6 +772,8 @@ _OWN_FIELDS = frozenset(
         "identity",
         "versions",
         "publish_source",
+        "dictionaries",
+        "dictionary",
         "schema_version",
         "sitegen_version",
     }
@@ -756,18 +848,113 @@ def _batch_tensors(batch, batch_size, seq_len, pad_id, first_valid, seed, random
     return as_t(tokens), as_t(seq_ids), as_t(valid), as_t(rand_score)
 
 
-def _forward(
-    model, tokens, accs, seq_ids, valid, rand_score, all_full: bool = False, finite: _FiniteGuard | None = None
-) -> None:
-    """One batch through every layer, each layer's activations into its accumulators (and `finite`)."""
+def _forward_units(units: list, tokens, seq_ids, valid, rand_score, all_full: bool = False) -> None:
+    """One batch through the model, once: every layer's MLP activations into the neurons'
+    accumulators, and each dictionary's latents (its encoder at its hook) into its own, with its
+    quality sums (reconstruction error against the hooked activation, or for a transcoder the
+    activation at its output hook)."""
     batch = Batch(valid=valid, seq_ids=seq_ids, rand_score=rand_score, all_full=all_full)
+    neurons = units[0]
 
-    def update(layer: int, acts) -> None:
-        if finite is not None:
-            finite.update(layer, acts, batch)
-        accs[layer].update(acts, batch)
+    def on_layer(layer: int):
+        def update(acts) -> None:
+            neurons.finite.update(layer, acts, batch)
+            neurons.accs[layer].update(acts, batch)
 
-    model.run_mlp_activations(tokens, range(len(accs)), update)
+        return update
+
+    hooks = [(neurons.model.hook_name(layer), on_layer(layer)) for layer in range(len(neurons.accs))]
+    for u in units[1:]:
+        hooks += _dictionary_hooks(u, batch)
+    neurons.model.run_hooks(tokens, hooks)
+
+
+def _dictionary_hooks(u: _Units, batch: Batch) -> list:
+    d = u.model.dictionary
+    seen: dict = {}
+
+    def on_input(x) -> None:
+        z = d.encode(x)
+        u.finite.update(0, z, batch)
+        u.accs[0].update(z, batch)
+        if d.hook_out is None:
+            u.quality.update(x, z, d.decode(z), batch.valid)
+        else:
+            seen["x"], seen["z"] = x, z
+
+    def on_output(target) -> None:
+        u.quality.update(target, seen["z"], d.decode(seen["z"], seen["x"]), batch.valid)
+        seen.clear()
+
+    return [(d.hook_name, on_input)] + ([(d.hook_out, on_output)] if d.hook_out is not None else [])
+
+
+class _LossSample:
+    """The dictionaries' next-token loss, clean and with each reconstruction spliced in, on the
+    sequences whose random key is below LOSS_FRACTION: queued as the pass meets them and run in
+    fixed-shape batches of LOSS_BATCH rows (padding rows masked), so each row's losses do not
+    depend on which rows it shared a batch with, and the sums stay exact across shard splits."""
+
+    def __init__(self, run: "_Run", pad_id: int):
+        self.dictionaries = [u for u in run.units[1:]]
+        self.pad_id = pad_id
+        self.first_valid = run.first_valid
+        self.rows: list = []  # (tokens row, valid row)
+
+    def add(self, tokens, valid, rand_score) -> None:
+        if not self.dictionaries:
+            return
+        from sitegen.dictionaries.units import LOSS_BATCH, LOSS_FRACTION
+
+        picked = (-rand_score < LOSS_FRACTION).nonzero().flatten().tolist()  # padding rows have -inf: never
+        self.rows += [(tokens[i], valid[i]) for i in picked]
+        while len(self.rows) >= LOSS_BATCH:
+            self._run(self.rows[:LOSS_BATCH])
+            self.rows = self.rows[LOSS_BATCH:]
+
+    def flush(self) -> None:
+        if self.rows:
+            self._run(self.rows)
+            self.rows = []
+
+    def _run(self, rows: list) -> None:
+        import torch
+
+        from sitegen.dictionaries.units import LOSS_BATCH
+
+        tokens = torch.stack([t for t, _ in rows])
+        valid = torch.stack([v for _, v in rows])
+        if len(rows) < LOSS_BATCH:  # fixed shape: pad with masked rows
+            n = LOSS_BATCH - len(rows)
+            tokens = torch.cat(
+                [tokens, torch.full((n, tokens.shape[1]), self.pad_id, dtype=tokens.dtype, device=tokens.device)]
+            )
+            valid = torch.cat([valid, torch.zeros((n, valid.shape[1]), dtype=valid.dtype, device=valid.device)])
+        counted = valid[:, :-1] & valid[:, 1:]  # predictions from a counted position of a counted token
+        base = self.dictionaries[0].model.base
+        clean = base.next_token_loss(tokens)
+        for u in self.dictionaries:
+            spliced = base.next_token_loss(tokens, _splice(u.model.dictionary, self.first_valid))
+            u.quality.update_loss(clean, spliced, counted)
+
+
+def _splice(d, first_valid: int) -> list:
+    """The hooks that replace what dictionary D reconstructs with its reconstruction (the BOS
+    position keeps its own activation: its norm is far outside what a dictionary is trained on)."""
+    seen: dict = {}
+
+    def keep_bos(recon, original):
+        recon[:, :first_valid] = original[:, :first_valid]
+        return recon
+
+    if d.hook_out is None:
+        return [(d.hook_name, lambda x: keep_bos(d.decode(d.encode(x)), x))]
+
+    def capture(x):
+        seen["x"] = x
+        return x
+
+    return [(d.hook_name, capture), (d.hook_out, lambda out: keep_bos(d.decode(d.encode(seen["x"]), seen["x"]), out))]
 
 
 def display_tokens(tokenizer, vocab_size: int) -> list[str]:

@@ -1,3 +1,3 @@
-"""Sparse dictionaries (SAEs and transcoders): the SAELens file format (format.py) and the
-offline TopK trainer behind `sitegen train-sae` (train.py). Torch side: imported by compute and
-the CLI, never by the site side."""
+"""Sparse dictionaries (SAEs and transcoders): the SAELens file format (format.py), the offline
+TopK trainer behind `sitegen train-sae` (train.py), a dictionary's latents as units of the corpus
+pass (units.py: `compute --sae`) and its quality figures (quality.py, torch-free: merge uses it)."""

@@ -31,6 +31,7 @@ BUILTIN = {
     "neuroscope": "sitegen.services.neuroscope.service:Neuroscope",
     "neuron2graph": "sitegen.services.neuron2graph.service:Neuron2Graph",
     "logits": "sitegen.services.logits.service:Logits",
+    "dictionary": "sitegen.services.dictionary.service:Dictionary",
 }
 
 

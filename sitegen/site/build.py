@@ -365,7 +365,9 @@ def build_site(
     stage = "collect"
     themes = theme_layers(theme)
     try:
-        models = [SiteModel(Store.open(p)) for p in store_paths]
+        stores = [Store.open(p) for p in store_paths]
+        # A store's dictionaries (compute --sae) are published beside its model, as models of their own.
+        models = [SiteModel(s) for s in stores + [d for s in stores for d in s.dictionary_stores()]]
         names = [m.name for m in models]
         for name in set(names):
             if names.count(name) > 1:

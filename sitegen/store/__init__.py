@@ -8,6 +8,8 @@
       .work/                         checkpoints of an unfinished run (removed when it finishes)
       .manifest.lock                 flock'ed by every manifest update (never deleted)
       .merging                       only while `sitegen merge` writes the store: the command to rerun
+      dictionaries/<name>/           a store of the same layout per --sae dictionary: its latents as
+                                     one layer of units (manifest: `dictionary`; the model's lists them)
 
 Every file is written to a unique temporary name, flushed to disk (fsync), renamed, and its folder
 flushed, so a reader never sees half a file and a crash or power cut leaves the old file or the new
@@ -39,6 +41,7 @@ MANIFEST = "manifest.json"
 WORK_DIR = ".work"
 LOCK = ".manifest.lock"
 MERGING = ".merging"
+DICTIONARIES = "dictionaries"  # <store>/dictionaries/<name>/: one store per dictionary's latents
 
 
 def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
@@ -228,6 +231,15 @@ class Store:
         return self.root / WORK_DIR
 
     # -- layout --
+    def dictionary_root(self, name: str) -> Path:
+        """Where the store of dictionary NAME's latents lives (a store of its own)."""
+        return self.root / DICTIONARIES / name
+
+    def dictionary_stores(self) -> list["Store"]:
+        """The stores of the dictionaries this store's corpus pass computed (its manifest's
+        `dictionaries`), opened and checked, in the manifest's order."""
+        return [Store.open(self.dictionary_root(name)) for name in self.manifest.get("dictionaries", [])]
+
     def layer_path(self, service: str, layer: int) -> Path:
         return self.root / service / f"layer={layer}" / "data.parquet"
 

@@ -109,6 +109,23 @@ class Shard(Record):
         return self
 
 
+class DictionaryInfo(Record):
+    """The `dictionary` record of a dictionary's store (sitegen/dictionaries/units.py writes it)."""
+
+    name: str
+    sha256: str
+    architecture: str
+    transcoder: bool
+    hook_name: str
+    hook_out: Optional[str] = None
+    layer: int = Field(ge=0)
+    d_in: int = Field(ge=1)
+    d_sae: int = Field(ge=1)
+    base_model: str
+    sums: Optional[dict] = None
+    quality: Optional[dict] = None
+
+
 class Manifest(Record):
     """manifest.json, typed. Store.manifest stays the plain dict (every reader indexes it)."""
 
@@ -121,6 +138,16 @@ class Manifest(Record):
     shard: Optional[Shard]
     services: list[str]
     publish_source: Optional[bool] = None  # compute --publish-source: the site shows local source paths as given
+    dictionaries: Optional[list[str]] = None  # compute --sae: the dictionaries' stores, <store>/dictionaries/<name>/
+    dictionary: Optional[DictionaryInfo] = None  # a dictionary's store: what it is and its quality
+
+    @field_validator("dictionaries")
+    @classmethod
+    def _dictionary_names(cls, names: list[str] | None) -> list[str] | None:
+        for name in names or ():  # each is a folder of the store: nothing that could leave it
+            if problem := model_name_problem(name, reserved=()):
+                raise ValueError(f"{name!r}: {problem}")
+        return names
 
     @field_validator("services")
     @classmethod
@@ -300,15 +327,17 @@ def validate_store(root: Path, data: Any) -> Manifest:
                     f"{table} is missing, but {path} lists service '{service}' and field 'model.num_layers' is {n_layers}; "
                     f"fix that field or {_RECOMPUTE}"
                 )
-            rows = _footer(table, spec.columns).num_rows
+            footer = _footer(table, spec.columns)
+            rows = footer.num_rows
             if (rows != size) if spec.complete else (rows > size):
                 raise StoreError(
                     f"{path}: field 'model.layer_size' is {size} but {table} has {rows} rows (one per neuron); "
                     f"fix that field or {_RECOMPUTE}"
                 )
-            if spec.token_columns:
-                _footer(table, spec.token_columns)
-                _check_token_ids(table, spec.token_columns, vocab.num_rows, "neuron")
+            # Token columns beyond the required ones may be absent (logits' input tokens, for units with no MLP nonlinearity).
+            names = set(footer.schema.to_arrow_schema().names)
+            if token_columns := tuple(c for c in spec.token_columns if c in names):
+                _check_token_ids(table, token_columns, vocab.num_rows, "neuron")
     return m
 
 

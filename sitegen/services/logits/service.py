@@ -73,9 +73,7 @@ class Logits(Service):
         "promoted_vals",
         "suppressed_ids",
         "suppressed_vals",
-        "input_ids",
-        "input_vals",
-    )
+    )  # input_ids and input_vals too, where the units have an MLP nonlinearity (not a dictionary's latents)
     complete_layers = True
     store_token_columns = ("promoted_ids", "suppressed_ids", "input_ids")
 
