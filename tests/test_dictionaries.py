@@ -329,3 +329,5 @@ def test_train_sae_bad_options_are_one_line(tmp_path, tiny_model_dir, tiny_corpu
         # (transformers' own "Loading weights" bar may precede it)
         assert res.exit_code != 0 and len(errors) == 1 and words in errors[0], res.output
         assert "Traceback" not in res.output
+    # A refused --tokens leaves nothing to resume: the corrected command runs.
+    assert not (tmp_path / "c" / ".work").exists()

@@ -527,10 +527,6 @@ def run_train_sae(
     d_sae = cfg.d_sae or 8 * width
     if cfg.k > d_sae:
         raise ConfigError(f"--k {cfg.k}: must be at most --d-sae ({d_sae})")
-    work = cfg.out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(work / "run.json", json.dumps(cfg.arguments(), indent=2, sort_keys=True).encode())
-
     corpus = load_corpus(cfg.corpus)
     seqs = pack(corpus, model.tokenizer)
     train_ids, held_ids = split_heldout(s.seq_id for s in seqs)
@@ -539,6 +535,10 @@ def run_train_sae(
             f"--tokens {cfg.tokens}: gives {len(seqs)} sequences; need at least {HELDOUT_EVERY} "
             f"(one in {HELDOUT_EVERY} is held out): raise --tokens"
         )
+    # Only now is the run known to be possible: a refused --tokens leaves no unfinished run behind.
+    work = cfg.out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(work / "run.json", json.dumps(cfg.arguments(), indent=2, sort_keys=True).encode())
     by_id = {s.seq_id: s for s in seqs}
     train_seqs, held_seqs = [by_id[i] for i in train_ids], [by_id[i] for i in held_ids]
     first_valid = 1 if model.bos is not None else 0
