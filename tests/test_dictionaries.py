@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,8 @@ def numpy_encode(folder: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_round_trip_and_numpy_encode(tmp_path, case):
     d = random_dictionary(d_in=10, d_sae=40, hook_name=HOOK, seed=3, **CASES[case])
+    if d.threshold is not None:  # negative thresholds too: SAELens's JumpReLU is relu(pre) where pre > threshold
+        d = replace(d, threshold=torch.linspace(-0.5, 0.5, 40))
     folder = tmp_path / "my sae!"
     save_dictionary(d, folder)
     back = load_dictionary(str(folder))
@@ -254,7 +257,7 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path):
 # --- the command on the tiny model ---
 
 
-def test_train_sae_cli(tmp_path, tiny_model_dir, tiny_corpus):
+def test_train_sae_cli(tmp_path, tiny_model_dir, tiny_corpus, monkeypatch):
     from sitegen.compute.models import load_model
 
     out = tmp_path / "tiny-sae"
@@ -272,6 +275,26 @@ def test_train_sae_cli(tmp_path, tiny_model_dir, tiny_corpus):
     assert all(math.isfinite(v) for v in figures), report
     assert 0 < report["heldout"]["l0"] <= 4 and report["tokens"]["heldout"] > 0
     assert report["arguments"]["k"] == 4 and not (out / ".work").exists()
+
+    # Interrupted after its first training checkpoint (Ctrl-C), then the same command again: it resumes
+    # from .work/ (harvest chunks, checkpoint) and writes the uninterrupted run's weights.
+    import sitegen.dictionaries.train as train_module
+
+    save = train_module._save_checkpoint
+
+    def save_then_interrupt(path, state):
+        save(path, state)
+        raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    cut_args = [a if a != str(out) else str(cut) for a in args] + ["--checkpoint-seconds", "0"]
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_interrupt)
+    res = CliRunner().invoke(main, cut_args)
+    monkeypatch.undo()
+    assert res.exit_code != 0 and (cut / ".work" / "checkpoint.pt").exists() and not (cut / WEIGHTS_FILE).exists()
+    assert CliRunner().invoke(main, cut_args).exit_code == 0
+    assert (cut / WEIGHTS_FILE).read_bytes() == (out / WEIGHTS_FILE).read_bytes()
+    assert json.loads((cut / "training.json").read_text())["heldout"] == report["heldout"]
 
     # The same command again: nothing to do; another --k: one line naming it.
     assert CliRunner().invoke(main, args).exit_code == 0
@@ -306,3 +329,5 @@ def test_train_sae_bad_options_are_one_line(tmp_path, tiny_model_dir, tiny_corpu
         # (transformers' own "Loading weights" bar may precede it)
         assert res.exit_code != 0 and len(errors) == 1 and words in errors[0], res.output
         assert "Traceback" not in res.output
+    # A refused --tokens leaves nothing to resume: the corrected command runs.
+    assert not (tmp_path / "c" / ".work").exists()

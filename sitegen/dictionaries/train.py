@@ -99,6 +99,7 @@ class TopKTrainer:
         self.total_steps, self.dead_tokens = total_steps, dead_tokens
         self.since_active = torch.zeros(opts.d_sae, dtype=torch.int64)  # training tokens since each latent last fired
         self.steps_done = 0
+        self.scale = 1.0  # set by train_topk: the inputs are multiplied by it
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pre = (x - self.b_dec) @ self.W_enc + self.b_enc
@@ -195,11 +196,13 @@ def train_topk(
     checkpoint_seconds: float = 60.0,
     on_checkpoint: Callable[[Path], None] | None = None,
     progress: Callable[[int, int], Any] | None = None,
+    on_step: Callable[[TopKTrainer], None] | None = None,
 ) -> TrainResult:
     """Train a TopK SAE on ACTS ((tokens, d_in), float32), deterministic for opts.seed on CPU.
     With CHECKPOINT (a file) the state is saved there every CHECKPOINT_STEPS steps (else every
     CHECKPOINT_SECONDS) and a run finding one continues from it (the caller checks it belongs
-    to the same run). PROGRESS(total, initial) returns a bar (update(n), close())."""
+    to the same run). PROGRESS(total, initial) returns a bar (update(n), close()); ON_STEP(trainer)
+    is called after every step (trainer.scale: the factor the inputs are multiplied by)."""
     acts = acts.float()
     n, d_in = acts.shape
     if not 1 <= opts.k <= opts.d_sae:
@@ -212,6 +215,7 @@ def train_topk(
     scale = float(math.sqrt(d_in / acts.pow(2).sum(-1).mean().clamp(min=1e-12)))
     sample = acts[_permutation(n, opts.seed, -1)[:MEDIAN_SAMPLE]] * scale
     trainer = TopKTrainer(d_in, opts, geometric_median(sample), total, dead_tokens)
+    trainer.scale = scale
     if checkpoint is not None and checkpoint.exists():
         try:
             trainer.load_state_dict(torch.load(checkpoint, weights_only=True))
@@ -233,6 +237,8 @@ def train_topk(
                 history.append({"step": trainer.steps_done, **stats})
             if bar is not None:
                 bar.update(batch)
+            if on_step is not None:
+                on_step(trainer)
             due = (
                 trainer.steps_done - last_save >= checkpoint_steps
                 if checkpoint_steps
@@ -521,10 +527,6 @@ def run_train_sae(
     d_sae = cfg.d_sae or 8 * width
     if cfg.k > d_sae:
         raise ConfigError(f"--k {cfg.k}: must be at most --d-sae ({d_sae})")
-    work = cfg.out / ".work"
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(work / "run.json", json.dumps(cfg.arguments(), indent=2, sort_keys=True).encode())
-
     corpus = load_corpus(cfg.corpus)
     seqs = pack(corpus, model.tokenizer)
     train_ids, held_ids = split_heldout(s.seq_id for s in seqs)
@@ -533,6 +535,10 @@ def run_train_sae(
             f"--tokens {cfg.tokens}: gives {len(seqs)} sequences; need at least {HELDOUT_EVERY} "
             f"(one in {HELDOUT_EVERY} is held out): raise --tokens"
         )
+    # Only now is the run known to be possible: a refused --tokens leaves no unfinished run behind.
+    work = cfg.out / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(work / "run.json", json.dumps(cfg.arguments(), indent=2, sort_keys=True).encode())
     by_id = {s.seq_id: s for s in seqs}
     train_seqs, held_seqs = [by_id[i] for i in train_ids], [by_id[i] for i in held_ids]
     first_valid = 1 if model.bos is not None else 0
