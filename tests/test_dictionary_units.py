@@ -216,8 +216,14 @@ def test_build_publishes_latents_with_links_both_ways(store, tmp_path):
         f'href="/{neuron["writes"][0]["model"]}/0/{neuron["writes"][0]["latent"]}.html"'
         in (site / model / "1" / f"{n}.html").read_text()
     )
-    # The dictionary's model page carries its quality figures.
+    # The dictionary's model page carries its quality figures; its provenance names the dictionary
+    # (sha256, hook) and shows a local folder as its last component only.
     assert "FVU" in (site / res1 / "index.html").read_text()
+    record = orjson.loads((store / "dictionaries" / "res1" / "manifest.json").read_bytes())["dictionary"]
+    prov = orjson.loads((site / "api" / res1 / "neuroscope" / "0" / "5.json").read_bytes())["metadata"]["provenance"]
+    assert prov["dictionary"]["sha256"] == record["sha256"] and prov["dictionary"]["source"] == "res1"
+    assert record["source"].endswith("/res1") and record["source"] not in page
+    assert record["sha256"] in page and "blocks.1.hook_resid_post" in page
 
 
 def test_a_dictionary_that_does_not_fit_is_one_line(tiny_model_dir, tiny_corpus, folders, tmp_path):

@@ -125,6 +125,31 @@ class Dictionary(Service):
             "Latent density": _density_line(q.get("density_histogram")),
         }
 
+    def provenance_records(self, manifest):
+        """A dictionary's store: what the dictionary is and where it came from (a local folder as its
+        last component unless computed with --publish-source, like --model and --corpus)."""
+        record = manifest.get("dictionary")
+        if record is None:
+            return {}
+        source = record.get("source", "")
+        if not manifest.get("publish_source") and source.startswith("/"):
+            source = source.rstrip("/").rsplit("/", 1)[-1]
+        keep = ("name", "sha256", "architecture", "transcoder", "hook_name", "hook_out", "layer", "d_in", "d_sae", "k")
+        return {"dictionary": {**{k: record.get(k) for k in keep}, "source": source, "cfg": record.get("cfg", {})}}
+
+    def provenance_schemas(self):
+        return {
+            "dictionary": {
+                "type": "object",
+                "description": "A dictionary's latents: the dictionary (name, sha256 of cfg.json then the weights file, "
+                "architecture, hooks, the base model's layer, widths, TopK's k), where it was read from, and its cfg.json.",
+            }
+        }
+
+    def neuron_provenance(self, payloads, layer, neuron, model_provenance):
+        record = model_provenance.get("dictionary")
+        return None if record is None else {k: record[k] for k in ("name", "source", "sha256", "hook_name", "hook_out")}
+
     def openapi_paths(self):
         return {
             "/api/{model}/dictionary/{layer}/{neuron}": api_get(
