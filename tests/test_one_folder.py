@@ -71,6 +71,66 @@ def test_a_theme_overrides_a_built_in_partial_by_name(tmp_path):
     )
 
 
+def test_a_services_edge_function_is_in_its_folder_and_declared_for_netlify():
+    """A service owns its edge functions (hook edge_functions): the Deno module lives in its folder
+    and ships in the wheel (package data); netlify.toml declares each with the hook's path and cache
+    before the site's own functions, and netlify/edge-functions/ holds its entry module (Netlify
+    bundles from there only) and nothing else but the site's own functions."""
+    import tomllib
+
+    from sitegen.site.edge import NOT_FOUND_FUNCTIONS, netlify_entry, service_functions
+
+    functions = service_functions()
+    assert functions, "no service declares an edge function: nothing checked"
+    declared = [
+        (d["function"], d["path"], d.get("cache"))
+        for d in tomllib.loads((ROOT / "netlify.toml").read_text())["edge_functions"]
+    ]
+    folder = ROOT / "netlify" / "edge-functions"
+    for name, (owner, fn) in functions.items():
+        assert fn.source.is_file() and fn.source.is_relative_to(ROOT / "sitegen" / "services" / owner), fn.source
+        assert fn.source.name == f"{name}.ts"
+        assert (name, fn.path, fn.cache) in declared, f"netlify.toml does not declare {name} as its service does"
+        assert declared.index((name, fn.path, fn.cache)) < min(
+            i for i, d in enumerate(declared) if d[0] in NOT_FOUND_FUNCTIONS
+        ), f"netlify.toml declares {name} after the site's own functions, which would see its answers"
+        assert (folder / f"{name}.ts").read_text() == netlify_entry(fn, folder), (
+            f"write {folder / f'{name}.ts'} as sitegen.site.edge.netlify_entry says"
+        )
+    assert {p.stem for p in folder.iterdir()} == {*functions, *NOT_FOUND_FUNCTIONS}
+    package_data = _pyproject()["tool"]["setuptools"]["package-data"]["sitegen"]
+    for _owner, fn in functions.values():
+        assert any(fn.source.relative_to(ROOT / "sitegen").match(glob) for glob in package_data), fn.source
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (('path = "/api/*/neuron2graph-search"', 'path = "/api/*/n2g-search"'), "make them equal"),
+        (('  cache = "manual"\n', ""), "make them equal"),
+        (('function = "neuron2graph-search"', 'function = "graph-search"'), "'graph-search' is declared, but no"),
+    ],
+)
+def test_serve_refuses_a_netlify_toml_that_disagrees_with_the_hook(tmp_path, edit, message):
+    """netlify.toml is what Netlify reads, the hook what serve runs: serve refuses, in one line
+    naming the file and the fix, a declaration that differs from its service's, one no service has,
+    and a service's function left undeclared."""
+    from sitegen.errors import BuildError
+    from sitegen.site.edge import declarations
+
+    text = (ROOT / "netlify.toml").read_text()
+    assert edit[0] in text
+    toml = tmp_path / "netlify.toml"
+    toml.write_text(text.replace(edit[0], edit[1], 1))
+    with pytest.raises(BuildError, match=message) as e:
+        declarations(toml)
+    assert str(toml) in str(e.value) and "\n" not in str(e.value)
+    start = text.index("[[edge_functions]]")
+    toml.write_text(text[:start] + text[text.index("[[edge_functions]]", start + 1) :])  # the search URL's dropped
+    with pytest.raises(BuildError, match=r"'neuron2graph-search', which is not declared; add \[\[edge_functions\]\]"):
+        declarations(toml)
+
+
 def test_no_service_and_no_runner_reaches_into_the_model_bridge():
     """Services read the model through LoadedModel's methods only (run_mlp_activations,
     input_embeddings, unembed, mlp_weights, ...), never transformer-lens's bridge."""

@@ -451,7 +451,7 @@ def test_the_built_ins_are_there_without_entry_point_metadata(fresh_registry, mo
     assert [s.name for s in registry()] == ["neuron_explainer", "neuroscope", "neuron2graph", "logits"]
 
 
-def test_the_build_merge_compute_verify_store_search_openapi_and_the_page_templates_name_no_service():
+def test_the_build_serve_merge_compute_verify_store_search_openapi_and_the_page_templates_name_no_service():
     root = Path(__file__).parent.parent
     templates = sorted((root / "themes/default/templates").glob("*.html"))
     modules = [
@@ -460,6 +460,8 @@ def test_the_build_merge_compute_verify_store_search_openapi_and_the_page_templa
         "site/openapi.py",
         "site/provenance.py",
         "site/search.py",
+        "site/edge.py",
+        "site/serve.py",
         "merge.py",
         "compute/runner.py",
         "compute/distributed.py",

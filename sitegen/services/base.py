@@ -107,6 +107,48 @@ class TokenIndex:
     corpus: dict | None = None
 
 
+def fnv1a(text: str) -> int:
+    """32-bit FNV-1a of the UTF-8 bytes: the site's search files put a key in shard
+    `fnv1a(key) % shards` (site/search.py writes them; the page's script, and an edge function
+    that reads them, find a key the same way)."""
+    h = 0x811C9DC5
+    for byte in text.encode("utf-8"):
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+# A read of the built site by an edge function's Python port: a decoded site path such as
+# "/search/m/meta.json" -> the file's bytes, None when the site has no such file.
+EdgeRead = Callable[[str], "bytes | None"]
+
+
+@dataclass(frozen=True)
+class EdgeResponse:
+    """An edge function's answer: as on Netlify it carries only the headers the function sets
+    (netlify.toml's [[headers]] do not apply to it)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class EdgeFunction:
+    """A Netlify Edge Function a service owns (hook `edge_functions`). `name`: netlify.toml's
+    `function`, the module's file name without `.ts`; `path`: the route, netlify.toml's `path`
+    (URLPattern: `*` any characters, `:name` one segment); `cache`: netlify.toml's `cache`
+    ("manual": Netlify's CDN keeps the function's answers), or None; `source`: the Deno module,
+    inside the service's own folder; `answer(raw_path, query_string, read)`: its Python port,
+    which `sitegen serve` runs for a request on `path` (raw_path percent-encoded as sent; `read`
+    an `EdgeRead`) and which must answer byte for byte as the module does."""
+
+    name: str
+    path: str
+    source: Path
+    answer: Callable[[str, str, EdgeRead], EdgeResponse]
+    cache: str | None = None
+
+
 @dataclass(frozen=True)
 class VerifyRun:
     """What `sitegen verify` tells a service's verifier (hook `verifier`). `selection`: the neurons
@@ -358,6 +400,16 @@ class Service:
         """Global neuron id -> a free text (an explanation) for the explanation search and the
         search results' previews (with `text_search = True`)."""
         return {}
+
+    def edge_functions(self) -> list[EdgeFunction]:
+        """The Netlify Edge Functions this service owns (`EdgeFunction`s; none by default): URLs a
+        static file cannot answer (neuron2graph's DeepDecipher search URL). `sitegen serve` runs
+        each one's Python port for its path, before the URL rules, as Netlify runs the Deno module.
+        Netlify bundles only what netlify.toml declares from `netlify/edge-functions/`: the
+        repository declares each one there (`[[edge_functions]]` with the same path and cache,
+        before the site's own `api-not-found`) with an entry module that re-exports `source`
+        (tests/test_one_folder.py checks both); serve refuses a declaration that disagrees."""
+        return []
 
     # --- provenance: how the service's data was made (site/provenance.py gathers it) --------------
 

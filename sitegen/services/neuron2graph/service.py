@@ -3,6 +3,8 @@ graphs, token sets and similar neurons, and the model's token search."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from markupsafe import Markup
 
 from sitegen.errors import ConfigError, StoreError
@@ -13,6 +15,7 @@ from sitegen.services.base import (
     NEURON_INDEX_REF,
     Cell,
     Column,
+    EdgeFunction,
     Service,
     TokenIndex,
     api_envelope,
@@ -279,6 +282,13 @@ class Neuron2Graph(Service):
 
         ts = token_store(site)
         return TokenIndex(ts.search_postings(), ts.preview, ts.search_support(), ts.token_counts(), ts.corpus)
+
+    def edge_functions(self):
+        # DeepDecipher's search URL: a Deno module beside this file on Netlify, its Python port in serve
+        from sitegen.services.neuron2graph import edge
+
+        source = Path(__file__).resolve().parent / f"{edge.NAME}.ts"
+        return [EdgeFunction(edge.NAME, edge.PATH, source, edge.neuron2graph_search, cache="manual")]
 
     # --- compute half: graphs for the neurons `sitegen compute --n2g` selects, on the whole store -----
 
