@@ -13,9 +13,12 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol
 
 from markupsafe import Markup
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class LayerView(Protocol):
@@ -310,7 +313,12 @@ class Service:
     text_search: bool = False  # its data feeds the model page's explanation (free-text) search (hook search_texts)
 
     # --- the store: what `Store.open` checks of this service's tables (sitegen/store/manifest.py) ----
-    store_columns: tuple[str, ...] = ("neuron",)  # columns every reader needs; a layer table without them is damaged
+    # Its layer table's columns and their Arrow types (a pyarrow.Schema, with `neuron` among them),
+    # declared once: the compute half builds its tables against it, merge and the render half read
+    # its columns, and Store.open refuses a table lacking one of them or holding one as another type
+    # (one line naming the file, the column and the fix); further columns may follow them. None: only
+    # a `neuron` column is checked.
+    table_schema: pa.Schema | None = None
     complete_layers: bool = False  # one row per neuron in every layer (else: some neurons of some layers)
     always_stored: bool = False  # every store lists it (a manifest without it is damaged)
     store_token_columns: tuple[

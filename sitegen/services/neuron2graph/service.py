@@ -23,6 +23,7 @@ from sitegen.services.base import (
     fmt_num,
     level_paths,
 )
+from sitegen.services.neuron2graph.data import GRAPH_SCHEMA
 from sitegen.services.neuron2graph.provenance import graph_provenance
 from sitegen.services.neuron2graph.tokenstore import MEASURE_GRAPHS, MEASURE_TOKENS, SIMILARITY_MEASURES
 
@@ -225,7 +226,7 @@ class Neuron2Graph(Service):
     # Every neuron gets token sets and similar neurons (from its graph, else from its top
     # sequences), so the service is there whenever neuroscope data is; graphs where computed.
     needs = ("neuroscope", "neuron2graph")
-    store_columns = ("neuron", "nodes", "activating", "important", "f1")  # graphs cover some neurons of some layers
+    table_schema = GRAPH_SCHEMA  # data.py; graphs cover some neurons of some layers
 
     def prepare(self, site):
         from sitegen.services.neuron2graph.tokenstore import similar
