@@ -390,10 +390,6 @@ class Service:
             return {"important_neurons": sorted(ranked, key=lambda x: (-x[1], x[0]["layer"], x[0]["neuron"]))}
         return {"num_layers": site.num_layers}
 
-    def publish_model(self, pub, site) -> None:
-        """Write model-level files (an index of the service's own) through `pub`; the build checks
-        every folder's file count itself."""
-
     def build_notes(self, store) -> list[str]:
         """One-line warnings the build prints about this service's data in `store` (e.g. results
         that need recomputing); none by default."""
