@@ -153,7 +153,7 @@ def _api_figures(site: Path, model: str, ts, weights, rng) -> None:
     import os
     import subprocess
 
-    from sitegen.site import edge
+    from sitegen.services.neuron2graph import edge
 
     def files_read(query: str) -> tuple[int, int]:
         sizes = []

@@ -5,7 +5,7 @@
 // the best of 3 runs: wall time and the process's CPU time (the figure Netlify's limit counts),
 // the answer's size and its number of neurons.
 import process from "node:process";
-import { answer } from "../netlify/edge-functions/neuron2graph-search.ts";
+import { answer } from "../sitegen/services/neuron2graph/neuron2graph-search.ts";
 
 const input = JSON.parse(await new Response(Deno.stdin.readable).text());
 const files = new Map<string, Uint8Array | null>();

@@ -3,7 +3,7 @@
 // base + url (the function fetches the site's shard files from `base`, a `sitegen serve`), and
 // prints [{status, headers, body (hex), fetched (the site paths it fetched)}] and the normalised
 // strings as JSON.
-import handler, { normalise } from "../netlify/edge-functions/neuron2graph-search.ts";
+import handler, { normalise } from "../sitegen/services/neuron2graph/neuron2graph-search.ts";
 
 const input = JSON.parse(await new Response(Deno.stdin.readable).text());
 const responses = [];

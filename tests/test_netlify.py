@@ -52,12 +52,19 @@ def fetch(base: str, target: str, method: str = "GET") -> tuple[int, dict[str, s
 
 @pytest.fixture(scope="module")
 def netlify_project(tmp_path_factory, built_site):
-    """A folder laid out as on Netlify: netlify.toml and netlify/edge-functions/ beside the
-    publish folder (`build`), which holds the small site."""
+    """A folder laid out as the repository is on Netlify: netlify.toml, netlify/edge-functions/
+    (the site's own functions and the entries of the services' ones) and each service's edge
+    function module where its hook says it is, beside the publish folder (`build`), which holds the
+    small site."""
+    from sitegen.site.edge import service_functions
+
     root = tmp_path_factory.mktemp("netlify-project")
     shutil.copytree(built_site, root / "build")
     shutil.copy(REPO / "netlify.toml", root / "netlify.toml")
     shutil.copytree(REPO / "netlify", root / "netlify")
+    for _owner, fn in service_functions().values():
+        (root / fn.source.relative_to(REPO)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(fn.source, root / fn.source.relative_to(REPO))
     return root
 
 

@@ -71,6 +71,66 @@ def test_a_theme_overrides_a_built_in_partial_by_name(tmp_path):
     )
 
 
+def test_a_services_edge_function_is_in_its_folder_and_declared_for_netlify():
+    """A service owns its edge functions (hook edge_functions): the Deno module lives in its folder
+    and ships in the wheel (package data); netlify.toml declares each with the hook's path and cache
+    before the site's own functions, and netlify/edge-functions/ holds its entry module (Netlify
+    bundles from there only) and nothing else but the site's own functions."""
+    import tomllib
+
+    from sitegen.site.edge import NOT_FOUND_FUNCTIONS, netlify_entry, service_functions
+
+    functions = service_functions()
+    assert functions, "no service declares an edge function: nothing checked"
+    declared = [
+        (d["function"], d["path"], d.get("cache"))
+        for d in tomllib.loads((ROOT / "netlify.toml").read_text())["edge_functions"]
+    ]
+    folder = ROOT / "netlify" / "edge-functions"
+    for name, (owner, fn) in functions.items():
+        assert fn.source.is_file() and fn.source.is_relative_to(ROOT / "sitegen" / "services" / owner), fn.source
+        assert fn.source.name == f"{name}.ts"
+        assert (name, fn.path, fn.cache) in declared, f"netlify.toml does not declare {name} as its service does"
+        assert declared.index((name, fn.path, fn.cache)) < min(
+            i for i, d in enumerate(declared) if d[0] in NOT_FOUND_FUNCTIONS
+        ), f"netlify.toml declares {name} after the site's own functions, which would see its answers"
+        assert (folder / f"{name}.ts").read_text() == netlify_entry(fn, folder), (
+            f"write {folder / f'{name}.ts'} as sitegen.site.edge.netlify_entry says"
+        )
+    assert {p.stem for p in folder.iterdir()} == {*functions, *NOT_FOUND_FUNCTIONS}
+    package_data = _pyproject()["tool"]["setuptools"]["package-data"]["sitegen"]
+    for _owner, fn in functions.values():
+        assert any(fn.source.relative_to(ROOT / "sitegen").match(glob) for glob in package_data), fn.source
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (('path = "/api/*/neuron2graph-search"', 'path = "/api/*/n2g-search"'), "make them equal"),
+        (('  cache = "manual"\n', ""), "make them equal"),
+        (('function = "neuron2graph-search"', 'function = "graph-search"'), "'graph-search' is declared, but no"),
+    ],
+)
+def test_serve_refuses_a_netlify_toml_that_disagrees_with_the_hook(tmp_path, edit, message):
+    """netlify.toml is what Netlify reads, the hook what serve runs: serve refuses, in one line
+    naming the file and the fix, a declaration that differs from its service's, one no service has,
+    and a service's function left undeclared."""
+    from sitegen.errors import BuildError
+    from sitegen.site.edge import declarations
+
+    text = (ROOT / "netlify.toml").read_text()
+    assert edit[0] in text
+    toml = tmp_path / "netlify.toml"
+    toml.write_text(text.replace(edit[0], edit[1], 1))
+    with pytest.raises(BuildError, match=message) as e:
+        declarations(toml)
+    assert str(toml) in str(e.value) and "\n" not in str(e.value)
+    start = text.index("[[edge_functions]]")
+    toml.write_text(text[:start] + text[text.index("[[edge_functions]]", start + 1) :])  # the search URL's dropped
+    with pytest.raises(BuildError, match=r"'neuron2graph-search', which is not declared; add \[\[edge_functions\]\]"):
+        declarations(toml)
+
+
 def test_no_service_and_no_runner_reaches_into_the_model_bridge():
     """Services read the model through LoadedModel's methods only (run_mlp_activations,
     input_embeddings, unembed, mlp_weights, ...), never transformer-lens's bridge."""
@@ -120,26 +180,64 @@ def test_the_runner_seams_are_parameters_not_patches_or_config_fields():
     assert not re.search(r"runner\.\w+\s*=", (ROOT / "sitegen/compute/distributed.py").read_text())
 
 
-@pytest.mark.parametrize("column", ["hist_edges", "sumsq_lo", "top_acts"])
-def test_a_store_lacking_a_column_of_the_declared_schema_is_one_line(tmp_path, column):
-    """neuroscope's table has one declared schema (TABLE_SCHEMA); Store.open checks every column of
-    it, so `sitegen build` on a store without one says so in one line (no Arrow error)."""
+def _store_of_every_service(root: Path):
+    """A synthetic store holding a table of every built-in service: neuroscope and logits in every
+    layer, a graph in layer 0, an explanation in layer 1, each written by the service's own writer."""
+    from sitegen.services.neuron_explainer.published import tables
+    from sitegen.store import Store
+    from tests.reference import write_synthetic_store
+
+    store = write_synthetic_store(root)
+    store.write_layer("neuron_explainer", 1, tables({1: {0: ("fires on w3", 0.5)}})[1])
+    store.add_service("neuron_explainer")
+    return Store.open(root)
+
+
+# (service, layer holding a table, a declared column)
+_DECLARED = [
+    ("neuroscope", 1, "hist_edges"),
+    ("neuroscope", 1, "sumsq_lo"),
+    ("neuroscope", 1, "top_acts"),
+    ("logits", 1, "input_ids"),
+    ("logits", 1, "promoted_vals"),
+    ("neuron2graph", 0, "nodes"),
+    ("neuron2graph", 0, "variance_explained"),
+    ("neuron_explainer", 1, "explanation"),
+    ("neuron_explainer", 1, "score"),
+]
+
+
+def test_every_service_declares_its_table_once_and_writes_it(tmp_path):
+    """Each built-in declares its layer table's columns and types (table_schema); the tables its
+    own writers make are exactly that schema (the explainer's `explain` adds columns after it)."""
+    import pyarrow.parquet as pq
+
+    store = _store_of_every_service(tmp_path / "store")
+    for name, service in by_name().items():
+        if name not in BUILTIN:
+            continue
+        assert service.table_schema is not None and "neuron" in service.table_schema.names, name
+        layer = next(layer for svc, layer, _ in _DECLARED if svc == name)
+        assert pq.read_schema(store.layer_path(name, layer)).equals(service.table_schema), name
+
+
+@pytest.mark.parametrize("service, layer, column", _DECLARED)
+def test_a_store_lacking_a_declared_column_is_one_line(tmp_path, service, layer, column):
+    """Store.open checks every column of a service's declared schema, so `sitegen build` on a
+    store without one says so in one line naming the file and the column (no Arrow error)."""
     import pyarrow.parquet as pq
     from click.testing import CliRunner
 
     from sitegen.cli import main
     from sitegen.errors import StoreError
-    from sitegen.services.neuroscope.data import TABLE_SCHEMA
     from sitegen.store import Store
-    from tests.reference import write_synthetic_store
 
-    store = write_synthetic_store(tmp_path / "store")
-    path = store.layer_path("neuroscope", 1)
-    table = pq.read_table(path)
-    assert table.schema.names == TABLE_SCHEMA.names  # what the synthetic writer writes is the declared table
-    pq.write_table(table.drop_columns([column]), path)
+    store = _store_of_every_service(tmp_path / "store")
+    path = store.layer_path(service, layer)
+    pq.write_table(pq.read_table(path).drop_columns([column]), path)
     with pytest.raises(
-        StoreError, match=rf"neuroscope/layer=1/data.parquet: damaged table, column\(s\) {column} missing"
+        StoreError,
+        match=rf"{service}/layer={layer}/data.parquet: damaged table, column\(s\) {column} missing; recompute",
     ):
         Store.open(store.root)
     result = CliRunner().invoke(main, ["build", str(store.root), "--out", str(tmp_path / "site")])
@@ -149,30 +247,112 @@ def test_a_store_lacking_a_column_of_the_declared_schema_is_one_line(tmp_path, c
     )
 
 
-def test_every_reader_of_the_neuroscope_table_names_declared_columns():
-    """The other services may not import neuroscope (the independence contract), so they name its
-    columns as strings: each such name, and neuroscope's own readers' lists, are in TABLE_SCHEMA."""
+@pytest.mark.parametrize("service, layer, column", _DECLARED)
+def test_a_declared_column_of_another_type_is_one_line(tmp_path, service, layer, column):
+    """A column the service declares, stored as another type (a hand-written or foreign table), is
+    refused when the store opens, naming the file, the column and both types."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sitegen.errors import StoreError
+    from sitegen.store import Store
+
+    store = _store_of_every_service(tmp_path / "store")
+    path = store.layer_path(service, layer)
+    table = pq.read_table(path)
+    declared = by_name()[service].table_schema.field(column).type
+    other = pa.int64() if declared == pa.string() else pa.string()
+    i = table.schema.get_field_index(column)
+    pq.write_table(table.set_column(i, column, pa.array([None] * table.num_rows, other)), path)
+    with pytest.raises(StoreError) as e:
+        Store.open(store.root)
+    assert str(e.value) == (
+        f"{path}: damaged table, column '{column}' holds {other}, not the declared {declared}; "
+        "recompute the store (or restore the file from a copy)"
+    )
+
+
+def test_logits_without_input_tokens_open_and_build(tmp_path):
+    """For an activation function sitegen cannot evaluate, logits' input lists are null (the
+    table keeps its declared schema): the store opens, and the page and the API show no input tokens."""
+    import orjson
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sitegen.site.build import build_site
+    from tests.reference import write_synthetic_store
+
+    store = write_synthetic_store(tmp_path / "store", with_graphs=False)
+    for layer in range(store.manifest["model"]["num_layers"]):
+        path = store.layer_path("logits", layer)
+        table = pq.read_table(path)
+        for name in ("input_ids", "input_vals"):
+            i = table.schema.get_field_index(name)
+            table = table.set_column(i, name, pa.nulls(table.num_rows, table.schema.field(name).type))
+        store.write_layer("logits", layer, table)
+    build_site([store.root], tmp_path / "site")
+    data = orjson.loads((tmp_path / "site/api/toy-model/logits/1/2.json").read_bytes())["data"]
+    assert data["input_tokens"] == [] and len(data["promoted"]) == 3
+    page = (tmp_path / "site/toy-model/1/2.html").read_text()
+    assert "Driven by input tokens" not in page and "Promotes" in page
+
+
+@pytest.mark.model
+def test_logits_compute_writes_the_declared_table(tiny_model_dir):
+    """weight_tables builds its tables against the declared schema, with null input lists for an
+    activation function sitegen cannot evaluate (so the store still opens)."""
+    pytest.importorskip("torch")
+    from sitegen.compute.models import load_model
+    from sitegen.services.logits.compute import weight_tables
+    from sitegen.services.logits.data import TABLE_SCHEMA
+
+    model = load_model(str(tiny_model_dir), device="cpu")
+    _, table = next(iter(weight_tables(model)))
+    assert table.schema.equals(TABLE_SCHEMA) and table.column("input_ids").null_count == 0
+
+    class UnknownActivation:
+        act_fn = "solu"
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+    _, table = next(iter(weight_tables(UnknownActivation())))
+    assert table.schema.equals(TABLE_SCHEMA) and table.column("input_ids").null_count == table.num_rows
+
+
+def test_every_reader_of_a_service_table_names_declared_columns():
+    """Readers name a table's columns as strings (another service may not import the owner's
+    module): each name a `read_layer(<service>, ..., columns=[...])` call asks for, and
+    neuroscope's own readers' lists, are in that service's declared schema."""
     import ast
 
-    from sitegen.services.neuroscope.data import TABLE_SCHEMA
     from sitegen.services.neuroscope.render import _COLUMNS
     from sitegen.services.neuroscope.verify import LayerCheck
 
-    declared = set(TABLE_SCHEMA.names)
-    assert set(_COLUMNS) <= declared and set(LayerCheck.COLUMNS) <= declared
-    found = 0
+    schemas = {name: set(s.table_schema.names) for name, s in by_name().items() if name in BUILTIN}
+    assert set(_COLUMNS) <= schemas["neuroscope"] and set(LayerCheck.COLUMNS) <= schemas["neuroscope"]
+    found = set()
     for path in (ROOT / "sitegen").rglob("*.py"):
+        rel = path.relative_to(ROOT / "sitegen")
+        own = rel.parts[1] if rel.parts[0] == "services" and rel.parts[1] in schemas else None
         for call in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Call)):
             if not (isinstance(call.func, ast.Attribute) and call.func.attr == "read_layer" and call.args):
                 continue
-            table = call.args[0]
-            if not (isinstance(table, ast.Constant) and table.value == "neuroscope"):
+            arg = call.args[0]
+            if isinstance(arg, ast.Constant):
+                service = arg.value
+            elif own and (
+                (isinstance(arg, ast.Name) and arg.id in ("NAME", "SERVICE"))
+                or (isinstance(arg, ast.Attribute) and arg.attr == "name")
+            ):
+                service = own  # the service's own name, in its own folder
+            else:
                 continue
             for kw in call.keywords:
                 if kw.arg == "columns" and isinstance(kw.value, ast.List):
                     names = {e.value for e in kw.value.elts}
-                    assert names <= declared, (
-                        f"{path.relative_to(ROOT)}:{call.lineno} reads {sorted(names - declared)}, not in neuroscope's table"
+                    assert names <= schemas[service], (
+                        f"{rel}:{call.lineno} reads {sorted(names - schemas[service])}, not in {service}'s table"
                     )
-                    found += 1
-    assert found >= 5  # selection, artefacts, the token store, neuron2graph, the explainer
+                    found.add(service)
+    assert found >= {"neuroscope", "neuron2graph", "neuron_explainer"}

@@ -62,6 +62,10 @@ def test_wheel_ships_theme_content_and_the_same_url_rules(wheel):
         assert len(partials) >= 4
         for path in partials:
             assert z.read(path.relative_to(ROOT).as_posix()) == path.read_bytes()
+        modules = list((ROOT / "sitegen" / "services").glob("*/*.ts"))  # a service's edge functions, in its folder
+        assert modules
+        for path in modules:
+            assert z.read(path.relative_to(ROOT).as_posix()) == path.read_bytes()
         version = next(n for n in names if n.endswith(".dist-info/METADATA"))
         import sitegen
 

@@ -66,7 +66,7 @@ def test_vocabulary_of_long_and_case_or_normalisation_variants_builds(tmp_path):
         assert folded.setdefault(_caseless(p), p) == p, f"{p} and {folded[_caseless(p)]} are one file on macOS/Windows"
     assert max(len(part.encode()) for p in paths for part in p.split(os.sep)) <= 255
 
-    from sitegen.site import edge
+    from sitegen.services.neuron2graph import edge
 
     def read(site_path: str) -> bytes | None:
         f = site / edge.unquote(site_path).lstrip("/")

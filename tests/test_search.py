@@ -187,7 +187,7 @@ def _capped_tokens(site: Path) -> list[str]:
 def test_search_url_reads_each_file_once_per_request(wide_site):
     """Repeated and overlapping terms of a capped token: one read of meta, shard and "more" file
     each (not one per term), and the right answer; over the cap, 400 before any read."""
-    from sitegen.site.edge import neuron2graph_search
+    from sitegen.services.neuron2graph.edge import neuron2graph_search
 
     store, site = wide_site
     ts = build_token_store(store, first_valid=1)
@@ -471,7 +471,7 @@ def test_edge_function_carries_the_site_security_headers():
     netlify.toml's site-wide security headers itself (the Deno test checks both ports agree)."""
     import tomllib
 
-    from sitegen.site.edge import HEADERS
+    from sitegen.services.neuron2graph.edge import HEADERS
 
     doc = tomllib.loads((Path(__file__).resolve().parents[1] / "netlify.toml").read_text())
     site = next(h["values"] for h in doc["headers"] if h["for"] == "/*")
@@ -483,7 +483,7 @@ def test_edge_function_carries_the_site_security_headers():
 def test_edge_function_under_deno_answers_like_sitegen_serve(wide_site, wide_server, tmp_path):
     """The deployed edge function (Deno) and its Python port in `sitegen serve` give the same
     status, headers and bytes for every query of a small site, and the lists are right."""
-    from sitegen.site.edge import HEADERS
+    from sitegen.services.neuron2graph.edge import HEADERS
 
     store, _site = wide_site
     ts = build_token_store(store, first_valid=1)
@@ -613,7 +613,8 @@ def test_edge_function_type_checks_under_deno():
             _deno(),
             "check",
             "--quiet",
-            "netlify/edge-functions/neuron2graph-search.ts",
+            "sitegen/services/neuron2graph/neuron2graph-search.ts",
+            "netlify/edge-functions/neuron2graph-search.ts",  # Netlify's entry, re-exporting it
             "tests/edge_harness.ts",
             "benchmarks/search_edge.ts",
         ],

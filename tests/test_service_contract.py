@@ -287,7 +287,7 @@ def _store_with_sparsity_tables(monkeypatch, tmp_path):
 
 
 def test_a_services_declared_columns_and_complete_layers_are_checked_on_open(fresh_registry, monkeypatch, tmp_path):
-    """The fifth service says what its tables hold (store_columns, complete_layers); Store.open
+    """The fifth service says what its tables hold (table_schema, complete_layers); Store.open
     checks a store's tables against it as against a built-in's: one line naming the file."""
     from sitegen.errors import StoreError
     from sitegen.store import Store
@@ -298,6 +298,12 @@ def test_a_services_declared_columns_and_complete_layers_are_checked_on_open(fre
 
     store.write_layer("sparsity", 1, full.drop_columns(["positive"]))
     with pytest.raises(StoreError, match=r"sparsity/layer=1/data.parquet: damaged table, column\(s\) positive missing"):
+        Store.open(store.root)
+    store.write_layer("sparsity", 1, full.set_column(2, "positive", full.column("positive").cast("float64")))
+    with pytest.raises(
+        StoreError,
+        match=r"sparsity/layer=1/data.parquet: damaged table, column 'positive' holds double, not the declared int64",
+    ):
         Store.open(store.root)
     store.write_layer("sparsity", 1, full.slice(0, size - 1))
     with pytest.raises(
@@ -451,7 +457,7 @@ def test_the_built_ins_are_there_without_entry_point_metadata(fresh_registry, mo
     assert [s.name for s in registry()] == ["neuron_explainer", "neuroscope", "neuron2graph", "logits"]
 
 
-def test_the_build_merge_compute_verify_store_search_openapi_and_the_page_templates_name_no_service():
+def test_the_build_serve_merge_compute_verify_store_search_openapi_and_the_page_templates_name_no_service():
     root = Path(__file__).parent.parent
     templates = sorted((root / "themes/default/templates").glob("*.html"))
     modules = [
@@ -460,6 +466,8 @@ def test_the_build_merge_compute_verify_store_search_openapi_and_the_page_templa
         "site/openapi.py",
         "site/provenance.py",
         "site/search.py",
+        "site/edge.py",
+        "site/serve.py",
         "merge.py",
         "compute/runner.py",
         "compute/distributed.py",

@@ -91,7 +91,7 @@ def service_specs() -> dict[str, ServiceSpec]:
     """What each registered service's part of a store must hold, as Store.open checks it."""
     return {
         s.name: ServiceSpec(
-            columns=tuple(s.store_columns),
+            schema=s.table_schema,
             complete=s.complete_layers,
             required=s.always_stored,
             token_columns=tuple(s.store_token_columns),

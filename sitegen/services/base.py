@@ -13,9 +13,12 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol
 
 from markupsafe import Markup
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class LayerView(Protocol):
@@ -105,6 +108,48 @@ class TokenIndex:
     support: dict[str, list[int]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     corpus: dict | None = None
+
+
+def fnv1a(text: str) -> int:
+    """32-bit FNV-1a of the UTF-8 bytes: the site's search files put a key in shard
+    `fnv1a(key) % shards` (site/search.py writes them; the page's script, and an edge function
+    that reads them, find a key the same way)."""
+    h = 0x811C9DC5
+    for byte in text.encode("utf-8"):
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+# A read of the built site by an edge function's Python port: a decoded site path such as
+# "/search/m/meta.json" -> the file's bytes, None when the site has no such file.
+EdgeRead = Callable[[str], "bytes | None"]
+
+
+@dataclass(frozen=True)
+class EdgeResponse:
+    """An edge function's answer: as on Netlify it carries only the headers the function sets
+    (netlify.toml's [[headers]] do not apply to it)."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class EdgeFunction:
+    """A Netlify Edge Function a service owns (hook `edge_functions`). `name`: netlify.toml's
+    `function`, the module's file name without `.ts`; `path`: the route, netlify.toml's `path`
+    (URLPattern: `*` any characters, `:name` one segment); `cache`: netlify.toml's `cache`
+    ("manual": Netlify's CDN keeps the function's answers), or None; `source`: the Deno module,
+    inside the service's own folder; `answer(raw_path, query_string, read)`: its Python port,
+    which `sitegen serve` runs for a request on `path` (raw_path percent-encoded as sent; `read`
+    an `EdgeRead`) and which must answer byte for byte as the module does."""
+
+    name: str
+    path: str
+    source: Path
+    answer: Callable[[str, str, EdgeRead], EdgeResponse]
+    cache: str | None = None
 
 
 @dataclass(frozen=True)
@@ -268,7 +313,12 @@ class Service:
     text_search: bool = False  # its data feeds the model page's explanation (free-text) search (hook search_texts)
 
     # --- the store: what `Store.open` checks of this service's tables (sitegen/store/manifest.py) ----
-    store_columns: tuple[str, ...] = ("neuron",)  # columns every reader needs; a layer table without them is damaged
+    # Its layer table's columns and their Arrow types (a pyarrow.Schema, with `neuron` among them),
+    # declared once: the compute half builds its tables against it, merge and the render half read
+    # its columns, and Store.open refuses a table lacking one of them or holding one as another type
+    # (one line naming the file, the column and the fix); further columns may follow them. None: only
+    # a `neuron` column is checked.
+    table_schema: pa.Schema | None = None
     complete_layers: bool = False  # one row per neuron in every layer (else: some neurons of some layers)
     always_stored: bool = False  # every store lists it (a manifest without it is damaged)
     store_token_columns: tuple[
@@ -340,10 +390,6 @@ class Service:
             return {"important_neurons": sorted(ranked, key=lambda x: (-x[1], x[0]["layer"], x[0]["neuron"]))}
         return {"num_layers": site.num_layers}
 
-    def publish_model(self, pub, site) -> None:
-        """Write model-level files (an index of the service's own) through `pub`; the build checks
-        every folder's file count itself."""
-
     def build_notes(self, store) -> list[str]:
         """One-line warnings the build prints about this service's data in `store` (e.g. results
         that need recomputing); none by default."""
@@ -358,6 +404,16 @@ class Service:
         """Global neuron id -> a free text (an explanation) for the explanation search and the
         search results' previews (with `text_search = True`)."""
         return {}
+
+    def edge_functions(self) -> list[EdgeFunction]:
+        """The Netlify Edge Functions this service owns (`EdgeFunction`s; none by default): URLs a
+        static file cannot answer (neuron2graph's DeepDecipher search URL). `sitegen serve` runs
+        each one's Python port for its path, before the URL rules, as Netlify runs the Deno module.
+        Netlify bundles only what netlify.toml declares from `netlify/edge-functions/`: the
+        repository declares each one there (`[[edge_functions]]` with the same path and cache,
+        before the site's own `api-not-found`) with an entry module that re-exports `source`
+        (tests/test_one_folder.py checks both); serve refuses a declaration that disagrees."""
+        return []
 
     # --- provenance: how the service's data was made (site/provenance.py gathers it) --------------
 

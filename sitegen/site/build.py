@@ -455,8 +455,6 @@ def _render_model(pub: Publisher, env: Environment, model: SiteModel, jobs: int,
         pub.publish(
             f"{api}/{s.name}.json", dumps({"data": s.model_payload(model, layer_payloads[s.name]), "metadata": meta})
         )
-    for s in model.services:  # model-level indexes of a service
-        s.publish_model(pub, model)
     # The site-wide search (token and explanation search, DeepDecipher's search URL) reads several
     # services' data, so it is a site step, not one service's index.
     from sitegen.site.search import has_search, publish_search

@@ -15,28 +15,21 @@ activating list, the important list and their union (what `any:` finds); "s" is,
 how many distinct sequences that neuron fires on the token (its evidence); "c" is how often the
 token occurs in the sequences meta.json's "corpus" describes, so a token no neuron has still has an
 entry (empty lists) when it occurs, and a token without an entry never occurs. DeepDecipher's search URL,
-/api/<model>/neuron2graph-search?query=..., is answered from these same files by an edge function
-(netlify/edge-functions/neuron2graph-search.ts; sitegen/site/edge.py in `sitegen serve`), so no
-file name ever derives from a token and no folder grows with the vocabulary beyond MAX_SHARDS.
+/api/<model>/neuron2graph-search?query=..., is answered from these same files by the edge function
+its service declares (hook `edge_functions`; its Python port in `sitegen serve`), so no file name
+ever derives from a token and no folder grows with the vocabulary beyond MAX_SHARDS.
 """
 
 from __future__ import annotations
 
 import orjson
 
-from sitegen.services.base import Service
+from sitegen.services.base import Service, fnv1a
 
 CAP = 200  # ids per list in a shard file
 KEYS_PER_SHARD = 8  # target; the shard count is the next power of two, at most MAX_SHARDS
 MAX_SHARDS = 4096
 PREVIEW_CHUNK = 32  # neurons per preview file: results spread over layers, so small files waste least
-
-
-def fnv1a(text: str) -> int:
-    h = 0x811C9DC5
-    for byte in text.encode("utf-8"):
-        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
-    return h
 
 
 def shard_count(n_keys: int) -> int:

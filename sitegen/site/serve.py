@@ -189,8 +189,8 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # a body we do not read must not be taken for the next request
         raw_path, _, query = raw.partition("?")
         query = query.partition("#")[0]
-        # "." and ".." segments (also as %2e) resolved first, as Netlify's CDN does, so
-        # "/api/m/./neuron2graph-search" is the search URL and "/api/%2e%2e/index" is "/index".
+        # "." and ".." segments (also as %2e) resolved first, as Netlify's CDN does, so an edge
+        # function's path written with "/./" is its path and "/api/%2e%2e/index" is "/index".
         raw_path = remove_dot_segments(raw_path.partition("#")[0])
         # Percent-decode as bytes, then UTF-8 (undecodable bytes become U+FFFD: no file has such
         # a name, so the rules answer 404, as Netlify does).
@@ -508,6 +508,7 @@ def make_server(
     if not (root / "index.html").is_file():
         raise BuildError(f"{root} has no index.html; build the site first: sitegen build STORE --out {root}")
     handler = type("SiteHandler", (Handler,), {"rules": site_rules(root), "root": root})
+    edge_functions.declarations(resource("netlify.toml"))  # a declaration serve cannot run fails here, in one line
     try:
         return SiteServer(
             (host, port), handler, idle_timeout=idle_timeout, workers=workers, max_connections=max_connections

@@ -12,18 +12,20 @@ What is checked:
 - each listed service's manifest records (the fields its compute writes, e.g. the statistics'
   binning) against the types the service declares (`Record` subclasses).
 - each Parquet file's footer (cheap: no data pages are read): it is readable, has the columns
-  its readers use, and a layer of a service with `complete` tables has exactly `layer_size`
+  its readers use (a service's: every column of its declared table schema, of the declared
+  type), and a layer of a service with `complete` tables has exactly `layer_size`
   rows; every layer such a service needs is there, and no layer lies beyond `num_layers`.
 - every token id the store holds (sequences.parquet's `token_ids`, a service's
   `store_token_columns`) is an id of vocab.parquet: 0 <= id < its rows. This one reads data pages
   (only those columns): an id of 10^6 would crash the build, and -1 would show the last token.
 
 What a service's part of the store must hold is the service's own knowledge (its
-`store_columns`, `complete_layers`, `always_stored` and `manifest_schemas`,
+`table_schema`, `complete_layers`, `always_stored` and `manifest_schemas`,
 sitegen/services/base.py). The store sits below the services (it may not import them), so the
 services package hands their `ServiceSpec`s in: `set_service_specs` (sitegen/services/__init__.py
 calls it on import). A service no registered one describes (or any, before the services are
-imported) gets the generic check: a `neuron` column and at most `layer_size` rows.
+imported, or one declaring no schema) gets the generic check: a `neuron` column and at most
+`layer_size` rows.
 
 Data pages are read later, by the readers; a damaged one is a StoreError there (Store._read).
 No torch and no import of the rest of sitegen.store (this module is imported by it).
@@ -164,11 +166,17 @@ class Manifest(Record):
 class ServiceSpec:
     """What one service's part of a store must hold (declared by the service: sitegen/services/base.py)."""
 
-    columns: tuple[str, ...] = ("neuron",)  # the columns its readers (build, merge, explain, search) use
+    # its layer table's declared columns and types (Service.table_schema), which its writers and
+    # readers (compute, merge, build, explain, search) use; None: a `neuron` column, of any type
+    schema: pa.Schema | None = None
     complete: bool = False  # one row per neuron in every layer; else some neurons of some layers
     required: bool = False  # every store lists the service
     token_columns: tuple[str, ...] = ()  # columns of token ids (lists of ints), each must index vocab.parquet
     records: tuple[tuple[str, type[Record]], ...] = ()  # manifest fields its compute writes, and their types
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(self.schema.names) if self.schema is not None else ("neuron",)
 
 
 GENERIC_SERVICE = ServiceSpec()
@@ -222,18 +230,27 @@ def parse_manifest(path: Path, data: Any) -> Manifest:
         raise _invalid(path, e) from None
 
 
-def _footer(path: Path, columns: tuple[str, ...]) -> pq.FileMetaData:
-    """A Parquet file's footer, checked for the columns its readers use."""
+def _footer(path: Path, columns: tuple[str, ...], schema: pa.Schema | None = None) -> pq.FileMetaData:
+    """A Parquet file's footer, checked for the columns its readers use and, where `schema`
+    declares them, their types (so a reader never meets another type than its writer made)."""
     try:
         meta = pq.read_metadata(path)
-        names = set(meta.schema.to_arrow_schema().names)
+        stored: dict[str, pa.DataType] = {}
+        for f in meta.schema.to_arrow_schema():
+            stored.setdefault(f.name, f.type)
     except FileNotFoundError:
         raise StoreError(f"{path} is missing from the store; {_RECOMPUTE}") from None
     except (OSError, ValueError, pa.ArrowException) as e:  # ValueError: a damaged footer's strings are not UTF-8
         raise StoreError(f"{path}: damaged Parquet file ({' '.join(str(e).split())[:120]}); {_RECOMPUTE}") from None
-    missing = [c for c in columns if c not in names]
+    missing = [c for c in columns if c not in stored]
     if missing:
         raise StoreError(f"{path}: damaged table, column(s) {', '.join(missing)} missing; {_RECOMPUTE}")
+    for field in schema or ():
+        if not stored[field.name].equals(field.type):
+            raise StoreError(
+                f"{path}: damaged table, column '{field.name}' holds {stored[field.name]}, not the declared "
+                f"{field.type}; {_RECOMPUTE}"
+            )
     return meta
 
 
@@ -327,17 +344,15 @@ def validate_store(root: Path, data: Any) -> Manifest:
                     f"{table} is missing, but {path} lists service '{service}' and field 'model.num_layers' is {n_layers}; "
                     f"fix that field or {_RECOMPUTE}"
                 )
-            footer = _footer(table, spec.columns)
-            rows = footer.num_rows
+            rows = _footer(table, spec.columns, spec.schema).num_rows
             if (rows != size) if spec.complete else (rows > size):
                 raise StoreError(
                     f"{path}: field 'model.layer_size' is {size} but {table} has {rows} rows (one per neuron); "
                     f"fix that field or {_RECOMPUTE}"
                 )
-            # Token columns beyond the required ones may be absent (logits' input tokens, for units with no MLP nonlinearity).
-            names = set(footer.schema.to_arrow_schema().names)
-            if token_columns := tuple(c for c in spec.token_columns if c in names):
-                _check_token_ids(table, token_columns, vocab.num_rows, "neuron")
+            if spec.token_columns:
+                _footer(table, spec.token_columns)
+                _check_token_ids(table, spec.token_columns, vocab.num_rows, "neuron")
     return m
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from markupsafe import Markup, escape
 
+from sitegen.services.dictionary.data import TABLE_SCHEMA
+
 
 class DictionaryLayer:
     """For a dictionary's store (manifest `dictionary`): per latent, `similar` latents (decoder
@@ -21,7 +23,7 @@ class DictionaryLayer:
             self.names = [f"{site.name}.{name}" for name in m.get("dictionaries", [])]
         self.cols: dict = {}
         if store.has_service("dictionary") and store.layer_path("dictionary", layer).exists():
-            t = store.read_layer("dictionary", layer)
+            t = store.read_layer("dictionary", layer, columns=[f.name for f in TABLE_SCHEMA])
             self.cols = {name: t.column(name).to_pylist() for name in t.column_names}
 
     def payload(self, n: int) -> dict:

@@ -12,6 +12,7 @@ from sitegen.services.base import (
     api_get,
     level_paths,
 )
+from sitegen.services.dictionary.data import TABLE_SCHEMA
 
 
 def _link(what: str, index: str, index_what: str) -> dict:
@@ -93,7 +94,7 @@ class Dictionary(Service):
         "Links between neurons and the latents of sparse dictionaries (SAEs, transcoders), from their weights."
     )
     from_weights = True
-    store_columns = ("neuron",)
+    table_schema = TABLE_SCHEMA
     column_order = 300
 
     def weight_tables(self, model):

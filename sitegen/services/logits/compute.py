@@ -20,6 +20,8 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from sitegen.services.logits.data import TABLE_SCHEMA
+
 SERVICE = "logits"
 TOP_N = 10
 
@@ -101,4 +103,7 @@ def weight_tables(model, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterato
                     best_v, best_i = cat_v.gather(0, keep), cat_i.gather(0, keep)
             columns["input_ids"] = _list_column(best_i.T, pa.int32())
             columns["input_vals"] = _list_column(best_v.T, pa.float32())
-        yield layer, pa.table(columns)
+        else:  # an activation function sitegen cannot evaluate: no input tokens (null lists)
+            for name in ("input_ids", "input_vals"):
+                columns[name] = pa.nulls(W_out.shape[0], TABLE_SCHEMA.field(name).type)
+        yield layer, pa.table(columns, schema=TABLE_SCHEMA)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from markupsafe import Markup
 
+from sitegen.services.logits.data import TABLE_SCHEMA
+
 
 class LogitsLayer:
     def __init__(self, store, layer: int, site):
         self.layer, self.site = layer, site
-        t = store.read_layer("logits", layer)
+        t = store.read_layer("logits", layer, columns=TABLE_SCHEMA.names)  # Store.open checked them
         self.cols = {name: t.column(name).to_pylist() for name in t.column_names}
 
     def _pairs(self, n: int, kind: str) -> list[dict]:
-        ids, vals = self.cols.get(f"{kind}_ids"), self.cols.get(f"{kind}_vals")
-        if ids is None:
+        ids, vals = self.cols[f"{kind}_ids"], self.cols[f"{kind}_vals"]
+        if ids[n] is None:  # no input tokens: an activation function sitegen cannot evaluate
             return []
         vocab = self.site.vocab
         return [{"token": vocab[i], "token_id": i, "value": round(v, 4)} for i, v in zip(ids[n], vals[n])]
@@ -31,8 +33,8 @@ class LogitsLayer:
         rows = {}
         esc_vocab = self.site.esc_shown_vocab
         for kind in ("promoted", "suppressed", "input"):
-            ids, vals = self.cols.get(f"{kind}_ids"), self.cols.get(f"{kind}_vals")
-            if ids is None:
+            ids, vals = self.cols[f"{kind}_ids"], self.cols[f"{kind}_vals"]
+            if ids[n] is None:
                 continue
             rows[kind] = Markup(
                 "".join(

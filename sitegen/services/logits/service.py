@@ -12,6 +12,7 @@ from sitegen.services.base import (
     api_get,
     level_paths,
 )
+from sitegen.services.logits.data import TABLE_SCHEMA
 
 
 def _token_value(value: str) -> dict:
@@ -67,13 +68,7 @@ class Logits(Service):
     description = "Tokens the neuron's output promotes and suppresses (W_out . W_U) and the input tokens that drive it (W_E . W_in)."
     index_blurb = "Output tokens the neuron promotes and suppresses through the unembedding, and the input tokens that drive it directly."
     from_weights = True
-    store_columns = (
-        "neuron",
-        "promoted_ids",
-        "promoted_vals",
-        "suppressed_ids",
-        "suppressed_vals",
-    )  # input_ids and input_vals too, where the units have an MLP nonlinearity (not a dictionary's latents)
+    table_schema = TABLE_SCHEMA
     complete_layers = True
     store_token_columns = ("promoted_ids", "suppressed_ids", "input_ids")
 

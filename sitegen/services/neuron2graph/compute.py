@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from sitegen.services.neuron2graph import graph as g
+from sitegen.services.neuron2graph.data import GRAPH_SCHEMA
 from sitegen.services.neuron2graph.provenance import (
     split as _split,
 )  # the page's Provenance section shows the same split
@@ -473,40 +474,6 @@ def build_layer(
     graphs = [_graph(w, mt.vocab, first) for w in work]
     log(f"layer {layer}: {len(graphs)} graphs, {fwd.tokens_run} tokens run")
     return graphs_table(graphs), fwd.tokens_run
-
-
-GRAPH_SCHEMA = pa.schema(
-    [
-        ("neuron", pa.int32()),
-        ("base_max_act", pa.float32()),
-        (
-            "nodes",
-            pa.list_(
-                pa.struct(
-                    [
-                        ("token", pa.string()),
-                        ("depth", pa.int16()),
-                        ("value", pa.float32()),
-                        ("end", pa.float32()),
-                        ("parent", pa.int32()),
-                        ("activation", pa.float32()),
-                        ("activating", pa.bool_()),
-                    ]
-                )
-            ),
-        ),
-        ("activating", pa.list_(pa.string())),
-        ("important", pa.list_(pa.string())),
-        # null where undefined (graph.evaluate): never a vacuous 1.0 or a 1 - x/1e-32
-        ("precision", pa.float64()),
-        ("recall", pa.float64()),
-        ("f1", pa.float64()),
-        ("variance_explained", pa.float64()),
-        ("n_train", pa.int16()),
-        ("n_test", pa.int16()),
-        ("n_lines", pa.int32()),
-    ]
-)
 
 
 def graphs_table(rows: Iterable[Graph]) -> pa.Table:

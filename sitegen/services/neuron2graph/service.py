@@ -3,6 +3,8 @@ graphs, token sets and similar neurons, and the model's token search."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from markupsafe import Markup
 
 from sitegen.errors import ConfigError, StoreError
@@ -13,6 +15,7 @@ from sitegen.services.base import (
     NEURON_INDEX_REF,
     Cell,
     Column,
+    EdgeFunction,
     Service,
     TokenIndex,
     api_envelope,
@@ -20,6 +23,7 @@ from sitegen.services.base import (
     fmt_num,
     level_paths,
 )
+from sitegen.services.neuron2graph.data import GRAPH_SCHEMA
 from sitegen.services.neuron2graph.provenance import graph_provenance
 from sitegen.services.neuron2graph.tokenstore import MEASURE_GRAPHS, MEASURE_TOKENS, SIMILARITY_MEASURES
 
@@ -222,7 +226,7 @@ class Neuron2Graph(Service):
     # Every neuron gets token sets and similar neurons (from its graph, else from its top
     # sequences), so the service is there whenever neuroscope data is; graphs where computed.
     needs = ("neuroscope", "neuron2graph")
-    store_columns = ("neuron", "nodes", "activating", "important", "f1")  # graphs cover some neurons of some layers
+    table_schema = GRAPH_SCHEMA  # data.py; graphs cover some neurons of some layers
 
     def prepare(self, site):
         from sitegen.services.neuron2graph.tokenstore import similar
@@ -279,6 +283,13 @@ class Neuron2Graph(Service):
 
         ts = token_store(site)
         return TokenIndex(ts.search_postings(), ts.preview, ts.search_support(), ts.token_counts(), ts.corpus)
+
+    def edge_functions(self):
+        # DeepDecipher's search URL: a Deno module beside this file on Netlify, its Python port in serve
+        from sitegen.services.neuron2graph import edge
+
+        source = Path(__file__).resolve().parent / f"{edge.NAME}.ts"
+        return [EdgeFunction(edge.NAME, edge.PATH, source, edge.neuron2graph_search, cache="manual")]
 
     # --- compute half: graphs for the neurons `sitegen compute --n2g` selects, on the whole store -----
 

@@ -15,6 +15,7 @@ from sitegen.services.base import (
     fmt_num,
     level_paths,
 )
+from sitegen.services.neuron_explainer.published import TABLE_SCHEMA
 
 _S = lambda d: {"type": ["string", "null"], "description": d}
 _EXPLAINER = {
@@ -107,7 +108,7 @@ class NeuronExplainer(Service):
     description = "A one-sentence explanation written by a language model, with its simulation score."
     column_order = 10
     text_search = True
-    store_columns = ("neuron", "explanation", "score", "explainer", "source", "method")  # explained neurons only
+    table_schema = TABLE_SCHEMA  # published.py; explained neurons only (explain adds columns after these)
 
     def neuron_provenance(self, payloads, layer, neuron, model_provenance):
         ex = payloads.get(self.name)

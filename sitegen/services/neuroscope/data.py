@@ -15,8 +15,9 @@ from sitegen.services.neuroscope import stats
 
 _INTS, _FLOATS = pa.list_(pa.int64()), pa.list_(pa.float32())
 _TRACES = pa.list_(_FLOATS)  # per sequence, per token
-# The neuroscope table, declared once: the corpus pass writes exactly this (state_to_table), and
-# Service.store_columns is its names, so Store.open refuses a store lacking any column.
+# The neuroscope table, declared once: the corpus pass and merge write exactly this (state_to_table),
+# and it is the service's table_schema, so Store.open refuses a store lacking a column or holding
+# one as another type.
 TABLE_SCHEMA = pa.schema(
     [
         ("neuron", pa.int32()),

@@ -197,7 +197,7 @@ class Neuroscope(Service):
     )
     column_order = 0  # the activation columns lead the layer table
     activations = True
-    store_columns = tuple(TABLE_SCHEMA.names)  # every column: a store lacking one fails at Store.open, in one line
+    table_schema = TABLE_SCHEMA  # data.py: what the corpus pass and merge write (state_to_table)
     complete_layers = True
     always_stored = True  # every corpus pass computes it; the layer pages and the search rank by it
 

@@ -33,6 +33,8 @@ from sitegen.store.manifest import Record
 
 NAME = "sparsity"
 _COUNTS = ("tokens", "positive", "early_tokens", "early_positive")
+# Its layer table, declared once (Service.table_schema): written by _table, checked by Store.open.
+TABLE_SCHEMA = pa.schema([("neuron", pa.int64()), *((k, pa.int64()) for k in _COUNTS)])
 EARLY_SHARE = 0.5  # "early": this share of a sequence's positions (recorded in the manifest)
 
 
@@ -75,7 +77,8 @@ class _Accumulator:
 def _table(st: dict) -> pa.Table:
     n = len(st["positive"])
     return pa.table(
-        {"neuron": pa.array(np.arange(n), pa.int64()), **{k: pa.array(np.asarray(st[k]), pa.int64()) for k in _COUNTS}}
+        {"neuron": pa.array(np.arange(n), pa.int64()), **{k: pa.array(np.asarray(st[k]), pa.int64()) for k in _COUNTS}},
+        schema=TABLE_SCHEMA,
     )
 
 
@@ -199,7 +202,7 @@ class Sparsity(Service):
     title = "Activation density"
     description = "How often the neuron is active (> 0), over all counted tokens and by position."
     index_blurb = "The fraction of tokens on which each neuron is active, early and late in a sequence."
-    store_columns = ("neuron", *_COUNTS)  # Store.open refuses a layer table without them
+    table_schema = TABLE_SCHEMA  # Store.open refuses a layer table lacking a column or of another type
     complete_layers = True  # one row per neuron in every layer
 
     def open_layer(self, store, layer, site):
