@@ -183,6 +183,9 @@ def test_the_runner_seams_are_parameters_not_patches_or_config_fields():
 def _store_of_every_service(root: Path):
     """A synthetic store holding a table of every built-in service: neuroscope and logits in every
     layer, a graph in layer 0, an explanation in layer 1, each written by the service's own writer."""
+    import pyarrow as pa
+
+    from sitegen.services.dictionary.data import dictionary_table
     from sitegen.services.neuron_explainer.published import tables
     from sitegen.store import Store
     from tests.reference import write_synthetic_store
@@ -190,6 +193,16 @@ def _store_of_every_service(root: Path):
     store = write_synthetic_store(root)
     store.write_layer("neuron_explainer", 1, tables({1: {0: ("fires on w3", 0.5)}})[1])
     store.add_service("neuron_explainer")
+    size = store.manifest["model"]["layer_size"]  # a neuron table of the dictionary service: no latents linked
+    empty = pa.array([[]] * size, pa.list_(pa.int32()))
+    empty_cos = pa.array([[]] * size, pa.list_(pa.float32()))
+    links = {
+        f"{side}{suffix}": (empty_cos if suffix == "_cos" else empty)
+        for side in ("reads", "writes")
+        for suffix in ("_dict", "", "_cos")
+    }
+    store.write_layer("dictionary", 1, dictionary_table({"neuron": pa.array(range(size), pa.int32()), **links}))
+    store.add_service("dictionary")
     return Store.open(root)
 
 
@@ -204,6 +217,7 @@ _DECLARED = [
     ("neuron2graph", 0, "variance_explained"),
     ("neuron_explainer", 1, "explanation"),
     ("neuron_explainer", 1, "score"),
+    ("dictionary", 1, "writes_cos"),
 ]
 
 

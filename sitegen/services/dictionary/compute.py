@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from sitegen.hooks import HOOK_STAGES, MLP_WIDE, hook_order
-from sitegen.services.dictionary.data import TABLE_SCHEMA
+from sitegen.services.dictionary.data import dictionary_table
 
 TOP_N = 10
 _CHUNK = 2048  # latents per block of a cosine matrix: bounds its memory at _CHUNK x d_sae floats
@@ -81,7 +81,7 @@ def latent_table(units) -> pa.Table:
     write_v, write_i = _top(dec @ write_dirs.T, TOP_N)
     f32 = lambda t: t.numpy().astype(np.float32)
     i32 = lambda t: t.numpy().astype(np.int32)
-    return _table(
+    return dictionary_table(
         {
             "neuron": pa.array(np.arange(d.d_sae), pa.int32()),
             "similar": _list_column(i32(torch.cat(sim_i)), pa.int32()),
@@ -129,13 +129,7 @@ def neuron_tables(model) -> Iterator[tuple[int, pa.Table]]:
             columns[f"{side}_dict"] = _list_column(k, pa.int32())
             columns[side] = _list_column(i, pa.int32())
             columns[f"{side}_cos"] = _list_column(v, pa.float32())
-        yield layer, _table(columns)
-
-
-def _table(columns: dict) -> pa.Table:
-    """COLUMNS as a table of the declared schema, the columns this kind of store does not use null."""
-    n = len(columns["neuron"])
-    return pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in TABLE_SCHEMA}, schema=TABLE_SCHEMA)
+        yield layer, dictionary_table(columns)
 
 
 @torch.no_grad()

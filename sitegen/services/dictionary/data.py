@@ -22,3 +22,10 @@ TABLE_SCHEMA = pa.schema(
         ("writes_cos", _VALS),
     ]
 )
+
+
+def dictionary_table(columns: dict) -> pa.Table:
+    """COLUMNS (arrays by name) as a table of the declared schema; the columns this kind of store
+    does not use are null."""
+    n = len(columns["neuron"])
+    return pa.table({f.name: columns.get(f.name, pa.nulls(n, f.type)) for f in TABLE_SCHEMA}, schema=TABLE_SCHEMA)
