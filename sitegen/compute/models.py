@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 from sitegen.compute.packing import bos_id
 from sitegen.errors import MissingDependency, ModelError
 from sitegen.hooks import HOOK_STAGES, MLP_WIDE, hook_order, parse_hook  # noqa: F401 - HOOK_STAGES re-exported
+from sitegen.hub import hub_reachable
 
 DEFAULT_MODEL = "smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -317,21 +318,6 @@ def _folder_fingerprint(folder: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe, so an offline machine gets its one-line answer in seconds, not after the
-    hub client's retries. HF_HUB_OFFLINE=1 (models already in the local HF cache) skips the probe."""
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return True
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _in_hf_cache(name: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -382,7 +368,7 @@ def load_model(spec: str, device: str = "cpu", name: str | None = None) -> Loade
         folder = None
         display, fingerprint, source = spec.split("/")[-1], "hub:" + spec, spec
         kind = "hub"
-        if not _in_hf_cache(spec) and not _hub_reachable():
+        if not _in_hf_cache(spec) and not hub_reachable():
             raise ModelError(
                 f"--model {spec}: the Hugging Face hub is unreachable from this machine; download the checkpoint where "
                 "the hub is reachable (save_pretrained) and pass its local folder: --model PATH"

@@ -36,7 +36,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 
 from sitegen.errors import ConfigError
+from sitegen.hub import hub_reachable
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -443,24 +443,9 @@ def _resolve_hub(spec: str) -> tuple[str, str, dict]:
     return "/".join(parts[:2]), "/".join(parts[2:]), {}
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP probe, so an offline machine gets its one-line answer in seconds, not after the
-    hub client's retries; HF_HUB_OFFLINE=1 (files already in the local cache) skips it."""
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return True
-    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _download(spec: str) -> tuple[Path, dict]:
     repo_id, folder, overrides = _resolve_hub(spec)
-    if not _hub_reachable():
+    if not hub_reachable():
         raise ConfigError(
             f"--sae {spec}: the Hugging Face hub is unreachable from this machine; download the folder ({repo_id}, "
             f"{folder or 'top level'}) where it is reachable and pass its local path"
