@@ -218,7 +218,11 @@ def test_build_publishes_latents_with_links_both_ways(store, tmp_path):
     )
     # The dictionary's model page carries its quality figures; its provenance names the dictionary
     # (sha256, hook) and shows a local folder as its last component only.
-    assert "FVU" in (site / res1 / "index.html").read_text()
+    assert (
+        "FVU" in (site / res1 / "index.html").read_text()
+        and "Latents per layer" in (site / res1 / "index.html").read_text()
+    )
+    assert "› Latent 5</nav>" in page and "› Neuron" in (site / model / "1" / "0.html").read_text()
     record = orjson.loads((store / "dictionaries" / "res1" / "manifest.json").read_bytes())["dictionary"]
     prov = orjson.loads((site / "api" / res1 / "neuroscope" / "0" / "5.json").read_bytes())["metadata"]["provenance"]
     assert prov["dictionary"]["sha256"] == record["sha256"] and prov["dictionary"]["source"] == "res1"

@@ -127,6 +127,8 @@ class SiteModel:
             raise BuildError(
                 f"{store.root}: model name {problem}; recompute with another --name (or edit model.name in its manifest.json)"
             )
+        # What a unit is called on its pages: a dictionary's store (compute --sae) holds latents.
+        self.unit = "latent" if m.get("dictionary") else "neuron"
         self.num_layers = int(m["model"]["num_layers"])
         self.layer_size = int(m["model"]["layer_size"])
         self.services = [s for s in registry() if s.available(store)]
