@@ -139,6 +139,11 @@ def single(tiny_model_dir, tiny_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     run_compute(_config(tiny_model_dir, tiny_corpus, root / "plain"), log=lambda m: None)
     run_compute(_config(tiny_model_dir, tiny_corpus, root / "n2g", options={"n2g": "2"}), log=lambda m: None)
+    from sitegen.dictionaries.format import random_dictionary, save_dictionary
+
+    save_dictionary(random_dictionary("topk", 32, 40, "blocks.1.hook_resid_post", k=4, name="sae"), root / "sae")
+    sae = {"options": {"n2g": "2"}, "dictionaries": (str(root / "sae"),)}
+    run_compute(_config(tiny_model_dir, tiny_corpus, root / "n2g+sae", **sae), log=lambda m: None)
     return root
 
 
@@ -149,19 +154,25 @@ def _ray_opts(**kw):
 
 
 @needs_ray
-@pytest.mark.parametrize("n2g", ["0", "2"])
+@pytest.mark.parametrize("n2g", ["0", "2", "2+sae"])
 @pytest.mark.usefixtures("ray_cluster")
 def test_ray_store_equals_single_process(single, tiny_model_dir, tiny_corpus, tmp_path, n2g):
-    """Two shard tasks merged into --out (and, with --n2g, one graph task per layer) give the bytes of a single run."""
+    """Two shard tasks merged into --out (and, with --n2g, one graph task per layer) give the bytes
+    of a single run; with a dictionary (--sae), its store of latents and their graphs too."""
     from sitegen.compute.distributed import run_compute_ray
 
     out = tmp_path / "store"
     logs: list[str] = []
-    run_compute_ray(_config(tiny_model_dir, tiny_corpus, out, options={"n2g": n2g}), _ray_opts(), log=logs.append)
-    _assert_identical(out, single / ("plain" if n2g == "0" else "n2g"))
+    extra = {"dictionaries": (str(single / "sae"),)} if n2g.endswith("+sae") else {}
+    cfg = _config(tiny_model_dir, tiny_corpus, out, options={"n2g": n2g.removesuffix("+sae")}, **extra)
+    run_compute_ray(cfg, _ray_opts(), log=logs.append)
+    _assert_identical(out, single / {"0": "plain", "2": "n2g", "2+sae": "n2g+sae"}[n2g])
     assert any(line.startswith("ray summary: 2 shards") for line in logs), logs
     if n2g != "0":
         assert any("3 layer task(s)" in line for line in logs), logs
+    if extra:  # the latents' graphs: one more layer task
+        assert any("1 layer task(s)" in line for line in logs), logs
+        assert (out / "dictionaries" / "sae" / "neuron2graph" / "layer=0" / "data.parquet").exists()
 
 
 @needs_ray

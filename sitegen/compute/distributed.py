@@ -105,8 +105,10 @@ def run_compute_ray(
         stages = _stages(cfg)
         if stages:
             with _driver_lock(out):
-                for svc in stages:
+                for svc in stages:  # on the neurons, then on each dictionary's latents (compute --sae)
                     _stage_phase(ray, cfg, svc, opts, slot, log)
+                    for index, name in enumerate(store_mod.Store.open(out).manifest.get("dictionaries", [])):
+                        _stage_phase(ray, cfg, svc, opts, slot, log, dictionary=(index, name))
             shutil.rmtree(out / store_mod.WORK_DIR, ignore_errors=True)
     return out
 
@@ -293,15 +295,22 @@ def _merge_into(roots: list[Path], out: Path) -> None:
     os.replace(merged / store_mod.MANIFEST, out / store_mod.MANIFEST)
 
 
-def _stage_phase(ray, cfg: ComputeConfig, svc, opts: RayOptions, slot: TaskSlot, log) -> None:
-    """One service's stage as one task per layer with work left (hooks stage_layers, run_stage_layer)."""
+def _stage_phase(
+    ray, cfg: ComputeConfig, svc, opts: RayOptions, slot: TaskSlot, log, dictionary: tuple[int, str] | None = None
+) -> None:
+    """One service's stage as one task per layer with work left (hooks stage_layers, run_stage_layer),
+    on the neurons' store or, with `dictionary` (its index in cfg.dictionaries, its name), on that
+    dictionary's store of latents."""
     out = Path(cfg.out)
     store = store_mod.Store.open(out)
+    folder = out / store_mod.WORK_DIR / STAGES_DIR / svc.name
+    if dictionary is not None:
+        store = store_mod.Store.open(store.dictionary_root(dictionary[1]))
+        folder = folder / store_mod.DICTIONARIES / dictionary[1]
     todo = svc.stage_layers(store, cfg)
     if not todo:
-        log(f"{svc.name}: nothing left to do in {out}")
+        log(f"{svc.name}: nothing left to do in {store.root}")
         return
-    folder = out / store_mod.WORK_DIR / STAGES_DIR / svc.name
     shutil.rmtree(folder, ignore_errors=True)  # a crashed driver's leftovers: at most one layer per task is redone
     roots = {layer: _layer_store(store, folder, layer, svc.name) for layer in todo}
     log(f"{svc.name} on ray: {len(todo)} layer task(s)")
@@ -316,7 +325,7 @@ def _stage_phase(ray, cfg: ComputeConfig, svc, opts: RayOptions, slot: TaskSlot,
             log(message)
 
     started = time.monotonic()
-    payloads = {layer: (cfg, svc.name, str(roots[layer]), arg) for layer, arg in todo.items()}
+    payloads = {layer: (cfg, svc.name, str(roots[layer]), arg, dictionary) for layer, arg in todo.items()}
     results = map_layers(ray, _stage_layer, payloads, slot, opts, log, on_done=fold)
     made = sum(r["made"] for r in results.values())
     seconds = time.monotonic() - started
@@ -613,8 +622,13 @@ def _stage_layer(layer: int, payload: tuple) -> dict:
     from sitegen.compute.models import load_model, resolve_device
     from sitegen.services import by_name
 
-    cfg, name, root, arg = payload
-    model = load_model(cfg.model, device=resolve_device(cfg.device), name=cfg.name)
+    cfg, name, root, arg, dictionary = payload
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device=device, name=cfg.name)
+    if dictionary is not None:  # the latents of cfg.dictionaries[index], read through the model
+        from sitegen.compute.runner import _load_dictionaries
+
+        model = _load_dictionaries(cfg, model, device)[dictionary[0]]
     messages: list[str] = []
     figures = by_name()[name].run_stage_layer(model, store_mod.Store.open(root), cfg, layer, arg, messages.append)
     return {**figures, "messages": messages}
