@@ -488,25 +488,21 @@ def _corpus_pass(
             )
         )
     run = _Run(
-        cfg,
-        out,
-        model,
-        tokenizer,
-        corpus,
-        sequences,
-        mine,
-        accs,
-        checkpoint,
-        run_hash,
-        identity,
-        bos,
-        first_valid,
-        device,
-        corpus_services,
-        log,
-        progress or (lambda total, initial: _progress(cfg.progress, total, initial)),
-        on_checkpoint,
-        units,
+        cfg=cfg,
+        corpus=corpus,
+        sequences=sequences,
+        mine=mine,
+        units=units,
+        checkpoint=checkpoint,
+        run_hash=run_hash,
+        identity=identity,
+        bos=bos,
+        first_valid=first_valid,
+        device=device,
+        corpus_services=corpus_services,
+        log=log,
+        progress=progress or (lambda total, initial: _progress(cfg.progress, total, initial)),
+        on_checkpoint=on_checkpoint,
     )
     position, tokens_done = _resume(run)
     position, tokens_done = _stream(run, position, tokens_done)
@@ -519,19 +515,17 @@ def _corpus_pass(
 
 @dataclass
 class _Run:
-    """What the stages of one compute run share."""
+    """What the phases of one corpus pass (_resume, _stream, _write_store) share. The model, the
+    stores and the accumulators are the units' (units[0]: the neurons)."""
 
     cfg: ComputeConfig
-    out: "store_mod.Store"
-    model: object
-    tokenizer: object
     corpus: object
     sequences: list  # every packed sequence of the corpus (all shards)
     mine: list  # this shard's
-    accs: list  # per layer: _LayerAccumulators (the neurons'; units[0].accs)
+    units: list  # _Units: the neurons first, then each dictionary's latents
     checkpoint: Path
     run_hash: str
-    identity: dict
+    identity: dict  # what the run hash hashes (recorded in the manifest)
     bos: int | None
     first_valid: int
     device: str
@@ -539,8 +533,11 @@ class _Run:
     log: Callable[[str], None]
     progress: Callable[[int, int], ProgressBar]
     on_checkpoint: Callable[[Path], None] | None
-    units: list  # _Units: the neurons first, then each dictionary's latents
     loss_sample: Any = None  # _LossSample, made by _stream
+
+    @property
+    def tokenizer(self):
+        return self.units[0].model.tokenizer
 
     @property
     def all_accs(self) -> list:
@@ -562,29 +559,21 @@ class _Run:
 
 def _resume(run: _Run) -> tuple[int, int]:
     """Load this run's checkpoint into the accumulators, if there is one; (sequences done, tokens done)."""
-    cfg, out, accs, mine, checkpoint, run_hash, log = (
-        run.cfg,
-        run.out,
-        run.all_accs,
-        run.mine,
-        run.checkpoint,
-        run.run_hash,
-        run.log,
-    )
+    accs, mine, checkpoint, work = run.all_accs, run.mine, run.checkpoint, run.units[0].out.work_dir
     position = tokens_done = 0
     if checkpoint.exists():
         arrays = _read_checkpoint(checkpoint)
-        if str(arrays["run_hash"]) != run_hash:  # before anything else: another model's checkpoint has other shapes
+        if str(arrays["run_hash"]) != run.run_hash:  # before anything else: another model's checkpoint has other shapes
             raise StoreError(
-                f"{out.work_dir} holds an unfinished run started with other arguments; rerun that command, "
-                f"or delete {out.work_dir} to start over"
+                f"{work} holds an unfinished run started with other arguments; rerun that command, "
+                f"or delete {work} to start over"
             )
         states, position, tokens_done = _load_checkpoint(checkpoint, arrays, [a.state() for a in accs])
         if not (0 <= position <= len(mine) and 0 <= tokens_done):
             raise _damaged_checkpoint(checkpoint, f"position {position} is outside this run's {len(mine)} sequences")
         for acc, st in zip(accs, states):
             acc.load(st)
-        log(f"resuming {cfg.out}: {position} of {len(mine)} sequences already done")
+        run.log(f"resuming {run.cfg.out}: {position} of {len(mine)} sequences already done")
 
     return position, tokens_done
 
@@ -594,19 +583,13 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
     cfg.checkpoint_seconds and on Ctrl-C; returns (sequences done, tokens done)."""
     from sitegen.corpus_keys import random_key
 
-    cfg, tokenizer, accs, mine, checkpoint = (
-        run.cfg,
-        run.tokenizer,
-        run.accs,
-        run.mine,
-        run.checkpoint,
-    )
-    device, bos, first_valid = run.device, run.bos, run.first_valid
+    cfg, mine, device, first_valid = run.cfg, run.mine, run.device, run.first_valid
     batch_size = cfg.batch_size or auto_batch_size(device, cfg.seq_len)
-    pad_id = int(getattr(tokenizer, "pad_token_id", None) or bos or 0)
+    pad_id = int(getattr(run.tokenizer, "pad_token_id", None) or run.bos or 0)
     total_tokens = sum(len(s.token_ids) for s in mine)
     run.loss_sample = _LossSample(run, pad_id)
-    run.log(f"corpus pass: {len(mine)} sequences, {total_tokens} tokens, {len(accs)} layers, batches of {batch_size}")
+    n_layers = len(run.units[0].accs)
+    run.log(f"corpus pass: {len(mine)} sequences, {total_tokens} tokens, {n_layers} layers, batches of {batch_size}")
     bar = run.progress(total_tokens, tokens_done)
     last_save = time.monotonic()
     guard = _BatchGuard()
@@ -632,7 +615,7 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
     except KeyboardInterrupt:
         if guard.in_batch:  # a second Ctrl-C mid-batch: the accumulators hold part of a batch; keep the last checkpoint
             raise StoreError(
-                f"interrupted mid-batch; rerun the same command to resume from the last checkpoint ({checkpoint})"
+                f"interrupted mid-batch; rerun the same command to resume from the last checkpoint ({run.checkpoint})"
             ) from None
         run.check_finite()
         run.save(position, tokens_done)
