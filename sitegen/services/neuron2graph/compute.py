@@ -58,6 +58,9 @@ class N2GConfig:
     max_augmented: int = 3  # important tokens augmented per prompt (the strongest first); bounds CPU cost
     seed: int = 0
     token_budget: int = 4096  # padded tokens per forward batch
+    # True: the plain path (one batch per budget's worth of prompts, no reuse across stages, every
+    # firing variant's saliency run); the reference the fast path's graphs are tested against
+    reference: bool = False
 
 
 @dataclass
@@ -121,6 +124,7 @@ class Variant(NamedTuple):
 
     group: Group
     tokens: tuple[int, ...]
+    at: int  # the replaced position: before it the variant is the pruned prompt
 
 
 class Graph(NamedTuple):
@@ -131,44 +135,86 @@ class Graph(NamedTuple):
     evaluation: dict | None  # graph.evaluate on the held-out texts; None without any
 
 
-class LayerForward:
-    """Runs prompts through the model up to one layer's MLP hook; identical prompts run once."""
+# What one forward call costs beyond its tokens, in tokens: SmolLM2 on 2 CPU cores runs a call of n
+# tokens in about (n + 200) token-times at any depth (the bridge's per-module work), so a batch is
+# worth splitting only where that saves more padding than this.
+CALL_OVERHEAD_TOKENS = 192
 
-    def __init__(self, model, layer: int, token_budget: int, pad_id: int):
+
+class LayerForward:
+    """Runs prompts through the model up to one layer's MLP hook; identical prompts run once (and,
+    unless `reference`, once per layer: a prompt asked for again in a later stage is not rerun)."""
+
+    def __init__(self, model, layer: int, token_budget: int, pad_id: int, reference: bool = False):
         self.model, self.layer, self.token_budget, self.pad_id = model, layer, token_budget, pad_id
+        self.reference = reference
         self.tokens_run = 0  # model-input tokens actually run (padding included)
+        self.calls = 0  # forward calls
+        self.skipped = 0  # variant saliency passes skipped (_groups: firing only before the replacement)
+        self.done: dict[tuple[tuple[int, ...], int], np.ndarray] = {}  # (prompt, neuron) -> activations
 
     def run(self, requests: list[tuple[tuple[int, ...], int]]) -> list[np.ndarray]:
         """requests: (prompt tokens, neuron) -> that neuron's activation at every prompt position."""
         wanted: dict[tuple[int, ...], set[int]] = {}
         for tokens, neuron in requests:
-            wanted.setdefault(tokens, set()).add(neuron)
+            if (tokens, neuron) not in self.done:
+                wanted.setdefault(tokens, set()).add(neuron)
         unique = sorted(wanted, key=lambda t: (len(t), t))  # similar lengths share a batch: little padding
-        found: dict[tuple[tuple[int, ...], int], np.ndarray] = {}
-        start = 0
-        while start < len(unique):
-            longest = len(unique[start])
-            stop = start
-            while stop < len(unique) and (stop - start + 1) * len(unique[stop]) <= max(
-                self.token_budget, len(unique[stop])
-            ):
-                longest = len(unique[stop])
-                stop += 1
+        found = {} if self.reference else self.done  # the reference path keeps nothing between calls
+        spans = _greedy_batches if self.reference else _batches
+        for start, stop in spans([len(t) for t in unique], self.token_budget):
             batch = unique[start:stop]
+            longest = len(batch[-1])
             ids = np.full((len(batch), longest), self.pad_id, dtype=np.int64)
             for row, tokens in enumerate(batch):
                 ids[row, : len(tokens)] = tokens
             captured: list = []
             self.model.run_mlp_activations(ids, [self.layer], lambda layer, acts: captured.append(acts))
             self.tokens_run += ids.size
+            self.calls += 1
             acts = captured[0]
             for row, tokens in enumerate(batch):
                 cols = sorted(wanted[tokens])
                 values = acts[row, : len(tokens), cols].float().cpu().numpy()
                 for j, neuron in enumerate(cols):
                     found[(tokens, neuron)] = values[:, j]
-            start = stop
         return [found[(tokens, neuron)] for tokens, neuron in requests]
+
+
+def _greedy_batches(lengths: list[int], budget: int) -> list[tuple[int, int]]:
+    """(start, stop) spans of prompts sorted by length: each batch as many prompts as fit in the
+    budget once padded to its longest (a longer prompt alone)."""
+    spans, start = [], 0
+    while start < len(lengths):
+        stop = start
+        while stop < len(lengths) and (stop - start + 1) * lengths[stop] <= max(budget, lengths[stop]):
+            stop += 1
+        spans.append((start, stop))
+        start = stop
+    return spans
+
+
+def _batches(lengths: list[int], budget: int) -> list[tuple[int, int]]:
+    """(start, stop) spans of prompts sorted by length that minimise the padded tokens plus
+    CALL_OVERHEAD_TOKENS per batch, each within the budget (a longer prompt alone): a shortest path
+    over the split points. Right padding changes no prompt position (causal), so any split is
+    exact; this one only costs least."""
+    n = len(lengths)
+    cost = np.full(n + 1, np.inf)
+    cost[0] = 0.0
+    back = np.zeros(n + 1, dtype=np.int64)
+    for stop in range(1, n + 1):
+        width = lengths[stop - 1]  # sorted: the batch's last prompt is its longest
+        first = max(0, stop - max(1, budget // width))
+        starts = np.arange(first, stop)
+        total = cost[first:stop] + CALL_OVERHEAD_TOKENS + (stop - starts) * width
+        best = int(np.argmin(total))
+        cost[stop], back[stop] = total[best], first + best
+    spans, stop = [], n
+    while stop > 0:
+        spans.append((int(back[stop]), stop))
+        stop = int(back[stop])
+    return spans[::-1]
 
 
 def masked_copies(tokens: tuple[int, ...], upto: int, neutral: int, first: int = 1) -> list[tuple[int, ...]]:
@@ -422,20 +468,28 @@ def _groups(fwd: LayerForward, work: list[NeuronWork], mt: ModelTokens, cfg: N2G
         important.sort(key=lambda k: (-imp[k, p], k))
         for k in important[: cfg.max_augmented]:
             for rep in mt.neighbours.of(prompt.tokens[k], cfg.replacements):
-                variants.append(Variant(group, prompt.tokens[:k] + (rep,) + prompt.tokens[k + 1 :]))
+                variants.append(Variant(group, prompt.tokens[:k] + (rep,) + prompt.tokens[k + 1 :], k))
 
     # stage 4: augmentation: the variants; those where nothing fires any more (the informative
     # negatives) add no line, so only the others need stage 5
-    firing: list[tuple[Group, Run]] = []
+    firing: list[tuple[Group, Run | Saliency]] = []
     for v, acts in zip(variants, fwd.run([(v.tokens, v.group.work.neuron) for v in variants])):
         norm = _normalised(v.group.work, acts, v.group.scale)
         upto = _last_firing(norm, first)
-        if upto >= 0:
+        if upto >= 0 and upto < v.at and not cfg.reference:
+            # fires only before its replaced position: there the variant and every masked copy of
+            # it read the same tokens as the pruned prompt and its copies (causal), so I[k, i] for
+            # k <= i <= upto (all its lines read) is the pruned prompt's: no pass of its own
+            firing.append((v.group, Saliency(v.tokens, norm, v.group.original.importance)))
+            fwd.skipped += 1
+        elif upto >= 0:
             firing.append((v.group, Run(v.group.work, v.tokens, acts, norm, upto)))
 
-    # stage 5: saliency of the variants that still fire
-    for (group, run), imp in zip(firing, _importances(fwd, [run for _, run in firing], mt.neutral, first)):
-        group.variants.append(Saliency(run.tokens, run.norm, imp))
+    # stage 5: saliency of the variants that still fire (in stage-4 order: the lines' order)
+    runs = [r for _, r in firing if isinstance(r, Run)]
+    computed = iter(_importances(fwd, runs, mt.neutral, first))
+    for group, r in firing:
+        group.variants.append(r if isinstance(r, Saliency) else Saliency(r.tokens, r.norm, next(computed)))
     return groups
 
 
@@ -465,14 +519,17 @@ def build_layer(
     """Graphs for the given neurons of one layer, as the service's table, plus tokens run."""
     first = 1 if mt.bos is not None else 0
     work = _neuron_work(store, layer, neurons, cfg, first)
-    fwd = LayerForward(model, layer, cfg.token_budget, pad_id=mt.neutral)
+    fwd = LayerForward(model, layer, cfg.token_budget, pad_id=mt.neutral, reference=cfg.reference)
     _prune(fwd, work, mt, first)
     # lines in the reference's insertion order (each prompt, then its variants): the trie keeps
     # the first insertion's values, so the order decides END values
     for group in _groups(fwd, work, mt, cfg, first):
         group.work.lines.extend(group_lines(mt.vocab, group.original, group.variants, first))
     graphs = [_graph(w, mt.vocab, first) for w in work]
-    log(f"layer {layer}: {len(graphs)} graphs, {fwd.tokens_run} tokens run")
+    log(
+        f"layer {layer}: {len(graphs)} graphs, {fwd.tokens_run} tokens run in {fwd.calls} forward calls, "
+        f"{fwd.skipped} variant saliency passes skipped"
+    )
     return graphs_table(graphs), fwd.tokens_run
 
 
