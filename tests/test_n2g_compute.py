@@ -379,3 +379,108 @@ def test_similar_lists_are_not_flat_on_a_real_model_store(tiny_model_dir, tiny_c
     assert sum(map(len, sim.lists)) > 2 * ts.n_neurons  # neurons do have neighbours
     one_token = [i for i in range(ts.n_neurons) if len(sim.activating[i]) == 1 and not len(sim.important[i])]
     assert one_token and all(s < 1.0 for i in one_token for _, s, _ in sim.lists[i])
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny_model_dir, tiny_corpus, tmp_path_factory):
+    from sitegen.compute.runner import ComputeConfig, run_compute
+
+    out = tmp_path_factory.mktemp("n2g-fast") / "store"
+    run_compute(
+        ComputeConfig(
+            model=str(tiny_model_dir),
+            corpus=str(tiny_corpus),
+            out=out,
+            tokens=3000,
+            seq_len=24,
+            seed=3,
+            top_k=12,
+            n_random=1,
+            batch_size=8,
+            device="cpu",
+            progress=False,
+            weights=False,
+        ),
+        log=lambda m: None,
+    )
+    return out
+
+
+def _ipc(table) -> bytes:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def test_fast_path_graphs_are_byte_identical_to_the_reference_path(tiny, tiny_store):
+    """The fast path (least-cost batches, prompts reused across stages, no saliency pass for a
+    variant that fires only before its replaced token) writes the same bytes as the reference path
+    for a sample of every layer, runs fewer tokens, and its skip and reuse rules do fire. A skipped
+    variant's borrowed importance is also checked against its own masked copies wherever its lines
+    read it (the trie keeps the first of equal paths, so the graph alone could hide a wrong one)."""
+    from sitegen.services.neuron2graph import compute as n2g
+    from sitegen.store import Store
+
+    store = Store.open(tiny_store)
+    mt = n2g.ModelTokens.prepare(tiny, store)
+    skipped = reused = checked = 0
+    for layer in range(3):
+        neurons = list(range(0, tiny.d_mlp, 3))
+        logs: list[str] = []
+        fast, fast_tokens = n2g.build_layer(tiny, store, layer, neurons, n2g.N2GConfig(), mt, logs.append)
+        ref, ref_tokens = n2g.build_layer(tiny, store, layer, neurons, n2g.N2GConfig(reference=True), mt)
+        assert fast.num_rows > 5 and sum(r["n_lines"] for r in fast.to_pylist()) > 0
+        assert _ipc(fast) == _ipc(ref), f"layer {layer}: a graph changed"
+        assert fast_tokens < ref_tokens
+        skipped += int(logs[-1].split(" variant saliency")[0].rsplit(" ", 1)[1])
+        reused += int(logs[-1].split(" prompts reused")[0].rsplit(" ", 1)[1])
+
+        # each skipped variant: its borrowed importance equals its own masked copies' where lines read it
+        cfg = n2g.N2GConfig()
+        work = n2g._neuron_work(store, layer, neurons, cfg, 1)
+        fwd = n2g.LayerForward(tiny, layer, cfg.token_budget, mt.neutral)
+        n2g._prune(fwd, work, mt, 1)
+        for group in n2g._groups(fwd, work, mt, cfg, 1):
+            for v in group.variants:
+                if v.importance is not group.original.importance:
+                    continue
+                firing = [i for i in range(1, len(v.tokens)) if v.norm[i] > n2g.ACTIVATING_FOR_LINE]
+                upto = firing[-1]
+                acts = fwd.run([(v.tokens, group.work.neuron)])[0]
+                copies = fwd.run([(c, group.work.neuron) for c in n2g.masked_copies(v.tokens, upto, mt.neutral)])
+                own = n2g.importance(acts, copies)
+                for i in firing:
+                    np.testing.assert_allclose(v.importance[1 : i + 1, i], own[1 : i + 1, i], atol=1e-4)
+                checked += 1
+    assert skipped > 0, "no variant fired only before its replacement: the skip was not exercised"
+    assert reused > 0, "no prompt was reused across stages"
+    assert checked == skipped
+
+
+def test_least_cost_batches_cover_every_prompt_within_the_budget():
+    """_batches splits prompts sorted by length into contiguous spans, each within the budget once
+    padded to its longest (a longer prompt alone), at no more cost (padded tokens plus the per-call
+    overhead) than the greedy split, and less where greedy pads short prompts to a long one."""
+    from sitegen.services.neuron2graph.compute import CALL_OVERHEAD_TOKENS, _batches, _greedy_batches
+
+    def cost(lengths, spans):
+        return sum(CALL_OVERHEAD_TOKENS + (stop - start) * lengths[stop - 1] for start, stop in spans)
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = sorted(rng.integers(2, 40, size=int(rng.integers(1, 300))).tolist())
+        budget = int(rng.choice([64, 512, 4096]))
+        spans = _batches(lengths, budget)
+        assert [s for s, _ in spans] == [0] + [stop for _, stop in spans[:-1]] and spans[-1][1] == len(lengths)
+        assert all(
+            stop > start and (stop - start == 1 or (stop - start) * lengths[stop - 1] <= budget)
+            for start, stop in spans
+        )
+        assert cost(lengths, spans) <= cost(lengths, _greedy_batches(lengths, budget))
+    lengths = [5] * 60 + [40] * 10  # greedy pads 60 short prompts with 10 long ones in one batch
+    assert cost(lengths, _batches(lengths, 4096)) < cost(lengths, _greedy_batches(lengths, 4096))
+    assert _batches(lengths, 4096) == [(0, 60), (60, 70)]
+    assert _batches([50, 60], 40) == [(0, 1), (1, 2)]  # longer than the budget: alone

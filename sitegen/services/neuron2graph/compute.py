@@ -151,13 +151,16 @@ class LayerForward:
         self.tokens_run = 0  # model-input tokens actually run (padding included)
         self.calls = 0  # forward calls
         self.skipped = 0  # variant saliency passes skipped (_groups: firing only before the replacement)
+        self.reused = 0  # requests answered from an earlier stage's pass
         self.done: dict[tuple[tuple[int, ...], int], np.ndarray] = {}  # (prompt, neuron) -> activations
 
     def run(self, requests: list[tuple[tuple[int, ...], int]]) -> list[np.ndarray]:
         """requests: (prompt tokens, neuron) -> that neuron's activation at every prompt position."""
         wanted: dict[tuple[int, ...], set[int]] = {}
         for tokens, neuron in requests:
-            if (tokens, neuron) not in self.done:
+            if (tokens, neuron) in self.done:
+                self.reused += 1
+            else:
                 wanted.setdefault(tokens, set()).add(neuron)
         unique = sorted(wanted, key=lambda t: (len(t), t))  # similar lengths share a batch: little padding
         found = {} if self.reference else self.done  # the reference path keeps nothing between calls
@@ -337,7 +340,9 @@ def make_lines(
         line: list[tuple[str, float, float]] = []
         last_kept = 0
         for k in range(i, first - 1, -1):
-            value, own = round(float(imp[k, i]), 3), float(norm_acts[k])
+            # + 0.0 stores a zero as +0.0: masking a token that does not matter gives I ~ +-1e-9,
+            # whose sign is rounding noise of how the prompts were batched, not a property of the text
+            value, own = round(float(imp[k, i]), 3) + 0.0, float(norm_acts[k])
             if k == i:
                 line.append((vocab[tokens[k]], act, own))
                 last_kept = len(line)
@@ -528,7 +533,7 @@ def build_layer(
     graphs = [_graph(w, mt.vocab, first) for w in work]
     log(
         f"layer {layer}: {len(graphs)} graphs, {fwd.tokens_run} tokens run in {fwd.calls} forward calls, "
-        f"{fwd.skipped} variant saliency passes skipped"
+        f"{fwd.reused} prompts reused from an earlier stage, {fwd.skipped} variant saliency passes skipped"
     )
     return graphs_table(graphs), fwd.tokens_run
 
