@@ -4,7 +4,7 @@ skips, greedy batches) in the same run, repeats interleaved (the machine's load 
 graph compared byte for byte (the layer tables' Arrow IPC bytes).
 
     python benchmarks/n2g.py [--store STORE] [--layers 5,15,25] [--per-layer 8] [--repeats 2]
-                             [--one-at-a-time] [--device auto]
+                             [--one-at-a-time] [--threads N] [--device auto]
 
 Without --store, a store is computed first (--tokens, default 8192) in a temporary folder. The
 neurons are the --per-layer most active of each layer (what `--n2g N` picks). --one-at-a-time also
@@ -39,7 +39,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of each path per layer, interleaved")
     ap.add_argument("--one-at-a-time", action="store_true")
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads [default: torch's]; 1 on a shared machine, where waiting for a descheduled "
+        "second thread at every operation swamps the work being compared",
+    )
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from sitegen.compute.models import load_model, resolve_device
     from sitegen.compute.runner import ComputeConfig, run_compute
@@ -67,9 +78,12 @@ def main() -> None:
 
         def run(layer, neurons, cfg):
             logs: list[str] = []
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             table, tokens = build_layer(model, store, layer, neurons, cfg, mt, logs.append)
+            cpu_seconds[cfg.reference].append(time.process_time() - cpu)
             return time.perf_counter() - t, tokens, table, logs[-1]
+
+        cpu_seconds: dict[bool, list[float]] = {True: [], False: []}  # this process's CPU time, all threads
 
         load = os.getloadavg()
         print(
@@ -115,6 +129,9 @@ def main() -> None:
             f"{seconds['reference'] / seconds['fast']:.2f}x; graphs byte-identical: {'yes' if all_identical else 'NO'}; "
             f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
         )
+        # CPU time moves less than wall time on a shared machine (it leaves out waiting for a core)
+        ref_cpu, fast_cpu = sum(cpu_seconds[True]), sum(cpu_seconds[False])
+        print(f"CPU seconds over all runs: reference {ref_cpu:.0f}, fast {fast_cpu:.0f}: {ref_cpu / fast_cpu:.2f}x")
 
         if args.one_at_a_time:
             layers = list(selection)
