@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 
@@ -72,9 +74,25 @@ class FakeEndpoint:
         if "Neuron B" in text:
             return {"choices": [{"message": {"content": f'the word "{self.words[body["seed"]]}".'}}]}
         word = text.split('"')[1]  # the explanation's quoted word (the made-up examples quote nothing)
+        if "\nExcerpts:\n" in text:  # detection or fuzzing: 1 where the word is there (every highlight is it)
+            return {"choices": [{"message": {"content": classification_answer(text, word)}}]}
         lines = [ln[:-2] for ln in text.rsplit("<start>\n", 1)[1].split("<end>")[0].splitlines() if ln.endswith("\t?")]
         answer = self.garble(lines) or "\n".join(f"{ln}\t{10 if ln.strip() == word else 0}" for ln in lines)
         return {"choices": [{"message": {"content": answer}}]}
+
+
+def classification_answer(prompt: str, word: str, answer=lambda truth: truth) -> str:
+    """A scripted scorer's list for a detection or fuzzing prompt: per excerpt, `answer(truth)` where
+    truth is 1 when the excerpt holds `word` (detection) or every highlighted run is ` word`
+    (fuzzing), else 0."""
+    lines = prompt.split("\nExcerpts:\n", 1)[1].splitlines()
+    out = []
+    for line in lines:
+        text = line.split(". ", 1)[1]
+        marked = re.findall(r"<<(.*?)>>", text)
+        truth = all(m and not m.replace(" " + word, "") for m in marked) if marked else (" " + word) in text
+        out.append(int(answer(int(truth))))
+    return "[" + ", ".join(map(str, out)) + "]"
 
 
 def _seq(words_acts):
@@ -134,7 +152,10 @@ def test_several_samples_are_chosen_on_valid_and_scored_on_test():
     by_word = {x["explanation"].split('"')[1]: x for x in record["samples"]}
     assert by_word["tax"]["score"] == pytest.approx(0.9279, abs=1e-4) and by_word["tax"]["valid_score"] < 0
     assert [d["tokens"] for d in record["details"]] == [top[3][0], top[7][0], random[2][0], random[5][0]]
-    assert record["usage"]["requests"] == 3 * (1 + 4 + 4)  # per sample: explanation, valid and test simulations
+    # per sample: explanation, valid and test simulations; then detection and fuzzing on 12 held-out
+    # excerpts each (activating: top 2, 3, 6, 7; not: top 1, 5 and the 6 random), 5 per request
+    assert record["usage"]["requests"] == 3 * (1 + 4 + 4) + 3 + 3
+    assert record["scorers"]["detection"]["calls"] == record["scorers"]["fuzzing"]["calls"] == 3
 
 
 def test_sparse_repeat_uses_the_proportion_pooled_over_all_excerpts():
@@ -413,3 +434,46 @@ def test_explanation_search_equals_brute_force(tmp_path):
     assert "<td>mentions of taxes and tax cuts</td>" in layer_page and "Explanation score" in layer_page
     preview = json.loads((out / "search/explained/preview/0/0.json").read_text())
     assert preview[1][3] == "mentions of taxes and tax cuts" and preview[0][3] is None
+
+
+def test_bootstrap_intervals_are_seeded_and_reproducible():
+    from sitegen.services.neuron_explainer import bootstrap
+
+    rng = np.random.default_rng(1)
+    labels = [1] * 12 + [0] * 12
+    predictions = rng.integers(0, 2, size=24).tolist()
+    first = bootstrap.balanced_accuracy_ci(labels, predictions)
+    assert first == bootstrap.balanced_accuracy_ci(labels, predictions)  # seed 0 by default: the same interval
+    value = bootstrap.balanced_accuracy(labels, predictions)
+    assert first[0] < value < first[1]
+    true = [rng.normal(size=8).tolist() for _ in range(10)]
+    simulated = [[t + rng.normal() for t in seq] for seq in true]
+    ci = bootstrap.simulation_ci(simulated, true)
+    assert ci == bootstrap.simulation_ci(simulated, true) and ci != bootstrap.simulation_ci(simulated, true, seed=5)
+    # the pooled correlation from per-excerpt sums is the score's own correlation
+    sums = bootstrap.correlation_sums(simulated, true).sum(0)
+    assert bootstrap.pooled_correlation(sums) == pytest.approx(scoring.score_simulation(simulated, true), abs=1e-12)
+    assert ci[0] < scoring.score_simulation(simulated, true) < ci[1]
+    # no interval without both classes, or for a constant side
+    assert bootstrap.balanced_accuracy_ci([1, 1], [1, 0]) is None
+    assert bootstrap.simulation_ci([[0.0, 0.0]] * 3, [[1.0, 2.0]] * 3) is None
+
+
+@pytest.mark.slow  # ~6 s: 1,000 intervals of 1,000 resamples each
+def test_bootstrap_intervals_cover_the_truth_95_percent_of_the_time():
+    """Detection's statistic on a known sampling distribution: 100 activating excerpts each judged
+    right with probability 0.8 and 100 non-activating ones with 0.6, so the true balanced
+    accuracy is 0.7. Over 1,000 repetitions the 95% interval must cover 0.7 in 95% +- 3% of them
+    (960 with these seeds)."""
+    from sitegen.services.neuron_explainer import bootstrap
+
+    rng = np.random.default_rng(2024)
+    labels = [1] * 100 + [0] * 100
+    covered = 0
+    for rep in range(1000):
+        right = np.concatenate([rng.random(100) < 0.8, rng.random(100) < 0.6])
+        predictions = np.where(right, labels, 1 - np.asarray(labels))
+        lo, hi = bootstrap.balanced_accuracy_ci(labels, predictions, seed=rep)
+        covered += lo <= 0.7 <= hi
+    assert 920 <= covered <= 980, covered
+    print(f"coverage {covered / 10:.1f}%")

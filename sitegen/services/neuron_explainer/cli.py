@@ -40,6 +40,20 @@ import click
     show_default=True,
     help="Explanations sampled per neuron (temperature 1); the best on the valid split is kept and its test-split score reported.",
 )
+@click.option(
+    "--scorers",
+    default="simulation,detection,fuzzing",
+    show_default=True,
+    help="Scorers of each explanation, comma-separated: simulation (always) and any of detection, fuzzing (delphi's, on "
+    "held-out excerpts); every score gets a 95% bootstrap interval.",
+)
+@click.option(
+    "--scorer-excerpts",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Held-out activating and as many non-activating excerpts (at most) that detection and fuzzing each judge.",
+)
 @click.option("--concurrency", type=int, default=4, show_default=True, help="Requests in flight at once.")
 @click.option(
     "--timeout",
@@ -73,6 +87,8 @@ def explain(
     allow_insecure_http,
     neurons,
     samples,
+    scorers,
+    scorer_excerpts,
     concurrency,
     timeout,
     max_response_mb,
@@ -89,6 +105,8 @@ def explain(
         api_key_env=api_key_env,
         neurons=neurons,
         samples=samples,
+        scorers=tuple(x.strip() for x in scorers.split(",") if x.strip()),
+        scorer_excerpts=scorer_excerpts,
         concurrency=concurrency,
         timeout=timeout,
         max_response_mb=max_response_mb,

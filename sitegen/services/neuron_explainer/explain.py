@@ -46,7 +46,7 @@ import pyarrow as pa
 from pydantic import Field, ValidationError
 
 from sitegen.errors import ConfigError, SitegenError, StoreError
-from sitegen.services.neuron_explainer import answers, scoring
+from sitegen.services.neuron_explainer import answers, bootstrap, classify, scoring
 from sitegen.services.neuron_explainer.published import SERVICE, TABLE_SCHEMA
 from sitegen.services.selection import select_neurons
 from sitegen.store.manifest import Record
@@ -90,6 +90,7 @@ MAX_RESPONSE_MB = (
     8.0  # default --max-response-mb: the largest answer read (an echo of a 128-token excerpt: about 0.2 MB)
 )
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
+SCORERS = ("simulation", *classify.SCORERS)
 
 
 @dataclass
@@ -107,6 +108,9 @@ class ExplainConfig:
     samples: int = 1  # explanations sampled per neuron; chosen on the valid split, reported on test
     allow_insecure_http: bool = False  # send the key over plain http to a non-loopback host
     dry_run: bool = False
+    scorers: tuple[str, ...] = SCORERS  # simulation always; detection and fuzzing as chosen
+    # activating and non-activating held-out excerpts per classification scorer
+    scorer_excerpts: int = classify.PER_CLASS
 
 
 def _is_loopback(host: str) -> bool:
@@ -437,10 +441,12 @@ def deal(n: int, splits: tuple[str, ...]) -> dict[str, list[int]]:
 
 
 def splits(texts: dict, n_excerpts: int) -> dict[str, list]:
-    """train (top only, at most n_excerpts), valid and test (top then random) excerpts."""
+    """train (top only, at most n_excerpts), valid and test (top then random) excerpts; `shown`:
+    the ("top", i) of every excerpt the explainer sees (the classification scorers never use them)."""
     top, rnd = deal(len(texts["top"]), TOP_SPLITS), deal(len(texts["random"]), RANDOM_SPLITS)
     pick = lambda kind, idx: [texts[kind][i] for i in idx]
     return {
+        "shown": {("top", i) for i in top["train"][:n_excerpts]},
         "train": pick("top", top["train"])[:n_excerpts],
         "valid": pick("top", top["valid"]) + pick("random", rnd["valid"]),
         "valid_top": pick("top", top["valid"]),
@@ -551,8 +557,9 @@ def simulate(
 def _score_one(ep: Endpoint, explanation: str, scored: list, state: dict, raw: list, usage: list) -> dict:
     """Simulate and score one explanation on one split's sequences (every sequence counts; one
     whose answer could not be read predicts 0 and is marked `unread` in the details)."""
-    simulated, true, details, methods = [], [], [], set()
+    simulated, true, details, methods, prompts = [], [], [], set(), []
     for tokens, acts in scored:
+        prompts.append(scoring.simulation_prompt(explanation, tokens)[0])
         pred, method, r, read = simulate(ep, explanation, tokens, state)
         raw.append(r)
         p, c = state.pop("usage")
@@ -574,15 +581,89 @@ def _score_one(ep: Endpoint, explanation: str, scored: list, state: dict, raw: l
         "method": "+".join(sorted(methods)) or None,
         "details": details,
         "read": any(not d.get("unread") for d in details),
+        "prompt_hash": "sha256:" + hashlib.sha256(orjson.dumps(prompts)).hexdigest() if prompts else None,
     }
 
 
-def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int, samples: int = 1) -> dict:
-    """texts: {"top": [(tokens, acts)], "random": [(tokens, acts)]} -> one result record. With
-    several samples (temperature 1), each explanation is scored on the valid split, the best there
-    is kept (the first on ties) and its score on the test split is the one reported, free of the
-    choice's bias. Without a valid top sequence (fewer than 3 top sequences) nothing is chosen: the
-    first sample is kept."""
+def _asker(ep: Endpoint, raw: list, usage: list) -> Callable[[list[dict], int], str]:
+    """A classification scorer's request: the messages at temperature 0; returns the answer's text."""
+
+    def ask(messages: list[dict], max_tokens: int) -> str:
+        resp = ep.post("/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": max_tokens})
+        raw.append(resp)
+        answer = read_answer(answers.ChatAnswer, resp, f"{ep.base}/chat/completions")
+        p, c = _usage(answer)
+        usage[0] += p
+        usage[1] += c
+        return _chat_text(answer)
+
+    return ask
+
+
+def classification_items(texts: dict, shown: set, per_class: int) -> dict[str, list[classify.Item]]:
+    """Each classification scorer's items on the neuron's held-out excerpts; none (the scorer is
+    not run) without both activating and non-activating excerpts."""
+    activating, quiet, threshold = classify.held_out(texts, shown, per_class)
+    if not activating or not quiet:
+        return {name: [] for name in classify.SCORERS}
+    return {
+        "detection": classify.detection_items(activating, quiet),
+        "fuzzing": classify.fuzzing_items(activating, quiet, threshold),
+    }
+
+
+def score_explanation(
+    ep: Endpoint,
+    best: dict,
+    texts: dict,
+    shown: set,
+    scorers: tuple[str, ...],
+    per_class: int,
+    raw: list,
+    usage: list,
+) -> tuple[dict, dict]:
+    """(scores, scorers) of the kept explanation: every score with its bootstrap interval over
+    excerpts ({"value", "ci", "n"}), and per scorer how it was made (calls, prompt hash; for the
+    classification scorers also the excerpts, answers and unread batches)."""
+    details = best["details"]
+    sim_ci = (
+        bootstrap.simulation_ci([d["simulated"] for d in details], [d["true"] for d in details])
+        if best["score"] is not None
+        else None
+    )
+    scores = {"simulation": bootstrap.score_entry(best["score"], sim_ci, len(details))}
+    made = {"simulation": {"calls": best["calls"], "prompt_hash": best["prompt_hash"], "method": best["method"]}}
+    wanted = [name for name in classify.SCORERS if name in scorers]
+    items = classification_items(texts, shown, per_class) if wanted else {}
+    for name in wanted:
+        if items[name]:
+            made[name] = classify.run(name, best["explanation"], items[name], _asker(ep, raw, usage))
+        else:
+            made[name] = {
+                **bootstrap.score_entry(None, None, 0),
+                "calls": 0,
+                "prompt_hash": None,
+                "why": "no held-out excerpts where the neuron fires, or none where it does not",
+            }
+        scores[name] = {k: made[name][k] for k in ("value", "ci", "n")}
+    return scores, made
+
+
+def explain_neuron(
+    ep: Endpoint,
+    texts: dict,
+    n_excerpts: int,
+    samples: int = 1,
+    scorers: tuple[str, ...] = SCORERS,
+    per_class: int = classify.PER_CLASS,
+) -> dict:
+    """texts: {"top": [(tokens, acts)], "random": [(tokens, acts)]} (and "top_seq"/"random_seq",
+    their sequence ids, where known) -> one result record. With several samples (temperature 1),
+    each explanation is scored on the valid split, the best there is kept (the first on ties) and
+    its score on the test split is the one reported, free of the choice's bias. Without a valid top
+    sequence (fewer than 3 top sequences) nothing is chosen: the first sample is kept. The kept
+    explanation is then scored by the other `scorers` on held-out excerpts (classify.py), and every
+    score gets its bootstrap interval (bootstrap.py)."""
     split = splits(texts, n_excerpts)
     messages = explanation_messages(split["train"])
     prompt_hash = "sha256:" + hashlib.sha256(orjson.dumps(messages)).hexdigest()
@@ -602,10 +683,16 @@ def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int, samples: int = 1)
         usage[1] += c
         explanation = clean_explanation(_chat_text(answer))
         if explanation and explanation not in {x["explanation"] for x in candidates}:
+            before = len(raw)
             valid = _score_one(ep, explanation, split["valid"], state, raw, usage) if choose else None
             test = _score_one(ep, explanation, split["test"], state, raw, usage)
             candidates.append(
-                {"explanation": explanation, "valid_score": None if valid is None else valid["score"], **test}
+                {
+                    "explanation": explanation,
+                    "valid_score": None if valid is None else valid["score"],
+                    **test,
+                    "calls": len(raw) - before,
+                }
             )
     record = {
         "explanation": None,
@@ -632,16 +719,26 @@ def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int, samples: int = 1)
             else candidates[0]
         )
         record.update({k: best[k] for k in ("explanation", "score", "valid_score", "method", "details")})
+        # every sample's simulations are the simulation scorer's calls
+        best = {**best, "calls": sum(x["calls"] for x in candidates)}
+        record["scores"], scorers_made = score_explanation(
+            ep, best, texts, split["shown"], scorers, per_class, raw, usage
+        )
+        record["scorers"] = {"explanation": {"calls": samples, "prompt_hash": prompt_hash}, **scorers_made}
     record["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "requests": len(raw)}
     record["raw"] = raw
     return record
 
 
-def requests_per_neuron(texts: dict, n_excerpts: int, samples: int) -> int:
+def requests_per_neuron(
+    texts: dict, n_excerpts: int, samples: int, scorers: tuple[str, ...] = SCORERS, per_class: int = classify.PER_CLASS
+) -> int:
     """The most requests explain_neuron makes for one neuron (fewer when samples repeat)."""
     split = splits(texts, n_excerpts)
     valid = len(split["valid"]) if samples > 1 and split["valid_top"] else 0
-    return samples * (1 + valid + len(split["test"]))
+    items = classification_items(texts, split["shown"], per_class) if set(scorers) & set(classify.SCORERS) else {}
+    classified = sum(-(-len(items[name]) // classify.BATCH) for name in classify.SCORERS if name in scorers)
+    return samples * (1 + valid + len(split["test"])) + classified
 
 
 def _texts(store, layer: int, neurons: list[int], vocab: list[str], seq_tokens: dict) -> dict[int, dict]:
@@ -658,7 +755,12 @@ def _texts(store, layer: int, neurons: list[int], vocab: list[str], seq_tokens: 
                 for s, acts in zip(t[f"{kind}_seq"][n], t[f"{kind}_acts"][n])
             ]
 
-        out[n] = {"top": pairs("top"), "random": pairs("random")}
+        out[n] = {
+            "top": pairs("top"),
+            "random": pairs("random"),
+            "top_seq": [int(s) for s in t["top_seq"][n]],
+            "random_seq": [int(s) for s in t["random_seq"][n]],
+        }
     return out
 
 
@@ -673,6 +775,14 @@ def _check_numbers(cfg: ExplainConfig) -> None:
         raise ConfigError(f"--samples {cfg.samples}: must be at least 1")
     if cfg.retries < 0:
         raise ConfigError(f"--retries {cfg.retries}: must be 0 or more")
+    if cfg.scorer_excerpts < 1:
+        raise ConfigError(f"--scorer-excerpts {cfg.scorer_excerpts}: must be at least 1, e.g. --scorer-excerpts 10")
+    unknown = [x for x in cfg.scorers if x not in SCORERS]
+    if unknown or "simulation" not in cfg.scorers:
+        raise ConfigError(
+            f"--scorers {','.join(cfg.scorers)}: give a comma-separated subset of {','.join(SCORERS)} that includes "
+            "simulation, e.g. --scorers simulation,detection"
+        )
     if not (math.isfinite(cfg.timeout) and 0 < cfg.timeout <= MAX_TIMEOUT):
         raise ConfigError(
             f"--timeout {cfg.timeout:g}: give the seconds one request may take in all, a number above 0 and at most "
@@ -791,14 +901,18 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
                 "a valid split to choose the explanation on (the 3rd, 7th, ... top sequences); use --samples 1, or compute "
                 "with --top-k 8 or more"
             )
-    n_requests = sum(requests_per_neuron(texts[k], cfg.explainer_excerpts, cfg.samples) for k in todo)
+    n_requests = sum(
+        requests_per_neuron(texts[k], cfg.explainer_excerpts, cfg.samples, cfg.scorers, cfg.scorer_excerpts)
+        for k in todo
+    )
     if cfg.dry_run:
         if todo:
             for msg in explanation_messages(splits(texts[todo[0]], cfg.explainer_excerpts)["train"]):
                 log(f"--- {msg['role']}\n{msg['content']}")
         log(
             f"dry run: {len(todo)} neurons to explain ({len(done)} already done), at most {n_requests} requests "
-            f"({cfg.samples} x (1 explanation + {'valid and ' if cfg.samples > 1 else ''}test simulations) each) to {cfg.endpoint} "
+            f"({cfg.samples} x (1 explanation + {'valid and ' if cfg.samples > 1 else ''}test simulations) each, then "
+            f"{' and '.join(x for x in cfg.scorers if x != 'simulation') or 'no other scorer'}) to {cfg.endpoint} "
             f"as model {cfg.model!r}"
         )
         return {"todo": len(todo), "requests": n_requests}
@@ -808,7 +922,10 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
     failures, fatal = 0, None
     with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
         futures = {
-            pool.submit(explain_neuron, ep, texts[key], cfg.explainer_excerpts, cfg.samples): key for key in todo
+            pool.submit(
+                explain_neuron, ep, texts[key], cfg.explainer_excerpts, cfg.samples, cfg.scorers, cfg.scorer_excerpts
+            ): key
+            for key in todo
         }
         for fut in as_completed(futures):
             if fut.cancelled():
@@ -901,6 +1018,8 @@ def _write_tables(store, done: dict[tuple[int, int], dict], model: str) -> None:
                 "usage": orjson.dumps(r.get("usage")).decode(),
                 "details": orjson.dumps(r.get("details") or []).decode(),
                 "raw": orjson.dumps(r.get("raw") or []).decode(),
+                "scores": None if r.get("scores") is None else orjson.dumps(r["scores"]).decode(),
+                "scorers": None if r.get("scorers") is None else orjson.dumps(r["scorers"]).decode(),
             }
         schema = pa.schema(
             [
@@ -911,6 +1030,8 @@ def _write_tables(store, done: dict[tuple[int, int], dict], model: str) -> None:
                 ("usage", pa.string()),
                 ("details", pa.string()),
                 ("raw", pa.string()),
+                ("scores", pa.string()),
+                ("scorers", pa.string()),
             ]
         )
         ordered = [rows[n] for n in sorted(rows)]

@@ -8,6 +8,17 @@ import orjson
 from sitegen.services.neuron_explainer.published import SERVICE
 from sitegen.services.neuron_explainer.scoring import discretise
 
+SCORER_FIELDS = ("calls", "prompt_hash", "method", "unread", "why")
+
+
+def _scores(row: dict, score: float | None) -> dict:
+    """The payload's `scores`: what `sitegen explain` stored, or, for a score without its
+    excerpts (imported from OpenAI, or explained before scorers were stored), the simulation score
+    alone with no interval."""
+    if row.get("scores"):
+        return orjson.loads(row["scores"])
+    return {"simulation": {"value": score, "ci": None, "n": None}}
+
 
 class ExplainerLayer:
     def __init__(self, store, layer: int, site):
@@ -19,11 +30,19 @@ class ExplainerLayer:
     def payload(self, n: int) -> dict:
         r = self.rows.get(n)
         if r is None:
-            return {"explanation": None, "score": None, "explainer": None, "source": None, "method": None}
+            return {
+                "explanation": None,
+                "score": None,
+                "scores": None,
+                "explainer": None,
+                "source": None,
+                "method": None,
+            }
         score = None if r["score"] is None else round(r["score"], 4)
         out = {
             "explanation": r["explanation"],
             "score": score,
+            "scores": _scores(r, score),
             "explainer": r["explainer"],
             "source": r["source"],
             "method": r["method"],
@@ -37,6 +56,11 @@ class ExplainerLayer:
             # which echo logprob entry was read as each placeholder's distribution ("own" or "next");
             # None with logprobs: scored without alignment detection, to be re-scored (needs_rescoring)
             out["logprob_alignment"] = r.get("logprob_alignment")
+            if r.get("scorers"):  # how each score was made: LLM calls and the hash of every prompt sent
+                out["scorers"] = {
+                    name: {k: v for k, v in made.items() if k in SCORER_FIELDS}
+                    for name, made in orjson.loads(r["scorers"]).items()
+                }
         return out
 
     def page(self, n: int) -> dict:

@@ -16,10 +16,39 @@ from sitegen.services.base import (
     level_paths,
 )
 
+# what each score measures, in one line (the API schema and the trust panel say it)
+SCORER_MEANS = {
+    "simulation": "How well a simulator reading only the explanation predicts each token's activation: the "
+    "correlation of simulated with real activations over held-out excerpts (1 perfect, 0 none).",
+    "detection": "Whether a model reading the explanation tells held-out excerpts where the neuron fires from ones "
+    "where it does not: balanced accuracy (1 perfect, 0.5 chance, 0 inverted).",
+    "fuzzing": "Whether a model reading the explanation tells the tokens where the neuron fires from tokens marked "
+    "at random: balanced accuracy (1 perfect, 0.5 chance, 0 inverted).",
+}
+SCORER_NAMES = tuple(SCORER_MEANS)
+_SCORE = {
+    "type": "object",
+    "required": ["value", "ci", "n"],
+    "description": "One score of an explanation.",
+    "properties": {
+        "value": {"type": ["number", "null"], "description": "The score (null: undefined). Rounded to 4 decimals."},
+        "ci": {
+            "type": ["array", "null"],
+            "items": {"type": "number"},
+            "minItems": 2,
+            "maxItems": 2,
+            "description": "[low, high]: the 95% percentile bootstrap interval over the scored excerpts (1,000 "
+            "resamples, seed 0); null where there is none.",
+        },
+        "n": {"type": ["integer", "null"], "description": "Excerpts scored (null: not known, for an imported score)."},
+    },
+}
+
+
 _S = lambda d: {"type": ["string", "null"], "description": d}
 _EXPLAINER = {
     "type": "object",
-    "required": ["explanation", "score"],
+    "required": ["explanation", "score", "scores"],
     "description": "A neuron's explanation and its simulation score; every field null for a neuron with no explanation.",
     "properties": {
         "explanation": _S(
@@ -31,6 +60,33 @@ _EXPLAINER = {
             "the simulator's predicted and the real activations, pooled over every token of the "
             "scored texts (1: perfect; 0: no correlation); for `sitegen explain`, on "
             "the held-out test texts. Rounded to 4 decimals.",
+        },
+        "scores": {
+            "type": ["object", "null"],
+            "description": "Every score of the explanation with its 95% bootstrap confidence interval over the "
+            "scored excerpts (seeded: the same store gives the same interval). `simulation` is `score`; `detection` "
+            "and `fuzzing` (`sitegen explain` only, with those scorers) are balanced accuracies on held-out excerpts "
+            "(1: perfect, 0.5: chance, 0: inverted). An imported score has no interval.",
+            "properties": {name: {**_SCORE, "description": what} for name, what in SCORER_MEANS.items()},
+            "additionalProperties": False,
+        },
+        "scorers": {
+            "type": "object",
+            "description": "`sitegen explain` only: how each score was made (and `explanation`, the explainer's request).",
+            "additionalProperties": {
+                "type": "object",
+                "properties": {
+                    "calls": {"type": "integer", "description": "Requests to the language model."},
+                    "prompt_hash": _S("SHA-256 over every prompt this scorer sent (null: none sent)."),
+                    "method": _S("simulation only: as `method`."),
+                    "unread": {
+                        "type": "integer",
+                        "description": "detection and fuzzing: answers that could not be read, scored as 0 for "
+                        "every excerpt of their request.",
+                    },
+                    "why": _S("Why the scorer scored nothing (e.g. no held-out excerpt where the neuron fires)."),
+                },
+            },
         },
         "explainer": _S("The language model that wrote the explanation (and, for `sitegen explain`, simulated it)."),
         "source": _S(
@@ -124,6 +180,12 @@ class NeuronExplainer(Service):
             "logprobs": uses_logprobs(ex),
             "logprob_alignment": ex.get("logprob_alignment"),
             "needs_rescoring": needs_rescoring(ex),
+            # per scorer: its LLM calls and the hash over every prompt it sent
+            "scorers": [
+                (name, made.get("calls"), made.get("prompt_hash"))
+                for name, made in (ex.get("scorers") or {}).items()
+                if name != "explanation"
+            ],
         }
 
     def build_notes(self, store) -> list[str]:
