@@ -477,3 +477,69 @@ def test_bootstrap_intervals_cover_the_truth_95_percent_of_the_time():
         covered += lo <= 0.7 <= hi
     assert 920 <= covered <= 980, covered
     print(f"coverage {covered / 10:.1f}%")
+
+
+HOSTILE = '<img src=x onerror=alert(1)> dates & "times"'
+
+
+def _explained_by_hand(tmp_path, scores: dict):
+    """A synthetic store whose neuron 0:1 has a hand-written `sitegen explain` record."""
+    from sitegen.services.neuron_explainer.explain import _write_tables
+
+    store = write_synthetic_store(tmp_path / "store", name="toy")
+    made = {name: {"calls": 4, "prompt_hash": "sha256:" + "ab" * 32} for name in scores}
+    record = {
+        "explanation": HOSTILE,
+        "score": scores["simulation"]["value"],
+        "method": "logprobs",
+        "logprob_alignment": "own",
+        "prompt_hash": "sha256:" + "cd" * 32,
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "requests": 13},
+        "scores": scores,
+        "scorers": {"explanation": {"calls": 1, "prompt_hash": "sha256:" + "cd" * 32}, **made},
+    }
+    _write_tables(store, {(0, 1): record}, "<b>model</b>")
+    out = tmp_path / "site"
+    build_site([store.root], out)
+    return out
+
+
+def test_the_trust_panel_shows_every_score_escapes_the_explanation_and_flags_disagreement(tmp_path):
+    scores = {
+        "simulation": {"value": 0.62, "ci": [0.31, 0.8], "n": 10},
+        "detection": {"value": 0.55, "ci": [0.45, 0.6], "n": 20},  # 2 x .55 - 1 = .1: far below simulation
+        "fuzzing": {"value": 0.9, "ci": [0.8, 0.97], "n": 20},
+    }
+    out = _explained_by_hand(tmp_path, scores)
+    page = (out / "toy/0/1.html").read_text()
+    panel = page.split('id="trust"', 1)[1].split("</div>", 1)[0]
+    for name, text in (
+        ("simulation", "0.62 [0.31, 0.80]"),
+        ("detection", "0.55 [0.45, 0.60]"),
+        ("fuzzing", "0.90 [0.80, 0.97]"),
+    ):
+        row = panel.split(f'data-scorer="{name}"', 1)[1].split("</tr>", 1)[0]
+        assert f'<td class="num">{text}</td>' in row and "</td><td>" in row, (
+            row
+        )  # the score, its interval, what it measures
+    assert "graph F1" in panel  # the synthetic store has a graph for 0:1
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt; dates &amp; &#34;times&#34;" in page
+    assert "&lt;b&gt;model&lt;/b&gt;" in panel and "<b>model</b>" not in page  # the explainer's name, escaped too
+    flags = [f for f in panel.split('<p class="flag"')[1:]]
+    assert len(flags) == 2  # no interval is wider than its score; detection disagrees with both others
+    assert any("disagree: simulation rates" in f and "than detection" in f for f in flags)
+    assert any("disagree: fuzzing rates" in f and "than detection" in f for f in flags)
+    # the layer table and the summary line show the score with its interval
+    assert "0.62 [0.31, 0.80]" in (out / "toy/0/index.html").read_text()
+    assert "(score 0.62 [0.31, 0.80])" in page
+
+
+def test_the_trust_panel_flags_an_interval_wider_than_the_score_and_nothing_when_scores_agree(tmp_path):
+    scores = {
+        "simulation": {"value": 0.3, "ci": [-0.1, 0.6], "n": 4},  # width .7 > .3
+        "detection": {"value": 0.6, "ci": [0.4, 0.8], "n": 20},
+        "fuzzing": {"value": 0.62, "ci": [0.45, 0.8], "n": 20},
+    }
+    panel = (_explained_by_hand(tmp_path, scores) / "toy/0/1.html").read_text().split('id="trust"', 1)[1]
+    flags = panel.split("</div>", 1)[0].split('<p class="flag"')[1:]
+    assert len(flags) == 1 and "simulation interval (-0.10 to 0.60) is wider than the score (0.30)" in flags[0]

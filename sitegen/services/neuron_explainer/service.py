@@ -12,7 +12,6 @@ from sitegen.services.base import (
     Service,
     api_envelope,
     api_get,
-    fmt_num,
     level_paths,
 )
 
@@ -229,15 +228,21 @@ class NeuronExplainer(Service):
         return [Column("Explanation score"), Column("Explanation", None)]
 
     def neuron_summary(self, view, n, payload):
+        from sitegen.services.neuron_explainer.render import score_text
+
         if not payload["explanation"]:
             return []
-        score = "" if payload["score"] is None else f" (score {fmt_num(payload['score'], 3)})"
+        text = score_text((payload.get("scores") or {}).get("simulation"))
+        score = f" (score {text})" if text else ""
         return [("explanation", Markup('<a href="#explanation">{}</a>{}').format(payload["explanation"], score))]
 
     def layer_cells(self, view, n, payload):
+        from sitegen.services.neuron_explainer.render import score_text
+
         score = payload["score"]
+        text = score_text((payload.get("scores") or {}).get("simulation"))
         return [
-            Cell(Markup.escape("" if score is None else fmt_num(score, 3)), str(-2 if score is None else score)),
+            Cell(Markup.escape(text), str(-2 if score is None else score)),
             Cell(Markup.escape(payload["explanation"] or "")),
         ]
 
