@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from sitegen.errors import ConfigError
+from sitegen.services.neuron_explainer import scoring
 from sitegen.services.neuron_explainer.explain import ExplainConfig, run_explain
 from sitegen.site.build import build_site
 from tests.conftest import free_port
@@ -975,3 +976,64 @@ def test_held_out_excerpts_leave_out_a_random_excerpt_of_a_shown_sequence():
         ("random", 2),
         ("top", 1),
     ]
+
+
+LOCAL_TOLERANCE = 0.5  # levels: the mean |server - in-process| expected value over every placeholder
+SAME_SUPPORT_TOLERANCE = 0.25  # the same, each in-process distribution cut to the levels the server listed
+
+
+@pytest.mark.llm
+def test_the_in_process_path_and_llama_cpp_server_agree_on_expected_values(llama_server):
+    """The same SmolLM2 through llama.cpp's server (the Q4_1 GGUF, quantised kernels, top-10
+    logprobs renormalised over the levels among them) and in-process (the GGUF dequantised to fp32,
+    the exact distribution over every level token) over 3 excerpts x 3 explanations: the expected
+    values differ by at most LOCAL_TOLERANCE levels on average; cut to the levels the server's top
+    10 held (so only the arithmetic differs), by at most SAME_SUPPORT_TOLERANCE."""
+    from sitegen.services.neuron_explainer.explain import Endpoint, simulate
+    from sitegen.services.neuron_explainer.local import LocalModel
+
+    local = LocalModel("smollm2", option="--local")
+    server = Endpoint(llama_server, "smollm2", None, 120.0, 1, None)
+    excerpts = [
+        [" the", " tax", " cut", " will", " help", " working", " families", "."],
+        [" we", " will", " pay", " 12", " percent", " of", " the", " cost"],
+        [" peace", " and", " war", " in", " the", " nation", " this", " year"],
+    ]
+    exact, same_support = [], []
+    state_server, state_local = {}, {}
+    for explanation in ("the word tax.", "numbers and percentages.", "words about war and peace."):
+        for tokens in excerpts:
+            prompt, offsets = scoring.simulation_prompt(explanation, tokens)
+            pred_s, method, raw_s, _ = simulate(server, explanation, tokens, state_server)
+            pred_l, method_l, raw_l, _ = simulate(local, explanation, tokens, state_local)
+            assert method == method_l == "logprobs" and None not in pred_l
+            tops_s = scoring.placeholder_distributions(
+                prompt, offsets, raw_s["choices"][0]["logprobs"], state_server["alignment"]
+            )
+            tops_l = scoring.placeholder_distributions(prompt, offsets, raw_l["choices"][0]["logprobs"], "own")
+            for ps, pl, ts, tl in zip(pred_s, pred_l, tops_s, tops_l):
+                exact.append(abs((ps or 0.0) - pl))
+                cut = {k: v for k, v in tl.items() if ts and k in ts}
+                if cut and scoring.expected_value(cut) is not None and ps is not None:
+                    same_support.append(abs(ps - scoring.expected_value(cut)))
+    gap, gap_cut = float(np.mean(exact)), float(np.mean(same_support))
+    print(
+        f"in-process vs llama.cpp over {len(exact)} placeholders: mean |difference| {gap:.3f} levels (max "
+        f"{max(exact):.3f}); on the server's levels ({len(same_support)}) {gap_cut:.3f} (max {max(same_support):.3f})"
+    )
+    assert gap <= LOCAL_TOLERANCE and gap_cut <= SAME_SUPPORT_TOLERANCE, (gap, gap_cut)
+
+
+def test_a_contrastive_run_is_recorded_in_the_payload_and_the_provenance(planted, tmp_path):
+    stub = Stub("ok")
+    try:
+        run_explain(_cfg(planted, stub.url, neurons="0:1", contrastive=True), log=lambda m: None)
+    finally:
+        stub.close()
+    explainer = next(b for p, b, _ in stub.calls if "Neuron B" in json.dumps(b))["messages"][-1]["content"]
+    assert "Texts where it does not fire:" in explainer
+    out = tmp_path / "site"
+    build_site([planted.root], out)
+    data = json.loads((out / "api/toy/neuron_explainer/0/1.json").read_text())["data"]
+    assert data["explainer_prompt"] == "contrastive"
+    assert "explainer shown <code>contrastive</code>" in (out / "toy/0/1.html").read_text()

@@ -543,3 +543,39 @@ def test_the_trust_panel_flags_an_interval_wider_than_the_score_and_nothing_when
     panel = (_explained_by_hand(tmp_path, scores) / "toy/0/1.html").read_text().split('id="trust"', 1)[1]
     flags = panel.split("</div>", 1)[0].split('<p class="flag"')[1:]
     assert len(flags) == 1 and "simulation interval (-0.10 to 0.60) is wider than the score (0.30)" in flags[0]
+
+
+def test_hard_negatives_are_quiet_calibration_excerpts_sharing_the_firing_words():
+    """Train top 0 and 4 fire on " tax". Random excerpts are dealt calibration 0, 3 / valid 1, 4 /
+    test 2, 5: the hard negative is random 0 (quiet, holds " tax"); random 1 holds it too but is
+    simulated on (valid), so it is never shown; random 3 (quiet, no shared word) only fills up."""
+    from sitegen.services.neuron_explainer.explain import explanation_messages, hard_negatives
+
+    fires = _seq([(" the", 0), (" tax", 1.0), (" cut", 0.2)])
+    top = [fires] * 8
+    random = [ZERO] * 6
+    random[0] = _seq([(" a", 0), (" tax", 0.05), (" form", 0)])
+    random[1] = _seq([(" tax", 0.0), (" the", 0)])
+    random[5] = _seq([(" tax", 0.9)])  # fires: never a negative
+    texts = {"top": top, "random": random}
+    assert hard_negatives(texts, 1) == ([0], 1)
+    assert hard_negatives(texts, 5) == ([0, 3], 1)
+    text = explanation_messages([fires], [random[0]])[-1]["content"]
+    assert "Texts where it does not fire:\n<start>\n a\t0\n tax\t0\n form\t0\n<end>\n" in text
+    assert "The last 1 texts are ones where the neuron does not fire" in text
+
+
+def test_the_contrastive_explainer_is_recorded_and_its_negatives_are_never_judged():
+    from sitegen.services.neuron_explainer.explain import explain_neuron
+
+    fires = _seq([(" the", 0), (" tax", 1.0), (" cut", 0.2)])
+    random = [_seq([(" a", 0), (" tax", 0.0), (" form", i / 100)]) for i in range(12)]
+    ep = FakeEndpoint(["tax"])
+    record = explain_neuron(ep, {"top": [fires] * 8, "random": random}, 2, contrastive=True)
+    prompt = record["explainer_prompt"]
+    assert prompt["kind"] == "contrastive" and prompt["hard"] == 2 and prompt["negatives"] == [0, 3]
+    for name in ("detection", "fuzzing"):
+        judged = {(x["source"], x["index"]) for x in record["scorers"][name]["excerpts"]}
+        assert judged and not judged & {("random", 0), ("random", 3), ("top", 0), ("top", 4)}
+    plain = explain_neuron(FakeEndpoint(["tax"]), {"top": [fires] * 8, "random": random}, 2)
+    assert plain["explainer_prompt"] == {"kind": "top excerpts"} and plain["prompt_hash"] != record["prompt_hash"]

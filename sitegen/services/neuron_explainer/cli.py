@@ -12,10 +12,20 @@ import click
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option(
     "--endpoint",
-    required=True,
-    help="Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1 or http://127.0.0.1:8080/v1.",
+    default=None,
+    help="Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1 or http://127.0.0.1:8080/v1 (or --local).",
 )
-@click.option("--model", required=True, help="The model name the endpoint serves (the explainer and simulator).")
+@click.option("--model", default=None, help="The model name the endpoint serves (the explainer, simulator and judge).")
+@click.option(
+    "--local",
+    is_flag=True,
+    help="Explain and score in-process through transformers with the store's own model (no server).",
+)
+@click.option(
+    "--local-model",
+    default=None,
+    help="Explain and score in-process with another model: a Hugging Face checkpoint folder or a .gguf file.",
+)
 @click.option(
     "--api-key-env",
     default=None,
@@ -39,6 +49,11 @@ import click
     default=1,
     show_default=True,
     help="Explanations sampled per neuron (temperature 1); the best on the valid split is kept and its test-split score reported.",
+)
+@click.option(
+    "--contrastive",
+    is_flag=True,
+    help="Show the explainer hard negatives too: quiet excerpts sharing the words where the neuron fires (recorded per neuron).",
 )
 @click.option(
     "--scorers",
@@ -83,10 +98,13 @@ def explain(
     store,
     endpoint,
     model,
+    local,
+    local_model,
     api_key_env,
     allow_insecure_http,
     neurons,
     samples,
+    contrastive,
     scorers,
     scorer_excerpts,
     concurrency,
@@ -102,9 +120,12 @@ def explain(
         store=store,
         endpoint=endpoint,
         model=model,
+        local=local,
+        local_model=local_model,
         api_key_env=api_key_env,
         neurons=neurons,
         samples=samples,
+        contrastive=contrastive,
         scorers=tuple(x.strip() for x in scorers.split(",") if x.strip()),
         scorer_excerpts=scorer_excerpts,
         concurrency=concurrency,

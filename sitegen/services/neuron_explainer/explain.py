@@ -21,6 +21,7 @@ never written anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -96,8 +97,8 @@ SCORERS = ("simulation", *classify.SCORERS)
 @dataclass
 class ExplainConfig:
     store: Path
-    endpoint: str
-    model: str
+    endpoint: str | None = None  # None with `local`
+    model: str | None = None
     api_key_env: str | None = None  # None: $OPENAI_API_KEY for api.openai.com, no key elsewhere
     neurons: str = "5"
     concurrency: int = 4
@@ -107,10 +108,13 @@ class ExplainConfig:
     explainer_excerpts: int = 5
     samples: int = 1  # explanations sampled per neuron; chosen on the valid split, reported on test
     allow_insecure_http: bool = False  # send the key over plain http to a non-loopback host
+    contrastive: bool = False  # show the explainer hard negatives beside its top excerpts
     dry_run: bool = False
     scorers: tuple[str, ...] = SCORERS  # simulation always; detection and fuzzing as chosen
     # activating and non-activating held-out excerpts per classification scorer
     scorer_excerpts: int = classify.PER_CLASS
+    local: bool = False  # explain and score in-process with the store's own model (local.py)
+    local_model: str | None = None  # another model in-process: a checkpoint folder or .gguf file
 
 
 def _is_loopback(host: str) -> bool:
@@ -394,8 +398,17 @@ def _excerpt(tokens: list[str], levels: list[int], nonzero_only: bool = False) -
 SPARSE = 0.2  # below this proportion of non-zero levels, the excerpts are repeated with their firing tokens alone
 
 
-def explanation_messages(excerpts: list[tuple[list[str], list[float]]]) -> list[dict]:
-    """Chat messages asking for the explanation of a neuron from its train excerpts."""
+CONTRASTIVE = (
+    "The last {k} texts are ones where the neuron does not fire although they share words with the texts where it "
+    "does; say what the texts where it fires have that these lack."
+)
+
+
+def explanation_messages(
+    excerpts: list[tuple[list[str], list[float]]], negatives: list[tuple[list[str], list[float]]] = ()
+) -> list[dict]:
+    """Chat messages asking for the explanation of a neuron from its train excerpts and, for the
+    contrastive explainer, hard negatives shown after them (on the same 0-10 scale)."""
     max_act = max((max(a) for _, a in excerpts if a), default=0.0)
     levels = [scoring.discretise(acts, max_act) for _, acts in excerpts]
     body = [_excerpt(tokens, lv) for (tokens, _), lv in zip(excerpts, levels)]
@@ -409,10 +422,38 @@ def explanation_messages(excerpts: list[tuple[list[str], list[float]]]) -> list[
     for shown, answer in FEW_SHOT:
         messages.append({"role": "user", "content": f"Neuron A\n{shown}\nComplete the sentence: {PRIMER} ..."})
         messages.append({"role": "assistant", "content": answer})
+    contrast = ""
+    if negatives:
+        body.append("Texts where it does not fire:\n")
+        body.extend(_excerpt(tokens, scoring.discretise(acts, max_act)) for tokens, acts in negatives)
+        contrast = "\n" + CONTRASTIVE.format(k=len(negatives))
     messages.append(
-        {"role": "user", "content": "Neuron B\n" + "".join(body) + f"\nComplete the sentence: {PRIMER} ..."}
+        {"role": "user", "content": "Neuron B\n" + "".join(body) + f"{contrast}\nComplete the sentence: {PRIMER} ..."}
     )
     return messages
+
+
+def hard_negatives(texts: dict, n: int) -> tuple[list[int], int]:
+    """(random excerpt indices, how many of them are hard) for the contrastive explainer: random
+    excerpts of the calibration split (never simulated or scored on: sitegen uses no calibration)
+    where the neuron does not fire (below classify.THRESHOLD x its top activation) that hold the
+    most of the tokens where the train excerpts fire; hard means at least one such token. With
+    fewer hard ones, the calibration split's other quiet excerpts fill up to n."""
+    train = [texts["top"][i] for i in deal(len(texts["top"]), TOP_SPLITS)["train"]]
+    top_max = max((max(a) for _, a in texts["top"] if a), default=0.0)
+    threshold = classify.THRESHOLD * top_max
+    firing = {
+        t.strip().lower() for tokens, acts in train for t, a in zip(tokens, acts) if a >= threshold and top_max > 0
+    }
+    ranked = []
+    for i in deal(len(texts["random"]), RANDOM_SPLITS)["calibration"]:
+        tokens, acts = texts["random"][i]
+        if acts and max(acts) < threshold:
+            shared = sum(1 for t in tokens if t.strip().lower() in firing)
+            ranked.append((-shared, i))
+    ranked.sort()
+    chosen = ranked[:n]
+    return [i for _, i in chosen], sum(1 for shared, _ in chosen if shared < 0)
 
 
 def clean_explanation(text: str) -> str:
@@ -476,6 +517,9 @@ def _alignment(ep: Endpoint, prompt: str, offsets: list[int], lp: dict, state: d
     """The endpoint's logprob alignment (scoring.echo_alignment) established from this answer;
     an endpoint where it cannot be, or where it changes between answers, is refused (fatal: every
     neuron would be scored from entries that may not be the placeholders' own)."""
+    if getattr(ep, "alignment", None):  # the in-process model: it made the answer, so it knows
+        state["alignment"] = ep.alignment
+        return ep.alignment
     found, ev = scoring.echo_alignment(prompt, offsets, lp)
     seen = (
         f"top token = the echoed token {ev['own']} times, = the next token {ev['next']} times; levels at the placeholder's entry "
@@ -656,6 +700,7 @@ def explain_neuron(
     samples: int = 1,
     scorers: tuple[str, ...] = SCORERS,
     per_class: int = classify.PER_CLASS,
+    contrastive: bool = False,
 ) -> dict:
     """texts: {"top": [(tokens, acts)], "random": [(tokens, acts)]} (and "top_seq"/"random_seq",
     their sequence ids, where known) -> one result record. With several samples (temperature 1),
@@ -665,7 +710,9 @@ def explain_neuron(
     explanation is then scored by the other `scorers` on held-out excerpts (classify.py), and every
     score gets its bootstrap interval (bootstrap.py)."""
     split = splits(texts, n_excerpts)
-    messages = explanation_messages(split["train"])
+    negatives, hard = hard_negatives(texts, n_excerpts) if contrastive else ([], 0)
+    split["shown"] |= {("random", i) for i in negatives}  # never judged by detection or fuzzing
+    messages = explanation_messages(split["train"], [texts["random"][i] for i in negatives])
     prompt_hash = "sha256:" + hashlib.sha256(orjson.dumps(messages)).hexdigest()
     raw: list = []
     usage = [0, 0]
@@ -704,6 +751,10 @@ def explain_neuron(
         # which echo logprob entry was read as each placeholder's distribution (None: no logprobs used)
         "logprob_alignment": state.get("alignment") if state.get("logprobs") else None,
         "selected_on": "valid" if choose else None,
+        # what the explainer was shown: top excerpts alone, or with hard negatives (random indices)
+        "explainer_prompt": (
+            {"kind": "contrastive", "negatives": negatives, "hard": hard} if contrastive else {"kind": "top excerpts"}
+        ),
         "samples": [
             {"explanation": x["explanation"], "valid_score": x["valid_score"], "score": x["score"]} for x in candidates
         ],
@@ -731,10 +782,17 @@ def explain_neuron(
 
 
 def requests_per_neuron(
-    texts: dict, n_excerpts: int, samples: int, scorers: tuple[str, ...] = SCORERS, per_class: int = classify.PER_CLASS
+    texts: dict,
+    n_excerpts: int,
+    samples: int,
+    scorers: tuple[str, ...] = SCORERS,
+    per_class: int = classify.PER_CLASS,
+    contrastive: bool = False,
 ) -> int:
     """The most requests explain_neuron makes for one neuron (fewer when samples repeat)."""
     split = splits(texts, n_excerpts)
+    if contrastive:
+        split["shown"] |= {("random", i) for i in hard_negatives(texts, n_excerpts)[0]}
     valid = len(split["valid"]) if samples > 1 and split["valid_top"] else 0
     items = classification_items(texts, split["shown"], per_class) if set(scorers) & set(classify.SCORERS) else {}
     classified = sum(-(-len(items[name]) // classify.BATCH) for name in classify.SCORERS if name in scorers)
@@ -879,8 +937,30 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
     from sitegen.store import Store
 
     _check_numbers(cfg)
-    key, key_env = endpoint_key(cfg.endpoint, cfg.api_key_env, cfg.allow_insecure_http)  # before any request
+    local = cfg.local or cfg.local_model is not None
+    if local and (cfg.endpoint or cfg.model):
+        raise ConfigError(
+            f"{'--endpoint' if cfg.endpoint else '--model'} with {'--local' if cfg.local else '--local-model'}: the in-process "
+            "model needs no endpoint; drop one of them"
+        )
+    if not local and not (cfg.endpoint and cfg.model):
+        raise ConfigError(
+            "give --endpoint URL and --model NAME (an OpenAI-compatible server), or --local (the store's own model, "
+            "in-process) or --local-model PATH"
+        )
+    key, key_env = (None, None) if local else endpoint_key(cfg.endpoint, cfg.api_key_env, cfg.allow_insecure_http)
     store = Store.open(cfg.store)
+    if local:  # its name is the explainer's (the work log's key); the model loads when there is work
+        from sitegen.services.neuron_explainer.local import LocalModel, resolve
+
+        option = "--local-model" if cfg.local_model else "--local"
+        spec = cfg.local_model or str(store.manifest["model"].get("source") or "")
+        if not spec:
+            raise ConfigError(
+                "--local: the store's manifest names no model source; pass the model with --local-model PATH"
+            )
+        name = resolve(spec, option)[1]
+        cfg = dataclasses.replace(cfg, model=f"{name} (in-process)", endpoint=f"in-process {name}", concurrency=1)
     m = store.manifest["model"]
     n_layers, size = int(m["num_layers"]), int(m["layer_size"])
     selection = select_neurons(cfg.neurons, n_layers, size, store, option="--neurons")
@@ -902,12 +982,19 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
                 "with --top-k 8 or more"
             )
     n_requests = sum(
-        requests_per_neuron(texts[k], cfg.explainer_excerpts, cfg.samples, cfg.scorers, cfg.scorer_excerpts)
+        requests_per_neuron(
+            texts[k], cfg.explainer_excerpts, cfg.samples, cfg.scorers, cfg.scorer_excerpts, cfg.contrastive
+        )
         for k in todo
     )
     if cfg.dry_run:
         if todo:
-            for msg in explanation_messages(splits(texts[todo[0]], cfg.explainer_excerpts)["train"]):
+            first = texts[todo[0]]
+            negatives = hard_negatives(first, cfg.explainer_excerpts)[0] if cfg.contrastive else []
+            shown = explanation_messages(
+                splits(first, cfg.explainer_excerpts)["train"], [first["random"][i] for i in negatives]
+            )
+            for msg in shown:
                 log(f"--- {msg['role']}\n{msg['content']}")
         log(
             f"dry run: {len(todo)} neurons to explain ({len(done)} already done), at most {n_requests} requests "
@@ -916,14 +1003,24 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
             f"as model {cfg.model!r}"
         )
         return {"todo": len(todo), "requests": n_requests}
-    ep = Endpoint(
-        cfg.endpoint, cfg.model, key, cfg.timeout, cfg.retries, key_env, max_bytes=int(cfg.max_response_mb * 2**20)
-    )
+    if local:
+        ep = LocalModel(spec, option)
+    else:
+        ep = Endpoint(
+            cfg.endpoint, cfg.model, key, cfg.timeout, cfg.retries, key_env, max_bytes=int(cfg.max_response_mb * 2**20)
+        )
     failures, fatal = 0, None
     with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
         futures = {
             pool.submit(
-                explain_neuron, ep, texts[key], cfg.explainer_excerpts, cfg.samples, cfg.scorers, cfg.scorer_excerpts
+                explain_neuron,
+                ep,
+                texts[key],
+                cfg.explainer_excerpts,
+                cfg.samples,
+                cfg.scorers,
+                cfg.scorer_excerpts,
+                cfg.contrastive,
             ): key
             for key in todo
         }
@@ -1020,6 +1117,7 @@ def _write_tables(store, done: dict[tuple[int, int], dict], model: str) -> None:
                 "raw": orjson.dumps(r.get("raw") or []).decode(),
                 "scores": None if r.get("scores") is None else orjson.dumps(r["scores"]).decode(),
                 "scorers": None if r.get("scorers") is None else orjson.dumps(r["scorers"]).decode(),
+                "explainer_prompt": (r.get("explainer_prompt") or {}).get("kind"),
             }
         schema = pa.schema(
             [
@@ -1032,6 +1130,7 @@ def _write_tables(store, done: dict[tuple[int, int], dict], model: str) -> None:
                 ("raw", pa.string()),
                 ("scores", pa.string()),
                 ("scorers", pa.string()),
+                ("explainer_prompt", pa.string()),
             ]
         )
         ordered = [rows[n] for n in sorted(rows)]

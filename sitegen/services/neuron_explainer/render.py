@@ -108,6 +108,8 @@ class ExplainerLayer:
             # which echo logprob entry was read as each placeholder's distribution ("own" or "next");
             # None with logprobs: scored without alignment detection, to be re-scored (needs_rescoring)
             out["logprob_alignment"] = r.get("logprob_alignment")
+            # what the explainer was shown: "top excerpts" or "contrastive" (with hard negatives)
+            out["explainer_prompt"] = r.get("explainer_prompt") or "top excerpts"
             if r.get("scorers"):  # how each score was made: LLM calls and the hash of every prompt sent
                 out["scorers"] = {
                     name: {k: v for k, v in made.items() if k in SCORER_FIELDS}

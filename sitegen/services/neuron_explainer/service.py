@@ -109,6 +109,11 @@ _EXPLAINER = {
                 "requests": {"type": "integer", "description": "Requests made."},
             },
         },
+        "explainer_prompt": _S(
+            '`sitegen explain` only: what the explainer was shown: "top excerpts" (the neuron\'s train top '
+            'excerpts), or "contrastive" (those and hard negatives: excerpts sharing their firing words where the neuron '
+            "does not fire; `--contrastive`)."
+        ),
         "prompt_hash": _S(
             "`sitegen explain` only: SHA-256 of the prompt messages that asked for the explanation, so a rerun can be checked against them."
         ),
@@ -176,6 +181,7 @@ class NeuronExplainer(Service):
             "source": ex.get("source"),
             "method": ex.get("method"),
             "prompt_hash": ex.get("prompt_hash"),
+            "explainer_prompt": ex.get("explainer_prompt"),
             "logprobs": uses_logprobs(ex),
             "logprob_alignment": ex.get("logprob_alignment"),
             "needs_rescoring": needs_rescoring(ex),
