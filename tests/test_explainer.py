@@ -482,12 +482,14 @@ def test_bootstrap_intervals_cover_the_truth_95_percent_of_the_time():
 HOSTILE = '<img src=x onerror=alert(1)> dates & "times"'
 
 
-def _explained_by_hand(tmp_path, scores: dict):
+def _explained_by_hand(tmp_path, scores: dict, unread: dict | None = None):
     """A synthetic store whose neuron 0:1 has a hand-written `sitegen explain` record."""
     from sitegen.services.neuron_explainer.explain import _write_tables
 
     store = write_synthetic_store(tmp_path / "store", name="toy")
     made = {name: {"calls": 4, "prompt_hash": "sha256:" + "ab" * 32} for name in scores}
+    for name, count in (unread or {}).items():
+        made[name]["unread"] = count
     record = {
         "explanation": HOSTILE,
         "score": scores["simulation"]["value"],
@@ -543,6 +545,16 @@ def test_the_trust_panel_flags_an_interval_wider_than_the_score_and_nothing_when
     panel = (_explained_by_hand(tmp_path, scores) / "toy/0/1.html").read_text().split('id="trust"', 1)[1]
     flags = panel.split("</div>", 1)[0].split('<p class="flag"')[1:]
     assert len(flags) == 1 and "simulation interval (-0.10 to 0.60) is wider than the score (0.30)" in flags[0]
+
+
+def test_the_trust_panel_says_when_a_judge_s_answers_could_not_be_read(tmp_path):
+    scores = {
+        "simulation": {"value": 0.5, "ci": [0.4, 0.6], "n": 10},
+        "detection": {"value": 0.5, "ci": [0.5, 0.5], "n": 10},
+    }
+    out = _explained_by_hand(tmp_path, scores, unread={"detection": 2})
+    panel = (out / "toy/0/1.html").read_text().split('id="trust"', 1)[1].split("</div>", 1)[0]
+    assert "2 of 4 detection answers could not be read" in panel
 
 
 def test_hard_negatives_are_quiet_calibration_excerpts_sharing_the_firing_words():

@@ -31,6 +31,7 @@ EMBEDDED = "smollm2"  # compute's default model: SmolLM2-135M-Instruct from the 
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 LEVELS = [str(i) for i in range(11)]
+STOPS = ["\n", "]"]
 FLOOR = -1e4  # a logprob of -inf (float32 underflow) is written as this: the answers hold finite numbers
 
 
@@ -153,7 +154,14 @@ class LocalModel:
 
         ids = self._chat_ids(body["messages"])
         temperature = float(body.get("temperature") or 0.0)
-        gen = {"max_new_tokens": int(body.get("max_tokens") or 60), "pad_token_id": self.tokenizer.eos_token_id}
+        gen = {
+            "max_new_tokens": int(body.get("max_tokens") or 60),
+            "pad_token_id": self.tokenizer.eos_token_id,
+            # sitegen reads the first line of an explanation and the first [..] list of a judge's
+            # answer: generation stops there (kept in the text)
+            "stop_strings": STOPS,
+            "tokenizer": self.tokenizer,
+        }
         if temperature > 0:
             torch.manual_seed(int(body.get("seed") or 0))  # seeded sampling: a rerun writes the same explanation
             gen.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)

@@ -45,11 +45,17 @@ def score_text(entry: dict | None) -> str:
     return _two(entry["value"]) + ("" if not ci else f" [{_two(ci[0])}, {_two(ci[1])}]")
 
 
-def flags(scores: dict | None) -> list[str]:
-    """Plain warnings about a neuron's scores: an interval wider than its score, and two scorers
-    whose intervals do not overlap once put on one footing (0 chance, 1 perfect: a balanced
-    accuracy b counts as 2b - 1)."""
+def flags(scores: dict | None, scorers: dict | None = None) -> list[str]:
+    """Plain warnings about a neuron's scores: answers a judge gave that could not be read (they
+    count as chance), an interval wider than its score, and two scorers whose intervals do not
+    overlap once put on one footing (0 chance, 1 perfect: a balanced accuracy b counts as 2b - 1)."""
     out = []
+    for name, made in (scorers or {}).items():
+        if made.get("unread"):
+            out.append(
+                f"{made['unread']} of {made.get('calls')} {name} answers could not be read (no list of 0s and 1s); "
+                f"their excerpts count as answered 0, so the {name} score leans towards chance (0.5)."
+            )
     done = {k: v for k, v in (scores or {}).items() if v and v.get("value") is not None}
     for name, s in done.items():
         if s.get("ci") and s["ci"][1] - s["ci"][0] > s["value"]:
@@ -137,7 +143,7 @@ class ExplainerLayer:
             for name, what in MEANS.items()
             if name in scores
         ]
-        out["flags"] = flags(scores)
+        out["flags"] = flags(scores, out.get("scorers"))
         return out
 
     def layer_payload(self) -> dict:
