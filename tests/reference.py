@@ -82,8 +82,10 @@ def write_synthetic_store(
     with_logits: bool = True,
     doc_texts: list[str] | None = None,
     with_graphs: bool = True,
+    plant=None,
 ) -> Store:
-    """A small, deterministic store written through the real store API (no model)."""
+    """A small, deterministic store written through the real store API (no model). `plant(layer,
+    token_ids, acts) -> acts` may replace a layer's random activations (planted units)."""
     rng = np.random.default_rng(seed)
     vocab = vocab or ["<bos>"] + [f" w{i}" for i in range(30)] + [
         "<script>alert(1)</script>",
@@ -101,6 +103,8 @@ def write_synthetic_store(
     for layer in range(n_layers):
         acts = rng.normal(0, 1, size=(n_seqs, seq_len, n_neurons)).astype(np.float32)
         acts[1, 3, :] = 5.0 + layer  # the <script> token is every neuron's top activation
+        if plant is not None:
+            acts = plant(layer, token_ids, acts)
         st = brute_force_state(acts, lengths, seq_ids, 1, top_k, n_random, seed)
         store.write_layer(
             "neuroscope",
