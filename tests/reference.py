@@ -67,6 +67,23 @@ def brute_force_state(
     }
 
 
+def _synthetic_weight_columns(layer: int, n_layers: int, n_neurons: int, n_vocab: int, seed: int) -> dict:
+    """The logits table's histogram columns, from a generator of their own (the other draws, and so
+    the rest of the synthetic store, stay as they were)."""
+    from sitegen.services.logits.render import HIST_BINS
+
+    rng = np.random.default_rng((seed, layer, 1))
+    effects = rng.normal(size=(n_neurons, n_vocab)).astype(np.float32)
+    counts = np.stack([np.histogram(row, HIST_BINS)[0] for row in effects]).astype(np.int32)
+    return {
+        "logit_hist_lo": pa.array(effects.min(1), pa.float32()),
+        "logit_hist_hi": pa.array(effects.max(1), pa.float32()),
+        "logit_hist_counts": pa.ListArray.from_arrays(
+            pa.array(np.arange(0, counts.size + 1, HIST_BINS, dtype=np.int32)), pa.array(counts.reshape(-1), pa.int32())
+        ),
+    }
+
+
 def write_synthetic_store(
     root: Path,
     *,
@@ -125,6 +142,7 @@ def write_synthetic_store(
                         "suppressed_vals": lst(np.sort(vals), pa.float32()),
                         "input_ids": lst(ids, pa.int32()),
                         "input_vals": lst(vals, pa.float32()),
+                        **_synthetic_weight_columns(layer, n_layers, n_neurons, len(vocab), seed),
                     }
                 ),
             )

@@ -299,6 +299,30 @@ def test_logit_tables_match_independent_computation(whole_run, tiny_model_dir):
                 np.testing.assert_allclose(t.column("input_vals")[n].as_py(), inp.values.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_logit_histogram_equals_np_histogram(whole_run, tiny_model_dir):
+    """Each neuron's logit histogram (store and API) equals np.histogram(bins=40) of its direct effect
+    on every vocabulary logit, W_out[n] . W_U with ln_final's weight folded in, recomputed from the
+    Hugging Face weights: counts exactly, edges to the 6 digits the API gives."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sitegen.services.logits.render import LogitsLayer
+    from sitegen.store import Store
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    store = Store.open(whole_run)
+    with torch.no_grad():
+        for layer, block in enumerate(hf.model.layers):
+            view = LogitsLayer(store, layer, site=None)
+            logits = ((block.mlp.down_proj.weight.T * hf.model.norm.weight) @ hf.lm_head.weight.T).numpy()
+            for n, row in enumerate(logits):
+                counts, edges = np.histogram(row, 40)
+                got = view.histogram(n)  # the payload's logit_histogram
+                assert got["counts"] == counts.tolist(), (layer, n)
+                assert sum(got["counts"]) == hf.config.vocab_size
+                np.testing.assert_allclose(got["edges"], edges, rtol=1e-5)
+
+
 def test_existing_store_is_never_overwritten(whole_run, tiny_model_dir, tiny_corpus):
     from sitegen.compute.runner import run_compute
     from sitegen.errors import StoreError

@@ -9,6 +9,10 @@
   embedding, passed through the layer's own pre-MLP norm (weight and bias included) and the MLP's
   nonlinearity (act(gate) * up for gated MLPs). The tokens with the highest such activation are
   the neuron's top input tokens from W_E . W_in.
+- Logit histogram: the direct effect above on every vocabulary token, binned as np.histogram bins
+  it by default apart from the bin count: HIST_BINS equal-width bins from the neuron's smallest to
+  its largest effect (the last bin closed). Stored as (min, max, counts): the edges follow from
+  min and max (logit_hist_edges), so a unit costs two floats and HIST_BINS integers.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from sitegen.services.logits.render import HIST_BINS, logit_hist_edges
+
 SERVICE = "logits"
 TOP_N = 10
+_HIST_ROWS = 256  # neurons binned at once: bounds the (rows, vocab) int64 bin-index matrix
 
 _ACTS = {
     "silu": F.silu,
@@ -55,6 +62,22 @@ def _list_column(tensor: torch.Tensor, dtype: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), dtype))
 
 
+def logit_histograms(logits: torch.Tensor, bins: int = HIST_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(min, max, counts) per row of logits (rows, vocab): counts (rows, bins) int32 equal to
+    np.histogram(row, bins)[0]. Each value is placed by comparison with np.histogram's own float32
+    edges (searchsorted: edges[i] <= x < edges[i + 1], the top edge in the last bin), so the counts
+    do not depend on how the bin index would be rounded."""
+    lo, hi = logits.amin(1).cpu().numpy(), logits.amax(1).cpu().numpy()
+    edges = torch.from_numpy(np.stack([logit_hist_edges(a, b, bins) for a, b in zip(lo.tolist(), hi.tolist())]))
+    edges = edges.to(logits.device)
+    counts = torch.zeros((logits.shape[0], bins), dtype=torch.int64, device=logits.device)
+    for start in range(0, logits.shape[0], _HIST_ROWS):
+        rows = slice(start, start + _HIST_ROWS)
+        index = torch.searchsorted(edges[rows].contiguous(), logits[rows].contiguous(), right=True).sub_(1)
+        counts[rows].scatter_add_(1, index.clamp_(0, bins - 1), torch.ones_like(index))
+    return lo, hi, counts.cpu().numpy().astype(np.int32)
+
+
 @torch.no_grad()
 def weight_tables(model, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterator[tuple[int, pa.Table]]:
     """Yield (layer, table) with one row per neuron: promoted/suppressed output tokens and top
@@ -73,6 +96,7 @@ def weight_tables(model, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterato
         logits = direction @ W_U  # (d_mlp, vocab)
         pro_v, pro_i = torch.topk(logits, top_n, dim=1)
         sup_v, sup_i = torch.topk(-logits, top_n, dim=1)
+        hist_lo, hist_hi, hist_counts = logit_histograms(logits)
         del logits
         columns = {
             "neuron": pa.array(np.arange(W_out.shape[0]), pa.int32()),
@@ -80,6 +104,9 @@ def weight_tables(model, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterato
             "promoted_vals": _list_column(pro_v, pa.float32()),
             "suppressed_ids": _list_column(sup_i, pa.int32()),
             "suppressed_vals": _list_column(-sup_v, pa.float32()),
+            "logit_hist_lo": pa.array(hist_lo, pa.float32()),
+            "logit_hist_hi": pa.array(hist_hi, pa.float32()),
+            "logit_hist_counts": _list_column(torch.from_numpy(hist_counts), pa.int32()),
         }
         if act is not None:
             w2, b2 = mlp.norm

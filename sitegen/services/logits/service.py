@@ -57,6 +57,26 @@ _LOGITS = {
             "description": "The 10 tokens whose embedding alone activates the neuron most, highest first "
             "(absent for an activation function sitegen cannot evaluate).",
         },
+        "logit_histogram": {
+            "type": "object",
+            "required": ["edges", "counts"],
+            "description": "The distribution of the neuron's direct effect on every vocabulary logit (the values 'promoted' and "
+            "'suppressed' are the ends of): 40 equal-width bins from its smallest to its largest effect, np.histogram's rule "
+            "(absent from a store computed before it existed).",
+            "properties": {
+                "edges": {
+                    "type": "array",
+                    "items": {"type": "number"},
+                    "description": "The 41 bin edges, ascending, to 6 significant digits; bin i is [edges[i], edges[i + 1]), "
+                    "the last bin closed.",
+                },
+                "counts": {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 0},
+                    "description": "Vocabulary tokens per bin; they add up to the vocabulary size.",
+                },
+            },
+        },
     },
 }
 
@@ -73,7 +93,8 @@ class Logits(Service):
         "promoted_vals",
         "suppressed_ids",
         "suppressed_vals",
-    )  # input_ids and input_vals too, where the units have an MLP nonlinearity (not a dictionary's latents)
+    )  # input_ids and input_vals too, where the units have an MLP nonlinearity (not a dictionary's latents);
+    # logit_hist_lo, logit_hist_hi and logit_hist_counts in stores computed since the histogram existed
     complete_layers = True
     store_token_columns = ("promoted_ids", "suppressed_ids", "input_ids")
 
