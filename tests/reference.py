@@ -68,14 +68,27 @@ def brute_force_state(
 
 
 def _synthetic_weight_columns(layer: int, n_layers: int, n_neurons: int, n_vocab: int, seed: int) -> dict:
-    """The logits table's histogram columns, from a generator of their own (the other draws, and so
-    the rest of the synthetic store, stay as they were)."""
+    """The logits table's histogram and connected-unit columns, from a generator of their own (the
+    other draws, and so the rest of the synthetic store, stay as they were)."""
     from sitegen.services.logits.render import HIST_BINS
 
     rng = np.random.default_rng((seed, layer, 1))
     effects = rng.normal(size=(n_neurons, n_vocab)).astype(np.float32)
     counts = np.stack([np.histogram(row, HIST_BINS)[0] for row in effects]).astype(np.int32)
+    lists = lambda rows, t: pa.ListArray.from_arrays(
+        pa.array(np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)),
+        pa.array([v for r in rows for v in r], t),
+    )
+    connected = {}
+    for side, layers in (("upstream", range(layer)), ("downstream", range(layer + 1, n_layers))):
+        units = [u for m in layers for u in range(m * n_neurons, (m + 1) * n_neurons)]
+        weights = [
+            sorted(rng.normal(size=len(units)).astype(np.float32).tolist(), reverse=True) for _ in range(n_neurons)
+        ]
+        connected[f"{side}_units"] = lists([rng.permutation(units).tolist() for _ in range(n_neurons)], pa.int32())
+        connected[f"{side}_weights"] = lists(weights, pa.float32())
     return {
+        **connected,
         "logit_hist_lo": pa.array(effects.min(1), pa.float32()),
         "logit_hist_hi": pa.array(effects.max(1), pa.float32()),
         "logit_hist_counts": pa.ListArray.from_arrays(

@@ -323,6 +323,86 @@ def test_logit_histogram_equals_np_histogram(whole_run, tiny_model_dir):
                 np.testing.assert_allclose(got["edges"], edges, rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tiny_model_dir, tmp_path_factory):
+    """A random-init GPT-2 (plain GELU MLP, LayerNorm with biases) on the tiny model's tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_inner=40, n_positions=64)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # non-trivial norm weights, so folding them in matters
+        for block in model.transformer.h:
+            block.ln_2.weight.uniform_(0.5, 1.5)
+            block.ln_2.bias.normal_()
+    out = tmp_path_factory.mktemp("tiny-gpt2") / "tiny-gpt2"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _assert_connected(tables: dict, outs: list, ins: list) -> None:
+    """Every neuron's connected units equal a brute force over the full virtual-weight matrix (float64
+    from the HF weights): the 10 largest and 10 smallest weights of each side, largest first."""
+    n_layers, n = len(outs), outs[0].shape[0]
+    full = np.zeros((n_layers * n, n_layers * n))
+    for a in range(n_layers):
+        for b in range(a + 1, n_layers):
+            full[a * n : (a + 1) * n, b * n : (b + 1) * n] = (
+                outs[a].detach().double().numpy() @ ins[b].detach().double().numpy()
+            )
+    for layer in range(n_layers):
+        t = tables[layer]
+        for i in range(n):
+            g = layer * n + i
+            for side, row, units in (
+                ("downstream", full[g], np.arange((layer + 1) * n, n_layers * n)),
+                ("upstream", full[:, g], np.arange(0, layer * n)),
+            ):
+                order = sorted(range(len(units)), key=lambda k: (-row[units[k]], units[k]))
+                chosen = order if len(order) <= 20 else order[:10] + order[-10:]
+                assert t.column(f"{side}_units")[i].as_py() == units[chosen].tolist(), (layer, i, side)
+                np.testing.assert_allclose(
+                    t.column(f"{side}_weights")[i].as_py(), row[units[chosen]], rtol=1e-4, atol=1e-6
+                )
+
+
+def test_connected_units_equal_brute_force_gated(whole_run, tiny_model_dir):
+    """SwiGLU (Llama): W_out[l] . (ln2 weight of m * up_proj of m), from the HF weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sitegen.store import Store
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    store = Store.open(whole_run)
+    tables = {layer: store.read_layer("logits", layer) for layer in range(len(hf.model.layers))}
+    with torch.no_grad():
+        outs = [b.mlp.down_proj.weight.T for b in hf.model.layers]
+        ins = [b.post_attention_layernorm.weight[:, None] * b.mlp.up_proj.weight.T for b in hf.model.layers]
+    _assert_connected(tables, outs, ins)
+
+
+def test_connected_units_equal_brute_force_plain(tiny_gpt2_dir):
+    """A plain GELU MLP with LayerNorm: the output direction centred, ln_2's weight folded in."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sitegen.compute.models import load_model
+    from sitegen.services.logits.compute import weight_tables
+
+    model = load_model(str(tiny_gpt2_dir))
+    assert not model.gated_mlp and model.normalization.startswith("LN")
+    tables = dict(weight_tables(model))
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir, dtype=torch.float32)
+    with torch.no_grad():
+        outs = [b.mlp.c_proj.weight - b.mlp.c_proj.weight.mean(-1, keepdim=True) for b in hf.transformer.h]
+        ins = [b.ln_2.weight[:, None] * b.mlp.c_fc.weight for b in hf.transformer.h]
+    _assert_connected(tables, outs, ins)
+
+
 def test_existing_store_is_never_overwritten(whole_run, tiny_model_dir, tiny_corpus):
     from sitegen.compute.runner import run_compute
     from sitegen.errors import StoreError

@@ -4,7 +4,7 @@ logit histogram."""
 from __future__ import annotations
 
 import numpy as np
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 HIST_BINS = 40  # bins of the logit histogram, as SAEDashboard's
 
@@ -20,6 +20,22 @@ class LogitsLayer:
         self.layer, self.site = layer, site
         t = store.read_layer("logits", layer)
         self.cols = {name: t.column(name).to_pylist() for name in t.column_names}
+        self.size = int(store.manifest["model"]["layer_size"])  # connected units are global ids: layer * size + neuron
+        self.gated = bool(store.manifest["model"].get("gated_mlp", False))
+
+    def connected(self, n: int) -> dict | None:
+        """{"upstream", "downstream"}: lists of {"layer", "neuron", "weight"}, largest weight first;
+        None where the store has no connected units (one layer, a dictionary's latents, an older store)."""
+        if "upstream_units" not in self.cols:
+            return None
+        size = self.size
+        return {
+            side: [
+                {"layer": u // size, "neuron": u % size, "weight": round(w, 4)}
+                for u, w in zip(self.cols[f"{side}_units"][n], self.cols[f"{side}_weights"][n])
+            ]
+            for side in ("upstream", "downstream")
+        }
 
     def _pairs(self, n: int, kind: str) -> list[dict]:
         ids, vals = self.cols.get(f"{kind}_ids"), self.cols.get(f"{kind}_vals")
@@ -47,6 +63,9 @@ class LogitsLayer:
         hist = self.histogram(n)
         if hist is not None:
             out["logit_histogram"] = hist
+        connected = self.connected(n)
+        if connected is not None:
+            out["connected"] = connected
         return out
 
     def page(self, n: int) -> dict:
@@ -65,6 +84,18 @@ class LogitsLayer:
         hist = self.histogram(n)
         if hist is not None:
             rows["histogram_svg"] = Markup(histogram_svg(hist["counts"], hist["edges"]))
+        connected = self.connected(n)
+        if connected is not None:
+            rows["gated"] = self.gated
+            model = escape(self.site.name)
+            for side, units in connected.items():
+                rows[side] = Markup(
+                    "".join(
+                        f'<li><a href="/{model}/{e["layer"]}/{e["neuron"]}.html">{e["layer"]}:{e["neuron"]}</a> '
+                        f"<small>{e['weight']:.3g}</small></li>"
+                        for e in units
+                    )
+                )
         return rows
 
     def layer_payload(self) -> dict:

@@ -57,6 +57,35 @@ _LOGITS = {
             "description": "The 10 tokens whose embedding alone activates the neuron most, highest first "
             "(absent for an activation function sitegen cannot evaluate).",
         },
+        "connected": {
+            "type": "object",
+            "required": ["upstream", "downstream"],
+            "description": "Neurons of other layers connected to this one by virtual weights through the residual stream: "
+            "an earlier neuron's output direction W_out dotted with a later neuron's input direction (the later layer's "
+            "pre-MLP norm weight folded in, centred for LayerNorm; for a gated MLP the up projection W_in, not the gate). "
+            "Absent for a model of one layer and for a dictionary's latents.",
+            "properties": {
+                side: {
+                    "type": "array",
+                    "description": f"{what}: the 10 largest and the 10 most negative weights (fewer where fewer neurons "
+                    "exist), largest first.",
+                    "items": {
+                        "type": "object",
+                        "required": ["layer", "neuron", "weight"],
+                        "description": "A connected neuron and the weight.",
+                        "properties": {
+                            "layer": {"type": "integer", "minimum": 0, "description": "Its layer."},
+                            "neuron": {"type": "integer", "minimum": 0, "description": "Its index in the layer."},
+                            "weight": {"type": "number", "description": "The virtual weight, rounded to 4 decimals."},
+                        },
+                    },
+                }
+                for side, what in (
+                    ("upstream", "Neurons of earlier layers whose output this neuron reads"),
+                    ("downstream", "Neurons of later layers that read this neuron's output"),
+                )
+            },
+        },
         "logit_histogram": {
             "type": "object",
             "required": ["edges", "counts"],
@@ -94,7 +123,8 @@ class Logits(Service):
         "suppressed_ids",
         "suppressed_vals",
     )  # input_ids and input_vals too, where the units have an MLP nonlinearity (not a dictionary's latents);
-    # logit_hist_lo, logit_hist_hi and logit_hist_counts in stores computed since the histogram existed
+    # logit_hist_lo, logit_hist_hi and logit_hist_counts in stores computed since the histogram existed;
+    # upstream_units/_weights and downstream_units/_weights (connected units) since those did, for models of 2+ layers
     complete_layers = True
     store_token_columns = ("promoted_ids", "suppressed_ids", "input_ids")
 
