@@ -67,6 +67,24 @@ def brute_force_state(
     }
 
 
+def brute_force_glu(acts, gate_neg, up_neg, lengths, seq_ids, first_valid: int) -> dict:
+    """A GluQuadrants state from full (seqs, T, n) arrays: gate_neg/up_neg say where gate and up are
+    <= 0. Loops over every counted token: a reference, not fast."""
+    n_seqs, T, n = acts.shape
+    count, mass = np.zeros((4, n), np.int64), np.zeros((4, n), np.int64)
+    top = np.full((4, n), -1, np.int64)
+    for r in range(n_seqs):
+        for t in range(first_valid, int(lengths[r])):
+            for j in range(n):
+                q = 2 * int(gate_neg[r, t, j]) + int(up_neg[r, t, j])
+                magnitude = np.abs(np.float32(acts[r, t, j]))
+                count[q, j] += 1
+                mass[q, j] += int(np.rint(magnitude * np.float32(2**24)))
+                key = (int(magnitude.view(np.int32)) << 32) | (0xFFFFFFFF - (int(seq_ids[r]) * T + t))
+                top[q, j] = max(top[q, j], key)
+    return {"count": count, "mass_fx": mass, "top": top}
+
+
 def _synthetic_weight_columns(layer: int, n_layers: int, n_neurons: int, n_vocab: int, seed: int) -> dict:
     """The logits table's histogram and connected-unit columns, from a generator of their own (the
     other draws, and so the rest of the synthetic store, stay as they were)."""
@@ -112,8 +130,10 @@ def write_synthetic_store(
     with_logits: bool = True,
     doc_texts: list[str] | None = None,
     with_graphs: bool = True,
+    gated: bool = False,
 ) -> Store:
-    """A small, deterministic store written through the real store API (no model)."""
+    """A small, deterministic store written through the real store API (no model). `gated`: a
+    gated MLP's store, with quadrant columns from random gate and up signs."""
     rng = np.random.default_rng(seed)
     vocab = vocab or ["<bos>"] + [f" w{i}" for i in range(30)] + [
         "<script>alert(1)</script>",
@@ -132,10 +152,13 @@ def write_synthetic_store(
         acts = rng.normal(0, 1, size=(n_seqs, seq_len, n_neurons)).astype(np.float32)
         acts[1, 3, :] = 5.0 + layer  # the <script> token is every neuron's top activation
         st = brute_force_state(acts, lengths, seq_ids, 1, top_k, n_random, seed)
+        if gated:
+            signs = np.random.default_rng((seed, layer, 2)).integers(0, 2, size=(2, *acts.shape))
+            st["glu"] = brute_force_glu(acts, signs[0], signs[1], lengths, seq_ids, 1)
         store.write_layer(
             "neuroscope",
             layer,
-            ns_data.state_to_table(st, top_k, n_random, dict(zip(seq_ids.tolist(), lengths.tolist()))),
+            ns_data.state_to_table(st, top_k, n_random, dict(zip(seq_ids.tolist(), lengths.tolist())), seq_len),
         )
         if with_logits:
             ids = rng.integers(0, len(vocab), size=(n_neurons, 3))
@@ -186,6 +209,7 @@ def write_synthetic_store(
                 "num_total_parameters": 1234,
                 "d_model": 8,
                 "vocab_size": len(vocab),
+                **({"gated_mlp": True} if gated else {}),
             },
             corpus={
                 "name": "toy-corpus",

@@ -129,6 +129,90 @@ def test_store_equals_brute_force(whole_run, tiny_model_dir, tiny_corpus):
     assert first[0] == model.tokenizer.bos_token_id
 
 
+def _hooked_glu(model, tiny_corpus):
+    """(acts, gate, up) per layer, (layers, seqs, SEQ_LEN, d_mlp), hooked from the model in compute's
+    batches, and the sequences' lengths and ids."""
+    import torch
+
+    from sitegen.compute.packing import pack_sequences
+    from sitegen.compute.runner import _batch_tensors
+    from sitegen.corpus import load_corpus
+    from sitegen.corpus_keys import random_key
+
+    seqs = list(pack_sequences(load_corpus(str(tiny_corpus)), model.tokenizer, SEQ_LEN, TOKENS, SEED))
+    names = {"acts": "hook_post", "gate": "hook_pre", "up": "hook_pre_linear"}
+    out = {k: np.zeros((model.n_layers, len(seqs), SEQ_LEN, model.d_mlp), np.float32) for k in names}
+    for start in range(0, len(seqs), BATCH):
+        batch = seqs[start : start + BATCH]
+        tokens, *_ = _batch_tensors(batch, BATCH, SEQ_LEN, model.tokenizer.pad_token_id, 1, SEED, random_key, "cpu")
+        captured = {}
+        hooks = [
+            (
+                f"blocks.{layer}.mlp.{hook}",
+                (lambda key: lambda x, hook: captured.__setitem__(key, x.detach().clone()))((k, layer)),
+            )
+            for layer in range(model.n_layers)
+            for k, hook in names.items()
+        ]
+        with torch.inference_mode():
+            model.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
+        for (k, layer), x in captured.items():
+            out[k][layer, start : start + len(batch)] = x[: len(batch)].numpy()
+    return out, np.array([len(s.token_ids) for s in seqs]), np.array([s.seq_id for s in seqs])
+
+
+def test_glu_quadrants_equal_direct_computation_and_merge(whole_run, tiny_model_dir, tiny_corpus, tmp_path):
+    """Per neuron and (gate sign, up sign) quadrant: token counts, activation mass (fixed point) and
+    the top example (largest |activation|, ties to the lower sequence, then position) equal a direct
+    computation from the hooked gate and up pre-activations over every counted token; two shards
+    merged in either order give the whole run's columns."""
+    from sitegen.compute.models import load_model
+    from sitegen.compute.runner import run_compute
+    from sitegen.merge import merge_stores
+    from sitegen.store import Store
+
+    model = load_model(str(tiny_model_dir))
+    hooked, lengths, seq_ids = _hooked_glu(model, tiny_corpus)
+    store = Store.open(whole_run)
+    counted = (np.arange(SEQ_LEN)[None, :] >= 1) & (np.arange(SEQ_LEN)[None, :] < lengths[:, None])  # (seqs, T)
+    for layer in range(model.n_layers):
+        acts, gate, up = (hooked[k][layer] for k in ("acts", "gate", "up"))
+        np.testing.assert_allclose(acts, gate / (1 + np.exp(-gate)) * up, rtol=1e-4, atol=1e-5)  # the hooks' meaning
+        quadrant = 2 * (gate <= 0) + (up <= 0)
+        t = store.read_layer("neuroscope", layer)
+        got = {
+            c: t.column(c).to_pylist()
+            for c in ("glu_count", "glu_mass_fx", "glu_top_seq", "glu_top_pos", "glu_top_act")
+        }
+        for n in range(model.d_mlp):
+            for q in range(4):
+                mask = counted & (quadrant[:, :, n] == q)
+                values = acts[:, :, n][mask]
+                assert got["glu_count"][n][q] == mask.sum()
+                assert got["glu_mass_fx"][n][q] == int(
+                    np.rint(np.abs(values) * np.float32(2**24)).astype(np.int64).sum()
+                )
+                if not mask.any():
+                    assert got["glu_top_seq"][n][q] == -1
+                    continue
+                rows, pos = np.nonzero(mask)
+                best = np.abs(acts[rows, pos, n])
+                pick = min(np.flatnonzero(best == best.max()), key=lambda i: (seq_ids[rows[i]], pos[i]))
+                assert (got["glu_top_seq"][n][q], got["glu_top_pos"][n][q]) == (seq_ids[rows[pick]], pos[pick])
+                assert got["glu_top_act"][n][q] == acts[rows[pick], pos[pick], n]
+            assert sum(got["glu_count"][n]) == t.column("count")[n].as_py()
+    shards = []
+    for i in range(2):
+        run_compute(_config(tiny_model_dir, tiny_corpus, tmp_path / f"s{i}", shard=(i, 2)), log=lambda m: None)
+        shards.append(tmp_path / f"s{i}")
+    for name, order in (("ab", shards), ("ba", shards[::-1])):
+        merged = Store.open(merge_stores(order, tmp_path / name))
+        for layer in range(model.n_layers):
+            a, b = merged.read_layer("neuroscope", layer), store.read_layer("neuroscope", layer)
+            for c in ("glu_count", "glu_mass_fx", "glu_top_seq", "glu_top_pos", "glu_top_act"):
+                assert a.column(c).equals(b.column(c)), (name, layer, c)
+
+
 @pytest.mark.parametrize("all_full", [True, False])
 def test_torch_accumulator_std_exact_at_every_scale(all_full):
     """The torch accumulator compute uses: bit-identical raw sums to the numpy reference, and std
