@@ -60,9 +60,19 @@ def main() -> None:
         ray_benchmark(args)
         return
 
+    import dataclasses
+
     from sitegen.compute.models import load_model, resolve_device
     from sitegen.compute.packing import pack_sequences
-    from sitegen.compute.runner import _batch_tensors, _corpus_services, _forward, _LayerAccumulators, auto_batch_size
+    from sitegen.compute.runner import (
+        _batch_tensors,
+        _corpus_services,
+        _FiniteGuard,
+        _forward_units,
+        _LayerAccumulators,
+        _Units,
+        auto_batch_size,
+    )
     from sitegen.corpus import load_corpus
     from sitegen.corpus_keys import random_key
     from sitegen.services.base import CorpusRun
@@ -102,29 +112,42 @@ def main() -> None:
         device=device,
     )
 
-    def compute():  # every registered corpus-pass service's accumulators, as `sitegen compute` feeds them
+    def compute(corpus_run):  # every registered corpus-pass service's accumulators, as `sitegen compute` feeds them
         accs = [
-            _LayerAccumulators({s.name: s.accumulator(layer, run) for s in _corpus_services()})
+            _LayerAccumulators({s.name: s.accumulator(layer, corpus_run) for s in _corpus_services()})
             for layer in range(model.n_layers)
         ]
+        units = [_Units(model, None, accs, _FiniteGuard(model.n_layers, model.d_mlp, 1, device))]
         for (tokens, seq_ids, valid, rand), full in zip(batches, full_flags):
-            _forward(model, tokens, accs, seq_ids, valid, rand, full)
+            _forward_units(units, tokens, seq_ids, valid, rand, full)
 
-    bare_cut()  # warm-up
-    timings = {}
-    for name, fn in (
+    passes = [
         ("bare forward, full (logits)", bare_full),
         ("bare forward, cut after last block", bare_cut),
-        ("sitegen compute pass", compute),
-    ):
-        best = float("inf")
-        for _ in range(args.repeats):
+        ("sitegen compute pass", lambda: compute(dataclasses.replace(run, gated_mlp=model.gated_mlp))),
+    ]
+    if model.gated_mlp:  # the same pass without the gate/up quadrants (their hooks still run: timed apart below)
+        passes.append(("compute pass without GLU quadrants", lambda: compute(run)))
+
+        def cut_with_glu_hooks():  # bare_cut plus the gate and up hooks the quadrants read
+            noop = lambda acts: None
+            hooks = [(name, noop) for layer in range(model.n_layers) for name in model.glu_hook_names(layer)]
+            for tokens, *_ in batches:
+                model.run_hooks(tokens, hooks + [(model.hook_name(model.n_layers - 1), noop)])
+
+        passes.append(("bare forward, cut, with gate/up hooks", cut_with_glu_hooks))
+    bare_cut()  # warm-up
+    # Repeats interleave the passes (A B C A B C), so a slow spell of a shared machine does not
+    # fall on one pass alone; each pass keeps its best time.
+    best = {name: float("inf") for name, _ in passes}
+    for _ in range(args.repeats):
+        for name, fn in passes:
             t0 = time.perf_counter()
             fn()
             if device.startswith("cuda"):  # kernels run asynchronously: the clock stops when they are done
                 torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        timings[name] = n_tokens / best
+            best[name] = min(best[name], time.perf_counter() - t0)
+    timings = {name: n_tokens / t for name, t in best.items()}
     print(
         f"model {model.name}: {model.n_layers} layers x {model.d_mlp} neurons; {n_tokens} tokens in {len(seqs)} sequences of {args.seq_len}; "
         f"batch {bs}; device {device}"
@@ -143,6 +166,14 @@ def main() -> None:
     print(
         f"  ratio compute / bare forward, same cut:  {c / timings['bare forward, cut after last block']:.3f}  (cost of the accumulators alone)"
     )
+    if model.gated_mlp:
+        without = timings["compute pass without GLU quadrants"]
+        hooks = timings["bare forward, cut, with gate/up hooks"]
+        print(f"  ratio compute without / with GLU quadrants: {without / c:.3f}  (the quadrants' cost)")
+        print(
+            f"  ratio bare cut without / with gate/up hooks: "
+            f"{timings['bare forward, cut after last block'] / hooks:.3f}  (the hooks' share of it)"
+        )
     if not args.skip_weights:
         from sitegen.services.logits.compute import weight_tables
 
@@ -155,7 +186,7 @@ def main() -> None:
 def accumulators_only(args) -> None:
     """One layer's accumulator update per batch, in CPU time on one thread: steadier than wall time
     on a shared machine, and what the streaming statistics add to each layer of the forward pass."""
-    from sitegen.services.neuroscope.compute import LayerAccumulator
+    from sitegen.services.neuroscope.compute import GluQuadrants, LayerAccumulator
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -174,6 +205,20 @@ def accumulators_only(args) -> None:
     print(
         f"LayerAccumulator.update, batch {bs} x {T} tokens x {n} neurons, one thread: best {times[0] * 1e3:.1f} ms, "
         f"median {times[2] * 1e3:.1f} ms CPU per layer per batch"
+    )
+    # A gated MLP's quadrants, on the same batches (gate and up: random, so every quadrant is hit)
+    glu = GluQuadrants(n, T, 1, "cpu")
+    gates, ups = [torch.randn(bs, T, n) for _ in acts], [torch.randn(bs, T, n) for _ in acts]
+    glu_times = []
+    for rep in range(5):
+        t0 = time.process_time()
+        for i, a in enumerate(acts):
+            glu.update(a, gates[i], ups[i], torch.arange(bs) + bs * (4 * rep + i), valid, all_full=True)
+        glu_times.append((time.process_time() - t0) / len(acts))
+    glu_times.sort()
+    print(
+        f"GluQuadrants.update, the same batches: best {glu_times[0] * 1e3:.1f} ms, median {glu_times[2] * 1e3:.1f} ms CPU "
+        f"(ratio to LayerAccumulator, medians: {glu_times[2] / times[2]:.2f})"
     )
 
 

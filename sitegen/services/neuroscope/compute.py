@@ -195,24 +195,32 @@ class GluQuadrants:
         self.top = torch.full((4 * n,), -1, dtype=torch.int64, device=device)
         self._neuron = torch.arange(n, device=device)
         self._position = torch.arange(seq_len, device=device)
+        self._one = torch.ones(1, dtype=torch.int64, device=device)
 
     def update(self, acts, gate, up, seq_ids, valid, all_full: bool) -> None:
         fv, T = self.first_valid, self.seq_len
         key = seq_ids[:, None] * T + self._position[None, :]  # (B, T): the lower, the earlier
-        if all_full:
+        if all_full:  # strided views, no copies: every row is real, every position from fv on counts
             acts, gate, up, key = acts[:, fv:], gate[:, fv:], up[:, fv:], key[:, fv:]
-            acts, gate, up, key = (t.reshape(-1, *t.shape[2:]) for t in (acts, gate, up, key))
         else:
             acts, gate, up, key = acts[valid], gate[valid], up[valid], key[valid]
         if acts.numel() == 0:
             return
-        cells = (gate <= 0).long().mul_(2).add_((up <= 0).long()).mul_(self.n).add_(self._neuron).reshape(-1)
-        magnitude = acts.float().abs()
-        self.count += torch.bincount(cells, minlength=4 * self.n)
+        # The quadrant in one byte per value, widened once to the cell index (int64: scatter's index).
+        quadrant = (gate <= 0).to(torch.uint8).mul_(2).add_((up <= 0).to(torch.uint8))
+        cells = quadrant.long().mul_(self.n).add_(self._neuron).reshape(-1)
+        magnitude = acts.float().abs()  # contiguous, whatever acts' strides
+        # scatter_add rather than bincount, which scans its input for the min and max first
+        self.count.scatter_add_(0, cells, self._one.expand(cells.shape))
         # float64 sums of integer-valued units are exact within a batch (< 2^53, as in LayerAccumulator)
         fixed = torch.mul(magnitude, 2.0**stats.SUM_SHIFT).round_().reshape(-1).double()
-        self.mass_fx += torch.bincount(cells, weights=fixed, minlength=4 * self.n).to(torch.int64)
-        ranked = (magnitude.view(torch.int32).long() << 32) | (0xFFFFFFFF - key)[:, None]
+        self.mass_fx += (
+            torch.zeros(4 * self.n, dtype=torch.float64, device=fixed.device)
+            .scatter_add_(0, cells, fixed)
+            .to(torch.int64)
+        )
+        ranked = magnitude.view(torch.int32).long().bitwise_left_shift_(32)
+        ranked.bitwise_or_((0xFFFFFFFF - key).unsqueeze(-1))
         self.top.scatter_reduce_(0, cells, ranked.reshape(-1), "amax")
 
     def state(self) -> dict[str, np.ndarray]:
