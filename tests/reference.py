@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from sitegen.corpus_keys import random_key
+from sitegen.services.logits.data import TABLE_SCHEMA as LOGITS_SCHEMA
 from sitegen.services.neuron2graph.graph import IGNORE, Trie
 from sitegen.services.neuroscope import data as ns_data
 from sitegen.services.neuroscope import stats
@@ -184,7 +185,7 @@ def write_synthetic_store(
                         "input_vals": lst(vals, pa.float32()),
                         **_synthetic_weight_columns(layer, n_layers, n_neurons, len(vocab), seed),
                     }
-                ),
+                ).select(LOGITS_SCHEMA.names),
             )
     docs = doc_texts or [f"doc-{i}" for i in range(n_seqs)]
     store.write_sequences(

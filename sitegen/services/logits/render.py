@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 from markupsafe import Markup, escape
 
+from sitegen.services.logits.data import TABLE_SCHEMA
+
 HIST_BINS = 40  # bins of the logit histogram, as SAEDashboard's
 
 
@@ -13,8 +15,6 @@ def logit_hist_edges(lo: float, hi: float, bins: int = HIST_BINS) -> np.ndarray:
     """The float32 edges np.histogram(values, bins) uses for float32 values whose min is lo and max
     hi (they depend on nothing else; a constant row gets [lo - 0.5, hi + 0.5], as numpy's)."""
     return np.histogram_bin_edges(np.array([lo, hi], dtype=np.float32), bins)
-
-from sitegen.services.logits.data import TABLE_SCHEMA
 
 
 class LogitsLayer:
@@ -27,8 +27,8 @@ class LogitsLayer:
 
     def connected(self, n: int) -> dict | None:
         """{"upstream", "downstream"}: lists of {"layer", "neuron", "weight"}, largest weight first;
-        None where the store has no connected units (one layer, a dictionary's latents, an older store)."""
-        if "upstream_units" not in self.cols:
+        None where the store has no connected units (one layer, a dictionary's latents)."""
+        if self.cols["upstream_units"][n] is None:  # null: a one-layer model or a dictionary's latents
             return None
         size = self.size
         return {
@@ -47,11 +47,9 @@ class LogitsLayer:
         return [{"token": vocab[i], "token_id": i, "value": round(v, 4)} for i, v in zip(ids[n], vals[n])]
 
     def histogram(self, n: int) -> dict | None:
-        """{"edges", "counts"} of the neuron's direct effects on every vocabulary logit, or None
-        for a store computed before the histogram existed. Edges to 6 significant digits."""
-        counts = self.cols.get("logit_hist_counts")
-        if counts is None:
-            return None
+        """{"edges", "counts"} of the neuron's direct effects on every vocabulary logit. Edges to 6
+        significant digits."""
+        counts = self.cols["logit_hist_counts"]
         edges = logit_hist_edges(self.cols["logit_hist_lo"][n], self.cols["logit_hist_hi"][n], len(counts[n]))
         return {"edges": [float(f"{e:.6g}") for e in edges.tolist()], "counts": counts[n]}
 
