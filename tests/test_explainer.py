@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 
@@ -72,9 +74,25 @@ class FakeEndpoint:
         if "Neuron B" in text:
             return {"choices": [{"message": {"content": f'the word "{self.words[body["seed"]]}".'}}]}
         word = text.split('"')[1]  # the explanation's quoted word (the made-up examples quote nothing)
+        if "\nExcerpts:\n" in text:  # detection or fuzzing: 1 where the word is there (every highlight is it)
+            return {"choices": [{"message": {"content": classification_answer(text, word)}}]}
         lines = [ln[:-2] for ln in text.rsplit("<start>\n", 1)[1].split("<end>")[0].splitlines() if ln.endswith("\t?")]
         answer = self.garble(lines) or "\n".join(f"{ln}\t{10 if ln.strip() == word else 0}" for ln in lines)
         return {"choices": [{"message": {"content": answer}}]}
+
+
+def classification_answer(prompt: str, word: str, answer=lambda truth: truth) -> str:
+    """A scripted scorer's list for a detection or fuzzing prompt: per excerpt, `answer(truth)` where
+    truth is 1 when the excerpt holds `word` (detection) or every highlighted run is ` word`
+    (fuzzing), else 0."""
+    lines = prompt.split("\nExcerpts:\n", 1)[1].splitlines()
+    out = []
+    for line in lines:
+        text = line.split(". ", 1)[1]
+        marked = re.findall(r"<<(.*?)>>", text)
+        truth = all(m and not m.replace(" " + word, "") for m in marked) if marked else (" " + word) in text
+        out.append(int(answer(int(truth))))
+    return "[" + ", ".join(map(str, out)) + "]"
 
 
 def _seq(words_acts):
@@ -134,7 +152,10 @@ def test_several_samples_are_chosen_on_valid_and_scored_on_test():
     by_word = {x["explanation"].split('"')[1]: x for x in record["samples"]}
     assert by_word["tax"]["score"] == pytest.approx(0.9279, abs=1e-4) and by_word["tax"]["valid_score"] < 0
     assert [d["tokens"] for d in record["details"]] == [top[3][0], top[7][0], random[2][0], random[5][0]]
-    assert record["usage"]["requests"] == 3 * (1 + 4 + 4)  # per sample: explanation, valid and test simulations
+    # per sample: explanation, valid and test simulations; then detection and fuzzing on 12 held-out
+    # excerpts each (activating: top 2, 3, 6, 7; not: top 1, 5 and the 6 random), 5 per request
+    assert record["usage"]["requests"] == 3 * (1 + 4 + 4) + 3 + 3
+    assert record["scorers"]["detection"]["calls"] == record["scorers"]["fuzzing"]["calls"] == 3
 
 
 def test_sparse_repeat_uses_the_proportion_pooled_over_all_excerpts():
@@ -413,3 +434,160 @@ def test_explanation_search_equals_brute_force(tmp_path):
     assert "<td>mentions of taxes and tax cuts</td>" in layer_page and "Explanation score" in layer_page
     preview = json.loads((out / "search/explained/preview/0/0.json").read_text())
     assert preview[1][3] == "mentions of taxes and tax cuts" and preview[0][3] is None
+
+
+def test_bootstrap_intervals_are_seeded_and_reproducible():
+    from sitegen.services.neuron_explainer import bootstrap
+
+    rng = np.random.default_rng(1)
+    labels = [1] * 12 + [0] * 12
+    predictions = rng.integers(0, 2, size=24).tolist()
+    first = bootstrap.balanced_accuracy_ci(labels, predictions)
+    assert first == bootstrap.balanced_accuracy_ci(labels, predictions)  # seed 0 by default: the same interval
+    value = bootstrap.balanced_accuracy(labels, predictions)
+    assert first[0] < value < first[1]
+    true = [rng.normal(size=8).tolist() for _ in range(10)]
+    simulated = [[t + rng.normal() for t in seq] for seq in true]
+    ci = bootstrap.simulation_ci(simulated, true)
+    assert ci == bootstrap.simulation_ci(simulated, true) and ci != bootstrap.simulation_ci(simulated, true, seed=5)
+    # the pooled correlation from per-excerpt sums is the score's own correlation
+    sums = bootstrap.correlation_sums(simulated, true).sum(0)
+    assert bootstrap.pooled_correlation(sums) == pytest.approx(scoring.score_simulation(simulated, true), abs=1e-12)
+    assert ci[0] < scoring.score_simulation(simulated, true) < ci[1]
+    # no interval without both classes, or for a constant side
+    assert bootstrap.balanced_accuracy_ci([1, 1], [1, 0]) is None
+    assert bootstrap.simulation_ci([[0.0, 0.0]] * 3, [[1.0, 2.0]] * 3) is None
+
+
+@pytest.mark.slow  # ~6 s: 1,000 intervals of 1,000 resamples each
+def test_bootstrap_intervals_cover_the_truth_95_percent_of_the_time():
+    """Detection's statistic on a known sampling distribution: 100 activating excerpts each judged
+    right with probability 0.8 and 100 non-activating ones with 0.6, so the true balanced
+    accuracy is 0.7. Over 1,000 repetitions the 95% interval must cover 0.7 in 95% +- 3% of them
+    (960 with these seeds)."""
+    from sitegen.services.neuron_explainer import bootstrap
+
+    rng = np.random.default_rng(2024)
+    labels = [1] * 100 + [0] * 100
+    covered = 0
+    for rep in range(1000):
+        right = np.concatenate([rng.random(100) < 0.8, rng.random(100) < 0.6])
+        predictions = np.where(right, labels, 1 - np.asarray(labels))
+        lo, hi = bootstrap.balanced_accuracy_ci(labels, predictions, seed=rep)
+        covered += lo <= 0.7 <= hi
+    assert 920 <= covered <= 980, covered
+    print(f"coverage {covered / 10:.1f}%")
+
+
+HOSTILE = '<img src=x onerror=alert(1)> dates & "times"'
+
+
+def _explained_by_hand(tmp_path, scores: dict, unread: dict | None = None):
+    """A synthetic store whose neuron 0:1 has a hand-written `sitegen explain` record."""
+    from sitegen.services.neuron_explainer.explain import _write_tables
+
+    store = write_synthetic_store(tmp_path / "store", name="toy")
+    made = {name: {"calls": 4, "prompt_hash": "sha256:" + "ab" * 32} for name in scores}
+    for name, count in (unread or {}).items():
+        made[name]["unread"] = count
+    record = {
+        "explanation": HOSTILE,
+        "score": scores["simulation"]["value"],
+        "method": "logprobs",
+        "logprob_alignment": "own",
+        "prompt_hash": "sha256:" + "cd" * 32,
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "requests": 13},
+        "scores": scores,
+        "scorers": {"explanation": {"calls": 1, "prompt_hash": "sha256:" + "cd" * 32}, **made},
+    }
+    _write_tables(store, {(0, 1): record}, "<b>model</b>")
+    out = tmp_path / "site"
+    build_site([store.root], out)
+    return out
+
+
+def test_the_trust_panel_shows_every_score_escapes_the_explanation_and_flags_disagreement(tmp_path):
+    scores = {
+        "simulation": {"value": 0.62, "ci": [0.31, 0.8], "n": 10},
+        "detection": {"value": 0.55, "ci": [0.45, 0.6], "n": 20},  # 2 x .55 - 1 = .1: far below simulation
+        "fuzzing": {"value": 0.9, "ci": [0.8, 0.97], "n": 20},
+    }
+    out = _explained_by_hand(tmp_path, scores)
+    page = (out / "toy/0/1.html").read_text()
+    panel = page.split('id="trust"', 1)[1].split("</div>", 1)[0]
+    for name, text in (
+        ("simulation", "0.62 [0.31, 0.80]"),
+        ("detection", "0.55 [0.45, 0.60]"),
+        ("fuzzing", "0.90 [0.80, 0.97]"),
+    ):
+        row = panel.split(f'data-scorer="{name}"', 1)[1].split("</tr>", 1)[0]
+        assert f'<td class="num">{text}</td>' in row and "</td><td>" in row, (
+            row
+        )  # the score, its interval, what it measures
+    assert "graph F1" in panel  # the synthetic store has a graph for 0:1
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt; dates &amp; &#34;times&#34;" in page
+    assert "&lt;b&gt;model&lt;/b&gt;" in panel and "<b>model</b>" not in page  # the explainer's name, escaped too
+    flags = [f for f in panel.split('<p class="flag"')[1:]]
+    assert len(flags) == 2  # no interval is wider than its score; detection disagrees with both others
+    assert any("disagree: simulation rates" in f and "than detection" in f for f in flags)
+    assert any("disagree: fuzzing rates" in f and "than detection" in f for f in flags)
+    # the layer table and the summary line show the score with its interval
+    assert "0.62 [0.31, 0.80]" in (out / "toy/0/index.html").read_text()
+    assert "(score 0.62 [0.31, 0.80])" in page
+
+
+def test_the_trust_panel_flags_an_interval_wider_than_the_score_and_nothing_when_scores_agree(tmp_path):
+    scores = {
+        "simulation": {"value": 0.3, "ci": [-0.1, 0.6], "n": 4},  # width .7 > .3
+        "detection": {"value": 0.6, "ci": [0.4, 0.8], "n": 20},
+        "fuzzing": {"value": 0.62, "ci": [0.45, 0.8], "n": 20},
+    }
+    panel = (_explained_by_hand(tmp_path, scores) / "toy/0/1.html").read_text().split('id="trust"', 1)[1]
+    flags = panel.split("</div>", 1)[0].split('<p class="flag"')[1:]
+    assert len(flags) == 1 and "simulation interval (-0.10 to 0.60) is wider than the score (0.30)" in flags[0]
+
+
+def test_the_trust_panel_says_when_a_judge_s_answers_could_not_be_read(tmp_path):
+    scores = {
+        "simulation": {"value": 0.5, "ci": [0.4, 0.6], "n": 10},
+        "detection": {"value": 0.5, "ci": [0.5, 0.5], "n": 10},
+    }
+    out = _explained_by_hand(tmp_path, scores, unread={"detection": 2})
+    panel = (out / "toy/0/1.html").read_text().split('id="trust"', 1)[1].split("</div>", 1)[0]
+    assert "2 of 4 detection answers could not be read" in panel
+
+
+def test_hard_negatives_are_quiet_calibration_excerpts_sharing_the_firing_words():
+    """Train top 0 and 4 fire on " tax". Random excerpts are dealt calibration 0, 3 / valid 1, 4 /
+    test 2, 5: the hard negative is random 0 (quiet, holds " tax"); random 1 holds it too but is
+    simulated on (valid), so it is never shown; random 3 (quiet, no shared word) only fills up."""
+    from sitegen.services.neuron_explainer.explain import explanation_messages, hard_negatives
+
+    fires = _seq([(" the", 0), (" tax", 1.0), (" cut", 0.2)])
+    top = [fires] * 8
+    random = [ZERO] * 6
+    random[0] = _seq([(" a", 0), (" tax", 0.05), (" form", 0)])
+    random[1] = _seq([(" tax", 0.0), (" the", 0)])
+    random[5] = _seq([(" tax", 0.9)])  # fires: never a negative
+    texts = {"top": top, "random": random}
+    assert hard_negatives(texts, 1) == ([0], 1)
+    assert hard_negatives(texts, 5) == ([0, 3], 1)
+    text = explanation_messages([fires], [random[0]])[-1]["content"]
+    assert "Texts where it does not fire:\n<start>\n a\t0\n tax\t0\n form\t0\n<end>\n" in text
+    assert "The last 1 texts are ones where the neuron does not fire" in text
+
+
+def test_the_contrastive_explainer_is_recorded_and_its_negatives_are_never_judged():
+    from sitegen.services.neuron_explainer.explain import explain_neuron
+
+    fires = _seq([(" the", 0), (" tax", 1.0), (" cut", 0.2)])
+    random = [_seq([(" a", 0), (" tax", 0.0), (" form", i / 100)]) for i in range(12)]
+    ep = FakeEndpoint(["tax"])
+    record = explain_neuron(ep, {"top": [fires] * 8, "random": random}, 2, contrastive=True)
+    prompt = record["explainer_prompt"]
+    assert prompt["kind"] == "contrastive" and prompt["hard"] == 2 and prompt["negatives"] == [0, 3]
+    for name in ("detection", "fuzzing"):
+        judged = {(x["source"], x["index"]) for x in record["scorers"][name]["excerpts"]}
+        assert judged and not judged & {("random", 0), ("random", 3), ("top", 0), ("top", 4)}
+    plain = explain_neuron(FakeEndpoint(["tax"]), {"top": [fires] * 8, "random": random}, 2)
+    assert plain["explainer_prompt"] == {"kind": "top excerpts"} and plain["prompt_hash"] != record["prompt_hash"]

@@ -23,7 +23,15 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def test_output_tree_matches_golden(tmp_path):
     store = write_synthetic_store(
-        tmp_path / "store", name="golden-model", n_layers=2, n_neurons=2, n_seqs=6, seq_len=12, top_k=2, n_random=1
+        tmp_path / "store",
+        name="golden-model",
+        n_layers=2,
+        n_neurons=2,
+        n_seqs=6,
+        seq_len=12,
+        top_k=2,
+        n_random=1,
+        gated=True,
     )
     out = tmp_path / "site"
     build_site([store.root], out)

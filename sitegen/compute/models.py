@@ -116,6 +116,13 @@ class LoadedModel:
         # For gated MLPs this is the tensor that feeds the output projection (act(gate) * up).
         return f"blocks.{layer}.mlp.hook_post"
 
+    def glu_hook_names(self, layer: int) -> tuple[str, str] | None:
+        """A gated MLP's two pre-activations at `layer` as hook names, (gate, up): x . W_gate and
+        x . W_in, whose act(gate) * up is hook_name(layer)'s activation; None for a plain MLP."""
+        if not self.gated_mlp:
+            return None
+        return f"blocks.{layer}.mlp.hook_pre", f"blocks.{layer}.mlp.hook_pre_linear"
+
     def run_mlp_activations(self, tokens: Any, layers: Iterable[int], on_acts: Callable[[int, Any], None]) -> None:
         """The one forward pass every caller uses (compute, verify, neuron2graph): run `tokens`
         (a (batch, positions) int tensor or array) without gradients, hand each of `layers`' MLP

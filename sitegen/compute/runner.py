@@ -463,6 +463,7 @@ def _corpus_pass(
         seed=cfg.seed,
         seq_lengths={s.seq_id: len(s.token_ids) for s in mine},
         device=device,
+        gated_mlp=model.gated_mlp,
     )
     accs = [
         _LayerAccumulators({s.name: s.accumulator(layer, corpus_run) for s in corpus_services})
@@ -473,7 +474,7 @@ def _corpus_pass(
         from sitegen.dictionaries.units import QualitySums
 
         d = dict_units.dictionary
-        latent_run = dataclasses.replace(corpus_run, layer_size=int(d.d_sae))
+        latent_run = dataclasses.replace(corpus_run, layer_size=int(d.d_sae), gated_mlp=False)
         quality = QualitySums(int(d.d_out), int(d.d_sae))
         latent_accs = _LayerAccumulators(
             {s.name: s.accumulator(0, latent_run) for s in corpus_services}, extra={".quality": quality}
@@ -838,15 +839,29 @@ def _forward_units(units: list, tokens, seq_ids, valid, rand_score, all_full: bo
     activation at its output hook)."""
     batch = Batch(valid=valid, seq_ids=seq_ids, rand_score=rand_score, all_full=all_full)
     neurons = units[0]
+    gated = neurons.model.gated_mlp
+    pre: dict = {}  # a gated MLP's (layer, "gate" / "up") pre-activations, until its hook_post comes
 
     def on_layer(layer: int):
         def update(acts) -> None:
             neurons.finite.update(layer, acts, batch)
-            neurons.accs[layer].update(acts, batch)
+            if gated:
+                layer_batch = dataclasses.replace(batch, gate=pre.pop((layer, "gate")), up=pre.pop((layer, "up")))
+            else:
+                layer_batch = batch
+            neurons.accs[layer].update(acts, layer_batch)
 
         return update
 
-    hooks = [(neurons.model.hook_name(layer), on_layer(layer)) for layer in range(len(neurons.accs))]
+    def keep(layer: int, which: str):
+        return lambda acts: pre.__setitem__((layer, which), acts)
+
+    hooks = []
+    for layer in range(len(neurons.accs)):
+        if gated:
+            gate_hook, up_hook = neurons.model.glu_hook_names(layer)
+            hooks += [(gate_hook, keep(layer, "gate")), (up_hook, keep(layer, "up"))]
+        hooks.append((neurons.model.hook_name(layer), on_layer(layer)))
     for u in units[1:]:
         hooks += _dictionary_hooks(u, batch)
     neurons.model.run_hooks(tokens, hooks)

@@ -77,6 +77,7 @@ class CorpusRun:
     seed: int
     seq_lengths: Mapping[int, int] = field(default_factory=dict, repr=False)
     device: str = "cpu"  # compute only
+    gated_mlp: bool = False  # compute only: the units are a gated MLP's neurons (each Batch has gate and up)
 
 
 @dataclass(frozen=True)
@@ -85,12 +86,16 @@ class Batch:
     tensors on the run's device): `valid` bool [batch, seq], the counted positions (BOS and
     padding excluded); `seq_ids` int64 [batch], -1 for padding rows; `rand_score` float32
     [batch], -random_key(seed, seq_id) (-inf for padding rows); `all_full`: every row is a real
-    sequence of full length (so `valid` is just "position >= first_valid")."""
+    sequence of full length (so `valid` is just "position >= first_valid"). For a gated MLP's
+    neurons (CorpusRun.gated_mlp), `gate` and `up` are the layer's two pre-activations [batch,
+    seq, layer_size] (x . W_gate and x . W_in: the activation is act(gate) * up); else None."""
 
     valid: Any
     seq_ids: Any
     rand_score: Any
     all_full: bool = False
+    gate: Any = None
+    up: Any = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,20 @@
   embedding, passed through the layer's own pre-MLP norm (weight and bias included) and the MLP's
   nonlinearity (act(gate) * up for gated MLPs). The tokens with the highest such activation are
   the neuron's top input tokens from W_E . W_in.
+- Logit histogram: the direct effect above on every vocabulary token, binned as np.histogram bins
+  it by default apart from the bin count: HIST_BINS equal-width bins from the neuron's smallest to
+  its largest effect (the last bin closed). Stored as (min, max, counts): the edges follow from
+  min and max (logit_hist_edges), so a unit costs two floats and HIST_BINS integers.
+- Connected units (virtual weights through the residual stream): the weight from neuron (l, i) to
+  neuron (m, j), l < m, is W_out[l][i] . (w_m * W_in[m][:, j]), w_m the weight of layer m's pre-MLP
+  norm folded into the input direction (for LayerNorm the output direction is centred first, as
+  the norm centres the residual stream); the data-dependent 1/rms scale, the norm's bias and the
+  MLP bias are left out, as for the logit effects. Gated MLPs: W_in is the up (linear) projection,
+  not the gate: the activation act(gate) * up is linear in up with slope act(gate), which is >= 0
+  up to SiLU's -0.28, so a positive weight through up raises the activation wherever the gate is
+  open; through the gate the sign of the effect flips with the sign of up. Each neuron keeps the 10
+  largest and the 10 most negative weights of each side (upstream: every neuron of an earlier
+  layer; downstream: of a later one), ordered by weight, largest first.
 """
 
 from __future__ import annotations
@@ -21,9 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from sitegen.services.logits.data import TABLE_SCHEMA
+from sitegen.services.logits.render import HIST_BINS, logit_hist_edges
 
 SERVICE = "logits"
 TOP_N = 10
+_HIST_ROWS = 256  # neurons binned at once: bounds the (rows, vocab) int64 bin-index matrix
 
 _ACTS = {
     "silu": F.silu,
@@ -57,6 +73,90 @@ def _list_column(tensor: torch.Tensor, dtype: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), dtype))
 
 
+def logit_histograms(logits: torch.Tensor, bins: int = HIST_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(min, max, counts) per row of logits (rows, vocab): counts (rows, bins) int32 equal to
+    np.histogram(row, bins)[0]. Each value is placed by comparison with np.histogram's own float32
+    edges (searchsorted: edges[i] <= x < edges[i + 1], the top edge in the last bin), so the counts
+    do not depend on how the bin index would be rounded."""
+    lo, hi = logits.amin(1).cpu().numpy(), logits.amax(1).cpu().numpy()
+    edges = torch.from_numpy(np.stack([logit_hist_edges(a, b, bins) for a, b in zip(lo.tolist(), hi.tolist())]))
+    edges = edges.to(logits.device)
+    counts = torch.zeros((logits.shape[0], bins), dtype=torch.int64, device=logits.device)
+    for start in range(0, logits.shape[0], _HIST_ROWS):
+        rows = slice(start, start + _HIST_ROWS)
+        index = torch.searchsorted(edges[rows].contiguous(), logits[rows].contiguous(), right=True).sub_(1)
+        counts[rows].scatter_add_(1, index.clamp_(0, bins - 1), torch.ones_like(index))
+    return lo, hi, counts.cpu().numpy().astype(np.int32)
+
+
+class Connections:
+    """Virtual weights between the MLP neurons of different layers, top CONNECTED_N of each sign per
+    neuron and side. Every layer pair (l, m) is multiplied once, when layer l comes: layer l's
+    downstream lists are then complete, and so are its upstream lists (filled by the pairs (k, l),
+    k < l, of earlier layers). `layer(l)` must be called in layer order."""
+
+    def __init__(self, model, top_n: int):
+        self.top_n, self.n_layers, self.size = top_n, model.n_layers, model.d_mlp
+        lnorm = model.normalization.startswith("LN")
+        self.out_dirs, self.in_dirs = [], []
+        for layer in range(model.n_layers):
+            mlp = model.mlp_weights(layer)
+            W_out = mlp.W_out.float()
+            self.out_dirs.append(W_out - W_out.mean(-1, keepdim=True) if lnorm else W_out)
+            weight = mlp.norm[0]
+            self.in_dirs.append(mlp.W_in.float() * (weight.float()[:, None] if weight is not None else 1.0))
+        # running candidates per layer and side: (values, global ids), each (d_mlp, <= 2 * top_n)
+        self.upstream: list = [None] * model.n_layers
+
+    def _keep(self, best, values: torch.Tensor, first_id: int):
+        """best (values, ids) joined with a new block of values (rows, cols), whose column c is unit
+        first_id + c; keeps the top_n largest and the top_n smallest of each row."""
+        ids = torch.arange(first_id, first_id + values.shape[1], device=values.device).expand_as(values)
+        if best is not None:
+            values, ids = torch.cat([best[0], values], 1), torch.cat([best[1], ids], 1)
+        if values.shape[1] <= 2 * self.top_n:
+            return values, ids
+        hi_v, hi_i = torch.topk(values, self.top_n, dim=1)
+        lo_v, lo_i = torch.topk(values, self.top_n, dim=1, largest=False)
+        index = torch.cat([hi_i, lo_i], 1)
+        return values.gather(1, index), ids.gather(1, index)
+
+    def layer(self, layer: int) -> dict[str, pa.Array]:
+        down = None
+        for later in range(layer + 1, self.n_layers):
+            weights = self.out_dirs[layer] @ self.in_dirs[later]  # (d_mlp of layer, d_mlp of later)
+            down = self._keep(down, weights, later * self.size)
+            self.upstream[later] = self._keep(self.upstream[later], weights.T, layer * self.size)
+        up, self.upstream[layer] = self.upstream[layer], None
+        columns = {}
+        for side, best in (("upstream", up), ("downstream", down)):
+            units, weights = _ordered(best, self.size)
+            columns[f"{side}_units"], columns[f"{side}_weights"] = units, weights
+        return columns
+
+
+def _ordered(best, rows: int) -> tuple[pa.Array, pa.Array]:
+    """List columns of each row's kept units (global ids) and weights: distinct units, largest
+    weight first, ties to the lower id. None (no layer on that side): empty lists."""
+    if best is None:
+        empty = pa.array(np.zeros(rows + 1, dtype=np.int32))
+        return (
+            pa.ListArray.from_arrays(empty, pa.array([], pa.int32())),
+            pa.ListArray.from_arrays(empty, pa.array([], pa.float32())),
+        )
+    values, ids = best[0].cpu().numpy(), best[1].cpu().numpy()
+    order = np.lexsort((ids, -values), axis=1)
+    values, ids = np.take_along_axis(values, order, 1), np.take_along_axis(ids, order, 1)
+    # With ties (e.g. zero weights) a unit may be among both the largest and the smallest: once.
+    keep = np.ones(ids.shape, dtype=bool)
+    keep[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    offsets = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int32)
+    return (
+        pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids[keep].astype(np.int32), pa.int32())),
+        pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[keep], pa.float32())),
+    )
+
+
 @torch.no_grad()
 def weight_tables(model, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterator[tuple[int, pa.Table]]:
     """Yield (layer, table) with one row per neuron: promoted/suppressed output tokens and top
@@ -66,6 +166,8 @@ def weight_tables(model, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterato
     w_final, _ = model.final_norm()
     W_U = model.unembed().float()  # (d_model, vocab)
     W_E = model.input_embeddings().float()  # (vocab, d_model)
+    # Units of one layer (a dictionary's latents) have no other layer to connect to.
+    connections = Connections(model, top_n) if model.n_layers > 1 else None
     for layer in range(model.n_layers):
         mlp = model.mlp_weights(layer)
         W_out = mlp.W_out.float()  # (d_mlp, d_model)
@@ -75,6 +177,7 @@ def weight_tables(model, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterato
         logits = direction @ W_U  # (d_mlp, vocab)
         pro_v, pro_i = torch.topk(logits, top_n, dim=1)
         sup_v, sup_i = torch.topk(-logits, top_n, dim=1)
+        hist_lo, hist_hi, hist_counts = logit_histograms(logits)
         del logits
         columns = {
             "neuron": pa.array(np.arange(W_out.shape[0]), pa.int32()),
@@ -82,6 +185,10 @@ def weight_tables(model, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterato
             "promoted_vals": _list_column(pro_v, pa.float32()),
             "suppressed_ids": _list_column(sup_i, pa.int32()),
             "suppressed_vals": _list_column(-sup_v, pa.float32()),
+            "logit_hist_lo": pa.array(hist_lo, pa.float32()),
+            "logit_hist_hi": pa.array(hist_hi, pa.float32()),
+            "logit_hist_counts": _list_column(torch.from_numpy(hist_counts), pa.int32()),
+            **(connections.layer(layer) if connections is not None else {}),
         }
         if act is not None:
             w2, b2 = mlp.norm
@@ -105,5 +212,8 @@ def weight_tables(model, top_n: int = TOP_N, vocab_chunk: int = 8192) -> Iterato
             columns["input_vals"] = _list_column(best_v.T, pa.float32())
         else:  # an activation function sitegen cannot evaluate: no input tokens (null lists)
             for name in ("input_ids", "input_vals"):
+                columns[name] = pa.nulls(W_out.shape[0], TABLE_SCHEMA.field(name).type)
+        for name in TABLE_SCHEMA.names:  # connected units of a one-layer model (or latents): null lists
+            if name not in columns:
                 columns[name] = pa.nulls(W_out.shape[0], TABLE_SCHEMA.field(name).type)
         yield layer, pa.table(columns, schema=TABLE_SCHEMA)

@@ -17,5 +17,16 @@ TABLE_SCHEMA = pa.schema(
         ("suppressed_vals", _VALS),
         ("input_ids", _IDS),
         ("input_vals", _VALS),
+        # The logit histogram: the smallest and largest direct effect and HIST_BINS counts (render.py's
+        # logit_hist_edges gives the edges).
+        ("logit_hist_lo", pa.float32()),
+        ("logit_hist_hi", pa.float32()),
+        ("logit_hist_counts", pa.list_(pa.int32())),
+        # Connected units by virtual weights, as global ids (layer * layer_size + neuron) with their
+        # weights; null for a one-layer model and for a dictionary's latents.
+        ("upstream_units", _IDS),
+        ("upstream_weights", _VALS),
+        ("downstream_units", _IDS),
+        ("downstream_weights", _VALS),
     ]
 )

@@ -1,10 +1,20 @@
-"""The logits service's render half: promoted/suppressed output tokens and top input tokens."""
+"""The logits service's render half: promoted/suppressed output tokens, top input tokens and the
+logit histogram."""
 
 from __future__ import annotations
 
-from markupsafe import Markup
+import numpy as np
+from markupsafe import Markup, escape
 
 from sitegen.services.logits.data import TABLE_SCHEMA
+
+HIST_BINS = 40  # bins of the logit histogram, as SAEDashboard's
+
+
+def logit_hist_edges(lo: float, hi: float, bins: int = HIST_BINS) -> np.ndarray:
+    """The float32 edges np.histogram(values, bins) uses for float32 values whose min is lo and max
+    hi (they depend on nothing else; a constant row gets [lo - 0.5, hi + 0.5], as numpy's)."""
+    return np.histogram_bin_edges(np.array([lo, hi], dtype=np.float32), bins)
 
 
 class LogitsLayer:
@@ -12,6 +22,22 @@ class LogitsLayer:
         self.layer, self.site = layer, site
         t = store.read_layer("logits", layer, columns=TABLE_SCHEMA.names)  # Store.open checked them
         self.cols = {name: t.column(name).to_pylist() for name in t.column_names}
+        self.size = int(store.manifest["model"]["layer_size"])  # connected units are global ids: layer * size + neuron
+        self.gated = bool(store.manifest["model"].get("gated_mlp", False))
+
+    def connected(self, n: int) -> dict | None:
+        """{"upstream", "downstream"}: lists of {"layer", "neuron", "weight"}, largest weight first;
+        None where the store has no connected units (one layer, a dictionary's latents)."""
+        if self.cols["upstream_units"][n] is None:  # null: a one-layer model or a dictionary's latents
+            return None
+        size = self.size
+        return {
+            side: [
+                {"layer": u // size, "neuron": u % size, "weight": round(w, 4)}
+                for u, w in zip(self.cols[f"{side}_units"][n], self.cols[f"{side}_weights"][n])
+            ]
+            for side in ("upstream", "downstream")
+        }
 
     def _pairs(self, n: int, kind: str) -> list[dict]:
         ids, vals = self.cols[f"{kind}_ids"], self.cols[f"{kind}_vals"]
@@ -20,13 +46,27 @@ class LogitsLayer:
         vocab = self.site.vocab
         return [{"token": vocab[i], "token_id": i, "value": round(v, 4)} for i, v in zip(ids[n], vals[n])]
 
+    def histogram(self, n: int) -> dict | None:
+        """{"edges", "counts"} of the neuron's direct effects on every vocabulary logit. Edges to 6
+        significant digits."""
+        counts = self.cols["logit_hist_counts"]
+        edges = logit_hist_edges(self.cols["logit_hist_lo"][n], self.cols["logit_hist_hi"][n], len(counts[n]))
+        return {"edges": [float(f"{e:.6g}") for e in edges.tolist()], "counts": counts[n]}
+
     def payload(self, n: int) -> dict:
-        return {
+        out = {
             "neuron_index": {"layer": self.layer, "neuron": n},
             "promoted": self._pairs(n, "promoted"),
             "suppressed": self._pairs(n, "suppressed"),
             "input_tokens": self._pairs(n, "input"),
         }
+        hist = self.histogram(n)
+        if hist is not None:
+            out["logit_histogram"] = hist
+        connected = self.connected(n)
+        if connected is not None:
+            out["connected"] = connected
+        return out
 
     def page(self, n: int) -> dict:
         """Table rows pre-rendered (escaped here) per list: thousands of pages, few template loops."""
@@ -41,7 +81,70 @@ class LogitsLayer:
                     [f"<tr><td><code>{esc_vocab[i]}</code></td><td>{v:.3g}</td></tr>" for i, v in zip(ids[n], vals[n])]
                 )
             )
+        hist = self.histogram(n)
+        if hist is not None:
+            rows["histogram_svg"] = Markup(histogram_svg(hist["counts"], hist["edges"]))
+        connected = self.connected(n)
+        if connected is not None:
+            rows["gated"] = self.gated
+            model = escape(self.site.name)
+            for side, units in connected.items():
+                rows[side] = Markup(
+                    "".join(
+                        f'<li><a href="/{model}/{e["layer"]}/{e["neuron"]}.html">{e["layer"]}:{e["neuron"]}</a> '
+                        f"<small>{e['weight']:.3g}</small></li>"
+                        for e in units
+                    )
+                )
         return rows
 
     def layer_payload(self) -> dict:
         return {"num_neurons": len(self.cols["neuron"])}
+
+
+# The chart's box: a plot area of PLOT_W x PLOT_H, room for the axes' labels around it.
+PLOT_X, PLOT_W, PLOT_H, BOX_W, BOX_H = 62, 400, 100, 470, 140
+
+
+def histogram_svg(counts: list[int], edges: list[float]) -> str:
+    """Equal-width bars (tokens per bin of the direct logit effect) on a log count axis with a tick
+    at every power of ten, so the few tokens in the tails (the promoted and suppressed ones) stay
+    visible: a count c >= 1 stands (1 + log10 c) / (1 + decades) of the plot's height. Bars whose
+    bin lies below zero are blue, the others red; a dashed line marks zero. Numbers only: nothing
+    here comes from the corpus or the vocabulary."""
+    if not counts or max(counts) == 0:
+        return ""
+    lo, hi = edges[0], edges[-1]
+    width = PLOT_W / len(counts)
+    decades = max(1, int(np.ceil(np.log10(max(counts)))))
+    c = np.maximum(np.asarray(counts, dtype=np.float64), 1)
+    heights = np.rint(PLOT_H * (1 + np.log10(c)) / (1 + decades)).astype(np.int64).tolist()
+    neg, pos = [], []
+    for i, (n, h) in enumerate(zip(counts, heights)):
+        if n:
+            (neg if edges[i + 1] <= 0 else pos).append(
+                f"M{round(PLOT_X + i * width, 1):g} {PLOT_H}v-{h}h{width:g}v{h}z"
+            )
+    bars = "".join(f'<path class="{k}" d="{"".join(v)}"/>' for k, v in (("neg", neg), ("pos", pos)) if v)
+    tick_y = [round(PLOT_H * (1 - k / (1 + decades))) for k in range(1, decades + 2)]
+    ticks = "".join(
+        f'<text class="yt" x="{PLOT_X - 4}" y="{y + 4}" text-anchor="end">{10**k:,}</text>'
+        for k, y in enumerate(tick_y)
+    )
+    grid = "".join(f"M{PLOT_X} {y}h{PLOT_W}" for y in tick_y)
+    xlabels = [(PLOT_X, "start", f"{lo:.3g}"), (PLOT_X + PLOT_W, "end", f"{hi:.3g}")]
+    zero = ""
+    if lo < 0 < hi:
+        z = round(PLOT_X + (0 - lo) * PLOT_W / (hi - lo), 1)
+        zero = f'<path class="zero" d="M{z:g} 0V{PLOT_H}"/>'
+        if PLOT_X + 30 < z < PLOT_X + PLOT_W - 30:  # a 0 label only where it clears the ends' labels
+            xlabels.insert(1, (z, "middle", "0"))
+    xl = "".join(f'<text x="{a:g}" y="{PLOT_H + 14}" text-anchor="{anchor}">{t}</text>' for a, anchor, t in xlabels)
+    return (
+        f'<svg class="hist" viewBox="0 -10 {BOX_W} {BOX_H + 10}" role="img" aria-label="logit histogram: vocabulary tokens per '
+        f'bin of the direct logit effect, log count axis"><title>The direct effect on every vocabulary logit, {len(counts)} '
+        f"equal-width bins; bar height: tokens, log scale</title>"
+        f'<path class="grid" d="{grid}"/>{bars}{zero}{ticks}{xl}'
+        f'<text x="{PLOT_X + PLOT_W // 2}" y="{BOX_H - 4}" text-anchor="middle">direct logit effect</text>'
+        f'<text x="9" y="{PLOT_H // 2}" text-anchor="middle" transform="rotate(-90 9 {PLOT_H // 2})">tokens (log)</text></svg>'
+    )

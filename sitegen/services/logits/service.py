@@ -58,6 +58,55 @@ _LOGITS = {
             "description": "The 10 tokens whose embedding alone activates the neuron most, highest first "
             "(absent for an activation function sitegen cannot evaluate).",
         },
+        "connected": {
+            "type": "object",
+            "required": ["upstream", "downstream"],
+            "description": "Neurons of other layers connected to this one by virtual weights through the residual stream: "
+            "an earlier neuron's output direction W_out dotted with a later neuron's input direction (the later layer's "
+            "pre-MLP norm weight folded in, centred for LayerNorm; for a gated MLP the up projection W_in, not the gate). "
+            "Absent for a model of one layer and for a dictionary's latents.",
+            "properties": {
+                side: {
+                    "type": "array",
+                    "description": f"{what}: the 10 largest and the 10 most negative weights (fewer where fewer neurons "
+                    "exist), largest first.",
+                    "items": {
+                        "type": "object",
+                        "required": ["layer", "neuron", "weight"],
+                        "description": "A connected neuron and the weight.",
+                        "properties": {
+                            "layer": {"type": "integer", "minimum": 0, "description": "Its layer."},
+                            "neuron": {"type": "integer", "minimum": 0, "description": "Its index in the layer."},
+                            "weight": {"type": "number", "description": "The virtual weight, rounded to 4 decimals."},
+                        },
+                    },
+                }
+                for side, what in (
+                    ("upstream", "Neurons of earlier layers whose output this neuron reads"),
+                    ("downstream", "Neurons of later layers that read this neuron's output"),
+                )
+            },
+        },
+        "logit_histogram": {
+            "type": "object",
+            "required": ["edges", "counts"],
+            "description": "The distribution of the neuron's direct effect on every vocabulary logit (the values 'promoted' and "
+            "'suppressed' are the ends of): 40 equal-width bins from its smallest to its largest effect, np.histogram's rule "
+            "(absent from a store computed before it existed).",
+            "properties": {
+                "edges": {
+                    "type": "array",
+                    "items": {"type": "number"},
+                    "description": "The 41 bin edges, ascending, to 6 significant digits; bin i is [edges[i], edges[i + 1]), "
+                    "the last bin closed.",
+                },
+                "counts": {
+                    "type": "array",
+                    "items": {"type": "integer", "minimum": 0},
+                    "description": "Vocabulary tokens per bin; they add up to the vocabulary size.",
+                },
+            },
+        },
     },
 }
 

@@ -12,10 +12,20 @@ import click
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option(
     "--endpoint",
-    required=True,
-    help="Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1 or http://127.0.0.1:8080/v1.",
+    default=None,
+    help="Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1 or http://127.0.0.1:8080/v1 (or --local).",
 )
-@click.option("--model", required=True, help="The model name the endpoint serves (the explainer and simulator).")
+@click.option("--model", default=None, help="The model name the endpoint serves (the explainer, simulator and judge).")
+@click.option(
+    "--local",
+    is_flag=True,
+    help="Explain and score in-process through transformers with the store's own model (no server).",
+)
+@click.option(
+    "--local-model",
+    default=None,
+    help="Explain and score in-process with another model: a Hugging Face checkpoint folder or a .gguf file.",
+)
 @click.option(
     "--api-key-env",
     default=None,
@@ -39,6 +49,25 @@ import click
     default=1,
     show_default=True,
     help="Explanations sampled per neuron (temperature 1); the best on the valid split is kept and its test-split score reported.",
+)
+@click.option(
+    "--contrastive",
+    is_flag=True,
+    help="Show the explainer hard negatives too: quiet excerpts sharing the words where the neuron fires (recorded per neuron).",
+)
+@click.option(
+    "--scorers",
+    default="simulation,detection,fuzzing",
+    show_default=True,
+    help="Scorers of each explanation, comma-separated: simulation (always) and any of detection, fuzzing (delphi's, on "
+    "held-out excerpts); every score gets a 95% bootstrap interval.",
+)
+@click.option(
+    "--scorer-excerpts",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Held-out activating and as many non-activating excerpts (at most) that detection and fuzzing each judge.",
 )
 @click.option("--concurrency", type=int, default=4, show_default=True, help="Requests in flight at once.")
 @click.option(
@@ -69,10 +98,15 @@ def explain(
     store,
     endpoint,
     model,
+    local,
+    local_model,
     api_key_env,
     allow_insecure_http,
     neurons,
     samples,
+    contrastive,
+    scorers,
+    scorer_excerpts,
     concurrency,
     timeout,
     max_response_mb,
@@ -86,9 +120,14 @@ def explain(
         store=store,
         endpoint=endpoint,
         model=model,
+        local=local,
+        local_model=local_model,
         api_key_env=api_key_env,
         neurons=neurons,
         samples=samples,
+        contrastive=contrastive,
+        scorers=tuple(x.strip() for x in scorers.split(",") if x.strip()),
+        scorer_excerpts=scorer_excerpts,
         concurrency=concurrency,
         timeout=timeout,
         max_response_mb=max_response_mb,

@@ -21,6 +21,7 @@ never written anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -46,7 +47,7 @@ import pyarrow as pa
 from pydantic import Field, ValidationError
 
 from sitegen.errors import ConfigError, SitegenError, StoreError
-from sitegen.services.neuron_explainer import answers, scoring
+from sitegen.services.neuron_explainer import answers, bootstrap, classify, scoring
 from sitegen.services.neuron_explainer.published import SERVICE, TABLE_SCHEMA
 from sitegen.services.selection import select_neurons
 from sitegen.store.manifest import Record
@@ -90,13 +91,14 @@ MAX_RESPONSE_MB = (
     8.0  # default --max-response-mb: the largest answer read (an echo of a 128-token excerpt: about 0.2 MB)
 )
 OPENAI_KEY_ENV = "OPENAI_API_KEY"
+SCORERS = ("simulation", *classify.SCORERS)
 
 
 @dataclass
 class ExplainConfig:
     store: Path
-    endpoint: str
-    model: str
+    endpoint: str | None = None  # None with `local`
+    model: str | None = None
     api_key_env: str | None = None  # None: $OPENAI_API_KEY for api.openai.com, no key elsewhere
     neurons: str = "5"
     concurrency: int = 4
@@ -106,7 +108,13 @@ class ExplainConfig:
     explainer_excerpts: int = 5
     samples: int = 1  # explanations sampled per neuron; chosen on the valid split, reported on test
     allow_insecure_http: bool = False  # send the key over plain http to a non-loopback host
+    contrastive: bool = False  # show the explainer hard negatives beside its top excerpts
     dry_run: bool = False
+    scorers: tuple[str, ...] = SCORERS  # simulation always; detection and fuzzing as chosen
+    # activating and non-activating held-out excerpts per classification scorer
+    scorer_excerpts: int = classify.PER_CLASS
+    local: bool = False  # explain and score in-process with the store's own model (local.py)
+    local_model: str | None = None  # another model in-process: a checkpoint folder or .gguf file
 
 
 def _is_loopback(host: str) -> bool:
@@ -390,8 +398,17 @@ def _excerpt(tokens: list[str], levels: list[int], nonzero_only: bool = False) -
 SPARSE = 0.2  # below this proportion of non-zero levels, the excerpts are repeated with their firing tokens alone
 
 
-def explanation_messages(excerpts: list[tuple[list[str], list[float]]]) -> list[dict]:
-    """Chat messages asking for the explanation of a neuron from its train excerpts."""
+CONTRASTIVE = (
+    "The last {k} texts are ones where the neuron does not fire although they share words with the texts where it "
+    "does; say what the texts where it fires have that these lack."
+)
+
+
+def explanation_messages(
+    excerpts: list[tuple[list[str], list[float]]], negatives: list[tuple[list[str], list[float]]] = ()
+) -> list[dict]:
+    """Chat messages asking for the explanation of a neuron from its train excerpts and, for the
+    contrastive explainer, hard negatives shown after them (on the same 0-10 scale)."""
     max_act = max((max(a) for _, a in excerpts if a), default=0.0)
     levels = [scoring.discretise(acts, max_act) for _, acts in excerpts]
     body = [_excerpt(tokens, lv) for (tokens, _), lv in zip(excerpts, levels)]
@@ -405,10 +422,38 @@ def explanation_messages(excerpts: list[tuple[list[str], list[float]]]) -> list[
     for shown, answer in FEW_SHOT:
         messages.append({"role": "user", "content": f"Neuron A\n{shown}\nComplete the sentence: {PRIMER} ..."})
         messages.append({"role": "assistant", "content": answer})
+    contrast = ""
+    if negatives:
+        body.append("Texts where it does not fire:\n")
+        body.extend(_excerpt(tokens, scoring.discretise(acts, max_act)) for tokens, acts in negatives)
+        contrast = "\n" + CONTRASTIVE.format(k=len(negatives))
     messages.append(
-        {"role": "user", "content": "Neuron B\n" + "".join(body) + f"\nComplete the sentence: {PRIMER} ..."}
+        {"role": "user", "content": "Neuron B\n" + "".join(body) + f"{contrast}\nComplete the sentence: {PRIMER} ..."}
     )
     return messages
+
+
+def hard_negatives(texts: dict, n: int) -> tuple[list[int], int]:
+    """(random excerpt indices, how many of them are hard) for the contrastive explainer: random
+    excerpts of the calibration split (never simulated or scored on: sitegen uses no calibration)
+    where the neuron does not fire (below classify.THRESHOLD x its top activation) that hold the
+    most of the tokens where the train excerpts fire; hard means at least one such token. With
+    fewer hard ones, the calibration split's other quiet excerpts fill up to n."""
+    train = [texts["top"][i] for i in deal(len(texts["top"]), TOP_SPLITS)["train"]]
+    top_max = max((max(a) for _, a in texts["top"] if a), default=0.0)
+    threshold = classify.THRESHOLD * top_max
+    firing = {
+        t.strip().lower() for tokens, acts in train for t, a in zip(tokens, acts) if a >= threshold and top_max > 0
+    }
+    ranked = []
+    for i in deal(len(texts["random"]), RANDOM_SPLITS)["calibration"]:
+        tokens, acts = texts["random"][i]
+        if acts and max(acts) < threshold:
+            shared = sum(1 for t in tokens if t.strip().lower() in firing)
+            ranked.append((-shared, i))
+    ranked.sort()
+    chosen = ranked[:n]
+    return [i for _, i in chosen], sum(1 for shared, _ in chosen if shared < 0)
 
 
 def clean_explanation(text: str) -> str:
@@ -437,10 +482,12 @@ def deal(n: int, splits: tuple[str, ...]) -> dict[str, list[int]]:
 
 
 def splits(texts: dict, n_excerpts: int) -> dict[str, list]:
-    """train (top only, at most n_excerpts), valid and test (top then random) excerpts."""
+    """train (top only, at most n_excerpts), valid and test (top then random) excerpts; `shown`:
+    the ("top", i) of every excerpt the explainer sees (the classification scorers never use them)."""
     top, rnd = deal(len(texts["top"]), TOP_SPLITS), deal(len(texts["random"]), RANDOM_SPLITS)
     pick = lambda kind, idx: [texts[kind][i] for i in idx]
     return {
+        "shown": {("top", i) for i in top["train"][:n_excerpts]},
         "train": pick("top", top["train"])[:n_excerpts],
         "valid": pick("top", top["valid"]) + pick("random", rnd["valid"]),
         "valid_top": pick("top", top["valid"]),
@@ -470,6 +517,9 @@ def _alignment(ep: Endpoint, prompt: str, offsets: list[int], lp: dict, state: d
     """The endpoint's logprob alignment (scoring.echo_alignment) established from this answer;
     an endpoint where it cannot be, or where it changes between answers, is refused (fatal: every
     neuron would be scored from entries that may not be the placeholders' own)."""
+    if getattr(ep, "alignment", None):  # the in-process model: it made the answer, so it knows
+        state["alignment"] = ep.alignment
+        return ep.alignment
     found, ev = scoring.echo_alignment(prompt, offsets, lp)
     seen = (
         f"top token = the echoed token {ev['own']} times, = the next token {ev['next']} times; levels at the placeholder's entry "
@@ -551,8 +601,9 @@ def simulate(
 def _score_one(ep: Endpoint, explanation: str, scored: list, state: dict, raw: list, usage: list) -> dict:
     """Simulate and score one explanation on one split's sequences (every sequence counts; one
     whose answer could not be read predicts 0 and is marked `unread` in the details)."""
-    simulated, true, details, methods = [], [], [], set()
+    simulated, true, details, methods, prompts = [], [], [], set(), []
     for tokens, acts in scored:
+        prompts.append(scoring.simulation_prompt(explanation, tokens)[0])
         pred, method, r, read = simulate(ep, explanation, tokens, state)
         raw.append(r)
         p, c = state.pop("usage")
@@ -574,17 +625,94 @@ def _score_one(ep: Endpoint, explanation: str, scored: list, state: dict, raw: l
         "method": "+".join(sorted(methods)) or None,
         "details": details,
         "read": any(not d.get("unread") for d in details),
+        "prompt_hash": "sha256:" + hashlib.sha256(orjson.dumps(prompts)).hexdigest() if prompts else None,
     }
 
 
-def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int, samples: int = 1) -> dict:
-    """texts: {"top": [(tokens, acts)], "random": [(tokens, acts)]} -> one result record. With
-    several samples (temperature 1), each explanation is scored on the valid split, the best there
-    is kept (the first on ties) and its score on the test split is the one reported, free of the
-    choice's bias. Without a valid top sequence (fewer than 3 top sequences) nothing is chosen: the
-    first sample is kept."""
+def _asker(ep: Endpoint, raw: list, usage: list) -> Callable[[list[dict], int], str]:
+    """A classification scorer's request: the messages at temperature 0; returns the answer's text."""
+
+    def ask(messages: list[dict], max_tokens: int) -> str:
+        resp = ep.post("/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": max_tokens})
+        raw.append(resp)
+        answer = read_answer(answers.ChatAnswer, resp, f"{ep.base}/chat/completions")
+        p, c = _usage(answer)
+        usage[0] += p
+        usage[1] += c
+        return _chat_text(answer)
+
+    return ask
+
+
+def classification_items(texts: dict, shown: set, per_class: int) -> dict[str, list[classify.Item]]:
+    """Each classification scorer's items on the neuron's held-out excerpts; none (the scorer is
+    not run) without both activating and non-activating excerpts."""
+    activating, quiet, threshold = classify.held_out(texts, shown, per_class)
+    if not activating or not quiet:
+        return {name: [] for name in classify.SCORERS}
+    return {
+        "detection": classify.detection_items(activating, quiet),
+        "fuzzing": classify.fuzzing_items(activating, quiet, threshold),
+    }
+
+
+def score_explanation(
+    ep: Endpoint,
+    best: dict,
+    texts: dict,
+    shown: set,
+    scorers: tuple[str, ...],
+    per_class: int,
+    raw: list,
+    usage: list,
+) -> tuple[dict, dict]:
+    """(scores, scorers) of the kept explanation: every score with its bootstrap interval over
+    excerpts ({"value", "ci", "n"}), and per scorer how it was made (calls, prompt hash; for the
+    classification scorers also the excerpts, answers and unread batches)."""
+    details = best["details"]
+    sim_ci = (
+        bootstrap.simulation_ci([d["simulated"] for d in details], [d["true"] for d in details])
+        if best["score"] is not None
+        else None
+    )
+    scores = {"simulation": bootstrap.score_entry(best["score"], sim_ci, len(details))}
+    made = {"simulation": {"calls": best["calls"], "prompt_hash": best["prompt_hash"], "method": best["method"]}}
+    wanted = [name for name in classify.SCORERS if name in scorers]
+    items = classification_items(texts, shown, per_class) if wanted else {}
+    for name in wanted:
+        if items[name]:
+            made[name] = classify.run(name, best["explanation"], items[name], _asker(ep, raw, usage))
+        else:
+            made[name] = {
+                **bootstrap.score_entry(None, None, 0),
+                "calls": 0,
+                "prompt_hash": None,
+                "why": "no held-out excerpts where the neuron fires, or none where it does not",
+            }
+        scores[name] = {k: made[name][k] for k in ("value", "ci", "n")}
+    return scores, made
+
+
+def explain_neuron(
+    ep: Endpoint,
+    texts: dict,
+    n_excerpts: int,
+    samples: int = 1,
+    scorers: tuple[str, ...] = SCORERS,
+    per_class: int = classify.PER_CLASS,
+    contrastive: bool = False,
+) -> dict:
+    """texts: {"top": [(tokens, acts)], "random": [(tokens, acts)]} (and "top_seq"/"random_seq",
+    their sequence ids, where known) -> one result record. With several samples (temperature 1),
+    each explanation is scored on the valid split, the best there is kept (the first on ties) and
+    its score on the test split is the one reported, free of the choice's bias. Without a valid top
+    sequence (fewer than 3 top sequences) nothing is chosen: the first sample is kept. The kept
+    explanation is then scored by the other `scorers` on held-out excerpts (classify.py), and every
+    score gets its bootstrap interval (bootstrap.py)."""
     split = splits(texts, n_excerpts)
-    messages = explanation_messages(split["train"])
+    negatives, hard = hard_negatives(texts, n_excerpts) if contrastive else ([], 0)
+    split["shown"] |= {("random", i) for i in negatives}  # never judged by detection or fuzzing
+    messages = explanation_messages(split["train"], [texts["random"][i] for i in negatives])
     prompt_hash = "sha256:" + hashlib.sha256(orjson.dumps(messages)).hexdigest()
     raw: list = []
     usage = [0, 0]
@@ -602,10 +730,16 @@ def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int, samples: int = 1)
         usage[1] += c
         explanation = clean_explanation(_chat_text(answer))
         if explanation and explanation not in {x["explanation"] for x in candidates}:
+            before = len(raw)
             valid = _score_one(ep, explanation, split["valid"], state, raw, usage) if choose else None
             test = _score_one(ep, explanation, split["test"], state, raw, usage)
             candidates.append(
-                {"explanation": explanation, "valid_score": None if valid is None else valid["score"], **test}
+                {
+                    "explanation": explanation,
+                    "valid_score": None if valid is None else valid["score"],
+                    **test,
+                    "calls": len(raw) - before,
+                }
             )
     record = {
         "explanation": None,
@@ -617,6 +751,10 @@ def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int, samples: int = 1)
         # which echo logprob entry was read as each placeholder's distribution (None: no logprobs used)
         "logprob_alignment": state.get("alignment") if state.get("logprobs") else None,
         "selected_on": "valid" if choose else None,
+        # what the explainer was shown: top excerpts alone, or with hard negatives (random indices)
+        "explainer_prompt": (
+            {"kind": "contrastive", "negatives": negatives, "hard": hard} if contrastive else {"kind": "top excerpts"}
+        ),
         "samples": [
             {"explanation": x["explanation"], "valid_score": x["valid_score"], "score": x["score"]} for x in candidates
         ],
@@ -632,16 +770,33 @@ def explain_neuron(ep: Endpoint, texts: dict, n_excerpts: int, samples: int = 1)
             else candidates[0]
         )
         record.update({k: best[k] for k in ("explanation", "score", "valid_score", "method", "details")})
+        # every sample's simulations are the simulation scorer's calls
+        best = {**best, "calls": sum(x["calls"] for x in candidates)}
+        record["scores"], scorers_made = score_explanation(
+            ep, best, texts, split["shown"], scorers, per_class, raw, usage
+        )
+        record["scorers"] = {"explanation": {"calls": samples, "prompt_hash": prompt_hash}, **scorers_made}
     record["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1], "requests": len(raw)}
     record["raw"] = raw
     return record
 
 
-def requests_per_neuron(texts: dict, n_excerpts: int, samples: int) -> int:
+def requests_per_neuron(
+    texts: dict,
+    n_excerpts: int,
+    samples: int,
+    scorers: tuple[str, ...] = SCORERS,
+    per_class: int = classify.PER_CLASS,
+    contrastive: bool = False,
+) -> int:
     """The most requests explain_neuron makes for one neuron (fewer when samples repeat)."""
     split = splits(texts, n_excerpts)
+    if contrastive:
+        split["shown"] |= {("random", i) for i in hard_negatives(texts, n_excerpts)[0]}
     valid = len(split["valid"]) if samples > 1 and split["valid_top"] else 0
-    return samples * (1 + valid + len(split["test"]))
+    items = classification_items(texts, split["shown"], per_class) if set(scorers) & set(classify.SCORERS) else {}
+    classified = sum(-(-len(items[name]) // classify.BATCH) for name in classify.SCORERS if name in scorers)
+    return samples * (1 + valid + len(split["test"])) + classified
 
 
 def _texts(store, layer: int, neurons: list[int], vocab: list[str], seq_tokens: dict) -> dict[int, dict]:
@@ -658,7 +813,12 @@ def _texts(store, layer: int, neurons: list[int], vocab: list[str], seq_tokens: 
                 for s, acts in zip(t[f"{kind}_seq"][n], t[f"{kind}_acts"][n])
             ]
 
-        out[n] = {"top": pairs("top"), "random": pairs("random")}
+        out[n] = {
+            "top": pairs("top"),
+            "random": pairs("random"),
+            "top_seq": [int(s) for s in t["top_seq"][n]],
+            "random_seq": [int(s) for s in t["random_seq"][n]],
+        }
     return out
 
 
@@ -673,6 +833,14 @@ def _check_numbers(cfg: ExplainConfig) -> None:
         raise ConfigError(f"--samples {cfg.samples}: must be at least 1")
     if cfg.retries < 0:
         raise ConfigError(f"--retries {cfg.retries}: must be 0 or more")
+    if cfg.scorer_excerpts < 1:
+        raise ConfigError(f"--scorer-excerpts {cfg.scorer_excerpts}: must be at least 1, e.g. --scorer-excerpts 10")
+    unknown = [x for x in cfg.scorers if x not in SCORERS]
+    if unknown or "simulation" not in cfg.scorers:
+        raise ConfigError(
+            f"--scorers {','.join(cfg.scorers)}: give a comma-separated subset of {','.join(SCORERS)} that includes "
+            "simulation, e.g. --scorers simulation,detection"
+        )
     if not (math.isfinite(cfg.timeout) and 0 < cfg.timeout <= MAX_TIMEOUT):
         raise ConfigError(
             f"--timeout {cfg.timeout:g}: give the seconds one request may take in all, a number above 0 and at most "
@@ -769,8 +937,30 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
     from sitegen.store import Store
 
     _check_numbers(cfg)
-    key, key_env = endpoint_key(cfg.endpoint, cfg.api_key_env, cfg.allow_insecure_http)  # before any request
+    local = cfg.local or cfg.local_model is not None
+    if local and (cfg.endpoint or cfg.model):
+        raise ConfigError(
+            f"{'--endpoint' if cfg.endpoint else '--model'} with {'--local' if cfg.local else '--local-model'}: the in-process "
+            "model needs no endpoint; drop one of them"
+        )
+    if not local and not (cfg.endpoint and cfg.model):
+        raise ConfigError(
+            "give --endpoint URL and --model NAME (an OpenAI-compatible server), or --local (the store's own model, "
+            "in-process) or --local-model PATH"
+        )
+    key, key_env = (None, None) if local else endpoint_key(cfg.endpoint, cfg.api_key_env, cfg.allow_insecure_http)
     store = Store.open(cfg.store)
+    if local:  # its name is the explainer's (the work log's key); the model loads when there is work
+        from sitegen.services.neuron_explainer.local import LocalModel, resolve
+
+        option = "--local-model" if cfg.local_model else "--local"
+        spec = cfg.local_model or str(store.manifest["model"].get("source") or "")
+        if not spec:
+            raise ConfigError(
+                "--local: the store's manifest names no model source; pass the model with --local-model PATH"
+            )
+        name = resolve(spec, option)[1]
+        cfg = dataclasses.replace(cfg, model=f"{name} (in-process)", endpoint=f"in-process {name}", concurrency=1)
     m = store.manifest["model"]
     n_layers, size = int(m["num_layers"]), int(m["layer_size"])
     selection = select_neurons(cfg.neurons, n_layers, size, store, option="--neurons")
@@ -791,24 +981,48 @@ def run_explain(cfg: ExplainConfig, log: Callable[[str], None] = print) -> dict:
                 "a valid split to choose the explanation on (the 3rd, 7th, ... top sequences); use --samples 1, or compute "
                 "with --top-k 8 or more"
             )
-    n_requests = sum(requests_per_neuron(texts[k], cfg.explainer_excerpts, cfg.samples) for k in todo)
+    n_requests = sum(
+        requests_per_neuron(
+            texts[k], cfg.explainer_excerpts, cfg.samples, cfg.scorers, cfg.scorer_excerpts, cfg.contrastive
+        )
+        for k in todo
+    )
     if cfg.dry_run:
         if todo:
-            for msg in explanation_messages(splits(texts[todo[0]], cfg.explainer_excerpts)["train"]):
+            first = texts[todo[0]]
+            negatives = hard_negatives(first, cfg.explainer_excerpts)[0] if cfg.contrastive else []
+            shown = explanation_messages(
+                splits(first, cfg.explainer_excerpts)["train"], [first["random"][i] for i in negatives]
+            )
+            for msg in shown:
                 log(f"--- {msg['role']}\n{msg['content']}")
         log(
             f"dry run: {len(todo)} neurons to explain ({len(done)} already done), at most {n_requests} requests "
-            f"({cfg.samples} x (1 explanation + {'valid and ' if cfg.samples > 1 else ''}test simulations) each) to {cfg.endpoint} "
+            f"({cfg.samples} x (1 explanation + {'valid and ' if cfg.samples > 1 else ''}test simulations) each, then "
+            f"{' and '.join(x for x in cfg.scorers if x != 'simulation') or 'no other scorer'}) to {cfg.endpoint} "
             f"as model {cfg.model!r}"
         )
         return {"todo": len(todo), "requests": n_requests}
-    ep = Endpoint(
-        cfg.endpoint, cfg.model, key, cfg.timeout, cfg.retries, key_env, max_bytes=int(cfg.max_response_mb * 2**20)
-    )
+    if local:
+        ep = LocalModel(spec, option)
+    else:
+        ep = Endpoint(
+            cfg.endpoint, cfg.model, key, cfg.timeout, cfg.retries, key_env, max_bytes=int(cfg.max_response_mb * 2**20)
+        )
     failures, fatal = 0, None
     with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
         futures = {
-            pool.submit(explain_neuron, ep, texts[key], cfg.explainer_excerpts, cfg.samples): key for key in todo
+            pool.submit(
+                explain_neuron,
+                ep,
+                texts[key],
+                cfg.explainer_excerpts,
+                cfg.samples,
+                cfg.scorers,
+                cfg.scorer_excerpts,
+                cfg.contrastive,
+            ): key
+            for key in todo
         }
         for fut in as_completed(futures):
             if fut.cancelled():
@@ -901,6 +1115,9 @@ def _write_tables(store, done: dict[tuple[int, int], dict], model: str) -> None:
                 "usage": orjson.dumps(r.get("usage")).decode(),
                 "details": orjson.dumps(r.get("details") or []).decode(),
                 "raw": orjson.dumps(r.get("raw") or []).decode(),
+                "scores": None if r.get("scores") is None else orjson.dumps(r["scores"]).decode(),
+                "scorers": None if r.get("scorers") is None else orjson.dumps(r["scorers"]).decode(),
+                "explainer_prompt": (r.get("explainer_prompt") or {}).get("kind"),
             }
         schema = pa.schema(
             [
@@ -911,6 +1128,9 @@ def _write_tables(store, done: dict[tuple[int, int], dict], model: str) -> None:
                 ("usage", pa.string()),
                 ("details", pa.string()),
                 ("raw", pa.string()),
+                ("scores", pa.string()),
+                ("scorers", pa.string()),
+                ("explainer_prompt", pa.string()),
             ]
         )
         ordered = [rows[n] for n in sorted(rows)]

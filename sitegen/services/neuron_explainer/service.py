@@ -12,15 +12,43 @@ from sitegen.services.base import (
     Service,
     api_envelope,
     api_get,
-    fmt_num,
     level_paths,
 )
 from sitegen.services.neuron_explainer.published import TABLE_SCHEMA
 
+# what each score measures, in one line (the API schema and the trust panel say it)
+SCORER_MEANS = {
+    "simulation": "How well a simulator reading only the explanation predicts each token's activation: the "
+    "correlation of simulated with real activations over held-out excerpts (1 perfect, 0 none).",
+    "detection": "Whether a model reading the explanation tells held-out excerpts where the neuron fires from ones "
+    "where it does not: balanced accuracy (1 perfect, 0.5 chance, 0 inverted).",
+    "fuzzing": "Whether a model reading the explanation tells the tokens where the neuron fires from tokens marked "
+    "at random: balanced accuracy (1 perfect, 0.5 chance, 0 inverted).",
+}
+SCORER_NAMES = tuple(SCORER_MEANS)
+_SCORE = {
+    "type": "object",
+    "required": ["value", "ci", "n"],
+    "description": "One score of an explanation.",
+    "properties": {
+        "value": {"type": ["number", "null"], "description": "The score (null: undefined). Rounded to 4 decimals."},
+        "ci": {
+            "type": ["array", "null"],
+            "items": {"type": "number"},
+            "minItems": 2,
+            "maxItems": 2,
+            "description": "[low, high]: the 95% percentile bootstrap interval over the scored excerpts (1,000 "
+            "resamples, seed 0); null where there is none.",
+        },
+        "n": {"type": ["integer", "null"], "description": "Excerpts scored (null: not known, for an imported score)."},
+    },
+}
+
+
 _S = lambda d: {"type": ["string", "null"], "description": d}
 _EXPLAINER = {
     "type": "object",
-    "required": ["explanation", "score"],
+    "required": ["explanation", "score", "scores"],
     "description": "A neuron's explanation and its simulation score; every field null for a neuron with no explanation.",
     "properties": {
         "explanation": _S(
@@ -32,6 +60,33 @@ _EXPLAINER = {
             "the simulator's predicted and the real activations, pooled over every token of the "
             "scored texts (1: perfect; 0: no correlation); for `sitegen explain`, on "
             "the held-out test texts. Rounded to 4 decimals.",
+        },
+        "scores": {
+            "type": ["object", "null"],
+            "description": "Every score of the explanation with its 95% bootstrap confidence interval over the "
+            "scored excerpts (seeded: the same store gives the same interval). `simulation` is `score`; `detection` "
+            "and `fuzzing` (`sitegen explain` only, with those scorers) are balanced accuracies on held-out excerpts "
+            "(1: perfect, 0.5: chance, 0: inverted). An imported score has no interval.",
+            "properties": {name: {**_SCORE, "description": what} for name, what in SCORER_MEANS.items()},
+            "additionalProperties": False,
+        },
+        "scorers": {
+            "type": "object",
+            "description": "`sitegen explain` only: how each score was made (and `explanation`, the explainer's request).",
+            "additionalProperties": {
+                "type": "object",
+                "properties": {
+                    "calls": {"type": "integer", "description": "Requests to the language model."},
+                    "prompt_hash": _S("SHA-256 over every prompt this scorer sent (null: none sent)."),
+                    "method": _S("simulation only: as `method`."),
+                    "unread": {
+                        "type": "integer",
+                        "description": "detection and fuzzing: answers that could not be read, scored as 0 for "
+                        "every excerpt of their request.",
+                    },
+                    "why": _S("Why the scorer scored nothing (e.g. no held-out excerpt where the neuron fires)."),
+                },
+            },
         },
         "explainer": _S("The language model that wrote the explanation (and, for `sitegen explain`, simulated it)."),
         "source": _S(
@@ -55,6 +110,11 @@ _EXPLAINER = {
                 "requests": {"type": "integer", "description": "Requests made."},
             },
         },
+        "explainer_prompt": _S(
+            '`sitegen explain` only: what the explainer was shown: "top excerpts" (the neuron\'s train top '
+            'excerpts), or "contrastive" (those and hard negatives: excerpts sharing their firing words where the neuron '
+            "does not fire; `--contrastive`)."
+        ),
         "prompt_hash": _S(
             "`sitegen explain` only: SHA-256 of the prompt messages that asked for the explanation, so a rerun can be checked against them."
         ),
@@ -122,9 +182,16 @@ class NeuronExplainer(Service):
             "source": ex.get("source"),
             "method": ex.get("method"),
             "prompt_hash": ex.get("prompt_hash"),
+            "explainer_prompt": ex.get("explainer_prompt"),
             "logprobs": uses_logprobs(ex),
             "logprob_alignment": ex.get("logprob_alignment"),
             "needs_rescoring": needs_rescoring(ex),
+            # per scorer: its LLM calls and the hash over every prompt it sent
+            "scorers": [
+                (name, made.get("calls"), made.get("prompt_hash"))
+                for name, made in (ex.get("scorers") or {}).items()
+                if name != "explanation"
+            ],
         }
 
     def build_notes(self, store) -> list[str]:
@@ -168,15 +235,21 @@ class NeuronExplainer(Service):
         return [Column("Explanation score"), Column("Explanation", None)]
 
     def neuron_summary(self, view, n, payload):
+        from sitegen.services.neuron_explainer.render import score_text
+
         if not payload["explanation"]:
             return []
-        score = "" if payload["score"] is None else f" (score {fmt_num(payload['score'], 3)})"
+        text = score_text((payload.get("scores") or {}).get("simulation"))
+        score = f" (score {text})" if text else ""
         return [("explanation", Markup('<a href="#explanation">{}</a>{}').format(payload["explanation"], score))]
 
     def layer_cells(self, view, n, payload):
+        from sitegen.services.neuron_explainer.render import score_text
+
         score = payload["score"]
+        text = score_text((payload.get("scores") or {}).get("simulation"))
         return [
-            Cell(Markup.escape("" if score is None else fmt_num(score, 3)), str(-2 if score is None else score)),
+            Cell(Markup.escape(text), str(-2 if score is None else score)),
             Cell(Markup.escape(payload["explanation"] or "")),
         ]
 

@@ -177,6 +177,65 @@ class LayerAccumulator:
         self.hist.copy_(torch.from_numpy(state["hist"]).T)
 
 
+class GluQuadrants:
+    """A gated MLP's neurons by (gate sign, up sign) quadrant over the counted tokens: per quadrant
+    and neuron the token count, the activation mass (sum of |activation|, fixed point at 2^-24 as
+    the neuroscope sums) and the top example (largest |activation|, ties to the lower sequence id,
+    then position). Quadrant q = 2 * (gate <= 0) + (up <= 0): 0 (+, +), 1 (+, -), 2 (-, +), 3 (-, -).
+
+    The top example is one int64 per cell, max-reduced: the float32 bits of |activation| (ordered
+    as the values are, for values >= 0) above 2^32 - 1 - (seq_id * seq_len + position), so a
+    single amax picks the largest value and, among equals, the lowest (sequence, position); -1: no
+    token. Counts, sums and maxima of such keys merge exactly in any order (data.merge_glu)."""
+
+    def __init__(self, n: int, seq_len: int, first_valid: int, device: str):
+        self.n, self.seq_len, self.first_valid = n, seq_len, first_valid
+        self.count = torch.zeros(4 * n, dtype=torch.int64, device=device)  # cell q * n + neuron
+        self.mass_fx = torch.zeros(4 * n, dtype=torch.int64, device=device)
+        self.top = torch.full((4 * n,), -1, dtype=torch.int64, device=device)
+        self._neuron = torch.arange(n, device=device)
+        self._position = torch.arange(seq_len, device=device)
+        self._one = torch.ones(1, dtype=torch.int64, device=device)
+
+    def update(self, acts, gate, up, seq_ids, valid, all_full: bool) -> None:
+        fv, T = self.first_valid, self.seq_len
+        key = seq_ids[:, None] * T + self._position[None, :]  # (B, T): the lower, the earlier
+        if all_full:  # strided views, no copies: every row is real, every position from fv on counts
+            acts, gate, up, key = acts[:, fv:], gate[:, fv:], up[:, fv:], key[:, fv:]
+        else:
+            acts, gate, up, key = acts[valid], gate[valid], up[valid], key[valid]
+        if acts.numel() == 0:
+            return
+        # The quadrant in one byte per value, widened once to the cell index (int64: scatter's index).
+        quadrant = (gate <= 0).to(torch.uint8).mul_(2).add_((up <= 0).to(torch.uint8))
+        cells = quadrant.long().mul_(self.n).add_(self._neuron).reshape(-1)
+        magnitude = acts.float().abs()  # contiguous, whatever acts' strides
+        # scatter_add rather than bincount, which scans its input for the min and max first
+        self.count.scatter_add_(0, cells, self._one.expand(cells.shape))
+        # float64 sums of integer-valued units are exact within a batch (< 2^53, as in LayerAccumulator)
+        fixed = torch.mul(magnitude, 2.0**stats.SUM_SHIFT).round_().reshape(-1).double()
+        self.mass_fx += (
+            torch.zeros(4 * self.n, dtype=torch.float64, device=fixed.device)
+            .scatter_add_(0, cells, fixed)
+            .to(torch.int64)
+        )
+        ranked = magnitude.view(torch.int32).long().bitwise_left_shift_(32)
+        ranked.bitwise_or_((0xFFFFFFFF - key).unsqueeze(-1))
+        self.top.scatter_reduce_(0, cells, ranked.reshape(-1), "amax")
+
+    def state(self) -> dict[str, np.ndarray]:
+        shape = (4, self.n)
+        return {
+            "count": self.count.cpu().numpy().reshape(shape),
+            "mass_fx": self.mass_fx.cpu().numpy().reshape(shape),
+            "top": self.top.cpu().numpy().reshape(shape),
+        }
+
+    def load(self, state: dict) -> None:
+        for name in ("count", "mass_fx", "top"):
+            getattr(self, name).copy_(torch.from_numpy(state[name]).reshape(-1))
+
+
 class CorpusAccumulator:
     """The service contract's accumulator (sitegen/services/base.py): one layer's LayerAccumulator
     fed a `Batch` at a time; its table has the traces trimmed to each sequence's length."""
@@ -184,15 +243,29 @@ class CorpusAccumulator:
     def __init__(self, run):
         self.run = run
         self.acc = LayerAccumulator(run.layer_size, run.seq_len, run.top_k, run.n_random, run.first_valid, run.device)
+        self.glu = (
+            GluQuadrants(run.layer_size, run.seq_len, run.first_valid, run.device)
+            if getattr(run, "gated_mlp", False)
+            else None
+        )
 
     def update(self, acts: torch.Tensor, batch) -> None:
         self.acc.update(acts, batch.seq_ids, batch.valid, batch.rand_score, batch.all_full)
+        if self.glu is not None:
+            self.glu.update(acts, batch.gate, batch.up, batch.seq_ids, batch.valid, batch.all_full)
 
     def state(self) -> dict:
-        return self.acc.state()
+        state = self.acc.state()
+        if self.glu is not None:
+            state["glu"] = self.glu.state()
+        return state
 
     def load(self, state: dict) -> None:
         self.acc.load(state)
+        if self.glu is not None:
+            self.glu.load(state["glu"])
 
     def table(self):
-        return data.state_to_table(self.acc.state(), self.run.top_k, self.run.n_random, self.run.seq_lengths)
+        return data.state_to_table(
+            self.state(), self.run.top_k, self.run.n_random, self.run.seq_lengths, self.run.seq_len
+        )

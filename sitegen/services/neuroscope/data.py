@@ -47,6 +47,47 @@ TABLE_SCHEMA = pa.schema(
 )
 
 
+# A gated MLP's quadrant columns (compute.GluQuadrants), after TABLE_SCHEMA's in its stores only.
+# Per neuron, 4 entries in quadrant order (gate > 0, up > 0), (+, <= 0), (<= 0, +), (<= 0, <= 0).
+GLU_SCHEMA = pa.schema(
+    [
+        ("glu_count", _INTS),  # counted tokens
+        ("glu_mass_fx", _INTS),  # sum of |activation| in units of 2^-24
+        ("glu_top_seq", _INTS),  # the top example's sequence id, -1 for none
+        ("glu_top_pos", pa.list_(pa.int32())),  # its position in the sequence
+        ("glu_top_act", _FLOATS),  # its activation (the largest |activation| of the quadrant)
+    ]
+)
+GLU_SIGN = np.array([1.0, -1.0, -1.0, 1.0], dtype=np.float32)  # act(gate) * up's sign in each quadrant
+_LOW32 = 0xFFFFFFFF
+
+
+def glu_columns(glu: dict, seq_len: int) -> dict[str, pa.Array]:
+    """GLU_SCHEMA's columns from a GluQuadrants state ((4, n) arrays; see its key)."""
+    n = glu["count"].shape[1]
+    top = glu["top"].T  # neuron-major (n, 4)
+    present = top >= 0
+    key = np.where(present, _LOW32 - (top & _LOW32), 0)
+    magnitude = np.where(present, top >> 32, 0).astype(np.int32).view(np.float32)
+    four = np.full(n, 4)
+    return {
+        "glu_count": _flat_list(glu["count"].T.reshape(-1), four, pa.int64()),
+        "glu_mass_fx": _flat_list(glu["mass_fx"].T.reshape(-1), four, pa.int64()),
+        "glu_top_seq": _flat_list(np.where(present, key // seq_len, -1).reshape(-1), four, pa.int64()),
+        "glu_top_pos": _flat_list(np.where(present, key % seq_len, 0).reshape(-1), four, pa.int32()),
+        "glu_top_act": _flat_list((magnitude * GLU_SIGN[None, :]).reshape(-1), four, pa.float32()),
+    }
+
+
+def glu_state(table: pa.Table, seq_len: int) -> dict:
+    """Inverse of glu_columns: the (4, n) state arrays, the top keys rebuilt."""
+    col = lambda name: np.asarray(table.column(name).combine_chunks().flatten()).reshape(-1, 4).T
+    seq, pos = col("glu_top_seq").astype(np.int64), col("glu_top_pos").astype(np.int64)
+    bits = np.abs(col("glu_top_act").astype(np.float32)).view(np.int32).astype(np.int64)
+    top = np.where(seq >= 0, (bits << 32) | (_LOW32 - (seq * seq_len + pos)), -1)
+    return {"count": col("glu_count").astype(np.int64), "mass_fx": col("glu_mass_fx").astype(np.int64), "top": top}
+
+
 def _nested(values: np.ndarray, inner_len: np.ndarray, outer_len: np.ndarray, dtype: pa.DataType) -> pa.Array:
     inner_off = np.concatenate([[0], np.cumsum(inner_len)]).astype(np.int32)
     outer_off = np.concatenate([[0], np.cumsum(outer_len)]).astype(np.int32)
@@ -86,8 +127,11 @@ def _extreme_columns(ext: dict, k: int, seq_length: dict[int, int], sign: float)
     return ids, vals, acts
 
 
-def state_to_table(state: dict, top_k: int, n_random: int, seq_length: dict[int, int]) -> pa.Table:
-    """One row per neuron: ordered extremes with traces trimmed to each sequence's length, raw and derived stats."""
+def state_to_table(
+    state: dict, top_k: int, n_random: int, seq_length: dict[int, int], seq_len: int | None = None
+) -> pa.Table:
+    """One row per neuron: ordered extremes with traces trimmed to each sequence's length, raw and
+    derived stats; for a gated MLP's state (key "glu"; seq_len then required) the quadrant columns."""
     n = state["sum_fx"].shape[0]
     top_ids, top_max, top_acts = _extreme_columns(state["top"], top_k, seq_length, 1.0)
     bot_ids, bot_min, bot_acts = _extreme_columns(state["bottom"], top_k, seq_length, -1.0)
@@ -105,7 +149,7 @@ def state_to_table(state: dict, top_k: int, n_random: int, seq_length: dict[int,
         count, state["sum_fx"], state["sumsq_fx"], state["sumsq_lo"], state["hist"], state["vmin"], state["vmax"]
     )
     nb = stats.N_FINE_BINS
-    return pa.table(
+    table = pa.table(
         {
             "neuron": pa.array(np.arange(n), pa.int32()),
             "top_seq": top_ids,
@@ -144,6 +188,10 @@ def state_to_table(state: dict, top_k: int, n_random: int, seq_length: dict[int,
         },
         schema=TABLE_SCHEMA,
     )
+    if "glu" in state:
+        for name, column in glu_columns(state["glu"], seq_len).items():
+            table = table.append_column(GLU_SCHEMA.field(name), column)
+    return table
 
 
 def _extremes_from_columns(ids: list, vals: list, acts: list, k: int, seq_len: int, sign: float) -> dict:
@@ -205,6 +253,7 @@ def table_to_state(table: pa.Table, top_k: int, n_random: int, seq_len: int) -> 
         "vmin": table.column("min").to_numpy(),
         "vmax": table.column("max").to_numpy(),
         "hist": hist,
+        **({"glu": glu_state(table, seq_len)} if "glu_count" in table.column_names else {}),
     }
 
 
@@ -247,4 +296,14 @@ def merge_states(parts: list[dict], top_k: int, n_random: int, random_score: "ca
         "vmin": np.min([p["vmin"] for p in parts], axis=0),
         "vmax": np.max([p["vmax"] for p in parts], axis=0),
         "hist": np.sum([p["hist"] for p in parts], axis=0),
+        **({"glu": merge_glu([p["glu"] for p in parts])} if all("glu" in p for p in parts) else {}),
+    }
+
+
+def merge_glu(parts: list[dict]) -> dict:
+    """Quadrant states of disjoint sequences: counts and sums added, top keys max-reduced."""
+    return {
+        "count": np.sum([p["count"] for p in parts], axis=0),
+        "mass_fx": np.sum([p["mass_fx"] for p in parts], axis=0),
+        "top": np.max([p["top"] for p in parts], axis=0),
     }

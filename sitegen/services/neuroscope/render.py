@@ -15,6 +15,7 @@ from itertools import chain
 
 import numpy as np
 import orjson
+import pyarrow.parquet as pq
 from markupsafe import Markup
 
 from sitegen.services.tokens import BUCKETS, shown
@@ -44,6 +45,11 @@ _PEAK = (
     + [f'<i class="p{b} x">' for b in range(1, BUCKETS + 1)]
 )
 _ELL = '<span class="ell">…</span>'
+
+
+_GLU_COLUMNS = ["glu_count", "glu_mass_fx", "glu_top_seq", "glu_top_pos", "glu_top_act"]
+_QUADRANTS = (("+", "+"), ("+", "-"), ("-", "+"), ("-", "-"))  # (gate, up) signs: + is > 0, - is <= 0
+GLU_BEFORE, GLU_AFTER = 8, 3  # tokens shown around a quadrant's top example
 
 
 def _r(x: float) -> float:
@@ -90,9 +96,13 @@ class NeuroscopeLayer:
     def __init__(self, store, layer: int, site):
         self.layer, self.site = layer, site
         # the columns the pages and JSON show (not the raw sums and fine histogram kept for merging)
-        t = store.read_layer("neuroscope", layer, columns=_COLUMNS)
+        # A gated MLP's quadrant columns, where the store has them (compute.GluQuadrants).
+        self.gated = bool(store.manifest["model"].get("gated_mlp", False))
+        has_glu = set(_GLU_COLUMNS) <= set(pq.read_schema(store.layer_path("neuroscope", layer)).names)
+        t = store.read_layer("neuroscope", layer, columns=_COLUMNS + (_GLU_COLUMNS if has_glu else []))
         self.n = t.num_rows
         col = lambda name: t.column(name).to_pylist()
+        self.glu = {name: col(name) for name in _GLU_COLUMNS} if has_glu else None
         self.seq = {k: col(f"{k}_seq") for k in ("top", "bottom")}
         self.mean, self.std, self.vmin, self.vmax = col("mean"), col("std"), col("min"), col("max")
         # Colour scales centred on zero: the top texts on the neuron's largest absolute activation,
@@ -175,17 +185,59 @@ class NeuroscopeLayer:
             "histogram": {"edges": [self.edges6[e] if e else e for e in self.hist_edges[n]], "counts": self.hist[n]},
         }
 
+    def _seq(self, seq_id: int) -> "_Sequence":
+        s = self.per_seq.get(seq_id)
+        if s is None:
+            s = self.per_seq[seq_id] = _Sequence(self.site, seq_id)
+        return s
+
+    def glu_quadrants(self, n: int) -> list[dict] | None:
+        """The four (gate sign, up sign) quadrants of a gated MLP's neuron: tokens, shares of the
+        tokens and of the activation mass (sum of |activation|), and the top example; None where the
+        store has no quadrants."""
+        if self.glu is None:
+            return None
+        g = self.glu
+        counts, mass = g["glu_count"][n], g["glu_mass_fx"][n]
+        total, total_mass = max(sum(counts), 1), max(sum(mass), 1)
+        out = []
+        for q, (gate, up) in enumerate(_QUADRANTS):
+            seq_id = g["glu_top_seq"][n][q]
+            top = None
+            if seq_id >= 0:
+                s = self._seq(seq_id)
+                top = {
+                    "data_index": seq_id,
+                    "position": g["glu_top_pos"][n][q],
+                    "activation": _r(g["glu_top_act"][n][q]),
+                    "tokens": s.tokens_json,
+                }
+            out.append(
+                {
+                    "gate": gate,
+                    "up": up,
+                    "tokens": counts[q],
+                    "token_share": round(counts[q] / total, 6),
+                    "mass_share": round(mass[q] / total_mass, 6),
+                    "top": top,
+                }
+            )
+        return out
+
     # -- API --
     def payload(self, n: int) -> dict:
         texts = self._texts_of(n)
         # The random sample stays in the store (explanation scoring reads it there): the per-neuron
         # JSON carries what the page shows, to keep one neuron's files small.
-        return {
+        out = {
             "neuron_index": {"layer": self.layer, "neuron": n},
             "texts": texts["top"],
             "bottom_texts": texts["bottom"],
             "stats": self._stats_of(n),
         }
+        if self.glu is not None or not self.gated:  # null: not applicable (not a gated MLP's neuron)
+            out["glu_quadrants"] = self.glu_quadrants(n)
+        return out
 
     def score(self, n: int) -> float:
         """DeepDecipher's importance: max - min activation of the neuron's top text."""
@@ -243,9 +295,36 @@ class NeuroscopeLayer:
             )
         return Markup("\n".join(items))
 
+    def _glu_rows(self, n: int) -> Markup:
+        """One table row per quadrant: shares, and the top example's window with its token marked."""
+        scale = max(abs(self.vmax[n]), abs(self.vmin[n]), 1e-9)
+        fv = self.fv
+        rows = []
+        for quad in self.glu_quadrants(n):
+            example = "—"
+            if quad["top"] is not None:
+                top = quad["top"]
+                s, pos, value = self._seq(top["data_index"]), top["position"], top["activation"]
+                lo, hi = max(0, pos - GLU_BEFORE), min(len(s.closed), pos + GLU_AFTER + 1)
+                bucket = int(np.clip(np.rint(value * BUCKETS / scale), -BUCKETS, BUCKETS)) + BUCKETS
+                opens = ["<i class=bos>" if i < fv else "<i>" for i in range(lo, hi)]
+                opens[pos - lo] = _PEAK[bucket]
+                spans = "".join(chain.from_iterable(zip(opens, s.closed[lo:hi])))
+                example = (
+                    f'<span class="glu-ex">{_ELL if lo else ""}{spans}{_ELL if hi < len(s.closed) else ""}</span> '
+                    f"<small>{value} (sequence {top['data_index']}, token {pos})</small>"
+                )
+            rows.append(
+                f"<tr><th scope=row>gate {quad['gate']}, up {quad['up']}</th><td>{quad['token_share']:.1%}</td>"
+                f"<td>{quad['mass_share']:.1%}</td><td>{example}</td></tr>"
+            )
+        return Markup("".join(rows))
+
     def page(self, n: int) -> dict:
         texts = self._texts_of(n)
         return {
+            "glu": self._glu_rows(n) if self.glu is not None else None,
+            "glu_not_applicable": self.glu is None and not self.gated,
             "top": self._sequence_items(n, "top", texts["top"]),
             "bottom": self._sequence_items(n, "bottom", texts["bottom"]),
             "stats": self._stats_of(n),

@@ -76,6 +76,47 @@ _TEXT = {
     },
 }
 _TEXTS = "Up to --top-k sequences (one entry per sequence) with the neuron's {} activations, {} first."
+_SIGN = lambda which: {
+    "type": "string",
+    "enum": ["+", "-"],
+    "description": f"The sign of the {which} pre-activation: + above 0, - at or below 0.",
+}
+_GLU_QUADRANTS = {
+    "type": ["array", "null"],
+    "description": "A gated MLP's neuron (activation act(gate) * up) by the signs of its gate (x . W_gate) and up (x . W_in) "
+    "pre-activations over every counted token, in the order (+, +), (+, -), (-, +), (-, -); exact counts and fixed-point "
+    "sums, merged exactly across shards. null: not applicable (a plain MLP's neuron or a dictionary's latent).",
+    "items": {
+        "type": "object",
+        "required": ["gate", "up", "tokens", "token_share", "mass_share", "top"],
+        "description": "One quadrant.",
+        "properties": {
+            "gate": _SIGN("gate"),
+            "up": _SIGN("up"),
+            "tokens": _INT("Counted tokens in the quadrant."),
+            "token_share": _NUM("Its share of the counted tokens, 0 to 1 (6 decimals)."),
+            "mass_share": _NUM(
+                "Its share of the activation mass, the sum of |activation| over the counted tokens (6 decimals)."
+            ),
+            "top": {
+                "type": ["object", "null"],
+                "required": ["data_index", "position", "activation", "tokens"],
+                "description": "The quadrant's token of largest |activation| (ties: the lower sequence id, then position); "
+                "null when no token fell in the quadrant.",
+                "properties": {
+                    "data_index": _INT("The sequence's id in the store."),
+                    "position": _INT("The token's index in tokens."),
+                    "activation": _NUM("The neuron's activation there, rounded to 4 decimals."),
+                    "tokens": {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "description": "The sequence's tokens as the tokenizer decodes each one, BOS first.",
+                    },
+                },
+            },
+        },
+    },
+}
 _NEUROSCOPE = {
     "type": "object",
     "required": ["neuron_index", "texts"],
@@ -93,6 +134,7 @@ _NEUROSCOPE = {
             "items": {"$ref": "#/components/schemas/Text"},
             "description": _TEXTS.format("lowest", "lowest"),
         },
+        "glu_quadrants": _GLU_QUADRANTS,
         "stats": {
             "type": "object",
             "required": ["mean", "std", "min", "max", "frac_positive", "quantiles", "histogram"],
@@ -211,8 +253,10 @@ class Neuroscope(Service):
     def sequences_used(self, table):
         return (
             s
-            for col in ("top_seq", "bottom_seq", "random_seq")
+            for col in ("top_seq", "bottom_seq", "random_seq", "glu_top_seq")
+            if col in table.column_names
             for s in table.column(col).combine_chunks().flatten().to_pylist()
+            if s >= 0  # glu_top_seq: -1 for a quadrant no token fell in
         )
 
     def manifest_records(self):
@@ -237,7 +281,7 @@ class Neuroscope(Service):
 
         states = [data.table_to_state(t, run.top_k, run.n_random, run.seq_len) for t in tables]
         merged = data.merge_states(states, run.top_k, run.n_random, data.random_score(run.seed))
-        return data.state_to_table(merged, run.top_k, run.n_random, run.seq_lengths)
+        return data.state_to_table(merged, run.top_k, run.n_random, run.seq_lengths, run.seq_len)
 
     # --- verify: the traces, top-k claims, statistics and random sample against the rerun model ------
 
