@@ -114,7 +114,7 @@ def test_n2g_stage_selects_resumes_and_evaluates(tiny_model_dir, tiny_corpus, tm
         t = store.read_layer("neuron2graph", layer).to_pylist()
         assert len(t) == 3
         assert [r for r in t if r["neuron"] in {x["neuron"] for x in first[layer]}] == first[layer]
-    # a layer written by an older sitegen (nodes without their own activation) is recomputed, not mixed in
+    # a layer written by an older sitegen (nodes without their own activation) is refused, not mixed in
     import pyarrow as pa
 
     current = store.read_layer("neuron2graph", 1)
@@ -133,10 +133,11 @@ def test_n2g_stage_selects_resumes_and_evaluates(tiny_model_dir, tiny_corpus, tm
         ),
     )
     store.write_layer("neuron2graph", 1, stale)
-    logs.clear()
-    run_compute(ComputeConfig(**cfg, options={"n2g": "3"}), log=logs.append)
-    assert Store.open(tmp_path / "store").read_layer("neuron2graph", 1).to_pylist() == current.to_pylist()
-    assert any("recomputing 3 graphs written by an older sitegen" in m for m in logs)
+    # The table no longer has the declared node type: refused at open in one line (nothing mixed in).
+    from sitegen.errors import StoreError
+
+    with pytest.raises(StoreError, match=r"neuron2graph/layer=1/data.parquet: damaged table, column 'nodes' holds"):
+        run_compute(ComputeConfig(**cfg, options={"n2g": "3"}), log=logs.append)
 
 
 def test_n2g_options_are_checked_before_any_work(tmp_path):
