@@ -130,7 +130,14 @@ def _logits_table(rng, n: int, vocab_size: int) -> pa.Table:
             _list(ids, pa.int32()),
             _list(np.ascontiguousarray(vals), pa.float32()),
         )
-    return pa.table(cols)
+    effects = rng.normal(size=(n, 40)).astype(np.float32)  # a stand-in row of logit effects per neuron
+    cols["logit_hist_lo"] = pa.array(effects.min(1), pa.float32())
+    cols["logit_hist_hi"] = pa.array(effects.max(1), pa.float32())
+    cols["logit_hist_counts"] = _list(rng.integers(0, 1000, size=(n, 40)).astype(np.int32), pa.int32())
+    from sitegen.services.logits.data import TABLE_SCHEMA
+
+    # connected units (global ids across layers) are left null: the synthetic layers are independent
+    return pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)) for f in TABLE_SCHEMA}, schema=TABLE_SCHEMA)
 
 
 def _sample(rng, n: int, amount: float) -> np.ndarray:
