@@ -11,21 +11,42 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from safetensors.numpy import load_file as load_numpy
 
 from sitegen.cli import main
-from sitegen.dictionaries.format import (
-    CFG_FILE,
-    WEIGHTS_FILE,
-    check_fits,
-    load_dictionary,
-    random_dictionary,
-    save_dictionary,
-)
-from sitegen.dictionaries.train import TrainOptions, evaluate, result_dictionary, train_topk
 from sitegen.errors import ConfigError
+
+
+class _Lazy:
+    """A name imported on first use, so collecting this file imports no torch (the fast tier's
+    import guard, tests/tiers.py, holds only while no collected module has imported it)."""
+
+    def __init__(self, module: str, name: str | None = None):
+        self._module, self._name = module, name
+
+    def _get(self):
+        import importlib
+
+        module = importlib.import_module(self._module)
+        return getattr(module, self._name) if self._name else module
+
+    def __getattr__(self, attr):
+        return getattr(self._get(), attr)
+
+    def __call__(self, *args, **kwargs):
+        return self._get()(*args, **kwargs)
+
+
+torch = _Lazy("torch")
+CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"  # format.py's names for SAELens's files
+check_fits, load_dictionary, random_dictionary, save_dictionary = (
+    _Lazy("sitegen.dictionaries.format", n)
+    for n in ("check_fits", "load_dictionary", "random_dictionary", "save_dictionary")
+)
+TrainOptions, evaluate, result_dictionary, train_topk = (
+    _Lazy("sitegen.dictionaries.train", n) for n in ("TrainOptions", "evaluate", "result_dictionary", "train_topk")
+)
 
 pytestmark = pytest.mark.model  # imports torch
 

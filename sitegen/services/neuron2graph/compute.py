@@ -136,7 +136,7 @@ class Graph(NamedTuple):
 
 
 # What one forward call costs beyond its tokens, in tokens: SmolLM2 on 2 CPU cores runs a call of n
-# tokens in about (n + 200) token-times at any depth (the bridge's per-module work), so a batch is
+# tokens in about (n + 200) token-times at any depth (the model's per-module work), so a batch is
 # worth splitting only where that saves more padding than this.
 CALL_OVERHEAD_TOKENS = 192
 
