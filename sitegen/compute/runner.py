@@ -894,7 +894,7 @@ class _LossSample:
     depend on which rows it shared a batch with, and the sums stay exact across shard splits."""
 
     def __init__(self, run: "_Run", pad_id: int):
-        self.dictionaries = [u for u in run.units[1:]]
+        self.dictionaries = run.units[1:]
         self.pad_id = pad_id
         self.first_valid = run.first_valid
         self.rows: list = []  # (tokens row, valid row)

@@ -103,11 +103,14 @@ def neuron_tables(model) -> Iterator[tuple[int, pa.Table]]:
         by_layer.setdefault(hook_order(d.hook_name)[0], []).append(k)
     for layer in sorted(by_layer):
         sides = {}
+        directions = {
+            k: neuron_directions(model, model.dictionaries[k]) for k in by_layer[layer]
+        }  # once per dictionary
         for side in ("reads", "writes"):
             values, dicts, latents = [], [], []
             for k in by_layer[layer]:
                 d = model.dictionaries[k]
-                _, read_dirs, write_dirs = neuron_directions(model, d)
+                _, read_dirs, write_dirs = directions[k]
                 if side == "reads":
                     cos = read_dirs @ _unit_rows(d.W_enc.T.float().cpu()).T  # (d_mlp, d_sae)
                 else:
