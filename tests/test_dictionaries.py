@@ -32,6 +32,8 @@ class _Lazy:
         return getattr(module, self._name) if self._name else module
 
     def __getattr__(self, attr):
+        if attr.startswith("_"):  # pytest's collection probes names such as `_pytestfixturefunction`
+            raise AttributeError(attr)
         return getattr(self._get(), attr)
 
     def __call__(self, *args, **kwargs):

@@ -12,8 +12,8 @@ import pytest
 def pytest_configure(config):
     for name in ("model", "slow", "real_model", "deno", "llm", "wheel"):
         config.addinivalue_line("markers", name)
-from tests.tiers import (pytest_collection_modifyitems, pytest_runtest_makereport, pytest_runtest_protocol,
-                         pytest_sessionfinish, pytest_sessionstart)
+from tests.tiers import (pytest_collection_finish, pytest_collection_modifyitems, pytest_make_collect_report,
+                         pytest_runtest_makereport, pytest_runtest_protocol, pytest_sessionfinish, pytest_sessionstart)
 
 @pytest.fixture
 def tiny_model_dir():
@@ -90,6 +90,34 @@ def test_a_fast_test_that_imports_torch_fails_even_when_it_swallows_the_error(in
         "test_x.py::test_sneaky imports torch, which the fast tier may not do: mark it @pytest.mark.model"
         in res.stdout.str()
     )
+
+
+def test_a_test_file_that_imports_a_heavy_library_while_collected_stops_the_run(inner, monkeypatch):
+    # A stand-in heavy module, so the outer session's own modules stay as they are.
+    import tests.tiers
+
+    monkeypatch.setattr(tests.tiers, "WATCHED_AT_COLLECTION", ("heavy_stand_in",))
+    inner.makepyfile(heavy_stand_in="VALUE = 1\n")
+    inner.makepyfile(
+        test_top="""
+        import heavy_stand_in
+
+        def test_uses_it():
+            assert heavy_stand_in.VALUE == 1
+    """,
+        test_other="""
+        def test_plain():
+            pass
+    """,
+    )
+    inner.syspathinsert()
+    res = inner.runpytest("-q")
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    assert "collecting test_top.py imported heavy_stand_in, so the fast tier's import guard cannot hold" in (
+        res.stderr.str()
+    )
+    marked = inner.runpytest("-q", "-m", "model")  # no fast test selected: nothing for the guard to protect
+    assert marked.ret == pytest.ExitCode.NO_TESTS_COLLECTED
 
 
 def test_a_fast_test_that_starts_deno_or_pip_fails(inner):

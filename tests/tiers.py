@@ -188,6 +188,40 @@ def pytest_runtest_makereport(item, call):
 
 
 REPORTED = pytest.StashKey[bool]()
+COLLECTION_IMPORTS = pytest.StashKey[dict]()  # heavy module -> the test file whose collection imported it
+
+
+WATCHED_AT_COLLECTION = tuple(HEAVY_IMPORTS)
+
+
+def _heavy_loaded() -> set[str]:
+    return {name for name in WATCHED_AT_COLLECTION if name in sys.modules}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    before = _heavy_loaded()
+    report = yield
+    if isinstance(collector, pytest.Module):
+        found = collector.config.stash.setdefault(COLLECTION_IMPORTS, {})
+        for name in sorted(_heavy_loaded() - before):
+            found.setdefault(name, collector.nodeid)
+    return report
+
+
+def pytest_collection_finish(session):
+    """A test file that imports a heavy library at its top level (or while pytest inspects its
+    names) loads it before the fast tier runs, and the import guard can no longer see a fast test
+    use it: refuse the run, naming the file."""
+    found = session.config.stash.get(COLLECTION_IMPORTS, {})
+    if found and any(is_fast(item) for item in session.items):
+        name, where = next(iter(sorted(found.items())))
+        raise pytest.UsageError(
+            f"collecting {where} imported {name}, so the fast tier's import guard cannot hold: "
+            "import it inside the tests or fixtures that use it (tests/README.md)"
+        )
+
+
 _ACTIVE_LOGS: set[str] = set()  # the guard logs of the sessions running in this process
 
 
