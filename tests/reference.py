@@ -263,7 +263,7 @@ def write_synthetic_graphs(store: Store, graphs: dict[tuple[int, int], list]) ->
             trie.insert(line, act)
         trie.merge_ignore()
         work = SimpleNamespace(neuron=neuron, base_max=1.0, train=[None] * 3, test=[None] * 2, lines=lines)
-        ev = {"precision": 0.75, "recall": 0.5, "f1": 0.6, "variance_explained": 0.25}
+        ev = {"precision": 0.75, "recall": 0.5, "f1": 0.6, "f1_ci": [0.35, 0.8], "variance_explained": 0.25}
         by_layer.setdefault(layer, []).append((work, trie, ev))
     for layer, rows in by_layer.items():
         store.write_layer(SERVICE, layer, graphs_table(rows))

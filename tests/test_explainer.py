@@ -437,7 +437,7 @@ def test_explanation_search_equals_brute_force(tmp_path):
 
 
 def test_bootstrap_intervals_are_seeded_and_reproducible():
-    from sitegen.services.neuron_explainer import bootstrap
+    from sitegen.services import bootstrap
 
     rng = np.random.default_rng(1)
     labels = [1] * 12 + [0] * 12
@@ -465,7 +465,7 @@ def test_bootstrap_intervals_cover_the_truth_95_percent_of_the_time():
     right with probability 0.8 and 100 non-activating ones with 0.6, so the true balanced
     accuracy is 0.7. Over 1,000 repetitions the 95% interval must cover 0.7 in 95% +- 3% of them
     (960 with these seeds)."""
-    from sitegen.services.neuron_explainer import bootstrap
+    from sitegen.services import bootstrap
 
     rng = np.random.default_rng(2024)
     labels = [1] * 100 + [0] * 100
@@ -524,7 +524,8 @@ def test_the_trust_panel_shows_every_score_escapes_the_explanation_and_flags_dis
         assert f'<td class="num">{text}</td>' in row and "</td><td>" in row, (
             row
         )  # the score, its interval, what it measures
-    assert "graph F1" in panel  # the synthetic store has a graph for 0:1
+    graph_row = panel.split('data-scorer="graph-f1"', 1)[1].split("</tr>", 1)[0]
+    assert '<td class="num">0.60 [0.35, 0.80]</td>' in graph_row  # the synthetic graph of 0:1, with its interval
     assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt; dates &amp; &#34;times&#34;" in page
     assert "&lt;b&gt;model&lt;/b&gt;" in panel and "<b>model</b>" not in page  # the explainer's name, escaped too
     flags = [f for f in panel.split('<p class="flag"')[1:]]
@@ -534,6 +535,10 @@ def test_the_trust_panel_shows_every_score_escapes_the_explanation_and_flags_dis
     # the layer table and the summary line show the score with its interval
     assert "0.62 [0.31, 0.80]" in (out / "toy/0/index.html").read_text()
     assert "(score 0.62 [0.31, 0.80])" in page
+    # the search preview: the explanation, then every score with its interval; F1 with its interval
+    preview = json.loads((out / "search/toy/preview/0/0.json").read_text())[1]
+    assert preview[3] == HOSTILE and preview[4] == [0.35, 0.8]
+    assert preview[5] == "simulation 0.62 [0.31, 0.80] · detection 0.55 [0.45, 0.60] · fuzzing 0.90 [0.80, 0.97]"
 
 
 def test_the_trust_panel_flags_an_interval_wider_than_the_score_and_nothing_when_scores_agree(tmp_path):

@@ -95,6 +95,8 @@ def test_n2g_stage_selects_resumes_and_evaluates(tiny_model_dir, tiny_corpus, tm
             assert r["n_train"] + r["n_test"] == 6 and r["n_train"] == 3
             assert all(r[k] is None or 0 <= r[k] <= 1 for k in ("precision", "recall", "f1"))  # None: undefined
             assert r["variance_explained"] is None or r["variance_explained"] <= 1
+            # F1's interval over the 3 held-out texts: none without an F1
+            assert r["f1_ci"] is None or (r["f1"] is not None and 0 <= r["f1_ci"][0] <= r["f1_ci"][1] <= 1)
             assert all(normalise(x) == x for x in r["activating"] + r["important"])
             # filed by each node's own activation; a line's first token always fires
             assert all(n["activating"] == (n["activation"] > 0.5 and n["token"] != IGNORE) for n in r["nodes"])

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from sitegen.services.neuron2graph.graph import IGNORE, Trie, evaluate, normalise
+from sitegen.services.neuron2graph.graph import IGNORE, Trie, evaluate, evaluate_texts, normalise
 
 
 def test_normalise():
@@ -74,6 +75,39 @@ def test_evaluate_hand_computed():
     var = sum((t - mean) ** 2 for t in true) / 5
     mse = sum((p - t) ** 2 for p, t in zip(pred, true)) / 5
     assert m["variance_explained"] == pytest.approx(1 - mse / var)
+
+
+def test_f1_interval_is_a_bootstrap_over_the_held_out_texts():
+    """evaluate_texts pools the texts for every figure (as evaluate on their concatenation) and
+    gives F1 the percentile interval of 1,000 resamples of the texts, seeded: equal to a plain loop
+    that resamples with the same draws and re-evaluates each resample; a resample in which nothing
+    fires is left out."""
+    rng = np.random.default_rng(3)
+    texts = []
+    for _ in range(9):
+        n = int(rng.integers(3, 9))
+        true = rng.uniform(0, 1, n).round(2).tolist()
+        pred = [t if rng.random() < 0.7 else 1 - t for t in true]
+        texts.append((pred, true))
+    texts.append(([0.9, 0.0], [0.1, 0.2]))  # a text that never fires: some resamples hold only such texts
+    m = evaluate_texts(texts)
+    pooled = evaluate([p for pred, _ in texts for p in pred], [t for _, true in texts for t in true])
+    assert {k: m[k] for k in pooled} == pooled
+
+    draws = np.random.default_rng(0).integers(0, len(texts), size=(1000, len(texts)))
+    scores = []
+    for row in draws:
+        f1 = evaluate([p for i in row for p in texts[i][0]], [t for i in row for t in texts[i][1]])["f1"]
+        if f1 is not None:
+            scores.append(f1)
+    lo, hi = np.quantile(scores, [0.025, 0.975])
+    assert m["f1_ci"] == [round(lo, 4), round(hi, 4)]
+    assert m["f1_ci"][0] < m["f1"] < m["f1_ci"][1]
+    assert evaluate_texts(texts) == m  # seeded: the same figures again
+
+    same = [([0.9, 0.1], [0.8, 0.6])] * 6  # every text alike: no spread to resample
+    assert evaluate_texts(same)["f1_ci"] == [round(evaluate_texts(same)["f1"], 4)] * 2
+    assert evaluate_texts([([0.9], [0.1])] * 4)["f1_ci"] is None  # nothing fires: F1 undefined, no interval
 
 
 def test_evaluate_never_scores_an_empty_denominator():

@@ -674,7 +674,11 @@ def test_search_folders_stay_under_netlifys_limit_for_a_large_vocabulary():
     )
     assert 2 * len(ts.search_postings()) > NETLIFY_DIR_LIMIT  # what one file per term (any: and activating:) would need
     pub = _CountingPublisher()
-    cached = {"neuron2graph.token_store": ts, "neuron_explainer.explanations": {}}  # what SiteModel.cached would hold
+    cached = {  # what SiteModel.cached would hold
+        "neuron2graph.token_store": ts,
+        "neuron_explainer.explanations": {},
+        "neuron_explainer.score_notes": {},
+    }
     search.publish_search(
         pub,
         SimpleNamespace(

@@ -290,7 +290,9 @@ def test_neuron_page_opens_with_a_summary(built_site, layer, neuron):
     graph = _json(built_site, f"api/{MODEL}/neuron2graph/{layer}/{neuron}.json")["data"]
     assert ("graph F1" in summary) == (graph["graph"] is not None), summary
     if graph["graph"] is not None:
-        assert f'<dt>graph F1</dt><dd><a href="#graph">{graph["evaluation"]["f1"]:.2g}</a></dd>' in summary
+        ev = graph["evaluation"]
+        lo, hi = ev["f1_ci"]
+        assert f'<dt>graph F1</dt><dd><a href="#graph">{ev["f1"]:.2g} [{lo:.2f}, {hi:.2f}]</a></dd>' in summary
     assert start < html.index('aria-label="Activation statistics"')
 
 

@@ -102,8 +102,8 @@ class Batch:
 class TokenIndex:
     """A service's part of the model's site-wide token search (site/search.py writes the files):
     `postings`: token -> (sorted global ids of the neurons it activates, of those it is important
-    to); `preview(global_id)` -> [top tokens, max activation, graph F1 or None], the start of a
-    search result's row; `support`: token -> per neuron of its activating list, how many distinct
+    to); `preview(global_id)` -> [top tokens, max activation, graph F1 or None, F1's interval or
+    None], a search result's row (site/search.py puts the explanation after F1); `support`: token -> per neuron of its activating list, how many distinct
     sequences carry that token for it; `counts`: token -> its occurrences in the text counted, and
     `corpus` what was counted ({"sequences", "tokens", "processed"}), so a miss can say how often
     the token occurs."""
@@ -408,6 +408,11 @@ class Service:
     def search_texts(self, site) -> dict[int, str]:
         """Global neuron id -> a free text (an explanation) for the explanation search and the
         search results' previews (with `text_search = True`)."""
+        return {}
+
+    def search_notes(self, site) -> dict[int, str]:
+        """Global neuron id -> a short line the search results' previews show after the
+        explanation (the explanation's scores with their intervals); none by default."""
         return {}
 
     def edge_functions(self) -> list[EdgeFunction]:

@@ -4,7 +4,8 @@
     search/<model>/tokens/<shard>.json       {token: {"a": ids, "i": ids, "na": n, "ni": n, "n": n, "s": support, "c": count[, "m": k]}}
     search/<model>/more/<shard>-<k>.json     the full lists of a token whose lists were capped ({"a", "i"})
     search/<model>/support/<shard>-<k>.json  its full support list ({"s"}; only the page reads it, the edge function never)
-    search/<model>/preview/<layer>/<chunk>.json   per neuron: [top tokens, max activation, graph F1 or null, explanation or null]
+    search/<model>/preview/<layer>/<chunk>.json   per neuron: [top tokens, max activation, graph F1 or null,
+                                                  explanation or null, F1's interval or null, scores or null]
     search/<model>/words/<shard>.json        explanation search: {stem: [ids, term counts]} (lunr's analysis)
 
 A token's shard is FNV-1a (32-bit, over its UTF-8 bytes) modulo the shard count (a power of two),
@@ -82,8 +83,10 @@ def publish_search(pub, model) -> dict:
     if index is None:
         return {}
     explanations: dict[int, str] = {}
+    notes: dict[int, str] = {}
     for s in model.services:
         explanations.update(s.search_texts(model))
+        notes.update(s.search_notes(model))
     lists = index.postings
     empty: tuple[list[int], list[int]] = ([], [])
     keys = set(lists) | set(index.counts)
@@ -121,7 +124,8 @@ def publish_search(pub, model) -> dict:
             rows = []
             for n in range(start, min(start + PREVIEW_CHUNK, size)):
                 g = layer * size + n
-                rows.append([*index.preview(g), explanations.get(g)])
+                tokens, top, f1, f1_ci = index.preview(g)
+                rows.append([tokens, top, f1, explanations.get(g), f1_ci, notes.get(g)])
             pub.publish(f"{base}/preview/{layer}/{start // PREVIEW_CHUNK}.json", orjson.dumps(rows))
     meta = {
         "shards": shards,

@@ -504,12 +504,11 @@ def _graph(w: NeuronWork, vocab: list[str], first: int) -> Graph:
     for line, act in w.lines:
         trie.insert(line, act)
     trie.merge_ignore()
-    predicted: list[float] = []
-    true: list[float] = []
-    for tokens, acts in w.test:
-        predicted.extend(trie.predict([vocab[int(t)] for t in tokens[first:]]))
-        true.extend((acts[first:] / w.base_max).tolist())
-    return Graph(w, trie, g.evaluate(predicted, true) if true else None)
+    texts = [
+        (trie.predict([vocab[int(t)] for t in tokens[first:]]), (acts[first:] / w.base_max).tolist())
+        for tokens, acts in w.test
+    ]
+    return Graph(w, trie, g.evaluate_texts(texts) if any(real for _, real in texts) else None)
 
 
 def build_layer(
@@ -566,6 +565,7 @@ def graphs_table(rows: Iterable[Graph]) -> pa.Table:
         out["important"].append(sorted(important))
         for key in ("precision", "recall", "f1", "variance_explained"):
             out[key].append(None if ev is None else ev[key])
+        out["f1_ci"].append(None if ev is None else ev.get("f1_ci"))
         out["n_train"].append(len(w.train))
         out["n_test"].append(len(w.test))
         out["n_lines"].append(len(w.lines))

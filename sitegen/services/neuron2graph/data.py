@@ -33,6 +33,7 @@ GRAPH_SCHEMA = pa.schema(
         ("precision", pa.float64()),
         ("recall", pa.float64()),
         ("f1", pa.float64()),
+        ("f1_ci", pa.list_(pa.float64())),  # [low, high]: 95% bootstrap interval over the held-out texts
         ("variance_explained", pa.float64()),
         ("n_train", pa.int16()),
         ("n_test", pa.int16()),

@@ -1,7 +1,8 @@
 """Neuron2Graph's graph core (Foote et al. 2023), after the reference implementation
 (arXiv 2305.19911):
 token normalisation, the trie built from activation 'lines' with IGNORE merging, prediction by
-walking backwards without backtracking, and the held-out evaluation. Pure Python (no torch):
+walking backwards without backtracking, and the held-out evaluation (with a bootstrap interval
+of F1 over the held-out texts, numpy). No torch:
 the model-dependent steps (prune, saliency, augment) produce the lines this module consumes.
 
 A line starts at the activating token and walks backwards through its context; every element
@@ -14,6 +15,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
+
+import numpy as np
+
+from sitegen.services import bootstrap
 
 IGNORE = "<IGNORE>"
 FIRING = 0.5  # normalised activation at which a neuron counts as firing (evaluation: >=)
@@ -125,6 +130,33 @@ class Trie:
             if node.token != IGNORE:
                 (activating if node.activating else important).add(node.token)
         return activating, important
+
+
+def evaluate_texts(
+    texts: Sequence[tuple[Sequence[float], Sequence[float]]], firing: float = FIRING
+) -> dict[str, float | list[float] | None]:
+    """evaluate() over the held-out texts pooled, plus `f1_ci`: the 95% bootstrap interval of F1
+    over the texts (sitegen/services/bootstrap.py: texts resampled with replacement, each
+    resample's F1 from its pooled counts; a resample in which nothing fires is undefined and left
+    out). None where F1 is undefined or there is no text."""
+    predicted = [p for pred, _ in texts for p in pred]
+    true = [t for _, real in texts for t in real]
+    out: dict[str, float | list[float] | None] = dict(evaluate(predicted, true, firing))
+    out["f1_ci"] = None
+    if out["f1"] is not None:
+        counts = [
+            (
+                sum(1 for p, t in zip(pred, real) if p >= firing and t >= firing),
+                sum(1 for p in pred if p >= firing),
+                sum(1 for t in real if t >= firing),
+            )
+            for pred, real in texts
+        ]
+        ci = bootstrap.bootstrap_sums(
+            [counts], lambda s: 2 * s[:, 0] / np.where(s[:, 2] > 0, s[:, 1] + s[:, 2], np.nan)
+        )
+        out["f1_ci"] = None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
+    return out
 
 
 def evaluate(predicted: Sequence[float], true: Sequence[float], firing: float = FIRING) -> dict[str, float | None]:

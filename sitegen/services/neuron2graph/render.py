@@ -173,10 +173,12 @@ def _activating(node: dict) -> bool:
 
 def _evaluation(row: dict) -> dict:
     """The held-out figures; null where undefined (F1 null: nothing in the held-out texts reaches
-    half the maximum, so the graph is not evaluated)."""
-    return {
-        k: None if row[k] is None else round(row[k], 4) for k in ("precision", "recall", "f1", "variance_explained")
-    } | {"test_texts": row["n_test"], "train_texts": row["n_train"]}
+    half the maximum, so the graph is not evaluated), and F1's bootstrap interval over the texts."""
+    return (
+        {k: None if row[k] is None else round(row[k], 4) for k in ("precision", "recall", "f1", "variance_explained")}
+        | {"f1_ci": row["f1_ci"]}
+        | {"test_texts": row["n_test"], "train_texts": row["n_train"]}
+    )
 
 
 def _dot_escape(text: str) -> str:

@@ -154,6 +154,15 @@ _NEURON2GRAPH = {
                             "Harmonic mean of precision and recall; null when nothing fires in the held-out "
                             "texts (not evaluated)."
                         ),
+                        "f1_ci": {
+                            "description": "[low, high]: the 95% percentile bootstrap interval of F1 over the held-out "
+                            "texts (1,000 resamples of the texts with replacement, seeded); null where F1 is null or "
+                            "too few resamples have any firing token.",
+                            "oneOf": [
+                                {"type": "null"},
+                                {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
+                            ],
+                        },
                         "variance_explained": _F("1 - MSE / Var(true activation) of the predicted activations."),
                         "test_texts": {"type": "integer", "description": "Held-out texts the figures are measured on."},
                         "train_texts": {"type": "integer", "description": "Texts the graph was built from."},
@@ -324,10 +333,11 @@ class Neuron2Graph(Service):
             items.append(("likely artefact", Markup.escape(REASONS[payload["artefact"]])))
         row = view.rows.get(n)
         if row is not None:
-            f1 = row.get("f1")
-            items.append(
-                ("graph F1", Markup('<a href="#graph">{}</a>').format("undefined" if f1 is None else fmt_num(f1, 2)))
-            )
+            f1, ci = row.get("f1"), row.get("f1_ci")
+            text = "undefined" if f1 is None else fmt_num(f1, 2)
+            if f1 is not None and ci:
+                text = f"{text} [{ci[0]:.2f}, {ci[1]:.2f}]"
+            items.append(("graph F1", Markup('<a href="#graph">{}</a>').format(text)))
         return items
 
     def stage_requested(self, cfg):

@@ -76,6 +76,7 @@ class TokenStore:
     counts: np.ndarray = field(
         default_factory=lambda: np.zeros(0, np.int64)
     )  # key id -> occurrences in the stored sequences (positions from first_valid on)
+    f1_ci: list[list[float] | None] = field(default_factory=list)  # F1's bootstrap interval (None: none)
     corpus: dict | None = (
         None  # what `counts` counts: {"sequences": stored, "tokens": counted, "processed": the corpus pass's sequences}
     )
@@ -116,11 +117,14 @@ class TokenStore:
         return {self.keys[int(k)]: int(self.counts[k]) for k in np.flatnonzero(self.counts)}
 
     def preview(self, g: int, n_tokens: int = 5) -> list:
-        """A search result's start: [top tokens, largest activation, graph F1 or None]."""
+        """A search result's start: [top tokens, largest activation, graph F1 or None, F1's
+        interval or None]."""
+        graph = self.source[g] == SOURCE_GRAPH
         return [
             [self.keys[k] for k in self.activating[g][:n_tokens]],
             self.max_act[g],
-            self.f1[g] if self.source[g] == SOURCE_GRAPH else None,
+            self.f1[g] if graph else None,
+            self.f1_ci[g] if graph and self.f1_ci else None,
         ]
 
 
@@ -174,32 +178,42 @@ def build_token_store(store, first_valid: int) -> TokenStore:
     important: list[np.ndarray] = []
     source: list[str] = []
     f1: list[float | None] = []
+    f1_ci: list[list[float] | None] = []
     max_act: list[float] = []
     support: list[np.ndarray] = []
     has_graphs = store.has_service("neuron2graph")
     for layer in range(n_layers):
         graphs = {}
         if has_graphs and store.layer_path("neuron2graph", layer).exists():
-            t = store.read_layer("neuron2graph", layer, columns=["neuron", "activating", "important", "f1"]).to_pydict()
-            graphs = {n: (a, i, f) for n, a, i, f in zip(t["neuron"], t["activating"], t["important"], t["f1"])}
+            t = store.read_layer(
+                "neuron2graph", layer, columns=["neuron", "activating", "important", "f1", "f1_ci"]
+            ).to_pydict()
+            graphs = {
+                n: (a, i, f, ci)
+                for n, a, i, f, ci in zip(t["neuron"], t["activating"], t["important"], t["f1"], t["f1_ci"])
+            }
         max_act.extend(
             round(float(x), 4) for x in store.read_layer("neuroscope", layer, columns=["max"]).column("max").to_numpy()
         )
         fallback, fired = _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val, vocab_key)
         for n in range(size):
             if n in graphs:
-                a, i, f = graphs[n]
+                a, i, f, ci = graphs[n]
                 activating.append(np.array([intern(k) for k in a], dtype=np.int64))
                 important.append(np.array([intern(k) for k in i], dtype=np.int64))
                 source.append(SOURCE_GRAPH)
                 f1.append(None if f is None else round(f, 3))
+                f1_ci.append(None if f is None or ci is None else [round(x, 3) for x in ci])
             else:
                 activating.append(fallback[n])
                 important.append(np.zeros(0, np.int64))
                 source.append(SOURCE_TOP)
                 f1.append(None)
+                f1_ci.append(None)
             support.append(np.array([fired.get((n, int(k)), 0) for k in activating[-1]], dtype=np.int64))
-    return TokenStore(intern.keys, size, activating, important, source, f1, max_act, support, counts, corpus)
+    return TokenStore(
+        intern.keys, size, activating, important, source, f1, max_act, support, counts, f1_ci=f1_ci, corpus=corpus
+    )
 
 
 def _fallback_keys(

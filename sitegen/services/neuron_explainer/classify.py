@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import orjson
 
-from sitegen.services.neuron_explainer import bootstrap
+from sitegen.services import bootstrap
 from sitegen.services.neuron_explainer.scoring import _shown
 
 THRESHOLD = 0.3  # an excerpt fires where it reaches this share of the neuron's largest activation

@@ -47,7 +47,8 @@ import pyarrow as pa
 from pydantic import Field, ValidationError
 
 from sitegen.errors import ConfigError, SitegenError, StoreError
-from sitegen.services.neuron_explainer import answers, bootstrap, classify, scoring
+from sitegen.services import bootstrap
+from sitegen.services.neuron_explainer import answers, classify, scoring
 from sitegen.services.neuron_explainer.published import SERVICE, TABLE_SCHEMA
 from sitegen.services.selection import select_neurons
 from sitegen.store.manifest import Record

@@ -151,6 +151,27 @@ def explanations(site) -> dict[int, str]:
     return site.cached("neuron_explainer.explanations", read)
 
 
+def score_notes(site) -> dict[int, str]:
+    """Global neuron id -> "simulation 0.62 [0.31, 0.80] · detection 0.71 [0.60, 0.80]": every
+    score of the neuron's explanation with its interval, for the search results' previews."""
+    from sitegen.services.neuron_explainer.render import ExplainerLayer, score_text
+
+    def read() -> dict[int, str]:
+        out = {}
+        if site.store.has_service("neuron_explainer"):
+            for layer in range(site.num_layers):
+                view = ExplainerLayer(site.store, layer, site)
+                for n in sorted(view.rows):
+                    payload = view.payload(n)
+                    scores = (payload["scores"] or {}).items() if payload["explanation"] else ()
+                    parts = [f"{name} {score_text(s)}" for name, s in scores if score_text(s)]
+                    if parts:
+                        out[layer * site.layer_size + n] = " · ".join(parts)
+        return out
+
+    return site.cached("neuron_explainer.score_notes", read)
+
+
 _LAYER = {
     "type": "object",
     "required": ["num_neurons", "explained"],
@@ -230,6 +251,9 @@ class NeuronExplainer(Service):
 
     def search_texts(self, site):
         return explanations(site)
+
+    def search_notes(self, site):
+        return score_notes(site)
 
     def layer_columns(self):
         return [Column("Explanation score"), Column("Explanation", None)]

@@ -353,8 +353,11 @@
         if (!chunks[key]) chunks[key] = getJSON("/search/" + key + ".json");
         chunks[key].then(function (rows) {
           var r = rows[n % meta.preview_chunk];
-          prev.textContent = "  max " + r[1] + (r[2] !== null ? " · graph F1 " + r[2] : "") + " · " + r[0].map(function (t) { return JSON.stringify(t); }).join(" ");
+          // [top tokens, max, graph F1, explanation, F1's interval, the explanation's scores]
+          var f1 = r[2] !== null ? " · graph F1 " + r[2] + (r[4] ? " [" + r[4][0] + ", " + r[4][1] + "]" : "") : "";
+          prev.textContent = "  max " + r[1] + f1 + " · " + r[0].map(function (t) { return JSON.stringify(t); }).join(" ");
           if (r[3]) { var ex = document.createElement("q"); ex.className = "expl"; ex.textContent = r[3]; prev.appendChild(ex); }
+          if (r[5]) { var sc = document.createElement("span"); sc.className = "expl-scores"; sc.textContent = " (" + r[5] + ")"; prev.appendChild(sc); }
         });
       }
       observer = "IntersectionObserver" in window ? new IntersectionObserver(function (entries) {
