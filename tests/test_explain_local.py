@@ -54,6 +54,43 @@ def test_in_process_expected_values_are_a_direct_softmax_over_the_level_tokens(t
         assert set(lm.levels) <= set(top)
 
 
+@pytest.mark.model
+def test_a_judge_held_to_a_list_answers_the_likelier_of_0_and_1_at_each_value(tiny_model_dir):
+    """The in-process judge's answer under classify.answer_format: a readable list whose every
+    value is the likelier of "0" and "1" after the prompt and the list so far, recomputed here with
+    one full forward pass per value (no cache)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sitegen.services.neuron_explainer import classify
+    from sitegen.services.neuron_explainer.local import LocalModel
+
+    lm = LocalModel(str(tiny_model_dir))
+    assert lm.constrains_answers
+    messages = [{"role": "user", "content": "Explanation: taxes.\n\nExcerpts:\n1. the tax cut\n2. peace\n3. 42 laws\n"}]
+    size = 7
+    answer = lm.post(
+        "/chat/completions",
+        {"messages": messages, "temperature": 0, "max_tokens": 40, "response_format": classify.answer_format(size)},
+    )
+    text = answer["choices"][0]["message"]["content"]
+    got = classify.parse_answer(text, size)
+    assert got is not None and text == "[" + ", ".join(map(str, got)) + "]"
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = lm._chat_ids(messages)[0].tolist()
+    zero, one = tok.convert_tokens_to_ids("0"), tok.convert_tokens_to_ids("1")
+    want = []
+    for k in range(size):
+        ids += tok.encode("[" if k == 0 else ", ", add_special_tokens=False)
+        with torch.no_grad():
+            last = model(torch.tensor([ids])).logits[0, -1]
+        want.append(int(last[one] > last[zero]))
+        ids.append(one if want[-1] else zero)
+    assert got == want
+
+
 @pytest.fixture(scope="module")
 def tiny_store(tiny_model_dir, tiny_corpus, tmp_path_factory):
     from sitegen.compute.runner import ComputeConfig, run_compute
@@ -90,6 +127,8 @@ def test_explain_local_writes_the_endpoint_paths_records_and_every_score(tiny_st
     scores, made = json.loads(row["scores"]), json.loads(row["scorers"])
     assert set(scores) == {"simulation", "detection", "fuzzing"}
     assert made["simulation"]["calls"] == scores["simulation"]["n"]  # one forward pass per scored sequence
+    for name in ("detection", "fuzzing"):  # the in-process judge always answers a readable list
+        assert made[name]["method"] == "constrained" and made[name]["unread"] == 0, made[name]
     out = tmp_path / "site"
     build_site([tiny_store], out)
     page = next(out.glob("*/1/3.html")).read_text()

@@ -13,8 +13,9 @@ non-activating excerpts: 1 perfect, 0.5 chance or a constant answer, 0 inverted)
 An excerpt fires when its largest activation reaches THRESHOLD x the neuron's largest stored
 activation (delphi's highlight threshold); its highlighted tokens are those reaching it. An answer
 that cannot be read (no list of BATCH 0/1 values) counts as 0 for every excerpt of its batch: it is
-scored, as a constant answer (chance), and counted in `unread`. Pure Python + numpy; the caller
-makes the requests (`ask`).
+scored, as a constant answer (chance), and counted in `unread`. A judge that can be held to the
+answer's shape (the in-process model: `answer_format`) always answers a readable list. Pure
+Python + numpy; the caller makes the requests (`ask`).
 """
 
 from __future__ import annotations
@@ -198,6 +199,24 @@ def messages(scorer: str, explanation: str, batch: Sequence[Item]) -> list[dict]
     ]
 
 
+def answer_format(size: int) -> dict:
+    """The answer's shape as an OpenAI `response_format` (a JSON schema): a list of `size` 0/1
+    values. Sent to a judge that honours it (`constrains_answers`): the in-process model decodes
+    under it, choosing at each value the likelier of "0" and "1"."""
+    return {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "answers",
+            "schema": {
+                "type": "array",
+                "items": {"type": "integer", "enum": [0, 1]},
+                "minItems": size,
+                "maxItems": size,
+            },
+        },
+    }
+
+
 _LIST = re.compile(r"\[([^\[\]]*)\]")
 
 
@@ -222,7 +241,8 @@ def run(
     ask: Callable[[list[dict], int], str],
     seed: int = 0,
 ) -> dict:
-    """Ask `ask(messages, max_tokens) -> answer text` about every item, BATCH per request; the
+    """Ask `ask(messages, size) -> answer text` (size: the 0/1 values the answer lists) about every
+    item, BATCH per request; the
     scorer's record: value (balanced accuracy), ci, n, calls, prompt_hash (over every prompt sent),
     unread batches, and per excerpt its source, index, interval, label and prediction."""
     ordered = order(items, seed)
@@ -231,7 +251,7 @@ def run(
         batch = ordered[start : start + BATCH]
         msgs = messages(scorer, explanation, batch)
         prompts.append(msgs)
-        answer = parse_answer(ask(msgs, 4 * len(batch) + 8), len(batch))
+        answer = parse_answer(ask(msgs, len(batch)), len(batch))
         if answer is None:
             unread += 1
             answer = [0] * len(batch)

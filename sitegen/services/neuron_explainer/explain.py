@@ -631,10 +631,14 @@ def _score_one(ep: Endpoint, explanation: str, scored: list, state: dict, raw: l
 
 
 def _asker(ep: Endpoint, raw: list, usage: list) -> Callable[[list[dict], int], str]:
-    """A classification scorer's request: the messages at temperature 0; returns the answer's text."""
+    """A classification scorer's request: the messages at temperature 0, held to a list of `size`
+    0/1 values where the judge honours it; returns the answer's text."""
 
-    def ask(messages: list[dict], max_tokens: int) -> str:
-        resp = ep.post("/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": max_tokens})
+    def ask(messages: list[dict], size: int) -> str:
+        body = {"messages": messages, "temperature": 0, "max_tokens": 4 * size + 8}
+        if getattr(ep, "constrains_answers", False):
+            body["response_format"] = classify.answer_format(size)
+        resp = ep.post("/chat/completions", body)
         raw.append(resp)
         answer = read_answer(answers.ChatAnswer, resp, f"{ep.base}/chat/completions")
         p, c = _usage(answer)
@@ -683,6 +687,8 @@ def score_explanation(
     for name in wanted:
         if items[name]:
             made[name] = classify.run(name, best["explanation"], items[name], _asker(ep, raw, usage))
+            if getattr(ep, "constrains_answers", False):
+                made[name]["method"] = "constrained"  # answers held to a list of 0/1 (classify.answer_format)
         else:
             made[name] = {
                 **bootstrap.score_entry(None, None, 0),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import os
 import threading
 from pathlib import Path
@@ -96,6 +97,7 @@ class LocalModel:
     One request at a time (a lock): torch uses every core for each."""
 
     alignment = "own"  # which echo entry predicts each token: known, not detected
+    constrains_answers = True  # a judge's answer is decoded under classify.answer_format (see __init__)
 
     def __init__(self, spec: str, option: str = "--local-model", device: str = "cpu"):
         for mod, pkg in (("torch", "torch==2.13.0"), ("transformers", "transformers")):
@@ -121,6 +123,7 @@ class LocalModel:
         vocab = self.tokenizer.get_vocab()
         # the level tokens the vocabulary has as one token (SmolLM2 splits "10" into digits: it has 0..9)
         self.levels = {lv: vocab[lv] for lv in LEVELS if lv in vocab}
+        self.constrains_answers = "0" in self.levels and "1" in self.levels  # else judges write free text
         self._lock = threading.Lock()
         self.calls = 0
 
@@ -153,6 +156,9 @@ class LocalModel:
         import torch
 
         ids = self._chat_ids(body["messages"])
+        size = _binary_list_size(body.get("response_format"))
+        if size is not None:
+            return self._binary_list(ids, size)
         temperature = float(body.get("temperature") or 0.0)
         gen = {
             "max_new_tokens": int(body.get("max_tokens") or 60),
@@ -174,6 +180,31 @@ class LocalModel:
         return {
             "choices": [{"message": {"content": text}}],
             "usage": {"prompt_tokens": int(ids.shape[1]), "completion_tokens": int(answer.shape[0])},
+        }
+
+    def _binary_list(self, ids, size: int) -> dict:
+        """An answer held to a list of `size` 0/1 values (greedy under that grammar): the list's
+        punctuation is forced, and at each value the likelier of the tokens "0" and "1" given
+        everything before it is taken. One forward pass per value, reusing the cache."""
+        import torch
+
+        zero, one = self.levels["0"], self.levels["1"]
+        # transformers 5 names the cache argument `cache`, 4.x `past_key_values`
+        cache_arg = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+        values: list[int] = []
+        past, fed = None, ids
+        with torch.no_grad():
+            for k in range(size):
+                glue = self.tokenizer.encode("[" if k == 0 else ", ", add_special_tokens=False)
+                step = torch.cat([fed, torch.tensor([glue], device=self.device)], dim=1)
+                out = self.lm(step, use_cache=True, **{cache_arg: past})
+                past, last = getattr(out, cache_arg), out.logits[0, -1]
+                values.append(int(last[one] > last[zero]))
+                fed = torch.tensor([[one if values[-1] else zero]], device=self.device)
+        text = "[" + ", ".join(map(str, values)) + "]"
+        return {
+            "choices": [{"message": {"content": text}}],
+            "usage": {"prompt_tokens": int(ids.shape[1]), "completion_tokens": 2 * size + 1},
         }
 
     def level_logprobs(self, prompt: str) -> tuple[list[int], list[str], list, list]:
@@ -216,3 +247,18 @@ class LocalModel:
             ],
             "usage": {"prompt_tokens": len(ids), "completion_tokens": 0},
         }
+
+
+def _binary_list_size(response_format) -> int | None:
+    """The list length of a classify.answer_format request; None for any other answer."""
+    try:
+        schema = response_format["json_schema"]["schema"]
+        if (
+            schema["type"] == "array"
+            and schema["items"].get("enum") == [0, 1]
+            and schema["minItems"] == schema["maxItems"]
+        ):
+            return int(schema["minItems"])
+    except (TypeError, KeyError, AttributeError):
+        pass
+    return None

@@ -78,7 +78,11 @@ _EXPLAINER = {
                 "properties": {
                     "calls": {"type": "integer", "description": "Requests to the language model."},
                     "prompt_hash": _S("SHA-256 over every prompt this scorer sent (null: none sent)."),
-                    "method": _S("simulation only: as `method`."),
+                    "method": _S(
+                        'simulation: as `method`; detection and fuzzing: "constrained" where the judge\'s '
+                        "answers were held to a list of 0/1 (the in-process model picks the likelier of 0 and 1 at "
+                        "each value), absent where the judge wrote free text."
+                    ),
                     "unread": {
                         "type": "integer",
                         "description": "detection and fuzzing: answers that could not be read, scored as 0 for "
