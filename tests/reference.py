@@ -252,8 +252,11 @@ SYNTHETIC_LINES = [
 ]
 
 
-def write_synthetic_graphs(store: Store, graphs: dict[tuple[int, int], list]) -> None:
-    """neuron2graph tables for hand-made graphs, through the service's own table writer."""
+def write_synthetic_graphs(
+    store: Store, graphs: dict[tuple[int, int], list], f1: dict[tuple[int, int], float] | None = None
+) -> None:
+    """neuron2graph tables for hand-made graphs, through the service's own table writer. `f1`: a
+    graph's test F1 where it is not 0.6."""
     from sitegen.services.neuron2graph.compute import SERVICE, graphs_table
 
     by_layer: dict[int, list] = {}
@@ -263,7 +266,9 @@ def write_synthetic_graphs(store: Store, graphs: dict[tuple[int, int], list]) ->
             trie.insert(line, act)
         trie.merge_ignore()
         work = SimpleNamespace(neuron=neuron, base_max=1.0, train=[None] * 3, test=[None] * 2, lines=lines)
-        ev = {"precision": 0.75, "recall": 0.5, "f1": 0.6, "f1_ci": [0.35, 0.8], "variance_explained": 0.25}
+        f = (f1 or {}).get((layer, neuron), 0.6)
+        ci = [round(max(0.0, f - 0.25), 4), round(min(1.0, f + 0.2), 4)]
+        ev = {"precision": 0.75, "recall": 0.5, "f1": f, "f1_ci": ci, "variance_explained": 0.25}
         by_layer.setdefault(layer, []).append((work, trie, ev))
     for layer, rows in by_layer.items():
         store.write_layer(SERVICE, layer, graphs_table(rows))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from urllib.parse import urlsplit
 
@@ -480,3 +481,208 @@ def test_no_explanation_search_on_a_site_without_explanations(browser, tall_site
     page.goto(f"{explained_site}/search.html")
     assert page.locator("#search-in option").all_inner_texts() == ["tokens (Neuron2Graph)", "explanations"]
     page.close()
+
+
+# ---- the unit page's weight and gate panels on a gated MLP's site whose tokens are markup ----------
+
+GATED = "gated-model"
+# Every token but <bos> is markup that would make an element if it were not escaped: the panels'
+# token cells can only show hostile strings. "&amp;" must come out as those five characters.
+HOSTILE_VOCAB = ["<bos>", "<script>alert(1)</script>", "</textarea>", "\n"] + [
+    f'"><img src=x onerror=alert({i})><b>{i}</b>&amp;' for i in range(20)
+]
+
+
+@pytest.fixture(scope="module")
+def gated_site(tmp_path_factory):
+    """A 3-layer gated MLP's synthetic site (quadrants, logit histograms, connected neurons both
+    ways from layer 1) over HOSTILE_VOCAB, served."""
+    import threading
+
+    from sitegen.site.build import build_site
+    from sitegen.site.serve import make_server
+    from tests.conftest import free_port
+    from tests.reference import write_synthetic_store
+
+    root = tmp_path_factory.mktemp("gated")
+    store = write_synthetic_store(
+        root / "store", name=GATED, n_layers=3, vocab=HOSTILE_VOCAB, with_graphs=False, gated=True
+    )
+    build_site([store.root], root / "site")
+    server = make_server(root / "site", "127.0.0.1", free_port())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def site_page(browser):
+    """A page that records console errors, for the module's own sites (`page` is served_site's)."""
+    ctx = browser.new_context()
+    pg = ctx.new_page()
+    pg.errors = []
+    pg.on("console", lambda m: pg.errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    yield pg
+    assert pg.errors == [], pg.errors
+    ctx.close()
+
+
+def test_unit_page_panels_show_hostile_tokens_as_text(site_page, gated_site):
+    """The logit tables and the quadrants' top examples show tokens that are markup as text: no
+    element the vocabulary's markup would make exists in either panel, each token cell reads back as
+    one vocabulary entry, and the hostile strings are there to read. The histogram and the connected
+    neurons hold numbers and links only (model names are checked names), which is asserted too."""
+    from sitegen.services.tokens import display, shown
+
+    page = site_page
+    page.goto(f"{gated_site}/{GATED}/1/0.html")
+    logits, glu = page.locator("section.logits"), page.locator("section.glu")
+    assert logits.count() == 1 and glu.count() == 1
+    for panel in (logits, glu):
+        assert panel.locator("img, b, script, textarea").count() == 0, panel.inner_html()
+    cells = logits.locator("table code").all_text_contents()
+    assert len(cells) == 9 and set(cells) <= {shown(t) for t in HOSTILE_VOCAB}, cells
+    assert any("<img src=x onerror=alert(" in c and c.endswith("</b>&amp;") for c in cells), cells
+    tokens = glu.locator(".glu-ex i").all_text_contents()
+    assert tokens and set(tokens) <= {display(t) for t in HOSTILE_VOCAB}, tokens
+    assert glu.locator(".glu-ex i.x").count() == 4  # each quadrant's top token, marked
+    assert any("<img src=x onerror=alert(" in t for t in tokens), tokens
+    # Numbers and links only: the SVG's text is ticks and labels, each link reads "layer:neuron".
+    hist = logits.locator("figure.logit-hist svg")
+    assert hist.locator("*:not(path, text, title)").count() == 0
+    links = logits.locator("ol.links")
+    assert links.locator("*:not(li, a, small)").count() == 0
+    texts = links.locator("a").all_text_contents()
+    hrefs = links.locator("a").evaluate_all("as => as.map(a => a.getAttribute('href'))")
+    assert len(texts) == 8 and all(re.fullmatch(r"[02]:[0-3]", t) for t in texts), texts
+    assert hrefs == [f"/{GATED}/{t.replace(':', '/')}.html" for t in texts], hrefs
+
+
+def test_unit_page_panels_are_keyboard_accessible(site_page, gated_site):
+    """Tab reaches every connected neuron's link, with a visible focus ring, and Enter follows it;
+    the logit histogram is an image with a name and a title; the quadrant table has row and column
+    headers, and each panel is a named region."""
+    from playwright.sync_api import expect
+
+    page = site_page
+    page.goto(f"{gated_site}/{GATED}/1/0.html")
+    expect(page.get_by_role("region", name="Weight-based logit effects")).to_have_count(1)
+    expect(page.get_by_role("region", name="Gate and up signs")).to_have_count(1)
+    hist = page.locator("section.logits figure.logit-hist svg")
+    expect(hist).to_have_role("img")
+    expect(hist).to_have_accessible_name(re.compile("^logit histogram: .+"))
+    assert "every vocabulary logit" in hist.locator("title").text_content()
+    glu = page.get_by_role("region", name="Gate and up signs")
+    assert glu.get_by_role("rowheader").all_inner_texts() == [f"gate {g}, up {u}" for g in "+-" for u in "+-"]
+    assert glu.get_by_role("columnheader").all_inner_texts() == ["quadrant", "tokens", "mass", "top example"]
+
+    want = page.locator("section.logits ol.links a").evaluate_all("as => as.map(a => a.getAttribute('href'))")
+    assert len(want) == 8
+    reached, ring = [], set()
+    page.locator("body").focus()
+    for _ in range(300):  # the page's focusable elements, once round
+        page.keyboard.press("Tab")
+        href, outline = page.evaluate(
+            "() => { const a = document.activeElement; return a.closest('section.logits ol.links') ?"
+            " [a.getAttribute('href'), getComputedStyle(a).outlineStyle] : [null, null]; }"
+        )
+        if href is not None:
+            reached.append(href)
+            ring.add(outline)
+        elif reached:
+            break
+    assert reached == want and ring == {"solid"}, (reached, ring)
+    page.keyboard.press("Shift+Tab")  # back onto the last link
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{gated_site}{want[-1]}")
+
+
+# ---- the layer table ranks by density, max activation, explanation score and graph F1 -----------
+
+RANKED = "ranked"
+PEAKS = [9.0, 6.0, 8.0, 7.0]  # layer 0's max activation per neuron, in an order that is not the neurons'
+GRAPH_F1 = {(0, 0): 0.3, (0, 2): 0.9, (0, 3): 0.5}  # 0:1 has no graph
+SCORES = {(0, 0): 0.7, (0, 1): -0.2, (0, 3): 0.4}  # 0:2 has no explanation
+
+
+@pytest.fixture(scope="module")
+def ranked_site(tmp_path_factory):
+    """A synthetic site whose layer 0 has distinct maxima, graph F1s and explanation scores, one
+    neuron without a graph and one without an explanation, served."""
+    import threading
+
+    import orjson
+
+    from sitegen.services.neuron_explainer.published import import_explanations
+    from sitegen.site.build import build_site
+    from sitegen.site.serve import make_server
+    from tests.conftest import free_port
+    from tests.reference import SYNTHETIC_LINES, write_synthetic_graphs, write_synthetic_store
+
+    def plant(layer, token_ids, acts):
+        if layer == 0:
+            acts[2, 5, :] = PEAKS
+        return acts
+
+    root = tmp_path_factory.mktemp("ranked")
+    store = write_synthetic_store(root / "store", name=RANKED, plant=plant, with_graphs=False)
+    write_synthetic_graphs(store, dict.fromkeys(GRAPH_F1, SYNTHETIC_LINES), f1=GRAPH_F1)
+    (root / "published").mkdir()
+    (root / "published/all.jsonl").write_bytes(
+        b"".join(
+            orjson.dumps(
+                {
+                    "neuron_id": {"layer_index": layer, "neuron_index": n},
+                    "scored_explanations": [
+                        {"explanation": f"explanation {n}", "scored_simulation": {"ev_correlation_score": score}}
+                    ],
+                }
+            )
+            + b"\n"
+            for (layer, n), score in SCORES.items()
+        )
+    )
+    import_explanations(root / "published", store.root, log=lambda m: None)
+    build_site([store.root], root / "site")
+    server = make_server(root / "site", "127.0.0.1", free_port())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root / "site", f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    "header, value",
+    [
+        ("Fraction active", lambda d: d["neuroscope"]["data"]["stats"]["frac_positive"]),  # density
+        ("Max activation", lambda d: d["neuroscope"]["data"]["stats"]["max"]),
+        ("Explanation score", lambda d: d["neuron_explainer"]["data"]["score"]),
+        ("Graph F1", lambda d: (d["neuron2graph"]["data"]["evaluation"] or {}).get("f1")),
+    ],
+    ids=["density", "max", "explanation-score", "f1"],
+)
+def test_layer_table_sorts_by_what_researchers_rank_by(site_page, ranked_site, header, value):
+    """A click on the column's header orders the rows by the neuron's value in the API, ascending,
+    a neuron without one (no graph, no explanation) first; Enter on the focused header reverses
+    the order. aria-sort says which."""
+    import orjson
+
+    site, url = ranked_site
+    values = {n: value(orjson.loads((site / f"api/{RANKED}/all/0/{n}.json").read_bytes())) for n in range(4)}
+    assert len({v for v in values.values()}) == 4, values  # distinct: the order is the values' alone
+    want = sorted(values, key=lambda n: (values[n] is not None, values[n] or 0))
+    assert want not in ([0, 1, 2, 3], [3, 2, 1, 0]), want  # an order the neuron column would not give
+    page = site_page
+    page.goto(f"{url}/{RANKED}/0/")
+    rows = page.locator("#layer-table tbody tr")
+    order = lambda: [int(rows.nth(i).locator("td").first.get_attribute("data-v")) for i in range(rows.count())]
+    button = page.locator("#layer-table thead").get_by_role("button", name=header, exact=True)
+    assert button.count() == 1, f"no sort button on {header!r}"
+    th = button.locator("xpath=..")
+    button.click()
+    assert order() == want and th.get_attribute("aria-sort") == "ascending", (order(), want, values)
+    button.focus()
+    page.keyboard.press("Enter")
+    assert order() == want[::-1] and th.get_attribute("aria-sort") == "descending", (order(), want, values)
