@@ -152,8 +152,8 @@ def main() -> None:
             latents = DictionaryUnits(model, dictionary, device)
             units.append(_Units(latents, None, [latent_accs], _FiniteGuard(1, dictionary.d_sae, 1, device), q))
         loss = _LossSample(SimpleNamespace(units=units, first_valid=1), pad)
-        for (tokens, seq_ids, valid, rand), full in zip(batches, full_flags):
-            _forward_units(units, tokens, seq_ids, valid, rand, full)
+        for (tokens, seq_ids, valid, rand, interval), full in zip(batches, full_flags):
+            _forward_units(units, tokens, seq_ids, valid, rand, interval, full)
             loss.add(tokens, valid, rand)
         loss.flush()
 
@@ -264,6 +264,65 @@ def accumulators_only(args) -> None:
     print(
         f"GluQuadrants.update, the same batches: best {glu_times[0] * 1e3:.1f} ms, median {glu_times[2] * 1e3:.1f} ms CPU "
         f"(ratio to LayerAccumulator, medians: {glu_times[2] / times[2]:.2f})"
+    )
+    intervals_only(args, times[2])
+
+
+def intervals_only(args, base_median: float) -> None:
+    """IntervalExamples.update (examples across the activation range) after a warm-up of 60 batches
+    (the first batches fill every group; later ones mostly pass the pre-filter), in CPU time on one
+    thread, against LayerAccumulator's median; and the store's bytes per neuron with and without."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from sitegen.services.neuroscope import data
+    from sitegen.services.neuroscope.compute import IntervalExamples, LayerAccumulator
+
+    bs, T, n = args.batch_size or 32, args.seq_len, args.d_mlp
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(bs, T, n, generator=gen) * 0.3 for _ in range(4)]
+    valid = torch.ones(bs, T, dtype=torch.bool)
+    valid[:, 0] = False
+    acc, iv = LayerAccumulator(n, T, 20, 5, 1, "cpu"), IntervalExamples(n, T, "cpu")
+    step = 0
+
+    def feed(a):
+        nonlocal step
+        ids = torch.arange(bs) + bs * step
+        step += 1
+        seq_max = acc.update(a, ids, valid, torch.rand(bs), all_full=True)
+        return seq_max, ids
+
+    for k in range(60):
+        a = batches[k % 4] * (1 + 0.01 * k)  # slowly rising maxima: the groups keep moving, as early in a real pass
+        seq_max, ids = feed(a)
+        iv.update(seq_max, ids, -torch.rand(bs), a)
+    times = []
+    for _ in range(5):
+        elapsed = 0.0
+        for a in batches:
+            seq_max, ids = feed(a)
+            t0 = time.process_time()
+            iv.update(seq_max, ids, -torch.rand(bs), a)
+            elapsed += time.process_time() - t0
+        times.append(elapsed / len(batches))
+    times.sort()
+    print(
+        f"IntervalExamples.update, after 60 batches: best {times[0] * 1e3:.1f} ms, median {times[2] * 1e3:.1f} ms CPU "
+        f"(ratio to LayerAccumulator, medians: {times[2] / base_median:.2f})"
+    )
+    state = acc.state()
+    lengths = {s: T for s in range(bs * step)}
+    sizes = []
+    for with_intervals in (False, True):
+        table = data.state_to_table({**state, **({"interval": iv.state()} if with_intervals else {})}, 20, 5, lengths)
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        sizes.append(buf.tell() / n)
+    print(
+        f"neuroscope store bytes per neuron (parquet, {T}-token sequences): {sizes[0]:.0f} without, {sizes[1]:.0f} "
+        f"with the interval examples (x{sizes[1] / sizes[0]:.2f})"
     )
 
 

@@ -9,3 +9,13 @@ def random_key(seed: int, seq_id: int) -> float:
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     z ^= z >> 31
     return (z >> 11) / float(1 << 53)
+
+
+INTERVAL_STREAM = 0x1D0  # interval_key's stream: keys independent of random_key's for the same sequence
+
+
+def interval_key(seed: int, seq_id: int) -> float:
+    """A second uniform [0, 1) key per sequence, independent of `random_key`: the examples shown for
+    each activation interval are its sequences with the smallest keys (neuroscope's
+    IntervalExamples). A stream of its own, so they are not simply the random sample again."""
+    return random_key(seed * 0x10000 + INTERVAL_STREAM, seq_id)

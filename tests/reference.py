@@ -68,6 +68,41 @@ def brute_force_state(
     }
 
 
+def brute_force_intervals(
+    acts: np.ndarray, lengths: np.ndarray, seq_ids: np.ndarray, first_valid: int, seed: int
+) -> dict:
+    """An IntervalExamples state from full (seqs, T, n) activations, by the rule itself: each
+    neuron's sequences with a positive maximum, filed by stats.interval_code, groups hung from the
+    highest code, per group the PER_INTERVAL smallest interval_keys (ties to the lower id)."""
+    from sitegen.corpus_keys import interval_key
+
+    S, T, n = acts.shape
+    groups, per = stats.INTERVAL_GROUPS + 1, stats.PER_INTERVAL
+    valid = (np.arange(T)[None, :] >= first_valid) & (np.arange(T)[None, :] < lengths[:, None])
+    seq_max = np.where(valid[:, :, None], acts, -np.inf).max(1)  # (S, n)
+    keys = [interval_key(seed, int(s)) for s in seq_ids]
+    out = {
+        "score": np.full((per, groups, n), -np.inf, np.float32),
+        "seq_id": np.full((per, groups, n), -1, np.int64),
+        "trace": np.zeros((per, groups, n, T), np.float32),
+        "top": np.full(n, -1, np.int64),
+    }
+    for u in range(n):
+        filed = [r for r in range(S) if seq_max[r, u] > 0]
+        if not filed:
+            continue
+        codes = {r: int(stats.interval_code(np.float32(seq_max[r, u]))) for r in filed}
+        top = max(codes.values())
+        out["top"][u] = top
+        for g in range(groups):
+            members = [r for r in filed if min(top - codes[r], groups - 1) == g]
+            for slot, r in enumerate(sorted(members, key=lambda r: (keys[r], int(seq_ids[r])))[:per]):
+                out["score"][slot, g, u] = -np.float32(keys[r])
+                out["seq_id"][slot, g, u] = seq_ids[r]
+                out["trace"][slot, g, u] = acts[r, :, u]
+    return out
+
+
 def brute_force_glu(acts, gate_neg, up_neg, lengths, seq_ids, first_valid: int) -> dict:
     """A GluQuadrants state from full (seqs, T, n) arrays: gate_neg/up_neg say where gate and up are
     <= 0. Loops over every counted token: a reference, not fast."""
@@ -157,6 +192,7 @@ def write_synthetic_store(
         if plant is not None:
             acts = plant(layer, token_ids, acts)
         st = brute_force_state(acts, lengths, seq_ids, 1, top_k, n_random, seed)
+        st["interval"] = brute_force_intervals(acts, lengths, seq_ids, 1, seed)
         if gated:
             signs = np.random.default_rng((seed, layer, 2)).integers(0, 2, size=(2, *acts.shape))
             st["glu"] = brute_force_glu(acts, signs[0], signs[1], lengths, seq_ids, 1)

@@ -63,7 +63,7 @@ def page(browser, served_site):
 def test_neuron_page_shows_sequences_and_hover_value(page, served_site):
     page.goto(f"{served_site}/{MODEL}/1/2.html")
     assert page.title() == "toy-model 1:2 · sitegen"
-    seqs = page.locator(".seq")
+    seqs = page.locator("section.seqs .seq")  # top and most negative (the interval groups: their own test)
     assert seqs.count() == 6
     assert "<script>alert(1)</script>" in seqs.first.inner_text()  # shown as text, not run
     token = seqs.first.locator("i").nth(3 - int(seqs.first.get_attribute("data-start")))
@@ -96,6 +96,44 @@ def test_whole_sequence_toggle(page, served_site):
     # site's Content-Security-Policy forbids (the wait failed whenever the JSON came after the first check)
     expect(li.locator(".seq i")).to_have_count(24)
     assert li.locator("button.whole").count() == 0
+
+
+def test_interval_groups_open_by_keyboard_and_read_their_own_values(page, served_site):
+    """Across the activation range: the highest group is open, the others open with Enter on their
+    summary; a token's tooltip there reads that group's text in the JSON, and a cut text's whole
+    sequence comes from it."""
+    import json
+    from urllib.request import urlopen
+
+    from playwright.sync_api import expect
+
+    data = json.loads(urlopen(f"{served_site}/api/{MODEL}/neuroscope/0/1.json").read())["data"]
+    groups = [(g, grp) for g, grp in enumerate(data["interval_examples"]) if grp["texts"]]
+    assert len(groups) >= 2, "a vacuous check: one group"
+    page.goto(f"{served_site}/{MODEL}/0/1.html")
+    panel = page.locator("#intervals")
+    details = panel.locator("details.seqs")
+    assert details.count() == len(groups)
+    assert details.first.get_attribute("open") is not None and details.nth(1).get_attribute("open") is None
+    g, group = groups[-1]  # the lowest group with texts
+    last = panel.locator(f'details[data-group="{g}"]')
+    last.locator("summary").first.focus()
+    page.keyboard.press("Enter")
+    expect(last).to_have_attribute("open", "")
+    seq = last.locator(".seq").last
+    text = group["texts"][-1]
+    seq.focus()  # the tooltip starts at the text's strongest token
+    tip = page.locator("#tip")
+    tip.wait_for(state="visible")
+    start = int(seq.get_attribute("data-start"))
+    shown_at = seq.get_attribute("data-cur")
+    value = text["activations"][start + int(shown_at)]
+    assert f"activation {float(f'{value:.4g}'):g} " in tip.inner_text()  # as the page rounds: 4 significant digits
+    if seq.locator(".ell").count():
+        li = last.locator("li").last
+        li.locator("details summary").click()
+        li.locator("button.whole").click()
+        expect(li.locator(".seq i")).to_have_count(len(text["tokens"]))
 
 
 def test_prev_next_random_navigate(page, served_site):
@@ -141,7 +179,7 @@ def test_pages_read_without_javascript(browser, served_site):
     pg.fill("input[name=neuron]", "1")
     pg.click("button[type=submit]")  # the rewrite rule answers the GET form
     pg.wait_for_url(f"{served_site}/{MODEL}/1/1.html?layer=1&neuron=1")
-    assert pg.locator(".seq").count() == 6
+    assert pg.locator("section.seqs .seq").count() == 6  # top and most negative
     ctx.close()
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import HAS_TORCH
-from tests.reference import brute_force_state
+from tests.reference import brute_force_intervals, brute_force_state
 
 pytestmark = [pytest.mark.model, pytest.mark.skipif(not HAS_TORCH, reason="needs the compute extra")]
 
@@ -109,14 +109,19 @@ def test_store_equals_brute_force(whole_run, tiny_model_dir, tiny_corpus):
     assert store.manifest["processed"]["sequences"] == len(seqs)
     for layer in range(n_layers):
         expected = ns_data.state_to_table(
-            brute_force_state(acts[layer], lengths, seq_ids, 1, TOP_K, N_RANDOM, SEED),
+            {
+                **brute_force_state(acts[layer], lengths, seq_ids, 1, TOP_K, N_RANDOM, SEED),
+                "interval": brute_force_intervals(acts[layer], lengths, seq_ids, 1, SEED),
+            },
             TOP_K,
             N_RANDOM,
             dict(zip(seq_ids.tolist(), lengths.tolist())),
         )
         got = store.read_layer("neuroscope", layer)
+        assert "interval_seq" in expected.column_names
         for col in expected.column_names:
             assert got.column(col).equals(expected.column(col)), f"layer {layer} column {col}"
+        _check_intervals(got, acts[layer], lengths)
         # and the statistics mean what they say
         valid = acts[layer][:, 1:, :][np.arange(1, SEQ_LEN)[None, :] < lengths[:, None]]
         # the stored mean is exact (fixed-point sums): compare with a float64 mean, not numpy's float32 one
@@ -127,6 +132,36 @@ def test_store_equals_brute_force(whole_run, tiny_model_dir, tiny_corpus):
     # stored token ids are the model input: sequences table holds them with BOS first
     first = store.sequences().column("token_ids")[0].as_py()
     assert first[0] == model.tokenizer.bos_token_id
+
+
+def _check_intervals(table, acts: np.ndarray, lengths: np.ndarray) -> None:
+    """What the interval columns claim, read against the activations: every kept example's maximum
+    lies in its group's interval, groups hold at most PER_INTERVAL examples, and each group's token
+    count is the number of counted tokens in its interval (np.histogram-free: a direct count)."""
+    from sitegen.services.neuroscope import stats
+
+    groups = stats.INTERVAL_GROUPS + 1
+    valid = (np.arange(SEQ_LEN)[None, :] >= 1) & (np.arange(SEQ_LEN)[None, :] < lengths[:, None])
+    counted = acts[valid]  # (V, n)
+    filled = 0
+    for u, row in enumerate(
+        table.select(["interval_top", "interval_group", "interval_acts", "interval_tokens"]).to_pylist()
+    ):
+        top = row["interval_top"]
+        if top < 0:
+            assert not row["interval_group"] and counted[:, u].max() <= 0
+            continue
+        upper = [stats.interval_edge(top + 1 - g) for g in range(groups)]  # each group's upper edge
+        lower = upper[1:] + [0.0]
+        assert max(np.bincount(row["interval_group"], minlength=groups)) <= stats.PER_INTERVAL
+        for g, trace in zip(row["interval_group"], row["interval_acts"]):
+            peak = max(trace[1:])
+            assert (lower[g] <= peak < upper[g]) if g < groups - 1 else (0 < peak < upper[g]), (u, g, peak)
+            filled += 1
+        want = [int(((counted[:, u] >= lo) & (counted[:, u] < hi)).sum()) for lo, hi in zip(lower[:-1], upper[:-1])]
+        want.append(int(((counted[:, u] > 0) & (counted[:, u] < upper[-1])).sum()))
+        assert row["interval_tokens"] == want, (u, row["interval_tokens"], want)
+    assert filled > 0
 
 
 def _hooked_glu(model, tiny_corpus):

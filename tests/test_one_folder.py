@@ -223,16 +223,27 @@ _DECLARED = [
 
 def test_every_service_declares_its_table_once_and_writes_it(tmp_path):
     """Each built-in declares its layer table's columns and types (table_schema); the tables its
-    own writers make are exactly that schema (the explainer's `explain` adds columns after it)."""
+    own writers make are exactly that schema, followed only by the optional column groups it
+    declares beside it (neuroscope's interval examples and a gated MLP's quadrants; the explainer's
+    `explain` adds columns after it)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from sitegen.services.neuroscope import data as ns_data
+
+    optional = {"neuroscope": pa.schema([*ns_data.GLU_SCHEMA, *ns_data.INTERVAL_SCHEMA])}
     store = _store_of_every_service(tmp_path / "store")
     for name, service in by_name().items():
         if name not in BUILTIN:
             continue
-        assert service.table_schema is not None and "neuron" in service.table_schema.names, name
+        declared = service.table_schema
+        assert declared is not None and "neuron" in declared.names, name
         layer = next(layer for svc, layer, _ in _DECLARED if svc == name)
-        assert pq.read_schema(store.layer_path(name, layer)).equals(service.table_schema), name
+        written = pq.read_schema(store.layer_path(name, layer))
+        fields = list(written)
+        assert pa.schema(fields[: len(declared)]).equals(declared), name
+        for field in fields[len(declared) :]:
+            assert name in optional and optional[name].field(field.name).equals(field), (name, field)
 
 
 @pytest.mark.parametrize("service, layer, column", _DECLARED)

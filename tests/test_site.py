@@ -109,7 +109,9 @@ def test_neuron_page_content(built_site):
     html = (built_site / MODEL / "1" / "2.html").read_text()
     assert "<title>toy-model 1:2 · sitegen</title>" in html and "<h1>toy-model 1:2</h1>" in html
     assert f'href="/{MODEL}/1/1.html"' in html and f'href="/{MODEL}/1/3.html"' in html  # prev / next
-    assert html.count('class="seq"') == 6  # 3 top + 3 bottom
+    payload = _json(built_site, f"api/{MODEL}/neuroscope/1/2.json")["data"]
+    across = sum(len(group["texts"]) for group in payload["interval_examples"])
+    assert across > 0 and html.count('class="seq"') == 6 + across  # 3 top + 3 bottom + across the range
     assert 'class="hist"' in html and "Direct logit effects" in html
     assert f'href="/api/{MODEL}/neuroscope/1/2.json"' in html
 
@@ -250,7 +252,8 @@ def test_negative_texts_have_their_own_scale_and_marked_extremes(built_site):
     payload = _json(built_site, f"api/{MODEL}/neuroscope/1/2.json")["data"]
     assert abs(payload["stats"]["min"]) < payload["stats"]["max"] / 2, "a vacuous check: min and max of one size"
     html = (built_site / MODEL / "1" / "2.html").read_text()
-    top, bottom = html.split('data-kind="bottom"')
+    top = html.split('data-kind="top"')[1].split("</section>")[0]
+    bottom = html.split('data-kind="bottom"')[1]
     assert top.count(' x">') == len(payload["texts"])  # the maximum of each top text, marked
     lowest = min(t["min_activation"] for t in payload["bottom_texts"])
     assert lowest == payload["stats"]["min"]

@@ -598,12 +598,12 @@ def _stream(run: _Run, position: int, tokens_done: int) -> tuple[int, int]:
         with guard.installed():
             while position < len(mine):
                 batch = mine[position : position + batch_size]
-                tokens, seq_ids, valid, rand_score = _batch_tensors(
+                tokens, seq_ids, valid, rand_score, interval_score = _batch_tensors(
                     batch, batch_size, cfg.seq_len, pad_id, first_valid, cfg.seed, random_key, device
                 )
                 all_full = len(batch) == batch_size and all(len(s.token_ids) == cfg.seq_len for s in batch)
                 with guard.batch():  # the accumulators and the position move together, or the checkpoint lies
-                    _forward_units(run.units, tokens, seq_ids, valid, rand_score, all_full)
+                    _forward_units(run.units, tokens, seq_ids, valid, rand_score, interval_score, all_full)
                     run.loss_sample.add(tokens, valid, rand_score)
                     position += len(batch)
                     done = sum(len(s.token_ids) for s in batch)
@@ -818,26 +818,30 @@ def _batch_tensors(batch, batch_size, seq_len, pad_id, first_valid, seed, random
     identical, so a sequence's activations do not depend on which batch (or shard) it landed in."""
     import torch
 
+    from sitegen.corpus_keys import interval_key
+
     tokens = np.full((batch_size, seq_len), pad_id, dtype=np.int64)
     seq_ids = np.full(batch_size, -1, dtype=np.int64)
     valid = np.zeros((batch_size, seq_len), dtype=bool)
     rand_score = np.full(batch_size, -np.inf, dtype=np.float32)
+    interval_score = np.full(batch_size, -np.inf, dtype=np.float32)
     for row, s in enumerate(batch):
         n = len(s.token_ids)
         tokens[row, :n] = s.token_ids
         seq_ids[row] = s.seq_id
         valid[row, first_valid:n] = True
         rand_score[row] = -np.float32(random_key(seed, s.seq_id))
+        interval_score[row] = -np.float32(interval_key(seed, s.seq_id))
     as_t = lambda a: torch.from_numpy(a).to(device)
-    return as_t(tokens), as_t(seq_ids), as_t(valid), as_t(rand_score)
+    return as_t(tokens), as_t(seq_ids), as_t(valid), as_t(rand_score), as_t(interval_score)
 
 
-def _forward_units(units: list, tokens, seq_ids, valid, rand_score, all_full: bool = False) -> None:
+def _forward_units(units: list, tokens, seq_ids, valid, rand_score, interval_score, all_full: bool = False) -> None:
     """One batch through the model, once: every layer's MLP activations into the neurons'
     accumulators, and each dictionary's latents (its encoder at its hook) into its own, with its
     quality sums (reconstruction error against the hooked activation, or for a transcoder the
     activation at its output hook)."""
-    batch = Batch(valid=valid, seq_ids=seq_ids, rand_score=rand_score, all_full=all_full)
+    batch = Batch(valid=valid, seq_ids=seq_ids, rand_score=rand_score, interval_score=interval_score, all_full=all_full)
     neurons = units[0]
     gated = neurons.model.gated_mlp
     pre: dict = {}  # a gated MLP's (layer, "gate" / "up") pre-activations, until its hook_post comes

@@ -85,7 +85,8 @@ class Batch:
     """One fixed-shape batch of the corpus pass, as every layer's accumulator sees it (torch
     tensors on the run's device): `valid` bool [batch, seq], the counted positions (BOS and
     padding excluded); `seq_ids` int64 [batch], -1 for padding rows; `rand_score` float32
-    [batch], -random_key(seed, seq_id) (-inf for padding rows); `all_full`: every row is a real
+    [batch], -random_key(seed, seq_id) (-inf for padding rows); `interval_score` float32 [batch],
+    -interval_key(seed, seq_id) (-inf for padding rows); `all_full`: every row is a real
     sequence of full length (so `valid` is just "position >= first_valid"). For a gated MLP's
     neurons (CorpusRun.gated_mlp), `gate` and `up` are the layer's two pre-activations [batch,
     seq, layer_size] (x . W_gate and x . W_in: the activation is act(gate) * up); else None."""
@@ -93,6 +94,7 @@ class Batch:
     valid: Any
     seq_ids: Any
     rand_score: Any
+    interval_score: Any
     all_full: bool = False
     gate: Any = None
     up: Any = None

@@ -4,6 +4,8 @@ Per layer, for every neuron at once, one forward pass updates:
 - the top-k sequences by max activation and the bottom-k by min activation (Neuroscope's rule:
   rank sequences, one entry per sequence; ties by lower sequence id), each with its whole trace;
 - a fixed random sample of sequences (smallest random_key) with their traces;
+- examples across the activation range: per interval of the sequence maximum, the sequences with
+  the smallest interval_key, with their traces (IntervalExamples);
 - exact fixed-point sums (squares as two limbs), the positive count, min, max and the fine
   histogram (see stats.py).
 Positions before `first_valid` (the BOS token) and padding are excluded from ranking and stats.
@@ -29,12 +31,15 @@ class Extremes:
         self.seq_id = torch.full((k, n), -1, dtype=torch.int64, device=device)
         self.trace = torch.zeros((k, n, seq_len), device=device)
 
-    def update(self, score: torch.Tensor, seq_ids: torch.Tensor, trace_of) -> None:
+    def update(self, score: torch.Tensor, seq_ids: torch.Tensor, trace_of, present=None) -> None:
         """score (B, n) for the batch's sequences; seq_ids (B,) with -1 for padding rows;
-        trace_of(rows, cols) -> (m, T) traces, called only for the sequences that get in."""
+        trace_of(rows, cols) -> (m, T) traces, called only for the sequences that get in;
+        present (B, n) bool: which rows are candidates of each column (default: every real row)."""
         k = self.k
         # Cheap pre-filter: only columns where some real row reaches the current worst kept score.
         reach = (score >= self.score.amin(0)) & (seq_ids >= 0)[:, None]
+        if present is not None:
+            reach &= present
         cols = torch.nonzero(reach.any(0)).squeeze(1)
         if cols.numel() == 0:
             return
@@ -101,7 +106,8 @@ class LayerAccumulator:
     ) -> None:
         """acts (B, T, n) float32; seq_ids (B,); valid (B, T) bool; rand_score (B,) = -random_key.
         all_full: every row is a real sequence of full length, so `valid` is just 'position >= first_valid'
-        and strided views replace masked copies (the common case)."""
+        and strided views replace masked copies (the common case). Returns each sequence's maximum
+        (B, n) (-inf for a padding row), which IntervalExamples files the sequences by."""
         acts = acts.float()
         fv = self.first_valid
         if all_full:
@@ -121,7 +127,7 @@ class LayerAccumulator:
         )
 
         if counted.numel() == 0:
-            return
+            return seq_max
         dims = tuple(range(counted.dim() - 1))
         self.count += counted.numel() // self.n
         # Fixed point, exactly: values on the 2^-24 grid, squares as two limbs (2^-16 and 2^-46, the
@@ -150,6 +156,7 @@ class LayerAccumulator:
         else:  # bincount over cells (bin * n + neuron of self.hist): ~1.5x faster than the scatter on CPU
             cells = torch.take(self._cell_table, codes).add_(self._neuron).reshape(-1)
             self.hist.view(-1).add_(torch.bincount(cells, minlength=self.hist.numel()))
+        return seq_max
 
     # -- checkpointing and hand-off (numpy, so merge and the store need no torch) --
     def state(self) -> dict:
@@ -175,6 +182,81 @@ class LayerAccumulator:
         for name in ("sum_fx", "sumsq_fx", "sumsq_lo", "vmin", "vmax"):
             getattr(self, name).copy_(torch.from_numpy(state[name]))
         self.hist.copy_(torch.from_numpy(state["hist"]).T)
+
+
+class IntervalExamples:
+    """Examples across the activation range: sequences filed by their maximum's interval
+    (stats.interval_code: 4 per octave), the INTERVAL_GROUPS highest intervals the neuron reaches
+    kept one by one and all lower ones as one group, PER_INTERVAL sequences per group: those with
+    the smallest interval_key (highest Batch.interval_score), ties to the lower sequence id.
+
+    The groups hang from the neuron's highest interval so far (`top`), which only rises: when it
+    does, the kept examples move down by the rise (data.merge_intervals, on the neurons that rose),
+    the lowest group taking what falls out of the others. Whatever the order the sequences come in,
+    the result is the per-group selection over all of them under the final top."""
+
+    def __init__(self, n: int, seq_len: int, device: str):
+        self.n, self.groups, self.per = n, stats.INTERVAL_GROUPS + 1, stats.PER_INTERVAL
+        self.slots = Extremes(self.per, self.groups * n, seq_len, device)  # column: group * n + neuron
+        self.top = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self._neuron = torch.arange(n, device=device)
+
+    def update(self, seq_max: torch.Tensor, seq_ids: torch.Tensor, score: torch.Tensor, acts: torch.Tensor) -> None:
+        """seq_max (B, n) from LayerAccumulator.update; score (B,) = Batch.interval_score; acts (B, T, n)."""
+        n, groups = self.n, self.groups
+        filed = (seq_max > 0) & (seq_ids >= 0)[:, None]  # only a positive maximum has an interval
+        code = torch.where(filed, seq_max.contiguous().view(torch.int32).long() >> stats.INTERVAL_SHIFT, -1)
+        highest = code.amax(0)
+        if bool((highest > self.top).any()):
+            self._raise(torch.maximum(self.top, highest))
+        group = (self.top[None, :] - code).clamp_(max=groups - 1)
+        column = torch.where(filed, group * n + self._neuron, groups * n)  # unfiled: a spare column, dropped
+        dense = torch.full((len(seq_ids), groups * n + 1), -torch.inf, device=seq_max.device)
+        dense.scatter_(1, column, score[:, None].expand(-1, n).contiguous())
+        dense = dense[:, :-1]
+        self.slots.update(dense, seq_ids, lambda rows, cols: acts[rows, :, cols % n], present=dense > -torch.inf)
+
+    def _raise(self, new_top: torch.Tensor) -> None:
+        """Move the kept examples of the neurons whose top rises (data.merge_intervals, in numpy)."""
+        rose = torch.nonzero(new_top > self.top).squeeze(1)
+        cols = (torch.arange(self.groups, device=rose.device)[:, None] * self.n + rose[None, :]).reshape(-1)
+        shape = (self.per, self.groups, len(rose))
+        old = {
+            "score": self.slots.score[:, cols].reshape(shape).cpu().numpy(),
+            "seq_id": self.slots.seq_id[:, cols].reshape(shape).cpu().numpy(),
+            "trace": self.slots.trace[:, cols].reshape(*shape, -1).cpu().numpy(),
+            "top": self.top[rose].cpu().numpy(),
+        }
+        rising = {
+            "score": np.zeros((0, *shape[1:]), np.float32),
+            "seq_id": np.zeros((0, *shape[1:]), np.int64),
+            "trace": np.zeros((0, *shape[1:], old["trace"].shape[-1]), np.float32),
+            "top": new_top[rose].cpu().numpy(),
+        }
+        moved = data.merge_intervals([old, rising], self.per)
+        dev = self.slots.score.device
+        self.slots.score[:, cols] = torch.from_numpy(moved["score"].reshape(self.per, -1)).to(dev)
+        self.slots.seq_id[:, cols] = torch.from_numpy(moved["seq_id"].reshape(self.per, -1)).to(dev)
+        self.slots.trace[:, cols] = torch.from_numpy(moved["trace"].reshape(self.per, len(cols), -1)).to(dev)
+        self.top[rose] = new_top[rose]
+
+    def state(self) -> dict[str, np.ndarray]:
+        shape = (self.per, self.groups, self.n)
+        s = self.slots.state()
+        return {
+            "score": s["score"].reshape(shape),
+            "seq_id": s["seq_id"].reshape(shape),
+            "trace": s["trace"].reshape(*shape, -1),
+            "top": self.top.cpu().numpy(),
+        }
+
+    def load(self, state: dict) -> None:
+        flat = {
+            k: state[k].reshape(self.per, self.groups * self.n, *state[k].shape[3:])
+            for k in ("score", "seq_id", "trace")
+        }
+        self.slots.load(flat)
+        self.top.copy_(torch.from_numpy(state["top"]))
 
 
 class GluQuadrants:
@@ -243,6 +325,7 @@ class CorpusAccumulator:
     def __init__(self, run):
         self.run = run
         self.acc = LayerAccumulator(run.layer_size, run.seq_len, run.top_k, run.n_random, run.first_valid, run.device)
+        self.intervals = IntervalExamples(run.layer_size, run.seq_len, run.device)
         self.glu = (
             GluQuadrants(run.layer_size, run.seq_len, run.first_valid, run.device)
             if getattr(run, "gated_mlp", False)
@@ -250,18 +333,21 @@ class CorpusAccumulator:
         )
 
     def update(self, acts: torch.Tensor, batch) -> None:
-        self.acc.update(acts, batch.seq_ids, batch.valid, batch.rand_score, batch.all_full)
+        seq_max = self.acc.update(acts, batch.seq_ids, batch.valid, batch.rand_score, batch.all_full)
+        self.intervals.update(seq_max, batch.seq_ids, batch.interval_score, acts)
         if self.glu is not None:
             self.glu.update(acts, batch.gate, batch.up, batch.seq_ids, batch.valid, batch.all_full)
 
     def state(self) -> dict:
         state = self.acc.state()
+        state["interval"] = self.intervals.state()
         if self.glu is not None:
             state["glu"] = self.glu.state()
         return state
 
     def load(self, state: dict) -> None:
         self.acc.load(state)
+        self.intervals.load(state["interval"])
         if self.glu is not None:
             self.glu.load(state["glu"])
 

@@ -58,6 +58,19 @@ GLU_SCHEMA = pa.schema(
         ("glu_top_act", _FLOATS),  # its activation (the largest |activation| of the quadrant)
     ]
 )
+# Examples across the activation range (compute.IntervalExamples), after TABLE_SCHEMA's (and a gated
+# MLP's GLU_SCHEMA's) columns in the stores that have them. Groups: 0 is the interval holding the
+# neuron's largest sequence maximum (interval code `interval_top`), g the interval g below it, and
+# INTERVAL_GROUPS every interval lower still (stats.interval_code).
+INTERVAL_SCHEMA = pa.schema(
+    [
+        ("interval_top", pa.int32()),  # the interval code of the neuron's largest sequence maximum; -1: none > 0
+        ("interval_group", pa.list_(pa.int16())),  # per example, its group (best first within a group)
+        ("interval_seq", _INTS),  # per example, its sequence id
+        ("interval_acts", _TRACES),  # per example, the neuron's activations over the sequence
+        ("interval_tokens", _INTS),  # per group, counted tokens whose activation lies in its interval
+    ]
+)
 GLU_SIGN = np.array([1.0, -1.0, -1.0, 1.0], dtype=np.float32)  # act(gate) * up's sign in each quadrant
 _LOW32 = 0xFFFFFFFF
 
@@ -86,6 +99,109 @@ def glu_state(table: pa.Table, seq_len: int) -> dict:
     bits = np.abs(col("glu_top_act").astype(np.float32)).view(np.int32).astype(np.int64)
     top = np.where(seq >= 0, (bits << 32) | (_LOW32 - (seq * seq_len + pos)), -1)
     return {"count": col("glu_count").astype(np.int64), "mass_fx": col("glu_mass_fx").astype(np.int64), "top": top}
+
+
+def merge_intervals(parts: list[dict], per_group: int) -> dict:
+    """IntervalExamples states of disjoint sequences (or one state and a higher `top`) -> the state
+    of their union: each neuron's top is the parts' highest; every kept example moves to its group
+    under that top (group + the rise, at most INTERVAL_GROUPS: the lowest group takes everything
+    below), and each (group, neuron) keeps its `per_group` best examples (highest score, i.e. the
+    smallest interval_key; ties to the lower sequence id). A state: score, seq_id (k, G, n),
+    trace (k, G, n, T) with k slots per group (k may be 0) and top (n,). Exact and order-free:
+    an example dropped from a group is beaten by `per_group` examples that move with it."""
+    top = np.max([p["top"] for p in parts], axis=0)
+    n_groups = parts[0]["score"].shape[1]
+    seq_len = next((p["trace"].shape[3] for p in parts if p["trace"].size), 0)
+    score, seq, group, neuron, traces = [], [], [], [], []
+    for p in parts:
+        k = p["score"].shape[0]
+        if k == 0:
+            continue
+        rise = np.where(p["top"] >= 0, top - p["top"], 0)
+        moved = np.minimum(np.arange(n_groups)[:, None] + rise[None, :], n_groups - 1)  # (G, n)
+        present = p["seq_id"] >= 0
+        score.append(p["score"][present])
+        seq.append(p["seq_id"][present])
+        group.append(np.broadcast_to(moved, p["seq_id"].shape)[present])
+        neuron.append(np.broadcast_to(np.arange(len(top)), p["seq_id"].shape)[present])
+        traces.append(p["trace"][present])
+    out_score = np.full((per_group, n_groups, len(top)), -np.inf, np.float32)
+    out_seq = np.full((per_group, n_groups, len(top)), -1, np.int64)
+    out_trace = np.zeros((per_group, n_groups, len(top), seq_len), np.float32)
+    if score:
+        score, seq, group, neuron = (np.concatenate(a) for a in (score, seq, group, neuron))
+        trace = np.concatenate(traces)
+        order = np.lexsort((seq, -score, group, neuron))
+        cell = (neuron * n_groups + group)[order]
+        starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])
+        rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+        keep = order[rank < per_group]
+        slot = rank[rank < per_group]
+        out_score[slot, group[keep], neuron[keep]] = score[keep]
+        out_seq[slot, group[keep], neuron[keep]] = seq[keep]
+        out_trace[slot, group[keep], neuron[keep]] = trace[keep]
+    return {"score": out_score, "seq_id": out_seq, "trace": out_trace, "top": top.astype(np.int64)}
+
+
+def interval_token_counts(top: np.ndarray, hist: np.ndarray, n_groups: int) -> np.ndarray:
+    """(n, n_groups) counted tokens whose activation lies in each group's interval, from the fine
+    histogram (n, N_FINE_BINS): the interval edges are fine-histogram edges, so the counts are exact
+    where the edges lie in its regular range (2^-10 .. 2^8). The lowest group is (0, its upper edge)."""
+    out = np.zeros((len(top), n_groups), np.int64)
+    cum = np.concatenate([np.zeros((hist.shape[0], 1), np.int64), np.cumsum(hist, axis=1)], axis=1)
+    first_positive = stats.ZERO_BIN + 1
+    for u in np.flatnonzero(top >= 0):
+        edges = [stats.interval_edge(int(top[u]) + 1 - g) for g in range(n_groups)]  # each group's upper edge
+        bins = stats.fine_bins(np.asarray(edges, np.float32)).astype(np.int64)  # the fine bin starting there
+        uppers = bins
+        lowers = np.r_[bins[1:], first_positive]
+        out[u] = cum[u, uppers] - cum[u, np.maximum(lowers, first_positive)]
+    return out
+
+
+def interval_columns(iv: dict, hist: np.ndarray, seq_length: dict[int, int]) -> dict[str, pa.Array]:
+    """INTERVAL_SCHEMA's columns from an IntervalExamples state (see merge_intervals)."""
+    k, n_groups, n = iv["seq_id"].shape
+    order = np.lexsort((iv["seq_id"], -np.where(iv["seq_id"] < 0, -np.inf, iv["score"])), axis=0)  # best first
+    seq = np.take_along_axis(iv["seq_id"], order, 0).transpose(2, 1, 0).reshape(n, -1)  # neuron, group, slot
+    trace = np.take_along_axis(iv["trace"], order[..., None], 0).transpose(2, 1, 0, 3).reshape(n, n_groups * k, -1)
+    group = np.broadcast_to(np.repeat(np.arange(n_groups), k)[None, :], seq.shape)
+    present = seq >= 0
+    lengths = np.where(present, np.vectorize(lambda s: seq_length.get(int(s), 0))(seq), 0)
+    keep = np.arange(trace.shape[2])[None, None, :] < lengths[:, :, None]
+    per_neuron = present.sum(1)
+    return {
+        "interval_top": pa.array(iv["top"], pa.int32()),
+        "interval_group": _flat_list(group[present], per_neuron, pa.int16()),
+        "interval_seq": _flat_list(seq[present], per_neuron, pa.int64()),
+        "interval_acts": _nested(trace[keep].astype(np.float32), lengths[present], per_neuron, pa.float32()),
+        "interval_tokens": _flat_list(
+            interval_token_counts(iv["top"], hist, n_groups).reshape(-1), np.full(n, n_groups), pa.int64()
+        ),
+    }
+
+
+def interval_state(table: pa.Table, per_group: int, seq_len: int, key) -> dict:
+    """Inverse of interval_columns (traces zero-padded to seq_len); key(seq_id) -> the score."""
+    n = table.num_rows
+    n_groups = stats.INTERVAL_GROUPS + 1
+    score = np.full((per_group, n_groups, n), -np.inf, np.float32)
+    seq_id = np.full((per_group, n_groups, n), -1, np.int64)
+    trace = np.zeros((per_group, n_groups, n, seq_len), np.float32)
+    groups, seqs, acts = (table.column(c).to_pylist() for c in ("interval_group", "interval_seq", "interval_acts"))
+    for u in range(n):
+        filled = np.zeros(n_groups, np.int64)
+        for g, s, a in zip(groups[u], seqs[u], acts[u]):
+            slot = filled[g]
+            filled[g] += 1
+            score[slot, g, u], seq_id[slot, g, u] = key(s), s
+            trace[slot, g, u, : len(a)] = a
+    return {
+        "score": score,
+        "seq_id": seq_id,
+        "trace": trace,
+        "top": table.column("interval_top").to_numpy().astype(np.int64),
+    }
 
 
 def _nested(values: np.ndarray, inner_len: np.ndarray, outer_len: np.ndarray, dtype: pa.DataType) -> pa.Array:
@@ -191,6 +307,9 @@ def state_to_table(
     if "glu" in state:
         for name, column in glu_columns(state["glu"], seq_len).items():
             table = table.append_column(GLU_SCHEMA.field(name), column)
+    if "interval" in state:
+        for name, column in interval_columns(state["interval"], state["hist"], seq_length).items():
+            table = table.append_column(INTERVAL_SCHEMA.field(name), column)
     return table
 
 
@@ -207,8 +326,9 @@ def _extremes_from_columns(ids: list, vals: list, acts: list, k: int, seq_len: i
     return {"score": score, "seq_id": seq_id, "trace": trace}
 
 
-def table_to_state(table: pa.Table, top_k: int, n_random: int, seq_len: int) -> dict:
-    """Inverse of state_to_table (traces zero-padded to seq_len), for merging stores."""
+def table_to_state(table: pa.Table, top_k: int, n_random: int, seq_len: int, seed: int = 0) -> dict:
+    """Inverse of state_to_table (traces zero-padded to seq_len), for merging stores (`seed`: the
+    run's, which orders the interval examples)."""
     col = {
         name: table.column(name).to_pylist()
         for name in (
@@ -254,6 +374,11 @@ def table_to_state(table: pa.Table, top_k: int, n_random: int, seq_len: int) -> 
         "vmax": table.column("max").to_numpy(),
         "hist": hist,
         **({"glu": glu_state(table, seq_len)} if "glu_count" in table.column_names else {}),
+        **(
+            {"interval": interval_state(table, stats.PER_INTERVAL, seq_len, interval_score(seed))}
+            if "interval_top" in table.column_names
+            else {}
+        ),
     }
 
 
@@ -267,6 +392,13 @@ def _merge_extremes(parts: list[dict], k: int) -> dict:
         "seq_id": np.take_along_axis(seq_id, order, 0),
         "trace": np.take_along_axis(trace, order[:, :, None], 0),
     }
+
+
+def interval_score(seed: int):
+    """The interval examples' ordering key of a sequence, as the corpus pass scores it (Batch.interval_score)."""
+    from sitegen.corpus_keys import interval_key
+
+    return lambda seq_id: -np.float32(interval_key(seed, int(seq_id)))
 
 
 def random_score(seed: int):
@@ -297,6 +429,11 @@ def merge_states(parts: list[dict], top_k: int, n_random: int, random_score: "ca
         "vmax": np.max([p["vmax"] for p in parts], axis=0),
         "hist": np.sum([p["hist"] for p in parts], axis=0),
         **({"glu": merge_glu([p["glu"] for p in parts])} if all("glu" in p for p in parts) else {}),
+        **(
+            {"interval": merge_intervals([p["interval"] for p in parts], stats.PER_INTERVAL)}
+            if all("interval" in p for p in parts)
+            else {}
+        ),
     }
 
 

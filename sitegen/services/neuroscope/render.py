@@ -18,6 +18,7 @@ import orjson
 import pyarrow.parquet as pq
 from markupsafe import Markup
 
+from sitegen.services.neuroscope import stats
 from sitegen.services.tokens import BUCKETS, shown
 
 WINDOW_BEFORE = 12  # tokens shown before the peak token on the page (the JSON has every token)
@@ -48,6 +49,7 @@ _ELL = '<span class="ell">…</span>'
 
 
 _GLU_COLUMNS = ["glu_count", "glu_mass_fx", "glu_top_seq", "glu_top_pos", "glu_top_act"]
+_INTERVAL_COLUMNS = ["interval_top", "interval_group", "interval_seq", "interval_acts", "interval_tokens"]
 _QUADRANTS = (("+", "+"), ("+", "-"), ("-", "+"), ("-", "-"))  # (gate, up) signs: + is > 0, - is <= 0
 GLU_BEFORE, GLU_AFTER = 8, 3  # tokens shown around a quadrant's top example
 
@@ -98,12 +100,23 @@ class NeuroscopeLayer:
         # the columns the pages and JSON show (not the raw sums and fine histogram kept for merging)
         # A gated MLP's quadrant columns, where the store has them (compute.GluQuadrants).
         self.gated = bool(store.manifest["model"].get("gated_mlp", False))
-        has_glu = set(_GLU_COLUMNS) <= set(pq.read_schema(store.layer_path("neuroscope", layer)).names)
-        t = store.read_layer("neuroscope", layer, columns=_COLUMNS + (_GLU_COLUMNS if has_glu else []))
+        names = set(pq.read_schema(store.layer_path("neuroscope", layer)).names)
+        has_glu = set(_GLU_COLUMNS) <= names
+        # examples across the activation range, where the store has them (compute.IntervalExamples)
+        has_intervals = set(_INTERVAL_COLUMNS) <= names
+        t = store.read_layer(
+            "neuroscope",
+            layer,
+            columns=_COLUMNS + (_GLU_COLUMNS if has_glu else []) + (_INTERVAL_COLUMNS if has_intervals else []),
+        )
         self.n = t.num_rows
         col = lambda name: t.column(name).to_pylist()
         self.glu = {name: col(name) for name in _GLU_COLUMNS} if has_glu else None
-        self.seq = {k: col(f"{k}_seq") for k in ("top", "bottom")}
+        self.kinds = ("top", "bottom", "interval") if has_intervals else ("top", "bottom")
+        self.seq = {k: col(f"{k}_seq") for k in self.kinds}
+        if has_intervals:
+            self.interval_top, self.interval_group = col("interval_top"), col("interval_group")
+            self.interval_tokens = col("interval_tokens")
         self.mean, self.std, self.vmin, self.vmax = col("mean"), col("std"), col("min"), col("max")
         # Colour scales centred on zero: the top texts on the neuron's largest absolute activation,
         # the most negative texts on their own (|min|), so a small negative range is still visible.
@@ -112,9 +125,9 @@ class NeuroscopeLayer:
             np.abs(t.column("min").to_numpy()).astype(np.float64),
         )
         scales = {"top": np.maximum(np.maximum(vmax, vmin), 1e-9), "bottom": np.maximum(vmin, 1e-9)}
+        scales["interval"] = scales["top"]  # the interval examples on the top texts' scale
         self.traces = {
-            k: Traces(t.column(f"{k}_acts"), scales[k], site.first_valid, lowest=(k == "bottom"))
-            for k in ("top", "bottom")
+            k: Traces(t.column(f"{k}_acts"), scales[k], site.first_valid, lowest=(k == "bottom")) for k in self.kinds
         }
         self.frac_pos, self.count = col("frac_pos"), col("count")
         self.quantiles, self.hist_edges, self.hist = col("quantiles"), col("hist_edges"), col("hist_counts")
@@ -138,7 +151,7 @@ class NeuroscopeLayer:
         vmin, vmax = _r(self.vmin[n]), _r(self.vmax[n])
         per_seq = self.per_seq
         out = {}
-        for kind in ("top", "bottom"):
+        for kind in self.kinds:
             tr = self.traces[kind]
             peak, lo, hi, inner, rounded = tr.peak, tr.lo, tr.hi, tr.inner, tr.rounded
             texts = []
@@ -224,6 +237,33 @@ class NeuroscopeLayer:
             )
         return out
 
+    def interval_examples(self, n: int) -> list[dict] | None:
+        """The examples across the activation range, highest interval first: per group its
+        interval [lo, hi) of the sequence maximum in activation units (the lowest group: (0, hi)),
+        the share of the counted tokens whose activation lies in it, and its texts (as the top
+        texts); [] for a neuron that never exceeds 0; None where the store has none."""
+        if "interval" not in self.kinds:
+            return None
+        top = self.interval_top[n]
+        if top < 0:
+            return []
+        groups = stats.INTERVAL_GROUPS + 1
+        texts = self._texts_of(n)["interval"]
+        count = max(self.count[n], 1)
+        out = []
+        for g in range(groups):
+            hi = stats.interval_edge(top + 1 - g)
+            lo = stats.interval_edge(top - g) if g < groups - 1 else 0.0
+            out.append(
+                {
+                    "lo": _r(lo),
+                    "hi": _r(hi),
+                    "token_share": round(self.interval_tokens[n][g] / count, 6),
+                    "texts": [t for t, tg in zip(texts, self.interval_group[n]) if tg == g],
+                }
+            )
+        return out
+
     # -- API --
     def payload(self, n: int) -> dict:
         texts = self._texts_of(n)
@@ -237,6 +277,8 @@ class NeuroscopeLayer:
         }
         if self.glu is not None or not self.gated:  # null: not applicable (not a gated MLP's neuron)
             out["glu_quadrants"] = self.glu_quadrants(n)
+        if "interval" in self.kinds:
+            out["interval_examples"] = self.interval_examples(n)
         return out
 
     def score(self, n: int) -> float:
@@ -272,6 +314,9 @@ class NeuroscopeLayer:
     def _sequence_items(self, n: int, kind: str, texts: list[dict]) -> Markup:
         """One <li> per text: the window around the peak as coloured spans and the text's source.
         JavaScript reads exact values from the neuron's JSON and adds the whole-sequence toggle."""
+        return Markup("\n".join(self._sequence_item_list(n, kind, texts)))
+
+    def _sequence_item_list(self, n: int, kind: str, texts: list[dict]) -> list[str]:
         per_seq = self.per_seq
         tr = self.traces[kind]
         inner, buckets = tr.inner, tr.buckets
@@ -293,7 +338,38 @@ class NeuroscopeLayer:
                 f'<li><div class="seq" tabindex="0" data-start="{lo}">{_ELL if lo else ""}{spans}{_ELL if hi < length else ""}'
                 f"</div><details><summary>{acts[peak]} at {peak}</summary>{s.source}{t['min_activation']} to {t['max_activation']}</details></li>"
             )
-        return Markup("\n".join(items))
+        return items
+
+    def _interval_groups(self, n: int) -> list[dict]:
+        """The page's interval groups that hold texts, highest first: index (into the payload's
+        list), the interval as text, the token share and the <li> items."""
+        groups = self.interval_examples(n)
+        if not groups:
+            return []
+        items = iter(self._sequence_item_list(n, "interval", self._texts_of(n)["interval"]))
+        vmax = max(self.vmax[n], 1e-9)
+        out = []
+        for g, group in enumerate(groups):
+            mine = [next(items) for _ in group["texts"]]
+            if not mine:
+                continue
+            lo, hi = group["lo"], min(group["hi"], _r(self.vmax[n]))  # the highest interval ends at the max
+            if not lo:
+                label, of_max = f"above 0, below {hi:.4g}", f"below {hi / vmax:.2f}"
+            elif lo == hi:
+                label, of_max = f"{lo:.4g}", "1.00"
+            else:
+                label, of_max = f"{lo:.4g} to {hi:.4g}", f"{lo / vmax:.2f}–{hi / vmax:.2f}"
+            out.append(
+                {
+                    "index": g,
+                    "label": label,
+                    "of_max": of_max,
+                    "share": group["token_share"],
+                    "html": Markup("\n".join(mine)),
+                }
+            )
+        return out
 
     def _glu_rows(self, n: int) -> Markup:
         """One table row per quadrant: shares, and the top example's window with its token marked."""
@@ -327,6 +403,8 @@ class NeuroscopeLayer:
             "glu_not_applicable": self.glu is None and not self.gated,
             "top": self._sequence_items(n, "top", texts["top"]),
             "bottom": self._sequence_items(n, "bottom", texts["bottom"]),
+            "intervals": self._interval_groups(n) if "interval" in self.kinds else None,
+            "intervals_per": stats.PER_INTERVAL,
             "stats": self._stats_of(n),
             "histogram_svg": Markup(histogram_svg(self.hist[n], self.hist_edges[n])),
             "quantiles_csv": ",".join(f"{v:.4g}" for v in self.quantiles[n]),

@@ -117,6 +117,36 @@ _GLU_QUADRANTS = {
         },
     },
 }
+_INTERVAL_EXAMPLES = {
+    "type": "array",
+    "description": "Examples across the activation range: the neuron's sequences grouped by their largest activation, "
+    "in quarter-octave intervals (edges 2^e x 1, 1.25, 1.5, 1.75: the float32 exponent and top 2 mantissa bits) from "
+    "the one holding the neuron's largest sequence maximum down, 8 of them, then one group for everything lower; "
+    "highest first. In each, up to 5 sequences: those with the smallest hash of (seed, sequence id), ties to the "
+    "lower id, chosen over the whole corpus pass exactly (the same whatever the shard split). Empty for a neuron "
+    "that never exceeds 0; absent from stores computed without it.",
+    "items": {
+        "type": "object",
+        "required": ["lo", "hi", "token_share", "texts"],
+        "description": "One interval.",
+        "properties": {
+            "lo": _NUM(
+                "Its lower edge, in activation units (a sequence whose maximum equals it belongs here); 0 for "
+                "the lowest group, which holds every positive maximum below hi."
+            ),
+            "hi": _NUM("Its upper edge, in activation units (exclusive; above the neuron's max in the highest group)."),
+            "token_share": _NUM(
+                "The share of the counted tokens whose own activation lies in [lo, hi) ((0, hi) for the lowest group), "
+                "0 to 1 (6 decimals); exact from the fine histogram where the edges lie within 2^-10 .. 2^8."
+            ),
+            "texts": {
+                "type": "array",
+                "items": {"$ref": "#/components/schemas/Text"},
+                "description": "The interval's sequences, smallest hash first.",
+            },
+        },
+    },
+}
 _NEUROSCOPE = {
     "type": "object",
     "required": ["neuron_index", "texts"],
@@ -135,6 +165,7 @@ _NEUROSCOPE = {
             "description": _TEXTS.format("lowest", "lowest"),
         },
         "glu_quadrants": _GLU_QUADRANTS,
+        "interval_examples": _INTERVAL_EXAMPLES,
         "stats": {
             "type": "object",
             "required": ["mean", "std", "min", "max", "frac_positive", "quantiles", "histogram"],
@@ -253,7 +284,7 @@ class Neuroscope(Service):
     def sequences_used(self, table):
         return (
             s
-            for col in ("top_seq", "bottom_seq", "random_seq", "glu_top_seq")
+            for col in ("top_seq", "bottom_seq", "random_seq", "glu_top_seq", "interval_seq")
             if col in table.column_names
             for s in table.column(col).combine_chunks().flatten().to_pylist()
             if s >= 0  # glu_top_seq: -1 for a quadrant no token fell in
@@ -279,7 +310,7 @@ class Neuroscope(Service):
     def merge_tables(self, tables, run):
         from sitegen.services.neuroscope import data
 
-        states = [data.table_to_state(t, run.top_k, run.n_random, run.seq_len) for t in tables]
+        states = [data.table_to_state(t, run.top_k, run.n_random, run.seq_len, run.seed) for t in tables]
         merged = data.merge_states(states, run.top_k, run.n_random, data.random_score(run.seed))
         return data.state_to_table(merged, run.top_k, run.n_random, run.seq_lengths, run.seq_len)
 

@@ -224,3 +224,23 @@ def select_extremes(values: np.ndarray, seq_ids: np.ndarray, k: int) -> np.ndarr
     sequence id. Entries with seq_id < 0 are empty slots and sort last."""
     order = np.lexsort((seq_ids, -np.where(seq_ids < 0, -np.inf, values)), axis=0)
     return order[:k]
+
+
+# Examples across the activation range (compute.IntervalExamples): a sequence is filed by its
+# largest activation's float32 bits, exponent and top 2 mantissa bits, so 4 intervals per octave
+# with edges 2^e x {1, 1.25, 1.5, 1.75} (each also a fine-histogram edge). The INTERVAL_GROUPS
+# highest intervals a neuron's sequences reach are kept one by one, everything below them as one
+# more group; per group the PER_INTERVAL sequences with the smallest corpus_keys.interval_key.
+INTERVAL_SHIFT = 21  # float32 bits >> 21: sign, exponent, 2 mantissa bits
+INTERVAL_GROUPS = 8
+PER_INTERVAL = 5
+
+
+def interval_code(x: np.ndarray) -> np.ndarray:
+    """The interval of positive float32 values (monotone in the value)."""
+    return np.asarray(x, dtype=np.float32).view(np.int32).astype(np.int64) >> INTERVAL_SHIFT
+
+
+def interval_edge(code: int) -> float:
+    """The lower edge of interval `code` (the upper edge of code - 1)."""
+    return float(np.array([code << INTERVAL_SHIFT], dtype=np.int64).astype(np.int32).view(np.float32)[0])

@@ -93,11 +93,10 @@
 
     // Exact values come from the neuron's JSON (fetched once, on the first hover or focus).
     function activationAt(seq, idx) {
-      var section = seq.closest(".seqs"), kind = section.getAttribute("data-kind");
+      var section = seq.closest(".seqs");
       var i = Array.prototype.indexOf.call(section.querySelectorAll(".seq"), seq);
       return data().then(function (d) {
-        var text = d.data[kind === "top" ? "texts" : "bottom_texts"][i];
-        return text.activations[+seq.getAttribute("data-start") + idx];
+        return textOf(d, section, i).activations[+seq.getAttribute("data-start") + idx];
       });
     }
     function show(seq, tok) {
@@ -137,6 +136,12 @@
       });
     });
     // A cut sequence gets a button that swaps in every token of it, from the neuron's JSON.
+    // A text's JSON: the top or most negative texts by index, an interval group's by its group and index.
+    function textOf(d, section, i) {
+      var kind = section.getAttribute("data-kind");
+      if (kind === "interval") return d.data.interval_examples[+section.getAttribute("data-group")].texts[i];
+      return d.data[kind === "top" ? "texts" : "bottom_texts"][i];
+    }
     document.querySelectorAll(".seqs").forEach(function (section) {
       var kind = section.getAttribute("data-kind");
       section.querySelectorAll(".seq").forEach(function (seq, i) {
@@ -144,14 +149,14 @@
         var btn = document.createElement("button");
         btn.type = "button"; btn.className = "whole"; btn.textContent = "Show whole sequence";
         seq.parentNode.querySelector("details").appendChild(btn);
-        btn.addEventListener("click", function () { showWhole(seq, kind, i, btn); });
+        btn.addEventListener("click", function () { showWhole(seq, kind, section, i, btn); });
       });
     });
-    function showWhole(seq, kind, i, btn) {
+    function showWhole(seq, kind, section, i, btn) {
       data().then(function (d) {
-        var text = d.data[kind === "top" ? "texts" : "bottom_texts"][i];
+        var text = textOf(d, section, i);
         // the page's scales: top texts on the largest |activation|, the most negative texts on |min|
-        var scale = (kind === "top" ? Math.max(Math.abs(d.data.stats.max), Math.abs(d.data.stats.min)) : Math.abs(d.data.stats.min)) || 1;
+        var scale = (kind !== "bottom" ? Math.max(Math.abs(d.data.stats.max), Math.abs(d.data.stats.min)) : Math.abs(d.data.stats.min)) || 1;
         seq.textContent = "";
         text.tokens.forEach(function (tok, j) {
           var el = document.createElement("i"), a = text.activations[j];
