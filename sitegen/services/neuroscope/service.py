@@ -301,6 +301,11 @@ class Neuroscope(Service):
                 "fine_bins": stats.N_FINE_BINS,
                 "sum_shift": stats.SUM_SHIFT,
                 "sq_shift": stats.SQ_SHIFT,
+                # the examples across the activation range: float32 bits >> interval_shift file a
+                # sequence maximum; groups kept one by one, then one for the rest; examples per group
+                "interval_shift": stats.INTERVAL_SHIFT,
+                "interval_groups": stats.INTERVAL_GROUPS,
+                "per_interval": stats.PER_INTERVAL,
             }
         }
 
