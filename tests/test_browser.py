@@ -446,9 +446,8 @@ def test_search_results_show_their_support(browser, tall_site):
     page = _tall_page(browser)
     page.goto(f"{url}/search.html?model=tall&q=" + quote(f"activating:{SCRIPT}", safe=""))
     page.wait_for_selector("#search-results li")
-    assert "Support: the number of the neuron's top sequences in which it fires on the token" in page.inner_text(
-        "#search-status"
-    )
+    assert "support: the number of those sequences in which it fires on the token" in page.inner_text("#search-status")
+    assert set(entry["w"]) == {1.0}  # every neuron peaks on it: equal strengths, so layer and neuron order
     rows = page.locator("#search-results li")
     assert rows.count() == len(ids)
     for k, (gid, support) in enumerate(zip(ids, entry["s"])):
@@ -472,6 +471,77 @@ def test_search_results_show_their_support(browser, tall_site):
         )
     assert page.errors == []
     page.close()
+
+
+STRENGTH_MODEL = "strength-model"
+# layer 0's neurons on the token " w7": these shares of their peak (5.0, on the planted <script>)
+STRENGTHS = (0.6, 0.95, 0.7, 0.85)
+
+
+@pytest.fixture(scope="module")
+def strength_site(tmp_path_factory):
+    """A synthetic site (no graphs: tokens from the top sequences) whose layer-0 neurons all fire on
+    " w7", each at its own share of its peak, served."""
+    import threading
+
+    from sitegen.site.build import build_site
+    from sitegen.site.serve import make_server
+    from tests.conftest import free_port
+    from tests.reference import write_synthetic_store
+
+    def plant(layer, token_ids, acts):
+        if layer == 0:
+            acts[token_ids == 8] = np.array(STRENGTHS, np.float32) * 5.0  # token 8 is " w7"
+        return acts
+
+    root = tmp_path_factory.mktemp("strength")
+    store = write_synthetic_store(root / "store", name=STRENGTH_MODEL, plant=plant, with_graphs=False)
+    assert store.vocab()[8] == " w7"
+    build_site([store.root], root / "site")
+    server = make_server(root / "site", "127.0.0.1", free_port())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root / "site", f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_search_ranks_results_by_how_strongly_they_fire_on_the_token(browser, strength_site):
+    """Results come strongest first (the shard's "w": a unit that fires harder on the token ranks
+    above one that fires weakly), ties by layer and neuron, each with its strength shown; the search
+    URL keeps DeepDecipher's order (layer and neuron)."""
+    import json
+    from urllib.parse import quote
+    from urllib.request import urlopen
+
+    from tests.reference import static_search
+
+    site, url = strength_site
+    ids = static_search(site, STRENGTH_MODEL, "activating:w7")
+    assert ids[:4] == [0, 1, 2, 3]  # every layer-0 neuron (and maybe layer-1 ones, weaker)
+    page = _tall_page(browser)
+    page.goto(f"{url}/search.html?model={STRENGTH_MODEL}&q=" + quote("activating:w7", safe=""))
+    page.wait_for_selector("#search-results li")
+    rows = page.locator("#search-results li")
+    assert rows.count() == len(ids)
+    shown = [
+        (rows.nth(k).locator("a").inner_text(), rows.nth(k).locator(".score").inner_text().strip())
+        for k in range(len(ids))
+    ]
+    # layer 0: 0.95 (neuron 1), 0.85 (3), 0.7 (2), 0.6 (0)
+    layer0 = [(name, text) for name, text in shown if name.startswith("0:")]
+    assert layer0 == [
+        ("0:1", "strength 0.95"),
+        ("0:3", "strength 0.85"),
+        ("0:2", "strength 0.70"),
+        ("0:0", "strength 0.60"),
+    ]
+    values = [float(text.split()[1]) for _, text in shown]
+    assert values == sorted(values, reverse=True)
+    assert "strongest first" in page.inner_text("#search-status") and page.errors == []
+    page.close()
+    answer = urlopen(f"{url}/api/{STRENGTH_MODEL}/neuron2graph-search?query=" + quote("activating:w7")).read()
+    size = json.loads((site / f"search/{STRENGTH_MODEL}/meta.json").read_text())["layer_size"]
+    assert json.loads(answer) == [{"layer": x // size, "neuron": x % size} for x in ids]
 
 
 def test_a_miss_says_how_often_the_token_occurs(browser, tall_site):

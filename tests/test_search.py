@@ -762,6 +762,39 @@ def test_shards_carry_each_results_support(wide_site):
     assert checked > 50 and ones and ones < checked, (checked, ones)
 
 
+def _brute_strength(store, layer: int, neuron: int, key: str, vocab: list[str]) -> float:
+    """The neuron's largest activation on a token of KEY in its top sequences over its largest there
+    (0 when it is never above 0 on it), in hundredths."""
+    row = store.read_layer("neuroscope", layer).to_pylist()[neuron]
+    seqs = {s["seq_id"]: s["token_ids"] for s in store.sequences().to_pylist()}
+    hits = [
+        (a, vocab[seqs[s][p]]) for s, acts in zip(row["top_seq"], row["top_acts"]) for p, a in enumerate(acts) if p >= 1
+    ]
+    peak = max(a for a, _ in hits)
+    on_key = [a for a, tok in hits if g.normalise(tok) == key and a > 0]
+    return round(max(on_key) / peak, 2) if on_key and peak > 0 else 0.0
+
+
+def test_shards_carry_each_results_strength(wide_site):
+    """ "w" holds, per neuron of the activating list, how strongly it fires on the token: checked
+    against the stored top texts for every token (capped ones from the support file)."""
+    store, site = wide_site
+    ts = build_token_store(store, first_valid=1)
+    vocab = store.vocab()
+    values = []
+    for key in ts.keys:
+        entry = _shard_entry(site, key)
+        if entry is None or not entry["na"]:
+            continue
+        ids = np.cumsum(_whole(site, key, entry)["a"]).tolist()
+        strength = _whole(site, key, entry, folder="support")["w"] if "m" in entry else entry["w"]
+        assert len(strength) == len(ids) and entry["w"] == strength[: len(entry["a"])], key
+        for gid, w in zip(ids, strength):
+            assert w == _brute_strength(store, *divmod(gid, 24), key, vocab), (key, gid)
+            values.append(w)
+    assert len(values) > 50 and len(set(values)) > 10 and 1.0 in values, values[:20]
+
+
 def test_shards_count_every_token_of_the_stored_sequences(wide_site):
     """ "c": the token's occurrences in the stored sequences (BOS positions left out), also for a
     token no neuron has; meta.json says what was counted."""

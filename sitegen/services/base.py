@@ -106,15 +106,17 @@ class TokenIndex:
     `postings`: token -> (sorted global ids of the neurons it activates, of those it is important
     to); `preview(global_id)` -> [top tokens, max activation, graph F1 or None, F1's interval or
     None], a search result's row (site/search.py puts the explanation after F1); `support`: token -> per neuron of its activating list, how many distinct
-    sequences carry that token for it; `counts`: token -> its occurrences in the text counted, and
-    `corpus` what was counted ({"sequences", "tokens", "processed"}), so a miss can say how often
-    the token occurs."""
+    sequences carry that token for it; `strength`: token -> per neuron of its activating list, how
+    strongly it responds to the token (0 to 1; the search page ranks by it); `counts`: token -> its
+    occurrences in the text counted, and `corpus` what was counted ({"sequences", "tokens",
+    "processed"}), so a miss can say how often the token occurs."""
 
     postings: dict[str, tuple[list[int], list[int]]]
     preview: Callable[[int], list]
     support: dict[str, list[int]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     corpus: dict | None = None
+    strength: dict[str, list[float]] = field(default_factory=dict)
 
 
 def fnv1a(text: str) -> int:

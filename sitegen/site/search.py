@@ -1,9 +1,9 @@
 """Token search as static files (written by the build; answered in the browser by app.js).
 
     search/<model>/meta.json                 shard count, cap, layer size, preview chunk size
-    search/<model>/tokens/<shard>.json       {token: {"a": ids, "i": ids, "na": n, "ni": n, "n": n, "s": support, "c": count[, "m": k]}}
+    search/<model>/tokens/<shard>.json       {token: {"a": ids, "i": ids, "na": n, "ni": n, "n": n, "s": support, "w": strength, "c": count[, "m": k]}}
     search/<model>/more/<shard>-<k>.json     the full lists of a token whose lists were capped ({"a", "i"})
-    search/<model>/support/<shard>-<k>.json  its full support list ({"s"}; only the page reads it, the edge function never)
+    search/<model>/support/<shard>-<k>.json  its full support and strength lists ({"s", "w"}; only the page reads them)
     search/<model>/preview/<layer>/<chunk>.json   per neuron: [top tokens, max activation, graph F1 or null,
                                                   explanation or null, F1's interval or null, scores or null]
     search/<model>/words/<shard>.json        explanation search: {stem: [ids, term counts]} (lunr's analysis)
@@ -13,7 +13,9 @@ so the client fetches exactly one small file per term. Ids are global neuron ids
 layer_size + neuron), sorted and delta-encoded; each list keeps its first CAP ids and counts the
 rest, which sit in the token's "more" file. "na", "ni" and "n" are the exact sizes of the
 activating list, the important list and their union (what `any:` finds); "s" is, per id of "a", in
-how many distinct sequences that neuron fires on the token (its evidence); "c" is how often the
+how many distinct sequences that neuron fires on the token (its evidence), "w" how strongly it
+responds to the token (its largest activation on it in its top sequences over its largest there,
+0 to 1: the search page ranks by it); "c" is how often the
 token occurs in the sequences meta.json's "corpus" describes, so a token no neuron has still has an
 entry (empty lists) when it occurs, and a token without an entry never occurs. DeepDecipher's search URL,
 /api/<model>/neuron2graph-search?query=..., is answered from these same files by the edge function
@@ -101,6 +103,7 @@ def publish_search(pub, model) -> dict:
         for k, key in enumerate(sorted(entries)):
             a, i = lists.get(key, empty)
             support = index.support.get(key, [])
+            strength = index.strength.get(key, [])
             entry = {
                 "a": _delta(a[:CAP]),
                 "i": _delta(i[:CAP]),
@@ -108,13 +111,14 @@ def publish_search(pub, model) -> dict:
                 "ni": len(i),
                 "n": len(set(a) | set(i)),
                 "s": support[:CAP],
+                "w": strength[:CAP],
                 "c": index.counts.get(key, 0),
             }
             if len(a) > CAP or len(i) > CAP:
                 entry["m"] = k
                 pub.publish(f"{base}/more/{s}-{k}.json", orjson.dumps({"a": _delta(a), "i": _delta(i)}))
                 # apart from the lists: DeepDecipher's search URL reads "more" files within 50 ms of CPU
-                pub.publish(f"{base}/support/{s}-{k}.json", orjson.dumps({"s": support}))
+                pub.publish(f"{base}/support/{s}-{k}.json", orjson.dumps({"s": support, "w": strength}))
                 more_files += 1
             body[key] = entry
         pub.publish(f"{base}/tokens/{s}.json", orjson.dumps(body, option=orjson.OPT_SORT_KEYS))

@@ -291,7 +291,14 @@ class Neuron2Graph(Service):
         from sitegen.services.neuron2graph.tokenstore import token_store
 
         ts = token_store(site)
-        return TokenIndex(ts.search_postings(), ts.preview, ts.search_support(), ts.token_counts(), ts.corpus)
+        return TokenIndex(
+            ts.search_postings(),
+            ts.preview,
+            ts.search_support(),
+            ts.token_counts(),
+            ts.corpus,
+            strength=ts.search_strength(),
+        )
 
     def edge_functions(self):
         # DeepDecipher's search URL: a Deno module beside this file on Netlify, its Python port in serve

@@ -6,7 +6,9 @@ tokens of its top sequences (positions at or above half its largest activation t
 strongest FALLBACK_CAP kept) and no important tokens, marked source 'top-sequences'. So search and
 similarity cover every neuron of every layer. Each activating token of a neuron also carries its
 support: in how many distinct top sequences of the neuron it reaches that same half-peak level on
-the token (0 for a graph token the top sequences never fire on); and the store counts every token
+the token (0 for a graph token the top sequences never fire on), and its strength: the neuron's
+largest activation on the token in those sequences as a share of its largest there (0 where the
+token never occurs there; the search page ranks by it); and the store counts every token
 key over the stored sequences (positions from first_valid on), so search can say how often a
 token no neuron has occurs.
 
@@ -77,6 +79,9 @@ class TokenStore:
         default_factory=lambda: np.zeros(0, np.int64)
     )  # key id -> occurrences in the stored sequences (positions from first_valid on)
     f1_ci: list[list[float] | None] = field(default_factory=list)  # F1's bootstrap interval (None: none)
+    # Per neuron, aligned with `activating`: its largest activation on the token in its top
+    # sequences over its largest there, 0 to 1 in hundredths (0: never on the token there).
+    strength: list[np.ndarray] = field(default_factory=list)
     corpus: dict | None = (
         None  # what `counts` counts: {"sequences": stored, "tokens": counted, "processed": the corpus pass's sequences}
     )
@@ -95,6 +100,21 @@ class TokenStore:
         return {
             self.keys[k]: (a[k].tolist() if k in a else [], i[k].tolist() if k in i else [])
             for k in sorted(set(a) | set(i))
+        }
+
+    def search_strength(self) -> dict[str, list[float]]:
+        """token -> the strength (see `strength`) of each neuron in its activating list, in the
+        list's order (neuron order, as `postings`); none for a store built without strengths."""
+        if len(self.strength) != self.n_neurons:
+            return {}
+        owners = np.repeat(np.arange(self.n_neurons, dtype=np.int64), [len(s) for s in self.activating])
+        keys = np.concatenate(self.activating) if self.activating else np.zeros(0, np.int64)
+        values = np.concatenate(self.strength) if self.strength else np.zeros(0, np.float64)
+        order = np.lexsort((owners, keys))
+        keys, values = keys[order], values[order]
+        bounds = np.flatnonzero(np.diff(keys)) + 1
+        return {
+            self.keys[int(k[0])]: v.tolist() for k, v in zip(np.split(keys, bounds), np.split(values, bounds)) if len(k)
         }
 
     def search_support(self) -> dict[str, list[int]]:
@@ -181,6 +201,7 @@ def build_token_store(store, first_valid: int) -> TokenStore:
     f1_ci: list[list[float] | None] = []
     max_act: list[float] = []
     support: list[np.ndarray] = []
+    strength: list[np.ndarray] = []
     has_graphs = store.has_service("neuron2graph")
     for layer in range(n_layers):
         graphs = {}
@@ -195,7 +216,9 @@ def build_token_store(store, first_valid: int) -> TokenStore:
         max_act.extend(
             round(float(x), 4) for x in store.read_layer("neuroscope", layer, columns=["max"]).column("max").to_numpy()
         )
-        fallback, fired = _fallback_keys(store, layer, size, first_valid, seq_index, tok_off, tok_val, vocab_key)
+        fallback, fired, peak_share = _fallback_keys(
+            store, layer, size, first_valid, seq_index, tok_off, tok_val, vocab_key
+        )
         for n in range(size):
             if n in graphs:
                 a, i, f, ci = graphs[n]
@@ -211,17 +234,31 @@ def build_token_store(store, first_valid: int) -> TokenStore:
                 f1.append(None)
                 f1_ci.append(None)
             support.append(np.array([fired.get((n, int(k)), 0) for k in activating[-1]], dtype=np.int64))
+            strength.append(np.array([peak_share.get((n, int(k)), 0.0) for k in activating[-1]], dtype=np.float64))
     return TokenStore(
-        intern.keys, size, activating, important, source, f1, max_act, support, counts, f1_ci=f1_ci, corpus=corpus
+        intern.keys,
+        size,
+        activating,
+        important,
+        source,
+        f1,
+        max_act,
+        support,
+        counts,
+        f1_ci=f1_ci,
+        strength=strength,
+        corpus=corpus,
     )
 
 
 def _fallback_keys(
     store, layer, size, first_valid, seq_index, tok_off, tok_val, vocab_key
-) -> tuple[list[np.ndarray], dict[tuple[int, int], int]]:
+) -> tuple[list[np.ndarray], dict[tuple[int, int], int], dict[tuple[int, int], float]]:
     """Per neuron: the distinct token keys where it reaches FALLBACK_THRESHOLD of its largest
     activation on its top sequences, strongest first, at most FALLBACK_CAP (vectorised per layer);
-    and (neuron, key) -> the number of distinct top sequences where it does so on that key."""
+    (neuron, key) -> the number of distinct top sequences where it does so on that key; and
+    (neuron, key) -> its largest activation on the key there over that largest activation, in
+    hundredths, for every key it is above 0 on."""
     t = store.read_layer("neuroscope", layer, columns=["top_seq", "top_acts"])
     seq_col = t.column("top_seq").combine_chunks()
     acts_col = t.column("top_acts").combine_chunks()
@@ -240,6 +277,17 @@ def _fallback_keys(
     counted = position >= first_valid
     peak = np.full(size, -np.inf)
     np.maximum.at(peak, neuron[counted], values[counted])
+    above = counted & (peak[neuron] > 0) & (values > 0)
+    share = np.zeros(0)
+    pair_key = np.zeros(0, np.int64)
+    if above.any():
+        pair = neuron[above] * len(vocab_key) + vocab_key[token[above]]  # (neuron, key) as one int
+        pair_key, where = np.unique(pair, return_inverse=True)
+        share = np.zeros(len(pair_key))
+        np.maximum.at(share, where, values[above] / peak[neuron[above]])
+    peak_share = {
+        (int(p // len(vocab_key)), int(p % len(vocab_key))): round(float(s), 2) for p, s in zip(pair_key, share)
+    }
     keep = counted & (peak[neuron] > 0) & (values >= FALLBACK_THRESHOLD * peak[neuron])
     neuron, key, value = neuron[keep], vocab_key[token[keep]], values[keep]
     triples = (
@@ -257,7 +305,7 @@ def _fallback_keys(
         if len(part_n):
             _, first = np.unique(part_k, return_index=True)  # distinct keys, each at its strongest
             out[int(part_n[0])] = part_k[np.sort(first)][:FALLBACK_CAP]
-    return out, fired_at
+    return out, fired_at, peak_share
 
 
 def similarity_sets(

@@ -273,7 +273,7 @@
           var what = "explanations with " + terms.map(function (t) { return JSON.stringify(t); }).join(" AND ");
           if (!ids.length) { status.textContent = "No " + what + "."; return; }
           status.textContent = ids.length + " neuron" + (ids.length === 1 ? "" : "s") + " whose " + what + " (stems), best match first.";
-          render(model, meta, ids, function (id) { return scores[id].toFixed(2); });
+          render(model, meta, ids, function (id) { return "score " + scores[id].toFixed(2); });
         });
       }).catch(function (e) { status.textContent = ""; errorEl.textContent = "Search failed: " + e.message; errorEl.hidden = false; });
     }
@@ -291,33 +291,28 @@
             return {kind: t[0], token: t[1], shard: shard, entry: Object.prototype.hasOwnProperty.call(body, t[1]) ? body[t[1]] : null};
           });
         })).then(function (found) {
-          // AND needs every list whole; a single term shows its first lists at once, the rest on demand
-          var needFull = found.length > 1;
-          return Promise.all(found.map(function (f) { return lists(base, f, needFull, get); })).then(function (sets) {
-            var capped = sets.some(function (s) { return s.capped; });
+          // ranking and AND need every list whole (a capped token's rest comes from its "more" file)
+          return Promise.all(found.map(function (f) { return lists(base, f, true, get); })).then(function (sets) {
             var ids = sets.reduce(function (acc, s) { if (acc === null) return s.ids; var keep = new Set(s.ids); return acc.filter(function (x) { return keep.has(x); }); }, null);
-            show(model, meta, ids, found, sets, capped ? sets[0].total : ids.length);
-            if (capped) {
-              moreBtn.hidden = false;
-              moreBtn.onclick = function () { lists(base, found[0], true, get).then(function (s) { show(model, meta, s.ids, found, [s], s.ids.length); moreBtn.hidden = true; }); };
-            }
+            show(model, meta, ids, found, sets);
           });
         });
       }).catch(function (e) { status.textContent = ""; errorEl.textContent = "Search failed: " + e.message; errorEl.hidden = false; });
     }
     function pick(kind, a, i) { return kind === "activating" ? a : kind === "important" ? i : union(a, i); }
-    // support: neuron id -> in how many distinct sequences it fires on the token ("s", aligned with "a")
+    // support: neuron id -> in how many distinct sequences it fires on the token ("s", aligned with
+    // "a"); strength: how strongly it fires on it ("w", aligned with "a"), what results are ranked by
     function supportOf(a, s) { var m = new Map(); a.forEach(function (id, k) { if (k < s.length) m.set(id, s[k]); }); return m; }
     function lists(base, f, full, get) {
-      if (!f.entry) return Promise.resolve({ids: [], capped: false, total: 0, support: new Map()});
+      if (!f.entry) return Promise.resolve({ids: [], capped: false, total: 0, support: new Map(), strength: new Map()});
       var e = f.entry, a = undelta(e.a), i = undelta(e.i);
       // exact sizes: "n" is the size of the union any: finds
       var total = f.kind === "activating" ? e.na : f.kind === "important" ? e.ni : e.n;
       var capped = (f.kind !== "important" && e.na > a.length) || (f.kind !== "activating" && e.ni > i.length);
-      if (!capped || !full) return Promise.resolve({ids: pick(f.kind, a, i), capped: capped, total: total, support: supportOf(a, e.s || [])});
+      if (!capped || !full) return Promise.resolve({ids: pick(f.kind, a, i), capped: capped, total: total, support: supportOf(a, e.s || []), strength: supportOf(a, e.w || [])});
       return Promise.all([get(base + "more/" + f.shard + "-" + e.m + ".json"), get(base + "support/" + f.shard + "-" + e.m + ".json")]).then(function (got) {
         var whole = undelta(got[0].a), ids = pick(f.kind, whole, undelta(got[0].i));
-        return {ids: ids, capped: false, total: ids.length, support: supportOf(whole, got[1].s)};
+        return {ids: ids, capped: false, total: ids.length, support: supportOf(whole, got[1].s), strength: supportOf(whole, got[1].w || [])};
       });
     }
     function plural(n, word) { return n.toLocaleString("en-US") + " " + word + (n === 1 ? "" : "s"); }
@@ -328,23 +323,37 @@
       if (c.processed === c.sequences) return "the corpus (" + plural(c.sequences, "sequence") + ", " + tokens + ")";
       return "the " + plural(c.sequences, "stored sequence") + " (" + tokens + (c.processed !== null ? "; the corpus pass read " + plural(c.processed, "sequence") : "") + ")";
     }
-    function show(model, meta, ids, found, sets, total) {
-      list.textContent = "";
+    function show(model, meta, ids, found, sets) {
+      var SHOWN = meta.cap;  // results drawn at once (as many as a shard lists); "Show all" draws the rest
+      list.textContent = ""; moreBtn.hidden = true;
       var what = found.map(function (f) { return f.kind + ":" + JSON.stringify(f.token); }).join(" AND ");
       if (!ids.length) {
         var counts = found.map(function (f) { return JSON.stringify(f.token) + " occurs " + plural(f.entry ? f.entry.c || 0 : 0, "time"); });
         status.textContent = "No neuron has " + what + ". In " + corpusText(meta.corpus) + ", " + counts.join(", ") + ".";
         return;
       }
-      status.textContent = (total > ids.length ? "Showing " + ids.length + " of " + total.toLocaleString("en-US") : ids.length) + " neuron" + (total === 1 ? "" : "s") + " with " + what + ", by layer and neuron. Support: the number of the neuron's top sequences in which it fires on the token.";
-      render(model, meta, ids, null, function (id) {
-        var parts = [];
-        sets.forEach(function (s, k) {
-          if (!s.support.has(id)) return;
-          parts.push(plural(s.support.get(id), "sequence") + (found.length > 1 ? " (" + JSON.stringify(found[k].token) + ")" : ""));
+      // strongest first: a neuron's strength on the query is its weakest over the terms (0 where it
+      // holds a token only as an important one); ties by layer and neuron
+      var strength = new Map();
+      ids.forEach(function (id) { strength.set(id, Math.min.apply(null, sets.map(function (s) { return s.strength.has(id) ? s.strength.get(id) : 0; }))); });
+      var ranked = ids.slice().sort(function (x, y) { return strength.get(y) - strength.get(x) || x - y; });
+      var total = ranked.length;
+      status.textContent = (total > SHOWN ? "Showing " + SHOWN + " of " + total.toLocaleString("en-US") : total.toLocaleString("en-US")) + " neuron" + (total === 1 ? "" : "s") + " with " + what + ", strongest first. Strength: the neuron's largest activation on the token in its top sequences, as a share of its largest there" + (found.length > 1 ? " (the lowest over the terms)" : "") + "; support: the number of those sequences in which it fires on the token.";
+      var draw = function (shown) {
+        render(model, meta, shown, function (id) { return "strength " + strength.get(id).toFixed(2); }, function (id) {
+          var parts = [];
+          sets.forEach(function (s, k) {
+            if (!s.support.has(id)) return;
+            parts.push(plural(s.support.get(id), "sequence") + (found.length > 1 ? " (" + JSON.stringify(found[k].token) + ")" : ""));
+          });
+          return parts.join(", ");
         });
-        return parts.join(", ");
-      });
+      };
+      draw(ranked.slice(0, SHOWN));
+      if (total > SHOWN) {
+        moreBtn.hidden = false;
+        moreBtn.onclick = function () { draw(ranked); moreBtn.hidden = true; status.textContent = status.textContent.replace("Showing " + SHOWN + " of ", ""); };
+      }
     }
     var chunks = {};  // preview files, fetched once per page however often results are redrawn
     var observer = null;
@@ -374,7 +383,7 @@
         li.setAttribute("data-id", id);
         a.href = "/" + model + "/" + layer + "/" + n + ".html"; a.textContent = layer + ":" + n;
         li.appendChild(a);
-        if (scoreOf) { var sc = document.createElement("span"); sc.className = "score"; sc.textContent = " score " + scoreOf(id); li.appendChild(sc); }
+        if (scoreOf) { var sc = document.createElement("span"); sc.className = "score"; sc.textContent = " " + scoreOf(id); li.appendChild(sc); }
         var sup = supportText ? supportText(id) : "";
         if (sup) { var sp = document.createElement("span"); sp.className = "support"; sp.textContent = " · " + sup; li.appendChild(sp); }
         var prev = document.createElement("span"); prev.className = "preview"; li.appendChild(prev);
