@@ -165,6 +165,18 @@ def main() -> None:
     if dictionary is not None:
         with_dictionary = f"compute pass + {dictionary.d_sae}-latent dictionary"
         passes.append((with_dictionary, lambda: compute(dataclasses.replace(run, gated_mlp=model.gated_mlp), True)))
+
+    def without_intervals():  # the same pass with IntervalExamples.update doing nothing: its cost
+        from sitegen.services.neuroscope import compute as ns_compute
+
+        real = ns_compute.IntervalExamples.update
+        ns_compute.IntervalExamples.update = lambda self, *a, **k: None
+        try:
+            compute(dataclasses.replace(run, gated_mlp=model.gated_mlp))
+        finally:
+            ns_compute.IntervalExamples.update = real
+
+    passes.append(("compute pass without interval examples", without_intervals))
     if model.gated_mlp:  # the same pass without the gate/up quadrants (their hooks still run: timed apart below)
         passes.append(("compute pass without GLU quadrants", lambda: compute(run)))
 
@@ -204,6 +216,10 @@ def main() -> None:
     )
     print(
         f"  ratio compute / bare forward, same cut:  {c / timings['bare forward, cut after last block']:.3f}  (cost of the accumulators alone)"
+    )
+    print(
+        f"  ratio compute without / with interval examples: {timings['compute pass without interval examples'] / c:.3f}  "
+        "(the examples across the activation range: their cost)"
     )
     if dictionary is not None:
         with_d = timings[with_dictionary]

@@ -132,6 +132,35 @@ def test_changed_stats_and_order_fail(fresh_store, tmp_path):
     assert "neuron 0:" not in result.output
 
 
+def test_interval_examples_are_rerun_and_held_to_their_intervals(fresh_store, tmp_path):
+    """An interval example's trace is checked like a top one (1% off fails), and an example filed
+    in the wrong group (its maximum outside that group's interval) fails, naming it."""
+    from sitegen.store import Store
+
+    t = Store.open(fresh_store).read_layer("neuroscope", 0)
+    rows = t.to_pylist()
+    j = next(i for i, r in enumerate(rows) if len(set(r["interval_group"])) >= 2)
+    for tamper in ("trace", "group"):
+        broken = tmp_path / tamper
+        shutil.copytree(fresh_store, broken)
+        changed = [dict(r) for r in rows]
+        r = changed[j]
+        if tamper == "trace":
+            r["interval_acts"] = [[a * 1.01 for a in trace] for trace in r["interval_acts"]]
+        else:  # the first example moved to another group's interval
+            other = next(g for g in r["interval_group"] if g != r["interval_group"][0])
+            r["interval_group"] = [other] + r["interval_group"][1:]
+        Store.open(broken).write_layer("neuroscope", 0, pa.Table.from_pylist(changed, schema=t.schema))
+        result = _verify(broken, "--neurons", f"0:{j},0:{(j + 1) % len(rows)}")
+        assert result.exit_code == 1, result.output
+        fails = [line for line in result.output.splitlines() if "FAIL layer" in line]
+        assert fails and all(line.strip().startswith(f"FAIL layer 0 neuron {j}:") for line in fails), result.output
+        if tamper == "trace":
+            assert "activations differ" in result.output and "interval #" in result.output
+        else:
+            assert "outside its interval" in result.output
+
+
 def test_other_model_is_refused_by_fingerprint(fresh_store, tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM

@@ -6,8 +6,10 @@ layer's activations to the verifier; nothing here sees the model (and no torch).
 What is checked, per neuron (m = the neuron's largest |activation| over the counted tokens of the
 corpus, i.e. max(|stored max|, |stored min|), at least MIN_SCALE; `rtol` the relative tolerance):
 
-- activations: every stored value of its top, bottom and random traces (BOS included) against
-  the recomputed one; error = max |stored - recomputed| / m.
+- activations: every stored value of its top, bottom, random and interval-example traces (BOS
+  included) against the recomputed one; error = max |stored - recomputed| / m.
+- examples across the activation range (where the store has them): each example's recomputed
+  maximum lies in its group's interval (within rtol*m).
 - top-k (and bottom-k): each stored top sequence's recomputed maximum over its counted positions
   equals the stored maximum, and the recomputed maxima keep the stored order (each <= the one
   before + rtol*m); no other sequence that was run beats the stored k-th maximum by more than
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from sitegen.corpus_keys import random_key
 from sitegen.errors import StoreError
@@ -88,6 +91,7 @@ class LayerCheck:
         "max",
         "n_pos",
     ]
+    INTERVAL_COLUMNS = ["interval_top", "interval_group", "interval_seq", "interval_acts"]
 
     def __init__(
         self,
@@ -109,6 +113,7 @@ class LayerCheck:
         )
         k = len(neurons)
         self.rows = table  # column -> one value per sampled neuron, in the order of `neurons`
+        self.kinds = ("top", "bottom", "random") + (("interval",) if "interval_seq" in table else ())
         if list(table["neuron"]) != list(neurons):
             raise StoreError(
                 f"neuroscope/layer={layer}/data.parquet: rows are not one per neuron in order; recompute the store"
@@ -119,7 +124,7 @@ class LayerCheck:
         # Which (neuron column, kind, rank) needs which sequence's recomputed trace.
         self.needs: dict[int, list[tuple[int, str, int]]] = {}
         for j in range(k):
-            for kind in ("top", "bottom", "random"):
+            for kind in self.kinds:
                 for rank, s in enumerate(self.rows[f"{kind}_seq"][j]):
                     self.needs.setdefault(int(s), []).append((j, kind, rank))
         self.recomputed: dict[tuple[int, str, int], np.ndarray] = {}
@@ -178,8 +183,8 @@ class LayerCheck:
             m, tol = self.scale[j], rtol * self.scale[j]
             problems: list[str] = []
             err, worst = 0.0, None
-            extremes: dict[str, list[float]] = {"top": [], "bottom": []}
-            for kind in ("top", "bottom", "random"):
+            extremes: dict[str, list[float]] = {"top": [], "bottom": [], "interval": []}
+            for kind in self.kinds:
                 for rank, (sid, stored) in enumerate(zip(self.rows[f"{kind}_seq"][j], self.rows[f"{kind}_acts"][j])):
                     rec = self.recomputed.get((j, kind, rank))
                     if rec is None:
@@ -194,13 +199,15 @@ class LayerCheck:
                     if diff[p] > err:
                         err, worst = float(diff[p]), (kind, rank, sid, p, stored[p], float(rec[p]))
                     if kind != "random" and len(rec) > self.fv:
-                        extremes[kind].append(float(rec[self.fv :].max() if kind == "top" else rec[self.fv :].min()))
+                        extremes[kind].append(float(rec[self.fv :].min() if kind == "bottom" else rec[self.fv :].max()))
             if err > rtol and worst:
                 kind, rank, sid, p, a, b = worst
                 problems.append(
                     f"activations differ by {err:.3g} of the neuron's range (> {rtol:g}): {kind} #{rank + 1} (sequence {sid}) "
                     f"position {p}: stored {a:.6g}, recomputed {b:.6g}"
                 )
+            if "interval" in self.kinds:
+                self._check_intervals(j, extremes["interval"], tol, problems)
             top_maxima, top_order, top_unbeaten = self._check_extremes(j, "top", extremes["top"], tol, problems)
             bottom_minima, bottom_order, bottom_unbeaten = self._check_extremes(
                 j, "bottom", extremes["bottom"], tol, problems
@@ -222,6 +229,18 @@ class LayerCheck:
                 )
             )
         return out
+
+    def _check_intervals(self, j: int, maxima: list[float], tol: float, problems: list[str]) -> None:
+        """Each interval example's recomputed maximum lies in its group's interval (the lowest
+        group: above 0, below its upper edge), within tol."""
+        top, groups = self.rows["interval_top"][j], ns_stats.INTERVAL_GROUPS + 1
+        for g, sid, peak in zip(self.rows["interval_group"][j], self.rows["interval_seq"][j], maxima):
+            hi = ns_stats.interval_edge(top + 1 - g)
+            lo = ns_stats.interval_edge(top - g) if g < groups - 1 else 0.0
+            if not (lo - tol <= peak < hi + tol and peak > -tol):
+                problems.append(
+                    f"interval example (sequence {sid}) has its maximum {peak:.6g} outside its interval [{lo:.6g}, {hi:.6g})"
+                )
 
     def _check_extremes(
         self, j: int, kind: str, recomputed: list[float], tol: float, problems: list[str]
@@ -307,7 +326,9 @@ class NeuroscopeVerifier:
         self.with_stats = run.full and run.every_stored  # statistics need the whole corpus pass rerun
         self.checks: dict[int, LayerCheck] = {}
         for layer, neurons in run.selection.items():
-            table = store.read_layer(NAME, layer, columns=LayerCheck.COLUMNS)
+            names = pq.read_schema(store.layer_path(NAME, layer)).names
+            columns = LayerCheck.COLUMNS + [c for c in LayerCheck.INTERVAL_COLUMNS if c in names]
+            table = store.read_layer(NAME, layer, columns=columns)
             rows = table.take(pa.array(neurons, pa.int64())).to_pydict()  # only the sampled rows become Python objects
             self.checks[layer] = LayerCheck(layer, neurons, rows, fv, top_k, self.with_stats, run.rtol)
         self.problems = (
