@@ -31,15 +31,12 @@ class Extremes:
         self.seq_id = torch.full((k, n), -1, dtype=torch.int64, device=device)
         self.trace = torch.zeros((k, n, seq_len), device=device)
 
-    def update(self, score: torch.Tensor, seq_ids: torch.Tensor, trace_of, present=None) -> None:
+    def update(self, score: torch.Tensor, seq_ids: torch.Tensor, trace_of) -> None:
         """score (B, n) for the batch's sequences; seq_ids (B,) with -1 for padding rows;
-        trace_of(rows, cols) -> (m, T) traces, called only for the sequences that get in;
-        present (B, n) bool: which rows are candidates of each column (default: every real row)."""
+        trace_of(rows, cols) -> (m, T) traces, called only for the sequences that get in."""
         k = self.k
         # Cheap pre-filter: only columns where some real row reaches the current worst kept score.
         reach = (score >= self.score.amin(0)) & (seq_ids >= 0)[:, None]
-        if present is not None:
-            reach &= present
         cols = torch.nonzero(reach.any(0)).squeeze(1)
         if cols.numel() == 0:
             return
@@ -209,12 +206,46 @@ class IntervalExamples:
         highest = code.amax(0)
         if bool((highest > self.top).any()):
             self._raise(torch.maximum(self.top, highest))
-        group = (self.top[None, :] - code).clamp_(max=groups - 1)
-        column = torch.where(filed, group * n + self._neuron, groups * n)  # unfiled: a spare column, dropped
-        dense = torch.full((len(seq_ids), groups * n + 1), -torch.inf, device=seq_max.device)
-        dense.scatter_(1, column, score[:, None].expand(-1, n).contiguous())
-        dense = dense[:, :-1]
-        self.slots.update(dense, seq_ids, lambda rows, cols: acts[rows, :, cols % n], present=dense > -torch.inf)
+        # Each (sequence, neuron) is a candidate of one column only, so the candidates are kept as a
+        # list, not a (batch x columns) matrix: those that reach their column's worst kept score
+        # (after the first batches, few) are sorted together with their columns' kept examples.
+        rows, units = torch.nonzero(filed, as_tuple=True)
+        column = (self.top[units] - code[rows, units]).clamp_(max=groups - 1) * n + units
+        cand = score[rows]
+        slots = self.slots
+        reach = cand >= slots.score.amin(0)[column]
+        rows, column, cand = rows[reach], column[reach], cand[reach]
+        if column.numel() == 0:
+            return
+        k = self.per
+        cols = torch.unique(column)  # sorted
+        # entries: each involved column's k slots (empty ones: -inf, id -1), then the candidates
+        entry_col = torch.cat([cols.repeat(k), column])
+        entry_score = torch.cat([slots.score[:, cols].reshape(-1), cand])
+        entry_id = torch.cat([slots.seq_id[:, cols].reshape(-1), seq_ids[rows]])
+        # per column: score descending, ties to the lower sequence id (three stable sorts)
+        order = torch.argsort(entry_id, stable=True)
+        order = order[torch.argsort(entry_score[order], descending=True, stable=True)]
+        order = order[torch.argsort(entry_col[order], stable=True)]
+        sorted_col = entry_col[order]
+        first = torch.searchsorted(sorted_col, sorted_col, right=False)  # where each column's run starts
+        chosen = torch.zeros(len(entry_col), dtype=torch.bool, device=cols.device)
+        chosen[order[(torch.arange(len(order), device=cols.device) - first) < k]] = True
+        n_slots = k * len(cols)
+        entering = torch.nonzero(chosen[n_slots:]).squeeze(1)  # candidate indices, by column (column order)
+        if entering.numel() == 0:
+            return
+        evicted = torch.nonzero(~chosen[:n_slots]).squeeze(1)  # slot entries, slot-major
+        # pair each column's evicted slots with its entering candidates (as many of each)
+        ev_slot, ev_col = evicted // len(cols), cols[evicted % len(cols)]
+        ev_order = torch.argsort(ev_col * k + ev_slot)
+        ev_slot, ev_col = ev_slot[ev_order], ev_col[ev_order]
+        en_order = torch.argsort(column[entering], stable=True)
+        en = entering[en_order]
+        en_rows, en_col = rows[en], column[en]
+        slots.score[ev_slot, ev_col] = cand[en]
+        slots.seq_id[ev_slot, ev_col] = seq_ids[en_rows]
+        slots.trace[ev_slot, ev_col] = acts[en_rows, :, en_col % n].float()
 
     def _raise(self, new_top: torch.Tensor) -> None:
         """Move the kept examples of the neurons whose top rises (data.merge_intervals, in numpy)."""
