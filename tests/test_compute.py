@@ -248,6 +248,34 @@ def test_glu_quadrants_equal_direct_computation_and_merge(whole_run, tiny_model_
                 assert a.column(c).equals(b.column(c)), (name, layer, c)
 
 
+def test_interval_examples_break_ties_by_the_lower_sequence_id():
+    """Sequences whose interval keys tie (every score equal here) are kept lowest id first, in
+    whatever batches and order they come: the state equals the rule applied to all of them."""
+    import torch
+
+    from sitegen.services.neuroscope import stats
+    from sitegen.services.neuroscope.compute import IntervalExamples
+
+    gen = np.random.default_rng(5)
+    n, T, per, groups = 6, 4, stats.PER_INTERVAL, stats.INTERVAL_GROUPS + 1
+    seq_max = (gen.lognormal(0, 1.2, size=(96, n)) * gen.choice([1, -1], size=(96, n), p=[0.8, 0.2])).astype(np.float32)
+    ids = gen.permutation(96)
+    iv = IntervalExamples(n, T, "cpu")
+    for start in range(0, 96, 16):
+        rows = slice(start, start + 16)
+        acts = torch.from_numpy(np.repeat(seq_max[rows][:, None, :], T, axis=1))
+        iv.update(torch.from_numpy(seq_max[rows]), torch.from_numpy(ids[rows]), torch.full((16,), -0.5), acts)
+    state = iv.state()
+    for u in range(n):
+        codes = {int(ids[r]): int(stats.interval_code(seq_max[r, u])) for r in range(96) if seq_max[r, u] > 0}
+        top = max(codes.values())
+        assert state["top"][u] == top
+        for g in range(groups):
+            want = sorted(s for s, c in codes.items() if min(top - c, groups - 1) == g)[:per]
+            got = sorted(int(s) for s in state["seq_id"][:, g, u] if s >= 0)
+            assert got == want, (u, g, got, want)
+
+
 @pytest.mark.parametrize("all_full", [True, False])
 def test_torch_accumulator_std_exact_at_every_scale(all_full):
     """The torch accumulator compute uses: bit-identical raw sums to the numpy reference, and std

@@ -218,30 +218,41 @@ class IntervalExamples:
         if column.numel() == 0:
             return
         k = self.per
-        cols = torch.unique(column)  # sorted
-        # entries: each involved column's k slots (empty ones: -inf, id -1), then the candidates
-        entry_col = torch.cat([cols.repeat(k), column])
-        entry_score = torch.cat([slots.score[:, cols].reshape(-1), cand])
-        entry_id = torch.cat([slots.seq_id[:, cols].reshape(-1), seq_ids[rows]])
-        # per column: score descending, ties to the lower sequence id (three stable sorts)
-        order = torch.argsort(entry_id, stable=True)
-        order = order[torch.argsort(entry_score[order], descending=True, stable=True)]
-        order = order[torch.argsort(entry_col[order], stable=True)]
-        sorted_col = entry_col[order]
-        first = torch.searchsorted(sorted_col, sorted_col, right=False)  # where each column's run starts
-        chosen = torch.zeros(len(entry_col), dtype=torch.bool, device=cols.device)
-        chosen[order[(torch.arange(len(order), device=cols.device) - first) < k]] = True
+        involved = torch.zeros(slots.score.shape[1], dtype=torch.bool, device=column.device)
+        involved[column] = True
+        cols = torch.nonzero(involved).squeeze(1)  # ascending
+        # entries: each involved column's k slots, column by column (empty ones: -inf, id -1), then
+        # the candidates
         n_slots = k * len(cols)
-        entering = torch.nonzero(chosen[n_slots:]).squeeze(1)  # candidate indices, by column (column order)
-        if entering.numel() == 0:
+        entry_col = torch.cat([cols.repeat_interleave(k), column])
+        entry_score = torch.cat([slots.score[:, cols].T.reshape(-1), cand])
+        # per column: score descending, ties to the lower sequence id. The score is -interval_key
+        # (a float32 in (-1, 0], -inf for an empty slot), so the key's bits, ascending, order it:
+        # one sort of (column, key bits); a second, by id first, only if two entries tie on both.
+        key_bits = torch.neg(entry_score).view(torch.int32).long()  # -(-0.0) is +0.0: bits 0
+        # empty slots (key +inf) numbered within their column, so only real keys can tie
+        key_bits[:n_slots] += torch.where(
+            entry_score[:n_slots] == -torch.inf, torch.arange(k, device=cols.device).repeat(len(cols)), 0
+        )
+        composite = entry_col * (1 << 32) + key_bits
+        order = torch.argsort(composite)
+        ranked = composite[order]
+        if bool((ranked[1:] == ranked[:-1]).any()):  # a tie in key: the lower id first
+            entry_id = torch.cat([slots.seq_id[:, cols].T.reshape(-1), seq_ids[rows]])
+            order = torch.argsort(entry_id, stable=True)
+            order = order[torch.argsort(composite[order], stable=True)]
+        sorted_col = entry_col[order]
+        first = torch.searchsorted(sorted_col, sorted_col)  # where each column's run starts
+        best = order[(torch.arange(len(order), device=cols.device) - first) < k]  # k per column, by column
+        chosen = torch.zeros(len(entry_col), dtype=torch.bool, device=cols.device)
+        chosen[best] = True
+        # each column's evicted slots (in column order) take its entering candidates (in column
+        # order too: `best` is sorted by column), as many of each
+        evicted = torch.nonzero(~chosen[:n_slots]).squeeze(1)
+        if evicted.numel() == 0:
             return
-        evicted = torch.nonzero(~chosen[:n_slots]).squeeze(1)  # slot entries, slot-major
-        # pair each column's evicted slots with its entering candidates (as many of each)
-        ev_slot, ev_col = evicted // len(cols), cols[evicted % len(cols)]
-        ev_order = torch.argsort(ev_col * k + ev_slot)
-        ev_slot, ev_col = ev_slot[ev_order], ev_col[ev_order]
-        en_order = torch.argsort(column[entering], stable=True)
-        en = entering[en_order]
+        en = best[best >= n_slots] - n_slots
+        ev_slot, ev_col = evicted % k, cols[evicted // k]
         en_rows, en_col = rows[en], column[en]
         slots.score[ev_slot, ev_col] = cand[en]
         slots.seq_id[ev_slot, ev_col] = seq_ids[en_rows]
