@@ -5,6 +5,7 @@ against a bare forward pass of the same model over the same tokens, measured in 
     python benchmarks/compute.py --accumulators-only [--d-mlp 1536]   # no model: the accumulators alone
     python benchmarks/compute.py --ray [ADDRESS] [--ray-shards N] [--ray-cpus-per-shard C]
     python benchmarks/compute.py --sae-latents 4608 [--sae-hook blocks.15.hook_resid_post] [--sae PATH]
+    python benchmarks/compute.py --correlations [--model PATH] [--tokens 4096]
 
 Prints tokens/s for: the bare full forward (to logits); the bare forward cut after the last
 block (what compute needs); compute's pass (hooks + accumulators); and the ratios. The
@@ -19,6 +20,10 @@ The load average is printed with it: on a shared machine the figures move with i
 computed in it (a random TopK dictionary of N latents at --sae-hook: the cost does not depend on
 the weights), its quality sums and loss sample included, against the pass without (target: at
 most 15% slower on CPU).
+
+--correlations: also the pass with `compute --correlations` (every layer's exact Gram matrix)
+against the pass without, same run, and the correlation table's bytes per neuron as the store
+writes it (zstd), from the last layer of that pass.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ def main() -> None:
     ap.add_argument("--sae", default=None, help="a dictionary folder to time in the pass")
     ap.add_argument("--sae-latents", type=int, default=None, help="a random TopK dictionary of this many latents")
     ap.add_argument("--sae-hook", default="blocks.15.hook_resid_post")
+    ap.add_argument("--correlations", action="store_true", help="also time the pass with compute --correlations")
     args = ap.parse_args()
     if args.accumulators_only:
         return accumulators_only(args)
@@ -135,20 +141,22 @@ def main() -> None:
             dictionary = random_dictionary("topk", width, args.sae_latents, args.sae_hook, k=32, name="bench")
         check_fits(dictionary, model)
 
+    last_accs: list = []
+
     def compute(
-        corpus_run, with_dictionary: bool = False
+        corpus_run, with_dictionary: bool = False, correlations: bool = False
     ):  # every corpus-pass service's accumulators, as compute feeds them
+        services = _corpus_services(SimpleNamespace(correlations=correlations))
         accs = [
-            _LayerAccumulators({s.name: s.accumulator(layer, corpus_run) for s in _corpus_services()})
+            _LayerAccumulators({s.name: s.accumulator(layer, corpus_run) for s in services})
             for layer in range(model.n_layers)
         ]
+        last_accs[:] = accs
         units = [_Units(model, None, accs, _FiniteGuard(model.n_layers, model.d_mlp, 1, device))]
         if with_dictionary:  # the dictionary's latents, quality sums and loss sample, as compute --sae adds them
             latent_run = dataclasses.replace(corpus_run, layer_size=dictionary.d_sae, gated_mlp=False)
             q = QualitySums(dictionary.d_out, dictionary.d_sae)
-            latent_accs = _LayerAccumulators(
-                {s.name: s.accumulator(0, latent_run) for s in _corpus_services()}, {".q": q}
-            )
+            latent_accs = _LayerAccumulators({s.name: s.accumulator(0, latent_run) for s in services}, {".q": q})
             latents = DictionaryUnits(model, dictionary, device)
             units.append(_Units(latents, None, [latent_accs], _FiniteGuard(1, dictionary.d_sae, 1, device), q))
         loss = _LossSample(SimpleNamespace(units=units, first_valid=1), pad)
@@ -177,6 +185,11 @@ def main() -> None:
             ns_compute.IntervalExamples.update = real
 
     passes.append(("compute pass without interval examples", without_intervals))
+    with_corr = "compute pass + correlations"
+    if args.correlations:
+        passes.append(
+            (with_corr, lambda: compute(dataclasses.replace(run, gated_mlp=model.gated_mlp), correlations=True))
+        )
     if model.gated_mlp:  # the same pass without the gate/up quadrants (their hooks still run: timed apart below)
         passes.append(("compute pass without GLU quadrants", lambda: compute(run)))
 
@@ -226,6 +239,22 @@ def main() -> None:
         print(
             f"  dictionary at {dictionary.hook_name}: pass with it / without: {with_d / c:.3f}  "
             f"({100 * (c / with_d - 1):.1f}% slower; target <= 15%)"
+        )
+    if args.correlations:
+        import tempfile
+        from pathlib import Path
+
+        from sitegen.store import write_table
+
+        compute(dataclasses.replace(run, gated_mlp=model.gated_mlp), correlations=True)  # the last pass: its tables
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "corr.parquet"
+            write_table(path, last_accs[-1].parts["correlation"].table())
+            per_unit = path.stat().st_size / model.d_mlp
+        with_c = timings[with_corr]
+        print(
+            f"  --correlations: pass with it / without: {with_c / c:.3f}  ({100 * (c / with_c - 1):.1f}% slower); "
+            f"store {per_unit:,.0f} bytes per neuron (zstd; {8 * model.d_mlp:,} raw)"
         )
     if model.gated_mlp:
         without = timings["compute pass without GLU quadrants"]

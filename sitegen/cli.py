@@ -177,6 +177,13 @@ def main() -> None:
     "only its last component (file or folder name), next to the content hash; hub names and the embedded defaults are shown as given.",
 )
 @click.option(
+    "--correlations",
+    is_flag=True,
+    help="Also accumulate, per layer, the exact sums for the Pearson correlation between every two neurons' activations "
+    "(the neuron page's correlated neurons). A layer-sized matrix product per batch: slower and a larger store; part of "
+    "the run, so shards with and without it do not merge and a resume must repeat it.",
+)
+@click.option(
     "--checkpoint-seconds", type=float, default=300.0, show_default=True, help="Save resumable progress this often."
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -226,6 +233,7 @@ def compute(
     name,
     no_weights,
     publish_source,
+    correlations,
     checkpoint_seconds,
     quiet,
     dictionaries,
@@ -254,6 +262,7 @@ def compute(
         name=name,
         weights=not no_weights,
         publish_source=publish_source,
+        correlations=correlations,
         options=options,
         checkpoint_seconds=checkpoint_seconds,
         progress=not quiet,

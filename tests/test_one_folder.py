@@ -183,6 +183,7 @@ def test_the_runner_seams_are_parameters_not_patches_or_config_fields():
 def _store_of_every_service(root: Path):
     """A synthetic store holding a table of every built-in service: neuroscope and logits in every
     layer, a graph in layer 0, an explanation in layer 1, each written by the service's own writer."""
+    import numpy as np
     import pyarrow as pa
 
     from sitegen.services.dictionary.data import dictionary_table
@@ -203,6 +204,12 @@ def _store_of_every_service(root: Path):
     }
     store.write_layer("dictionary", 1, dictionary_table({"neuron": pa.array(range(size), pa.int32()), **links}))
     store.add_service("dictionary")
+    from sitegen.services.correlation.data import sums_table
+
+    zeros = np.zeros(size, dtype=np.int64)  # a layer of the correlation service, as the corpus pass writes it
+    for layer in range(store.manifest["model"]["num_layers"]):
+        store.write_layer("correlation", layer, sums_table(0, zeros, zeros, np.zeros((size, size), dtype=np.int64)))
+    store.add_service("correlation")
     return Store.open(root)
 
 
@@ -218,6 +225,7 @@ _DECLARED = [
     ("neuron_explainer", 1, "explanation"),
     ("neuron_explainer", 1, "score"),
     ("dictionary", 1, "writes_cos"),
+    ("correlation", 1, "gram"),
 ]
 
 

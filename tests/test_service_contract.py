@@ -454,7 +454,14 @@ def test_the_built_ins_are_there_without_entry_point_metadata(fresh_registry, mo
     from importlib import metadata
 
     monkeypatch.setattr(metadata, "entry_points", lambda **kw: [])
-    assert [s.name for s in registry()] == ["neuron_explainer", "neuroscope", "neuron2graph", "logits", "dictionary"]
+    assert [s.name for s in registry()] == [
+        "neuron_explainer",
+        "neuroscope",
+        "neuron2graph",
+        "logits",
+        "dictionary",
+        "correlation",
+    ]
 
 
 def test_the_build_serve_merge_compute_verify_store_search_openapi_and_the_page_templates_name_no_service():

@@ -71,6 +71,11 @@ class ComputeConfig:
     # Sparse dictionaries (SAEs, transcoders) whose latents the same corpus pass computes (--sae,
     # repeatable): each becomes a store of its own under <out>/dictionaries/<name>/.
     dictionaries: tuple[str, ...] = ()
+    # The corpus pass also accumulates each layer's exact Gram matrix of the counted activations
+    # (--correlations): a layer-sized matrix product per batch, so off by default. A corpus-pass
+    # setting, unlike `options`: part of the run hash when set, read by the services' hook
+    # in_corpus_pass.
+    correlations: bool = False
 
     def without_stages(self, **changes) -> "ComputeConfig":
         """This config asking for no stage (a shard task, a check of an existing store): the
@@ -262,9 +267,10 @@ class _FiniteGuard:
         )
 
 
-def _corpus_services() -> list:
-    """The registered services that compute something in the corpus pass (hook `accumulator`)."""
-    return [s for s in registry() if type(s).accumulator is not Service.accumulator]
+def _corpus_services(cfg: ComputeConfig) -> list:
+    """The registered services that compute something in the corpus pass CFG describes (hooks
+    `accumulator` and `in_corpus_pass`)."""
+    return [s for s in registry() if type(s).accumulator is not Service.accumulator and s.in_corpus_pass(cfg)]
 
 
 def auto_batch_size(device: str, seq_len: int) -> int:
@@ -334,7 +340,9 @@ def run_compute(
         "bos_token_id": bos,
         "weights": cfg.weights,
     }
-    corpus_services = _corpus_services()
+    if cfg.correlations:  # only then: stores computed without it keep their run hash
+        identity["correlations"] = True
+    corpus_services = _corpus_services(cfg)
     _service_records(list(registry()))  # a clash of manifest fields fails here, before any work
     optional = [s.name for s in corpus_services if not s.always_stored]
     if optional:  # only then: stores computed without optional services (plugins) keep their run hash

@@ -32,6 +32,7 @@ BUILTIN = {
     "neuron2graph": "sitegen.services.neuron2graph.service:Neuron2Graph",
     "logits": "sitegen.services.logits.service:Logits",
     "dictionary": "sitegen.services.dictionary.service:Dictionary",
+    "correlation": "sitegen.services.correlation.service:Correlation",
 }
 
 

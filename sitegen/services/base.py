@@ -501,6 +501,14 @@ class Service:
         layer file."""
         return None
 
+    def in_corpus_pass(self, cfg) -> bool:
+        """Whether its `accumulator` runs in the corpus pass `sitegen compute`'s arguments
+        (sitegen.compute.runner.ComputeConfig) describe (default: always). A service whose pass is
+        too costly to run by default answers from a corpus-pass setting of ComputeConfig (the
+        correlation service: `correlations`, `--correlations`), a field the run hash holds: a service
+        that sits out a run writes no table and leaves the run hash as it was."""
+        return True
+
     def sequences_used(self, table) -> Iterable[int]:
         """The sequence ids one of its layer tables refers to: the store keeps exactly the
         sequences some service's table uses (compute and merge ask every service)."""

@@ -1,0 +1,67 @@
+"""The correlation service's corpus pass (torch): one layer's exact Gram matrix of the counted
+activations on the fixed-point grid of data.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sitegen.errors import ModelError
+from sitegen.services.correlation import data
+
+
+class GramAccumulator:
+    """int64 sums over the counted tokens (Batch.valid: BOS and padding excluded, as neuroscope
+    counts): the token count, per neuron sum(q) and the clamped count, and the (d, d) Gram matrix
+    sum(q q^T), q the activation on the 2^-GRID_SHIFT grid (data.py says why each chunk's float64
+    product is exact)."""
+
+    def __init__(self, run):
+        d, device = run.layer_size, run.device
+        self.first_valid = run.first_valid
+        self.tokens = torch.zeros((), dtype=torch.int64, device=device)
+        self.sum = torch.zeros(d, dtype=torch.int64, device=device)
+        self.clamped = torch.zeros(d, dtype=torch.int64, device=device)
+        self.gram = torch.zeros((d, d), dtype=torch.int64, device=device)
+        # Set (without a device sync) when a Gram diagonal entry passes INT64_GUARD; read at every
+        # checkpoint and before the table is written.
+        self.over = torch.zeros((), dtype=torch.bool, device=device)
+
+    def update(self, acts: torch.Tensor, batch) -> None:
+        d = acts.shape[-1]
+        counted = acts[:, self.first_valid :] if batch.all_full else acts[batch.valid]
+        scaled = counted.reshape(-1, d).float() * 2.0**data.GRID_SHIFT  # a power of two: exact
+        if scaled.shape[0] == 0:
+            return
+        self.clamped += (scaled.abs() > data.CLAMP).sum(0)
+        q = scaled.round_().clamp_(-data.CLAMP, data.CLAMP)  # integers of at most 21 bits: exact in float32
+        self.tokens += q.shape[0]
+        for start in range(0, q.shape[0], data.CHUNK):
+            chunk = q[start : start + data.CHUNK].double()
+            self.gram += (chunk.T @ chunk).to(torch.int64)
+            self.sum += chunk.sum(0).to(torch.int64)
+            self.over |= self.gram.diagonal().max() >= data.INT64_GUARD
+
+    def _check(self) -> None:
+        if bool(self.over):
+            raise ModelError(
+                "--correlations: a neuron's sum of squared activations on the grid nears the int64 limit; "
+                "compute it over fewer --tokens"
+            )
+
+    def state(self) -> dict[str, np.ndarray]:
+        self._check()
+        return {
+            "tokens": self.tokens.cpu().numpy(),
+            "sum": self.sum.cpu().numpy(),
+            "clamped": self.clamped.cpu().numpy(),
+            "gram": self.gram.cpu().numpy(),
+        }
+
+    def load(self, state: dict) -> None:
+        for name in ("tokens", "sum", "clamped", "gram"):
+            getattr(self, name).copy_(torch.from_numpy(np.asarray(state[name])))
+
+    def table(self):
+        s = self.state()
+        return data.sums_table(int(s["tokens"]), s["sum"], s["clamped"], s["gram"])
