@@ -195,6 +195,7 @@ def test_the_page_and_the_api_show_the_correlated_neurons(corr_run, tmp_path):
         assert not errors, f"{url}: {errors[0].message} at {list(errors[0].absolute_path)}"
     page = (out / name / "1" / "5.html").read_text()
     assert "Correlated neurons" in page and f"computed over {tokens:,} tokens" in page
+    assert f"<dt>Correlated neurons</dt><dd>Pearson's r over {tokens:,} counted tokens" in page  # its provenance row
     j, r = top[0]
     assert f'<a href="/{name}/1/{j}.html">1:{j}</a> <small>r = {r:.2f}</small>' in page
 
@@ -214,3 +215,20 @@ def test_the_sums_do_not_depend_on_how_the_tokens_are_chunked(
             out.joinpath(f"correlation/layer={layer}/data.parquet").read_bytes()
             == corr_run.joinpath(f"correlation/layer={layer}/data.parquet").read_bytes()
         )
+
+
+def test_a_resumed_run_equals_the_uninterrupted_one(corr_run, tiny_model_dir, tiny_corpus, tmp_path):
+    """The sums are checkpointed and loaded back: interrupted after 2 batches and resumed, the
+    correlation tables are the uninterrupted run's bytes."""
+    from sitegen.compute.runner import run_compute
+    from sitegen.errors import StoreError
+    from tests.reference import interrupt_after
+
+    out = tmp_path / "resumed"
+    cfg = _config(tiny_model_dir, tiny_corpus, out, correlations=True)
+    with pytest.raises(StoreError, match="interrupted after"):
+        run_compute(cfg, progress=interrupt_after(2), **QUIET)
+    run_compute(cfg, **QUIET)
+    for layer in range(3):
+        rel = f"correlation/layer={layer}/data.parquet"
+        assert (out / rel).read_bytes() == (corr_run / rel).read_bytes(), rel
