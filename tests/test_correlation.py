@@ -232,3 +232,34 @@ def test_a_resumed_run_equals_the_uninterrupted_one(corr_run, tiny_model_dir, ti
     for layer in range(3):
         rel = f"correlation/layer={layer}/data.parquet"
         assert (out / rel).read_bytes() == (corr_run / rel).read_bytes(), rel
+
+
+def test_a_dictionarys_latents_get_their_correlations_too(corr_run, tiny_model_dir, tiny_corpus, tmp_path):
+    """With --sae, the latents (one layer of d_sae units) are correlated among themselves over the
+    same counted tokens, and their site builds; latents that never fire have no r and list none."""
+    import orjson
+
+    from sitegen.compute.runner import run_compute
+    from sitegen.dictionaries.format import random_dictionary, save_dictionary
+    from sitegen.services.correlation.data import table_sums
+    from sitegen.site.build import build_site
+    from sitegen.store import Store
+
+    save_dictionary(random_dictionary("topk", 32, 64, "blocks.1.hook_resid_post", k=6, name="res1"), tmp_path / "res1")
+    out = tmp_path / "store"
+    run_compute(
+        _config(tiny_model_dir, tiny_corpus, out, correlations=True, dictionaries=(str(tmp_path / "res1"),)), **QUIET
+    )
+    latents = Store.open(out / "dictionaries" / "res1")
+    tokens, sums, _, gram = table_sums(latents.read_layer("correlation", 0))
+    assert gram.shape == (64, 64) and tokens == table_sums(Store.open(corr_run).read_layer("correlation", 0))[0]
+    site = tmp_path / "site"
+    build_site([out], site)
+    name = f"{Store.open(out).manifest['model']['name']}.res1"
+    listed = []
+    for n in range(64):
+        data = orjson.loads((site / "api" / name / "correlation" / "0" / f"{n}.json").read_bytes())["data"]
+        constant = int(sums[n]) ** 2 == tokens * int(gram[n, n])  # n * sum(q^2) = sum(q)^2: no variance
+        assert (data["correlated"] == []) == constant, n
+        listed.append(len(data["correlated"]))
+    assert max(listed) == 10
