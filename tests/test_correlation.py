@@ -195,7 +195,10 @@ def test_the_page_and_the_api_show_the_correlated_neurons(corr_run, tmp_path):
         assert not errors, f"{url}: {errors[0].message} at {list(errors[0].absolute_path)}"
     page = (out / name / "1" / "5.html").read_text()
     assert "Correlated neurons" in page and f"computed over {tokens:,} tokens" in page
-    assert f"<dt>Correlated neurons</dt><dd>Pearson's r over {tokens:,} counted tokens" in page  # its provenance row
+    assert (  # its provenance row
+        f"<dt>Correlated neurons</dt><dd>Pearson's r over {tokens:,} counted tokens (BOS and padding excluded), from "
+        "exact int64 sums of activations rounded to 2<sup>-10</sup> and cut to ±1024</dd>"
+    ) in page
     j, r = top[0]
     assert f'<a href="/{name}/1/{j}.html">1:{j}</a> <small>r = {r:.2f}</small>' in page
 

@@ -133,7 +133,7 @@ class Correlation(Service):
         record, payload = model_provenance.get("correlation"), payloads.get(self.name)
         if record is None or payload is None:
             return None
-        return {"tokens": payload["tokens"], "grid_shift": GRID_SHIFT, "clamp": record["clamp"]}
+        return {"tokens": payload["tokens"], "grid_shift": GRID_SHIFT, "clamp": CLAMP >> GRID_SHIFT}
 
     def openapi_paths(self):
         return {
