@@ -266,3 +266,41 @@ def test_a_dictionarys_latents_get_their_correlations_too(corr_run, tiny_model_d
         assert (data["correlated"] == []) == constant, n
         listed.append(len(data["correlated"]))
     assert max(listed) == 10
+
+
+@pytest.mark.parametrize("all_full", [True, False])
+def test_the_accumulator_counts_cuts_and_adds_as_numpy_does(all_full):
+    """Activations beyond +-1024 are cut to the clamp and counted per neuron; the Gram matrix, the
+    sums and the count equal numpy's integer arithmetic, through the full-batch path and the
+    masked one (BOS column and a padding row left out)."""
+    import torch
+
+    from sitegen.services.base import Batch, CorpusRun
+    from sitegen.services.correlation.compute import GramAccumulator
+    from sitegen.services.correlation.data import CLAMP, GRID_SHIFT
+
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.randn((4, 9, 6), generator=gen) * 300  # some beyond +-1024
+    acts[1, 3, 2], acts[2, 5, 4] = 5000.0, -1e6
+    valid = torch.ones((4, 9), dtype=torch.bool)
+    valid[:, 0] = False
+    if not all_full:
+        valid[3] = False  # a padding row
+        valid[1, 7:] = False  # a short sequence
+    acc = GramAccumulator(CorpusRun(layer_size=6, seq_len=9, first_valid=1, top_k=1, n_random=0, seed=0))
+    acc.update(
+        acts,
+        Batch(
+            valid=valid,
+            seq_ids=torch.arange(4),
+            rand_score=torch.zeros(4),
+            interval_score=torch.zeros(4),
+            all_full=all_full,
+        ),
+    )
+    x = acts[valid].double().numpy() * 2.0**GRID_SHIFT
+    q = np.clip(np.rint(x), -CLAMP, CLAMP).astype(np.int64)
+    state = acc.state()
+    assert int(state["tokens"]) == len(q) == (32 if all_full else 22)
+    assert np.array_equal(state["gram"], q.T @ q) and np.array_equal(state["sum"], q.sum(0))
+    assert state["clamped"].tolist() == (np.abs(x) > CLAMP).sum(0).tolist() and state["clamped"].sum() >= 2

@@ -30,10 +30,14 @@ class GramAccumulator:
     def update(self, acts: torch.Tensor, batch) -> None:
         d = acts.shape[-1]
         counted = acts[:, self.first_valid :] if batch.all_full else acts[batch.valid]
-        scaled = counted.reshape(-1, d).float() * 2.0**data.GRID_SHIFT  # a power of two: exact
+        # One pass to a new contiguous tensor; scaling by a power of two is exact.
+        scaled = torch.mul(counted.float(), 2.0**data.GRID_SHIFT).reshape(-1, d)
         if scaled.shape[0] == 0:
             return
-        self.clamped += (scaled.abs() > data.CLAMP).sum(0)
+        # Counting the cut values per neuron costs a pass over the batch: on the CPU a whole-batch
+        # min and max first (a sync costs nothing there), on a device no sync.
+        if scaled.device.type != "cpu" or max(-float(scaled.amin()), float(scaled.amax())) > data.CLAMP:
+            self.clamped += (scaled.abs() > data.CLAMP).sum(0)
         q = scaled.round_().clamp_(-data.CLAMP, data.CLAMP)  # integers of at most 21 bits: exact in float32
         self.tokens += q.shape[0]
         for start in range(0, q.shape[0], data.CHUNK):
