@@ -311,6 +311,35 @@ def accumulators_only(args) -> None:
         f"(ratio to LayerAccumulator, medians: {glu_times[2] / times[2]:.2f})"
     )
     intervals_only(args, times[2])
+    correlations_only(args, times[2])
+
+
+def correlations_only(args, base_median: float) -> None:
+    """GramAccumulator.update (compute --correlations) on the same kind of batches, in CPU time on
+    one thread, against LayerAccumulator's median: what the flag adds to each layer of the pass."""
+    from types import SimpleNamespace
+
+    from sitegen.services.base import Batch
+    from sitegen.services.correlation.compute import GramAccumulator
+
+    bs, T, n = args.batch_size or 32, args.seq_len, args.d_mlp
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randn(bs, T, n, generator=gen) * 0.3 for _ in range(4)]
+    valid = torch.ones(bs, T, dtype=torch.bool)
+    valid[:, 0] = False
+    batch = Batch(valid, torch.arange(bs), torch.zeros(bs), torch.zeros(bs), all_full=True)
+    gram = GramAccumulator(SimpleNamespace(layer_size=n, first_valid=1, device="cpu"))
+    times = []
+    for _ in range(5):
+        t0 = time.process_time()
+        for a in batches:
+            gram.update(a, batch)
+        times.append((time.process_time() - t0) / len(batches))
+    times.sort()
+    print(
+        f"GramAccumulator.update (--correlations), the same batches: best {times[0] * 1e3:.1f} ms, median "
+        f"{times[2] * 1e3:.1f} ms CPU (ratio to LayerAccumulator, medians: {times[2] / base_median:.2f})"
+    )
 
 
 def intervals_only(args, base_median: float) -> None:
