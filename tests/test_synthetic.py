@@ -1,5 +1,5 @@
 """The benchmarks' synthetic store (benchmarks/synthetic.py) holds data for every built-in service
-in the shapes the build reads, so the build benchmark measures all of them: a small one is built
+(but those whose tables come only from an option: OPTIONAL) in the shapes the build reads, so the build benchmark measures all of them: a small one is built
 here and every service's data is checked to reach the pages and the JSON."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from sitegen.site.build import build_site
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "gpt2-small-synthetic"
+
+OPTIONAL = ("dictionary", "correlation")  # services with tables only beside a dictionary / from --correlations
 
 
 def _synthetic():
@@ -36,8 +38,9 @@ def small(tmp_path_factory):
 
 def test_every_service_has_data(small):
     store, site = small
-    # every service but `dictionary`, which has tables only beside a sparse dictionary's latents
-    assert sorted(store.manifest["services"]) == sorted(s.name for s in registry() if s.name != "dictionary")
+    # every service but `dictionary`, which has tables only beside a sparse dictionary's latents,
+    # and `correlation`, which has tables only from `compute --correlations`
+    assert sorted(store.manifest["services"]) == sorted(s.name for s in registry() if s.name not in OPTIONAL)
     assert store.manifest["neuron2graph"]["texts"] == 20  # the settings record the provenance section reads
     for layer in range(2):
         assert store.read_layer("neuron2graph", layer).num_rows == 3
@@ -62,7 +65,7 @@ def test_graphs_and_explanations_reach_the_pages(small):
         assert ("Scoring details" in page) == (r["source"] == "sitegen explain")
         data = orjson.loads((api / "all" / "1" / f"{r['neuron']}.json").read_bytes())
         # every service of the model (all but `dictionary`: no dictionary here), and its metadata
-        assert set(data) == {s.name for s in registry() if s.name != "dictionary"} | {"metadata"}
+        assert set(data) == {s.name for s in registry() if s.name not in OPTIONAL} | {"metadata"}
         assert data["neuron_explainer"]["data"]["explanation"] == r["explanation"]
 
 
