@@ -124,7 +124,11 @@ def test_real_site_builds_and_shows_in_a_browser(real_store, tmp_path_factory):
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.goto(base + f"/{MODEL}/12/345.html")
             assert page.locator("h1").inner_text() == f"{MODEL} 12:345"
-            assert page.locator(".seq").count() == 40
+            assert page.locator("section.seqs .seq").count() == 40  # top and most negative
+            # examples across the activation range: as many as the neuron's JSON lists (several groups)
+            scope = requests.get(base + f"/api/{MODEL}/neuroscope/12/345.json", timeout=30).json()["data"]
+            across = [len(g["texts"]) for g in scope["interval_examples"]]
+            assert sum(across) == page.locator("#intervals .seq").count() and sum(c > 0 for c in across) >= 2
             page.locator(".seq").first.focus()
             page.locator("#tip").wait_for(state="visible")
             assert "activation" in page.locator("#tip").inner_text()
