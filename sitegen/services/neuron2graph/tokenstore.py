@@ -105,26 +105,21 @@ class TokenStore:
     def search_strength(self) -> dict[str, list[float]]:
         """token -> the strength (see `strength`) of each neuron in its activating list, in the
         list's order (neuron order, as `postings`); none for a store built without strengths."""
-        if len(self.strength) != self.n_neurons:
-            return {}
-        owners = np.repeat(np.arange(self.n_neurons, dtype=np.int64), [len(s) for s in self.activating])
-        keys = np.concatenate(self.activating) if self.activating else np.zeros(0, np.int64)
-        values = np.concatenate(self.strength) if self.strength else np.zeros(0, np.float64)
-        order = np.lexsort((owners, keys))
-        keys, values = keys[order], values[order]
-        bounds = np.flatnonzero(np.diff(keys)) + 1
-        return {
-            self.keys[int(k[0])]: v.tolist() for k, v in zip(np.split(keys, bounds), np.split(values, bounds)) if len(k)
-        }
+        return self._by_token(self.strength, np.float64)
 
     def search_support(self) -> dict[str, list[int]]:
         """token -> the support (see `support`) of each neuron in its activating list, in the
         list's order (neuron order, as `postings`); none for a store built without supports."""
-        if len(self.support) != self.n_neurons:
+        return self._by_token(self.support, np.int64)
+
+    def _by_token(self, per_neuron: list[np.ndarray], dtype) -> dict[str, list]:
+        """Values aligned with each neuron's activating keys, regrouped by key: token -> the values
+        of the neurons holding it, in neuron order ({} when the store has none)."""
+        if len(per_neuron) != self.n_neurons:
             return {}
         owners = np.repeat(np.arange(self.n_neurons, dtype=np.int64), [len(s) for s in self.activating])
         keys = np.concatenate(self.activating) if self.activating else np.zeros(0, np.int64)
-        values = np.concatenate(self.support) if self.support else np.zeros(0, np.int64)
+        values = np.concatenate(per_neuron) if per_neuron else np.zeros(0, dtype)
         order = np.lexsort((owners, keys))
         keys, values = keys[order], values[order]
         bounds = np.flatnonzero(np.diff(keys)) + 1
