@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -229,7 +230,7 @@ def build_token_store(store, first_valid: int) -> TokenStore:
                 f1.append(None)
                 f1_ci.append(None)
             support.append(np.array([fired.get((n, int(k)), 0) for k in activating[-1]], dtype=np.int64))
-            strength.append(np.array([peak_share.get((n, int(k)), 0.0) for k in activating[-1]], dtype=np.float64))
+            strength.append(peak_share(n, activating[-1]))
     return TokenStore(
         intern.keys,
         size,
@@ -248,12 +249,12 @@ def build_token_store(store, first_valid: int) -> TokenStore:
 
 def _fallback_keys(
     store, layer, size, first_valid, seq_index, tok_off, tok_val, vocab_key
-) -> tuple[list[np.ndarray], dict[tuple[int, int], int], dict[tuple[int, int], float]]:
+) -> tuple[list[np.ndarray], dict[tuple[int, int], int], Callable[[int, np.ndarray], np.ndarray]]:
     """Per neuron: the distinct token keys where it reaches FALLBACK_THRESHOLD of its largest
     activation on its top sequences, strongest first, at most FALLBACK_CAP (vectorised per layer);
     (neuron, key) -> the number of distinct top sequences where it does so on that key; and
-    (neuron, key) -> its largest activation on the key there over that largest activation, in
-    hundredths, for every key it is above 0 on."""
+    and peak_share(neuron, keys) -> its largest activation on each key there over that largest
+    activation, in hundredths (looked up in the sorted (neuron, key) pairs it is above 0 on)."""
     t = store.read_layer("neuroscope", layer, columns=["top_seq", "top_acts"])
     seq_col = t.column("top_seq").combine_chunks()
     acts_col = t.column("top_acts").combine_chunks()
@@ -280,9 +281,16 @@ def _fallback_keys(
         pair_key, where = np.unique(pair, return_inverse=True)
         share = np.zeros(len(pair_key))
         np.maximum.at(share, where, values[above] / peak[neuron[above]])
-    peak_share = {
-        (int(p // len(vocab_key)), int(p % len(vocab_key))): round(float(s), 2) for p, s in zip(pair_key, share)
-    }
+
+    def peak_share(n: int, keys: np.ndarray) -> np.ndarray:
+        """Neuron n's share on each key, in hundredths; 0 for a key it is never above 0 on (or
+        one no vocabulary token normalises to)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        pair = n * len(vocab_key) + keys
+        at = np.minimum(np.searchsorted(pair_key, pair), max(len(pair_key) - 1, 0))
+        found = (keys < len(vocab_key)) & (pair_key[at] == pair) if len(pair_key) else np.zeros(len(keys), bool)
+        return np.array([round(float(share[i]), 2) if f else 0.0 for i, f in zip(at, found)], dtype=np.float64)
+
     keep = counted & (peak[neuron] > 0) & (values >= FALLBACK_THRESHOLD * peak[neuron])
     neuron, key, value = neuron[keep], vocab_key[token[keep]], values[keep]
     triples = (

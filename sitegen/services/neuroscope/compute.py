@@ -269,13 +269,7 @@ class IntervalExamples:
             "trace": self.slots.trace[:, cols].reshape(*shape, -1).cpu().numpy(),
             "top": self.top[rose].cpu().numpy(),
         }
-        rising = {
-            "score": np.zeros((0, *shape[1:]), np.float32),
-            "seq_id": np.zeros((0, *shape[1:]), np.int64),
-            "trace": np.zeros((0, *shape[1:], old["trace"].shape[-1]), np.float32),
-            "top": new_top[rose].cpu().numpy(),
-        }
-        moved = data.merge_intervals([old, rising], self.per)
+        moved = data.merge_intervals([old], self.per, top=new_top[rose].cpu().numpy())
         dev = self.slots.score.device
         self.slots.score[:, cols] = torch.from_numpy(moved["score"].reshape(self.per, -1)).to(dev)
         self.slots.seq_id[:, cols] = torch.from_numpy(moved["seq_id"].reshape(self.per, -1)).to(dev)

@@ -101,22 +101,21 @@ def glu_state(table: pa.Table, seq_len: int) -> dict:
     return {"count": col("glu_count").astype(np.int64), "mass_fx": col("glu_mass_fx").astype(np.int64), "top": top}
 
 
-def merge_intervals(parts: list[dict], per_group: int) -> dict:
-    """IntervalExamples states of disjoint sequences (or one state and a higher `top`) -> the state
-    of their union: each neuron's top is the parts' highest; every kept example moves to its group
+def merge_intervals(parts: list[dict], per_group: int, top: np.ndarray | None = None) -> dict:
+    """IntervalExamples states of disjoint sequences -> the state of their union (`top`: a higher
+    top to move them to, as a rising top does while streaming): each neuron's top is the parts'
+    highest (or `top`); every kept example moves to its group
     under that top (group + the rise, at most INTERVAL_GROUPS: the lowest group takes everything
     below), and each (group, neuron) keeps its `per_group` best examples (highest score, i.e. the
     smallest interval_key; ties to the lower sequence id). A state: score, seq_id (k, G, n),
     trace (k, G, n, T) with k slots per group (k may be 0) and top (n,). Exact and order-free:
     an example dropped from a group is beaten by `per_group` examples that move with it."""
-    top = np.max([p["top"] for p in parts], axis=0)
+    if top is None:
+        top = np.max([p["top"] for p in parts], axis=0)
     n_groups = parts[0]["score"].shape[1]
-    seq_len = next((p["trace"].shape[3] for p in parts if p["trace"].size), 0)
+    seq_len = parts[0]["trace"].shape[3]
     score, seq, group, neuron, traces = [], [], [], [], []
     for p in parts:
-        k = p["score"].shape[0]
-        if k == 0:
-            continue
         rise = np.where(p["top"] >= 0, top - p["top"], 0)
         moved = np.minimum(np.arange(n_groups)[:, None] + rise[None, :], n_groups - 1)  # (G, n)
         present = p["seq_id"] >= 0
@@ -147,15 +146,15 @@ def interval_token_counts(top: np.ndarray, hist: np.ndarray, n_groups: int) -> n
     """(n, n_groups) counted tokens whose activation lies in each group's interval, from the fine
     histogram (n, N_FINE_BINS): the interval edges are fine-histogram edges, so the counts are exact
     where the edges lie in its regular range (2^-10 .. 2^8). The lowest group is (0, its upper edge)."""
-    out = np.zeros((len(top), n_groups), np.int64)
     cum = np.concatenate([np.zeros((hist.shape[0], 1), np.int64), np.cumsum(hist, axis=1)], axis=1)
     first_positive = stats.ZERO_BIN + 1
-    for u in np.flatnonzero(top >= 0):
-        edges = [stats.interval_edge(int(top[u]) + 1 - g) for g in range(n_groups)]  # each group's upper edge
-        bins = stats.fine_bins(np.asarray(edges, np.float32)).astype(np.int64)  # the fine bin starting there
-        uppers = bins
-        lowers = np.r_[bins[1:], first_positive]
-        out[u] = cum[u, uppers] - cum[u, np.maximum(lowers, first_positive)]
+    fired = np.flatnonzero(top >= 0)
+    codes = top[fired, None] + 1 - np.arange(n_groups)[None, :]  # each group's upper edge, as an interval code
+    edges = (codes << stats.INTERVAL_SHIFT).astype(np.int32).view(np.float32)
+    uppers = stats.fine_bins(edges).astype(np.int64)  # the fine bin starting at each edge
+    lowers = np.maximum(np.c_[uppers[:, 1:], np.full(len(fired), first_positive)], first_positive)
+    out = np.zeros((len(top), n_groups), np.int64)
+    out[fired] = np.take_along_axis(cum[fired], uppers, 1) - np.take_along_axis(cum[fired], lowers, 1)
     return out
 
 

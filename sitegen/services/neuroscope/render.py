@@ -143,6 +143,8 @@ class NeuroscopeLayer:
         self._texts_for = -1
         self._stats: dict = {}
         self._stats_for = -1
+        self._intervals: list[dict] = []
+        self._intervals_for = -1
 
     # -- per neuron, computed once and shared by payload() and page() --
     def _texts_of(self, n: int) -> dict[str, list[dict]]:
@@ -244,6 +246,11 @@ class NeuroscopeLayer:
         texts); [] for a neuron that never exceeds 0; None where the store has none."""
         if "interval" not in self.kinds:
             return None
+        if self._intervals_for != n:  # once per neuron for both the JSON and the page
+            self._intervals, self._intervals_for = self._grouped_intervals(n), n
+        return self._intervals
+
+    def _grouped_intervals(self, n: int) -> list[dict]:
         top = self.interval_top[n]
         if top < 0:
             return []
