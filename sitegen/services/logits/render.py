@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from markupsafe import Markup, escape
 
+from sitegen.services.charts import Box, log_count_svg
 from sitegen.services.logits.data import TABLE_SCHEMA
 
 HIST_BINS = 40  # bins of the logit histogram, as SAEDashboard's
@@ -103,7 +104,8 @@ class LogitsLayer:
 
 
 # The chart's box: a plot area of PLOT_W x PLOT_H, room for the axes' labels around it.
-PLOT_X, PLOT_W, PLOT_H, BOX_W, BOX_H = 62, 400, 100, 470, 140
+BOX = Box(62, 400, 100, 470, 140)
+PLOT_X, PLOT_W, PLOT_H = BOX.plot_x, BOX.plot_w, BOX.plot_h
 
 
 def histogram_svg(counts: list[int], edges: list[float]) -> str:
@@ -126,25 +128,15 @@ def histogram_svg(counts: list[int], edges: list[float]) -> str:
                 f"M{round(PLOT_X + i * width, 1):g} {PLOT_H}v-{h}h{width:g}v{h}z"
             )
     bars = "".join(f'<path class="{k}" d="{"".join(v)}"/>' for k, v in (("neg", neg), ("pos", pos)) if v)
-    tick_y = [round(PLOT_H * (1 - k / (1 + decades))) for k in range(1, decades + 2)]
-    ticks = "".join(
-        f'<text class="yt" x="{PLOT_X - 4}" y="{y + 4}" text-anchor="end">{10**k:,}</text>'
-        for k, y in enumerate(tick_y)
-    )
-    grid = "".join(f"M{PLOT_X} {y}h{PLOT_W}" for y in tick_y)
-    xlabels = [(PLOT_X, "start", f"{lo:.3g}"), (PLOT_X + PLOT_W, "end", f"{hi:.3g}")]
-    zero = ""
-    if lo < 0 < hi:
-        z = round(PLOT_X + (0 - lo) * PLOT_W / (hi - lo), 1)
-        zero = f'<path class="zero" d="M{z:g} 0V{PLOT_H}"/>'
-        if PLOT_X + 30 < z < PLOT_X + PLOT_W - 30:  # a 0 label only where it clears the ends' labels
-            xlabels.insert(1, (z, "middle", "0"))
-    xl = "".join(f'<text x="{a:g}" y="{PLOT_H + 14}" text-anchor="{anchor}">{t}</text>' for a, anchor, t in xlabels)
-    return (
-        f'<svg class="hist" viewBox="0 -10 {BOX_W} {BOX_H + 10}" role="img" aria-label="logit histogram: vocabulary tokens per '
-        f'bin of the direct logit effect, log count axis"><title>The direct effect on every vocabulary logit, {len(counts)} '
-        f"equal-width bins; bar height: tokens, log scale</title>"
-        f'<path class="grid" d="{grid}"/>{bars}{zero}{ticks}{xl}'
-        f'<text x="{PLOT_X + PLOT_W // 2}" y="{BOX_H - 4}" text-anchor="middle">direct logit effect</text>'
-        f'<text x="9" y="{PLOT_H // 2}" text-anchor="middle" transform="rotate(-90 9 {PLOT_H // 2})">tokens (log)</text></svg>'
+    zero_x = round(PLOT_X + (0 - lo) * PLOT_W / (hi - lo), 1) if lo < 0 < hi else None
+    return log_count_svg(
+        BOX,
+        bars,
+        lo,
+        hi,
+        zero_x,
+        decades,
+        "logit histogram: vocabulary tokens per bin of the direct logit effect, log count axis",
+        f"The direct effect on every vocabulary logit, {len(counts)} equal-width bins; bar height: tokens, log scale",
+        "direct logit effect",
     )

@@ -18,6 +18,7 @@ import orjson
 import pyarrow.parquet as pq
 from markupsafe import Markup
 
+from sitegen.services.charts import Box, log_count_svg
 from sitegen.services.neuroscope import stats
 from sitegen.services.tokens import BUCKETS, shown
 
@@ -462,7 +463,8 @@ def _g(v: float) -> str:
 
 
 # The histogram's box: a plot area of PLOT_W x PLOT_H with room for the axes' labels around it (and 10 units above for the top tick's label).
-PLOT_X, PLOT_W, PLOT_H, BOX_W, BOX_H = 62, 580, 120, 660, 160
+BOX = Box(62, 580, 120, 660, 160)
+PLOT_X, PLOT_W, PLOT_H = BOX.plot_x, BOX.plot_w, BOX.plot_h
 
 
 def histogram_svg(counts: list[int], edges: list[float]) -> str:
@@ -492,23 +494,15 @@ def histogram_svg(counts: list[int], edges: list[float]) -> str:
                 f"M{cached(a) or _g(a)} {PLOT_H}v-{h}h{cached(w) or _g(w)}v{h}z"
             )
     parts = "".join(f'<path class="{k}" d="{"".join(v)}"/>' for k, v in (("neg", neg), ("pos", pos)) if v)
-    ticks = "".join(
-        f'<text class="yt" x="{PLOT_X - 4}" y="{round(PLOT_H * (1 - k / (1 + decades))) + 4}" text-anchor="end">{10 ** (k - 1):,}</text>'
-        for k in range(1, decades + 2)
-    )
-    grid = "".join(f"M{PLOT_X} {round(PLOT_H * (1 - k / (1 + decades)))}h{PLOT_W}" for k in range(1, decades + 2))
-    xlabels = [(PLOT_X, "start", f"{lo:.3g}"), (PLOT_X + PLOT_W, "end", f"{hi:.3g}")]
-    zero = ""
-    if lo < 0 < hi:
-        z = round(PLOT_X + (0 - lo) * scale, 1)
-        zero = f'<path class="zero" d="M{z:g} 0V{PLOT_H}"/>'
-        if PLOT_X + 30 < z < PLOT_X + PLOT_W - 30:  # a 0 label only where it clears the ends' labels
-            xlabels.insert(1, (z, "middle", "0"))
-    xl = "".join(f'<text x="{a:g}" y="{PLOT_H + 14}" text-anchor="{anchor}">{t}</text>' for a, anchor, t in xlabels)
-    return (
-        f'<svg class="hist" viewBox="0 -10 {BOX_W} {BOX_H + 10}" role="img" aria-label="activation histogram: tokens per variable-width bin, '
-        f'log count axis"><title>Exact token counts in variable-width bins (finer near zero); bar height: tokens, log scale</title>'
-        f'<path class="grid" d="{grid}"/>{parts}{zero}{ticks}{xl}'
-        f'<text x="{PLOT_X + PLOT_W // 2}" y="{BOX_H - 4}" text-anchor="middle">activation</text>'
-        f'<text x="9" y="{PLOT_H // 2}" text-anchor="middle" transform="rotate(-90 9 {PLOT_H // 2})">tokens (log)</text></svg>'
+    zero_x = round(PLOT_X + (0 - lo) * scale, 1) if lo < 0 < hi else None
+    return log_count_svg(
+        BOX,
+        parts,
+        lo,
+        hi,
+        zero_x,
+        decades,
+        "activation histogram: tokens per variable-width bin, log count axis",
+        "Exact token counts in variable-width bins (finer near zero); bar height: tokens, log scale",
+        "activation",
     )
