@@ -12,6 +12,7 @@ HEAVY_IMPORTS = {
     "torch": "model",
     "transformer_lens": "model",
     "transformers": "model",
+    "numba": "model",
     "ray": "ray",
     "playwright": "browser",
     "llama_cpp": "llm",

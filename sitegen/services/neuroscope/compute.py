@@ -19,7 +19,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sitegen.services.neuroscope import data, stats
+from sitegen.services.neuroscope import data, kernels, stats
+
+
+def counted_spans(valid: torch.Tensor, first_valid: int, all_full: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's counted positions as one span [start, end) (int64 arrays; 0, 0 for a padding
+    row): a packed batch counts first_valid .. the sequence's length (runner._batch_tensors)."""
+    b, t = valid.shape
+    if all_full:
+        return np.full(b, first_valid, dtype=np.int64), np.full(b, t, dtype=np.int64)
+    mask = valid.cpu().numpy()
+    length = mask.sum(1)
+    starts = np.where(length > 0, mask.argmax(1), 0).astype(np.int64)
+    ends = starts + length
+    if not all(mask[r, starts[r] : ends[r]].all() for r in range(b)):
+        raise ValueError("the fused accumulators need each row's counted positions in one span")
+    return starts, ends
 
 
 class Extremes:
@@ -76,8 +91,13 @@ class Extremes:
 class LayerAccumulator:
     """Everything the neuroscope service keeps for one layer while streaming."""
 
-    def __init__(self, n: int, seq_len: int, top_k: int, n_random: int, first_valid: int, device: str):
+    def __init__(
+        self, n: int, seq_len: int, top_k: int, n_random: int, first_valid: int, device: str, fused: bool | None = None
+    ):
         self.n, self.seq_len, self.first_valid = n, seq_len, first_valid
+        # fused: the per-value statistics by kernels.layer_stats (numba) instead of torch operations;
+        # the same bits, a fraction of the memory traffic. By default on a CPU (the GPU keeps torch).
+        self.fused = device == "cpu" if fused is None else fused
         self.top = Extremes(top_k, n, seq_len, device)
         self.bottom = Extremes(top_k, n, seq_len, device)  # score = -min
         self.random = Extremes(n_random, 1, seq_len * n, device)  # score = -random_key, shared by all neurons
@@ -106,6 +126,8 @@ class LayerAccumulator:
         and strided views replace masked copies (the common case). Returns each sequence's maximum
         (B, n) (-inf for a padding row), which IntervalExamples files the sequences by."""
         acts = acts.float()
+        if self.fused:
+            return self._fused_update(acts, seq_ids, valid, rand_score, all_full)
         fv = self.first_valid
         if all_full:
             counted = acts[:, fv:, :]  # (B, T - fv, n) view: every counted token
@@ -115,13 +137,7 @@ class LayerAccumulator:
             seq_max = acts.masked_fill(~vmask, -torch.inf).amax(dim=1)
             seq_min = acts.masked_fill(~vmask, torch.inf).amin(dim=1)
             counted = acts[valid]  # (V, n)
-        per_neuron = lambda rows, cols: acts[rows, :, cols]
-        self.top.update(seq_max, seq_ids, per_neuron)
-        self.bottom.update(-seq_min, seq_ids, per_neuron)
-        # The random sample is one column shared by all neurons; its 'trace' is every neuron's trace.
-        self.random.update(
-            rand_score[:, None], seq_ids, lambda rows, cols: acts[rows].transpose(1, 2).reshape(len(rows), -1)
-        )
+        self._update_examples(acts, seq_ids, rand_score, seq_min, seq_max)
 
         if counted.numel() == 0:
             return seq_max
@@ -153,6 +169,47 @@ class LayerAccumulator:
         else:  # bincount over cells (bin * n + neuron of self.hist): ~1.5x faster than the scatter on CPU
             cells = torch.take(self._cell_table, codes).add_(self._neuron).reshape(-1)
             self.hist.view(-1).add_(torch.bincount(cells, minlength=self.hist.numel()))
+        return seq_max
+
+    def _update_examples(self, acts, seq_ids, rand_score, seq_min, seq_max) -> None:
+        per_neuron = lambda rows, cols: acts[rows, :, cols]
+        self.top.update(seq_max, seq_ids, per_neuron)
+        self.bottom.update(-seq_min, seq_ids, per_neuron)
+        # The random sample is one column shared by all neurons; its 'trace' is every neuron's trace.
+        self.random.update(
+            rand_score[:, None], seq_ids, lambda rows, cols: acts[rows].transpose(1, 2).reshape(len(rows), -1)
+        )
+
+    def _fused_update(self, acts, seq_ids, valid, rand_score, all_full: bool):
+        """update() with the per-value statistics in one pass of kernels.layer_stats."""
+        acts = acts.detach().contiguous()
+        starts, ends = counted_spans(valid, self.first_valid, all_full)
+        b, n = acts.shape[0], self.n
+        seq_min = torch.empty((b, n), dtype=torch.float32)
+        seq_max = torch.empty((b, n), dtype=torch.float32)
+        values = acts.numpy()
+        kernels.layer_stats(
+            values,
+            values.view(np.int32),
+            starts,
+            ends,
+            self._code_table.numpy(),
+            self.sum_fx.numpy(),
+            self.sumsq_fx.numpy(),
+            self.sumsq_lo.numpy(),
+            self.vmin.numpy(),
+            self.vmax.numpy(),
+            self.hist.numpy(),
+            seq_min.numpy(),
+            seq_max.numpy(),
+        )
+        ids = seq_ids.numpy()
+        for kept, score in ((self.top, seq_max.numpy()), (self.bottom, np.negative(seq_min.numpy()))):
+            kernels.offer_sequences(kept.score.numpy(), kept.seq_id.numpy(), kept.trace.numpy(), score, ids, values)
+        self.random.update(
+            rand_score[:, None], seq_ids, lambda rows, cols: acts[rows].transpose(1, 2).reshape(len(rows), -1)
+        )
+        self.count += int((ends - starts).sum())
         return seq_max
 
     # -- checkpointing and hand-off (numpy, so merge and the store need no torch) --
@@ -192,14 +249,33 @@ class IntervalExamples:
     the lowest group taking what falls out of the others. Whatever the order the sequences come in,
     the result is the per-group selection over all of them under the final top."""
 
-    def __init__(self, n: int, seq_len: int, device: str):
+    def __init__(self, n: int, seq_len: int, device: str, fused: bool | None = None):
         self.n, self.groups, self.per = n, stats.INTERVAL_GROUPS + 1, stats.PER_INTERVAL
+        self.fused = device == "cpu" if fused is None else fused  # kernels.offer_intervals, as LayerAccumulator's
         self.slots = Extremes(self.per, self.groups * n, seq_len, device)  # column: group * n + neuron
         self.top = torch.full((n,), -1, dtype=torch.int64, device=device)
         self._neuron = torch.arange(n, device=device)
 
     def update(self, seq_max: torch.Tensor, seq_ids: torch.Tensor, score: torch.Tensor, acts: torch.Tensor) -> None:
         """seq_max (B, n) from LayerAccumulator.update; score (B,) = Batch.interval_score; acts (B, T, n)."""
+        if self.fused:
+            values = acts.detach().float().contiguous().numpy()
+            seq_max = seq_max.contiguous().numpy()
+            slots = self.slots
+            kernels.offer_intervals(
+                slots.score.numpy(),
+                slots.seq_id.numpy(),
+                slots.trace.numpy(),
+                self.top.numpy(),
+                seq_max,
+                seq_max.view(np.int32),
+                seq_ids.numpy(),
+                score.numpy(),
+                values,
+                stats.INTERVAL_SHIFT,
+                self.groups,
+            )
+            return
         n, groups = self.n, self.groups
         filed = (seq_max > 0) & (seq_ids >= 0)[:, None]  # only a positive maximum has an interval
         code = torch.where(filed, seq_max.contiguous().view(torch.int32).long() >> stats.INTERVAL_SHIFT, -1)
@@ -306,8 +382,9 @@ class GluQuadrants:
     single amax picks the largest value and, among equals, the lowest (sequence, position); -1: no
     token. Counts, sums and maxima of such keys merge exactly in any order (data.merge_glu)."""
 
-    def __init__(self, n: int, seq_len: int, first_valid: int, device: str):
+    def __init__(self, n: int, seq_len: int, first_valid: int, device: str, fused: bool | None = None):
         self.n, self.seq_len, self.first_valid = n, seq_len, first_valid
+        self.fused = device == "cpu" if fused is None else fused  # kernels.glu_quadrants, as LayerAccumulator's
         self.count = torch.zeros(4 * n, dtype=torch.int64, device=device)  # cell q * n + neuron
         self.mass_fx = torch.zeros(4 * n, dtype=torch.int64, device=device)
         self.top = torch.full((4 * n,), -1, dtype=torch.int64, device=device)
@@ -316,6 +393,23 @@ class GluQuadrants:
         self._one = torch.ones(1, dtype=torch.int64, device=device)
 
     def update(self, acts, gate, up, seq_ids, valid, all_full: bool) -> None:
+        if self.fused:
+            values = acts.detach().float().contiguous().numpy()
+            starts, ends = counted_spans(valid, self.first_valid, all_full)
+            kernels.glu_quadrants(
+                values,
+                values.view(np.int32),
+                gate.detach().float().contiguous().numpy(),
+                up.detach().float().contiguous().numpy(),
+                seq_ids.numpy(),
+                starts,
+                ends,
+                self.seq_len,
+                self.count.numpy(),
+                self.mass_fx.numpy(),
+                self.top.numpy(),
+            )
+            return
         fv, T = self.first_valid, self.seq_len
         key = seq_ids[:, None] * T + self._position[None, :]  # (B, T): the lower, the earlier
         if all_full:  # strided views, no copies: every row is real, every position from fv on counts
