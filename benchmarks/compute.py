@@ -275,43 +275,49 @@ def main() -> None:
 
 def accumulators_only(args) -> None:
     """One layer's accumulator update per batch, in CPU time on one thread: steadier than wall time
-    on a shared machine, and what the streaming statistics add to each layer of the forward pass."""
+    on a shared machine, and what the streaming statistics add to each layer of the forward pass.
+    Each on both paths, same batches, same run: the CPU's fused kernels (kernels.py, the default
+    on a CPU) and the torch operations (the GPU's path, here on the CPU)."""
+    import numba
+
     from sitegen.services.neuroscope.compute import GluQuadrants, LayerAccumulator
 
     torch.set_num_threads(1)
+    numba.set_num_threads(1)
     torch.manual_seed(0)
     bs, T, n = args.batch_size or 32, args.seq_len, args.d_mlp
     acts = [torch.randn(bs, T, n) * 0.3 for _ in range(4)]
+    gates, ups = [torch.randn(bs, T, n) for _ in acts], [torch.randn(bs, T, n) for _ in acts]
     valid = torch.ones(bs, T, dtype=torch.bool)
     valid[:, 0] = False
-    acc = LayerAccumulator(n, T, 20, 5, 1, "cpu")
-    times = []
-    for rep in range(5):
-        t0 = time.process_time()
-        for i, a in enumerate(acts):
-            acc.update(a, torch.arange(bs) + bs * (4 * rep + i), valid, torch.rand(bs), all_full=True)
-        times.append((time.process_time() - t0) / len(acts))
-    times.sort()
-    print(
-        f"LayerAccumulator.update, batch {bs} x {T} tokens x {n} neurons, one thread: best {times[0] * 1e3:.1f} ms, "
-        f"median {times[2] * 1e3:.1f} ms CPU per layer per batch"
-    )
-    # A gated MLP's quadrants, on the same batches (gate and up: random, so every quadrant is hit)
-    glu = GluQuadrants(n, T, 1, "cpu")
-    gates, ups = [torch.randn(bs, T, n) for _ in acts], [torch.randn(bs, T, n) for _ in acts]
-    glu_times = []
-    for rep in range(5):
-        t0 = time.process_time()
-        for i, a in enumerate(acts):
-            glu.update(a, gates[i], ups[i], torch.arange(bs) + bs * (4 * rep + i), valid, all_full=True)
-        glu_times.append((time.process_time() - t0) / len(acts))
-    glu_times.sort()
-    print(
-        f"GluQuadrants.update, the same batches: best {glu_times[0] * 1e3:.1f} ms, median {glu_times[2] * 1e3:.1f} ms CPU "
-        f"(ratio to LayerAccumulator, medians: {glu_times[2] / times[2]:.2f})"
-    )
-    intervals_only(args, times[2])
-    correlations_only(args, times[2])
+
+    def median_ms(update) -> float:
+        times = []
+        for rep in range(5):
+            t0 = time.process_time()
+            for i, a in enumerate(acts):
+                update(a, i, torch.arange(bs) + bs * (4 * rep + i))
+            times.append((time.process_time() - t0) / len(acts))
+        return sorted(times)[2] * 1e3
+
+    medians = {}
+    for fused in (False, True):
+        acc = LayerAccumulator(n, T, 20, 5, 1, "cpu", fused=fused)
+        glu = GluQuadrants(n, T, 1, "cpu", fused=fused)
+        acc.update(acts[0], torch.arange(bs) - bs, valid, torch.rand(bs), all_full=True)  # compiles the kernels
+        medians[fused] = (
+            median_ms(lambda a, i, ids: acc.update(a, ids, valid, torch.rand(bs), all_full=True)),
+            # a gated MLP's quadrants, on the same batches (gate and up: random, so every quadrant is hit)
+            median_ms(lambda a, i, ids: glu.update(a, gates[i], ups[i], ids, valid, all_full=True)),
+        )
+    for k, name in enumerate(("LayerAccumulator.update", "GluQuadrants.update")):
+        plain, fused = medians[False][k], medians[True][k]
+        print(
+            f"{name}, batch {bs} x {T} tokens x {n} neurons, one thread, median of 5: torch operations "
+            f"{plain:.1f} ms, fused kernels {fused:.1f} ms CPU per layer per batch (x{plain / fused:.2f})"
+        )
+    intervals_only(args, medians[True][0] / 1e3)  # seconds, the fused path's
+    correlations_only(args, medians[True][0] / 1e3)
 
 
 def correlations_only(args, base_median: float) -> None:
