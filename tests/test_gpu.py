@@ -80,3 +80,31 @@ def test_graphs_are_computed_on_the_gpu(tiny_model_dir, tiny_corpus, tmp_path):
     store = Store.open(tmp_path / "gpu")
     assert "neuron2graph" in store.manifest["services"]
     assert sum(store.read_layer("neuron2graph", layer).num_rows for layer in (0, 2)) == 4
+
+
+def test_the_accumulators_never_synchronise_the_device():
+    """The torch path (the GPU's) updates every neuroscope accumulator on full batches without a
+    host synchronisation: torch's sync debug mode turns any (a .item(), a nonzero, a boolean
+    index, a data-dependent shape) into an error."""
+    import torch
+
+    from sitegen.services.neuroscope.compute import GluQuadrants, IntervalExamples, LayerAccumulator
+
+    n, T, B, dev = 96, 16, 8, "cuda"
+    acc, intervals = LayerAccumulator(n, T, 4, 3, 1, dev), IntervalExamples(n, T, dev)
+    glu = GluQuadrants(n, T, 1, dev)
+    valid = torch.ones(B, T, dtype=torch.bool, device=dev)
+    valid[:, 0] = False
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for i in range(4):
+        acts, gate, up = (torch.randn(B, T, n, device=dev, generator=gen) * (1 + i) for _ in range(3))
+        ids = torch.arange(B, device=dev) + B * i
+        keys = -torch.rand(B, device=dev, generator=gen)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            seq_max = acc.update(acts, ids, valid, keys, all_full=True)
+            intervals.update(seq_max, ids, keys.flip(0), acts)
+            glu.update(acts, gate, up, ids, valid, all_full=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert (acc.state()["top"]["seq_id"] >= 0).all() and acc.count == 4 * B * (T - 1)

@@ -75,6 +75,20 @@ class Extremes:
         self.seq_id[ev_slot, col] = seq_ids[en_b]
         self.trace[ev_slot, col] = trace_of(en_b, col)
 
+    def update_dense(self, score: torch.Tensor, seq_ids: torch.Tensor, traces: torch.Tensor) -> None:
+        """update() without a host synchronisation (the GPU's): every column's k kept and B new
+        sequences sorted together, whatever gets in; traces (B, n, T), a view is enough. Padding
+        rows (id -1, score -inf) sort after the empty slots (also -inf, -1), so they never enter."""
+        k = self.k
+        cand_score = torch.cat([self.score, torch.where((seq_ids >= 0)[:, None], score, -torch.inf)])
+        cand_id = torch.cat([self.seq_id, seq_ids[:, None].expand_as(score)])
+        by_id = torch.argsort(cand_id, dim=0, stable=True)
+        by_score = torch.argsort(cand_score.gather(0, by_id), dim=0, descending=True, stable=True)
+        chosen = by_id.gather(0, by_score[:k])  # (k, n): rows of the candidates
+        self.score = cand_score.gather(0, chosen)
+        self.seq_id = cand_id.gather(0, chosen)
+        self.trace = torch.cat([self.trace, traces]).gather(0, chosen[:, :, None].expand(-1, -1, traces.shape[2]))
+
     def state(self) -> dict[str, np.ndarray]:
         return {
             "score": self.score.cpu().numpy(),
@@ -173,13 +187,12 @@ class LayerAccumulator:
         return seq_max
 
     def _update_examples(self, acts, seq_ids, rand_score, seq_min, seq_max) -> None:
-        per_neuron = lambda rows, cols: acts[rows, :, cols]
-        self.top.update(seq_max, seq_ids, per_neuron)
-        self.bottom.update(-seq_min, seq_ids, per_neuron)
+        """The torch path's examples: dense merges, no host synchronisation."""
+        traces = acts.transpose(1, 2)  # (B, n, T) view
+        self.top.update_dense(seq_max, seq_ids, traces)
+        self.bottom.update_dense(-seq_min, seq_ids, traces)
         # The random sample is one column shared by all neurons; its 'trace' is every neuron's trace.
-        self.random.update(
-            rand_score[:, None], seq_ids, lambda rows, cols: acts[rows].transpose(1, 2).reshape(len(rows), -1)
-        )
+        self.random.update_dense(rand_score[:, None], seq_ids, traces.reshape(len(seq_ids), 1, -1))
 
     def _fused_update(self, acts, seq_ids, valid, rand_score, all_full: bool):
         """update() with the per-value statistics in one pass of kernels.layer_stats."""
@@ -246,7 +259,7 @@ class IntervalExamples:
     the smallest interval_key (highest Batch.interval_score), ties to the lower sequence id.
 
     The groups hang from the neuron's highest interval so far (`top`), which only rises: when it
-    does, the kept examples move down by the rise (data.merge_intervals, on the neurons that rose),
+    does, the kept examples move down by the rise (as data.merge_intervals moves them),
     the lowest group taking what falls out of the others. Whatever the order the sequences come in,
     the result is the per-group selection over all of them under the final top."""
 
@@ -255,7 +268,6 @@ class IntervalExamples:
         self.fused = device == "cpu" if fused is None else fused  # kernels.offer_intervals, as LayerAccumulator's
         self.slots = Extremes(self.per, self.groups * n, seq_len, device)  # column: group * n + neuron
         self.top = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self._neuron = torch.arange(n, device=device)
 
     def update(self, seq_max: torch.Tensor, seq_ids: torch.Tensor, score: torch.Tensor, acts: torch.Tensor) -> None:
         """seq_max (B, n) from LayerAccumulator.update; score (B,) = Batch.interval_score; acts (B, T, n)."""
@@ -277,81 +289,47 @@ class IntervalExamples:
                 self.groups,
             )
             return
-        n, groups = self.n, self.groups
+        self._update_dense(seq_max, seq_ids, score, acts)
+
+    def _update_dense(self, seq_max, seq_ids, score, acts) -> None:
+        """The torch path (the GPU's), without a host synchronisation: the kept examples, moved to
+        their groups under the new top (g -> min(g + rise, last)), and the batch's filed rows are
+        sorted together, per neuron, by (group, score descending, lower id), and each group keeps
+        its first `per`."""
+        n, groups, per, slots = self.n, self.groups, self.per, self.slots
+        dev = seq_max.device
         filed = (seq_max > 0) & (seq_ids >= 0)[:, None]  # only a positive maximum has an interval
         code = torch.where(filed, seq_max.contiguous().view(torch.int32).long() >> stats.INTERVAL_SHIFT, -1)
-        highest = code.amax(0)
-        if bool((highest > self.top).any()):
-            self._raise(torch.maximum(self.top, highest))
-        # Each (sequence, neuron) is a candidate of one column only, so the candidates are kept as a
-        # list, not a (batch x columns) matrix: those that reach their column's worst kept score
-        # (after the first batches, few) are sorted together with their columns' kept examples.
-        rows, units = torch.nonzero(filed, as_tuple=True)
-        column = (self.top[units] - code[rows, units]).clamp_(max=groups - 1) * n + units
-        cand = score[rows]
-        slots = self.slots
-        reach = cand >= slots.score.amin(0)[column]
-        rows, column, cand = rows[reach], column[reach], cand[reach]
-        if column.numel() == 0:
-            return
-        k = self.per
-        involved = torch.zeros(slots.score.shape[1], dtype=torch.bool, device=column.device)
-        involved[column] = True
-        cols = torch.nonzero(involved).squeeze(1)  # ascending
-        # entries: each involved column's k slots, column by column (empty ones: -inf, id -1), then
-        # the candidates
-        n_slots = k * len(cols)
-        entry_col = torch.cat([cols.repeat_interleave(k), column])
-        entry_score = torch.cat([slots.score[:, cols].T.reshape(-1), cand])
-        # per column: score descending, ties to the lower sequence id. The score is -interval_key
-        # (a float32 in (-1, 0], -inf for an empty slot), so the key's bits, ascending, order it:
-        # one sort of (column, key bits); a second, by id first, only if two entries tie on both.
-        key_bits = torch.neg(entry_score).view(torch.int32).long()  # -(-0.0) is +0.0: bits 0
-        # empty slots (key +inf) numbered within their column, so only real keys can tie
-        key_bits[:n_slots] += torch.where(
-            entry_score[:n_slots] == -torch.inf, torch.arange(k, device=cols.device).repeat(len(cols)), 0
+        top = torch.maximum(self.top, code.amax(0))
+        group_of = torch.arange(groups, device=dev)
+        # entries: the kept examples, rows (slot, group), then the batch's rows (unfiled: group
+        # `groups`, which no group takes)
+        kept_group = (group_of[:, None] + (top - self.top)[None, :]).clamp(max=groups - 1)
+        group = torch.cat(
+            [
+                kept_group.expand(per, groups, n).reshape(per * groups, n),
+                torch.where(filed, (top[None, :] - code).clamp(max=groups - 1), groups),
+            ]
         )
-        composite = entry_col * (1 << 32) + key_bits
-        order = torch.argsort(composite)
-        ranked = composite[order]
-        if bool((ranked[1:] == ranked[:-1]).any()):  # a tie in key: the lower id first
-            entry_id = torch.cat([slots.seq_id[:, cols].T.reshape(-1), seq_ids[rows]])
-            order = torch.argsort(entry_id, stable=True)
-            order = order[torch.argsort(composite[order], stable=True)]
-        sorted_col = entry_col[order]
-        first = torch.searchsorted(sorted_col, sorted_col)  # where each column's run starts
-        best = order[(torch.arange(len(order), device=cols.device) - first) < k]  # k per column, by column
-        chosen = torch.zeros(len(entry_col), dtype=torch.bool, device=cols.device)
-        chosen[best] = True
-        # each column's evicted slots (in column order) take its entering candidates (in column
-        # order too: `best` is sorted by column), as many of each
-        evicted = torch.nonzero(~chosen[:n_slots]).squeeze(1)
-        if evicted.numel() == 0:
-            return
-        en = best[best >= n_slots] - n_slots
-        ev_slot, ev_col = evicted % k, cols[evicted // k]
-        en_rows, en_col = rows[en], column[en]
-        slots.score[ev_slot, ev_col] = cand[en]
-        slots.seq_id[ev_slot, ev_col] = seq_ids[en_rows]
-        slots.trace[ev_slot, ev_col] = acts[en_rows, :, en_col % n].float()
-
-    def _raise(self, new_top: torch.Tensor) -> None:
-        """Move the kept examples of the neurons whose top rises (data.merge_intervals, in numpy)."""
-        rose = torch.nonzero(new_top > self.top).squeeze(1)
-        cols = (torch.arange(self.groups, device=rose.device)[:, None] * self.n + rose[None, :]).reshape(-1)
-        shape = (self.per, self.groups, len(rose))
-        old = {
-            "score": self.slots.score[:, cols].reshape(shape).cpu().numpy(),
-            "seq_id": self.slots.seq_id[:, cols].reshape(shape).cpu().numpy(),
-            "trace": self.slots.trace[:, cols].reshape(*shape, -1).cpu().numpy(),
-            "top": self.top[rose].cpu().numpy(),
-        }
-        moved = data.merge_intervals([old], self.per, top=new_top[rose].cpu().numpy())
-        dev = self.slots.score.device
-        self.slots.score[:, cols] = torch.from_numpy(moved["score"].reshape(self.per, -1)).to(dev)
-        self.slots.seq_id[:, cols] = torch.from_numpy(moved["seq_id"].reshape(self.per, -1)).to(dev)
-        self.slots.trace[:, cols] = torch.from_numpy(moved["trace"].reshape(self.per, len(cols), -1)).to(dev)
-        self.top[rose] = new_top[rose]
+        cand_score = torch.cat([slots.score.reshape(per * groups, n), score[:, None].expand_as(seq_max)])
+        cand_id = torch.cat([slots.seq_id.reshape(per * groups, n), seq_ids[:, None].expand_as(seq_max)])
+        order = torch.argsort(cand_id, dim=0, stable=True)
+        order = order.gather(0, torch.argsort(cand_score.gather(0, order), dim=0, descending=True, stable=True))
+        order = order.gather(0, torch.argsort(group.gather(0, order), dim=0, stable=True))
+        # group g's entries start where the entries of the lower groups end
+        counts = (group[None, :, :] == group_of[:, None, None]).sum(1)  # (groups, n)
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(per, device=dev)[:, None, None]  # (per, 1, 1)
+        taken = rank < counts[None]  # (per, groups, n)
+        pick = order.gather(0, (starts[None] + rank).clamp(max=len(order) - 1).reshape(per * groups, n))
+        taken = taken.reshape(per * groups, n)
+        traces = torch.cat([slots.trace.reshape(per * groups, n, -1), acts.transpose(1, 2)])
+        slots.score = torch.where(taken, cand_score.gather(0, pick), -torch.inf).reshape(per, groups * n)
+        slots.seq_id = torch.where(taken, cand_id.gather(0, pick), -1).reshape(per, groups * n)
+        slots.trace = torch.where(
+            taken[:, :, None], traces.gather(0, pick[:, :, None].expand(-1, -1, traces.shape[2])), 0.0
+        ).reshape(per, groups * n, -1)
+        self.top = top
 
     def state(self) -> dict[str, np.ndarray]:
         shape = (self.per, self.groups, self.n)
