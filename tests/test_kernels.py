@@ -1,4 +1,4 @@
-"""The CPU's fused accumulators (sitegen/services/neuroscope/kernels.py, numba) against the torch
+"""The CPU's fused kernels (numba: the neuroscope accumulators, the logit histograms) against the torch
 operations the GPU runs (the same classes with fused=False): the same state, bit for bit, on
 values chosen to hit every rounding, sign, bin-edge and tie case, over batches with padding."""
 
@@ -106,3 +106,24 @@ def test_the_fused_path_is_the_cpu_default_and_the_torch_path_the_others():
     assert LayerAccumulator(2, T, 1, 1, 1, "cpu").fused and GluQuadrants(2, T, 1, "cpu").fused
     assert IntervalExamples(2, T, "cpu").fused
     assert not LayerAccumulator(2, T, 1, 1, 1, "meta").fused
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_logit_histograms_equal_np_histogram_with_values_on_every_edge(fused):
+    """The logits service's histogram on both paths (the CPU's numba kernel, the GPU's
+    searchsorted), with values placed exactly on each row's bin edges and a constant row."""
+    import torch
+
+    from sitegen.services.logits.compute import logit_histograms
+    from sitegen.services.logits.render import logit_hist_edges
+
+    rng = np.random.default_rng(3)
+    rows = (rng.standard_normal((12, 5000)) * rng.choice([1e-5, 1.0, 40.0], size=(12, 1))).astype(np.float32)
+    rows[0] = 2.5
+    for r in rows[1:]:
+        edges = logit_hist_edges(r.min(), r.max())
+        r[rng.choice(len(r), len(edges), replace=False)] = edges
+    lo, hi, counts = logit_histograms(torch.from_numpy(rows), fused=fused)
+    np.testing.assert_array_equal(counts, np.stack([np.histogram(r, 40)[0] for r in rows]))
+    np.testing.assert_array_equal(lo, rows.min(1))
+    np.testing.assert_array_equal(hi, rows.max(1))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numba
 import numpy as np
 import pyarrow as pa
 import torch
@@ -73,20 +74,45 @@ def _list_column(tensor: torch.Tensor, dtype: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.reshape(-1), dtype))
 
 
-def logit_histograms(logits: torch.Tensor, bins: int = HIST_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def logit_histograms(
+    logits: torch.Tensor, bins: int = HIST_BINS, fused: bool | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(min, max, counts) per row of logits (rows, vocab): counts (rows, bins) int32 equal to
     np.histogram(row, bins)[0]. Each value is placed by comparison with np.histogram's own float32
-    edges (searchsorted: edges[i] <= x < edges[i + 1], the top edge in the last bin), so the counts
-    do not depend on how the bin index would be rounded."""
+    edges (edges[i] <= x < edges[i + 1], the top edge in the last bin), so the counts do not depend
+    on how the bin index would be rounded. fused (default: on a CPU): a numba kernel that guesses
+    the bin arithmetically and settles it by those comparisons; else torch.searchsorted (the GPU's)."""
     lo, hi = logits.amin(1).cpu().numpy(), logits.amax(1).cpu().numpy()
-    edges = torch.from_numpy(np.stack([logit_hist_edges(a, b, bins) for a, b in zip(lo.tolist(), hi.tolist())]))
-    edges = edges.to(logits.device)
+    edges = np.stack([logit_hist_edges(a, b, bins) for a, b in zip(lo.tolist(), hi.tolist())])
+    if logits.device.type == "cpu" if fused is None else fused:
+        counts = np.zeros((logits.shape[0], bins), dtype=np.int64)
+        _histogram_rows(logits.detach().float().contiguous().numpy(), edges, counts)
+        return lo, hi, counts.astype(np.int32)
+    edges = torch.from_numpy(edges).to(logits.device)
     counts = torch.zeros((logits.shape[0], bins), dtype=torch.int64, device=logits.device)
     for start in range(0, logits.shape[0], _HIST_ROWS):
         rows = slice(start, start + _HIST_ROWS)
         index = torch.searchsorted(edges[rows].contiguous(), logits[rows].contiguous(), right=True).sub_(1)
         counts[rows].scatter_add_(1, index.clamp_(0, bins - 1), torch.ones_like(index))
     return lo, hi, counts.cpu().numpy().astype(np.int32)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _histogram_rows(values, edges, counts):
+    """counts[r, i] += #{x in values[r]: i = the last bin whose left edge is <= x} (as
+    searchsorted(edges[r], x, right=True) - 1, clamped to the bins)."""
+    bins = counts.shape[1]
+    for r in numba.prange(values.shape[0]):
+        e = edges[r]
+        first = np.float64(e[0])
+        scale = bins / (np.float64(e[bins]) - first)
+        for x in values[r]:
+            g = min(max(np.int64((np.float64(x) - first) * scale), 0), bins - 1)
+            while g < bins - 1 and x >= e[g + 1]:
+                g += 1
+            while g > 0 and x < e[g]:
+                g -= 1
+            counts[r, g] += 1
 
 
 class Connections:
