@@ -794,3 +794,106 @@ def test_layer_table_sorts_by_what_researchers_rank_by(site_page, ranked_site, h
     button.focus()
     page.keyboard.press("Enter")
     assert order() == want[::-1] and th.get_attribute("aria-sort") == "descending", (order(), want, values)
+
+
+# ---- the correlated-neuron panel on a store computed with --correlations over a hostile corpus -------
+
+CORRELATED = "correlated"
+
+
+@pytest.fixture(scope="module")
+def correlated_site(tmp_path_factory, tiny_model_dir):
+    """The tiny model computed with `sitegen compute --correlations` over test_hostile's corpus
+    (markup in the texts and the file names), built and served."""
+    import threading
+
+    from click.testing import CliRunner
+
+    from sitegen.cli import main
+    from sitegen.site.build import build_site
+    from sitegen.site.serve import make_server
+    from tests.conftest import free_port
+    from tests.test_hostile import _hostile_corpus
+
+    root = tmp_path_factory.mktemp("correlated")
+    corpus, store = _hostile_corpus(root / "corpus"), root / "store"
+    args = ["compute", "--model", tiny_model_dir, "--corpus", corpus, "--out", store, "--tokens", "3000"]
+    args += ["--seq-len", "16", "--batch-size", "8", "--device", "cpu", "--quiet", "--name", CORRELATED]
+    res = CliRunner().invoke(main, [str(a) for a in [*args, "--correlations"]])
+    assert res.exit_code == 0, (res.output, res.exception)
+    build_site([store], root / "site")
+    server = make_server(root / "site", "127.0.0.1", free_port())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root / "site", f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_correlation_panel_shows_the_apis_neurons_as_links_and_nothing_else(site_page, correlated_site):
+    """The panel lists the API's `correlated` neurons in order, each a link "layer:neuron" to its
+    page with r to 2 decimals. The page around it shows a corpus of markup (texts, file names) as
+    text: no element that markup would make exists anywhere on the page, no dialog opens, and the
+    panel itself holds links and numbers only."""
+    import orjson
+
+    from tests.test_hostile import MARKUP
+
+    site, url = correlated_site
+    page, dialogs = site_page, []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    layer, neuron = 1, 5
+    want = orjson.loads((site / f"api/{CORRELATED}/correlation/{layer}/{neuron}.json").read_bytes())["data"]
+    assert len(want["correlated"]) == 10
+    page.goto(f"{url}/{CORRELATED}/{layer}/{neuron}.html")
+    panel = page.locator("section.correlation")
+    assert panel.count() == 1
+    assert f"computed over {want['tokens']:,} tokens" in panel.locator("p.note").inner_text()
+    items = panel.locator("ol.links li")
+    assert items.count() == 10
+    shown = [(items.nth(i).locator("a").inner_text(), items.nth(i).locator("small").inner_text()) for i in range(10)]
+    assert shown == [(f"{e['layer']}:{e['neuron']}", f"r = {e['r']:.2f}") for e in want["correlated"]], shown
+    hrefs = panel.locator("ol.links a").evaluate_all("as => as.map(a => a.getAttribute('href'))")
+    assert hrefs == [f"/{CORRELATED}/{e['layer']}/{e['neuron']}.html" for e in want["correlated"]], hrefs
+    assert panel.locator("*:not(h2, p, ol, li, a, small)").count() == 0, panel.inner_html()
+    # the corpus's markup: shown as text where the page shows it, never made into elements
+    assert page.locator("img, b, textarea, script:not([src])").count() == 0, page.content()
+    html = page.content()
+    assert "<img src=x" not in html and "onerror=alert(1)>" not in html
+    assert MARKUP in page.locator("body").text_content()  # a source shown: its file name
+    assert dialogs == []
+
+
+def test_correlation_panel_is_keyboard_accessible(site_page, correlated_site):
+    """The panel is a region named "Correlated neurons"; Tab reaches each of its links in order,
+    each with a visible focus ring; Shift+Tab goes back through them, and Enter follows the one
+    focused to that neuron's page, which has its own panel."""
+    from playwright.sync_api import expect
+
+    _, url = correlated_site
+    page = site_page
+    page.goto(f"{url}/{CORRELATED}/1/5.html")
+    region = page.get_by_role("region", name="Correlated neurons")
+    expect(region).to_have_count(1)
+    expect(region.get_by_role("heading", name="Correlated neurons")).to_have_count(1)
+    want = region.get_by_role("link").evaluate_all("as => as.map(a => a.getAttribute('href'))")
+    assert len(want) == 10
+    reached, ring = [], set()
+    page.locator("body").focus()
+    for _ in range(400):  # the page's focusable elements, once round
+        page.keyboard.press("Tab")
+        href, outline = page.evaluate(
+            "() => { const a = document.activeElement; return a.closest('section.correlation') ?"
+            " [a.getAttribute('href'), getComputedStyle(a).outlineStyle] : [null, null]; }"
+        )
+        if href is not None:
+            reached.append(href)
+            ring.add(outline)
+        elif reached:
+            break
+    assert reached == want and ring == {"solid"}, (reached, ring)
+    page.keyboard.press("Shift+Tab")  # back onto the last link, then the one before it
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.getAttribute('href')") == want[-2]
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{url}{want[-2]}")
+    expect(page.get_by_role("region", name="Correlated neurons")).to_have_count(1)
