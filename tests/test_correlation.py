@@ -1,13 +1,16 @@
 """Correlated neurons (`sitegen compute --correlations`) on the tiny model: the stored sums equal
 a brute-force computation from independently hooked activations, r equals np.corrcoef, shards
-merge to identical bytes in either order, the flag off changes no store, and a run of the other
-setting is refused in one line."""
+merge to identical bytes in either order, the flag off changes no store, a run of the other
+setting is refused in one line, and `sitegen verify` checks the stored sums (a fresh store passes;
+each tampering fails, naming the layer and neuron)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from tests.conftest import HAS_TORCH
@@ -304,3 +307,143 @@ def test_the_accumulator_counts_cuts_and_adds_as_numpy_does(all_full):
     assert int(state["tokens"]) == len(q) == (32 if all_full else 22)
     assert np.array_equal(state["gram"], q.T @ q) and np.array_equal(state["sum"], q.sum(0))
     assert state["clamped"].tolist() == (np.abs(x) > CLAMP).sum(0).tolist() and state["clamped"].sum() >= 2
+
+
+def _verify(store, *args):
+    from click.testing import CliRunner
+
+    from sitegen.cli import main
+
+    return CliRunner().invoke(main, ["verify", str(store), *args])
+
+
+def _tampered(corr_run, tmp_path, layer: int, change) -> Path:
+    """A copy of the store whose correlation table of LAYER is CHANGE(tokens, sums, clamped, gram)
+    (arrays changed in place), written back through the service's own table writer."""
+    import shutil
+
+    from sitegen.services.correlation.data import sums_table, table_sums
+    from sitegen.store import Store
+
+    out = tmp_path / "tampered"
+    shutil.copytree(corr_run, out)
+    st = Store.open(out)
+    tokens, sums, clamped, gram = (
+        np.array(a) if i else a for i, a in enumerate(table_sums(st.read_layer("correlation", layer)))
+    )
+    table = change(tokens, sums, clamped, gram) or sums_table(tokens, sums, clamped, gram)
+    st.write_layer("correlation", layer, table)
+    return out
+
+
+def test_verify_checks_the_sums_and_reruns_them_on_a_small_store(corr_run, tmp_path):
+    """A fresh store passes: every checked layer's sums are consistent, and the whole corpus pass
+    being rerun (a small store keeps every sequence), the sampled neurons' sums are recomputed on
+    the grid and equal the stored ones bit for bit on the CPU."""
+    import orjson
+
+    report = tmp_path / "report.json"
+    result = _verify(corr_run, "--neurons", "4", "--batch-size", "3", "--json", str(report))
+    assert result.exit_code == 0, result.output
+    for layer in range(3):
+        assert (
+            f"correlation layer {layer}: 48 neurons' sums checked; 4 neurons' sums rerun, largest difference 0, 0 failed"
+            in result.output
+        ), result.output
+    assert "correlation sums of 3 layers checked, 0 neurons failed" in result.output
+    r = orjson.loads(report.read_bytes())["correlation"]
+    assert r == {"layers": [0, 1, 2], "rerun": True, "max_sum_difference": 0, "failed": []}
+    sampled = _verify(
+        corr_run, "--neurons", "4", "--sampled"
+    )  # only the sampled neurons' sequences: no rerun of the sums
+    assert sampled.exit_code == 0, sampled.output
+    assert "note: correlation: the sums checked for consistency only" in sampled.output
+    assert "sums rerun" not in sampled.output
+
+
+def _fails(result, layer: int, neurons: set[int], message: str) -> None:
+    assert result.exit_code == 1, result.output
+    fails = [line.strip() for line in result.output.splitlines() if "FAIL layer" in line]
+    named = {int(re.match(r"FAIL layer (\d+) neuron (\d+):", f).group(2)) for f in fails}
+    assert all(f.startswith(f"FAIL layer {layer} neuron ") for f in fails) and named == neurons, result.output
+    assert any(message in f for f in fails), result.output
+
+
+def test_verify_fails_naming_the_neuron_whose_stored_sum_changed(corr_run, tmp_path):
+    """One stored sum off by one (the smallest change) breaks the parity of sum(q) and sum(q^2);
+    verify names that neuron alone, also when it is not among the sampled ones."""
+
+    def change(tokens, sums, clamped, gram):
+        sums[17] += 1
+
+    broken = _tampered(corr_run, tmp_path, 1, change)
+    result = _verify(broken, "--neurons", "1:3")
+    _fails(result, 1, {17}, "differ in parity")
+    assert result.output.splitlines()[-1] == (
+        f"error: {broken}: 0 of 1 neurons differ from the model beyond --rtol 0.0001, 1 neurons outside the sample "
+        "fail a check of the stored data (see the report above)"
+    )
+
+
+def test_verify_fails_on_an_asymmetric_gram_matrix_and_a_changed_token_count(corr_run, tmp_path):
+    def change(tokens, sums, clamped, gram):
+        gram[4, 9] += 2  # even: the diagonal's parity holds; the mirror entry does not match
+        from sitegen.services.correlation.data import sums_table
+
+        table = sums_table(tokens, sums, clamped, gram)
+        column = table.column("tokens").to_numpy().copy()
+        column[30] += 1
+        return table.set_column(1, "tokens", pa.array(column))
+
+    broken = _tampered(corr_run, tmp_path, 2, change)
+    _fails(_verify(broken, "--neurons", "2:0"), 2, {4, 9, 30}, "the Gram matrix is not symmetric")
+    assert "FAIL layer 2 neuron 30: correlation: " in _verify(broken, "--neurons", "2:0").output
+
+
+def test_verify_recomputes_the_sampled_neurons_gram_block(corr_run, tmp_path):
+    """A symmetric, even change of one Gram entry keeps every identity (and r within +-1); only
+    the rerun sums catch it, naming both neurons; verify without the rerun (--sampled) cannot."""
+    from sitegen.services.correlation.data import table_sums
+    from sitegen.services.correlation.render import pearson
+    from sitegen.store import Store
+
+    tokens, sums, _, gram = table_sums(Store.open(corr_run).read_layer("correlation", 0))
+    r = pearson(tokens, sums, gram)
+    i, j = np.unravel_index(np.argmin(np.abs(r) + np.eye(len(r))), r.shape)  # the least correlated pair
+    # beyond what activations within rtol can move it: sum|q| <= sqrt(N sum q^2) per neuron, |dq| <= 1.5
+    k = 2 * int(3 * (np.sqrt(tokens * gram[i, i]) + np.sqrt(tokens * gram[j, j])) + 3 * tokens)
+
+    def change(tokens, sums, clamped, gram):
+        gram[i, j] += k
+        gram[j, i] += k
+
+    broken = _tampered(corr_run, tmp_path, 0, change)
+    after = pearson(tokens, sums, table_sums(Store.open(broken).read_layer("correlation", 0))[3])
+    assert abs(after[i, j]) < 0.9 and abs(after[i, j] - r[i, j]) > 0.01  # r is defined, and visibly moved
+    _fails(_verify(broken, "--neurons", f"0:{i},0:{j}"), 0, {int(i), int(j)}, "Gram entry with neuron")
+    assert _verify(broken, "--neurons", f"0:{i},0:{j}", "--sampled").exit_code == 0
+
+
+@pytest.mark.parametrize("tamper", ["diagonal", "sum"])
+def test_verify_holds_the_sums_to_neuroscopes_and_to_r_within_one(corr_run, tmp_path, tamper):
+    """A sampled neuron's sum of squares cut to the least its sum allows (parity kept, variance
+    about 0) disagrees with neuroscope's sum of squares and puts r with other neurons beyond +-1;
+    its sum moved by 2 per token (parity kept) disagrees with neuroscope's sum and the rerun."""
+    n = 11
+
+    def change(tokens, sums, clamped, gram):
+        if tamper == "diagonal":
+            s = int(sums[n])
+            least = max(-(-(s * s) // tokens), abs(s))
+            gram[n, n] = least + (least - s) % 2
+        else:
+            sums[n] += 2 * tokens
+
+    broken = _tampered(corr_run, tmp_path, 1, change)
+    result = _verify(broken, "--neurons", f"1:{n}")
+    _fails(result, 1, {n}, "differs from neuroscope's")
+    if tamper == "diagonal":
+        assert f"FAIL layer 1 neuron {n}: correlation: sum of squares " in result.output
+        assert re.search(rf"FAIL layer 1 neuron {n}: correlation: r with neuron \d+ is beyond", result.output)
+    else:
+        assert f"FAIL layer 1 neuron {n}: correlation: sum stored " in result.output

@@ -98,6 +98,11 @@ class Correlation(Service):
 
         return merge(tables)
 
+    def verifier(self, store, run):
+        from sitegen.services.correlation.verify import CorrelationVerifier
+
+        return CorrelationVerifier(store, run)
+
     def open_layer(self, store, layer, site):
         from sitegen.services.correlation.render import CorrelationLayer
 
