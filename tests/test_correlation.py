@@ -240,22 +240,47 @@ def test_a_resumed_run_equals_the_uninterrupted_one(corr_run, tiny_model_dir, ti
         assert (out / rel).read_bytes() == (corr_run / rel).read_bytes(), rel
 
 
-def test_a_dictionarys_latents_get_their_correlations_too(corr_run, tiny_model_dir, tiny_corpus, tmp_path):
+# Two dictionaries of the tiny model (d_model 32, d_mlp 48): one reads after its layer's MLP, one
+# before it (the neurons of its layer come later in the forward pass).
+SAES = {
+    "res1": dict(architecture="topk", d_in=32, d_sae=64, hook_name="blocks.1.hook_resid_post", k=6),
+    "pre2": dict(architecture="standard", d_in=32, d_sae=40, hook_name="blocks.2.hook_resid_pre"),
+}
+
+
+def _sae_config(tiny_model_dir, tiny_corpus, out, folders, **kw):
+    return _config(
+        tiny_model_dir, tiny_corpus, out, correlations=True, dictionaries=tuple(str(folders[n]) for n in SAES), **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def sae_run(tiny_model_dir, tiny_corpus, tmp_path_factory):
+    """The tiny model computed with --correlations and the two dictionaries: (store, folders)."""
+    from sitegen.compute.runner import run_compute
+    from sitegen.dictionaries.format import random_dictionary, save_dictionary
+
+    root = tmp_path_factory.mktemp("sae")
+    folders = {}
+    for i, (name, kw) in enumerate(SAES.items()):
+        kw = dict(kw)
+        args = (kw.pop("architecture"), kw.pop("d_in"), kw.pop("d_sae"), kw.pop("hook_name"))
+        save_dictionary(random_dictionary(*args, seed=i, name=name, **kw), root / name)
+        folders[name] = root / name
+    run_compute(_sae_config(tiny_model_dir, tiny_corpus, root / "store", folders), **QUIET)
+    return root / "store", folders
+
+
+def test_a_dictionarys_latents_get_their_correlations_too(corr_run, sae_run, tmp_path):
     """With --sae, the latents (one layer of d_sae units) are correlated among themselves over the
     same counted tokens, and their site builds; latents that never fire have no r and list none."""
     import orjson
 
-    from sitegen.compute.runner import run_compute
-    from sitegen.dictionaries.format import random_dictionary, save_dictionary
     from sitegen.services.correlation.data import table_sums
     from sitegen.site.build import build_site
     from sitegen.store import Store
 
-    save_dictionary(random_dictionary("topk", 32, 64, "blocks.1.hook_resid_post", k=6, name="res1"), tmp_path / "res1")
-    out = tmp_path / "store"
-    run_compute(
-        _config(tiny_model_dir, tiny_corpus, out, correlations=True, dictionaries=(str(tmp_path / "res1"),)), **QUIET
-    )
+    out, _ = sae_run
     latents = Store.open(out / "dictionaries" / "res1")
     tokens, sums, _, gram = table_sums(latents.read_layer("correlation", 0))
     assert gram.shape == (64, 64) and tokens == table_sums(Store.open(corr_run).read_layer("correlation", 0))[0]
@@ -269,6 +294,91 @@ def test_a_dictionarys_latents_get_their_correlations_too(corr_run, tiny_model_d
         assert (data["correlated"] == []) == constant, n
         listed.append(len(data["correlated"]))
     assert max(listed) == 10
+
+
+def _hooked_latents(model, tiny_corpus, folders) -> dict[str, np.ndarray]:
+    """Each dictionary's latents (seqs, SEQ_LEN, d_sae): its own encoder applied to the activation
+    hooked at its hook point in compute's batches (transformer-lens's hooks, not the runner's)."""
+    import torch
+
+    from sitegen.compute.packing import pack_sequences
+    from sitegen.compute.runner import _batch_tensors
+    from sitegen.corpus import load_corpus
+    from sitegen.corpus_keys import random_key
+    from sitegen.dictionaries.format import load_dictionary
+    from tests.test_compute import BATCH, SEED, TOKENS
+
+    seqs = list(pack_sequences(load_corpus(str(tiny_corpus)), model.tokenizer, SEQ_LEN, TOKENS, SEED))
+    dicts = {name: load_dictionary(str(folders[name])) for name in SAES}
+    out = {name: np.zeros((len(seqs), SEQ_LEN, d.d_sae), np.float32) for name, d in dicts.items()}
+    for start in range(0, len(seqs), BATCH):
+        batch = seqs[start : start + BATCH]
+        tokens, *_ = _batch_tensors(batch, BATCH, SEQ_LEN, model.tokenizer.pad_token_id, 1, SEED, random_key, "cpu")
+        captured = {}
+        hooks = [
+            (d.hook_name, (lambda key: lambda x, hook: captured.__setitem__(key, x.detach().clone()))(name))
+            for name, d in dicts.items()
+        ]
+        with torch.inference_mode():
+            model.bridge.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
+            for name, d in dicts.items():
+                out[name][start : start + len(batch)] = d.encode(captured[name])[: len(batch)].numpy()
+    return out
+
+
+def test_latents_and_neurons_of_one_layer_have_exact_cross_sums(sae_run, counted_acts, tiny_model_dir, tiny_corpus):
+    """Each dictionary's table holds, per latent, the int64 products with every neuron of the layer
+    it reads at (the MLP after it, for the one reading before its layer's MLP), equal to numpy's
+    integer arithmetic on the grid from independently hooked neurons and latents; its own sums are
+    the latents' and its token count the neurons'."""
+    from sitegen.compute.models import load_model
+    from sitegen.services.correlation.data import CLAMP, GRID_SHIFT, table_cross, table_sums
+    from sitegen.store import Store
+    from tests.test_compute import _hooked_glu
+
+    out, folders = sae_run
+    model = load_model(str(tiny_model_dir))
+    latents = _hooked_latents(model, tiny_corpus, folders)
+    _, lengths, _ = _hooked_glu(model, tiny_corpus)
+    positions = np.arange(SEQ_LEN)[None, :]
+    counted = (positions >= 1) & (positions < lengths[:, None])
+    grid = lambda x: np.clip(np.rint(x.astype(np.float64) * 2.0**GRID_SHIFT), -CLAMP, CLAMP).astype(np.int64)
+    for name, layer in (("res1", 1), ("pre2", 2)):
+        table = Store.open(out / "dictionaries" / name).read_layer("correlation", 0)
+        tokens, sums, _, gram = table_sums(table)
+        cross = table_cross(table)
+        ql, qn = grid(latents[name][counted]), grid(counted_acts[layer])
+        assert tokens == len(ql) == len(qn)
+        assert cross.shape == (SAES[name]["d_sae"], 48)
+        assert np.array_equal(sums, ql.sum(0)) and np.array_equal(gram, ql.T @ ql), name
+        assert np.array_equal(cross, ql.T @ qn), name
+        assert np.abs(cross).max() > 0
+    assert "neuron_gram" not in Store.open(out).read_layer("correlation", 1).column_names  # the neurons' own: none
+
+
+def test_cross_sums_merge_in_either_order_and_resume(sae_run, tiny_model_dir, tiny_corpus, tmp_path):
+    """Two shards merged in either order, and a run interrupted after 2 batches and resumed, give
+    the whole run's latent tables byte for byte."""
+    from sitegen.compute.runner import run_compute
+    from sitegen.errors import StoreError
+    from sitegen.merge import merge_stores
+    from tests.reference import interrupt_after
+
+    whole, folders = sae_run
+    shards = [tmp_path / f"s{i}" for i in range(2)]
+    for i, out in enumerate(shards):
+        run_compute(_sae_config(tiny_model_dir, tiny_corpus, out, folders, shard=(i, 2)), **QUIET)
+    merged = [merge_stores(order, tmp_path / name) for name, order in (("ab", shards), ("ba", shards[::-1]))]
+    resumed = tmp_path / "resumed"
+    cfg = _sae_config(tiny_model_dir, tiny_corpus, resumed, folders)
+    with pytest.raises(StoreError, match="interrupted after"):
+        run_compute(cfg, progress=interrupt_after(2), **QUIET)
+    run_compute(cfg, **QUIET)
+    for name in SAES:
+        rel = f"dictionaries/{name}/correlation/layer=0/data.parquet"
+        want = (whole / rel).read_bytes()
+        for other in (*merged, resumed):
+            assert (other / rel).read_bytes() == want, (other, rel)
 
 
 @pytest.mark.parametrize("all_full", [True, False])
