@@ -557,3 +557,77 @@ def test_verify_holds_the_sums_to_neuroscopes_and_to_r_within_one(corr_run, tmp_
         assert re.search(rf"FAIL layer 1 neuron {n}: correlation: r with neuron \d+ is beyond", result.output)
     else:
         assert f"FAIL layer 1 neuron {n}: correlation: sum stored " in result.output
+
+
+def test_latents_and_neurons_of_one_layer_list_each_other(sae_run, counted_acts, tiny_model_dir, tiny_corpus, tmp_path):
+    """A latent's page and API list the 10 neurons of the layer its dictionary reads at with the
+    highest r (`correlated_neurons`), a neuron of that layer the 10 latents (`correlated_latents`),
+    each r equal to np.corrcoef of the hooked activations within the grid's bound and the same r
+    both ways; a layer no dictionary reads at lists no latents; every API file validates."""
+    import orjson
+
+    from sitegen.compute.models import load_model
+    from sitegen.site.build import build_site
+    from sitegen.store import Store
+    from tests.test_api import _documented, _spec, _validator
+    from tests.test_compute import _hooked_glu
+
+    out, folders = sae_run
+    model = load_model(str(tiny_model_dir))
+    latents = _hooked_latents(model, tiny_corpus, folders)
+    _, lengths, _ = _hooked_glu(model, tiny_corpus)
+    counted = (np.arange(SEQ_LEN)[None, :] >= 1) & (np.arange(SEQ_LEN)[None, :] < lengths[:, None])
+    site = tmp_path / "site"
+    build_site([out], site)
+    base = Store.open(out).manifest["model"]["name"]
+    api = lambda model, layer, n: orjson.loads((site / f"api/{model}/correlation/{layer}/{n}.json").read_bytes())[
+        "data"
+    ]
+    bound = 4 * 2.0**-11
+    for name, layer in (("res1", 1), ("pre2", 2)):
+        z, x = latents[name][counted].astype(np.float64), counted_acts[layer].astype(np.float64)
+        live = z.std(0) > 0
+        want = np.corrcoef(np.concatenate([z[:, live], x], axis=1).T)[: live.sum(), live.sum() :]
+        r = np.full((z.shape[1], x.shape[1]), np.nan)
+        r[live] = want
+        with np.errstate(divide="ignore"):  # a dead latent: no r, no tolerance needed
+            tol = bound / np.minimum(z.std(0)[:, None], x.std(0)[None, :])
+        sub = f"{base}.{name}"
+        for latent in range(z.shape[1]):
+            got = api(sub, 0, latent)["correlated_neurons"]
+            if not live[latent]:
+                assert got == [], (name, latent)
+                continue
+            assert len(got) == 10 and [e["r"] for e in got] == sorted((e["r"] for e in got), reverse=True)
+            assert {e["layer"] for e in got} == {layer}
+            for e in got:
+                assert abs(e["r"] - r[latent, e["neuron"]]) <= tol[latent, e["neuron"]] + 5e-5, (name, latent, e)
+            assert got[-1]["r"] >= np.sort(r[latent])[-10] - tol[latent].max() - 5e-5
+        for n in range(48):
+            got = api(base, layer, n)["correlated_latents"]
+            assert len(got) == 10 and {e["model"] for e in got} == {sub}
+            for e in got:
+                assert abs(e["r"] - r[e["latent"], n]) <= tol[e["latent"], n] + 5e-5, (name, n, e)
+                back = {f["neuron"]: f["r"] for f in api(sub, 0, e["latent"])["correlated_neurons"]}
+                assert back.get(n, e["r"]) == e["r"]  # where the latent lists the neuron too, the same r
+            assert got[0]["r"] >= np.nanmax(r[:, n]) - tol[live, n].max() - 5e-5
+    assert "correlated_latents" not in api(base, 0, 0)  # no dictionary reads at layer 0
+    e = api(base, 1, 5)["correlated_latents"][0]
+    page = (site / base / "1" / "5.html").read_text()
+    assert "<h3>Latents</h3>" in page
+    assert (
+        f'<a href="/{e["model"]}/0/{e["latent"]}.html">{e["model"]} {e["latent"]}</a> <small>r = {e["r"]:.2f}</small>'
+        in page
+    )
+    assert "<h3>Latents</h3>" not in (site / base / "0" / "5.html").read_text()
+    live = next(n for n in range(64) if api(f"{base}.res1", 0, n)["correlated_neurons"])
+    e = api(f"{base}.res1", 0, live)["correlated_neurons"][0]
+    page = (site / f"{base}.res1" / "0" / f"{live}.html").read_text()
+    assert f"<h3>Neurons of {base}, layer 1</h3>" in page
+    assert f'<a href="/{base}/1/{e["neuron"]}.html">1:{e["neuron"]}</a> <small>r = {e["r"]:.2f}</small>' in page
+    spec = _spec(site)
+    for model in (base, f"{base}.res1", f"{base}.pre2"):
+        for f in sorted((site / "api" / model / "correlation").rglob("*.json")):
+            url = "/api/" + f.relative_to(site / "api").with_suffix("").as_posix()
+            errors = list(_validator(spec, _documented(spec, url)).iter_errors(orjson.loads(f.read_bytes())))
+            assert not errors, f"{url}: {errors[0].message} at {list(errors[0].absolute_path)}"
