@@ -804,12 +804,14 @@ CORRELATED = "correlated"
 @pytest.fixture(scope="module")
 def correlated_site(tmp_path_factory, tiny_model_dir):
     """The tiny model computed with `sitegen compute --correlations` over test_hostile's corpus
-    (markup in the texts and the file names), built and served."""
+    (markup in the texts and the file names), with a dictionary reading at layer 1 (`--sae`), built
+    and served."""
     import threading
 
     from click.testing import CliRunner
 
     from sitegen.cli import main
+    from sitegen.dictionaries.format import random_dictionary, save_dictionary
     from sitegen.site.build import build_site
     from sitegen.site.serve import make_server
     from tests.conftest import free_port
@@ -817,9 +819,10 @@ def correlated_site(tmp_path_factory, tiny_model_dir):
 
     root = tmp_path_factory.mktemp("correlated")
     corpus, store = _hostile_corpus(root / "corpus"), root / "store"
+    save_dictionary(random_dictionary("topk", 32, 64, "blocks.1.hook_resid_post", k=6, name="res1"), root / "res1")
     args = ["compute", "--model", tiny_model_dir, "--corpus", corpus, "--out", store, "--tokens", "3000"]
     args += ["--seq-len", "16", "--batch-size", "8", "--device", "cpu", "--quiet", "--name", CORRELATED]
-    res = CliRunner().invoke(main, [str(a) for a in [*args, "--correlations"]])
+    res = CliRunner().invoke(main, [str(a) for a in [*args, "--correlations", "--sae", root / "res1"]])
     assert res.exit_code == 0, (res.output, res.exception)
     build_site([store], root / "site")
     server = make_server(root / "site", "127.0.0.1", free_port())
@@ -831,7 +834,9 @@ def correlated_site(tmp_path_factory, tiny_model_dir):
 
 def test_correlation_panel_shows_the_apis_neurons_as_links_and_nothing_else(site_page, correlated_site):
     """The panel lists the API's `correlated` neurons in order, each a link "layer:neuron" to its
-    page with r to 2 decimals. The page around it shows a corpus of markup (texts, file names) as
+    page with r to 2 decimals, then the API's `correlated_latents` of the dictionary reading at the
+    layer, each a link to the latent's page; a latent's panel lists its `correlated_neurons` as
+    links to the neurons' pages. The page around it shows a corpus of markup (texts, file names) as
     text: no element that markup would make exists anywhere on the page, no dialog opens, and the
     panel itself holds links and numbers only."""
     import orjson
@@ -847,26 +852,48 @@ def test_correlation_panel_shows_the_apis_neurons_as_links_and_nothing_else(site
     page.goto(f"{url}/{CORRELATED}/{layer}/{neuron}.html")
     panel = page.locator("section.correlation")
     assert panel.count() == 1
-    assert f"computed over {want['tokens']:,} tokens" in panel.locator("p.note").inner_text()
-    items = panel.locator("ol.links li")
-    assert items.count() == 10
-    shown = [(items.nth(i).locator("a").inner_text(), items.nth(i).locator("small").inner_text()) for i in range(10)]
-    assert shown == [(f"{e['layer']}:{e['neuron']}", f"r = {e['r']:.2f}") for e in want["correlated"]], shown
-    hrefs = panel.locator("ol.links a").evaluate_all("as => as.map(a => a.getAttribute('href'))")
+    assert f"computed over {want['tokens']:,} tokens" in panel.locator("p.note").first.inner_text()
+    lists = panel.locator("ol.links")
+    assert lists.count() == 2
+
+    def shown(ol):
+        items = ol.locator("li")
+        assert items.count() == 10
+        texts = [
+            (items.nth(i).locator("a").inner_text(), items.nth(i).locator("small").inner_text()) for i in range(10)
+        ]
+        return texts, ol.locator("a").evaluate_all("as => as.map(a => a.getAttribute('href'))")
+
+    texts, hrefs = shown(lists.first)
+    assert texts == [(f"{e['layer']}:{e['neuron']}", f"r = {e['r']:.2f}") for e in want["correlated"]], texts
     assert hrefs == [f"/{CORRELATED}/{e['layer']}/{e['neuron']}.html" for e in want["correlated"]], hrefs
-    assert panel.locator("*:not(h2, p, ol, li, a, small)").count() == 0, panel.inner_html()
+    latents = want["correlated_latents"]
+    texts, hrefs = shown(lists.nth(1))
+    assert texts == [(f"{e['model']} {e['latent']}", f"r = {e['r']:.2f}") for e in latents], texts
+    assert hrefs == [f"/{CORRELATED}.res1/0/{e['latent']}.html" for e in latents], hrefs
+    assert panel.locator("*:not(h2, h3, p, ol, li, a, small)").count() == 0, panel.inner_html()
     # the corpus's markup: shown as text where the page shows it, never made into elements
     assert page.locator("img, b, textarea, script:not([src])").count() == 0, page.content()
     html = page.content()
     assert "<img src=x" not in html and "onerror=alert(1)>" not in html
     assert MARKUP in page.locator("body").text_content()  # a source shown: its file name
+    latent = latents[0]["latent"]  # the latent's page, its neurons
+    neurons = orjson.loads((site / f"api/{CORRELATED}.res1/correlation/0/{latent}.json").read_bytes())["data"]
+    page.goto(f"{url}/{CORRELATED}.res1/0/{latent}.html")
+    panel = page.locator("section.correlation")
+    assert panel.locator("h3").inner_text() == f"Neurons of {CORRELATED}, layer 1"
+    texts, hrefs = shown(panel.locator("ol.links").nth(1))
+    assert texts == [(f"1:{e['neuron']}", f"r = {e['r']:.2f}") for e in neurons["correlated_neurons"]], texts
+    assert hrefs == [f"/{CORRELATED}/1/{e['neuron']}.html" for e in neurons["correlated_neurons"]], hrefs
+    assert page.locator("img, b, textarea, script:not([src])").count() == 0, page.content()
     assert dialogs == []
 
 
 def test_correlation_panel_is_keyboard_accessible(site_page, correlated_site):
-    """The panel is a region named "Correlated neurons"; Tab reaches each of its links in order,
-    each with a visible focus ring; Shift+Tab goes back through them, and Enter follows the one
-    focused to that neuron's page, which has its own panel."""
+    """The panel is a region named "Correlated neurons" with a heading per list; Tab reaches each of
+    its links in order (the neurons', then the latents'), each with a visible focus ring; Shift+Tab
+    goes back through them, and Enter follows the one focused to that latent's page, which has its
+    own panel."""
     from playwright.sync_api import expect
 
     _, url = correlated_site
@@ -875,8 +902,9 @@ def test_correlation_panel_is_keyboard_accessible(site_page, correlated_site):
     region = page.get_by_role("region", name="Correlated neurons")
     expect(region).to_have_count(1)
     expect(region.get_by_role("heading", name="Correlated neurons")).to_have_count(1)
+    expect(region.get_by_role("heading", name="Latents")).to_have_count(1)
     want = region.get_by_role("link").evaluate_all("as => as.map(a => a.getAttribute('href'))")
-    assert len(want) == 10
+    assert len(want) == 20 and want[-1].startswith(f"/{CORRELATED}.res1/0/")
     reached, ring = [], set()
     page.locator("body").focus()
     for _ in range(400):  # the page's focusable elements, once round
