@@ -631,3 +631,37 @@ def test_latents_and_neurons_of_one_layer_list_each_other(sae_run, counted_acts,
             url = "/api/" + f.relative_to(site / "api").with_suffix("").as_posix()
             errors = list(_validator(spec, _documented(spec, url)).iter_errors(orjson.loads(f.read_bytes())))
             assert not errors, f"{url}: {errors[0].message} at {list(errors[0].absolute_path)}"
+
+
+def test_verify_checks_a_dictionarys_products_with_its_layers_neurons(sae_run, tmp_path):
+    """A dictionary's store verifies (its latents' own sums, and their products with the neurons
+    of the layer it reads at, against the model's store it sits in); one product of a sampled
+    latent made larger than r within +-1 allows fails, naming that latent."""
+    import shutil
+
+    from sitegen.services.correlation.data import sums_table, table_cross, table_sums
+    from sitegen.store import Store
+
+    out, _ = sae_run
+    for name in SAES:
+        result = _verify(out / "dictionaries" / name, "--neurons", "4")
+        assert result.exit_code == 0, result.output
+        assert "correlation layer 0: " in result.output and "0 failed" in result.output
+    shutil.copytree(out / "dictionaries" / "res1", tmp_path / "alone")  # away from its model's store: a note
+    result = _verify(tmp_path / "alone", "--neurons", "4")
+    assert result.exit_code == 0 and "note: correlation: the latents' products with the neurons" in result.output
+    copy = tmp_path / "store"
+    shutil.copytree(out, copy)
+    sub = Store.open(copy / "dictionaries" / "res1")
+    table = sub.read_layer("correlation", 0)
+    tokens, sums, clamped, gram = table_sums(table)
+    cross = table_cross(table).copy()
+    latent = next(n for n in range(64) if gram[n, n] > 0)
+    cross[latent, 7] = int(np.sqrt(float(gram[latent, latent]) * 4e12))  # beyond any neuron's sum of squares
+    sub.write_layer("correlation", 0, sums_table(tokens, sums, clamped, gram, cross))
+    _fails(
+        _verify(copy / "dictionaries" / "res1", "--neurons", f"0:{latent}"),
+        0,
+        {latent},
+        "r with neuron 7 of layer 1 is beyond +-1",
+    )

@@ -108,3 +108,18 @@ def merge(tables: list[pa.Table]) -> pa.Table:
         raise StoreError("the shards' correlation tables differ in their columns: merge shards of one run")
     cross = None if crosses[0] is None else np.sum(crosses, axis=0, dtype=np.int64)
     return sums_table(tokens, sums, clamped, gram, cross)
+
+
+def model_store(store):
+    """The store of the model a dictionary's store belongs to, where that dictionary's store sits in
+    it (<model store>/dictionaries/<name>) and the model's store has correlation tables; else None."""
+    from sitegen.store import Store
+
+    record = store.manifest.get("dictionary")
+    root = store.root.parent.parent
+    if record is None or not (root / "manifest.json").exists():
+        return None
+    base = Store.open(root)
+    if record["name"] not in base.manifest.get("dictionaries", []) or not base.has_service("correlation"):
+        return None
+    return base

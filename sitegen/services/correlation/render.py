@@ -7,8 +7,7 @@ import numpy as np
 from markupsafe import Markup, escape
 
 from sitegen.errors import BuildError
-from sitegen.services.correlation.data import TABLE_SCHEMA, table_cross, table_sums
-from sitegen.store import Store
+from sitegen.services.correlation.data import TABLE_SCHEMA, model_store, table_cross, table_sums
 
 TOP_N = 10
 
@@ -72,11 +71,8 @@ def _base_neurons(store, layer: int, record: dict):
     two levels up, <model store>/dictionaries/<name>) is not there."""
     table = store.read_layer("correlation", layer)
     cross = table_cross(table)
-    base_root = store.root.parent.parent
-    if cross is None or not (base_root / "manifest.json").exists():
-        return None
-    base = Store.open(base_root)
-    if record["name"] not in base.manifest.get("dictionaries", []) or not base.has_service("correlation"):
+    base = None if cross is None else model_store(store)
+    if base is None:
         return None
     tokens, latents = _moments(table)
     base_tokens, neurons = _moments(base.read_layer("correlation", int(record["layer"]), columns=TABLE_SCHEMA.names))

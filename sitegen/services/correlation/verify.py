@@ -16,7 +16,9 @@ cannot recompute them; what can be checked is checked exactly, per checked layer
     neuroscope's sum of squares S (q = x * 2^10 + e with |e| <= 1/2; neuroscope's float32 squares
     carry a relative 2^-24 and its low limb 2^-47);
 - for the sampled neurons' rows: |r| <= 1 exactly, (N G_nj - s_n s_j)^2 <= (N G_nn - s_n^2)
-  (N G_jj - s_j^2) in integers, against every neuron j of the layer;
+  (N G_jj - s_j^2) in integers, against every neuron j of the layer; for a dictionary's latents
+  also against every neuron of the model layer the dictionary reads at (their products, and that
+  layer's sums in the model's store, over the same token count);
 - with the whole corpus pass rerun (`run.full` on a store that keeps every processed sequence),
   the sampled neurons' sums recomputed from the rerun activations on the same grid: the token count
   exactly, and sums, cut counts and the Gram block of the sampled neurons within what activations
@@ -32,7 +34,7 @@ import math
 import numpy as np
 
 from sitegen.services.base import Verification, VerifyRun
-from sitegen.services.correlation.data import CLAMP, GRID_SHIFT, TABLE_SCHEMA, table_sums
+from sitegen.services.correlation.data import CLAMP, GRID_SHIFT, TABLE_SCHEMA, model_store, table_cross, table_sums
 
 NAME = "correlation"
 MIN_SCALE = 1e-6  # as neuroscope's verify: the smallest neuron range a tolerance is measured against
@@ -47,7 +49,7 @@ class _Layer:
 
     def __init__(self, store, layer: int, neurons: list[int], first_valid: int):
         self.layer, self.neurons, self.fv = layer, neurons, first_valid
-        table = store.read_layer(NAME, layer, columns=TABLE_SCHEMA.names)
+        table = store.read_layer(NAME, layer)
         self.token_column = table.sort_by("neuron").column("tokens").to_numpy()
         self.tokens, self.sums, self.clamped, self.gram = table_sums(table)
         self.neuroscope = None
@@ -59,6 +61,17 @@ class _Layer:
             t = store.read_layer("neuroscope", layer, columns=["neuron", "count", "sum_fx", "sumsq_fx", "sumsq_lo"])
             t = t.sort_by("neuron")
             self.neuroscope = {c: t.column(c).to_numpy() for c in ("count", "sum_fx", "sumsq_fx", "sumsq_lo")}
+        # A dictionary's latents: their products with the neurons of the layer it reads at, and
+        # those neurons' sums from the model's store (None where either is missing)
+        self.cross = table_cross(table)
+        self.base = None
+        base = None if self.cross is None else model_store(store)
+        if base is not None:
+            base_layer = int(store.manifest["dictionary"]["layer"])
+            base_tokens, base_sums, _, base_gram = table_sums(
+                base.read_layer(NAME, base_layer, columns=TABLE_SCHEMA.names)
+            )
+            self.base = (base_layer, base_tokens, base_sums, np.diagonal(base_gram).copy())
         k = len(neurons)
         self.count = 0
         self.rsum = np.zeros(k, np.int64)
@@ -117,6 +130,8 @@ class _Layer:
                     add(n, problem)
         s_int, g_int = [int(v) for v in sums], [int(v) for v in diag]
         var = [n_tok * g - v * v for g, v in zip(g_int, s_int)]
+        if self.base is not None:
+            self._against_base(n_tok, s_int, var, add)
         for n in self.neurons:
             j = self._cauchy_schwarz(n, s_int, var)
             if j is not None:
@@ -125,6 +140,27 @@ class _Layer:
                     f"correlation: r with neuron {j} is beyond +-1 (the sums cannot come from one set of activations)",
                 )
         return out
+
+    def _against_base(self, n_tok: int, s: list[int], var: list[int], add) -> None:
+        """The sampled latents' products with the model layer's neurons: the same token count and
+        shape, and r within +-1 in integers against every neuron."""
+        layer, tokens, sums, diag = self.base
+        if tokens != n_tok or self.cross.shape[1] != len(sums):
+            for n in self.neurons:
+                add(
+                    n,
+                    f"correlation: the products with layer {layer}'s neurons cover {n_tok} tokens and "
+                    f"{self.cross.shape[1]} neurons, the model's store {tokens} and {len(sums)}",
+                )
+            return
+        bs = [int(v) for v in sums]
+        bvar = [tokens * int(g) - v * v for g, v in zip(diag, bs)]
+        for n in self.neurons:
+            for j, c in enumerate(self.cross[n].tolist()):
+                cov = n_tok * c - s[n] * bs[j]
+                if cov * cov > var[n] * bvar[j]:
+                    add(n, f"correlation: r with neuron {j} of layer {layer} is beyond +-1")
+                    break
 
     def _against_neuroscope(self, n: int, s: int, g: int) -> str | None:
         ns, n_tok = self.neuroscope, self.tokens
@@ -232,7 +268,13 @@ class CorrelationVerifier:
             if len(bad) > SHOWN:
                 lines.append(f"  ... and {len(bad) - SHOWN} more neurons of layer {layer} fail")
             failed += [(layer, n) for n in bad]
-        notes = (
+        alone = [
+            "correlation: the latents' products with the neurons of the layer their dictionary reads at not checked: "
+            "this dictionary's store is not in a model store with correlations (<model store>/dictionaries/<name>)"
+            for check in self.layers.values()
+            if check.cross is not None and check.base is None
+        ][:1]
+        notes = alone + (
             []
             if self.rerun
             else [
