@@ -38,9 +38,9 @@ from sitegen.services.correlation.data import CLAMP, GRID_SHIFT, TABLE_SCHEMA, m
 
 NAME = "correlation"
 MIN_SCALE = 1e-6  # as neuroscope's verify: the smallest neuron range a tolerance is measured against
-NS_SQ_LO_SHIFT = (
-    30  # neuroscope's low square limb: 2^-(sq_shift + 30) (its stats.py); the other shifts: its manifest record
-)
+# neuroscope's low square limb is in units of 2^-(sq_shift + 30) (its stats.py); its other shifts
+# are in its manifest record
+NS_SQ_LO_SHIFT = 30
 SHOWN = 10  # failing neurons listed per layer; the rest counted
 
 
@@ -78,7 +78,7 @@ class _Layer:
         self.rabs = np.zeros(k, np.int64)
         self.rgram = np.zeros((k, k), np.int64)
         self.rmax = np.zeros(k, np.float64)
-        self.rx: list[np.ndarray] = []  # |x| of the counted tokens near the clamp, per batch (cut counts)
+        self.rx: list[np.ndarray] = []  # |x| of every counted token, per batch: the cut counts, once m is known
 
     def update(self, acts: np.ndarray, lengths: list[int]) -> None:
         positions = np.arange(acts.shape[1])
