@@ -154,7 +154,9 @@ def main() -> None:
         last_accs[:] = accs
         units = [_Units(model, None, accs, _FiniteGuard(model.n_layers, model.d_mlp, 1, device))]
         if with_dictionary:  # the dictionary's latents, quality sums and loss sample, as compute --sae adds them
-            latent_run = dataclasses.replace(corpus_run, layer_size=dictionary.d_sae, gated_mlp=False)
+            latent_run = dataclasses.replace(
+                corpus_run, layer_size=dictionary.d_sae, gated_mlp=False, base_size=model.d_mlp
+            )
             q = QualitySums(dictionary.d_out, dictionary.d_sae)
             latent_accs = _LayerAccumulators({s.name: s.accumulator(0, latent_run) for s in services}, {".q": q})
             latents = DictionaryUnits(model, dictionary, device)
@@ -334,7 +336,7 @@ def correlations_only(args, base_median: float) -> None:
     valid = torch.ones(bs, T, dtype=torch.bool)
     valid[:, 0] = False
     batch = Batch(valid, torch.arange(bs), torch.zeros(bs), torch.zeros(bs), all_full=True)
-    gram = GramAccumulator(SimpleNamespace(layer_size=n, first_valid=1, device="cpu"))
+    gram = GramAccumulator(SimpleNamespace(layer_size=n, first_valid=1, device="cpu", base_size=0))
     times = []
     for _ in range(5):
         t0 = time.process_time()

@@ -353,8 +353,13 @@ def verify(store, neurons, model, rtol, full, seed, device, batch_size, json_out
             orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY, default=str),
         )
     if not report.ok:
+        # a service may check stored data of neurons outside the sample too (the correlation sums' identities)
+        sampled = set(report.neurons)
+        inside = sum(n in sampled for n in report.failed)
+        outside = len(report.failed) - inside
         raise VerificationFailed(
-            f"{store}: {len(report.failed)} of {len(report.neurons)} neurons differ from the model beyond --rtol {rtol:g}"
+            f"{store}: {inside} of {len(report.neurons)} neurons differ from the model beyond --rtol {rtol:g}"
+            + (f", {outside} neurons outside the sample fail a check of the stored data" if outside else "")
             + (f" and {len(report.problems)} store-level problems" if report.problems else "")
             + " (see the report above)"
         )

@@ -268,7 +268,14 @@ def write_synthetic_store(
                 "bos_token_id": 0,
                 "first_valid_position": 1,
             },
-            stats={"quantile_levels": list(stats.QUANTILE_LEVELS), "display_bins": stats.DISPLAY_BINS},
+            stats={
+                "quantile_levels": list(stats.QUANTILE_LEVELS),
+                "display_bins": stats.DISPLAY_BINS,
+                # the examples across the activation range, as brute_force_intervals chose them
+                "interval_shift": stats.INTERVAL_SHIFT,
+                "interval_groups": stats.INTERVAL_GROUPS,
+                "per_interval": stats.PER_INTERVAL,
+            },
             run_hash="synthetic",
             shard=None,
             services=["neuroscope", "logits"] if with_logits else ["neuroscope"],

@@ -794,3 +794,134 @@ def test_layer_table_sorts_by_what_researchers_rank_by(site_page, ranked_site, h
     button.focus()
     page.keyboard.press("Enter")
     assert order() == want[::-1] and th.get_attribute("aria-sort") == "descending", (order(), want, values)
+
+
+# ---- the correlated-neuron panel on a store computed with --correlations over a hostile corpus -------
+
+CORRELATED = "correlated"
+
+
+@pytest.fixture(scope="module")
+def correlated_site(tmp_path_factory, tiny_model_dir):
+    """The tiny model computed with `sitegen compute --correlations` over test_hostile's corpus
+    (markup in the texts and the file names), with a dictionary reading at layer 1 (`--sae`), built
+    and served."""
+    import threading
+
+    from click.testing import CliRunner
+
+    from sitegen.cli import main
+    from sitegen.dictionaries.format import random_dictionary, save_dictionary
+    from sitegen.site.build import build_site
+    from sitegen.site.serve import make_server
+    from tests.conftest import free_port
+    from tests.test_hostile import _hostile_corpus
+
+    root = tmp_path_factory.mktemp("correlated")
+    corpus, store = _hostile_corpus(root / "corpus"), root / "store"
+    save_dictionary(random_dictionary("topk", 32, 64, "blocks.1.hook_resid_post", k=6, name="res1"), root / "res1")
+    args = ["compute", "--model", tiny_model_dir, "--corpus", corpus, "--out", store, "--tokens", "3000"]
+    args += ["--seq-len", "16", "--batch-size", "8", "--device", "cpu", "--quiet", "--name", CORRELATED]
+    res = CliRunner().invoke(main, [str(a) for a in [*args, "--correlations", "--sae", root / "res1"]])
+    assert res.exit_code == 0, (res.output, res.exception)
+    build_site([store], root / "site")
+    server = make_server(root / "site", "127.0.0.1", free_port())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root / "site", f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_correlation_panel_shows_the_apis_neurons_as_links_and_nothing_else(site_page, correlated_site):
+    """The panel lists the API's `correlated` neurons in order, each a link "layer:neuron" to its
+    page with r to 2 decimals, then the API's `correlated_latents` of the dictionary reading at the
+    layer, each a link to the latent's page; a latent's panel lists its `correlated_neurons` as
+    links to the neurons' pages. The page around it shows a corpus of markup (texts, file names) as
+    text: no element that markup would make exists anywhere on the page, no dialog opens, and the
+    panel itself holds links and numbers only."""
+    import orjson
+
+    from tests.test_hostile import MARKUP
+
+    site, url = correlated_site
+    page, dialogs = site_page, []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    layer, neuron = 1, 5
+    want = orjson.loads((site / f"api/{CORRELATED}/correlation/{layer}/{neuron}.json").read_bytes())["data"]
+    assert len(want["correlated"]) == 10
+    page.goto(f"{url}/{CORRELATED}/{layer}/{neuron}.html")
+    panel = page.locator("section.correlation")
+    assert panel.count() == 1
+    assert f"computed over {want['tokens']:,} tokens" in panel.locator("p.note").first.inner_text()
+    lists = panel.locator("ol.links")
+    assert lists.count() == 2
+
+    def shown(ol):
+        items = ol.locator("li")
+        assert items.count() == 10
+        texts = [
+            (items.nth(i).locator("a").inner_text(), items.nth(i).locator("small").inner_text()) for i in range(10)
+        ]
+        return texts, ol.locator("a").evaluate_all("as => as.map(a => a.getAttribute('href'))")
+
+    texts, hrefs = shown(lists.first)
+    assert texts == [(f"{e['layer']}:{e['neuron']}", f"r = {e['r']:.2f}") for e in want["correlated"]], texts
+    assert hrefs == [f"/{CORRELATED}/{e['layer']}/{e['neuron']}.html" for e in want["correlated"]], hrefs
+    latents = want["correlated_latents"]
+    texts, hrefs = shown(lists.nth(1))
+    assert texts == [(f"{e['model']} {e['latent']}", f"r = {e['r']:.2f}") for e in latents], texts
+    assert hrefs == [f"/{CORRELATED}.res1/0/{e['latent']}.html" for e in latents], hrefs
+    assert panel.locator("*:not(h2, h3, p, ol, li, a, small)").count() == 0, panel.inner_html()
+    # the corpus's markup: shown as text where the page shows it, never made into elements
+    assert page.locator("img, b, textarea, script:not([src])").count() == 0, page.content()
+    html = page.content()
+    assert "<img src=x" not in html and "onerror=alert(1)>" not in html
+    assert MARKUP in page.locator("body").text_content()  # a source shown: its file name
+    latent = latents[0]["latent"]  # the latent's page, its neurons
+    neurons = orjson.loads((site / f"api/{CORRELATED}.res1/correlation/0/{latent}.json").read_bytes())["data"]
+    page.goto(f"{url}/{CORRELATED}.res1/0/{latent}.html")
+    panel = page.locator("section.correlation")
+    assert panel.locator("h3").inner_text() == f"Neurons of {CORRELATED}, layer 1"
+    texts, hrefs = shown(panel.locator("ol.links").nth(1))
+    assert texts == [(f"1:{e['neuron']}", f"r = {e['r']:.2f}") for e in neurons["correlated_neurons"]], texts
+    assert hrefs == [f"/{CORRELATED}/1/{e['neuron']}.html" for e in neurons["correlated_neurons"]], hrefs
+    assert page.locator("img, b, textarea, script:not([src])").count() == 0, page.content()
+    assert dialogs == []
+
+
+def test_correlation_panel_is_keyboard_accessible(site_page, correlated_site):
+    """The panel is a region named "Correlated neurons" with a heading per list; Tab reaches each of
+    its links in order (the neurons', then the latents'), each with a visible focus ring; Shift+Tab
+    goes back through them, and Enter follows the one focused to that latent's page, which has its
+    own panel."""
+    from playwright.sync_api import expect
+
+    _, url = correlated_site
+    page = site_page
+    page.goto(f"{url}/{CORRELATED}/1/5.html")
+    region = page.get_by_role("region", name="Correlated neurons")
+    expect(region).to_have_count(1)
+    expect(region.get_by_role("heading", name="Correlated neurons")).to_have_count(1)
+    expect(region.get_by_role("heading", name="Latents")).to_have_count(1)
+    want = region.get_by_role("link").evaluate_all("as => as.map(a => a.getAttribute('href'))")
+    assert len(want) == 20 and want[-1].startswith(f"/{CORRELATED}.res1/0/")
+    reached, ring = [], set()
+    page.locator("body").focus()
+    for _ in range(400):  # the page's focusable elements, once round
+        page.keyboard.press("Tab")
+        href, outline = page.evaluate(
+            "() => { const a = document.activeElement; return a.closest('section.correlation') ?"
+            " [a.getAttribute('href'), getComputedStyle(a).outlineStyle] : [null, null]; }"
+        )
+        if href is not None:
+            reached.append(href)
+            ring.add(outline)
+        elif reached:
+            break
+    assert reached == want and ring == {"solid"}, (reached, ring)
+    page.keyboard.press("Shift+Tab")  # back onto the last link, then the one before it
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.getAttribute('href')") == want[-2]
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{url}{want[-2]}")
+    expect(page.get_by_role("region", name="Correlated neurons")).to_have_count(1)

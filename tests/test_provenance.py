@@ -168,3 +168,59 @@ def test_local_paths_are_not_published(tmp_path):
         model_provenance({"model": {"source": "EleutherAI/pythia-70m", "source_kind": "hub"}})["model"]["source"]
         == "EleutherAI/pythia-70m"
     )
+
+
+def test_the_examples_across_the_range_say_how_they_were_chosen(site, tmp_path):
+    """The neuron page's row states the rule with the recorded settings (the interval's mantissa
+    bits, the groups kept one by one, examples per group, the key and the run's seed), the API's
+    metadata carries them, and the key is the one the examples follow: each group's texts come
+    smallest interval_key(seed, sequence id) first. A store whose manifest does not record the
+    settings says so ("not recorded"); a store without the examples has no row."""
+    from sitegen.corpus_keys import interval_key
+    from sitegen.services.neuroscope import stats
+
+    html = (site / MODEL / "0" / "1.html").read_text()
+    assert (
+        "<dt>Across the activation range</dt><dd>sequences with a positive maximum, filed by that maximum's float32 "
+        "exponent and top <code>2</code> mantissa bits (quarter-octave intervals, edges 2<sup>e</sup> × 1, 1.25, 1.5, "
+        "1.75); the <code>8</code> highest intervals, from the one holding the neuron's largest sequence maximum down, "
+        "kept one by one, every lower one as one more group; per group the <code>5</code> sequences with the smallest "
+        "<code>corpus_keys.interval_key(seed, sequence id)</code>, seed <code>0</code> (ties to the lower id)</dd>"
+    ) in html
+    data = orjson.loads((site / "api" / MODEL / "neuroscope" / "0" / "1.json").read_bytes())
+    assert data["metadata"]["provenance"]["interval_examples"] == {
+        "interval_shift": stats.INTERVAL_SHIFT,
+        "mantissa_bits": 23 - stats.INTERVAL_SHIFT,
+        "interval_groups": stats.INTERVAL_GROUPS,
+        "per_interval": stats.PER_INTERVAL,
+        "key": "sitegen.corpus_keys.interval_key(seed, sequence id)",
+    }
+    seed = data["metadata"]["provenance"]["seed"]
+    groups = [[t["data_index"] for t in g["texts"]] for g in data["data"]["interval_examples"]]
+    assert sum(len(g) >= 2 for g in groups) >= 1, groups  # a group with an order to check
+    for ids in groups:
+        assert len(ids) <= stats.PER_INTERVAL
+        assert ids == sorted(ids, key=lambda s: (interval_key(seed, s), s)), ids
+    assert len(groups) <= stats.INTERVAL_GROUPS + 1
+
+    store = write_synthetic_store(tmp_path / "store", name=MODEL)
+    m = {k: v for k, v in store.manifest.items() if k not in ("schema_version", "sitegen_version")}
+    m["stats"] = {k: v for k, v in m["stats"].items() if k in ("quantile_levels", "display_bins")}
+    store.write_manifest(m)
+    build_site([store.root], tmp_path / "site")
+    html = (tmp_path / "site" / MODEL / "0" / "1.html").read_text()
+    row = html[html.index("<dt>Across the activation range</dt>") :]
+    row = row[: row.index("</dd>")]
+    assert row.count('<span class="muted">not recorded</span>') == 3 and "seed <code>0</code>" in row
+    api = orjson.loads((tmp_path / "site" / "api" / MODEL / "neuroscope" / "0" / "1.json").read_bytes())
+    assert "interval_examples" not in api["metadata"]["provenance"]
+
+    from sitegen.services.neuroscope.data import INTERVAL_SCHEMA
+
+    for layer in range(2):  # the store's tables without the examples' columns
+        store.write_layer(
+            "neuroscope", layer, store.read_layer("neuroscope", layer).drop_columns(INTERVAL_SCHEMA.names)
+        )
+    build_site([store.root], tmp_path / "site2")
+    html = (tmp_path / "site2" / MODEL / "0" / "1.html").read_text()
+    assert "Across the activation range" not in html and '<details class="provenance"' in html

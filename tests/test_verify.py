@@ -70,6 +70,7 @@ def test_fresh_store_passes_with_every_check(fresh_store, tmp_path):
     result = _verify(fresh_store, "--batch-size", "3", "--json", str(report))  # other batches than compute's 4
     assert result.exit_code == 0, result.output
     assert "OK: 144 neurons checked, 0 failed" in result.output
+    assert "correlation" not in result.output  # a store without --correlations: verify as before
     r = orjson.loads(report.read_bytes())
     assert r["ok"] and not r["problems"]
     neurons = [n for layer in r["layers"] for n in layer["neurons"]]

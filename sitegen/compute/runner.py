@@ -482,7 +482,7 @@ def _corpus_pass(
         from sitegen.dictionaries.units import QualitySums
 
         d = dict_units.dictionary
-        latent_run = dataclasses.replace(corpus_run, layer_size=int(d.d_sae), gated_mlp=False)
+        latent_run = dataclasses.replace(corpus_run, layer_size=int(d.d_sae), gated_mlp=False, base_size=d_mlp)
         quality = QualitySums(int(d.d_out), int(d.d_sae))
         latent_accs = _LayerAccumulators(
             {s.name: s.accumulator(0, latent_run) for s in corpus_services}, extra={".quality": quality}
@@ -853,6 +853,10 @@ def _forward_units(units: list, tokens, seq_ids, valid, rand_score, interval_sco
     neurons = units[0]
     gated = neurons.model.gated_mlp
     pre: dict = {}  # a gated MLP's (layer, "gate" / "up") pre-activations, until its hook_post comes
+    # The neuron activations of the layers dictionaries read at, kept for the latents' accumulators
+    # (Batch.base), which run once the forward pass is done: a dictionary may read before its layer's MLP.
+    base: dict = dict.fromkeys(u.model.layer for u in units[1:])
+    latents: list = []  # (units, latents) of each dictionary, from its hook
 
     def on_layer(layer: int):
         def update(acts) -> None:
@@ -862,6 +866,8 @@ def _forward_units(units: list, tokens, seq_ids, valid, rand_score, interval_sco
             else:
                 layer_batch = batch
             neurons.accs[layer].update(acts, layer_batch)
+            if layer in base:
+                base[layer] = acts.detach().clone()
 
         return update
 
@@ -875,18 +881,20 @@ def _forward_units(units: list, tokens, seq_ids, valid, rand_score, interval_sco
             hooks += [(gate_hook, keep(layer, "gate")), (up_hook, keep(layer, "up"))]
         hooks.append((neurons.model.hook_name(layer), on_layer(layer)))
     for u in units[1:]:
-        hooks += _dictionary_hooks(u, batch)
+        hooks += _dictionary_hooks(u, batch, latents)
     neurons.model.run_hooks(tokens, hooks)
+    for u, z in latents:
+        u.accs[0].update(z, dataclasses.replace(batch, base=base[u.model.layer]))
 
 
-def _dictionary_hooks(u: _Units, batch: Batch) -> list:
+def _dictionary_hooks(u: _Units, batch: Batch, latents: list) -> list:
     d = u.model.dictionary
     seen: dict = {}
 
     def on_input(x) -> None:
         z = d.encode(x)
         u.finite.update(0, z, batch)
-        u.accs[0].update(z, batch)
+        latents.append((u, z))
         if d.hook_out is None:
             u.quality.update(x, z, d.decode(z), batch.valid)
         else:

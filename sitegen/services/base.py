@@ -78,6 +78,9 @@ class CorpusRun:
     seq_lengths: Mapping[int, int] = field(default_factory=dict, repr=False)
     device: str = "cpu"  # compute only
     gated_mlp: bool = False  # compute only: the units are a gated MLP's neurons (each Batch has gate and up)
+    # compute only: for a dictionary's latents, the neuron count of the model layer the dictionary
+    # reads at (each Batch has that layer's neuron activations as `base`); 0 for neurons
+    base_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,10 @@ class Batch:
     -interval_key(seed, seq_id) (-inf for padding rows); `all_full`: every row is a real
     sequence of full length (so `valid` is just "position >= first_valid"). For a gated MLP's
     neurons (CorpusRun.gated_mlp), `gate` and `up` are the layer's two pre-activations [batch,
-    seq, layer_size] (x . W_gate and x . W_in: the activation is act(gate) * up); else None."""
+    seq, layer_size] (x . W_gate and x . W_in: the activation is act(gate) * up); else None. For a
+    dictionary's latents (CorpusRun.base_size), `base` is the MLP activations of the model layer the
+    dictionary reads at [batch, seq, base_size], the same tokens (so units of both kinds can be
+    related); else None."""
 
     valid: Any
     seq_ids: Any
@@ -98,6 +104,7 @@ class Batch:
     all_full: bool = False
     gate: Any = None
     up: Any = None
+    base: Any = None
 
 
 @dataclass(frozen=True)

@@ -38,21 +38,47 @@ TABLE_SCHEMA = pa.schema(
     ]
 )
 
+# A dictionary's latents only (compute --correlations --sae): per latent, its products with every
+# neuron of the model layer the dictionary reads at, over the same counted tokens: entry n is the
+# sum of q_latent * q_n, q on the same grid. With the neurons' own `sum` and `gram` diagonal (that
+# layer's table in the model's store) they give Pearson's r between latents and neurons.
+CROSS_SCHEMA = pa.schema([("neuron_gram", pa.list_(pa.int64()))])
 
-def sums_table(tokens: int, sums: np.ndarray, clamped: np.ndarray, gram: np.ndarray) -> pa.Table:
-    """A layer's table from its int64 sums: sums and clamped (d,), gram (d, d)."""
+
+def _rows(matrix: np.ndarray) -> pa.Array:
+    d, width = matrix.shape
+    offsets = pa.array(np.arange(0, (d + 1) * width, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(matrix, dtype=np.int64).reshape(-1)))
+
+
+def sums_table(
+    tokens: int, sums: np.ndarray, clamped: np.ndarray, gram: np.ndarray, cross: np.ndarray | None = None
+) -> pa.Table:
+    """A layer's table from its int64 sums: sums and clamped (d,), gram (d, d); for a dictionary's
+    latents also cross (d, the base layer's neurons), the CROSS_SCHEMA column."""
     d = len(sums)
-    offsets = pa.array(np.arange(0, (d + 1) * d, d, dtype=np.int32))
-    return pa.table(
+    table = pa.table(
         {
             "neuron": pa.array(np.arange(d, dtype=np.int32)),
             "tokens": pa.array(np.full(d, tokens, dtype=np.int64)),
             "sum": pa.array(np.asarray(sums, dtype=np.int64)),
             "clamped": pa.array(np.asarray(clamped, dtype=np.int64)),
-            "gram": pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(gram, dtype=np.int64).reshape(-1))),
+            "gram": _rows(np.asarray(gram).reshape(d, d)),
         },
         schema=TABLE_SCHEMA,
     )
+    if cross is not None:
+        table = table.append_column(CROSS_SCHEMA.field("neuron_gram"), _rows(np.asarray(cross).reshape(d, -1)))
+    return table
+
+
+def table_cross(table: pa.Table) -> np.ndarray | None:
+    """(d, base neurons) of a latents' table ordered by latent, or None for a table without it."""
+    if "neuron_gram" not in table.column_names:
+        return None
+    table = table.sort_by("neuron")
+    flat = table.column("neuron_gram").combine_chunks().flatten().to_numpy()
+    return flat.reshape(table.num_rows, -1) if table.num_rows else flat.reshape(0, 0)
 
 
 def table_sums(table: pa.Table) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
@@ -77,4 +103,23 @@ def merge(tables: list[pa.Table]) -> pa.Table:
         )
     tokens = sum(p[0] for p in parts)
     sums, clamped, gram = (np.sum([p[i] for p in parts], axis=0, dtype=np.int64) for i in (1, 2, 3))
-    return sums_table(tokens, sums, clamped, gram)
+    crosses = [table_cross(t) for t in tables]
+    if any(c is None for c in crosses) != all(c is None for c in crosses):
+        raise StoreError("the shards' correlation tables differ in their columns: merge shards of one run")
+    cross = None if crosses[0] is None else np.sum(crosses, axis=0, dtype=np.int64)
+    return sums_table(tokens, sums, clamped, gram, cross)
+
+
+def model_store(store):
+    """The store of the model a dictionary's store belongs to, where that dictionary's store sits in
+    it (<model store>/dictionaries/<name>) and the model's store has correlation tables; else None."""
+    from sitegen.store import Store
+
+    record = store.manifest.get("dictionary")
+    root = store.root.parent.parent
+    if record is None or not (root / "manifest.json").exists():
+        return None
+    base = Store.open(root)
+    if record["name"] not in base.manifest.get("dictionaries", []) or not base.has_service("correlation"):
+        return None
+    return base

@@ -24,6 +24,12 @@ _METHOD = (
     "token count added over the corpus (shards merge by adding them)"
 )
 _TOKENS = {"type": "integer", "minimum": 0, "description": "The counted tokens r is computed over."}
+_R = {
+    "type": "number",
+    "minimum": -1,
+    "maximum": 1,
+    "description": "Pearson's r of the two activations, rounded to 4 decimals.",
+}
 
 _CORRELATION = {
     "type": "object",
@@ -55,6 +61,38 @@ _CORRELATION = {
                         "maximum": 1,
                         "description": "Pearson's r of the two activations, rounded to 4 decimals.",
                     },
+                },
+            },
+        },
+        "correlated_neurons": {
+            "type": "array",
+            "description": "A dictionary's latent (stores computed with --correlations --sae): the 10 neurons of the model "
+            "layer the dictionary reads at with the highest r with this latent, over the same counted tokens, sorted by r "
+            "descending (ties to the lower index); absent where the model's store is not beside the dictionary's.",
+            "items": {
+                "type": "object",
+                "required": ["layer", "neuron", "r"],
+                "description": "A correlated neuron of the base model.",
+                "properties": {
+                    "layer": {"type": "integer", "minimum": 0, "description": "The layer the dictionary reads at."},
+                    "neuron": {"type": "integer", "minimum": 0, "description": "Its index in the layer."},
+                    "r": _R,
+                },
+            },
+        },
+        "correlated_latents": {
+            "type": "array",
+            "description": "A neuron of a layer some dictionary reads at (stores computed with --correlations --sae): the 10 "
+            "latents of those dictionaries with the highest r with this neuron, over the same counted tokens, sorted by r "
+            "descending (ties to the dictionary listed first, then the lower index).",
+            "items": {
+                "type": "object",
+                "required": ["model", "latent", "r"],
+                "description": "A correlated latent.",
+                "properties": {
+                    "model": {"type": "string", "description": "The dictionary's model name, <model>.<dictionary>."},
+                    "latent": {"type": "integer", "minimum": 0, "description": "The latent's index (its layer is 0)."},
+                    "r": _R,
                 },
             },
         },
@@ -97,6 +135,11 @@ class Correlation(Service):
         from sitegen.services.correlation.data import merge
 
         return merge(tables)
+
+    def verifier(self, store, run):
+        from sitegen.services.correlation.verify import CorrelationVerifier
+
+        return CorrelationVerifier(store, run)
 
     def open_layer(self, store, layer, site):
         from sitegen.services.correlation.render import CorrelationLayer

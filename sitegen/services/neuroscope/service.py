@@ -273,6 +273,7 @@ class Neuroscope(Service):
     table_schema = TABLE_SCHEMA  # data.py: what the corpus pass and merge write (state_to_table)
     complete_layers = True
     always_stored = True  # every corpus pass computes it; the layer pages and the search rank by it
+    provenance_order = 5  # the examples' row first, as the panel comes first on the page
 
     # --- compute half: the corpus pass's top/bottom/random texts and exact statistics --------------
 
@@ -318,6 +319,63 @@ class Neuroscope(Service):
         states = [data.table_to_state(t, run.top_k, run.n_random, run.seq_len, run.seed) for t in tables]
         merged = data.merge_states(states, run.top_k, run.n_random, data.random_score(run.seed))
         return data.state_to_table(merged, run.top_k, run.n_random, run.seq_lengths, run.seq_len)
+
+    # --- provenance: how the examples across the activation range were chosen ----------------------
+
+    def provenance_records(self, manifest):
+        grid = manifest.get("stats") or {}
+        if "interval_shift" not in grid:  # a store computed without the examples across the range
+            return {}
+        return {
+            "interval_examples": {
+                "interval_shift": grid["interval_shift"],
+                "mantissa_bits": 23 - grid["interval_shift"],
+                "interval_groups": grid.get("interval_groups"),
+                "per_interval": grid.get("per_interval"),
+                "key": "sitegen.corpus_keys.interval_key(seed, sequence id)",
+            }
+        }
+
+    def provenance_schemas(self):
+        count = lambda what: {"type": ["integer", "null"], "description": what}
+        return {
+            "interval_examples": {
+                "type": "object",
+                "description": "How the examples across the activation range (interval_examples) were chosen: each "
+                "sequence with a positive maximum is filed by that maximum's interval (its float32 sign, exponent and "
+                "top mantissa bits); the highest intervals from the one holding the neuron's largest sequence maximum "
+                "down are kept one by one, every lower one as one more group; per group the sequences with the "
+                "smallest key, ties to the lower id, chosen exactly over the whole corpus pass.",
+                "properties": {
+                    "interval_shift": count(
+                        "A sequence maximum's float32 bits shifted right by this give its interval (sign, exponent "
+                        "and the top mantissa bits)."
+                    ),
+                    "mantissa_bits": count("The mantissa bits an interval keeps (2: quarter-octave intervals)."),
+                    "interval_groups": count(
+                        "Intervals kept one by one, from the one holding the neuron's largest sequence maximum down; "
+                        "every lower one is one more group."
+                    ),
+                    "per_interval": count("Sequences kept per group."),
+                    "key": {
+                        "type": "string",
+                        "description": "The hash of (the run's seed, sequence id) whose smallest values a group keeps.",
+                    },
+                },
+            }
+        }
+
+    def neuron_provenance(self, payloads, layer, neuron, model_provenance):
+        payload = payloads.get(self.name) or {}
+        if "interval_examples" not in payload:
+            return None
+        record = model_provenance.get("interval_examples") or {}
+        return {
+            "bits": record.get("mantissa_bits"),
+            "groups": record.get("interval_groups"),
+            "per_interval": record.get("per_interval"),
+            "seed": model_provenance.get("seed"),
+        }
 
     # --- verify: the traces, top-k claims, statistics and random sample against the rerun model ------
 
