@@ -46,6 +46,7 @@ def layer_stats(acts, bits, starts, ends, code_table, sum_fx, sumsq_hi, sumsq_lo
         s = np.zeros(w, np.float64)
         q_hi = np.zeros(w, np.float64)
         q_lo = np.zeros(w, np.float64)
+        zeros = np.zeros(w, np.int64)
         for b in range(B):
             lo[:] = np.inf
             hi[:] = -np.inf
@@ -64,13 +65,17 @@ def layer_stats(acts, bits, starts, ends, code_table, sum_fx, sumsq_hi, sumsq_lo
                 codes = bits[b, t, j0:j1]
                 for i in range(w):
                     x = np.int64(codes[i])
-                    hist[code_table[((x + (x >> 31)) >> 19) + stats.CODE_OFFSET], j0 + i] += 1
+                    if x == 0:  # +0.0, most of a sparse dictionary's latents: counted locally
+                        zeros[i] += 1
+                    else:
+                        hist[code_table[((x + (x >> 31)) >> 19) + stats.CODE_OFFSET], j0 + i] += 1
             for i in range(w):
                 seq_min[b, j0 + i] = lo[i]
                 seq_max[b, j0 + i] = hi[i]
                 vmin[j0 + i] = min(vmin[j0 + i], lo[i])
                 vmax[j0 + i] = max(vmax[j0 + i], hi[i])
         for i in range(w):
+            hist[stats.ZERO_BIN, j0 + i] += zeros[i]
             sum_fx[j0 + i] += np.int64(s[i])
             sumsq_hi[j0 + i] += np.int64(q_hi[i])
             sumsq_lo[j0 + i] += np.int64(q_lo[i])
