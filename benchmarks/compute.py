@@ -318,8 +318,28 @@ def accumulators_only(args) -> None:
             f"{name}, batch {bs} x {T} tokens x {n} neurons, one thread, median of 5: torch operations "
             f"{plain:.1f} ms, fused kernels {fused:.1f} ms CPU per layer per batch (x{plain / fused:.2f})"
         )
+    logit_histograms_only()
     intervals_only(args, medians[True][0] / 1e3)  # seconds, the fused path's
     correlations_only(args, medians[True][0] / 1e3)
+
+
+def logit_histograms_only() -> None:
+    """The logits service's histograms of one SmolLM2-sized layer (1,536 neurons x 49,152 vocabulary
+    logits), CPU time on one thread: the numba kernel (a CPU's path) against torch.searchsorted (a
+    GPU's), the same matrix."""
+    from sitegen.services.logits.compute import logit_histograms
+
+    logits = torch.randn(1536, 49152, generator=torch.Generator().manual_seed(2)) * 0.05
+    logit_histograms(logits[:2], fused=True)  # compiles the kernel
+    seconds = {}
+    for fused in (False, True):
+        t0 = time.process_time()
+        logit_histograms(logits, fused=fused)
+        seconds[fused] = time.process_time() - t0
+    print(
+        f"logit histograms, 1,536 x 49,152 logits, one thread: torch.searchsorted {seconds[False]:.2f} s, "
+        f"numba kernel {seconds[True]:.2f} s CPU per layer (x{seconds[False] / seconds[True]:.1f})"
+    )
 
 
 def correlations_only(args, base_median: float) -> None:
