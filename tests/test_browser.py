@@ -688,19 +688,7 @@ def test_unit_page_panels_are_keyboard_accessible(site_page, gated_site):
 
     want = page.locator("section.logits ol.links a").evaluate_all("as => as.map(a => a.getAttribute('href'))")
     assert len(want) == 8
-    reached, ring = [], set()
-    page.locator("body").focus()
-    for _ in range(300):  # the page's focusable elements, once round
-        page.keyboard.press("Tab")
-        href, outline = page.evaluate(
-            "() => { const a = document.activeElement; return a.closest('section.logits ol.links') ?"
-            " [a.getAttribute('href'), getComputedStyle(a).outlineStyle] : [null, null]; }"
-        )
-        if href is not None:
-            reached.append(href)
-            ring.add(outline)
-        elif reached:
-            break
+    reached, ring = _tab_through(page, "section.logits ol.links", 300)
     assert reached == want and ring == {"solid"}, (reached, ring)
     page.keyboard.press("Shift+Tab")  # back onto the last link
     page.keyboard.press("Enter")
@@ -905,19 +893,7 @@ def test_correlation_panel_is_keyboard_accessible(site_page, correlated_site):
     expect(region.get_by_role("heading", name="Latents")).to_have_count(1)
     want = region.get_by_role("link").evaluate_all("as => as.map(a => a.getAttribute('href'))")
     assert len(want) == 20 and want[-1].startswith(f"/{CORRELATED}.res1/0/")
-    reached, ring = [], set()
-    page.locator("body").focus()
-    for _ in range(400):  # the page's focusable elements, once round
-        page.keyboard.press("Tab")
-        href, outline = page.evaluate(
-            "() => { const a = document.activeElement; return a.closest('section.correlation') ?"
-            " [a.getAttribute('href'), getComputedStyle(a).outlineStyle] : [null, null]; }"
-        )
-        if href is not None:
-            reached.append(href)
-            ring.add(outline)
-        elif reached:
-            break
+    reached, ring = _tab_through(page, "section.correlation", 400)
     assert reached == want and ring == {"solid"}, (reached, ring)
     page.keyboard.press("Shift+Tab")  # back onto the last link, then the one before it
     page.keyboard.press("Shift+Tab")
@@ -925,3 +901,23 @@ def test_correlation_panel_is_keyboard_accessible(site_page, correlated_site):
     page.keyboard.press("Enter")
     page.wait_for_url(f"{url}{want[-2]}")
     expect(page.get_by_role("region", name="Correlated neurons")).to_have_count(1)
+
+
+def _tab_through(page, container: str, presses: int) -> tuple[list[str], set[str]]:
+    """Tab from the top of the page until focus has entered and left `container` (at most
+    `presses` times): the hrefs focused inside it, in order, and their focus rings' outline styles."""
+    reached, ring = [], set()
+    page.locator("body").focus()
+    for _ in range(presses):
+        page.keyboard.press("Tab")
+        href, outline = page.evaluate(
+            "c => { const a = document.activeElement; return a.closest(c) ?"
+            " [a.getAttribute('href'), getComputedStyle(a).outlineStyle] : [null, null]; }",
+            container,
+        )
+        if href is not None:
+            reached.append(href)
+            ring.add(outline)
+        elif reached:
+            break
+    return reached, ring
