@@ -899,8 +899,9 @@ def test_correlation_panel_is_keyboard_accessible(site_page, correlated_site):
     page.keyboard.press("Shift+Tab")
     assert page.evaluate("document.activeElement.getAttribute('href')") == want[-2]
     page.keyboard.press("Enter")
-    page.wait_for_url(f"{url}{want[-2]}")
-    expect(page.get_by_role("region", name="Correlated neurons")).to_have_count(1)
+    page.wait_for_url(f"{url}{want[-2]}")  # a latent's page: its panel speaks of latents
+    expect(page.get_by_role("region", name="Correlated latents")).to_have_count(1)
+    expect(page.get_by_role("heading", name="Correlated latents")).to_have_count(1)
 
 
 def _tab_through(page, container: str, presses: int) -> tuple[list[str], set[str]]:
