@@ -123,6 +123,11 @@ def main() -> None:
         help="build the site in a new folder under this one instead of next to the store",
     )
     ap.add_argument("--no-sizes", action="store_true", help="skip the per-file sizes and the fsync probe")
+    ap.add_argument(
+        "--no-interval-examples",
+        action="store_true",
+        help="a store without the examples across the activation range (to time their cost)",
+    )
     args = ap.parse_args()
     if args.shape:
         args.layers, args.neurons, args.vocab = SHAPES[args.shape]
@@ -134,7 +139,13 @@ def main() -> None:
     if not (store_dir / "manifest.json").exists():
         t0 = time.perf_counter()
         synthetic_store(
-            store_dir, args.layers, args.neurons, vocab_size=args.vocab, graphs=args.graphs, explained=args.explained
+            store_dir,
+            args.layers,
+            args.neurons,
+            vocab_size=args.vocab,
+            graphs=args.graphs,
+            explained=args.explained,
+            interval_examples=not args.no_interval_examples,
         )
         print(
             f"synthetic store: {args.layers} x {args.neurons} neurons, {args.vocab:,}-token vocabulary, in {time.perf_counter() - t0:.0f} s"

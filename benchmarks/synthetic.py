@@ -85,7 +85,26 @@ def _distinct_rows(rng: np.random.Generator, n_rows: int, k: int, high: int) -> 
         out[bad] = rng.integers(0, high, size=(len(bad), k))
 
 
-def _neuroscope_table(rng, n: int, k: int, r: int, seq_len: int, n_seqs: int, lengths: dict[int, int]) -> pa.Table:
+def _interval_state(rng, n: int, seq_len: int, n_seqs: int, vmax: np.ndarray) -> dict:
+    """Examples across the activation range shaped as a real pass leaves them (compute.IntervalExamples):
+    each neuron's groups hang from its maximum's interval; about two thirds of the neurons fill all
+    groups, the others a random number of them; each example's trace peaks inside its group's interval."""
+    per, groups = stats.PER_INTERVAL, stats.INTERVAL_GROUPS + 1
+    top = stats.interval_code(vmax)
+    filled = np.where(rng.random(n) < 2 / 3, groups, rng.integers(1, groups + 1, n))  # groups with examples
+    present = (np.arange(groups)[None, :, None] < filled[None, None, :]) & (rng.random((per, groups, n)) < 0.9)
+    seq_id = np.where(present, rng.integers(0, n_seqs, (per, groups, n)), -1)
+    score = np.where(present, -rng.random((per, groups, n)), -np.inf).astype(np.float32)
+    peak = np.stack([stats.interval_edge(int(c)) for c in np.maximum(top, 1)])  # (n,): top interval's lower edge
+    scale = peak[None, :] * 2.0 ** (-np.arange(groups) / 4)[:, None]  # (groups, n)
+    trace = (rng.random((per, groups, n, seq_len)) * scale[None, :, :, None]).astype(np.float32)
+    trace[..., 0] = 0.0  # BOS
+    return {"score": score, "seq_id": seq_id.astype(np.int64), "trace": trace, "top": top}
+
+
+def _neuroscope_table(
+    rng, n: int, k: int, r: int, seq_len: int, n_seqs: int, lengths: dict[int, int], intervals: bool = True
+) -> pa.Table:
     def extremes():
         ids = _distinct_rows(rng, n, k, n_seqs).T  # (k, n)
         trace = (rng.standard_t(4, size=(k, n, seq_len)) * 0.3).astype(np.float32)
@@ -112,6 +131,8 @@ def _neuroscope_table(rng, n: int, k: int, r: int, seq_len: int, n_seqs: int, le
         "vmax": rng.random(n).astype(np.float32) * 5 + 1,
         "hist": hist,
     }
+    if intervals:
+        state["interval"] = _interval_state(rng, n, seq_len, n_seqs, state["vmax"])
     return ns_data.state_to_table(state, k, r, lengths)
 
 
@@ -278,6 +299,7 @@ def synthetic_store(
     scored_share: float = 0.1,
     seed: int = 0,
     name: str = "gpt2-small-synthetic",
+    interval_examples: bool = True,
     log=lambda s: None,
 ) -> Store:
     """Write the store at `root` (created) and return it opened. `graphs` and `explained`: a
@@ -295,7 +317,9 @@ def synthetic_store(
     n_graphs = n_explained = 0
     for layer in range(n_layers):
         t0 = time.perf_counter()
-        store.write_layer("neuroscope", layer, _neuroscope_table(rng, n, top_k, n_random, seq_len, n_seqs, lengths))
+        store.write_layer(
+            "neuroscope", layer, _neuroscope_table(rng, n, top_k, n_random, seq_len, n_seqs, lengths, interval_examples)
+        )
         store.write_layer("logits", layer, _logits_table(rng, n, vocab_size))
         if graphs and len(sample := _sample(rng, n, graphs)):
             store.write_layer(N2G, layer, graphs_table(_graph_rows(rng, sample, vocab, vocab_size)))
