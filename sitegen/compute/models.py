@@ -101,15 +101,26 @@ class LoadedModel:
         return _norm_params(self.bridge.ln_final)
 
     def mlp_weights(self, layer: int) -> MLPWeights:
-        """One layer's MLP weights and the norm in front of it."""
-        b = self.bridge
-        b_in = getattr(b, "b_in", None)
+        """One layer's MLP weights and the norm in front of it. Read from the layer's block: the
+        bridge's W_in, W_out, ... stack every layer afresh on each access, and a layer's slice of
+        such a stack keeps the whole copy alive (30 copies of all layers for a caller holding each
+        layer's weights). A block without the attribute falls back to a copied slice of the stack."""
+        mlp = getattr(self.bridge.blocks[layer], "mlp", None)  # an architecture may name it otherwise
+
+        def weight(name: str) -> Any:
+            try:
+                value = getattr(mlp, name)
+            except AttributeError:
+                stack = getattr(self.bridge, name, None)
+                return None if stack is None else stack[layer].detach().clone()
+            return None if value is None else value.detach()
+
         return MLPWeights(
-            W_in=b.W_in[layer].detach(),
-            W_out=b.W_out[layer].detach(),
-            W_gate=b.W_gate[layer].detach() if self.gated_mlp else None,
-            b_in=b_in[layer].detach() if b_in is not None else None,
-            norm=_norm_params(b.blocks[layer].ln2),
+            W_in=weight("W_in"),
+            W_out=weight("W_out"),
+            W_gate=weight("W_gate") if self.gated_mlp else None,
+            b_in=weight("b_in"),
+            norm=_norm_params(self.bridge.blocks[layer].ln2),
         )
 
     def hook_name(self, layer: int) -> str:
