@@ -48,7 +48,9 @@ class Extremes:
 
     def update(self, score: torch.Tensor, seq_ids: torch.Tensor, trace_of) -> None:
         """score (B, n) for the batch's sequences; seq_ids (B,) with -1 for padding rows;
-        trace_of(rows, cols) -> (m, T) traces, called only for the sequences that get in."""
+        trace_of(rows, cols) -> (m, T) traces, called only for the sequences that get in. Only the
+        columns some row can enter are sorted, which synchronises a GPU (`update_dense` does not):
+        the CPU's random sample, one column whose every-neuron trace a dense merge would copy."""
         k = self.k
         # Cheap pre-filter: only columns where some real row reaches the current worst kept score.
         reach = (score >= self.score.amin(0)) & (seq_ids >= 0)[:, None]
