@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sitegen.services.neuroscope import stats
 from tests.conftest import HAS_TORCH
 
 pytestmark = [pytest.mark.model, pytest.mark.skipif(not HAS_TORCH, reason="needs the compute extra")]
@@ -51,14 +52,11 @@ def _batches(seed: int, n_batches: int):
 
 
 def _ordered(score, seq_id, trace):
-    """Kept examples column by column best-first (score descending, lower id first): the slots'
-    order is free while streaming."""
-    k, cols = score.shape
-    out_s, out_i, out_t = np.empty_like(score), np.empty_like(seq_id), np.empty_like(trace)
-    for c in range(cols):
-        order = np.lexsort((seq_id[:, c], -score[:, c]))
-        out_s[:, c], out_i[:, c], out_t[:, c] = score[order, c], seq_id[order, c], trace[order, c]
-    return out_s, out_i, out_t
+    """Kept examples column by column best-first (stats.select_extremes: score descending, lower id
+    first, empty slots last): the slots' order is free while streaming."""
+    order = stats.select_extremes(score, seq_id, score.shape[0])
+    take = lambda a: np.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), 0)
+    return take(score), take(seq_id), take(trace)
 
 
 def _run(fused: bool, seed: int, n_batches: int):

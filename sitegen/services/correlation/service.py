@@ -55,12 +55,7 @@ _CORRELATION = {
                 "properties": {
                     "layer": {"type": "integer", "minimum": 0, "description": "Its layer (this neuron's)."},
                     "neuron": {"type": "integer", "minimum": 0, "description": "Its index in the layer."},
-                    "r": {
-                        "type": "number",
-                        "minimum": -1,
-                        "maximum": 1,
-                        "description": "Pearson's r of the two activations, rounded to 4 decimals.",
-                    },
+                    "r": _R,
                 },
             },
         },

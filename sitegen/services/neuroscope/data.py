@@ -101,17 +101,15 @@ def glu_state(table: pa.Table, seq_len: int) -> dict:
     return {"count": col("glu_count").astype(np.int64), "mass_fx": col("glu_mass_fx").astype(np.int64), "top": top}
 
 
-def merge_intervals(parts: list[dict], per_group: int, top: np.ndarray | None = None) -> dict:
-    """IntervalExamples states of disjoint sequences -> the state of their union (`top`: a higher
-    top to move them to, as a rising top does while streaming): each neuron's top is the parts'
-    highest (or `top`); every kept example moves to its group
-    under that top (group + the rise, at most INTERVAL_GROUPS: the lowest group takes everything
-    below), and each (group, neuron) keeps its `per_group` best examples (highest score, i.e. the
-    smallest interval_key; ties to the lower sequence id). A state: score, seq_id (k, G, n),
+def merge_intervals(parts: list[dict], per_group: int) -> dict:
+    """IntervalExamples states of disjoint sequences -> the state of their union: each neuron's top
+    is the parts' highest; every kept example moves to its group under that top (group + the rise,
+    at most INTERVAL_GROUPS: the lowest group takes everything below), and each (group, neuron)
+    keeps its `per_group` best examples (highest score, i.e. the smallest interval_key; ties to the
+    lower sequence id). A state: score, seq_id (k, G, n),
     trace (k, G, n, T) with k slots per group (k may be 0) and top (n,). Exact and order-free:
     an example dropped from a group is beaten by `per_group` examples that move with it."""
-    if top is None:
-        top = np.max([p["top"] for p in parts], axis=0)
+    top = np.max([p["top"] for p in parts], axis=0)
     n_groups = parts[0]["score"].shape[1]
     seq_len = parts[0]["trace"].shape[3]
     score, seq, group, neuron, traces = [], [], [], [], []
